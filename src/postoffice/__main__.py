@@ -1,0 +1,3 @@
+from postoffice.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,336 @@
+"""Typed settings, one frozen dataclass per TOML section, and the loader.
+
+Each field's comment is its documentation (the README's config reference is
+written from these).  The loader refuses unknown keys and bad values with the
+file, the dotted key and the reason, so a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from postoffice.mail.address import AddressError, normalise_domain
+
+T = TypeVar("T")
+
+CONFIG_ENV = "POSTOFFICE_CONFIG"
+DEFAULT_CONFIG_NAME = "postoffice.toml"
+
+
+class ConfigError(Exception):
+    """A config problem: where it is and why; ``str()`` is the line users see."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        super().__init__(f"{source}: {key}: {reason}")
+        self.source = source
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSettings:
+    # Each listener is a list of "host:port"; an empty list turns it off.
+    smtp: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2525),)  # MTA-to-MTA (25)
+    submission: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2587),)  # STARTTLS+AUTH
+    submissions: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2465),)  # TLS+AUTH
+    pop3: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2110),)  # STLS (110)
+    pop3s: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2995),)  # implicit TLS (995)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    # PEM certificate chain and key; both empty: a self-signed pair in data_dir/tls.
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    max_message_size: int = 25 * 1024 * 1024  # bytes; advertised in EHLO SIZE, else 552
+    max_recipients: int = 100  # RCPTs per message (RFC 5321 §4.5.3.1.8 minimum); then 452
+    max_connections: int = 1000  # concurrent connections per listener kind (smtp, pop3...)
+    max_connections_per_ip: int = 20  # concurrent connections from one client address
+    smtp_timeout: float = 300.0  # seconds idle waiting for a command (RFC 5321 §4.5.3.2.7)
+    smtp_data_timeout: float = 180.0  # seconds between DATA blocks (RFC 5321 §4.5.3.2.6)
+    pop3_timeout: float = 600.0  # seconds idle (RFC 1939 §3: at least 10 minutes)
+    max_errors: int = 20  # bad commands in one session before it is closed
+    shutdown_grace: float = 10.0  # seconds sessions get to finish on SIGTERM
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    # Allow USER/PASS and AUTH without TLS when the client is on loopback.
+    allow_plaintext_loopback: bool = False
+    # Failed logins per client address before each further try is delayed.
+    throttle_after: int = 3
+    # The longest delay (seconds) a throttled address or account waits per try.
+    throttle_max_delay: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    mx_port: int = 25  # port used on MX hosts (tests move it)
+    dns_servers: tuple[ListenAddress, ...] = ()  # empty: the system resolver
+    smarthost: ListenAddress | None = None  # send all outbound mail there instead of MX
+    # Delays in seconds between delivery attempts; the last repeats until give_up_after.
+    retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+    give_up_after: float = 5 * 24 * 3600.0  # seconds in the queue before a bounce
+    warn_after: float = 4 * 3600.0  # seconds before a "delayed" DSN is sent; 0 turns it off
+    max_per_destination: int = 4  # concurrent connections to one destination domain
+    max_deliveries: int = 50  # concurrent outbound SMTP connections in all
+    connect_timeout: float = 30.0  # seconds to open a connection to an MX
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSettings:
+    # Clients here are local: no reverse DNS, no SPF/DKIM/DMARC lookups or
+    # verdicts for them.  This grants NO relay rights: relaying needs AUTH.
+    exempt_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    hostname: str = "localhost"  # banner, EHLO name, Received headers
+    data_dir: Path = Path("./postoffice-data")  # accounts, Maildirs, queue, TLS
+    domains: tuple[str, ...] = ("localhost",)  # local domains (the CLI can add more)
+    source: str = "<built-in defaults>"  # where these settings came from
+    listen: ListenSettings = field(default_factory=ListenSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    checks: CheckSettings = field(default_factory=CheckSettings)
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+    @property
+    def accounts_db(self) -> Path:
+        return self.data_dir / "accounts.sqlite3"
+
+
+def find_config(explicit: str | None) -> Path | None:
+    """The config file to use: -c, then $POSTOFFICE_CONFIG, then ./postoffice.toml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    local = Path(DEFAULT_CONFIG_NAME)
+    return local if local.is_file() else None
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Load and validate ``path`` (None: the embedded default); raise ConfigError."""
+    if path is None:
+        return Settings()
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(source, "-", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(source, "-", f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "-", f"not valid TOML: {exc}") from None
+    return _Loader(source, path.parent).settings(raw)
+
+
+class _Loader:
+    def __init__(self, source: str, base: Path) -> None:
+        self.source = source
+        self.base = base
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, key, reason)
+
+    def table(self, raw: Any, key: str, allowed: type) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            raise self.fail(key, "must be a table")
+        names = {f.name for f in fields(allowed)} - {"source"}
+        for name in raw:
+            if name not in names:
+                where = f"{key}.{name}" if key else name
+                raise self.fail(where, f"unknown key (known: {', '.join(sorted(names))})")
+        return raw
+
+    def settings(self, raw: dict[str, Any]) -> Settings:
+        top = self.table(raw, "", Settings)
+        default = Settings()
+        hostname = self.hostname(top.get("hostname", socket.getfqdn() or default.hostname))
+        data_dir = self.path(top.get("data_dir", str(default.data_dir)), "data_dir")
+        domains = tuple(self.domain(d, f"domains[{i}]") for i, d in enumerate(
+            self.typed(top.get("domains", list(default.domains)), list, "domains")))
+        return Settings(
+            hostname=hostname,
+            data_dir=data_dir,
+            domains=domains,
+            source=self.source,
+            listen=self.listen(top.get("listen", {})),
+            tls=self.tls(top.get("tls", {})),
+            limits=self.numbers(top.get("limits", {}), "limits", LimitSettings),
+            auth=self.numbers(top.get("auth", {}), "auth", AuthSettings),
+            relay=self.relay(top.get("relay", {})),
+            checks=self.checks(top.get("checks", {})),
+        )
+
+    def typed(self, value: Any, kind: type, key: str) -> Any:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(key, f"must be a {kind.__name__}, not {type(value).__name__}")
+        return value
+
+    def hostname(self, value: Any) -> str:
+        value = self.typed(value, str, "hostname")
+        try:
+            name = normalise_domain(value)
+        except AddressError as exc:
+            raise self.fail("hostname", str(exc)) from None
+        if name.startswith("["):
+            raise self.fail("hostname", "must be a host name")
+        return name
+
+    def domain(self, value: Any, key: str) -> str:
+        try:
+            name = normalise_domain(self.typed(value, str, key))
+        except AddressError as exc:
+            raise self.fail(key, str(exc)) from None
+        if name.startswith("["):
+            raise self.fail(key, "must be a domain name")
+        return name
+
+    def path(self, value: Any, key: str) -> Path:
+        text = self.typed(value, str, key)
+        if not text:
+            raise self.fail(key, "must not be empty")
+        path = Path(text).expanduser()
+        return path if path.is_absolute() else self.base / path
+
+    def address(self, value: Any, key: str) -> ListenAddress:
+        text = self.typed(value, str, key)
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise self.fail(key, f"{text!r} is not host:port")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise self.fail(key, f"port {port_text!r} is not a number") from None
+        if not 0 <= port <= 65535:
+            raise self.fail(key, f"port {port} is out of range 0-65535")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            try:
+                normalise_domain(host)
+            except AddressError:
+                raise self.fail(key, f"{host!r} is not an IP address or host name") from None
+        return ListenAddress(host, port)
+
+    def addresses(self, value: Any, key: str) -> tuple[ListenAddress, ...]:
+        items = self.typed(value, list, key)
+        return tuple(self.address(v, f"{key}[{i}]") for i, v in enumerate(items))
+
+    def listen(self, raw: Any) -> ListenSettings:
+        table = self.table(raw, "listen", ListenSettings)
+        default = ListenSettings()
+        values = {
+            f.name: self.addresses(table[f.name], f"listen.{f.name}")
+            if f.name in table
+            else getattr(default, f.name)
+            for f in fields(ListenSettings)
+        }
+        return ListenSettings(**values)
+
+    def tls(self, raw: Any) -> TlsSettings:
+        table = self.table(raw, "tls", TlsSettings)
+        cert = self.path(table["cert"], "tls.cert") if table.get("cert") else None
+        key = self.path(table["key"], "tls.key") if table.get("key") else None
+        if (cert is None) != (key is None):
+            raise self.fail("tls", "set both cert and key, or neither")
+        for name, p in (("tls.cert", cert), ("tls.key", key)):
+            if p is not None and not p.is_file():
+                raise self.fail(name, f"file not found: {p}")
+        return TlsSettings(cert=cert, key=key)
+
+    def numbers(self, raw: Any, key: str, kind: type[T]) -> T:
+        table = self.table(raw, key, kind)
+        default = kind()
+        values: dict[str, Any] = {}
+        for f in fields(kind):  # type: ignore[arg-type]
+            if f.name not in table:
+                continue
+            expected = type(getattr(default, f.name))
+            value = self.typed(table[f.name], expected, f"{key}.{f.name}")
+            if expected in (int, float) and value < 0:
+                raise self.fail(f"{key}.{f.name}", "must not be negative")
+            values[f.name] = value
+        return kind(**values)
+
+    def relay(self, raw: Any) -> RelaySettings:
+        table = self.table(raw, "relay", RelaySettings)
+        simple = {k: v for k, v in table.items()
+                  if k not in ("dns_servers", "smarthost", "retry_schedule")}
+        base = self.numbers(simple, "relay", RelaySettings)
+        smarthost_text = self.typed(table.get("smarthost", ""), str, "relay.smarthost")
+        schedule = base.retry_schedule
+        if "retry_schedule" in table:
+            items = self.typed(table["retry_schedule"], list, "relay.retry_schedule")
+            schedule = tuple(
+                self.typed(v, float, f"relay.retry_schedule[{i}]") for i, v in enumerate(items))
+            if not schedule or any(s <= 0 for s in schedule):
+                raise self.fail("relay.retry_schedule", "needs one or more positive delays")
+        if not 0 < base.mx_port <= 65535:
+            raise self.fail("relay.mx_port", f"port {base.mx_port} is out of range 1-65535")
+        return RelaySettings(
+            **{f.name: getattr(base, f.name) for f in fields(RelaySettings)
+               if f.name not in ("dns_servers", "smarthost", "retry_schedule")},
+            dns_servers=self.addresses(table.get("dns_servers", []), "relay.dns_servers"),
+            smarthost=self.address(smarthost_text, "relay.smarthost") if smarthost_text else None,
+            retry_schedule=schedule,
+        )
+
+    def checks(self, raw: Any) -> CheckSettings:
+        table = self.table(raw, "checks", CheckSettings)
+        if "exempt_networks" not in table:
+            return CheckSettings()
+        items = self.typed(table["exempt_networks"], list, "checks.exempt_networks")
+        networks = []
+        for i, v in enumerate(items):
+            key = f"checks.exempt_networks[{i}]"
+            try:
+                networks.append(ipaddress.ip_network(self.typed(v, str, key), strict=False))
+            except ValueError as exc:
+                raise self.fail(key, str(exc)) from None
+        return CheckSettings(exempt_networks=tuple(networks))

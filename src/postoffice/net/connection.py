@@ -1,0 +1,148 @@
+"""A byte connection for protocol sessions: asyncio Protocol in, awaitable reads out.
+
+Sessions (SMTP, POP3) drive a sans-I/O core; they need four things from the
+socket: "give me whatever bytes have arrived" with a timeout, buffered
+writes with back-pressure, an in-place TLS upgrade that provably drops any
+plaintext that arrived before it (RFC 3207 §4.2, RFC 2595 §4), and close.
+asyncio's StreamReader keeps its own buffer across ``start_tls``, which is
+exactly the buffer a STARTTLS injection hides in, so this small Protocol is
+used instead: every byte it received before the upgrade is discarded by
+``start_tls`` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from typing import cast
+
+READ_LIMIT = 256 * 1024  # pause the socket when this much is buffered unread
+
+
+class ConnectionClosed(Exception):
+    """The peer went away (or we closed): nothing more will arrive."""
+
+
+class Connection(asyncio.Protocol):
+    """One client connection.  Create with ``loop.create_server(Connection)``
+    style factories, then ``await connection.read()`` from the session task."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self.peer: tuple[str, int] = ("", 0)
+        self.local: tuple[str, int] = ("", 0)
+        self.tls = False
+
+    # --- asyncio.Protocol ---------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sock = transport.get_extra_info("sockname") or ("", 0)
+        self.peer = (str(peer[0]), int(peer[1]))
+        self.local = (str(sock[0]), int(sock[1]))
+        self.tls = transport.get_extra_info("sslcontext") is not None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > READ_LIMIT and not self._read_paused and self.transport:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        if self._drain_waiter and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # --- for sessions ---------------------------------------------------------
+    async def read(self, timeout: float | None) -> bytes:
+        """Everything received so far (at least one byte); raise ConnectionClosed
+        at EOF and TimeoutError after ``timeout`` seconds of silence."""
+        if not self._buffer:
+            if self._eof:
+                raise ConnectionClosed
+            self._waiter = self._loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            finally:
+                self._waiter = None
+            if not self._buffer:
+                raise ConnectionClosed
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self._read_paused and self.transport:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.transport and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the kernel has taken our writes (flow control)."""
+        if self._write_paused and self.transport and not self.transport.is_closing():
+            self._drain_waiter = self._loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Upgrade to TLS as the server.  Plaintext received before this call is
+        discarded, never processed as if it came over TLS."""
+        assert self.transport is not None
+        self._buffer.clear()
+        async with asyncio.timeout(timeout):
+            new = await self._loop.start_tls(self.transport, self, context, server_side=True)
+        if new is None:
+            raise ConnectionClosed
+        self.transport = cast(asyncio.Transport, new)
+        self._buffer.clear()
+        self.tls = True
+
+    def tls_version(self) -> str | None:
+        obj = self.transport.get_extra_info("ssl_object") if self.transport else None
+        return cast(ssl.SSLObject, obj).version() if obj else None
+
+    def tls_cipher(self) -> str | None:
+        obj = self.transport.get_extra_info("ssl_object") if self.transport else None
+        cipher = cast(ssl.SSLObject, obj).cipher() if obj else None
+        return cipher[0] if cipher else None
+
+    async def close(self) -> None:
+        if self.transport and not self.transport.is_closing():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.drain(), 5)
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport:
+            self.transport.abort()

@@ -1,0 +1,90 @@
+"""TLS: the server's SSLContext, and a self-signed certificate for the default.
+
+With no ``[tls]`` in the config, a self-signed RSA-2048 certificate for the
+hostname (and localhost, 127.0.0.1, ::1) is made on first start with
+``cryptography`` and kept in ``data_dir/tls`` (key mode 0600), so STARTTLS,
+POP3S and submission work out of the box; a real deployment points
+``[tls] cert``/``key`` at its ACME chain.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from postoffice.config.settings import Settings
+
+CERT_NAME = "cert.pem"
+KEY_NAME = "key.pem"
+
+
+def ensure_self_signed(tls_dir: Path, hostname: str) -> tuple[Path, Path]:
+    """Return (cert, key) in ``tls_dir``, generating them if missing.  Blocking."""
+    cert_path, key_path = tls_dir / CERT_NAME, tls_dir / KEY_NAME
+    if cert_path.is_file() and key_path.is_file():
+        return cert_path, key_path
+    tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    alt_names: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    if hostname != "localhost":
+        alt_names.append(x509.DNSName("localhost"))
+    alt_names += [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_private(key_path, key_bytes, 0o600)
+    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert_path, key_path
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def cert_and_key(settings: Settings) -> tuple[Path, Path]:
+    if settings.tls.cert and settings.tls.key:
+        return settings.tls.cert, settings.tls.key
+    return ensure_self_signed(settings.tls_dir, settings.hostname)
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS 1.2+ server context; raises ssl.SSLError / OSError on bad files."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.load_cert_chain(cert, key)
+    return ctx

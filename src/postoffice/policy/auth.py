@@ -1,0 +1,158 @@
+"""Password hashing, verification off the event loop, and failed-login throttling.
+
+Passwords are stored only as argon2id hashes (argon2-cffi).  Verification
+costs tens of milliseconds of CPU by design, so it runs in a thread pool
+(argon2-cffi releases the GIL) and never stalls other sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import argon2
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from postoffice.mail.address import Address
+
+log = logging.getLogger("postoffice.auth")
+
+# A hash of a random password: verified against when the user does not exist,
+# so that "no such user" costs as long as "wrong password" (no user probing).
+_DUMMY_PASSWORD = "postoffice-no-such-user"
+
+
+class PasswordHasher:
+    """argon2id with argon2-cffi's RFC 9106 low-memory profile by default."""
+
+    def __init__(self, hasher: argon2.PasswordHasher | None = None) -> None:
+        self._hasher = hasher or argon2.PasswordHasher()
+        self._dummy = self._hasher.hash(_DUMMY_PASSWORD)
+
+    def hash(self, password: str) -> str:
+        return self._hasher.hash(password)
+
+    def verify(self, stored_hash: str | None, password: str) -> bool:
+        """Blocking check; ``stored_hash`` None (no such user) still costs a verify."""
+        try:
+            self._hasher.verify(stored_hash or self._dummy, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+        return stored_hash is not None
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    last: float = 0.0
+
+
+class LoginThrottle:
+    """Delays logins after repeated failures, per client address and per account.
+
+    After ``free_failures`` failures, each further attempt waits
+    ``2 ** (extra failures)`` seconds, capped at ``max_delay``.  Failures are
+    forgotten ``forget_after`` seconds after the last one, and a success
+    clears the account's (not the address's) record, so a brute-forcer on
+    one address cannot lock the real owner out for longer than the cap.
+    """
+
+    def __init__(
+        self,
+        free_failures: int = 3,
+        max_delay: float = 30.0,
+        forget_after: float = 900.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = 100_000,
+    ) -> None:
+        self.free_failures = free_failures
+        self.max_delay = max_delay
+        self.forget_after = forget_after
+        self._clock = clock
+        self._max_entries = max_entries
+        self._by_key: dict[str, _Failures] = {}
+
+    def _entry(self, key: str) -> _Failures | None:
+        entry = self._by_key.get(key)
+        if entry and self._clock() - entry.last > self.forget_after:
+            del self._by_key[key]
+            return None
+        return entry
+
+    def delay(self, client_ip: str, account: str | None) -> float:
+        """Seconds to wait before judging this attempt."""
+        worst = 0
+        for key in (f"ip:{client_ip}", f"acct:{account}" if account else None):
+            if key and (entry := self._entry(key)):
+                worst = max(worst, entry.count)
+        extra = worst - self.free_failures
+        return 0.0 if extra < 0 else min(self.max_delay, float(2**min(extra, 16)))
+
+    def failed(self, client_ip: str, account: str | None) -> None:
+        now = self._clock()
+        if len(self._by_key) >= self._max_entries:
+            self._prune(now)
+        for key in (f"ip:{client_ip}", f"acct:{account}" if account else None):
+            if key:
+                entry = self._entry(key) or self._by_key.setdefault(key, _Failures())
+                self._by_key[key] = entry
+                entry.count += 1
+                entry.last = now
+
+    def succeeded(self, client_ip: str, account: str) -> None:
+        self._by_key.pop(f"acct:{account}", None)
+
+    def _prune(self, now: float) -> None:
+        stale = [k for k, e in self._by_key.items() if now - e.last > self.forget_after]
+        for k in stale:
+            del self._by_key[k]
+        if len(self._by_key) >= self._max_entries:  # still full: drop the oldest half
+            for k, _ in sorted(self._by_key.items(), key=lambda kv: kv[1].last)[
+                : self._max_entries // 2
+            ]:
+                del self._by_key[k]
+
+
+class Authenticator:
+    """Checks a user's password against the account store, throttled and logged.
+
+    Shared by SMTP AUTH and POP3; protocol code calls ``authenticate`` and
+    gets the account's Address or None.
+    """
+
+    def __init__(
+        self,
+        lookup_hash: Callable[[Address], str | None],
+        hasher: PasswordHasher,
+        throttle: LoginThrottle,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self._lookup_hash = lookup_hash
+        self._hasher = hasher
+        self._throttle = throttle
+        self._executor = executor
+
+    async def authenticate(
+        self, address: Address | None, password: str, client_ip: str, protocol: str
+    ) -> Address | None:
+        """``address`` None means the name did not even parse: it still costs a verify."""
+        account = str(address) if address else None
+        wait = self._throttle.delay(client_ip, account)
+        if wait:
+            await asyncio.sleep(wait)
+        stored = self._lookup_hash(address) if address else None
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._executor, self._hasher.verify, stored, password)
+        if ok and address is not None:
+            self._throttle.succeeded(client_ip, str(address))
+            log.info("auth ok protocol=%s client=%s user=%s", protocol, client_ip, address)
+            return address
+        self._throttle.failed(client_ip, account)
+        log.warning(
+            "auth failed protocol=%s client=%s user=%s", protocol, client_ip, account or "-"
+        )
+        return None

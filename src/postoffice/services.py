@@ -1,0 +1,34 @@
+"""What a protocol session needs from the rest of the server, in one object.
+
+Built once by the composition root (``app.py``) and handed to each session;
+sessions never build services themselves and no module keeps global state.
+"""
+
+from __future__ import annotations
+
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from postoffice.config.settings import Settings
+from postoffice.policy.auth import Authenticator
+from postoffice.storage.accounts import AccountStore
+from postoffice.storage.maildir import MaildirStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    accounts: AccountStore
+    maildirs: MaildirStore
+    authenticator: Authenticator
+    tls: ssl.SSLContext
+    executor: ThreadPoolExecutor  # blocking file work and password hashing
+    # The outbound queue (delivery/), set by the composition root once it exists.
+    outbound: Any = None
+    # Open POP3 mailbox locks, by mailbox path (policy for RFC 1939 §8 exclusivity).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain in self.settings.domains or self.accounts.is_local_domain(domain)

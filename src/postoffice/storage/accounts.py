@@ -1,0 +1,70 @@
+"""The account store interface: local domains, users (mailboxes) and aliases.
+
+The server only ever talks to ``AccountStore``; ``SqliteAccountStore``
+(``storage/sqlite_accounts.py``) is the embedded implementation.  A server
+database can be added later behind the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from postoffice.mail.address import Address
+
+
+class AccountError(Exception):
+    """A refused account change (exists already, unknown domain, ...); safe to print."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Where mail for one address goes.
+
+    ``mailboxes`` are local accounts (their Maildirs receive the message);
+    ``forwards`` are remote addresses reached through the outbound queue.
+    Both empty means: a local domain, but no such user (550 5.1.1).
+    """
+
+    mailboxes: tuple[Address, ...] = ()
+    forwards: tuple[Address, ...] = ()
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.mailboxes or self.forwards)
+
+
+class AccountStore(Protocol):
+    """Domains, users and aliases.  Every method is cheap and safe to call often:
+    changes made by another process (the CLI) are seen on the next call."""
+
+    # Domains. ``config_domains`` from the TOML are local too, but not stored.
+    def add_domain(self, name: str) -> None: ...
+    def remove_domain(self, name: str) -> None: ...
+    def list_domains(self) -> list[str]: ...
+    def is_local_domain(self, domain: str) -> bool: ...
+
+    # Users: ``address`` comes from ``parse_mailbox`` (account-safe local part).
+    def add_user(self, address: Address, password_hash: str) -> None: ...
+    def set_password(self, address: Address, password_hash: str) -> None: ...
+    def remove_user(self, address: Address) -> None: ...
+    def list_users(self) -> list[Address]: ...
+    def password_hash(self, address: Address) -> str | None: ...
+
+    # Aliases: ``alias`` is "local@domain" (account-safe local part) or
+    # "@domain" (catch-all).  Targets may be local or remote addresses.
+    def add_alias(self, alias: str, targets: Sequence[Address]) -> None: ...
+    def remove_alias(self, alias: str) -> None: ...
+    def list_aliases(self) -> dict[str, tuple[Address, ...]]: ...
+
+    def resolve(self, address: Address) -> Resolution | None:
+        """None when the domain is not local; otherwise where the mail goes.
+
+        Order: exact user, exact alias, plus-addressing (``alice+tag`` ->
+        ``alice``, user then alias), then the domain's catch-all.  Alias
+        targets are expanded recursively (bounded depth, loops cut).
+        """
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,366 @@
+"""Maildir mailboxes: where they live, how files are named, and durable delivery.
+
+Layout (SPEC): ``mail_dir/<domain>/<localpart>/{tmp,new,cur}``; ``domain``
+and ``localpart`` come only from ``parse_mailbox`` (IDNA A-labels, the
+account alphabet), and ``mailbox_path`` checks again, so no client string
+can name a path outside ``mail_dir``.
+
+Files are stored with LF line endings, like Postfix's and Dovecot's.  Names
+follow the Dovecot convention so any Maildir reader understands them::
+
+    <secs>.M<usecs>P<pid>Q<seq>R<rand>.<host>,S=<octets>,W=<crlf octets>[:2,<flags>]
+
+``S=`` is the file size and ``W=`` the size with CRLF line endings, which is
+exactly what POP3 LIST must report: POP3 needs no ``stat`` or read to list.
+
+Delivery is write-to-tmp, fsync, link/rename into ``new/``, fsync ``new/``
+(the Maildir protocol, plus the fsyncs that make "250" mean "on disk").  It
+is group-committed: ``DeliveryWriter.commit`` queues the message and one
+worker thread takes every message queued so far as a batch, so messages that
+finish DATA while a batch is on disk share the next batch's directory fsyncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from postoffice.mail.address import Address, AddressError, mailbox_local_part, normalise_domain
+
+SUBDIRS = ("tmp", "new", "cur")
+# Below this a message stays in memory until its commit; above, it is streamed
+# to its tmp/ file as it arrives, in writes of this size.
+SPILL_THRESHOLD = 256 * 1024
+
+_SIZE_FIELDS = re.compile(r",([SW])=(\d+)")
+
+
+class DeliveryError(Exception):
+    """A message could not be stored.  ``disk_full`` decides 452 4.3.1 vs 451 4.3.0."""
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+def mailbox_path(mail_dir: Path, mailbox: Address) -> Path:
+    """The Maildir of ``mailbox``; raise AddressError if it would be unsafe."""
+    local = mailbox_local_part(mailbox.local)
+    domain = normalise_domain(mailbox.domain)
+    if domain.startswith("[") or local != mailbox.local.lower():
+        raise AddressError("not a mailbox address")
+    path = mail_dir / domain / local
+    # Belt and braces: both parts are single safe components by construction.
+    if path.parent.parent != mail_dir or "/" in local or "/" in domain:
+        raise AddressError("unsafe mailbox path")
+    return path
+
+
+def ensure_maildir(path: Path) -> None:
+    """Create ``path/{tmp,new,cur}`` (mode 0700) if missing.  Blocking."""
+    for sub in SUBDIRS:
+        os.makedirs(path / sub, mode=0o700, exist_ok=True)
+
+
+@dataclass(frozen=True, slots=True)
+class MaildirName:
+    """A parsed Maildir file name."""
+
+    base: str  # the unique part, before ",S=" / ":2,"
+    size: int | None  # S=: file size in octets
+    crlf_size: int | None  # W=: size with CRLF line endings
+    flags: str  # the letters after ":2,"
+
+
+def parse_name(name: str) -> MaildirName:
+    stem, _sep, info = name.partition(":2,")
+    fields = dict(_SIZE_FIELDS.findall(stem))
+    base = stem.split(",", 1)[0]
+    size = int(fields["S"]) if "S" in fields else None
+    crlf = int(fields["W"]) if "W" in fields else None
+    return MaildirName(base=base, size=size, crlf_size=crlf, flags=info)
+
+
+class _Namer:
+    """Unique names per the Maildir spec: time, microseconds, pid, counter,
+    random, host (with '/' and ':' escaped as the spec asks)."""
+
+    def __init__(self, hostname: str | None = None) -> None:
+        host = hostname or socket.gethostname() or "localhost"
+        self.host = host.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+        self.counter = itertools.count(1)
+
+    def unique(self) -> str:
+        now = time.time()
+        secs = int(now)
+        usecs = int((now - secs) * 1_000_000)
+        return (
+            f"{secs}.M{usecs}P{os.getpid()}Q{next(self.counter)}"
+            f"R{secrets.token_hex(4)}.{self.host}"
+        )
+
+
+@dataclass
+class _Pending:
+    writer: DeliveryWriter
+    mailboxes: tuple[Path, ...]
+    future: asyncio.Future[list[Path]]
+
+
+class MaildirStore:
+    """Delivers messages into Maildirs under ``mail_dir`` with group commit."""
+
+    def __init__(self, mail_dir: Path, executor: Executor, hostname: str | None = None) -> None:
+        self.mail_dir = mail_dir
+        self._executor = executor
+        self._namer = _Namer(hostname)
+        self._known_dirs: set[Path] = set()
+        self._pending: list[_Pending] = []
+        self._batch_running = False
+
+    def path_for(self, mailbox: Address) -> Path:
+        return mailbox_path(self.mail_dir, mailbox)
+
+    def writer(self, mailboxes: Sequence[Address]) -> DeliveryWriter:
+        """A writer for one message to ``mailboxes`` (at least one, all local)."""
+        paths = tuple(dict.fromkeys(self.path_for(m) for m in mailboxes))
+        if not paths:
+            raise ValueError("a delivery needs at least one mailbox")
+        return DeliveryWriter(self, paths)
+
+    async def _commit(self, writer: DeliveryWriter) -> list[Path]:
+        future: asyncio.Future[list[Path]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(writer, writer.mailboxes, future))
+        if not self._batch_running:
+            self._start_batch()
+        return await future
+
+    def _start_batch(self) -> None:
+        batch, self._pending = self._pending, []
+        self._batch_running = True
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._executor, self._write_batch, batch)
+        work.add_done_callback(lambda f: self._batch_done(batch, f))
+
+    def _batch_done(self, batch: list[_Pending], done: asyncio.Future[list[object]]) -> None:
+        self._batch_running = False
+        exc = done.exception()
+        results = done.result() if exc is None else [exc] * len(batch)
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)  # type: ignore[arg-type]
+        if self._pending:
+            self._start_batch()
+
+    # --- runs in the worker thread ----------------------------------------------
+    def _write_batch(self, batch: list[_Pending]) -> list[object]:
+        results: list[object] = []
+        dirs_to_sync: set[Path] = set()
+        for item in batch:
+            try:
+                results.append(self._store_one(item.writer, dirs_to_sync))
+            except OSError as exc:
+                item.writer.discard_blocking()
+                results.append(_delivery_error(exc))
+        # One fsync per new/ directory for the whole batch makes every rename
+        # and link in it durable (the files' data was fsync'd before).
+        failed_dirs: set[Path] = set()
+        for d in dirs_to_sync:
+            try:
+                _fsync_dir(d)
+            except OSError:
+                failed_dirs.add(d)
+        if failed_dirs:
+            for i, result in enumerate(results):
+                if isinstance(result, list) and any(p.parent in failed_dirs for p in result):
+                    results[i] = DeliveryError("could not sync mailbox directory")
+        return results
+
+    def _ensure(self, mailbox: Path) -> None:
+        if mailbox not in self._known_dirs:
+            ensure_maildir(mailbox)
+            self._known_dirs.add(mailbox)
+
+    def _store_one(self, writer: DeliveryWriter, dirs_to_sync: set[Path]) -> list[Path]:
+        for mailbox in writer.mailboxes:
+            self._ensure(mailbox)
+        tmp_path = writer.finish_blocking()
+        final = f"{tmp_path.name},S={writer.size},W={writer.crlf_size}"
+        stored: list[Path] = []
+        try:
+            for mailbox in writer.mailboxes[1:]:
+                target = mailbox / "new" / (self._namer.unique() + final[final.index(",") :])
+                try:
+                    os.link(tmp_path, target)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP):
+                        raise
+                    _copy_durably(tmp_path, target)
+                stored.append(target)
+                dirs_to_sync.add(target.parent)
+            first = writer.mailboxes[0] / "new" / final
+            os.rename(tmp_path, first)
+        except BaseException:
+            for path in stored:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
+            raise
+        stored.insert(0, first)
+        dirs_to_sync.add(first.parent)
+        return stored
+
+
+class DeliveryWriter:
+    """One message on its way into Maildirs.  ``write`` takes LF-form content;
+    ``commit`` makes it durable in every mailbox and returns the files."""
+
+    def __init__(self, store: MaildirStore, mailboxes: tuple[Path, ...]) -> None:
+        self._store = store
+        self.mailboxes = mailboxes
+        self._buffer = bytearray()
+        self._fd: int | None = None
+        self._tmp_path: Path | None = None
+        self.size = 0
+        self.crlf_size = 0
+        self._flushing: asyncio.Future[None] | None = None
+        self._closed = False
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        self.size += len(data)
+        self.crlf_size += len(data) + data.count(b"\n")
+        if len(self._buffer) >= SPILL_THRESHOLD:
+            await self._spill()
+
+    async def _spill(self) -> None:
+        chunk = bytes(self._buffer)
+        self._buffer.clear()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._store._executor, self._write_blocking, chunk)
+
+    def _open_blocking(self) -> int:
+        if self._fd is None:
+            self._store._ensure(self.mailboxes[0])
+            name = self._store._namer.unique()
+            self._tmp_path = self.mailboxes[0] / "tmp" / name
+            self._fd = os.open(
+                self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
+        return self._fd
+
+    def _write_blocking(self, chunk: bytes) -> None:
+        fd = self._open_blocking()
+        view = memoryview(chunk)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+    def finish_blocking(self) -> Path:
+        """Write what is buffered, fsync and close; return the tmp/ path."""
+        if self._buffer:
+            self._write_blocking(bytes(self._buffer))
+            self._buffer.clear()
+        fd = self._open_blocking()
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            self._fd = None
+        assert self._tmp_path is not None
+        return self._tmp_path
+
+    def discard_blocking(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if self._tmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp_path)
+            self._tmp_path = None
+
+    async def commit(self) -> list[Path]:
+        """Store durably; raise DeliveryError.  Returns one path per mailbox."""
+        if self._closed:
+            raise RuntimeError("writer already committed or discarded")
+        self._closed = True
+        try:
+            return await self._store._commit(self)
+        except OSError as exc:
+            raise _delivery_error(exc) from exc
+
+    async def discard(self) -> None:
+        """Abandon the message (rejected, or the client went away)."""
+        self._closed = True
+        self._buffer.clear()
+        if self._fd is not None or self._tmp_path is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._store._executor, self.discard_blocking)
+
+
+def _delivery_error(exc: OSError) -> DeliveryError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DeliveryError("mail system full", disk_full=True)
+    return DeliveryError(f"local delivery failed: {exc.strerror or exc}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_durably(src: Path, dst: Path) -> None:
+    tmp = dst.parent.parent / "tmp" / dst.name
+    shutil.copyfile(src, tmp)
+    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, dst)
+
+
+@dataclass
+class RecoveryReport:
+    removed_tmp: list[Path] = field(default_factory=list)
+
+
+def clean_stale_tmp(mail_dir: Path, older_than: float = 36 * 3600) -> RecoveryReport:
+    """Remove tmp/ files older than ``older_than`` seconds (Maildir spec: 36 h).
+
+    A file in tmp/ was never acknowledged (the 250 comes after the rename), so
+    removing leftovers from a crash loses nothing.  Blocking; run at start.
+    """
+    report = RecoveryReport()
+    cutoff = time.time() - older_than
+    if not mail_dir.is_dir():
+        return report
+    for tmp in mail_dir.glob("*/*/tmp"):
+        with os.scandir(tmp) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_file() and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        report.removed_tmp.append(Path(entry.path))
+    return report
