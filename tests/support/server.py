@@ -1,0 +1,148 @@
+"""Run the real ``postoffice`` server as a subprocess for integration tests.
+
+``PostofficeServer`` writes a config with free loopback ports, starts
+``python -m postoffice serve -c CONFIG``, waits until every listener accepts,
+and stops the process it started (by PID).  Accounts are made with the real
+CLI, as an administrator would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def write_config(path: Path, top: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]]) -> None:
+    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
+    for name, table in sections.items():
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class PostofficeServer:
+    """A postoffice server process on 127.0.0.1 with its own data dir and ports."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        domains: Iterable[str] = ("example.test",),
+        hostname: str = "mail.example.test",
+        sections: Mapping[str, Mapping[str, Any]] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.root = root
+        self.host = host
+        self.data_dir = root / "data"
+        self.config = root / "postoffice.toml"
+        self.ports = {name: free_port(host) for name in LISTENERS}
+        self.log_path = root / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        merged: dict[str, dict[str, Any]] = {
+            "listen": {name: [f"{host}:{port}"] for name, port in self.ports.items()},
+        }
+        for name, table in (sections or {}).items():
+            merged.setdefault(name, {}).update(table)
+        write_config(
+            self.config,
+            {"hostname": hostname, "data_dir": str(self.data_dir), "domains": list(domains)},
+            merged,
+        )
+
+    # --- CLI ------------------------------------------------------------------
+    def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "postoffice", "-c", str(self.config), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"postoffice {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def add_user(self, address: str, password: str) -> None:
+        self.cli("user", "add", address, "--password-stdin", input=password + "\n")
+
+    def maildir(self, address: str) -> Path:
+        local, domain = address.split("@")
+        return self.data_dir / "mail" / domain / local
+
+    def messages(self, address: str) -> list[Path]:
+        md = self.maildir(address)
+        return sorted(p for sub in ("new", "cur") if (md / sub).is_dir() for p in (md / sub).iterdir())
+
+    # --- process --------------------------------------------------------------
+    def start(self, timeout: float = 20.0, env: Mapping[str, str] | None = None) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "postoffice", "serve", "-c", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        waiting = set(self.ports)
+        while waiting and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
+            for name in list(waiting):
+                try:
+                    socket.create_connection((self.host, self.ports[name]), timeout=1).close()
+                    waiting.discard(name)
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        if waiting:
+            self.stop()
+            raise RuntimeError(f"listeners {waiting} never came up:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
