@@ -1,0 +1,461 @@
+"""The SMTP session: drives the sans-I/O core over a Connection and decides.
+
+The core (``protocol/smtp_server.py``) parses and keeps the command sequence;
+this module answers each event: who may send to whom (``policy/relay.py``),
+authentication, and where the message goes (Maildirs, the outbound queue).
+Replies to pipelined commands are collected and written in one go before the
+session waits for more input (RFC 2920 §3.1).
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import logging
+import time
+from dataclasses import dataclass, field
+
+from postoffice.mail.address import Address, AddressError, parse_mailbox
+from postoffice.mail.headers import HeaderGate, trace_headers
+from postoffice.net.connection import Connection, ConnectionClosed
+from postoffice.policy.relay import RecipientVerdict, judge_recipient, sender_allowed
+from postoffice.protocol import sasl
+from postoffice.protocol.smtp_reply import Reply
+from postoffice.protocol.smtp_server import (
+    Auth,
+    AuthResponse,
+    DataChunk,
+    DataComplete,
+    DataRequested,
+    Event,
+    Hello,
+    Help,
+    MailFrom,
+    Noop,
+    Quit,
+    RcptTo,
+    Rejected,
+    Reset,
+    SmtpServerCore,
+    StartTls,
+    Verify,
+)
+from postoffice.services import Services
+from postoffice.storage.maildir import DeliveryError, DeliveryWriter
+
+log = logging.getLogger("postoffice.smtp")
+
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+class SmtpMode(enum.Enum):
+    RELAY_IN = "smtp"  # port 25: mail for local domains only, no AUTH
+    SUBMISSION = "submission"  # 587/465: AUTH required, may send anywhere
+
+
+@dataclass
+class Envelope:
+    sender: Address | None = None
+    smtputf8: bool = False
+    mailboxes: dict[Address, None] = field(default_factory=dict)  # ordered set
+    remote: dict[Address, None] = field(default_factory=dict)  # via the outbound queue
+    recipients: list[Address] = field(default_factory=list)  # as given, for the log
+
+
+@dataclass
+class _Transaction:
+    """The message being received: writers and the header gate."""
+
+    envelope: Envelope
+    queue_id: str
+    local: DeliveryWriter | None
+    outbound: object | None  # delivery.QueueWriter
+    gate: HeaderGate
+    started: float
+    local_prefix_done: bool = False
+
+
+class SmtpSession:
+    def __init__(self, services: Services, conn: Connection, mode: SmtpMode) -> None:
+        self.s = services
+        self.conn = conn
+        self.mode = mode
+        limits = services.settings.limits
+        self.core = SmtpServerCore(max_message_size=limits.max_message_size)
+        self.client_ip = conn.peer[0]
+        self.helo = ""
+        self.user: Address | None = None
+        self.envelope = Envelope()
+        self.tx: _Transaction | None = None
+        self.out: list[bytes] = []
+        self._auth_state: list[str] = []  # SASL LOGIN steps collected so far
+        self._auth_mech = ""
+        self._start_tls = False
+
+    # --- the loop --------------------------------------------------------------
+    async def run(self) -> None:
+        hostname = self.s.settings.hostname
+        self.conn.write(self.core.send_unsolicited(Reply(220, f"{hostname} ESMTP postoffice")))
+        limits = self.s.settings.limits
+        try:
+            while not self.core.closed:
+                timeout = limits.smtp_data_timeout if self.tx else limits.smtp_timeout
+                try:
+                    data = await self.conn.read(timeout)
+                except TimeoutError:
+                    self.conn.write(
+                        self.core.send_unsolicited(
+                            Reply(421, f"{hostname} Error: timeout exceeded", "4.4.2")
+                        )
+                    )
+                    log.info("smtp timeout client=%s", self.client_ip)
+                    break
+                self.core.receive_data(data)
+                await self._process_events()
+                if self.out:
+                    self.conn.write(b"".join(self.out))
+                    self.out.clear()
+                    await self.conn.drain()
+                if self._start_tls:
+                    self._start_tls = False
+                    await self.conn.start_tls(self.s.tls, TLS_HANDSHAKE_TIMEOUT)
+                if self.core.error_count > limits.max_errors:
+                    self.conn.write(
+                        self.core.send_unsolicited(
+                            Reply(421, f"{hostname} Too many errors, closing", "4.7.0")
+                        )
+                    )
+                    log.warning("smtp too many errors client=%s", self.client_ip)
+                    break
+        except (ConnectionClosed, ConnectionError, TimeoutError):
+            pass
+        except Exception as exc:  # a TLS failure and the like: never the whole server
+            log.info("smtp session ended client=%s: %s", self.client_ip, exc)
+        finally:
+            if self.tx is not None:
+                await self._abandon()
+
+    async def _process_events(self) -> None:
+        while (event := self.core.next_event()) is not None:
+            if isinstance(event, DataChunk):
+                await self._data_chunk(event.data)
+                continue
+            reply = await self._answer(event)
+            self.out.append(self.core.send(reply))
+            if isinstance(event, StartTls) and reply.code == 220:
+                self._start_tls = True
+                return  # nothing after STARTTLS is read as plaintext (RFC 3207 §4.2)
+            if self.core.closed:
+                return
+
+    # --- answers -------------------------------------------------------------------
+    async def _answer(self, event: Event) -> Reply:
+        match event:
+            case Rejected(reply=reply):
+                return reply
+            case Hello():
+                return self._hello(event)
+            case MailFrom():
+                return self._mail(event)
+            case RcptTo():
+                return self._rcpt(event)
+            case DataRequested():
+                return await self._data_start()
+            case DataComplete():
+                return await self._data_end(event)
+            case Reset():
+                await self._abandon()
+                self.envelope = Envelope()
+                return Reply(250, "Ok", "2.0.0")
+            case Noop():
+                return Reply(250, "Ok", "2.0.0")
+            case Quit():
+                return Reply(221, f"{self.s.settings.hostname} Bye", "2.0.0")
+            case Verify():
+                # RFC 5321 §3.5.3: 252 rather than confirm or deny addresses.
+                return Reply(252, "Cannot VRFY user, but will accept message for local users",
+                             "2.5.2")
+            case Help():
+                return Reply(214, "See RFC 5321 (https://www.rfc-editor.org/rfc/rfc5321)",
+                             "2.0.0")
+            case StartTls():
+                return Reply(220, "Ready to start TLS", "2.0.0")
+            case Auth():
+                return await self._auth(event)
+            case AuthResponse():
+                return await self._auth_step(event.line)
+        return Reply(500, "Command not recognized", "5.5.1")
+
+    def _hello(self, event: Hello) -> Reply:
+        self.helo = event.name
+        self.envelope = Envelope()
+        hostname = self.s.settings.hostname
+        if not event.extended:
+            return Reply(250, hostname)
+        lines = [
+            f"{hostname} greets {event.name}",
+            "PIPELINING",
+            f"SIZE {self.s.settings.limits.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if not self.core.tls:
+            lines.append("STARTTLS")
+        if self.mode is SmtpMode.SUBMISSION and self._auth_allowed() and not self.user:
+            lines.append("AUTH PLAIN LOGIN")
+        return Reply(250, tuple(lines))
+
+    def _auth_allowed(self) -> bool:
+        if self.core.tls:
+            return True
+        return self.s.settings.auth.allow_plaintext_loopback and _is_loopback(self.client_ip)
+
+    def _mail(self, event: MailFrom) -> Reply:
+        limit = self.s.settings.limits.max_message_size
+        if event.size is not None and event.size > limit:
+            return Reply(552, f"Message size exceeds fixed limit of {limit} octets", "5.3.4")
+        if self.mode is SmtpMode.SUBMISSION:
+            if self.user is None:
+                return Reply(530, "Authentication required", "5.7.0")
+            if not sender_allowed(self.s.accounts, self.user, event.sender):
+                return Reply(553, f"Sender address not owned by user {self.user}", "5.7.1")
+        self.envelope = Envelope(sender=event.sender, smtputf8=event.smtputf8)
+        return Reply(250, "Ok", "2.1.0")
+
+    def _rcpt(self, event: RcptTo) -> Reply:
+        env = self.envelope
+        if len(env.recipients) >= self.s.settings.limits.max_recipients:
+            return Reply(452, "Too many recipients", "4.5.3")
+        rcpt = event.recipient
+        if rcpt.domain == "":  # bare <postmaster> (RFC 5321 §4.1.1.3)
+            rcpt = Address("postmaster", self.s.settings.domains[0] if self.s.settings.domains
+                           else self.s.settings.hostname)
+        verdict = judge_recipient(
+            self.s, rcpt, may_relay=self.mode is SmtpMode.SUBMISSION and self.user is not None
+        )
+        match verdict:
+            case RecipientVerdict(reply=Reply() as reply):
+                return reply
+            case RecipientVerdict(mailboxes=mailboxes, remote=remote):
+                if remote and self.s.outbound is None:
+                    return Reply(451, "Outbound delivery is not available", "4.3.0")
+                for m in mailboxes:
+                    env.mailboxes[m] = None
+                for r in remote:
+                    env.remote[r] = None
+                env.recipients.append(rcpt)
+        return Reply(250, "Ok", "2.1.5")
+
+    async def _data_start(self) -> Reply:
+        env = self.envelope
+        queue_id = _new_queue_id()
+        try:
+            local = self.s.maildirs.writer(list(env.mailboxes)) if env.mailboxes else None
+            outbound = (
+                self.s.outbound.writer(env.sender, list(env.remote)) if env.remote else None
+            )
+        except (AddressError, ValueError) as exc:
+            log.error("smtp cannot start delivery id=%s: %s", queue_id, exc)
+            return Reply(451, "Local error in processing", "4.3.0")
+        received = trace_headers(
+            helo=self.helo,
+            client_ip=self.client_ip,
+            hostname=self.s.settings.hostname,
+            protocol=self._protocol_name(),
+            queue_id=queue_id,
+            recipient=env.recipients[0] if len(env.recipients) == 1 else None,
+            tls=self.conn.tls_version() if self.core.tls else None,
+        )
+        self.tx = _Transaction(
+            envelope=env,
+            queue_id=queue_id,
+            local=local,
+            outbound=outbound,
+            gate=HeaderGate(
+                received=received,
+                submission=self.mode is SmtpMode.SUBMISSION,
+                hostname=self.s.settings.hostname,
+            ),
+            started=time.monotonic(),
+        )
+        return Reply(354, "End data with <CR><LF>.<CR><LF>")
+
+    def _protocol_name(self) -> str:
+        # RFC 3848 "with" keywords.
+        name = "UTF8SMTP" if self.envelope.smtputf8 else "ESMTP"
+        if self.core.tls:
+            name += "S"
+        if self.user is not None:
+            name += "A"
+        return name
+
+    async def _data_chunk(self, data: bytes) -> None:
+        tx = self.tx
+        if tx is None:
+            return
+        out = tx.gate.feed(data)
+        if out:
+            await self._write(tx, out)
+
+    async def _write(self, tx: _Transaction, data: bytes) -> None:
+        if tx.local is not None:
+            if not tx.local_prefix_done:
+                tx.local_prefix_done = True
+                await tx.local.write(self._local_prefix(tx))
+            await tx.local.write(data)
+        if tx.outbound is not None:
+            await tx.outbound.write(data)  # type: ignore[attr-defined]
+
+    def _local_prefix(self, tx: _Transaction) -> bytes:
+        env = tx.envelope
+        sender = str(env.sender) if env.sender else ""
+        lines = [f"Return-Path: <{sender}>\n"]
+        if len(env.mailboxes) == 1 and not env.remote:
+            # Only for a single mailbox: one linked file cannot name several
+            # recipients without disclosing Bcc recipients to each other.
+            lines.append(f"Delivered-To: {next(iter(env.mailboxes))}\n")
+        return "".join(lines).encode("utf-8")
+
+    async def _data_end(self, event: DataComplete) -> Reply:
+        tx = self.tx
+        assert tx is not None
+        rest = tx.gate.finish()
+        if rest:
+            await self._write(tx, rest)
+        reply = self._content_verdict(event, tx)
+        if reply is None:
+            reply = await self._commit(tx, event.size)
+        else:
+            await self._abandon()
+        self._log_transaction(tx, event.size, reply)
+        self.tx = None
+        self.envelope = Envelope()
+        return reply
+
+    def _content_verdict(self, event: DataComplete, tx: _Transaction) -> Reply | None:
+        limit = self.s.settings.limits.max_message_size
+        if event.oversize:
+            return Reply(552, f"Message size exceeds fixed limit of {limit} octets", "5.3.4")
+        if event.bare_cr:
+            return Reply(554, "Bare CR in message content is not allowed (RFC 5321 §2.3.8)",
+                         "5.6.0")
+        if event.line_too_long:
+            return Reply(554, "Message has a line longer than 998 octets (RFC 5322 §2.1.1)",
+                         "5.6.0")
+        if self.mode is SmtpMode.SUBMISSION and self.user is not None:
+            for author in tx.gate.from_addresses():
+                if not sender_allowed(self.s.accounts, self.user, author):
+                    return Reply(553, f"From: address {author} not owned by user {self.user}",
+                                 "5.7.1")
+        return None
+
+    async def _commit(self, tx: _Transaction, size: int) -> Reply:
+        try:
+            if tx.outbound is not None:
+                await tx.outbound.commit()  # type: ignore[attr-defined]
+                tx.outbound = None
+            if tx.local is not None:
+                if not tx.local_prefix_done:
+                    tx.local_prefix_done = True
+                    await tx.local.write(self._local_prefix(tx))
+                await tx.local.commit()
+                tx.local = None
+        except DeliveryError as exc:
+            await self._abandon()
+            log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
+            if exc.disk_full:
+                return Reply(452, "Insufficient system storage", "4.3.1")
+            return Reply(451, "Local error in processing", "4.3.0")
+        except Exception as exc:
+            await self._abandon()
+            log.exception("smtp delivery failed id=%s", tx.queue_id)
+            if isinstance(exc, OSError) and exc.errno == 28:
+                return Reply(452, "Insufficient system storage", "4.3.1")
+            return Reply(451, "Local error in processing", "4.3.0")
+        return Reply(250, f"Ok: queued as {tx.queue_id}", "2.0.0")
+
+    async def _abandon(self) -> None:
+        tx, self.tx = self.tx, None
+        if tx is None:
+            return
+        if tx.local is not None:
+            await tx.local.discard()
+        if tx.outbound is not None:
+            await tx.outbound.discard()  # type: ignore[attr-defined]
+
+    def _log_transaction(self, tx: _Transaction, size: int, reply: Reply) -> None:
+        env = tx.envelope
+        log.info(
+            "smtp id=%s mode=%s client=%s helo=%s user=%s from=<%s> to=%s size=%d result=%d %s"
+            " time=%.3f",
+            tx.queue_id,
+            self.mode.value,
+            self.client_ip,
+            self.helo or "-",
+            self.user or "-",
+            env.sender or "",
+            ",".join(f"<{r}>" for r in env.recipients),
+            size,
+            reply.code,
+            reply.enhanced or "",
+            time.monotonic() - tx.started,
+        )
+
+    # --- AUTH (RFC 4954) --------------------------------------------------------
+    async def _auth(self, event: Auth) -> Reply:
+        if self.mode is not SmtpMode.SUBMISSION:
+            return Reply(502, "AUTH not available on this port", "5.5.1")
+        if not self._auth_allowed():
+            return Reply(538, "Encryption required for requested authentication mechanism",
+                         "5.7.11")
+        mech = event.mechanism.upper()
+        self._auth_mech = mech
+        self._auth_state = []
+        if mech == "PLAIN":
+            if event.initial_response is None:
+                return Reply(334, "")
+            return await self._auth_step(event.initial_response)
+        if mech == "LOGIN":
+            if event.initial_response is not None:
+                return await self._auth_step(event.initial_response)
+            return Reply(334, sasl.encode_challenge("Username:"))
+        return Reply(504, "Unrecognized authentication type", "5.5.4")
+
+    async def _auth_step(self, line: str) -> Reply:
+        if line.strip() == "*":
+            return Reply(501, "Authentication cancelled", "5.0.0")
+        try:
+            if self._auth_mech == "PLAIN":
+                authzid, authcid, password = sasl.decode_plain(line.strip())
+                if authzid and authzid.lower() != authcid.lower():
+                    return Reply(535, "Authentication credentials invalid", "5.7.8")
+                return await self._check_password(authcid, password)
+            self._auth_state.append(sasl.decode_login_step(line.strip()))
+        except sasl.SaslError:
+            return Reply(501, "Cannot decode response", "5.5.2")
+        if len(self._auth_state) == 1:
+            return Reply(334, sasl.encode_challenge("Password:"))
+        name, password = self._auth_state[0], self._auth_state[1]
+        self._auth_state = []
+        return await self._check_password(name, password)
+
+    async def _check_password(self, name: str, password: str) -> Reply:
+        try:
+            address: Address | None = parse_mailbox(name)
+        except AddressError:
+            address = None
+        user = await self.s.authenticator.authenticate(address, password, self.client_ip, "smtp")
+        if user is None:
+            return Reply(535, "Authentication credentials invalid", "5.7.8")
+        self.user = user
+        return Reply(235, "Authentication successful", "2.7.0")
+
+
+def _is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
+
+
+def _new_queue_id() -> str:
+    """Short, unique, roughly time-ordered ids for logs and Received headers."""
+    return f"{time.time_ns() // 1000:x}{secrets.token_hex(3)}"
