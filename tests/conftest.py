@@ -19,3 +19,25 @@ def server(tmp_path: Path) -> Iterator[PostofficeServer]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def require_program():  # type: ignore[no-untyped-def]
+    """Return a function giving the path of an external program.
+
+    Outside CI a missing program skips the test; in CI (``CI`` set) it fails,
+    so interop tests are never silently skipped there.
+    """
+    import os
+    import shutil
+
+    def find(name: str) -> str:
+        for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
+            if candidate and os.access(candidate, os.X_OK):
+                return candidate
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed (scripts/test.sh installs it)")
+        pytest.skip(f"{name} is not installed")
+        raise AssertionError("unreachable")
+
+    return find
