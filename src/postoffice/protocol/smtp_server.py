@@ -1,0 +1,699 @@
+"""The sans-I/O SMTP server core (RFC 5321, with ESMTP extensions).
+
+The core parses command lines, keeps the command sequence and turns replies
+into bytes; it never decides policy.  The session that drives it:
+
+1. feeds whatever it read: ``core.receive_data(data)``;
+2. takes events one at a time: ``event = core.next_event()`` (``None``: need
+   more data);
+3. answers every event except ``DataChunk`` with ``core.send(reply)`` before
+   asking for the next one, and writes the returned bytes.
+
+``send`` also applies the state transition that the reply means for the
+event being answered (table in ``SmtpServerCore.send``), so the session
+never tracks SMTP sequence itself.
+
+Events the core can judge alone (unknown commands, syntax errors, bad
+sequence, overlong lines) come out as ``Rejected(reply)``; the session
+answers them with ``reply`` (or its own) and may drop a client whose
+``error_count`` grows too large.
+
+PIPELINING (RFC 2920): several commands may arrive in one chunk; events come
+out in order, one per ``next_event``.  Bytes after a DATA command stay
+buffered: they are message content if the session answers 354, commands
+otherwise.  After ``StartTls`` is answered with 220, everything still
+buffered is discarded (RFC 3207 §4.2: plaintext sent before the TLS
+handshake must not be acted upon once TLS is up).
+
+Recipient ``<postmaster>`` without a domain (RFC 5321 §4.1.1.3) is reported
+as ``Address("postmaster", "")``: the session substitutes its own domain.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from postoffice.mail.address import Address, AddressError, parse_path
+from postoffice.protocol.smtp_data import DataDecoder
+from postoffice.protocol.smtp_reply import Reply
+
+# RFC 4954 §4: AUTH command lines and SASL responses may be up to 12288
+# octets, more than the 512 of an ordinary command line.
+MAX_AUTH_LINE = 12288
+
+
+class LocalProtocolError(Exception):
+    """The session used the core wrongly (e.g. asked for an event before answering)."""
+
+
+class State(enum.Enum):
+    """Where the SMTP dialogue is (``SmtpServerCore.state``)."""
+
+    START = "start"  # no successful HELO/EHLO yet (again so after STARTTLS)
+    GREETED = "greeted"  # HELO/EHLO done, no transaction
+    MAIL = "mail"  # MAIL accepted, no recipient yet
+    RCPT = "rcpt"  # at least one recipient accepted
+    DATA = "data"  # receiving message content
+    AUTH = "auth"  # a SASL exchange is in progress
+    CLOSED = "closed"  # QUIT answered with 221, or 421 sent
+
+
+# --- events ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """EHLO (``extended``) or HELO with the client's name for itself."""
+
+    name: str
+    extended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MailFrom:
+    """MAIL FROM; ``sender`` None is the null reverse-path ``<>``.
+
+    ``params`` holds every ESMTP parameter given, keys upper-cased (SIZE,
+    BODY, SMTPUTF8, AUTH, RET, ENVID); ``size``, ``body`` (``"7BIT"`` or
+    ``"8BITMIME"``) and ``smtputf8`` are the parsed forms of the first three.
+    """
+
+    sender: Address | None
+    size: int | None
+    body: str | None
+    smtputf8: bool
+    params: dict[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class RcptTo:
+    """RCPT TO; ``params`` may hold NOTIFY and ORCPT (RFC 3461).
+
+    A bare ``<postmaster>`` is ``Address("postmaster", "")``.
+    """
+
+    recipient: Address
+    params: dict[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class DataRequested:
+    """A valid DATA command: answer 354 to receive the content, or refuse."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """Message content, un-dot-stuffed, LF line endings.  Needs no answer."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DataComplete:
+    """The end of the content (``<CRLF>.<CRLF>``); see ``smtp_data.DataDecoder``.
+
+    ``size`` counts decoded octets (LF line endings) of the whole message,
+    including any beyond the limit when ``oversize``.
+    """
+
+    size: int
+    bare_cr: bool
+    bare_lf: bool
+    line_too_long: bool
+    oversize: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """RSET."""
+
+
+@dataclass(frozen=True, slots=True)
+class Noop:
+    """NOOP."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    """QUIT."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    """VRFY with its (non-empty) argument."""
+
+    argument: str
+
+
+@dataclass(frozen=True, slots=True)
+class Help:
+    """HELP with its argument ("" if none)."""
+
+    argument: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """STARTTLS (RFC 3207); answer 220 and then start the handshake."""
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """AUTH (RFC 4954): ``mechanism`` upper-cased; ``initial_response`` as sent.
+
+    An initial response of ``"="`` means an empty one (RFC 4954 §4).
+    """
+
+    mechanism: str
+    initial_response: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse:
+    """A client line during a SASL exchange; ``"*"`` means the client cancels."""
+
+    line: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A command the core refuses by itself; answer with ``reply``."""
+
+    reply: Reply
+
+
+Event = (
+    Hello
+    | MailFrom
+    | RcptTo
+    | DataRequested
+    | DataChunk
+    | DataComplete
+    | Reset
+    | Noop
+    | Quit
+    | Verify
+    | Help
+    | StartTls
+    | Auth
+    | AuthResponse
+    | Rejected
+)
+
+# --- parsing helpers ------------------------------------------------------------
+
+_ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+# RFC 5321 §4.1.2 esmtp-value: %d33-60 / %d62-126, extended with UTF-8 by
+# RFC 6531 §3.3.
+_ESMTP_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")
+_MECHANISM = re.compile(r"[A-Z0-9_-]{1,20}")  # RFC 4422 §3.1
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")  # RFC 3461 §4
+_NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+_NOT_IMPLEMENTED = frozenset({"EXPN", "BDAT", "TURN", "SEND", "SOML", "SAML"})
+
+
+def _reject(code: int, text: str, enhanced: str) -> Rejected:
+    return Rejected(Reply(code, text, enhanced))
+
+
+_SEQUENCE = "5.5.1"
+
+
+def _split_path(text: str) -> tuple[str, str] | None:
+    """Split ``<path> params`` at the ``>`` that closes the path (quotes respected)."""
+    if not text.startswith("<"):
+        return None
+    quoted = escaped = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return text[: i + 1], text[i + 1 :]
+    return None
+
+
+def _parse_params(text: str) -> dict[str, str | None] | Rejected:
+    """ESMTP parameters (RFC 5321 §4.1.2): ``KEY[=VALUE]`` separated by spaces."""
+    params: dict[str, str | None] = {}
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        if not _ESMTP_KEYWORD.fullmatch(key) or (eq and not _ESMTP_VALUE.fullmatch(value)):
+            return _reject(501, f"Bad parameter syntax: {item[:40]}", "5.5.4")
+        key = key.upper()
+        if key in params:
+            return _reject(501, f"Parameter {key} given twice", "5.5.4")
+        params[key] = value if eq else None
+    return params
+
+
+def _split_command(line: str, prefix: str) -> tuple[str, dict[str, str | None]] | Rejected:
+    """``FROM:<path> params`` -> (path, params); lenient about a space after the colon."""
+    if line[: len(prefix)].upper() != prefix:
+        return _reject(501, f"Syntax: {prefix}<address>", "5.5.2")
+    rest = line[len(prefix) :].lstrip(" ")
+    split = _split_path(rest)
+    if split is None:
+        return _reject(501, f"Syntax: {prefix}<address>", "5.5.2")
+    path, tail = split
+    if tail and not tail.startswith(" "):
+        return _reject(501, f"Syntax: {prefix}<address>", "5.5.2")
+    params = _parse_params(tail)
+    if isinstance(params, Rejected):
+        return params
+    return path, params
+
+
+def parse_mail(arg: str) -> MailFrom | Rejected:
+    """The argument of MAIL (``FROM:<path> [params]``) -> MailFrom or Rejected."""
+    split = _split_command(arg, "FROM:")
+    if isinstance(split, Rejected):
+        return split
+    path, params = split
+    size: int | None = None
+    body: str | None = None
+    smtputf8 = False
+    for key, value in params.items():
+        if key == "SIZE":  # RFC 1870 §3: size-value ::= 1*20DIGIT
+            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
+                return _reject(501, "SIZE needs a number", "5.5.4")
+            size = int(value)
+        elif key == "BODY":  # RFC 6152
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                return _reject(501, "BODY must be 7BIT or 8BITMIME", "5.5.4")
+            body = value.upper()
+        elif key == "SMTPUTF8":  # RFC 6531 §3.4: no value
+            if value is not None:
+                return _reject(501, "SMTPUTF8 takes no value", "5.5.4")
+            smtputf8 = True
+        elif key == "RET":  # RFC 3461 §4.3
+            if value is None or value.upper() not in ("FULL", "HDRS"):
+                return _reject(501, "RET must be FULL or HDRS", "5.5.4")
+        elif key in ("ENVID", "AUTH"):  # RFC 3461 §4.4, RFC 4954 §5
+            if value is None or not _XTEXT.fullmatch(value):
+                return _reject(501, f"{key} needs an xtext value", "5.5.4")
+        else:
+            return _reject(555, f"Unsupported parameter {key}", "5.5.4")
+    if not smtputf8 and not path.isascii():
+        # RFC 6531 §3.5: a non-ASCII address without SMTPUTF8.
+        return _reject(553, "Non-ASCII address requires SMTPUTF8", "5.6.7")
+    try:
+        sender = parse_path(path, utf8=smtputf8)
+    except AddressError as exc:
+        return _reject(501, f"Bad sender address: {exc}", "5.1.7")
+    return MailFrom(sender, size, body, smtputf8, params)
+
+
+def parse_rcpt(arg: str, *, utf8: bool) -> RcptTo | Rejected:
+    """The argument of RCPT (``TO:<path> [params]``) -> RcptTo or Rejected."""
+    split = _split_command(arg, "TO:")
+    if isinstance(split, Rejected):
+        return split
+    path, params = split
+    for key, value in params.items():
+        if key == "NOTIFY":  # RFC 3461 §4.1
+            words = (value or "").upper().split(",")
+            if words != ["NEVER"] and not (words and set(words) <= _NOTIFY_VALUES):
+                return _reject(501, "NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY", "5.5.4")
+        elif key == "ORCPT":  # RFC 3461 §4.2: addr-type ";" xtext
+            addr_type, semi, _addr = (value or "").partition(";")
+            if not semi or not _ESMTP_KEYWORD.fullmatch(addr_type):
+                return _reject(501, "ORCPT must be addr-type;address", "5.5.4")
+        else:
+            return _reject(555, f"Unsupported parameter {key}", "5.5.4")
+    if path.lower() == "<postmaster>":
+        return RcptTo(Address("postmaster", ""), params)
+    if not utf8 and not path.isascii():
+        return _reject(553, "Non-ASCII address requires SMTPUTF8", "5.6.7")
+    try:
+        recipient = parse_path(path, utf8=utf8)
+    except AddressError as exc:
+        return _reject(501, f"Bad recipient address: {exc}", "5.1.3")
+    if recipient is None:
+        return _reject(501, "Bad recipient address: <> is not a recipient", "5.1.3")
+    return RcptTo(recipient, params)
+
+
+def _valid_hello_name(name: str) -> bool:
+    # Lenient (RFC 5321 §4.1.4 asks for a domain or address literal, but
+    # many clients send less): one token of printable characters.
+    return bool(name) and name.isprintable() and not any(ch.isspace() for ch in name)
+
+
+# --- the core -------------------------------------------------------------------
+
+
+class SmtpServerCore:
+    """One SMTP server connection's protocol state; see the module docstring."""
+
+    def __init__(
+        self, max_message_size: int, max_command_line: int = 512, max_text_line: int = 998
+    ) -> None:
+        self.max_message_size = max_message_size
+        self.max_command_line = max_command_line  # octets, CRLF included
+        self.max_text_line = max_text_line
+        self.error_count = 0
+        self.tls = False
+        self.authenticated = False
+        self.extended = False  # the last successful greeting was EHLO
+        self.discarded_after_starttls = 0  # octets dropped by the RFC 3207 defence
+        self._buf = bytearray()
+        self._pos = 0  # start of unparsed input in _buf
+        self._discarding = False  # skipping the rest of an overlong line
+        self._greeted = False
+        self._in_transaction = False
+        self._smtputf8 = False
+        self._recipients = 0
+        self._sasl = False
+        self._closed = False
+        self._decoder: DataDecoder | None = None
+        self._data_complete: DataComplete | None = None  # queued behind a last chunk
+        self._pending: Event | None = None  # the event awaiting send()
+
+    # --- properties -----------------------------------------------------------
+    @property
+    def state(self) -> State:
+        if self._closed:
+            return State.CLOSED
+        if self._decoder is not None:
+            return State.DATA
+        if self._sasl:
+            return State.AUTH
+        if self._in_transaction:
+            return State.RCPT if self._recipients else State.MAIL
+        return State.GREETED if self._greeted else State.START
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_transaction
+
+    @property
+    def recipient_count(self) -> int:
+        return self._recipients
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def greeted(self) -> bool:
+        return self._greeted
+
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet turned into events."""
+        return len(self._buf) - self._pos
+
+    # --- input ----------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes read from the client; events come from ``next_event``."""
+        if self._closed:
+            return
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_event(self) -> Event | None:
+        """The next event, or None when more data is needed (or the dialogue is over)."""
+        if self._pending is not None:
+            raise LocalProtocolError(
+                f"answer {type(self._pending).__name__} with send() before next_event()"
+            )
+        if self._closed:
+            return None
+        in_data = self._decoder is not None
+        event = self._next_data_event() if in_data else self._next_command_event()
+        if event is not None and not isinstance(event, DataChunk):
+            self._pending = event
+            if isinstance(event, Rejected):
+                self.error_count += 1
+        return event
+
+    def _next_data_event(self) -> DataChunk | DataComplete | None:
+        decoder = self._decoder
+        assert decoder is not None
+        if self._data_complete is None:
+            if self.buffered == 0:
+                return None
+            content, rest = decoder.feed(bytes(self._buf[self._pos :]))
+            self._buf.clear()
+            self._pos = 0
+            if rest is not None:
+                self._buf += rest
+                self._data_complete = DataComplete(
+                    decoder.size,
+                    decoder.bare_cr,
+                    decoder.bare_lf,
+                    decoder.line_too_long,
+                    decoder.oversize,
+                )
+            if content:
+                return DataChunk(content)
+            if self._data_complete is None:
+                return None
+        event, self._data_complete = self._data_complete, None
+        self._decoder = None
+        return event
+
+    def _line_limit(self) -> int:
+        """The longest allowed line for what is being received now, CRLF included."""
+        if self._sasl or self._buf[self._pos : self._pos + 5].upper() == b"AUTH ":
+            return max(self.max_command_line, MAX_AUTH_LINE)
+        return self.max_command_line
+
+    def _next_command_event(self) -> Event | None:
+        while True:
+            end = self._buf.find(b"\n", self._pos)
+            if self._discarding:
+                if end < 0:
+                    self._buf.clear()
+                    self._pos = 0
+                    return None
+                self._pos = end + 1
+                self._discarding = False
+                continue
+            if end < 0:
+                # No line end yet: is what we have already too long?
+                pending = len(self._buf) - self._pos
+                if self._buf.endswith(b"\r"):
+                    pending -= 1
+                if pending > self._line_limit() - 2:
+                    self._buf.clear()
+                    self._pos = 0
+                    self._discarding = True
+                    return self._line_too_long()
+                return None
+            stop = end - 1 if end > self._pos and self._buf[end - 1] == 0x0D else end
+            too_long = stop - self._pos > self._line_limit() - 2
+            line = bytes(self._buf[self._pos : stop])
+            self._pos = end + 1
+            if too_long:
+                return self._line_too_long()
+            if self._sasl:
+                return AuthResponse(line.decode("utf-8", "replace"))
+            return self._parse_command(line)
+
+    def _line_too_long(self) -> Rejected:
+        if self._sasl:
+            # Whatever the session's exchange was, an unreadable line ends it.
+            self._sasl = False
+        return _reject(500, "Line too long", "5.5.6")
+
+    # --- commands ---------------------------------------------------------------
+    def _parse_command(self, raw: bytes) -> Event:
+        verb_raw, _, arg_raw = raw.partition(b" ")
+        verb = verb_raw.decode("ascii", "replace").upper()
+        if verb not in _COMMANDS:
+            if verb in _NOT_IMPLEMENTED:
+                return _reject(502, f"{verb} not implemented", "5.5.1")
+            if not raw.strip():
+                return _reject(500, "Empty command", "5.5.2")
+            return _reject(500, "Command not recognized", "5.5.1")
+        try:
+            arg = arg_raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return _reject(501, "Invalid UTF-8 in command", "5.5.2")
+        if not arg.isprintable():
+            return _reject(501, "Control characters in command", "5.5.2")
+        return _COMMANDS[verb](self, arg.strip(" "))
+
+    def _hello(self, arg: str, extended: bool) -> Event:
+        if not _valid_hello_name(arg):
+            verb = "EHLO" if extended else "HELO"
+            return _reject(501, f"Syntax: {verb} hostname", "5.5.4")
+        return Hello(arg, extended)
+
+    def _ehlo(self, arg: str) -> Event:
+        return self._hello(arg, True)
+
+    def _helo(self, arg: str) -> Event:
+        return self._hello(arg, False)
+
+    def _mail(self, arg: str) -> Event:
+        if not self._greeted:
+            return _reject(503, "Send HELO/EHLO first", _SEQUENCE)
+        if self._in_transaction:
+            return _reject(503, "Nested MAIL command", _SEQUENCE)
+        return parse_mail(arg)
+
+    def _rcpt(self, arg: str) -> Event:
+        if not self._in_transaction:
+            return _reject(503, "Need MAIL before RCPT", _SEQUENCE)
+        return parse_rcpt(arg, utf8=self._smtputf8)
+
+    def _data(self, arg: str) -> Event:
+        if not self._in_transaction:
+            return _reject(503, "Need MAIL command", _SEQUENCE)
+        if not self._recipients:
+            return _reject(554, "No valid recipients", _SEQUENCE)
+        if arg:
+            return _reject(501, "DATA takes no arguments", "5.5.4")
+        return DataRequested()
+
+    def _rset(self, arg: str) -> Event:
+        if arg:
+            return _reject(501, "RSET takes no arguments", "5.5.4")
+        return Reset()
+
+    def _noop(self, arg: str) -> Event:
+        return Noop()  # RFC 5321 §4.1.1.9: any argument is ignored
+
+    def _quit(self, arg: str) -> Event:
+        return Quit()  # an argument is not allowed, but refusing to quit helps no one
+
+    def _vrfy(self, arg: str) -> Event:
+        if not arg:
+            return _reject(501, "Syntax: VRFY address", "5.5.4")
+        return Verify(arg)
+
+    def _help(self, arg: str) -> Event:
+        return Help(arg)
+
+    def _starttls(self, arg: str) -> Event:
+        if self.tls:
+            return _reject(503, "TLS already active", _SEQUENCE)
+        if arg:
+            return _reject(501, "STARTTLS takes no arguments", "5.5.4")  # RFC 3207 §4
+        return StartTls()
+
+    def _auth(self, arg: str) -> Event:
+        if self.authenticated:
+            return _reject(503, "Already authenticated", _SEQUENCE)  # RFC 4954 §4
+        if not self._greeted:
+            return _reject(503, "Send EHLO first", _SEQUENCE)
+        if self._in_transaction:
+            return _reject(503, "AUTH not allowed during a mail transaction", _SEQUENCE)
+        words = arg.split(" ")
+        mechanism = words[0].upper()
+        if not _MECHANISM.fullmatch(mechanism) or len(words) > 2:
+            return _reject(501, "Syntax: AUTH mechanism [initial-response]", "5.5.2")
+        return Auth(mechanism, words[1] if len(words) == 2 else None)
+
+    # --- output ---------------------------------------------------------------
+    def send(self, reply: Reply) -> bytes:
+        """Answer the pending event with ``reply``; return the bytes to write.
+
+        Transitions (anything not listed changes nothing):
+
+        ========================  ======  =========================================
+        event                     reply   effect
+        ========================  ======  =========================================
+        Hello                     2xx     greeted, transaction cleared
+        MailFrom                  2xx     transaction open
+        RcptTo                    2xx     one more recipient
+        DataRequested             354     DATA mode: DataChunk ... DataComplete
+        DataComplete              any     transaction cleared
+        Reset                     2xx     transaction cleared
+        StartTls                  220     buffer discarded, un-greeted, ``tls``
+        Auth, AuthResponse        334     the next line is an AuthResponse
+        Auth, AuthResponse        235     ``authenticated``; exchange over
+        Auth, AuthResponse        other   exchange over
+        Quit                      221     closed
+        any                       421     closed (RFC 5321 §3.8)
+        ========================  ======  =========================================
+        """
+        event = self._pending
+        if event is None:
+            raise LocalProtocolError("send() without an event to answer")
+        self._pending = None
+        code = reply.code
+        ok = 200 <= code < 300
+        match event:
+            case Hello() if ok:
+                self._greeted = True
+                self.extended = event.extended
+                self._clear_transaction()
+            case MailFrom() if ok:
+                self._in_transaction = True
+                self._smtputf8 = event.smtputf8
+                self._recipients = 0
+            case RcptTo() if ok:
+                self._recipients += 1
+            case DataRequested() if code == 354:
+                self._decoder = DataDecoder(self.max_message_size, self.max_text_line)
+            case DataComplete():
+                self._clear_transaction()
+            case Reset() if ok:
+                self._clear_transaction()
+            case StartTls() if code == 220:
+                self.discarded_after_starttls += self.buffered
+                self._buf.clear()
+                self._pos = 0
+                self._discarding = False
+                self._greeted = False
+                self.extended = False
+                self.authenticated = False
+                self._clear_transaction()
+                self.tls = True
+            case Auth() | AuthResponse():
+                self._sasl = code == 334
+                if code == 235:
+                    self.authenticated = True
+            case Quit() if code == 221:
+                self._close()
+        if code == 421:
+            self._close()
+        return reply.to_bytes()
+
+    def send_unsolicited(self, reply: Reply) -> bytes:
+        """Bytes for a reply that answers no command: the greeting, or a 421.
+
+        Changes no state, except that 421 closes the dialogue (RFC 5321 §3.8).
+        """
+        if reply.code == 421:
+            self._close()
+        return reply.to_bytes()
+
+    def _clear_transaction(self) -> None:
+        self._in_transaction = False
+        self._smtputf8 = False
+        self._recipients = 0
+
+    def _close(self) -> None:
+        self._closed = True
+        self._decoder = None
+        self._data_complete = None
+        self._buf.clear()
+        self._pos = 0
+
+
+_COMMANDS = {
+    "EHLO": SmtpServerCore._ehlo,
+    "HELO": SmtpServerCore._helo,
+    "MAIL": SmtpServerCore._mail,
+    "RCPT": SmtpServerCore._rcpt,
+    "DATA": SmtpServerCore._data,
+    "RSET": SmtpServerCore._rset,
+    "NOOP": SmtpServerCore._noop,
+    "QUIT": SmtpServerCore._quit,
+    "VRFY": SmtpServerCore._vrfy,
+    "HELP": SmtpServerCore._help,
+    "STARTTLS": SmtpServerCore._starttls,
+    "AUTH": SmtpServerCore._auth,
+}
