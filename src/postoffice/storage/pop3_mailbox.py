@@ -1,0 +1,387 @@
+"""One Maildir as a POP3 maildrop: lock, snapshot, UIDs, sizes, reads, UPDATE.
+
+Everything here blocks (directory listings, opens, renames, unlinks): the
+POP3 session calls it through the executor, never on the event loop.
+
+* **Lock** (RFC 1939 §8: one TRANSACTION session per maildrop):
+  ``flock(LOCK_EX | LOCK_NB)`` on ``postoffice-pop3.lock`` in the Maildir.
+  flock locks belong to the open file description, so two sessions in one
+  process (two ``open`` calls) exclude each other like two processes do, and
+  the kernel drops the lock when its holder dies: a crash never locks the
+  owner out.
+* **Snapshot**: the messages in ``new/`` and ``cur/`` at login, in delivery
+  order; mail that arrives later is not part of the session (RFC 1939 §5
+  numbers messages for the session's life).
+* **UIDs** (RFC 1939 §7 UIDL): the Maildir base name, which the Maildir
+  spec makes unique and which survives new/ -> cur/ moves and flag changes;
+  a base name that is not 1-70 characters of 0x21-0x7E becomes a SHA-1 hex
+  digest of the name, equally stable.
+* **Sizes**: RFC 1939 §5 wants exact octets with CRLF endings.  Dovecot-style
+  names carry them (``,W=``); for other names the size is computed once from
+  the file and cached in ``postoffice-pop3.sizes`` (written atomically),
+  so a later login needs no reads.
+* **UPDATE** (RFC 1939 §6) happens only after QUIT: deleted messages are
+  unlinked, retrieved ones move to ``cur/`` with the ``S`` (seen) flag, the
+  standard Maildir way, so other Maildir readers see them as read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from postoffice.protocol.pop3 import wire_size
+from postoffice.storage.maildir import ensure_maildir, parse_name
+
+LOCK_NAME = "postoffice-pop3.lock"
+SIZES_NAME = "postoffice-pop3.sizes"
+READ_CHUNK = 256 * 1024
+_UID_CHARS = re.compile(r"[\x21-\x7e]{1,70}")
+_LEADING_NUMBER = re.compile(r"\d+")
+
+
+class MailboxBusy(Exception):
+    """Another POP3 session holds this maildrop (RFC 2449 §8.1.1 [IN-USE])."""
+
+
+class MessageGone(Exception):
+    """The message was removed by someone else since the snapshot."""
+
+
+@dataclass(slots=True)
+class Pop3Message:
+    uid: str
+    size: int  # octets RETR sends, CRLF line endings, without dot-stuffing
+    subdir: str  # "new" or "cur"
+    name: str  # current file name
+    deleted: bool = False  # DELE'd in this session (undone by RSET)
+    retrieved: bool = False  # RETR'd in this session: gets the seen flag at the end
+
+    @property
+    def stem(self) -> str:
+        """The part of the name no flag change or new/ -> cur/ move alters."""
+        return self.name.partition(":2,")[0]
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateResult:
+    deleted: int
+    failed: int  # deletions that did not happen (the -ERR of RFC 1939 §6)
+    seen: int
+
+
+class MailboxLock:
+    """An exclusive, non-blocking flock on the maildrop's lock file."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, maildir: Path) -> MailboxLock:
+        """Take the lock or raise MailboxBusy."""
+        fd = os.open(maildir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise MailboxBusy(str(maildir)) from None
+            raise
+        return cls(fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def release(self) -> None:
+        """Closing the descriptor drops the lock.  Idempotent."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+class Pop3Mailbox:
+    """A locked maildrop with the snapshot taken at login."""
+
+    def __init__(self, path: Path, messages: list[Pop3Message], lock: MailboxLock) -> None:
+        self.path = path
+        self.messages = messages
+        self._lock = lock
+
+    @classmethod
+    def open(cls, path: Path) -> Pop3Mailbox:
+        """Create the Maildir if needed, lock it (MailboxBusy) and list it."""
+        ensure_maildir(path)
+        lock = MailboxLock.acquire(path)
+        try:
+            return cls(path, scan(path), lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @property
+    def locked(self) -> bool:
+        return self._lock.held
+
+    def close(self) -> None:
+        self._lock.release()
+
+    # --- the session's view --------------------------------------------------
+    def get(self, number: int) -> Pop3Message | None:
+        """Message ``number`` (1-based), None if out of range or deleted."""
+        if 1 <= number <= len(self.messages):
+            msg = self.messages[number - 1]
+            return None if msg.deleted else msg
+        return None
+
+    def live(self) -> Iterator[tuple[int, Pop3Message]]:
+        for number, msg in enumerate(self.messages, 1):
+            if not msg.deleted:
+                yield number, msg
+
+    def stat(self) -> tuple[int, int]:
+        count = size = 0
+        for msg in self.messages:
+            if not msg.deleted:
+                count += 1
+                size += msg.size
+        return count, size
+
+    def reset(self) -> None:
+        """RSET (RFC 1939 §5): unmark every deletion."""
+        for msg in self.messages:
+            msg.deleted = False
+
+    # --- reading -------------------------------------------------------------
+    def read_first(self, msg: Pop3Message) -> tuple[bytes, BinaryIO | None]:
+        """The first chunk of ``msg`` and, if there is more, the open file.
+        One call (one executor hop) reads a whole small message."""
+        fh = self._open(msg)
+        try:
+            data = fh.read(READ_CHUNK)
+        except BaseException:
+            fh.close()
+            raise
+        if len(data) < READ_CHUNK:
+            fh.close()
+            return data, None
+        return data, fh
+
+    @staticmethod
+    def read_next(fh: BinaryIO) -> bytes:
+        """The next chunk; b"" (and the file closed) at the end."""
+        data = fh.read(READ_CHUNK)
+        if not data:
+            fh.close()
+        return data
+
+    def _open(self, msg: Pop3Message) -> BinaryIO:
+        try:
+            return open(self.path / msg.subdir / msg.name, "rb")
+        except FileNotFoundError:
+            # Another Maildir reader renamed it (flags, new/ -> cur/): follow it.
+            if not self._relocate(msg):
+                raise MessageGone(msg.uid) from None
+            return open(self.path / msg.subdir / msg.name, "rb")
+
+    def _relocate(self, msg: Pop3Message) -> bool:
+        stem = msg.stem
+        for sub in ("cur", "new"):
+            with contextlib.suppress(FileNotFoundError), os.scandir(self.path / sub) as it:
+                for entry in it:
+                    if entry.name.partition(":2,")[0] == stem:
+                        msg.subdir, msg.name = sub, entry.name
+                        return True
+        return False
+
+    # --- the end of a session --------------------------------------------------
+    def update(self) -> UpdateResult:
+        """RFC 1939 §6 UPDATE: remove deleted messages, mark retrieved ones seen."""
+        deleted = failed = 0
+        for msg in self.messages:
+            if not msg.deleted:
+                continue
+            try:
+                self._unlink(msg)
+                deleted += 1
+            except OSError:
+                failed += 1
+        # A deletion that a crash undoes would only bring a message back, but
+        # the client was told it is gone: make it durable before +OK.
+        if deleted:
+            for sub in ("new", "cur"):
+                with contextlib.suppress(OSError):
+                    _fsync_dir(self.path / sub)
+        return UpdateResult(deleted=deleted, failed=failed, seen=self.mark_seen())
+
+    def _unlink(self, msg: Pop3Message) -> None:
+        try:
+            os.unlink(self.path / msg.subdir / msg.name)
+        except FileNotFoundError:
+            if self._relocate(msg):
+                os.unlink(self.path / msg.subdir / msg.name)
+            # else: someone else removed it already; it is gone either way.
+
+    def mark_seen(self) -> int:
+        """Move retrieved messages to cur/ with the S flag (Maildir spec).
+        Best effort: a message another reader renamed meanwhile is followed."""
+        count = 0
+        for msg in self.messages:
+            if msg.deleted or not msg.retrieved:
+                continue
+            msg.retrieved = False
+            for _attempt in range(2):
+                target = _seen_name(msg.name)
+                if msg.subdir == "cur" and target == msg.name:
+                    break
+                try:
+                    os.rename(self.path / msg.subdir / msg.name, self.path / "cur" / target)
+                except FileNotFoundError:
+                    if not self._relocate(msg):
+                        break
+                    continue
+                except OSError:
+                    break
+                msg.subdir, msg.name = "cur", target
+                count += 1
+                break
+        return count
+
+
+def _seen_name(name: str) -> str:
+    stem, sep, flags = name.partition(":2,")
+    # Maildir flags are kept in ASCII order (the Maildir spec).
+    return stem + ":2," + "".join(sorted(set(flags if sep else "") | {"S"}))
+
+
+def scan(path: Path) -> list[Pop3Message]:
+    """The messages in ``path`` now, in delivery order, with UIDs and sizes."""
+    found: list[tuple[tuple[int, str], str, str]] = []
+    for sub in ("new", "cur"):
+        with os.scandir(path / sub) as it:
+            for entry in it:
+                # Names starting with "." are temporary or hidden (Maildir spec).
+                if not entry.name.startswith(".") and entry.is_file():
+                    found.append((_order_key(entry.name), sub, entry.name))
+    found.sort()
+    cache = SizeCache.load(path)
+    messages: list[Pop3Message] = []
+    stems: set[str] = set()
+    uids: set[str] = set()
+    for _key, sub, name in found:
+        stem = name.partition(":2,")[0]
+        if stem in stems:
+            continue  # moved from new/ to cur/ while we listed: seen twice
+        try:
+            size = _size(path, sub, name, cache)
+        except FileNotFoundError:
+            continue  # removed while we listed
+        stems.add(stem)
+        uid = _uid(parse_name(name).base, stem, uids)
+        uids.add(uid)
+        messages.append(Pop3Message(uid=uid, size=size, subdir=sub, name=name))
+    cache.save(path, stems)
+    return messages
+
+
+def _order_key(name: str) -> tuple[int, str]:
+    # Maildir names start with the delivery time in seconds; sort by it, then name.
+    match = _LEADING_NUMBER.match(name)
+    return (int(match.group()) if match and len(match.group()) < 19 else 0, name)
+
+
+def _uid(base: str, stem: str, taken: set[str]) -> str:
+    if _UID_CHARS.fullmatch(base) and base not in taken:
+        return base
+    # Not a legal unique-id (RFC 1939 §7), or a second file claiming the same
+    # base: a digest of the whole stem is just as stable.
+    return hashlib.sha1(stem.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _size(path: Path, sub: str, name: str, cache: SizeCache) -> int:
+    parsed = parse_name(name)
+    if parsed.crlf_size is not None:
+        return parsed.crlf_size
+    file = path / sub / name
+    stem = name.partition(":2,")[0]
+    file_size = os.stat(file).st_size
+    cached = cache.get(stem, file_size)
+    if cached is not None:
+        return cached
+    with open(file, "rb") as fh:
+        size = wire_size(iter(lambda: fh.read(READ_CHUNK), b""))
+    cache.put(stem, file_size, size)
+    return size
+
+
+class SizeCache:
+    """CRLF sizes of messages whose names lack ``,W=``: one line per message,
+    ``stem TAB file-size TAB crlf-size``; a file-size mismatch invalidates."""
+
+    def __init__(self, entries: dict[str, tuple[int, int]]) -> None:
+        self._entries = entries
+        self._dirty = False
+
+    @classmethod
+    def load(cls, path: Path) -> SizeCache:
+        entries: dict[str, tuple[int, int]] = {}
+        try:
+            text = (path / SIZES_NAME).read_bytes().decode("utf-8", "surrogateescape")
+        except OSError:
+            return cls(entries)
+        for line in text.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                entries[parts[0]] = (int(parts[1]), int(parts[2]))
+        return cls(entries)
+
+    def get(self, stem: str, file_size: int) -> int | None:
+        entry = self._entries.get(stem)
+        return entry[1] if entry and entry[0] == file_size else None
+
+    def put(self, stem: str, file_size: int, crlf_size: int) -> None:
+        if "\t" in stem or "\n" in stem or "\r" in stem:
+            return  # cannot be written as a line; recomputed next time
+        self._entries[stem] = (file_size, crlf_size)
+        self._dirty = True
+
+    def save(self, path: Path, live: set[str]) -> None:
+        """Write the cache if it changed, dropping messages that are gone."""
+        stale = self._entries.keys() - live
+        if not (self._dirty or stale):
+            return
+        for stem in stale:
+            del self._entries[stem]
+        body = "".join(f"{s}\t{f}\t{c}\n" for s, (f, c) in self._entries.items())
+        tmp = path / "tmp" / f"{SIZES_NAME}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(body.encode("utf-8", "surrogateescape"))
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)  # never a torn cache after a crash: a wrong size is worse
+            finally:
+                os.close(fd)
+            os.replace(tmp, path / SIZES_NAME)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self._dirty = False
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
