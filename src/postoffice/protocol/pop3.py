@@ -23,9 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 # RFC 2449 §4 limits command lines to 255 octets, but SASL responses
-# (RFC 5034 §4) and long passwords legitimately exceed that; anything longer
-# than this is refused and skipped to its end without being buffered.
-MAX_LINE = 8192
+# (RFC 5034 §4, like RFC 4954 §4's 12288 for SMTP) and long passwords
+# legitimately exceed it; a longer line is refused and skipped to its end
+# without being buffered.
+MAX_LINE = 12288
 TERMINATOR = b".\r\n"
 
 

@@ -1,0 +1,453 @@
+"""The POP3 session: drives the sans-I/O core over a Connection and decides.
+
+The core (``protocol/pop3.py``) parses and keeps the state; this module
+answers: who may log in and when (plaintext policy, ``policy/auth.py``),
+which maildrop (``storage/pop3_mailbox.py``, locked for the session), and
+streams messages.  Replies to pipelined commands (RFC 2449 §6.6) are
+collected and written together before the session waits for more input.
+
+What never happens outside UPDATE (RFC 1939 §6): no message is removed when
+the client drops, times out, or the server stops; only QUIT in TRANSACTION
+deletes.  The idle timer (RFC 1939 §3, at least 10 minutes) closes without a
+reply, as §3 asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
+
+from postoffice.mail.address import Address, AddressError, parse_mailbox
+from postoffice.net.connection import Connection, ConnectionClosed
+from postoffice.protocol import sasl
+from postoffice.protocol.pop3 import (
+    NEED_DATA,
+    Auth,
+    AuthCancelled,
+    AuthResponse,
+    BadCommand,
+    Capa,
+    Dele,
+    List,
+    MessageEncoder,
+    Noop,
+    Pass,
+    Pop3Server,
+    Quit,
+    Retr,
+    Rset,
+    Stat,
+    State,
+    Stls,
+    Top,
+    Uidl,
+    User,
+    capabilities,
+)
+from postoffice.services import Services
+from postoffice.storage.maildir import mailbox_path
+from postoffice.storage.pop3_mailbox import (
+    MailboxBusy,
+    MessageGone,
+    Pop3Mailbox,
+    Pop3Message,
+    UpdateResult,
+)
+
+log = logging.getLogger("postoffice.pop3")
+
+T = TypeVar("T")
+
+TLS_HANDSHAKE_TIMEOUT = 30.0
+MAX_AUTH_FAILURES = 3  # per connection; the throttle slows retries across connections
+FLUSH_AT = 256 * 1024  # write collected replies once this much is pending
+MECHANISMS = ("PLAIN", "LOGIN")
+IMPLEMENTATION = "postoffice"
+PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure connections; use STLS"
+
+
+class _Abort(Exception):
+    """End the session now (the reply, if any, is already queued)."""
+
+
+class Pop3Session:
+    def __init__(self, services: Services, conn: Connection) -> None:
+        self.s = services
+        self.conn = conn
+        self.core = Pop3Server()
+        self.client_ip = conn.peer[0]
+        self.timeout = services.settings.limits.pop3_timeout
+        self.mailbox: Pop3Mailbox | None = None
+        self.user: Address | None = None
+        self.errors = 0
+        self.auth_failures = 0
+        self.retrieved = 0
+        self.outcome = "dropped"
+        self._out = bytearray()
+        self._login_user: str | None = None  # SASL LOGIN: the name, awaiting the password
+        self._mechanism: str | None = None
+        self._update: UpdateResult | None = None
+        # Blocking work still running for this mailbox: the lock is released
+        # only after it finishes, even if the session is cancelled meanwhile.
+        self._io: asyncio.Future[Any] | None = None
+
+    # --- the loop -------------------------------------------------------------
+    async def run(self) -> None:
+        started_tls = self.conn.tls
+        try:
+            self._send(self.core.greeting(f"{self.s.settings.hostname} POP3 server ready"))
+            await self._serve()
+        except (ConnectionClosed, ConnectionError, _Abort):
+            pass
+        except TimeoutError:
+            self.outcome = "timeout"  # RFC 1939 §3: close without a reply or UPDATE
+        finally:
+            await self._finish(started_tls)
+
+    async def _serve(self) -> None:
+        while self.core.state is not State.CLOSED:
+            event = self.core.next_event()
+            if event is NEED_DATA:
+                await self._flush()
+                self.core.receive_data(await self.conn.read(self.timeout))
+                continue
+            match event:
+                case BadCommand(reason):
+                    self._error(reason)
+                case Capa():
+                    self._capa()
+                case Stls():
+                    await self._stls()
+                case User():
+                    self._user_command()
+                case Pass(user, password):
+                    await self._login(user, password)
+                case Auth(mechanism, initial):
+                    await self._auth(mechanism, initial)
+                case AuthResponse(data):
+                    await self._auth_step(data)
+                case AuthCancelled():
+                    self._mechanism = self._login_user = None
+                    self._send(self.core.reply_err("Authentication cancelled"))
+                case Quit():
+                    await self._quit()
+                case _:
+                    await self._transaction(event)
+            if len(self._out) >= FLUSH_AT:
+                await self._flush()
+        await self._flush()
+
+    def _send(self, data: bytes) -> None:
+        self._out += data
+
+    async def _flush(self) -> None:
+        if self._out:
+            self.conn.write(bytes(self._out))
+            self._out.clear()
+        # A client that stops reading must not hold the session (and the lock) forever.
+        async with asyncio.timeout(self.timeout):
+            await self.conn.drain()
+
+    def _error(self, reason: str) -> None:
+        self.errors += 1
+        if self.errors >= self.s.settings.limits.max_errors:
+            self._send(self.core.reply_err(f"{reason}; too many errors, closing"))
+            self.core.close()
+            self.outcome = "too many errors"
+        else:
+            self._send(self.core.reply_err(reason))
+
+    async def _blocking(self, func: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.s.executor, func, *args)
+        self._io = future
+        try:
+            return await asyncio.shield(future)
+        finally:
+            if future.done():
+                self._io = None
+
+    # --- AUTHORIZATION --------------------------------------------------------
+    def _plaintext_ok(self) -> bool:
+        if self.conn.tls:
+            return True
+        return self.s.settings.auth.allow_plaintext_loopback and _is_loopback(self.client_ip)
+
+    def _capa(self) -> None:
+        caps = capabilities(
+            self.core.state,
+            stls=not self.conn.tls,
+            sasl=MECHANISMS if self._plaintext_ok() else (),
+            implementation=IMPLEMENTATION,
+        )
+        self._send(self.core.multiline("Capability list follows", caps))
+
+    async def _stls(self) -> None:
+        if self.conn.tls:
+            self._send(self.core.reply_err("Already using TLS"))
+            return
+        if self.core.has_buffered_data:
+            # RFC 2595 §4: commands pipelined behind STLS would run as if they
+            # had come over TLS (the STARTTLS injection attack); refuse and close.
+            self._send(self.core.reply_err("Nothing may follow STLS before the handshake"))
+            self.core.close()
+            self.outcome = "data after STLS"
+            return
+        self._send(self.core.reply_ok("Begin TLS negotiation"))
+        await self._flush()
+        try:
+            await self.conn.start_tls(self.s.tls, TLS_HANDSHAKE_TIMEOUT)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            log.info("pop3 client=%s STLS handshake failed: %s", self.client_ip, exc)
+            self.outcome = "TLS handshake failed"
+            raise _Abort from None
+        self.core.tls_established()
+
+    def _user_command(self) -> None:
+        if not self._plaintext_ok():
+            self._send(self.core.reply_err(PLAINTEXT_REFUSED, "AUTH"))
+            return
+        # The same +OK for every name: USER must not reveal which accounts exist.
+        self._send(self.core.reply_ok("Send your password"))
+
+    async def _auth(self, mechanism: str | None, initial: str | None) -> None:
+        if not self._plaintext_ok():
+            self._send(self.core.reply_err(PLAINTEXT_REFUSED, "AUTH"))
+            return
+        if mechanism is None:
+            self._send(self.core.multiline("Mechanisms follow", MECHANISMS))
+            return
+        if mechanism not in MECHANISMS:
+            self._send(self.core.reply_err("Unsupported authentication mechanism"))
+            return
+        self._mechanism = mechanism
+        if initial is None:
+            challenge = "" if mechanism == "PLAIN" else sasl.encode_challenge("Username:")
+            self._send(self.core.continuation(challenge))
+            return
+        await self._auth_step(initial)
+
+    async def _auth_step(self, data: str) -> None:
+        """One client response of a PLAIN or LOGIN exchange (RFC 4616, RFC 5034 §4)."""
+        mechanism, self._mechanism = self._mechanism, None
+        try:
+            if mechanism == "PLAIN":
+                authzid, user, password = sasl.decode_plain(data)
+                if authzid and authzid != user:
+                    raise sasl.SaslError("Acting as another user is not permitted")
+                await self._login(user, password)
+            elif self._login_user is None:
+                self._login_user = sasl.decode_login_step(data)
+                self._mechanism = mechanism
+                self._send(self.core.continuation(sasl.encode_challenge("Password:")))
+            else:
+                user, self._login_user = self._login_user, None
+                await self._login(user, sasl.decode_login_step(data))
+        except sasl.SaslError as exc:
+            self._login_user = None
+            self._error(str(exc))
+
+    async def _login(self, name: str, password: str) -> None:
+        try:
+            address: Address | None = parse_mailbox(name)
+        except AddressError:
+            address = None  # still costs a verify: no probing for names
+        user = await self.s.authenticator.authenticate(address, password, self.client_ip, "pop3")
+        if user is None:
+            self.auth_failures += 1
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                self._send(self.core.reply_err("Authentication failed; closing", "AUTH"))
+                self.core.close()
+                self.outcome = "auth failures"
+            else:
+                self._send(self.core.reply_err("Authentication failed", "AUTH"))
+            return
+        try:
+            path = mailbox_path(self.s.settings.mail_dir, user)
+            self.mailbox = await self._blocking(Pop3Mailbox.open, path)
+        except MailboxBusy:
+            # RFC 2449 §8.1.1: another session has the maildrop; try later.
+            log.info("pop3 client=%s user=%s mailbox in use", self.client_ip, user)
+            self._send(self.core.reply_err("Mailbox is in use by another session", "IN-USE"))
+            return
+        except (OSError, AddressError) as exc:
+            log.error("pop3 user=%s cannot open mailbox: %s", user, exc)
+            self._send(self.core.reply_err("Cannot open the mailbox now", "SYS/TEMP"))
+            return
+        self.user = user
+        count, size = self.mailbox.stat()
+        self._send(self.core.reply_ok(f"Logged in, {count} messages ({size} octets)"))
+
+    # --- TRANSACTION ----------------------------------------------------------
+    async def _transaction(self, event: object) -> None:
+        box = self.mailbox
+        assert box is not None, "TRANSACTION without a mailbox"
+        core = self.core
+        match event:
+            case Stat():
+                count, size = box.stat()
+                self._send(core.reply_ok(f"{count} {size}"))
+            case List(None):
+                count, size = box.stat()
+                lines = (f"{n} {m.size}" for n, m in box.live())
+                self._send(core.multiline(f"{count} messages ({size} octets)", lines))
+            case Uidl(None):
+                lines = (f"{n} {m.uid}" for n, m in box.live())
+                self._send(core.multiline("Unique-ID listing follows", lines))
+            case List(int(n)) | Uidl(int(n)):
+                msg = box.get(n)
+                if msg is None:
+                    self._send(core.reply_err(self._missing(n)))
+                else:
+                    value = msg.size if isinstance(event, List) else msg.uid
+                    self._send(core.reply_ok(f"{n} {value}"))
+            case Retr(n) | Top(n):
+                msg = box.get(n)
+                if msg is None:
+                    self._send(core.reply_err(self._missing(n)))
+                else:
+                    await self._retrieve(box, msg, event.lines if isinstance(event, Top) else None)
+            case Dele(n):
+                msg = box.get(n)
+                if msg is None:
+                    self._send(core.reply_err(self._missing(n)))
+                else:
+                    msg.deleted = True  # RFC 1939 §6: removed only in UPDATE
+                    self._send(core.reply_ok(f"Message {n} deleted"))
+            case Noop():
+                self._send(core.reply_ok())
+            case Rset():
+                box.reset()
+                count, size = box.stat()
+                self._send(core.reply_ok(f"Maildrop has {count} messages ({size} octets)"))
+
+    def _missing(self, n: int) -> str:
+        box = self.mailbox
+        if box is not None and 1 <= n <= len(box.messages):
+            return f"Message {n} already deleted"
+        return "No such message"
+
+    async def _retrieve(self, box: Pop3Mailbox, msg: Pop3Message, lines: int | None) -> None:
+        """RETR (``lines`` None) or TOP: stream the file, converted as it is read."""
+        try:
+            first, fh = await self._blocking(box.read_first, msg)
+        except MessageGone:
+            self._send(self.core.reply_err("Message was removed by another client"))
+            return
+        except OSError as exc:
+            log.error("pop3 user=%s cannot read %s: %s", self.user, msg.name, exc)
+            self._send(self.core.reply_err("Cannot read the message now", "SYS/TEMP"))
+            return
+        encoder = MessageEncoder(lines)
+        head = f"{msg.size} octets" if lines is None else "Top of message follows"
+        self._send(self.core.reply_ok(head))
+        self._send(encoder.feed(first))
+        try:
+            while fh is not None and not encoder.done:
+                await self._flush()
+                chunk = await self._blocking(box.read_next, fh)
+                if not chunk:
+                    fh = None
+                    break
+                self._send(encoder.feed(chunk))
+        except OSError as exc:
+            # The +OK is out: there is no way to report this but to drop the line.
+            log.error("pop3 user=%s read of %s failed mid-message: %s", self.user, msg.name, exc)
+            self.outcome = "read error"
+            self.conn.abort()
+            raise _Abort from None
+        finally:
+            if fh is not None:
+                _close_quietly(fh)
+        self._send(encoder.finish())
+        if lines is None:
+            msg.retrieved = True
+            self.retrieved += 1
+
+    async def _quit(self) -> None:
+        box = self.mailbox
+        if box is None or self.core.state is not State.TRANSACTION:
+            self.outcome = "quit"
+            self._send(self.core.reply_ok("Logging out"))
+            return
+        try:
+            result = await self._blocking(box.update)
+        except OSError as exc:
+            log.error("pop3 user=%s UPDATE failed: %s", self.user, exc)
+            self._send(self.core.reply_err("Could not update the maildrop", "SYS/TEMP"))
+            return
+        self._update = result
+        self.outcome = "quit"
+        box.close()
+        if result.failed:
+            # RFC 1939 §6: -ERR when some deletions could not be done.
+            text = f"{result.failed} messages could not be deleted"
+            self._send(self.core.reply_err(text, "SYS/TEMP"))
+        else:
+            self._send(self.core.reply_ok(f"Logging out, {result.deleted} messages deleted"))
+
+    # --- the end --------------------------------------------------------------
+    async def _finish(self, started_tls: bool) -> None:
+        self.core.close()
+        seen = 0
+        pending = self._io
+        if pending is not None and not pending.done():
+            # Cancelled while blocking work runs (opening, UPDATE): let it end,
+            # then unlock; a lock must never outlive its session.
+            pending.add_done_callback(_release_when_done(self.mailbox))
+        elif self.mailbox is not None and self.mailbox.locked:
+            box = self.mailbox
+            try:
+                # Not a QUIT: nothing is deleted, but what was read is seen.
+                if any(m.retrieved for m in box.messages):
+                    seen = await self._blocking(box.mark_seen)
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                if self._io is not None and not self._io.done():
+                    self._io.add_done_callback(_release_when_done(box))
+                else:
+                    box.close()
+        result = self._update
+        log.info(
+            "pop3 session client=%s user=%s tls=%s retrieved=%d deleted=%d seen=%d end=%s",
+            self.client_ip,
+            self.user or "-",
+            "implicit" if started_tls else ("stls" if self.conn.tls else "no"),
+            self.retrieved,
+            result.deleted if result else 0,
+            (result.seen if result else seen),
+            self.outcome,
+        )
+
+
+def _release_when_done(box: Pop3Mailbox | None) -> Callable[[asyncio.Future[Any]], None]:
+    def release(future: asyncio.Future[Any]) -> None:
+        if box is not None:
+            box.close()
+        if not future.cancelled() and future.exception() is None:
+            result = future.result()
+            if isinstance(result, Pop3Mailbox):  # opened for a session that is gone
+                result.close()
+
+    return release
+
+
+def _close_quietly(fh: BinaryIO) -> None:
+    with contextlib.suppress(OSError):
+        fh.close()
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
