@@ -137,6 +137,15 @@ class Settings:
         return self.data_dir / "accounts.sqlite3"
 
 
+def _system_hostname(default: Settings) -> str:
+    """The machine's FQDN when the file names none; the default if it is not usable."""
+    try:
+        name = normalise_domain(socket.getfqdn())
+    except AddressError:
+        return default.hostname
+    return default.hostname if name.startswith("[") else name
+
+
 def find_config(explicit: str | None) -> Path | None:
     """The config file to use: -c, then $POSTOFFICE_CONFIG, then ./postoffice.toml."""
     if explicit:
@@ -162,7 +171,43 @@ def load_settings(path: Path | None) -> Settings:
         raise ConfigError(source, "-", f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "-", f"not valid TOML: {exc}") from None
-    return _Loader(source, path.parent).settings(raw)
+    # Relative paths in the file mean "next to the file", wherever we run from.
+    return _Loader(source, path.absolute().parent).settings(raw)
+
+
+# Numbers for which 0 would silently break the server (every session timing
+# out at once, no recipient ever accepted) rather than turn a feature off.
+_MUST_BE_POSITIVE = frozenset(
+    {
+        "max_recipients",
+        "max_connections",
+        "max_connections_per_ip",
+        "smtp_timeout",
+        "smtp_data_timeout",
+        "pop3_timeout",
+        "max_errors",
+        "give_up_after",
+        "max_per_destination",
+        "max_deliveries",
+        "connect_timeout",
+    }
+)
+
+
+# What users wrote, in TOML's words rather than Python's.
+_KIND_NAMES: dict[type, str] = {
+    bool: "a boolean (true or false)",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a table",
+}
+
+
+def _toml_kind(value: Any) -> str:
+    kind = _KIND_NAMES.get(type(value), f"a {type(value).__name__}")
+    return kind.split(" (")[0]
 
 
 class _Loader:
@@ -186,10 +231,15 @@ class _Loader:
     def settings(self, raw: dict[str, Any]) -> Settings:
         top = self.table(raw, "", Settings)
         default = Settings()
-        hostname = self.hostname(top.get("hostname", socket.getfqdn() or default.hostname))
+        hostname = (
+            self.hostname(top["hostname"]) if "hostname" in top else _system_hostname(default)
+        )
         data_dir = self.path(top.get("data_dir", str(default.data_dir)), "data_dir")
-        domains = tuple(self.domain(d, f"domains[{i}]") for i, d in enumerate(
-            self.typed(top.get("domains", list(default.domains)), list, "domains")))
+        listed = self.typed(top.get("domains", list(default.domains)), list, "domains")
+        # Order kept (the first is the primary domain), duplicates dropped.
+        domains = tuple(
+            dict.fromkeys(self.domain(d, f"domains[{i}]") for i, d in enumerate(listed))
+        )
         return Settings(
             hostname=hostname,
             data_dir=data_dir,
@@ -207,7 +257,7 @@ class _Loader:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(key, f"must be a {kind.__name__}, not {type(value).__name__}")
+            raise self.fail(key, f"must be {_KIND_NAMES[kind]}, not {_toml_kind(value)}")
         return value
 
     def hostname(self, value: Any) -> str:
@@ -262,6 +312,17 @@ class _Loader:
         items = self.typed(value, list, key)
         return tuple(self.address(v, f"{key}[{i}]") for i, v in enumerate(items))
 
+    def destination(self, value: Any, key: str) -> ListenAddress:
+        """A host:port we connect to: unlike a listener, port 0 means nothing."""
+        address = self.address(value, key)
+        if address.port == 0:
+            raise self.fail(key, "port 0 cannot be connected to")
+        return address
+
+    def destinations(self, value: Any, key: str) -> tuple[ListenAddress, ...]:
+        items = self.typed(value, list, key)
+        return tuple(self.destination(v, f"{key}[{i}]") for i, v in enumerate(items))
+
     def listen(self, raw: Any) -> ListenSettings:
         table = self.table(raw, "listen", ListenSettings)
         default = ListenSettings()
@@ -275,8 +336,11 @@ class _Loader:
 
     def tls(self, raw: Any) -> TlsSettings:
         table = self.table(raw, "tls", TlsSettings)
-        cert = self.path(table["cert"], "tls.cert") if table.get("cert") else None
-        key = self.path(table["key"], "tls.key") if table.get("key") else None
+        # An empty string counts as unset; anything else must be a usable path.
+        cert_text = self.typed(table.get("cert", ""), str, "tls.cert")
+        key_text = self.typed(table.get("key", ""), str, "tls.key")
+        cert = self.path(cert_text, "tls.cert") if cert_text else None
+        key = self.path(key_text, "tls.key") if key_text else None
         if (cert is None) != (key is None):
             raise self.fail("tls", "set both cert and key, or neither")
         for name, p in (("tls.cert", cert), ("tls.key", key)):
@@ -295,29 +359,40 @@ class _Loader:
             value = self.typed(table[f.name], expected, f"{key}.{f.name}")
             if expected in (int, float) and value < 0:
                 raise self.fail(f"{key}.{f.name}", "must not be negative")
+            if value == 0 and f.name in _MUST_BE_POSITIVE:
+                raise self.fail(f"{key}.{f.name}", "must be greater than 0")
             values[f.name] = value
         return kind(**values)
 
     def relay(self, raw: Any) -> RelaySettings:
         table = self.table(raw, "relay", RelaySettings)
-        simple = {k: v for k, v in table.items()
-                  if k not in ("dns_servers", "smarthost", "retry_schedule")}
+        simple = {
+            k: v
+            for k, v in table.items()
+            if k not in ("dns_servers", "smarthost", "retry_schedule")
+        }
         base = self.numbers(simple, "relay", RelaySettings)
         smarthost_text = self.typed(table.get("smarthost", ""), str, "relay.smarthost")
         schedule = base.retry_schedule
         if "retry_schedule" in table:
             items = self.typed(table["retry_schedule"], list, "relay.retry_schedule")
             schedule = tuple(
-                self.typed(v, float, f"relay.retry_schedule[{i}]") for i, v in enumerate(items))
+                self.typed(v, float, f"relay.retry_schedule[{i}]") for i, v in enumerate(items)
+            )
             if not schedule or any(s <= 0 for s in schedule):
                 raise self.fail("relay.retry_schedule", "needs one or more positive delays")
         if not 0 < base.mx_port <= 65535:
             raise self.fail("relay.mx_port", f"port {base.mx_port} is out of range 1-65535")
         return RelaySettings(
-            **{f.name: getattr(base, f.name) for f in fields(RelaySettings)
-               if f.name not in ("dns_servers", "smarthost", "retry_schedule")},
-            dns_servers=self.addresses(table.get("dns_servers", []), "relay.dns_servers"),
-            smarthost=self.address(smarthost_text, "relay.smarthost") if smarthost_text else None,
+            **{
+                f.name: getattr(base, f.name)
+                for f in fields(RelaySettings)
+                if f.name not in ("dns_servers", "smarthost", "retry_schedule")
+            },
+            dns_servers=self.destinations(table.get("dns_servers", []), "relay.dns_servers"),
+            smarthost=self.destination(smarthost_text, "relay.smarthost")
+            if smarthost_text
+            else None,
             retry_schedule=schedule,
         )
 
