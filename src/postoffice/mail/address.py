@@ -49,17 +49,28 @@ class Address:
         return self.domain.startswith("[")
 
 
-# RFC 5322 atext, as RFC 5321 §4.1.2 uses it for Atom.
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+# RFC 5322 atext, as RFC 5321 §4.1.2 uses it for Atom.  The "-" is escaped:
+# this text is pasted into character classes, where a bare "-" before the
+# UTF-8 range below would silently turn into a range of its own.
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+# Under SMTPUTF8 (RFC 6531 §3.3) atext is extended with any non-ASCII UTF-8
+# character.  Surrogates are not characters: they are what undecodable bytes
+# become under "surrogateescape", i.e. invalid UTF-8 on the wire.
+_NON_ASCII = r"\u0080-\ud7ff\ue000-\U0010ffff"
 _DOT_ATOM_ASCII = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
-# Under SMTPUTF8 (RFC 6531 §3.3) atext is extended with any non-ASCII UTF-8.
-_DOT_ATOM_UTF8 = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*")
+_DOT_ATOM_UTF8 = re.compile(rf"[{_ATEXT}{_NON_ASCII}]+(?:\.[{_ATEXT}{_NON_ASCII}]+)*")
 # Quoted-string: printable ASCII except " and \, or a backslash pair.
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
-_QUOTED_UTF8 = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"')
+_QUOTED_UTF8 = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_NON_ASCII}]|\\[\x20-\x7e])*"')
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # What a local account may be called: always one safe path component.
 _MAILBOX_LOCAL = re.compile(r"[a-z0-9](?:[a-z0-9_-]|\.(?!\.))*")
+
+
+def _octets(text: str) -> int:
+    """Length in UTF-8 octets.  Strings decoded from the wire may hold lone
+    surrogates (surrogateescape); they are counted, not allowed to crash."""
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def normalise_domain(text: str) -> str:
@@ -106,7 +117,7 @@ def parse_address(text: str, *, utf8: bool = False) -> Address:
     if at <= 0 or at == len(text) - 1:
         raise AddressError("address must be local-part@domain")
     local, domain = text[:at], text[at + 1 :]
-    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
+    if _octets(local) > MAX_LOCAL_PART:
         raise AddressError("local part too long")
     atom = _DOT_ATOM_UTF8 if utf8 else _DOT_ATOM_ASCII
     quoted = _QUOTED_UTF8 if utf8 else _QUOTED
@@ -124,7 +135,7 @@ def parse_path(text: str, *, utf8: bool = False) -> Address | None:
     (``<@relay1,@relay2:user@domain>``) is accepted and ignored, as RFC 5321
     §4.1.1.3 and Appendix C ask: the route never influences where mail goes.
     """
-    if len(text.encode("utf-8", "surrogateescape")) > MAX_PATH:
+    if _octets(text) > MAX_PATH:
         raise AddressError("path too long")
     if not (text.startswith("<") and text.endswith(">")):
         raise AddressError("path must be enclosed in <>")
