@@ -37,7 +37,7 @@ END_OF_DATA = b"\r\n.\r\n"
 _PARTIAL_ENDS = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 _SLICE = 64 * 1024
 _DOT_LINE_OR_BARE_CR = re.compile(rb"\r(?:\n\.|[^\n])")
-_BARE_CR = re.compile(rb"\r[^\n]")  # a CR at the very end is held back, never bare
+_BARE_CR = re.compile(rb"\r[^\n]")
 _LF_DOT = re.compile(rb"\n\.")
 
 
@@ -139,7 +139,10 @@ class DataDecoder:
         if buf[at + 1] == 0x0A:  # "\r\n.": a dot line; a bare CR may follow it
             if at + 2 >= cut:  # that dot is held back or ends the data
                 return self._decode(piece, False, False), rest
-            return self._decode(piece, True, _BARE_CR.search(piece, at) is not None), rest
+            # Search ``buf``, not ``piece``: a CR at the very end of the piece
+            # is bare when the held-back byte after it is another CR.
+            bare_cr = _BARE_CR.search(buf, at, cut + 1) is not None
+            return self._decode(piece, True, bare_cr), rest
         # A bare CR comes first (unless it is in the commands after the end).
         return self._decode(piece, at < cut, at < cut), rest
 
@@ -149,8 +152,9 @@ class DataDecoder:
         ``dot_lines``: a CRLF-started line in ``raw`` may begin with a dot;
         ``bare_cr``: ``raw`` holds a CR not followed by LF.  Invariant: ``raw``
         never ends in a CR whose LF is yet to come (a trailing CR is always
-        held back), so every CRLF lies within one piece and a LF at the start
-        of a piece is a bare LF.
+        held back; a piece may end in a CR only when the next byte is another
+        CR), so every CRLF lies within one piece and a LF at the start of a
+        piece is a bare LF.
         """
         if self._skip_virtual and raw:
             # Only the first non-empty piece starts with the virtual CRLF.
