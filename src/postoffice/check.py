@@ -20,6 +20,8 @@ from postoffice.net.tls import CERT_NAME, KEY_NAME, server_context
 from postoffice.storage.accounts import AccountError
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 
+_NO_DOMAINS = "warning: no local domains: no mail is delivered here (postoffice domain add NAME)"
+
 
 def _check_data_dir(data_dir: Path) -> list[str]:
     if data_dir.exists():
@@ -55,7 +57,10 @@ def _check_tls(settings: Settings) -> tuple[list[str], list[str]]:
 def _check_accounts(settings: Settings) -> tuple[list[str], list[str]]:
     db = settings.accounts_db
     if not db.exists():
-        return [], [f"accounts database {db} is created on first use"]
+        notes = [f"accounts database {db} is created on first use"]
+        if not settings.domains:
+            notes.append(_NO_DOMAINS)
+        return [], notes
     try:
         store = SqliteAccountStore(db, config_domains=settings.domains)
     except AccountError as exc:
@@ -64,6 +69,8 @@ def _check_accounts(settings: Settings) -> tuple[list[str], list[str]]:
         domains = sorted(set(settings.domains) | set(store.list_domains()))
         users = store.list_users()
         notes = [f"accounts database {db}: {len(users)} user(s), {len(domains)} local domain(s)"]
+        if not domains:
+            notes.append(_NO_DOMAINS)
         for domain in domains:
             # RFC 5321 §4.5.1: every domain must accept mail for postmaster.
             found = store.resolve(Address("postmaster", domain))

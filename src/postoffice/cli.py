@@ -23,7 +23,7 @@ from typing import Any
 
 from postoffice import __version__
 from postoffice.config.settings import ConfigError, Settings, find_config, load_settings
-from postoffice.mail.address import AddressError, parse_address, parse_mailbox
+from postoffice.mail.address import AddressError, normalise_domain, parse_address, parse_mailbox
 from postoffice.storage.accounts import AccountError
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 
@@ -117,6 +117,8 @@ def _user_add(args: argparse.Namespace, settings: Settings) -> int:
             )
         if store.password_hash(address) is not None:
             raise AccountError(f"user {address} exists already")
+        if str(address) in store.list_aliases():
+            raise AccountError(f"{address} is an alias; remove the alias first")
         store.add_user(address, _hash(_read_password(args, f"Password for {address}")))
     finally:
         store.close()
@@ -228,7 +230,7 @@ def _domain_add(args: argparse.Namespace, settings: Settings) -> int:
         store.add_domain(args.name)
     finally:
         store.close()
-    print(f"added domain {args.name}")
+    print(f"added domain {normalise_domain(args.name.strip())}")
     return 0
 
 
@@ -238,7 +240,7 @@ def _domain_remove(args: argparse.Namespace, settings: Settings) -> int:
         store.remove_domain(args.name)
     finally:
         store.close()
-    print(f"removed domain {args.name}")
+    print(f"removed domain {normalise_domain(args.name.strip())}")
     return 0
 
 
@@ -449,9 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AccountError, AddressError) as exc:
         print(f"postoffice: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"postoffice:{where} {exc.strerror or exc}", file=sys.stderr)
+    except OSError as exc:  # e.g. the data dir cannot be created
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"postoffice: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

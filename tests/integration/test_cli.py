@@ -195,7 +195,7 @@ def test_list_commands_on_a_fresh_config_create_nothing(cfg: Path) -> None:
 
 
 def test_domains(cfg: Path) -> None:
-    assert ok(cfg, "domain", "add", "Other.TEST") == "added domain Other.TEST\n"
+    assert ok(cfg, "domain", "add", "Other.TEST") == "added domain other.test\n"
     assert ok(cfg, "domain", "list") == "example.test  (config file)\nother.test\n"
     assert "exists already" in fails(cfg, "domain", "add", "other.test")
     assert "config file" in fails(cfg, "domain", "add", "example.test")
@@ -212,6 +212,9 @@ def test_domains(cfg: Path) -> None:
 def test_aliases(cfg: Path) -> None:
     ok(cfg, "user", "add", "alice@example.test", "--password-stdin", input="pw\n")
     ok(cfg, "alias", "add", "postmaster@example.test", "alice@example.test")
+    assert "is an alias" in fails(
+        cfg, "user", "add", "postmaster@example.test", "--password-stdin", input="pw\n"
+    )
     result = po(cfg, "alias", "add", "team@example.test", "alice@example.test", "Bob@Remote.test")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -322,6 +325,13 @@ def test_check_good_config(cfg: Path) -> None:
     assert "nobody receives postmaster@example.test" in out
     ok(cfg, "alias", "add", "postmaster@example.test", "alice@example.test")
     assert "postmaster" not in ok(cfg, "check")
+
+
+def test_check_warns_without_local_domains(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, domains=[])
+    assert "no local domains" in ok(cfg, "check")
+    ok(cfg, "domain", "add", "example.test")
+    assert "no local domains" not in ok(cfg, "check")
 
 
 def test_check_with_real_tls_files(tmp_path: Path) -> None:
