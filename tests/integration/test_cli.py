@@ -176,12 +176,19 @@ def test_user_passwd_and_remove(cfg: Path) -> None:
     assert "no such user" in fails(cfg, "user", "remove", "alice@example.test")
 
 
-def test_user_add_prompts_need_a_terminal_or_stdin(cfg: Path) -> None:
+def test_user_add_and_passwd_prompt_twice(cfg: Path) -> None:
     # Without --password-stdin and without a terminal getpass reads stdin; a
     # mismatch between the two entries is refused.
     result = po(cfg, "user", "add", "bob@example.test", input="one\ntwo\n")
     assert result.returncode == 1
     assert "do not match" in result.stderr
+    assert ok(cfg, "user", "list") == ""
+    result = po(cfg, "user", "add", "bob@example.test", input="same pw\nsame pw\n")
+    assert result.returncode == 0, result.stderr
+    assert "Password for bob@example.test" in result.stderr  # the prompt
+    assert argon2.PasswordHasher().verify(stored_hash(cfg, "bob@example.test"), "same pw")
+    ok(cfg, "user", "passwd", "bob@example.test", input="newer\nnewer\n")
+    assert argon2.PasswordHasher().verify(stored_hash(cfg, "bob@example.test"), "newer")
 
 
 def test_list_commands_on_a_fresh_config_create_nothing(cfg: Path) -> None:
