@@ -411,3 +411,14 @@ def test_changes_take_effect_in_a_running_server(tmp_path: Path) -> None:
         assert rcpt("anyone@new.test") == 550  # its only target is gone
     finally:
         srv.stop()
+
+
+def test_queue_group_is_hooked_in_and_takes_config_anywhere(cfg: Path) -> None:
+    assert "queue" in run("--help", cwd=cfg.parent).stdout
+    after = run("queue", "list", "-c", str(cfg), cwd=cfg.parent)
+    before = run("-c", str(cfg), "queue", "list", cwd=cfg.parent)
+    assert after.returncode == before.returncode == 0, after.stderr + before.stderr
+    assert after.stdout == before.stdout
+    bare = run("queue", cwd=cfg.parent)
+    assert bare.returncode == 2
+    assert "usage: postoffice queue" in bare.stderr
