@@ -520,7 +520,7 @@ class SmtpServerCore:
         except UnicodeDecodeError:
             return _reject(501, "Invalid UTF-8 in command", "5.5.2")
         if not arg.isprintable():
-            return _reject(501, "Control characters in command", "5.5.2")
+            return _reject(501, "Control characters in arguments", "5.5.4")
         return _COMMANDS[verb](self, arg.strip(" "))
 
     def _hello(self, arg: str, extended: bool) -> Event:
