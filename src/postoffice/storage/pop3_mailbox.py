@@ -46,7 +46,7 @@ LOCK_NAME = "postoffice-pop3.lock"
 SIZES_NAME = "postoffice-pop3.sizes"
 READ_CHUNK = 256 * 1024
 _UID_CHARS = re.compile(r"[\x21-\x7e]{1,70}")
-_LEADING_NUMBER = re.compile(r"\d+")
+_TIME_PREFIX = re.compile(r"(\d{1,18})(?:\.M(\d{1,9}))?(?!\d)")
 
 
 class MailboxBusy(Exception):
@@ -265,7 +265,7 @@ def _seen_name(name: str) -> str:
 
 def scan(path: Path) -> list[Pop3Message]:
     """The messages in ``path`` now, in delivery order, with UIDs and sizes."""
-    found: list[tuple[tuple[int, str], str, str]] = []
+    found: list[tuple[tuple[int, int, str], str, str]] = []
     for sub in ("new", "cur"):
         with os.scandir(path / sub) as it:
             for entry in it:
@@ -293,10 +293,13 @@ def scan(path: Path) -> list[Pop3Message]:
     return messages
 
 
-def _order_key(name: str) -> tuple[int, str]:
-    # Maildir names start with the delivery time in seconds; sort by it, then name.
-    match = _LEADING_NUMBER.match(name)
-    return (int(match.group()) if match and len(match.group()) < 19 else 0, name)
+def _order_key(name: str) -> tuple[int, int, str]:
+    # Maildir names start with the delivery time in seconds, and ours and
+    # Dovecot's go on with ".M<microseconds>": sort by both, then by name.
+    match = _TIME_PREFIX.match(name)
+    if match is None:
+        return (0, 0, name)
+    return (int(match[1]), int(match[2] or 0), name)
 
 
 def _uid(base: str, stem: str, taken: set[str]) -> str:
