@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections import deque
 from dataclasses import dataclass
 
 from postoffice.mail.address import Address, AddressError, parse_path
@@ -241,7 +242,7 @@ def _split_path(text: str) -> tuple[str, str] | None:
 def _parse_params(text: str) -> dict[str, str | None] | Rejected:
     """ESMTP parameters (RFC 5321 §4.1.2): ``KEY[=VALUE]`` separated by spaces."""
     params: dict[str, str | None] = {}
-    for item in text.split():
+    for item in filter(None, text.split(" ")):
         key, eq, value = item.partition("=")
         if not _ESMTP_KEYWORD.fullmatch(key) or (eq and not _ESMTP_VALUE.fullmatch(value)):
             return _reject(501, f"Bad parameter syntax: {item[:40]}", "5.5.4")
@@ -364,6 +365,9 @@ class SmtpServerCore:
         self.discarded_after_starttls = 0  # octets dropped by the RFC 3207 defence
         self._buf = bytearray()
         self._pos = 0  # start of unparsed input in _buf
+        # In DATA mode, input read while _buf is empty is kept as received
+        # (no copying) and goes straight to the decoder.
+        self._data_in: deque[bytes] = deque()
         self._discarding = False  # skipping the rest of an overlong line
         self._greeted = False
         self._in_transaction = False
@@ -407,12 +411,15 @@ class SmtpServerCore:
     @property
     def buffered(self) -> int:
         """Octets received and not yet turned into events."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + sum(map(len, self._data_in))
 
     # --- input ----------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
         """Add bytes read from the client; events come from ``next_event``."""
-        if self._closed:
+        if self._closed or not data:
+            return
+        if self._decoder is not None and self._pos == len(self._buf):
+            self._data_in.append(bytes(data))
             return
         if self._pos:
             del self._buf[: self._pos]
@@ -439,24 +446,28 @@ class SmtpServerCore:
         decoder = self._decoder
         assert decoder is not None
         if self._data_complete is None:
-            if self.buffered == 0:
-                return None
-            content, rest = decoder.feed(bytes(self._buf[self._pos :]))
-            self._buf.clear()
-            self._pos = 0
-            if rest is not None:
-                self._buf += rest
-                self._data_complete = DataComplete(
-                    decoder.size,
-                    decoder.bare_cr,
-                    decoder.bare_lf,
-                    decoder.line_too_long,
-                    decoder.oversize,
-                )
-            if content:
-                return DataChunk(content)
-            if self._data_complete is None:
-                return None
+            if self._pos < len(self._buf):  # pipelined after DATA, before the 354
+                self._data_in.appendleft(bytes(memoryview(self._buf)[self._pos :]))
+                self._buf.clear()
+                self._pos = 0
+            while self._data_complete is None:
+                if not self._data_in:
+                    return None
+                content, rest = decoder.feed(self._data_in.popleft())
+                if rest is not None:
+                    # What follows the end of data is commands again.
+                    self._buf += rest
+                    self._buf += b"".join(self._data_in)
+                    self._data_in.clear()
+                    self._data_complete = DataComplete(
+                        decoder.size,
+                        decoder.bare_cr,
+                        decoder.bare_lf,
+                        decoder.line_too_long,
+                        decoder.oversize,
+                    )
+                if content:
+                    return DataChunk(content)
         event, self._data_complete = self._data_complete, None
         self._decoder = None
         return event
@@ -679,6 +690,7 @@ class SmtpServerCore:
         self._closed = True
         self._decoder = None
         self._data_complete = None
+        self._data_in.clear()
         self._buf.clear()
         self._pos = 0
 
