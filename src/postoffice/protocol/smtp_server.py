@@ -365,6 +365,7 @@ class SmtpServerCore:
         self.discarded_after_starttls = 0  # octets dropped by the RFC 3207 defence
         self._buf = bytearray()
         self._pos = 0  # start of unparsed input in _buf
+        self._scan_from = 0  # no LF in _buf before this index (saves rescans)
         # In DATA mode, input read while _buf is empty is kept as received
         # (no copying) and goes straight to the decoder.
         self._data_in: deque[bytes] = deque()
@@ -418,11 +419,13 @@ class SmtpServerCore:
         """Add bytes read from the client; events come from ``next_event``."""
         if self._closed or not data:
             return
-        if self._decoder is not None and self._pos == len(self._buf):
+        receiving_content = self._decoder is not None and self._data_complete is None
+        if receiving_content and self._pos == len(self._buf):
             self._data_in.append(bytes(data))
             return
         if self._pos:
             del self._buf[: self._pos]
+            self._scan_from = max(0, self._scan_from - self._pos)
             self._pos = 0
         self._buf += data
 
@@ -448,8 +451,7 @@ class SmtpServerCore:
         if self._data_complete is None:
             if self._pos < len(self._buf):  # pipelined after DATA, before the 354
                 self._data_in.appendleft(bytes(memoryview(self._buf)[self._pos :]))
-                self._buf.clear()
-                self._pos = 0
+                self._clear_buffer()
             while self._data_complete is None:
                 if not self._data_in:
                     return None
@@ -480,11 +482,10 @@ class SmtpServerCore:
 
     def _next_command_event(self) -> Event | None:
         while True:
-            end = self._buf.find(b"\n", self._pos)
+            end = self._buf.find(b"\n", max(self._pos, self._scan_from))
             if self._discarding:
                 if end < 0:
-                    self._buf.clear()
-                    self._pos = 0
+                    self._clear_buffer()
                     return None
                 self._pos = end + 1
                 self._discarding = False
@@ -495,10 +496,10 @@ class SmtpServerCore:
                 if self._buf.endswith(b"\r"):
                     pending -= 1
                 if pending > self._line_limit() - 2:
-                    self._buf.clear()
-                    self._pos = 0
+                    self._clear_buffer()
                     self._discarding = True
                     return self._line_too_long()
+                self._scan_from = len(self._buf)
                 return None
             stop = end - 1 if end > self._pos and self._buf[end - 1] == 0x0D else end
             too_long = stop - self._pos > self._line_limit() - 2
@@ -654,8 +655,7 @@ class SmtpServerCore:
                 self._clear_transaction()
             case StartTls() if code == 220:
                 self.discarded_after_starttls += self.buffered
-                self._buf.clear()
-                self._pos = 0
+                self._clear_buffer()
                 self._discarding = False
                 self._greeted = False
                 self.extended = False
@@ -691,8 +691,12 @@ class SmtpServerCore:
         self._decoder = None
         self._data_complete = None
         self._data_in.clear()
+        self._clear_buffer()
+
+    def _clear_buffer(self) -> None:
         self._buf.clear()
         self._pos = 0
+        self._scan_from = 0
 
 
 _COMMANDS = {

@@ -466,6 +466,32 @@ def test_messages_back_to_back_in_one_chunk() -> None:
     ]
 
 
+def test_input_between_last_chunk_and_data_complete_is_commands() -> None:
+    d = Dialogue().in_transaction()
+    d.feed(b"DATA\r\n")
+    core = d.core
+    core.receive_data(b"hi\r\n.\r\n")
+    assert core.next_event() == DataChunk(b"hi\n")
+    core.receive_data(b"NOOP\r\n")  # arrives before DataComplete is taken
+    assert core.next_event() == DataComplete(3, False, False, False, False)
+    core.send(OK)
+    assert core.next_event() == Noop()
+
+
+def test_content_arriving_in_many_reads() -> None:
+    d = Dialogue().in_transaction()
+    events = d.feed(b"DATA\r\nfirst")  # "first" waits in the buffer for the 354
+    for piece in (b" line\r\n", b"..second\r", b"\n", b".", b"\r\n", b"RSET\r\n"):
+        d.core.receive_data(piece)
+    events += d.feed(b"")
+    assert merged(events) == [
+        DataRequested(),
+        DataChunk(b"first line\n.second\n"),
+        DataComplete(19, False, False, False, False),
+        Reset(),
+    ]
+
+
 # --- RSET, NOOP, QUIT, VRFY, HELP (§4.1.1.5 - §4.1.1.10) ----------------------------
 
 
