@@ -9,6 +9,7 @@ these tests depend on nothing but the POP3 side.
 from __future__ import annotations
 
 import base64
+import fcntl
 import itertools
 import os
 import poplib
@@ -151,6 +152,57 @@ class Raw:
         self.sock.close()
 
 
+def start_server(root: Path, **kwargs: object) -> PostofficeServer:
+    srv = PostofficeServer(root, **kwargs)  # type: ignore[arg-type]
+    srv.add_user(ALICE, ALICE_PW)
+    srv.add_user(BOB, BOB_PW)
+    srv.start()
+    return srv
+
+
+def lock_is_free(maildir: Path) -> bool:
+    lock = maildir / "postoffice-pop3.lock"
+    if not lock.exists():
+        return True
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostofficeServer]:
+    srv = start_server(tmp_path_factory.mktemp("pop3"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def server(shared_server: PostofficeServer) -> PostofficeServer:
+    """One server for the module (starting one per test costs seconds), with
+    empty mailboxes for each test.  Tests that fail logins use ``fresh``: the
+    per-address throttle must not slow the tests after them."""
+    for address in (ALICE, BOB):
+        md = shared_server.maildir(address)
+        assert wait_for(lambda md=md: lock_is_free(md)), "a previous session kept the lock"
+        for sub in ("new", "cur"):
+            if (md / sub).is_dir():
+                for name in os.listdir(md / sub):
+                    os.unlink(md / sub / name)
+    return shared_server
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[PostofficeServer]:
+    srv = start_server(tmp_path)
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture
 def raw(server: PostofficeServer) -> Iterator[Raw]:
     client = Raw(server)
@@ -257,32 +309,33 @@ def test_plaintext_login_on_loopback_when_the_config_allows_it(tmp_path: Path) -
         srv.stop()
 
 
-def test_wrong_password_unknown_user_and_bad_names_get_auth_code(server: PostofficeServer) -> None:
-    with closing(pop3s(server)) as client:
+def test_wrong_password_unknown_user_and_bad_names_get_auth_code(fresh: PostofficeServer) -> None:
+    with closing(pop3s(fresh)) as client:
         for user, password in ((ALICE, "wrong"), ("nobody@example.test", "x")):
             client.user(user)
             with pytest.raises(poplib.error_proto) as excinfo:
                 client.pass_(password)
             assert err(excinfo).startswith(b"-ERR [AUTH]")
-    with closing(pop3s(server)) as client:
+    with closing(pop3s(fresh)) as client:
         client.user("not-an-address")
         with pytest.raises(poplib.error_proto) as excinfo:
             client.pass_("x")
         assert err(excinfo).startswith(b"-ERR [AUTH]")
-    assert "auth failed protocol=pop3 client=127.0.0.1 user=alice@example.test" in server.log()
-    assert "auth failed protocol=pop3 client=127.0.0.1 user=-" in server.log()
+    assert "auth failed protocol=pop3 client=127.0.0.1 user=alice@example.test" in fresh.log()
+    assert "auth failed protocol=pop3 client=127.0.0.1 user=-" in fresh.log()
 
 
-def test_three_failed_logins_close_the_connection(raw_tls: Raw) -> None:
-    for attempt in range(3):
-        assert raw_tls.cmd("USER alice@example.test").startswith(b"+OK")
-        reply = raw_tls.cmd(f"PASS wrong-{attempt}")
-        assert reply.startswith(b"-ERR [AUTH]")
-    assert raw_tls.closed()
+def test_three_failed_logins_close_the_connection(fresh: PostofficeServer) -> None:
+    with closing(Raw(fresh, "pop3s")) as raw_tls:
+        for attempt in range(3):
+            assert raw_tls.cmd("USER alice@example.test").startswith(b"+OK")
+            reply = raw_tls.cmd(f"PASS wrong-{attempt}")
+            assert reply.startswith(b"-ERR [AUTH]")
+        assert raw_tls.closed()
 
 
-def test_a_failed_login_then_the_right_password_works(server: PostofficeServer) -> None:
-    with closing(pop3s(server)) as client:
+def test_a_failed_login_then_the_right_password_works(fresh: PostofficeServer) -> None:
+    with closing(pop3s(fresh)) as client:
         client.user(ALICE)
         with pytest.raises(poplib.error_proto):
             client.pass_("wrong")
@@ -334,12 +387,13 @@ def test_auth_plain_with_continuation_and_authzid(raw_tls: Raw) -> None:
     assert reply.startswith(b"+OK")
 
 
-def test_auth_plain_refuses_another_authzid_and_bad_base64(raw_tls: Raw) -> None:
-    reply = raw_tls.cmd("AUTH PLAIN " + b64(BOB.encode() + b"\0" + ALICE.encode() + b"\0x"))
-    assert reply.startswith(b"-ERR")
-    assert raw_tls.cmd("AUTH PLAIN !!!notbase64").startswith(b"-ERR")
-    reply = raw_tls.cmd("AUTH PLAIN " + b64(b"\0" + ALICE.encode() + b"\0wrong"))
-    assert reply.startswith(b"-ERR [AUTH]")
+def test_auth_plain_refuses_another_authzid_and_bad_base64(fresh: PostofficeServer) -> None:
+    with closing(Raw(fresh, "pop3s")) as raw_tls:
+        reply = raw_tls.cmd("AUTH PLAIN " + b64(BOB.encode() + b"\0" + ALICE.encode() + b"\0x"))
+        assert reply.startswith(b"-ERR")
+        assert raw_tls.cmd("AUTH PLAIN !!!notbase64").startswith(b"-ERR")
+        reply = raw_tls.cmd("AUTH PLAIN " + b64(b"\0" + ALICE.encode() + b"\0wrong"))
+        assert reply.startswith(b"-ERR [AUTH]")
 
 
 def test_auth_cancel_and_unknown_mechanism(raw_tls: Raw) -> None:
@@ -484,18 +538,18 @@ def test_dele_then_quit_deletes_and_retr_marks_seen(server: PostofficeServer) ->
     assert not any(gone in n for n in state["new"] + state["cur"])
 
 
-def test_dropped_connection_deletes_nothing(server: PostofficeServer) -> None:
+def test_dropped_connection_deletes_nothing(fresh: PostofficeServer) -> None:
     for i in range(3):
-        deliver(server, ALICE, f"Subject: {i}\n\n{i}\n".encode())
-    client = pop3s(server)
+        deliver(fresh, ALICE, f"Subject: {i}\n\n{i}\n".encode())
+    client = pop3s(fresh)
     login(client)
     for i in (1, 2, 3):
         client.dele(i)
     client.close()  # no QUIT
-    assert wait_for(lambda: "end=dropped" in server.log() and "user=alice" in server.log())
-    assert len(files(server)["new"]) == 3
+    assert wait_for(lambda: "end=dropped" in fresh.log() and "user=alice" in fresh.log())
+    assert len(files(fresh)["new"]) == 3
     # And the lock went with the connection.
-    with closing(pop3s(server)) as client2:
+    with closing(pop3s(fresh)) as client2:
         assert b"3 messages" in login(client2)
         client2.quit()
 
@@ -667,9 +721,9 @@ def test_connections_per_client_are_bounded(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_one_log_line_per_session(server: PostofficeServer) -> None:
-    deliver(server, ALICE, b"Subject: x\n\n1\n")
-    with closing(pop3s(server)) as client:
+def test_one_log_line_per_session(fresh: PostofficeServer) -> None:
+    deliver(fresh, ALICE, b"Subject: x\n\n1\n")
+    with closing(pop3s(fresh)) as client:
         login(client)
         client.retr(1)
         client.dele(1)
@@ -677,6 +731,6 @@ def test_one_log_line_per_session(server: PostofficeServer) -> None:
     assert wait_for(
         lambda: (
             "pop3 session client=127.0.0.1 user=alice@example.test tls=implicit "
-            "retrieved=1 deleted=1" in server.log()
+            "retrieved=1 deleted=1" in fresh.log()
         )
     )
