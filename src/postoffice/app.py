@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from postoffice.config.settings import ListenAddress, Settings
+from postoffice.delivery.outbound import build_outbound
 from postoffice.net.listener import Listener
 from postoffice.net.tls import cert_and_key, server_context
 from postoffice.policy.auth import Authenticator, LoginThrottle, PasswordHasher
@@ -37,7 +38,7 @@ def build_services(settings: Settings) -> Services:
         free_failures=settings.auth.throttle_after, max_delay=settings.auth.throttle_max_delay
     )
     authenticator = Authenticator(accounts.password_hash, PasswordHasher(), throttle, executor)
-    return Services(
+    services = Services(
         settings=settings,
         accounts=accounts,
         maildirs=MaildirStore(settings.mail_dir, executor, settings.hostname),
@@ -45,6 +46,8 @@ def build_services(settings: Settings) -> Services:
         tls=server_context(cert, key),
         executor=executor,
     )
+    services.outbound = build_outbound(services)
+    return services
 
 
 @dataclass

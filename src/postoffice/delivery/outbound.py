@@ -1,0 +1,453 @@
+"""The ``Outbound`` service: accepts messages into the queue and delivers them.
+
+The SMTP session calls ``writer(sender, recipients)`` and streams the
+message into it; ``commit`` returns once the message is on stable storage.
+``run`` is the delivery loop (the composition root runs it as a task and
+cancels it at shutdown).  Per message and round, the due recipients are
+grouped by destination: local domains go to the local courier (Maildirs),
+every other domain gets one SMTP transaction for all its recipients.
+Results update per-recipient state; temporary failures are retried on the
+``[relay] retry_schedule``, permanent ones (and messages queued longer than
+``give_up_after``) are returned to the sender in one DSN per round.
+
+Crash safety, in order: a recipient's new state is written (fsync'd) after
+its attempt and before anything else happens to it; a DSN is queued (under
+a queue id derived from the message's, so re-creating it after a crash
+replaces rather than duplicates it) before the recipients it reports are
+marked bounced; a finished message is unlinked only after everything it owes
+is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from postoffice.config.settings import Settings
+from postoffice.delivery.content import MAX_HEADER_COPY, MessageTraits, header_section
+from postoffice.delivery.courier import Outcome, RecipientResult
+from postoffice.delivery.dsn import DsnContext, DsnRecipient, build_dsn
+from postoffice.delivery.local import LocalCourier
+from postoffice.delivery.queue import (
+    READ_CHUNK,
+    QueueEntry,
+    QueueError,
+    QueueStore,
+    QueueWriter,
+    Recipient,
+    State,
+)
+from postoffice.delivery.remote import RemoteCourier
+from postoffice.delivery.resolver import DnsResolver
+from postoffice.delivery.retry import next_attempt, retry_delay, warning_due
+from postoffice.delivery.smtp_client import ClientTimeouts
+from postoffice.mail.address import Address
+
+if TYPE_CHECKING:
+    from postoffice.services import Services
+
+log = logging.getLogger("postoffice.delivery")
+
+POLL_INTERVAL = 1.0  # seconds between checks for `queue flush` requests
+LOCKED_RETRY = 1.0  # seconds to wait when `queue remove` holds a message's lock
+EXPIRED_STATUS = "5.4.7"  # RFC 3463: delivery time expired
+
+
+class QueuedMessage:
+    """A queued message as couriers read it: the file, from the start, each time."""
+
+    def __init__(self, store: QueueStore, entry: QueueEntry, traits: MessageTraits) -> None:
+        self._store = store
+        self._entry = entry
+        self._traits = traits
+
+    @property
+    def traits(self) -> MessageTraits:
+        return self._traits
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        fh = await self._store.run_blocking(self._store.open_message_blocking, self._entry)
+        try:
+            for _ in range(1 << 40):  # bounded by the file size
+                chunk: bytes = await self._store.run_blocking(fh.read, READ_CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            fh.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    local: bool
+    domain: str
+    recipients: tuple[Recipient, ...]
+
+
+class Outbound:
+    def __init__(
+        self,
+        settings: Settings,
+        store: QueueStore,
+        remote: RemoteCourier,
+        local: LocalCourier | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self._settings = settings
+        self._relay = settings.relay
+        self.store = store
+        self._remote = remote
+        self._local = local
+        self._clock = clock
+        self._poll_interval = poll_interval
+        self._entries: dict[str, QueueEntry] = {}
+        self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._wake: asyncio.Event | None = None
+        self._connections: asyncio.Semaphore | None = None
+        self._per_destination: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        self._max_active = max(16, self._relay.max_deliveries * 4)
+
+    # --- the interface the SMTP session uses ---------------------------------------
+    def writer(self, sender: Address | None, recipients: Sequence[Address]) -> QueueWriter:
+        """A writer for one message; its ``commit`` queues it durably."""
+        return self.store.writer(sender, recipients, on_commit=self._accepted)
+
+    def _accepted(self, entry: QueueEntry) -> None:
+        traits = entry.traits
+        log.info(
+            "%s: queued from=<%s> nrcpt=%d size=%d",
+            entry.queue_id,
+            entry.envelope.sender or "",
+            len(entry.recipients),
+            traits.crlf_size if traits else 0,
+        )
+        self._entries[entry.queue_id] = entry
+        self._schedule(entry.queue_id, entry.envelope.created)
+
+    # --- scheduling -----------------------------------------------------------------------
+    def _schedule(self, queue_id: str, when: float) -> None:
+        self._due[queue_id] = when
+        heapq.heappush(self._heap, (when, next(self._seq), queue_id))
+        if self._wake is not None:
+            self._wake.set()
+
+    def _forget(self, queue_id: str) -> None:
+        self._entries.pop(queue_id, None)
+        self._due.pop(queue_id, None)
+
+    def _launch_due(self, now: float) -> None:
+        while self._heap and self._heap[0][0] <= now and len(self._active) < self._max_active:
+            when, _seq, queue_id = heapq.heappop(self._heap)
+            if self._due.get(queue_id) != when or queue_id in self._active:
+                continue  # superseded by a later _schedule, or already running
+            entry = self._entries.get(queue_id)
+            if entry is None:
+                continue
+            del self._due[queue_id]
+            task = asyncio.get_running_loop().create_task(self._process(entry))
+            self._active[queue_id] = task
+            task.add_done_callback(functools.partial(self._finished, queue_id))
+
+    def _finished(self, queue_id: str, _task: asyncio.Task[None]) -> None:
+        self._active.pop(queue_id, None)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until cancelled."""
+        self._wake = asyncio.Event()
+        self._connections = asyncio.Semaphore(max(1, self._relay.max_deliveries))
+        recovered = await self.store.run_blocking(self.store.recover_blocking)
+        for entry in recovered:
+            if entry.queue_id not in self._entries:
+                self._entries[entry.queue_id] = entry
+                due = entry.next_due()
+                self._schedule(entry.queue_id, self._clock() if due is None else due)
+        if recovered:
+            log.info("queue: %d message(s) waiting", len(recovered))
+        loop = asyncio.get_running_loop()
+        next_poll = 0.0
+        try:
+            for _ in itertools.count():  # the service loop: runs until cancelled
+                if loop.time() >= next_poll:
+                    next_poll = loop.time() + self._poll_interval
+                    if await self.store.run_blocking(self.store.take_flush_request_blocking):
+                        self._flush()
+                now = self._clock()
+                self._launch_due(now)
+                wait = next_poll - loop.time()
+                if self._heap and len(self._active) < self._max_active:
+                    wait = min(wait, self._heap[0][0] - now)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        await self._wake.wait()
+        finally:
+            tasks = list(self._active.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _flush(self) -> None:
+        """`queue flush`: every waiting recipient is due now."""
+        now = self._clock()
+        count = 0
+        for queue_id, entry in self._entries.items():
+            for r in entry.recipients:
+                if r.state is State.DEFERRED:
+                    r.next_try = now
+            if queue_id not in self._active:
+                self._schedule(queue_id, now)
+                count += 1
+        log.info("queue: flush requested; %d message(s) due now", count)
+
+    # --- one message, one round -----------------------------------------------------------
+    async def _process(self, entry: QueueEntry) -> None:
+        store = self.store
+        queue_id = entry.queue_id
+        fd = await store.run_blocking(store.try_lock_blocking, queue_id)
+        if fd is None:
+            if await store.run_blocking(store.msg_path(queue_id).exists):
+                self._schedule(queue_id, self._clock() + LOCKED_RETRY)  # the CLI has it
+            else:
+                log.info("%s: removed from the queue", queue_id)
+                self._forget(queue_id)
+            return
+        try:
+            if await self._removal_requested(queue_id):
+                return
+            await self._round(entry)
+            if await self._removal_requested(queue_id):
+                return
+            await self._settle(entry)
+        except (QueueError, OSError) as exc:
+            log.error("%s: queue error, will retry: %s", queue_id, exc)
+            self._schedule(queue_id, self._clock() + retry_delay(1, self._relay.retry_schedule))
+        except Exception:  # a bug must not lose the message: log it and retry later
+            log.exception("%s: unexpected error, will retry", queue_id)
+            self._schedule(queue_id, self._clock() + retry_delay(1, self._relay.retry_schedule))
+        finally:
+            await store.run_blocking(store.unlock_blocking, fd)
+
+    async def _removal_requested(self, queue_id: str) -> bool:
+        if not await self.store.run_blocking(self.store.tombstone_path(queue_id).exists):
+            return False
+        await self.store.delete(queue_id)
+        self._forget(queue_id)
+        log.info("%s: removed from the queue (queue remove)", queue_id)
+        return True
+
+    async def _round(self, entry: QueueEntry) -> None:
+        now = self._clock()
+        if now - entry.envelope.created >= self._relay.give_up_after:
+            for r in entry.recipients:
+                if r.pending:
+                    self._expire(entry, r, now)
+        due = [r for r in entry.recipients if r.pending and r.next_try <= now]
+        if not due:
+            return
+        if entry.traits is None:
+            entry.traits = await self.store.run_blocking(
+                self.store.scan_traits_blocking, entry.queue_id, entry.body_offset
+            )
+        groups = self._groups(due)
+        persist_each = len(groups) > 1
+        lock = asyncio.Lock()
+
+        async def one(group: _Group) -> None:
+            results = await self._deliver(entry, group)
+            async with lock:
+                self._apply(entry, group, results)
+                if persist_each:
+                    await self.store.save_state(entry)
+
+        await asyncio.gather(*(one(g) for g in groups))
+
+    def _groups(self, due: list[Recipient]) -> list[_Group]:
+        by_key: dict[tuple[bool, str], list[Recipient]] = {}
+        for r in due:
+            local = self._local is not None and self._local.is_local_domain(r.address.domain)
+            by_key.setdefault((local, r.address.domain), []).append(r)
+        return [_Group(local, domain, tuple(rs)) for (local, domain), rs in by_key.items()]
+
+    async def _deliver(self, entry: QueueEntry, group: _Group) -> list[RecipientResult]:
+        assert entry.traits is not None and self._connections is not None
+        message = QueuedMessage(self.store, entry, entry.traits)
+        sender = entry.envelope.sender
+        addresses = [r.address for r in group.recipients]
+        try:
+            if group.local:
+                assert self._local is not None
+                return await self._local.deliver(sender, addresses, message)
+            destination = self._remote.destination(group.domain)
+            semaphore, users = self._per_destination.setdefault(
+                destination, (asyncio.Semaphore(max(1, self._relay.max_per_destination)), [0])
+            )
+            users[0] += 1
+            try:
+                async with semaphore, self._connections:
+                    return await self._remote.deliver(group.domain, sender, addresses, message)
+            finally:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._per_destination[destination]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or an I/O error must not stop the queue
+            log.exception("%s: delivery to %s failed unexpectedly", entry.queue_id, group.domain)
+            text = f"internal error: {type(exc).__name__}"
+            return [RecipientResult(a, Outcome.DEFERRED, text, "4.3.0") for a in addresses]
+
+    def _apply(self, entry: QueueEntry, group: _Group, results: list[RecipientResult]) -> None:
+        now = self._clock()
+        by_address = {r.address: r for r in group.recipients}
+        known = {r.address for r in entry.recipients}
+        for result in results:
+            r = by_address.get(result.address)
+            if r is None:
+                continue
+            r.attempts += 1
+            r.last_attempt = now
+            r.last_error, r.status, r.remote = result.text, result.status, result.remote
+            r.smtp_reply = result.smtp_reply
+            if result.outcome is Outcome.DELIVERED:
+                r.state = State.DELIVERED
+                for target in result.forwards:
+                    if target not in known:  # aliases: forward through the queue
+                        known.add(target)
+                        entry.recipients.append(Recipient(target, next_try=now))
+            elif result.outcome is Outcome.FAILED:
+                r.state = State.FAILED
+            else:
+                when = next_attempt(
+                    now,
+                    r.attempts,
+                    entry.envelope.created,
+                    self._relay.retry_schedule,
+                    self._relay.give_up_after,
+                )
+                if when is None:
+                    self._expire(entry, r, now)
+                else:
+                    r.state, r.next_try = State.DEFERRED, when
+            self._log_attempt(entry, r, result, now)
+
+    def _expire(self, entry: QueueEntry, r: Recipient, now: float) -> None:
+        r.state = State.FAILED
+        r.status = EXPIRED_STATUS
+        r.last_error = (
+            f"delivery time expired after {(now - entry.envelope.created) / 3600:.1f} hours"
+            + (f"; last error: {r.last_error}" if r.last_error else "")
+        )
+        r.smtp_reply = False
+        log.info("%s: to=<%s> result=expired status=%s", entry.queue_id, r.address, r.status)
+
+    def _log_attempt(
+        self, entry: QueueEntry, r: Recipient, result: RecipientResult, now: float
+    ) -> None:
+        # One line per recipient per attempt (queue id, recipient, host, reply, result, delay).
+        log.info(
+            "%s: to=<%s> relay=%s delay=%.1fs tries=%d result=%s status=%s reply=%r",
+            entry.queue_id,
+            r.address,
+            result.remote or ("local" if result.outcome is Outcome.DELIVERED else "none"),
+            now - entry.envelope.created,
+            r.attempts,
+            r.state.value,
+            result.status,
+            result.text,
+        )
+
+    # --- after the round: DSNs, then persist or delete --------------------------------
+    async def _settle(self, entry: QueueEntry) -> None:
+        now = self._clock()
+        failed = [r for r in entry.recipients if r.state is State.FAILED]
+        if failed:
+            if entry.envelope.sender is None:
+                # A bounce that cannot be delivered is dropped: never bounce a bounce.
+                log.info("%s: undeliverable message from <>; no DSN", entry.queue_id)
+            else:
+                await self._send_dsn(entry, failed, now, delayed=False)
+                entry.dsn_count += 1
+            for r in failed:
+                r.state = State.BOUNCED
+        deferred = [r for r in entry.recipients if r.state is State.DEFERRED]
+        if (
+            deferred
+            and entry.envelope.sender is not None
+            and warning_due(now, entry.envelope.created, self._relay.warn_after, entry.warned)
+        ):
+            await self._send_dsn(entry, deferred, now, delayed=True)
+            entry.warned = True
+        if entry.done:
+            await self.store.delete(entry.queue_id)
+            self._forget(entry.queue_id)
+            return
+        await self.store.save_state(entry)
+        due = entry.next_due()
+        if due is not None:
+            self._schedule(entry.queue_id, due)
+
+    async def _send_dsn(
+        self, entry: QueueEntry, recipients: list[Recipient], now: float, *, delayed: bool
+    ) -> None:
+        sender = entry.envelope.sender
+        assert sender is not None
+        head = await self.store.run_blocking(
+            self.store.read_head_blocking, entry, MAX_HEADER_COPY + 2
+        )
+        ctx = DsnContext(
+            reporting_mta=self._settings.hostname,
+            queue_id=entry.queue_id,
+            sender=sender,
+            arrival=entry.envelope.created,
+            original_headers=header_section(head),
+        )
+        report = [
+            DsnRecipient(r.address, r.status, r.last_error, r.smtp_reply, r.remote, r.last_attempt)
+            for r in recipients
+        ]
+        retry_until = entry.envelope.created + self._relay.give_up_after if delayed else None
+        data = build_dsn(ctx, report, now=now, delayed=delayed, retry_until=retry_until)
+        # A derived queue id: re-making this DSN after a crash replaces it.
+        suffix = "w" if delayed else f"b{entry.dsn_count}"
+        writer = self.store.writer(
+            None, [sender], queue_id=f"{entry.queue_id}-{suffix}", on_commit=self._accepted
+        )
+        try:
+            await writer.write(data)
+            dsn_id = await writer.commit()
+        except BaseException:
+            await writer.discard()
+            raise
+        log.info(
+            "%s: sender <%s> notified (%s): %s",
+            entry.queue_id,
+            sender,
+            "delayed" if delayed else "failed",
+            dsn_id,
+        )
+
+
+def build_outbound(services: Services, *, timeouts: ClientTimeouts | None = None) -> Outbound:
+    """The Outbound service for ``services`` (blocking; call before the loop runs)."""
+    settings = services.settings
+    store = QueueStore(settings.queue_dir, services.executor)
+    store.ensure_dirs()
+    resolver = DnsResolver(settings.relay.dns_servers)
+    remote = RemoteCourier(settings.relay, settings.hostname, resolver, timeouts=timeouts)
+    local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
+    return Outbound(settings, store, remote, local)

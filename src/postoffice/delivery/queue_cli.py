@@ -1,0 +1,112 @@
+"""``postoffice queue list|flush|remove ID``: the outbound queue from the shell.
+
+Each works whether or not ``serve`` runs: ``list`` only reads the files
+(written atomically, so always consistent); ``flush`` leaves a request the
+running server picks up within a second (or the next start does);
+``remove`` takes the message's lock, so it never races a delivery attempt —
+if one is running, the removal happens as soon as the attempt ends.
+
+Handlers follow cli.py's contract: ``fn(args, settings) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from postoffice.config.settings import Settings
+from postoffice.delivery.queue import QUEUE_ID, QueueStore, State
+
+FLUSH_WAIT = 3.0  # seconds `queue flush` waits to see a running server take the request
+
+
+def _store(settings: Settings) -> QueueStore:
+    # The CLI only calls the blocking methods; the executor is never used.
+    return QueueStore(settings.queue_dir, ThreadPoolExecutor(max_workers=1))
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def queue_list(args: argparse.Namespace, settings: Settings) -> int:
+    store = _store(settings)
+    count = 0
+    out = sys.stdout
+    for entry, size in store.entries_blocking():
+        count += 1
+        env = entry.envelope
+        print(
+            f"{entry.queue_id}  {_when(env.created)}  {size:>9}  from <{env.sender or ''}>",
+            file=out,
+        )
+        for r in entry.recipients:
+            line = f"    {r.state.value:<9} <{r.address}>"
+            if r.state in (State.QUEUED, State.DEFERRED):
+                line += f"  next try {_when(r.next_try)}"
+            if r.attempts:
+                line += f"  tries {r.attempts}"
+            if r.last_error and r.state is not State.DELIVERED:
+                line += f"\n              {r.last_error}"
+            print(line, file=out)
+    print(f"{count} message(s) in the queue", file=out)
+    return 0
+
+
+def queue_flush(args: argparse.Namespace, settings: Settings) -> int:
+    store = _store(settings)
+    request = store.request_flush_blocking()
+    deadline = time.monotonic() + FLUSH_WAIT
+    while time.monotonic() < deadline and request.exists():
+        time.sleep(0.05)
+    if request.exists():
+        print("flush requested; the server will retry every message when it next runs")
+    else:
+        print("flush requested; the running server is retrying every message now")
+    return 0
+
+
+def queue_remove(args: argparse.Namespace, settings: Settings) -> int:
+    queue_id: str = args.queue_id
+    if not QUEUE_ID.fullmatch(queue_id):
+        print(f"postoffice: {queue_id!r} is not a queue id", file=sys.stderr)
+        return 1
+    result = _store(settings).remove_blocking(queue_id)
+    if result == "missing":
+        print(f"postoffice: no message {queue_id} in the queue", file=sys.stderr)
+        return 1
+    if result == "requested":
+        print(f"{queue_id}: being delivered right now; removed when this attempt ends")
+    else:
+        print(f"{queue_id}: removed")
+    return 0
+
+
+def add_queue_parser(subparsers: Any) -> None:
+    """Add ``queue list|flush|remove ID`` to the CLI's subcommands."""
+    summary = "the outbound queue: list, flush (retry now), remove"
+    group = subparsers.add_parser(
+        "queue",
+        help=summary,
+        description=summary,
+        epilog="examples:\n"
+        "  postoffice queue list\n"
+        "  postoffice queue flush\n"
+        "  postoffice queue remove 19c4a1f2b3d4e5f6a7b",
+    )
+    group.set_defaults(handler=None, help_parser=group)
+    commands = group.add_subparsers(title="commands", metavar="COMMAND")
+    leaves = (
+        ("list", "show queued messages and each recipient's state", queue_list),
+        ("flush", "retry every queued message now", queue_flush),
+        ("remove", "delete a message from the queue (no bounce is sent)", queue_remove),
+    )
+    for name, help_text, handler in leaves:
+        parser = commands.add_parser(name, help=help_text, description=help_text)
+        parser.set_defaults(handler=handler)
+        if name == "remove":
+            parser.add_argument("queue_id", metavar="ID", help="a queue id from `queue list`")

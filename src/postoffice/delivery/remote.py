@@ -1,0 +1,381 @@
+"""The remote courier: finds the next hop and hands the message over by SMTP.
+
+Routing (RFC 5321 §5.1): the smarthost if one is set; an address literal
+goes straight to that address; otherwise the MX records in the order
+``mx.order_mx`` gives, or the domain itself as implicit MX when it has none.
+Each host's addresses (IPv6 first, then IPv4) are tried in turn until one
+gives a definite answer for the recipients; connection failures, 4xx
+greetings and 4xx answers to EHLO/MAIL move on to the next address or host.
+
+TLS is opportunistic (RFC 3207, RFC 7435): STARTTLS whenever offered,
+certificates not verified (no MTA-STS/DANE yet); if the handshake fails the
+same address is tried once more in plaintext.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from postoffice.config.settings import RelaySettings
+from postoffice.delivery.courier import (
+    MessageSource,
+    Outcome,
+    RecipientResult,
+    outcome_of,
+    status_of,
+)
+from postoffice.delivery.mx import MxLoopsToSelf, NullMx, order_mx
+from postoffice.delivery.resolver import DnsError, Resolver
+from postoffice.delivery.smtp_client import ClientTimeouts, SmtpClient, SmtpConnectionError
+from postoffice.delivery.smtp_wire import Reply
+from postoffice.mail.address import Address
+
+log = logging.getLogger("postoffice.delivery")
+
+
+def client_tls_context() -> ssl.SSLContext:
+    """Opportunistic TLS: encrypt when we can, verify nothing (RFC 7435 §1.3)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    host: str  # MX host name, or an IP address (literal, smarthost)
+    port: int
+
+
+class RouteError(Exception):
+    def __init__(self, text: str, status: str) -> None:
+        super().__init__(text)
+        self.text = text
+        self.status = status
+
+    @property
+    def permanent(self) -> bool:
+        return self.status.startswith("5")
+
+
+def _ip(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _literal_ip(domain: str) -> str | None:
+    """``[192.0.2.1]`` / ``[IPv6:2001:db8::1]`` -> the address (RFC 5321 §4.1.3)."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    return _ip(inner[5:] if inner[:5].lower() == "ipv6:" else inner)
+
+
+def _label(host: str, ip: str, port: int) -> str:
+    return f"{host}[{ip}]:{port}"
+
+
+class _Attempt:
+    """What went wrong so far, across hosts, for the final verdict."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.status = "4.4.1"
+        self.remote = ""
+        self.smtp_reply = False
+        self.only_permanent = True  # every host so far refused with 5xx
+        self.tried = 0
+
+    def failed(self, text: str, status: str, remote: str, *, reply: Reply | None = None) -> None:
+        self.tried += 1
+        # A refusal keeps the peer's own words (the DSN's Diagnostic-Code).
+        self.text = reply.text if reply is not None else text
+        self.status, self.remote = status, remote
+        self.smtp_reply = reply is not None
+        if reply is None or not reply.permanent:
+            self.only_permanent = False
+
+
+class RemoteCourier:
+    def __init__(
+        self,
+        relay: RelaySettings,
+        hostname: str,
+        resolver: Resolver,
+        *,
+        tls: ssl.SSLContext | None = None,
+        timeouts: ClientTimeouts | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._relay = relay
+        self._hostname = hostname
+        self._resolver = resolver
+        self._tls = tls if tls is not None else client_tls_context()
+        self._timeouts = timeouts or ClientTimeouts(connect=relay.connect_timeout)
+        self._rng = rng or random.SystemRandom()
+
+    def destination(self, domain: str) -> str:
+        """The key that concurrency limits apply to."""
+        return str(self._relay.smarthost) if self._relay.smarthost else domain
+
+    async def route(self, domain: str) -> tuple[list[Hop], bool]:
+        """The hops to try and whether the domain is its own implicit MX."""
+        relay = self._relay
+        if relay.smarthost is not None:
+            return [Hop(relay.smarthost.host, relay.smarthost.port)], False
+        literal = _literal_ip(domain)
+        if literal is not None:
+            return [Hop(literal, relay.mx_port)], False
+        if domain.startswith("["):
+            raise RouteError(f"bad address literal {domain}", "5.1.2")
+        try:
+            records = await self._resolver.mx(domain)
+        except DnsError as exc:
+            if exc.temporary:
+                raise RouteError(f"MX lookup for {domain} failed: {exc}", "4.4.3") from None
+            raise RouteError(f"domain {domain} does not exist", "5.1.2") from None
+        try:
+            hosts = order_mx(records, self._rng, self_names=[self._hostname])
+        except NullMx:
+            # RFC 7505 §4.2: a null MX means the domain takes no mail; bounce at once.
+            raise RouteError(f"domain {domain} accepts no mail (null MX)", "5.1.10") from None
+        except MxLoopsToSelf:
+            raise RouteError(f"mail for {domain} loops back to myself", "5.4.6") from None
+        if not hosts:
+            return [Hop(domain, relay.mx_port)], True
+        return [Hop(h, relay.mx_port) for h in hosts], False
+
+    async def deliver(
+        self,
+        domain: str,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        message: MessageSource,
+    ) -> list[RecipientResult]:
+        """Deliver to ``recipients`` (all in ``domain``); one result each."""
+        try:
+            hops, implicit = await self.route(domain)
+        except RouteError as err:
+            outcome = Outcome.FAILED if err.permanent else Outcome.DEFERRED
+            return [RecipientResult(r, outcome, err.text, err.status) for r in recipients]
+        attempt = _Attempt()
+        dns_trouble = False
+        for hop in hops:
+            ip = _ip(hop.host)
+            if ip is not None:
+                addresses = [ip]
+            else:
+                try:
+                    addresses = await self._resolver.addresses(hop.host)
+                except DnsError as exc:
+                    dns_trouble = True
+                    attempt.failed(f"address lookup for {hop.host} failed: {exc}", "4.4.3", "")
+                    continue
+            if not addresses:
+                attempt.failed(f"no address for MX host {hop.host}", "4.4.4", "")
+                continue
+            for address in addresses:
+                results = await self._try_address(
+                    hop, address, sender, recipients, message, attempt
+                )
+                if results is not None:
+                    return results
+        if implicit and attempt.tried == 1 and not dns_trouble and attempt.status == "4.4.4":
+            # RFC 5321 §5.1: no MX and no address records: the domain takes no mail.
+            text = f"domain {domain} has no MX and no address records"
+            return [RecipientResult(r, Outcome.FAILED, text, "5.1.2") for r in recipients]
+        if attempt.only_permanent and attempt.smtp_reply:
+            outcome = Outcome.FAILED
+        else:
+            outcome = Outcome.DEFERRED
+            if not attempt.status.startswith("4"):
+                attempt.status = "4" + attempt.status[1:]
+        return [
+            RecipientResult(
+                r, outcome, attempt.text, attempt.status, attempt.remote, attempt.smtp_reply
+            )
+            for r in recipients
+        ]
+
+    async def _try_address(
+        self,
+        hop: Hop,
+        ip: str,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        message: MessageSource,
+        attempt: _Attempt,
+    ) -> list[RecipientResult] | None:
+        """Results if this address gave a definite answer, else None (try the next)."""
+        label = _label(hop.host, ip, hop.port)
+        use_tls = True
+        for _ in range(2):  # a second pass only after a failed TLS handshake
+            try:
+                return await self._session(
+                    hop, ip, label, sender, recipients, message, attempt, use_tls
+                )
+            except _TlsFailed as exc:
+                log.info("%s: %s; retrying without TLS", label, exc)
+                use_tls = False
+        return None
+
+    async def _session(
+        self,
+        hop: Hop,
+        ip: str,
+        label: str,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        message: MessageSource,
+        attempt: _Attempt,
+        use_tls: bool,
+    ) -> list[RecipientResult] | None:
+        try:
+            client = await SmtpClient.connect(ip, hop.port, self._timeouts)
+        except SmtpConnectionError as exc:
+            attempt.failed(f"connect to {label}: {exc}", "4.4.1", label)
+            log.debug("connect to %s failed: %s", label, exc)
+            return None
+        try:
+            return await self._converse(
+                client, hop, label, sender, recipients, message, attempt, use_tls
+            )
+        except SmtpConnectionError as exc:
+            client.abort()
+            text = f"{label}: {exc}"
+            if exc.after_data:
+                # The peer may have the message (RFC 5321 §6.1); trying another
+                # host now would make a duplicate likelier.  Retry later.
+                return [
+                    RecipientResult(r, Outcome.DEFERRED, text, "4.4.2", label) for r in recipients
+                ]
+            attempt.failed(text, "4.4.2", label)
+            return None
+        finally:
+            await client.close()
+
+    async def _converse(
+        self,
+        client: SmtpClient,
+        hop: Hop,
+        label: str,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        message: MessageSource,
+        attempt: _Attempt,
+        use_tls: bool,
+    ) -> list[RecipientResult] | None:
+        greeting = await client.greeting()
+        if not greeting.positive:
+            attempt.failed(
+                f"{label} greeted: {greeting.text}", status_of(greeting), label, reply=greeting
+            )
+            await client.quit()
+            return None
+        hello = await client.hello(self._hostname)
+        if not hello.positive:
+            attempt.failed(
+                f"{label} refused EHLO: {hello.text}", status_of(hello), label, reply=hello
+            )
+            await client.quit()
+            return None
+        if use_tls and "STARTTLS" in client.extensions:
+            try:
+                reply = await client.starttls(
+                    self._tls, hop.host if _ip(hop.host) is None else None
+                )
+            except SmtpConnectionError as exc:
+                raise _TlsFailed(str(exc)) from None
+            if reply.code == 220:
+                hello = await client.hello(self._hostname)
+                if not hello.positive:
+                    attempt.failed(
+                        f"{label} refused EHLO after STARTTLS: {hello.text}",
+                        status_of(hello),
+                        label,
+                        reply=hello,
+                    )
+                    await client.quit()
+                    return None
+        refusal = self._capability_problem(client, sender, recipients, message, label)
+        if refusal is not None:
+            await client.quit()
+            return refusal
+        traits = message.traits
+        result = await client.send(
+            sender,
+            recipients,
+            message.chunks(),
+            size=traits.crlf_size if "SIZE" in client.extensions else None,
+            body_8bit=traits.body_8bit and "8BITMIME" in client.extensions,
+            smtputf8=self._needs_smtputf8(sender, recipients, message),
+        )
+        first = result.mail
+        if first.transient:
+            # MAIL refused for now: a problem of this host (busy, out of
+            # space), not of the recipients, so try the next MX (RFC 5321 §5.1).
+            attempt.failed(f"{label} said: {first.text}", status_of(first), label, reply=first)
+            await client.quit()
+            return None
+        await client.quit()
+        suffix = f" (TLS {client.tls_info()})" if client.tls else ""
+        return [
+            RecipientResult(
+                r,
+                outcome_of(reply),
+                reply.text + (suffix if reply.positive else ""),
+                status_of(reply),
+                label,
+                smtp_reply=True,
+            )
+            for r, reply in result.replies.items()
+        ]
+
+    def _needs_smtputf8(
+        self, sender: Address | None, recipients: Sequence[Address], message: MessageSource
+    ) -> bool:
+        addresses = [*recipients, *([sender] if sender else [])]
+        return message.traits.header_8bit or any(not str(a).isascii() for a in addresses)
+
+    def _capability_problem(
+        self,
+        client: SmtpClient,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        message: MessageSource,
+        label: str,
+    ) -> list[RecipientResult] | None:
+        """Permanent failures for a message this peer cannot take as it is."""
+        ext = client.extensions
+        traits = message.traits
+        problem: tuple[str, str] | None = None
+        if self._needs_smtputf8(sender, recipients, message) and "SMTPUTF8" not in ext:
+            # RFC 6531 §3.2: no SMTPUTF8 at the server means the message
+            # cannot be sent there; we do not downgrade.
+            problem = ("5.6.7", f"{label} does not support SMTPUTF8, which this message needs")
+        elif traits.body_8bit and "8BITMIME" not in ext:
+            # RFC 6152 §3: 8-bit data only to servers that announce 8BITMIME.
+            problem = ("5.6.3", f"{label} does not support 8BITMIME, which this message needs")
+        elif "SIZE" in ext and ext["SIZE"].isdigit() and int(ext["SIZE"]) > 0:
+            limit = int(ext["SIZE"])
+            if traits.crlf_size > limit:  # RFC 1870 §6.1
+                problem = (
+                    "5.3.4",
+                    f"message size {traits.crlf_size} exceeds {label}'s limit {limit}",
+                )
+        if problem is None:
+            return None
+        status, text = problem
+        return [RecipientResult(r, Outcome.FAILED, text, status, label) for r in recipients]
+
+
+class _TlsFailed(Exception):
+    pass

@@ -1,0 +1,140 @@
+"""DNS lookups for outbound routing, behind a small interface.
+
+``Resolver`` is what the router needs: MX records of a domain and the
+addresses of a host.  ``DnsResolver`` implements it with dnspython and
+honours ``[relay] dns_servers`` (SPEC: every lookup goes through them when
+set); ``StaticResolver`` is an in-memory table for tests and tools.
+
+Errors are split the way delivery needs them (RFC 5321 §5.1, §4.2.4):
+a name that does not exist is permanent, anything else that went wrong
+(timeouts, SERVFAIL, REFUSED) is temporary and the message is retried.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from postoffice.config.settings import ListenAddress
+from postoffice.delivery.mx import MxRecord, normalise_host
+
+DNS_LIFETIME = 20.0  # seconds for one lookup, all servers and retries included
+
+
+class DnsError(Exception):
+    """A lookup failed.  ``temporary`` decides retry (True) or bounce (False)."""
+
+    def __init__(self, message: str, *, temporary: bool) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+
+class Resolver(Protocol):
+    async def mx(self, domain: str) -> list[MxRecord]:
+        """The MX records of ``domain``; [] when it exists but has none.
+        Raise DnsError (permanent when the domain does not exist)."""
+        ...
+
+    async def addresses(self, host: str) -> list[str]:
+        """IPv6 then IPv4 addresses of ``host``; [] when it has none or does
+        not exist.  Raise DnsError(temporary=True) when DNS failed."""
+        ...
+
+
+def _absolute(name: str) -> dns.name.Name:
+    # Absolute names: no search list, so "example.test" never becomes
+    # "example.test.corp.local".
+    return dns.name.from_text(normalise_host(name) + ".")
+
+
+class DnsResolver:
+    """dnspython's async resolver, on ``servers`` or the system's."""
+
+    def __init__(self, servers: Sequence[ListenAddress] = (), lifetime: float = DNS_LIFETIME):
+        if servers:
+            self._resolver = dns.asyncresolver.Resolver(configure=False)
+            self._resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(s.host, s.port) for s in servers
+            ]
+        else:
+            self._resolver = dns.asyncresolver.Resolver()
+        self._resolver.lifetime = lifetime
+        self._resolver.timeout = min(lifetime, 5.0)
+
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """The answer, or None for NODATA; DnsError(temporary=False) for NXDOMAIN."""
+        try:
+            return await self._resolver.resolve(
+                _absolute(name), rdtype, search=False, raise_on_no_answer=False
+            )
+        except dns.resolver.NXDOMAIN:
+            raise DnsError(f"{name}: no such domain", temporary=False) from None
+        except dns.resolver.NoNameservers as exc:
+            raise DnsError(f"{name} {rdtype}: DNS servers failed ({exc})", temporary=True) from None
+        except dns.exception.Timeout:
+            raise DnsError(f"{name} {rdtype}: DNS timeout", temporary=True) from None
+        except dns.exception.DNSException as exc:
+            raise DnsError(f"{name} {rdtype}: DNS error: {exc}", temporary=True) from None
+
+    async def mx(self, domain: str) -> list[MxRecord]:
+        answer = await self._query(domain, "MX")
+        if answer is None or answer.rrset is None:
+            return []
+        return [
+            MxRecord(int(r.preference), normalise_host(r.exchange.to_text()))
+            for r in answer.rrset
+            if r.rdtype == dns.rdatatype.MX
+        ]
+
+    async def addresses(self, host: str) -> list[str]:
+        found: list[str] = []
+        for rdtype in ("AAAA", "A"):
+            try:
+                answer = await self._query(host, rdtype)
+            except DnsError as exc:
+                if exc.temporary:
+                    raise
+                return []
+            if answer is not None and answer.rrset is not None:
+                found += [r.address for r in answer.rrset if hasattr(r, "address")]
+        return found
+
+
+class StaticResolver:
+    """A fixed table: ``mx`` maps domains to records, ``hosts`` names to addresses.
+    Names in neither table do not exist.  For tests and offline tools."""
+
+    def __init__(
+        self,
+        mx: Mapping[str, Sequence[MxRecord]] | None = None,
+        hosts: Mapping[str, Sequence[str]] | None = None,
+        failing: Sequence[str] = (),
+    ) -> None:
+        self._mx = {normalise_host(k): list(v) for k, v in (mx or {}).items()}
+        self._hosts = {normalise_host(k): list(v) for k, v in (hosts or {}).items()}
+        self._failing = {normalise_host(n) for n in failing}
+
+    async def mx(self, domain: str) -> list[MxRecord]:
+        name = normalise_host(domain)
+        if name in self._failing:
+            raise DnsError(f"{name} MX: DNS servers failed", temporary=True)
+        if name in self._mx:
+            return list(self._mx[name])
+        if name in self._hosts:
+            return []
+        raise DnsError(f"{name}: no such domain", temporary=False)
+
+    async def addresses(self, host: str) -> list[str]:
+        name = normalise_host(host)
+        if name in self._failing:
+            raise DnsError(f"{name}: DNS servers failed", temporary=True)
+        found = self._hosts.get(name, [])
+        return sorted(found, key=lambda a: ipaddress.ip_address(a).version, reverse=True)

@@ -1,0 +1,272 @@
+"""An asyncio SMTP client for relaying: one connection, any number of replies.
+
+It drives the wire helpers in ``smtp_wire`` over a ``ClientConnection``
+(our ``net.connection.Connection`` with a client-side TLS upgrade, so
+plaintext buffered before STARTTLS is dropped, RFC 3207 §4.2).  Supported:
+EHLO with HELO fallback, STARTTLS, PIPELINING (RFC 2920), SIZE, 8BITMIME,
+SMTPUTF8, and a body streamed from the queue file in chunks.  Every wait
+has the RFC 5321 §4.5.3.2 timeout for its stage.
+
+aiosmtplib was the other candidate; it takes the whole message as one
+``bytes`` and never pipelines, and the queue wants neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+from postoffice.delivery.smtp_wire import (
+    BodyEncoder,
+    ProtocolError,
+    Reply,
+    ReplyParser,
+    command,
+    mail_command,
+    parse_ehlo,
+    rcpt_command,
+)
+from postoffice.mail.address import Address
+from postoffice.net.connection import Connection, ConnectionClosed
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    """Seconds to wait at each stage; defaults are RFC 5321 §4.5.3.2's minimums."""
+
+    connect: float = 30.0
+    greeting: float = 300.0  # §4.5.3.2.1 initial 220 message: 5 minutes
+    command: float = 300.0  # §4.5.3.2.2/3 MAIL and RCPT: 5 minutes (EHLO alike)
+    data_init: float = 120.0  # §4.5.3.2.4 DATA initiation: 2 minutes
+    data_block: float = 180.0  # §4.5.3.2.5 each data block sent: 3 minutes
+    data_end: float = 600.0  # §4.5.3.2.6 reply to the final dot: 10 minutes
+    tls: float = 60.0  # the TLS handshake after 220 to STARTTLS
+
+
+class SmtpConnectionError(Exception):
+    """The connection failed (refused, lost, timed out, or the peer spoke
+    nonsense).  ``after_data`` is True when the final dot had been sent:
+    the peer may have taken the message (RFC 5321 §6.1's duplicate case)."""
+
+    def __init__(self, message: str, *, after_data: bool = False) -> None:
+        super().__init__(message)
+        self.after_data = after_data
+
+
+class ClientConnection(Connection):
+    """``Connection`` for the client side of a connection."""
+
+    async def start_client_tls(
+        self, context: ssl.SSLContext, server_hostname: str | None, timeout: float
+    ) -> None:
+        assert self.transport is not None
+        self._buffer.clear()  # plaintext sent before the upgrade is never read
+        async with asyncio.timeout(timeout):
+            new = await self._loop.start_tls(
+                self.transport, self, context, server_side=False, server_hostname=server_hostname
+            )
+        if new is None:
+            raise ConnectionClosed
+        self.transport = new
+        self._buffer.clear()
+        self.tls = True
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionResult:
+    """Per recipient, the reply that decided its fate, in RCPT order."""
+
+    replies: dict[Address, Reply]
+    mail: Reply  # the reply to MAIL FROM
+    data_sent: bool  # the body went out and the final reply came back
+
+
+class SmtpClient:
+    """One SMTP client connection.  Create with ``await SmtpClient.connect``."""
+
+    def __init__(self, conn: ClientConnection, timeouts: ClientTimeouts) -> None:
+        self._conn = conn
+        self._timeouts = timeouts
+        self._parser = ReplyParser()
+        self._replies: deque[Reply] = deque()
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+
+    @classmethod
+    async def connect(cls, ip: str, port: int, timeouts: ClientTimeouts) -> SmtpClient:
+        """Open a TCP connection; raise SmtpConnectionError."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeouts.connect):
+                _transport, conn = await loop.create_connection(ClientConnection, ip, port)
+        except TimeoutError:
+            raise SmtpConnectionError("connect timed out") from None
+        except OSError as exc:
+            raise SmtpConnectionError(exc.strerror or str(exc)) from None
+        return cls(conn, timeouts)
+
+    @property
+    def tls(self) -> bool:
+        return self._conn.tls
+
+    def tls_info(self) -> str:
+        version, cipher = self._conn.tls_version(), self._conn.tls_cipher()
+        return f"{version} {cipher}" if version else ""
+
+    # --- low level -------------------------------------------------------------------
+    async def _reply(self, timeout: float, *, after_data: bool = False) -> Reply:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for _ in range(100_000):  # each pass reads at least one byte; bounded anyway
+            if self._replies:
+                return self._replies.popleft()
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                data = await self._conn.read(remaining)
+                self._replies.extend(self._parser.feed(data))
+            except TimeoutError:
+                raise SmtpConnectionError(
+                    f"timed out after {timeout:.0f}s waiting for a reply", after_data=after_data
+                ) from None
+            except ConnectionClosed:
+                raise SmtpConnectionError(
+                    "connection closed by the peer", after_data=after_data
+                ) from None
+            except ProtocolError as exc:
+                raise SmtpConnectionError(f"protocol error: {exc}", after_data=after_data) from None
+        raise SmtpConnectionError("reply never completed")
+
+    async def _send(self, data: bytes, timeout: float) -> None:
+        self._conn.write(data)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._conn.drain()
+        except TimeoutError:
+            raise SmtpConnectionError(f"timed out after {timeout:.0f}s sending") from None
+        if self._conn.transport is None or self._conn.transport.is_closing():
+            raise SmtpConnectionError("connection lost while sending")
+
+    # --- the conversation ------------------------------------------------------------
+    async def greeting(self) -> Reply:
+        return await self._reply(self._timeouts.greeting)
+
+    async def hello(self, name: str) -> Reply:
+        """EHLO, or HELO if the peer does not know EHLO (RFC 5321 §4.1.4)."""
+        await self._send(command(f"EHLO {name}"), self._timeouts.command)
+        reply = await self._reply(self._timeouts.command)
+        if reply.positive:
+            self.esmtp = True
+            self.extensions = parse_ehlo(reply)
+            return reply
+        if reply.code not in (500, 502):
+            return reply
+        self.esmtp = False
+        self.extensions = {}
+        await self._send(command(f"HELO {name}"), self._timeouts.command)
+        return await self._reply(self._timeouts.command)
+
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None) -> Reply:
+        """Send STARTTLS; on 220 upgrade the connection (raise SmtpConnectionError
+        if the handshake fails).  The caller must EHLO again (RFC 3207 §4.2)."""
+        await self._send(b"STARTTLS\r\n", self._timeouts.command)
+        reply = await self._reply(self._timeouts.command)
+        if reply.code != 220:
+            return reply
+        if self._replies or self._parser.pending:
+            # Replies pipelined after the 220 can only be an injection (RFC 3207 §4.2).
+            raise SmtpConnectionError("peer sent data after 220 to STARTTLS")
+        try:
+            await self._conn.start_client_tls(context, server_hostname, self._timeouts.tls)
+        except (ssl.SSLError, OSError, ConnectionClosed, TimeoutError) as exc:
+            raise SmtpConnectionError(f"TLS handshake failed: {exc}") from None
+        self.extensions = {}
+        return reply
+
+    async def send(
+        self,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        body: AsyncGenerator[bytes, None],
+        *,
+        size: int | None,
+        body_8bit: bool,
+        smtputf8: bool,
+    ) -> TransactionResult:
+        """One mail transaction (RFC 5321 §3.3) for ``recipients``."""
+        mail = mail_command(sender, size=size, body_8bit=body_8bit, smtputf8=smtputf8)
+        rcpts = [rcpt_command(r) for r in recipients]
+        t = self._timeouts
+        if "PIPELINING" in self.extensions:
+            # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write; DATA ends the group.
+            await self._send(mail + b"".join(rcpts) + b"DATA\r\n", t.command)
+            mail_reply = await self._reply(t.command)
+            rcpt_replies = [await self._reply(t.command) for _ in rcpts]
+            data_reply = await self._reply(t.data_init)
+        else:
+            await self._send(mail, t.command)
+            mail_reply = await self._reply(t.command)
+            if not mail_reply.positive:
+                return TransactionResult(dict.fromkeys(recipients, mail_reply), mail_reply, False)
+            rcpt_replies = []
+            for line in rcpts:
+                await self._send(line, t.command)
+                rcpt_replies.append(await self._reply(t.command))
+            if not any(r.positive for r in rcpt_replies):
+                await self._reset()
+                return TransactionResult(
+                    dict(zip(recipients, rcpt_replies, strict=True)), mail_reply, False
+                )
+            await self._send(b"DATA\r\n", t.command)
+            data_reply = await self._reply(t.data_init)
+        if not mail_reply.positive:
+            rcpt_replies = [mail_reply] * len(recipients)
+        replies = dict(zip(recipients, rcpt_replies, strict=True))
+        accepted = [r for r, reply in replies.items() if reply.positive]
+        if data_reply.code != 354:
+            for r in accepted:
+                replies[r] = data_reply if not data_reply.positive else _unexpected(data_reply)
+            return TransactionResult(replies, mail_reply, False)
+        if not accepted:
+            # RFC 2920 §3.1: DATA was accepted although no RCPT was; send an
+            # empty message's end so the peer drops the transaction.
+            await self._send(b".\r\n", t.data_block)
+            await self._reply(t.data_end)
+            return TransactionResult(replies, mail_reply, False)
+        encoder = BodyEncoder()
+        async with contextlib.aclosing(body) as chunks:
+            async for chunk in chunks:
+                await self._send(encoder.encode(chunk), t.data_block)
+        await self._send(encoder.finish(), t.data_block)
+        final = await self._reply(t.data_end, after_data=True)
+        for r in accepted:
+            replies[r] = final
+        return TransactionResult(replies, mail_reply, True)
+
+    async def _reset(self) -> None:
+        with contextlib.suppress(SmtpConnectionError):
+            await self._send(b"RSET\r\n", self._timeouts.command)
+            await self._reply(self._timeouts.command)
+
+    async def quit(self) -> None:
+        """QUIT politely (RFC 5321 §4.1.1.10), never waiting long, then close."""
+        with contextlib.suppress(SmtpConnectionError, ValueError):
+            await self._send(b"QUIT\r\n", 5.0)
+            await self._reply(5.0)
+        await self.close()
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    def abort(self) -> None:
+        self._conn.abort()
+
+
+def _unexpected(reply: Reply) -> Reply:
+    """A 2xx/3xx where 354 belonged: the peer is confused; try again later."""
+    return Reply(451, (f"4.5.0 unexpected reply to DATA: {reply.text}",))

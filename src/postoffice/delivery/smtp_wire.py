@@ -1,0 +1,176 @@
+"""The SMTP client's wire format, sans I/O: replies in, commands and body out.
+
+Nothing here touches a socket or a clock, so every rule is tested with bytes.
+Replies follow RFC 5321 §4.2 (``ddd-text`` continuation lines, ``ddd text``
+last line) with enhanced status codes per RFC 3463 / RFC 2034.  The body
+encoder turns stored LF-form content into the DATA stream: CRLF line endings
+and dot-stuffing (RFC 5321 §4.5.2), chunk by chunk, so a message is never
+held whole in memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from postoffice.mail.address import Address
+
+MAX_REPLY_LINE = 8192  # RFC 5321 §4.5.3.1.5 says 512; be lenient, but bounded
+MAX_REPLY_LINES = 200  # an EHLO reply with more lines than this is hostile
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
+_FORBIDDEN_IN_COMMAND = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class ProtocolError(Exception):
+    """The peer broke the reply syntax (or its limits): the connection is unusable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def enhanced(self) -> str | None:
+        """The RFC 3463 status code of the first line, if the peer sent one
+        whose class agrees with the reply code."""
+        m = _ENHANCED.match(self.lines[0]) if self.lines else None
+        if m and m.group(1) == str(self.code)[0]:
+            return f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+        return None
+
+    @property
+    def text(self) -> str:
+        """The reply as one line, for logs and DSN Diagnostic-Code."""
+        return f"{self.code} " + " ".join(line.strip() for line in self.lines).strip()
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class ReplyParser:
+    """Feed bytes, get complete replies.  Lines end in CRLF (a bare LF is
+    tolerated, as most clients do)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._lines: list[str] = []
+        self._code: int | None = None
+
+    @property
+    def pending(self) -> bool:
+        """True when bytes of an unfinished reply are buffered."""
+        return bool(self._buffer or self._lines)
+
+    def feed(self, data: bytes) -> list[Reply]:
+        self._buffer += data
+        replies: list[Reply] = []
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_REPLY_LINE:
+                    raise ProtocolError("reply line too long")
+                return replies
+            raw = bytes(self._buffer[:end]).rstrip(b"\r")
+            del self._buffer[: end + 1]
+            reply = self._line(raw)
+            if reply is not None:
+                replies.append(reply)
+
+    def _line(self, raw: bytes) -> Reply | None:
+        if len(raw) > MAX_REPLY_LINE:
+            raise ProtocolError("reply line too long")
+        if len(raw) < 3 or not raw[:3].isdigit() or (len(raw) > 3 and raw[3:4] not in b" -"):
+            raise ProtocolError(f"malformed reply line {raw[:40]!r}")
+        code = int(raw[:3])
+        if not 200 <= code <= 599:
+            raise ProtocolError(f"reply code {code} out of range")
+        if self._code is not None and code != self._code:
+            raise ProtocolError("reply code changed inside a multiline reply")
+        self._code = code
+        self._lines.append(raw[4:].decode("utf-8", "replace"))
+        if len(self._lines) > MAX_REPLY_LINES:
+            raise ProtocolError("reply has too many lines")
+        if raw[3:4] == b"-":
+            return None
+        reply = Reply(code, tuple(self._lines))
+        self._lines = []
+        self._code = None
+        return reply
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """EHLO keywords (upper case) to their parameters (RFC 5321 §4.1.1.1);
+    the first line is the greeting and is skipped."""
+    extensions: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        keyword, _sep, params = line.strip().partition(" ")
+        if keyword:
+            extensions[keyword.upper()] = params.strip()
+    return extensions
+
+
+def format_path(address: Address | None) -> str:
+    """``<local@domain>``, or ``<>`` for the null reverse-path."""
+    return "<>" if address is None else f"<{address}>"
+
+
+def command(text: str) -> bytes:
+    """One command line.  Refuses control characters so no address or
+    parameter can inject a second command."""
+    if _FORBIDDEN_IN_COMMAND.search(text):
+        raise ValueError("control character in SMTP command")
+    return text.encode("utf-8") + b"\r\n"
+
+
+def mail_command(
+    sender: Address | None, *, size: int | None, body_8bit: bool, smtputf8: bool
+) -> bytes:
+    params = [f"MAIL FROM:{format_path(sender)}"]
+    if size is not None:
+        params.append(f"SIZE={size}")  # RFC 1870 §6
+    if body_8bit:
+        params.append("BODY=8BITMIME")  # RFC 6152 §2
+    if smtputf8:
+        params.append("SMTPUTF8")  # RFC 6531 §3.4
+    return command(" ".join(params))
+
+
+def rcpt_command(recipient: Address) -> bytes:
+    return command(f"RCPT TO:{format_path(recipient)}")
+
+
+class BodyEncoder:
+    """Stored LF-form content -> the DATA byte stream.
+
+    ``encode`` may be fed any chunking of the message; lines starting with
+    "." get another "." (RFC 5321 §4.5.2) and LF becomes CRLF.  ``finish``
+    ends the last line if needed and adds the terminating ``.CRLF``.
+    """
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+
+    def encode(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        out = chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+        if self._at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self._at_line_start = chunk.endswith(b"\n")
+        return out
+
+    def finish(self) -> bytes:
+        return (b"" if self._at_line_start else b"\r\n") + b".\r\n"

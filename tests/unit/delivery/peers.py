@@ -1,0 +1,325 @@
+"""Real peers for outbound delivery tests: a DNS server, MTAs to deliver to.
+
+* ``Dnsmasq`` runs Debian's dnsmasq on a loopback port, authoritative for
+  ``.test`` (unknown names there are NXDOMAIN), serving the MX and address
+  records a test asks for (null MX as a raw record).
+* ``SmtpSink`` runs Postfix's ``smtp-sink``, which accepts (or, with options,
+  refuses) mail and dumps each message to a file.
+* ``ScriptedMta`` is a small SMTP server in a thread of its own, for what
+  smtp-sink cannot do: per-recipient answers, STARTTLS, recording the
+  commands it saw.
+
+Every process is started and stopped by its PID; everything listens on
+127.0.0.0/8 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rdatatype
+
+DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+
+
+def free_port(hosts: Sequence[str] = ("127.0.0.1",), kind: int = socket.SOCK_STREAM) -> int:
+    """A port that is free on every one of ``hosts``."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind((hosts[0], 0))
+            port = int(s.getsockname()[1])
+        try:
+            for host in hosts[1:]:
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no common free port")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+class Dnsmasq:
+    """dnsmasq on 127.0.0.1:<free port>, answering for ``.test`` only."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        mx: Iterable[tuple[str, str, int]] = (),
+        hosts: dict[str, Sequence[str]] | None = None,
+        null_mx: Iterable[str] = (),
+    ) -> None:
+        self.root = root
+        self.port = free_port(("127.0.0.1",), socket.SOCK_DGRAM)
+        self.args = [
+            DNSMASQ,
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--user=root",
+            "--pid-file=",
+            f"--port={self.port}",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--local=/test/",  # names under .test that we do not list: NXDOMAIN
+        ]
+        for domain, host, pref in mx:
+            self.args.append(f"--mx-host={domain},{host},{pref}")
+        for name, addrs in (hosts or {}).items():
+            self.args.append(f"--host-record={name},{','.join(addrs)}")
+        for domain in null_mx:
+            # RFC 7505: MX 0 "." as raw RDATA (preference 0, root name).
+            self.args.append(f"--dns-rr={domain},15,000000")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / f"dnsmasq-{self.port}.log"
+
+    @property
+    def server(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _answers(self) -> bool:
+        query = dns.message.make_query("probe.test.", dns.rdatatype.A)
+        try:
+            dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.5)
+        except (OSError, dns.exception.Timeout):
+            return False
+        return True
+
+    def start(self) -> Dnsmasq:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        if not wait_for(
+            lambda: self.proc is not None and (self.proc.poll() is not None or self._answers()), 10
+        ):
+            self.stop()
+            raise RuntimeError("dnsmasq did not answer")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"dnsmasq exited: {self.log.read_text()}")
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
+
+
+class SmtpSink:
+    """Postfix's smtp-sink on ``host:port``; messages are dumped under ``root``."""
+
+    def __init__(self, root: Path, host: str, port: int, *options: str, name: str = "") -> None:
+        self.host, self.port, self.options = host, port, list(options)
+        self.dump = root / f"sink-{name or host}-{port}"
+        self.dump.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SmtpSink:
+        args = [
+            SMTP_SINK,
+            "-u",
+            "root",
+            "-h",
+            f"sink-{self.host}",
+            "-d",
+            f"{self.dump}/m.",
+            *self.options,
+            f"{self.host}:{self.port}",
+            "64",
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
+            except OSError:
+                return False
+            return True
+
+        if not wait_for(up, 10):
+            self.stop()
+            raise RuntimeError("smtp-sink did not start")
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
+
+    def messages(self) -> list[bytes]:
+        """Dumped transactions whose message is complete (smtp-sink writes the
+        final empty line after the end of data)."""
+        found = []
+        for path in sorted(self.dump.iterdir()):
+            data = path.read_bytes()
+            if data.endswith(b"\n\n") or data.endswith(b"\n"):
+                found.append(data)
+        return found
+
+
+# --- a scripted MTA ----------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes  # un-dot-stuffed, CRLF as sent
+    tls: bool
+    mail_params: str
+
+
+@dataclass
+class ScriptedMta:
+    """A tiny SMTP server in its own thread and loop.
+
+    ``rcpt_reply(address) -> reply line`` decides RCPT answers (default 250);
+    ``extensions`` are the EHLO keywords; with ``tls`` it offers STARTTLS.
+    """
+
+    host: str
+    port: int
+    extensions: Sequence[str] = ("PIPELINING", "8BITMIME", "SIZE 10000000", "ENHANCEDSTATUSCODES")
+    tls: ssl.SSLContext | None = None
+    rcpt_reply: Callable[[str], str] = lambda _a: "250 2.1.5 Ok"
+    data_reply: str = "250 2.0.0 Ok: queued"
+    received: list[Received] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _server: asyncio.Server | None = None
+
+    def start(self) -> ScriptedMta:
+        ready = threading.Event()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+
+            async def serve() -> None:
+                self._server = await asyncio.start_server(self._session, self.host, self.port)
+                ready.set()
+
+            loop.run_until_complete(serve())
+            loop.run_forever()
+            loop.run_until_complete(self._close())
+            loop.close()
+
+        self._thread = threading.Thread(target=main, daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("scripted MTA did not start")
+        return self
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop = None
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tls = False
+        sender, rcpts, params = "", [], ""
+
+        async def say(line: str) -> None:
+            writer.write(line.encode() + b"\r\n")
+            await writer.drain()
+
+        try:
+            await say(f"220 {self.host} ESMTP scripted")
+            for _ in range(1000):
+                raw = await asyncio.wait_for(reader.readline(), 30)
+                if not raw:
+                    return
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                self.commands.append(line)
+                verb = line.split(" ", 1)[0].upper()
+                if verb == "EHLO":
+                    exts = list(self.extensions)
+                    if self.tls is not None and not tls:
+                        exts.append("STARTTLS")
+                    lines = [self.host, *exts]
+                    for i, text in enumerate(lines):
+                        await say(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
+                elif verb == "HELO":
+                    await say(f"250 {self.host}")
+                elif verb == "STARTTLS" and self.tls is not None and not tls:
+                    await say("220 2.0.0 Ready to start TLS")
+                    await writer.start_tls(self.tls)
+                    tls = True
+                elif verb == "MAIL":
+                    arg = line[10:]
+                    sender, _sp, params = arg.partition(" ")
+                    rcpts = []
+                    await say("250 2.1.0 Ok")
+                elif verb == "RCPT":
+                    addr = line[8:].strip()
+                    reply = self.rcpt_reply(addr.strip("<>"))
+                    if reply.startswith("2"):
+                        rcpts.append(addr)
+                    await say(reply)
+                elif verb == "DATA":
+                    if not rcpts:
+                        await say("554 5.5.1 Error: no valid recipients")
+                        continue
+                    await say("354 End data with <CR><LF>.<CR><LF>")
+                    body = bytearray()
+                    for _ in range(1_000_000):
+                        chunk = await asyncio.wait_for(reader.readline(), 30)
+                        if not chunk or chunk == b".\r\n":
+                            break
+                        body += chunk[1:] if chunk.startswith(b".") else chunk
+                    self.received.append(Received(sender, list(rcpts), bytes(body), tls, params))
+                    await say(self.data_reply)
+                    rcpts = []
+                elif verb == "RSET":
+                    rcpts = []
+                    await say("250 2.0.0 Ok")
+                elif verb == "QUIT":
+                    await say("221 2.0.0 Bye")
+                    return
+                else:
+                    await say("502 5.5.2 Error: command not recognized")
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError):
+            return
+        finally:
+            writer.close()
