@@ -8,6 +8,15 @@ import pytest
 from tests.support.server import PostofficeServer
 
 
+@pytest.fixture(autouse=True)
+def _close_raw_clients() -> Iterator[None]:
+    yield
+    from tests.support.smtp import RawSmtp
+
+    while RawSmtp.opened:
+        RawSmtp.opened.pop().close()
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[PostofficeServer]:
     """A running server with domain example.test and users alice and bob."""
@@ -18,6 +27,10 @@ def server(tmp_path: Path) -> Iterator[PostofficeServer]:
     try:
         yield srv
     finally:
+        from tests.support.smtp import RawSmtp
+
+        while RawSmtp.opened:
+            RawSmtp.opened.pop().close()
         srv.stop()
 
 

@@ -9,6 +9,7 @@ CLI, as an administrator would.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,21 @@ from pathlib import Path
 from typing import Any
 
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s")
+
+_CERT_CACHE: list[Path] = []
+
+
+def _cached_tls_dir() -> Path:
+    """One self-signed pair for the whole test run (RSA key generation is slow)."""
+    if not _CERT_CACHE:
+        import tempfile
+
+        from postoffice.net.tls import ensure_self_signed
+
+        tls_dir = Path(tempfile.mkdtemp(prefix="postoffice-test-tls-"))
+        ensure_self_signed(tls_dir, "mail.example.test")
+        _CERT_CACHE.append(tls_dir)
+    return _CERT_CACHE[0]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -66,6 +82,10 @@ class PostofficeServer:
         self.ports = {name: free_port(host) for name in LISTENERS}
         self.log_path = root / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        tls_dir = self.data_dir / "tls"
+        tls_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("cert.pem", "key.pem"):
+            shutil.copyfile(_cached_tls_dir() / name, tls_dir / name)
         merged: dict[str, dict[str, Any]] = {
             "listen": {name: [f"{host}:{port}"] for name, port in self.ports.items()},
         }

@@ -24,6 +24,10 @@ class ConnectionClosed(Exception):
     """The peer went away (or we closed): nothing more will arrive."""
 
 
+class ShuttingDown(Exception):
+    """The server is stopping and the session was waiting at a safe point."""
+
+
 class Connection(asyncio.Protocol):
     """One client connection.  Create with ``loop.create_server(Connection)``
     style factories, then ``await connection.read()`` from the session task."""
@@ -40,6 +44,7 @@ class Connection(asyncio.Protocol):
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self.tls = False
+        self._shutdown = False
 
     # --- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -81,20 +86,29 @@ class Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     # --- for sessions ---------------------------------------------------------
-    async def read(self, timeout: float | None) -> bytes:
+    def request_shutdown(self) -> None:
+        """Wake a session waiting in an interruptible read (server stopping)."""
+        self._shutdown = True
+        self._wake()
+
+    async def read(self, timeout: float | None, *, interruptible: bool = False) -> bytes:
         """Everything received so far (at least one byte); raise ConnectionClosed
-        at EOF and TimeoutError after ``timeout`` seconds of silence."""
-        if not self._buffer:
+        at EOF and TimeoutError after ``timeout`` seconds of silence.
+
+        ``interruptible``: the session is at a safe point (no transaction open),
+        so a server shutdown raises ShuttingDown instead of waiting for input.
+        """
+        while not self._buffer:
             if self._eof:
                 raise ConnectionClosed
+            if interruptible and self._shutdown:
+                raise ShuttingDown
             self._waiter = self._loop.create_future()
             try:
                 async with asyncio.timeout(timeout):
                     await self._waiter
             finally:
                 self._waiter = None
-            if not self._buffer:
-                raise ConnectionClosed
         data = bytes(self._buffer)
         self._buffer.clear()
         if self._read_paused and self.transport:

@@ -34,7 +34,7 @@ class Listener:
     max_per_ip: int
     tls: ssl.SSLContext | None = None  # implicit TLS (submissions, pop3s)
     servers: list[asyncio.Server] = field(default_factory=list)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    tasks: dict[asyncio.Task[None], Connection] = field(default_factory=dict)
     per_ip: Counter[str] = field(default_factory=Counter)
     bound: list[tuple[str, int]] = field(default_factory=list)
 
@@ -76,7 +76,7 @@ class Listener:
             return
         self.per_ip[ip] += 1
         task = asyncio.get_running_loop().create_task(self._run(conn, ip))
-        self.tasks.add(task)
+        self.tasks[task] = conn
 
     async def _run(self, conn: Connection, ip: str) -> None:
         try:
@@ -93,7 +93,7 @@ class Listener:
                 del self.per_ip[ip]
             task = asyncio.current_task()
             if task is not None:
-                self.tasks.discard(task)  # type: ignore[arg-type]
+                self.tasks.pop(task, None)  # type: ignore[arg-type]
 
     def stop_accepting(self) -> None:
         for server in self.servers:
@@ -101,6 +101,8 @@ class Listener:
 
     async def finish(self, grace: float) -> None:
         """Let sessions end on their own for ``grace`` seconds, then cancel them."""
+        for conn in self.tasks.values():
+            conn.request_shutdown()
         if self.tasks:
             _done, pending = await asyncio.wait(set(self.tasks), timeout=grace)
             for task in pending:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.mail.headers import HeaderGate, trace_headers
-from postoffice.net.connection import Connection, ConnectionClosed
+from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
 from postoffice.policy.relay import RecipientVerdict, judge_recipient, sender_allowed
 from postoffice.protocol import sasl
 from postoffice.protocol.smtp_reply import Reply
@@ -101,7 +101,14 @@ class SmtpSession:
             while not self.core.closed:
                 timeout = limits.smtp_data_timeout if self.tx else limits.smtp_timeout
                 try:
-                    data = await self.conn.read(timeout)
+                    data = await self.conn.read(timeout, interruptible=self.tx is None)
+                except ShuttingDown:
+                    self.conn.write(
+                        self.core.send_unsolicited(
+                            Reply(421, f"{hostname} Service shutting down", "4.3.2")
+                        )
+                    )
+                    break
                 except TimeoutError:
                     self.conn.write(
                         self.core.send_unsolicited(

@@ -31,15 +31,17 @@ class PasswordHasher:
 
     def __init__(self, hasher: argon2.PasswordHasher | None = None) -> None:
         self._hasher = hasher or argon2.PasswordHasher()
-        self._dummy = self._hasher.hash(_DUMMY_PASSWORD)
+        self._dummy: str | None = None  # made on first use: hashing is slow by design
 
     def hash(self, password: str) -> str:
         return self._hasher.hash(password)
 
     def verify(self, stored_hash: str | None, password: str) -> bool:
         """Blocking check; ``stored_hash`` None (no such user) still costs a verify."""
+        if stored_hash is None and self._dummy is None:
+            self._dummy = self._hasher.hash(_DUMMY_PASSWORD)
         try:
-            self._hasher.verify(stored_hash or self._dummy, password)
+            self._hasher.verify(stored_hash or self._dummy or "", password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
         return stored_hash is not None
