@@ -353,13 +353,22 @@ class SmtpServerCore:
     """One SMTP server connection's protocol state; see the module docstring."""
 
     def __init__(
-        self, max_message_size: int, max_command_line: int = 512, max_text_line: int = 998
+        self,
+        max_message_size: int,
+        max_command_line: int = 512,
+        max_text_line: int = 998,
+        *,
+        tls: bool = False,
     ) -> None:
+        """``tls``: the connection is already encrypted (implicit TLS, RFC 8314 §3.3).
+
+        It makes STARTTLS a bad sequence (503) and shows in ``core.tls``.
+        """
         self.max_message_size = max_message_size
         self.max_command_line = max_command_line  # octets, CRLF included
         self.max_text_line = max_text_line
         self.error_count = 0
-        self.tls = False
+        self.tls = tls
         self.authenticated = False
         self.extended = False  # the last successful greeting was EHLO
         self.discarded_after_starttls = 0  # octets dropped by the RFC 3207 defence

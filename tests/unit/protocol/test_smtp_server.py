@@ -713,6 +713,17 @@ def test_starttls_twice_or_with_argument() -> None:
     assert rejected(d.one(b"STARTTLS\r\n")) == (503, "5.5.1")
 
 
+def test_implicit_tls() -> None:
+    """RFC 8314 §3.3: on port 465 TLS is on from the start; STARTTLS is out of sequence."""
+    core = SmtpServerCore(1000, tls=True)
+    assert core.tls
+    core.receive_data(b"EHLO c\r\nSTARTTLS\r\n")
+    assert core.next_event() == Hello("c", True)
+    core.send(OK)
+    event = core.next_event()
+    assert isinstance(event, Rejected) and event.reply.code == 503
+
+
 def test_starttls_refused_keeps_plaintext_commands() -> None:
     d = Dialogue().greeted()
     events = d.feed(b"STARTTLS\r\nNOOP\r\n", lambda e: Reply(454, "TLS not available", "4.7.0"))
