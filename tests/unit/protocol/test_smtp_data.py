@@ -310,6 +310,15 @@ def test_oversize_counts_decoded_octets() -> None:
     assert d.size == 300
 
 
+def test_big_feed_without_end() -> None:
+    body = b"x" * 70 + b"\r\n"
+    decoder = DataDecoder(10**9)
+    content, rest = decoder.feed(body * 3000)
+    assert rest is None
+    assert content == b"x" * 70 + (b"\n" + b"x" * 70) * 2999
+    assert decoder.feed(b".\r\n") == (b"\n", b"")
+
+
 def test_big_feed_is_sliced_correctly() -> None:
     body = b"".join(b"line %d ..\r\n.%d\r\n" % (i, i) for i in range(20000))
     stream = body + b".\r\nNOOP\r\n"

@@ -145,6 +145,10 @@ def test_reply_empty_text_keeps_the_space_for_sasl() -> None:
     assert Reply(250, (), "2.0.0").to_bytes() == b"250 2.0.0\r\n"
 
 
+def test_reply_str_is_the_wire_text() -> None:
+    assert str(Reply(250, ("a", "b"), "2.0.0")) == "250-2.0.0 a\r\n250 2.0.0 b"
+
+
 def test_reply_utf8_text() -> None:
     assert Reply(250, "Ok für dich").to_bytes() == "250 Ok für dich\r\n".encode()
 
@@ -295,6 +299,12 @@ def test_quoted_local_part_with_special_characters() -> None:
     assert event.sender == Address('"odd > one"', "b.example") and event.size == 10
 
 
+def test_quoted_local_part_with_escapes() -> None:
+    event = Dialogue().greeted().one(b'MAIL FROM:<"a\\"> b"@b.example> BODY=7BIT\r\n')
+    assert isinstance(event, MailFrom)
+    assert event.sender == Address('"a\\"> b"', "b.example") and event.body == "7BIT"
+
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
@@ -313,6 +323,8 @@ def test_quoted_local_part_with_special_characters() -> None:
         (b"MAIL FROM:<a@b.example> RET=ALL\r\n", (501, "5.5.4")),
         (b"MAIL FROM:<a@b.example> SIZE=1 SIZE=2\r\n", (501, "5.5.4")),
         (b"MAIL FROM:<a@b.example> =x\r\n", (501, "5.5.4")),
+        (b"MAIL FROM:<a@b.example> ENVID=a+zz\r\n", (501, "5.5.4")),
+        (b"MAIL FROM:<a@b.example> AUTH\r\n", (501, "5.5.4")),
         (b"MAIL FROM:<a@b.example> X-FOO=1\r\n", (555, "5.5.4")),
         (b"MAIL FROM:<a@b.example> NOTIFY=NEVER\r\n", (555, "5.5.4")),
         (b"MAIL FROM:<a@b.example\xff>\r\n", (501, "5.5.2")),
