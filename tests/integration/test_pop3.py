@@ -520,6 +520,26 @@ def test_pipelined_commands_are_answered_in_order(raw_tls: Raw, server: Postoffi
     assert raw_tls.line() == b"+OK"
 
 
+def test_retr_in_any_order_with_deletions_between(server: PostofficeServer) -> None:
+    bodies = [b"Subject: %d\n\n" % i + b"line\n" * (i * 37 % 11) + b"#%d\n" % i for i in range(20)]
+    for i, body in enumerate(bodies):
+        deliver(server, ALICE, body, dovecot=bool(i % 3))
+    order = [1, 2, 5, 3, 20, 19, 4, 6, 7, 8, 12, 11, 13]
+    with closing(pop3s(server)) as client:
+        login(client)
+        client.dele(9)
+        for number in order:
+            if number == 6:
+                client.dele(7)
+            if number == 7:
+                with pytest.raises(poplib.error_proto):
+                    client.retr(7)
+                continue
+            _, lines, _ = client.retr(number)
+            assert b"\r\n".join(lines) + b"\r\n" == bodies[number - 1].replace(b"\n", b"\r\n")
+        client.quit()
+
+
 # --- UPDATE and its absence (RFC 1939 §6) -----------------------------------------------
 
 

@@ -66,6 +66,9 @@ T = TypeVar("T")
 TLS_HANDSHAKE_TIMEOUT = 30.0
 MAX_AUTH_FAILURES = 3  # per connection; the throttle slows retries across connections
 FLUSH_AT = 256 * 1024  # write collected replies once this much is pending
+# Read-ahead for RETR of small messages: at most this many, this many octets.
+AHEAD_COUNT = 16
+AHEAD_BYTES = 128 * 1024
 MECHANISMS = ("PLAIN", "LOGIN")
 IMPLEMENTATION = "postoffice"
 PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure connections; use STLS"
@@ -92,6 +95,7 @@ class Pop3Session:
         self._login_user: str | None = None  # SASL LOGIN: the name, awaiting the password
         self._mechanism: str | None = None
         self._update: UpdateResult | None = None
+        self._ahead: dict[int, bytes] = {}  # message number -> content read ahead
         # Blocking work still running for this mailbox: the lock is released
         # only after it finishes, even if the session is cancelled meanwhile.
         self._io: asyncio.Future[Any] | None = None
@@ -311,7 +315,8 @@ class Pop3Session:
                 if msg is None:
                     self._send(core.reply_err(self._missing(n)))
                 else:
-                    await self._retrieve(box, msg, event.lines if isinstance(event, Top) else None)
+                    top = event.lines if isinstance(event, Top) else None
+                    await self._retrieve(box, n, msg, top)
             case Dele(n):
                 msg = box.get(n)
                 if msg is None:
@@ -332,10 +337,37 @@ class Pop3Session:
             return f"Message {n} already deleted"
         return "No such message"
 
-    async def _retrieve(self, box: Pop3Mailbox, msg: Pop3Message, lines: int | None) -> None:
+    async def _read_first(
+        self, box: Pop3Mailbox, n: int, msg: Pop3Message, lines: int | None
+    ) -> tuple[bytes, BinaryIO | None]:
+        cached = self._ahead.pop(n, None)
+        if cached is not None:
+            return cached, None
+        self._ahead.clear()
+        if lines is not None:
+            return await self._blocking(box.read_first, msg)
+        plan: list[tuple[int, Pop3Message]] = []
+        budget = AHEAD_BYTES
+        for number in range(n + 1, min(n + 1 + AHEAD_COUNT, len(box.messages) + 1)):
+            other = box.get(number)
+            if other is None:
+                continue
+            budget -= other.size
+            if budget < 0:
+                break
+            plan.append((number, other))
+        first, fh, ahead = await self._blocking(box.read_ahead, msg, [m for _, m in plan])
+        self._ahead = {
+            number: data for (number, _), data in zip(plan, ahead, strict=True) if data is not None
+        }
+        return first, fh
+
+    async def _retrieve(
+        self, box: Pop3Mailbox, n: int, msg: Pop3Message, lines: int | None
+    ) -> None:
         """RETR (``lines`` None) or TOP: stream the file, converted as it is read."""
         try:
-            first, fh = await self._blocking(box.read_first, msg)
+            first, fh = await self._read_first(box, n, msg, lines)
         except MessageGone:
             self._send(self.core.reply_err("Message was removed by another client"))
             return

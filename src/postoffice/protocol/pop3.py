@@ -493,7 +493,9 @@ def to_crlf(chunk: bytes, after_cr: bool = False) -> bytes:
     before ``chunk`` was CR).  A CR at the end is left for the caller."""
     if after_cr:
         chunk = b"\r" + chunk
-    return chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if b"\r" in chunk:  # rare in stored mail: LF is the Maildir norm
+        chunk = chunk.replace(b"\r\n", b"\n")
+    return chunk.replace(b"\n", b"\r\n")
 
 
 def wire_size(chunks: Iterable[bytes]) -> int:

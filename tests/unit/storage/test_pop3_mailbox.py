@@ -345,3 +345,20 @@ def test_ten_thousand_w_named_messages_list_without_reading(maildir: Path) -> No
     assert len(messages) == 10_000
     assert {m.size for m in messages} == {len(data) + 1}
     assert len({m.uid for m in messages}) == 10_000
+
+
+def test_read_ahead_returns_followers_whole_or_none(maildir: Path) -> None:
+    put(maildir, "1700000000.a", b"first\n")
+    put(maildir, "1700000001.b", b"second\n")
+    put(maildir, "1700000002.c", b"third\n")
+    put(maildir, "1700000003.d", b"fourth\n")
+    box = Pop3Mailbox.open(maildir)
+    try:
+        a, b, c, d = box.messages
+        (maildir / "new" / c.name).unlink()  # removed by another reader
+        (maildir / "new" / d.name).write_bytes(b"grown well beyond its listed size\n")
+        first, fh, ahead = box.read_ahead(a, [b, c, d])
+        assert (first, fh) == (b"first\n", None)
+        assert ahead == [b"second\n", None, None]
+    finally:
+        box.close()
