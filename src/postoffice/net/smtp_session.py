@@ -82,6 +82,7 @@ class SmtpSession:
         self.mode = mode
         limits = services.settings.limits
         self.core = SmtpServerCore(max_message_size=limits.max_message_size)
+        self.core.tls = conn.tls  # implicit TLS (465): no STARTTLS to offer
         self.client_ip = conn.peer[0]
         self.helo = ""
         self.user: Address | None = None
@@ -180,11 +181,11 @@ class SmtpSession:
                 return Reply(221, f"{self.s.settings.hostname} Bye", "2.0.0")
             case Verify():
                 # RFC 5321 §3.5.3: 252 rather than confirm or deny addresses.
-                return Reply(252, "Cannot VRFY user, but will accept message for local users",
-                             "2.5.2")
+                return Reply(
+                    252, "Cannot VRFY user, but will accept message for local users", "2.5.2"
+                )
             case Help():
-                return Reply(214, "See RFC 5321 (https://www.rfc-editor.org/rfc/rfc5321)",
-                             "2.0.0")
+                return Reply(214, "See RFC 5321 (https://www.rfc-editor.org/rfc/rfc5321)", "2.0.0")
             case StartTls():
                 return Reply(220, "Ready to start TLS", "2.0.0")
             case Auth():
@@ -236,8 +237,10 @@ class SmtpSession:
             return Reply(452, "Too many recipients", "4.5.3")
         rcpt = event.recipient
         if rcpt.domain == "":  # bare <postmaster> (RFC 5321 §4.1.1.3)
-            rcpt = Address("postmaster", self.s.settings.domains[0] if self.s.settings.domains
-                           else self.s.settings.hostname)
+            rcpt = Address(
+                "postmaster",
+                self.s.settings.domains[0] if self.s.settings.domains else self.s.settings.hostname,
+            )
         verdict = judge_recipient(
             self.s, rcpt, may_relay=self.mode is SmtpMode.SUBMISSION and self.user is not None
         )
@@ -259,9 +262,7 @@ class SmtpSession:
         queue_id = _new_queue_id()
         try:
             local = self.s.maildirs.writer(list(env.mailboxes)) if env.mailboxes else None
-            outbound = (
-                self.s.outbound.writer(env.sender, list(env.remote)) if env.remote else None
-            )
+            outbound = self.s.outbound.writer(env.sender, list(env.remote)) if env.remote else None
         except (AddressError, ValueError) as exc:
             log.error("smtp cannot start delivery id=%s: %s", queue_id, exc)
             return Reply(451, "Local error in processing", "4.3.0")
@@ -345,16 +346,19 @@ class SmtpSession:
         if event.oversize:
             return Reply(552, f"Message size exceeds fixed limit of {limit} octets", "5.3.4")
         if event.bare_cr:
-            return Reply(554, "Bare CR in message content is not allowed (RFC 5321 §2.3.8)",
-                         "5.6.0")
+            return Reply(
+                554, "Bare CR in message content is not allowed (RFC 5321 §2.3.8)", "5.6.0"
+            )
         if event.line_too_long:
-            return Reply(554, "Message has a line longer than 998 octets (RFC 5322 §2.1.1)",
-                         "5.6.0")
+            return Reply(
+                554, "Message has a line longer than 998 octets (RFC 5322 §2.1.1)", "5.6.0"
+            )
         if self.mode is SmtpMode.SUBMISSION and self.user is not None:
             for author in tx.gate.from_addresses():
                 if not sender_allowed(self.s.accounts, self.user, author):
-                    return Reply(553, f"From: address {author} not owned by user {self.user}",
-                                 "5.7.1")
+                    return Reply(
+                        553, f"From: address {author} not owned by user {self.user}", "5.7.1"
+                    )
         return None
 
     async def _commit(self, tx: _Transaction, size: int) -> Reply:
@@ -414,8 +418,9 @@ class SmtpSession:
         if self.mode is not SmtpMode.SUBMISSION:
             return Reply(502, "AUTH not available on this port", "5.5.1")
         if not self._auth_allowed():
-            return Reply(538, "Encryption required for requested authentication mechanism",
-                         "5.7.11")
+            return Reply(
+                538, "Encryption required for requested authentication mechanism", "5.7.11"
+            )
         mech = event.mechanism.upper()
         self._auth_mech = mech
         self._auth_state = []
