@@ -75,7 +75,7 @@ def login(client: poplib.POP3, user: str = ALICE, password: str = ALICE_PW) -> b
 
 
 def err(excinfo: pytest.ExceptionInfo[poplib.error_proto]) -> bytes:
-    return excinfo.value.args[0]
+    return bytes(excinfo.value.args[0])
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
@@ -118,7 +118,7 @@ class Raw:
         return line
 
     def multiline(self) -> list[bytes]:
-        lines = []
+        lines: list[bytes] = []
         for _ in range(1_000_000):
             line = self.line()
             if line == b".":
