@@ -135,10 +135,8 @@ def _announce(server: Server) -> None:
     print(f"  local domains: {', '.join(domains) or '(none)'}", file=out)
     if not server.services.accounts.list_users():
         config = "" if s.source.startswith("<") else f" -c {s.source}"
-        print(
-            f"No users yet. Add one with:  postoffice{config} user add you@{domains[0] if domains else 'localhost'}",
-            file=out,
-        )
+        domain = domains[0] if domains else "localhost"
+        print(f"No users yet. Add one with:  postoffice{config} user add you@{domain}", file=out)
     out.flush()
 
 
@@ -157,8 +155,10 @@ async def _run(services: Services) -> int:
         return 1
     _announce(server)
     await stop.wait()
-    log.info("shutting down: no new connections; sessions get %.0fs to finish",
-             services.settings.limits.shutdown_grace)
+    log.info(
+        "shutting down: no new connections; sessions get %.0fs to finish",
+        services.settings.limits.shutdown_grace,
+    )
     await server.stop()
     log.info("stopped")
     return 0

@@ -13,7 +13,9 @@ import pytest
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
 
-MESSAGE = b"From: sender@remote.test\r\nTo: alice@example.test\r\nSubject: hi\r\n\r\nHello Alice.\r\n"
+MESSAGE = (
+    b"From: sender@remote.test\r\nTo: alice@example.test\r\nSubject: hi\r\n\r\nHello Alice.\r\n"
+)
 
 
 def smtp(server: PostofficeServer) -> smtplib.SMTP:
@@ -49,7 +51,9 @@ def test_delivers_to_local_mailbox_with_trace_headers(server: PostofficeServer) 
     assert path.parent.name == "new"
     content = path.read_bytes()
     assert b"\r\n" not in content  # stored with LF line endings like other Maildir writers
-    assert content.startswith(b"Return-Path: <sender@remote.test>\nDelivered-To: alice@example.test\n")
+    assert content.startswith(
+        b"Return-Path: <sender@remote.test>\nDelivered-To: alice@example.test\n"
+    )
     assert b"Received: from client.test ([127.0.0.1])" in content
     assert b"by mail.example.test (postoffice) with ESMTP id " in content
     assert b"for <alice@example.test>;" in content
@@ -65,7 +69,14 @@ def test_ehlo_advertises_extensions(server: PostofficeServer) -> None:
     with smtp(server) as client:
         code, _ = client.ehlo("client.test")
         assert code == 250
-        for ext in ("pipelining", "size", "8bitmime", "smtputf8", "enhancedstatuscodes", "starttls"):
+        for ext in (
+            "pipelining",
+            "size",
+            "8bitmime",
+            "smtputf8",
+            "enhancedstatuscodes",
+            "starttls",
+        ):
             assert client.has_extn(ext), ext
         assert client.esmtp_features["size"] == str(25 * 1024 * 1024)
         assert not client.has_extn("auth")  # no AUTH on the MTA port
@@ -224,8 +235,11 @@ def test_bare_lf_lines_are_normalised(server: PostofficeServer) -> None:
 
 def test_dot_stuffing_is_removed(server: PostofficeServer) -> None:
     with smtp(server) as client:
-        client.sendmail("a@remote.test", ["alice@example.test"],
-                        b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\n")
+        client.sendmail(
+            "a@remote.test",
+            ["alice@example.test"],
+            b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\n",
+        )
     # smtplib stuffs the leading dots; the stored message has the original text
     (path,) = server.messages("alice@example.test")
     assert path.read_bytes().endswith(b"\n\n.leading dot\n..two dots\n.\n")
@@ -374,10 +388,25 @@ def test_swaks_delivers(server: PostofficeServer, require_program) -> None:  # t
     import subprocess
 
     result = subprocess.run(
-        [swaks, "--server", "127.0.0.1", "--port", str(server.ports["smtp"]),
-         "--from", "someone@remote.test", "--to", "alice@example.test",
-         "--header", "Subject: via swaks", "--body", "swaks body", "-tls"],
-        capture_output=True, text=True, timeout=60,
+        [
+            swaks,
+            "--server",
+            "127.0.0.1",
+            "--port",
+            str(server.ports["smtp"]),
+            "--from",
+            "someone@remote.test",
+            "--to",
+            "alice@example.test",
+            "--header",
+            "Subject: via swaks",
+            "--body",
+            "swaks body",
+            "-tls",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     (path,) = server.messages("alice@example.test")

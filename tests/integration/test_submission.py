@@ -45,8 +45,11 @@ def test_starttls_auth_plain_and_login(server: PostofficeServer) -> None:
         assert "PLAIN" in client.esmtp_features["auth"]
         assert "LOGIN" in client.esmtp_features["auth"]
         client.login("alice@example.test", "alice-password-1")
-        client.sendmail("alice@example.test", ["bob@example.test"],
-                        b"From: alice@example.test\r\nSubject: hi bob\r\n\r\nhello\r\n")
+        client.sendmail(
+            "alice@example.test",
+            ["bob@example.test"],
+            b"From: alice@example.test\r\nSubject: hi bob\r\n\r\nhello\r\n",
+        )
     with submit(server) as client:
         client.user, client.password = "bob@example.test", "bob-password-2"
         code, _ = client.auth("LOGIN", client.auth_login)
@@ -59,14 +62,18 @@ def test_starttls_auth_plain_and_login(server: PostofficeServer) -> None:
 
 
 def test_implicit_tls_submissions(server: PostofficeServer) -> None:
-    with smtplib.SMTP_SSL("127.0.0.1", server.ports["submissions"], timeout=15,
-                          context=tls_context()) as client:
+    with smtplib.SMTP_SSL(
+        "127.0.0.1", server.ports["submissions"], timeout=15, context=tls_context()
+    ) as client:
         client.ehlo("laptop.test")
         assert not client.has_extn("starttls")
         client.login("alice@example.test", "alice-password-1")
-        client.sendmail("alice@example.test", ["bob@example.test"],
-                        b"From: Alice <alice@example.test>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
-                        b"Message-ID: <given@laptop.test>\r\n\r\nhello\r\n")
+        client.sendmail(
+            "alice@example.test",
+            ["bob@example.test"],
+            b"From: Alice <alice@example.test>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+            b"Message-ID: <given@laptop.test>\r\n\r\nhello\r\n",
+        )
     (path,) = server.messages("bob@example.test")
     content = path.read_bytes()
     assert content.count(b"Message-ID:") == 1 and b"<given@laptop.test>" in content
@@ -96,8 +103,11 @@ def test_from_header_spoofing_is_553(server: PostofficeServer) -> None:
     with submit(server) as client:
         client.login("alice@example.test", "alice-password-1")
         with pytest.raises(smtplib.SMTPDataError) as err:
-            client.sendmail("alice@example.test", ["bob@example.test"],
-                            b"From: Bob <bob@example.test>\r\nSubject: x\r\n\r\nfake\r\n")
+            client.sendmail(
+                "alice@example.test",
+                ["bob@example.test"],
+                b"From: Bob <bob@example.test>\r\nSubject: x\r\n\r\nfake\r\n",
+            )
         assert err.value.smtp_code == 553
     assert server.messages("bob@example.test") == []
 
@@ -106,10 +116,14 @@ def test_alias_and_plus_address_may_be_used_as_sender(server: PostofficeServer) 
     server.cli("alias", "add", "sales@example.test", "alice@example.test")
     with submit(server) as client:
         client.login("alice@example.test", "alice-password-1")
-        client.sendmail("sales@example.test", ["bob@example.test"],
-                        b"From: sales@example.test\r\n\r\nhi\r\n")
-        client.sendmail("alice+shop@example.test", ["bob@example.test"],
-                        b"From: alice+shop@example.test\r\n\r\nhi\r\n")
+        client.sendmail(
+            "sales@example.test", ["bob@example.test"], b"From: sales@example.test\r\n\r\nhi\r\n"
+        )
+        client.sendmail(
+            "alice+shop@example.test",
+            ["bob@example.test"],
+            b"From: alice+shop@example.test\r\n\r\nhi\r\n",
+        )
     assert len(server.messages("bob@example.test")) == 2
 
 
@@ -134,17 +148,37 @@ def test_auth_cancel_and_garbage(server: PostofficeServer) -> None:
 @pytest.mark.interop
 def test_swaks_submission_587_and_465(server: PostofficeServer, require_program) -> None:  # type: ignore[no-untyped-def]
     swaks = require_program("swaks")
-    common = ["--from", "alice@example.test", "--to", "bob@example.test",
-              "--auth", "LOGIN", "--auth-user", "alice@example.test",
-              "--auth-password", "alice-password-1", "--header", "From: alice@example.test"]
-    for extra in (["--port", str(server.ports["submission"]), "-tls"],
-                  ["--port", str(server.ports["submissions"]), "-tlsc"]):
-        result = subprocess.run([swaks, "--server", "127.0.0.1", *extra, *common],
-                                capture_output=True, text=True, timeout=60)
+    common = [
+        "--from",
+        "alice@example.test",
+        "--to",
+        "bob@example.test",
+        "--auth",
+        "LOGIN",
+        "--auth-user",
+        "alice@example.test",
+        "--auth-password",
+        "alice-password-1",
+        "--header",
+        "From: alice@example.test",
+    ]
+    for extra in (
+        ["--port", str(server.ports["submission"]), "-tls"],
+        ["--port", str(server.ports["submissions"]), "-tlsc"],
+    ):
+        result = subprocess.run(
+            [swaks, "--server", "127.0.0.1", *extra, *common],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     # without TLS, swaks cannot authenticate
-    result = subprocess.run([swaks, "--server", "127.0.0.1", "--port",
-                             str(server.ports["submission"]), *common],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [swaks, "--server", "127.0.0.1", "--port", str(server.ports["submission"]), *common],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert len(server.messages("bob@example.test")) == 2

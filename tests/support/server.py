@@ -55,7 +55,9 @@ def toml_value(value: Any) -> str:
     raise TypeError(value)
 
 
-def write_config(path: Path, top: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]]) -> None:
+def write_config(
+    path: Path, top: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]]
+) -> None:
     lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
     for name, table in sections.items():
         lines.append(f"\n[{name}]")
@@ -98,7 +100,9 @@ class PostofficeServer:
         )
 
     # --- CLI ------------------------------------------------------------------
-    def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "postoffice", "-c", str(self.config), *args],
             input=input,
@@ -119,18 +123,19 @@ class PostofficeServer:
 
     def messages(self, address: str) -> list[Path]:
         md = self.maildir(address)
-        return sorted(p for sub in ("new", "cur") if (md / sub).is_dir() for p in (md / sub).iterdir())
+        return sorted(
+            p for sub in ("new", "cur") if (md / sub).is_dir() for p in (md / sub).iterdir()
+        )
 
     # --- process --------------------------------------------------------------
     def start(self, timeout: float = 20.0, env: Mapping[str, str] | None = None) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "postoffice", "serve", "-c", str(self.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "postoffice", "serve", "-c", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
         deadline = time.monotonic() + timeout
         waiting = set(self.ports)
         while waiting and time.monotonic() < deadline:

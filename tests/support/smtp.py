@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 
 
 class RawSmtp:
-    def __init__(self, host: str, port: int, timeout: float = 10.0, source: str | None = None) -> None:
+    # Every client made during a test; the autouse fixture in conftest closes them.
+    opened: list[RawSmtp] = []
+
+    def __init__(
+        self, host: str, port: int, timeout: float = 10.0, source: str | None = None
+    ) -> None:
         self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
             (host, port), timeout=timeout, source_address=(source, 0) if source else None
         )
         self.buf = b""
+        RawSmtp.opened.append(self)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -48,7 +55,5 @@ class RawSmtp:
             return True
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

@@ -138,7 +138,7 @@ class Connection(asyncio.Protocol):
             new = await self._loop.start_tls(self.transport, self, context, server_side=True)
         if new is None:
             raise ConnectionClosed
-        self.transport = cast(asyncio.Transport, new)
+        self.transport = new
         self._buffer.clear()
         self.tls = True
 

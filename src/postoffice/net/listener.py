@@ -93,7 +93,7 @@ class Listener:
                 del self.per_ip[ip]
             task = asyncio.current_task()
             if task is not None:
-                self.tasks.pop(task, None)  # type: ignore[arg-type]
+                self.tasks.pop(task, None)
 
     def stop_accepting(self) -> None:
         for server in self.servers:

@@ -10,8 +10,8 @@ session waits for more input (RFC 2920 §3.1).
 from __future__ import annotations
 
 import enum
-import secrets
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 

@@ -92,7 +92,7 @@ class LoginThrottle:
             if key and (entry := self._entry(key)):
                 worst = max(worst, entry.count)
         extra = worst - self.free_failures
-        return 0.0 if extra < 0 else min(self.max_delay, float(2**min(extra, 16)))
+        return 0.0 if extra < 0 else min(self.max_delay, float(2 ** min(extra, 16)))
 
     def failed(self, client_ip: str, account: str | None) -> None:
         now = self._clock()

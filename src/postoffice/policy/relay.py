@@ -34,8 +34,11 @@ def judge_recipient(services: Services, rcpt: Address, *, may_relay: bool) -> Re
     if rcpt.is_literal:
         # An address literal is never one of our domains; relaying to one is
         # refused even for authenticated users (it bypasses MX routing).
-        return RecipientVerdict(reply=RELAY_DENIED if not may_relay else
-                                Reply(550, "Address literals are not accepted", "5.1.2"))
+        return RecipientVerdict(
+            reply=RELAY_DENIED
+            if not may_relay
+            else Reply(550, "Address literals are not accepted", "5.1.2")
+        )
     resolution = services.accounts.resolve(rcpt)
     if resolution is None and rcpt.domain in services.settings.domains:
         resolution = services.accounts.resolve(Address(rcpt.local, rcpt.domain))

@@ -107,8 +107,7 @@ class _Namer:
         secs = int(now)
         usecs = int((now - secs) * 1_000_000)
         return (
-            f"{secs}.M{usecs}P{os.getpid()}Q{next(self.counter)}"
-            f"R{secrets.token_hex(4)}.{self.host}"
+            f"{secs}.M{usecs}P{os.getpid()}Q{next(self.counter)}R{secrets.token_hex(4)}.{self.host}"
         )
 
 
