@@ -232,6 +232,23 @@ class SmtpSession:
         return Reply(250, "Ok", "2.1.0")
 
     def _rcpt(self, event: RcptTo) -> Reply:
+        reply = self._judge_rcpt(event)
+        if not reply.is_positive:
+            # Postfix-style "NOQUEUE: reject" line: refusals are what admins grep for.
+            log.info(
+                "smtp reject mode=%s client=%s helo=%s from=<%s> to=<%s> result=%d %s %s",
+                self.mode.value,
+                self.client_ip,
+                self.helo or "-",
+                self.envelope.sender or "",
+                event.recipient,
+                reply.code,
+                reply.enhanced or "",
+                reply.lines[0] if reply.lines else "",
+            )
+        return reply
+
+    def _judge_rcpt(self, event: RcptTo) -> Reply:
         env = self.envelope
         if len(env.recipients) >= self.s.settings.limits.max_recipients:
             return Reply(452, "Too many recipients", "4.5.3")
