@@ -38,6 +38,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -60,10 +61,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def answers(port: int) -> bool:
+def answers(port: int, tls: bool = False) -> bool:
+    """A POP3 greeting on ``port`` (after a TLS handshake for POP3S)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-            s.settimeout(5)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            s = ctx.wrap_socket(raw, server_hostname="localhost") if tls else raw
             return s.recv(100).startswith(b"+OK")
     except OSError:
         return False
@@ -158,7 +162,11 @@ def main() -> int:
 
     if a.dovecot == "up":
         subprocess.run([str(a.bench_dir / "anchor-stack.sh"), "up"], check=True, timeout=1800)
-    dovecot = a.dovecot != "no" and all(answers(p) for p in DOVECOT_PORTS.values())
+    dovecot = (
+        a.dovecot != "no"
+        and answers(DOVECOT_PORTS["pop3"])
+        and answers(DOVECOT_PORTS["pop3s"], tls=True)
+    )
 
     root = Path(tempfile.mkdtemp(prefix="pop3-bench-"))
     server = Postoffice(root)

@@ -153,6 +153,9 @@ class Pop3Session:
         if self._out:
             self.conn.write(bytes(self._out))
             self._out.clear()
+        transport = self.conn.transport
+        if transport is None or transport.get_write_buffer_size() == 0:
+            return  # the kernel took everything: nothing to wait for
         # A client that stops reading must not hold the session (and the lock) forever.
         async with asyncio.timeout(self.timeout):
             await self.conn.drain()

@@ -455,7 +455,8 @@ class MessageEncoder:
         if not data:
             return data
         self.unstuffed += len(data)
-        out = data.replace(b"\r\n.", b"\r\n..")
+        # Lines starting with "." are rare: look before copying.
+        out = data.replace(b"\r\n.", b"\r\n..") if b"\r\n." in data else data
         if self._line_start and out.startswith(b"."):
             out = b"." + out
         self._line_start = out.endswith(b"\n")
