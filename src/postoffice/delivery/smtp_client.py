@@ -33,6 +33,8 @@ from postoffice.delivery.smtp_wire import (
 from postoffice.mail.address import Address
 from postoffice.net.connection import Connection, ConnectionClosed
 
+CLOSE_WAIT = 2.0  # seconds to wait for a closed connection to be torn down
+
 
 @dataclass(frozen=True, slots=True)
 class ClientTimeouts:
@@ -59,6 +61,15 @@ class SmtpConnectionError(Exception):
 
 class ClientConnection(Connection):
     """``Connection`` for the client side of a connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: asyncio.Future[None] = self._loop.create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
 
     async def start_client_tls(
         self, context: ssl.SSLContext, server_hostname: str | None, timeout: float
@@ -261,7 +272,11 @@ class SmtpClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close, and wait (briefly) until the socket is really gone; a TLS
+        connection first exchanges close_notify."""
         await self._conn.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._conn.lost), CLOSE_WAIT)
 
     def abort(self) -> None:
         self._conn.abort()

@@ -212,6 +212,9 @@ class ScriptedMta:
     tls: ssl.SSLContext | None = None
     rcpt_reply: Callable[[str], str] = lambda _a: "250 2.1.5 Ok"
     data_reply: str = "250 2.0.0 Ok: queued"
+    greeting: str = "220 {host} ESMTP scripted"
+    esmtp: bool = True  # False: EHLO is "502", as an old HELO-only server says
+    break_tls: bool = False  # answer STARTTLS with 220, then hang up mid-handshake
     received: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
@@ -249,6 +252,7 @@ class ScriptedMta:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.1)  # let closing transports (and TLS shutdowns) finish
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None:
@@ -265,7 +269,9 @@ class ScriptedMta:
             await writer.drain()
 
         try:
-            await say(f"220 {self.host} ESMTP scripted")
+            await say(self.greeting.format(host=self.host))
+            if not self.greeting.startswith("2"):
+                return
             for _ in range(1000):
                 raw = await asyncio.wait_for(reader.readline(), 30)
                 if not raw:
@@ -273,7 +279,9 @@ class ScriptedMta:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 self.commands.append(line)
                 verb = line.split(" ", 1)[0].upper()
-                if verb == "EHLO":
+                if verb == "EHLO" and not self.esmtp:
+                    await say("502 5.5.2 Error: command not recognized")
+                elif verb == "EHLO":
                     exts = list(self.extensions)
                     if self.tls is not None and not tls:
                         exts.append("STARTTLS")
@@ -284,6 +292,10 @@ class ScriptedMta:
                     await say(f"250 {self.host}")
                 elif verb == "STARTTLS" and self.tls is not None and not tls:
                     await say("220 2.0.0 Ready to start TLS")
+                    if self.break_tls:
+                        writer.write(b"this is not a TLS record\r\n")
+                        await writer.drain()
+                        return
                     await writer.start_tls(self.tls)
                     tls = True
                 elif verb == "MAIL":
@@ -323,3 +335,5 @@ class ScriptedMta:
             return
         finally:
             writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)

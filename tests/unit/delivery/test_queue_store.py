@@ -1,0 +1,193 @@
+"""The durable queue's files: commit, reload after a crash, state, removal, locking."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from postoffice.delivery.queue import (
+    SPILL_THRESHOLD,
+    QueueEntry,
+    QueueStore,
+    State,
+)
+from postoffice.mail.address import Address
+
+ALICE = Address("alice", "example.test")
+BOB = Address("bob", "remote.test")
+CAROL = Address("Carol.Quoted", "other.test")
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield pool
+
+
+def queue(
+    tmp_path: Path,
+    executor: ThreadPoolExecutor,
+    body: bytes,
+    sender: Address | None = ALICE,
+    recipients: tuple[Address, ...] = (BOB, CAROL),
+) -> tuple[QueueStore, str, list[QueueEntry]]:
+    store = QueueStore(tmp_path / "queue", executor)
+    committed: list[QueueEntry] = []
+
+    async def go() -> str:
+        writer = store.writer(sender, list(recipients), on_commit=committed.append)
+        for i in range(0, len(body), 1000):
+            await writer.write(body[i : i + 1000])
+        return await writer.commit()
+
+    return store, asyncio.run(go()), committed
+
+
+def body_of(store: QueueStore, entry: QueueEntry) -> bytes:
+    with store.open_message_blocking(entry) as fh:
+        return bytes(fh.read())
+
+
+def test_commit_writes_one_file_and_reload_gives_the_same_envelope(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    content = b"Subject: hi\n\nhello\n"
+    store, queue_id, committed = queue(tmp_path, executor, content)
+    assert sorted(p.name for p in store.dir.iterdir()) == [f"{queue_id}.msg", "tmp"]
+    assert list(store.tmp.iterdir()) == []
+    (entry,) = committed
+    assert entry.traits is not None and entry.traits.crlf_size == len(content) + 3
+    # A new process (fresh store) finds it, recipients queued and due.
+    (loaded,) = QueueStore(store.dir, executor).recover_blocking()
+    assert loaded.envelope == entry.envelope
+    assert [r.address for r in loaded.recipients] == [BOB, CAROL]
+    assert all(r.state is State.QUEUED for r in loaded.recipients)
+    assert body_of(store, loaded) == content
+
+
+def test_large_message_streams_to_disk_before_commit(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store = QueueStore(tmp_path / "queue", executor)
+    big = b"Subject: big\n\n" + b"y" * 99 + b"\n"
+
+    async def go() -> tuple[list[Path], int, str]:
+        writer = store.writer(ALICE, [BOB])
+        for _ in range(SPILL_THRESHOLD // 100 * 3):
+            await writer.write(big[14:])
+        spilled = list(store.tmp.iterdir())
+        size = spilled[0].stat().st_size if spilled else 0
+        return spilled, size, await writer.commit()
+
+    spilled, size, queue_id = asyncio.run(go())
+    assert len(spilled) == 1 and size >= SPILL_THRESHOLD
+    assert not spilled[0].exists()  # renamed into the queue
+    assert store.msg_path(queue_id).stat().st_size > 3 * SPILL_THRESHOLD - 1000
+
+
+def test_discard_leaves_nothing(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    store = QueueStore(tmp_path / "queue", executor)
+
+    async def go() -> None:
+        writer = store.writer(ALICE, [BOB])
+        await writer.write(b"x" * (SPILL_THRESHOLD + 10))
+        await writer.discard()
+
+    asyncio.run(go())
+    assert list(store.tmp.iterdir()) == []
+    assert store.ids_blocking() == []
+
+
+def test_null_sender_and_utf8_addresses_round_trip(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    utf8 = Address("j\u00f6rg", "example.test")
+    store, _qid, _ = queue(tmp_path, executor, b"\n", sender=None, recipients=(utf8,))
+    (loaded,) = store.recover_blocking()
+    assert loaded.envelope.sender is None
+    assert loaded.recipients[0].address == utf8
+
+
+def test_state_is_saved_atomically_and_reloaded(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store, queue_id, (entry,) = queue(tmp_path, executor, b"Subject: s\n\nb\n")
+    entry.recipients[0].state = State.DELIVERED
+    entry.recipients[1].state = State.DEFERRED
+    entry.recipients[1].attempts = 2
+    entry.recipients[1].next_try = 12345.5
+    entry.recipients[1].last_error = "451 4.7.1 try later"
+    entry.recipients.append(type(entry.recipients[0])(Address("dave", "fwd.test")))
+    entry.warned = True
+    asyncio.run(store.save_state(entry))
+    (loaded,) = QueueStore(store.dir, executor).recover_blocking()
+    assert [r.state for r in loaded.recipients] == [State.DELIVERED, State.DEFERRED, State.QUEUED]
+    assert loaded.recipients[1].next_try == 12345.5
+    assert loaded.recipients[1].last_error == "451 4.7.1 try later"
+    assert loaded.recipients[2].address == Address("dave", "fwd.test")
+    assert loaded.warned and loaded.next_due() == 0.0
+    asyncio.run(store.delete(queue_id))
+    assert sorted(p.name for p in store.dir.iterdir()) == ["tmp"]
+
+
+def test_recovery_drops_stale_tmp_and_orphans_but_not_fresh_tmp(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store, queue_id, _ = queue(tmp_path, executor, b"\nbody\n")
+    stale = store.tmp / "old.partial"
+    stale.write_bytes(b"half a message")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    orphan = store.state_path("00000000000deadbeef")
+    orphan.write_bytes(b"{}")
+    later = QueueStore(store.dir, executor)
+    fresh = store.tmp / "being-received-now"
+    fresh.write_bytes(b"in flight")
+    (entry,) = later.recover_blocking()
+    assert entry.queue_id == queue_id
+    assert not stale.exists() and not orphan.exists()
+    assert fresh.exists()
+
+
+def test_remove_takes_the_lock_or_leaves_a_request(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store, queue_id, _ = queue(tmp_path, executor, b"\nbody\n")
+    fd = store.try_lock_blocking(queue_id)
+    assert fd is not None
+    # While a delivery attempt holds the lock, removal is only requested ...
+    assert store.remove_blocking(queue_id) == "requested"
+    assert store.tombstone_path(queue_id).exists() and store.msg_path(queue_id).exists()
+    assert store.try_lock_blocking(queue_id) is None  # flock excludes a second holder
+    store.unlock_blocking(fd)
+    # ... and a restart applies it.
+    assert QueueStore(store.dir, executor).recover_blocking() == []
+    assert store.ids_blocking() == []
+    assert store.remove_blocking(queue_id) == "missing"
+    assert store.remove_blocking("../../etc/passwd") == "missing"
+
+
+def test_remove_when_idle_deletes_at_once(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    store, queue_id, _ = queue(tmp_path, executor, b"\nbody\n")
+    assert store.remove_blocking(queue_id) == "removed"
+    assert sorted(p.name for p in store.dir.iterdir()) == ["tmp"]
+
+
+def test_flush_request_is_taken_once(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    store = QueueStore(tmp_path / "queue", executor)
+    assert not store.take_flush_request_blocking()
+    store.request_flush_blocking()
+    assert store.take_flush_request_blocking()
+    assert not store.take_flush_request_blocking()
+
+
+def test_list_shows_sizes(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    store, queue_id, _ = queue(tmp_path, executor, b"Subject: s\n\n12345\n")
+    ((entry, size),) = list(store.entries_blocking())
+    assert entry.queue_id == queue_id and size == len(b"Subject: s\n\n12345\n")

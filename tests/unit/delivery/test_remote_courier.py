@@ -1,0 +1,382 @@
+"""Routing and delivery by the remote courier: real DNS (dnsmasq), real MTAs.
+
+RFC 5321 §5.1 (MX order, fallback, implicit MX), RFC 7505 (null MX),
+opportunistic STARTTLS, and the capability checks (8BITMIME, SMTPUTF8, SIZE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from postoffice.config.settings import ListenAddress, RelaySettings
+from postoffice.delivery.courier import Outcome, RecipientResult
+from postoffice.delivery.outbound import QueuedMessage
+from postoffice.delivery.queue import QueueEntry, QueueStore
+from postoffice.delivery.remote import RemoteCourier
+from postoffice.delivery.resolver import DnsResolver
+from postoffice.delivery.smtp_client import ClientTimeouts
+from postoffice.mail.address import Address
+from postoffice.net.tls import ensure_self_signed, server_context
+from tests.unit.delivery.peers import Dnsmasq, ScriptedMta, SmtpSink, free_port
+
+ALICE = Address("alice", "example.test")
+MX_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+FAST = ClientTimeouts(
+    connect=3, greeting=10, command=10, data_init=10, data_block=10, data_end=10, tls=10
+)
+
+
+@pytest.fixture(scope="module")
+def dnsmasq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
+    server = Dnsmasq(
+        tmp_path_factory.mktemp("dns"),
+        mx=[
+            ("pref.test", "mx1.pref.test", 10),
+            ("pref.test", "mx2.pref.test", 20),
+            ("one.test", "mx.one.test", 10),
+            ("dangling.test", "nohost.dangling.test", 10),
+        ],
+        hosts={
+            "mx1.pref.test": ["127.0.0.2"],
+            "mx2.pref.test": ["127.0.0.3"],
+            "mx.one.test": ["127.0.0.2"],
+            "implicit.test": ["127.0.0.4"],
+            "dangling.test": ["127.0.0.4"],
+        },
+        null_mx=["nullmx.test"],
+    ).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port(MX_IPS)
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield pool
+
+
+def courier(dnsmasq: Dnsmasq, port: int, **relay: object) -> RemoteCourier:
+    settings = RelaySettings(
+        mx_port=port, dns_servers=(ListenAddress("127.0.0.1", dnsmasq.port),), **relay
+    )  # type: ignore[arg-type]
+    return RemoteCourier(
+        settings,
+        "mail.example.test",
+        DnsResolver(settings.dns_servers, 5.0),
+        timeouts=FAST,
+        rng=random.Random(7),
+    )
+
+
+def deliver(
+    tmp_path: Path,
+    executor: ThreadPoolExecutor,
+    c: RemoteCourier,
+    domain: str,
+    recipients: Sequence[Address],
+    content: bytes = b"Subject: t\n\nbody\n",
+    sender: Address | None = ALICE,
+) -> list[RecipientResult]:
+    store = QueueStore(tmp_path / "queue", executor)
+    committed: list[QueueEntry] = []
+
+    async def go() -> list[RecipientResult]:
+        writer = store.writer(sender, list(recipients), on_commit=committed.append)
+        await writer.write(content)
+        await writer.commit()
+        entry = committed[0]
+        assert entry.traits is not None
+        return await c.deliver(
+            domain, sender, recipients, QueuedMessage(store, entry, entry.traits)
+        )
+
+    return asyncio.run(go())
+
+
+def test_best_mx_gets_the_mail_in_one_transaction(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    mx1 = SmtpSink(tmp_path, "127.0.0.2", port).start()
+    mx2 = SmtpSink(tmp_path, "127.0.0.3", port).start()
+    try:
+        rcpts = [Address("bob", "pref.test"), Address("carol", "pref.test")]
+        results = deliver(tmp_path, executor, courier(dnsmasq, port), "pref.test", rcpts)
+        assert [r.outcome for r in results] == [Outcome.DELIVERED] * 2
+        assert results[0].remote == f"mx1.pref.test[127.0.0.2]:{port}"
+        (dump,) = mx1.messages()
+        assert dump.count(b"X-Rcpt-Args:") == 2  # one transaction for both
+        assert b"X-Helo-Args: mail.example.test" in dump
+        assert mx2.messages() == []
+    finally:
+        mx1.stop()
+        mx2.stop()
+
+
+def test_next_mx_when_the_first_refuses_connections(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    mx2 = SmtpSink(tmp_path, "127.0.0.3", port).start()
+    try:
+        results = deliver(
+            tmp_path, executor, courier(dnsmasq, port), "pref.test", [Address("bob", "pref.test")]
+        )
+        assert results[0].outcome is Outcome.DELIVERED
+        assert results[0].remote.startswith("mx2.pref.test[127.0.0.3]")
+        assert len(mx2.messages()) == 1
+    finally:
+        mx2.stop()
+
+
+def test_next_mx_when_the_first_greets_with_421(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    busy = ScriptedMta("127.0.0.2", port, greeting="421 4.3.2 busy").start()
+    mx2 = SmtpSink(tmp_path, "127.0.0.3", port).start()
+    try:
+        results = deliver(
+            tmp_path, executor, courier(dnsmasq, port), "pref.test", [Address("bob", "pref.test")]
+        )
+        assert results[0].outcome is Outcome.DELIVERED and len(mx2.messages()) == 1
+    finally:
+        busy.stop()
+        mx2.stop()
+
+
+def test_implicit_mx_from_address_records(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    sink = SmtpSink(tmp_path, "127.0.0.4", port).start()
+    try:
+        results = deliver(
+            tmp_path,
+            executor,
+            courier(dnsmasq, port),
+            "implicit.test",
+            [Address("bob", "implicit.test")],
+        )
+        assert results[0].outcome is Outcome.DELIVERED
+        assert results[0].remote == f"implicit.test[127.0.0.4]:{port}"
+    finally:
+        sink.stop()
+
+
+def test_null_mx_fails_at_once(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    (r,) = deliver(
+        tmp_path, executor, courier(dnsmasq, port), "nullmx.test", [Address("bob", "nullmx.test")]
+    )
+    assert r.outcome is Outcome.FAILED and r.status == "5.1.10" and "null MX" in r.text
+
+
+def test_nonexistent_domain_fails(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    (r,) = deliver(
+        tmp_path, executor, courier(dnsmasq, port), "nowhere.test", [Address("bob", "nowhere.test")]
+    )
+    assert r.outcome is Outcome.FAILED and r.status == "5.1.2"
+
+
+def test_unreachable_mx_hosts_defer(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    (r,) = deliver(
+        tmp_path, executor, courier(dnsmasq, port), "pref.test", [Address("bob", "pref.test")]
+    )
+    assert r.outcome is Outcome.DEFERRED and r.status.startswith("4.")
+    assert "127.0.0.3" in r.text  # the last host tried
+
+
+def test_mx_host_without_address_defers(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    # The MX names a host that does not resolve: no fallback to the domain's own A.
+    sink = SmtpSink(tmp_path, "127.0.0.4", port).start()
+    try:
+        (r,) = deliver(
+            tmp_path,
+            executor,
+            courier(dnsmasq, port),
+            "dangling.test",
+            [Address("bob", "dangling.test")],
+        )
+        assert r.outcome is Outcome.DEFERRED and sink.messages() == []
+    finally:
+        sink.stop()
+
+
+@pytest.mark.parametrize(
+    ("option", "outcome", "status"), [("-f", Outcome.FAILED, "5"), ("-r", Outcome.DEFERRED, "4")]
+)
+def test_rcpt_refusals_keep_the_peers_words(
+    tmp_path: Path,
+    executor: ThreadPoolExecutor,
+    dnsmasq: Dnsmasq,
+    port: int,
+    option: str,
+    outcome: Outcome,
+    status: str,
+) -> None:
+    sink = SmtpSink(tmp_path, "127.0.0.2", port, option, "RCPT").start()
+    try:
+        (r,) = deliver(
+            tmp_path, executor, courier(dnsmasq, port), "one.test", [Address("bob", "one.test")]
+        )
+        assert r.outcome is outcome and r.status.startswith(status) and r.smtp_reply
+        assert r.text.startswith(status)  # the reply itself, e.g. "500 5.3.0 Error: ..."
+        assert sink.messages() == []
+    finally:
+        sink.stop()
+
+
+def test_8bit_body_needs_8bitmime(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    content = "Subject: t\n\nGr\u00fc\u00dfe\n".encode()
+    sink = SmtpSink(tmp_path, "127.0.0.2", port, "-8").start()
+    try:
+        (r,) = deliver(
+            tmp_path,
+            executor,
+            courier(dnsmasq, port),
+            "one.test",
+            [Address("bob", "one.test")],
+            content,
+        )
+        assert r.outcome is Outcome.FAILED and r.status == "5.6.3"
+    finally:
+        sink.stop()
+    sink = SmtpSink(tmp_path, "127.0.0.2", port, name="8bit").start()
+    try:
+        (r,) = deliver(
+            tmp_path,
+            executor,
+            courier(dnsmasq, port),
+            "one.test",
+            [Address("bob", "one.test")],
+            content,
+        )
+        assert r.outcome is Outcome.DELIVERED
+        assert b"BODY=8BITMIME" in sink.messages()[0]
+    finally:
+        sink.stop()
+
+
+def test_smtputf8_and_size_limits_are_checked_before_sending(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    mta = ScriptedMta("127.0.0.2", port, extensions=("PIPELINING", "8BITMIME", "SIZE 100")).start()
+    try:
+        (r,) = deliver(
+            tmp_path,
+            executor,
+            courier(dnsmasq, port),
+            "one.test",
+            [Address("j\u00f6rg", "one.test")],
+        )
+        assert r.outcome is Outcome.FAILED and r.status == "5.6.7"
+        (r,) = deliver(
+            tmp_path,
+            executor,
+            courier(dnsmasq, port),
+            "one.test",
+            [Address("bob", "one.test")],
+            b"Subject: big\n\n" + b"x" * 200 + b"\n",
+        )
+        assert r.outcome is Outcome.FAILED and r.status == "5.3.4"
+        assert mta.received == []
+    finally:
+        mta.stop()
+
+
+def test_opportunistic_starttls(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    cert, key = ensure_self_signed(tmp_path / "tls", "mx.one.test")
+    mta = ScriptedMta("127.0.0.2", port, tls=server_context(cert, key)).start()
+    try:
+        (r,) = deliver(
+            tmp_path, executor, courier(dnsmasq, port), "one.test", [Address("bob", "one.test")]
+        )
+        assert r.outcome is Outcome.DELIVERED and "TLS" in r.text
+        assert mta.received[0].tls
+    finally:
+        mta.stop()
+
+
+def test_broken_tls_falls_back_to_plaintext(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    cert, key = ensure_self_signed(tmp_path / "tls", "mx.one.test")
+    mta = ScriptedMta("127.0.0.2", port, tls=server_context(cert, key), break_tls=True).start()
+    try:
+        (r,) = deliver(
+            tmp_path, executor, courier(dnsmasq, port), "one.test", [Address("bob", "one.test")]
+        )
+        assert r.outcome is Outcome.DELIVERED
+        assert [m.tls for m in mta.received] == [False]
+        assert mta.commands.count("STARTTLS") == 1
+    finally:
+        mta.stop()
+
+
+def test_smarthost_takes_everything(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    relay_port = free_port(("127.0.0.5",))
+    sink = SmtpSink(tmp_path, "127.0.0.5", relay_port).start()
+    try:
+        c = courier(dnsmasq, port, smarthost=ListenAddress("127.0.0.5", relay_port))
+        assert c.destination("nullmx.test") == f"127.0.0.5:{relay_port}"
+        (r,) = deliver(tmp_path, executor, c, "nullmx.test", [Address("bob", "nullmx.test")])
+        assert r.outcome is Outcome.DELIVERED and len(sink.messages()) == 1
+    finally:
+        sink.stop()
+
+
+def test_address_literal_goes_to_that_address(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    sink = SmtpSink(tmp_path, "127.0.0.3", port).start()
+    try:
+        (r,) = deliver(
+            tmp_path,
+            executor,
+            courier(dnsmasq, port),
+            "[127.0.0.3]",
+            [Address("bob", "[127.0.0.3]")],
+        )
+        assert r.outcome is Outcome.DELIVERED and len(sink.messages()) == 1
+    finally:
+        sink.stop()
+
+
+def test_bounce_goes_out_with_null_sender(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    sink = SmtpSink(tmp_path, "127.0.0.2", port).start()
+    try:
+        (r,) = deliver(
+            tmp_path,
+            executor,
+            courier(dnsmasq, port),
+            "one.test",
+            [Address("bob", "one.test")],
+            sender=None,
+        )
+        assert r.outcome is Outcome.DELIVERED
+        assert b"X-Mail-Args: <>" in sink.messages()[0]
+    finally:
+        sink.stop()
