@@ -120,15 +120,24 @@ class Postoffice:
                 self.proc.wait(10)
 
 
-def load(bench: Path, port: int, variant: str) -> dict[str, str]:
-    """One pop3-load.py session; its key=value line as a dict."""
+def load(bench: Path, port: int, variant: str, count: int) -> dict[str, str]:
+    """One pop3-load.py session; its key=value line as a dict.  The mailbox
+    must hold exactly ``count`` messages: the shared Dovecot ``load`` user is
+    also the target of SMTP benchmarks, and a rate over another mailbox
+    means nothing."""
     args = [sys.executable, str(bench / "pop3-load.py"), "--port", str(port),
             "--user", USER, "--password", PASSWORD, "--max-seconds", "100"]  # fmt: skip
     args += {"plain": [], "stls": ["--stls"], "pop3s": ["--tls"]}[variant]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
     if result.returncode != 0:
         raise SystemExit(f"pop3-load failed ({variant}): {result.stdout}{result.stderr}")
-    return dict(item.split("=", 1) for item in result.stdout.split() if "=" in item)
+    values = dict(item.split("=", 1) for item in result.stdout.split() if "=" in item)
+    if int(values["messages"]) != count:
+        raise SystemExit(
+            f"port {port} served {values['messages']} messages, not {count}: someone else"
+            " is using that mailbox; run again when it is quiet"
+        )
+    return values
 
 
 def fill(bench: Path, maildir: Path, count: int, size: int, owner: str) -> None:
@@ -179,10 +188,10 @@ def main() -> int:
             fill(a.bench_dir, DOVECOT_MAILDIR, a.count, a.size, owner="vmail")
 
         print(f"mailbox: {a.count} messages x {a.size} B; runs per variant: {a.runs}")
-        cold = load(a.bench_dir, server.ports["pop3"], "plain")
+        cold = load(a.bench_dir, server.ports["pop3"], "plain", a.count)
         print(f"postoffice cold first login + RETR-all: {float(cold['msgs_per_s']):.0f} msg/s")
         if dovecot:
-            cold_d = load(a.bench_dir, DOVECOT_PORTS["pop3"], "plain")
+            cold_d = load(a.bench_dir, DOVECOT_PORTS["pop3"], "plain", a.count)
             print(
                 f"dovecot    cold first login + RETR-all: {float(cold_d['msgs_per_s']):.0f} msg/s"
             )
@@ -196,10 +205,10 @@ def main() -> int:
             cpu: list[float] = []
             for _ in range(a.runs):
                 before = cpu_seconds(server.proc.pid)
-                ours.append(load(a.bench_dir, port, variant))
+                ours.append(load(a.bench_dir, port, variant, a.count))
                 cpu.append(cpu_seconds(server.proc.pid) - before)
                 if dovecot:
-                    theirs.append(load(a.bench_dir, dport, variant))
+                    theirs.append(load(a.bench_dir, dport, variant, a.count))
             rows.append((variant, ours, theirs, cpu))
 
         print(f"\n{'variant':8} {'server':11} {'msg/s median [min-max]':>26} {'MB/s':>20}"
