@@ -13,6 +13,7 @@ import fcntl
 import itertools
 import os
 import poplib
+import shutil
 import socket
 import ssl
 import time
@@ -701,6 +702,40 @@ def test_uidl_is_stable_across_sessions_restarts_and_deletions(tmp_path: Path) -
         assert added not in first  # never reused
     finally:
         srv.stop()
+
+
+def test_a_broken_maildir_is_a_permanent_system_error(server: PostofficeServer) -> None:
+    md = server.maildir(BOB)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    if md.exists():
+        shutil.rmtree(md)
+    md.write_bytes(b"not a directory")  # an administrator's mistake
+    try:
+        with closing(pop3s(server)) as client:
+            client.user(BOB)
+            with pytest.raises(poplib.error_proto) as excinfo:
+                client.pass_(BOB_PW)
+            assert err(excinfo).startswith(b"-ERR [SYS/PERM]")
+    finally:
+        md.unlink()
+
+
+def test_an_unreadable_message_is_a_temporary_system_error(server: PostofficeServer) -> None:
+    deliver(server, ALICE, b"Subject: 1\n\n1\n", dovecot=False)
+    deliver(server, ALICE, b"Subject: 2\n\n2\n")
+    with closing(pop3s(server)) as client:
+        login(client)
+        (first,) = [p for p in server.messages(ALICE) if "," not in p.name]
+        first.unlink()
+        first.mkdir()  # the name now opens as a directory: EISDIR on read
+        try:
+            with pytest.raises(poplib.error_proto) as excinfo:
+                client.retr(1)
+            assert err(excinfo).startswith(b"-ERR [SYS/TEMP]")
+            assert client.retr(2)[1][-1] == b"2"  # the session goes on
+            client.quit()
+        finally:
+            first.rmdir()
 
 
 # --- limits ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import ssl
@@ -71,6 +72,9 @@ AHEAD_COUNT = 16
 AHEAD_BYTES = 128 * 1024
 MECHANISMS = ("PLAIN", "LOGIN")
 IMPLEMENTATION = "postoffice"
+_PERMANENT_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ELOOP}
+)
 PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure connections; use STLS"
 
 
@@ -284,7 +288,13 @@ class Pop3Session:
             return
         except (OSError, AddressError) as exc:
             log.error("pop3 user=%s cannot open mailbox: %s", user, exc)
-            self._send(self.core.reply_err("Cannot open the mailbox now", "SYS/TEMP"))
+            # RFC 3206 §4: SYS/PERM when retrying cannot help until an
+            # administrator acts (the Maildir is not a directory, or is not
+            # ours to open); SYS/TEMP for the passing kind (I/O, no descriptors).
+            if isinstance(exc, AddressError) or exc.errno in _PERMANENT_ERRNOS:
+                self._send(self.core.reply_err("The mailbox cannot be opened", "SYS/PERM"))
+            else:
+                self._send(self.core.reply_err("Cannot open the mailbox now", "SYS/TEMP"))
             return
         self.user = user
         count, size = self.mailbox.stat()
