@@ -338,13 +338,18 @@ def test_mailbox_is_created_on_first_open(tmp_path: Path) -> None:
 
 
 def test_ten_thousand_w_named_messages_list_without_reading(maildir: Path) -> None:
-    data = b"x" * 100 + b"\n"
+    # Empty files whose names claim 10 KiB: the sizes can only come from the
+    # names, so the listing opened none of the 10,000 files.
     for i in range(10_000):
-        put(maildir, dovecot_name(f"{1700000000 + i}.M{i}.host", data), data)
+        put(maildir, f"{1700000000 + i}.M{i}.host,S=10000,W=10240", b"")
     messages = scan(maildir)
     assert len(messages) == 10_000
-    assert {m.size for m in messages} == {len(data) + 1}
+    assert {m.size for m in messages} == {10240}
     assert len({m.uid for m in messages}) == 10_000
+    assert [m.name for m in messages[:2]] == [
+        "1700000000.M0.host,S=10000,W=10240",
+        "1700000001.M1.host,S=10000,W=10240",
+    ]
 
 
 def test_read_ahead_returns_followers_whole_or_none(maildir: Path) -> None:
