@@ -302,12 +302,15 @@ def scan(path: Path) -> list[Pop3Message]:
         stem = name.partition(":2,")[0]
         if stem in stems:
             continue  # moved from new/ to cur/ while we listed: seen twice
+        parsed = parse_name(name)
         try:
-            size = _size(path, sub, name, cache)
+            size = parsed.crlf_size
+            if size is None:
+                size = _computed_size(path / sub / name, stem, cache)
         except FileNotFoundError:
             continue  # removed while we listed
         stems.add(stem)
-        uid = _uid(parse_name(name).base, stem, uids)
+        uid = _uid(parsed.base, stem, uids)
         uids.add(uid)
         messages.append(Pop3Message(uid=uid, size=size, subdir=sub, name=name))
     cache.save(path, stems)
@@ -331,12 +334,8 @@ def _uid(base: str, stem: str, taken: set[str]) -> str:
     return hashlib.sha1(stem.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _size(path: Path, sub: str, name: str, cache: SizeCache) -> int:
-    parsed = parse_name(name)
-    if parsed.crlf_size is not None:
-        return parsed.crlf_size
-    file = path / sub / name
-    stem = name.partition(":2,")[0]
+def _computed_size(file: Path, stem: str, cache: SizeCache) -> int:
+    """The CRLF size of a message whose name lacks ``W=``: cached, or read."""
     file_size = os.stat(file).st_size
     cached = cache.get(stem, file_size)
     if cached is not None:
