@@ -45,8 +45,13 @@ def port() -> int:
 
 
 def make_server(tmp_path: Path, dns: Dnsmasq, port: int, **relay: Any) -> PostofficeServer:
-    settings = {"mx_port": port, "dns_servers": [dns.server], "retry_schedule": [1],
-                "connect_timeout": 5, **relay}
+    settings = {
+        "mx_port": port,
+        "dns_servers": [dns.server],
+        "retry_schedule": [1],
+        "connect_timeout": 5,
+        **relay,
+    }
     srv = PostofficeServer(tmp_path, sections={"relay": settings})
     srv.add_user(ALICE, "alice-password-1")
     srv.add_user("bob@example.test", "bob-password-2")
@@ -61,23 +66,27 @@ def sinks(tmp_path: Path) -> Iterator[list[SmtpSink]]:
         sink.stop()
 
 
-def sink(sinks: list[SmtpSink], tmp_path: Path, host: str, port: int, *options: str,
-         name: str = "") -> SmtpSink:
+def sink(
+    sinks: list[SmtpSink], tmp_path: Path, host: str, port: int, *options: str, name: str = ""
+) -> SmtpSink:
     s = SmtpSink(tmp_path, host, port, *options, name=name).start()
     sinks.append(s)
     return s
 
 
-def submit(srv: PostofficeServer, rcpts: list[str], subject: str = "hello",
-           body: str = "Hi there.\r\n.a line with a dot\r\n") -> None:
+def submit(
+    srv: PostofficeServer,
+    rcpts: list[str],
+    subject: str = "hello",
+    body: str = "Hi there.\r\n.a line with a dot\r\n",
+) -> None:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     with smtplib.SMTP("127.0.0.1", srv.ports["submission"], timeout=15) as client:
         client.starttls(context=ctx)
         client.login(ALICE, "alice-password-1")
-        msg = (f"From: Alice <{ALICE}>\r\nTo: {', '.join(rcpts)}\r\n"
-               f"Subject: {subject}\r\n\r\n{body}")
+        msg = f"From: Alice <{ALICE}>\r\nTo: {', '.join(rcpts)}\r\nSubject: {subject}\r\n\r\n{body}"
         client.sendmail(ALICE, rcpts, msg.encode())
 
 
@@ -121,8 +130,11 @@ def test_submitted_mail_goes_to_the_best_mx_in_one_transaction(
         assert wait_for(lambda: queue_files(srv) == [])  # delivered, nothing left
         assert "0 message(s) in the queue" in srv.cli("queue", "list").stdout
         log = srv.log()
-        assert re.search(r"to=<bob@remote\.test> relay=mx1\.remote\.test\[127\.0\.0\.2\]:\d+ "
-                         r"delay=\S+ tries=1 result=delivered", log), log
+        assert re.search(
+            r"to=<bob@remote\.test> relay=mx1\.remote\.test\[127\.0\.0\.2\]:\d+ "
+            r"delay=\S+ tries=1 result=delivered",
+            log,
+        ), log
     finally:
         srv.stop()
 
@@ -210,9 +222,7 @@ def test_4xx_then_success_on_retry(
         srv.stop()
 
 
-def test_delay_warning_then_expiry_bounce(
-    tmp_path: Path, dns: Dnsmasq, port: int
-) -> None:
+def test_delay_warning_then_expiry_bounce(tmp_path: Path, dns: Dnsmasq, port: int) -> None:
     srv = make_server(tmp_path, dns, port, warn_after=1, give_up_after=4)
     srv.start()
     try:
@@ -223,8 +233,10 @@ def test_delay_warning_then_expiry_bounce(
         assert delayed["action"] == "delayed" and delayed["status"].startswith("4.")
         (_m, failed) = report_fields(dsn_for(srv, "Undelivered")[0])
         assert failed["action"] == "failed" and failed["status"] == "5.4.7"
-        assert "Connection refused" in failed["diagnostic-code"] or "connect" in failed[
-            "diagnostic-code"]
+        assert (
+            "Connection refused" in failed["diagnostic-code"]
+            or "connect" in failed["diagnostic-code"]
+        )
         assert wait_for(lambda: queue_files(srv) == [])
         assert len(dsn_for(srv, "Delayed")) == 1  # warned once
     finally:
@@ -254,8 +266,10 @@ def test_queue_survives_kill_9_mid_delivery(
     try:
         assert wait_for(lambda: len(good.messages()) == count)
         assert wait_for(lambda: queue_files(srv) == [])
-        tags = sorted(re.search(rb"Subject: (tag-\d+)", m).group(1)  # type: ignore[union-attr]
-                      for m in good.messages())
+        tags = sorted(
+            re.search(rb"Subject: (tag-\d+)", m).group(1)  # type: ignore[union-attr]
+            for m in good.messages()
+        )
         assert tags == sorted(f"tag-{i}".encode() for i in range(count))  # each exactly once
     finally:
         srv.stop()
@@ -274,8 +288,9 @@ def test_queue_list_remove_and_flush_while_serving(
         assert "2 message(s) in the queue" in listing
         ids = re.findall(r"^(\S+)  .*from <alice@example.test>$", listing, re.M)
         assert len(ids) == 2
-        drop_id = next(i for i in ids if re.search(
-            rf"{i}.*\n\s+deferred\s+<drop@remote.test>", listing))
+        drop_id = next(
+            i for i in ids if re.search(rf"{i}.*\n\s+deferred\s+<drop@remote.test>", listing)
+        )
         assert "removed" in srv.cli("queue", "remove", drop_id).stdout
         assert srv.cli("queue", "remove", drop_id, check=False).returncode == 1
         assert "1 message(s) in the queue" in srv.cli("queue", "list").stdout
@@ -299,11 +314,17 @@ def test_alias_to_remote_forwards_through_the_queue_and_bounces_are_not_bounced(
     srv.start()
     try:
         with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=15) as client:
-            client.sendmail("someone@elsewhere.test", ["team@example.test"],
-                            b"From: someone@elsewhere.test\r\nSubject: to the team\r\n\r\nhi\r\n")
+            client.sendmail(
+                "someone@elsewhere.test",
+                ["team@example.test"],
+                b"From: someone@elsewhere.test\r\nSubject: to the team\r\n\r\nhi\r\n",
+            )
             # A bounce (null sender) to an address that fails: dropped, never bounced.
-            client.sendmail("<>", ["void@example.test"],
-                            b"From: MAILER-DAEMON@elsewhere.test\r\nSubject: bounce\r\n\r\nx\r\n")
+            client.sendmail(
+                "<>",
+                ["void@example.test"],
+                b"From: MAILER-DAEMON@elsewhere.test\r\nSubject: bounce\r\n\r\nx\r\n",
+            )
         assert wait_for(lambda: len(mx1.messages()) == 1)
         assert b"X-Rcpt-Args: <carol@remote.test>" in mx1.messages()[0]
         assert b"X-Mail-Args: <someone@elsewhere.test>" in mx1.messages()[0]
@@ -313,3 +334,32 @@ def test_alias_to_remote_forwards_through_the_queue_and_bounces_are_not_bounced(
         assert len(mx1.messages()) == 1  # no DSN went anywhere
     finally:
         srv.stop()
+
+
+def test_relay_to_a_second_postoffice_over_starttls(
+    tmp_path: Path, dns: Dnsmasq, sinks: list[SmtpSink]
+) -> None:
+    # mx1.remote.test (127.0.0.2) is another postoffice, which offers STARTTLS.
+    other = PostofficeServer(
+        tmp_path / "mx1", domains=("remote.test",), hostname="mx1.remote.test", host=MX1
+    )
+    other.add_user("bob@remote.test", "bob-password-3")
+    other.start()
+    try:
+        srv = make_server(tmp_path / "a", dns, other.ports["smtp"])
+        srv.start()
+        try:
+            submit(
+                srv, ["bob@remote.test"], subject="over tls", body="caf\u00e9 is fine\r\n.dot\r\n"
+            )
+            assert wait_for(lambda: len(other.messages("bob@remote.test")) == 1)
+            content = other.messages("bob@remote.test")[0].read_bytes()
+            assert b"from mail.example.test" in content
+            assert b"with ESMTPS" in content  # the hop was encrypted (RFC 3848)
+            assert "caf\u00e9 is fine\n.dot\n".encode() in content
+            assert wait_for(lambda: queue_files(srv) == [])
+            assert "(TLS TLSv1." in srv.log()
+        finally:
+            srv.stop()
+    finally:
+        other.stop()
