@@ -240,6 +240,10 @@ class Pop3Server:
         keyword = keyword.upper()
         if not keyword or keyword not in _KNOWN:
             return BadCommand("Unknown command")
+        if keyword == "APOP":
+            # APOP needs the plain password on the server (RFC 1939 §7);
+            # we store only slow hashes, so it is neither offered nor done.
+            return BadCommand("APOP is not supported; use USER/PASS or AUTH over TLS")
         if keyword not in _ALLOWED[self.state]:
             return BadCommand(f"{keyword} is not valid in the {self.state.value} state")
         if keyword == "PASS":
@@ -276,10 +280,6 @@ class Pop3Server:
             case "TOP":
                 _arity(args, 2, 2)
                 return Top(_number(args[0]), _number(args[1]))
-            case "APOP":
-                # APOP needs the plain password on the server (RFC 1939 §7);
-                # we store only slow hashes, so it is neither offered nor done.
-                return BadCommand("APOP is not supported")
         _arity(args, 0, 0)
         simple: dict[str, Event] = {
             "CAPA": Capa(), "STLS": Stls(), "STAT": Stat(), "NOOP": Noop(),
