@@ -27,6 +27,9 @@ class Services:
     executor: ThreadPoolExecutor  # blocking file work and password hashing
     # The outbound queue (delivery/), set by the composition root once it exists.
     outbound: Any = None
+    # Inbound message checks (SPF/DKIM/DMARC), set by the composition root when
+    # available: ``applies(client_ip) -> bool`` and ``async judge(...) -> CheckOutcome``.
+    inbound_checks: Any = None
     # Open POP3 mailbox locks, by mailbox path (policy for RFC 1939 §8 exclusivity).
     extras: dict[str, Any] = field(default_factory=dict)
 

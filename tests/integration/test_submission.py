@@ -112,6 +112,17 @@ def test_from_header_spoofing_is_553(server: PostofficeServer) -> None:
     assert server.messages("bob@example.test") == []
 
 
+@pytest.mark.abuse
+def test_from_spoofing_in_a_message_without_body_is_553(server: PostofficeServer) -> None:
+    with submit(server) as client:
+        client.login("alice@example.test", "alice-password-1")
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            client.sendmail(
+                "alice@example.test", ["bob@example.test"], b"From: bob@example.test\r\n"
+            )
+        assert err.value.smtp_code == 553
+
+
 def test_alias_and_plus_address_may_be_used_as_sender(server: PostofficeServer) -> None:
     server.cli("alias", "add", "sales@example.test", "alice@example.test")
     with submit(server) as client:

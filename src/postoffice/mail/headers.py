@@ -46,10 +46,20 @@ def trace_headers(
 
 
 class HeaderGate:
-    def __init__(self, *, received: bytes, submission: bool, hostname: str) -> None:
+    """Holds message content back until the header block is complete.
+
+    ``hold_all``: keep the whole message until ``finish`` (inbound checks
+    such as DKIM need the body before their verdict header can be written
+    at the top).  The caller bounds the size (the SMTP size limit).
+    """
+
+    def __init__(
+        self, *, received: bytes, submission: bool, hostname: str, hold_all: bool = False
+    ) -> None:
         self._received = received
         self._submission = submission
         self._hostname = hostname
+        self.hold_all = hold_all
         self._held = bytearray()
         self._open = False
         self.header_block = b""
@@ -58,25 +68,34 @@ class HeaderGate:
         if self._open:
             return data
         self._held += data
+        if self.hold_all:
+            return b""
         end = _end_of_headers(self._held)
         if end < 0 and len(self._held) < MAX_HEADER_BLOCK:
             return b""
         return self._release(end)
 
-    def finish(self) -> bytes:
+    def held(self) -> bytes:
+        """The content received so far and not yet released (hold_all: the message)."""
+        return bytes(self._held)
+
+    def finish(self, extra: bytes = b"") -> bytes:
+        """Release what is held; ``extra`` header lines go right after Received:."""
         if self._open:
             return b""
-        return self._release(_end_of_headers(self._held))
+        return self._release(_end_of_headers(self._held), extra)
 
-    def _release(self, end: int) -> bytes:
+    def _release(self, end: int, extra: bytes = b"") -> bytes:
         self._open = True
         held = bytes(self._held)
         self._held.clear()
         if end < 0:
             end = len(held)
-        self.header_block = held[:end]
+        block = strip_forged_auth_results(held[:end], self._hostname)
+        held = block + held[end:]
+        self.header_block = block
         added = self._added_headers() if self._submission else b""
-        return self._received + added + held
+        return self._received + extra + added + held
 
     def _added_headers(self) -> bytes:
         names = _header_names(self.header_block)
@@ -90,7 +109,11 @@ class HeaderGate:
 
     def from_addresses(self) -> list[Address | None]:
         """Addresses in the From: header(s); None for one that does not parse."""
-        values = _header_values(self.header_block, "from")
+        block = self.header_block
+        if not self._open:  # still held: the headers so far (maybe the whole message)
+            end = _end_of_headers(self._held)
+            block = bytes(self._held[: end if end >= 0 else len(self._held)])
+        values = _header_values(block, "from")
         result: list[Address | None] = []
         for _name, addr in email.utils.getaddresses(values):
             try:
@@ -100,6 +123,19 @@ class HeaderGate:
         if values and not result:
             result.append(None)
         return result
+
+
+_AUTH_RESULTS = re.compile(
+    rb"^authentication-results[ \t]*:[ \t]*([^;\s]+)[^\n]*\n(?:[ \t][^\n]*\n)*",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def strip_forged_auth_results(block: bytes, hostname: str) -> bytes:
+    """Remove Authentication-Results fields that claim to be ours (RFC 8601 §5):
+    only this server may speak for its own authserv-id."""
+    ours = hostname.lower().encode("ascii")
+    return _AUTH_RESULTS.sub(lambda m: b"" if m.group(1).lower() == ours else m.group(0), block)
 
 
 def _end_of_headers(buf: bytes | bytearray) -> int:

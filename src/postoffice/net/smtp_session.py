@@ -73,6 +73,7 @@ class _Transaction:
     gate: HeaderGate
     started: float
     local_prefix_done: bool = False
+    extra_headers: bytes = b""  # e.g. Authentication-Results, after Received:
 
 
 class SmtpSession:
@@ -301,10 +302,19 @@ class SmtpSession:
                 received=received,
                 submission=self.mode is SmtpMode.SUBMISSION,
                 hostname=self.s.settings.hostname,
+                hold_all=self._inbound_checks_apply(),
             ),
             started=time.monotonic(),
         )
         return Reply(354, "End data with <CR><LF>.<CR><LF>")
+
+    def _inbound_checks_apply(self) -> bool:
+        checks = self.s.inbound_checks
+        return (
+            checks is not None
+            and self.mode is SmtpMode.RELAY_IN
+            and bool(checks.applies(self.client_ip))
+        )
 
     def _protocol_name(self) -> str:
         # RFC 3848 "with" keywords.
@@ -345,17 +355,32 @@ class SmtpSession:
     async def _data_end(self, event: DataComplete) -> Reply:
         tx = self.tx
         assert tx is not None
-        rest = tx.gate.finish()
-        if rest:
-            await self._write(tx, rest)
         reply = self._content_verdict(event, tx)
+        if reply is None and tx.gate.hold_all:
+            reply = await self._judge_inbound(tx)
         if reply is None:
+            rest = tx.gate.finish(tx.extra_headers)
+            if rest:
+                await self._write(tx, rest)
             reply = await self._commit(tx, event.size)
         else:
             await self._abandon()
         self._log_transaction(tx, event.size, reply)
         self.tx = None
         self.envelope = Envelope()
+        return reply
+
+    async def _judge_inbound(self, tx: _Transaction) -> Reply | None:
+        """SPF/DKIM/DMARC (policy/mailauth.py): an Authentication-Results header
+        to add, and possibly a refusal (DMARC reject) or a temporary failure."""
+        outcome = await self.s.inbound_checks.judge(
+            client_ip=self.client_ip,
+            helo=self.helo,
+            sender=tx.envelope.sender,
+            message=tx.gate.held(),
+        )
+        tx.extra_headers = outcome.header
+        reply: Reply | None = outcome.reply
         return reply
 
     def _content_verdict(self, event: DataComplete, tx: _Transaction) -> Reply | None:

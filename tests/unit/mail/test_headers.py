@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from postoffice.mail.address import Address
+from postoffice.mail.headers import HeaderGate, strip_forged_auth_results, trace_headers
+
+RECEIVED = b"Received: from x ([127.0.0.1])\n"
+
+
+def gate(**kw: object) -> HeaderGate:
+    return HeaderGate(
+        received=RECEIVED,
+        submission=bool(kw.pop("submission", False)),
+        hostname="mx.example.test",
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+def test_gate_holds_until_blank_line_then_passes_through() -> None:
+    g = gate()
+    assert g.feed(b"Subject: a\n") == b""
+    out = g.feed(b"\nbody\n")
+    assert out == RECEIVED + b"Subject: a\n\nbody\n"
+    assert g.feed(b"more\n") == b"more\n"
+    assert g.finish() == b""
+
+
+def test_gate_releases_a_headers_only_message_at_finish() -> None:
+    g = gate()
+    assert g.feed(b"Subject: only headers\n") == b""
+    assert g.finish() == RECEIVED + b"Subject: only headers\n"
+
+
+def test_submission_adds_missing_date_and_message_id_only() -> None:
+    g = gate(submission=True)
+    out = g.feed(b"From: a@example.test\nDate: Mon, 1 Jan 2024 00:00:00 +0000\n\nx\n")
+    assert out.count(b"Date:") == 1
+    assert b"Message-ID: <" in out and b"@mx.example.test>" in out
+    g2 = gate(submission=True)
+    out2 = g2.feed(b"message-id: <a@b>\n\nx\n")
+    assert out2.count(b"essage-") == 1 and b"\nDate: " in out2
+
+
+def test_hold_all_keeps_everything_and_inserts_extra_after_received() -> None:
+    g = gate(hold_all=True)
+    assert g.feed(b"Subject: a\n\nbody\n") == b""
+    assert g.held() == b"Subject: a\n\nbody\n"
+    out = g.finish(b"Authentication-Results: mx.example.test; spf=pass\n")
+    assert (
+        out == RECEIVED + b"Authentication-Results: mx.example.test; spf=pass\nSubject: a\n\nbody\n"
+    )
+
+
+def test_forged_auth_results_for_our_host_are_removed_others_kept() -> None:
+    block = (
+        b"Authentication-Results: MX.example.test; dkim=pass\n\t header.d=evil.test\n"
+        b"Authentication-Results: other.test; spf=fail\n"
+        b"Subject: x\n"
+    )
+    assert strip_forged_auth_results(block, "mx.example.test") == (
+        b"Authentication-Results: other.test; spf=fail\nSubject: x\n"
+    )
+
+
+def test_from_addresses_reads_folded_and_multiple() -> None:
+    g = gate(submission=True)
+    g.feed(b"From: Alice <alice@example.test>,\n bob@example.test\n\n")
+    assert g.from_addresses() == [Address("alice", "example.test"), Address("bob", "example.test")]
+    g2 = gate(submission=True)
+    g2.feed(b"From: not an address\n\n")
+    assert g2.from_addresses() == [None]
+
+
+def test_trace_header_sanitises_helo() -> None:
+    header = trace_headers(
+        helo="evil\r\nX-Injected: 1",
+        client_ip="192.0.2.1",
+        hostname="mx.test",
+        protocol="ESMTP",
+        queue_id="abc",
+        recipient=None,
+        tls=None,
+    )
+    assert header.count(b"\n") == 3 and b"X-Injected: 1\n" not in header
