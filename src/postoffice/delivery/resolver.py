@@ -22,6 +22,7 @@ import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+import dns.reversename
 
 from postoffice.config.settings import ListenAddress
 from postoffice.delivery.mx import MxRecord, normalise_host
@@ -106,6 +107,47 @@ class DnsResolver:
             if answer is not None and answer.rrset is not None:
                 found += [r.address for r in answer.rrset if hasattr(r, "address")]
         return found
+
+    # --- for mail authentication (policy/mailauth.py, doctor) -------------------------
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records of ``name``, each one's strings joined (RFC 7208
+        §3.3, RFC 6376 §3.6.2.2); [] when it has none.  DnsError: permanent
+        when the name does not exist, temporary when DNS failed."""
+        answer = await self._query(name, "TXT")
+        if answer is None or answer.rrset is None:
+            return []
+        return [
+            b"".join(r.strings).decode("utf-8", "replace")
+            for r in answer.rrset
+            if r.rdtype == dns.rdatatype.TXT
+        ]
+
+    async def ips(self, host: str, rdtype: str) -> list[str]:
+        """The ``rdtype`` ("A" or "AAAA") addresses of ``host``; [] when it has
+        none.  Unlike ``addresses``, a name that does not exist is a permanent
+        DnsError (SPF counts it as a void lookup, RFC 7208 §4.6.4)."""
+        answer = await self._query(host, rdtype)
+        if answer is None or answer.rrset is None:
+            return []
+        return [r.address for r in answer.rrset if hasattr(r, "address")]
+
+    async def ptr(self, ip: str) -> list[str]:
+        """The names the reverse zone gives for ``ip``; [] when there are none
+        (NXDOMAIN included).  DnsError(temporary=True) when DNS failed."""
+        name = dns.reversename.from_address(ip).to_text()
+        try:
+            answer = await self._query(name.rstrip("."), "PTR")
+        except DnsError as exc:
+            if exc.temporary:
+                raise
+            return []
+        if answer is None or answer.rrset is None:
+            return []
+        return [
+            normalise_host(r.target.to_text())
+            for r in answer.rrset
+            if r.rdtype == dns.rdatatype.PTR
+        ]
 
 
 class StaticResolver:
