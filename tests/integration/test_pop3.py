@@ -800,3 +800,16 @@ def test_one_log_line_per_session(fresh: PostofficeServer) -> None:
             "retrieved=1 deleted=1" in fresh.log()
         )
     )
+
+
+def test_sigterm_ends_an_open_session_at_once_without_update(fresh: PostofficeServer) -> None:
+    deliver(fresh, ALICE, b"Subject: x\n\nbody\n")
+    client = stls(fresh)
+    login(client)
+    client.dele(1)
+    started = time.monotonic()
+    assert fresh.stop() == 0
+    # Not the 10 s grace period: a session waiting for a command ends at once.
+    assert time.monotonic() - started < 8
+    assert len(fresh.messages(ALICE)) == 1  # no QUIT, so no UPDATE
+    client.close()

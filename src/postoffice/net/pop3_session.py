@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
 from postoffice.mail.address import Address, AddressError, parse_mailbox
-from postoffice.net.connection import Connection, ConnectionClosed
+from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
 from postoffice.protocol import sasl
 from postoffice.protocol.pop3 import (
     NEED_DATA,
@@ -112,6 +112,10 @@ class Pop3Session:
             await self._serve()
         except (ConnectionClosed, ConnectionError, _Abort):
             pass
+        except ShuttingDown:
+            self.outcome = "shutdown"
+            self._send(b"-ERR [SYS/TEMP] server shutting down\r\n")
+            await self._flush()
         except TimeoutError:
             self.outcome = "timeout"  # RFC 1939 §3: close without a reply or UPDATE
         finally:
@@ -122,7 +126,9 @@ class Pop3Session:
             event = self.core.next_event()
             if event is NEED_DATA:
                 await self._flush()
-                self.core.receive_data(await self.conn.read(self.timeout))
+                # Waiting for a command is a safe point to stop at: without QUIT
+                # there is no UPDATE, so a shutdown deletes nothing (RFC 1939 §6).
+                self.core.receive_data(await self.conn.read(self.timeout, interruptible=True))
                 continue
             match event:
                 case BadCommand(reason):
