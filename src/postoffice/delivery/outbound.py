@@ -74,15 +74,19 @@ class QueuedMessage:
         return self._traits
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
-        fh = await self._store.run_blocking(self._store.open_message_blocking, self._entry)
+        store = self._store
+        fh, chunk = await store.run_blocking(store.open_and_read_blocking, self._entry, READ_CHUNK)
         try:
-            for _ in range(1 << 40):  # bounded by the file size
-                chunk: bytes = await self._store.run_blocking(fh.read, READ_CHUNK)
-                if not chunk:
+            # Bounded by the file size: each pass reads one more chunk.
+            for _ in range(1 << 40):
+                if chunk:
+                    yield chunk
+                if fh is None or fh.closed:
                     return
-                yield chunk
+                chunk = await store.run_blocking(store.read_more_blocking, fh, READ_CHUNK)
         finally:
-            fh.close()
+            if fh is not None and not fh.closed:
+                fh.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,7 @@ class Outbound:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self._remote.close()
 
     def _flush(self) -> None:
         """`queue flush`: every waiting recipient is due now."""
@@ -218,37 +223,42 @@ class Outbound:
     async def _process(self, entry: QueueEntry) -> None:
         store = self.store
         queue_id = entry.queue_id
-        fd = await store.run_blocking(store.try_lock_blocking, queue_id)
+        status, fd = await store.run_blocking(store.begin_blocking, queue_id)
         if fd is None:
-            if await store.run_blocking(store.msg_path(queue_id).exists):
-                self._schedule(queue_id, self._clock() + LOCKED_RETRY)  # the CLI has it
-            else:
-                log.info("%s: removed from the queue", queue_id)
-                self._forget(queue_id)
+            if status == "busy":  # `queue remove` has it right now
+                self._schedule(queue_id, self._clock() + LOCKED_RETRY)
+                return
+            if status == "removed":
+                await store.sync_dir()
+            log.info("%s: removed from the queue (queue remove)", queue_id)
+            self._forget(queue_id)
             return
         try:
-            if await self._removal_requested(queue_id):
-                return
             await self._round(entry)
-            if await self._removal_requested(queue_id):
-                return
-            await self._settle(entry)
+            await self._send_owed_dsns(entry)
+            state = None if entry.done else entry.state_json()
+            lock, fd = fd, None
+            removed = await store.run_blocking(store.end_blocking, queue_id, lock, state)
+            await store.sync_dir()
         except (QueueError, OSError) as exc:
             log.error("%s: queue error, will retry: %s", queue_id, exc)
             self._schedule(queue_id, self._clock() + retry_delay(1, self._relay.retry_schedule))
+            return
         except Exception:  # a bug must not lose the message: log it and retry later
             log.exception("%s: unexpected error, will retry", queue_id)
             self._schedule(queue_id, self._clock() + retry_delay(1, self._relay.retry_schedule))
+            return
         finally:
-            await store.run_blocking(store.unlock_blocking, fd)
-
-    async def _removal_requested(self, queue_id: str) -> bool:
-        if not await self.store.run_blocking(self.store.tombstone_path(queue_id).exists):
-            return False
-        await self.store.delete(queue_id)
-        self._forget(queue_id)
-        log.info("%s: removed from the queue (queue remove)", queue_id)
-        return True
+            if fd is not None:
+                await store.run_blocking(store.unlock_blocking, fd)
+        if removed:
+            log.info("%s: removed from the queue (queue remove)", queue_id)
+        if removed or state is None:
+            self._forget(queue_id)
+            return
+        due = entry.next_due()
+        if due is not None:
+            self._schedule(queue_id, due)
 
     async def _round(self, entry: QueueEntry) -> None:
         now = self._clock()
@@ -371,8 +381,10 @@ class Outbound:
             result.text,
         )
 
-    # --- after the round: DSNs, then persist or delete --------------------------------
-    async def _settle(self, entry: QueueEntry) -> None:
+    # --- after the round: the DSNs it owes ---------------------------------------------
+    async def _send_owed_dsns(self, entry: QueueEntry) -> None:
+        """Queue a failure DSN for recipients that failed, and a delay warning
+        when one is due; mark them done.  The caller then persists."""
         now = self._clock()
         failed = [r for r in entry.recipients if r.state is State.FAILED]
         if failed:
@@ -392,14 +404,6 @@ class Outbound:
         ):
             await self._send_dsn(entry, deferred, now, delayed=True)
             entry.warned = True
-        if entry.done:
-            await self.store.delete(entry.queue_id)
-            self._forget(entry.queue_id)
-            return
-        await self.store.save_state(entry)
-        due = entry.next_due()
-        if due is not None:
-            self._schedule(entry.queue_id, due)
 
     async def _send_dsn(
         self, entry: QueueEntry, recipients: list[Recipient], now: float, *, delayed: bool

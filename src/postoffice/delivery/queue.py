@@ -430,6 +430,59 @@ class QueueStore:
     def unlock_blocking(fd: int) -> None:
         os.close(fd)  # closing drops the flock
 
+    def begin_blocking(self, queue_id: str) -> tuple[str, int | None]:
+        """Start work on a message, in one trip to the worker thread:
+        ("ok", lock fd), ("busy", None) while the CLI holds it, ("gone", None)
+        if it was removed, ("removed", None) if a removal request was applied."""
+        fd = self.try_lock_blocking(queue_id)
+        if fd is None:
+            return ("busy", None) if self.msg_path(queue_id).exists() else ("gone", None)
+        if self.tombstone_path(queue_id).exists():
+            try:
+                self._unlink_blocking(queue_id)
+            finally:
+                self.unlock_blocking(fd)
+            return "removed", None
+        return "ok", fd
+
+    def end_blocking(self, queue_id: str, fd: int, state: bytes | None) -> bool:
+        """Finish work on a message: write its new ``state``, or delete it
+        when ``state`` is None, then unlock.  A removal requested meanwhile
+        wins: the message is deleted and True returned.  The caller makes
+        the change durable with ``sync_dir``."""
+        try:
+            if self.tombstone_path(queue_id).exists():
+                self._unlink_blocking(queue_id)
+                return True
+            if state is None:
+                self._unlink_blocking(queue_id)
+            else:
+                self._write_state_blocking(queue_id, state)
+            return False
+        finally:
+            self.unlock_blocking(fd)
+
+    def open_and_read_blocking(self, entry: QueueEntry, size: int) -> tuple[Any, bytes]:
+        """Open the message and read its first ``size`` bytes; a message that
+        fits is closed already (the file object is then None)."""
+        fh = self.open_message_blocking(entry)
+        try:
+            data: bytes = fh.read(size)
+        except BaseException:
+            fh.close()
+            raise
+        if len(data) < size:
+            fh.close()
+            return None, data
+        return fh, data
+
+    @staticmethod
+    def read_more_blocking(fh: Any, size: int) -> bytes:
+        data: bytes = fh.read(size)
+        if len(data) < size:
+            fh.close()
+        return data
+
     # --- administration (CLI; works while the server runs) ---------------------------
     def remove_blocking(self, queue_id: str) -> str:
         """'removed', 'requested' (a delivery attempt holds it) or 'missing'."""

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from postoffice.config.settings import RelaySettings
+from postoffice.delivery.conncache import ConnectionCache, Parked
 from postoffice.delivery.courier import (
     MessageSource,
     Outcome,
@@ -36,6 +37,8 @@ from postoffice.delivery.smtp_wire import Reply
 from postoffice.mail.address import Address
 
 log = logging.getLogger("postoffice.delivery")
+
+MAX_PARKED_TRIES = 3  # parked connections tried (each may have gone stale) before a new one
 
 
 def client_tls_context() -> ssl.SSLContext:
@@ -114,6 +117,7 @@ class RemoteCourier:
         tls: ssl.SSLContext | None = None,
         timeouts: ClientTimeouts | None = None,
         rng: random.Random | None = None,
+        cache: ConnectionCache | None = None,
     ) -> None:
         self._relay = relay
         self._hostname = hostname
@@ -121,6 +125,13 @@ class RemoteCourier:
         self._tls = tls if tls is not None else client_tls_context()
         self._timeouts = timeouts or ClientTimeouts(connect=relay.connect_timeout)
         self._rng = rng or random.SystemRandom()
+        self._cache = (
+            cache if cache is not None else ConnectionCache(max_parked=max(1, relay.max_deliveries))
+        )
+
+    async def close(self) -> None:
+        """Close parked connections (at shutdown)."""
+        await self._cache.close()
 
     def destination(self, domain: str) -> str:
         """The key that concurrency limits apply to."""
@@ -161,6 +172,9 @@ class RemoteCourier:
         message: MessageSource,
     ) -> list[RecipientResult]:
         """Deliver to ``recipients`` (all in ``domain``); one result each."""
+        cached = await self._deliver_cached(self.destination(domain), sender, recipients, message)
+        if cached is not None:
+            return cached
         try:
             hops, implicit = await self.route(domain)
         except RouteError as err:
@@ -244,50 +258,79 @@ class RemoteCourier:
             attempt.failed(f"connect to {label}: {exc}", "4.4.1", label)
             log.debug("connect to %s failed: %s", label, exc)
             return None
+        parked = False
         try:
-            return await self._converse(
-                client, hop, label, sender, recipients, message, attempt, use_tls
-            )
+            if not await self._open(client, hop, label, attempt, use_tls):
+                return None
+            link = Parked(client, hop.host, label)
+            results, parked = await self._transact(link, sender, recipients, message, attempt)
+            return results
         except SmtpConnectionError as exc:
-            client.abort()
-            text = f"{label}: {exc}"
-            if exc.after_data:
-                # The peer may have the message (RFC 5321 §6.1); trying another
-                # host now would make a duplicate likelier.  Retry later.
-                return [
-                    RecipientResult(r, Outcome.DEFERRED, text, "4.4.2", label) for r in recipients
-                ]
-            attempt.failed(text, "4.4.2", label)
-            return None
+            return self._lost(client, label, exc, recipients, attempt)
         finally:
-            await client.close()
+            if not parked:
+                await client.quit()
 
-    async def _converse(
+    async def _deliver_cached(
         self,
-        client: SmtpClient,
-        hop: Hop,
-        label: str,
+        destination: str,
         sender: Address | None,
         recipients: Sequence[Address],
         message: MessageSource,
-        attempt: _Attempt,
-        use_tls: bool,
     ) -> list[RecipientResult] | None:
+        """Use a parked connection to ``destination``, if one is still good."""
+        for _ in range(MAX_PARKED_TRIES):
+            link = self._cache.take(destination)
+            if link is None:
+                return None
+            link.uses += 1
+            before = link.client.replies_read
+            attempt = _Attempt()
+            parked = False
+            try:
+                results, parked = await self._transact(
+                    link, sender, recipients, message, attempt, reused=True
+                )
+            except SmtpConnectionError as exc:
+                if link.client.replies_read == before:
+                    continue  # the peer closed it while it was parked: not a failure
+                return self._lost(link.client, link.label, exc, recipients, attempt)
+            finally:
+                if not parked:
+                    await link.client.quit()
+            if results is not None:
+                return results
+        return None
+
+    def _lost(
+        self,
+        client: SmtpClient,
+        label: str,
+        exc: SmtpConnectionError,
+        recipients: Sequence[Address],
+        attempt: _Attempt,
+    ) -> list[RecipientResult] | None:
+        client.abort()
+        text = f"{label}: {exc}"
+        if exc.after_data:
+            # The peer may have the message (RFC 5321 §6.1); trying another
+            # host now would make a duplicate likelier.  Retry later.
+            return [RecipientResult(r, Outcome.DEFERRED, text, "4.4.2", label) for r in recipients]
+        attempt.failed(text, "4.4.2", label)
+        return None
+
+    async def _open(
+        self, client: SmtpClient, hop: Hop, label: str, attempt: _Attempt, use_tls: bool
+    ) -> bool:
+        """Greeting, EHLO and (opportunistic) STARTTLS; False if the host refused."""
         greeting = await client.greeting()
         if not greeting.positive:
             attempt.failed(
                 f"{label} greeted: {greeting.text}", status_of(greeting), label, reply=greeting
             )
-            await client.quit()
-            return None
+            return False
         hello = await client.hello(self._hostname)
-        if not hello.positive:
-            attempt.failed(
-                f"{label} refused EHLO: {hello.text}", status_of(hello), label, reply=hello
-            )
-            await client.quit()
-            return None
-        if use_tls and "STARTTLS" in client.extensions:
+        if use_tls and hello.positive and "STARTTLS" in client.extensions:
             try:
                 reply = await client.starttls(
                     self._tls, hop.host if _ip(hop.host) is None else None
@@ -295,20 +338,31 @@ class RemoteCourier:
             except SmtpConnectionError as exc:
                 raise _TlsFailed(str(exc)) from None
             if reply.code == 220:
-                hello = await client.hello(self._hostname)
-                if not hello.positive:
-                    attempt.failed(
-                        f"{label} refused EHLO after STARTTLS: {hello.text}",
-                        status_of(hello),
-                        label,
-                        reply=hello,
-                    )
-                    await client.quit()
-                    return None
+                hello = await client.hello(self._hostname)  # RFC 3207 §4.2: start over
+        if not hello.positive:
+            attempt.failed(
+                f"{label} refused EHLO: {hello.text}", status_of(hello), label, reply=hello
+            )
+            return False
+        return True
+
+    async def _transact(
+        self,
+        link: Parked,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        message: MessageSource,
+        attempt: _Attempt,
+        *,
+        reused: bool = False,
+    ) -> tuple[list[RecipientResult] | None, bool]:
+        """One transaction on an open connection: (results or None to try the
+        next host, whether the connection was parked for reuse)."""
+        client, label = link.client, link.label
+        destination = self.destination(recipients[0].domain)
         refusal = self._capability_problem(client, sender, recipients, message, label)
         if refusal is not None:
-            await client.quit()
-            return refusal
+            return refusal, self._cache.park(destination, link)
         traits = message.traits
         result = await client.send(
             sender,
@@ -320,14 +374,14 @@ class RemoteCourier:
         )
         first = result.mail
         if first.transient:
+            if reused and first.code == 421:
+                raise SmtpConnectionError("parked connection closed by the peer")
             # MAIL refused for now: a problem of this host (busy, out of
             # space), not of the recipients, so try the next MX (RFC 5321 §5.1).
             attempt.failed(f"{label} said: {first.text}", status_of(first), label, reply=first)
-            await client.quit()
-            return None
-        await client.quit()
+            return None, False
         suffix = f" (TLS {client.tls_info()})" if client.tls else ""
-        return [
+        results = [
             RecipientResult(
                 r,
                 outcome_of(reply),
@@ -338,6 +392,8 @@ class RemoteCourier:
             )
             for r, reply in result.replies.items()
         ]
+        # Only a completed DATA leaves the session in a known, reset state.
+        return results, result.data_sent and self._cache.park(destination, link)
 
     def _needs_smtputf8(
         self, sender: Address | None, recipients: Sequence[Address], message: MessageSource

@@ -71,6 +71,10 @@ class ClientConnection(Connection):
         if not self.lost.done():
             self.lost.set_result(None)
 
+    def quiet(self) -> bool:
+        """Nothing received and unread, and no EOF."""
+        return not self._buffer and not self._eof
+
     async def start_client_tls(
         self, context: ssl.SSLContext, server_hostname: str | None, timeout: float
     ) -> None:
@@ -106,6 +110,7 @@ class SmtpClient:
         self._replies: deque[Reply] = deque()
         self.extensions: dict[str, str] = {}
         self.esmtp = False
+        self.replies_read = 0  # a reused connection that fails before a reply was stale
 
     @classmethod
     async def connect(cls, ip: str, port: int, timeouts: ClientTimeouts) -> SmtpClient:
@@ -124,6 +129,20 @@ class SmtpClient:
     def tls(self) -> bool:
         return self._conn.tls
 
+    @property
+    def usable(self) -> bool:
+        """Open, and nothing unread from the peer (an idle server may have
+        sent 421 before hanging up)."""
+        transport = self._conn.transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and not self._conn.lost.done()
+            and not self._replies
+            and not self._parser.pending
+            and self._conn.quiet()
+        )
+
     def tls_info(self) -> str:
         version, cipher = self._conn.tls_version(), self._conn.tls_cipher()
         return f"{version} {cipher}" if version else ""
@@ -134,6 +153,7 @@ class SmtpClient:
         deadline = loop.time() + timeout
         for _ in range(100_000):  # each pass reads at least one byte; bounded anyway
             if self._replies:
+                self.replies_read += 1
                 return self._replies.popleft()
             remaining = deadline - loop.time()
             try:

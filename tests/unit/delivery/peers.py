@@ -119,8 +119,16 @@ class Dnsmasq:
         return True
 
     def start(self) -> Dnsmasq:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        for _ in range(5):  # the free port may be taken before dnsmasq binds it: pick another
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+            time.sleep(0.1)
+            if self.proc.poll() is None or b"in use" not in self.log.read_bytes():
+                break
+            self.port = free_port(("127.0.0.1",), socket.SOCK_DGRAM)
+            self.args = [a for a in self.args if not a.startswith("--port=")]
+            self.args.append(f"--port={self.port}")
+            self.log.write_bytes(b"")
         if not wait_for(
             lambda: self.proc is not None and (self.proc.poll() is not None or self._answers()), 10
         ):

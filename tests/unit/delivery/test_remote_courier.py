@@ -97,9 +97,12 @@ def deliver(
         await writer.commit()
         entry = committed[0]
         assert entry.traits is not None
-        return await c.deliver(
-            domain, sender, recipients, QueuedMessage(store, entry, entry.traits)
-        )
+        try:
+            return await c.deliver(
+                domain, sender, recipients, QueuedMessage(store, entry, entry.traits)
+            )
+        finally:
+            await c.close()  # parked connections belong to this event loop
 
     return asyncio.run(go())
 
@@ -380,3 +383,43 @@ def test_bounce_goes_out_with_null_sender(
         assert b"X-Mail-Args: <>" in sink.messages()[0]
     finally:
         sink.stop()
+
+
+def test_connections_are_reused_for_the_same_destination(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    mta = ScriptedMta("127.0.0.2", port).start()
+    store = QueueStore(tmp_path / "queue", executor)
+    c = courier(dnsmasq, port)
+
+    async def one(rcpt: Address) -> RecipientResult:
+        committed: list[QueueEntry] = []
+        writer = store.writer(ALICE, [rcpt], on_commit=committed.append)
+        await writer.write(b"Subject: t\n\nbody\n")
+        await writer.commit()
+        entry = committed[0]
+        assert entry.traits is not None
+        (result,) = await c.deliver(
+            "one.test", ALICE, [rcpt], QueuedMessage(store, entry, entry.traits)
+        )
+        return result
+
+    async def go() -> list[RecipientResult]:
+        try:
+            first = [await one(Address(f"u{i}", "one.test")) for i in range(3)]
+            # The peer drops the idle connection: the next message notices
+            # and opens a new one without counting a failure.
+            mta.stop()
+            mta.start()
+            return [*first, await one(Address("late", "one.test"))]
+        finally:
+            await c.close()
+
+    try:
+        results = asyncio.run(go())
+        assert [r.outcome for r in results] == [Outcome.DELIVERED] * 4
+        assert len(mta.received) == 4
+        assert mta.commands.count("EHLO mail.example.test") == 2  # two connections, four messages
+        assert mta.commands[-1] == "QUIT"  # closed politely at the end
+    finally:
+        mta.stop()
