@@ -1,0 +1,208 @@
+"""DMARC (RFC 7489): policy discovery, identifier alignment, the verdict.
+
+Hand-written: the DMARC packages on PyPI either look records up with their
+own resolver (we must use ours: SPEC, every lookup through
+``[relay] dns_servers``), or are report parsers and record linters.  What
+evaluation needs is small: find the record (§6.6.3), parse its tags (§6.3),
+compare domains (§3.1) using the Organizational Domain from the Public
+Suffix List (``publicsuffixlist``, which ships the list), and apply ``pct``
+(§6.6.4).  Reports (rua/ruf) are not sent.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol
+
+from postoffice.delivery.resolver import DnsError
+from postoffice.mail.address import AddressError, normalise_domain
+
+POLICIES = ("none", "quarantine", "reject")
+
+
+class DmarcResult(enum.StrEnum):
+    NONE = "none"  # no policy published
+    PASS = "pass"
+    FAIL = "fail"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcRecord:
+    domain: str  # where the record was found (the From domain or its organizational domain)
+    policy: str  # p=
+    subdomain_policy: str  # sp= (default: p)
+    adkim: str = "r"  # "r" relaxed or "s" strict alignment (§3.1.1)
+    aspf: str = "r"
+    pct: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcVerdict:
+    result: DmarcResult
+    from_domain: str
+    policy: str = "none"  # the policy that applies to this message after pct
+    published: str = "none"  # the policy the domain asks for
+    reason: str = ""
+
+
+class TxtResolver(Protocol):
+    async def txt(self, name: str) -> list[str]: ...
+
+
+def _header_block(message: bytes) -> bytes:
+    if message.startswith(b"\n"):
+        return b""
+    end = message.find(b"\n\n")
+    return message if end < 0 else message[: end + 1]
+
+
+def author_domains(message: bytes) -> list[str]:
+    """The domains of the From: addresses, in order, without repeats."""
+    text = re.sub(r"\r?\n[ \t]", " ", _header_block(message).decode("utf-8", "replace"))
+    values = []
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() == "from":
+            values.append(value)
+    domains: dict[str, None] = {}
+    for _name, addr in email.utils.getaddresses(values):
+        _local, at, domain = addr.rpartition("@")
+        if not at:
+            continue
+        try:
+            domains[normalise_domain(domain.strip())] = None
+        except AddressError:
+            continue
+    return list(domains)
+
+
+@lru_cache(maxsize=1)
+def _psl() -> object:
+    from publicsuffixlist import PublicSuffixList  # parses the list: once per process
+
+    return PublicSuffixList()
+
+
+def organizational_domain(domain: str) -> str:
+    """The registered domain (§3.2): one label below the public suffix.  A
+    name that is itself a public suffix is its own organizational domain."""
+    name = domain.rstrip(".").lower()
+    found = _psl().privatesuffix(name)  # type: ignore[attr-defined]
+    return str(found) if found else name
+
+
+def aligned(identifier: str, from_domain: str, mode: str) -> bool:
+    """Identifier alignment (§3.1): the same name (strict), or the same
+    organizational domain (relaxed)."""
+    a, b = identifier.rstrip(".").lower(), from_domain.rstrip(".").lower()
+    if a == b:
+        return True
+    return mode != "s" and organizational_domain(a) == organizational_domain(b)
+
+
+def _tags(text: str) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for part in text.split(";"):
+        name, sep, value = part.partition("=")
+        if sep and name.strip():
+            tags.setdefault(name.strip().lower(), value.strip())
+    return tags
+
+
+def is_dmarc_record(text: str) -> bool:
+    """§6.6.3 step 3: records not starting with v=DMARC1 are discarded."""
+    name, sep, value = text.split(";", 1)[0].partition("=")
+    return bool(sep) and name.strip() == "v" and value.strip() == "DMARC1"
+
+
+def parse_record(text: str, domain: str) -> DmarcRecord | None:
+    """The record's policy; None when it cannot be used (§6.6.3 step 6: no
+    valid p= and no usable rua= means no DMARC processing)."""
+    tags = _tags(text)
+    policy = tags.get("p", "").lower()
+    sub = tags.get("sp", "").lower()
+    if policy not in POLICIES or (sub and sub not in POLICIES):
+        if "mailto:" not in tags.get("rua", "").lower():
+            return None
+        policy, sub = "none", "none"  # §6.6.3 step 6: act as if p=none
+    adkim = tags.get("adkim", "r").lower()
+    aspf = tags.get("aspf", "r").lower()
+    try:
+        pct = int(tags.get("pct", "100"))
+    except ValueError:
+        pct = 100
+    return DmarcRecord(
+        domain=domain,
+        policy=policy,
+        subdomain_policy=sub or policy,
+        adkim=adkim if adkim in ("r", "s") else "r",
+        aspf=aspf if aspf in ("r", "s") else "r",
+        pct=min(max(pct, 0), 100),
+    )
+
+
+class DmarcTempError(Exception):
+    pass
+
+
+async def _records_at(resolver: TxtResolver, domain: str) -> list[str]:
+    try:
+        found = await resolver.txt(f"_dmarc.{domain}")
+    except DnsError as exc:
+        if exc.temporary:
+            raise DmarcTempError(str(exc)) from None
+        return []
+    return [t for t in found if is_dmarc_record(t)]
+
+
+async def discover(resolver: TxtResolver, from_domain: str) -> DmarcRecord | None:
+    """Policy discovery (§6.6.3): _dmarc.<From domain>, else _dmarc.<its
+    organizational domain>.  Several records at one name: no policy.
+    Raise DmarcTempError when DNS failed (the verdict is unknown, not none)."""
+    for domain in dict.fromkeys([from_domain, organizational_domain(from_domain)]):
+        records = await _records_at(resolver, domain)
+        if len(records) == 1:
+            return parse_record(records[0], domain)
+        if records:
+            return None
+    return None
+
+
+def _downgrade(policy: str) -> str:
+    # §6.6.4: a message not sampled by pct gets the next less strict policy.
+    return {"reject": "quarantine", "quarantine": "none"}.get(policy, "none")
+
+
+def evaluate(
+    record: DmarcRecord,
+    from_domain: str,
+    *,
+    spf_pass_domain: str | None,
+    dkim_pass_domains: Sequence[str],
+    rng: random.Random | None = None,
+) -> DmarcVerdict:
+    """The DMARC result for a message whose From: domain is ``from_domain``.
+    ``spf_pass_domain``: the MAIL FROM (or HELO) domain if SPF passed;
+    ``dkim_pass_domains``: the d= of every signature that verified."""
+    published = record.policy if record.domain == from_domain else record.subdomain_policy
+    if spf_pass_domain is not None and aligned(spf_pass_domain, from_domain, record.aspf):
+        return DmarcVerdict(
+            DmarcResult.PASS, from_domain, "none", published, f"SPF aligned ({spf_pass_domain})"
+        )
+    for d in dkim_pass_domains:
+        if aligned(d, from_domain, record.adkim):
+            return DmarcVerdict(DmarcResult.PASS, from_domain, "none", published, f"DKIM d={d}")
+    policy = published
+    if record.pct < 100 and (rng or random.SystemRandom()).random() * 100 >= record.pct:
+        policy = _downgrade(policy)
+    return DmarcVerdict(
+        DmarcResult.FAIL, from_domain, policy, published, "no aligned SPF or DKIM pass"
+    )

@@ -1,0 +1,41 @@
+"""A real DNS server for the mail-authentication tests.
+
+Reuses the outbound tests' ``Dnsmasq`` (Debian's dnsmasq on a loopback
+port, authoritative for ``.test``; other names are REFUSED, which a
+resolver sees as a temporary failure) and adds TXT and PTR records to its
+command line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from postoffice.config.settings import ListenAddress
+from postoffice.delivery.resolver import DnsResolver
+from tests.unit.delivery.peers import Dnsmasq
+
+
+def auth_dns(
+    root: Path,
+    *,
+    txt: Mapping[str, str | Sequence[str]] | None = None,
+    hosts: Mapping[str, Sequence[str]] | None = None,
+    mx: Iterable[tuple[str, str, int]] = (),
+    ptr: Mapping[str, str] | None = None,
+) -> Dnsmasq:
+    """A dnsmasq (not started) serving these records; several values for one
+    TXT name make several records.  dnsmasq splits values longer than 255."""
+    server = Dnsmasq(root, mx=mx, hosts=dict(hosts or {}))
+    for name, values in (txt or {}).items():
+        for value in [values] if isinstance(values, str) else values:
+            if "," in value:  # dnsmasq would split the value there
+                raise ValueError(f"TXT values cannot contain commas here: {value!r}")
+            server.args.append(f"--txt-record={name},{value}")
+    for address, target in (ptr or {}).items():
+        server.args.append(f"--ptr-record={address},{target}")
+    return server
+
+
+def resolver_for(server: Dnsmasq, lifetime: float = 5.0) -> DnsResolver:
+    return DnsResolver([ListenAddress("127.0.0.1", server.port)], lifetime=lifetime)
