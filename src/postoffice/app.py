@@ -17,9 +17,13 @@ from dataclasses import dataclass, field
 
 from postoffice.config.settings import ListenAddress, Settings
 from postoffice.delivery.outbound import build_outbound
+from postoffice.delivery.resolver import DnsResolver
 from postoffice.net.listener import Listener
 from postoffice.net.tls import cert_and_key, server_context
 from postoffice.policy.auth import Authenticator, LoginThrottle, PasswordHasher
+from postoffice.policy.dkim_keys import KeyStore
+from postoffice.policy.dkim_sign import DkimSigner
+from postoffice.policy.mailauth import InboundChecks
 from postoffice.services import Services
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
@@ -47,6 +51,11 @@ def build_services(settings: Settings) -> Services:
         executor=executor,
     )
     services.outbound = build_outbound(services)
+    # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail;
+    # their DNS goes through [relay] dns_servers like the outbound queue's.
+    resolver = DnsResolver(settings.relay.dns_servers)
+    services.inbound_checks = InboundChecks(settings, resolver, executor)
+    services.dkim_signer = DkimSigner(KeyStore(settings.data_dir), executor)
     return services
 
 

@@ -30,6 +30,9 @@ class Services:
     # Inbound message checks (SPF/DKIM/DMARC), set by the composition root when
     # available: ``applies(client_ip) -> bool`` and ``async judge(...) -> CheckOutcome``.
     inbound_checks: Any = None
+    # DKIM signing of submitted mail bound for the outbound queue
+    # (policy/dkim_sign.py): ``wrap(queue_writer) -> writer``; None: no signing.
+    dkim_signer: Any = None
     # Open POP3 mailbox locks, by mailbox path (policy for RFC 1939 §8 exclusivity).
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -105,6 +105,10 @@ class CheckSettings:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
+    # Refuse (550 5.7.1, at the end of DATA) mail that fails DMARC for a domain
+    # whose policy is p=reject (RFC 7489 §6.6.4); false: only record the failure
+    # in Authentication-Results.  Other failures are always only recorded.
+    dmarc_reject: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,8 +402,10 @@ class _Loader:
 
     def checks(self, raw: Any) -> CheckSettings:
         table = self.table(raw, "checks", CheckSettings)
+        simple = {k: v for k, v in table.items() if k != "exempt_networks"}
+        base = self.numbers(simple, "checks", CheckSettings)
         if "exempt_networks" not in table:
-            return CheckSettings()
+            return base
         items = self.typed(table["exempt_networks"], list, "checks.exempt_networks")
         networks = []
         for i, v in enumerate(items):
@@ -408,4 +414,4 @@ class _Loader:
                 networks.append(ipaddress.ip_network(self.typed(v, str, key), strict=False))
             except ValueError as exc:
                 raise self.fail(key, str(exc)) from None
-        return CheckSettings(exempt_networks=tuple(networks))
+        return CheckSettings(exempt_networks=tuple(networks), dmarc_reject=base.dmarc_reject)

@@ -284,6 +284,8 @@ class SmtpSession:
         except (AddressError, ValueError) as exc:
             log.error("smtp cannot start delivery id=%s: %s", queue_id, exc)
             return Reply(451, "Local error in processing", "4.3.0")
+        if outbound is not None and self.mode is SmtpMode.SUBMISSION and self.s.dkim_signer:
+            outbound = self.s.dkim_signer.wrap(outbound)  # signed once, here (dkim_sign.py)
         received = trace_headers(
             helo=self.helo,
             client_ip=self.client_ip,
