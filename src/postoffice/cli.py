@@ -410,6 +410,126 @@ def _add_queue_parser(subparsers: Subparsers) -> None:
     queue_cli.add_queue_parser(subparsers)
 
 
+# --- dkim, doctor ---------------------------------------------------------------------
+def _print_dkim_records(keys: Sequence[Any]) -> None:
+    from postoffice.policy.dkim_keys import txt_record, zone_txt
+
+    for key in keys:
+        print(zone_txt(key.dns_name, txt_record(key)))
+
+
+def _dkim_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.policy.dkim_keys import DkimKeyError, generate
+
+    try:
+        keys = generate(settings.data_dir, args.domain, rotate=args.rotate)
+    except DkimKeyError as exc:
+        print(f"postoffice: {exc}", file=sys.stderr)
+        return 1
+    domain = keys[0].domain
+    selectors = ", ".join(f"{k.selector} ({k.algorithm})" for k in keys)
+    print(f"made DKIM keys for {domain}: {selectors}, in {keys[0].path.parent}")
+    print("Publish these TXT records (zone-file lines):")
+    _print_dkim_records(keys)
+    print(
+        f"A running server signs {domain}'s mail with them from the next message on;"
+        f" check the records with: postoffice doctor {domain}"
+    )
+    return 0
+
+
+def _dkim_show(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.policy.dkim_keys import DkimKeyError, load_keys
+
+    try:
+        keys = load_keys(settings.data_dir, args.domain)
+        if not keys:
+            raise DkimKeyError(
+                f"{args.domain} has no DKIM keys; make them with:"
+                f" postoffice dkim generate {args.domain}"
+            )
+        _print_dkim_records(keys)
+    except DkimKeyError as exc:
+        print(f"postoffice: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_dkim_parser(subparsers: Subparsers) -> None:
+    group = _group(
+        subparsers,
+        "dkim",
+        "manage DKIM signing keys (mail submitted for a domain is signed with its keys)",
+        "Each domain gets an RSA 2048 key and an Ed25519 key (RFC 8463), each with\n"
+        "its own selector, stored under data_dir/dkim/<domain>/.\n\n"
+        "examples:\n"
+        "  postoffice dkim generate example.org\n"
+        "  postoffice dkim show example.org\n",
+    )
+    generate = _leaf(
+        group,
+        "generate",
+        "make the keys of a domain and print the DNS records to publish",
+        _dkim_generate,
+        "Run it as the user the server runs as: the key files are readable only by\n"
+        "their owner.  A running server uses new keys from the next message on.\n\n"
+        "examples:\n"
+        "  postoffice dkim generate example.org\n"
+        "  postoffice dkim generate example.org --rotate   # new selectors, new keys\n",
+    )
+    generate.add_argument("domain", metavar="DOMAIN", help="the domain, e.g. example.org")
+    generate.add_argument(
+        "--rotate",
+        action="store_true",
+        help="replace existing keys with new ones under new selectors (publish them first:"
+        " signing switches at once)",
+    )
+    show = _leaf(
+        group,
+        "show",
+        "print the DNS TXT records of a domain's active keys",
+        _dkim_show,
+        "example:\n  postoffice dkim show example.org\n",
+    )
+    show.add_argument("domain", metavar="DOMAIN", help="the domain")
+
+
+def _doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.doctor import run_doctor
+
+    if args.domain:
+        domains = [normalise_domain(args.domain.strip())]
+    else:
+        stored: list[str] = []
+        if settings.accounts_db.exists():
+            store = _store(settings)
+            try:
+                stored = store.list_domains()
+            finally:
+                store.close()
+        domains = sorted(set(settings.domains) | set(stored))
+    return run_doctor(settings, domains)
+
+
+def _add_doctor_parser(subparsers: Subparsers) -> None:
+    doctor = _leaf(
+        subparsers,
+        "doctor",
+        "print the DNS records a domain needs, check them, the certificate and the listeners",
+        _doctor,
+        "Prints MX, A/AAAA, PTR, SPF, DKIM and DMARC records as zone-file lines and\n"
+        "marks each ok, missing or wrong (with the reason), looked up through\n"
+        "[relay] dns_servers when set.  Run it while the server runs: it also checks\n"
+        "that every listener answers.  Exit status: 0 all good, 1 something to fix.\n\n"
+        "examples:\n"
+        "  postoffice doctor                 # this server and every local domain\n"
+        "  postoffice doctor example.org\n",
+    )
+    doctor.add_argument(
+        "domain", metavar="DOMAIN", nargs="?", help="check only this domain (default: all local)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="postoffice",
@@ -429,7 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_domain_parser,
         _add_alias_parser,
         _add_queue_parser,
+        _add_dkim_parser,
         _add_check_parser,
+        _add_doctor_parser,
     ):
         add(subparsers)
     return parser

@@ -1,0 +1,453 @@
+"""``postoffice doctor [DOMAIN]``: which DNS records to publish, and are they right?
+
+For this server (its ``hostname``) and each local domain it prints every
+record that mail acceptance at the large providers depends on, as a
+zone-file line, looks each one up (through ``[relay] dns_servers`` when
+set, like every lookup of the server) and marks it:
+
+* ``ok``: published and right;
+* ``missing``: not published;
+* ``wrong``: published but wrong, or DNS failed; the reason follows;
+* ``warn``: works, but worth fixing (does not change the exit status).
+
+Records: MX (RFC 5321 §5.1), the host's A/AAAA and the matching PTR
+(forward-confirmed reverse DNS, which large providers require of senders),
+SPF for the domain and the HELO name (RFC 7208), each active DKIM selector
+(RFC 6376 §3.6.2), DMARC (RFC 7489 §6.1).  It also checks the TLS
+certificate (expiry, names) and that each configured listener answers.
+Exit status: 0 when nothing is missing or wrong, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import ssl
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from postoffice.config.settings import ListenAddress, Settings
+from postoffice.delivery.mx import MxRecord
+from postoffice.delivery.resolver import DnsError, DnsResolver
+from postoffice.net.tls import CERT_NAME
+from postoffice.policy import dmarc, spf
+from postoffice.policy.dkim_keys import DkimKey, DkimKeyError, load_keys, txt_record, zone_txt
+
+LOOKUP_LIFETIME = 10.0  # seconds per DNS question
+CONNECT_TIMEOUT = 5.0  # seconds to connect to a listener and read its greeting
+CERT_WARN_DAYS = 14
+UNKNOWN_IP = "192.0.2.255"  # TEST-NET-1 (RFC 5737): no real sender; an SPF pass for it is +all
+
+OK, MISSING, WRONG, WARN = "ok", "missing", "wrong", "warn"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    status: str
+    record: str  # a zone-file line, or what was checked
+    reason: str = ""
+
+    @property
+    def bad(self) -> bool:
+        return self.status in (MISSING, WRONG)
+
+
+@dataclass
+class Section:
+    title: str
+    findings: list[Finding]
+
+
+def _txt(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Doctor:
+    def __init__(self, settings: Settings, resolver: DnsResolver, domains: Sequence[str]) -> None:
+        self.settings = settings
+        self.domains = list(domains)
+        self.r = resolver
+        self.hostname = settings.hostname
+        self.server_ips: list[str] = []
+
+    async def _txt_records(self, name: str) -> tuple[list[str] | None, str]:
+        """(records, problem): None and the problem when the lookup failed."""
+        try:
+            return await self.r.txt(name), ""
+        except DnsError as exc:
+            if exc.temporary:
+                return None, f"DNS lookup failed: {exc}"
+            return [], ""
+
+    # --- this server -------------------------------------------------------------------
+    async def server(self) -> Section:
+        host = self.hostname
+        findings: list[Finding] = []
+        try:
+            self.server_ips = await self.r.addresses(host)
+        except DnsError as exc:
+            findings.append(Finding(WRONG, f"{host}. IN A ...", f"DNS lookup failed: {exc}"))
+        else:
+            findings += self._address_findings()
+        for ip in self.server_ips:
+            findings.append(await self._ptr(ip))
+        if host not in self.domains:  # else the domain's own SPF check covers it
+            findings.append(await self._helo_spf())
+        findings += check_certificate(self.settings)
+        findings += await check_listeners(self.settings)
+        return Section(f"{host} (this server)", findings)
+
+    def _address_findings(self) -> list[Finding]:
+        host = self.hostname
+        if not self.server_ips:
+            return [
+                Finding(
+                    MISSING,
+                    f"{host}. IN A <this server's public IPv4 address>",
+                    f"{host} has no A or AAAA record: other servers cannot find this one",
+                )
+            ]
+        out = []
+        listening = {a.host for a in self.settings.listen.smtp}
+        specific = {h for h in listening if h not in ("0.0.0.0", "::", "")}
+        for ip in self.server_ips:
+            kind = "AAAA" if ":" in ip else "A"
+            out.append(Finding(OK, f"{host}. IN {kind} {ip}"))
+        if specific and listening == specific and not specific & set(self.server_ips):
+            out.append(
+                Finding(
+                    WRONG,
+                    f"[listen] smtp = {sorted(specific)}",
+                    f"{host} resolves to {', '.join(self.server_ips)}, but the smtp"
+                    " listener is not on any of those addresses",
+                )
+            )
+        return out
+
+    async def _ptr(self, ip: str) -> Finding:
+        host = self.hostname
+        reverse = ipaddress.ip_address(ip).reverse_pointer
+        line = f"{reverse}. IN PTR {host}."
+        try:
+            names = await self.r.ptr(ip)
+        except DnsError as exc:
+            return Finding(WRONG, line, f"DNS lookup failed: {exc}")
+        if not names:
+            return Finding(
+                MISSING,
+                line,
+                f"no reverse DNS for {ip}; large providers refuse mail from addresses without"
+                " one (set it in your hosting provider's panel)",
+            )
+        if host in names:
+            return Finding(OK, line)
+        return Finding(
+            WRONG, line, f"{ip} points back to {', '.join(names)}, not to {host} (the HELO name)"
+        )
+
+    async def _helo_spf(self) -> Finding:
+        host = self.hostname
+        line = f"{host}. IN TXT {_txt('v=spf1 a -all')}"
+        records, problem = await self._txt_records(host)
+        if records is None:
+            return Finding(WRONG, line, problem)
+        if not [t for t in records if spf.is_spf_record(t)]:
+            return Finding(
+                WARN, line, "no SPF record for the HELO name (recommended, RFC 7208 §2.3)"
+            )
+        return await self._spf_verdict(host, line, records)
+
+    # --- a domain ------------------------------------------------------------------------------
+    async def domain(self, domain: str) -> Section:
+        findings = [await self._mx(domain)]
+        records, problem = await self._txt_records(domain)
+        spf_line = f"{domain}. IN TXT {_txt('v=spf1 mx -all')}"
+        if records is None:
+            findings.append(Finding(WRONG, spf_line, problem))
+        elif not [t for t in records if spf.is_spf_record(t)]:
+            findings.append(Finding(MISSING, spf_line, f"no SPF record at {domain}"))
+        else:
+            findings.append(await self._spf_verdict(domain, spf_line, records))
+        findings += await self._dkim(domain)
+        findings.append(await self._dmarc(domain))
+        return Section(domain, findings)
+
+    async def _mx(self, domain: str) -> Finding:
+        line = f"{domain}. IN MX 10 {self.hostname}."
+        try:
+            records: list[MxRecord] = await self.r.mx(domain)
+        except DnsError as exc:
+            if exc.temporary:
+                return Finding(WRONG, line, f"DNS lookup failed: {exc}")
+            return Finding(MISSING, line, f"{domain} does not exist in DNS")
+        hosts = [r.host for r in sorted(records, key=lambda r: r.preference)]
+        if not hosts:
+            return Finding(MISSING, line, f"{domain} has no MX record")
+        if hosts == [""]:
+            return Finding(WRONG, line, f"{domain} has a null MX: it says it takes no mail")
+        if self.hostname in hosts:
+            others = [h for h in hosts if h != self.hostname]
+            return Finding(OK, line, f"also: {', '.join(others)}" if others else "")
+        return Finding(WRONG, line, f"MX points to {', '.join(hosts)}, not to {self.hostname}")
+
+    async def _spf_verdict(self, domain: str, line: str, records: list[str]) -> Finding:
+        found = [t for t in records if spf.is_spf_record(t)]
+        if len(found) > 1:
+            return Finding(
+                WRONG, line, f"{len(found)} SPF records; receivers treat that as an error (§4.5)"
+            )
+        sender = ("postmaster", domain)
+        anyone = await spf.check_host(self.r, UNKNOWN_IP, domain, sender, self.hostname)
+        if anyone.result is spf.SpfResult.PASS:
+            return Finding(WRONG, line, f"published {_txt(found[0])} lets any address send")
+        if not self.server_ips:
+            return Finding(
+                WARN, line, f"cannot test {_txt(found[0])}: {self.hostname} has no address"
+            )
+        for ip in self.server_ips:
+            verdict = await spf.check_host(self.r, ip, domain, sender, self.hostname)
+            if verdict.result is not spf.SpfResult.PASS:
+                return Finding(
+                    WRONG,
+                    line,
+                    f"published {_txt(found[0])} gives {verdict.result} for this server's"
+                    f" address {ip} ({verdict.reason})",
+                )
+        return Finding(OK, line)
+
+    async def _dkim(self, domain: str) -> list[Finding]:
+        try:
+            keys = load_keys(self.settings.data_dir, domain)
+        except DkimKeyError as exc:
+            return [Finding(WRONG, f"DKIM keys of {domain}", str(exc))]
+        if not keys:
+            return [
+                Finding(
+                    MISSING,
+                    f'<selector>._domainkey.{domain}. IN TXT "v=DKIM1; k=rsa; p=..."',
+                    f"no DKIM keys yet: run `postoffice dkim generate {domain}`, then publish"
+                    " the records it prints",
+                )
+            ]
+        return [await self._dkim_key(key) for key in keys]
+
+    async def _dkim_key(self, key: DkimKey) -> Finding:
+        try:
+            want = txt_record(key)
+        except DkimKeyError as exc:
+            return Finding(WRONG, key.dns_name, str(exc))
+        line = zone_txt(key.dns_name, want)
+        records, problem = await self._txt_records(key.dns_name)
+        if records is None:
+            return Finding(WRONG, line, problem)
+        if not records:
+            return Finding(MISSING, line, f"no TXT record at {key.dns_name}")
+        ours = dict(_tags(want))
+        for text in records:
+            tags = dict(_tags(text))
+            p = "".join(tags.get("p", "").split())
+            if p == ours["p"] and tags.get("k", "rsa") == ours["k"]:
+                return Finding(OK, line)
+        published = dict(_tags(records[0]))
+        if "p" in published and not published["p"]:
+            return Finding(WRONG, line, "the published key is revoked (empty p=)")
+        return Finding(
+            WRONG, line, f"{key.dns_name} has a different key than {key.path} (an old one?)"
+        )
+
+    async def _dmarc(self, domain: str) -> Finding:
+        want = f"v=DMARC1; p=quarantine; adkim=r; aspf=r; rua=mailto:postmaster@{domain}"
+        line = f"_dmarc.{domain}. IN TXT {_txt(want)}"
+        records, problem = await self._txt_records(f"_dmarc.{domain}")
+        if records is None:
+            return Finding(WRONG, line, problem)
+        found = [t for t in records if dmarc.is_dmarc_record(t)]
+        if len(found) > 1:
+            return Finding(WRONG, line, f"{len(found)} DMARC records: receivers ignore them all")
+        if not found:
+            org = dmarc.organizational_domain(domain)
+            if org != domain:
+                try:
+                    inherited = await dmarc.discover(self.r, domain)
+                except dmarc.DmarcTempError as exc:
+                    return Finding(WRONG, line, f"DNS lookup failed: {exc}")
+                if inherited is not None:
+                    return Finding(OK, line, f"the policy of _dmarc.{org} applies")
+            return Finding(MISSING, line, f"no DMARC record at _dmarc.{domain}")
+        record = dmarc.parse_record(found[0], domain)
+        if record is None:
+            return Finding(WRONG, line, f"published {_txt(found[0])} has no valid p= tag")
+        if record.policy == "none":
+            return Finding(
+                WARN, line, "p=none: receivers only report failures; move to quarantine or reject"
+            )
+        return Finding(OK, line, f"p={record.policy}")
+
+
+def _tags(text: str) -> list[tuple[str, str]]:
+    out = []
+    for part in text.split(";"):
+        name, sep, value = part.partition("=")
+        if sep:
+            out.append((name.strip().lower(), value.strip()))
+    return out
+
+
+# --- certificate and listeners ----------------------------------------------------------------
+def _cert_path(settings: Settings) -> Path:
+    return settings.tls.cert or settings.tls_dir / CERT_NAME
+
+
+def _names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        return [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        return [
+            str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
+
+
+def _name_matches(pattern: str, host: str) -> bool:
+    if pattern == host:
+        return True
+    # RFC 6125 §6.4.3: "*." covers exactly one left-most label.
+    return pattern.startswith("*.") and host.split(".", 1)[-1] == pattern[2:] and "." in host
+
+
+def check_certificate(settings: Settings, now: datetime.datetime | None = None) -> list[Finding]:
+    path = _cert_path(settings)
+    label = f"TLS certificate {path}"
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        return [Finding(WARN, label, "not made yet: a self-signed one is made on first start")]
+    except (OSError, ValueError) as exc:
+        return [Finding(WRONG, label, f"cannot be read: {exc}")]
+    findings = []
+    now = now or datetime.datetime.now(datetime.UTC)
+    expires = cert.not_valid_after_utc
+    host = settings.hostname
+    names = _names(cert)
+    if expires <= now:
+        findings.append(Finding(WRONG, label, f"expired on {expires:%Y-%m-%d}"))
+    elif expires - now < datetime.timedelta(days=CERT_WARN_DAYS):
+        findings.append(Finding(WARN, label, f"expires on {expires:%Y-%m-%d}: renew it"))
+    if not any(_name_matches(n, host) for n in names):
+        findings.append(
+            Finding(WRONG, label, f"made for {', '.join(names) or 'no name'}, not for {host}")
+        )
+    if cert.issuer == cert.subject:
+        findings.append(
+            Finding(
+                WARN,
+                label,
+                "self-signed: other mail servers accept it, mail clients warn; use one from a"
+                " certificate authority (e.g. Let's Encrypt) in [tls]",
+            )
+        )
+    if not findings:
+        findings.append(Finding(OK, label, f"valid until {expires:%Y-%m-%d}, for {host}"))
+    return findings
+
+
+_GREETINGS = {
+    "smtp": (b"220", False),
+    "submission": (b"220", False),
+    "submissions": (b"220", True),
+    "pop3": (b"+OK", False),
+    "pop3s": (b"+OK", True),
+}
+
+
+async def _greeting(address: ListenAddress, implicit_tls: bool) -> bytes:
+    host = address.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    ctx = None
+    if implicit_tls:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        reader, writer = await asyncio.open_connection(host, address.port, ssl=ctx)
+        try:
+            return await reader.readline()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+
+async def check_listeners(settings: Settings) -> list[Finding]:
+    findings = []
+    for name, (expected, implicit_tls) in _GREETINGS.items():
+        for address in getattr(settings.listen, name):
+            label = f"{name} listener {address}"
+            try:
+                line = await _greeting(address, implicit_tls)
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                reason = str(exc) or type(exc).__name__
+                findings.append(
+                    Finding(WRONG, label, f"does not answer ({reason}); is it running?")
+                )
+                continue
+            text = line.decode("utf-8", "replace").strip()
+            if not line.startswith(expected):
+                findings.append(Finding(WRONG, label, f"answers {text!r}"))
+                continue
+            finding = Finding(OK, label, text[:80])
+            if name == "smtp" and ipaddress.ip_address(address.host or "0.0.0.0").is_loopback:
+                finding = Finding(WARN, label, "on loopback only: other servers cannot reach it")
+            findings.append(finding)
+    return findings
+
+
+# --- the command ----------------------------------------------------------------------------------
+async def diagnose(settings: Settings, domains: Sequence[str]) -> list[Section]:
+    resolver = DnsResolver(settings.relay.dns_servers, lifetime=LOOKUP_LIFETIME)
+    doctor = Doctor(settings, resolver, domains)
+    sections = [await doctor.server()]
+    for domain in domains:
+        sections.append(await doctor.domain(domain))
+    return sections
+
+
+def report(sections: Sequence[Section], out: TextIO) -> int:
+    """Print the sections; the number of missing or wrong findings."""
+    bad = 0
+    for section in sections:
+        print(f"\n== {section.title}", file=out)
+        for f in section.findings:
+            print(f"{f.status:<8} {f.record}", file=out)
+            if f.reason:
+                print(f"{'':<8} {f.reason}", file=out)
+            bad += f.bad
+    return bad
+
+
+def run_doctor(settings: Settings, domains: Sequence[str], out: TextIO = sys.stdout) -> int:
+    servers = ", ".join(str(s) for s in settings.relay.dns_servers) or "the system resolver"
+    print(
+        f"postoffice doctor: {settings.hostname}, domains {', '.join(domains) or '(none)'};"
+        f" DNS through {servers}",
+        file=out,
+    )
+    print("Each record as a zone-file line, then whether DNS has it right.", file=out)
+    bad = report(asyncio.run(diagnose(settings, domains)), out)
+    if bad:
+        print(f"\n{bad} problem(s): publish or fix the records marked missing or wrong,", file=out)
+        print("then run `postoffice doctor` again (DNS changes can take a while).", file=out)
+        return 1
+    print("\nAll required records are in place.", file=out)
+    return 0
