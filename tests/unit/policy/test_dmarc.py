@@ -1,0 +1,84 @@
+"""DMARC records, organizational domains and alignment (RFC 7489), no DNS."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from postoffice.policy.dmarc import (
+    DmarcRecord,
+    DmarcResult,
+    aligned,
+    author_domains,
+    evaluate,
+    is_dmarc_record,
+    organizational_domain,
+    parse_record,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("v=DMARC1; p=reject", True),
+        ("v = DMARC1 ;p=none", True),
+        ("v=DMARC2; p=reject", False),
+        ("p=reject; v=DMARC1", False),  # §6.3: v= must come first
+        ("v=spf1 -all", False),
+    ],
+)
+def test_is_dmarc_record(text: str, expected: bool) -> None:
+    assert is_dmarc_record(text) is expected
+
+
+def test_parse_record_tags_and_defaults() -> None:
+    r = parse_record("v=DMARC1; p=Reject; sp=none; adkim=s; pct=50", "example.test")
+    assert r == DmarcRecord("example.test", "reject", "none", adkim="s", aspf="r", pct=50)
+    d = parse_record("v=DMARC1; p=quarantine; adkim=x; pct=abc", "example.test")
+    assert d is not None and (d.subdomain_policy, d.adkim, d.pct) == ("quarantine", "r", 100)
+    # §6.6.3 step 6: no valid p= ... unless rua= is there, then act as p=none.
+    assert parse_record("v=DMARC1; p=bogus", "example.test") is None
+    rua = parse_record("v=DMARC1; rua=mailto:d@example.test", "example.test")
+    assert rua is not None and rua.policy == "none"
+
+
+@pytest.mark.parametrize(
+    ("domain", "org"),
+    [
+        ("mail.example.test", "example.test"),
+        ("example.test", "example.test"),
+        ("a.b.example.co.uk", "example.co.uk"),
+        ("co.uk", "co.uk"),  # a public suffix is its own organizational domain
+    ],
+)
+def test_organizational_domain(domain: str, org: str) -> None:
+    assert organizational_domain(domain) == org
+
+
+def test_alignment_modes() -> None:
+    assert aligned("news.example.test", "example.test", "r")
+    assert not aligned("news.example.test", "example.test", "s")
+    assert aligned("EXAMPLE.test", "example.test", "s")
+    assert not aligned("example.co.uk", "other.co.uk", "r")
+
+
+def test_author_domains_reads_folded_and_multiple_from() -> None:
+    msg = b'From: "A, B" <a@One.test>,\n\tc@two.test\nTo: x@y.test\n\nFrom: body@not.test\n'
+    assert author_domains(msg) == ["one.test", "two.test"]
+    assert author_domains(b"Subject: none\n\n") == []
+
+
+def test_evaluate_pass_fail_and_subdomain_policy() -> None:
+    record = DmarcRecord("example.test", "reject", "quarantine")
+    ok = evaluate(record, "example.test", spf_pass_domain="example.test", dkim_pass_domains=[])
+    assert ok.result is DmarcResult.PASS
+    sub = evaluate(record, "news.example.test", spf_pass_domain=None, dkim_pass_domains=[])
+    assert (sub.result, sub.policy) == (DmarcResult.FAIL, "quarantine")  # sp= applies
+    rng = random.Random(1)
+    half = DmarcRecord("example.test", "reject", "reject", pct=50)
+    policies = {
+        evaluate(half, "example.test", spf_pass_domain=None, dkim_pass_domains=[], rng=rng).policy
+        for _ in range(50)
+    }
+    assert policies == {"reject", "quarantine"}  # §6.6.4 sampling
