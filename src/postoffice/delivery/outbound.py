@@ -58,6 +58,7 @@ log = logging.getLogger("postoffice.delivery")
 
 POLL_INTERVAL = 1.0  # seconds between checks for `queue flush` requests
 LOCKED_RETRY = 1.0  # seconds to wait when `queue remove` holds a message's lock
+RECOVERY_RETRY = 10.0  # seconds between tries to read an unreadable queue directory
 EXPIRED_STATUS = "5.4.7"  # RFC 3463: delivery time expired
 
 
@@ -130,6 +131,10 @@ class Outbound:
         return self.store.writer(sender, recipients, on_commit=self._accepted)
 
     def _accepted(self, entry: QueueEntry) -> None:
+        if entry.queue_id in self._entries:
+            # Start-up recovery saw the file between its rename and this call:
+            # keep that one object, so the message is never worked on twice.
+            return
         traits = entry.traits
         log.info(
             "%s: queued from=<%s> nrcpt=%d size=%d",
@@ -167,6 +172,11 @@ class Outbound:
 
     def _finished(self, queue_id: str, _task: asyncio.Task[None]) -> None:
         self._active.pop(queue_id, None)
+        when = self._due.get(queue_id)
+        if when is not None:
+            # Rescheduled while it ran (a forward due now, a flush): _launch_due
+            # skipped it then, so it goes back on the heap.
+            heapq.heappush(self._heap, (when, next(self._seq), queue_id))
         if self._wake is not None:
             self._wake.set()
 
@@ -174,22 +184,25 @@ class Outbound:
         """Deliver until cancelled."""
         self._wake = asyncio.Event()
         self._connections = asyncio.Semaphore(max(1, self._relay.max_deliveries))
-        recovered = await self.store.run_blocking(self.store.recover_blocking)
-        for entry in recovered:
-            if entry.queue_id not in self._entries:
-                self._entries[entry.queue_id] = entry
-                due = entry.next_due()
-                self._schedule(entry.queue_id, self._clock() if due is None else due)
-        if recovered:
-            log.info("queue: %d message(s) waiting", len(recovered))
+        recovered = await self._recover()
+        waiting = [e for e in recovered if e.queue_id not in self._entries]
+        for entry in waiting:
+            self._entries[entry.queue_id] = entry
+            due = entry.next_due()
+            self._schedule(entry.queue_id, self._clock() if due is None else due)
+        if waiting:
+            log.info("queue: %d message(s) waiting", len(waiting))
         loop = asyncio.get_running_loop()
         next_poll = 0.0
         try:
             for _ in itertools.count():  # the service loop: runs until cancelled
                 if loop.time() >= next_poll:
                     next_poll = loop.time() + self._poll_interval
-                    if await self.store.run_blocking(self.store.take_flush_request_blocking):
-                        self._flush()
+                    try:
+                        if await self.store.run_blocking(self.store.take_flush_request_blocking):
+                            self._flush()
+                    except OSError as exc:
+                        log.error("queue: cannot check for flush requests: %s", exc)
                 now = self._clock()
                 self._launch_due(now)
                 wait = next_poll - loop.time()
@@ -205,6 +218,20 @@ class Outbound:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._remote.close()
+
+    async def _recover(self) -> list[QueueEntry]:
+        """Load the queue from disk; if the disk refuses, say so and keep trying
+        (new messages cannot be queued either, so nothing is lost meanwhile)."""
+        for attempt in itertools.count(1):  # until it works or the task is cancelled
+            try:
+                entries: list[QueueEntry] = await self.store.run_blocking(
+                    self.store.recover_blocking
+                )
+                return entries
+            except OSError as exc:
+                log.error("queue: cannot read %s (try %d): %s", self.store.dir, attempt, exc)
+                await asyncio.sleep(RECOVERY_RETRY)
+        return []
 
     def _flush(self) -> None:
         """`queue flush`: every waiting recipient is due now."""

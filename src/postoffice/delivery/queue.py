@@ -213,13 +213,14 @@ class DirSync:
         self._executor = executor
         self._next: asyncio.Future[None] | None = None
         self._running = False
+        self._task: asyncio.Task[None] | None = None  # a strong reference while it runs
 
     async def sync(self) -> None:
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
         waiter = self._next
         if not self._running:
-            asyncio.get_running_loop().create_task(self._run())
+            self._task = asyncio.get_running_loop().create_task(self._run())
             self._running = True
         await asyncio.shield(waiter)
 

@@ -14,6 +14,7 @@ same address is tried once more in plaintext.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import random
@@ -267,6 +268,9 @@ class RemoteCourier:
             return results
         except SmtpConnectionError as exc:
             return self._lost(client, label, exc, recipients, attempt)
+        except asyncio.CancelledError:
+            client.abort()  # shutting down: no polite QUIT to wait for
+            raise
         finally:
             if not parked:
                 await client.quit()

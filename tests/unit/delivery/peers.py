@@ -223,6 +223,9 @@ class ScriptedMta:
     greeting: str = "220 {host} ESMTP scripted"
     esmtp: bool = True  # False: EHLO is "502", as an old HELO-only server says
     break_tls: bool = False  # answer STARTTLS with 220, then hang up mid-handshake
+    data_delay: float = 0.0  # seconds before the reply to the final dot
+    active: int = 0  # connections open right now
+    max_active: int = 0  # the most connections open at once
     received: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
@@ -271,6 +274,8 @@ class ScriptedMta:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tls = False
         sender, rcpts, params = "", [], ""
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
 
         async def say(line: str) -> None:
             writer.write(line.encode() + b"\r\n")
@@ -328,6 +333,8 @@ class ScriptedMta:
                         if not chunk or chunk == b".\r\n":
                             break
                         body += chunk[1:] if chunk.startswith(b".") else chunk
+                    if self.data_delay:
+                        await asyncio.sleep(self.data_delay)
                     self.received.append(Received(sender, list(rcpts), bytes(body), tls, params))
                     await say(self.data_reply)
                     rcpts = []
@@ -342,6 +349,7 @@ class ScriptedMta:
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError):
             return
         finally:
+            self.active -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 2)
