@@ -8,6 +8,7 @@ command line.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -39,3 +40,20 @@ def auth_dns(
 
 def resolver_for(server: Dnsmasq, lifetime: float = 5.0) -> DnsResolver:
     return DnsResolver([ListenAddress("127.0.0.1", server.port)], lifetime=lifetime)
+
+
+def start_keeping_port(server: Dnsmasq, attempts: int = 20) -> Dnsmasq:
+    """Start ``server`` on the port already written into configs.  ``start``
+    moves to another port when that one was taken meanwhile (a client
+    socket of another test, say); wait and try the same port again instead."""
+    planned = server.port
+    for _ in range(attempts):
+        server.start()
+        if server.port == planned:
+            return server
+        server.stop()
+        server.port = planned
+        server.args = [a for a in server.args if not a.startswith("--port=")]
+        server.args.append(f"--port={planned}")
+        time.sleep(0.5)
+    raise RuntimeError(f"port {planned} stayed in use")
