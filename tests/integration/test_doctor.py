@@ -1,0 +1,287 @@
+"""``postoffice doctor`` against a running server and real DNS zones (dnsmasq):
+a correct zone, the zone without each record, and wrong records."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from postoffice.config.settings import (
+    ListenAddress,
+    ListenSettings,
+    Settings,
+    TlsSettings,
+    load_settings,
+)
+from postoffice.doctor import check_certificate, run_doctor
+from postoffice.policy.dkim_keys import generate, load_keys, txt_record
+from tests.support.server import PostofficeServer, free_port
+from tests.unit.delivery.peers import Dnsmasq
+from tests.unit.policy.dns import auth_dns
+
+HOST = "mail.example.test"
+DOMAIN = "example.test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostofficeServer]:
+    srv = PostofficeServer(tmp_path_factory.mktemp("doctor"), hostname=HOST, domains=(DOMAIN,))
+    srv.cli("dkim", "generate", DOMAIN)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def good_zone(srv: PostofficeServer) -> dict[str, Any]:
+    return {
+        "txt": {
+            DOMAIN: "v=spf1 mx -all",
+            HOST: "v=spf1 a -all",
+            f"_dmarc.{DOMAIN}": f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{DOMAIN}",
+            **{k.dns_name: txt_record(k) for k in load_keys(srv.data_dir, DOMAIN)},
+        },
+        "mx": [(DOMAIN, HOST, 10)],
+        "hosts": {HOST: ["127.0.0.1"]},  # dnsmasq makes the matching PTR too
+    }
+
+
+def doctor(
+    srv: PostofficeServer, tmp_path: Path, zone: dict[str, Any], *extra_args: str
+) -> tuple[int, str]:
+    dns = auth_dns(tmp_path, **zone)
+    dns.args += list(extra_args)
+    dns.start()
+    try:
+        settings = with_dns(load_settings(srv.config), dns)
+        out = io.StringIO()
+        code = run_doctor(settings, [DOMAIN], out)
+    finally:
+        dns.stop()
+    return code, out.getvalue()
+
+
+def with_dns(settings: Settings, dns: Dnsmasq) -> Settings:
+    relay = dataclasses.replace(settings.relay, dns_servers=(ListenAddress("127.0.0.1", dns.port),))
+    return dataclasses.replace(settings, relay=relay)
+
+
+def statuses(text: str) -> dict[str, str]:
+    """record line -> status, for the lines that carry a status."""
+    found = {}
+    for line in text.splitlines():
+        status, _, record = line.partition(" ")
+        if status in ("ok", "missing", "wrong", "warn"):
+            found[record.strip()] = status
+    return found
+
+
+def test_correct_zone_passes_through_the_cli(server: PostofficeServer, tmp_path: Path) -> None:
+    dns = auth_dns(tmp_path, **good_zone(server)).start()
+    try:
+        config = tmp_path / "doctor.toml"
+        config.write_text(
+            server.config.read_text() + f'\n[relay]\ndns_servers = ["{dns.server}"]\n'
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "postoffice", "doctor", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        dns.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = statuses(result.stdout)
+    assert seen[f"{DOMAIN}. IN MX 10 {HOST}."] == "ok"
+    assert seen[f"{HOST}. IN A 127.0.0.1"] == "ok"
+    assert seen[f"1.0.0.127.in-addr.arpa. IN PTR {HOST}."] == "ok"
+    assert seen[f'{DOMAIN}. IN TXT "v=spf1 mx -all"'] == "ok"
+    assert seen[f'{HOST}. IN TXT "v=spf1 a -all"'] == "ok"
+    dkim = [r for r in seen if "._domainkey." in r]
+    assert len(dkim) == 2 and all(seen[r] == "ok" for r in dkim)
+    assert any(r.startswith(f"_dmarc.{DOMAIN}. IN TXT") and s == "ok" for r, s in seen.items())
+    # Every listener answers; smtp on loopback is only a warning, like the self-signed cert.
+    assert sum(1 for r, s in seen.items() if "listener" in r and s == "ok") == 4
+    assert seen[f"smtp listener 127.0.0.1:{server.ports['smtp']}"] == "warn"
+    assert "All required records are in place." in result.stdout
+
+
+def drop(zone: dict[str, Any], kind: str, name: str | None = None) -> dict[str, Any]:
+    zone = {k: dict(v) if isinstance(v, dict) else list(v) for k, v in zone.items()}
+    if kind == "txt":
+        assert name is not None
+        for key in [k for k in zone["txt"] if k == name or k.endswith(name)]:
+            del zone["txt"][key]
+    else:
+        zone[kind] = {} if kind == "hosts" else []
+    return zone
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "line"),
+    [
+        ("mx", None, f"{DOMAIN}. IN MX 10 {HOST}."),
+        ("txt", DOMAIN, f'{DOMAIN}. IN TXT "v=spf1 mx -all"'),
+        ("txt", f"._domainkey.{DOMAIN}", "._domainkey."),
+        ("txt", f"_dmarc.{DOMAIN}", f"_dmarc.{DOMAIN}. IN TXT"),
+        ("hosts", None, f"{HOST}. IN A <this server's public IPv4 address>"),
+    ],
+    ids=["mx", "spf", "dkim", "dmarc", "address"],
+)
+def test_each_missing_record_is_reported(
+    server: PostofficeServer, tmp_path: Path, kind: str, name: str | None, line: str
+) -> None:
+    code, text = doctor(server, tmp_path, drop(good_zone(server), kind, name))
+    assert code == 1
+    missing = [r for r, s in statuses(text).items() if s == "missing" and line in r]
+    assert missing, text
+    assert "problem(s)" in text
+
+
+def test_missing_reverse_dns(server: PostofficeServer, tmp_path: Path) -> None:
+    zone = drop(good_zone(server), "hosts")
+    code, text = doctor(
+        server, tmp_path, zone, f"--address=/{HOST}/127.0.0.1", "--local=/in-addr.arpa/"
+    )
+    assert code == 1
+    assert statuses(text)[f"1.0.0.127.in-addr.arpa. IN PTR {HOST}."] == "missing"
+    assert "no reverse DNS for 127.0.0.1" in text
+
+
+def test_missing_dkim_keys_say_how_to_make_them(tmp_path: Path) -> None:
+    srv = PostofficeServer(
+        tmp_path / "srv", hostname=HOST, domains=(DOMAIN,)
+    )  # no keys, not running
+    zone = good_zone(srv)
+    code, text = doctor(srv, tmp_path, zone)
+    assert code == 1
+    assert f"run `postoffice dkim generate {DOMAIN}`" in text
+    # Not running: every listener is reported as not answering.
+    assert sum(1 for r, s in statuses(text).items() if "listener" in r and s == "wrong") == 5
+
+
+def wrong(server: PostofficeServer, tmp_path: Path, zone: dict[str, Any], *args: str) -> str:
+    code, text = doctor(server, tmp_path, zone, *args)
+    assert code == 1, text
+    return text
+
+
+def test_wrong_mx(server: PostofficeServer, tmp_path: Path) -> None:
+    zone = good_zone(server)
+    zone["mx"] = [(DOMAIN, "mx.elsewhere.test", 10)]
+    text = wrong(server, tmp_path, zone)
+    assert statuses(text)[f"{DOMAIN}. IN MX 10 {HOST}."] == "wrong"
+    assert f"MX points to mx.elsewhere.test, not to {HOST}" in text
+
+
+@pytest.mark.parametrize(
+    ("records", "words"),
+    [
+        ("v=spf1 ip4:192.0.2.1 -all", "gives fail for this server's address 127.0.0.1"),
+        ("v=spf1 +all", "lets any address send"),
+        (["v=spf1 mx -all", "v=spf1 a -all"], "2 SPF records"),
+    ],
+)
+def test_wrong_spf(
+    server: PostofficeServer, tmp_path: Path, records: str | list[str], words: str
+) -> None:
+    zone = good_zone(server)
+    zone["txt"][DOMAIN] = records
+    text = wrong(server, tmp_path, zone)
+    assert statuses(text)[f'{DOMAIN}. IN TXT "v=spf1 mx -all"'] == "wrong"
+    assert words in text
+
+
+def test_wrong_dkim_key(server: PostofficeServer, tmp_path: Path) -> None:
+    other = generate(tmp_path / "other", DOMAIN)
+    zone = good_zone(server)
+    for ours, theirs in zip(load_keys(server.data_dir, DOMAIN), other, strict=True):
+        zone["txt"][ours.dns_name] = txt_record(theirs)
+    text = wrong(server, tmp_path, zone)
+    assert text.count("has a different key than") == 2
+
+
+def test_wrong_dmarc_and_ptr(server: PostofficeServer, tmp_path: Path) -> None:
+    zone = drop(good_zone(server), "hosts")
+    zone["txt"][f"_dmarc.{DOMAIN}"] = "v=DMARC1; sp=reject"
+    text = wrong(
+        server,
+        tmp_path,
+        zone,
+        f"--address=/{HOST}/127.0.0.1",
+        "--ptr-record=1.0.0.127.in-addr.arpa,vps-1234.hoster.test",
+    )
+    assert "has no valid p= tag" in text
+    assert f"points back to vps-1234.hoster.test, not to {HOST}" in text
+
+
+def make_cert(path: Path, name: str, *, days: int, self_signed: bool = True) -> Path:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer = subject if self_signed else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=30))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    path.write_bytes(cert.public_bytes(Encoding.PEM))
+    return path
+
+
+def cert_findings(tmp_path: Path, name: str, days: int, self_signed: bool = False) -> list[str]:
+    cert = make_cert(tmp_path / f"{name}-{days}.pem", name, days=days, self_signed=self_signed)
+    settings = Settings(hostname=HOST, tls=TlsSettings(cert=cert, key=cert))
+    return [f"{f.status}: {f.reason}" for f in check_certificate(settings)]
+
+
+def test_certificate_checks(tmp_path: Path) -> None:
+    ok = cert_findings(tmp_path, HOST, 90)
+    assert len(ok) == 1 and ok[0].startswith("ok: valid until")
+    assert cert_findings(tmp_path, "*.example.test", 90)[0].startswith("ok")
+    assert any(f.startswith("wrong: expired") for f in cert_findings(tmp_path, HOST, -1))
+    assert any(f.startswith("warn: expires") for f in cert_findings(tmp_path, HOST, 5))
+    assert any(
+        f.startswith("wrong: made for other.test")
+        for f in cert_findings(tmp_path, "other.test", 90)
+    )
+    assert any("self-signed" in f for f in cert_findings(tmp_path, HOST, 90, self_signed=True))
+
+
+def test_listener_check_reports_a_closed_port(server: PostofficeServer, tmp_path: Path) -> None:
+    settings = load_settings(server.config)
+    closed = ListenAddress("127.0.0.1", free_port())
+    settings = dataclasses.replace(
+        settings,
+        listen=dataclasses.replace(
+            ListenSettings(), pop3=(closed,), smtp=(), submission=(), submissions=(), pop3s=()
+        ),
+    )
+    dns = auth_dns(tmp_path, **good_zone(server)).start()
+    try:
+        out = io.StringIO()
+        code = run_doctor(with_dns(settings, dns), [DOMAIN], out)
+    finally:
+        dns.stop()
+    assert code == 1
+    assert statuses(out.getvalue())[f"pop3 listener {closed}"] == "wrong"
