@@ -1,0 +1,651 @@
+#!/usr/bin/env python3
+"""postoffice beside Postfix + Dovecot: every hot-path workload, one table.
+
+    python bench/run.py [--runs 3] [--only smtp,relay,pop3,login,idle] [--quick]
+                        [--anchor auto|up|no] [--bench-dir /work/shared/bench]
+                        [--json results.jsonl]
+
+What it does:
+
+1. Starts its own postoffice (``python -m postoffice serve``) on free
+   127.0.0.1 ports with a temporary data directory under /tmp (the file
+   system the anchor's Maildirs are on), the domain ``example.test`` and the
+   user ``load@example.test`` / ``secret-pass-load``, as in the anchor stack.
+2. Finds the anchor stack of the shared bench directory (Postfix on
+   127.0.0.1:10025, Dovecot on 10110/10995; ``anchor-stack.sh``) and, for the
+   relay load, its second Postfix instance whose relayhost is a sink
+   (/tmp/anchor-relay).  ``--anchor up`` starts whatever is not answering;
+   ``auto`` uses what runs and skips the anchor side, with a note, where
+   nothing answers; ``no`` measures postoffice alone.
+3. Runs every workload RUNS times, alternating the servers (postoffice,
+   anchor, anchor, postoffice, ...) so that machine drift hits both, after
+   waiting until no other benchmark load runs (the anchor's ``load`` mailbox
+   is shared with other benchmarkers):
+
+   =============  =========================================================
+   smtp-1x10k     smtp-source, 1 session x 2000 x 10 KiB        (ack msg/s)
+   smtp-20x10k    smtp-source, 20 sessions x 10000 x 10 KiB     (ack msg/s)
+   smtp-4x1m      smtp-source, 4 sessions x 200 x 1 MiB         (ack msg/s)
+   relay-20x10k   submission (STARTTLS+AUTH) -> smtp-sink, 20 x 2000 x 10 KiB
+                  (bench/relay_bench.py; msg/s until the sink has them all)
+   pop3-10k-*     RETR all of 10000 x 10 KiB, plain and POP3S (pop3-load.py)
+   pop3-1m-*      RETR all of 200 x 1 MiB, plain and POP3S
+   pop3-login     USER/PASS+STAT+QUIT, 10 parallel clients; postoffice's
+                  hash gets the anchor's argon2id parameters (equal cost)
+   idle-smtp/pop3 10,000 idle connections held (NOOP answered on each
+                  afterwards); memory per connection (PSS; the anchor: 50)
+   =============  =========================================================
+
+4. Checks durability and completeness: after each SMTP run every
+   acknowledged message is in the Maildir (smtp-source exits non-zero on any
+   refusal, so exit 0 means all were acknowledged), counted and with that
+   many distinct Message-IDs, and nothing left in tmp/; relayed mail is
+   counted and its Message-IDs checked at the sink; POP3 RETR sizes must
+   match LIST.
+5. Prints one Markdown table: median [min-max] per server, the median of the
+   pairwise ratios, server CPU seconds per run (the whole process tree,
+   including exited workers) and peak resident memory of the tree.
+
+``--quick`` divides message counts by 5 (a smoke run; not for the record).
+Loopback only; every process started here is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as bl
+import idle_conns
+
+REPO = Path(__file__).resolve().parent.parent
+GROUPS = ("smtp", "relay", "pop3", "login", "idle")
+
+
+@dataclass
+class Row:
+    workload: str
+    unit: str
+    target: str
+    po: list[float] = field(default_factory=list)
+    anchor: list[float] = field(default_factory=list)
+    po_cpu: list[float] = field(default_factory=list)
+    anchor_cpu: list[float] = field(default_factory=list)
+    po_rss: list[float] = field(default_factory=list)  # MiB
+    anchor_rss: list[float] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    lower_is_better: bool = False
+
+    @property
+    def ratios(self) -> list[float]:
+        pairs = zip(self.po, self.anchor, strict=False)
+        if self.lower_is_better:
+            return [b / a for a, b in pairs if a > 0]
+        return [a / b for a, b in pairs if b > 0]
+
+    def failed(self) -> bool:
+        return any(not c.startswith("ok") for c in self.checks)
+
+
+@dataclass
+class Side:
+    """One server under one workload: how to reach it and how to measure it."""
+
+    label: str  # "postoffice" / "postfix" / "dovecot"
+    pid: Callable[[], bl.Roots | None]
+    pre: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    bench: Path
+    po: bl.Postoffice
+    anchor: bl.Anchor | None
+    relay: bl.RelayAnchor | None
+    rows: list[Row] = field(default_factory=list)
+
+    def scale(self, n: int) -> int:
+        return max(1, n // 5) if self.args.quick else n
+
+
+def measure(side: Side, run: Callable[[], tuple[float, str]]) -> tuple[float, float, float, str]:
+    """(value, CPU s, peak RSS MiB, check) of one run of ``run`` against ``side``."""
+    side.pre()
+    bl.wait_quiet()
+    pid = side.pid()
+    cpu0 = bl.tree_cpu(pid) if pid else 0.0
+    with bl.RssSampler(pid) as rss:
+        value, check = run()
+    cpu = bl.tree_cpu(pid) - cpu0 if pid else float("nan")
+    return value, cpu, rss.peak / 2**20, check
+
+
+def alternate(
+    ctx: Context,
+    row: Row,
+    po: tuple[Side, Callable[[], tuple[float, str]]],
+    other: tuple[Side, Callable[[], tuple[float, str]]] | None,
+) -> None:
+    """RUNS runs of each side, in the order A B B A A B ... (drift hits both)."""
+    for i in range(ctx.args.runs):
+        order = [("po", po), ("anchor", other)]
+        if i % 2:
+            order.reverse()
+        for which, pair in order:
+            if pair is None:
+                continue
+            side, run = pair
+            try:
+                value, cpu, rss, check = measure(side, run)
+            except (RuntimeError, SystemExit, subprocess.SubprocessError, OSError) as exc:
+                value, cpu, rss, check = float("nan"), float("nan"), 0.0, f"FAILED: {exc}"
+            if which == "po":
+                row.po.append(value), row.po_cpu.append(cpu), row.po_rss.append(rss)
+            else:
+                row.anchor.append(value), row.anchor_cpu.append(cpu), row.anchor_rss.append(rss)
+            row.checks.append(check if check.startswith("FAILED") else f"ok {side.label}: {check}")
+            print(
+                f"  {row.workload:14} run {i + 1} {side.label:10} {value:9.1f} {row.unit}"
+                f"  cpu {cpu:6.2f}s  rss {rss:6.0f} MiB  {check}",
+                flush=True,
+            )
+    ctx.rows.append(row)
+
+
+# --- SMTP ingest ------------------------------------------------------------------------------
+def parse_kv(text: str) -> dict[str, str]:
+    lines = [ln for ln in text.strip().splitlines() if "=" in ln]
+    return dict(item.split("=", 1) for item in lines[-1].split() if "=" in item) if lines else {}
+
+
+def smtp_load(
+    ctx: Context, port: int, maildir: Path, sessions: int, messages: int, size: int
+) -> Callable[[], tuple[float, str]]:
+    def run() -> tuple[float, str]:
+        env = {
+            **os.environ,
+            "RCPT": bl.USER,
+            "MAILDIR": str(maildir),
+            "SEND_TIMEOUT": "400",
+            "DELIVERY_TIMEOUT": "300",
+        }
+        out = subprocess.run(
+            [
+                str(ctx.bench / "smtp-load.sh"),
+                "127.0.0.1",
+                str(port),
+                str(sessions),
+                str(messages),
+                str(size),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=800,
+            env=env,
+            check=False,
+        )
+        kv = parse_kv(out.stdout)
+        if out.returncode != 0 or kv.get("smtp_source_rc") != "0":
+            raise RuntimeError(f"smtp-source failed: {out.stdout[-300:]} {out.stderr[-300:]}")
+        check = bl.check_store(maildir, messages)
+        if not check.ok:
+            raise RuntimeError(f"acknowledged != stored: {check}")
+        e2e = kv.get("e2e_msgs_per_s", "?")
+        return float(kv["ack_msgs_per_s"]), f"{check} (e2e {e2e}/s)"
+
+    return run
+
+
+def smtp_workloads(ctx: Context) -> None:
+    po, anchor = ctx.po, ctx.anchor
+    loads = [
+        ("smtp-1x10k", 1, 2000, 10240, "≥ 1.5"),
+        ("smtp-20x10k", 20, 10000, 10240, "≥ 2"),
+        ("smtp-4x1m", 4, 200, 1 << 20, "≥ 1.5"),
+    ]
+    have_anchor = anchor is not None and anchor.smtp_up()
+    for name, sessions, messages, size, target in loads:
+        messages = ctx.scale(messages)
+        row = Row(name, "msg/s", target)
+        po_side = Side(
+            "postoffice", lambda: po.pid, lambda: (bl.empty_maildir(po.maildir), bl.sync())
+        )
+        other = None
+        if have_anchor and anchor is not None:
+            pf_side = Side(
+                "postfix",
+                lambda: anchor.postfix_pid,
+                lambda: (anchor.drain(), anchor.empty_load(), time.sleep(0.5)),
+            )
+            other = (
+                pf_side,
+                smtp_load(ctx, anchor.smtp_port, anchor.maildir, sessions, messages, size),
+            )
+        else:
+            row.notes.append("Postfix not running: postoffice alone")
+        port = po.ports["smtp"]
+        alternate(
+            ctx, row, (po_side, smtp_load(ctx, port, po.maildir, sessions, messages, size)), other
+        )
+        bl.empty_maildir(po.maildir)
+    if have_anchor and anchor is not None:
+        anchor.drain()
+        anchor.empty_load()
+
+
+# --- relay ------------------------------------------------------------------------------------
+def relay_workload(ctx: Context) -> None:
+    import relay_bench
+
+    row = Row("relay-20x10k", "msg/s", "≥ 1.0")
+    messages = ctx.scale(2000)
+    port = ctx.po.smarthost_port
+    if bl.port_open(port):
+        row.checks.append(f"FAILED: sink port {port} is in use (another relay benchmark?)")
+        ctx.rows.append(row)
+        return
+    t, m, p = argon2_like_sha512_crypt()
+    set_hash(ctx.po, t, m, p, [bl.USER])
+    row.notes.append(
+        f"AUTH at equal hash cost: postoffice argon2id t={t} m={m} KiB p={p}, about one"
+        " SHA512-CRYPT (the relay anchor's scheme) here; anchor CPU includes its Dovecot (SASL)"
+    )
+    sink = relay_bench.Sink(port)
+    ns = argparse.Namespace(messages=messages, size=10240, sessions=20, timeout=300.0)
+
+    def run_for(host_port: int) -> Callable[[], tuple[float, str]]:
+        def run() -> tuple[float, str]:
+            r = relay_bench.run_once("127.0.0.1", host_port, bl.USER, bl.PASSWORD, sink, ns, None)
+            files = [Path(e.path) for e in os.scandir(sink.dir)]
+            ids = {i for i in bl.message_ids(files) if i}
+            if r.delivered != messages or len(ids) != messages:
+                raise RuntimeError(f"sink has {r.delivered}/{messages}, {len(ids)} distinct ids")
+            return messages / r.e2e_s, f"relayed {r.delivered}/{messages}, ids {len(ids)}" + (
+                f" (ack {messages / r.ack_s:.0f}/s)"
+            )
+
+        return run
+
+    def po_pre() -> None:
+        deadline = time.monotonic() + 120
+        while not ctx.po.queue_empty() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        bl.sync()
+
+    relay = ctx.relay
+    other = None
+    if relay is not None and relay.postfix_pid is not None:
+        root = relay.root
+
+        def pf_pre() -> None:
+            subprocess.run(
+                [str(ctx.bench / "pf-drain.sh"), str(root)],
+                capture_output=True,
+                timeout=200,
+                check=False,
+            )
+            time.sleep(0.5)
+
+        def pf_pids() -> list[int]:
+            return [p for p in (relay.postfix_pid, relay.dovecot_pid) if p is not None]
+
+        other = (Side("postfix", pf_pids, pf_pre), run_for(relay.submission_port))
+    else:
+        row.notes.append("no relay Postfix instance (/tmp/anchor-relay): postoffice alone")
+    try:
+        sink.start()
+        po_side = Side("postoffice", lambda: ctx.po.pid, po_pre)
+        alternate(ctx, row, (po_side, run_for(ctx.po.ports["submission"])), other)
+    finally:
+        sink.stop()
+    row.notes.append("msg/s until the sink had every message; STARTTLS+AUTH submission")
+
+
+# --- POP3 -------------------------------------------------------------------------------------
+def pop3_workloads(ctx: Context) -> None:
+    import pop3_bench
+
+    anchor = ctx.anchor
+    have_anchor = anchor is not None and anchor.pop3_up()
+    sets = [("10k", ctx.scale(10_000), 10_240), ("1m", 200, 1 << 20)]
+    for tag, count, size in sets:
+        pop3_bench.fill(ctx.bench, ctx.po.maildir, count, size, owner="nobody-postoffice-bench")
+        if have_anchor and anchor is not None:
+            bl.wait_quiet()
+            pop3_bench.fill(ctx.bench, anchor.maildir, count, size, owner="vmail")
+        # A first (cold) session each: postoffice computes and caches CRLF sizes
+        # of names without W=, Dovecot builds its index; not counted.
+        cold = pop3_bench.load(ctx.bench, ctx.po.ports["pop3"], "plain", count)
+        note = f"cold first session: postoffice {float(cold['msgs_per_s']):.0f} msg/s"
+        if have_anchor and anchor is not None:
+            cold = pop3_bench.load(ctx.bench, anchor.pop3_port, "plain", count)
+            note += f", Dovecot {float(cold['msgs_per_s']):.0f} msg/s"
+        for variant in ("plain", "pop3s"):
+            row = Row(f"pop3-{tag}-{variant}", "msg/s", "≥ 1.0")
+            row.notes.append(note)
+
+            def run_for(
+                port: int, v: str = variant, n: int = count
+            ) -> Callable[[], tuple[float, str]]:
+                def run() -> tuple[float, str]:
+                    kv = pop3_bench.load(ctx.bench, port, v, n)
+                    return float(kv["msgs_per_s"]), f"{kv['messages']} RETR, {kv['MB_per_s']} MB/s"
+
+                return run
+
+            po_port = ctx.po.ports["pop3s" if variant == "pop3s" else "pop3"]
+            po_side = Side("postoffice", lambda: ctx.po.pid)
+            other = None
+            if have_anchor and anchor is not None:
+                a_port = anchor.pop3s_port if variant == "pop3s" else anchor.pop3_port
+                other = (Side("dovecot", lambda: anchor.dovecot_pid), run_for(a_port))
+            else:
+                row.notes.append("Dovecot not running: postoffice alone")
+            alternate(ctx, row, (po_side, run_for(po_port)), other)
+    bl.empty_maildir(ctx.po.maildir)
+
+
+def login_workload(ctx: Context) -> None:
+    anchor = ctx.anchor
+    have_anchor = anchor is not None and anchor.pop3_up()
+    sessions = ctx.scale(100)
+    row = Row("pop3-login", "logins/s", "≥ 1.0")
+    t, m, p = anchor_argon2(Path("/tmp/anchor/dovecot/users"))
+    set_hash(ctx.po, t, m, p, LOGIN_USERS)
+    row.notes.append(
+        f"both argon2id t={t} m={m // 1024} MiB p={p}; postoffice logins spread over"
+        f" {len(LOGIN_USERS)} users (a POP3 maildrop is locked per session, RFC 1939 §8;"
+        " Dovecot does not lock, so its clients share load@)"
+    )
+
+    def run_for(port: int, users: str) -> Callable[[], tuple[float, str]]:
+        def run() -> tuple[float, str]:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    str(ctx.bench / "pop3-load.py"),
+                    "--port",
+                    str(port),
+                    "--user",
+                    users,
+                    "--password",
+                    bl.PASSWORD,
+                    "--mode",
+                    "login",
+                    "--sessions",
+                    str(sessions),
+                    "--parallel",
+                    "10",
+                    "--max-seconds",
+                    "200",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=400,
+                check=False,
+            )
+            kv = parse_kv(out.stdout)
+            if out.returncode != 0 or kv.get("sessions_ok") != str(sessions):
+                raise RuntimeError(f"login load failed: {out.stdout[-200:]} {out.stderr[-200:]}")
+            return float(kv["sessions_per_s"]), f"{kv['sessions_ok']} logins"
+
+        return run
+
+    other = None
+    if have_anchor and anchor is not None:
+        other = (Side("dovecot", lambda: anchor.dovecot_pid), run_for(anchor.pop3_port, bl.USER))
+    po_run = run_for(ctx.po.ports["pop3"], ",".join(LOGIN_USERS))
+    alternate(ctx, row, (Side("postoffice", lambda: ctx.po.pid), po_run), other)
+
+
+def idle_workloads(ctx: Context) -> None:
+    anchor = ctx.anchor
+    count = ctx.scale(10_000)
+    for proto in ("smtp", "pop3"):
+        row = Row(f"idle-{proto}", "KiB/conn", "≤ 30 KiB", lower_is_better=True)
+        # A fresh server per protocol (memory freed by earlier loads would hide
+        # the cost), warmed up by a few connections so lazy set-up is not counted.
+        ctx.po.stop()
+        ctx.po.start()
+        po_pid = ctx.po.pid
+        assert po_pid is not None
+        bl.wait_quiet()
+        idle_conns.measure(ctx.po.ports[proto], 100, proto, lambda: 0, settle=0.5)
+        time.sleep(1)
+        r = idle_conns.measure(ctx.po.ports[proto], count, proto, lambda p=po_pid: bl.tree_pss(p))
+        row.po.append(r.per_conn / 1024)
+        row.po_rss.append(r.after / 2**20)
+        ok = r.held == r.opened == count
+        row.checks.append(("ok" if ok else "FAILED") + f" postoffice: {r.held}/{count} held")
+        print(
+            f"  idle-{proto} postoffice {r.per_conn / 1024:.1f} KiB/conn, {r.held}/{count}"
+            f" held, opened in {r.seconds:.1f}s",
+            flush=True,
+        )
+        a_pid = None
+        if anchor is not None:
+            a_pid = anchor.postfix_pid if proto == "smtp" else anchor.dovecot_pid
+        if anchor is not None and a_pid is not None:
+            port = anchor.smtp_port if proto == "smtp" else anchor.pop3_port
+            n = 50  # a process (or more) per connection: process limits stop far below 10,000
+            worker = "smtpd" if proto == "smtp" else "pop3-login"
+            seen: list[tuple[int, int]] = []
+
+            def workers(p: int = a_pid, w: str = worker, out: list[tuple[int, int]] = seen) -> int:
+                out.append(bl.workers_pss(p, w))
+                return out[-1][0]
+
+            ra = idle_conns.measure(port, n, proto, workers)
+            pss, procs = seen[-1]
+            row.anchor.append(pss / max(1, procs) / 1024)
+            row.anchor_rss.append(bl.tree_rss(a_pid) / 2**20)
+            ok = ra.held == ra.opened == n
+            row.checks.append(("ok" if ok else "FAILED") + f" anchor: {ra.held}/{n} held")
+            row.notes.append(
+                f"anchor: {n} connections; PSS of its {worker} processes ({procs}, one per"
+                " connection) per process"
+            )
+        row.notes.append(
+            f"postoffice: {count} connections opened in {r.seconds:.1f}s, each answered a"
+            " NOOP afterwards; memory is the growth of PSS"
+        )
+        ctx.rows.append(row)
+
+
+# --- output -----------------------------------------------------------------------------------
+def _num(values: list[float], fmt: str) -> str:
+    real = [v for v in values if v == v]  # not NaN
+    return fmt.format(bl.med(real)) if real else "-"
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        "| workload | unit | postoffice median [min-max] | anchor median [min-max] | "
+        "ratio (pairwise median [min-max]) | target | CPU s/run po / anchor | "
+        "peak RSS MiB po / anchor | check |"
+    )
+    lines = [head, "|" + " --- |" * 9]
+    for r in rows:
+        fmt = "{:.1f}" if r.unit == "KiB/conn" or (r.po and bl.med(r.po) < 100) else "{:.0f}"
+        ratio = bl.span(r.ratios, "{:.2f}") if r.ratios else "-"
+        cpu = f"{_num(r.po_cpu, '{:.1f}')} / {_num(r.anchor_cpu, '{:.1f}')}"
+        rss = f"{_num(r.po_rss, '{:.0f}')} / {_num(r.anchor_rss, '{:.0f}')}"
+        check = (
+            "ok"
+            if r.checks and not r.failed()
+            else "; ".join(c for c in r.checks if not c.startswith("ok"))[:120] or "-"
+        )
+        lines.append(
+            f"| {r.workload} | {r.unit} | {bl.span(r.po, fmt)} | {bl.span(r.anchor, fmt)}"
+            f" | {ratio} | {r.target} | {cpu} | {rss} | {check} |"
+        )
+    notes = [f"* {r.workload}: {n}" for r in rows for n in dict.fromkeys(r.notes)]
+    return "\n".join(lines + (["", *notes] if notes else []))
+
+
+LOGIN_USERS = [bl.USER] + [f"load{i}@example.test" for i in range(2, 11)]
+
+
+def set_hash(po: bl.Postoffice, t: int, m: int, p: int, users: list[str]) -> None:
+    """Give postoffice's bench users argon2id hashes of the given cost (the
+    running server reads the account store live)."""
+    import argon2
+
+    from postoffice.mail.address import parse_mailbox
+    from postoffice.storage.sqlite_accounts import SqliteAccountStore
+
+    hasher = argon2.PasswordHasher(time_cost=t, memory_cost=m, parallelism=p)
+    db = po.root / "data" / "accounts.sqlite3"
+    store = SqliteAccountStore(db, config_domains=["example.test"])
+    try:
+        for user in users:
+            store.set_password(parse_mailbox(user), hasher.hash(bl.PASSWORD))
+    finally:
+        store.close()
+
+
+def anchor_argon2(users_file: Path) -> tuple[int, int, int]:
+    """(t, m KiB, p) of the anchor Dovecot's load user (ARGON2ID by default)."""
+    try:
+        for line in users_file.read_text().splitlines():
+            if line.startswith(bl.USER + ":") and "$argon2id$" in line:
+                kv = dict(x.split("=") for x in line.split("$")[3].split(","))
+                return int(kv["t"]), int(kv["m"]), int(kv["p"])
+    except (OSError, IndexError, ValueError, KeyError):
+        pass
+    return 3, 65536, 1
+
+
+def argon2_like_sha512_crypt() -> tuple[int, int, int]:
+    """argon2id parameters (t=1, p=1, m a power of two) whose verify costs about
+    what one SHA512-CRYPT (5000 rounds, the relay anchor's scheme) costs here."""
+    import warnings
+
+    import argon2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # deprecated, still in 3.11: only to time the anchor's scheme
+
+    salt = crypt.mksalt(crypt.METHOD_SHA512)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        crypt.crypt(bl.PASSWORD, salt)
+    target = (time.perf_counter() - t0) / 20
+    best = (float("inf"), 4096)
+    for m in (1024, 2048, 4096, 8192, 16384):
+        hasher = argon2.PasswordHasher(time_cost=1, memory_cost=m, parallelism=1)
+        stored = hasher.hash(bl.PASSWORD)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            hasher.verify(stored, bl.PASSWORD)
+        cost = (time.perf_counter() - t0) / 10
+        best = min(best, (abs(cost - target), m))
+    return 1, best[1], 1
+
+
+def ensure_anchor(ctx_bench: Path, mode: str) -> tuple[bl.Anchor | None, bl.RelayAnchor | None]:
+    if mode == "no":
+        return None, None
+    anchor = bl.Anchor(ctx_bench)
+    if mode == "up" and not (anchor.smtp_up() and anchor.pop3_up()):
+        subprocess.run([str(ctx_bench / "anchor-stack.sh"), "up"], check=True, timeout=1800)
+    relay = bl.RelayAnchor.discover(Path("/tmp/anchor-relay"))
+    if mode == "up" and (relay is None or relay.postfix_pid is None):
+        env = {
+            **os.environ,
+            "ANCHOR_ROOT": "/tmp/anchor-relay",
+            "ANCHOR_SMTP_PORT": "11025",
+            "ANCHOR_SUBMISSION_PORT": "11587",
+            "ANCHOR_POP3_PORT": "11110",
+            "ANCHOR_POP3S_PORT": "11995",
+            "ANCHOR_RELAYHOST": "[127.0.0.1]:12526",
+        }
+        subprocess.run(
+            [str(ctx_bench / "anchor-stack.sh"), "up"], check=True, timeout=1800, env=env
+        )
+        relay = bl.RelayAnchor.discover(Path("/tmp/anchor-relay"))
+    if not (anchor.smtp_up() or anchor.pop3_up()):
+        print(
+            "note: the anchor stack does not answer; measuring postoffice alone"
+            " (start it with --anchor up)"
+        )
+        anchor = None
+    return anchor, relay
+
+
+def find_bench(explicit: Path | None) -> Path:
+    for cand in (explicit, Path("/work/shared/bench"), REPO.parent / "shared" / "bench"):
+        if cand is not None and (cand / "smtp-load.sh").is_file():
+            return cand
+    raise SystemExit("shared bench tools not found; give --bench-dir (needs smtp-load.sh, ...)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default=",".join(GROUPS), help=f"comma list of {', '.join(GROUPS)}")
+    ap.add_argument("--quick", action="store_true", help="a fifth of the messages (smoke run)")
+    ap.add_argument("--anchor", choices=["auto", "up", "no"], default="auto")
+    ap.add_argument("--bench-dir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="append the rows as JSON lines")
+    ap.add_argument("--keep", action="store_true", help="keep postoffice's temporary data")
+    args = ap.parse_args()
+    groups = [g for g in args.only.split(",") if g]
+    if not set(groups) <= set(GROUPS) or not 1 <= args.runs <= 15:
+        ap.error(f"--only takes {', '.join(GROUPS)}; --runs 1..15")
+    bench = find_bench(args.bench_dir)
+    anchor, relay = ensure_anchor(bench, args.anchor)
+    sink_port = relay.sink_port if relay is not None else bl.free_port()
+    idle_conns.raise_fd_limit(16_000)  # the server inherits it
+    po = bl.Postoffice(smarthost_port=sink_port)
+    ctx = Context(args, bench, po, anchor, relay)
+    started = time.monotonic()
+    try:
+        for user in LOGIN_USERS:
+            po.add_user(user)
+        po.start()
+        print(f"postoffice pid {po.pid}, ports {po.ports}, data {po.root}", flush=True)
+        for group in GROUPS:
+            if group not in groups:
+                continue
+            print(f"== {group}", flush=True)
+            {
+                "smtp": smtp_workloads,
+                "relay": relay_workload,
+                "pop3": pop3_workloads,
+                "login": login_workload,
+                "idle": idle_workloads,
+            }[group](ctx)
+    finally:
+        po.stop()
+        if not args.keep:
+            po.remove()
+    print(
+        f"\n{len(ctx.rows)} workloads, {args.runs} runs each, alternating; "
+        f"{time.monotonic() - started:.0f} s; load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs; command: python bench/run.py {' '.join(sys.argv[1:])}\n"
+    )
+    print(table(ctx.rows))
+    if args.json:
+        with open(args.json, "a") as fh:
+            for r in ctx.rows:
+                fh.write(json.dumps({"time": time.time(), **asdict(r), "ratios": r.ratios}) + "\n")
+    return 1 if any(r.failed() for r in ctx.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
