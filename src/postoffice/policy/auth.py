@@ -51,6 +51,7 @@ class PasswordHasher:
 class _Failures:
     count: int = 0
     last: float = 0.0
+    turn: float = 0.0  # when the latest throttled attempt from this key is judged
 
 
 class LoginThrottle:
@@ -61,6 +62,12 @@ class LoginThrottle:
     forgotten ``forget_after`` seconds after the last one, and a success
     clears the account's (not the address's) record, so a brute-forcer on
     one address cannot lock the real owner out for longer than the cap.
+
+    Throttled attempts from one client address take turns: each is judged
+    at least the delay after the previous one, so opening many connections
+    and guessing on all at once gains nothing.  Accounts do not queue like
+    this, so guesses from elsewhere never push the owner's login back
+    further than the cap.
     """
 
     def __init__(
@@ -86,13 +93,21 @@ class LoginThrottle:
         return entry
 
     def delay(self, client_ip: str, account: str | None) -> float:
-        """Seconds to wait before judging this attempt."""
+        """Seconds to wait before judging this attempt (and take its turn)."""
         worst = 0
         for key in (f"ip:{client_ip}", f"acct:{account}" if account else None):
             if key and (entry := self._entry(key)):
                 worst = max(worst, entry.count)
         extra = worst - self.free_failures
-        return 0.0 if extra < 0 else min(self.max_delay, float(2 ** min(extra, 16)))
+        if extra < 0:
+            return 0.0
+        wait = min(self.max_delay, float(2 ** min(extra, 16)))
+        by_ip = self._entry(f"ip:{client_ip}")
+        if by_ip is None or by_ip.count < self.free_failures:
+            return wait
+        now = self._clock()
+        by_ip.turn = max(now, by_ip.turn) + wait
+        return by_ip.turn - now
 
     def failed(self, client_ip: str, account: str | None) -> None:
         now = self._clock()
