@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(swaks curl fetchmail mpop msmtp dnsmasq-base postfix openssl)
+APT_PACKAGES=(swaks curl fetchmail mpop msmtp dnsmasq-base postfix openssl opendkim)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
