@@ -108,7 +108,10 @@ def _is_name(text: str) -> bool:
 
 def _signatures_blocking(message: bytes) -> list[_Signature]:
     """The DKIM-Signature fields of ``message`` (at most MAX_SIGNATURES)."""
-    d = dkim.DKIM(message, logger=_DKIMPY_LOG)
+    try:
+        d = dkim.DKIM(message, logger=_DKIMPY_LOG)
+    except dkim.DKIMException:
+        return []  # a header block dkimpy cannot parse: nothing it could verify
     found = []
     fields = [v for k, v in d.headers if k.lower() == b"dkim-signature"]
     for index, value in enumerate(fields[:MAX_SIGNATURES]):
@@ -277,6 +280,12 @@ class InboundChecks:
                 reply=Reply(
                     451, "Sender authentication checks timed out, try again later", "4.7.0"
                 ),
+            )
+        except Exception:  # a bug here must neither pass the message unchecked nor end the session
+            log.exception("mailauth client=%s: checks failed", client_ip)
+            return CheckOutcome(
+                header=format_header(self._hostname, []),
+                reply=Reply(451, "Local error in sender authentication checks", "4.7.0"),
             )
 
     async def _spf(self, client_ip: str, identity: tuple[str, str], helo: str) -> spf.SpfVerdict:
