@@ -28,6 +28,7 @@ from postoffice.config.settings import ListenAddress
 from postoffice.delivery.mx import MxRecord, normalise_host
 
 DNS_LIFETIME = 20.0  # seconds for one lookup, all servers and retries included
+DNS_CACHE_SIZE = 4096  # answers kept (each for its TTL)
 
 
 class DnsError(Exception):
@@ -69,6 +70,8 @@ class DnsResolver:
             self._resolver = dns.asyncresolver.Resolver()
         self._resolver.lifetime = lifetime
         self._resolver.timeout = min(lifetime, 5.0)
+        # Answers are kept for their TTL, so a queue run to one domain asks once.
+        self._resolver.cache = dns.resolver.LRUCache(DNS_CACHE_SIZE)
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """The answer, or None for NODATA; DnsError(temporary=False) for NXDOMAIN."""
