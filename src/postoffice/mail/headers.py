@@ -108,12 +108,14 @@ class HeaderGate:
         return "".join(added).encode("ascii")
 
     def from_addresses(self) -> list[Address | None]:
-        """Addresses in the From: header(s); None for one that does not parse."""
+        """Addresses in the From: and Sender: header(s); None for one that does
+        not parse.  Sender: names who sent the message (RFC 5322 §3.6.2), so a
+        user may no more claim another's address there than in From:."""
         block = self.header_block
         if not self._open:  # still held: the headers so far (maybe the whole message)
             end = _end_of_headers(self._held)
             block = bytes(self._held[: end if end >= 0 else len(self._held)])
-        values = _header_values(block, "from")
+        values = _header_values(block, "from") + _header_values(block, "sender")
         result: list[Address | None] = []
         for _name, addr in email.utils.getaddresses(values):
             try:
