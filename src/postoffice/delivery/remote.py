@@ -40,6 +40,7 @@ from postoffice.mail.address import Address
 log = logging.getLogger("postoffice.delivery")
 
 MAX_PARKED_TRIES = 3  # parked connections tried (each may have gone stale) before a new one
+RCPTS_PER_TRANSACTION = 100  # RFC 5321 §4.5.3.1.8: the minimum every server must take
 
 
 def client_tls_context() -> ssl.SSLContext:
@@ -172,7 +173,24 @@ class RemoteCourier:
         recipients: Sequence[Address],
         message: MessageSource,
     ) -> list[RecipientResult]:
-        """Deliver to ``recipients`` (all in ``domain``); one result each."""
+        """Deliver to ``recipients`` (all in ``domain``); one result each.
+
+        RFC 5321 §4.5.3.1.8: a server need not take more than 100 recipients
+        per transaction, so longer lists go in several transactions (over one
+        connection, thanks to the cache)."""
+        results: list[RecipientResult] = []
+        for start in range(0, len(recipients), RCPTS_PER_TRANSACTION):
+            chunk = recipients[start : start + RCPTS_PER_TRANSACTION]
+            results += await self._deliver_chunk(domain, sender, chunk, message)
+        return results
+
+    async def _deliver_chunk(
+        self,
+        domain: str,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        message: MessageSource,
+    ) -> list[RecipientResult]:
         cached = await self._deliver_cached(self.destination(domain), sender, recipients, message)
         if cached is not None:
             return cached

@@ -423,3 +423,18 @@ def test_connections_are_reused_for_the_same_destination(
         assert mta.commands[-1] == "QUIT"  # closed politely at the end
     finally:
         mta.stop()
+
+
+def test_long_recipient_lists_are_split_into_transactions_of_100(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    mta = ScriptedMta("127.0.0.2", port).start()
+    try:
+        rcpts = [Address(f"u{i}", "one.test") for i in range(230)]
+        results = deliver(tmp_path, executor, courier(dnsmasq, port), "one.test", rcpts)
+        assert [r.address for r in results] == rcpts
+        assert all(r.outcome is Outcome.DELIVERED for r in results)
+        assert [len(m.recipients) for m in mta.received] == [100, 100, 30]
+        assert mta.commands.count("EHLO mail.example.test") == 1  # one connection
+    finally:
+        mta.stop()
