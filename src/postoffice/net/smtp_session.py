@@ -408,8 +408,10 @@ class SmtpSession:
     async def _commit(self, tx: _Transaction, size: int) -> Reply:
         try:
             if tx.outbound is not None:
-                await tx.outbound.commit()  # type: ignore[attr-defined]
+                queue_id = await tx.outbound.commit()  # type: ignore[attr-defined]
                 tx.outbound = None
+                # One id in the reply, our log and the delivery log lines.
+                log.info("smtp id=%s queued-as=%s", tx.queue_id, queue_id)
             if tx.local is not None:
                 if not tx.local_prefix_done:
                     tx.local_prefix_done = True
