@@ -1,101 +1,19 @@
-"""Shared pieces for the abuse tests: one server per module, raw clients.
+"""Fixtures for the abuse tests: one server per module, with empty mailboxes per test.
 
-Every abuse test talks to the real server over real sockets, as an attacker
-would.  A module shares one server (starting one and hashing two passwords
-costs about a second); tests that change limits or count failed logins make
-their own.
+A module shares one server (starting one and hashing two passwords costs
+about a second); tests that change limits or count failed logins make their
+own.
 """
 
 from __future__ import annotations
 
-import base64
-import ssl
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
+from tests.support.helpers import empty_mailboxes, make_server
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
-
-ALICE, ALICE_PW = "alice@example.test", "alice-password-1"
-BOB, BOB_PW = "bob@example.test", "bob-password-2"
-
-
-def tls_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def make_server(root: Path, **sections: dict[str, Any]) -> PostofficeServer:
-    srv = PostofficeServer(root, sections=sections)
-    srv.add_user(ALICE, ALICE_PW)
-    srv.add_user(BOB, BOB_PW)
-    srv.start()
-    return srv
-
-
-def raw(
-    srv: PostofficeServer, port: str = "smtp", *, ehlo: bool = True, source: str | None = None
-) -> RawSmtp:
-    """A connected raw SMTP client past the greeting (and EHLO)."""
-    client = RawSmtp("127.0.0.1", srv.ports[port], source=source)
-    if port == "submissions":
-        client.starttls()
-    code, lines = client.reply()
-    assert code == 220, lines
-    if ehlo:
-        assert client.cmd("EHLO client.test")[0] == 250
-    return client
-
-
-def plain_auth(user: str, password: str) -> str:
-    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
-
-
-def submission(srv: PostofficeServer, user: str = ALICE, password: str = ALICE_PW) -> RawSmtp:
-    """A raw client on 587 after STARTTLS and a successful AUTH PLAIN."""
-    client = raw(srv, "submission")
-    assert client.cmd("STARTTLS")[0] == 220
-    client.starttls()
-    assert client.cmd("EHLO client.test")[0] == 250
-    code, lines = client.cmd(f"AUTH PLAIN {plain_auth(user, password)}")
-    assert code == 235, lines
-    return client
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def empty_mailboxes(srv: PostofficeServer) -> None:
-    """Remove every message; the Maildirs stay (the server remembers them)."""
-    for sub in ("tmp", "new", "cur"):
-        for path in (srv.data_dir / "mail").glob(f"*/*/{sub}/*"):
-            path.unlink()
-
-
-def queued(srv: PostofficeServer) -> list[Path]:
-    """Messages waiting in the outbound queue."""
-    qdir = srv.data_dir / "queue"
-    return sorted(qdir.glob("*.msg")) if qdir.is_dir() else []
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture(scope="module")

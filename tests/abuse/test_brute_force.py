@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.abuse.conftest import (
+from tests.support.helpers import (
     ALICE,
     ALICE_PW,
     BOB,

@@ -10,11 +10,12 @@ injected field name, and every log line is one of ours.
 from __future__ import annotations
 
 import base64
+import poplib
 import re
 
 import pytest
 
-from tests.abuse.conftest import ALICE, raw, submission, wait_for
+from tests.support.helpers import ALICE, raw, submission, tls_context, wait_for
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.abuse
@@ -93,10 +94,6 @@ def test_auth_names_cannot_inject_log_lines(server: PostofficeServer, port: str)
         fresh = raw(server, "submissions")
         assert fresh.cmd(f"AUTH PLAIN {token}")[0] == 535
     else:
-        import poplib
-
-        from tests.abuse.conftest import tls_context
-
         pop = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], timeout=15, context=tls_context())
         with pytest.raises(poplib.error_proto):
             pop._shortcmd(f"AUTH PLAIN {token}")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.abuse.conftest import (
+from tests.support.helpers import (
     ALICE,
     ALICE_PW,
     make_server,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.abuse.conftest import ALICE, make_server, raw, tls_context
+from tests.support.helpers import ALICE, make_server, raw, tls_context
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.abuse

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.abuse.conftest import (
+from tests.support.helpers import (
     ALICE,
     BOB_PW,
     make_server,

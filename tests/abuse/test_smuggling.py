@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.abuse.conftest import ALICE, BOB, make_server, queued, raw, submission, wait_for
+from tests.support.helpers import ALICE, BOB, make_server, queued, raw, submission, wait_for
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
 from tests.unit.delivery.peers import ScriptedMta, free_port

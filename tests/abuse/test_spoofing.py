@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.abuse.conftest import ALICE, BOB, submission
+from tests.support.helpers import ALICE, BOB, submission
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.abuse

@@ -16,7 +16,7 @@ import ssl
 
 import pytest
 
-from tests.abuse.conftest import ALICE, ALICE_PW, plain_auth, raw, tls_context
+from tests.support.helpers import ALICE, ALICE_PW, plain_auth, raw, tls_context
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
 
