@@ -43,6 +43,7 @@ from typing import Any
 from postoffice.delivery.content import MessageTraits, TraitScanner
 from postoffice.mail.address import Address
 from postoffice.storage.maildir import DeliveryError
+from postoffice.storage.safeio import fsync_dir, write_all
 
 log = logging.getLogger("postoffice.queue")
 
@@ -189,20 +190,6 @@ def new_queue_id() -> str:
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(4)}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class DirSync:
     """Group commit for directory fsyncs: every caller waits for one fsync
     that *started after* its call, and callers that arrive while one runs
@@ -232,7 +219,7 @@ class DirSync:
                 if waiter is None:
                     return
                 try:
-                    await loop.run_in_executor(self._executor, _fsync_dir, self._path)
+                    await loop.run_in_executor(self._executor, fsync_dir, self._path)
                 except OSError as exc:
                     waiter.set_exception(QueueError(f"queue directory sync failed: {exc}"))
                 else:
@@ -297,7 +284,7 @@ class QueueStore:
         tmp = self.tmp / f"{queue_id}.json.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -388,7 +375,7 @@ class QueueStore:
                 continue
             if entry is not None:
                 entries.append(entry)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         return entries
 
     def scan_traits_blocking(self, queue_id: str, offset: int) -> MessageTraits:
@@ -495,11 +482,11 @@ class QueueStore:
                 return "missing"
             tomb = self.tombstone_path(queue_id)
             tomb.write_bytes(b"")
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             return "requested"
         try:
             self._unlink_blocking(queue_id)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         finally:
             self.unlock_blocking(fd)
         return "removed"
@@ -570,7 +557,7 @@ class QueueWriter:
             self._fd = os.open(
                 self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
             )
-        _write_all(self._fd, chunk)
+        write_all(self._fd, chunk)
 
     def _finish_blocking(self, chunk: bytes) -> None:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import ssl
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from postoffice.config.settings import Settings
+from postoffice.storage.safeio import atomic_write
 
 CERT_NAME = "cert.pem"
 KEY_NAME = "key.pem"
@@ -59,20 +59,9 @@ def ensure_self_signed(tls_dir: Path, hostname: str) -> tuple[Path, Path]:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_private(key_path, key_bytes, 0o600)
-    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(key_path, key_bytes, 0o600)
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path
-
-
-def _write_private(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def cert_and_key(settings: Settings) -> tuple[Path, Path]:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from postoffice.mail.address import Address, AddressError, mailbox_local_part, normalise_domain
+from postoffice.storage.safeio import fsync_dir, write_all
 
 SUBDIRS = ("tmp", "new", "cur")
 # Below this a message stays in memory until its commit; above, it is streamed
@@ -182,7 +183,7 @@ class MaildirStore:
         failed_dirs: set[Path] = set()
         for d in dirs_to_sync:
             try:
-                _fsync_dir(d)
+                fsync_dir(d)
             except OSError:
                 failed_dirs.add(d)
         if failed_dirs:
@@ -266,11 +267,7 @@ class DeliveryWriter:
         return self._fd
 
     def _write_blocking(self, chunk: bytes) -> None:
-        fd = self._open_blocking()
-        view = memoryview(chunk)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        write_all(self._open_blocking(), chunk)
 
     def finish_blocking(self) -> Path:
         """Write what is buffered, fsync and close; return the tmp/ path."""
@@ -319,14 +316,6 @@ def _delivery_error(exc: OSError) -> DeliveryError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DeliveryError("mail system full", disk_full=True)
     return DeliveryError(f"local delivery failed: {exc.strerror or exc}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_durably(src: Path, dst: Path) -> None:

@@ -41,6 +41,7 @@ from typing import BinaryIO
 
 from postoffice.protocol.pop3 import wire_size
 from postoffice.storage.maildir import ensure_maildir, parse_name
+from postoffice.storage.safeio import fsync_dir, write_all
 
 LOCK_NAME = "postoffice-pop3.lock"
 SIZES_NAME = "postoffice-pop3.sizes"
@@ -241,7 +242,7 @@ class Pop3Mailbox:
         if deleted:
             for sub in ("new", "cur"):
                 with contextlib.suppress(OSError):
-                    _fsync_dir(self.path / sub)
+                    fsync_dir(self.path / sub)
         return UpdateResult(deleted=deleted, failed=failed, seen=self.mark_seen())
 
     def _unlink(self, msg: Pop3Message) -> None:
@@ -389,9 +390,7 @@ class SizeCache:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(body.encode("utf-8", "surrogateescape"))
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, body.encode("utf-8", "surrogateescape"))
                 os.fsync(fd)  # never a torn cache after a crash: a wrong size is worse
             finally:
                 os.close(fd)
@@ -400,11 +399,3 @@ class SizeCache:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         self._dirty = False
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
