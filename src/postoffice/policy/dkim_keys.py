@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from postoffice.mail.address import AddressError, normalise_domain
+from postoffice.storage.safeio import fsync_dir, write_all
 
 KEYS_FILE = "keys.json"
 RSA_BITS = 2048
@@ -98,19 +99,11 @@ def _private_pem(algorithm: str) -> bytes:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_new(path: Path, data: bytes) -> None:
     """Create ``path`` (mode 0600, never over an existing file) and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -154,7 +147,7 @@ def generate(
         path = directory / f"{selector}.pem"
         _write_new(path, _private_pem(algorithm))
         keys.append(DkimKey(name, selector, algorithm, path))
-    _fsync_dir(directory)
+    fsync_dir(directory)
     _write_index(directory, name, keys, existing, when)
     return keys
 
@@ -177,7 +170,7 @@ def _write_index(
         tmp.unlink()
     _write_new(tmp, (json.dumps(raw, indent=2) + "\n").encode())
     os.replace(tmp, directory / KEYS_FILE)  # the server sees all new keys or none
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 # --- reading keys ------------------------------------------------------------------------------
