@@ -10,6 +10,7 @@ session waits for more input (RFC 2920 §3.1).
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import secrets
 import time
@@ -74,6 +75,7 @@ class _Transaction:
     started: float
     local_prefix_done: bool = False
     extra_headers: bytes = b""  # e.g. Authentication-Results, after Received:
+    failure: Reply | None = None  # storing failed mid-DATA: the answer after the final dot
 
 
 class SmtpSession:
@@ -329,11 +331,21 @@ class SmtpSession:
 
     async def _data_chunk(self, data: bytes) -> None:
         tx = self.tx
-        if tx is None:
+        if tx is None or tx.failure is not None:
             return
         out = tx.gate.feed(data)
         if out:
-            await self._write(tx, out)
+            await self._write_or_fail(tx, out)
+
+    async def _write_or_fail(self, tx: _Transaction, data: bytes) -> None:
+        """Write, or remember why not: a full disk mid-DATA is answered (452)
+        after the final dot like any other verdict (RFC 5321 §4.1.1.4), and
+        the rest of the message is read and dropped."""
+        try:
+            await self._write(tx, data)
+        except (DeliveryError, OSError) as exc:
+            tx.failure = _storage_failure(exc)
+            log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
 
     async def _write(self, tx: _Transaction, data: bytes) -> None:
         if tx.local is not None:
@@ -357,13 +369,15 @@ class SmtpSession:
     async def _data_end(self, event: DataComplete) -> Reply:
         tx = self.tx
         assert tx is not None
-        reply = self._content_verdict(event, tx)
+        reply = tx.failure or self._content_verdict(event, tx)
         if reply is None and tx.gate.hold_all:
             reply = await self._judge_inbound(tx)
         if reply is None:
             rest = tx.gate.finish(tx.extra_headers)
             if rest:
-                await self._write(tx, rest)
+                await self._write_or_fail(tx, rest)
+            reply = tx.failure
+        if reply is None:
             reply = await self._commit(tx, event.size)
         else:
             await self._abandon()
@@ -508,6 +522,14 @@ class SmtpSession:
             return Reply(535, "Authentication credentials invalid", "5.7.8")
         self.user = user
         return Reply(235, "Authentication successful", "2.7.0")
+
+
+def _storage_failure(exc: Exception) -> Reply:
+    if (isinstance(exc, DeliveryError) and exc.disk_full) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    ):
+        return Reply(452, "Insufficient system storage", "4.3.1")
+    return Reply(451, "Local error in processing", "4.3.0")
 
 
 def _is_loopback(ip: str) -> bool:
