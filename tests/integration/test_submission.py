@@ -193,3 +193,31 @@ def test_swaks_submission_587_and_465(server: PostofficeServer, require_program)
     )
     assert result.returncode != 0
     assert len(server.messages("bob@example.test")) == 2
+
+
+@pytest.mark.abuse
+def test_from_hidden_behind_a_huge_header_block_is_refused(server: PostofficeServer) -> None:
+    padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 120) for i in range(2200))  # > 256 KiB
+    with submit(server) as client:
+        client.login("alice@example.test", "alice-password-1")
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            client.sendmail("alice@example.test", ["bob@example.test"],
+                            b"From: alice@example.test\r\n" + padding + b"From: ceo@example.test\r\n\r\nhi\r\n")
+        assert err.value.smtp_code == 552
+    assert server.messages("bob@example.test") == []
+
+
+def test_starttls_forgets_a_login_made_before_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    srv = PostofficeServer(tmp_path, sections={"auth": {"allow_plaintext_loopback": True}})
+    srv.add_user("alice@example.test", "alice-password-1")
+    srv.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", srv.ports["submission"], timeout=15) as client:
+            client.ehlo("laptop.test")
+            client.login("alice@example.test", "alice-password-1")  # plaintext, allowed on loopback
+            client.starttls(context=tls_context())
+            client.ehlo("laptop.test")
+            code, _ = client.mail("alice@example.test")
+            assert code == 530  # RFC 3207 §4.2: AUTH again after TLS
+    finally:
+        srv.stop()

@@ -63,6 +63,9 @@ class HeaderGate:
         self._held = bytearray()
         self._open = False
         self.header_block = b""
+        # The header block passed MAX_HEADER_BLOCK without ending: what follows
+        # was never parsed, so From:/Sender: checks cannot see all of it.
+        self.header_overflow = False
 
     def feed(self, data: bytes) -> bytes:
         if self._open:
@@ -71,8 +74,10 @@ class HeaderGate:
         if self.hold_all:
             return b""
         end = _end_of_headers(self._held)
-        if end < 0 and len(self._held) < MAX_HEADER_BLOCK:
-            return b""
+        if end < 0:
+            if len(self._held) < MAX_HEADER_BLOCK:
+                return b""
+            self.header_overflow = True
         return self._release(end)
 
     def held(self) -> bytes:
@@ -107,14 +112,18 @@ class HeaderGate:
             added.append(f"Message-ID: <{stamp}@{self._hostname}>\n")
         return "".join(added).encode("ascii")
 
+    def headers(self) -> bytes:
+        """The header block as received (still held or already released)."""
+        if self._open:
+            return self.header_block
+        end = _end_of_headers(self._held)
+        return bytes(self._held[: end if end >= 0 else len(self._held)])
+
     def from_addresses(self) -> list[Address | None]:
         """Addresses in the From: and Sender: header(s); None for one that does
         not parse.  Sender: names who sent the message (RFC 5322 §3.6.2), so a
         user may no more claim another's address there than in From:."""
-        block = self.header_block
-        if not self._open:  # still held: the headers so far (maybe the whole message)
-            end = _end_of_headers(self._held)
-            block = bytes(self._held[: end if end >= 0 else len(self._held)])
+        block = self.headers()
         values = _header_values(block, "from") + _header_values(block, "sender")
         result: list[Address | None] = []
         for _name, addr in email.utils.getaddresses(values):
@@ -127,17 +136,40 @@ class HeaderGate:
         return result
 
 
-_AUTH_RESULTS = re.compile(
-    rb"^authentication-results[ \t]*:[ \t]*([^;\s]+)[^\n]*\n(?:[ \t][^\n]*\n)*",
-    re.IGNORECASE | re.MULTILINE,
-)
+_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:((?:[^\n]*\n)(?:[ \t][^\n]*\n)*)", re.MULTILINE)
+_COMMENT = re.compile(rb"\([^()]*\)")
+
+
+def _authserv_id(value: bytes) -> bytes:
+    """The authserv-id of an Authentication-Results value (RFC 8601 §2.2):
+    unfolded, comments (CFWS) removed, the first token before ';'."""
+    text = re.sub(rb"\r?\n[ \t]", b" ", value)
+    for _ in range(8):  # nested comments, bounded
+        text, n = _COMMENT.subn(b" ", text)
+        if not n:
+            break
+    return text.split(b";", 1)[0].strip().split(b" ", 1)[0].lower()
 
 
 def strip_forged_auth_results(block: bytes, hostname: str) -> bytes:
     """Remove Authentication-Results fields that claim to be ours (RFC 8601 §5):
     only this server may speak for its own authserv-id."""
+    if b"uthentication-" not in block and b"UTHENTICATION-" not in block:
+        return block  # the common case: nothing to parse
     ours = hostname.lower().encode("ascii")
-    return _AUTH_RESULTS.sub(lambda m: b"" if m.group(1).lower() == ours else m.group(0), block)
+
+    def keep(m: re.Match[bytes]) -> bytes:
+        if m.group(1).lower() == b"authentication-results" and _authserv_id(m.group(2)) == ours:
+            return b""
+        return m.group(0)
+
+    return _FIELD.sub(keep, block)
+
+
+def count_fields(block: bytes, name: str) -> int:
+    """How many header fields called ``name`` (case-insensitive) ``block`` has."""
+    wanted = name.lower().encode("ascii")
+    return sum(1 for m in _NAME.finditer(block) if m.group(1).lower() == wanted)
 
 
 def _end_of_headers(buf: bytes | bytearray) -> int:

@@ -9,6 +9,7 @@ session waits for more input (RFC 2920 §3.1).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 import logging
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from postoffice.mail.address import Address, AddressError, parse_mailbox
-from postoffice.mail.headers import HeaderGate, trace_headers
+from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
 from postoffice.policy.relay import RecipientVerdict, judge_recipient, sender_allowed
 from postoffice.protocol import sasl
@@ -47,6 +48,12 @@ from postoffice.storage.maildir import DeliveryError, DeliveryWriter
 log = logging.getLogger("postoffice.smtp")
 
 TLS_HANDSHAKE_TIMEOUT = 30.0
+# RFC 5321 §6.3: a message that has passed this many relays is looping.
+MAX_HOPS = 100
+# All sessions together hold at most this much of messages kept whole in
+# memory for inbound checks (DKIM needs the body before the verdict header
+# can go on top); past it a message is answered 452 and not kept.
+MAX_HELD_BYTES = 256 * 1024 * 1024
 
 
 class SmtpMode(enum.Enum):
@@ -76,6 +83,7 @@ class _Transaction:
     local_prefix_done: bool = False
     extra_headers: bytes = b""  # e.g. Authentication-Results, after Received:
     failure: Reply | None = None  # storing failed mid-DATA: the answer after the final dot
+    held_bytes: int = 0  # this message's share of MAX_HELD_BYTES
 
 
 class SmtpSession:
@@ -155,6 +163,10 @@ class SmtpSession:
             self.out.append(self.core.send(reply))
             if isinstance(event, StartTls) and reply.code == 220:
                 self._start_tls = True
+                # RFC 3207 §4.2: forget everything learnt before TLS, login included.
+                self.user = None
+                self._auth_state = []
+                self.helo = ""
                 return  # nothing after STARTTLS is read as plaintext (RFC 3207 §4.2)
             if self.core.closed:
                 return
@@ -333,9 +345,23 @@ class SmtpSession:
         tx = self.tx
         if tx is None or tx.failure is not None:
             return
+        if tx.gate.hold_all:
+            held = self.s.extras.get("held_bytes", 0) + len(data)
+            if held > MAX_HELD_BYTES:
+                tx.failure = Reply(452, "Insufficient system storage, try again later", "4.3.1")
+                log.warning("smtp id=%s: memory for held messages exhausted", tx.queue_id)
+                self._release_held(tx)
+                return
+            self.s.extras["held_bytes"] = held
+            tx.held_bytes += len(data)
         out = tx.gate.feed(data)
         if out:
             await self._write_or_fail(tx, out)
+
+    def _release_held(self, tx: _Transaction) -> None:
+        self.s.extras["held_bytes"] = self.s.extras.get("held_bytes", 0) - tx.held_bytes
+        tx.held_bytes = 0
+        tx.gate.hold_all = False
 
     async def _write_or_fail(self, tx: _Transaction, data: bytes) -> None:
         """Write, or remember why not: a full disk mid-DATA is answered (452)
@@ -372,13 +398,18 @@ class SmtpSession:
         reply = tx.failure or self._content_verdict(event, tx)
         if reply is None and tx.gate.hold_all:
             reply = await self._judge_inbound(tx)
+        if tx.held_bytes:
+            self._release_held(tx)
         if reply is None:
             rest = tx.gate.finish(tx.extra_headers)
             if rest:
                 await self._write_or_fail(tx, rest)
             reply = tx.failure
         if reply is None:
-            reply = await self._commit(tx, event.size)
+            # Shielded: a shutdown that cancels this session mid-commit must not
+            # discard writers a worker thread is already storing.
+            self.tx = None  # the commit owns the writers now, not the session's cleanup
+            reply = await asyncio.shield(self._commit(tx, event.size))
         else:
             await self._abandon()
         self._log_transaction(tx, event.size, reply)
@@ -411,6 +442,14 @@ class SmtpSession:
             return Reply(
                 554, "Message has a line longer than 998 octets (RFC 5322 §2.1.1)", "5.6.0"
             )
+        headers = tx.gate.headers()
+        if tx.gate.header_overflow or len(headers) >= MAX_HEADER_BLOCK:
+            # Nothing after the first MAX_HEADER_BLOCK octets is parsed, so a
+            # From: hidden there could not be checked: refuse, as Postfix's
+            # header_size_limit does.
+            return Reply(552, "Message header section too large", "5.3.4")
+        if count_fields(headers, "received") >= MAX_HOPS:
+            return Reply(554, "Too many hops: mail loop detected (RFC 5321 §6.3)", "5.4.6")
         if self.mode is SmtpMode.SUBMISSION and self.user is not None:
             for author in tx.gate.from_addresses():
                 if not sender_allowed(self.s.accounts, self.user, author):
@@ -433,13 +472,13 @@ class SmtpSession:
                 await tx.local.commit()
                 tx.local = None
         except DeliveryError as exc:
-            await self._abandon()
+            await self._discard(tx)
             log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
             if exc.disk_full:
                 return Reply(452, "Insufficient system storage", "4.3.1")
             return Reply(451, "Local error in processing", "4.3.0")
         except Exception as exc:
-            await self._abandon()
+            await self._discard(tx)
             log.exception("smtp delivery failed id=%s", tx.queue_id)
             if isinstance(exc, OSError) and exc.errno == 28:
                 return Reply(452, "Insufficient system storage", "4.3.1")
@@ -448,8 +487,12 @@ class SmtpSession:
 
     async def _abandon(self) -> None:
         tx, self.tx = self.tx, None
-        if tx is None:
-            return
+        if tx is not None:
+            await self._discard(tx)
+
+    async def _discard(self, tx: _Transaction) -> None:
+        if tx.held_bytes:
+            self._release_held(tx)
         if tx.local is not None:
             await tx.local.discard()
         if tx.outbound is not None:

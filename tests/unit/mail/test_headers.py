@@ -81,3 +81,22 @@ def test_trace_header_sanitises_helo() -> None:
         tls=None,
     )
     assert header.count(b"\n") == 3 and b"X-Injected: 1\n" not in header
+
+
+def test_forged_auth_results_hidden_by_folding_or_comments_are_removed() -> None:
+    block = (
+        b"Authentication-Results:\n\tmx.example.test; dkim=pass; dmarc=pass\n"
+        b"Authentication-Results: (x) mx.example.test; spf=pass\n"
+        b"Authentication-Results: (a (nested) comment)\n MX.Example.Test ; spf=pass\n"
+        b"Authentication-Results: mx.example.test.evil.test; spf=pass\n"
+        b"Subject: x\n"
+    )
+    assert strip_forged_auth_results(block, "mx.example.test") == (
+        b"Authentication-Results: mx.example.test.evil.test; spf=pass\nSubject: x\n"
+    )
+
+
+def test_count_fields() -> None:
+    from postoffice.mail.headers import count_fields
+
+    assert count_fields(b"Received: a\nreceived: b\n c\nX-Received: d\n", "received") == 2
