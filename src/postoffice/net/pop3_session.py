@@ -89,6 +89,7 @@ class Pop3Session:
         self.core = Pop3Server()
         self.client_ip = conn.peer[0]
         self.timeout = services.settings.limits.pop3_timeout
+        self._line_deadline: float | None = None
         self.mailbox: Pop3Mailbox | None = None
         self.user: Address | None = None
         self.errors = 0
@@ -121,6 +122,15 @@ class Pop3Session:
         finally:
             await self._finish(started_tls)
 
+    def _until_line_deadline(self) -> float:
+        """Seconds left for the line being read.  The idle timer restarts
+        with each command (RFC 1939 §3), not with each byte, so a client that
+        dribbles a byte at a time (slowloris) is cut off like a silent one."""
+        now = asyncio.get_running_loop().time()
+        if self._line_deadline is None:
+            self._line_deadline = now + self.timeout
+        return max(0.0, self._line_deadline - now)
+
     async def _serve(self) -> None:
         while self.core.state is not State.CLOSED:
             event = self.core.next_event()
@@ -128,7 +138,10 @@ class Pop3Session:
                 await self._flush()
                 # Waiting for a command is a safe point to stop at: without QUIT
                 # there is no UPDATE, so a shutdown deletes nothing (RFC 1939 §6).
-                self.core.receive_data(await self.conn.read(self.timeout, interruptible=True))
+                received = await self.conn.read(self._until_line_deadline(), interruptible=True)
+                if b"\n" in received:
+                    self._line_deadline = None
+                self.core.receive_data(received)
                 continue
             match event:
                 case BadCommand(reason):

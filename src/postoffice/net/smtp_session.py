@@ -109,11 +109,20 @@ class SmtpSession:
         hostname = self.s.settings.hostname
         self.conn.write(self.core.send_unsolicited(Reply(220, f"{hostname} ESMTP postoffice")))
         limits = self.s.settings.limits
+        clock = asyncio.get_running_loop().time
+        # The timeouts bound a whole line, not the gap between two bytes: a
+        # client that dribbles a byte at a time (slowloris) is cut off like a
+        # silent one.  RFC 5321 §4.5.3.2.7 waits for the next command.
+        line_deadline: float | None = None
         try:
             while not self.core.closed:
                 timeout = limits.smtp_data_timeout if self.tx else limits.smtp_timeout
+                if line_deadline is None:
+                    line_deadline = clock() + timeout
                 try:
-                    data = await self.conn.read(timeout, interruptible=self.tx is None)
+                    data = await self.conn.read(
+                        max(0.0, line_deadline - clock()), interruptible=self.tx is None
+                    )
                 except ShuttingDown:
                     self.conn.write(
                         self.core.send_unsolicited(
@@ -129,6 +138,8 @@ class SmtpSession:
                     )
                     log.info("smtp timeout client=%s", self.client_ip)
                     break
+                if b"\n" in data:
+                    line_deadline = None
                 self.core.receive_data(data)
                 await self._process_events()
                 if self.out:
