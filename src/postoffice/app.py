@@ -189,4 +189,5 @@ def serve(settings: Settings) -> int:
         return uvloop.run(_run(services))
     finally:
         services.executor.shutdown(wait=True)
+        services.maildirs.close()
         services.accounts.close()
