@@ -72,9 +72,19 @@ def mailbox_path(mail_dir: Path, mailbox: Address) -> Path:
 
 
 def ensure_maildir(path: Path) -> None:
-    """Create ``path/{tmp,new,cur}`` (mode 0700) if missing.  Blocking."""
+    """Create ``path/{tmp,new,cur}`` (mode 0700) if missing.  Blocking.
+
+    New directories are made durable (each parent fsync'd), so the mailbox of
+    a first delivery cannot vanish in a crash after its 250.
+    """
+    if all((path / sub).is_dir() for sub in SUBDIRS):
+        return
+    missing = [p for p in (path.parent, path) if not p.is_dir()]
     for sub in SUBDIRS:
         os.makedirs(path / sub, mode=0o700, exist_ok=True)
+    for created in (*missing, path):
+        fsync_dir(created)
+        fsync_dir(created.parent)
 
 
 @dataclass(frozen=True, slots=True)
