@@ -1,0 +1,155 @@
+"""postoffice between real Postfix neighbours: Postfix relays to it, and it delivers to Postfix.
+
+One Postfix instance (tests/interop/postfix.py) on 127.0.0.1 relays mail for
+example.test to postoffice's port 25 and is the MX of remote.test (found
+through dnsmasq).  Both directions use STARTTLS, pipelining and 8-bit
+bodies; refusals on either side become proper bounces on the other.
+Outside CI a missing Postfix or dnsmasq skips; in CI (``CI`` set) it fails.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import re
+import shutil
+import smtplib
+from collections.abc import Iterator
+from email.message import EmailMessage
+
+import pytest
+
+from tests.interop.postfix import POSTFIX, Postfix
+from tests.support.helpers import ALICE, BOB, make_server, queued, submission
+from tests.support.server import PostofficeServer
+from tests.unit.delivery.peers import DNSMASQ, Dnsmasq, free_port, wait_for
+
+pytestmark = pytest.mark.interop
+
+FILLER = "filler line, just text " * 3 + "\r\n"
+BODY = "Caf\u00e9 cr\u00e8me.\r\n.a line with a dot\r\n" + FILLER * 6000  # 8-bit, 400 kB
+
+
+def need(program: str) -> None:
+    if not (shutil.which(program) or os.access(program, os.X_OK)):
+        if os.environ.get("CI"):
+            pytest.fail(f"{program} is not installed (scripts/test.sh installs it)")
+        pytest.skip(f"{program} is not installed")
+
+
+@pytest.fixture(scope="module")
+def neighbours(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[PostofficeServer, Postfix]]:
+    need(POSTFIX)
+    need(DNSMASQ)
+    root = tmp_path_factory.mktemp("postfix")
+    pf_port = free_port()
+    dns = Dnsmasq(
+        root, mx=[("remote.test", "mx.remote.test", 10)], hosts={"mx.remote.test": ["127.0.0.1"]}
+    ).start()
+    srv = make_server(
+        root / "po",
+        relay={"mx_port": pf_port, "dns_servers": [dns.server], "retry_schedule": [1]},
+    )
+    tls = srv.data_dir / "tls"
+    postfix = Postfix(
+        relay_domain="example.test",
+        relay_to=("127.0.0.1", srv.ports["smtp"]),
+        local_domain="remote.test",
+        users=["carol", "dave"],
+        cert=tls / "cert.pem",
+        key=tls / "key.pem",
+        port=pf_port,
+    )
+    try:
+        postfix.start()
+        yield srv, postfix
+    finally:
+        postfix.stop()
+        srv.stop()
+        dns.stop()
+        postfix.cleanup()
+
+
+def parse(raw: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def test_postfix_relays_to_postoffice(neighbours: tuple[PostofficeServer, Postfix]) -> None:
+    srv, postfix = neighbours
+    message = (
+        "From: Carol <carol@remote.test>\r\nTo: alice@example.test, bob@example.test\r\n"
+        "Subject: through postfix\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + BODY
+    ).encode()
+    with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as client:
+        refused = client.sendmail(
+            "carol@remote.test", [ALICE, BOB, "nobody@example.test"], message, ["BODY=8BITMIME"]
+        )
+    assert refused == {}  # Postfix queued all three; postoffice decides next
+    assert wait_for(lambda: len(srv.messages(ALICE)) == 1 and len(srv.messages(BOB)) == 1, 30)
+    content = srv.messages(ALICE)[0].read_bytes()
+    assert srv.messages(ALICE)[0].stat().st_ino == srv.messages(BOB)[0].stat().st_ino  # linked
+    assert b"by mail.example.test (postoffice) with ESMTPS id" in content  # Postfix used TLS
+    assert b"by mx.remote.test (Postfix)" in content  # its own Received header, kept
+    assert BODY.replace("\r\n", "\n").encode() in content  # 8-bit, dots, length intact
+
+    # The unknown recipient is refused by postoffice with 550 5.1.1, and
+    # Postfix bounces it to the sender, who is one of its own users.
+    assert wait_for(lambda: len(postfix.mailbox("carol")) == 1, 30), postfix.log()
+    bounce = parse(postfix.mailbox("carol")[0])
+    assert bounce.get_content_type() == "multipart/report"
+    report = bounce.get_payload()[1].as_string()  # type: ignore[index]
+    assert "Final-Recipient: rfc822; nobody@example.test" in report
+    assert re.search(r"Status: 5\.1\.1", report)
+    assert "Remote-MTA: dns; 127.0.0.1" in report
+    assert re.search(r"to=<alice@example\.test>.*status=sent", postfix.log())
+    assert wait_for(postfix.queue_empty)
+
+
+def test_postoffice_delivers_to_postfix(neighbours: tuple[PostofficeServer, Postfix]) -> None:
+    srv, postfix = neighbours
+    before = len(postfix.mailbox("carol"))
+    client = submission(srv)
+    assert client.cmd(f"MAIL FROM:<{ALICE}> BODY=8BITMIME")[0] == 250
+    for rcpt in ("carol@remote.test", "dave@remote.test", "erin@remote.test"):
+        assert client.cmd(f"RCPT TO:<{rcpt}>")[0] == 250  # remote: decided by Postfix
+    assert client.cmd("DATA")[0] == 354
+    client.send(
+        f"From: Alice <{ALICE}>\r\nTo: carol@remote.test\r\nSubject: to postfix\r\n\r\n".encode()
+        + BODY.replace("\r\n.", "\r\n..").encode()  # dot-stuffed on the wire (RFC 5321 §4.5.2)
+        + b".\r\n"
+    )
+    assert client.reply()[0] == 250
+    client.cmd("QUIT")
+
+    assert wait_for(
+        lambda: len(postfix.mailbox("carol")) == before + 1 and len(postfix.mailbox("dave")) == 1,
+        30,
+    ), postfix.log()
+    received = postfix.mailbox("dave")[0]
+    assert b"Delivered-To: dave@remote.test" in received
+    assert b"Delivered-To: carol@remote.test" in postfix.mailbox("carol")[-1]
+    assert re.search(rb"Received: from mail\.example\.test \(\S+ \[127\.0\.0\.1\]\)", received)
+    assert re.search(rb"\(using TLSv1\.[23] with cipher", received)  # STARTTLS to Postfix
+    assert BODY.replace("\r\n", "\n").encode() in received
+    assert b"Message-ID: <" in received
+
+    # erin does not exist at Postfix: 550 there, a DSN here, nothing left queued.
+    def dsn() -> list[EmailMessage]:
+        return [
+            m
+            for m in (parse(p.read_bytes()) for p in srv.messages(ALICE))
+            if "Undelivered" in str(m["Subject"])
+        ]
+
+    assert wait_for(lambda: len(dsn()) == 1, 30), srv.log()
+    fields = dsn()[0].get_payload()[1].as_string()  # type: ignore[index]
+    assert "Final-Recipient: rfc822; erin@remote.test" in fields
+    assert "Status: 5.1.1" in fields
+    assert "Remote-MTA: dns; mx.remote.test" in fields
+    assert wait_for(lambda: queued(srv) == [])
