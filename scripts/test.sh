@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(swaks curl fetchmail mpop msmtp dnsmasq-base postfix openssl opendkim)
+APT_PACKAGES=(swaks curl fetchmail mpop msmtp dnsmasq-base postfix openssl opendkim
+              dovecot-core dovecot-pop3d)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -19,7 +20,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   # postfix's package asks questions; answer "no configuration", we only use its tools
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections || true
+  # The tests start their own Postfix and Dovecot on free loopback ports: keep
+  # the packages' system services (ports 25, 110, 143, ...) from starting.
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy"
+  fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ -z "$policy" ] || $SUDO rm -f "$policy"
 fi
 
 PYTHON=${PYTHON:-python3}
