@@ -175,6 +175,8 @@ def load_settings(path: Path | None) -> Settings:
         raise ConfigError(source, "-", f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "-", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets this through
+        raise ConfigError(source, "-", f"not valid TOML: not UTF-8 at byte {exc.start}") from None
     # Relative paths in the file mean "next to the file", wherever we run from.
     return _Loader(source, path.absolute().parent).settings(raw)
 
