@@ -1,0 +1,67 @@
+"""Property-based fuzzing of address parsing where it meets storage and headers.
+
+tests/unit/mail/test_address.py checks that parsing never crashes and that
+account names are single safe path components.  Here the two places an
+address from the wire ends up: a Maildir path (``mailbox_path`` stays under
+the mail directory, or refuses) and a header line (``Return-Path``,
+``Received ... for``: no CR, LF or NUL can come out of any parsed address).
+The number of examples comes from ``POSTOFFICE_FUZZ_EXAMPLES``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from postoffice.mail.address import Address, AddressError, parse_mailbox, parse_path
+from postoffice.storage.maildir import mailbox_path
+
+EXAMPLES = int(os.environ.get("POSTOFFICE_FUZZ_EXAMPLES", "200"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MAIL_DIR = Path("/srv/mail")
+
+_PIECES = st.sampled_from(["/", "\\", ".", "..", "\x00", "\r", "\n", "\u2028", "\u0085", "%",
+                           "!", "+", "@", '"', "<", ">", ":", ",", "[", "]", "a", "Z", "9",
+                           "-", "_", "\u00e9", " ", "~", "IPv6:"])  # fmt: skip
+_WORDS = st.lists(st.one_of(_PIECES, st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True)),
+                  max_size=12).map("".join)  # fmt: skip
+_PATHS = st.builds(lambda local, domain: f"<{local}@{domain}>", _WORDS, _WORDS)
+
+
+@FUZZ
+@given(_PATHS, st.booleans())
+def test_parsed_addresses_cannot_break_a_header_line(text: str, utf8: bool) -> None:
+    try:
+        addr = parse_path(text, utf8=utf8)
+    except AddressError:
+        return
+    if addr is None:
+        return
+    rendered = f"Return-Path: <{addr}>\n".encode("utf-8", "surrogateescape")
+    assert rendered.count(b"\n") == 1 and b"\r" not in rendered and b"\0" not in rendered
+
+
+@FUZZ
+@given(_PATHS)
+def test_maildir_paths_stay_under_the_mail_directory(text: str) -> None:
+    try:
+        addr = parse_path(text, utf8=True)
+    except AddressError:
+        return
+    candidates = [addr] if addr is not None else []
+    if addr is not None:
+        with contextlib.suppress(AddressError):
+            candidates.append(parse_mailbox(str(addr)))
+    for candidate in candidates:
+        assert isinstance(candidate, Address)
+        try:
+            path = mailbox_path(MAIL_DIR, candidate)
+        except AddressError:
+            continue
+        resolved = Path(os.path.normpath(path))
+        assert resolved.parent.parent == MAIL_DIR, path
+        assert resolved == path  # nothing for normpath to fold: no "..", no "//"
