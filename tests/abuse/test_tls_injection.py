@@ -6,7 +6,9 @@ thrown away: not executed, and not answered inside the encrypted session
 (RFC 3207 §4.2, RFC 2595 §4).  tests/integration covers an injected MAIL on
 port 25 and the POP3 STLS cases; here: injected AUTH on submission (it
 would log the attacker in as someone else), replies smuggled into the TLS
-stream on both STARTTLS ports, and plaintext racing the handshake on SMTP.
+stream on both STARTTLS ports, and plaintext racing the handshake; and for POP3
+STLS (RFC 2595 §4) pipelined credentials and the same race, so that
+``pytest -m abuse`` covers both protocols.
 """
 
 from __future__ import annotations
@@ -78,3 +80,45 @@ def test_plaintext_racing_the_smtp_handshake_is_not_executed(server: PostofficeS
         assert client.cmd("RCPT TO:<alice@example.test>")[0] == 503
     assert "racer@remote.test" not in server.log()
     assert server.messages(ALICE) == []
+
+
+def pop3_line(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
+def test_pop3_credentials_pipelined_behind_stls_are_not_used(server: PostofficeServer) -> None:
+    token = plain_auth(ALICE, ALICE_PW).encode()
+    with socket.create_connection(("127.0.0.1", server.ports["pop3"]), timeout=10) as sock:
+        assert pop3_line(sock).startswith(b"+OK")
+        sock.sendall(b"STLS\r\nAUTH PLAIN " + token + b"\r\nSTAT\r\n")
+        answer = pop3_line(sock)
+        if answer.startswith(b"+OK"):  # upgraded: the injected lines must be gone
+            tls = tls_context().wrap_socket(sock)
+            tls.sendall(b"STAT\r\n")
+            assert pop3_line(tls).startswith(b"-ERR")  # not logged in
+        else:
+            assert answer.startswith(b"-ERR")  # refused, and the session ends
+            assert pop3_line(sock) == b""
+    assert "auth ok" not in server.log()
+
+
+def test_pop3_plaintext_racing_the_handshake_is_not_executed(server: PostofficeServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.ports["pop3"]), timeout=10) as sock:
+        assert pop3_line(sock).startswith(b"+OK")
+        sock.sendall(b"STLS\r\n")
+        assert pop3_line(sock).startswith(b"+OK")
+        sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\n".encode())
+        try:
+            tls = tls_context().wrap_socket(sock)
+        except (ssl.SSLError, OSError):
+            pass  # garbage instead of a ClientHello: the server hung up
+        else:
+            tls.sendall(b"STAT\r\n")
+            assert pop3_line(tls).startswith(b"-ERR")
+    assert "auth ok" not in server.log()
