@@ -243,6 +243,7 @@ def test_delay_warning_then_expiry_bounce(tmp_path: Path, dns: Dnsmasq, port: in
         srv.stop()
 
 
+@pytest.mark.faults
 def test_queue_survives_kill_9_mid_delivery(
     tmp_path: Path, dns: Dnsmasq, port: int, sinks: list[SmtpSink]
 ) -> None:
