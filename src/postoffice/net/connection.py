@@ -45,6 +45,12 @@ class Connection(asyncio.Protocol):
         self.local: tuple[str, int] = ("", 0)
         self.tls = False
         self._shutdown = False
+        # Read timeouts: one timer per connection, re-armed only when it fires
+        # early, instead of a new timer (and asyncio.timeout's bookkeeping) per
+        # read.  ``_deadline`` is when the read in progress gives up.
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # --- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -69,6 +75,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._wake()
         if self._drain_waiter and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
@@ -98,23 +107,55 @@ class Connection(asyncio.Protocol):
         ``interruptible``: the session is at a safe point (no transaction open),
         so a server shutdown raises ShuttingDown instead of waiting for input.
         """
-        while not self._buffer:
-            if self._eof:
-                raise ConnectionClosed
-            if interruptible and self._shutdown:
-                raise ShuttingDown
-            self._waiter = self._loop.create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._waiter
-            finally:
-                self._waiter = None
+        if not self._buffer:
+            await self._wait_for_data(timeout, interruptible)
         data = bytes(self._buffer)
         self._buffer.clear()
         if self._read_paused and self.transport:
             self._read_paused = False
             self.transport.resume_reading()
         return data
+
+    async def _wait_for_data(self, timeout: float | None, interruptible: bool) -> None:
+        loop = self._loop
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._buffer:
+            if self._eof:
+                raise ConnectionClosed
+            if interruptible and self._shutdown:
+                raise ShuttingDown
+            if deadline is not None:
+                if loop.time() >= deadline:
+                    raise TimeoutError
+                self._deadline = deadline
+                if self._timer is None or self._timer_at > deadline:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = loop.call_at(deadline, self._on_timer)
+                    self._timer_at = deadline
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                self._deadline = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # no read waiting: the next one arms a timer again
+        if self._loop.time() >= deadline:
+            self._wake()  # the reader sees the deadline passed and raises TimeoutError
+        else:  # armed for an earlier read that has since ended
+            # At least 1 ms: the loop's timers may fire up to a millisecond early.
+            delay = max(0.001, deadline - self._loop.time())
+            self._timer = self._loop.call_later(delay, self._on_timer)
+            self._timer_at = deadline
+
+    def time(self) -> float:
+        """The event loop's clock (cheaper than asyncio.get_running_loop().time())."""
+        return self._loop.time()
 
     def write(self, data: bytes) -> None:
         if self.transport and not self.transport.is_closing():
