@@ -547,6 +547,49 @@ def test_retr_in_any_order_with_deletions_between(server: PostofficeServer) -> N
         client.quit()
 
 
+def test_many_small_messages_in_order_pipelined_and_backwards(server: PostofficeServer) -> None:
+    """Several read-ahead windows (read and encoded in the background) serve
+    exactly the stored messages, whatever order the client asks in."""
+    bodies = [
+        b"Subject: %d\n\n" % i + (b".dot line\n" if i % 7 == 0 else b"") + b"x" * (i % 50) + b"\n"
+        for i in range(300)
+    ]
+    for i, body in enumerate(bodies):
+        deliver(server, ALICE, body, dovecot=bool(i % 2))
+
+    def wire(i: int) -> bytes:
+        return bodies[i - 1].replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+
+    client = socket.create_connection(("127.0.0.1", server.ports["pop3s"]), timeout=15)
+    ctx = client_context(server)
+    with ctx.wrap_socket(client, server_hostname="127.0.0.1") as sock, sock.makefile("rb") as rf:
+        assert rf.readline().startswith(b"+OK")
+        sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\n".encode())
+        assert rf.readline().startswith(b"+OK") and rf.readline().startswith(b"+OK")
+
+        def retr_reply() -> bytes:
+            assert rf.readline().startswith(b"+OK")
+            out = b""
+            for _ in range(1000):
+                line = rf.readline()
+                if line == b".\r\n":
+                    return out
+                out += line
+            raise AssertionError("no end of message")
+
+        for n in range(1, 151):  # one command at a time, in order
+            sock.sendall(b"RETR %d\r\n" % n)
+            assert retr_reply() == wire(n)
+        sock.sendall(b"".join(b"RETR %d\r\n" % n for n in range(151, 301)))  # pipelined
+        for n in range(151, 301):
+            assert retr_reply() == wire(n)
+        for n in range(300, 0, -37):  # backwards: every one a miss
+            sock.sendall(b"RETR %d\r\n" % n)
+            assert retr_reply() == wire(n)
+        sock.sendall(b"QUIT\r\n")
+        assert rf.readline().startswith(b"+OK")
+
+
 # --- UPDATE and its absence (RFC 1939 §6) -----------------------------------------------
 
 

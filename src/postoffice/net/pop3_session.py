@@ -49,6 +49,7 @@ from postoffice.protocol.pop3 import (
     Uidl,
     User,
     capabilities,
+    wire_form,
 )
 from postoffice.services import Services
 from postoffice.storage.maildir import mailbox_path
@@ -67,9 +68,11 @@ T = TypeVar("T")
 TLS_HANDSHAKE_TIMEOUT = 30.0
 MAX_AUTH_FAILURES = 3  # per connection; the throttle slows retries across connections
 FLUSH_AT = 256 * 1024  # write collected replies once this much is pending
-# Read-ahead for RETR of small messages: at most this many, this many octets.
-AHEAD_COUNT = 16
-AHEAD_BYTES = 128 * 1024
+# Read-ahead for RETR of small messages: windows of at most this many, this
+# many octets.  The next window is read in the background while the client
+# works through the current one, so in-order RETR never waits for a thread.
+AHEAD_COUNT = 64
+AHEAD_BYTES = 512 * 1024
 MECHANISMS = ("PLAIN", "LOGIN")
 IMPLEMENTATION = "postoffice"
 _PERMANENT_ERRNOS = frozenset(
@@ -101,6 +104,9 @@ class Pop3Session:
         self._mechanism: str | None = None
         self._update: UpdateResult | None = None
         self._ahead: dict[int, bytes] = {}  # message number -> content read ahead
+        self._prefetch: asyncio.Future[list[bytes | None]] | None = None  # the next window
+        self._prefetch_plan: list[int] = []  # ... and its message numbers
+        self._ahead_last = 0  # the highest message number read or being read ahead
         # Blocking work still running for this mailbox: the lock is released
         # only after it finishes, even if the session is cancelled meanwhile.
         self._io: asyncio.Future[Any] | None = None
@@ -126,7 +132,7 @@ class Pop3Session:
         """Seconds left for the line being read.  The idle timer restarts
         with each command (RFC 1939 §3), not with each byte, so a client that
         dribbles a byte at a time (slowloris) is cut off like a silent one."""
-        now = asyncio.get_running_loop().time()
+        now = self.conn.time()
         if self._line_deadline is None:
             self._line_deadline = now + self.timeout
         return max(0.0, self._line_deadline - now)
@@ -191,6 +197,10 @@ class Pop3Session:
             self.outcome = "too many errors"
         else:
             self._send(self.core.reply_err(reason))
+
+    def _busy(self) -> list[asyncio.Future[Any]]:
+        """Blocking work for this mailbox still running in the pool."""
+        return [f for f in (self._io, self._prefetch) if f is not None and not f.done()]
 
     async def _blocking(self, func: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -372,15 +382,47 @@ class Pop3Session:
     async def _read_first(
         self, box: Pop3Mailbox, n: int, msg: Pop3Message, lines: int | None
     ) -> tuple[bytes, BinaryIO | None]:
-        cached = self._ahead.pop(n, None)
-        if cached is not None:
-            return cached, None
-        self._ahead.clear()
-        if lines is not None:
+        """The first chunk of ``msg`` (and the open file if there is more); for
+        RETR, the small messages after it are read ahead in the same hop."""
+        if lines is not None:  # TOP: rare, never read ahead
             return await self._blocking(box.read_first, msg)
+        self._drop_ahead()
+        plan = self._plan(box, n + 1)
+        first, fh, wires = await self._blocking(_read_with_window, box, msg, [m for _, m in plan])
+        self._ahead = {
+            number: wire for (number, _), wire in zip(plan, wires, strict=True) if wire is not None
+        }
+        self._ahead_last = plan[-1][0] if plan else n
+        self._start_prefetch(box, n)
+        return first, fh
+
+    async def _read_ahead(self, box: Pop3Mailbox, n: int) -> bytes | None:
+        """The wire form of message ``n`` if it was read ahead (waiting for the
+        background window that holds it), else None."""
+        self._collect_prefetch()
+        wire = self._ahead.pop(n, None)
+        if wire is None and self._prefetch is not None and n in self._prefetch_plan:
+            await self._wait_prefetch()
+            wire = self._ahead.pop(n, None)
+        if wire is None:
+            return None
+        if len(self._ahead) > 2 * AHEAD_COUNT:  # the client skips messages: forget those
+            for stale in [k for k in self._ahead if k < n]:
+                del self._ahead[stale]
+        self._start_prefetch(box, n)
+        return wire
+
+    def _drop_ahead(self) -> None:
+        self._collect_prefetch()
+        self._ahead.clear()
+        self._ahead_last = 0
+
+    @staticmethod
+    def _plan(box: Pop3Mailbox, start: int) -> list[tuple[int, Pop3Message]]:
+        """The small live messages from ``start`` on that fit one read-ahead window."""
         plan: list[tuple[int, Pop3Message]] = []
         budget = AHEAD_BYTES
-        for number in range(n + 1, min(n + 1 + AHEAD_COUNT, len(box.messages) + 1)):
+        for number in range(start, min(start + AHEAD_COUNT, len(box.messages) + 1)):
             other = box.get(number)
             if other is None:
                 continue
@@ -388,16 +430,51 @@ class Pop3Session:
             if budget < 0:
                 break
             plan.append((number, other))
-        first, fh, ahead = await self._blocking(box.read_ahead, msg, [m for _, m in plan])
-        self._ahead = {
-            number: data for (number, _), data in zip(plan, ahead, strict=True) if data is not None
-        }
-        return first, fh
+        return plan
+
+    def _start_prefetch(self, box: Pop3Mailbox, n: int) -> None:
+        """Read (and encode) the next window in the background once half the
+        current one is used: in-order RETR then never waits for a thread."""
+        if self._prefetch is not None or self._ahead_last - n > AHEAD_COUNT // 2:
+            return
+        plan = self._plan(box, max(self._ahead_last, n) + 1)
+        if not plan:
+            return
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.s.executor, _read_wire, box, [m for _, m in plan])
+        # Retrieved here so a window nobody collects (the session ended) logs nothing.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._prefetch, self._prefetch_plan = future, [number for number, _ in plan]
+        self._ahead_last = plan[-1][0]
+
+    def _collect_prefetch(self) -> None:
+        future = self._prefetch
+        if future is None or not future.done():
+            return
+        self._prefetch, plan, self._prefetch_plan = None, self._prefetch_plan, []
+        if future.cancelled() or future.exception() is not None:
+            return  # those messages are read when asked for, with a proper error
+        for number, wire in zip(plan, future.result(), strict=True):
+            if wire is not None:
+                self._ahead[number] = wire
+
+    async def _wait_prefetch(self) -> None:
+        """Let the background window finish (before a file-changing UPDATE too)."""
+        if self._prefetch is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._prefetch)
+            self._collect_prefetch()
 
     async def _retrieve(
         self, box: Pop3Mailbox, n: int, msg: Pop3Message, lines: int | None
     ) -> None:
         """RETR (``lines`` None) or TOP: stream the file, converted as it is read."""
+        if lines is None and (wire := await self._read_ahead(box, n)) is not None:
+            self._send(self.core.reply_ok(f"{msg.size} octets"))
+            self._send(wire)
+            msg.retrieved = True
+            self.retrieved += 1
+            return
         try:
             first, fh = await self._read_first(box, n, msg, lines)
         except MessageGone:
@@ -439,6 +516,7 @@ class Pop3Session:
             self.outcome = "quit"
             self._send(self.core.reply_ok("Logging out"))
             return
+        await self._wait_prefetch()
         try:
             result = await self._blocking(box.update)
         except OSError as exc:
@@ -459,11 +537,10 @@ class Pop3Session:
     async def _finish(self, started_tls: bool) -> None:
         self.core.close()
         seen = 0
-        pending = self._io
-        if pending is not None and not pending.done():
-            # Cancelled while blocking work runs (opening, UPDATE): let it end,
-            # then unlock; a lock must never outlive its session.
-            pending.add_done_callback(_release_when_done(self.mailbox))
+        if self._busy():
+            # Cancelled while blocking work runs (opening, UPDATE, a read-ahead):
+            # let it end, then unlock; a lock must never outlive its session.
+            _release_after(self._busy(), self.mailbox)
         elif self.mailbox is not None and self.mailbox.locked:
             box = self.mailbox
             try:
@@ -473,8 +550,8 @@ class Pop3Session:
             except (OSError, asyncio.CancelledError):
                 pass
             finally:
-                if self._io is not None and not self._io.done():
-                    self._io.add_done_callback(_release_when_done(box))
+                if self._busy():
+                    _release_after(self._busy(), box)
                 else:
                     box.close()
         result = self._update
@@ -490,16 +567,41 @@ class Pop3Session:
         )
 
 
-def _release_when_done(box: Pop3Mailbox | None) -> Callable[[asyncio.Future[Any]], None]:
-    def release(future: asyncio.Future[Any]) -> None:
-        if box is not None:
-            box.close()
+def _read_wire(box: Pop3Mailbox, messages: list[Pop3Message]) -> list[bytes | None]:
+    """Read small messages whole and turn them into what RETR sends after its
+    +OK line (CRLF, dot-stuffed, terminated), off the event loop."""
+    return [None if data is None else wire_form(data) for data in box.read_many(messages)]
+
+
+def _read_with_window(
+    box: Pop3Mailbox, msg: Pop3Message, window: list[Pop3Message]
+) -> tuple[bytes, BinaryIO | None, list[bytes | None]]:
+    """``read_first(msg)`` and ``_read_wire(window)`` in one executor hop."""
+    first, fh = box.read_first(msg)
+    try:
+        return first, fh, _read_wire(box, window)
+    except BaseException:
+        if fh is not None:
+            _close_quietly(fh)
+        raise
+
+
+def _release_after(futures: list[asyncio.Future[Any]], box: Pop3Mailbox | None) -> None:
+    """Unlock ``box`` once every one of ``futures`` (blocking work) has finished."""
+    remaining = len(futures)
+
+    def done(future: asyncio.Future[Any]) -> None:
+        nonlocal remaining
         if not future.cancelled() and future.exception() is None:
             result = future.result()
             if isinstance(result, Pop3Mailbox):  # opened for a session that is gone
                 result.close()
+        remaining -= 1
+        if remaining == 0 and box is not None:
+            box.close()
 
-    return release
+    for future in futures:
+        future.add_done_callback(done)
 
 
 def _close_quietly(fh: BinaryIO) -> None:

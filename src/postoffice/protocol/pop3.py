@@ -489,6 +489,13 @@ class MessageEncoder:
         return data[:pos]
 
 
+def wire_form(message: bytes) -> bytes:
+    """A whole stored message as RETR sends it after the +OK line: CRLF line
+    endings, dot-stuffed, a final CRLF if it lacked one, and ``.CRLF``."""
+    encoder = MessageEncoder()
+    return encoder.feed(message) + encoder.finish()
+
+
 def to_crlf(chunk: bytes, after_cr: bool = False) -> bytes:
     """LF -> CRLF for every LF not already after a CR (``after_cr``: the byte
     before ``chunk`` was CR).  A CR at the end is left for the caller."""

@@ -186,17 +186,23 @@ class Pop3Mailbox:
         more than reading it.  An unreadable follower is None (read again
         later, when it is asked for, with a proper error)."""
         first, fh = self.read_first(msg)
-        ahead: list[bytes | None] = []
-        for other in following:
+        return first, fh, self.read_many(following)
+
+    def read_many(self, messages: list[Pop3Message]) -> list[bytes | None]:
+        """The whole contents of each of ``messages`` (small ones), None for one
+        that cannot be read now (it is read again, with a proper error, when
+        it is asked for)."""
+        out: list[bytes | None] = []
+        for msg in messages:
             try:
-                with self._open(other) as other_fh:
-                    data = other_fh.read(other.size + 1)
+                with self._open(msg) as fh:
+                    data = fh.read(msg.size + 1)
             except (OSError, MessageGone):
-                ahead.append(None)
+                out.append(None)
                 continue
             # Never more than the CRLF size, which bounds the file size.
-            ahead.append(data if len(data) <= other.size else None)
-        return first, fh, ahead
+            out.append(data if len(data) <= msg.size else None)
+        return out
 
     @staticmethod
     def read_next(fh: BinaryIO) -> bytes:
