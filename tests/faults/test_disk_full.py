@@ -157,7 +157,9 @@ def test_full_queue_disk_is_452_and_recovers(srv: PostofficeServer, tmp_path: Pa
     with small_filesystem(srv.data_dir / "queue", tmp_path):
         # Nowhere to deliver to (the port is closed): mail stays queued.
         text = srv.config.read_text()
-        srv.config.write_text(text + '\n[relay]\nsmarthost = "127.0.0.1:9"\nretry_schedule = [3600]\n')
+        srv.config.write_text(
+            text + '\n[relay]\nsmarthost = "127.0.0.1:9"\nretry_schedule = [3600]\n'
+        )
         srv.start()
         client = submission(srv)
         code = 250
@@ -166,7 +168,9 @@ def test_full_queue_disk_is_452_and_recovers(srv: PostofficeServer, tmp_path: Pa
             assert client.cmd(f"MAIL FROM:<{ALICE}>")[0] == 250
             assert client.cmd(f"RCPT TO:<friend{i}@remote.test>")[0] == 250
             assert client.cmd("DATA")[0] == 354
-            client.send(b"From: alice@example.test\r\n\r\n" + (b"q" * 78 + b"\r\n") * 2000 + b".\r\n")
+            client.send(
+                b"From: alice@example.test\r\n\r\n" + (b"q" * 78 + b"\r\n") * 2000 + b".\r\n"
+            )
             code, lines = client.reply()
             if code != 250:
                 break
