@@ -415,10 +415,19 @@ def test_swaks_delivers(server: PostofficeServer, require_program) -> None:  # t
 
 @pytest.mark.abuse
 def test_mail_loop_is_refused_after_100_hops(server: PostofficeServer) -> None:
-    hops = b"".join(b"Received: from hop%d.test by hop%d.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % (i, i + 1) for i in range(100))
+    hops = b"".join(
+        b"Received: from hop%d.test by hop%d.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % (i, i + 1)
+        for i in range(100)
+    )
     with smtp(server) as client, pytest.raises(smtplib.SMTPDataError) as err:
-        client.sendmail("a@remote.test", ["alice@example.test"], hops + b"Subject: loop\r\n\r\nx\r\n")
+        client.sendmail(
+            "a@remote.test", ["alice@example.test"], hops + b"Subject: loop\r\n\r\nx\r\n"
+        )
     assert err.value.smtp_code == 554 and err.value.smtp_error.startswith(b"5.4.6")
     with smtp(server) as client:  # 99 relays before us are fine
-        client.sendmail("a@remote.test", ["alice@example.test"], hops[hops.index(b"Received", 10):] + b"\r\nx\r\n")
+        client.sendmail(
+            "a@remote.test",
+            ["alice@example.test"],
+            hops[hops.index(b"Received", 10) :] + b"\r\nx\r\n",
+        )
     assert len(server.messages("alice@example.test")) == 1

@@ -201,8 +201,11 @@ def test_from_hidden_behind_a_huge_header_block_is_refused(server: PostofficeSer
     with submit(server) as client:
         client.login("alice@example.test", "alice-password-1")
         with pytest.raises(smtplib.SMTPDataError) as err:
-            client.sendmail("alice@example.test", ["bob@example.test"],
-                            b"From: alice@example.test\r\n" + padding + b"From: ceo@example.test\r\n\r\nhi\r\n")
+            client.sendmail(
+                "alice@example.test",
+                ["bob@example.test"],
+                b"From: alice@example.test\r\n" + padding + b"From: ceo@example.test\r\n\r\nhi\r\n",
+            )
         assert err.value.smtp_code == 552
     assert server.messages("bob@example.test") == []
 
