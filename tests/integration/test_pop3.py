@@ -251,6 +251,7 @@ def test_pop3s_offers_sasl_and_no_stls(server: PostofficeServer) -> None:
         client.quit()
 
 
+@pytest.mark.abuse
 def test_credentials_are_refused_before_stls(raw: Raw) -> None:
     assert raw.cmd("USER alice@example.test") == (
         b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections; use STLS"
@@ -272,6 +273,7 @@ def test_stls_then_login_works_and_stls_twice_is_refused(raw: Raw) -> None:
     assert raw.cmd("QUIT").startswith(b"+OK")
 
 
+@pytest.mark.abuse
 def test_stls_with_pipelined_plaintext_is_refused_and_closed(raw: Raw) -> None:
     # RFC 2595 §4 / CVE-2011-0411: nothing sent with STLS may be executed.
     raw.send(b"STLS\r\nUSER alice@example.test\r\n")
@@ -280,6 +282,7 @@ def test_stls_with_pipelined_plaintext_is_refused_and_closed(raw: Raw) -> None:
     assert b"+OK" not in raw.buf
 
 
+@pytest.mark.abuse
 def test_plaintext_arriving_during_the_handshake_is_discarded(server: PostofficeServer) -> None:
     raw = Raw(server)
     try:
@@ -316,6 +319,7 @@ def test_plaintext_login_on_loopback_when_the_config_allows_it(tmp_path: Path) -
         srv.stop()
 
 
+@pytest.mark.abuse
 def test_wrong_password_unknown_user_and_bad_names_get_auth_code(fresh: PostofficeServer) -> None:
     with closing(pop3s(fresh)) as client:
         for user, password in ((ALICE, "wrong"), ("nobody@example.test", "x")):
@@ -332,6 +336,7 @@ def test_wrong_password_unknown_user_and_bad_names_get_auth_code(fresh: Postoffi
     assert "auth failed protocol=pop3 client=127.0.0.1 user=-" in fresh.log()
 
 
+@pytest.mark.abuse
 def test_three_failed_logins_close_the_connection(fresh: PostofficeServer) -> None:
     with closing(Raw(fresh, "pop3s")) as raw_tls:
         for attempt in range(3):
@@ -341,6 +346,7 @@ def test_three_failed_logins_close_the_connection(fresh: PostofficeServer) -> No
         assert raw_tls.closed()
 
 
+@pytest.mark.abuse
 def test_a_failed_login_then_the_right_password_works(fresh: PostofficeServer) -> None:
     with closing(pop3s(fresh)) as client:
         client.user(ALICE)
