@@ -8,6 +8,7 @@ CLI, as an administrator would.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ def _cached_tls_dir() -> Path:
         from postoffice.net.tls import ensure_self_signed
 
         tls_dir = Path(tempfile.mkdtemp(prefix="postoffice-test-tls-"))
+        atexit.register(shutil.rmtree, tls_dir, True)
         ensure_self_signed(tls_dir, "mail.example.test")
         _CERT_CACHE.append(tls_dir)
     return _CERT_CACHE[0]
