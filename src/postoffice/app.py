@@ -45,7 +45,12 @@ def build_services(settings: Settings) -> Services:
     services = Services(
         settings=settings,
         accounts=accounts,
-        maildirs=MaildirStore(settings.mail_dir, executor, settings.hostname),
+        maildirs=MaildirStore(
+            settings.mail_dir,
+            executor,
+            settings.hostname,
+            journal_dir=settings.data_dir / "journal",
+        ),
         authenticator=authenticator,
         tls=server_context(cert, key),
         executor=executor,
@@ -156,6 +161,8 @@ async def _run(services: Services) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await loop.run_in_executor(services.executor, clean_stale_tmp, services.settings.mail_dir)
+    # Before listening: messages acknowledged before a crash are put back first.
+    await loop.run_in_executor(services.executor, services.maildirs.recover)
     try:
         await server.start()
     except OSError as exc:
@@ -169,6 +176,7 @@ async def _run(services: Services) -> int:
         services.settings.limits.shutdown_grace,
     )
     await server.stop()
+    await services.maildirs.drain()  # journaled mail into its Maildirs: nothing to replay
     log.info("stopped")
     return 0
 

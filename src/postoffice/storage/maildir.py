@@ -13,10 +13,14 @@ follow the Dovecot convention so any Maildir reader understands them::
 ``S=`` is the file size and ``W=`` the size with CRLF line endings, which is
 exactly what POP3 LIST must report: POP3 needs no ``stat`` or read to list.
 
-Delivery is write-to-tmp, fsync, link/rename into ``new/``, fsync ``new/``
-(the Maildir protocol, plus the fsyncs that make "250" mean "on disk").  File
-fsyncs of concurrent sessions run in parallel threads (the file system merges
-them into shared journal commits); the publication is group-committed: the
+Small messages (held in memory, the common case) go through the delivery
+journal once ``recover`` has opened it (``storage/write_behind.py``): durable
+after one flush of the journal, their files written to tmp/ and renamed into
+``new/`` before the 250 and flushed in the background.  Large messages
+(streamed to tmp/ while they arrive) take the Maildir protocol directly:
+write to tmp, fsync, link/rename into ``new/``, fsync ``new/``.  File fsyncs
+of concurrent sessions run in parallel threads (the file system merges them
+into shared journal commits); the publication is group-committed: the
 messages whose files became durable while one batch was being renamed and
 its directories fsync'd form the next batch, with one directory fsync each.
 """
@@ -26,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import itertools
+import logging
 import os
+import random
 import re
-import secrets
 import shutil
 import socket
 import threading
@@ -40,7 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from postoffice.mail.address import Address, AddressError, mailbox_local_part, normalise_domain
+from postoffice.storage.journal import SEGMENT_SIZE, SEGMENTS, Journal, JournalError
 from postoffice.storage.safeio import fsync_dir, write_all
+from postoffice.storage.write_behind import WriteBehind
+
+log = logging.getLogger("postoffice.maildir")
 
 SUBDIRS = ("tmp", "new", "cur")
 # Below this a message stays in memory until its commit; above, it is streamed
@@ -114,13 +124,17 @@ class _Namer:
         host = hostname or socket.gethostname() or "localhost"
         self.host = host.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
         self.counter = itertools.count(1)
+        self.pid = os.getpid()  # a syscall each time otherwise (glibc caches no pid)
 
     def unique(self) -> str:
+        # The random part only keeps names apart across restarts with a reused
+        # pid; it is not a secret, so ``random`` (no syscall) serves.
         now = time.time()
         secs = int(now)
         usecs = int((now - secs) * 1_000_000)
         return (
-            f"{secs}.M{usecs}P{os.getpid()}Q{next(self.counter)}R{secrets.token_hex(4)}.{self.host}"
+            f"{secs}.M{usecs}P{self.pid}Q{next(self.counter)}"
+            f"R{random.getrandbits(32):08x}.{self.host}"
         )
 
 
@@ -151,18 +165,40 @@ class MaildirStore:
     everything queued so far).
     """
 
-    def __init__(self, mail_dir: Path, executor: Executor, hostname: str | None = None) -> None:
+    def __init__(
+        self,
+        mail_dir: Path,
+        executor: Executor,
+        hostname: str | None = None,
+        journal_dir: Path | None = None,
+        *,
+        journal_segment_size: int = SEGMENT_SIZE,
+        journal_segments: int = SEGMENTS,
+    ) -> None:
         self.mail_dir = mail_dir
         self._executor = executor
         self._namer = _Namer(hostname)
         self._known_dirs: set[Path] = set()
+        self._paths: dict[Address, Path] = {}  # mailbox_path() results, bounded
         self._fsync_pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="postoffice-fsync")
         self._queue: list[_Published] = []
         self._queue_lock = threading.Lock()
         self._publish_lock = threading.Lock()
+        # Small messages go through the journal (storage/write_behind.py) once
+        # ``recover`` has opened it; until then, and without one, all take the
+        # path above.
+        self._journal_dir = journal_dir
+        self._journal_shape = (journal_segment_size, journal_segments)
+        self._journal_lock = -1
+        self._behind: WriteBehind | None = None
 
     def path_for(self, mailbox: Address) -> Path:
-        return mailbox_path(self.mail_dir, mailbox)
+        path = self._paths.get(mailbox)
+        if path is None:
+            if len(self._paths) >= 10_000:
+                self._paths.clear()
+            path = self._paths[mailbox] = mailbox_path(self.mail_dir, mailbox)
+        return path
 
     def writer(self, mailboxes: Sequence[Address]) -> DeliveryWriter:
         """A writer for one message to ``mailboxes`` (at least one, all local)."""
@@ -171,11 +207,65 @@ class MaildirStore:
             raise ValueError("a delivery needs at least one mailbox")
         return DeliveryWriter(self, paths)
 
+    def recover(self) -> int:
+        """Blocking, before serving: open the journal (if this store has one)
+        and restore, durably, every acknowledged message it still holds; the
+        number restored.  Another process holding the journal (a second server
+        on this data directory) means this one delivers without it."""
+        if self._journal_dir is None or self._behind is not None:
+            return 0
+        self._journal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self._journal_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            log.warning("journal %s is in use by another process: not used", self._journal_dir)
+            return 0
+        size, count = self._journal_shape
+        behind = WriteBehind(
+            self.mail_dir,
+            Journal(self._journal_dir, size, count),
+            self._fsync_pool,
+            self._namer.unique,
+            self._ensure,
+            _delivery_error,
+        )
+        try:
+            restored = behind.recover()
+        except (OSError, JournalError) as exc:
+            # E.g. no room to restore: serve anyway, without the journal, and
+            # leave its records for the next start to restore.
+            log.error("journal %s cannot be used now: %s", self._journal_dir, exc)
+            behind.close()
+            os.close(fd)
+            return 0
+        except BaseException:
+            behind.close()
+            os.close(fd)
+            raise
+        self._journal_lock, self._behind = fd, behind
+        return restored
+
+    async def drain(self) -> None:
+        """Wait (bounded) until journaled messages are all in their Maildirs durably."""
+        if self._behind is not None:
+            await self._behind.drain()
+
     def close(self) -> None:
-        """Stop the fsync threads (after the last commit)."""
+        """Stop the threads and close the journal (after the last commit)."""
+        if self._behind is not None:
+            self._behind.close()
+            self._behind = None
+        if self._journal_lock >= 0:
+            os.close(self._journal_lock)
+            self._journal_lock = -1
         self._fsync_pool.shutdown(wait=True)
 
     async def _commit(self, writer: DeliveryWriter) -> list[Path]:
+        behind = self._behind
+        if behind is not None and writer.in_memory and behind.fits(writer):
+            return await behind.commit(writer)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._fsync_pool, self._commit_blocking, writer)
 
@@ -269,6 +359,15 @@ class DeliveryWriter:
         self.crlf_size = 0
         self._flushing: asyncio.Future[None] | None = None
         self._closed = False
+
+    @property
+    def in_memory(self) -> bool:
+        """Nothing was spilled to a tmp/ file yet (the message is small)."""
+        return self._fd is None and self._tmp_path is None
+
+    def buffered(self) -> bytes:
+        """The content held in memory."""
+        return bytes(self._buffer)
 
     async def write(self, data: bytes) -> None:
         self._buffer += data

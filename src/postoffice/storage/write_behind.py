@@ -1,0 +1,387 @@
+"""Small messages through the journal: durable after one flush, Maildir behind.
+
+Two lanes, each running one batch at a time in the store's threads:
+
+* **commit** -- every message that reached its end of data while the
+  previous batch ran: one record each appended to the journal and flushed
+  together (``Journal.append``: one ``fdatasync``).  Then each message's
+  Maildir file is written to ``tmp/`` and linked/renamed into ``new/``
+  *without* fsync, so it is visible the moment the client gets its 250, and
+  the commit returns.  Acknowledged = in the journal, durably.
+* **retire** -- the committed messages: their files are fsync'd (in
+  parallel; concurrent fsyncs share file-system commits) and their
+  directories too; then the checkpoint says they need the journal no more.
+  A segment of the journal is reused only after that.  When retiring lags
+  so far that no segment is free, commits wait (backpressure), never drop.
+
+After a crash (``recover``, before the server listens): every record past
+the checkpoint is written again, durably, over whatever a power cut left of
+its file: into ``new/`` under its recorded name, or over the same message in
+``cur/`` if a POP3 client had moved it there.  What it cannot tell apart: a
+message fetched and deleted in the few milliseconds between its 250 and its
+retirement comes back once (never lost, at worst delivered twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from postoffice.storage.journal import Journal, encode
+from postoffice.storage.safeio import fsync_dir, write_all
+
+if TYPE_CHECKING:
+    from postoffice.storage.maildir import DeliveryWriter
+
+log = logging.getLogger("postoffice.journal")
+
+RETRY_DELAY = 1.0  # seconds before a failed retirement is tried again
+RETIRE_THREADS = 8
+# Retiring waits this long for more messages to share its flushes (each
+# retirement costs a few disk flushes however many messages it covers), unless
+# this many are waiting or the journal is full.
+RETIRE_DELAY = 0.05
+RETIRE_BATCH = 512
+
+
+@dataclass
+class _Waiting:
+    writer: DeliveryWriter
+    future: asyncio.Future[list[Path]]
+
+
+@dataclass
+class _Committed:
+    seq: int
+    targets: tuple[str, ...]
+    data: bytes  # kept until retired: rewritten from here if a flush fails
+    delivered: bool  # False: the Maildir write failed, the client was told so
+
+
+# Per message: its files, the error to report, or None (no room in the journal
+# yet); and what the retire lane has to make durable.
+_BatchResult = tuple[list[list[Path] | Exception | None], list[_Committed]]
+
+
+class WriteBehind:
+    """The commit and retire lanes over one ``Journal``."""
+
+    def __init__(
+        self,
+        mail_dir: Path,
+        journal: Journal,
+        pool: Executor,
+        unique_name: Callable[[], str],
+        ensure: Callable[[Path], None],
+        error: Callable[[OSError], Exception],
+    ) -> None:
+        self.mail_dir = mail_dir
+        self.journal = journal
+        self._pool = pool
+        self._fsync_pool = ThreadPoolExecutor(
+            RETIRE_THREADS, thread_name_prefix="postoffice-retire"
+        )
+        self._unique = unique_name
+        self._ensure = ensure
+        self._error = error
+        self._waiting: list[_Waiting] = []
+        self._committing = False
+        self._full = False  # the journal had no room: commits wait for the retire lane
+        self._committed: list[_Committed] = []
+        self._retiring = False
+        self._retire_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, from the first commit
+        self._urgent = False  # retire without waiting (draining for a stop)
+
+    # --- start-up -------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Blocking, before serving: restore every message the journal holds
+        past its checkpoint, durably; then start the journal afresh."""
+        records = self.journal.open()
+        cur_index: dict[Path, dict[str, str]] = {}
+        dirs: set[Path] = set()
+        for record in records:
+            for target in record.targets:
+                dirs.add(self._restore(self.mail_dir / target, record.data, cur_index))
+        for d in dirs:
+            fsync_dir(d)
+        self.journal.reset()
+        if records:
+            log.warning("journal: restored %d acknowledged messages after a crash", len(records))
+        return len(records)
+
+    def close(self) -> None:
+        if self._retire_timer is not None:
+            self._retire_timer.cancel()
+            self._retire_timer = None
+        self._fsync_pool.shutdown(wait=True)
+        self.journal.close()
+
+    # --- the commit lane (event loop side) ------------------------------------------------
+    def fits(self, writer: DeliveryWriter) -> bool:
+        return self.journal.fits(writer.size + 1024)
+
+    async def commit(self, writer: DeliveryWriter) -> list[Path]:
+        if self._loop is None:
+            # Kept: asyncio.get_running_loop() costs a getpid() syscall in 3.11.
+            self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Path]] = self._loop.create_future()
+        self._waiting.append(_Waiting(writer, future))
+        self._kick_commit()
+        return await future
+
+    def _kick_commit(self) -> None:
+        if self._committing or self._full or not self._waiting:
+            return
+        batch, self._waiting = self._waiting, []
+        self._committing = True
+        assert self._loop is not None
+        work = self._loop.run_in_executor(self._pool, self._commit_batch, batch)
+        work.add_done_callback(partial(self._commit_done, batch))
+
+    def _commit_done(self, batch: list[_Waiting], work: asyncio.Future[_BatchResult]) -> None:
+        self._committing = False
+        exc = work.exception()
+        if exc is not None:
+            error = self._error(exc) if isinstance(exc, OSError) else exc
+            log.error("journal: commit failed: %s", exc)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        else:
+            results, committed = work.result()
+            unwritten = [item for item, r in zip(batch, results, strict=True) if r is None]
+            for item, result in zip(batch, results, strict=True):
+                if result is None or item.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+            if unwritten:  # no room: first in line again once the retire lane frees some
+                self._waiting[:0] = unwritten
+                self._full = True
+            self._committed.extend(committed)
+            self._kick_retire()  # at once when full, else after RETIRE_DELAY
+        self._kick_commit()
+
+    # --- the commit lane (thread side) ------------------------------------------------------
+    def _commit_batch(self, batch: list[_Waiting]) -> _BatchResult:
+        seq = self.journal.next_seq
+        plans: list[tuple[int, tuple[str, ...], bytes]] = []
+        records = []
+        for i, item in enumerate(batch):
+            writer = item.writer
+            data = writer.buffered()
+            suffix = f",S={writer.size},W={writer.crlf_size}"
+            targets = tuple(
+                f"{mailbox.parent.name}/{mailbox.name}/new/{self._unique()}{suffix}"
+                for mailbox in writer.mailboxes
+            )
+            plans.append((seq + i, targets, data))
+            records.append(encode(seq + i, targets, data))
+        written = self.journal.append(records)  # the durable point: one fdatasync
+        results: list[list[Path] | Exception | None] = []
+        committed: list[_Committed] = []
+        for i, (number, targets, data) in enumerate(plans):
+            if i >= written:
+                results.append(None)
+                continue
+            try:
+                results.append(self._write_files(targets, data))
+                committed.append(_Committed(number, targets, data, True))
+            except OSError as exc:
+                # Durable in the journal but not in the Maildir: the client is
+                # told to try again, so the record is retired without files.
+                log.error("journal: Maildir write failed after the journal commit: %s", exc)
+                results.append(self._error(exc))
+                committed.append(_Committed(number, targets, data, False))
+        return results, committed
+
+    def _write_files(self, targets: Sequence[str], data: bytes) -> list[Path]:
+        """tmp/ then new/ (links for further mailboxes), no fsync: the journal
+        holds the message until the retire lane has flushed these."""
+        paths = [self.mail_dir / t for t in targets]
+        for path in paths:
+            self._ensure(path.parent.parent)
+        first = paths[0]
+        tmp = first.parent.parent / "tmp" / first.name.split(",", 1)[0]
+        _write_new(tmp, data)
+        done: list[Path] = []
+        try:
+            for path in paths[1:]:
+                try:
+                    os.link(tmp, path)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP):
+                        raise
+                    other_tmp = path.parent.parent / "tmp" / path.name.split(",", 1)[0]
+                    _write_new(other_tmp, data)
+                    os.rename(other_tmp, path)
+                done.append(path)
+            os.rename(tmp, first)
+        except BaseException:
+            for path in done:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return paths
+
+    # --- the retire lane ----------------------------------------------------------------
+    def _kick_retire(self) -> None:
+        if self._retiring or not self._committed:
+            return
+        if not (self._full or self._urgent or len(self._committed) >= RETIRE_BATCH):
+            if self._retire_timer is None:
+                assert self._loop is not None
+                self._retire_timer = self._loop.call_later(RETIRE_DELAY, self._retire_due)
+            return
+        self._start_retire()
+
+    def _retire_due(self) -> None:
+        self._retire_timer = None
+        if not self._retiring and self._committed:
+            self._start_retire()
+
+    def _start_retire(self) -> None:
+        if self._retire_timer is not None:
+            self._retire_timer.cancel()
+            self._retire_timer = None
+        batch, self._committed = self._committed, []
+        self._retiring = True
+        assert self._loop is not None
+        work = self._loop.run_in_executor(self._pool, self._retire_batch, batch)
+        work.add_done_callback(partial(self._retire_done, batch))
+
+    def _retire_done(self, batch: list[_Committed], work: asyncio.Future[None]) -> None:
+        self._retiring = False
+        exc = work.exception()
+        if exc is not None:
+            log.error("journal: cannot make %d messages durable yet: %s", len(batch), exc)
+            self._committed[:0] = batch
+            if self._retire_timer is None:
+                assert self._loop is not None
+                self._retire_timer = self._loop.call_later(RETRY_DELAY, self._retire_due)
+            return
+        if self._full:
+            self._full = False
+            self._kick_commit()
+        self._kick_retire()
+
+    def _retire_batch(self, batch: list[_Committed]) -> None:
+        """Flush the batch's files and directories, then move the checkpoint past it."""
+        live = [c for c in batch if c.delivered]
+        paths = [self.mail_dir / t for c in live for t in c.targets]
+        flushed = list(self._fsync_pool.map(_fsync_file, paths))
+        failed = False
+        for d in {p for p in flushed if p is not None}:
+            try:
+                fsync_dir(d)
+            except OSError:
+                failed = True
+        if failed or None in flushed:
+            # A flush failed (the kernel may have dropped those pages) or a file
+            # is not where we left it: write the whole batch again from memory.
+            cur_index: dict[Path, dict[str, str]] = {}
+            dirs = {
+                self._restore(self.mail_dir / t, c.data, cur_index, moved_only=True)
+                for c in live
+                for t in c.targets
+            }
+            for d in dirs:
+                fsync_dir(d)
+        self.journal.write_checkpoint(max(c.seq for c in batch) + 1)
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) until both lanes are idle: a clean stop leaves nothing to replay."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._urgent = True
+        try:
+            while (self._committing or self._retiring or self._waiting or self._committed) and (
+                loop.time() < deadline
+            ):
+                self._kick_retire()
+                await asyncio.sleep(0.01)
+        finally:
+            self._urgent = False
+
+    # --- restoring a message durably ----------------------------------------------------------
+    def _restore(
+        self,
+        path: Path,
+        data: bytes,
+        cur_index: dict[Path, dict[str, str]],
+        moved_only: bool = False,
+    ) -> Path:
+        """Write ``data`` durably as ``path`` (new/<name>) or, if a POP3 client
+        moved that message to cur/ (flags after ":2,"), over that file.
+        ``moved_only``: a message that is in neither place was deleted by its
+        reader while we ran, and stays deleted.  Returns the directory to fsync."""
+        mailbox = path.parent.parent
+        self._ensure(mailbox)
+        target = path
+        if not path.exists():
+            index = cur_index.get(mailbox)
+            if index is None:
+                index = cur_index[mailbox] = _cur_stems(mailbox / "cur")
+            name = index.get(path.name)
+            if name is not None:
+                target = mailbox / "cur" / name
+            elif moved_only:
+                return path.parent
+        tmp = mailbox / "tmp" / f"restore.{secrets.token_hex(8)}.{path.name.split(',', 1)[0]}"
+        _write_new(tmp, data, sync=True)
+        os.rename(tmp, target)
+        return target.parent
+
+
+def _write_new(path: Path, data: bytes, sync: bool = False) -> None:
+    """Create ``path`` with ``data``; on failure (a full disk) leave nothing behind."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, data)
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def _fsync_file(path: Path) -> Path | None:
+    """fsync ``path``; its directory, or None if it failed or is gone (moved)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        os.fsync(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return path.parent
+
+
+def _cur_stems(cur: Path) -> dict[str, str]:
+    """cur/ file names by the name they had in new/ (before ":2,flags")."""
+    try:
+        with os.scandir(cur) as it:
+            return {entry.name.partition(":2,")[0]: entry.name for entry in it}
+    except FileNotFoundError:
+        return {}

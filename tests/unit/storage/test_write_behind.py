@@ -1,0 +1,184 @@
+"""Journaled delivery through MaildirStore on real files: visible at once,
+retired durably, restored after a crash, backpressure when retiring lags."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from postoffice.mail.address import Address
+from postoffice.storage.journal import pending_records
+from postoffice.storage.maildir import SPILL_THRESHOLD, MaildirStore
+
+ALICE = Address("alice", "example.test")
+BOB = Address("bob", "example.test")
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(4)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+def store(tmp_path: Path, executor: ThreadPoolExecutor, **shape: int) -> MaildirStore:
+    s = MaildirStore(tmp_path / "mail", executor, "host", tmp_path / "journal", **shape)
+    s.recover()
+    return s
+
+
+def message(i: int, size: int = 3000) -> bytes:
+    return (b"Subject: %d\n\n" % i).ljust(size, b"m") + b"\n"
+
+
+async def deliver(s: MaildirStore, data: bytes, *to: Address) -> list[Path]:
+    writer = s.writer(list(to or [ALICE]))
+    await writer.write(data)
+    return await writer.commit()
+
+
+def stored(mail: Path, who: str = "alice") -> dict[bytes, int]:
+    """Message contents in new/ and cur/, with how often each is there."""
+    found: dict[bytes, int] = {}
+    for sub in ("new", "cur"):
+        for path in (mail / "example.test" / who / sub).iterdir():
+            data = path.read_bytes()
+            found[data] = found.get(data, 0) + 1
+    return found
+
+
+def pause_retiring(s: MaildirStore) -> None:
+    """Stand-in for a crash before the retire lane ran: it never starts."""
+    assert s._behind is not None
+    s._behind._retiring = True
+
+
+def test_visible_at_once_and_retired_durably(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    s = store(tmp_path, executor)
+
+    async def run() -> list[list[Path]]:
+        paths = await asyncio.gather(*(deliver(s, message(i)) for i in range(40)))
+        for i, files in enumerate(paths):  # there the moment commit returns
+            assert files[0].read_bytes() == message(i)
+            assert files[0].name.endswith(f",S={len(message(i))},W={len(message(i)) + 3}")
+        await s.drain()
+        return paths
+
+    asyncio.run(run())
+    s.close()
+    assert pending_records(tmp_path / "journal") == []  # all retired
+    assert stored(tmp_path / "mail") == {message(i): 1 for i in range(40)}
+    assert list((tmp_path / "mail" / "example.test" / "alice" / "tmp").iterdir()) == []
+
+
+def test_several_mailboxes_share_one_record(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    s = store(tmp_path, executor)
+    files = asyncio.run(deliver(s, message(1), ALICE, BOB))
+    assert [p.parent.parent.name for p in files] == ["alice", "bob"]
+    assert os.path.samefile(files[0], files[1])  # one file, hard-linked
+    s.close()
+
+
+def test_a_crash_before_retiring_restores_every_message(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    s = store(tmp_path, executor)
+    pause_retiring(s)
+
+    async def run() -> list[list[Path]]:
+        return [await deliver(s, message(i)) for i in range(12)]
+
+    paths = [files[0] for files in asyncio.run(run())]
+    s.close()  # the "crash": retirement never happened
+    assert len(pending_records(tmp_path / "journal")) == 12
+    # What a power cut can leave of files that were never flushed.
+    paths[0].write_bytes(b"")  # no data
+    paths[1].write_bytes(message(1)[:100])  # part of it
+    paths[2].unlink()  # the rename was lost
+    cur = paths[3].parent.parent / "cur" / (paths[3].name + ":2,S")
+    os.rename(paths[3], cur)  # a POP3 client had marked it seen...
+    cur.write_bytes(b"")  # ...before its data reached the disk
+    again = store(tmp_path, executor)
+    again.close()
+    assert stored(tmp_path / "mail") == {message(i): 1 for i in range(12)}
+    assert cur.read_bytes() == message(3)  # restored in place, flags kept
+    assert pending_records(tmp_path / "journal") == []
+    assert list((tmp_path / "mail" / "example.test" / "alice" / "tmp").iterdir()) == []
+
+
+def test_commits_wait_for_room_and_none_is_lost(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    s = store(tmp_path, executor, journal_segment_size=64 * 1024, journal_segments=2)
+    pause_retiring(s)
+
+    async def run() -> None:
+        tasks = [asyncio.ensure_future(deliver(s, message(i, 10_000))) for i in range(30)]
+        await asyncio.sleep(0.5)
+        done = sum(t.done() for t in tasks)
+        assert 6 <= done < 30  # the journal holds about 12; the rest wait
+        assert s._behind is not None
+        s._behind._retiring = False
+        s._behind._kick_retire()  # retiring resumes: room again
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        await s.drain()
+
+    asyncio.run(run())
+    s.close()
+    assert stored(tmp_path / "mail") == {message(i, 10_000): 1 for i in range(30)}
+    assert pending_records(tmp_path / "journal", 2) == []
+
+
+def test_large_messages_and_a_busy_journal_take_the_direct_path(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    s = store(tmp_path, executor)
+    other = MaildirStore(tmp_path / "mail", executor, "host", tmp_path / "journal")
+    assert other.recover() == 0  # the journal is taken: this one delivers without it
+    big = message(7, SPILL_THRESHOLD + 10)
+
+    async def run() -> None:
+        await deliver(s, big)  # spilled to tmp/ while arriving: not journaled
+        await deliver(other, message(8))
+        await s.drain()
+
+    asyncio.run(run())
+    assert pending_records(tmp_path / "journal") == []
+    other.close()
+    s.close()
+    assert stored(tmp_path / "mail") == {big: 1, message(8): 1}
+
+
+def test_a_restore_that_fails_keeps_the_journal_for_the_next_start(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    s = store(tmp_path, executor, journal_segment_size=64 * 1024, journal_segments=2)
+    pause_retiring(s)
+
+    async def run(target: MaildirStore, *who: Address) -> None:
+        for i in range(3):
+            await deliver(target, message(i), *who)
+
+    asyncio.run(run(s))
+    s.close()
+    tmp = tmp_path / "mail" / "example.test" / "alice" / "tmp"
+    tmp.rmdir()
+    tmp.write_bytes(b"")  # tmp/ is not a directory: nothing can be restored
+    broken = MaildirStore(tmp_path / "mail", executor, "host", tmp_path / "journal")
+    assert broken.recover() == 0  # serves without the journal...
+    asyncio.run(run(broken, BOB))  # ...and still delivers, the direct way
+    broken.close()
+    assert len(pending_records(tmp_path / "journal", 2)) == 3  # nothing forgotten
+    tmp.unlink()
+    tmp.mkdir()
+    # A later start (here even with larger segments) restores them.
+    again = store(tmp_path, executor, journal_segment_size=128 * 1024, journal_segments=2)
+    again.close()
+    assert pending_records(tmp_path / "journal", 2) == []
+    assert stored(tmp_path / "mail") == {message(i): 1 for i in range(3)}
+    assert stored(tmp_path / "mail", "bob") == {message(i): 1 for i in range(3)}
