@@ -8,6 +8,7 @@ then lets everything through untouched.  Content is in LF form here.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
 import secrets
@@ -25,6 +26,21 @@ def _clean(text: str, limit: int = 255) -> str:
     return _UNSAFE.sub("?", text)[:limit]
 
 
+_date_memo: list[tuple[int, str]] = [(-1, "")]  # (second, its RFC 5322 form)
+
+
+def rfc5322_now() -> str:
+    """The local time as an RFC 5322 date-time; made once per second, since
+    ``email.utils`` takes a visible share of a message's CPU time."""
+    now = int(time.time())
+    second, text = _date_memo[0]
+    if second != now:
+        moment = datetime.datetime.fromtimestamp(now, datetime.UTC)
+        text = email.utils.format_datetime(email.utils.localtime(moment))
+        _date_memo[0] = (now, text)
+    return text
+
+
 def trace_headers(
     *,
     helo: str,
@@ -40,7 +56,7 @@ def trace_headers(
     lines.append(f"\tby {hostname} (postoffice) with {protocol} id {queue_id}")
     if tls:
         lines.append(f"\t(using {_clean(tls)})")
-    when = email.utils.format_datetime(email.utils.localtime())
+    when = rfc5322_now()
     lines.append(f"\tfor <{recipient}>; {when}" if recipient else f"\t; {when}")
     return ("\n".join(lines) + "\n").encode("utf-8")
 
@@ -106,7 +122,7 @@ class HeaderGate:
         names = _header_names(self.header_block)
         added = []
         if "date" not in names:
-            added.append(f"Date: {email.utils.format_datetime(email.utils.localtime())}\n")
+            added.append(f"Date: {rfc5322_now()}\n")
         if "message-id" not in names:
             stamp = f"{time.time_ns():x}.{secrets.token_hex(8)}"
             added.append(f"Message-ID: <{stamp}@{self._hostname}>\n")

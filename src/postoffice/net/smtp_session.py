@@ -13,7 +13,7 @@ import asyncio
 import enum
 import errno
 import logging
-import secrets
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +46,12 @@ from postoffice.services import Services
 from postoffice.storage.maildir import DeliveryError, DeliveryWriter
 
 log = logging.getLogger("postoffice.smtp")
+
+# The replies of every transaction, made once.
+_OK = Reply(250, "Ok", "2.0.0")
+_OK_SENDER = Reply(250, "Ok", "2.1.0")
+_OK_RECIPIENT = Reply(250, "Ok", "2.1.5")
+_GO_AHEAD = Reply(354, "End data with <CR><LF>.<CR><LF>")
 
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # RFC 5321 §6.3: a message that has passed this many relays is looping.
@@ -103,6 +109,7 @@ class SmtpSession:
         self._auth_state: list[str] = []  # SASL LOGIN steps collected so far
         self._auth_mech = ""
         self._start_tls = False
+        self._checks_apply: bool | None = None  # inbound checks for this client (once)
 
     # --- the loop --------------------------------------------------------------
     async def run(self) -> None:
@@ -200,9 +207,9 @@ class SmtpSession:
             case Reset():
                 await self._abandon()
                 self.envelope = Envelope()
-                return Reply(250, "Ok", "2.0.0")
+                return _OK
             case Noop():
-                return Reply(250, "Ok", "2.0.0")
+                return _OK
             case Quit():
                 return Reply(221, f"{self.s.settings.hostname} Bye", "2.0.0")
             case Verify():
@@ -255,7 +262,7 @@ class SmtpSession:
             if not sender_allowed(self.s.accounts, self.user, event.sender):
                 return Reply(553, f"Sender address not owned by user {self.user}", "5.7.1")
         self.envelope = Envelope(sender=event.sender, smtputf8=event.smtputf8)
-        return Reply(250, "Ok", "2.1.0")
+        return _OK_SENDER
 
     def _rcpt(self, event: RcptTo) -> Reply:
         reply = self._judge_rcpt(event)
@@ -298,7 +305,7 @@ class SmtpSession:
                 for r in remote:
                     env.remote[r] = None
                 env.recipients.append(rcpt)
-        return Reply(250, "Ok", "2.1.5")
+        return _OK_RECIPIENT
 
     async def _data_start(self) -> Reply:
         env = self.envelope
@@ -333,15 +340,17 @@ class SmtpSession:
             ),
             started=time.monotonic(),
         )
-        return Reply(354, "End data with <CR><LF>.<CR><LF>")
+        return _GO_AHEAD
 
     def _inbound_checks_apply(self) -> bool:
-        checks = self.s.inbound_checks
-        return (
-            checks is not None
-            and self.mode is SmtpMode.RELAY_IN
-            and bool(checks.applies(self.client_ip))
-        )
+        if self._checks_apply is None:  # the client address is the session's: judge once
+            checks = self.s.inbound_checks
+            self._checks_apply = (
+                checks is not None
+                and self.mode is SmtpMode.RELAY_IN
+                and bool(checks.applies(self.client_ip))
+            )
+        return self._checks_apply
 
     def _protocol_name(self) -> str:
         # RFC 3848 "with" keywords.
@@ -591,5 +600,6 @@ def _is_loopback(ip: str) -> bool:
 
 
 def _new_queue_id() -> str:
-    """Short, unique, roughly time-ordered ids for logs and Received headers."""
-    return f"{time.time_ns() // 1000:x}{secrets.token_hex(3)}"
+    """Short, unique, roughly time-ordered ids for logs and Received headers.
+    Not secret: ``random`` (seeded from os.urandom) avoids a syscall per id."""
+    return f"{time.time_ns() // 1000:x}{random.getrandbits(24):06x}"

@@ -9,6 +9,7 @@ message that quotes an address).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -60,6 +61,9 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """The reply as written on the wire, CRLF-terminated, multi-line if needed."""
+        return _wire(self)
+
+    def _encode(self) -> bytes:
         lines = self.lines
         last = len(lines) - 1
         out: list[str] = []
@@ -75,3 +79,9 @@ class Reply:
 
     def __str__(self) -> str:
         return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n")
+
+
+@functools.lru_cache(maxsize=512)
+def _wire(reply: Reply) -> bytes:
+    # The same few replies answer every transaction: encode each once.
+    return reply._encode()
