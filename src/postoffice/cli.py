@@ -19,6 +19,7 @@ import getpass
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from typing import Any
 
 from postoffice import __version__
@@ -107,8 +108,7 @@ def _user_add(args: argparse.Namespace, settings: Settings) -> int:
     from postoffice.storage.maildir import ensure_maildir, mailbox_path
 
     address = parse_mailbox(args.address)
-    store = _store(settings)
-    try:
+    with closing(_store(settings)) as store:
         # Refuse before asking for a password; add_user checks again atomically.
         if not store.is_local_domain(address.domain):
             raise AccountError(
@@ -120,8 +120,6 @@ def _user_add(args: argparse.Namespace, settings: Settings) -> int:
         if str(address) in store.list_aliases():
             raise AccountError(f"{address} is an alias; remove the alias first")
         store.add_user(address, _hash(_read_password(args, f"Password for {address}")))
-    finally:
-        store.close()
     maildir = mailbox_path(settings.mail_dir, address)
     try:
         ensure_maildir(maildir)
@@ -139,13 +137,10 @@ def _user_add(args: argparse.Namespace, settings: Settings) -> int:
 
 def _user_passwd(args: argparse.Namespace, settings: Settings) -> int:
     address = parse_mailbox(args.address)
-    store = _store(settings)
-    try:
+    with closing(_store(settings)) as store:
         if store.password_hash(address) is None:
             raise AccountError(f"no such user: {address}")
         store.set_password(address, _hash(_read_password(args, f"New password for {address}")))
-    finally:
-        store.close()
     print(f"changed the password of {address}")
     return 0
 
@@ -154,11 +149,8 @@ def _user_remove(args: argparse.Namespace, settings: Settings) -> int:
     from postoffice.storage.maildir import mailbox_path
 
     address = parse_mailbox(args.address)
-    store = _store(settings)
-    try:
+    with closing(_store(settings)) as store:
         store.remove_user(address)
-    finally:
-        store.close()
     maildir = mailbox_path(settings.mail_dir, address)
     print(f"removed user {address}; its Maildir {maildir} is kept (delete it yourself)")
     return 0
@@ -167,12 +159,9 @@ def _user_remove(args: argparse.Namespace, settings: Settings) -> int:
 def _user_list(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.accounts_db.exists():
         return 0  # nothing stored yet; a read must not create the data dir
-    store = _store(settings)
-    try:
+    with closing(_store(settings)) as store:
         for user in store.list_users():
             print(user)
-    finally:
-        store.close()
     return 0
 
 
@@ -225,21 +214,15 @@ def _add_user_parser(subparsers: Subparsers) -> None:
 
 # --- domain ---------------------------------------------------------------------------
 def _domain_add(args: argparse.Namespace, settings: Settings) -> int:
-    store = _store(settings)
-    try:
+    with closing(_store(settings)) as store:
         store.add_domain(args.name)
-    finally:
-        store.close()
     print(f"added domain {normalise_domain(args.name.strip())}")
     return 0
 
 
 def _domain_remove(args: argparse.Namespace, settings: Settings) -> int:
-    store = _store(settings)
-    try:
+    with closing(_store(settings)) as store:
         store.remove_domain(args.name)
-    finally:
-        store.close()
     print(f"removed domain {normalise_domain(args.name.strip())}")
     return 0
 
@@ -247,11 +230,8 @@ def _domain_remove(args: argparse.Namespace, settings: Settings) -> int:
 def _domain_list(args: argparse.Namespace, settings: Settings) -> int:
     stored: list[str] = []
     if settings.accounts_db.exists():
-        store = _store(settings)
-        try:
+        with closing(_store(settings)) as store:
             stored = store.list_domains()
-        finally:
-            store.close()
     for name in sorted(set(stored) | set(settings.domains)):
         print(f"{name}  (config file)" if name in settings.domains else name)
     return 0
@@ -286,8 +266,7 @@ def _add_domain_parser(subparsers: Subparsers) -> None:
 # --- alias ----------------------------------------------------------------------------
 def _alias_add(args: argparse.Namespace, settings: Settings) -> int:
     targets = [parse_address(t.strip(), utf8=True) for t in args.targets]
-    store = _store(settings)
-    try:
+    with closing(_store(settings)) as store:
         store.add_alias(args.alias, targets)
         # A local target that is nobody is dropped at delivery: say so now.
         for target in targets:
@@ -298,18 +277,13 @@ def _alias_add(args: argparse.Namespace, settings: Settings) -> int:
                     " mail for it will be dropped",
                     file=sys.stderr,
                 )
-    finally:
-        store.close()
     print(f"added alias {args.alias} -> {', '.join(str(t) for t in targets)}")
     return 0
 
 
 def _alias_remove(args: argparse.Namespace, settings: Settings) -> int:
-    store = _store(settings)
-    try:
+    with closing(_store(settings)) as store:
         store.remove_alias(args.alias)
-    finally:
-        store.close()
     print(f"removed alias {args.alias}")
     return 0
 
@@ -317,12 +291,9 @@ def _alias_remove(args: argparse.Namespace, settings: Settings) -> int:
 def _alias_list(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.accounts_db.exists():
         return 0
-    store = _store(settings)
-    try:
+    with closing(_store(settings)) as store:
         for alias, targets in store.list_aliases().items():
             print(f"{alias} -> {', '.join(str(t) for t in targets)}")
-    finally:
-        store.close()
     return 0
 
 
@@ -502,11 +473,8 @@ def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     else:
         stored: list[str] = []
         if settings.accounts_db.exists():
-            store = _store(settings)
-            try:
+            with closing(_store(settings)) as store:
                 stored = store.list_domains()
-            finally:
-                store.close()
         domains = sorted(set(settings.domains) | set(stored))
     return run_doctor(settings, domains)
 
