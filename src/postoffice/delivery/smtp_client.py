@@ -73,13 +73,13 @@ class ClientConnection(Connection):
 
     def quiet(self) -> bool:
         """Nothing received and unread, and no EOF."""
-        return not self._buffer and not self._eof
+        return not self.unread and not self._eof
 
     async def start_client_tls(
         self, context: ssl.SSLContext, server_hostname: str | None, timeout: float
     ) -> None:
         assert self.transport is not None
-        self._buffer.clear()  # plaintext sent before the upgrade is never read
+        self.discard_received()  # plaintext sent before the upgrade is never read
         async with asyncio.timeout(timeout):
             new = await self._loop.start_tls(
                 self.transport, self, context, server_side=False, server_hostname=server_hostname
@@ -87,7 +87,7 @@ class ClientConnection(Connection):
         if new is None:
             raise ConnectionClosed
         self.transport = new
-        self._buffer.clear()
+        self.discard_received()
         self.tls = True
 
 

@@ -35,7 +35,10 @@ class Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self._loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
+        # Received and not yet read: the chunks as the transport gave them
+        # (read() hands a single chunk on without copying it).
+        self._chunks: list[bytes] = []
+        self._buffered = 0
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -62,8 +65,9 @@ class Connection(asyncio.Protocol):
         self.tls = transport.get_extra_info("sslcontext") is not None
 
     def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) > READ_LIMIT and not self._read_paused and self.transport:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > READ_LIMIT and not self._read_paused and self.transport:
             self._read_paused = True
             self.transport.pause_reading()
         self._wake()
@@ -107,10 +111,12 @@ class Connection(asyncio.Protocol):
         ``interruptible``: the session is at a safe point (no transaction open),
         so a server shutdown raises ShuttingDown instead of waiting for input.
         """
-        if not self._buffer:
+        if not self._chunks:
             await self._wait_for_data(timeout, interruptible)
-        data = bytes(self._buffer)
-        self._buffer.clear()
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._buffered = 0
         if self._read_paused and self.transport:
             self._read_paused = False
             self.transport.resume_reading()
@@ -119,7 +125,7 @@ class Connection(asyncio.Protocol):
     async def _wait_for_data(self, timeout: float | None, interruptible: bool) -> None:
         loop = self._loop
         deadline = None if timeout is None else loop.time() + timeout
-        while not self._buffer:
+        while not self._chunks:
             if self._eof:
                 raise ConnectionClosed
             if interruptible and self._shutdown:
@@ -174,14 +180,24 @@ class Connection(asyncio.Protocol):
         """Upgrade to TLS as the server.  Plaintext received before this call is
         discarded, never processed as if it came over TLS."""
         assert self.transport is not None
-        self._buffer.clear()
+        self.discard_received()
         async with asyncio.timeout(timeout):
             new = await self._loop.start_tls(self.transport, self, context, server_side=True)
         if new is None:
             raise ConnectionClosed
         self.transport = new
-        self._buffer.clear()
+        self.discard_received()
         self.tls = True
+
+    def discard_received(self) -> None:
+        """Forget everything received and not yet read (before a TLS upgrade)."""
+        self._chunks = []
+        self._buffered = 0
+
+    @property
+    def unread(self) -> int:
+        """Octets received and not yet read."""
+        return self._buffered
 
     def tls_version(self) -> str | None:
         obj = self.transport.get_extra_info("ssl_object") if self.transport else None

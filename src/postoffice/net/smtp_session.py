@@ -175,7 +175,7 @@ class SmtpSession:
     async def _process_events(self) -> None:
         while (event := self.core.next_event()) is not None:
             if isinstance(event, DataChunk):
-                await self._data_chunk(event.data)
+                await self._data_chunk(event.data, event.newlines)
                 continue
             reply = await self._answer(event)
             self.out.append(self.core.send(reply))
@@ -361,7 +361,7 @@ class SmtpSession:
             name += "A"
         return name
 
-    async def _data_chunk(self, data: bytes) -> None:
+    async def _data_chunk(self, data: bytes, newlines: int = -1) -> None:
         tx = self.tx
         if tx is None or tx.failure is not None:
             return
@@ -376,29 +376,30 @@ class SmtpSession:
             tx.held_bytes += len(data)
         out = tx.gate.feed(data)
         if out:
-            await self._write_or_fail(tx, out)
+            # Passed through untouched: the decoder's LF count still holds.
+            await self._write_or_fail(tx, out, newlines if out is data else -1)
 
     def _release_held(self, tx: _Transaction) -> None:
         self.s.extras["held_bytes"] = self.s.extras.get("held_bytes", 0) - tx.held_bytes
         tx.held_bytes = 0
         tx.gate.hold_all = False
 
-    async def _write_or_fail(self, tx: _Transaction, data: bytes) -> None:
+    async def _write_or_fail(self, tx: _Transaction, data: bytes, newlines: int = -1) -> None:
         """Write, or remember why not: a full disk mid-DATA is answered (452)
         after the final dot like any other verdict (RFC 5321 §4.1.1.4), and
         the rest of the message is read and dropped."""
         try:
-            await self._write(tx, data)
+            await self._write(tx, data, newlines)
         except (DeliveryError, OSError) as exc:
             tx.failure = _storage_failure(exc)
             log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
 
-    async def _write(self, tx: _Transaction, data: bytes) -> None:
+    async def _write(self, tx: _Transaction, data: bytes, newlines: int = -1) -> None:
         if tx.local is not None:
             if not tx.local_prefix_done:
                 tx.local_prefix_done = True
                 await tx.local.write(self._local_prefix(tx))
-            await tx.local.write(data)
+            await tx.local.write(data, newlines)
         if tx.outbound is not None:
             await tx.outbound.write(data)  # type: ignore[attr-defined]
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from postoffice.mail.address import Address, AddressError, parse_path
 from postoffice.protocol.smtp_data import DataDecoder
@@ -106,9 +106,14 @@ class DataRequested:
 
 @dataclass(frozen=True, slots=True)
 class DataChunk:
-    """Message content, un-dot-stuffed, LF line endings.  Needs no answer."""
+    """Message content, un-dot-stuffed, LF line endings.  Needs no answer.
+
+    ``newlines`` is how many LF octets ``data`` holds (counted while decoding,
+    so a store need not count again), or -1 when not known.
+    """
 
     data: bytes
+    newlines: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,7 +483,7 @@ class SmtpServerCore:
                         decoder.oversize,
                     )
                 if content:
-                    return DataChunk(content)
+                    return DataChunk(content, decoder.newlines)
         event, self._data_complete = self._data_complete, None
         self._decoder = None
         return event

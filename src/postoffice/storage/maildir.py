@@ -47,7 +47,7 @@ from pathlib import Path
 
 from postoffice.mail.address import Address, AddressError, mailbox_local_part, normalise_domain
 from postoffice.storage.journal import SEGMENT_SIZE, SEGMENTS, Journal, JournalError
-from postoffice.storage.safeio import fsync_dir, write_all
+from postoffice.storage.safeio import fsync_dir, writev_all
 from postoffice.storage.write_behind import WriteBehind
 
 log = logging.getLogger("postoffice.maildir")
@@ -352,35 +352,48 @@ class DeliveryWriter:
     def __init__(self, store: MaildirStore, mailboxes: tuple[Path, ...]) -> None:
         self._store = store
         self.mailboxes = mailboxes
-        self._buffer = bytearray()
+        # Content not yet on its way to tmp/, as it came (joined only once).
+        self._parts: list[bytes] = []
+        self._held = 0
         self._fd: int | None = None
         self._tmp_path: Path | None = None
         self.size = 0
         self.crlf_size = 0
+        # The spill being written: one at a time, in order, while DATA goes on.
         self._flushing: asyncio.Future[None] | None = None
         self._closed = False
 
     @property
     def in_memory(self) -> bool:
         """Nothing was spilled to a tmp/ file yet (the message is small)."""
-        return self._fd is None and self._tmp_path is None
+        return self._fd is None and self._tmp_path is None and self._flushing is None
 
     def buffered(self) -> bytes:
         """The content held in memory."""
-        return bytes(self._buffer)
+        return b"".join(self._parts)
 
-    async def write(self, data: bytes) -> None:
-        self._buffer += data
+    async def write(self, data: bytes, newlines: int = -1) -> None:
+        """Add LF-form content; ``newlines``: its LF count if the caller knows it."""
+        self._parts.append(data)
+        self._held += len(data)
         self.size += len(data)
-        self.crlf_size += len(data) + data.count(b"\n")
-        if len(self._buffer) >= SPILL_THRESHOLD:
+        self.crlf_size += len(data) + (newlines if newlines >= 0 else data.count(b"\n"))
+        if self._held >= SPILL_THRESHOLD:
             await self._spill()
 
     async def _spill(self) -> None:
-        chunk = bytes(self._buffer)
-        self._buffer.clear()
+        """Hand what is held to a thread for tmp/; the next spill (or the
+        commit) waits for this one, so writing overlaps receiving."""
+        parts, self._parts, self._held = self._parts, [], 0
+        await self._flushed()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._store._executor, self._write_blocking, chunk)
+        self._flushing = loop.run_in_executor(self._store._executor, self._write_parts, parts)
+
+    async def _flushed(self) -> None:
+        """Wait for the spill in flight; its error (a full disk) is raised here."""
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None:
+            await flushing
 
     def _open_blocking(self) -> int:
         if self._fd is None:
@@ -392,14 +405,14 @@ class DeliveryWriter:
             )
         return self._fd
 
-    def _write_blocking(self, chunk: bytes) -> None:
-        write_all(self._open_blocking(), chunk)
+    def _write_parts(self, parts: list[bytes]) -> None:
+        writev_all(self._open_blocking(), parts)
 
     def finish_blocking(self) -> Path:
-        """Write what is buffered, fsync and close; return the tmp/ path."""
-        if self._buffer:
-            self._write_blocking(bytes(self._buffer))
-            self._buffer.clear()
+        """Write what is held, fsync and close; return the tmp/ path."""
+        if self._parts:
+            self._write_parts(self._parts)
+            self._parts, self._held = [], 0
         fd = self._open_blocking()
         try:
             os.fsync(fd)
@@ -425,6 +438,7 @@ class DeliveryWriter:
             raise RuntimeError("writer already committed or discarded")
         self._closed = True
         try:
+            await self._flushed()
             return await self._store._commit(self)
         except OSError as exc:
             raise _delivery_error(exc) from exc
@@ -432,7 +446,9 @@ class DeliveryWriter:
     async def discard(self) -> None:
         """Abandon the message (rejected, or the client went away)."""
         self._closed = True
-        self._buffer.clear()
+        self._parts, self._held = [], 0
+        with contextlib.suppress(Exception):
+            await self._flushed()
         if self._fd is not None or self._tmp_path is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._store._executor, self.discard_blocking)

@@ -28,6 +28,17 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def writev_all(fd: int, parts: list[bytes]) -> None:
+    """Write ``parts`` in order, every byte, without joining them first."""
+    if len(parts) > 512:  # IOV_MAX is 1024 on Linux: stay well under it
+        write_all(fd, b"".join(parts))
+        return
+    written = os.writev(fd, parts)
+    total = sum(map(len, parts))
+    if written < total:  # a short write (rare): the rest in order
+        write_all(fd, b"".join(parts)[written:])
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``: readers see the old or the new file, never
     a mix, and after return the new one survives a crash."""

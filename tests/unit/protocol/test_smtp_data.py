@@ -375,3 +375,23 @@ def test_output_so_far_is_a_prefix_of_the_final_output(stream: bytes, cuts: list
 def test_random_bytes_never_raise(data: bytes, cuts: list[int]) -> None:
     got = decode(_split(data + END, cuts), 50, 20)
     assert got == reference_decode(data + END, 50, 20)
+
+
+@settings(max_examples=300)
+@given(
+    stream=streams,
+    cuts=st.lists(st.integers(0, 200), max_size=8),
+    max_size=st.sampled_from([0, 5, 40, 10_000]),
+)
+def test_newlines_counts_the_lfs_of_each_feed(
+    stream: bytes, cuts: list[int], max_size: int
+) -> None:
+    """Stores take the LF count (for Maildir W= sizes) from the decoder: it is
+    exact for every piece it returns, or -1 (only once output was cut short)."""
+    decoder = DataDecoder(max_size, 998)
+    for piece in _split(stream + END, cuts):
+        content, _rest = decoder.feed(piece)
+        if decoder.newlines >= 0:
+            assert decoder.newlines == content.count(b"\n")
+        else:
+            assert decoder.oversize
