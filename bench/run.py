@@ -555,26 +555,32 @@ def argon2_like_sha512_crypt() -> tuple[int, int, int]:
     return 1, best[1], 1
 
 
-def ensure_anchor(ctx_bench: Path, mode: str) -> tuple[bl.Anchor | None, bl.RelayAnchor | None]:
+RELAY_ANCHOR_ENV = {
+    "ANCHOR_ROOT": "/tmp/anchor-relay",
+    "ANCHOR_SMTP_PORT": "11025",
+    "ANCHOR_SUBMISSION_PORT": "11587",
+    "ANCHOR_POP3_PORT": "11110",
+    "ANCHOR_POP3S_PORT": "11995",
+    "ANCHOR_RELAYHOST": "[127.0.0.1]:12526",
+}
+
+
+def ensure_anchor(
+    bench: Path, mode: str, relay_wanted: bool, started: list[dict[str, str]]
+) -> tuple[bl.Anchor | None, bl.RelayAnchor | None]:
+    """The anchor stacks to measure against; ``started`` gets the environment
+    of each one this run had to start (it stops those again at the end)."""
     if mode == "no":
         return None, None
-    anchor = bl.Anchor(ctx_bench)
+    anchor = bl.Anchor(bench)
     if mode == "up" and not (anchor.smtp_up() and anchor.pop3_up()):
-        subprocess.run([str(ctx_bench / "anchor-stack.sh"), "up"], check=True, timeout=1800)
+        subprocess.run([str(bench / "anchor-stack.sh"), "up"], check=True, timeout=1800)
+        started.append({})
     relay = bl.RelayAnchor.discover(Path("/tmp/anchor-relay"))
-    if mode == "up" and (relay is None or relay.postfix_pid is None):
-        env = {
-            **os.environ,
-            "ANCHOR_ROOT": "/tmp/anchor-relay",
-            "ANCHOR_SMTP_PORT": "11025",
-            "ANCHOR_SUBMISSION_PORT": "11587",
-            "ANCHOR_POP3_PORT": "11110",
-            "ANCHOR_POP3S_PORT": "11995",
-            "ANCHOR_RELAYHOST": "[127.0.0.1]:12526",
-        }
-        subprocess.run(
-            [str(ctx_bench / "anchor-stack.sh"), "up"], check=True, timeout=1800, env=env
-        )
+    if mode == "up" and relay_wanted and (relay is None or relay.postfix_pid is None):
+        env = {**os.environ, **RELAY_ANCHOR_ENV}
+        subprocess.run([str(bench / "anchor-stack.sh"), "up"], check=True, timeout=1800, env=env)
+        started.append(RELAY_ANCHOR_ENV)
         relay = bl.RelayAnchor.discover(Path("/tmp/anchor-relay"))
     if not (anchor.smtp_up() or anchor.pop3_up()):
         print(
@@ -583,6 +589,17 @@ def ensure_anchor(ctx_bench: Path, mode: str) -> tuple[bl.Anchor | None, bl.Rela
         )
         anchor = None
     return anchor, relay
+
+
+def stop_anchors(bench: Path, started: list[dict[str, str]]) -> None:
+    for extra in started:
+        subprocess.run(
+            [str(bench / "anchor-stack.sh"), "down"],
+            env={**os.environ, **extra},
+            timeout=300,
+            check=False,
+            capture_output=True,
+        )
 
 
 def find_bench(explicit: Path | None) -> Path:
@@ -608,7 +625,8 @@ def main() -> int:
     if not set(groups) <= set(GROUPS) or not 1 <= args.runs <= 15:
         ap.error(f"--only takes {', '.join(GROUPS)}; --runs 1..15")
     bench = find_bench(args.bench_dir)
-    anchor, relay = ensure_anchor(bench, args.anchor)
+    anchors_started: list[dict[str, str]] = []
+    anchor, relay = ensure_anchor(bench, args.anchor, "relay" in groups, anchors_started)
     sink_port = relay.sink_port if relay is not None else bl.free_port()
     idle_conns.raise_fd_limit(16_000)  # the server inherits it
     po = bl.Postoffice(smarthost_port=sink_port)
@@ -634,6 +652,7 @@ def main() -> int:
         po.stop()
         if not args.keep:
             po.remove()
+        stop_anchors(bench, anchors_started)
     print(
         f"\n{len(ctx.rows)} workloads, {args.runs} runs each, alternating; "
         f"{time.monotonic() - started:.0f} s; load average {os.getloadavg()[0]:.1f} on "
