@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from postoffice.mail.address import Address
+from postoffice.storage import write_behind
 from postoffice.storage.journal import pending_records
 from postoffice.storage.maildir import SPILL_THRESHOLD, MaildirStore
 
@@ -58,7 +59,12 @@ def pause_retiring(s: MaildirStore) -> None:
     s._behind._retiring = True
 
 
-def test_visible_at_once_and_retired_durably(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync-each"])
+def test_visible_at_once_and_retired_durably(
+    tmp_path: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch, syncfs: bool
+) -> None:
+    # Both ways of retiring: one syncfs (Linux 5.8+), or an fsync per file.
+    monkeypatch.setattr(write_behind, "SYNCFS_RELIABLE", syncfs and write_behind.SYNCFS_RELIABLE)
     s = store(tmp_path, executor)
 
     async def run() -> list[list[Path]]:
