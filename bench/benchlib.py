@@ -309,7 +309,9 @@ class Postoffice:
             'domains = ["example.test"]\n\n'
             f"[listen]\n{listen}\nsubmissions = []\n\n"
             # Room for the idle-connection measurement (10,000 from one address).
-            "[limits]\nmax_connections = 12000\nmax_connections_per_ip = 12000\n\n"
+            "[limits]\nmax_connections = 12000\nmax_connections_per_ip = 12000\n"
+            # One smtp process per CPU (README: [limits] smtp_processes).
+            "smtp_processes = 0\n\n"
             # Plain POP3 from loopback measures POP3, not TLS (Dovecot does the same
             # for 127.0.0.1 -> 127.0.0.1, see the shared bench README).
             "[auth]\nallow_plaintext_loopback = true\n\n"

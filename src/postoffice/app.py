@@ -11,12 +11,16 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from postoffice.config.settings import ListenAddress, Settings
-from postoffice.delivery.outbound import build_outbound
+from postoffice.delivery.outbound import QueueHandoff, build_outbound
+from postoffice.delivery.queue import QueueStore
 from postoffice.delivery.resolver import DnsResolver
 from postoffice.net.listener import Listener
 from postoffice.net.tls import cert_and_key, server_context
@@ -27,12 +31,22 @@ from postoffice.policy.mailauth import InboundChecks
 from postoffice.services import Services
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
+from postoffice.workers import (
+    WorkerPool,
+    extra_journal_dirs,
+    journal_dir,
+    process_count,
+    share_accepts,
+)
 
 log = logging.getLogger("postoffice")
 
 
-def build_services(settings: Settings) -> Services:
-    """Open the stores and make the TLS context.  Blocking; call before the loop runs."""
+def build_services(settings: Settings, process: int = 0) -> Services:
+    """Open the stores and make the TLS context.  Blocking; call before the loop runs.
+
+    ``process``: 0 for the server, i > 0 for its i-th extra smtp process
+    (workers.py), which has its own journal and hands queued mail over."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.mail_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="postoffice-io")
@@ -49,13 +63,18 @@ def build_services(settings: Settings) -> Services:
             settings.mail_dir,
             executor,
             settings.hostname,
-            journal_dir=settings.data_dir / "journal",
+            journal_dir=journal_dir(settings.data_dir, process),
         ),
         authenticator=authenticator,
         tls=server_context(cert, key),
         executor=executor,
     )
-    services.outbound = build_outbound(services)
+    if process == 0:
+        services.outbound = build_outbound(services)
+    else:
+        store = QueueStore(settings.queue_dir, executor)
+        store.ensure_dirs()
+        services.outbound = QueueHandoff(store)
     # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail;
     # their DNS goes through [relay] dns_servers like the outbound queue's.
     resolver = DnsResolver(settings.relay.dns_servers)
@@ -77,6 +96,7 @@ class Server:
         handler: object,
         busy: bytes,
         implicit_tls: bool = False,
+        inherited: list[socket.socket] | None = None,
     ) -> None:
         if not addresses:
             return
@@ -90,10 +110,13 @@ class Server:
                 max_connections=limits.max_connections,
                 max_per_ip=limits.max_connections_per_ip,
                 tls=self.services.tls if implicit_tls else None,
+                inherited=inherited or [],
             )
         )
 
-    async def start(self) -> None:
+    async def start(self, *, smtp_sockets: list[socket.socket] | None = None) -> None:
+        """Bind and serve.  ``smtp_sockets``: be an extra smtp process, serving
+        only the smtp listener, from the server's inherited listening sockets."""
         from postoffice.net.pop3_session import Pop3Session
         from postoffice.net.smtp_session import SmtpMode, SmtpSession
 
@@ -102,8 +125,16 @@ class Server:
         smtp_busy = b"421 4.7.0 Too many connections, try again later\r\n"
         pop_busy = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
         self._listener(
-            "smtp", listen.smtp, lambda c: SmtpSession(s, c, SmtpMode.RELAY_IN).run(), smtp_busy
+            "smtp",
+            listen.smtp,
+            lambda c: SmtpSession(s, c, SmtpMode.RELAY_IN).run(),
+            smtp_busy,
+            inherited=smtp_sockets,
         )
+        if smtp_sockets is not None:
+            for listener in self.listeners:
+                await listener.start()
+            return
         self._listener(
             "submission",
             listen.submission,
@@ -138,13 +169,18 @@ class Server:
                 await task
 
 
-def _announce(server: Server) -> None:
+def _announce(server: Server, smtp_processes: int = 1) -> None:
     s = server.services.settings
     out = sys.stdout
     print(f"postoffice {s.hostname}: config {s.source}, data in {s.data_dir}", file=out)
     for listener in server.listeners:
         where = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in listener.bound)
-        print(f"  {listener.name:<12} {where}", file=out)
+        extra = (
+            f" ({smtp_processes} processes)"
+            if listener.name == "smtp" and smtp_processes > 1
+            else ""
+        )
+        print(f"  {listener.name:<12} {where}{extra}", file=out)
     domains = sorted(set(s.domains) | set(server.services.accounts.list_domains()))
     print(f"  local domains: {', '.join(domains) or '(none)'}", file=out)
     if not server.services.accounts.list_users():
@@ -160,41 +196,107 @@ async def _run(services: Services) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await loop.run_in_executor(services.executor, clean_stale_tmp, services.settings.mail_dir)
-    # Before listening: messages acknowledged before a crash are put back first.
+    settings = services.settings
+    await loop.run_in_executor(services.executor, clean_stale_tmp, settings.mail_dir)
+    # Before listening: messages acknowledged before a crash are put back first,
+    # the extra smtp processes' ones too.
     await loop.run_in_executor(services.executor, services.maildirs.recover)
+    await loop.run_in_executor(services.executor, _recover_extra_journals, services)
+    count = process_count(settings)
     try:
         await server.start()
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         await server.stop()
         return 1
-    _announce(server)
+    pool = None
+    if count > 1:
+        smtp = next(listener for listener in server.listeners if listener.name == "smtp")
+        pool = WorkerPool(settings, smtp.socket_fds(), count)
+        pool.start()
+        server.background.append(loop.create_task(pool.watch()))
+    _announce(server, count)
     await stop.wait()
     log.info(
         "shutting down: no new connections; sessions get %.0fs to finish",
-        services.settings.limits.shutdown_grace,
+        settings.limits.shutdown_grace,
     )
+    if pool is not None:
+        pool.terminate()  # the extra processes stop accepting too, and finish
     await server.stop()
+    if pool is not None:
+        await pool.wait(settings.limits.shutdown_grace)
     await services.maildirs.drain()  # journaled mail into its Maildirs: nothing to replay
     log.info("stopped")
     return 0
 
 
+def _recover_extra_journals(services: Services) -> None:
+    """Restore what extra smtp processes of an earlier run acknowledged."""
+    s = services.settings
+    for directory in extra_journal_dirs(s.data_dir):
+        store = MaildirStore(s.mail_dir, services.executor, s.hostname, journal_dir=directory)
+        try:
+            store.recover()
+        finally:
+            store.close()
+
+
+async def _run_smtp_worker(services: Services, index: int, fds: list[int]) -> int:
+    server = Server(services)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await loop.run_in_executor(services.executor, services.maildirs.recover)
+    sockets = [socket.socket(fileno=fd) for fd in fds]
+    try:
+        await server.start(smtp_sockets=sockets)
+    except OSError as exc:
+        log.error("smtp process cannot listen: %s", exc)
+        await server.stop()
+        return 1
+    log.info("smtp process %d accepting (pid %d)", index, os.getpid())
+    parent = os.getppid()
+    while not stop.is_set() and os.getppid() == parent:  # bounded by the server's life
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+    await server.stop()
+    await services.maildirs.drain()
+    return 0
+
+
 def serve(settings: Settings) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT; the exit status."""
+    _log_to_stderr()
+    if process_count(settings) > 1:
+        share_accepts()
+    services = build_services(settings)
+    return _run_loop(services, _run(services))
+
+
+def serve_smtp_worker(settings: Settings, index: int, fds: list[int]) -> int:
+    """One extra smtp process (workers.py) until SIGTERM or its server is gone."""
+    _log_to_stderr()
+    services = build_services(settings, process=index)
+    return _run_loop(services, _run_smtp_worker(services, index, fds))
+
+
+def _log_to_stderr() -> None:
     logging.basicConfig(
         level=os.environ.get("POSTOFFICE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    services = build_services(settings)
+
+
+def _run_loop(services: Services, main: Coroutine[Any, Any, int]) -> int:
     try:
         try:
             import uvloop  # optional: a faster event loop where installed
         except ImportError:
-            return asyncio.run(_run(services))
-        return uvloop.run(_run(services))
+            return asyncio.run(main)
+        return uvloop.run(main)
     finally:
         services.executor.shutdown(wait=True)
         services.maildirs.close()

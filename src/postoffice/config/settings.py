@@ -71,6 +71,9 @@ class LimitSettings:
     pop3_timeout: float = 600.0  # seconds idle (RFC 1939 §3: at least 10 minutes)
     max_errors: int = 20  # bad commands in one session before it is closed
     shutdown_grace: float = 10.0  # seconds sessions get to finish on SIGTERM
+    # Processes accepting on the smtp listener (SO_REUSEPORT: the kernel spreads
+    # connections over them); 0: one per CPU.  The caps above apply per process.
+    smtp_processes: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,6 +201,7 @@ class Outbound:
                     try:
                         if await self.store.run_blocking(self.store.take_flush_request_blocking):
                             self._flush()
+                        await self._adopt()
                     except OSError as exc:
                         log.error("queue: cannot check for flush requests: %s", exc)
                 now = self._clock()
@@ -218,6 +219,19 @@ class Outbound:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._remote.close()
+
+    async def _adopt(self) -> None:
+        """Messages another process of this server queued (QueueHandoff)."""
+        for queue_id in await self.store.run_blocking(self.store.take_adoption_requests_blocking):
+            if queue_id in self._entries or queue_id in self._active:
+                continue  # start-up recovery found it first
+            try:
+                entry = await self.store.run_blocking(self.store.load_blocking, queue_id)
+            except (QueueError, OSError) as exc:
+                log.error("queue %s: cannot load, left for the next start: %s", queue_id, exc)
+                continue
+            if entry is not None:
+                self._accepted(entry)
 
     async def _recover(self) -> list[QueueEntry]:
         """Load the queue from disk; if the disk refuses, say so and keep trying
@@ -471,6 +485,24 @@ class Outbound:
             "delayed" if delayed else "failed",
             dsn_id,
         )
+
+
+class QueueHandoff:
+    """The outbound side of an extra smtp process: it queues messages durably
+    like the server does, then hands each to the delivering server (which
+    picks it up at its next poll, within POLL_INTERVAL) instead of sending."""
+
+    def __init__(self, store: QueueStore) -> None:
+        self.store = store
+
+    def writer(self, sender: Address | None, recipients: Sequence[Address]) -> QueueWriter:
+        return self.store.writer(sender, recipients, on_commit=self._hand_off)
+
+    async def _hand_off(self, entry: QueueEntry) -> None:
+        try:
+            await self.store.run_blocking(self.store.request_adoption_blocking, entry.queue_id)
+        except OSError as exc:  # queued durably all the same: the next start sends it
+            log.error("queue %s: cannot hand over for delivery: %s", entry.queue_id, exc)
 
 
 def build_outbound(services: Services, *, timeouts: ClientTimeouts | None = None) -> Outbound:

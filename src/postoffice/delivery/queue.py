@@ -52,6 +52,7 @@ MAX_ENVELOPE_LINE = 1024 * 1024
 SPILL_THRESHOLD = 64 * 1024  # bytes kept in memory before the message streams to disk
 READ_CHUNK = 64 * 1024
 FLUSH_FILE = "flush"
+ADOPT_SUFFIX = ".adopt"  # <id>.adopt: queued by another process, deliver it
 QUEUE_ID = re.compile(r"[0-9a-z]{6,40}(?:-[a-z0-9]{1,8})?")
 
 
@@ -496,6 +497,22 @@ class QueueStore:
         path = self.dir / FLUSH_FILE
         path.write_bytes(b"")
         return path
+
+    def request_adoption_blocking(self, queue_id: str) -> None:
+        """From a process that queues but does not deliver (an extra smtp
+        process): ask the delivering server to take ``queue_id`` on."""
+        (self.dir / f"{queue_id}{ADOPT_SUFFIX}").touch()
+
+    def take_adoption_requests_blocking(self) -> list[str]:
+        """The queue ids other processes asked this server to deliver (once)."""
+        ids = []
+        for path in self.dir.glob(f"*{ADOPT_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                queue_id = path.name[: -len(ADOPT_SUFFIX)]
+                if QUEUE_ID.fullmatch(queue_id):
+                    ids.append(queue_id)
+        return ids
 
     def take_flush_request_blocking(self) -> bool:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -33,14 +34,28 @@ class Listener:
     max_connections: int
     max_per_ip: int
     tls: ssl.SSLContext | None = None  # implicit TLS (submissions, pop3s)
+    # Listening sockets inherited from the server process (an extra smtp
+    # process accepts from the same queue) instead of binding ``addresses``.
+    inherited: list[socket.socket] = field(default_factory=list)
     servers: list[asyncio.Server] = field(default_factory=list)
     tasks: dict[asyncio.Task[None], Connection] = field(default_factory=dict)
     per_ip: Counter[str] = field(default_factory=Counter)
     bound: list[tuple[str, int]] = field(default_factory=list)
 
+    def socket_fds(self) -> list[int]:
+        """The listening sockets' descriptors, for processes that share them."""
+        return [sock.fileno() for server in self.servers for sock in server.sockets]
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for addr in self.addresses:
+        handshake = 30 if self.tls else None
+        for sock in self.inherited:
+            self.servers.append(
+                await loop.create_server(
+                    self._make_connection, sock=sock, ssl=self.tls, ssl_handshake_timeout=handshake
+                )
+            )
+        for addr in () if self.inherited else self.addresses:
             server = await loop.create_server(
                 self._make_connection,
                 host=addr.host,
@@ -48,7 +63,7 @@ class Listener:
                 ssl=self.tls,
                 reuse_address=True,
                 backlog=1024,
-                ssl_handshake_timeout=30 if self.tls else None,
+                ssl_handshake_timeout=handshake,
             )
             self.servers.append(server)
             for sock in server.sockets:

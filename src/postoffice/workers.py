@@ -1,0 +1,161 @@
+"""Extra processes for the smtp listener (``[limits] smtp_processes``).
+
+One Python process runs one event loop on one core; large messages and many
+parallel senders need more.  The server starts ``N - 1`` more processes that
+inherit its smtp listening sockets and accept from the same queue, one
+connection at a time each (libuv's UV_TCP_SINGLE_ACCEPT), so the process
+with time to spare takes the next client: even four long sessions spread
+evenly, where SO_REUSEPORT's hash would often put three on one process.  Each extra process
+(``run_worker``) serves only that listener, with its own thread pools and its
+own delivery journal (``data_dir/journal-w<i>``); what it queues for remote
+recipients (alias forwards) it hands to the delivering server
+(``QueueHandoff``).  POP3, submission, the outbound queue and everything else
+stay in the first process.
+
+The extra processes die with the server: the kernel kills each when its
+parent goes (PR_SET_PDEATHSIG), so a ``kill -9`` of the server leaves none
+behind, and the restarted server restores their journals before it listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from postoffice.config.settings import Settings
+
+log = logging.getLogger("postoffice.workers")
+
+PR_SET_PDEATHSIG = 1
+_WORKER_MAIN = (
+    "import sys; from postoffice.workers import run_worker; sys.exit(run_worker(sys.argv[1:]))"
+)
+MAX_PROCESSES = 64
+RESTARTS_PER_MINUTE = 5
+
+
+def process_count(settings: Settings) -> int:
+    """How many processes accept on the smtp listener (1: just the server)."""
+    wanted = settings.limits.smtp_processes or (os.cpu_count() or 1)
+    return max(1, min(wanted, MAX_PROCESSES)) if settings.listen.smtp else 1
+
+
+def journal_dir(data_dir: Path, index: int) -> Path:
+    """The delivery journal of process ``index`` (0: the server itself)."""
+    return data_dir / ("journal" if index == 0 else f"journal-w{index}")
+
+
+def extra_journal_dirs(data_dir: Path) -> list[Path]:
+    """Journals of extra processes, past and present (recovered at start)."""
+    return sorted(p for p in data_dir.glob("journal-w*") if p.is_dir())
+
+
+def share_accepts() -> None:
+    """Accept one connection per wake-up (libuv reads this before its first
+    accept), so processes sharing a listening socket take turns."""
+    os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
+
+
+def die_with_parent(parent: int) -> None:
+    """Be killed when ``parent`` exits, however it exits (Linux; elsewhere the
+    worker notices its parent is gone at the next check)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it went before the signal was armed
+        os._exit(1)
+
+
+class WorkerPool:
+    """The extra smtp processes of one server: start, watch, stop (by PID)."""
+
+    def __init__(self, settings: Settings, fds: list[int], count: int) -> None:
+        self._settings = settings
+        self._fds = fds
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._count = count
+        self._restarts: list[float] = []
+        self._stopping = False
+
+    def start(self) -> None:
+        for index in range(1, self._count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        args = [
+            sys.executable,
+            "-c",
+            _WORKER_MAIN,
+            self._settings.source,
+            str(index),
+            json.dumps(self._fds),
+            str(os.getpid()),
+        ]
+        self._procs[index] = subprocess.Popen(args, close_fds=True, pass_fds=self._fds)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs.values() if p.poll() is None]
+
+    async def watch(self) -> None:
+        """Restart a process that died on its own (its journal is restored by
+        its successor); give up on one that keeps dying."""
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            for index, proc in list(self._procs.items()):
+                if self._stopping or proc.poll() is None:
+                    continue
+                now = time.monotonic()
+                self._restarts = [t for t in self._restarts if now - t < 60]
+                if len(self._restarts) >= RESTARTS_PER_MINUTE:
+                    log.error("smtp process %d exited (%s); not restarted", index, proc.returncode)
+                    del self._procs[index]
+                    continue
+                log.error("smtp process %d exited (%s); restarting", index, proc.returncode)
+                self._restarts.append(now)
+                self._spawn(index)
+
+    def terminate(self) -> None:
+        """SIGTERM each: they stop accepting and finish their sessions, as the
+        server does (it calls this when it stops accepting itself)."""
+        self._stopping = True
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+
+    async def wait(self, grace: float) -> None:
+        """Wait for them; SIGKILL what is left after ``grace`` + 5 seconds."""
+        deadline = time.monotonic() + grace + 5
+        while any(p.poll() is None for p in self._procs.values()):
+            if time.monotonic() > deadline:
+                for proc in self._procs.values():
+                    if proc.poll() is None:
+                        proc.kill()
+                break
+            await asyncio.sleep(0.05)
+        for proc in self._procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+
+def run_worker(argv: list[str]) -> int:
+    """Entry point of an extra smtp process: ``SOURCE INDEX FDS PARENT``."""
+    source, index_text, fds_json, parent_text = argv
+    die_with_parent(int(parent_text))
+    share_accepts()
+    from postoffice import app
+    from postoffice.config.settings import load_settings
+
+    settings = Settings() if source.startswith("<") else load_settings(Path(source))
+    fds = [int(fd) for fd in json.loads(fds_json)]
+    return app.serve_smtp_worker(settings, int(index_text), fds)

@@ -1,0 +1,193 @@
+"""``[limits] smtp_processes``: extra processes accepting on the smtp listener.
+
+The real server with two smtp processes: connections are shared between
+them, both deliver (Maildir names carry the delivering pid), an alias
+forward accepted by either process is sent by the one outbound queue, and a
+``kill -9`` of the server takes the extra process with it while the restart
+restores what either acknowledged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from postoffice.storage.journal import pending_records
+from tests.support.server import PostofficeServer
+from tests.unit.delivery.peers import SmtpSink, free_port, wait_for
+
+ALICE = "alice@example.test"
+BODY = (b"p" * 70 + b"\r\n") * 30
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def two_process_server(tmp_path: Path, **sections: dict[str, object]) -> PostofficeServer:
+    limits = {"smtp_processes": 2}
+    srv = PostofficeServer(tmp_path, sections={"limits": limits, **sections})
+    srv.add_user(ALICE, "alice-password-1")
+    srv.start()
+    assert wait_for(lambda: "smtp process 1 accepting" in srv.log(), 20), srv.log()
+    return srv
+
+
+def send_many(
+    srv: PostofficeServer, clients: int, each: int, rcpts: list[str], prefix: str = ""
+) -> list[str]:
+    """``clients`` parallel connections, opened together and kept for ``each``
+    messages each; the tags acknowledged."""
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    ready = threading.Barrier(clients, timeout=30)
+
+    def client(n: int) -> None:
+        try:
+            ready.wait()  # all connect at once: the processes take turns accepting
+            with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=20) as s:
+                for i in range(each):
+                    tag = f"{prefix}c{n}-m{i}"
+                    msg = f"Subject: {tag}\r\nX-Tag: {tag}\r\n\r\n".encode() + BODY
+                    s.sendmail("load@remote.test", rcpts, msg)
+                    with lock:
+                        acknowledged.append(tag)
+        except (OSError, smtplib.SMTPException, threading.BrokenBarrierError):
+            return
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return acknowledged
+
+
+def until_both_deliver(
+    srv: PostofficeServer, clients: int, each: int, rcpts: list[str]
+) -> list[str]:
+    """Loads of ``clients`` connections until both processes took some (which
+    process accepts a connection is the kernel's race to win; a handful of
+    tries, each of many simultaneous connections, settles it)."""
+    acknowledged: list[str] = []
+    for attempt in range(5):
+        acknowledged += send_many(srv, clients, each, rcpts, prefix=f"a{attempt}-")
+        if len(stored(srv)[1]) == 2:
+            break
+    return acknowledged
+
+
+def stored(srv: PostofficeServer) -> tuple[dict[str, int], set[int]]:
+    """Tags stored for alice (with counts) and the pids that delivered them."""
+    tags: dict[str, int] = {}
+    pids: set[int] = set()
+    for path in srv.messages(ALICE):
+        content = path.read_bytes()
+        assert content.endswith(BODY.replace(b"\r\n", b"\n")), f"partial file {path}"
+        tag = content.split(b"X-Tag: ", 1)[1].split(b"\n", 1)[0].decode()
+        tags[tag] = tags.get(tag, 0) + 1
+        pids.add(int(re.search(r"P(\d+)Q", path.name).group(1)))  # type: ignore[union-attr]
+    return tags, pids
+
+
+def test_two_processes_share_the_connections_and_both_deliver(tmp_path: Path) -> None:
+    srv = two_process_server(tmp_path)
+    try:
+        assert srv.proc is not None
+        server_pid, (extra_pid,) = srv.proc.pid, children(srv.proc.pid)
+        acknowledged = until_both_deliver(srv, clients=12, each=8, rcpts=[ALICE])
+        assert len(acknowledged) % 96 == 0
+        tags, pids = stored(srv)
+        assert tags == {t: 1 for t in acknowledged}
+        assert pids == {server_pid, extra_pid}  # both took connections
+        assert "(2 processes)" in srv.log()
+    finally:
+        code = srv.stop()
+    assert code == 0
+    assert not alive(extra_pid)  # SIGTERM stops the extra process too
+    assert "Traceback" not in srv.log()
+
+
+def test_an_alias_forward_accepted_by_either_process_is_sent(tmp_path: Path) -> None:
+    port = free_port()
+    relay = SmtpSink(tmp_path, "127.0.0.1", port).start()
+    try:
+        srv = two_process_server(
+            tmp_path, relay={"smarthost": f"127.0.0.1:{port}", "retry_schedule": [1]}
+        )
+        srv.cli("alias", "add", "fwd@example.test", ALICE, "friend@remote.test")
+        try:
+            acknowledged = until_both_deliver(srv, clients=8, each=3, rcpts=["fwd@example.test"])
+            assert len(acknowledged) % 24 == 0
+            _tags, pids = stored(srv)  # the local copies tell which process took each
+            assert len(pids) == 2
+            assert wait_for(lambda: len(relay.messages()) == len(acknowledged), 30)
+            sent = b"".join(relay.messages())
+            assert all(f"X-Tag: {t}".encode() in sent for t in acknowledged)
+            queue = srv.data_dir / "queue"
+            assert wait_for(lambda: not [p for p in queue.iterdir() if p.name != "tmp"], 10)
+        finally:
+            srv.stop()
+    finally:
+        relay.stop()
+
+
+@pytest.mark.faults
+def test_kill_9_takes_the_extra_process_along_and_loses_nothing(tmp_path: Path) -> None:
+    srv = two_process_server(tmp_path)
+    assert srv.proc is not None
+    (extra_pid,) = children(srv.proc.pid)
+    acknowledged: list[str] = []
+    done = threading.Event()
+
+    def load() -> None:
+        acknowledged.extend(send_many(srv, clients=8, each=40, rcpts=[ALICE]))
+        done.set()
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    deadline = time.monotonic() + 30
+    while not acknowledged and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    srv.kill()
+    loader.join(60)
+    assert wait_for(lambda: not alive(extra_pid), 10), "the extra process outlived its server"
+    # What a power cut may leave of files the journals had not yet retired.
+    for directory in [srv.data_dir / "journal", srv.data_dir / "journal-w1"]:
+        for record in pending_records(directory):
+            for target in record.targets:
+                path = srv.data_dir / "mail" / target
+                if path.exists():
+                    path.write_bytes(b"")
+    srv.start()
+    try:
+        tags, _pids = stored(srv)
+        assert [t for t in acknowledged if t not in tags] == []
+        assert all(n == 1 for n in tags.values())
+        for directory in [srv.data_dir / "journal", srv.data_dir / "journal-w1"]:
+            assert pending_records(directory) == []
+    finally:
+        srv.stop()
