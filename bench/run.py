@@ -218,6 +218,10 @@ def smtp_workloads(ctx: Context) -> None:
     for name, sessions, messages, size, target in loads:
         messages = ctx.scale(messages)
         row = Row(name, "msg/s", target)
+        row.notes.append(
+            f"postoffice with [limits] smtp_processes = 0: {os.cpu_count()} smtp processes"
+            " (one per CPU); Postfix forks an smtpd per session"
+        )
         po_side = Side(
             "postoffice", lambda: po.pid, lambda: (bl.empty_maildir(po.maildir), bl.sync())
         )
