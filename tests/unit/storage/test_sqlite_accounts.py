@@ -424,6 +424,25 @@ def test_second_instance_sees_writes_without_reopening(db: Path) -> None:
         server.close()
 
 
+def test_lookups_skip_the_pragma_while_the_files_are_untouched(db: Path) -> None:
+    server = SqliteAccountStore(db, ["example.test"])
+    cli = SqliteAccountStore(db, ["example.test"])
+    statements: list[str] = []
+    server._conn.set_trace_callback(statements.append)
+    try:
+        server.resolve(A("alice", "example.test"))
+        statements.clear()
+        for _ in range(5):
+            assert server.resolve(A("alice", "example.test")) == Resolution()
+        assert statements == []  # nothing changed on disk: the snapshot is used as is
+        cli.add_user(A("alice", "example.test"), HASH)
+        assert server.resolve(A("alice", "example.test")) == mailboxes("alice@example.test")
+        assert any("data_version" in s for s in statements)
+    finally:
+        cli.close()
+        server.close()
+
+
 def test_another_process_writes_and_open_store_sees_it(db: Path) -> None:
     server = SqliteAccountStore(db, ["example.test"])
     try:
