@@ -49,7 +49,6 @@ from postoffice.protocol.pop3 import (
     Uidl,
     User,
     capabilities,
-    wire_form,
 )
 from postoffice.services import Services
 from postoffice.storage.maildir import mailbox_path
@@ -569,8 +568,18 @@ class Pop3Session:
 
 def _read_wire(box: Pop3Mailbox, messages: list[Pop3Message]) -> list[bytes | None]:
     """Read small messages whole and turn them into what RETR sends after its
-    +OK line (CRLF, dot-stuffed, terminated), off the event loop."""
-    return [None if data is None else wire_form(data) for data in box.read_many(messages)]
+    +OK line (CRLF, dot-stuffed, terminated), off the event loop.  One whose
+    wire size is not its LIST size (a short read, a file changed since the
+    snapshot) is None: RETR reads it again, streaming."""
+    out: list[bytes | None] = []
+    for msg, data in zip(messages, box.read_many(messages), strict=True):
+        if data is None:
+            out.append(None)
+            continue
+        encoder = MessageEncoder()
+        wire = encoder.feed(data) + encoder.finish()
+        out.append(wire if encoder.unstuffed == msg.size else None)
+    return out
 
 
 def _read_with_window(

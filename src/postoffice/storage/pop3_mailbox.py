@@ -115,6 +115,7 @@ class Pop3Mailbox:
 
     def __init__(self, path: Path, messages: list[Pop3Message], lock: MailboxLock) -> None:
         self.path = path
+        self._root = os.fspath(path)
         self.messages = messages
         self._lock = lock
 
@@ -189,17 +190,26 @@ class Pop3Mailbox:
         return first, fh, self.read_many(following)
 
     def read_many(self, messages: list[Pop3Message]) -> list[bytes | None]:
-        """The whole contents of each of ``messages`` (small ones), None for one
-        that cannot be read now (it is read again, with a proper error, when
-        it is asked for)."""
+        """The contents of each of ``messages`` (small ones) in one read each,
+        None for one that cannot be read now (it is read again, with a proper
+        error, when it is asked for).  Callers check the length they got
+        against ``size``: a short read is not retried here."""
         out: list[bytes | None] = []
         for msg in messages:
+            # os.open/os.read on a str path: a buffered file object and a
+            # pathlib join cost more than the read of a small message.
             try:
-                with self._open(msg) as fh:
-                    data = fh.read(msg.size + 1)
+                fd = self._open_fd(msg)
             except (OSError, MessageGone):
                 out.append(None)
                 continue
+            try:
+                data = os.read(fd, msg.size + 1)
+            except OSError:
+                out.append(None)
+                continue
+            finally:
+                os.close(fd)
             # Never more than the CRLF size, which bounds the file size.
             out.append(data if len(data) <= msg.size else None)
         return out
@@ -220,6 +230,15 @@ class Pop3Mailbox:
             if not self._relocate(msg):
                 raise MessageGone(msg.uid) from None
             return open(self.path / msg.subdir / msg.name, "rb")
+
+    def _open_fd(self, msg: Pop3Message) -> int:
+        flags = os.O_RDONLY | os.O_CLOEXEC
+        try:
+            return os.open(f"{self._root}/{msg.subdir}/{msg.name}", flags)
+        except FileNotFoundError:
+            if not self._relocate(msg):
+                raise MessageGone(msg.uid) from None
+            return os.open(f"{self._root}/{msg.subdir}/{msg.name}", flags)
 
     def _relocate(self, msg: Pop3Message) -> bool:
         stem = msg.stem
@@ -302,6 +321,7 @@ def scan(path: Path) -> list[Pop3Message]:
                     found.append((_order_key(entry.name), sub, entry.name))
     found.sort()
     cache = SizeCache.load(path)
+    root = os.fspath(path)  # str paths: pathlib costs more than the stat per message
     messages: list[Pop3Message] = []
     stems: set[str] = set()
     uids: set[str] = set()
@@ -313,7 +333,7 @@ def scan(path: Path) -> list[Pop3Message]:
         try:
             size = parsed.crlf_size
             if size is None:
-                size = _computed_size(path / sub / name, stem, cache)
+                size = _computed_size(f"{root}/{sub}/{name}", stem, parsed.size, cache)
         except FileNotFoundError:
             continue  # removed while we listed
         stems.add(stem)
@@ -341,8 +361,17 @@ def _uid(base: str, stem: str, taken: set[str]) -> str:
     return hashlib.sha1(stem.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _computed_size(file: Path, stem: str, cache: SizeCache) -> int:
-    """The CRLF size of a message whose name lacks ``W=``: cached, or read."""
+def _computed_size(file: str, stem: str, named_size: int | None, cache: SizeCache) -> int:
+    """The CRLF size of a message whose name lacks ``W=``: cached, or read.
+
+    A name's ``S=`` is the file's size (Maildir files are never rewritten,
+    only renamed; ``W=`` is trusted the same way), so with it a cached size
+    needs no stat: a login costs no system call per message.
+    """
+    if named_size is not None:
+        cached = cache.get(stem, named_size)
+        if cached is not None:
+            return cached
     file_size = os.stat(file).st_size
     cached = cache.get(stem, file_size)
     if cached is not None:
