@@ -98,7 +98,10 @@ class Pop3Session:
         self.auth_failures = 0
         self.retrieved = 0
         self.outcome = "dropped"
-        self._out = bytearray()
+        # Replies not yet written: the pieces (a read-ahead message is not
+        # copied until the one join that writes it) and their total length.
+        self._out: list[bytes] = []
+        self._out_size = 0
         self._login_user: str | None = None  # SASL LOGIN: the name, awaiting the password
         self._mechanism: str | None = None
         self._update: UpdateResult | None = None
@@ -137,8 +140,9 @@ class Pop3Session:
         return max(0.0, self._line_deadline - now)
 
     async def _serve(self) -> None:
-        while self.core.state is not State.CLOSED:
-            event = self.core.next_event()
+        core = self.core
+        while core.state is not State.CLOSED:
+            event = core.next_event()
             if event is NEED_DATA:
                 await self._flush()
                 # Waiting for a command is a safe point to stop at: without QUIT
@@ -146,7 +150,12 @@ class Pop3Session:
                 received = await self.conn.read(self._until_line_deadline(), interruptible=True)
                 if b"\n" in received:
                     self._line_deadline = None
-                self.core.receive_data(received)
+                core.receive_data(received)
+                continue
+            # The hot path, RETR of a message read ahead, answers without an await.
+            if type(event) is Retr and self._retr_ahead(event.msg):
+                if self._out_size >= FLUSH_AT:
+                    await self._flush()
                 continue
             match event:
                 case BadCommand(reason):
@@ -170,17 +179,20 @@ class Pop3Session:
                     await self._quit()
                 case _:
                     await self._transaction(event)
-            if len(self._out) >= FLUSH_AT:
+            if self._out_size >= FLUSH_AT:
                 await self._flush()
         await self._flush()
 
     def _send(self, data: bytes) -> None:
-        self._out += data
+        self._out.append(data)
+        self._out_size += len(data)
 
     async def _flush(self) -> None:
-        if self._out:
-            self.conn.write(bytes(self._out))
-            self._out.clear()
+        out = self._out
+        if out:
+            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+            self._out = []
+            self._out_size = 0
         transport = self.conn.transport
         if transport is None or transport.get_write_buffer_size() == 0:
             return  # the kernel took everything: nothing to wait for
@@ -398,11 +410,16 @@ class Pop3Session:
     async def _read_ahead(self, box: Pop3Mailbox, n: int) -> bytes | None:
         """The wire form of message ``n`` if it was read ahead (waiting for the
         background window that holds it), else None."""
-        self._collect_prefetch()
-        wire = self._ahead.pop(n, None)
+        wire = self._take_ahead(box, n)
         if wire is None and self._prefetch is not None and n in self._prefetch_plan:
             await self._wait_prefetch()
-            wire = self._ahead.pop(n, None)
+            wire = self._take_ahead(box, n)
+        return wire
+
+    def _take_ahead(self, box: Pop3Mailbox, n: int) -> bytes | None:
+        """The wire form of message ``n`` if it is read ahead and here now."""
+        self._collect_prefetch()
+        wire = self._ahead.pop(n, None)
         if wire is None:
             return None
         if len(self._ahead) > 2 * AHEAD_COUNT:  # the client skips messages: forget those
@@ -410,6 +427,19 @@ class Pop3Session:
                 del self._ahead[stale]
         self._start_prefetch(box, n)
         return wire
+
+    def _retr_ahead(self, n: int) -> bool:
+        """Answer RETR ``n`` at once if the message is read ahead and here;
+        False (nothing answered) sends it the ordinary way."""
+        box = self.mailbox
+        msg = None if box is None else box.get(n)
+        if box is None or msg is None or (wire := self._take_ahead(box, n)) is None:
+            return False
+        self._send(self.core.reply_ok(f"{msg.size} octets"))
+        self._send(wire)
+        msg.retrieved = True
+        self.retrieved += 1
+        return True
 
     def _drop_ahead(self) -> None:
         self._collect_prefetch()
@@ -572,7 +602,10 @@ def _read_wire(box: Pop3Mailbox, messages: list[Pop3Message]) -> list[bytes | No
     wire size is not its LIST size (a short read, a file changed since the
     snapshot) is None: RETR reads it again, streaming."""
     out: list[bytes | None] = []
-    for msg, data in zip(messages, box.read_many(messages), strict=True):
+    for msg in messages:
+        # Read and encode one message at a time: the GIL is released at each
+        # read, so the event loop never waits behind a whole window's encoding.
+        data = box.read_small(msg)
         if data is None:
             out.append(None)
             continue
