@@ -112,6 +112,7 @@ class Pop3Session:
         # Blocking work still running for this mailbox: the lock is released
         # only after it finishes, even if the session is cancelled meanwhile.
         self._io: asyncio.Future[Any] | None = None
+        conn.on_data = self._answer_at_once
 
     # --- the loop -------------------------------------------------------------
     async def run(self) -> None:
@@ -416,6 +417,47 @@ class Pop3Session:
             wire = self._take_ahead(box, n)
         return wire
 
+    def _answer_at_once(self, data: bytes) -> bool:
+        """The connection's fast path (``Connection.on_data``), called with
+        input that arrived while the session task waits for a command.  A
+        lone ``RETR n`` line for a message read ahead is answered here,
+        without waking the task; anything else returns False and takes the
+        ordinary way.  Every condition is checked before the core sees the
+        line, so the core's answer is certain once it does."""
+        if not (data.startswith(b"RETR ") and data.endswith(b"\r\n")):
+            return False
+        digits = data[5:-2]
+        box = self.mailbox
+        transport = self.conn.transport
+        if (
+            not digits.isdigit()  # ASCII digits only: one line, one argument
+            or len(digits) > 18  # the core's limit for a message number
+            or box is None
+            or self.core.state is not State.TRANSACTION
+            or self.core.has_buffered_data
+            or self._out
+            # Back-pressure: with anything still unsent the task writes and
+            # drains (with its timeout); nothing piles up here.
+            or transport is None
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        n = int(digits)
+        self._collect_prefetch()
+        if box.get(n) is None or n not in self._ahead:
+            return False
+        self.core.receive_data(data)
+        event = self.core.next_event()
+        if type(event) is not Retr or event.msg != n or not self._retr_ahead(n):
+            raise AssertionError(f"the POP3 core read {data!r} as {event!r}")
+        # The idle timer restarts with each command (RFC 1939 §3): the next
+        # line has the whole timeout from now, as after an ordinary command.
+        self._line_deadline = self.conn.time() + self.timeout
+        self.conn.move_read_deadline(self._line_deadline)
+        out, self._out, self._out_size = self._out, [], 0
+        self.conn.write(b"".join(out))
+        return True
+
     def _take_ahead(self, box: Pop3Mailbox, n: int) -> bytes | None:
         """The wire form of message ``n`` if it is read ahead and here now."""
         self._collect_prefetch()
@@ -564,6 +606,7 @@ class Pop3Session:
 
     # --- the end --------------------------------------------------------------
     async def _finish(self, started_tls: bool) -> None:
+        self.conn.on_data = None
         self.core.close()
         seen = 0
         if self._busy():
