@@ -448,7 +448,7 @@ class Pop3Session:
             return False
         self.core.receive_data(data)
         event = self.core.next_event()
-        if type(event) is not Retr or event.msg != n or not self._retr_ahead(n):
+        if type(event) is not Retr or event.msg != n or not self._retr_ahead(n, prefetch=False):
             raise AssertionError(f"the POP3 core read {data!r} as {event!r}")
         # The idle timer restarts with each command (RFC 1939 §3): the next
         # line has the whole timeout from now, as after an ordinary command.
@@ -456,10 +456,14 @@ class Pop3Session:
         self.conn.move_read_deadline(self._line_deadline)
         out, self._out, self._out_size = self._out, [], 0
         self.conn.write(b"".join(out))
+        # Handing the next window to a thread costs more than the rest of
+        # this RETR together: done after the reply is on its way.
+        self._start_prefetch(box, n)
         return True
 
-    def _take_ahead(self, box: Pop3Mailbox, n: int) -> bytes | None:
-        """The wire form of message ``n`` if it is read ahead and here now."""
+    def _take_ahead(self, box: Pop3Mailbox, n: int, prefetch: bool = True) -> bytes | None:
+        """The wire form of message ``n`` if it is read ahead and here now
+        (``prefetch``: and start reading the next window if it is time)."""
         self._collect_prefetch()
         wire = self._ahead.pop(n, None)
         if wire is None:
@@ -467,15 +471,16 @@ class Pop3Session:
         if len(self._ahead) > 2 * AHEAD_COUNT:  # the client skips messages: forget those
             for stale in [k for k in self._ahead if k < n]:
                 del self._ahead[stale]
-        self._start_prefetch(box, n)
+        if prefetch:
+            self._start_prefetch(box, n)
         return wire
 
-    def _retr_ahead(self, n: int) -> bool:
+    def _retr_ahead(self, n: int, prefetch: bool = True) -> bool:
         """Answer RETR ``n`` at once if the message is read ahead and here;
         False (nothing answered) sends it the ordinary way."""
         box = self.mailbox
         msg = None if box is None else box.get(n)
-        if box is None or msg is None or (wire := self._take_ahead(box, n)) is None:
+        if box is None or msg is None or (wire := self._take_ahead(box, n, prefetch)) is None:
             return False
         self._send(self.core.reply_ok(f"{msg.size} octets"))
         self._send(wire)
