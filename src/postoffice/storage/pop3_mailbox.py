@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import hashlib
 import os
 import re
@@ -46,8 +45,6 @@ from postoffice.storage.safeio import fsync_dir, write_all
 
 LOCK_NAME = "postoffice-pop3.lock"
 SIZES_NAME = "postoffice-pop3.sizes"
-# Parsed file names kept between logins (about 300 octets each).
-NAME_CACHE_SIZE = 50_000
 READ_CHUNK = 256 * 1024
 _UID_CHARS = re.compile(r"[\x21-\x7e]{1,70}")
 _TIME_PREFIX = re.compile(r"(\d{1,18})(?:\.M(\d{1,9}))?(?!\d)")
@@ -317,7 +314,8 @@ def _seen_name(name: str) -> str:
 def scan(path: Path) -> list[Pop3Message]:
     """The messages in ``path`` now, in delivery order, with UIDs and sizes."""
     # A login lists every message: this loop is kept free of avoidable calls.
-    found: list[tuple[_NameInfo, str]] = []
+    found: list[tuple[int, int, str, str]] = []
+    time_prefix = _TIME_PREFIX.match
     for sub in ("new", "cur"):
         with os.scandir(path / sub) as it:
             for entry in it:
@@ -325,48 +323,34 @@ def scan(path: Path) -> list[Pop3Message]:
                 # Names starting with "." are temporary or hidden (Maildir spec).
                 if name.startswith(".") or not entry.is_file():
                     continue
-                found.append((_name_info(name), sub))
+                # Maildir names start with the delivery time in seconds, and ours
+                # and Dovecot's go on with ".M<microseconds>": sort by both, then
+                # by name.
+                m = time_prefix(name)
+                found.append((int(m[1]), int(m[2] or 0), name, sub) if m else (0, 0, name, sub))
     found.sort()
     cache = SizeCache.load(path)
     root = os.fspath(path)  # str paths: pathlib costs more than the stat per message
     messages: list[Pop3Message] = []
     stems: set[str] = set()
     uids: set[str] = set()
-    for (_secs, _usecs, name, stem, base, s_size, w_size, base_is_uid), sub in found:
+    for _secs, _usecs, name, sub in found:
+        stem = name.partition(":2,")[0]
         if stem in stems:
             continue  # moved from new/ to cur/ while we listed: seen twice
+        base, sizes = name_sizes(stem)
         try:
-            size = w_size
+            size = sizes.get("W")
             if size is None:
-                size = _computed_size(f"{root}/{sub}/{name}", stem, s_size, cache)
+                size = _computed_size(f"{root}/{sub}/{name}", stem, sizes.get("S"), cache)
         except FileNotFoundError:
             continue  # removed while we listed
         stems.add(stem)
-        uid = base if base_is_uid and base not in uids else _digest_uid(stem)
+        uid = base if base not in uids and _UID_CHARS.fullmatch(base) else _digest_uid(stem)
         uids.add(uid)
         messages.append(Pop3Message(uid, size, sub, name))
     cache.save(path, stems)
     return messages
-
-
-# (delivery seconds, microseconds, name, stem, base, S=, W=, base is a legal UID)
-_NameInfo = tuple[int, int, str, str, str, int | None, int | None, bool]
-
-
-@functools.lru_cache(maxsize=NAME_CACHE_SIZE)
-def _name_info(name: str) -> _NameInfo:
-    """What ``scan`` needs from a file name.  A pure function of the name,
-    cached: a login parses every name in the maildrop, and most are the
-    same names as at the last login (the listing itself is always fresh)."""
-    # Maildir names start with the delivery time in seconds, and ours and
-    # Dovecot's go on with ".M<microseconds>": sort by both, then by name.
-    m = _TIME_PREFIX.match(name)
-    secs, usecs = (int(m[1]), int(m[2] or 0)) if m else (0, 0)
-    stem = name.partition(":2,")[0]
-    base, sizes = name_sizes(stem)
-    # RFC 1939 §7: a unique-id is 1-70 characters of 0x21-0x7E.
-    is_uid = _UID_CHARS.fullmatch(base) is not None
-    return (secs, usecs, name, stem, base, sizes.get("S"), sizes.get("W"), is_uid)
 
 
 def _digest_uid(stem: str) -> str:

@@ -21,7 +21,6 @@ from postoffice.storage.pop3_mailbox import (
     MailboxLock,
     MessageGone,
     Pop3Mailbox,
-    _name_info,
     scan,
 )
 
@@ -139,17 +138,6 @@ def test_order_is_delivery_time_then_name(maildir: Path) -> None:
         "1000.a",
         "1000.b",
     ]
-
-
-def test_name_info_is_what_scan_needs_from_a_name() -> None:
-    assert _name_info("1700000000.M12P3.host,S=10,W=12:2,S") == (
-        1700000000, 12, "1700000000.M12P3.host,S=10,W=12:2,S",
-        "1700000000.M12P3.host,S=10,W=12", "1700000000.M12P3.host", 10, 12, True,
-    )  # fmt: skip
-    assert _name_info("zzz no time") == (0, 0, "zzz no time", "zzz no time", "zzz no time",
-                                         None, None, False)  # fmt: skip
-    assert _name_info("x" * 71)[-1] is False  # longer than RFC 1939 §7 allows
-    assert _name_info("1700000000.M12P3.host,S=10") is _name_info("1700000000.M12P3.host,S=10")
 
 
 def test_hidden_files_and_directories_are_not_messages(maildir: Path) -> None:
