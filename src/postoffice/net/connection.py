@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from typing import cast
 
 READ_LIMIT = 256 * 1024  # pause the socket when this much is buffered unread
@@ -54,6 +55,11 @@ class Connection(asyncio.Protocol):
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        # The session's fast path: input that arrives while the session waits
+        # in read() is offered to ``on_data`` first; True means it was consumed
+        # and answered there, in this callback, and read() goes on waiting
+        # (no task wake-up per command).  See Pop3Session._answer_at_once.
+        self.on_data: Callable[[bytes], bool] | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -65,6 +71,14 @@ class Connection(asyncio.Protocol):
         self.tls = transport.get_extra_info("sslcontext") is not None
 
     def data_received(self, data: bytes) -> None:
+        if (
+            self.on_data is not None
+            and self._waiter is not None
+            and not self._chunks
+            and not self._shutdown
+            and self.on_data(data)
+        ):
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > READ_LIMIT and not self._read_paused and self.transport:
@@ -144,7 +158,15 @@ class Connection(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
+                if self._deadline is not None:
+                    deadline = self._deadline  # moved meanwhile (move_read_deadline)
                 self._deadline = None
+
+    def move_read_deadline(self, deadline: float) -> None:
+        """The read in progress gives up at ``deadline`` (loop time) instead:
+        ``on_data`` consumed input meanwhile, so the peer was not silent."""
+        if self._deadline is not None:
+            self._deadline = deadline
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -49,7 +49,6 @@ from postoffice.protocol.pop3 import (
     Uidl,
     User,
     capabilities,
-    wire_form,
 )
 from postoffice.services import Services
 from postoffice.storage.maildir import mailbox_path
@@ -99,7 +98,10 @@ class Pop3Session:
         self.auth_failures = 0
         self.retrieved = 0
         self.outcome = "dropped"
-        self._out = bytearray()
+        # Replies not yet written: the pieces (a read-ahead message is not
+        # copied until the one join that writes it) and their total length.
+        self._out: list[bytes] = []
+        self._out_size = 0
         self._login_user: str | None = None  # SASL LOGIN: the name, awaiting the password
         self._mechanism: str | None = None
         self._update: UpdateResult | None = None
@@ -110,6 +112,7 @@ class Pop3Session:
         # Blocking work still running for this mailbox: the lock is released
         # only after it finishes, even if the session is cancelled meanwhile.
         self._io: asyncio.Future[Any] | None = None
+        conn.on_data = self._answer_at_once
 
     # --- the loop -------------------------------------------------------------
     async def run(self) -> None:
@@ -138,8 +141,9 @@ class Pop3Session:
         return max(0.0, self._line_deadline - now)
 
     async def _serve(self) -> None:
-        while self.core.state is not State.CLOSED:
-            event = self.core.next_event()
+        core = self.core
+        while core.state is not State.CLOSED:
+            event = core.next_event()
             if event is NEED_DATA:
                 await self._flush()
                 # Waiting for a command is a safe point to stop at: without QUIT
@@ -147,7 +151,12 @@ class Pop3Session:
                 received = await self.conn.read(self._until_line_deadline(), interruptible=True)
                 if b"\n" in received:
                     self._line_deadline = None
-                self.core.receive_data(received)
+                core.receive_data(received)
+                continue
+            # The hot path, RETR of a message read ahead, answers without an await.
+            if type(event) is Retr and self._retr_ahead(event.msg):
+                if self._out_size >= FLUSH_AT:
+                    await self._flush()
                 continue
             match event:
                 case BadCommand(reason):
@@ -171,17 +180,20 @@ class Pop3Session:
                     await self._quit()
                 case _:
                     await self._transaction(event)
-            if len(self._out) >= FLUSH_AT:
+            if self._out_size >= FLUSH_AT:
                 await self._flush()
         await self._flush()
 
     def _send(self, data: bytes) -> None:
-        self._out += data
+        self._out.append(data)
+        self._out_size += len(data)
 
     async def _flush(self) -> None:
-        if self._out:
-            self.conn.write(bytes(self._out))
-            self._out.clear()
+        out = self._out
+        if out:
+            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+            self._out = []
+            self._out_size = 0
         transport = self.conn.transport
         if transport is None or transport.get_write_buffer_size() == 0:
             return  # the kernel took everything: nothing to wait for
@@ -399,18 +411,82 @@ class Pop3Session:
     async def _read_ahead(self, box: Pop3Mailbox, n: int) -> bytes | None:
         """The wire form of message ``n`` if it was read ahead (waiting for the
         background window that holds it), else None."""
-        self._collect_prefetch()
-        wire = self._ahead.pop(n, None)
+        wire = self._take_ahead(box, n)
         if wire is None and self._prefetch is not None and n in self._prefetch_plan:
             await self._wait_prefetch()
-            wire = self._ahead.pop(n, None)
+            wire = self._take_ahead(box, n)
+        return wire
+
+    def _answer_at_once(self, data: bytes) -> bool:
+        """The connection's fast path (``Connection.on_data``), called with
+        input that arrived while the session task waits for a command.  A
+        lone ``RETR n`` line for a message read ahead is answered here,
+        without waking the task; anything else returns False and takes the
+        ordinary way.  Every condition is checked before the core sees the
+        line, so the core's answer is certain once it does."""
+        if not (data.startswith(b"RETR ") and data.endswith(b"\r\n")):
+            return False
+        digits = data[5:-2]
+        box = self.mailbox
+        transport = self.conn.transport
+        if (
+            not digits.isdigit()  # ASCII digits only: one line, one argument
+            or len(digits) > 18  # the core's limit for a message number
+            or box is None
+            or self.core.state is not State.TRANSACTION
+            or self.core.has_buffered_data
+            or self._out
+            # Back-pressure: with anything still unsent the task writes and
+            # drains (with its timeout); nothing piles up here.
+            or transport is None
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        n = int(digits)
+        self._collect_prefetch()
+        if box.get(n) is None or n not in self._ahead:
+            return False
+        self.core.receive_data(data)
+        event = self.core.next_event()
+        if type(event) is not Retr or event.msg != n or not self._retr_ahead(n, prefetch=False):
+            raise AssertionError(f"the POP3 core read {data!r} as {event!r}")
+        # The idle timer restarts with each command (RFC 1939 §3): the next
+        # line has the whole timeout from now, as after an ordinary command.
+        self._line_deadline = self.conn.time() + self.timeout
+        self.conn.move_read_deadline(self._line_deadline)
+        out, self._out, self._out_size = self._out, [], 0
+        self.conn.write(b"".join(out))
+        # Handing the next window to a thread costs more than the rest of
+        # this RETR together: done after the reply is on its way.
+        self._start_prefetch(box, n)
+        return True
+
+    def _take_ahead(self, box: Pop3Mailbox, n: int, prefetch: bool = True) -> bytes | None:
+        """The wire form of message ``n`` if it is read ahead and here now
+        (``prefetch``: and start reading the next window if it is time)."""
+        self._collect_prefetch()
+        wire = self._ahead.pop(n, None)
         if wire is None:
             return None
         if len(self._ahead) > 2 * AHEAD_COUNT:  # the client skips messages: forget those
             for stale in [k for k in self._ahead if k < n]:
                 del self._ahead[stale]
-        self._start_prefetch(box, n)
+        if prefetch:
+            self._start_prefetch(box, n)
         return wire
+
+    def _retr_ahead(self, n: int, prefetch: bool = True) -> bool:
+        """Answer RETR ``n`` at once if the message is read ahead and here;
+        False (nothing answered) sends it the ordinary way."""
+        box = self.mailbox
+        msg = None if box is None else box.get(n)
+        if box is None or msg is None or (wire := self._take_ahead(box, n, prefetch)) is None:
+            return False
+        self._send(self.core.reply_ok(f"{msg.size} octets"))
+        self._send(wire)
+        msg.retrieved = True
+        self.retrieved += 1
+        return True
 
     def _drop_ahead(self) -> None:
         self._collect_prefetch()
@@ -535,6 +611,7 @@ class Pop3Session:
 
     # --- the end --------------------------------------------------------------
     async def _finish(self, started_tls: bool) -> None:
+        self.conn.on_data = None
         self.core.close()
         seen = 0
         if self._busy():
@@ -569,8 +646,21 @@ class Pop3Session:
 
 def _read_wire(box: Pop3Mailbox, messages: list[Pop3Message]) -> list[bytes | None]:
     """Read small messages whole and turn them into what RETR sends after its
-    +OK line (CRLF, dot-stuffed, terminated), off the event loop."""
-    return [None if data is None else wire_form(data) for data in box.read_many(messages)]
+    +OK line (CRLF, dot-stuffed, terminated), off the event loop.  One whose
+    wire size is not its LIST size (a short read, a file changed since the
+    snapshot) is None: RETR reads it again, streaming."""
+    out: list[bytes | None] = []
+    for msg in messages:
+        # Read and encode one message at a time: the GIL is released at each
+        # read, so the event loop never waits behind a whole window's encoding.
+        data = box.read_small(msg)
+        if data is None:
+            out.append(None)
+            continue
+        encoder = MessageEncoder()
+        wire = encoder.feed(data) + encoder.finish()
+        out.append(wire if encoder.unstuffed == msg.size else None)
+    return out
 
 
 def _read_with_window(

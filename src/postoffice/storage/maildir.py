@@ -107,6 +107,15 @@ class MaildirName:
     flags: str  # the letters after ":2,"
 
 
+def name_sizes(stem: str) -> tuple[str, dict[str, int]]:
+    """The base of a name without its ``:2,`` info and its ``S=``/``W=`` sizes
+    (``parse_name`` for a POP3 login's loop over every message: no object)."""
+    base, comma, _rest = stem.partition(",")
+    if not comma:
+        return base, {}
+    return base, {key: int(value) for key, value in _SIZE_FIELDS.findall(stem)}
+
+
 def parse_name(name: str) -> MaildirName:
     stem, _sep, info = name.partition(":2,")
     fields = dict(_SIZE_FIELDS.findall(stem))

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from postoffice.protocol.pop3 import wire_size
-from postoffice.storage.maildir import ensure_maildir, parse_name
+from postoffice.storage.maildir import ensure_maildir, name_sizes
 from postoffice.storage.safeio import fsync_dir, write_all
 
 LOCK_NAME = "postoffice-pop3.lock"
@@ -115,6 +115,7 @@ class Pop3Mailbox:
 
     def __init__(self, path: Path, messages: list[Pop3Message], lock: MailboxLock) -> None:
         self.path = path
+        self._root = os.fspath(path)
         self.messages = messages
         self._lock = lock
 
@@ -189,20 +190,28 @@ class Pop3Mailbox:
         return first, fh, self.read_many(following)
 
     def read_many(self, messages: list[Pop3Message]) -> list[bytes | None]:
-        """The whole contents of each of ``messages`` (small ones), None for one
-        that cannot be read now (it is read again, with a proper error, when
-        it is asked for)."""
-        out: list[bytes | None] = []
-        for msg in messages:
-            try:
-                with self._open(msg) as fh:
-                    data = fh.read(msg.size + 1)
-            except (OSError, MessageGone):
-                out.append(None)
-                continue
-            # Never more than the CRLF size, which bounds the file size.
-            out.append(data if len(data) <= msg.size else None)
-        return out
+        """``read_small`` of each of ``messages``."""
+        return [self.read_small(msg) for msg in messages]
+
+    def read_small(self, msg: Pop3Message) -> bytes | None:
+        """The contents of a small message in one read, None if it cannot be
+        read now (it is read again, with a proper error, when it is asked
+        for).  Callers check the length they got against ``size``: a short
+        read is not retried here."""
+        # os.open/os.read on a str path: a buffered file object and a pathlib
+        # join cost more than the read of a small message.
+        try:
+            fd = self._open_fd(msg)
+        except (OSError, MessageGone):
+            return None
+        try:
+            data = os.read(fd, msg.size + 1)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        # Never more than the CRLF size, which bounds the file size.
+        return data if len(data) <= msg.size else None
 
     @staticmethod
     def read_next(fh: BinaryIO) -> bytes:
@@ -220,6 +229,15 @@ class Pop3Mailbox:
             if not self._relocate(msg):
                 raise MessageGone(msg.uid) from None
             return open(self.path / msg.subdir / msg.name, "rb")
+
+    def _open_fd(self, msg: Pop3Message) -> int:
+        flags = os.O_RDONLY | os.O_CLOEXEC
+        try:
+            return os.open(f"{self._root}/{msg.subdir}/{msg.name}", flags)
+        except FileNotFoundError:
+            if not self._relocate(msg):
+                raise MessageGone(msg.uid) from None
+            return os.open(f"{self._root}/{msg.subdir}/{msg.name}", flags)
 
     def _relocate(self, msg: Pop3Message) -> bool:
         stem = msg.stem
@@ -267,6 +285,8 @@ class Pop3Mailbox:
             if msg.deleted or not msg.retrieved:
                 continue
             msg.retrieved = False
+            if msg.subdir == "cur" and msg.name.endswith(":2,S"):
+                continue  # seen already (a second session): nothing to rename
             for _attempt in range(2):
                 target = _seen_name(msg.name)
                 if msg.subdir == "cur" and target == msg.name:
@@ -293,56 +313,64 @@ def _seen_name(name: str) -> str:
 
 def scan(path: Path) -> list[Pop3Message]:
     """The messages in ``path`` now, in delivery order, with UIDs and sizes."""
-    found: list[tuple[tuple[int, int, str], str, str]] = []
+    # A login lists every message: this loop is kept free of avoidable calls.
+    found: list[tuple[int, int, str, str]] = []
+    time_prefix = _TIME_PREFIX.match
     for sub in ("new", "cur"):
         with os.scandir(path / sub) as it:
             for entry in it:
+                name = entry.name
                 # Names starting with "." are temporary or hidden (Maildir spec).
-                if not entry.name.startswith(".") and entry.is_file():
-                    found.append((_order_key(entry.name), sub, entry.name))
+                if name.startswith(".") or not entry.is_file():
+                    continue
+                # Maildir names start with the delivery time in seconds, and ours
+                # and Dovecot's go on with ".M<microseconds>": sort by both, then
+                # by name.
+                m = time_prefix(name)
+                found.append((int(m[1]), int(m[2] or 0), name, sub) if m else (0, 0, name, sub))
     found.sort()
     cache = SizeCache.load(path)
+    root = os.fspath(path)  # str paths: pathlib costs more than the stat per message
     messages: list[Pop3Message] = []
     stems: set[str] = set()
     uids: set[str] = set()
-    for _key, sub, name in found:
+    for _secs, _usecs, name, sub in found:
         stem = name.partition(":2,")[0]
         if stem in stems:
             continue  # moved from new/ to cur/ while we listed: seen twice
-        parsed = parse_name(name)
+        base, sizes = name_sizes(stem)
         try:
-            size = parsed.crlf_size
+            size = sizes.get("W")
             if size is None:
-                size = _computed_size(path / sub / name, stem, cache)
+                size = _computed_size(f"{root}/{sub}/{name}", stem, sizes.get("S"), cache)
         except FileNotFoundError:
             continue  # removed while we listed
         stems.add(stem)
-        uid = _uid(parsed.base, stem, uids)
+        uid = base if base not in uids and _UID_CHARS.fullmatch(base) else _digest_uid(stem)
         uids.add(uid)
-        messages.append(Pop3Message(uid=uid, size=size, subdir=sub, name=name))
+        messages.append(Pop3Message(uid, size, sub, name))
     cache.save(path, stems)
     return messages
 
 
-def _order_key(name: str) -> tuple[int, int, str]:
-    # Maildir names start with the delivery time in seconds, and ours and
-    # Dovecot's go on with ".M<microseconds>": sort by both, then by name.
-    match = _TIME_PREFIX.match(name)
-    if match is None:
-        return (0, 0, name)
-    return (int(match[1]), int(match[2] or 0), name)
-
-
-def _uid(base: str, stem: str, taken: set[str]) -> str:
-    if _UID_CHARS.fullmatch(base) and base not in taken:
-        return base
-    # Not a legal unique-id (RFC 1939 §7), or a second file claiming the same
-    # base: a digest of the whole stem is just as stable.
+def _digest_uid(stem: str) -> str:
+    # The base is not a legal unique-id (RFC 1939 §7, 1-70 characters of
+    # 0x21-0x7E), or a second file claims the same base: a digest of the
+    # whole stem is just as stable.
     return hashlib.sha1(stem.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _computed_size(file: Path, stem: str, cache: SizeCache) -> int:
-    """The CRLF size of a message whose name lacks ``W=``: cached, or read."""
+def _computed_size(file: str, stem: str, named_size: int | None, cache: SizeCache) -> int:
+    """The CRLF size of a message whose name lacks ``W=``: cached, or read.
+
+    A name's ``S=`` is the file's size (Maildir files are never rewritten,
+    only renamed; ``W=`` is trusted the same way), so with it a cached size
+    needs no stat: a login costs no system call per message.
+    """
+    if named_size is not None:
+        cached = cache.get(stem, named_size)
+        if cached is not None:
+            return cached
     file_size = os.stat(file).st_size
     cached = cache.get(stem, file_size)
     if cached is not None:

@@ -98,6 +98,22 @@ def test_computed_sizes_are_cached_and_invalidated_by_a_size_change(maildir: Pat
     assert (maildir / SIZES_NAME).read_text() == ""  # gone messages are pruned
 
 
+def test_a_cached_size_of_an_s_named_message_needs_no_stat(maildir: Path) -> None:
+    # S= is the file size (Maildir files are never rewritten): with a cached
+    # entry for it, the login takes the size without looking at the file.
+    path = put(maildir, "1700000000.plain,S=4", b"a\nb\n")
+    assert [m.size for m in scan(maildir)] == [6]
+    assert (maildir / SIZES_NAME).read_text() == "1700000000.plain,S=4\t4\t6\n"
+    path.write_bytes(b"a\nb\nc\n")  # a different length: only a stat could tell
+    assert [m.size for m in scan(maildir)] == [6]
+
+
+def test_an_s_named_message_whose_s_is_wrong_is_measured(maildir: Path) -> None:
+    put(maildir, "1700000000.plain,S=99", b"a\nb\n")
+    assert [m.size for m in scan(maildir)] == [6]
+    assert [m.size for m in scan(maildir)] == [6]  # cached by the real file size
+
+
 def test_w_sized_messages_need_no_cache(maildir: Path) -> None:
     data = b"x\n"
     put(maildir, dovecot_name("1700000000.a", data), data)
@@ -256,6 +272,32 @@ def test_a_message_renamed_by_another_reader_is_followed(maildir: Path) -> None:
         os.rename(maildir / "new" / "1700000000.x", maildir / "cur" / "1700000000.x:2,S")
         assert retr_bytes(box, 1) == b"hello\r\n.\r\n"
         assert box.messages[0].subdir == "cur"
+    finally:
+        box.close()
+
+
+def test_read_many_reads_whole_messages_follows_renames_and_skips_the_gone(
+    maildir: Path,
+) -> None:
+    put(maildir, "1700000000.a", b"one\n")
+    put(maildir, "1700000001.b", b"two\n")
+    put(maildir, "1700000002.c", b"three\n")
+    box = Pop3Mailbox.open(maildir)
+    try:
+        os.rename(maildir / "new" / "1700000000.a", maildir / "cur" / "1700000000.a:2,S")
+        (maildir / "new" / "1700000001.b").unlink()
+        assert box.read_many(box.messages) == [b"one\n", None, b"three\n"]
+        assert box.messages[0].subdir == "cur"
+    finally:
+        box.close()
+
+
+def test_read_many_refuses_a_file_longer_than_its_size(maildir: Path) -> None:
+    path = put(maildir, "1700000000.a", b"x\n")
+    box = Pop3Mailbox.open(maildir)
+    try:
+        path.write_bytes(b"x" * 100)  # grew since the snapshot
+        assert box.read_many(box.messages) == [None]
     finally:
         box.close()
 
