@@ -12,6 +12,10 @@ A message is committed (the 250) when its ``.msg`` has been fsync'd, renamed
 out of ``tmp/`` and the directory fsync'd.  The envelope (sender, recipients,
 arrival time) never changes, so it travels in the first line of that one
 file: committing costs one file fsync and a share of one directory fsync.
+Commits are grouped (``CommitLane``): every message whose end of data came
+while the previous group was being stored is written, fsync'd and renamed in
+one trip to a worker thread, followed by one directory fsync for the group,
+and only then is any of them acknowledged.
 Every state change after that is a new ``.json`` written to ``tmp/``,
 fsync'd and renamed over the old one (atomic), then the directory fsync'd.
 A finished message is unlinked (``.json`` then ``.msg``) and the directory
@@ -228,6 +232,68 @@ class DirSync:
             self._running = False
 
 
+@dataclass
+class _Pending:
+    writer: QueueWriter
+    chunk: bytes  # what the writer still holds in memory
+    head: Callable[[bytes], bytes] | None  # see QueueWriter.commit_with_head
+    future: asyncio.Future[None]
+
+
+class CommitLane:
+    """Group commit for new messages: one worker-thread trip per group.
+
+    Every commit that arrives while a group is being stored joins the next
+    group.  The group's files are finished in order (written, fsync'd,
+    renamed out of ``tmp/``) in one worker thread, then the directory is
+    fsync'd once; each commit returns only after that directory fsync, so an
+    acknowledged message is durable exactly as with a commit of its own.
+    One thread trip per group instead of two per message keeps the event loop
+    and the worker threads from handing the GIL back and forth."""
+
+    def __init__(self, store: QueueStore) -> None:
+        self._store = store
+        self._waiting: list[_Pending] = []
+        self._task: asyncio.Task[None] | None = None  # the group being stored
+
+    async def commit(
+        self, writer: QueueWriter, chunk: bytes, head: Callable[[bytes], bytes] | None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(writer, chunk, head, loop.create_future())
+        self._waiting.append(pending)
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        await asyncio.shield(pending.future)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(1_000_000_000):  # bounded; ends as soon as nobody waits
+                group, self._waiting = self._waiting, []
+                if not group:
+                    return
+                try:
+                    errors = await loop.run_in_executor(
+                        self._store._executor, self._store.commit_group_blocking, group
+                    )
+                except BaseException as exc:  # the executor is gone (shutdown)
+                    errors = [exc] * len(group)
+                for pending, error in zip(group, errors, strict=True):
+                    if pending.future.done():
+                        continue
+                    if error is None:
+                        pending.future.set_result(None)
+                    else:
+                        pending.future.set_exception(error)
+        finally:
+            self._task = None
+            for pending in self._waiting:  # cancelled mid-group: nobody may hang
+                if not pending.future.done():
+                    pending.future.set_exception(QueueError("queue commit interrupted"))
+            self._waiting = []
+
+
 class QueueStore:
     """The files of the queue.  Blocking methods end in ``_blocking``; the
     CLI uses those directly, the server through its executor."""
@@ -237,6 +303,7 @@ class QueueStore:
         self.tmp = queue_dir / "tmp"
         self._executor = executor
         self._dirsync = DirSync(queue_dir, executor)
+        self._lane = CommitLane(self)
         # tmp/ files older than this are a previous run's leftovers; newer
         # ones may be messages this process is receiving right now.
         self._started = time.time() - 1.0
@@ -272,6 +339,24 @@ class QueueStore:
             created=time.time(),
         )
         return QueueWriter(self, envelope, on_commit)
+
+    def commit_group_blocking(self, group: Sequence[_Pending]) -> list[BaseException | None]:
+        """Finish every message of ``group`` (write, fsync, rename), then fsync
+        the directory once: per message None (durable) or its error."""
+        errors: list[BaseException | None] = []
+        for pending in group:
+            try:
+                pending.writer.finish_blocking(pending.chunk, pending.head)
+            except Exception as exc:
+                errors.append(exc)
+            else:
+                errors.append(None)
+        if any(e is None for e in errors):
+            try:
+                fsync_dir(self.dir)
+            except OSError as exc:
+                errors = [exc if e is None else e for e in errors]
+        return errors
 
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -552,15 +637,24 @@ class QueueWriter:
 
     def _write_blocking(self, chunk: bytes) -> None:
         if self._fd is None:
-            self.store.ensure_dirs()
             self._tmp_path = self.store.tmp / f"{self.queue_id}.{secrets.token_hex(4)}"
-            self._fd = os.open(
-                self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-            )
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            try:
+                self._fd = os.open(self._tmp_path, flags, 0o600)
+            except FileNotFoundError:  # tmp/ removed under us: make it again
+                self.store.ensure_dirs()
+                self._fd = os.open(self._tmp_path, flags, 0o600)
         write_all(self._fd, chunk)
 
-    def _finish_blocking(self, chunk: bytes) -> None:
+    def finish_blocking(self, chunk: bytes, head: Callable[[bytes], bytes] | None = None) -> None:
+        """Write ``chunk`` (with ``head(chunk)`` first, if given), fsync and
+        rename into the queue; the caller fsyncs the directory."""
         try:
+            if head is not None:
+                top = head(chunk)
+                self._scanner.feed(top)
+                self._scanner.feed(chunk)
+                chunk = self._header + top + chunk
             self._write_blocking(chunk)
             assert self._fd is not None and self._tmp_path is not None
             os.fsync(self._fd)
@@ -589,9 +683,22 @@ class QueueWriter:
         self._closed = True
         chunk = bytes(self._buffer)
         self._buffer.clear()
+        return await self._commit(chunk, None)
+
+    async def commit_with_head(self, content: bytes, head: Callable[[bytes], bytes]) -> str:
+        """Queue ``content`` (nothing may have been written before) with
+        ``head(content)`` on top of it, like ``write(head(content))``,
+        ``write(content)``, ``commit()``; but ``head`` runs in the worker
+        thread that stores the message (DKIM signing: one thread trip, not two)."""
+        if self._closed or self._fd is not None or len(self._buffer) != len(self._header):
+            raise RuntimeError("commit_with_head needs a fresh writer")
+        self._closed = True
+        self._buffer.clear()
+        return await self._commit(content, head)
+
+    async def _commit(self, chunk: bytes, head: Callable[[bytes], bytes] | None) -> str:
         try:
-            await self.store.run_blocking(self._finish_blocking, chunk)
-            await self.store.sync_dir()
+            await self.store._lane.commit(self, chunk, head)
         except OSError as exc:
             raise QueueError(
                 f"cannot queue message: {exc.strerror or exc}",

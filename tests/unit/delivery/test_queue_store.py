@@ -191,3 +191,108 @@ def test_list_shows_sizes(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
     store, queue_id, _ = queue(tmp_path, executor, b"Subject: s\n\n12345\n")
     ((entry, size),) = list(store.entries_blocking())
     assert entry.queue_id == queue_id and size == len(b"Subject: s\n\n12345\n")
+
+
+def test_concurrent_commits_share_directory_fsyncs_and_all_are_durable(
+    tmp_path: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import postoffice.delivery.queue as queue_module
+
+    store = QueueStore(tmp_path / "queue", executor)
+    store.ensure_dirs()
+    dir_syncs: list[Path] = []
+    real_fsync_dir = queue_module.fsync_dir
+
+    def counting_fsync_dir(path: Path) -> None:
+        dir_syncs.append(path)
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(queue_module, "fsync_dir", counting_fsync_dir)
+    count = 30
+
+    async def go() -> list[str]:
+        writers = [store.writer(ALICE, [BOB]) for _ in range(count)]
+        for i, w in enumerate(writers):
+            await w.write(b"Subject: %d\n\nbody %d\n" % (i, i))
+        return list(await asyncio.gather(*(w.commit() for w in writers)))
+
+    ids = asyncio.run(go())
+    assert len(set(ids)) == count
+    assert sorted(store.ids_blocking()) == sorted(ids)
+    # Grouped: far fewer directory fsyncs than messages, and at least one.
+    assert 1 <= len(dir_syncs) < count
+    assert set(dir_syncs) == {store.dir}
+    for entry in QueueStore(store.dir, executor).recover_blocking():
+        assert body_of(store, entry).startswith(b"Subject: ")
+
+
+def test_a_failing_message_does_not_fail_the_rest_of_its_group(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    from postoffice.delivery.queue import QueueError
+
+    store = QueueStore(tmp_path / "queue", executor)
+    store.ensure_dirs()
+
+    def broken_head(content: bytes) -> bytes:
+        raise OSError(28, "No space left on device")
+
+    async def go() -> list[object]:
+        good = [store.writer(ALICE, [BOB]) for _ in range(3)]
+        bad = store.writer(ALICE, [CAROL])
+        for w in good:
+            await w.write(b"Subject: ok\n\nfine\n")
+        return list(
+            await asyncio.gather(
+                *(w.commit() for w in good),
+                bad.commit_with_head(b"Subject: bad\n\nx\n", broken_head),
+                return_exceptions=True,
+            )
+        )
+
+    *good_ids, failure = asyncio.run(go())
+    assert isinstance(failure, QueueError) and failure.disk_full
+    assert sorted(store.ids_blocking()) == sorted(good_ids)  # type: ignore[type-var]
+    assert list(store.tmp.iterdir()) == []  # the failed one left nothing behind
+
+
+def test_commit_with_head_puts_the_head_on_top_and_counts_it(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store = QueueStore(tmp_path / "queue", executor)
+    store.ensure_dirs()
+    content = b"From: alice@example.test\nSubject: signed\n\nbody\n"
+    head = b"DKIM-Signature: v=1; a=ed25519-sha256; b=abc\n"
+    seen: list[bytes] = []
+    committed: list[QueueEntry] = []
+
+    def sign(message: bytes) -> bytes:
+        seen.append(message)
+        return head
+
+    async def go() -> str:
+        writer = store.writer(ALICE, [BOB], on_commit=committed.append)
+        return await writer.commit_with_head(content, sign)
+
+    asyncio.run(go())
+    assert seen == [content]  # the head is computed over the content as given
+    (entry,) = committed
+    assert body_of(store, entry) == head + content
+    assert entry.traits is not None
+    assert entry.traits.crlf_size == len(head + content) + (head + content).count(b"\n")
+    (loaded,) = QueueStore(store.dir, executor).recover_blocking()
+    assert body_of(store, loaded) == head + content
+
+
+def test_commit_with_head_refuses_a_writer_that_has_content(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store = QueueStore(tmp_path / "queue", executor)
+
+    async def go() -> None:
+        writer = store.writer(ALICE, [BOB])
+        await writer.write(b"Subject: x\n\n")
+        await writer.commit_with_head(b"body\n", lambda _c: b"")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(go())
