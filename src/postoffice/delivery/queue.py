@@ -12,10 +12,11 @@ A message is committed (the 250) when its ``.msg`` has been fsync'd, renamed
 out of ``tmp/`` and the directory fsync'd.  The envelope (sender, recipients,
 arrival time) never changes, so it travels in the first line of that one
 file: committing costs one file fsync and a share of one directory fsync.
-Commits are grouped (``CommitLane``): every message whose end of data came
-while the previous group was being stored is written, fsync'd and renamed in
-one trip to a worker thread, followed by one directory fsync for the group,
-and only then is any of them acknowledged.
+Commits are grouped (``DirectoryLane``): every message whose end of data
+came while the previous group was being stored is written, fsync'd and
+renamed in one trip to a worker thread, followed by one directory fsync for
+the group, and only then is any of them acknowledged.  Finished messages
+are unlinked through the same lane.
 Every state change after that is a new ``.json`` written to ``tmp/``,
 fsync'd and renamed over the old one (atomic), then the directory fsync'd.
 A finished message is unlinked (``.json`` then ``.msg``) and the directory
@@ -32,6 +33,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -42,7 +44,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from postoffice.delivery.content import MessageTraits, TraitScanner
 from postoffice.mail.address import Address
@@ -50,6 +52,7 @@ from postoffice.storage.maildir import DeliveryError
 from postoffice.storage.safeio import fsync_dir, write_all
 
 log = logging.getLogger("postoffice.queue")
+_T = TypeVar("_T")
 
 MAGIC = b"postoffice-queue 1 "
 MAX_ENVELOPE_LINE = 1024 * 1024
@@ -232,66 +235,78 @@ class DirSync:
             self._running = False
 
 
-@dataclass
-class _Pending:
-    writer: QueueWriter
-    chunk: bytes  # what the writer still holds in memory
-    head: Callable[[bytes], bytes] | None  # see QueueWriter.commit_with_head
-    future: asyncio.Future[None]
+class DirectoryLane:
+    """Group commit for changes to the queue directory: one worker-thread
+    trip per group.
 
+    Every change (a new message finished and renamed in, a finished message
+    unlinked, a state file replaced) that arrives while a group is being
+    stored joins the next group.  The group's changes run in order in one
+    worker thread, then the directory is fsync'd once; each caller gets its
+    result only after that fsync, so a change is as durable as with an fsync
+    of its own (a new message is acknowledged only then).  One thread trip
+    per group instead of two per change keeps the event loop and the worker
+    threads from handing the GIL back and forth at every step."""
 
-class CommitLane:
-    """Group commit for new messages: one worker-thread trip per group.
-
-    Every commit that arrives while a group is being stored joins the next
-    group.  The group's files are finished in order (written, fsync'd,
-    renamed out of ``tmp/``) in one worker thread, then the directory is
-    fsync'd once; each commit returns only after that directory fsync, so an
-    acknowledged message is durable exactly as with a commit of its own.
-    One thread trip per group instead of two per message keeps the event loop
-    and the worker threads from handing the GIL back and forth."""
-
-    def __init__(self, store: QueueStore) -> None:
-        self._store = store
-        self._waiting: list[_Pending] = []
+    def __init__(self, path: Path, executor: Executor) -> None:
+        self._path = path
+        self._executor = executor
+        self._waiting: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None  # the group being stored
 
-    async def commit(
-        self, writer: QueueWriter, chunk: bytes, head: Callable[[bytes], bytes] | None
-    ) -> None:
+    async def run(self, change: Callable[[], _T]) -> _T:
+        """``change()`` in a worker thread, then the directory fsync'd; its
+        result or its exception (OSError also when the directory fsync failed)."""
         loop = asyncio.get_running_loop()
-        pending = _Pending(writer, chunk, head, loop.create_future())
-        self._waiting.append(pending)
+        future: asyncio.Future[_T] = loop.create_future()
+        self._waiting.append((change, future))
         if self._task is None:
             self._task = loop.create_task(self._run())
-        await asyncio.shield(pending.future)
+        return await asyncio.shield(future)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        group: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         try:
             for _ in range(1_000_000_000):  # bounded; ends as soon as nobody waits
                 group, self._waiting = self._waiting, []
                 if not group:
                     return
+                changes = [change for change, _future in group]
                 try:
-                    errors = await loop.run_in_executor(
-                        self._store._executor, self._store.commit_group_blocking, group
+                    results = await loop.run_in_executor(
+                        self._executor, self._group_blocking, changes
                     )
-                except BaseException as exc:  # the executor is gone (shutdown)
-                    errors = [exc] * len(group)
-                for pending, error in zip(group, errors, strict=True):
-                    if pending.future.done():
+                except Exception as exc:  # the executor is gone (shutdown)
+                    results = [(False, exc)] * len(group)
+                for (_change, future), (ok, value) in zip(group, results, strict=True):
+                    if future.done():
                         continue
-                    if error is None:
-                        pending.future.set_result(None)
+                    if ok:
+                        future.set_result(value)
                     else:
-                        pending.future.set_exception(error)
+                        future.set_exception(value)
+                group = []
         finally:
             self._task = None
-            for pending in self._waiting:  # cancelled mid-group: nobody may hang
-                if not pending.future.done():
-                    pending.future.set_exception(QueueError("queue commit interrupted"))
+            for _change, future in group + self._waiting:  # cancelled: nobody may hang
+                if not future.done():
+                    future.set_exception(QueueError("queue directory change interrupted"))
             self._waiting = []
+
+    def _group_blocking(self, changes: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        for change in changes:
+            try:
+                results.append((True, change()))
+            except Exception as exc:
+                results.append((False, exc))
+        if any(ok for ok, _value in results):
+            try:
+                fsync_dir(self._path)
+            except OSError as exc:
+                results = [(False, exc) if ok else (ok, value) for ok, value in results]
+        return results
 
 
 class QueueStore:
@@ -303,7 +318,7 @@ class QueueStore:
         self.tmp = queue_dir / "tmp"
         self._executor = executor
         self._dirsync = DirSync(queue_dir, executor)
-        self._lane = CommitLane(self)
+        self._lane = DirectoryLane(queue_dir, executor)
         # tmp/ files older than this are a previous run's leftovers; newer
         # ones may be messages this process is receiving right now.
         self._started = time.time() - 1.0
@@ -340,23 +355,10 @@ class QueueStore:
         )
         return QueueWriter(self, envelope, on_commit)
 
-    def commit_group_blocking(self, group: Sequence[_Pending]) -> list[BaseException | None]:
-        """Finish every message of ``group`` (write, fsync, rename), then fsync
-        the directory once: per message None (durable) or its error."""
-        errors: list[BaseException | None] = []
-        for pending in group:
-            try:
-                pending.writer.finish_blocking(pending.chunk, pending.head)
-            except Exception as exc:
-                errors.append(exc)
-            else:
-                errors.append(None)
-        if any(e is None for e in errors):
-            try:
-                fsync_dir(self.dir)
-            except OSError as exc:
-                errors = [exc if e is None else e for e in errors]
-        return errors
+    async def change(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` (a change to the queue directory) in a worker thread, made
+        durable with a directory fsync shared with other changes (DirectoryLane)."""
+        return await self._lane.run(fn)
 
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -518,11 +520,24 @@ class QueueStore:
             return "removed", None
         return "ok", fd
 
+    def begin_and_read_blocking(
+        self, entry: QueueEntry, size: int
+    ) -> tuple[str, int | None, tuple[Any, bytes] | None]:
+        """``begin_blocking``, and on "ok" the message's first ``size`` bytes
+        as ``open_and_read_blocking`` gives them: one worker-thread trip."""
+        status, fd = self.begin_blocking(entry.queue_id)
+        if fd is None:
+            return status, fd, None
+        try:
+            return status, fd, self.open_and_read_blocking(entry, size)
+        except OSError:
+            return status, fd, None  # read again when needed; that reports the error
+
     def end_blocking(self, queue_id: str, fd: int, state: bytes | None) -> bool:
         """Finish work on a message: write its new ``state``, or delete it
         when ``state`` is None, then unlock.  A removal requested meanwhile
         wins: the message is deleted and True returned.  The caller makes
-        the change durable with ``sync_dir``."""
+        the change durable with ``sync_dir``, or runs this through ``change``."""
         try:
             if self.tombstone_path(queue_id).exists():
                 self._unlink_blocking(queue_id)
@@ -698,7 +713,7 @@ class QueueWriter:
 
     async def _commit(self, chunk: bytes, head: Callable[[bytes], bytes] | None) -> str:
         try:
-            await self.store._lane.commit(self, chunk, head)
+            await self.store.change(functools.partial(self.finish_blocking, chunk, head))
         except OSError as exc:
             raise QueueError(
                 f"cannot queue message: {exc.strerror or exc}",

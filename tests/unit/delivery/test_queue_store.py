@@ -296,3 +296,39 @@ def test_commit_with_head_refuses_a_writer_that_has_content(
 
     with pytest.raises(RuntimeError):
         asyncio.run(go())
+
+
+def test_begin_and_read_locks_and_reads_in_one_call_and_change_ends_it(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    import functools
+
+    content = b"Subject: s\n\n" + b"z" * 100 + b"\n"
+    store, queue_id, (entry,) = queue(tmp_path, executor, content)
+    status, fd, first = store.begin_and_read_blocking(entry, 1 << 16)
+    assert status == "ok" and fd is not None and first is not None
+    assert first == (None, content)  # it fitted: the file is closed already
+    assert store.try_lock_blocking(queue_id) is None  # we hold the lock
+    status2, fd2, first2 = store.begin_and_read_blocking(entry, 1 << 16)
+    assert (status2, fd2, first2) == ("busy", None, None)
+    removed = asyncio.run(store.change(functools.partial(store.end_blocking, queue_id, fd, None)))
+    assert removed is False
+    assert store.ids_blocking() == []
+    status3, fd3, first3 = store.begin_and_read_blocking(entry, 1 << 16)
+    assert (status3, fd3, first3) == ("gone", None, None)
+
+
+def test_begin_and_read_hands_back_the_open_file_of_a_long_message(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    content = b"Subject: s\n\n" + b"z" * 5000 + b"\n"
+    store, _queue_id, (entry,) = queue(tmp_path, executor, content)
+    status, fd, first = store.begin_and_read_blocking(entry, 1000)
+    assert status == "ok" and fd is not None and first is not None
+    fh, data = first
+    assert fh is not None and data == content[:1000]
+    try:
+        assert data + fh.read() == content
+    finally:
+        fh.close()
+        store.unlock_blocking(fd)
