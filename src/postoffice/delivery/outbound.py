@@ -290,9 +290,12 @@ class Outbound:
             await self._round(entry)
             await self._send_owed_dsns(entry)
             state = None if entry.done else entry.state_json()
+            has_state = entry.state_on_disk
+            if state is not None:
+                entry.state_on_disk = True
             lock, fd = fd, None
             removed = await store.change(
-                functools.partial(store.end_blocking, queue_id, lock, state)
+                functools.partial(store.end_blocking, queue_id, lock, state, has_state=has_state)
             )
         except (QueueError, OSError) as exc:
             log.error("%s: queue error, will retry: %s", queue_id, exc)

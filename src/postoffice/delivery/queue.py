@@ -37,6 +37,7 @@ import functools
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import time
@@ -163,6 +164,7 @@ class QueueEntry:
     warned: bool = False  # a "delayed" DSN has been sent
     dsn_count: int = 0  # failure DSNs sent so far (names the next one's queue id)
     traits: MessageTraits | None = None  # cached; recomputed from the file after a restart
+    state_on_disk: bool = False  # a .json may exist (loaded with one, or one was written)
 
     @property
     def queue_id(self) -> str:
@@ -195,6 +197,12 @@ class QueueEntry:
 def new_queue_id() -> str:
     """Sortable by arrival (milliseconds, hex) and unguessable (random tail)."""
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(4)}"
+
+
+def _tmp_suffix() -> str:
+    """Tells apart two files being written for one queue id (O_EXCL guards
+    them); not secret, so ``random`` rather than a getrandom(2) call."""
+    return f"{random.getrandbits(32):08x}"
 
 
 class DirSync:
@@ -368,7 +376,7 @@ class QueueStore:
 
     # --- state changes -------------------------------------------------------------
     def _write_state_blocking(self, queue_id: str, data: bytes) -> None:
-        tmp = self.tmp / f"{queue_id}.json.{secrets.token_hex(4)}"
+        tmp = self.tmp / f"{queue_id}.json.{_tmp_suffix()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             write_all(fd, data)
@@ -379,6 +387,7 @@ class QueueStore:
 
     async def save_state(self, entry: QueueEntry) -> None:
         """Make ``entry``'s recipient states durable."""
+        entry.state_on_disk = True
         await self.run_blocking(self._write_state_blocking, entry.queue_id, entry.state_json())
         await self.sync_dir()
 
@@ -420,6 +429,7 @@ class QueueStore:
             data = self.state_path(queue_id).read_bytes()
         except FileNotFoundError:
             return entry
+        entry.state_on_disk = True
         try:
             entry.apply_state(data)
         except (ValueError, KeyError, TypeError) as exc:
@@ -523,27 +533,38 @@ class QueueStore:
     def begin_and_read_blocking(
         self, entry: QueueEntry, size: int
     ) -> tuple[str, int | None, tuple[Any, bytes] | None]:
-        """``begin_blocking``, and on "ok" the message's first ``size`` bytes
-        as ``open_and_read_blocking`` gives them: one worker-thread trip."""
+        """``begin_blocking``, and on "ok" a message shorter than ``size``
+        read whole, as ``open_and_read_blocking`` gives it (None, content),
+        from the locked descriptor: one worker-thread trip, one read.  A
+        longer message gives None (read it with ``open_and_read_blocking``)."""
         status, fd = self.begin_blocking(entry.queue_id)
         if fd is None:
             return status, fd, None
         try:
-            return status, fd, self.open_and_read_blocking(entry, size)
+            data = os.pread(fd, size, entry.body_offset)
         except OSError:
             return status, fd, None  # read again when needed; that reports the error
+        return status, fd, ((None, data) if len(data) < size else None)
 
-    def end_blocking(self, queue_id: str, fd: int, state: bytes | None) -> bool:
+    def end_blocking(
+        self, queue_id: str, fd: int, state: bytes | None, *, has_state: bool = True
+    ) -> bool:
         """Finish work on a message: write its new ``state``, or delete it
         when ``state`` is None, then unlock.  A removal requested meanwhile
-        wins: the message is deleted and True returned.  The caller makes
-        the change durable with ``sync_dir``, or runs this through ``change``."""
+        wins: the message is deleted and True returned.  ``has_state`` False
+        (no ``.json`` was ever written) spares the unlink of one.  The caller
+        makes the change durable with ``sync_dir``, or runs this through
+        ``change``."""
         try:
             if self.tombstone_path(queue_id).exists():
                 self._unlink_blocking(queue_id)
                 return True
             if state is None:
-                self._unlink_blocking(queue_id)
+                # No tombstone (just looked): the state file, if any, then the message.
+                paths = (self.state_path(queue_id),) if has_state else ()
+                for path in (*paths, self.msg_path(queue_id)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
             else:
                 self._write_state_blocking(queue_id, state)
             return False
@@ -652,7 +673,7 @@ class QueueWriter:
 
     def _write_blocking(self, chunk: bytes) -> None:
         if self._fd is None:
-            self._tmp_path = self.store.tmp / f"{self.queue_id}.{secrets.token_hex(4)}"
+            self._tmp_path = self.store.tmp / f"{self.queue_id}.{_tmp_suffix()}"
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             try:
                 self._fd = os.open(self._tmp_path, flags, 0o600)

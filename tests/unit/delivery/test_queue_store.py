@@ -318,17 +318,37 @@ def test_begin_and_read_locks_and_reads_in_one_call_and_change_ends_it(
     assert (status3, fd3, first3) == ("gone", None, None)
 
 
-def test_begin_and_read_hands_back_the_open_file_of_a_long_message(
+def test_begin_and_read_leaves_a_long_message_to_be_read_on(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
     content = b"Subject: s\n\n" + b"z" * 5000 + b"\n"
     store, _queue_id, (entry,) = queue(tmp_path, executor, content)
     status, fd, first = store.begin_and_read_blocking(entry, 1000)
-    assert status == "ok" and fd is not None and first is not None
-    fh, data = first
-    assert fh is not None and data == content[:1000]
+    assert status == "ok" and fd is not None and first is None
     try:
-        assert data + fh.read() == content
-    finally:
+        fh, data = store.open_and_read_blocking(entry, 1000)
+        assert fh is not None and data + fh.read() == content
         fh.close()
+    finally:
         store.unlock_blocking(fd)
+
+
+def test_end_removes_a_state_file_unless_told_there_is_none(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store, queue_id, (entry,) = queue(tmp_path, executor, b"\nbody\n")
+    asyncio.run(store.save_state(entry))
+    assert entry.state_on_disk and store.state_path(queue_id).exists()
+    (loaded,) = QueueStore(store.dir, executor).recover_blocking()
+    assert loaded.state_on_disk
+    fd = store.try_lock_blocking(queue_id)
+    assert fd is not None
+    assert store.end_blocking(queue_id, fd, None, has_state=loaded.state_on_disk) is False
+    assert sorted(p.name for p in store.dir.iterdir()) == ["tmp"]
+    # A message that never had one: only the .msg goes.
+    store2, queue_id2, (entry2,) = queue(tmp_path / "two", executor, b"\nbody\n")
+    assert not entry2.state_on_disk
+    fd2 = store2.try_lock_blocking(queue_id2)
+    assert fd2 is not None
+    assert store2.end_blocking(queue_id2, fd2, None, has_state=False) is False
+    assert sorted(p.name for p in store2.dir.iterdir()) == ["tmp"]
