@@ -149,3 +149,69 @@ def test_kill_9_during_data_leaves_nothing_visible(tmp_path: Path) -> None:
         assert stored_tags(srv, ALICE) == {"after": 1}
     finally:
         srv.stop()
+
+
+def test_kill_9_during_submission_keeps_every_queued_message_whole(tmp_path: Path) -> None:
+    """Submitted mail for remote recipients, many sessions at once (so commits
+    are grouped): after SIGKILL every acknowledged message is in the queue
+    exactly once and whole, nothing half-written is a ``.msg``, and the
+    restarted server recovers them all."""
+    import socket
+    import ssl
+
+    from tests.support.helpers import ALICE_PW, tls_context
+
+    with socket.socket() as s:  # a port nobody listens on: deliveries wait
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    srv = make_server(
+        tmp_path, relay={"smarthost": f"127.0.0.1:{closed}", "retry_schedule": [3600]}
+    )
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", srv.ports["submission"], timeout=20) as s:
+                s.starttls(context=tls_context())
+                s.login(ALICE, ALICE_PW)
+                for i in range(200):  # bounded; the kill comes first
+                    tag = f"q-c{n}-m{i}"
+                    lines = 1000 if i % 5 == 4 else 100  # 80 kB (spills) or 8 kB
+                    s.sendmail(
+                        ALICE,
+                        [f"r{n}.{i}@remote.test"],
+                        f"From: {ALICE}\r\n".encode() + message(tag, lines),
+                    )
+                    with lock:
+                        acknowledged.append(tag)
+        except (OSError, smtplib.SMTPException, ssl.SSLError):
+            return
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: len(acknowledged) >= 60, timeout=60)
+        srv.kill()
+        for t in threads:
+            t.join(30)
+        with lock:
+            acked = list(acknowledged)
+        found: dict[str, int] = {}
+        for path in queued(srv):
+            content = path.read_bytes()
+            first, _, stored = content.partition(b"\n")
+            assert first.startswith(b"postoffice-queue 1 "), path
+            tag = re.search(rb"\nX-Tag: (\S+)\n", stored).group(1).decode()  # type: ignore[union-attr]
+            lines = int(re.search(rb"\nX-Lines: (\d+)\n", stored).group(1))  # type: ignore[union-attr]
+            expected = body_for(tag, lines).replace(b"\r\n", b"\n")
+            assert stored.endswith(b"\n\n" + expected), f"partial or damaged file {path}"
+            found[tag] = found.get(tag, 0) + 1
+        assert [t for t in acked if t not in found] == []
+        assert {t: n for t, n in found.items() if n != 1} == {}
+        srv.start()
+        listing = srv.cli("queue", "list").stdout
+        assert f"{len(found)} message(s) in the queue" in listing
+    finally:
+        srv.stop()

@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from postoffice.config.settings import Settings
 from postoffice.delivery.content import MAX_HEADER_COPY, MessageTraits, header_section
@@ -65,18 +65,37 @@ EXPIRED_STATUS = "5.4.7"  # RFC 3463: delivery time expired
 class QueuedMessage:
     """A queued message as couriers read it: the file, from the start, each time."""
 
-    def __init__(self, store: QueueStore, entry: QueueEntry, traits: MessageTraits) -> None:
+    def __init__(
+        self,
+        store: QueueStore,
+        entry: QueueEntry,
+        traits: MessageTraits,
+        first: tuple[Any, bytes] | None = None,
+    ) -> None:
         self._store = store
         self._entry = entry
         self._traits = traits
+        self._first = first  # (file or None, first chunk) read already, for one pass
 
     @property
     def traits(self) -> MessageTraits:
         return self._traits
 
+    def close(self) -> None:
+        """Drop the chunk read ahead if no pass used it."""
+        if self._first is not None:
+            fh, self._first = self._first[0], None
+            if fh is not None:
+                fh.close()
+
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         store = self._store
-        fh, chunk = await store.run_blocking(store.open_and_read_blocking, self._entry, READ_CHUNK)
+        if self._first is not None:
+            (fh, chunk), self._first = self._first, None
+        else:
+            fh, chunk = await store.run_blocking(
+                store.open_and_read_blocking, self._entry, READ_CHUNK
+            )
         try:
             # Bounded by the file size: each pass reads one more chunk.
             for _ in range(1 << 40):
@@ -124,6 +143,9 @@ class Outbound:
         self._connections: asyncio.Semaphore | None = None
         self._per_destination: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
         self._max_active = max(16, self._relay.max_deliveries * 4)
+        # The first chunk of a message, read with its lock (one worker trip),
+        # for the first delivery of the round to send.
+        self._prefetched: dict[str, tuple[Any, bytes]] = {}
 
     # --- the interface the SMTP session uses ---------------------------------------
     def writer(self, sender: Address | None, recipients: Sequence[Address]) -> QueueWriter:
@@ -264,7 +286,11 @@ class Outbound:
     async def _process(self, entry: QueueEntry) -> None:
         store = self.store
         queue_id = entry.queue_id
-        status, fd = await store.run_blocking(store.begin_blocking, queue_id)
+        status, fd, first = await store.run_blocking(
+            store.begin_and_read_blocking, entry, READ_CHUNK
+        )
+        if first is not None:
+            self._prefetched[queue_id] = first
         if fd is None:
             if status == "busy":  # `queue remove` has it right now
                 self._schedule(queue_id, self._clock() + LOCKED_RETRY)
@@ -278,9 +304,13 @@ class Outbound:
             await self._round(entry)
             await self._send_owed_dsns(entry)
             state = None if entry.done else entry.state_json()
+            has_state = entry.state_on_disk
+            if state is not None:
+                entry.state_on_disk = True
             lock, fd = fd, None
-            removed = await store.run_blocking(store.end_blocking, queue_id, lock, state)
-            await store.sync_dir()
+            removed = await store.change(
+                functools.partial(store.end_blocking, queue_id, lock, state, has_state=has_state)
+            )
         except (QueueError, OSError) as exc:
             log.error("%s: queue error, will retry: %s", queue_id, exc)
             self._schedule(queue_id, self._clock() + retry_delay(1, self._relay.retry_schedule))
@@ -290,6 +320,9 @@ class Outbound:
             self._schedule(queue_id, self._clock() + retry_delay(1, self._relay.retry_schedule))
             return
         finally:
+            unused = self._prefetched.pop(queue_id, None)
+            if unused is not None and unused[0] is not None:
+                unused[0].close()
             if fd is not None:
                 await store.run_blocking(store.unlock_blocking, fd)
         if removed:
@@ -336,9 +369,24 @@ class Outbound:
 
     async def _deliver(self, entry: QueueEntry, group: _Group) -> list[RecipientResult]:
         assert entry.traits is not None and self._connections is not None
-        message = QueuedMessage(self.store, entry, entry.traits)
+        first = self._prefetched.pop(entry.queue_id, None)
+        message = QueuedMessage(self.store, entry, entry.traits, first)
         sender = entry.envelope.sender
         addresses = [r.address for r in group.recipients]
+        try:
+            return await self._deliver_message(entry, group, message, sender, addresses)
+        finally:
+            message.close()
+
+    async def _deliver_message(
+        self,
+        entry: QueueEntry,
+        group: _Group,
+        message: QueuedMessage,
+        sender: Address | None,
+        addresses: list[Address],
+    ) -> list[RecipientResult]:
+        assert self._connections is not None
         try:
             if group.local:
                 assert self._local is not None

@@ -12,6 +12,11 @@ A message is committed (the 250) when its ``.msg`` has been fsync'd, renamed
 out of ``tmp/`` and the directory fsync'd.  The envelope (sender, recipients,
 arrival time) never changes, so it travels in the first line of that one
 file: committing costs one file fsync and a share of one directory fsync.
+Commits are grouped (``DirectoryLane``): every message whose end of data
+came while the previous group was being stored is written, fsync'd and
+renamed in one trip to a worker thread, followed by one directory fsync for
+the group, and only then is any of them acknowledged.  Finished messages
+are unlinked through the same lane.
 Every state change after that is a new ``.json`` written to ``tmp/``,
 fsync'd and renamed over the old one (atomic), then the directory fsync'd.
 A finished message is unlinked (``.json`` then ``.msg``) and the directory
@@ -28,9 +33,11 @@ import contextlib
 import enum
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import time
@@ -38,7 +45,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from postoffice.delivery.content import MessageTraits, TraitScanner
 from postoffice.mail.address import Address
@@ -46,6 +53,7 @@ from postoffice.storage.maildir import DeliveryError
 from postoffice.storage.safeio import fsync_dir, write_all
 
 log = logging.getLogger("postoffice.queue")
+_T = TypeVar("_T")
 
 MAGIC = b"postoffice-queue 1 "
 MAX_ENVELOPE_LINE = 1024 * 1024
@@ -157,6 +165,7 @@ class QueueEntry:
     warned: bool = False  # a "delayed" DSN has been sent
     dsn_count: int = 0  # failure DSNs sent so far (names the next one's queue id)
     traits: MessageTraits | None = None  # cached; recomputed from the file after a restart
+    state_on_disk: bool = False  # a .json may exist (loaded with one, or one was written)
 
     @property
     def queue_id(self) -> str:
@@ -189,6 +198,12 @@ class QueueEntry:
 def new_queue_id() -> str:
     """Sortable by arrival (milliseconds, hex) and unguessable (random tail)."""
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(4)}"
+
+
+def _tmp_suffix() -> str:
+    """Tells apart two files being written for one queue id (O_EXCL guards
+    them); not secret, so ``random`` rather than a getrandom(2) call."""
+    return f"{random.getrandbits(32):08x}"
 
 
 class DirSync:
@@ -229,6 +244,80 @@ class DirSync:
             self._running = False
 
 
+class DirectoryLane:
+    """Group commit for changes to the queue directory: one worker-thread
+    trip per group.
+
+    Every change (a new message finished and renamed in, a finished message
+    unlinked, a state file replaced) that arrives while a group is being
+    stored joins the next group.  The group's changes run in order in one
+    worker thread, then the directory is fsync'd once; each caller gets its
+    result only after that fsync, so a change is as durable as with an fsync
+    of its own (a new message is acknowledged only then).  One thread trip
+    per group instead of two per change keeps the event loop and the worker
+    threads from handing the GIL back and forth at every step."""
+
+    def __init__(self, path: Path, executor: Executor) -> None:
+        self._path = path
+        self._executor = executor
+        self._waiting: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None  # the group being stored
+
+    async def run(self, change: Callable[[], _T]) -> _T:
+        """``change()`` in a worker thread, then the directory fsync'd; its
+        result or its exception (OSError also when the directory fsync failed)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._waiting.append((change, future))
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        return await asyncio.shield(future)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        group: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        try:
+            for _ in range(1_000_000_000):  # bounded; ends as soon as nobody waits
+                group, self._waiting = self._waiting, []
+                if not group:
+                    return
+                changes = [change for change, _future in group]
+                try:
+                    results = await loop.run_in_executor(
+                        self._executor, self._group_blocking, changes
+                    )
+                except Exception as exc:  # the executor is gone (shutdown)
+                    results = [(False, exc)] * len(group)
+                for (_change, future), (ok, value) in zip(group, results, strict=True):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+                group = []
+        finally:
+            self._task = None
+            for _change, future in group + self._waiting:  # cancelled: nobody may hang
+                if not future.done():
+                    future.set_exception(QueueError("queue directory change interrupted"))
+            self._waiting = []
+
+    def _group_blocking(self, changes: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        for change in changes:
+            try:
+                results.append((True, change()))
+            except Exception as exc:
+                results.append((False, exc))
+        if any(ok for ok, _value in results):
+            try:
+                fsync_dir(self._path)
+            except OSError as exc:
+                results = [(False, exc) if ok else (ok, value) for ok, value in results]
+        return results
+
+
 class QueueStore:
     """The files of the queue.  Blocking methods end in ``_blocking``; the
     CLI uses those directly, the server through its executor."""
@@ -238,6 +327,7 @@ class QueueStore:
         self.tmp = queue_dir / "tmp"
         self._executor = executor
         self._dirsync = DirSync(queue_dir, executor)
+        self._lane = DirectoryLane(queue_dir, executor)
         # tmp/ files older than this are a previous run's leftovers; newer
         # ones may be messages this process is receiving right now.
         self._started = time.time() - 1.0
@@ -274,6 +364,11 @@ class QueueStore:
         )
         return QueueWriter(self, envelope, on_commit)
 
+    async def change(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` (a change to the queue directory) in a worker thread, made
+        durable with a directory fsync shared with other changes (DirectoryLane)."""
+        return await self._lane.run(fn)
+
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -282,7 +377,7 @@ class QueueStore:
 
     # --- state changes -------------------------------------------------------------
     def _write_state_blocking(self, queue_id: str, data: bytes) -> None:
-        tmp = self.tmp / f"{queue_id}.json.{secrets.token_hex(4)}"
+        tmp = self.tmp / f"{queue_id}.json.{_tmp_suffix()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             write_all(fd, data)
@@ -293,6 +388,7 @@ class QueueStore:
 
     async def save_state(self, entry: QueueEntry) -> None:
         """Make ``entry``'s recipient states durable."""
+        entry.state_on_disk = True
         await self.run_blocking(self._write_state_blocking, entry.queue_id, entry.state_json())
         await self.sync_dir()
 
@@ -334,6 +430,7 @@ class QueueStore:
             data = self.state_path(queue_id).read_bytes()
         except FileNotFoundError:
             return entry
+        entry.state_on_disk = True
         try:
             entry.apply_state(data)
         except (ValueError, KeyError, TypeError) as exc:
@@ -434,17 +531,41 @@ class QueueStore:
             return "removed", None
         return "ok", fd
 
-    def end_blocking(self, queue_id: str, fd: int, state: bytes | None) -> bool:
+    def begin_and_read_blocking(
+        self, entry: QueueEntry, size: int
+    ) -> tuple[str, int | None, tuple[Any, bytes] | None]:
+        """``begin_blocking``, and on "ok" a message shorter than ``size``
+        read whole, as ``open_and_read_blocking`` gives it (None, content),
+        from the locked descriptor: one worker-thread trip, one read.  A
+        longer message gives None (read it with ``open_and_read_blocking``)."""
+        status, fd = self.begin_blocking(entry.queue_id)
+        if fd is None:
+            return status, fd, None
+        try:
+            data = os.pread(fd, size, entry.body_offset)
+        except OSError:
+            return status, fd, None  # read again when needed; that reports the error
+        return status, fd, ((None, data) if len(data) < size else None)
+
+    def end_blocking(
+        self, queue_id: str, fd: int, state: bytes | None, *, has_state: bool = True
+    ) -> bool:
         """Finish work on a message: write its new ``state``, or delete it
         when ``state`` is None, then unlock.  A removal requested meanwhile
-        wins: the message is deleted and True returned.  The caller makes
-        the change durable with ``sync_dir``."""
+        wins: the message is deleted and True returned.  ``has_state`` False
+        (no ``.json`` was ever written) spares the unlink of one.  The caller
+        makes the change durable with ``sync_dir``, or runs this through
+        ``change``."""
         try:
             if self.tombstone_path(queue_id).exists():
                 self._unlink_blocking(queue_id)
                 return True
             if state is None:
-                self._unlink_blocking(queue_id)
+                # No tombstone (just looked): the state file, if any, then the message.
+                paths = (self.state_path(queue_id),) if has_state else ()
+                for path in (*paths, self.msg_path(queue_id)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
             else:
                 self._write_state_blocking(queue_id, state)
             return False
@@ -569,15 +690,24 @@ class QueueWriter:
 
     def _write_blocking(self, chunk: bytes) -> None:
         if self._fd is None:
-            self.store.ensure_dirs()
-            self._tmp_path = self.store.tmp / f"{self.queue_id}.{secrets.token_hex(4)}"
-            self._fd = os.open(
-                self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-            )
+            self._tmp_path = self.store.tmp / f"{self.queue_id}.{_tmp_suffix()}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            try:
+                self._fd = os.open(self._tmp_path, flags, 0o600)
+            except FileNotFoundError:  # tmp/ removed under us: make it again
+                self.store.ensure_dirs()
+                self._fd = os.open(self._tmp_path, flags, 0o600)
         write_all(self._fd, chunk)
 
-    def _finish_blocking(self, chunk: bytes) -> None:
+    def finish_blocking(self, chunk: bytes, head: Callable[[bytes], bytes] | None = None) -> None:
+        """Write ``chunk`` (with ``head(chunk)`` first, if given), fsync and
+        rename into the queue; the caller fsyncs the directory."""
         try:
+            if head is not None:
+                top = head(chunk)
+                self._scanner.feed(top)
+                self._scanner.feed(chunk)
+                chunk = self._header + top + chunk
             self._write_blocking(chunk)
             assert self._fd is not None and self._tmp_path is not None
             os.fsync(self._fd)
@@ -606,9 +736,22 @@ class QueueWriter:
         self._closed = True
         chunk = bytes(self._buffer)
         self._buffer.clear()
+        return await self._commit(chunk, None)
+
+    async def commit_with_head(self, content: bytes, head: Callable[[bytes], bytes]) -> str:
+        """Queue ``content`` (nothing may have been written before) with
+        ``head(content)`` on top of it, like ``write(head(content))``,
+        ``write(content)``, ``commit()``; but ``head`` runs in the worker
+        thread that stores the message (DKIM signing: one thread trip, not two)."""
+        if self._closed or self._fd is not None or len(self._buffer) != len(self._header):
+            raise RuntimeError("commit_with_head needs a fresh writer")
+        self._closed = True
+        self._buffer.clear()
+        return await self._commit(content, head)
+
+    async def _commit(self, chunk: bytes, head: Callable[[bytes], bytes] | None) -> str:
         try:
-            await self.store.run_blocking(self._finish_blocking, chunk)
-            await self.store.sync_dir()
+            await self.store.change(functools.partial(self.finish_blocking, chunk, head))
         except OSError as exc:
             raise QueueError(
                 f"cannot queue message: {exc.strerror or exc}",

@@ -175,11 +175,12 @@ class SmtpClient:
 
     async def _send(self, data: bytes, timeout: float) -> None:
         self._conn.write(data)
-        try:
-            async with asyncio.timeout(timeout):
-                await self._conn.drain()
-        except TimeoutError:
-            raise SmtpConnectionError(f"timed out after {timeout:.0f}s sending") from None
+        if self._conn.write_paused:  # only then is there anything to wait for
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._conn.drain()
+            except TimeoutError:
+                raise SmtpConnectionError(f"timed out after {timeout:.0f}s sending") from None
         if self._conn.transport is None or self._conn.transport.is_closing():
             raise SmtpConnectionError("connection lost while sending")
 
@@ -270,10 +271,13 @@ class SmtpClient:
             await self._reply(t.data_end)
             return TransactionResult(replies, mail_reply, False)
         encoder = BodyEncoder()
+        pending = b""  # each block goes out once the next is known: the last with the dot
         async with contextlib.aclosing(body) as chunks:
             async for chunk in chunks:
-                await self._send(encoder.encode(chunk), t.data_block)
-        await self._send(encoder.finish(), t.data_block)
+                if pending:
+                    await self._send(pending, t.data_block)
+                pending = encoder.encode(chunk)
+        await self._send(pending + encoder.finish(), t.data_block)
         final = await self._reply(t.data_end, after_data=True)
         for r in accepted:
             replies[r] = final

@@ -103,6 +103,11 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._write_paused = True
 
+    @property
+    def write_paused(self) -> bool:
+        """The transport's buffer is over its high-water mark: ``drain`` waits."""
+        return self._write_paused
+
     def resume_writing(self) -> None:
         self._write_paused = False
         if self._drain_waiter and not self._drain_waiter.done():

@@ -102,7 +102,9 @@ class DkimSigner:
 
 class SigningWriter:
     """A queue writer that signs: holds the message, then writes the signed
-    message to ``inner`` at commit.  The SMTP size limit bounds what is held."""
+    message to ``inner`` at commit (through ``inner.commit_with_head`` when it
+    has one, so signing and storing share a worker thread).  The SMTP size
+    limit bounds what is held."""
 
     def __init__(self, inner: MessageWriter, signer: DkimSigner) -> None:
         self._inner = inner
@@ -118,6 +120,10 @@ class SigningWriter:
     async def commit(self) -> Any:
         message = bytes(self._held)
         self._held.clear()
+        commit_with_head = getattr(self._inner, "commit_with_head", None)
+        if commit_with_head is not None:
+            # The queue signs in the thread that stores the message: one trip.
+            return await commit_with_head(message, self._signer.sign_blocking)
         signatures = await self._signer.sign(message)
         if signatures:
             await self._inner.write(signatures)

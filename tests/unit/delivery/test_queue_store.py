@@ -191,3 +191,164 @@ def test_list_shows_sizes(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
     store, queue_id, _ = queue(tmp_path, executor, b"Subject: s\n\n12345\n")
     ((entry, size),) = list(store.entries_blocking())
     assert entry.queue_id == queue_id and size == len(b"Subject: s\n\n12345\n")
+
+
+def test_concurrent_commits_share_directory_fsyncs_and_all_are_durable(
+    tmp_path: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import postoffice.delivery.queue as queue_module
+
+    store = QueueStore(tmp_path / "queue", executor)
+    store.ensure_dirs()
+    dir_syncs: list[Path] = []
+    real_fsync_dir = queue_module.fsync_dir
+
+    def counting_fsync_dir(path: Path) -> None:
+        dir_syncs.append(path)
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(queue_module, "fsync_dir", counting_fsync_dir)
+    count = 30
+
+    async def go() -> list[str]:
+        writers = [store.writer(ALICE, [BOB]) for _ in range(count)]
+        for i, w in enumerate(writers):
+            await w.write(b"Subject: %d\n\nbody %d\n" % (i, i))
+        return list(await asyncio.gather(*(w.commit() for w in writers)))
+
+    ids = asyncio.run(go())
+    assert len(set(ids)) == count
+    assert sorted(store.ids_blocking()) == sorted(ids)
+    # Grouped: far fewer directory fsyncs than messages, and at least one.
+    assert 1 <= len(dir_syncs) < count
+    assert set(dir_syncs) == {store.dir}
+    for entry in QueueStore(store.dir, executor).recover_blocking():
+        assert body_of(store, entry).startswith(b"Subject: ")
+
+
+def test_a_failing_message_does_not_fail_the_rest_of_its_group(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    from postoffice.delivery.queue import QueueError
+
+    store = QueueStore(tmp_path / "queue", executor)
+    store.ensure_dirs()
+
+    def broken_head(content: bytes) -> bytes:
+        raise OSError(28, "No space left on device")
+
+    async def go() -> list[object]:
+        good = [store.writer(ALICE, [BOB]) for _ in range(3)]
+        bad = store.writer(ALICE, [CAROL])
+        for w in good:
+            await w.write(b"Subject: ok\n\nfine\n")
+        return list(
+            await asyncio.gather(
+                *(w.commit() for w in good),
+                bad.commit_with_head(b"Subject: bad\n\nx\n", broken_head),
+                return_exceptions=True,
+            )
+        )
+
+    *good_ids, failure = asyncio.run(go())
+    assert isinstance(failure, QueueError) and failure.disk_full
+    assert sorted(store.ids_blocking()) == sorted(good_ids)  # type: ignore[type-var]
+    assert list(store.tmp.iterdir()) == []  # the failed one left nothing behind
+
+
+def test_commit_with_head_puts_the_head_on_top_and_counts_it(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store = QueueStore(tmp_path / "queue", executor)
+    store.ensure_dirs()
+    content = b"From: alice@example.test\nSubject: signed\n\nbody\n"
+    head = b"DKIM-Signature: v=1; a=ed25519-sha256; b=abc\n"
+    seen: list[bytes] = []
+    committed: list[QueueEntry] = []
+
+    def sign(message: bytes) -> bytes:
+        seen.append(message)
+        return head
+
+    async def go() -> str:
+        writer = store.writer(ALICE, [BOB], on_commit=committed.append)
+        return await writer.commit_with_head(content, sign)
+
+    asyncio.run(go())
+    assert seen == [content]  # the head is computed over the content as given
+    (entry,) = committed
+    assert body_of(store, entry) == head + content
+    assert entry.traits is not None
+    assert entry.traits.crlf_size == len(head + content) + (head + content).count(b"\n")
+    (loaded,) = QueueStore(store.dir, executor).recover_blocking()
+    assert body_of(store, loaded) == head + content
+
+
+def test_commit_with_head_refuses_a_writer_that_has_content(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store = QueueStore(tmp_path / "queue", executor)
+
+    async def go() -> None:
+        writer = store.writer(ALICE, [BOB])
+        await writer.write(b"Subject: x\n\n")
+        await writer.commit_with_head(b"body\n", lambda _c: b"")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(go())
+
+
+def test_begin_and_read_locks_and_reads_in_one_call_and_change_ends_it(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    import functools
+
+    content = b"Subject: s\n\n" + b"z" * 100 + b"\n"
+    store, queue_id, (entry,) = queue(tmp_path, executor, content)
+    status, fd, first = store.begin_and_read_blocking(entry, 1 << 16)
+    assert status == "ok" and fd is not None and first is not None
+    assert first == (None, content)  # it fitted: the file is closed already
+    assert store.try_lock_blocking(queue_id) is None  # we hold the lock
+    status2, fd2, first2 = store.begin_and_read_blocking(entry, 1 << 16)
+    assert (status2, fd2, first2) == ("busy", None, None)
+    removed = asyncio.run(store.change(functools.partial(store.end_blocking, queue_id, fd, None)))
+    assert removed is False
+    assert store.ids_blocking() == []
+    status3, fd3, first3 = store.begin_and_read_blocking(entry, 1 << 16)
+    assert (status3, fd3, first3) == ("gone", None, None)
+
+
+def test_begin_and_read_leaves_a_long_message_to_be_read_on(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    content = b"Subject: s\n\n" + b"z" * 5000 + b"\n"
+    store, _queue_id, (entry,) = queue(tmp_path, executor, content)
+    status, fd, first = store.begin_and_read_blocking(entry, 1000)
+    assert status == "ok" and fd is not None and first is None
+    try:
+        fh, data = store.open_and_read_blocking(entry, 1000)
+        assert fh is not None and data + fh.read() == content
+        fh.close()
+    finally:
+        store.unlock_blocking(fd)
+
+
+def test_end_removes_a_state_file_unless_told_there_is_none(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store, queue_id, (entry,) = queue(tmp_path, executor, b"\nbody\n")
+    asyncio.run(store.save_state(entry))
+    assert entry.state_on_disk and store.state_path(queue_id).exists()
+    (loaded,) = QueueStore(store.dir, executor).recover_blocking()
+    assert loaded.state_on_disk
+    fd = store.try_lock_blocking(queue_id)
+    assert fd is not None
+    assert store.end_blocking(queue_id, fd, None, has_state=loaded.state_on_disk) is False
+    assert sorted(p.name for p in store.dir.iterdir()) == ["tmp"]
+    # A message that never had one: only the .msg goes.
+    store2, queue_id2, (entry2,) = queue(tmp_path / "two", executor, b"\nbody\n")
+    assert not entry2.state_on_disk
+    fd2 = store2.try_lock_blocking(queue_id2)
+    assert fd2 is not None
+    assert store2.end_blocking(queue_id2, fd2, None, has_state=False) is False
+    assert sorted(p.name for p in store2.dir.iterdir()) == ["tmp"]
