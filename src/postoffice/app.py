@@ -32,6 +32,7 @@ from postoffice.services import Services
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 from postoffice.workers import (
+    AcceptShares,
     WorkerPool,
     extra_journal_dirs,
     journal_dir,
@@ -97,6 +98,7 @@ class Server:
         busy: bytes,
         implicit_tls: bool = False,
         inherited: list[socket.socket] | None = None,
+        shares: AcceptShares | None = None,
     ) -> None:
         if not addresses:
             return
@@ -111,12 +113,19 @@ class Server:
                 max_per_ip=limits.max_connections_per_ip,
                 tls=self.services.tls if implicit_tls else None,
                 inherited=inherited or [],
+                shares=shares,
             )
         )
 
-    async def start(self, *, smtp_sockets: list[socket.socket] | None = None) -> None:
+    async def start(
+        self,
+        *,
+        smtp_sockets: list[socket.socket] | None = None,
+        shares: AcceptShares | None = None,
+    ) -> None:
         """Bind and serve.  ``smtp_sockets``: be an extra smtp process, serving
-        only the smtp listener, from the server's inherited listening sockets."""
+        only the smtp listener, from the server's inherited listening sockets.
+        ``shares``: the smtp listener takes turns with the other smtp processes."""
         from postoffice.net.pop3_session import Pop3Session
         from postoffice.net.smtp_session import SmtpMode, SmtpSession
 
@@ -130,6 +139,7 @@ class Server:
             lambda c: SmtpSession(s, c, SmtpMode.RELAY_IN).run(),
             smtp_busy,
             inherited=smtp_sockets,
+            shares=shares,
         )
         if smtp_sockets is not None:
             for listener in self.listeners:
@@ -203,8 +213,9 @@ async def _run(services: Services) -> int:
     await loop.run_in_executor(services.executor, services.maildirs.recover)
     await loop.run_in_executor(services.executor, _recover_extra_journals, services)
     count = process_count(settings)
+    shares = AcceptShares.create(settings.data_dir, count) if count > 1 else None
     try:
-        await server.start()
+        await server.start(shares=shares)
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         await server.stop()
@@ -212,7 +223,7 @@ async def _run(services: Services) -> int:
     pool = None
     if count > 1:
         smtp = next(listener for listener in server.listeners if listener.name == "smtp")
-        pool = WorkerPool(settings, smtp.socket_fds(), count)
+        pool = WorkerPool(settings, smtp.socket_fds(), count, shares)
         pool.start()
         server.background.append(loop.create_task(pool.watch()))
     _announce(server, count)
@@ -227,6 +238,8 @@ async def _run(services: Services) -> int:
     if pool is not None:
         await pool.wait(settings.limits.shutdown_grace)
     await services.maildirs.drain()  # journaled mail into its Maildirs: nothing to replay
+    if shares is not None:
+        shares.close()
     log.info("stopped")
     return 0
 
@@ -250,8 +263,9 @@ async def _run_smtp_worker(services: Services, index: int, fds: list[int]) -> in
         loop.add_signal_handler(sig, stop.set)
     await loop.run_in_executor(services.executor, services.maildirs.recover)
     sockets = [socket.socket(fileno=fd) for fd in fds]
+    shares = AcceptShares.open(services.settings.data_dir, index)
     try:
-        await server.start(smtp_sockets=sockets)
+        await server.start(smtp_sockets=sockets, shares=shares)
     except OSError as exc:
         log.error("smtp process cannot listen: %s", exc)
         await server.stop()

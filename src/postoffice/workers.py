@@ -2,10 +2,16 @@
 
 One Python process runs one event loop on one core; large messages and many
 parallel senders need more.  The server starts ``N - 1`` more processes that
-inherit its smtp listening sockets and accept from the same queue, one
-connection at a time each (libuv's UV_TCP_SINGLE_ACCEPT), so the process
-with time to spare takes the next client: even four long sessions spread
-evenly, where SO_REUSEPORT's hash would often put three on one process.  Each extra process
+inherit its smtp listening sockets and accept from the same queue.  Left to
+the kernel, whichever process wakes first takes a burst of new connections
+(20 sessions arriving at once were seen split 0/20, and the idle core then
+stays idle); SO_REUSEPORT's hash would split them at random (four sessions:
+3/1 or worse most of the time).  So the processes publish how many
+connections each holds (``AcceptShares``, one slot per process in a small
+shared file) and a process accepts only while it holds no more than the
+least loaded of the others; otherwise it steps back for ``DEFER_SECONDS`` and
+looks again, and after ``MAX_DEFER_SECONDS`` it accepts anyway (a stuck
+peer must not stall new clients).  Each extra process
 (``run_worker``) serves only that listener, with its own thread pools and its
 own delivery journal (``data_dir/journal-w<i>``); what it queues for remote
 recipients (alias forwards) it hands to the delivering server
@@ -24,8 +30,10 @@ import contextlib
 import ctypes
 import json
 import logging
+import mmap
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -59,6 +67,78 @@ def extra_journal_dirs(data_dir: Path) -> list[Path]:
     return sorted(p for p in data_dir.glob("journal-w*") if p.is_dir())
 
 
+SHARES_FILE = "smtp-shares"  # in data_dir: the connection count of each smtp process
+NOT_ACCEPTING = -1  # a slot's value while its process is not (or no longer) accepting
+_SLOT = struct.Struct("=q")
+
+
+class AcceptShares:
+    """The smtp processes' connection counts, one 8-byte slot each in a file
+    every process maps.  Counts are advisory: a stale or torn read only
+    makes one accept a little early or late, never refuses a client."""
+
+    def __init__(self, path: Path, index: int) -> None:
+        self.index = index
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.count = os.fstat(fd).st_size // _SLOT.size
+            if not 0 <= index < self.count:
+                raise ValueError(f"{path}: no slot {index} among {self.count}")
+            self._map = mmap.mmap(fd, _SLOT.size * self.count)
+        finally:
+            os.close(fd)
+        self._mine = 0
+
+    @classmethod
+    def create(cls, data_dir: Path, count: int) -> AcceptShares:
+        """The server's (index 0) view, every other slot "not accepting" yet."""
+        path = data_dir / SHARES_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, _SLOT.pack(NOT_ACCEPTING) * count)
+        finally:
+            os.close(fd)
+        return cls(path, 0)
+
+    @classmethod
+    def open(cls, data_dir: Path, index: int) -> AcceptShares:
+        """An extra smtp process's view (the server created the file)."""
+        return cls(data_dir / SHARES_FILE, index)
+
+    def _set(self, index: int, value: int) -> None:
+        _SLOT.pack_into(self._map, index * _SLOT.size, value)
+
+    def opened(self) -> None:
+        self._mine += 1
+        self._set(self.index, self._mine)
+
+    def closed(self) -> None:
+        self._mine = max(0, self._mine - 1)
+        self._set(self.index, self._mine)
+
+    def accepting(self, yes: bool) -> None:
+        """Join (with the connections held now) or leave the sharing."""
+        self._set(self.index, self._mine if yes else NOT_ACCEPTING)
+
+    def mark_gone(self, index: int) -> None:
+        """Process ``index`` died: the others stop waiting for it to accept."""
+        self._set(index, NOT_ACCEPTING)
+
+    def my_turn(self) -> bool:
+        """No other accepting process holds fewer connections than this one."""
+        counts = [
+            _SLOT.unpack_from(self._map, i * _SLOT.size)[0]
+            for i in range(self.count)
+            if i != self.index
+        ]
+        others = [c for c in counts if c != NOT_ACCEPTING]
+        return not others or self._mine <= min(others)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self._map.close()
+
+
 def share_accepts() -> None:
     """Accept one connection per wake-up (libuv reads this before its first
     accept), so processes sharing a listening socket take turns."""
@@ -78,8 +158,11 @@ def die_with_parent(parent: int) -> None:
 class WorkerPool:
     """The extra smtp processes of one server: start, watch, stop (by PID)."""
 
-    def __init__(self, settings: Settings, fds: list[int], count: int) -> None:
+    def __init__(
+        self, settings: Settings, fds: list[int], count: int, shares: AcceptShares | None = None
+    ) -> None:
         self._settings = settings
+        self.shares = shares
         self._fds = fds
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._count = count
@@ -117,9 +200,13 @@ class WorkerPool:
                 now = time.monotonic()
                 self._restarts = [t for t in self._restarts if now - t < 60]
                 if len(self._restarts) >= RESTARTS_PER_MINUTE:
+                    if self.shares is not None:
+                        self.shares.mark_gone(index)
                     log.error("smtp process %d exited (%s); not restarted", index, proc.returncode)
                     del self._procs[index]
                     continue
+                if self.shares is not None:
+                    self.shares.mark_gone(index)
                 log.error("smtp process %d exited (%s); restarting", index, proc.returncode)
                 self._restarts.append(now)
                 self._spawn(index)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import smtplib
+import socket
 import threading
 import time
 from pathlib import Path
@@ -128,6 +129,40 @@ def test_two_processes_share_the_connections_and_both_deliver(tmp_path: Path) ->
     assert code == 0
     assert not alive(extra_pid)  # SIGTERM stops the extra process too
     assert "Traceback" not in srv.log()
+
+
+def sockets_of(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def test_connections_arriving_together_are_shared_evenly(tmp_path: Path) -> None:
+    """20 clients connecting at once: each process takes its turn, instead of
+    the first to wake taking them all (seen 0/20 before AcceptShares)."""
+    srv = two_process_server(tmp_path)
+    clients: list[socket.socket] = []
+    try:
+        assert srv.proc is not None
+        server_pid, (extra_pid,) = srv.proc.pid, children(srv.proc.pid)
+        before = {pid: sockets_of(pid) for pid in (server_pid, extra_pid)}
+        for _ in range(20):
+            clients.append(socket.create_connection(("127.0.0.1", srv.ports["smtp"]), timeout=20))
+        for client in clients:  # every one accepted and greeted
+            assert client.recv(512).startswith(b"220 ")
+        held = {pid: sockets_of(pid) - before[pid] for pid in before}
+        assert sum(held.values()) == 20, held
+        # Even on a loaded machine the turns hold within a few connections.
+        assert min(held.values()) >= 6, held
+    finally:
+        for client in clients:
+            client.close()
+        srv.stop()
 
 
 def test_an_alias_forward_accepted_by_either_process_is_sent(tmp_path: Path) -> None:

@@ -4,6 +4,11 @@ A listener is a set of sockets sharing one handler (``async def
 handler(conn)``) and one pair of caps: concurrent connections in all and per
 client address.  A connection over a cap is answered with the protocol's
 "busy" line (``busy_reply``) and closed without starting a session.
+
+A listener shared by several smtp processes (``shares``, see workers.py)
+accepts by itself instead of through ``loop.create_server``: it takes a
+connection only when it is its turn, so the processes hold about as many
+connections each.
 """
 
 from __future__ import annotations
@@ -16,11 +21,20 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from postoffice.config.settings import ListenAddress
 from postoffice.net.connection import Connection
 
+if TYPE_CHECKING:
+    from postoffice.workers import AcceptShares
+
 log = logging.getLogger("postoffice.net")
+
+BACKLOG = 1024
+DEFER_SECONDS = 0.002  # not our turn to accept: look again this much later
+MAX_DEFER_SECONDS = 0.05  # ... but accept anyway once a client waited this long
+ACCEPT_ERROR_PAUSE = 0.1  # after EMFILE and the like: no busy loop on accept()
 
 Handler = Callable[[Connection], Awaitable[None]]
 
@@ -37,17 +51,32 @@ class Listener:
     # Listening sockets inherited from the server process (an extra smtp
     # process accepts from the same queue) instead of binding ``addresses``.
     inherited: list[socket.socket] = field(default_factory=list)
+    # Set when several processes share the listening sockets: take turns.
+    shares: AcceptShares | None = None
     servers: list[asyncio.Server] = field(default_factory=list)
+    accept_sockets: list[socket.socket] = field(default_factory=list)  # with ``shares``
     tasks: dict[asyncio.Task[None], Connection] = field(default_factory=dict)
     per_ip: Counter[str] = field(default_factory=Counter)
     bound: list[tuple[str, int]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self._resume_handles: dict[int, asyncio.TimerHandle] = {}
+        self._deferring_since: float | None = None
+        self._last_deferral = 0.0
+        self._adopting: set[asyncio.Task[None]] = set()
+        self._accepting = False
+
     def socket_fds(self) -> list[int]:
         """The listening sockets' descriptors, for processes that share them."""
+        if self.shares is not None:
+            return [sock.fileno() for sock in self.accept_sockets]
         return [sock.fileno() for server in self.servers for sock in server.sockets]
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.shares is not None:
+            self._start_taking_turns(loop)
+            return
         handshake = 30 if self.tls else None
         for sock in self.inherited:
             self.servers.append(
@@ -62,7 +91,7 @@ class Listener:
                 port=addr.port,
                 ssl=self.tls,
                 reuse_address=True,
-                backlog=1024,
+                backlog=BACKLOG,
                 ssl_handshake_timeout=handshake,
             )
             self.servers.append(server)
@@ -70,6 +99,89 @@ class Listener:
                 name = sock.getsockname()
                 self.bound.append((str(name[0]), int(name[1])))
 
+    # --- accepting in turns with other processes (``shares``) ---------------------
+    def _start_taking_turns(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.shares is not None
+        self._loop = loop
+        sockets = self.inherited or [s for a in self.addresses for s in _bind(a)]
+        for sock in sockets:
+            sock.setblocking(False)
+            self.accept_sockets.append(sock)
+            if not self.inherited:
+                name = sock.getsockname()
+                self.bound.append((str(name[0]), int(name[1])))
+            loop.add_reader(sock.fileno(), self._on_acceptable, sock)
+        self._accepting = True
+        self.shares.accepting(True)
+
+    def _pause(self, sock: socket.socket, delay: float) -> None:
+        fd = sock.fileno()
+        self._loop.remove_reader(fd)
+        self._resume_handles[fd] = self._loop.call_later(delay, self._resume, sock)
+
+    def _resume(self, sock: socket.socket) -> None:
+        self._resume_handles.pop(sock.fileno(), None)
+        if self._accepting:
+            self._loop.add_reader(sock.fileno(), self._on_acceptable, sock)
+
+    def _on_acceptable(self, sock: socket.socket) -> None:
+        shares = self.shares
+        assert shares is not None
+        if not shares.my_turn():
+            now = self._loop.time()
+            if self._deferring_since is None or now - self._last_deferral > 4 * DEFER_SECONDS:
+                self._deferring_since = now  # a new wait (the last one ended)
+            self._last_deferral = now
+            if now - self._deferring_since < MAX_DEFER_SECONDS:
+                self._pause(sock, DEFER_SECONDS)
+                return
+        try:
+            client, _address = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another process took it
+        except OSError as exc:  # out of descriptors or memory: try again shortly
+            log.error("%s: cannot accept: %s", self.name, exc)
+            self._pause(sock, ACCEPT_ERROR_PAUSE)
+            return
+        self._deferring_since = None
+        shares.opened()
+        task = self._loop.create_task(self._adopt(client))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, client: socket.socket) -> None:
+        try:
+            client.setblocking(False)
+            await self._loop.connect_accepted_socket(
+                self._make_connection,
+                client,
+                ssl=self.tls,
+                ssl_handshake_timeout=30 if self.tls else None,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            log.info("%s: connection lost before its session: %s", self.name, exc)
+            client.close()
+            self._released()
+
+    def _released(self) -> None:
+        if self.shares is not None:
+            self.shares.closed()
+
+    def _stop_taking_turns(self) -> None:
+        if not self._accepting:
+            return
+        self._accepting = False
+        for handle in self._resume_handles.values():
+            handle.cancel()
+        self._resume_handles.clear()
+        for sock in self.accept_sockets:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        if self.shares is not None:
+            self.shares.accepting(False)
+
+    # --- sessions ---------------------------------------------------------------------
     def _make_connection(self) -> Connection:
         conn = Connection()
         original = conn.connection_made
@@ -88,6 +200,7 @@ class Listener:
             conn.write(self.busy_reply)
             if conn.transport:
                 conn.transport.close()
+            self._released()
             return
         self.per_ip[ip] += 1
         task = asyncio.get_running_loop().create_task(self._run(conn, ip))
@@ -106,6 +219,7 @@ class Listener:
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
+            self._released()
             task = asyncio.current_task()
             if task is not None:
                 self.tasks.pop(task, None)
@@ -113,6 +227,7 @@ class Listener:
     def stop_accepting(self) -> None:
         for server in self.servers:
             server.close()
+        self._stop_taking_turns()
 
     async def finish(self, grace: float) -> None:
         """Let sessions end on their own for ``grace`` seconds, then cancel them."""
@@ -124,6 +239,31 @@ class Listener:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        for task in self._adopting:
+            task.cancel()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+
+
+def _bind(address: ListenAddress) -> list[socket.socket]:
+    """Listening sockets for ``address`` (every address its host resolves to),
+    bound as ``loop.create_server`` would bind them."""
+    infos = socket.getaddrinfo(
+        address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, sockaddr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(BACKLOG)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets

@@ -1,0 +1,69 @@
+"""AcceptShares: which smtp process's turn it is to accept (workers.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from postoffice.workers import AcceptShares
+
+
+def test_the_least_loaded_process_accepts(tmp_path: Path) -> None:
+    server = AcceptShares.create(tmp_path, 3)
+    one, two = AcceptShares.open(tmp_path, 1), AcceptShares.open(tmp_path, 2)
+    try:
+        assert server.my_turn()  # nobody else accepts yet
+        for view in (server, one, two):
+            view.accepting(True)
+        assert server.my_turn() and one.my_turn() and two.my_turn()  # all at 0
+        server.opened()
+        assert not server.my_turn()
+        assert one.my_turn() and two.my_turn()
+        one.opened()
+        two.opened()
+        assert server.my_turn() and one.my_turn() and two.my_turn()  # 1, 1, 1
+        two.closed()
+        assert not server.my_turn() and not one.my_turn() and two.my_turn()
+    finally:
+        for view in (server, one, two):
+            view.close()
+
+
+def test_processes_that_do_not_accept_are_not_waited_for(tmp_path: Path) -> None:
+    server = AcceptShares.create(tmp_path, 2)
+    extra = AcceptShares.open(tmp_path, 1)
+    try:
+        server.accepting(True)
+        extra.accepting(True)
+        server.opened()
+        assert not server.my_turn()
+        server.mark_gone(1)  # it died holding no connections
+        assert server.my_turn()
+        extra.accepting(True)  # its successor joins
+        assert not server.my_turn()
+        extra.accepting(False)  # stopping
+        assert server.my_turn()
+    finally:
+        server.close()
+        extra.close()
+
+
+def test_counts_never_go_below_zero(tmp_path: Path) -> None:
+    shares = AcceptShares.create(tmp_path, 2)
+    other = AcceptShares.open(tmp_path, 1)
+    try:
+        shares.accepting(True)
+        other.accepting(True)
+        shares.closed()
+        other.opened()
+        assert shares.my_turn() and not other.my_turn()
+    finally:
+        shares.close()
+        other.close()
+
+
+def test_an_index_beyond_the_file_is_refused(tmp_path: Path) -> None:
+    AcceptShares.create(tmp_path, 2).close()
+    with pytest.raises(ValueError):
+        AcceptShares.open(tmp_path, 2)
