@@ -18,16 +18,39 @@ def test_the_least_loaded_process_accepts(tmp_path: Path) -> None:
             view.accepting(True)
         assert server.my_turn() and one.my_turn() and two.my_turn()  # all at 0
         server.opened()
-        assert not server.my_turn()
+        assert server.my_turn()  # one ahead: within the slack
+        server.opened()
+        assert not server.my_turn()  # two ahead of the least loaded
         assert one.my_turn() and two.my_turn()
-        one.opened()
-        two.opened()
-        assert server.my_turn() and one.my_turn() and two.my_turn()  # 1, 1, 1
+        for _ in range(2):
+            one.opened()
+            two.opened()
+        assert server.my_turn() and one.my_turn() and two.my_turn()  # 2, 2, 2
         two.closed()
-        assert not server.my_turn() and not one.my_turn() and two.my_turn()
+        two.closed()
+        assert not server.my_turn() and not one.my_turn() and two.my_turn()  # 2, 2, 0
+
     finally:
         for view in (server, one, two):
             view.close()
+
+
+def test_the_slack_grows_with_the_load(tmp_path: Path) -> None:
+    server = AcceptShares.create(tmp_path, 2)
+    other = AcceptShares.open(tmp_path, 1)
+    try:
+        server.accepting(True)
+        other.accepting(True)
+        for _ in range(160):
+            other.opened()
+        for _ in range(171):  # 160 + 1 + 160 // 16
+            server.opened()
+        assert server.my_turn()
+        server.opened()
+        assert not server.my_turn()
+    finally:
+        server.close()
+        other.close()
 
 
 def test_processes_that_do_not_accept_are_not_waited_for(tmp_path: Path) -> None:
@@ -36,6 +59,7 @@ def test_processes_that_do_not_accept_are_not_waited_for(tmp_path: Path) -> None
     try:
         server.accepting(True)
         extra.accepting(True)
+        server.opened()
         server.opened()
         assert not server.my_turn()
         server.mark_gone(1)  # it died holding no connections
@@ -56,6 +80,7 @@ def test_counts_never_go_below_zero(tmp_path: Path) -> None:
         shares.accepting(True)
         other.accepting(True)
         shares.closed()
+        other.opened()
         other.opened()
         assert shares.my_turn() and not other.my_turn()
     finally:
