@@ -89,16 +89,21 @@ class AcceptShares:
         finally:
             os.close(fd)
         self._mine = 0
+        self._accepting = False
 
     @classmethod
     def create(cls, data_dir: Path, count: int) -> AcceptShares:
         """The server's (index 0) view, every other slot "not accepting" yet."""
         path = data_dir / SHARES_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # A new file put in place, never one truncated under a running
+        # server's map (a second ``serve`` started by mistake would kill it).
+        fresh = data_dir / f".{SHARES_FILE}.{os.getpid()}"
+        fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, _SLOT.pack(NOT_ACCEPTING) * count)
         finally:
             os.close(fd)
+        os.replace(fresh, path)
         return cls(path, 0)
 
     @classmethod
@@ -111,14 +116,17 @@ class AcceptShares:
 
     def opened(self) -> None:
         self._mine += 1
-        self._set(self.index, self._mine)
+        if self._accepting:
+            self._set(self.index, self._mine)
 
     def closed(self) -> None:
         self._mine = max(0, self._mine - 1)
-        self._set(self.index, self._mine)
+        if self._accepting:  # a stopping process stays out of the sharing
+            self._set(self.index, self._mine)
 
     def accepting(self, yes: bool) -> None:
         """Join (with the connections held now) or leave the sharing."""
+        self._accepting = yes
         self._set(self.index, self._mine if yes else NOT_ACCEPTING)
 
     def mark_gone(self, index: int) -> None:

@@ -92,3 +92,33 @@ def test_an_index_beyond_the_file_is_refused(tmp_path: Path) -> None:
     AcceptShares.create(tmp_path, 2).close()
     with pytest.raises(ValueError):
         AcceptShares.open(tmp_path, 2)
+
+
+def test_a_stopping_process_stays_out_while_its_sessions_end(tmp_path: Path) -> None:
+    server = AcceptShares.create(tmp_path, 2)
+    extra = AcceptShares.open(tmp_path, 1)
+    try:
+        server.accepting(True)
+        extra.accepting(True)
+        for _ in range(3):
+            server.opened()
+            extra.opened()
+        extra.accepting(False)  # SIGTERM: it stops accepting, sessions go on
+        extra.closed()
+        extra.closed()
+        assert server.my_turn()  # not held back by a process that takes nobody
+    finally:
+        server.close()
+        extra.close()
+
+
+def test_creating_the_file_again_leaves_a_running_view_intact(tmp_path: Path) -> None:
+    running = AcceptShares.create(tmp_path, 2)
+    try:
+        running.accepting(True)
+        running.opened()
+        AcceptShares.create(tmp_path, 4).close()  # a second `serve` by mistake
+        running.opened()  # its map is the old file's: still usable
+        assert running.my_turn()
+    finally:
+        running.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
@@ -35,6 +36,7 @@ BACKLOG = 1024
 DEFER_SECONDS = 0.002  # not our turn to accept: look again this much later
 MAX_DEFER_SECONDS = 0.05  # ... but accept anyway once a client waited this long
 ACCEPT_ERROR_PAUSE = 0.1  # after EMFILE and the like: no busy loop on accept()
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 Handler = Callable[[Connection], Awaitable[None]]
 
@@ -137,11 +139,13 @@ class Listener:
                 return
         try:
             client, _address = sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return  # another process took it
-        except OSError as exc:  # out of descriptors or memory: try again shortly
+        except (BlockingIOError, InterruptedError, ConnectionError):
+            return  # another process took it, or the client gave up meanwhile
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                return  # a network error passed on by accept(2): the next one may be fine
             log.error("%s: cannot accept: %s", self.name, exc)
-            self._pause(sock, ACCEPT_ERROR_PAUSE)
+            self._pause(sock, ACCEPT_ERROR_PAUSE)  # no busy loop while out of descriptors
             return
         self._deferring_since = None
         shares.opened()
@@ -162,6 +166,10 @@ class Listener:
             log.info("%s: connection lost before its session: %s", self.name, exc)
             client.close()
             self._released()
+        except BaseException:  # cancelled while stopping
+            client.close()
+            self._released()
+            raise
 
     def _released(self) -> None:
         if self.shares is not None:

@@ -105,6 +105,8 @@ class WriteBehind:
         self._sync_fds: dict[int, int] = {}  # st_dev -> a directory on it, for syncfs
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's, from the first commit
         self._urgent = False  # retire without waiting (draining for a stop)
+        if SYNCFS_RELIABLE:
+            self._watch_file_system(mail_dir)
 
     # --- start-up -------------------------------------------------------------------------
     def recover(self) -> int:
@@ -304,27 +306,47 @@ class WriteBehind:
                 fsync_dir(d)
         self.journal.write_checkpoint(max(c.seq for c in batch) + 1)
 
-    def _make_durable(self, paths: list[Path]) -> bool:
-        if SYNCFS_RELIABLE:
-            return self._syncfs({p.parent for p in paths})
-        return self._fsync_each(paths)
+    def _watch_file_system(self, directory: Path) -> None:
+        """Keep a descriptor on ``directory``'s file system: syncfs through it
+        reports every writeback error since it was opened, so it must be open
+        before any file it is to vouch for is written (done at start for the
+        mail directory)."""
+        with contextlib.suppress(OSError):
+            device = os.stat(directory).st_dev
+            if device not in self._sync_fds:
+                self._sync_fds[device] = os.open(
+                    directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                )
 
-    def _syncfs(self, dirs: set[Path]) -> bool:
+    def _make_durable(self, paths: list[Path]) -> bool:
+        if not SYNCFS_RELIABLE:
+            return self._fsync_each(paths)
+        try:
+            by_device: dict[int, list[Path]] = {}
+            for path in paths:
+                by_device.setdefault(os.stat(path.parent).st_dev, []).append(path)
+        except OSError as exc:
+            log.error("journal: cannot stat a Maildir: %s", exc)
+            return False
+        ok = True
+        for device, on_device in by_device.items():
+            if device in self._sync_fds:
+                ok = self._syncfs(self._sync_fds[device]) and ok
+            else:
+                # A file system first seen now: a descriptor opened after these
+                # files were written would not report their writeback errors.
+                ok = self._fsync_each(on_device) and ok
+                self._watch_file_system(on_device[0].parent)
+        return ok
+
+    @staticmethod
+    def _syncfs(fd: int) -> bool:
         """One syncfs per file system the batch touched: every file, rename and
         directory on it durable at once -- a per-file fsync costs a journal
         commit each and took a third of a message's CPU time.  The descriptor
         stays open, so a writeback error since start-up is reported here."""
         try:
-            devices: dict[int, Path] = {}
-            for d in dirs:
-                devices.setdefault(os.stat(d).st_dev, d)
-            for device, d in devices.items():
-                fd = self._sync_fds.get(device)
-                if fd is None:
-                    fd = self._sync_fds[device] = os.open(
-                        d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-                    )
-                syncfs(fd)
+            syncfs(fd)
         except OSError as exc:
             log.error("journal: syncfs failed: %s", exc)
             return False

@@ -188,3 +188,20 @@ def test_a_restore_that_fails_keeps_the_journal_for_the_next_start(
     assert pending_records(tmp_path / "journal", 2) == []
     assert stored(tmp_path / "mail") == {message(i): 1 for i in range(3)}
     assert stored(tmp_path / "mail", "bob") == {message(i): 1 for i in range(3)}
+
+
+def test_syncfs_watches_the_mail_file_system_before_any_write(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    # syncfs reports only writeback errors after its descriptor was opened,
+    # so that descriptor is taken at start, not at the first retirement.
+    if not write_behind.SYNCFS_RELIABLE:
+        pytest.skip("no syncfs that reports writeback errors here")
+    (tmp_path / "mail").mkdir()
+    s = store(tmp_path, executor)
+    try:
+        behind = s._behind
+        assert behind is not None
+        assert list(behind._sync_fds) == [os.stat(tmp_path / "mail").st_dev]
+    finally:
+        s.close()
