@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shutil
 import signal
 import socket
@@ -39,10 +40,34 @@ def _cached_tls_dir() -> Path:
     return _CERT_CACHE[0]
 
 
+# Below Linux's ephemeral range (32768-60999): a port picked here cannot be
+# taken by some outgoing connection before its server binds it (a port from
+# bind(0) once was: "address already in use" at start).  Never handed out
+# twice in one test run, as nothing holds a picked port until it is bound.
+PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+
+
+def pick_port(hosts: Iterable[str] = ("127.0.0.1",), kind: int = socket.SOCK_STREAM) -> int:
+    """A port free on every one of ``hosts`` for sockets of ``kind``."""
+    hosts = list(hosts)
+    for _ in range(500):
+        port = random.randint(*PORT_RANGE)
+        if port in _handed_out:
+            continue
+        try:
+            for host in hosts:
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port in the test range")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return pick_port((host,))
 
 
 def toml_value(value: Any) -> str:

@@ -495,11 +495,42 @@ def clean_stale_tmp(mail_dir: Path, older_than: float = 36 * 3600) -> RecoveryRe
     cutoff = time.time() - older_than
     if not mail_dir.is_dir():
         return report
+    # A tmp/ file with more than one link is a delivery to several mailboxes
+    # cut off between linking it into the others' new/ and renaming it into
+    # its own (a crash): never acknowledged, so undone everywhere -- every
+    # recipient gets the message or none does.  Links in the file's own
+    # mailbox are left alone (qmail-style agents link tmp/ to new/ there).
+    partial: dict[tuple[int, int], Path] = {}  # (dev, ino) -> the tmp/ file
     for tmp in mail_dir.glob("*/*/tmp"):
         with os.scandir(tmp) as entries:
             for entry in entries:
                 with contextlib.suppress(OSError):
-                    if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_nlink > 1:
+                        partial[(st.st_dev, st.st_ino)] = Path(entry.path)
+                    elif st.st_mtime < cutoff:
                         os.unlink(entry.path)
                         report.removed_tmp.append(Path(entry.path))
+    if partial:
+        inodes = {ino for _dev, ino in partial}
+        undone: set[Path] = set()
+        for new in mail_dir.glob("*/*/new"):
+            with os.scandir(new) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):
+                        if entry.inode() not in inodes:
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                        tmp_file = partial.get((st.st_dev, st.st_ino))
+                        if tmp_file is not None and tmp_file.parent.parent != new.parent:
+                            os.unlink(entry.path)
+                            report.removed_tmp.append(Path(entry.path))
+                            fsync_dir(new)
+                            undone.add(tmp_file)
+        for tmp_file in undone:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_file)
+                report.removed_tmp.append(tmp_file)
     return report

@@ -31,24 +31,15 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
+from tests.support.server import pick_port
+
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 
 
 def free_port(hosts: Sequence[str] = ("127.0.0.1",), kind: int = socket.SOCK_STREAM) -> int:
-    """A port that is free on every one of ``hosts``."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind((hosts[0], 0))
-            port = int(s.getsockname()[1])
-        try:
-            for host in hosts[1:]:
-                with socket.socket(socket.AF_INET, kind) as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no common free port")
+    """A port that is free on every one of ``hosts`` (outside the ephemeral range)."""
+    return pick_port(hosts, kind)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, step: float = 0.05) -> bool:
