@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,57 +36,50 @@ def test_the_least_loaded_process_accepts(tmp_path: Path) -> None:
             view.close()
 
 
-def test_the_slack_grows_with_the_load(tmp_path: Path) -> None:
-    server = AcceptShares.create(tmp_path, 2)
-    other = AcceptShares.open(tmp_path, 1)
-    try:
-        server.accepting(True)
-        other.accepting(True)
-        for _ in range(160):
-            other.opened()
-        for _ in range(171):  # 160 + 1 + 160 // 16
-            server.opened()
-        assert server.my_turn()
-        server.opened()
-        assert not server.my_turn()
-    finally:
-        server.close()
-        other.close()
-
-
-def test_processes_that_do_not_accept_are_not_waited_for(tmp_path: Path) -> None:
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[AcceptShares, AcceptShares]]:
+    """The server's view and one extra process's, both accepting, none held."""
     server = AcceptShares.create(tmp_path, 2)
     extra = AcceptShares.open(tmp_path, 1)
-    try:
-        server.accepting(True)
-        extra.accepting(True)
-        server.opened()
-        server.opened()
-        assert not server.my_turn()
-        server.mark_gone(1)  # it died holding no connections
-        assert server.my_turn()
-        extra.accepting(True)  # its successor joins
-        assert not server.my_turn()
-        extra.accepting(False)  # stopping
-        assert server.my_turn()
-    finally:
-        server.close()
-        extra.close()
+    server.accepting(True)
+    extra.accepting(True)
+    yield server, extra
+    server.close()
+    extra.close()
 
 
-def test_counts_never_go_below_zero(tmp_path: Path) -> None:
-    shares = AcceptShares.create(tmp_path, 2)
-    other = AcceptShares.open(tmp_path, 1)
-    try:
-        shares.accepting(True)
-        other.accepting(True)
-        shares.closed()
-        other.opened()
-        other.opened()
-        assert shares.my_turn() and not other.my_turn()
-    finally:
-        shares.close()
-        other.close()
+def test_the_slack_grows_with_the_load(pair: tuple[AcceptShares, AcceptShares]) -> None:
+    server, extra = pair
+    for _ in range(160):
+        extra.opened()
+    for _ in range(171):  # 160 + 1 + 160 // 16
+        server.opened()
+    assert server.my_turn()
+    server.opened()
+    assert not server.my_turn()
+
+
+def test_processes_that_do_not_accept_are_not_waited_for(
+    pair: tuple[AcceptShares, AcceptShares],
+) -> None:
+    server, extra = pair
+    server.opened()
+    server.opened()
+    assert not server.my_turn()
+    server.mark_gone(1)  # it died holding no connections
+    assert server.my_turn()
+    extra.accepting(True)  # its successor joins
+    assert not server.my_turn()
+    extra.accepting(False)  # stopping
+    assert server.my_turn()
+
+
+def test_counts_never_go_below_zero(pair: tuple[AcceptShares, AcceptShares]) -> None:
+    server, extra = pair
+    server.closed()
+    extra.opened()
+    extra.opened()
+    assert server.my_turn() and not extra.my_turn()
 
 
 def test_an_index_beyond_the_file_is_refused(tmp_path: Path) -> None:
@@ -94,22 +88,17 @@ def test_an_index_beyond_the_file_is_refused(tmp_path: Path) -> None:
         AcceptShares.open(tmp_path, 2)
 
 
-def test_a_stopping_process_stays_out_while_its_sessions_end(tmp_path: Path) -> None:
-    server = AcceptShares.create(tmp_path, 2)
-    extra = AcceptShares.open(tmp_path, 1)
-    try:
-        server.accepting(True)
-        extra.accepting(True)
-        for _ in range(3):
-            server.opened()
-            extra.opened()
-        extra.accepting(False)  # SIGTERM: it stops accepting, sessions go on
-        extra.closed()
-        extra.closed()
-        assert server.my_turn()  # not held back by a process that takes nobody
-    finally:
-        server.close()
-        extra.close()
+def test_a_stopping_process_stays_out_while_its_sessions_end(
+    pair: tuple[AcceptShares, AcceptShares],
+) -> None:
+    server, extra = pair
+    for _ in range(3):
+        server.opened()
+        extra.opened()
+    extra.accepting(False)  # SIGTERM: it stops accepting, sessions go on
+    extra.closed()
+    extra.closed()
+    assert server.my_turn()  # not held back by a process that takes nobody
 
 
 def test_creating_the_file_again_leaves_a_running_view_intact(tmp_path: Path) -> None:
