@@ -43,11 +43,12 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from postoffice.mail.address import Address, AddressError, mailbox_local_part, normalise_domain
 from postoffice.storage.journal import SEGMENT_SIZE, SEGMENTS, Journal, JournalError
-from postoffice.storage.safeio import fsync_dir, writev_all
+from postoffice.storage.safeio import fsync_dir, link_or_copy, writev_all
 from postoffice.storage.write_behind import WriteBehind
 
 log = logging.getLogger("postoffice.maildir")
@@ -332,12 +333,7 @@ class MaildirStore:
         try:
             for mailbox in writer.mailboxes[1:]:
                 target = mailbox / "new" / (self._namer.unique() + final[final.index(",") :])
-                try:
-                    os.link(tmp_path, target)
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP):
-                        raise
-                    _copy_durably(tmp_path, target)
+                link_or_copy(tmp_path, target, partial(_copy_durably, tmp_path))
                 stored.append(target)
                 dirs_to_sync.add(target.parent)
             first = writer.mailboxes[0] / "new" / final

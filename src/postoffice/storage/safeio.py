@@ -8,8 +8,10 @@ after, so the new name survives too.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -44,6 +46,22 @@ def syncfs(fd: int) -> None:
     if _SYNCFS(fd) != 0:  # ctypes releases the GIL for the call
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+# link(2) errors that mean "no hard link here", not "something is wrong".
+_NO_HARD_LINK = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP})
+
+
+def link_or_copy(source: Path, target: Path, copy: Callable[[Path], None]) -> None:
+    """Hard-link ``source`` as ``target`` (one message file for several
+    mailboxes); where the file system cannot -- another device, too many
+    links, no hard links -- call ``copy(target)`` to write it out instead."""
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINK:
+            raise
+        copy(target)
 
 
 def fsync_dir(path: Path) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import secrets
@@ -40,7 +39,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from postoffice.storage.journal import Journal, encode
-from postoffice.storage.safeio import SYNCFS_RELIABLE, fsync_dir, syncfs, write_all
+from postoffice.storage.safeio import (
+    SYNCFS_RELIABLE,
+    fsync_dir,
+    link_or_copy,
+    syncfs,
+    write_all,
+)
 
 if TYPE_CHECKING:
     from postoffice.storage.maildir import DeliveryWriter
@@ -229,14 +234,7 @@ class WriteBehind:
         done: list[Path] = []
         try:
             for path in paths[1:]:
-                try:
-                    os.link(tmp, path)
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP):
-                        raise
-                    other_tmp = path.parent.parent / "tmp" / path.name.split(",", 1)[0]
-                    _write_new(other_tmp, data)
-                    os.rename(other_tmp, path)
+                link_or_copy(tmp, path, partial(_write_through_tmp, data=data))
                 done.append(path)
             os.rename(tmp, first)
         except BaseException:
@@ -421,6 +419,14 @@ def _write_new(path: Path, data: bytes, sync: bool = False) -> None:
             os.unlink(path)
         raise
     os.close(fd)
+
+
+def _write_through_tmp(path: Path, data: bytes) -> None:
+    """A copy of the message at ``path`` (new/), written in that Maildir's tmp/
+    first, for a mailbox the file cannot be hard-linked into."""
+    tmp = path.parent.parent / "tmp" / path.name.split(",", 1)[0]
+    _write_new(tmp, data)
+    os.rename(tmp, path)
 
 
 def _fsync_file(path: Path) -> Path | None:

@@ -4,6 +4,7 @@ retired durably, restored after a crash, backpressure when retiring lags."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from postoffice.mail.address import Address
-from postoffice.storage import write_behind
+from postoffice.storage import safeio, write_behind
 from postoffice.storage.journal import pending_records
 from postoffice.storage.maildir import SPILL_THRESHOLD, MaildirStore
 
@@ -205,3 +206,37 @@ def test_syncfs_watches_the_mail_file_system_before_any_write(
         assert list(behind._sync_fds) == [os.stat(tmp_path / "mail").st_dev]
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("size", [3000, 400_000], ids=["journaled", "direct"])
+def test_where_no_hard_link_is_possible_each_mailbox_gets_a_copy(
+    tmp_path: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    # Mailboxes on different file systems (link(2) fails with EXDEV), both
+    # ways a message is stored: through the journal and straight to Maildir.
+    def no_link(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(safeio.os, "link", no_link)
+    s = store(tmp_path, executor)
+
+    async def run() -> list[Path]:
+        files = await deliver(s, message(7, size), ALICE, BOB)
+        await s.drain()
+        return files
+
+    files = asyncio.run(run())
+    s.close()
+    assert not os.path.samefile(files[0], files[1])  # two files
+    for who in ("alice", "bob"):
+        assert stored(tmp_path / "mail", who) == {message(7, size): 1}
+        assert list((tmp_path / "mail" / "example.test" / who / "tmp").iterdir()) == []
+
+
+def test_a_link_error_that_is_not_about_links_is_raised(tmp_path: Path) -> None:
+    source = tmp_path / "a"
+    source.write_bytes(b"x")
+    copies: list[Path] = []
+    with pytest.raises(FileNotFoundError):  # ENOENT: a real failure, not "no hard links"
+        safeio.link_or_copy(source, tmp_path / "missing" / "b", copies.append)
+    assert copies == []
