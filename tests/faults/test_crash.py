@@ -16,12 +16,20 @@ import hashlib
 import re
 import smtplib
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import ALICE, BOB, make_server, queued, raw, submission, wait_for
+from tests.support.helpers import (
+    ALICE,
+    BOB,
+    make_server,
+    queued,
+    raw,
+    send_until_killed,
+    submission,
+    wait_for,
+)
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.faults
@@ -65,32 +73,19 @@ def stored_tags(srv: PostofficeServer, address: str) -> dict[str, int]:
 def load_until_killed(srv: PostofficeServer, kill_after: int, round_: int) -> list[str]:
     """Clients send big two-recipient messages until the server is killed
     after ``kill_after`` acknowledgements; returns the acknowledged tags."""
-    acknowledged: list[str] = []
-    lock = threading.Lock()
 
-    def client(n: int) -> None:
-        for i in range(100):  # bounded; the kill comes first
-            tag = f"r{round_}-c{n}-m{i}"
-            lines = 4000 if (n + i) % 2 else 200  # 320 kB (streams to tmp/) or 16 kB
-            try:
-                with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=20) as s:
-                    s.sendmail("load@remote.test", [ALICE, BOB], message(tag, lines))
-            except (OSError, smtplib.SMTPException):
-                return
-            with lock:
-                acknowledged.append(tag)
+    def big_or_small(tag: str) -> bytes:
+        n, i = (int(part[1:]) for part in tag.split("-")[1:])
+        return message(tag, 4000 if (n + i) % 2 else 200)  # 320 kB (streams to tmp/) or 16 kB
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while len(acknowledged) < kill_after and time.monotonic() < deadline:
-        time.sleep(0.005)
-    srv.kill()
-    for t in threads:
-        t.join(30)
-    assert len(acknowledged) >= kill_after
-    return list(acknowledged)
+    return send_until_killed(
+        srv,
+        clients=6,
+        kill_after=kill_after,
+        message=big_or_small,
+        rcpts=[ALICE, BOB],
+        prefix=f"r{round_}-",
+    )
 
 
 def test_kill_9_during_local_delivery_loses_and_repeats_nothing(tmp_path: Path) -> None:

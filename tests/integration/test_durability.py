@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import smtplib
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from postoffice.storage.journal import pending_records
+from tests.support.helpers import send_until_killed
 from tests.support.server import PostofficeServer
 
 
@@ -18,36 +16,19 @@ def test_sigkill_during_load_loses_no_acknowledged_message(tmp_path: Path) -> No
     srv = PostofficeServer(tmp_path)
     srv.add_user("alice@example.test", "alice-password-1")
     srv.start()
-    acknowledged: list[str] = []
-    lock = threading.Lock()
-    stop = threading.Event()
+    body = (b"x" * 78 + b"\r\n") * 250  # 20 kB in 80-octet lines
 
-    def client(n: int) -> None:
-        body = (b"x" * 78 + b"\r\n") * 250  # 20 kB in 80-octet lines
-        for i in range(200):  # bounded; the kill usually comes first
-            if stop.is_set():
-                return
-            tag = f"c{n}-m{i}"
-            msg = f"Subject: {tag}\r\nX-Tag: {tag}\r\n\r\n".encode() + body + b"\r\n"
-            try:
-                with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
-                    s.sendmail("load@remote.test", ["alice@example.test"], msg)
-            except (OSError, smtplib.SMTPException):
-                return
-            with lock:
-                acknowledged.append(tag)
+    def tagged(tag: str) -> bytes:
+        return f"Subject: {tag}\r\nX-Tag: {tag}\r\n\r\n".encode() + body + b"\r\n"
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while len(acknowledged) < 40 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    srv.kill()
-    stop.set()
-    for t in threads:
-        t.join(30)
-    assert len(acknowledged) >= 40
+    acknowledged = send_until_killed(
+        srv,
+        clients=8,
+        kill_after=40,
+        message=tagged,
+        rcpts=["alice@example.test"],
+        per_client=200,
+    )
 
     srv.start()  # recovery on restart must not disturb stored mail
     stored: dict[str, int] = {}
@@ -70,36 +51,20 @@ def test_unflushed_files_cut_short_by_a_power_cut_are_restored(tmp_path: Path) -
     srv = PostofficeServer(tmp_path)
     srv.add_user("alice@example.test", "alice-password-1")
     srv.start()
-    acknowledged: list[str] = []
-    lock = threading.Lock()
-    stop = threading.Event()
     body = (b"y" * 78 + b"\r\n") * 40
 
-    def client(n: int) -> None:
-        with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
-            for i in range(500):  # bounded; the kill comes first
-                if stop.is_set():
-                    return
-                tag = f"c{n}-m{i}"
-                msg = f"Subject: {tag}\r\nX-Tag: {tag}\r\n\r\n".encode() + body
-                try:
-                    s.sendmail("load@remote.test", ["alice@example.test"], msg)
-                except (OSError, smtplib.SMTPException):
-                    return
-                with lock:
-                    acknowledged.append(tag)
+    def tagged(tag: str) -> bytes:
+        return f"Subject: {tag}\r\nX-Tag: {tag}\r\n\r\n".encode() + body
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while len(acknowledged) < 300 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    srv.kill()
-    stop.set()
-    for t in threads:
-        t.join(30)
-    assert len(acknowledged) >= 300
+    acknowledged = send_until_killed(
+        srv,
+        clients=8,
+        kill_after=300,
+        message=tagged,
+        rcpts=["alice@example.test"],
+        per_client=500,
+        one_connection=True,
+    )
 
     unretired = pending_records(srv.data_dir / "journal")
     for record in unretired:

@@ -7,7 +7,9 @@ attacker (or a crowd) would.
 from __future__ import annotations
 
 import base64
+import smtplib
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -92,3 +94,59 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def send_until_killed(
+    srv: PostofficeServer,
+    *,
+    clients: int,
+    kill_after: int,
+    message: Callable[[str], bytes],
+    rcpts: list[str],
+    per_client: int = 100,
+    one_connection: bool = False,
+    prefix: str = "",
+) -> list[str]:
+    """``clients`` threads send tagged messages (``message(tag)``, tags
+    ``{prefix}c<n>-m<i>``) to ``rcpts`` -- a connection per message, or one
+    per client with ``one_connection`` -- and the server is killed (-9) once
+    ``kill_after`` were acknowledged.  Returns the acknowledged tags."""
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def send(s: smtplib.SMTP, tag: str) -> None:
+        s.sendmail("load@remote.test", rcpts, message(tag))
+        with lock:
+            acknowledged.append(tag)
+
+    def client(n: int) -> None:
+        tags = (f"{prefix}c{n}-m{i}" for i in range(per_client))  # bounded; the kill comes first
+        try:
+            if one_connection:
+                with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
+                    for tag in tags:
+                        if stop.is_set():
+                            return
+                        send(s, tag)
+            else:
+                for tag in tags:
+                    if stop.is_set():
+                        return
+                    with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=20) as s:
+                        send(s, tag)
+        except (OSError, smtplib.SMTPException):
+            return
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < kill_after and time.monotonic() < deadline:
+        time.sleep(0.005)
+    srv.kill()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert len(acknowledged) >= kill_after
+    return list(acknowledged)
