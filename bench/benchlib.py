@@ -371,7 +371,7 @@ class Postoffice:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-# --- the anchor stack (Postfix + Dovecot, /work/shared/bench) ---------------------------------
+# --- the anchor stack (Postfix + Dovecot, ../shared/bench) ---------------------------------
 @dataclass
 class Anchor:
     bench: Path  # the shared bench directory (scripts)

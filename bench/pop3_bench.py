@@ -2,7 +2,7 @@
 """POP3 retrieval benchmark: postoffice beside Dovecot, same machine, same client.
 
     python bench/pop3_bench.py [--count 10000] [--size 10240] [--runs 3]
-                               [--dovecot auto|no|up] [--bench-dir /work/shared/bench]
+                               [--dovecot auto|no|up] [--bench-dir ../shared/bench]
 
 What it does:
 
@@ -162,7 +162,9 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=10_240)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dovecot", choices=["auto", "no", "up"], default="auto")
-    ap.add_argument("--bench-dir", type=Path, default=Path("/work/shared/bench"))
+    ap.add_argument(
+        "--bench-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench"
+    )
     a = ap.parse_args()
     if not (a.bench_dir / "pop3-load.py").is_file():
         raise SystemExit(f"need pop3-load.py and maildir-fill.py in {a.bench_dir}")

@@ -12,12 +12,12 @@ each transaction to a file on tmpfs.  We time
 
 postoffice is started by this script (a temporary data dir, ``[relay]
 smarthost`` = the sink, user load@example.test), and stopped by its PID.
-Postfix is the bench anchor stack (/work/shared/bench/anchor-stack.sh) run as
+Postfix is the bench anchor stack (../shared/bench/anchor-stack.sh) run as
 a second instance whose relayhost is the sink, e.g.::
 
     ANCHOR_ROOT=/tmp/anchor-relay ANCHOR_SMTP_PORT=11025 ANCHOR_SUBMISSION_PORT=11587 \\
     ANCHOR_POP3_PORT=11110 ANCHOR_POP3S_PORT=11995 ANCHOR_RELAYHOST='[127.0.0.1]:12526' \\
-        /work/shared/bench/anchor-stack.sh up
+        ../shared/bench/anchor-stack.sh up
     python3 bench/relay_bench.py --postfix 127.0.0.1:11587 --sink-port 12526 --runs 3
 
 Runs alternate (postoffice, Postfix, postoffice, ...) so drift hits both; the

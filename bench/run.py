@@ -2,7 +2,7 @@
 """postoffice beside Postfix + Dovecot: every hot-path workload, one table.
 
     python bench/run.py [--runs 3] [--only smtp,relay,pop3,login,idle] [--quick]
-                        [--anchor auto|up|no] [--bench-dir /work/shared/bench]
+                        [--anchor auto|up|no] [--bench-dir ../shared/bench]
                         [--json results.jsonl]
 
 What it does:
@@ -607,10 +607,17 @@ def stop_anchors(bench: Path, started: list[dict[str, str]]) -> None:
 
 
 def find_bench(explicit: Path | None) -> Path:
-    for cand in (explicit, Path("/work/shared/bench"), REPO.parent / "shared" / "bench"):
+    """The shared bench tools: ``--bench-dir``, else ``$POSTOFFICE_BENCH_DIR``, else
+    ``shared/bench`` beside the repository (the steering checkout's layout)."""
+    env = os.environ.get("POSTOFFICE_BENCH_DIR")
+    default = REPO.parent / "shared" / "bench"
+    for cand in (explicit, Path(env) if env else None, default):
         if cand is not None and (cand / "smtp-load.sh").is_file():
             return cand
-    raise SystemExit("shared bench tools not found; give --bench-dir (needs smtp-load.sh, ...)")
+    raise SystemExit(
+        f"shared bench tools not found in {explicit or env or default};"
+        " give --bench-dir or set POSTOFFICE_BENCH_DIR (needs smtp-load.sh, ...)"
+    )
 
 
 def main() -> int:

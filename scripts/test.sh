@@ -4,14 +4,37 @@
 #   bash scripts/test.sh -m abuse   # extra arguments go to pytest
 # System packages (real peers and clients the tests talk to) are installed
 # with apt-get when running as root or with passwordless sudo.
+#
+# What is checked is a capability (a program, a Perl module), never only a
+# package name: `apt-get install --no-install-recommends swaks` leaves out
+# the Perl TLS modules swaks needs for STARTTLS, and an image may have a
+# package half-removed.  Each line: the shell test, then the packages that
+# provide it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(swaks curl fetchmail mpop msmtp dnsmasq-base postfix openssl opendkim
-              dovecot-core dovecot-pop3d)
+CAPABILITIES=(
+  "command -v swaks|swaks"
+  "perl -MNet::SSLeay -MIO::Socket::SSL -e1|libnet-ssleay-perl libio-socket-ssl-perl"
+  "command -v curl|curl"
+  "command -v fetchmail|fetchmail"
+  "command -v mpop|mpop"
+  "command -v msmtp|msmtp"
+  "command -v gnutls-cli|gnutls-bin"
+  "command -v openssl|openssl"
+  "test -x /usr/sbin/dnsmasq|dnsmasq-base"
+  "test -x /usr/sbin/postfix && test -x /usr/sbin/smtp-sink && test -x /usr/sbin/smtp-source|postfix"
+  "test -x /usr/sbin/opendkim|opendkim"
+  "test -x /usr/sbin/dovecot|dovecot-core"
+  "test -x /usr/lib/dovecot/pop3|dovecot-pop3d"
+)
 missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+for entry in "${CAPABILITIES[@]}"; do
+  check=${entry%%|*}
+  if ! bash -c "$check" >/dev/null 2>&1; then
+    read -r -a pkgs <<<"${entry#*|}"
+    missing+=("${pkgs[@]}")
+  fi
 done
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
@@ -29,6 +52,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   [ -z "$policy" ] || $SUDO rm -f "$policy"
+  for entry in "${CAPABILITIES[@]}"; do  # installed, but still not usable: say so now
+    bash -c "${entry%%|*}" >/dev/null 2>&1 || echo "warning: still missing after install: ${entry%%|*}" >&2
+  done
 fi
 
 PYTHON=${PYTHON:-python3}

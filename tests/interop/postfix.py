@@ -9,7 +9,7 @@ log — lives under a directory made for it (not under pytest's 0700 temp
 tree: Postfix's daemons run as the ``postfix`` user and must reach it).  It
 is started with ``postfix -c DIR start`` and stopped with ``postfix -c DIR
 stop``, then by its master's PID if it lingers.  The layout follows
-/work/shared/bench/anchor-stack.sh: no chroot, loopback listeners only.
+../shared/bench/anchor-stack.sh: no chroot, loopback listeners only.
 """
 
 from __future__ import annotations
