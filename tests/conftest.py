@@ -43,9 +43,13 @@ def require_program():  # type: ignore[no-untyped-def]
     """
     import os
     import shutil
+    import sys
 
     def find(name: str) -> str:
-        for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
+        # Beside the interpreter too: a venv's console scripts (dkimverify)
+        # are there even when its bin/ is not on PATH.
+        beside = os.path.join(os.path.dirname(sys.executable), name)
+        for candidate in (shutil.which(name), beside, f"/usr/sbin/{name}", f"/usr/bin/{name}"):
             if candidate and os.access(candidate, os.X_OK):
                 return candidate
         if os.environ.get("CI"):
