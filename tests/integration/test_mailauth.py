@@ -26,6 +26,9 @@ from tests.unit.policy.dns import auth_dns, start_keeping_port
 
 BOB = "bob@receiver.test"
 RX_HOST = "mx.receiver.test"
+# A signed field (RFC 6376 §5.4.1), one line of 2,431 octets.
+LONG_HEADER = b"Subject: signed on the way out " + b"r" * 1200 + b" " + b"s" * 1200
+LONG_BODY = bytes(range(33, 127)) * 26 + b"x" * 56  # 2,500 octets
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +210,9 @@ def zone_records(cli_output: str) -> dict[str, str]:
 
 
 def test_submitted_mail_is_signed_once_and_verified_by_the_receiver(tmp_path: Path) -> None:
+    """With lines over 998 octets in header and body: the relayed copy is folded
+    (as Postfix's smtp_line_length_limit does) and signed in that form, so the
+    receiver's dkimpy finds both signatures good; the local copy keeps them whole."""
     (tmp_path / "dns").mkdir()
     dns = auth_dns(
         tmp_path / "dns",
@@ -251,7 +257,10 @@ def test_submitted_mail_is_signed_once_and_verified_by_the_receiver(tmp_path: Pa
                 "alice@example.test",
                 [BOB, "carol@example.test"],
                 b"From: Alice <alice@example.test>\r\nTo: bob@receiver.test\r\n"
-                b"Subject: signed on the way out\r\n\r\nHi Bob.\r\n",
+                + LONG_HEADER
+                + b"\r\n\r\nHi Bob.\r\n"
+                + LONG_BODY
+                + b"\r\n",
             )
         assert wait_for(lambda: len(receiver.messages(BOB)) == 1, 30), sender.log()
         content = receiver.messages(BOB)[0].read_bytes()
@@ -259,9 +268,14 @@ def test_submitted_mail_is_signed_once_and_verified_by_the_receiver(tmp_path: Pa
         ar = auth_results(content, helo="mail.example.test")
         assert ar.count("dkim=pass") == 2 and "header.d=example.test" in ar
         assert "spf=pass" in ar and "dmarc=pass" in ar
+        assert max(len(line) for line in content.split(b"\n")) <= 998
+        assert content.replace(b"\n ", b"").endswith(b"\nHi Bob.\n" + LONG_BODY + b"\n")
         # The local copy was not signed: local deliveries need no signature.
         local = sender.messages("carol@example.test")
         assert len(local) == 1 and b"DKIM-Signature" not in local[0].read_bytes()
+        assert (
+            local[0].read_bytes().endswith(LONG_HEADER + b"\n\nHi Bob.\n" + LONG_BODY + b"\n")
+        )  # kept whole, byte for byte
     finally:
         sender.stop()
         receiver.stop()

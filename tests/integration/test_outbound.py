@@ -337,6 +337,35 @@ def test_alias_to_remote_forwards_through_the_queue_and_bounces_are_not_bounced(
         srv.stop()
 
 
+def test_long_lines_go_out_folded_and_stay_whole_locally(
+    tmp_path: Path, dns: Dnsmasq, port: int, sinks: list[SmtpSink]
+) -> None:
+    """#11 item 2: a 2,500-octet line, forwarded off-site by an alias, reaches the
+    peer folded as Postfix's smtp_line_length_limit folds it (CRLF SPACE after
+    998 octets); the local recipient's copy keeps the line as it came."""
+    mx1 = sink(sinks, tmp_path, MX1, port)
+    srv = make_server(tmp_path, dns, port)
+    srv.cli("alias", "add", "team@example.test", "bob@example.test", "carol@remote.test")
+    srv.start()
+    line = bytes(range(33, 127)) * 26 + b"x" * 56
+    try:
+        with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=15) as client:
+            client.sendmail(
+                "app@elsewhere.test",
+                ["team@example.test"],
+                b"From: app@elsewhere.test\r\nSubject: report\r\n\r\n.x\r\n" + line + b"\r\n",
+            )
+        assert wait_for(lambda: len(mx1.messages()) == 1)
+        dump = mx1.messages()[0]
+        folded = line[:998] + b"\n " + line[998:1995] + b"\n " + line[1995:]
+        assert b"\n.x\n" + folded + b"\n" in dump
+        assert max(len(row) for row in dump.split(b"\n")) <= 998
+        (local,) = srv.messages("bob@example.test")
+        assert local.read_bytes().endswith(b"Subject: report\n\n.x\n" + line + b"\n")
+    finally:
+        srv.stop()
+
+
 def test_relay_to_a_second_postoffice_over_starttls(
     tmp_path: Path, dns: Dnsmasq, sinks: list[SmtpSink]
 ) -> None:

@@ -38,6 +38,7 @@ pytestmark = pytest.mark.interop
 
 MX = "127.0.0.2"
 ALICE = "alice@example.test"
+LONG_LINE = b"=" * 20 + bytes(range(33, 127)) * 26 + b" x" * 18  # 2,500 octets
 
 
 def txt_lines(output: str) -> dict[str, str]:
@@ -96,7 +97,9 @@ def signed_message(
                 "From: Alice <alice@example.test>\r\nTo: bob@remote.test\r\n"
                 "Subject: =?utf-8?q?interop_=C3=A9t=C3=A9?=\r\nMIME-Version: 1.0\r\n"
                 "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
-                "\r\nCaf\u00e9  with   spaces \t\r\n\r\n.leading dot\r\n\r\n\r\n".encode(),
+                "\r\nCaf\u00e9  with   spaces \t\r\n\r\n.leading dot\r\n\r\n\r\n".encode()
+                + LONG_LINE
+                + b"\r\n",
             )
         assert wait_for(lambda: len(sink.messages()) == 1, 30), srv.log()
         received = sink.messages()[0]
@@ -106,6 +109,9 @@ def signed_message(
         server_dns.stop()
     # smtp-sink puts its own X- fields on top; they are not signed and may stay.
     assert received.count(b"DKIM-Signature:") == 2
+    # The long line went out folded (#11 item 2), and was signed that way.
+    assert max(len(line) for line in received.split(b"\n")) <= 998
+    assert received.replace(b"\n ", b"").endswith(LONG_LINE + b"\n\n")
     yield received, records
 
 

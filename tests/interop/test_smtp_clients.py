@@ -114,6 +114,21 @@ def test_swaks_sees_refusals(server: PostofficeServer, require_program, tmp_path
     assert server.messages(ALICE) == []
 
 
+def test_swaks_long_body_line_is_stored_byte_identical(
+    server: PostofficeServer, require_program, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A 2,500-octet body line (a badly written program's mail): Postfix keeps it
+    whole, and so must we (#11 item 2), not bounce it with 554 5.6.0."""
+    line = "".join(chr(c) for c in range(33, 127)) * 26 + "x" * 56
+    assert len(line) == 2500
+    args = swaks(require_program, server, "smtp", "--from", "app@remote.test", "--to", ALICE,
+                 "--header", "Subject: report", "--body", f"start\n{line}\nend")  # fmt: skip
+    result = run(args, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "<** " not in result.stdout
+    assert f"\n\nstart\n{line}\nend\n".encode() in one(server, ALICE)
+
+
 # --- msmtp -------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ default.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
 import tomllib
@@ -69,7 +70,21 @@ class LimitSettings:
     smtp_timeout: float = 300.0  # seconds idle waiting for a command (RFC 5321 §4.5.3.2.7)
     smtp_data_timeout: float = 180.0  # seconds between DATA blocks (RFC 5321 §4.5.3.2.6)
     pop3_timeout: float = 600.0  # seconds idle (RFC 1939 §3: at least 10 minutes)
-    max_errors: int = 20  # bad commands in one session before it is closed
+    # Errors in one SMTP session (bad commands, refused recipients, any other
+    # 5xx reply) before it is closed with 421 4.7.0, right after the reply to
+    # the last one, even inside a pipelined batch; a message accepted with
+    # 250 starts the count again (Postfix's smtpd_hard_error_limit).  POP3
+    # closes a session after this many bad commands.
+    max_errors: int = 20
+    # Errors after which every further SMTP reply waits error_delay seconds
+    # (Postfix's smtpd_soft_error_limit and smtpd_error_sleep_time); the
+    # delays of one session add up to at most smtp_timeout, then it is closed.
+    soft_errors: int = 10
+    error_delay: float = 1.0
+    # Octets in one line of a message (header or body, without its line end).
+    # Lines over 998 (RFC 5322 §2.1.1) are stored whole and folded when
+    # relayed; a longer one is refused with 554 5.6.0 after the data.
+    max_line_length: int = 64 * 1024
     shutdown_grace: float = 10.0  # seconds sessions get to finish on SIGTERM
     # Processes accepting on the smtp listener (SO_REUSEPORT: the kernel spreads
     # connections over them); 0: one per CPU.  The caps above apply per process.
@@ -256,7 +271,7 @@ class _Loader:
             source=self.source,
             listen=self.listen(top.get("listen", {})),
             tls=self.tls(top.get("tls", {})),
-            limits=self.numbers(top.get("limits", {}), "limits", LimitSettings),
+            limits=self.limits(top.get("limits", {})),
             auth=self.numbers(top.get("auth", {}), "auth", AuthSettings),
             relay=self.relay(top.get("relay", {})),
             checks=self.checks(top.get("checks", {})),
@@ -372,6 +387,15 @@ class _Loader:
                 raise self.fail(f"{key}.{f.name}", "must be greater than 0")
             values[f.name] = value
         return kind(**values)
+
+    def limits(self, raw: Any) -> LimitSettings:
+        limits = self.numbers(raw, "limits", LimitSettings)
+        if limits.max_line_length < 998:
+            # Shorter would refuse mail that RFC 5322 §2.1.1 allows.
+            raise self.fail("limits.max_line_length", "must be at least 998")
+        if not math.isfinite(limits.error_delay):
+            raise self.fail("limits.error_delay", "must be a finite number")
+        return limits
 
     def relay(self, raw: Any) -> RelaySettings:
         table = self.table(raw, "relay", RelaySettings)

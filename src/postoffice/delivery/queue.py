@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 from postoffice.delivery.content import MessageTraits, TraitScanner
 from postoffice.mail.address import Address
+from postoffice.mail.folding import LineFolder
 from postoffice.storage.maildir import DeliveryError
 from postoffice.storage.safeio import fsync_dir, write_all
 
@@ -656,7 +657,12 @@ class QueueStore:
 
 class QueueWriter:
     """One message on its way into the queue.  ``write`` takes LF-form
-    content; ``commit`` makes it durable and returns the queue id."""
+    content; ``commit`` makes it durable and returns the queue id.
+
+    Lines longer than SMTP allows are folded on the way in (mail/folding.py),
+    so the queue holds the message as it will go on the wire: its traits
+    (SIZE) are exact and a DKIM signature made at commit covers that form.
+    """
 
     def __init__(
         self,
@@ -670,6 +676,7 @@ class QueueWriter:
         self._header = envelope.header_line()
         self._buffer = bytearray(self._header)
         self._scanner = TraitScanner()
+        self._folder = LineFolder()
         self._fd: int | None = None
         self._tmp_path: Path | None = None
         self._closed = False
@@ -681,6 +688,7 @@ class QueueWriter:
     async def write(self, data: bytes) -> None:
         if self._closed:
             raise RuntimeError("writer already committed or discarded")
+        data = self._folder.feed(data)
         self._scanner.feed(data)
         self._buffer += data
         if len(self._buffer) >= SPILL_THRESHOLD:
@@ -701,9 +709,12 @@ class QueueWriter:
 
     def finish_blocking(self, chunk: bytes, head: Callable[[bytes], bytes] | None = None) -> None:
         """Write ``chunk`` (with ``head(chunk)`` first, if given), fsync and
-        rename into the queue; the caller fsyncs the directory."""
+        rename into the queue; the caller fsyncs the directory.  With ``head``,
+        ``chunk`` is the whole message, not yet folded: it is folded first,
+        so ``head`` (the DKIM signer) sees what will be sent."""
         try:
             if head is not None:
+                chunk = self._folder.feed(chunk)
                 top = head(chunk)
                 self._scanner.feed(top)
                 self._scanner.feed(chunk)

@@ -98,7 +98,9 @@ class SmtpSession:
         self.conn = conn
         self.mode = mode
         limits = services.settings.limits
-        self.core = SmtpServerCore(max_message_size=limits.max_message_size)
+        self.core = SmtpServerCore(
+            max_message_size=limits.max_message_size, max_text_line=limits.max_line_length
+        )
         self.core.tls = conn.tls  # implicit TLS (465): no STARTTLS to offer
         self.client_ip = conn.peer[0]
         self.helo = ""
@@ -110,6 +112,10 @@ class SmtpSession:
         self._auth_mech = ""
         self._start_tls = False
         self._checks_apply: bool | None = None  # inbound checks for this client (once)
+        # Errors (5xx replies) since the session began or last had a message
+        # accepted, and the seconds it has been held back for them.
+        self.errors = 0
+        self._error_delays = 0.0
 
     # --- the loop --------------------------------------------------------------
     async def run(self) -> None:
@@ -156,14 +162,6 @@ class SmtpSession:
                 if self._start_tls:
                     self._start_tls = False
                     await self.conn.start_tls(self.s.tls, TLS_HANDSHAKE_TIMEOUT)
-                if self.core.error_count > limits.max_errors:
-                    self.conn.write(
-                        self.core.send_unsolicited(
-                            Reply(421, f"{hostname} Too many errors, closing", "4.7.0")
-                        )
-                    )
-                    log.warning("smtp too many errors client=%s", self.client_ip)
-                    break
         except (ConnectionClosed, ConnectionError, TimeoutError):
             pass
         except Exception as exc:  # a TLS failure and the like: never the whole server
@@ -177,8 +175,16 @@ class SmtpSession:
             if isinstance(event, DataChunk):
                 await self._data_chunk(event.data, event.newlines)
                 continue
-            reply = await self._answer(event)
+            if await self._hold_back():
+                reply = await self._answer(event)
+            else:
+                reply = self._too_many_errors()
             self.out.append(self.core.send(reply))
+            if self._count_error(event, reply):
+                # The 421 follows the reply that reached the limit at once:
+                # the rest of a pipelined batch is never answered (closing the
+                # core drops it).
+                self.out.append(self.core.send_unsolicited(self._too_many_errors()))
             if isinstance(event, StartTls) and reply.code == 220:
                 self._start_tls = True
                 # RFC 3207 §4.2: forget everything learnt before TLS, login included.
@@ -188,6 +194,37 @@ class SmtpSession:
                 return  # nothing after STARTTLS is read as plaintext (RFC 3207 §4.2)
             if self.core.closed:
                 return
+
+    # --- errors (Postfix's smtpd_soft/hard_error_limit) -------------------------------
+    async def _hold_back(self) -> bool:
+        """Past ``soft_errors``, wait ``error_delay`` before answering (an
+        asyncio sleep: other sessions go on).  The waits of one session add up
+        to at most ``smtp_timeout``, so they never hold a connection slot
+        longer than an idle client could; False once that is spent."""
+        limits = self.s.settings.limits
+        if self.errors < limits.soft_errors or limits.error_delay <= 0:
+            return True
+        if self._error_delays + limits.error_delay > limits.smtp_timeout:
+            log.warning("smtp too many errors client=%s errors=%d", self.client_ip, self.errors)
+            return False
+        self._error_delays += limits.error_delay
+        await asyncio.sleep(limits.error_delay)
+        return True
+
+    def _count_error(self, event: Event, reply: Reply) -> bool:
+        """Count a 5xx (a bad command, an unknown or refused recipient, ...);
+        True when the session has reached ``max_errors`` and must close."""
+        if isinstance(event, DataComplete) and reply.code == 250:
+            self.errors = 0  # a delivered message forgives earlier errors, as in Postfix
+        elif reply.code >= 500:
+            self.errors += 1
+        if self.errors < self.s.settings.limits.max_errors or self.core.closed:
+            return False
+        log.warning("smtp too many errors client=%s errors=%d", self.client_ip, self.errors)
+        return True
+
+    def _too_many_errors(self) -> Reply:
+        return Reply(421, f"{self.s.settings.hostname} Too many errors, closing", "4.7.0")
 
     # --- answers -------------------------------------------------------------------
     async def _answer(self, event: Event) -> Reply:
@@ -460,9 +497,10 @@ class SmtpSession:
                 554, "Bare CR in message content is not allowed (RFC 5321 §2.3.8)", "5.6.0"
             )
         if event.line_too_long:
-            return Reply(
-                554, "Message has a line longer than 998 octets (RFC 5322 §2.1.1)", "5.6.0"
-            )
+            # Lines over 998 octets are kept (and folded when relayed); past
+            # this bound the message is refused (the decoder streamed it).
+            longest = self.s.settings.limits.max_line_length
+            return Reply(554, f"Message has a line longer than {longest} octets", "5.6.0")
         headers = tx.gate.headers()
         if tx.gate.header_overflow or len(headers) >= MAX_HEADER_BLOCK:
             # Nothing after the first MAX_HEADER_BLOCK octets is parsed, so a

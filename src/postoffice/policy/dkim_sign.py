@@ -4,7 +4,9 @@ The SMTP session wraps the queue writer of an authenticated submission in
 ``DkimSigner.wrap``: the message (already with our Received:, Date: and
 Message-ID:) is collected, signed in a worker thread, and written to the
 queue with its DKIM-Signature fields on top.  Each message is signed once,
-here; the queue and the couriers send it as stored.  Mail that arrives on
+here; the queue and the couriers send it as stored.  What is signed is the
+form that goes on the wire: lines over 998 octets folded (mail/folding.py),
+which the queue does before it calls the signer.  Mail that arrives on
 the ``smtp`` listener is never signed, even when an alias sends it on:
 signing it would vouch for content we did not check.
 
@@ -27,6 +29,7 @@ from typing import Any, Protocol
 
 import dkim
 
+from postoffice.mail.folding import fold_lines
 from postoffice.policy.dkim_keys import RSA, DkimKeyError, KeyStore, SigningKey
 from postoffice.policy.dmarc import author_domains, organizational_domain
 
@@ -122,8 +125,10 @@ class SigningWriter:
         self._held.clear()
         commit_with_head = getattr(self._inner, "commit_with_head", None)
         if commit_with_head is not None:
-            # The queue signs in the thread that stores the message: one trip.
+            # The queue folds long lines and signs in the thread that stores
+            # the message: one trip, and the signature covers the folded form.
             return await commit_with_head(message, self._signer.sign_blocking)
+        message = fold_lines(message)  # sign what will be sent
         signatures = await self._signer.sign(message)
         if signatures:
             await self._inner.write(signatures)

@@ -130,6 +130,18 @@ def test_limits_and_auth_sections(tmp_path: Path) -> None:
     assert settings.auth == AuthSettings(True, 0, 2.5)
 
 
+def test_error_and_line_limits(tmp_path: Path) -> None:
+    default = load(tmp_path, "").limits
+    assert (default.max_errors, default.soft_errors, default.error_delay) == (20, 10, 1.0)
+    assert default.max_line_length == 65536
+    settings = load(
+        tmp_path,
+        "[limits]\nmax_errors = 5\nsoft_errors = 0\nerror_delay = 0\nmax_line_length = 998\n",
+    )
+    assert (settings.limits.max_errors, settings.limits.soft_errors) == (5, 0)
+    assert settings.limits.error_delay == 0.0 and settings.limits.max_line_length == 998
+
+
 def test_relay_section(tmp_path: Path) -> None:
     settings = load(
         tmp_path,
@@ -207,6 +219,10 @@ def test_unknown_keys_are_refused_with_their_dotted_name(
         ("[limits]\nmax_recipients = 1.5\n", "limits.max_recipients", "must be an integer"),
         ("[limits]\nmax_recipients = 0\n", "limits.max_recipients", "greater than 0"),
         ("[limits]\nsmtp_timeout = -5\n", "limits.smtp_timeout", "negative"),
+        ("[limits]\nmax_line_length = 997\n", "limits.max_line_length", "at least 998"),
+        ("[limits]\nerror_delay = nan\n", "limits.error_delay", "finite"),
+        ("[limits]\nerror_delay = inf\n", "limits.error_delay", "finite"),
+        ("[limits]\nsoft_errors = -1\n", "limits.soft_errors", "negative"),
         ("[limits]\nsmtp_timeout = '5'\n", "limits.smtp_timeout", "must be a number, not a string"),
         (
             "[auth]\nallow_plaintext_loopback = 1\n",

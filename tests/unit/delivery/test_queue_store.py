@@ -321,7 +321,7 @@ def test_begin_and_read_locks_and_reads_in_one_call_and_change_ends_it(
 def test_begin_and_read_leaves_a_long_message_to_be_read_on(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
-    content = b"Subject: s\n\n" + b"z" * 5000 + b"\n"
+    content = b"Subject: s\n\n" + (b"z" * 99 + b"\n") * 50
     store, _queue_id, (entry,) = queue(tmp_path, executor, content)
     status, fd, first = store.begin_and_read_blocking(entry, 1000)
     assert status == "ok" and fd is not None and first is None
@@ -352,3 +352,48 @@ def test_end_removes_a_state_file_unless_told_there_is_none(
     assert fd2 is not None
     assert store2.end_blocking(queue_id2, fd2, None, has_state=False) is False
     assert sorted(p.name for p in store2.dir.iterdir()) == ["tmp"]
+
+
+# --- lines over 998 octets (mail/folding.py) -------------------------------------
+
+LONG = b"L" * 2500
+
+
+def test_long_lines_are_folded_as_they_enter_the_queue(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    content = b"Subject: long\n\n" + LONG + b"\nend\n"
+    store, _queue_id, committed = queue(tmp_path, executor, content)  # 1000-octet writes
+    (entry,) = committed
+    stored = body_of(store, entry)
+    assert stored == b"Subject: long\n\n" + LONG[:998] + b"\n " + LONG[998:1995] + b"\n " + (
+        LONG[1995:] + b"\nend\n"
+    )
+    assert max(len(line) for line in stored.split(b"\n")) == 998
+    assert entry.traits is not None  # SIZE is that of what is sent
+    assert entry.traits.crlf_size == len(stored) + stored.count(b"\n")
+
+
+def test_commit_with_head_signs_the_folded_form(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store = QueueStore(tmp_path / "queue", executor)
+    store.ensure_dirs()
+    content = b"From: alice@example.test\nX-Long: " + LONG + b"\n\n" + LONG + b"\n"
+    seen: list[bytes] = []
+    committed: list[QueueEntry] = []
+
+    def sign(message: bytes) -> bytes:
+        seen.append(message)
+        return b"DKIM-Signature: v=1; b=abc\n"
+
+    async def go() -> str:
+        writer = store.writer(ALICE, [BOB], on_commit=committed.append)
+        return await writer.commit_with_head(content, sign)
+
+    asyncio.run(go())
+    (signed,) = seen
+    assert max(len(line) for line in signed.split(b"\n")) == 998
+    assert signed.replace(b"\n ", b"") == content.replace(b"\n ", b"")  # only breaks added
+    (entry,) = committed
+    assert body_of(store, entry) == b"DKIM-Signature: v=1; b=abc\n" + signed

@@ -395,3 +395,27 @@ def test_newlines_counts_the_lfs_of_each_feed(
             assert decoder.newlines == content.count(b"\n")
         else:
             assert decoder.oversize
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 3000), min_size=1, max_size=6),
+    limit=st.sampled_from([998, 2048, 2500, 65536]),
+    cuts=st.lists(st.integers(0, 20000), max_size=6),
+)
+def test_long_lines_pass_whole_up_to_the_bound_for_any_split(
+    lengths: list[int], limit: int, cuts: list[int]
+) -> None:
+    """The session's bound (``[limits] max_line_length``) is far above 998: lines
+    up to it come out whole and unflagged whatever the chunking, one octet over
+    it is flagged, and no line is ever held back whole (the decoder streams)."""
+    lines = [bytes([0x61 + i % 26]) * n for i, n in enumerate(lengths)]
+    stream = b"".join(line + b"\r\n" for line in lines) + b".\r\nQUIT\r\n"
+    got = decode(_split(stream, cuts), max_line=limit)
+    assert got.content == b"".join(line + b"\n" for line in lines)
+    assert got.line_too_long is (max(lengths) > limit)
+    assert got.rest == b"QUIT\r\n"
+    decoder = DataDecoder(10**9, limit)
+    for piece in _split(stream, cuts):
+        decoder.feed(piece)
+        assert len(decoder._tail) <= 4  # held back: at most a partial end of data
