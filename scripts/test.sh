@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(swaks curl fetchmail mpop msmtp dnsmasq-base postfix openssl opendkim
               dovecot-core dovecot-pop3d)
+# Mail::SRS, the SRS reference (tests/interop/test_srs_reference.py); as a
+# capability: "perl -MMail::SRS -e1|libmail-srs-perl".
+APT_PACKAGES+=(libmail-srs-perl)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
