@@ -93,6 +93,10 @@ def test_postmaster_mail_stays_in_its_domain(tenants: PostofficeServer) -> None:
     send(tenants, "postmaster@tenant-a.test", "for a's postmaster")
     assert subjects(tenants, BOB_B) == [b"for b's postmaster"]
     assert subjects(tenants, PM_A) == [b"for a's postmaster"]
+    # A new domain is told it needs its own.
+    added = tenants.cli("domain", "add", "tenant-c.test")
+    assert "postoffice alias add postmaster@tenant-c.test" in added.stderr
+    assert rcpt(tenants, "postmaster@tenant-c.test")[0] == 451
     # And tenant-b's postmaster may send as it now; tenant-a's still not.
     client = submission(tenants, BOB_B, BOB_B_PW)
     assert client.cmd("MAIL FROM:<postmaster@tenant-b.test>")[0] == 250
