@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 CAPABILITIES=(
   "command -v swaks|swaks"
   "perl -MNet::SSLeay -MIO::Socket::SSL -e1|libnet-ssleay-perl libio-socket-ssl-perl"
+  "perl -MMail::SRS -e1|libmail-srs-perl"
   "command -v curl|curl"
   "command -v fetchmail|fetchmail"
   "command -v mpop|mpop"

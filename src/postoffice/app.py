@@ -28,6 +28,7 @@ from postoffice.policy.auth import Authenticator, LoginThrottle, PasswordHasher
 from postoffice.policy.dkim_keys import KeyStore
 from postoffice.policy.dkim_sign import DkimSigner
 from postoffice.policy.mailauth import InboundChecks
+from postoffice.policy.srs import Srs, load_secrets
 from postoffice.services import Services
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
@@ -69,6 +70,7 @@ def build_services(settings: Settings, process: int = 0) -> Services:
         authenticator=authenticator,
         tls=server_context(cert, key),
         executor=executor,
+        srs=Srs(load_secrets(settings.data_dir)),
     )
     if process == 0:
         services.outbound = build_outbound(services)

@@ -216,7 +216,10 @@ def _add_user_parser(subparsers: Subparsers) -> None:
 def _domain_add(args: argparse.Namespace, settings: Settings) -> int:
     with closing(_store(settings)) as store:
         store.add_domain(args.name)
-    print(f"added domain {normalise_domain(args.name.strip())}")
+    name = normalise_domain(args.name.strip())
+    print(f"added domain {name}")
+    # Postmaster is per domain (RFC 5321 §4.5.1); until it exists, its mail is deferred.
+    print(f"next: postoffice alias add postmaster@{name} ADDRESS", file=sys.stderr)
     return 0
 
 

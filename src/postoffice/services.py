@@ -13,6 +13,7 @@ from typing import Any
 
 from postoffice.config.settings import Settings
 from postoffice.policy.auth import Authenticator
+from postoffice.policy.srs import Srs
 from postoffice.storage.accounts import AccountStore
 from postoffice.storage.maildir import MaildirStore
 
@@ -33,6 +34,8 @@ class Services:
     # DKIM signing of submitted mail bound for the outbound queue
     # (policy/dkim_sign.py): ``wrap(queue_writer) -> writer``; None: no signing.
     dkim_signer: Any = None
+    # Sender Rewriting Scheme for mail aliases forward off-site (policy/srs.py).
+    srs: Srs | None = None
     # Open POP3 mailbox locks, by mailbox path (policy for RFC 1939 §8 exclusivity).
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -66,6 +66,7 @@ class Postfix:
         cert: Path,
         key: Path,
         port: int | None = None,
+        transport: dict[str, str] | None = None,
     ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="po-postfix-"))
         self.root.chmod(0o755)
@@ -84,7 +85,12 @@ class Postfix:
         shutil.copyfile(cert, self.etc / "cert.pem")
         shutil.copyfile(key, self.etc / "key.pem")
         (self.etc / "key.pem").chmod(0o600)
-        (self.etc / "transport").write_text(f"{relay_domain} smtp:[{relay_to[0]}]:{relay_to[1]}\n")
+        # ``transport``: more entries, e.g. {"frank@remote.test": "error:5.2.1 gone"}
+        # for an address Postfix accepts and then bounces itself.
+        (self.etc / "transport").write_text(
+            f"{relay_domain} smtp:[{relay_to[0]}]:{relay_to[1]}\n"
+            + "".join(f"{key} {value}\n" for key, value in (transport or {}).items())
+        )
         (self.etc / "vmailbox").write_text(
             "".join(f"{u}@{local_domain} {local_domain}/{u}/\n" for u in users)
         )

@@ -58,10 +58,12 @@ def neighbours(
         relay_domain="example.test",
         relay_to=("127.0.0.1", srv.ports["smtp"]),
         local_domain="remote.test",
-        users=["carol", "dave"],
+        users=["carol", "dave", "frank"],
         cert=tls / "cert.pem",
         key=tls / "key.pem",
         port=pf_port,
+        # frank is accepted at RCPT, then bounced by Postfix itself (a late bounce).
+        transport={"frank@remote.test": "error:5.2.1 mailbox disabled"},
     )
     try:
         postfix.start()
@@ -153,3 +155,47 @@ def test_postoffice_delivers_to_postfix(neighbours: tuple[PostofficeServer, Post
     assert "Status: 5.1.1" in fields
     assert "Remote-MTA: dns; mx.remote.test" in fields
     assert wait_for(lambda: queued(srv) == [])
+
+
+def test_forwarding_through_srs_and_postfixs_own_bounce(
+    neighbours: tuple[PostofficeServer, Postfix],
+) -> None:
+    """#11 item 10 with real Postfix on both sides of an alias: the forwarded
+    copy reaches Postfix from an SRS0 sender of example.test; the bounce
+    Postfix makes later for an address it accepted goes to that SRS address,
+    and postoffice sends it on to the original sender (dave, at Postfix)."""
+    srv, postfix = neighbours
+    srv.cli("alias", "add", "to-carol@example.test", "carol@remote.test")
+    srv.cli("alias", "add", "to-frank@example.test", "frank@remote.test")
+    carol_before = len(postfix.mailbox("carol"))
+    dave_before = len(postfix.mailbox("dave"))
+    with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as client:
+        for alias in ("to-carol", "to-frank"):
+            client.sendmail(
+                "dave@remote.test",
+                [f"{alias}@example.test"],
+                f"From: dave@remote.test\r\nSubject: srs via {alias}\r\n\r\nhi\r\n".encode(),
+            )
+    assert wait_for(lambda: len(postfix.mailbox("carol")) == carol_before + 1, 30), postfix.log()
+    forwarded = postfix.mailbox("carol")[-1]
+    assert b"Subject: srs via to-carol" in forwarded
+    # Postfix's virtual delivery writes the envelope sender it was given.
+    assert re.search(
+        rb"Return-Path: <SRS0=\S{6}=[A-Z2-7]{2}=remote\.test=dave@example\.test>", forwarded
+    ), forwarded[:400]
+    # frank: Postfix accepted, then bounced (error transport) to the SRS
+    # address; postoffice checked it and relayed the bounce to dave.
+    assert wait_for(lambda: len(postfix.mailbox("dave")) == dave_before + 1, 30), (
+        postfix.log() + srv.log()
+    )
+    bounce = parse(postfix.mailbox("dave")[-1])
+    assert bounce.get_content_type() == "multipart/report"
+    assert "Final-Recipient: rfc822; frank@remote.test" in bounce.as_string()
+    assert "srs via to-frank" in bounce.as_string()
+    # The bounce went through postoffice (Postfix -> SRS address -> dave), not
+    # straight from Postfix to dave.
+    assert re.search(
+        r"to=<dave@remote\.test> relay=mx\.remote\.test\S* .*result=delivered", srv.log()
+    )
+    assert wait_for(lambda: queued(srv) == [])
+    assert wait_for(postfix.queue_empty)

@@ -10,6 +10,14 @@ RFC 6533 forms are used (utf-8 address type, message/global-*).
 DSNs are sent from the null reverse-path (RFC 5321 §4.5.5), so they can
 never cause another DSN: the queue does not bounce a bounce.  They carry
 ``Auto-Submitted: auto-replied`` (RFC 3834 §5) for the same reason.
+
+Mail an alias forwarded off-site came from anyone on the internet, and its
+sender may be forged: its bounce is backscatter to whoever was named.  So
+its DSN quotes less still (``summary_headers``): only the fields that tell
+the real sender which message it was (From, To, Cc, Date, Subject,
+Message-ID, In-Reply-To, References), each at most 998 octets, at most
+MAX_FORWARDED_HEADER_COPY in all, never the content (RET=HDRS, RFC 3461
+§4.3) nor the other fields a spammer could fill with 64 KiB of text.
 """
 
 from __future__ import annotations
@@ -23,6 +31,13 @@ from dataclasses import dataclass
 from postoffice.mail.address import Address
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# A header field with its folded continuation lines (LF form).
+_FIELD = re.compile(rb"^[^ \t\n][^\n]*\n(?:[ \t][^\n]*\n)*", re.MULTILINE)
+_SUMMARY_FIELDS = frozenset(
+    {b"from", b"to", b"cc", b"date", b"subject", b"message-id", b"in-reply-to", b"references"}
+)
+MAX_SUMMARY_FIELD = 998  # octets of one quoted field (RFC 5322 §2.1.1's line limit)
+MAX_FORWARDED_HEADER_COPY = 4096  # octets of header quoted in a forwarded message's DSN
 _HOST_OF_LABEL = re.compile(r"^([^\[\s]+)\[")
 
 
@@ -43,6 +58,23 @@ class DsnContext:
     sender: Address  # the envelope sender the DSN goes to
     arrival: float
     original_headers: bytes  # LF form, as stored
+
+
+def summary_headers(header: bytes, limit: int = MAX_FORWARDED_HEADER_COPY) -> bytes:
+    """The identifying fields of ``header`` (LF form, as ``header_section``
+    gives it), each cut to MAX_SUMMARY_FIELD octets, at most ``limit`` in all."""
+    out = bytearray()
+    for match in _FIELD.finditer(header):
+        field = match.group(0)
+        if field.split(b":", 1)[0].strip().lower() not in _SUMMARY_FIELDS:
+            continue
+        if len(field) > MAX_SUMMARY_FIELD:
+            # Cut whole characters only (a header may be UTF-8, RFC 6532).
+            cut = field[: MAX_SUMMARY_FIELD - 1].decode("utf-8", "ignore").encode("utf-8")
+            field = cut.rstrip(b"\n") + b"\n"
+        if len(out) + len(field) <= limit:
+            out += field
+    return bytes(out)
 
 
 def _clean(text: str) -> str:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from postoffice.config.settings import Settings
 from postoffice.delivery.content import MAX_HEADER_COPY, MessageTraits, header_section
 from postoffice.delivery.courier import Outcome, RecipientResult
-from postoffice.delivery.dsn import DsnContext, DsnRecipient, build_dsn
+from postoffice.delivery.dsn import DsnContext, DsnRecipient, build_dsn, summary_headers
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.queue import (
     READ_CHUNK,
@@ -50,6 +50,7 @@ from postoffice.delivery.resolver import DnsResolver
 from postoffice.delivery.retry import next_attempt, retry_delay, warning_due
 from postoffice.delivery.smtp_client import ClientTimeouts
 from postoffice.mail.address import Address
+from postoffice.policy.srs import Srs, SrsError, is_srs
 
 if TYPE_CHECKING:
     from postoffice.services import Services
@@ -126,8 +127,10 @@ class Outbound:
         *,
         clock: Callable[[], float] = time.time,
         poll_interval: float = POLL_INTERVAL,
+        srs: Srs | None = None,
     ) -> None:
         self._settings = settings
+        self._srs = srs
         self._relay = settings.relay
         self.store = store
         self._remote = remote
@@ -499,15 +502,19 @@ class Outbound:
     ) -> None:
         sender = entry.envelope.sender
         assert sender is not None
+        sender, forwarded = self._bounce_address(entry, sender)
+        if sender is None:
+            return
         head = await self.store.run_blocking(
             self.store.read_head_blocking, entry, MAX_HEADER_COPY + 2
         )
+        original = header_section(head)
         ctx = DsnContext(
             reporting_mta=self._settings.hostname,
             queue_id=entry.queue_id,
             sender=sender,
             arrival=entry.envelope.created,
-            original_headers=header_section(head),
+            original_headers=summary_headers(original) if forwarded else original,
         )
         report = [
             DsnRecipient(r.address, r.status, r.last_error, r.smtp_reply, r.remote, r.last_attempt)
@@ -533,6 +540,21 @@ class Outbound:
             "delayed" if delayed else "failed",
             dsn_id,
         )
+
+    def _bounce_address(self, entry: QueueEntry, sender: Address) -> tuple[Address | None, bool]:
+        """Where a DSN for ``entry`` goes, and whether the message was
+        forwarded mail (its sender one of our SRS addresses): then the DSN
+        goes straight to the original sender and quotes only a summary of the
+        header (dsn.py).  Our own queue is trusted, so the address's age is
+        not checked: a message may wait longer than SRS bounces are taken."""
+        local = self._local is not None and self._local.is_local_domain(sender.domain)
+        if self._srs is None or not local or not is_srs(sender.local):
+            return sender, False
+        try:
+            return self._srs.reverse(sender, check_age=False), True
+        except SrsError as exc:  # the secret it was made with is gone
+            log.warning("%s: no DSN: cannot reverse <%s>: %s", entry.queue_id, sender, exc)
+            return None, True
 
 
 class QueueHandoff:
@@ -561,4 +583,4 @@ def build_outbound(services: Services, *, timeouts: ClientTimeouts | None = None
     resolver = DnsResolver(settings.relay.dns_servers)
     remote = RemoteCourier(settings.relay, settings.hostname, resolver, timeouts=timeouts)
     local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
-    return Outbound(settings, store, remote, local)
+    return Outbound(settings, store, remote, local, srs=services.srs)

@@ -19,9 +19,14 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-MAX_LOCAL_PART = 64  # RFC 5321 §4.5.3.1.1
+MAX_LOCAL_PART = 64  # RFC 5321 §4.5.3.1.1: what an account name may have
 MAX_DOMAIN = 255  # RFC 5321 §4.5.3.1.2
 MAX_PATH = 256  # RFC 5321 §4.5.3.1.3
+# On the wire a local part is bounded only by the path (MAX_PATH): RFC 5321
+# §4.5.3.1 asks for no limits where possible, and the return paths of
+# forwarders (SRS) and mailing lists (VERP) often pass 64 octets; Postfix and
+# Exim take them.  Account names keep the 64 of §4.5.3.1.1.
+MAX_WIRE_LOCAL_PART = MAX_PATH - 4  # "<" + local + "@" + one-letter domain + ">"
 
 
 class AddressError(ValueError):
@@ -117,7 +122,7 @@ def parse_address(text: str, *, utf8: bool = False) -> Address:
     if at <= 0 or at == len(text) - 1:
         raise AddressError("address must be local-part@domain")
     local, domain = text[:at], text[at + 1 :]
-    if _octets(local) > MAX_LOCAL_PART:
+    if _octets(local) > MAX_WIRE_LOCAL_PART:
         raise AddressError("local part too long")
     atom = _DOT_ATOM_UTF8 if utf8 else _DOT_ATOM_ASCII
     quoted = _QUOTED_UTF8 if utf8 else _QUOTED

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
-from postoffice.policy.relay import RecipientVerdict, judge_recipient, sender_allowed
+from postoffice.policy.relay import (
+    RecipientVerdict,
+    judge_recipient,
+    sender_allowed,
+    server_postmaster,
+)
+from postoffice.policy.srs import forwarding_sender
 from postoffice.protocol import sasl
 from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import (
@@ -74,6 +80,7 @@ class Envelope:
     mailboxes: dict[Address, None] = field(default_factory=dict)  # ordered set
     remote: dict[Address, None] = field(default_factory=dict)  # via the outbound queue
     recipients: list[Address] = field(default_factory=list)  # as given, for the log
+    forwarded_by: str = ""  # the domain of the first alias forwarding off-site (SRS)
 
 
 @dataclass
@@ -324,12 +331,12 @@ class SmtpSession:
             return Reply(452, "Too many recipients", "4.5.3")
         rcpt = event.recipient
         if rcpt.domain == "":  # bare <postmaster> (RFC 5321 §4.1.1.3)
-            rcpt = Address(
-                "postmaster",
-                self.s.settings.domains[0] if self.s.settings.domains else self.s.settings.hostname,
-            )
+            rcpt = server_postmaster(self.s)
         verdict = judge_recipient(
-            self.s, rcpt, may_relay=self.mode is SmtpMode.SUBMISSION and self.user is not None
+            self.s,
+            rcpt,
+            may_relay=self.mode is SmtpMode.SUBMISSION and self.user is not None,
+            null_sender=env.sender is None,
         )
         match verdict:
             case RecipientVerdict(reply=Reply() as reply):
@@ -342,6 +349,7 @@ class SmtpSession:
                 for r in remote:
                     env.remote[r] = None
                 env.recipients.append(rcpt)
+                env.forwarded_by = env.forwarded_by or verdict.forwarded_by
         return _OK_RECIPIENT
 
     async def _data_start(self) -> Reply:
@@ -349,7 +357,11 @@ class SmtpSession:
         queue_id = _new_queue_id()
         try:
             local = self.s.maildirs.writer(list(env.mailboxes)) if env.mailboxes else None
-            outbound = self.s.outbound.writer(env.sender, list(env.remote)) if env.remote else None
+            outbound = (
+                self.s.outbound.writer(self._queue_sender(env), list(env.remote))
+                if env.remote
+                else None
+            )
         except (AddressError, ValueError) as exc:
             log.error("smtp cannot start delivery id=%s: %s", queue_id, exc)
             return Reply(451, "Local error in processing", "4.3.0")
@@ -378,6 +390,13 @@ class SmtpSession:
             started=time.monotonic(),
         )
         return _GO_AHEAD
+
+    def _queue_sender(self, env: Envelope) -> Address | None:
+        """The envelope sender the outbound copy leaves with: an SRS address
+        when an alias forwards someone else's mail off-site (policy/srs.py)."""
+        if not env.forwarded_by:
+            return env.sender
+        return forwarding_sender(self.s.srs, env.sender, env.forwarded_by, self.s.is_local_domain)
 
     def _inbound_checks_apply(self) -> bool:
         if self._checks_apply is None:  # the client address is the session's: judge once

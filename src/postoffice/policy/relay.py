@@ -5,13 +5,28 @@ domains is accepted only from an authenticated submission client.  The
 recipient's local part is never interpreted as a route: ``%``, ``!`` and
 quoted local parts are just names that no account has, and source routes were
 already dropped by the parser.
+
+Bounces to the SRS addresses forwarded mail leaves with (policy/srs.py) are
+relayed to the original sender, but only with the null reverse-path and
+only for an address we made (hash) within MAX_AGE_DAYS.
+
+Postmaster is per domain (RFC 5321 §4.5.1): ``postmaster@D`` is whatever
+user, alias or catch-all D has for it, never another domain's postmaster, so
+one tenant's postmaster neither reads another's reports nor may send as it.
+A domain that has none yet answers 451 4.3.0: RFC 5321 requires the mailbox,
+so the refusal is temporary (the sender retries, nothing is lost) and logged
+until the administrator adds it (``postoffice check`` warns too).  The bare
+``<postmaster>`` is the server's: the postmaster of the host name when that
+is a local domain, else of the first configured domain.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from postoffice.mail.address import Address
+from postoffice.policy.srs import SrsError, is_srs
 from postoffice.protocol.smtp_reply import Reply
 from postoffice.services import Services
 from postoffice.storage.accounts import AccountStore
@@ -24,13 +39,26 @@ class RecipientVerdict:
     reply: Reply | None = None
     mailboxes: tuple[Address, ...] = ()
     remote: tuple[Address, ...] = ()
+    # An alias of this local domain sends the mail off-site: its envelope
+    # sender is to be rewritten into this domain (policy/srs.py).
+    forwarded_by: str = ""
 
 
+log = logging.getLogger("postoffice.smtp")
+
+POSTMASTER = "postmaster"
 RELAY_DENIED = Reply(554, "Relay access denied", "5.7.1")
 UNKNOWN_USER = Reply(550, "Recipient address rejected: User unknown", "5.1.1")
+BAD_SRS = Reply(550, "Recipient address rejected: invalid or expired SRS address", "5.1.1")
+SRS_NOT_BOUNCE = Reply(550, "SRS addresses accept only bounces (MAIL FROM:<>)", "5.7.1")
+NO_POSTMASTER = Reply(451, "Postmaster mailbox not configured yet, try again later", "4.3.0")
 
 
-def judge_recipient(services: Services, rcpt: Address, *, may_relay: bool) -> RecipientVerdict:
+def judge_recipient(
+    services: Services, rcpt: Address, *, may_relay: bool, null_sender: bool = False
+) -> RecipientVerdict:
+    """Where mail for ``rcpt`` goes, or why not.  ``null_sender``: the
+    transaction is a bounce (MAIL FROM:<>), the only kind SRS addresses take."""
     if rcpt.is_literal:
         # An address literal is never one of our domains; relaying to one is
         # refused even for authenticated users (it bypasses MX routing).
@@ -39,6 +67,8 @@ def judge_recipient(services: Services, rcpt: Address, *, may_relay: bool) -> Re
             if not may_relay
             else Reply(550, "Address literals are not accepted", "5.1.2")
         )
+    if services.srs is not None and is_srs(rcpt.local) and services.is_local_domain(rcpt.domain):
+        return _judge_srs(services, rcpt, null_sender=null_sender)
     resolution = services.accounts.resolve(rcpt)
     if resolution is None and rcpt.domain in services.settings.domains:
         resolution = services.accounts.resolve(Address(rcpt.local, rcpt.domain))
@@ -47,8 +77,49 @@ def judge_recipient(services: Services, rcpt: Address, *, may_relay: bool) -> Re
             return RecipientVerdict(remote=(rcpt,))
         return RecipientVerdict(reply=RELAY_DENIED)
     if not resolution.exists:
+        if rcpt.local.lower() == POSTMASTER:
+            log.warning(
+                "no postmaster for %s (RFC 5321 4.5.1): mail to it is deferred (451);"
+                " postoffice alias add postmaster@%s ADDRESS",
+                rcpt.domain,
+                rcpt.domain,
+            )
+            return RecipientVerdict(reply=NO_POSTMASTER)
         return RecipientVerdict(reply=UNKNOWN_USER)
-    return RecipientVerdict(mailboxes=resolution.mailboxes, remote=resolution.forwards)
+    return RecipientVerdict(
+        mailboxes=resolution.mailboxes,
+        remote=resolution.forwards,
+        forwarded_by=rcpt.domain if resolution.forwards else "",
+    )
+
+
+def _judge_srs(services: Services, rcpt: Address, *, null_sender: bool) -> RecipientVerdict:
+    """A bounce to the SRS address of mail we forwarded: back to its sender."""
+    assert services.srs is not None
+    try:
+        original = services.srs.reverse(rcpt)
+    except SrsError as exc:
+        log.info("srs: refused <%s>: %s", rcpt, exc)
+        return RecipientVerdict(reply=BAD_SRS)
+    if not null_sender:
+        # DSNs (RFC 5321 §4.5.5) and auto-replies (RFC 3834 §3.3) come from <>;
+        # anything else would make a valid SRS address a relay for any content.
+        return RecipientVerdict(reply=SRS_NOT_BOUNCE)
+    # The original sender may be remote (the usual case) or, for SRS1, the
+    # first forwarder's SRS0 address; relaying there is what the address is for.
+    verdict = judge_recipient(services, original, may_relay=True, null_sender=True)
+    return RecipientVerdict(verdict.reply, verdict.mailboxes, verdict.remote)
+
+
+def server_postmaster(services: Services) -> Address:
+    """What the bare ``<postmaster>`` (RFC 5321 §4.1.1.3) means here: the
+    postmaster of the host name if it is a local domain, else of the first
+    configured domain (else of the first added one)."""
+    settings = services.settings
+    if services.is_local_domain(settings.hostname):
+        return Address(POSTMASTER, settings.hostname)
+    domains = settings.domains or tuple(services.accounts.list_domains())
+    return Address(POSTMASTER, domains[0] if domains else settings.hostname)
 
 
 def sender_allowed(accounts: AccountStore, user: Address, sender: Address | None) -> bool:

@@ -17,11 +17,12 @@ version in ``PRAGMA user_version``.  Its file is created mode 0600: it holds
 password hashes.
 
 Postmaster (RFC 5321 §4.5.1): every domain must accept mail for
-``postmaster``.  The administrator creates it, e.g.
+``postmaster``.  The administrator creates it per domain, e.g.
 ``postoffice alias add postmaster@example.test admin@example.test``.
-``postmaster@<local domain>`` without its own user or alias, and the bare
-``<postmaster>`` (``Address("postmaster", "")``), fall back to the
-postmaster of the first local domain that has one.
+There is no fallback to another domain's postmaster: in a server shared by
+several tenants that would hand one tenant the other's postmaster mail and,
+through sender ownership, the right to send as it (policy/relay.py says
+what happens to mail for a domain that has none).
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ log = logging.getLogger("postoffice.accounts")
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
 MAX_ALIAS_DEPTH = 10
-POSTMASTER = "postmaster"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
@@ -435,18 +435,11 @@ class SqliteAccountStore:
     def resolve(self, address: Address) -> Resolution | None:
         snap = self._current()
         domain = address.domain.lower()
-        is_postmaster = address.local.lower() == POSTMASTER
-        if not domain:
-            # The bare "<postmaster>" of RFC 5321 §4.1.1.3; nothing else lacks a domain.
-            return self._postmaster(snap) if is_postmaster else None
-        if not self._is_local(snap, domain):
-            return None
+        if not domain or not self._is_local(snap, domain):
+            return None  # the bare <postmaster> is the session's to map (relay.py)
         found = _Expansion()
         self._lookup(snap, address.local, domain, found, depth=0, catch_all=True)
-        result = found.result()
-        if is_postmaster and not result.exists:
-            return self._postmaster(snap)
-        return result
+        return found.result()
 
     def _lookup(
         self,
@@ -494,15 +487,6 @@ class SqliteAccountStore:
                 self._lookup(snap, target.local, domain, found, depth + 1, catch_all=False)
             else:
                 found.forwards[target] = None
-
-    def _postmaster(self, snap: _Snapshot) -> Resolution:
-        """The postmaster of the first local domain that has a user or alias for it."""
-        for domain in (*self._config_domains, *sorted(snap.domains)):
-            found = _Expansion()
-            self._lookup(snap, POSTMASTER, domain, found, depth=0, catch_all=False)
-            if found.mailboxes or found.forwards:
-                return found.result()
-        return Resolution()
 
     def close(self) -> None:
         with self._lock:

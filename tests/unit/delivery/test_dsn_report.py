@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 from email.message import EmailMessage
@@ -109,3 +110,34 @@ def test_reply_text_cannot_inject_fields() -> None:
     evil = DsnRecipient(BOB.address, "5.0.0", "550 no\r\nAction: delivered\nX: y", True, "", 0.0)
     data = build_dsn(CTX, [evil], now=CTX.arrival)
     assert b"\nAction: delivered" not in data
+
+
+def test_forwarded_mail_quotes_only_a_bounded_header_summary() -> None:
+    """#11 item 10: the bounce of forwarded mail goes to a sender that may be
+    forged; it quotes identifying fields only, each and all bounded."""
+    from postoffice.delivery.dsn import (
+        MAX_FORWARDED_HEADER_COPY,
+        MAX_SUMMARY_FIELD,
+        summary_headers,
+    )
+
+    junk = b"".join(b"X-Junk-%d: " % i + b"spam " * 180 + b"\n" for i in range(70))
+    header = (
+        b"Received: from evil.example by us\n\tfolded on\n"
+        b"From: someone@elsewhere.test\n"
+        b"Subject: caf\xc3\xa9 " + "é".encode() * 600 + b"\n"
+        b"To: a@example.test,\n b@example.test\n" + junk + b"Message-ID: <m@x>\n"
+        b"References: " + b"<r@x> " * 2000 + b"\n"
+    )
+    summary = summary_headers(header)
+    assert summary.startswith(b"From: someone@elsewhere.test\nSubject: caf\xc3\xa9 ")
+    assert b"To: a@example.test,\n b@example.test\n" in summary  # folded field kept whole
+    assert b"Message-ID: <m@x>\n" in summary
+    assert b"X-Junk" not in summary and b"Received" not in summary
+    fields = summary.split(b"\nReferences: ")
+    assert len(fields) == 2 and len(b"References: " + fields[1]) <= MAX_SUMMARY_FIELD
+    assert len(summary) <= MAX_FORWARDED_HEADER_COPY
+    assert summary.endswith(b"\n")
+    summary.decode("utf-8")  # cut at a character boundary, never inside one
+    msg = parse(build_dsn(dataclasses.replace(CTX, original_headers=summary), [BOB], now=1.0))
+    assert msg.get_payload()[2].get_content_type() == "message/global-headers"  # type: ignore[index]

@@ -382,22 +382,21 @@ def test_target_domain_locality_is_decided_at_resolve_time(store: SqliteAccountS
     assert store.resolve(A("x", "example.test")) == mailboxes("carol@later.test")
 
 
-def test_postmaster(store: SqliteAccountStore) -> None:
+def test_postmaster_is_per_domain(store: SqliteAccountStore) -> None:
+    """#11 item 11: one domain's postmaster never stands in for another's."""
     store.add_domain("other.test")
     # Nobody made one: the admin must (RFC 5321 §4.5.1); until then, unknown.
-    assert store.resolve(A("postmaster", "")) == Resolution()
     assert store.resolve(A("Postmaster", "other.test")) == Resolution()
     store.add_user(A("admin", "other.test"), HASH)
     store.add_alias("postmaster@other.test", [A("admin", "other.test")])
-    assert store.resolve(A("POSTMASTER", "")) == mailboxes("admin@other.test")
     assert store.resolve(A("postmaster", "other.test")) == mailboxes("admin@other.test")
-    # A domain without its own postmaster falls back to one that has it.
-    assert store.resolve(A("postmaster", "example.test")) == mailboxes("admin@other.test")
+    # A domain without its own postmaster does not get other.test's.
+    assert store.resolve(A("postmaster", "example.test")) == Resolution()
     store.add_user(A("postmaster", "example.test"), HASH)
     assert store.resolve(A("postmaster", "example.test")) == mailboxes("postmaster@example.test")
-    # The config's domains come first for the bare form.
-    assert store.resolve(A("postmaster", "")) == mailboxes("postmaster@example.test")
-    # No other local part is accepted without a domain.
+    assert store.resolve(A("postmaster", "other.test")) == mailboxes("admin@other.test")
+    # Nothing without a domain is resolved here (the session maps <postmaster>).
+    assert store.resolve(A("postmaster", "")) is None
     assert store.resolve(A("admin", "")) is None
 
 
