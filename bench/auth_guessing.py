@@ -90,7 +90,8 @@ class Server:
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"postoffice did not start: {self.root / 'server.log'}")
+                    log_path = self.root / "server.log"
+                    raise SystemExit(f"postoffice did not start: {log_path}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:
