@@ -57,7 +57,8 @@ def pick_port(hosts: Iterable[str] = ("127.0.0.1",), kind: int = socket.SOCK_STR
             continue
         try:
             for host in hosts:
-                with socket.socket(socket.AF_INET, kind) as s:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                with socket.socket(family, kind) as s:
                     s.bind((host, port))
         except OSError:
             continue
@@ -111,12 +112,13 @@ class PostofficeServer:
         self.ports = {name: free_port(host) for name in LISTENERS}
         self.log_path = root / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        bracketed = f"[{host}]" if ":" in host else host
         tls_dir = self.data_dir / "tls"
         tls_dir.mkdir(parents=True, exist_ok=True)
         for name in ("cert.pem", "key.pem"):
             shutil.copyfile(_cached_tls_dir() / name, tls_dir / name)
         merged: dict[str, dict[str, Any]] = {
-            "listen": {name: [f"{host}:{port}"] for name, port in self.ports.items()},
+            "listen": {name: [f"{bracketed}:{port}"] for name, port in self.ports.items()},
         }
         for name, table in (sections or {}).items():
             merged.setdefault(name, {}).update(table)
