@@ -21,7 +21,6 @@ import base64
 import concurrent.futures
 import poplib
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -35,10 +34,10 @@ from tests.support.helpers import (
     ALICE_PW,
     BOB,
     BOB_PW,
+    Pop3From,
     make_server,
     plain_auth,
     raw,
-    tls_context,
 )
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
@@ -71,24 +70,11 @@ def timed_auth(client: RawSmtp, user: str, password: str) -> tuple[int, float, s
     return code, time.monotonic() - started, lines[-1]
 
 
-class Pop3From(poplib.POP3_SSL):
-    """POP3 over TLS from a chosen source address (poplib has no such option)."""
-
-    def __init__(self, host: str, port: int, source: str | None) -> None:
-        self.source = source
-        super().__init__(host, port, timeout=CAP + 30, context=tls_context())
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        source = (self.source, 0) if self.source else None
-        sock = socket.create_connection((self.host, self.port), timeout, source_address=source)
-        return self.context.wrap_socket(sock, server_hostname=self.host)
-
-
 def timed_pop3_login(
     srv: PostofficeServer, user: str, password: str, source: str | None = None
 ) -> tuple[str, float]:
     """``("ok" | "-ERR ...", seconds)`` for USER/PASS on 995."""
-    client = Pop3From("127.0.0.1", srv.ports["pop3s"], source)
+    client = Pop3From(srv.host, srv.ports["pop3s"], source, timeout=CAP + 30)
     try:
         client.user(user)
         started = time.monotonic()
