@@ -214,7 +214,7 @@ def test_many_addresses_guessing_one_account_get_the_account_budget_and_the_owne
     # handshakes do not starve the server's CPU on a small, shared machine.
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         attacks = [pool.submit(attack, n) for n in range(len(sources))]
-        assert budget_spent.wait(60)
+        assert budget_spent.wait(60), "no guess was ever refused: no account budget"
         # The owner, mid-attack, from her known-good address: in at once.
         owner, owner_took = timed_pop3_login(guarded, ALICE, ALICE_PW, source="127.0.0.250")
         # ... and from an address never seen: refused for now (the price of the budget).
