@@ -4,9 +4,10 @@ Passwords are stored only as argon2id hashes (argon2-cffi).  Verification
 costs tens of milliseconds of CPU by design, so it runs in a pool of its own
 (``HashingPool``; the C code releases the GIL) and never stalls other
 sessions or takes the shared I/O pool's threads.  Who may have a password
-checked, and when, is policy/throttle.py's decision.  Hashes with one lane (``p=1``, our
-default, and Dovecot's) are verified by libsodium (PyNaCl) where installed:
-its vectorised argon2 needs about half the CPU of argon2-cffi's.
+checked, and when, is policy/throttle.py's decision.  Hashes with one lane
+(``p=1``, our default, and Dovecot's) are verified by libsodium (PyNaCl)
+where installed: its vectorised argon2 needs about half the CPU of
+argon2-cffi's.
 """
 
 from __future__ import annotations
