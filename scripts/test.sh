@@ -23,6 +23,7 @@ CAPABILITIES=(
   "command -v msmtp|msmtp"
   "command -v gnutls-cli|gnutls-bin"
   "command -v openssl|openssl"
+  "command -v ip|iproute2"
   "test -x /usr/sbin/dnsmasq|dnsmasq-base"
   "test -x /usr/sbin/postfix && test -x /usr/sbin/smtp-sink && test -x /usr/sbin/smtp-source|postfix"
   "test -x /usr/sbin/opendkim|opendkim"

@@ -24,11 +24,18 @@ from postoffice.delivery.queue import QueueStore
 from postoffice.delivery.resolver import DnsResolver
 from postoffice.net.listener import Listener
 from postoffice.net.tls import cert_and_key, server_context
-from postoffice.policy.auth import Authenticator, LoginThrottle, PasswordHasher
+from postoffice.policy.auth import (
+    HASH_WAITING_PER_WORKER,
+    Authenticator,
+    HashingPool,
+    PasswordHasher,
+    default_hash_workers,
+)
 from postoffice.policy.dkim_keys import KeyStore
 from postoffice.policy.dkim_sign import DkimSigner
 from postoffice.policy.mailauth import InboundChecks
 from postoffice.policy.srs import Srs, load_secrets
+from postoffice.policy.throttle import LoginThrottle, ThrottleLimits
 from postoffice.services import Services
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
@@ -54,10 +61,13 @@ def build_services(settings: Settings, process: int = 0) -> Services:
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="postoffice-io")
     accounts = SqliteAccountStore(settings.accounts_db, config_domains=settings.domains)
     cert, key = cert_and_key(settings)
-    throttle = LoginThrottle(
-        free_failures=settings.auth.throttle_after, max_delay=settings.auth.throttle_max_delay
+    hash_workers = settings.auth.hash_workers or default_hash_workers()
+    authenticator = Authenticator(
+        accounts.password_hash,
+        PasswordHasher(),
+        LoginThrottle(ThrottleLimits.from_settings(settings.auth)),
+        HashingPool(hash_workers, max_waiting=HASH_WAITING_PER_WORKER * hash_workers),
     )
-    authenticator = Authenticator(accounts.password_hash, PasswordHasher(), throttle, executor)
     services = Services(
         settings=settings,
         accounts=accounts,
@@ -315,5 +325,6 @@ def _run_loop(services: Services, main: Coroutine[Any, Any, int]) -> int:
         return uvloop.run(main)
     finally:
         services.executor.shutdown(wait=True)
+        services.authenticator.close()
         services.maildirs.close()
         services.accounts.close()

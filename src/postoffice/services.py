@@ -25,7 +25,7 @@ class Services:
     maildirs: MaildirStore
     authenticator: Authenticator
     tls: ssl.SSLContext
-    executor: ThreadPoolExecutor  # blocking file work and password hashing
+    executor: ThreadPoolExecutor  # blocking file work (passwords: the authenticator's own pool)
     # The outbound queue (delivery/), set by the composition root once it exists.
     outbound: Any = None
     # Inbound message checks (SPF/DKIM/DMARC), set by the composition root when

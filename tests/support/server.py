@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,8 @@ def pick_port(hosts: Iterable[str] = ("127.0.0.1",), kind: int = socket.SOCK_STR
             continue
         try:
             for host in hosts:
-                with socket.socket(socket.AF_INET, kind) as s:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                with socket.socket(family, kind) as s:
                     s.bind((host, port))
         except OSError:
             continue
@@ -111,12 +112,13 @@ class PostofficeServer:
         self.ports = {name: free_port(host) for name in LISTENERS}
         self.log_path = root / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        bracketed = f"[{host}]" if ":" in host else host
         tls_dir = self.data_dir / "tls"
         tls_dir.mkdir(parents=True, exist_ok=True)
         for name in ("cert.pem", "key.pem"):
             shutil.copyfile(_cached_tls_dir() / name, tls_dir / name)
         merged: dict[str, dict[str, Any]] = {
-            "listen": {name: [f"{host}:{port}"] for name, port in self.ports.items()},
+            "listen": {name: [f"{bracketed}:{port}"] for name, port in self.ports.items()},
         }
         for name, table in (sections or {}).items():
             merged.setdefault(name, {}).update(table)
@@ -155,10 +157,17 @@ class PostofficeServer:
         )
 
     # --- process --------------------------------------------------------------
-    def start(self, timeout: float = 20.0, env: Mapping[str, str] | None = None) -> None:
+    def start(
+        self,
+        timeout: float = 20.0,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """``prefix``: a command that ends by exec'ing its arguments (the
+        server keeps the PID started here), e.g. ``unshare --mount ...``."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "postoffice", "serve", "-c", str(self.config)],
+                [*prefix, sys.executable, "-m", "postoffice", "serve", "-c", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},

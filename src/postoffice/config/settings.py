@@ -95,10 +95,31 @@ class LimitSettings:
 class AuthSettings:
     # Allow USER/PASS and AUTH without TLS when the client is on loopback.
     allow_plaintext_loopback: bool = False
-    # Failed logins per client address before each further try is delayed.
+    # Failed logins per (client address, account) pair before that pair's
+    # further wrong passwords are answered slowly (1 s, doubling), one attempt
+    # at a time.  A right password is still answered at once.
     throttle_after: int = 3
-    # The longest delay (seconds) a throttled address or account waits per try.
+    # The longest (seconds) a login attempt is held: waiting its turn plus a
+    # slowed "failed".  One that would be held longer is refused at once,
+    # unchecked (SMTP 454 4.7.0, POP3 -ERR [SYS/TEMP]): try again later.
     throttle_max_delay: float = 30.0
+    # Seconds over which the failure budgets below are counted; a pair's
+    # failures are forgotten this long after its last one.
+    throttle_window: float = 900.0
+    # Failure budgets per window: at one account from all addresses, from one
+    # client address (IPv6: its /64) at all accounts, and in all.  A spent
+    # budget lets one more attempt through per window/budget seconds (the
+    # rest wait or are refused); logins from a known-good pair are exempt.
+    # 0 turns a budget off.
+    throttle_account_failures: int = 10
+    throttle_address_failures: int = 30
+    throttle_global_failures: int = 300
+    # Seconds after a successful login during which its (address, account)
+    # pair is known-good (kept in memory only); 0: never.
+    throttle_known_good: float = 30 * 86400.0
+    # Threads that check passwords, apart from the I/O threads; 0: one fewer
+    # than the CPUs, at least 1.
+    hash_workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +231,7 @@ _MUST_BE_POSITIVE = frozenset(
         "smtp_data_timeout",
         "pop3_timeout",
         "max_errors",
+        "throttle_window",
         "give_up_after",
         "max_per_destination",
         "max_deliveries",

@@ -2,8 +2,9 @@
 
 A listener is a set of sockets sharing one handler (``async def
 handler(conn)``) and one pair of caps: concurrent connections in all and per
-client address.  A connection over a cap is answered with the protocol's
-"busy" line (``busy_reply``) and closed without starting a session.
+client address (an IPv6 client: per /64, ``policy/netkey.py``).  A
+connection over a cap is answered with the protocol's "busy" line
+(``busy_reply``) and closed without starting a session.
 
 A listener shared by several smtp processes (``shares``, see workers.py)
 accepts by itself instead of through ``loop.create_server``: it takes a
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from postoffice.config.settings import ListenAddress
 from postoffice.net.connection import Connection
+from postoffice.policy.netkey import client_key
 
 if TYPE_CHECKING:
     from postoffice.workers import AcceptShares
@@ -58,7 +60,7 @@ class Listener:
     servers: list[asyncio.Server] = field(default_factory=list)
     accept_sockets: list[socket.socket] = field(default_factory=list)  # with ``shares``
     tasks: dict[asyncio.Task[None], Connection] = field(default_factory=dict)
-    per_ip: Counter[str] = field(default_factory=Counter)
+    per_ip: Counter[str] = field(default_factory=Counter)  # by policy.netkey.client_key
     bound: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -202,9 +204,9 @@ class Listener:
         return conn
 
     def _admit(self, conn: Connection) -> None:
-        ip = conn.peer[0]
+        ip = client_key(conn.peer[0])  # an IPv6 client counts by its /64
         if len(self.tasks) >= self.max_connections or self.per_ip[ip] >= self.max_per_ip:
-            log.warning("%s: refused %s: too many connections", self.name, ip)
+            log.warning("%s: refused %s: too many connections", self.name, conn.peer[0])
             conn.write(self.busy_reply)
             if conn.transport:
                 conn.transport.close()

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
+from postoffice.policy.auth import LoginThrottled
 from postoffice.protocol import sasl
 from postoffice.protocol.pop3 import (
     NEED_DATA,
@@ -309,15 +310,23 @@ class Pop3Session:
             address: Address | None = parse_mailbox(name)
         except AddressError:
             address = None  # still costs a verify: no probing for names
-        user = await self.s.authenticator.authenticate(address, password, self.client_ip, "pop3")
+        text, code = "Authentication failed", "AUTH"
+        try:
+            user = await self.s.authenticator.authenticate(
+                address, password, self.client_ip, "pop3"
+            )
+        except LoginThrottled:
+            # RFC 3206 §4: SYS/TEMP, not AUTH: the password was not judged, so
+            # a client must not ask its user for a new one; it may try later.
+            user, text, code = None, "Too many failed logins, try again later", "SYS/TEMP"
         if user is None:
             self.auth_failures += 1
             if self.auth_failures >= MAX_AUTH_FAILURES:
-                self._send(self.core.reply_err("Authentication failed; closing", "AUTH"))
+                self._send(self.core.reply_err(f"{text}; closing", code))
                 self.core.close()
                 self.outcome = "auth failures"
             else:
-                self._send(self.core.reply_err("Authentication failed", "AUTH"))
+                self._send(self.core.reply_err(text, code))
             return
         try:
             path = mailbox_path(self.s.settings.mail_dir, user)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
+from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.relay import (
     RecipientVerdict,
     judge_recipient,
@@ -638,7 +639,13 @@ class SmtpSession:
             address: Address | None = parse_mailbox(name)
         except AddressError:
             address = None
-        user = await self.s.authenticator.authenticate(address, password, self.client_ip, "smtp")
+        try:
+            user = await self.s.authenticator.authenticate(
+                address, password, self.client_ip, "smtp"
+            )
+        except LoginThrottled:
+            # RFC 4954 §6: a temporary failure; the password was not judged.
+            return Reply(454, "Temporary authentication failure, try again later", "4.7.0")
         if user is None:
             return Reply(535, "Authentication credentials invalid", "5.7.8")
         self.user = user

@@ -1,28 +1,33 @@
-"""Password hashing, verification off the event loop, and failed-login throttling.
+"""Password hashing, and checking logins off the event loop, throttled.
 
 Passwords are stored only as argon2id hashes (argon2-cffi).  Verification
-costs tens of milliseconds of CPU by design, so it runs in a thread pool
-(the C code releases the GIL) and never stalls other sessions; at most one
-verification per CPU runs at once (more would only add 64 MiB each and take
-the shared pool's threads from file I/O).  Hashes with one lane (``p=1``, our
-default, and Dovecot's) are verified by libsodium (PyNaCl) where installed:
-its vectorised argon2 needs about half the CPU of argon2-cffi's.
+costs tens of milliseconds of CPU by design, so it runs in a pool of its own
+(``HashingPool``; the C code releases the GIL) and never stalls other
+sessions or takes the shared I/O pool's threads.  Who may have a password
+checked, and when, is policy/throttle.py's decision.  Hashes with one lane
+(``p=1``, our default, and Dovecot's) are verified by libsodium (PyNaCl)
+where installed: its vectorised argon2 needs about half the CPU of
+argon2-cffi's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import hmac
 import logging
 import os
-import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from postoffice.mail.address import Address
+from postoffice.policy.throttle import LoginThrottle
 
 try:
     from nacl.exceptions import InvalidkeyError as _NaclMismatch
@@ -31,6 +36,8 @@ except ImportError:  # pragma: no cover - PyNaCl is a dependency; still optional
     _sodium_argon2id = None  # type: ignore[assignment]
 
 log = logging.getLogger("postoffice.auth")
+
+T = TypeVar("T")
 
 # RFC 9106 §4 second recommended option (t=3, 64 MiB) with one lane: the
 # same memory and time cost as argon2-cffi's default (p=4 there), and a form
@@ -87,98 +94,96 @@ def _one_lane_argon2id(encoded: str) -> bool:
     )
 
 
-@dataclass
-class _Failures:
-    count: int = 0
-    last: float = 0.0
-    turn: float = 0.0  # when the latest throttled attempt from this key is judged
+# Checks that may wait for a hashing thread, per thread, beyond the known-good
+# lane: 32 x ~50 ms is under two seconds of queue.
+HASH_WAITING_PER_WORKER = 32
 
 
-class LoginThrottle:
-    """Delays logins after repeated failures, per client address and per account.
+class HashQueueFull(Exception):
+    """Too many password checks wait already: answer "try later"."""
 
-    After ``free_failures`` failures, each further attempt waits
-    ``2 ** (extra failures)`` seconds, capped at ``max_delay``.  Failures are
-    forgotten ``forget_after`` seconds after the last one, and a success
-    clears the account's (not the address's) record, so a brute-forcer on
-    one address cannot lock the real owner out for longer than the cap.
 
-    Throttled attempts from one client address take turns: each is judged
-    at least the delay after the previous one, so opening many connections
-    and guessing on all at once gains nothing.  Accounts do not queue like
-    this, so guesses from elsewhere never push the owner's login back
-    further than the cap.
+class HashingPool:
+    """Threads that check passwords, apart from the shared I/O pool.
+
+    A flood of logins must not starve queue commits, POP3 reads and DKIM
+    checks, which share ``Services.executor``; so hashing has its own
+    ``workers`` threads (each check takes tens of milliseconds of CPU and
+    64 MiB, so more threads than CPUs buy nothing).  At most ``workers``
+    checks are handed to the threads at once; the rest wait here in two
+    lanes, known-good (address, account) pairs first, so the owner is not
+    queued behind a flood.  At most ``max_waiting`` others wait: beyond
+    that an attempt is refused at once (``HashQueueFull``) rather than held.
     """
 
-    def __init__(
-        self,
-        free_failures: int = 3,
-        max_delay: float = 30.0,
-        forget_after: float = 900.0,
-        clock: Callable[[], float] = time.monotonic,
-        max_entries: int = 100_000,
-    ) -> None:
-        self.free_failures = free_failures
-        self.max_delay = max_delay
-        self.forget_after = forget_after
-        self._clock = clock
-        self._max_entries = max_entries
-        self._by_key: dict[str, _Failures] = {}
+    def __init__(self, workers: int, max_waiting: int) -> None:
+        self.workers = workers
+        self.max_waiting = max_waiting
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="postoffice-hash")
+        self._free = workers
+        self._lanes: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (
+            deque(),  # known-good pairs
+            deque(),  # everyone else
+        )
 
-    def _entry(self, key: str) -> _Failures | None:
-        entry = self._by_key.get(key)
-        if entry and self._clock() - entry.last > self.forget_after:
-            del self._by_key[key]
-            return None
-        return entry
+    async def run(self, fn: Callable[..., T], *args: Any, priority: bool = False) -> T:
+        loop = asyncio.get_running_loop()
+        if self._free > 0:
+            self._free -= 1
+        else:
+            lane = self._lanes[0 if priority else 1]
+            if not priority and len(lane) >= self.max_waiting:
+                raise HashQueueFull
+            turn: asyncio.Future[None] = loop.create_future()
+            lane.append(turn)
+            try:
+                await turn  # a finishing check hands its thread over
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # handed over just as we were cancelled: pass it on
+                else:
+                    with contextlib.suppress(ValueError):
+                        lane.remove(turn)
+                raise
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        finally:
+            self._release()
 
-    def delay(self, client_ip: str, account: str | None) -> float:
-        """Seconds to wait before judging this attempt (and take its turn)."""
-        worst = 0
-        for key in (f"ip:{client_ip}", f"acct:{account}" if account else None):
-            if key and (entry := self._entry(key)):
-                worst = max(worst, entry.count)
-        extra = worst - self.free_failures
-        if extra < 0:
-            return 0.0
-        wait = min(self.max_delay, float(2 ** min(extra, 16)))
-        by_ip = self._entry(f"ip:{client_ip}")
-        if by_ip is None or by_ip.count < self.free_failures:
-            return wait
-        now = self._clock()
-        by_ip.turn = max(now, by_ip.turn) + wait
-        return by_ip.turn - now
+    def _release(self) -> None:
+        for lane in self._lanes:
+            while lane:
+                turn = lane.popleft()
+                if not turn.done():
+                    turn.set_result(None)
+                    return
+        self._free += 1
 
-    def failed(self, client_ip: str, account: str | None) -> None:
-        now = self._clock()
-        if len(self._by_key) >= self._max_entries:
-            self._prune(now)
-        for key in (f"ip:{client_ip}", f"acct:{account}" if account else None):
-            if key:
-                entry = self._entry(key) or self._by_key.setdefault(key, _Failures())
-                self._by_key[key] = entry
-                entry.count += 1
-                entry.last = now
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
 
-    def succeeded(self, client_ip: str, account: str) -> None:
-        self._by_key.pop(f"acct:{account}", None)
 
-    def _prune(self, now: float) -> None:
-        stale = [k for k, e in self._by_key.items() if now - e.last > self.forget_after]
-        for k in stale:
-            del self._by_key[k]
-        if len(self._by_key) >= self._max_entries:  # still full: drop the oldest half
-            for k, _ in sorted(self._by_key.items(), key=lambda kv: kv[1].last)[
-                : self._max_entries // 2
-            ]:
-                del self._by_key[k]
+def default_hash_workers() -> int:
+    """One thread fewer than the CPUs this process may use (at least one), so
+    a login flood leaves a CPU for the event loop and file I/O."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus - 1)
+
+
+class LoginThrottled(Exception):
+    """The password was not checked: a throttle budget is spent.  Answer
+    "try later" (SMTP 454 4.7.0, RFC 4954 §6; POP3 -ERR [SYS/TEMP], RFC 3206 §4),
+    never "wrong password": the password may well be right."""
 
 
 class Authenticator:
     """Checks a user's password against the account store, throttled and logged.
 
     Shared by SMTP AUTH and POP3; protocol code calls ``authenticate`` and
-    gets the account's Address or None.
+    gets the account's Address, None (wrong), or ``LoginThrottled``.
     """
 
     def __init__(
@@ -186,34 +191,62 @@ class Authenticator:
         lookup_hash: Callable[[Address], str | None],
         hasher: PasswordHasher,
         throttle: LoginThrottle,
-        executor: ThreadPoolExecutor | None = None,
+        pool: HashingPool,
     ) -> None:
         self._lookup_hash = lookup_hash
         self._hasher = hasher
         self._throttle = throttle
-        self._executor = executor
-        self._slots: asyncio.Semaphore | None = None  # made in the running loop
+        self._pool = pool
+        self._tag_key = os.urandom(32)  # never leaves this process
 
     async def authenticate(
         self, address: Address | None, password: str, client_ip: str, protocol: str
     ) -> Address | None:
         """``address`` None means the name did not even parse: it still costs a verify."""
-        account = str(address) if address else None
-        wait = self._throttle.delay(client_ip, account)
-        if wait:
-            await asyncio.sleep(wait)
+        account = str(address) if address else ""
         stored = self._lookup_hash(address) if address else None
-        loop = asyncio.get_running_loop()
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(max(1, os.cpu_count() or 1))
-        async with self._slots:
-            ok = await loop.run_in_executor(self._executor, self._hasher.verify, stored, password)
+        admission = self._throttle.admit(client_ip, account, self._tag(stored, password))
+        who = f"protocol={protocol} client={client_ip} user={account or '-'}"
+        if admission.repeat:
+            log.warning("auth failed %s (the same wrong password again)", who)
+            return None
+        if admission.refused_by:
+            log.debug("auth throttled %s by=%s", who, admission.refused_by)
+            raise LoginThrottled(admission.refused_by)
+        checking = False
+        try:
+            if admission.wait:
+                await asyncio.sleep(admission.wait)
+            checking = True
+            ok = await self._pool.run(
+                self._hasher.verify, stored, password, priority=admission.known_good
+            )
+        except HashQueueFull:
+            self._throttle.abandoned(admission)
+            log.debug("auth throttled %s by=hashing-queue", who)
+            raise LoginThrottled("hashing queue") from None
+        except BaseException:  # cancelled (shutdown): a check under way counts
+            if checking:
+                self._throttle.failed(admission)
+            else:
+                self._throttle.abandoned(admission)
+            raise
         if ok and address is not None:
-            self._throttle.succeeded(client_ip, str(address))
-            log.info("auth ok protocol=%s client=%s user=%s", protocol, client_ip, address)
+            self._throttle.succeeded(admission)
+            log.info("auth ok %s", who)
             return address
-        self._throttle.failed(client_ip, account)
-        log.warning(
-            "auth failed protocol=%s client=%s user=%s", protocol, client_ip, account or "-"
-        )
+        self._throttle.failed(admission)
+        log.warning("auth failed %s", who)
+        if admission.fail_delay:
+            await asyncio.sleep(admission.fail_delay)
         return None
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+    def _tag(self, stored: str | None, password: str) -> bytes:
+        """32 bits naming (stored hash, password): a repeat is recognised, the
+        password cannot be recovered (the key is random per process, and 32
+        bits match billions of passwords)."""
+        data = (stored or "").encode() + b"\0" + password.encode("utf-8", "surrogatepass")
+        return hmac.new(self._tag_key, data, hashlib.sha256).digest()[:4]

@@ -142,6 +142,22 @@ def test_error_and_line_limits(tmp_path: Path) -> None:
     assert settings.limits.error_delay == 0.0 and settings.limits.max_line_length == 998
 
 
+def test_throttle_budgets_and_hashing_threads(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        "[auth]\nthrottle_window = 60\nthrottle_account_failures = 0\n"
+        "throttle_address_failures = 5\nthrottle_global_failures = 1000\n"
+        "throttle_known_good = 3600\nhash_workers = 3\n",
+    )
+    auth = settings.auth
+    assert (auth.throttle_window, auth.throttle_known_good) == (60.0, 3600.0)
+    assert (auth.throttle_account_failures, auth.throttle_address_failures) == (0, 5)
+    assert (auth.throttle_global_failures, auth.hash_workers) == (1000, 3)
+    defaults = AuthSettings()
+    assert (defaults.throttle_account_failures, defaults.throttle_address_failures) == (10, 30)
+    assert (defaults.throttle_global_failures, defaults.throttle_window) == (300, 900.0)
+
+
 def test_relay_section(tmp_path: Path) -> None:
     settings = load(
         tmp_path,
@@ -230,6 +246,9 @@ def test_unknown_keys_are_refused_with_their_dotted_name(
             "must be a boolean (true or false), not an integer",
         ),
         ("[auth]\nthrottle_after = false\n", "auth.throttle_after", "must be an integer"),
+        ("[auth]\nthrottle_window = 0\n", "auth.throttle_window", "greater than 0"),
+        ("[auth]\nthrottle_account_failures = -1\n", "auth.throttle_account_failures", "negative"),
+        ("[auth]\nhash_workers = 1.5\n", "auth.hash_workers", "must be an integer"),
         ('[checks]\nexempt_networks = ["10.0.0.0/33"]\n', "checks.exempt_networks[0]", ""),
         ('hostname = "bad_host"\n', "hostname", "invalid domain label"),
         ('hostname = "[127.0.0.1]"\n', "hostname", "host name"),
