@@ -23,6 +23,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
+from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
 from postoffice.protocol import sasl
@@ -324,11 +325,11 @@ class Pop3Session:
             self.mailbox = await self._blocking(Pop3Mailbox.open, path)
         except MailboxBusy:
             # RFC 2449 §8.1.1: another session has the maildrop; try later.
-            log.info("pop3 client=%s user=%s mailbox in use", self.client_ip, user)
+            log.info("pop3 client=%s user=%s mailbox in use", self.client_ip, logfmt.field(user))
             self._send(self.core.reply_err("Mailbox is in use by another session", "IN-USE"))
             return
         except (OSError, AddressError) as exc:
-            log.error("pop3 user=%s cannot open mailbox: %s", user, exc)
+            log.error("pop3 user=%s cannot open mailbox: %s", logfmt.field(user), exc)
             # RFC 3206 §4: SYS/PERM when retrying cannot help until an
             # administrator acts (the Maildir is not a directory, or is not
             # ours to open); SYS/TEMP for the passing kind (I/O, no descriptors).
@@ -557,7 +558,12 @@ class Pop3Session:
             self._send(self.core.reply_err("Message was removed by another client"))
             return
         except OSError as exc:
-            log.error("pop3 user=%s cannot read %s: %s", self.user, msg.name, exc)
+            log.error(
+                "pop3 user=%s cannot read %s: %s",
+                logfmt.field(self.user),
+                logfmt.field(msg.name),
+                exc,
+            )
             self._send(self.core.reply_err("Cannot read the message now", "SYS/TEMP"))
             return
         encoder = MessageEncoder(lines)
@@ -574,7 +580,12 @@ class Pop3Session:
                 self._send(encoder.feed(chunk))
         except OSError as exc:
             # The +OK is out: there is no way to report this but to drop the line.
-            log.error("pop3 user=%s read of %s failed mid-message: %s", self.user, msg.name, exc)
+            log.error(
+                "pop3 user=%s read of %s failed mid-message: %s",
+                logfmt.field(self.user),
+                logfmt.field(msg.name),
+                exc,
+            )
             self.outcome = "read error"
             self.conn.abort()
             raise _Abort from None
@@ -596,7 +607,7 @@ class Pop3Session:
         try:
             result = await self._blocking(box.update)
         except OSError as exc:
-            log.error("pop3 user=%s UPDATE failed: %s", self.user, exc)
+            log.error("pop3 user=%s UPDATE failed: %s", logfmt.field(self.user), exc)
             self._send(self.core.reply_err("Could not update the maildrop", "SYS/TEMP"))
             return
         self._update = result
@@ -635,7 +646,7 @@ class Pop3Session:
         log.info(
             "pop3 session client=%s user=%s tls=%s retrieved=%d deleted=%d seen=%d end=%s",
             self.client_ip,
-            self.user or "-",
+            logfmt.field(self.user or "-"),
             "implicit" if started_tls else ("stls" if self.conn.tls else "no"),
             self.retrieved,
             result.deleted if result else 0,

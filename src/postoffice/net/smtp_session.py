@@ -17,6 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
@@ -269,15 +270,15 @@ class SmtpSession:
         if not reply.is_positive:
             # Postfix-style "NOQUEUE: reject" line: refusals are what admins grep for.
             log.info(
-                "smtp reject mode=%s client=%s helo=%s from=<%s> to=<%s> result=%d %s %s",
+                "smtp reject mode=%s client=%s helo=%s from=%s to=%s result=%d %s %s",
                 self.mode.value,
                 self.client_ip,
-                self.helo or "-",
-                self.envelope.sender or "",
-                event.recipient,
+                logfmt.field(self.helo or "-"),
+                logfmt.path(self.envelope.sender),
+                logfmt.path(event.recipient),
                 reply.code,
                 reply.enhanced or "",
-                reply.lines[0] if reply.lines else "",
+                logfmt.field(reply.lines[0] if reply.lines else ""),
             )
         return reply
 
@@ -522,15 +523,15 @@ class SmtpSession:
     def _log_transaction(self, tx: _Transaction, size: int, reply: Reply) -> None:
         env = tx.envelope
         log.info(
-            "smtp id=%s mode=%s client=%s helo=%s user=%s from=<%s> to=%s size=%d result=%d %s"
+            "smtp id=%s mode=%s client=%s helo=%s user=%s from=%s to=%s size=%d result=%d %s"
             " time=%.3f",
             tx.queue_id,
             self.mode.value,
             self.client_ip,
-            self.helo or "-",
-            self.user or "-",
-            env.sender or "",
-            ",".join(f"<{r}>" for r in env.recipients),
+            logfmt.field(self.helo or "-"),
+            logfmt.field(self.user or "-"),
+            logfmt.path(env.sender),
+            logfmt.paths(env.recipients),
             size,
             reply.code,
             reply.enhanced or "",

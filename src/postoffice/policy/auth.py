@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from postoffice import logfmt
 from postoffice.mail.address import Address
 
 try:
@@ -210,10 +211,15 @@ class Authenticator:
             ok = await loop.run_in_executor(self._executor, self._hasher.verify, stored, password)
         if ok and address is not None:
             self._throttle.succeeded(client_ip, str(address))
-            log.info("auth ok protocol=%s client=%s user=%s", protocol, client_ip, address)
+            log.info(
+                "auth ok protocol=%s client=%s user=%s", protocol, client_ip, logfmt.field(address)
+            )
             return address
         self._throttle.failed(client_ip, account)
         log.warning(
-            "auth failed protocol=%s client=%s user=%s", protocol, client_ip, account or "-"
+            "auth failed protocol=%s client=%s user=%s",
+            protocol,
+            client_ip,
+            logfmt.field(account or "-"),
         )
         return None
