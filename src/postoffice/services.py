@@ -14,6 +14,7 @@ from typing import Any
 from postoffice.config.settings import Settings
 from postoffice.policy.auth import Authenticator
 from postoffice.storage.accounts import AccountStore
+from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore
 
 
@@ -33,6 +34,8 @@ class Services:
     # DKIM signing of submitted mail bound for the outbound queue
     # (policy/dkim_sign.py): ``wrap(queue_writer) -> writer``; None: no signing.
     dkim_signer: Any = None
+    # The free-space reserve ([limits] min_free_space): MAIL FROM asks ``low()``.
+    space: FreeSpaceGuard | None = None
     # Open POP3 mailbox locks, by mailbox path (policy for RFC 1939 §8 exclusivity).
     extras: dict[str, Any] = field(default_factory=dict)
 

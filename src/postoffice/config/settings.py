@@ -63,6 +63,11 @@ class TlsSettings:
 @dataclass(frozen=True, slots=True)
 class LimitSettings:
     max_message_size: int = 25 * 1024 * 1024  # bytes; advertised in EHLO SIZE, else 552
+    # Bytes that must stay free on the file systems of data_dir, its Maildirs
+    # and queue (Postfix's queue_minfree); below it MAIL FROM is 452 4.3.1.
+    # At least 1.5 x max_message_size (Postfix's rule), with room for queue
+    # state and the accounts database; 0 turns the check off.
+    min_free_space: int = 100 * 1024 * 1024
     max_recipients: int = 100  # RCPTs per message (RFC 5321 §4.5.3.1.8 minimum); then 452
     max_connections: int = 1000  # concurrent connections per listener kind (smtp, pop3...)
     max_connections_per_ip: int = 20  # concurrent connections from one client address
