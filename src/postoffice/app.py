@@ -31,6 +31,7 @@ from postoffice.policy.mailauth import InboundChecks
 from postoffice.services import Services
 from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
+from postoffice.storage.quota import QuotaTracker
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 from postoffice.workers import (
     AcceptShares,
@@ -83,6 +84,7 @@ def build_services(settings: Settings, process: int = 0) -> Services:
         executor,
     )
     services.space.refresh_blocking()
+    services.quota = QuotaTracker(settings.limits.mailbox_quota, accounts.quota, executor)
     # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail;
     # their DNS goes through [relay] dns_servers like the outbound queue's.
     resolver = DnsResolver(settings.relay.dns_servers)

@@ -16,6 +16,7 @@ from postoffice.policy.auth import Authenticator
 from postoffice.storage.accounts import AccountStore
 from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore
+from postoffice.storage.quota import QuotaTracker
 
 
 @dataclass
@@ -36,6 +37,8 @@ class Services:
     dkim_signer: Any = None
     # The free-space reserve ([limits] min_free_space): MAIL FROM asks ``low()``.
     space: FreeSpaceGuard | None = None
+    # Mailbox quotas ([limits] mailbox_quota, `user quota`): RCPT and DATA ask it.
+    quota: QuotaTracker | None = None
     # Open POP3 mailbox locks, by mailbox path (policy for RFC 1939 §8 exclusivity).
     extras: dict[str, Any] = field(default_factory=dict)
 

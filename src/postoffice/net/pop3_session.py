@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from postoffice import logfmt
@@ -52,6 +53,7 @@ from postoffice.protocol.pop3 import (
     capabilities,
 )
 from postoffice.services import Services
+from postoffice.storage import quota
 from postoffice.storage.maildir import mailbox_path
 from postoffice.storage.pop3_mailbox import (
     MailboxBusy,
@@ -340,7 +342,28 @@ class Pop3Session:
             return
         self.user = user
         count, size = self.mailbox.stat()
-        self._send(self.core.reply_ok(f"Logged in, {count} messages ({size} octets)"))
+        note = await self._quota_note(user, path)
+        self._send(self.core.reply_ok(f"Logged in, {count} messages ({size} octets){note}"))
+
+    async def _quota_note(self, user: Address, path: Path) -> str:
+        """The mailbox's quota usage for the login +OK, if it has a quota.
+        POP3 has no quota command, and clients show no STAT text (whose
+        form RFC 1939 §5 fixes and clients parse); the +OK of a login is
+        free text that fetchmail, mpop and others log."""
+        tracker = self.s.quota
+        limit = tracker.limit(user) if tracker is not None else 0
+        if limit <= 0:
+            return ""
+        try:
+            usage = await self._blocking(quota.usage_blocking, path, limit)
+        except OSError as exc:
+            log.error("pop3 user=%s cannot count the mailbox: %s", logfmt.field(user), exc)
+            return ""
+        percent = min(100, usage.bytes * 100 // limit)
+        note = f"; quota {usage.bytes} of {limit} octets used ({percent}%)"
+        if usage.bytes >= limit:
+            note += ", mailbox full: delete messages to receive new mail"
+        return note
 
     # --- TRANSACTION ----------------------------------------------------------
     async def _transaction(self, event: object) -> None:

@@ -75,6 +75,7 @@ class Envelope:
     mailboxes: dict[Address, None] = field(default_factory=dict)  # ordered set
     remote: dict[Address, None] = field(default_factory=dict)  # via the outbound queue
     recipients: list[Address] = field(default_factory=list)  # as given, for the log
+    declared_size: int = 0  # MAIL FROM's SIZE= (RFC 1870), 0 if none
 
 
 @dataclass
@@ -265,7 +266,9 @@ class SmtpSession:
                 return Reply(530, "Authentication required", "5.7.0")
             if not sender_allowed(self.s.accounts, self.user, event.sender):
                 return Reply(553, f"Sender address not owned by user {self.user}", "5.7.1")
-        self.envelope = Envelope(sender=event.sender, smtputf8=event.smtputf8)
+        self.envelope = Envelope(
+            sender=event.sender, smtputf8=event.smtputf8, declared_size=event.size or 0
+        )
         return _OK_SENDER
 
     def _rcpt(self, event: RcptTo) -> Reply:
@@ -304,6 +307,9 @@ class SmtpSession:
             case RecipientVerdict(mailboxes=mailboxes, remote=remote):
                 if remote and self.s.outbound is None:
                     return Reply(451, "Outbound delivery is not available", "4.3.0")
+                if self._mailbox_full(mailboxes, env.declared_size):
+                    # RFC 3463 4.2.2: the owner can make room; the sender retries.
+                    return Reply(452, "Mailbox full, try again later", "4.2.2")
                 for m in mailboxes:
                     env.mailboxes[m] = None
                 for r in remote:
@@ -431,6 +437,8 @@ class SmtpSession:
                 await self._write_or_fail(tx, rest)
             reply = tx.failure
         if reply is None:
+            reply = await self._over_quota(tx)
+        if reply is None:
             # Shielded: a shutdown that cancels this session mid-commit must not
             # discard writers a worker thread is already storing.
             self.tx = None  # the commit owns the writers now, not the session's cleanup
@@ -441,6 +449,29 @@ class SmtpSession:
         self.tx = None
         self.envelope = Envelope()
         return reply
+
+    def _mailbox_full(self, mailboxes: tuple[Address, ...], incoming: int) -> bool:
+        """At RCPT, only what is known cheaply (storage/quota.py): a mailbox at
+        its quota, or without room for a declared SIZE=."""
+        quota = self.s.quota
+        if quota is None:
+            return False
+        try:
+            return any(quota.full(m, self.s.maildirs.path_for(m), incoming) for m in mailboxes)
+        except AddressError:
+            return False  # not a mailbox path: _data_start answers that
+
+    async def _over_quota(self, tx: _Transaction) -> Reply | None:
+        """After the data: 552 5.2.2 if this message would take a mailbox past
+        its quota (RFC 3463; RFC 5321 §4.5.3.1.10: exceeded storage allocation)."""
+        quota = self.s.quota
+        if quota is None or tx.local is None:
+            return None
+        size = tx.local.size  # the file each mailbox gets, trace headers included
+        for mailbox in tx.envelope.mailboxes:
+            if not await quota.room(mailbox, self.s.maildirs.path_for(mailbox), size):
+                return Reply(552, "Mailbox full: the message exceeds a recipient's quota", "5.2.2")
+        return None
 
     async def _judge_inbound(self, tx: _Transaction) -> Reply | None:
         """SPF/DKIM/DMARC (policy/mailauth.py): an Authentication-Results header
