@@ -258,14 +258,14 @@ class SmtpSession:
         limit = self.s.settings.limits.max_message_size
         if event.size is not None and event.size > limit:
             return Reply(552, f"Message size exceeds fixed limit of {limit} octets", "5.3.4")
-        if self.s.space is not None and self.s.space.low(event.size or 0):
-            # Postfix's queue_minfree: refused before the data, not after (RFC 1870 §6.1).
-            return Reply(452, "Insufficient system storage", "4.3.1")
         if self.mode is SmtpMode.SUBMISSION:
             if self.user is None:
                 return Reply(530, "Authentication required", "5.7.0")
             if not sender_allowed(self.s.accounts, self.user, event.sender):
                 return Reply(553, f"Sender address not owned by user {self.user}", "5.7.1")
+        if self.s.space is not None and self.s.space.low(event.size or 0):
+            # Postfix's queue_minfree: refused before the data, not after (RFC 1870 §6.1).
+            return Reply(452, "Insufficient system storage", "4.3.1")
         self.envelope = Envelope(
             sender=event.sender, smtputf8=event.smtputf8, declared_size=event.size or 0
         )

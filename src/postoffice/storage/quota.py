@@ -134,7 +134,9 @@ def record(maildir: Path, size: int, messages: int) -> None:
     deletion) if the mailbox has a ``maildirsize``; never creates it.
     Call after the rename or unlink it records.  A failed append (a full
     disk) removes the file, so the next look recounts instead of trusting
-    a sum that misses a change."""
+    a sum that misses a change; so does an append that takes the file past
+    5120 bytes, which Maildir++ readers recount anyway: the file stays
+    small even for a mailbox whose count nobody reads (no quota)."""
     path = maildir / MAILDIRSIZE
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -145,8 +147,8 @@ def record(maildir: Path, size: int, messages: int) -> None:
         return
     try:
         line = f"{size} {messages}\n".encode("ascii")
-        if os.write(fd, line) != len(line):
-            raise OSError("short write")
+        if os.write(fd, line) != len(line) or os.fstat(fd).st_size > MAX_FILE:
+            raise OSError("short write, or the file is due for a recount")
     except OSError:
         _forget(path)
     finally:

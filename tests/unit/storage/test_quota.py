@@ -73,6 +73,15 @@ def test_an_append_never_creates_the_file(maildir: Path) -> None:
     assert not (maildir / MAILDIRSIZE).exists()
 
 
+def test_a_file_grown_past_5120_bytes_is_left_for_a_recount(maildir: Path) -> None:
+    recount_blocking(maildir, 0)
+    for _ in range(MAX_FILE // len("100 1\n")):
+        record(maildir, 100, 1)
+    assert not (maildir / MAILDIRSIZE).exists()  # never grows without bound
+    deliver(maildir, "1.M1P1.host,S=100", 100)
+    assert usage_blocking(maildir, 0) == Usage(100, 1)
+
+
 @pytest.mark.parametrize(
     "content",
     [
