@@ -428,11 +428,16 @@ class SqliteAccountStore:
             conn.execute("UPDATE users SET quota = ? WHERE address = ?", (quota, key))
 
     def quota(self, address: Address) -> int | None:
+        """Asked right after ``resolve`` or ``password_hash`` of the same
+        session step (RCPT, a login), which just checked the snapshot is
+        current: read it without another check, so a server without quotas
+        pays a dict lookup, not two more stats per recipient."""
         try:
             local = mailbox_local_part(address.local)
         except AddressError:
             return None
-        return self._current().quotas.get(_key(local, address.domain.lower()))
+        snap = self._snapshot if not self._stale else self._current()
+        return snap.quotas.get(_key(local, address.domain.lower()))
 
     # --- aliases ---------------------------------------------------------------------
     def add_alias(self, alias: str, targets: Sequence[Address]) -> None:

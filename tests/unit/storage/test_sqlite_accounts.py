@@ -504,6 +504,8 @@ def test_quota_changes_are_seen_by_another_connection(db: Path) -> None:
         writer.add_user(A("alice", "example.test"), HASH)
         assert reader.quota(A("alice", "example.test")) is None
         writer.set_quota(A("alice", "example.test"), 1234)
+        # As at RCPT: quota() follows the resolve() that checked the snapshot.
+        assert reader.resolve(A("alice", "example.test")) == mailboxes("alice@example.test")
         assert reader.quota(A("alice", "example.test")) == 1234
     finally:
         reader.close()
