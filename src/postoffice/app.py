@@ -37,7 +37,9 @@ from postoffice.policy.mailauth import InboundChecks
 from postoffice.policy.srs import Srs, load_secrets
 from postoffice.policy.throttle import LoginThrottle, ThrottleLimits
 from postoffice.services import Services
+from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
+from postoffice.storage.quota import QuotaTracker
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 from postoffice.workers import (
     AcceptShares,
@@ -88,6 +90,13 @@ def build_services(settings: Settings, process: int = 0) -> Services:
         store = QueueStore(settings.queue_dir, executor)
         store.ensure_dirs()
         services.outbound = QueueHandoff(store)
+    services.space = FreeSpaceGuard(
+        (settings.data_dir, settings.mail_dir, settings.queue_dir),
+        settings.limits.min_free_space,
+        executor,
+    )
+    services.space.refresh_blocking()
+    services.quota = QuotaTracker(settings.limits.mailbox_quota, accounts.quota, executor)
     # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail;
     # their DNS goes through [relay] dns_servers like the outbound queue's.
     resolver = DnsResolver(settings.relay.dns_servers)

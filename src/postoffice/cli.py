@@ -24,7 +24,13 @@ from typing import Any
 
 from postoffice import __version__
 from postoffice.config.settings import ConfigError, Settings, find_config, load_settings
-from postoffice.mail.address import AddressError, normalise_domain, parse_address, parse_mailbox
+from postoffice.mail.address import (
+    Address,
+    AddressError,
+    normalise_domain,
+    parse_address,
+    parse_mailbox,
+)
 from postoffice.storage.accounts import AccountError
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 
@@ -161,8 +167,46 @@ def _user_list(args: argparse.Namespace, settings: Settings) -> int:
         return 0  # nothing stored yet; a read must not create the data dir
     with closing(_store(settings)) as store:
         for user in store.list_users():
-            print(user)
+            print(_quota_report(settings, user, store.quota(user)) if args.quota else user)
     return 0
+
+
+def _user_quota(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.storage.quota import format_size, parse_size
+
+    address = parse_mailbox(args.address)
+    with closing(_store(settings)) as store:
+        if store.password_hash(address) is None:
+            raise AccountError(f"no such user: {address}")
+        if args.size is None:
+            own = store.quota(address)
+        else:
+            word = args.size.strip().lower()
+            try:
+                own = None if word == "default" else 0 if word == "none" else parse_size(word)
+            except ValueError as exc:
+                raise AccountError(str(exc)) from None
+            store.set_quota(address, own)
+            shown = "the default" if own is None else "none" if own == 0 else format_size(own)
+            print(f"set the quota of {address}: {shown}")
+    print(_quota_report(settings, address, own))
+    return 0
+
+
+def _quota_report(settings: Settings, address: Address, own: int | None) -> str:
+    """One line: what the mailbox holds and its quota (recounted if in doubt)."""
+    from postoffice.storage.maildir import mailbox_path
+    from postoffice.storage.quota import format_size, usage_blocking
+
+    limit = settings.limits.mailbox_quota if own is None else own
+    usage = usage_blocking(mailbox_path(settings.mail_dir, address), limit)
+    held = f"{address}: {usage.bytes} bytes in {usage.messages} messages"
+    source = "the default, [limits] mailbox_quota" if own is None else "its own"
+    if limit <= 0:
+        return f"{held}; no quota ({source})"
+    percent = min(100, usage.bytes * 100 // limit)
+    full = ", FULL" if usage.bytes >= limit else ""
+    return f"{held}; quota {limit} bytes ({format_size(limit)}, {source}): {percent}% used{full}"
 
 
 def _add_user_parser(subparsers: Subparsers) -> None:
@@ -174,6 +218,7 @@ def _add_user_parser(subparsers: Subparsers) -> None:
         "  postoffice user add alice@example.test\n"
         "  echo 'secret' | postoffice user add alice@example.test --password-stdin\n"
         "  postoffice user passwd alice@example.test\n"
+        "  postoffice user quota alice@example.test 500M\n"
         "  postoffice user list\n",
     )
     stdin_help = "read the password from standard input (one line) instead of prompting"
@@ -209,7 +254,27 @@ def _add_user_parser(subparsers: Subparsers) -> None:
         "examples:\n  postoffice user remove alice@example.test\n",
     )
     remove.add_argument("address", metavar="ADDRESS", help="the user's address")
-    _leaf(users, "list", "list users, one address a line", _user_list)
+    listing = _leaf(users, "list", "list users, one address a line", _user_list)
+    listing.add_argument("--quota", action="store_true", help="with each mailbox's usage and quota")
+    quota = _leaf(
+        users,
+        "quota",
+        "show a mailbox's usage and quota, or set its quota",
+        _user_quota,
+        "SIZE is bytes, or a number with K, M, G or T (powers of 1024): 500M, 2G.\n"
+        "'none' (or 0): no quota for this mailbox; 'default': [limits] mailbox_quota.\n"
+        "A full mailbox gets 452 4.2.2 at RCPT; a message that would pass the quota,\n"
+        "552 5.2.2 after its data.  A running server applies changes at once.\n\n"
+        "examples:\n"
+        "  postoffice user quota alice@example.test          # usage and quota\n"
+        "  postoffice user quota alice@example.test 2G\n"
+        "  postoffice user quota alice@example.test none\n"
+        "  postoffice user quota alice@example.test default\n",
+    )
+    quota.add_argument("address", metavar="ADDRESS", help="the user's address")
+    quota.add_argument(
+        "size", metavar="SIZE", nargs="?", help="the new quota (absent: show usage and quota)"
+    )
 
 
 # --- domain ---------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from postoffice.config.settings import Settings
 from postoffice.policy.auth import Authenticator
 from postoffice.policy.srs import Srs
 from postoffice.storage.accounts import AccountStore
+from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore
+from postoffice.storage.quota import QuotaTracker
 
 
 @dataclass
@@ -36,6 +38,10 @@ class Services:
     dkim_signer: Any = None
     # Sender Rewriting Scheme for mail aliases forward off-site (policy/srs.py).
     srs: Srs | None = None
+    # The free-space reserve ([limits] min_free_space): MAIL FROM asks ``low()``.
+    space: FreeSpaceGuard | None = None
+    # Mailbox quotas ([limits] mailbox_quota, `user quota`): RCPT and DATA ask it.
+    quota: QuotaTracker | None = None
     # Open POP3 mailbox locks, by mailbox path (policy for RFC 1939 §8 exclusivity).
     extras: dict[str, Any] = field(default_factory=dict)
 

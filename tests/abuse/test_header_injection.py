@@ -10,12 +10,15 @@ injected field name, and every log line is one of ours.
 from __future__ import annotations
 
 import base64
+import json
 import poplib
 import re
+import smtplib
+from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import ALICE, raw, submission, tls_context, wait_for
+from tests.support.helpers import ALICE, make_server, raw, submission, tls_context, wait_for
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.abuse
@@ -101,3 +104,79 @@ def test_auth_names_cannot_inject_log_lines(server: PostofficeServer, port: str)
     assert wait_for(lambda: "auth failed" in server.log())
     assert "user=admin" not in server.log()
     assert_log_lines_are_ours(server)
+
+
+# --- forged log fields ------------------------------------------------------------
+# A record is "key=value" fields split on spaces; a value with a space, "=",
+# '"', a control or non-printable character is a JSON string (logfmt.py).
+_FIELD = re.compile(r'([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|[^ ]*)')
+
+
+def fields(record: str) -> list[tuple[str, str]]:
+    """The key=value fields of a log record, quoted values decoded."""
+    message = record.split(": ", 1)[1]  # after "<time> <LEVEL> <logger>: "
+    out = []
+    for key, value in _FIELD.findall(message):
+        out.append((key, json.loads(value) if value.startswith('"') else value))
+    return out
+
+
+def records(srv: PostofficeServer, start: str) -> list[dict[str, str]]:
+    """Each log record whose message starts with ``start``, as a dict; a key
+    that appears twice in one record (a forged field) fails the test."""
+    found = []
+    for line in srv.log().splitlines():
+        if LOG_LINE.match(line) and line.split(": ", 1)[1].startswith(start):
+            pairs = fields(line)
+            keys = [k for k, _ in pairs]
+            assert len(keys) == len(set(keys)), f"a field appears twice: {line}"
+            found.append(dict(pairs))
+    return found
+
+
+def test_quoted_local_parts_cannot_forge_log_fields(server: PostofficeServer) -> None:
+    sender = '"x client=evil user=root"@example.test'
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=10) as s:
+        s.ehlo('client"x=y')  # one token: a HELO name may hold '"' and '='
+        s.sendmail(sender, [ALICE], b"Subject: fields\r\n\r\nbody\r\n")
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            s.sendmail(sender, ['"y client=evil"@elsewhere.test'], b"Subject: no\r\n\r\n.\r\n")
+
+    def ours(start: str) -> list[dict[str, str]]:  # the module's server has other records too
+        return [r for r in records(server, start) if r.get("helo") == 'client"x=y']
+
+    assert wait_for(lambda: len(ours("smtp id=")) == 1 and len(ours("smtp reject")) == 1)
+    assert_log_lines_are_ours(server)
+    (accepted,) = ours("smtp id=")
+    assert accepted["client"] == "127.0.0.1"
+    assert accepted["from"] == f"<{sender}>"
+    assert accepted["to"] == f"<{ALICE}>"
+    assert accepted["user"] == "-" and accepted["mode"] == "smtp"
+    (refused,) = ours("smtp reject")
+    assert refused["client"] == "127.0.0.1" and refused["from"] == f"<{sender}>"
+    assert refused["to"] == '<"y client=evil"@elsewhere.test>'
+
+
+def test_auth_names_with_line_breaks_cannot_forge_log_fields(tmp_path: Path) -> None:
+    names = ["a client=evil", "a\r\nclient=evil", "a\nuser=admin", "a\0client=evil", 'a" x="y']
+    srv = make_server(tmp_path, auth={"throttle_after": 20})  # no waits between the tries
+    try:
+        with smtplib.SMTP("127.0.0.1", srv.ports["submission"], timeout=15) as s:
+            s.starttls(context=tls_context())
+            s.ehlo()
+            codes = []
+            for name in names:
+                s.user, s.password = name, "wrong-password"
+                with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+                    s.auth("PLAIN", s.auth_plain)
+                codes.append(refused.value.smtp_code)
+        # A NUL in the name is a malformed PLAIN message (RFC 4616 §2): 501, no try.
+        assert codes == [535, 535, 535, 501, 535], codes
+        assert wait_for(lambda: len(records(srv, "auth failed")) == 4, 15)
+        assert_log_lines_are_ours(srv)
+        failed = records(srv, "auth failed")
+    finally:
+        srv.stop()
+    for record in failed:
+        assert record["client"] == "127.0.0.1" and record["protocol"] == "smtp"
+        assert record["user"] == "-"  # not an account name: never logged as given

@@ -30,6 +30,7 @@ from tests.support.helpers import (
     raw,
     submission,
     tls_context,
+    wait_for,
 )
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
@@ -104,10 +105,64 @@ def debris(srv: PostofficeServer) -> list[Path]:
 
 @pytest.fixture
 def srv(tmp_path: Path) -> Iterator[PostofficeServer]:
-    server = make_server(tmp_path / "srv")
+    # No free-space reserve: these tests fill the disk to its last byte.
+    server = make_server(tmp_path / "srv", limits={"min_free_space": 0})
     server.stop()  # the filesystems go in first
     yield server
     server.stop()
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def mail_answer(client: RawSmtp, params: str = "") -> tuple[int, list[str]]:
+    """MAIL FROM's answer; the transaction is reset again."""
+    answer = client.cmd(f"MAIL FROM:<fill@remote.test>{params}")
+    assert client.cmd("RSET")[0] == 250
+    return answer
+
+
+def test_below_the_reserve_mail_is_refused_before_the_data(tmp_path: Path) -> None:
+    reserve = SIZE_KIB * 1024 // 2
+    server = make_server(tmp_path / "srv", limits={"min_free_space": reserve})
+    server.stop()
+    try:
+        with small_filesystem(server.data_dir / "mail", tmp_path):
+            server.start()
+            mail = server.data_dir / "mail"
+            client = raw(server)
+            # Room for a message now, but not for one that says it is larger
+            # than the free space above the reserve (RFC 1870 §6.1).
+            too_big = free_bytes(mail) - reserve + 100_000
+            assert mail_answer(client, f" SIZE={too_big}")[1][0].startswith("4.3.1")
+            assert mail_answer(client, " SIZE=1000")[0] == 250
+            sent = 0
+            while free_bytes(mail) >= reserve:  # every one accepted: the disk never fills
+                assert deliver(client, ALICE, f"m{sent:03d}", 40_000)[0] == 250
+                sent += 1
+                assert sent < 100
+            assert wait_for(lambda: mail_answer(client)[0] == 452, 5), "never refused"
+            code, lines = mail_answer(client)
+            assert (code, lines[0][:5]) == (452, "4.3.1"), lines
+            assert debris(server) == [] and len(server.messages(ALICE)) == sent
+            # The owner deletes mail over POP3: above the reserve again, accepted again.
+            pop = poplib.POP3_SSL(
+                "127.0.0.1", server.ports["pop3s"], timeout=30, context=tls_context()
+            )
+            pop.user(ALICE)
+            pop.pass_(ALICE_PW)
+            for n in range(1, sent + 1):
+                pop.dele(n)
+            pop.quit()
+            assert wait_for(lambda: mail_answer(client)[0] == 250, 5)
+            assert deliver(client, BOB, "after", 40_000)[0] == 250
+            client.cmd("QUIT")
+            server.stop()
+    finally:
+        server.stop()
+    assert "below the reserve" in server.log() and "Traceback" not in server.log()
 
 
 @pytest.mark.parametrize("size", [20_000, 400_000], ids=["in-memory", "streamed"])

@@ -64,6 +64,15 @@ class TlsSettings:
 @dataclass(frozen=True, slots=True)
 class LimitSettings:
     max_message_size: int = 25 * 1024 * 1024  # bytes; advertised in EHLO SIZE, else 552
+    # Bytes that must stay free on the file systems of data_dir, its Maildirs
+    # and queue (Postfix's queue_minfree); below it MAIL FROM is 452 4.3.1.
+    # At least 1.5 x max_message_size (Postfix's rule), with room for queue
+    # state and the accounts database; 0 turns the check off.
+    min_free_space: int = 100 * 1024 * 1024
+    # Bytes per mailbox (files in its Maildir, counted in its maildirsize);
+    # 0: none.  `postoffice user quota ADDRESS SIZE` sets one mailbox's own.
+    # Full: 452 4.2.2 at RCPT; a message that would pass it: 552 5.2.2 after DATA.
+    mailbox_quota: int = 0
     max_recipients: int = 100  # RCPTs per message (RFC 5321 §4.5.3.1.8 minimum); then 452
     max_connections: int = 1000  # concurrent connections per listener kind (smtp, pop3...)
     max_connections_per_ip: int = 20  # concurrent connections from one client address

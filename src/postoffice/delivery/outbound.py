@@ -31,6 +31,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from postoffice import logfmt
 from postoffice.config.settings import Settings
 from postoffice.delivery.content import MAX_HEADER_COPY, MessageTraits, header_section
 from postoffice.delivery.courier import Outcome, RecipientResult
@@ -162,9 +163,9 @@ class Outbound:
             return
         traits = entry.traits
         log.info(
-            "%s: queued from=<%s> nrcpt=%d size=%d",
+            "%s: queued from=%s nrcpt=%d size=%d",
             entry.queue_id,
-            entry.envelope.sender or "",
+            logfmt.path(entry.envelope.sender),
             len(entry.recipients),
             traits.crlf_size if traits else 0,
         )
@@ -455,22 +456,24 @@ class Outbound:
             + (f"; last error: {r.last_error}" if r.last_error else "")
         )
         r.smtp_reply = False
-        log.info("%s: to=<%s> result=expired status=%s", entry.queue_id, r.address, r.status)
+        log.info(
+            "%s: to=%s result=expired status=%s", entry.queue_id, logfmt.path(r.address), r.status
+        )
 
     def _log_attempt(
         self, entry: QueueEntry, r: Recipient, result: RecipientResult, now: float
     ) -> None:
         # One line per recipient per attempt (queue id, recipient, host, reply, result, delay).
         log.info(
-            "%s: to=<%s> relay=%s delay=%.1fs tries=%d result=%s status=%s reply=%r",
+            "%s: to=%s relay=%s delay=%.1fs tries=%d result=%s status=%s reply=%s",
             entry.queue_id,
-            r.address,
+            logfmt.path(r.address),
             result.remote or ("local" if result.outcome is Outcome.DELIVERED else "none"),
             now - entry.envelope.created,
             r.attempts,
             r.state.value,
             result.status,
-            result.text,
+            logfmt.field(result.text),  # the remote server's words
         )
 
     # --- after the round: the DSNs it owes ---------------------------------------------
@@ -534,9 +537,9 @@ class Outbound:
             await writer.discard()
             raise
         log.info(
-            "%s: sender <%s> notified (%s): %s",
+            "%s: sender %s notified (%s): %s",
             entry.queue_id,
-            sender,
+            logfmt.path(sender),
             "delayed" if delayed else "failed",
             dsn_id,
         )

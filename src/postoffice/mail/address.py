@@ -19,6 +19,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+import idna
+
 MAX_LOCAL_PART = 64  # RFC 5321 §4.5.3.1.1: what an account name may have
 MAX_DOMAIN = 255  # RFC 5321 §4.5.3.1.2
 MAX_PATH = 256  # RFC 5321 §4.5.3.1.3
@@ -90,11 +92,7 @@ def normalise_domain(text: str) -> str:
         return _normalise_literal(text)
     if text.endswith("."):
         raise AddressError("domain must not end with a dot")
-    try:
-        ascii_domain = text.encode("idna").decode("ascii") if not text.isascii() else text
-    except UnicodeError as exc:
-        raise AddressError("domain is not a valid internationalised name") from exc
-    ascii_domain = ascii_domain.lower()
+    ascii_domain = text.lower() if text.isascii() else _a_labels(text)
     if len(ascii_domain) > MAX_DOMAIN - 2:
         raise AddressError("domain too long")
     labels = ascii_domain.split(".")
@@ -102,6 +100,27 @@ def normalise_domain(text: str) -> str:
         if not _LABEL.fullmatch(label):
             raise AddressError(f"invalid domain label {label!r}")
     return ascii_domain
+
+
+def _a_labels(text: str) -> str:
+    """A domain with non-ASCII labels in A-labels, by IDNA 2008 (RFC 5891 §4)
+    after the UTS #46 non-transitional mapping (case folding, full-width
+    forms, ideographic full stops).  Not Python's ``encodings.idna``: that is
+    IDNA 2003, which maps ``faß.de`` to ``fass.de``, a different domain with a
+    different owner.  Labels that are ASCII already are left to the caller's
+    LDH check, exactly as in an all-ASCII domain, so one label's validity
+    never depends on its neighbours; a label IDNA 2008 disallows (symbols,
+    joiners out of context, bidi rule violations) is an AddressError, which
+    the SMTP core answers 501 5.1.3 (recipient) or 5.1.7 (sender).
+    """
+    try:
+        mapped = idna.uts46_remap(text, std3_rules=False, transitional=False)
+        return ".".join(
+            label if label.isascii() else idna.alabel(label).decode("ascii")
+            for label in mapped.split(".")
+        )
+    except (idna.IDNAError, UnicodeError, ValueError) as exc:
+        raise AddressError("domain is not a valid internationalised name (IDNA 2008)") from exc
 
 
 def _normalise_literal(text: str) -> str:

@@ -21,8 +21,10 @@ import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
 from postoffice.policy.auth import LoginThrottled
@@ -52,6 +54,7 @@ from postoffice.protocol.pop3 import (
     capabilities,
 )
 from postoffice.services import Services
+from postoffice.storage import quota
 from postoffice.storage.maildir import mailbox_path
 from postoffice.storage.pop3_mailbox import (
     MailboxBusy,
@@ -333,11 +336,11 @@ class Pop3Session:
             self.mailbox = await self._blocking(Pop3Mailbox.open, path)
         except MailboxBusy:
             # RFC 2449 §8.1.1: another session has the maildrop; try later.
-            log.info("pop3 client=%s user=%s mailbox in use", self.client_ip, user)
+            log.info("pop3 client=%s user=%s mailbox in use", self.client_ip, logfmt.field(user))
             self._send(self.core.reply_err("Mailbox is in use by another session", "IN-USE"))
             return
         except (OSError, AddressError) as exc:
-            log.error("pop3 user=%s cannot open mailbox: %s", user, exc)
+            log.error("pop3 user=%s cannot open mailbox: %s", logfmt.field(user), exc)
             # RFC 3206 §4: SYS/PERM when retrying cannot help until an
             # administrator acts (the Maildir is not a directory, or is not
             # ours to open); SYS/TEMP for the passing kind (I/O, no descriptors).
@@ -348,7 +351,28 @@ class Pop3Session:
             return
         self.user = user
         count, size = self.mailbox.stat()
-        self._send(self.core.reply_ok(f"Logged in, {count} messages ({size} octets)"))
+        note = await self._quota_note(user, path)
+        self._send(self.core.reply_ok(f"Logged in, {count} messages ({size} octets){note}"))
+
+    async def _quota_note(self, user: Address, path: Path) -> str:
+        """The mailbox's quota usage for the login +OK, if it has a quota.
+        POP3 has no quota command, and clients show no STAT text (whose
+        form RFC 1939 §5 fixes and clients parse); the +OK of a login is
+        free text that fetchmail, mpop and others log."""
+        tracker = self.s.quota
+        limit = tracker.limit(user) if tracker is not None else 0
+        if limit <= 0:
+            return ""
+        try:
+            usage = await self._blocking(quota.usage_blocking, path, limit)
+        except OSError as exc:
+            log.error("pop3 user=%s cannot count the mailbox: %s", logfmt.field(user), exc)
+            return ""
+        percent = min(100, usage.bytes * 100 // limit)
+        note = f"; quota {usage.bytes} of {limit} octets used ({percent}%)"
+        if usage.bytes >= limit:
+            note += ", mailbox full: delete messages to receive new mail"
+        return note
 
     # --- TRANSACTION ----------------------------------------------------------
     async def _transaction(self, event: object) -> None:
@@ -566,7 +590,12 @@ class Pop3Session:
             self._send(self.core.reply_err("Message was removed by another client"))
             return
         except OSError as exc:
-            log.error("pop3 user=%s cannot read %s: %s", self.user, msg.name, exc)
+            log.error(
+                "pop3 user=%s cannot read %s: %s",
+                logfmt.field(self.user),
+                logfmt.field(msg.name),
+                exc,
+            )
             self._send(self.core.reply_err("Cannot read the message now", "SYS/TEMP"))
             return
         encoder = MessageEncoder(lines)
@@ -583,7 +612,12 @@ class Pop3Session:
                 self._send(encoder.feed(chunk))
         except OSError as exc:
             # The +OK is out: there is no way to report this but to drop the line.
-            log.error("pop3 user=%s read of %s failed mid-message: %s", self.user, msg.name, exc)
+            log.error(
+                "pop3 user=%s read of %s failed mid-message: %s",
+                logfmt.field(self.user),
+                logfmt.field(msg.name),
+                exc,
+            )
             self.outcome = "read error"
             self.conn.abort()
             raise _Abort from None
@@ -605,7 +639,7 @@ class Pop3Session:
         try:
             result = await self._blocking(box.update)
         except OSError as exc:
-            log.error("pop3 user=%s UPDATE failed: %s", self.user, exc)
+            log.error("pop3 user=%s UPDATE failed: %s", logfmt.field(self.user), exc)
             self._send(self.core.reply_err("Could not update the maildrop", "SYS/TEMP"))
             return
         self._update = result
@@ -644,7 +678,7 @@ class Pop3Session:
         log.info(
             "pop3 session client=%s user=%s tls=%s retrieved=%d deleted=%d seen=%d end=%s",
             self.client_ip,
-            self.user or "-",
+            logfmt.field(self.user or "-"),
             "implicit" if started_tls else ("stls" if self.conn.tls else "no"),
             self.retrieved,
             result.deleted if result else 0,

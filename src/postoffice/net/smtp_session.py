@@ -17,6 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
@@ -82,6 +83,7 @@ class Envelope:
     remote: dict[Address, None] = field(default_factory=dict)  # via the outbound queue
     recipients: list[Address] = field(default_factory=list)  # as given, for the log
     forwarded_by: str = ""  # the domain of the first alias forwarding off-site (SRS)
+    declared_size: int = 0  # MAIL FROM's SIZE= (RFC 1870), 0 if none
 
 
 @dataclass
@@ -306,7 +308,12 @@ class SmtpSession:
                 return Reply(530, "Authentication required", "5.7.0")
             if not sender_allowed(self.s.accounts, self.user, event.sender):
                 return Reply(553, f"Sender address not owned by user {self.user}", "5.7.1")
-        self.envelope = Envelope(sender=event.sender, smtputf8=event.smtputf8)
+        if self.s.space is not None and self.s.space.low(event.size or 0):
+            # Postfix's queue_minfree: refused before the data, not after (RFC 1870 §6.1).
+            return Reply(452, "Insufficient system storage", "4.3.1")
+        self.envelope = Envelope(
+            sender=event.sender, smtputf8=event.smtputf8, declared_size=event.size or 0
+        )
         return _OK_SENDER
 
     def _rcpt(self, event: RcptTo) -> Reply:
@@ -314,15 +321,15 @@ class SmtpSession:
         if not reply.is_positive:
             # Postfix-style "NOQUEUE: reject" line: refusals are what admins grep for.
             log.info(
-                "smtp reject mode=%s client=%s helo=%s from=<%s> to=<%s> result=%d %s %s",
+                "smtp reject mode=%s client=%s helo=%s from=%s to=%s result=%d %s %s",
                 self.mode.value,
                 self.client_ip,
-                self.helo or "-",
-                self.envelope.sender or "",
-                event.recipient,
+                logfmt.field(self.helo or "-"),
+                logfmt.path(self.envelope.sender),
+                logfmt.path(event.recipient),
                 reply.code,
                 reply.enhanced or "",
-                reply.lines[0] if reply.lines else "",
+                logfmt.field(reply.lines[0] if reply.lines else ""),
             )
         return reply
 
@@ -345,6 +352,9 @@ class SmtpSession:
             case RecipientVerdict(mailboxes=mailboxes, remote=remote):
                 if remote and self.s.outbound is None:
                     return Reply(451, "Outbound delivery is not available", "4.3.0")
+                if self._mailbox_full(mailboxes, env.declared_size):
+                    # RFC 3463 4.2.2: the owner can make room; the sender retries.
+                    return Reply(452, "Mailbox full, try again later", "4.2.2")
                 for m in mailboxes:
                     env.mailboxes[m] = None
                 for r in remote:
@@ -484,6 +494,8 @@ class SmtpSession:
                 await self._write_or_fail(tx, rest)
             reply = tx.failure
         if reply is None:
+            reply = await self._over_quota(tx)
+        if reply is None:
             # Shielded: a shutdown that cancels this session mid-commit must not
             # discard writers a worker thread is already storing.
             self.tx = None  # the commit owns the writers now, not the session's cleanup
@@ -494,6 +506,29 @@ class SmtpSession:
         self.tx = None
         self.envelope = Envelope()
         return reply
+
+    def _mailbox_full(self, mailboxes: tuple[Address, ...], incoming: int) -> bool:
+        """At RCPT, only what is known cheaply (storage/quota.py): a mailbox at
+        its quota, or without room for a declared SIZE=."""
+        quota = self.s.quota
+        if quota is None:
+            return False
+        try:
+            return any(quota.full(m, self.s.maildirs.path_for(m), incoming) for m in mailboxes)
+        except AddressError:
+            return False  # not a mailbox path: _data_start answers that
+
+    async def _over_quota(self, tx: _Transaction) -> Reply | None:
+        """After the data: 552 5.2.2 if this message would take a mailbox past
+        its quota (RFC 3463; RFC 5321 §4.5.3.1.10: exceeded storage allocation)."""
+        quota = self.s.quota
+        if quota is None or tx.local is None:
+            return None
+        size = tx.local.size  # the file each mailbox gets, trace headers included
+        for mailbox in tx.envelope.mailboxes:
+            if not await quota.room(mailbox, self.s.maildirs.path_for(mailbox), size):
+                return Reply(552, "Mailbox full: the message exceeds a recipient's quota", "5.2.2")
+        return None
 
     async def _judge_inbound(self, tx: _Transaction) -> Reply | None:
         """SPF/DKIM/DMARC (policy/mailauth.py): an Authentication-Results header
@@ -580,15 +615,15 @@ class SmtpSession:
     def _log_transaction(self, tx: _Transaction, size: int, reply: Reply) -> None:
         env = tx.envelope
         log.info(
-            "smtp id=%s mode=%s client=%s helo=%s user=%s from=<%s> to=%s size=%d result=%d %s"
+            "smtp id=%s mode=%s client=%s helo=%s user=%s from=%s to=%s size=%d result=%d %s"
             " time=%.3f",
             tx.queue_id,
             self.mode.value,
             self.client_ip,
-            self.helo or "-",
-            self.user or "-",
-            env.sender or "",
-            ",".join(f"<{r}>" for r in env.recipients),
+            logfmt.field(self.helo or "-"),
+            logfmt.field(self.user or "-"),
+            logfmt.path(env.sender),
+            logfmt.paths(env.recipients),
             size,
             reply.code,
             reply.enhanced or "",

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from postoffice import logfmt
 from postoffice.mail.address import Address
 from postoffice.policy.throttle import LoginThrottle
 
@@ -206,7 +207,7 @@ class Authenticator:
         account = str(address) if address else ""
         stored = self._lookup_hash(address) if address else None
         admission = self._throttle.admit(client_ip, account, self._tag(stored, password))
-        who = f"protocol={protocol} client={client_ip} user={account or '-'}"
+        who = f"protocol={protocol} client={client_ip} user={logfmt.field(account or '-')}"
         if admission.repeat:
             log.warning("auth failed %s (the same wrong password again)", who)
             return None

@@ -40,6 +40,7 @@ from typing import Protocol
 import dkim
 import dkim.util
 
+from postoffice import logfmt
 from postoffice.config.settings import Settings
 from postoffice.delivery.mx import MxRecord
 from postoffice.delivery.resolver import DnsError
@@ -353,13 +354,14 @@ class InboundChecks:
         outcome_reply = self._decide(dmarc_spf, dkims, dmarcs)
         results = self._results(sender, helo_domain, mail_spf, helo_spf, dkims, dmarcs, authors)
         log.info(
-            "mailauth client=%s helo=%s from=<%s> spf=%s dkim=%s dmarc=%s result=%s",
+            "mailauth client=%s helo=%s from=%s spf=%s dkim=%s dmarc=%s result=%s",
             client_ip,
-            helo or "-",
-            sender or "",
+            logfmt.field(helo or "-"),
+            logfmt.path(sender),
             dmarc_spf.result if dmarc_spf else "none",
-            ",".join(f"{v.result}:{v.domain}" for v in dkims) or "none",
-            ",".join(f"{v.result}:{v.from_domain}" for v in dmarcs) or "none",
+            # d= and From: domains are the sender's choice: quoted when odd.
+            logfmt.field(",".join(f"{v.result}:{v.domain}" for v in dkims) or "none"),
+            logfmt.field(",".join(f"{v.result}:{v.from_domain}" for v in dmarcs) or "none"),
             outcome_reply.code if outcome_reply else "accept",
         )
         return CheckOutcome(

@@ -62,6 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from postoffice import logfmt
 from postoffice.config.settings import AuthSettings
 from postoffice.policy.netkey import client_key
 
@@ -141,7 +142,9 @@ class _Budget:
         if bucket is None or bucket.logged:
             return
         bucket.logged = True
-        who = {"account": f"user={account}", "address": f"client={client}"}.get(self.name, "")
+        who = {"account": f"user={logfmt.field(account)}", "address": f"client={client}"}.get(
+            self.name, ""
+        )
         log.warning(
             "auth throttle: %s budget spent%s: over %d failed logins in %.0f s;"
             " logins it covers wait their turn (one per %.1f s) or are refused for now,"
@@ -248,7 +251,7 @@ class LoginThrottle:
                     "auth throttle: client=%s user=%s: %d failed logins; further wrong"
                     " passwords are answered after up to %.0f s, one attempt at a time",
                     client,
-                    account or "-",
+                    logfmt.field(account or "-"),
                     ahead,
                     self.limits.max_delay,
                 )

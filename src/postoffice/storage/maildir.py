@@ -47,6 +47,7 @@ from functools import partial
 from pathlib import Path
 
 from postoffice.mail.address import Address, AddressError, mailbox_local_part, normalise_domain
+from postoffice.storage import quota
 from postoffice.storage.journal import SEGMENT_SIZE, SEGMENTS, Journal, JournalError
 from postoffice.storage.safeio import fsync_dir, link_or_copy, writev_all
 from postoffice.storage.write_behind import WriteBehind
@@ -307,6 +308,9 @@ class MaildirStore:
                 item.result = self._link_one(item.writer, item.tmp_path, dirs_to_sync)
             except OSError as exc:
                 item.result = _delivery_error(exc)
+                continue
+            for path in item.result:  # after the rename, as Maildir++ asks
+                quota.record(path.parent.parent, item.writer.size, 1)
         # One fsync per new/ directory for the whole batch makes every rename
         # and link in it durable (the files' data was fsync'd before).
         failed_dirs: set[Path] = set()

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from postoffice.protocol.pop3 import wire_size
+from postoffice.storage import quota
 from postoffice.storage.maildir import ensure_maildir, name_sizes
 from postoffice.storage.safeio import fsync_dir, write_all
 
@@ -252,12 +253,12 @@ class Pop3Mailbox:
     # --- the end of a session --------------------------------------------------
     def update(self) -> UpdateResult:
         """RFC 1939 §6 UPDATE: remove deleted messages, mark retrieved ones seen."""
-        deleted = failed = 0
+        deleted = failed = freed = 0
         for msg in self.messages:
             if not msg.deleted:
                 continue
             try:
-                self._unlink(msg)
+                freed += self._unlink(msg)
                 deleted += 1
             except OSError:
                 failed += 1
@@ -267,15 +268,27 @@ class Pop3Mailbox:
             for sub in ("new", "cur"):
                 with contextlib.suppress(OSError):
                     fsync_dir(self.path / sub)
+            quota.record(self.path, -freed, -deleted)  # after the unlinks (Maildir++)
         return UpdateResult(deleted=deleted, failed=failed, seen=self.mark_seen())
 
-    def _unlink(self, msg: Pop3Message) -> None:
+    def _unlink(self, msg: Pop3Message) -> int:
+        """Remove ``msg``; the octets it took on disk (0 if someone else
+        removed it first: theirs to record)."""
         try:
+            size = self._file_size(msg)
             os.unlink(self.path / msg.subdir / msg.name)
         except FileNotFoundError:
-            if self._relocate(msg):
-                os.unlink(self.path / msg.subdir / msg.name)
-            # else: someone else removed it already; it is gone either way.
+            if not self._relocate(msg):
+                return 0  # someone else removed it already; it is gone either way
+            size = self._file_size(msg)
+            os.unlink(self.path / msg.subdir / msg.name)
+        return size
+
+    def _file_size(self, msg: Pop3Message) -> int:
+        named = name_sizes(msg.stem)[1].get("S")
+        if named is not None:
+            return named  # Maildir files are never rewritten: S= holds
+        return os.stat(self.path / msg.subdir / msg.name).st_size
 
     def mark_seen(self) -> int:
         """Move retrieved messages to cur/ with the S flag (Maildir spec).

@@ -49,7 +49,7 @@ from postoffice.storage.accounts import AccountError, Resolution
 
 log = logging.getLogger("postoffice.accounts")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 MAX_ALIAS_DEPTH = 10
 
@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS domains (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS users (
     address TEXT PRIMARY KEY NOT NULL,      -- "local@domain", account form
-    password_hash TEXT NOT NULL
+    password_hash TEXT NOT NULL,
+    quota INTEGER                           -- bytes, 0 for none, NULL for [limits] mailbox_quota
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT NOT NULL,                    -- "local@domain", or "@domain" (catch-all)
@@ -69,6 +70,13 @@ CREATE TABLE IF NOT EXISTS aliases (
 ) WITHOUT ROWID;
 """
 
+# Each step takes a database from version (index + 1) to (index + 2); a
+# database at version 0 is new and gets _SCHEMA, which is the latest shape.
+_MIGRATIONS = (
+    # 1 -> 2: per-mailbox quotas (``postoffice user quota``).
+    "ALTER TABLE users ADD COLUMN quota INTEGER",
+)
+
 
 @dataclass
 class _Snapshot:
@@ -76,6 +84,7 @@ class _Snapshot:
 
     domains: frozenset[str] = frozenset()
     users: dict[str, str] = field(default_factory=dict)  # "local@domain" -> hash
+    quotas: dict[str, int] = field(default_factory=dict)  # users with their own quota
     aliases: dict[str, tuple[Address, ...]] = field(default_factory=dict)
 
 
@@ -215,8 +224,14 @@ class SqliteAccountStore:
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
+            # Read again inside the write lock: another process may have migrated.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            else:
+                for statement in _MIGRATIONS[version - 1 :]:
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
@@ -274,13 +289,20 @@ class SqliteAccountStore:
     def _read_all(self) -> _Snapshot:
         conn = self._conn
         domains = frozenset(row[0] for row in conn.execute("SELECT name FROM domains"))
-        users = dict(conn.execute("SELECT address, password_hash FROM users").fetchall())
+        users: dict[str, str] = {}
+        quotas: dict[str, int] = {}
+        for address, password_hash, quota in conn.execute(
+            "SELECT address, password_hash, quota FROM users"
+        ):
+            users[address] = password_hash
+            if quota is not None:
+                quotas[address] = quota
         grouped: dict[str, list[Address]] = {}
         for alias, target in conn.execute(
             "SELECT alias, target FROM aliases ORDER BY alias, position"
         ):
             grouped.setdefault(alias, []).append(_split_stored(target))
-        return _Snapshot(domains, users, {k: tuple(v) for k, v in grouped.items()})
+        return _Snapshot(domains, users, quotas, {k: tuple(v) for k, v in grouped.items()})
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[tuple[sqlite3.Connection, _Snapshot]]:
@@ -393,6 +415,29 @@ class SqliteAccountStore:
         except AddressError:
             return None  # not an account name at all: "no such user"
         return self._current().users.get(_key(local, address.domain.lower()))
+
+    def set_quota(self, address: Address, quota: int | None) -> None:
+        """``quota`` bytes for this mailbox (0: none), or None: the default."""
+        account = _account(address)
+        key = _key(account.local, account.domain)
+        if quota is not None and not 0 <= quota < 2**63:
+            raise AccountError(f"a quota is 0 to {2**63 - 1} bytes, not {quota}")
+        with self._write() as (conn, snap):
+            if key not in snap.users:
+                raise AccountError(f"no such user: {key}")
+            conn.execute("UPDATE users SET quota = ? WHERE address = ?", (quota, key))
+
+    def quota(self, address: Address) -> int | None:
+        """Asked right after ``resolve`` or ``password_hash`` of the same
+        session step (RCPT, a login), which just checked the snapshot is
+        current: read it without another check, so a server without quotas
+        pays a dict lookup, not two more stats per recipient."""
+        try:
+            local = mailbox_local_part(address.local)
+        except AddressError:
+            return None
+        snap = self._snapshot if not self._stale else self._current()
+        return snap.quotas.get(_key(local, address.domain.lower()))
 
     # --- aliases ---------------------------------------------------------------------
     def add_alias(self, alias: str, targets: Sequence[Address]) -> None:

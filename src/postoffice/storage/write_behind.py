@@ -38,6 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from postoffice.storage import quota
 from postoffice.storage.journal import Journal, encode
 from postoffice.storage.safeio import (
     SYNCFS_RELIABLE,
@@ -244,6 +245,8 @@ class WriteBehind:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        for path in paths:  # the mailboxes' maildirsize (storage/quota.py), after the renames
+            quota.record(path.parent.parent, len(data), 1)
         return paths
 
     # --- the retire lane ----------------------------------------------------------------

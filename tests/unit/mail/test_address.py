@@ -181,6 +181,46 @@ def test_idna_domains() -> None:
 
 
 @pytest.mark.parametrize(
+    "text, expected",
+    [
+        # IDNA 2003 (Python's "idna" codec) maps ß to "ss" and final sigma to sigma: another
+        # domain, with another owner.  IDNA 2008 keeps them (RFC 5892 PVALID).
+        ("faß.de", "xn--fa-hia.de"),
+        ("FASS.de", "fass.de"),
+        ("βόλος.gr", "xn--nxasmm1c.gr"),
+        # UTS #46 mapping: case, full-width letters, the ideographic full stop.
+        ("ＢÜＣＨＥＲ。example", "xn--bcher-kva.example"),
+        # ASCII labels beside U-labels are judged as in an all-ASCII domain.
+        ("ab--cd.bücher.example", "ab--cd.xn--bcher-kva.example"),
+        ("xn--fa-hia.bücher.example", "xn--fa-hia.xn--bcher-kva.example"),
+    ],
+)
+def test_idna_2008_with_uts46_mapping(text: str, expected: str) -> None:
+    assert normalise_domain(text) == expected
+    assert normalise_domain(expected) == expected
+    assert parse_path(f"<user@{text}>", utf8=True) == Address("user", expected)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "☃.example",  # a symbol: allowed by IDNA 2003, DISALLOWED in IDNA 2008
+        "i♥ny.example",
+        "a\u200db.example",  # ZERO WIDTH JOINER outside its context (RFC 5892 A.2)
+        "\u0663\u0661a.example",  # Arabic-Indic digits then Latin: the bidi rule (RFC 5893)
+        "a\udcff.example",  # invalid UTF-8 on the wire (surrogateescape)
+        "\u0301a.example",  # a label starting with a combining mark (RFC 5891 §4.2.3.2)
+        "bü\u00a0cher.example",  # NO-BREAK SPACE maps to a space: not a label character
+    ],
+)
+def test_invalid_idna_2008_labels_are_refused(text: str) -> None:
+    with pytest.raises(AddressError, match=r"IDNA 2008|invalid domain label"):
+        normalise_domain(text)
+    with pytest.raises(AddressError):
+        parse_path(f"<user@{text}>", utf8=True)
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "",

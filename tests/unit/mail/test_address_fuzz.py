@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from postoffice.mail.address import Address, AddressError, parse_mailbox, parse_path
+from postoffice.mail.address import (
+    Address,
+    AddressError,
+    normalise_domain,
+    parse_mailbox,
+    parse_path,
+)
 from postoffice.storage.maildir import mailbox_path
 
 EXAMPLES = int(os.environ.get("POSTOFFICE_FUZZ_EXAMPLES", "200"))
@@ -26,7 +33,12 @@ MAIL_DIR = Path("/srv/mail")
 
 _PIECES = st.sampled_from(["/", "\\", ".", "..", "\x00", "\r", "\n", "\u2028", "\u0085", "%",
                            "!", "+", "@", '"', "<", ">", ":", ",", "[", "]", "a", "Z", "9",
-                           "-", "_", "\u00e9", " ", "~", "IPv6:"])  # fmt: skip
+                           "-", "_", "\u00e9", " ", "~", "IPv6:",
+                           # IDNA 2008 / UTS #46: deviations, symbols, joiners, bidi,
+                           # compatibility forms, dots that map to ".", fake A-labels.
+                           "\u00df", "\u03c2", "\u2603", "\u200d", "\u200c", "\u0663", "\u05d0",
+                           "\u2170", "\uff21", "\u3002", "\uff0e", "\u0301", "\udcff", "xn--",
+                           "\u00a0", "\ufeff"])  # fmt: skip
 _WORDS = st.lists(st.one_of(_PIECES, st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True)),
                   max_size=12).map("".join)  # fmt: skip
 _PATHS = st.builds(lambda local, domain: f"<{local}@{domain}>", _WORDS, _WORDS)
@@ -65,3 +77,22 @@ def test_maildir_paths_stay_under_the_mail_directory(text: str) -> None:
         resolved = Path(os.path.normpath(path))
         assert resolved.parent.parent == MAIL_DIR, path
         assert resolved == path  # nothing for normpath to fold: no "..", no "//"
+
+
+_LDH_DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
+
+
+@FUZZ
+@given(_WORDS)
+def test_domains_come_out_as_ldh_ascii_or_are_refused(text: str) -> None:
+    """IDNA 2008 + UTS #46: whatever a client names, the result is an ASCII
+    LDH name (A-labels) that normalises to itself, or an AddressError (the
+    501 5.1.3 / 5.1.7 of the SMTP core) -- never another exception."""
+    try:
+        domain = normalise_domain(text)
+    except AddressError:
+        return
+    if domain.startswith("["):
+        return
+    assert _LDH_DOMAIN.fullmatch(domain), domain
+    assert normalise_domain(domain) == domain

@@ -473,3 +473,77 @@ def test_refused_write_changes_nothing(db: Path) -> None:
         assert s.list_aliases() == {"x@example.test": (A("alice", "example.test"),)}
     finally:
         s.close()
+
+
+# --- quotas ---------------------------------------------------------------------------
+
+
+def test_quota_per_user(store: SqliteAccountStore) -> None:
+    alice = A("alice", "example.test")
+    store.add_user(alice, HASH)
+    assert store.quota(alice) is None  # [limits] mailbox_quota applies
+    store.set_quota(alice, 500 * 2**20)
+    assert store.quota(alice) == 500 * 2**20
+    assert store.quota(A("Alice", "EXAMPLE.test")) == 500 * 2**20
+    store.set_quota(alice, 0)  # none, whatever the default
+    assert store.quota(alice) == 0
+    store.set_quota(alice, None)
+    assert store.quota(alice) is None
+    with pytest.raises(AccountError, match="no such user"):
+        store.set_quota(A("bob", "example.test"), 10)
+    with pytest.raises(AccountError, match="a quota is"):
+        store.set_quota(alice, -1)
+    assert store.quota(A('"x"', "example.test")) is None
+
+
+def test_quota_changes_are_seen_by_another_connection(db: Path) -> None:
+    reader = SqliteAccountStore(db, config_domains=["example.test"])
+    writer = SqliteAccountStore(db, config_domains=["example.test"])
+    try:
+        writer.add_user(A("alice", "example.test"), HASH)
+        assert reader.quota(A("alice", "example.test")) is None
+        writer.set_quota(A("alice", "example.test"), 1234)
+        # As at RCPT: quota() follows the resolve() that checked the snapshot.
+        assert reader.resolve(A("alice", "example.test")) == mailboxes("alice@example.test")
+        assert reader.quota(A("alice", "example.test")) == 1234
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_version_1_database_is_migrated(db: Path) -> None:
+    # The first release's schema, with a user and an alias in it.
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        """
+        CREATE TABLE domains (name TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID;
+        CREATE TABLE users (
+            address TEXT PRIMARY KEY NOT NULL, password_hash TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE aliases (
+            alias TEXT NOT NULL, position INTEGER NOT NULL, target TEXT NOT NULL,
+            PRIMARY KEY (alias, position)
+        ) WITHOUT ROWID;
+        INSERT INTO users VALUES ('alice@example.test', 'old-hash');
+        INSERT INTO aliases VALUES ('team@example.test', 0, 'alice@example.test');
+        PRAGMA user_version = 1;
+        """
+    )
+    conn.close()
+    store = SqliteAccountStore(db, config_domains=["example.test"])
+    try:
+        alice = A("alice", "example.test")
+        assert store.password_hash(alice) == "old-hash"
+        assert store.resolve(A("team", "example.test")) == mailboxes("alice@example.test")
+        assert store.quota(alice) is None
+        store.set_quota(alice, 4096)
+        assert store.quota(alice) == 4096
+    finally:
+        store.close()
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    finally:
+        conn.close()
+    SqliteAccountStore(db).close()  # opening a migrated database changes nothing
