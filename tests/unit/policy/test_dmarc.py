@@ -6,11 +6,13 @@ import random
 
 import pytest
 
+from postoffice.mail.headers import header_block
 from postoffice.policy.dmarc import (
+    Authors,
     DmarcRecord,
     DmarcResult,
     aligned,
-    author_domains,
+    authors,
     evaluate,
     is_dmarc_record,
     organizational_domain,
@@ -63,10 +65,9 @@ def test_alignment_modes() -> None:
     assert not aligned("example.co.uk", "other.co.uk", "r")
 
 
-def test_author_domains_reads_folded_and_multiple_from() -> None:
+def test_authors_reads_a_folded_from_with_several_addresses() -> None:
     msg = b'From: "A, B" <a@One.test>,\n\tc@two.test\nTo: x@y.test\n\nFrom: body@not.test\n'
-    assert author_domains(msg) == ["one.test", "two.test"]
-    assert author_domains(b"Subject: none\n\n") == []
+    assert authors(header_block(msg)) == Authors(("one.test", "two.test"))
 
 
 def test_evaluate_pass_fail_and_subdomain_policy() -> None:

@@ -14,8 +14,10 @@ import pytest
 
 from postoffice.config.settings import CheckSettings, Settings
 from postoffice.mail.address import Address
+from postoffice.policy.cpu_workers import CpuWorkers
 from postoffice.policy.dkim_keys import KeyStore, generate, txt_record
 from postoffice.policy.dkim_sign import DkimSigner
+from postoffice.policy.dkim_verify import TARGET
 from postoffice.policy.mailauth import CheckOutcome, InboundChecks
 from tests.unit.delivery.peers import Dnsmasq
 from tests.unit.policy.dns import auth_dns, resolver_for
@@ -31,6 +33,7 @@ class World:
     dns: Dnsmasq
     data_dir: Path
     executor: ThreadPoolExecutor
+    dkim_workers: CpuWorkers
 
     def checks(self, **settings: object) -> InboundChecks:
         config = Settings(
@@ -40,7 +43,9 @@ class World:
                 **settings,  # type: ignore[arg-type]
             ),
         )
-        return InboundChecks(config, resolver_for(self.dns), self.executor, timeout=20)
+        return InboundChecks(
+            config, resolver_for(self.dns), timeout=20, dkim_workers=self.dkim_workers
+        )
 
     def sign(self, message: bytes) -> bytes:
         return DkimSigner(KeyStore(self.data_dir), self.executor).sign_blocking(message) + message
@@ -67,8 +72,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             **{k.dns_name: txt_record(k) for k in keys},
         },
     ).start()
+    workers = CpuWorkers(TARGET, workers=2, timeout=20)
     with ThreadPoolExecutor(max_workers=2) as executor:
-        yield World(server, data_dir, executor)
+        yield World(server, data_dir, executor, workers)
+    workers.close()
     server.stop()
 
 
@@ -230,6 +237,4 @@ def test_exempt_networks_are_not_judged(world: World) -> None:
     assert not checks.applies("::ffff:127.0.0.1")
     assert checks.applies("::1")  # narrowed: only 127.0.0.0/8 here
     assert checks.applies(GOOD_IP)
-    assert (
-        InboundChecks(Settings(), resolver_for(world.dns), world.executor).applies("::1") is False
-    )
+    assert InboundChecks(Settings(), resolver_for(world.dns)).applies("::1") is False
