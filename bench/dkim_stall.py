@@ -41,10 +41,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.hostile_dkim import hostile_key, hostile_signatures  # noqa: E402
-from tests.support.server import PostofficeServer  # noqa: E402
-from tests.support.smtp import RawSmtp  # noqa: E402
-from tests.unit.policy.dns import auth_dns  # noqa: E402
+from tests.support.hostile_dkim import hostile_key, hostile_signatures
+from tests.support.server import PostofficeServer
+from tests.support.smtp import RawSmtp
+from tests.unit.policy.dns import auth_dns
 
 BOB = "bob@receiver.test"
 PROBE_SOURCE = "127.0.0.9"

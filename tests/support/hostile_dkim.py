@@ -15,9 +15,29 @@ import base64
 import hashlib
 import secrets
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import Relaxed
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    if size < 0x80:
+        return bytes([tag, size]) + body
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(octets)]) + octets + body
+
+
+def _der_int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+RSA_ENCRYPTION = bytes.fromhex("06092a864886f70d0101010500")  # OID 1.2.840.113549.1.1.1, NULL
+
+
+def rsa_spki(n: int, e: int) -> bytes:
+    """SubjectPublicKeyInfo DER of an RSA key (RFC 3279 §2.3.1), from raw
+    integers: any modulus and exponent, as an attacker may publish them."""
+    key = _der(0x30, _der_int(n) + _der_int(e))
+    return _der(0x30, _der(0x30, RSA_ENCRYPTION) + _der(0x03, b"\x00" + key))
 
 
 def hostile_key(bits: int, exponent: int | None = None) -> tuple[str, int]:
@@ -25,12 +45,7 @@ def hostile_key(bits: int, exponent: int | None = None) -> tuple[str, int]:
     modulus and, unless given, an exponent just below it; and the modulus."""
     n = secrets.randbits(bits) | (1 << (bits - 1)) | 1
     e = exponent if exponent is not None else n - 2
-    der = (
-        rsa.RSAPublicNumbers(e, n)
-        .public_key()
-        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    return "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode("ascii"), n
+    return "v=DKIM1; k=rsa; p=" + base64.b64encode(rsa_spki(n, e)).decode("ascii"), n
 
 
 def hostile_signatures(

@@ -180,7 +180,11 @@ class CpuWorkers:
         of its process (waiting for a free process does not count);
         CpuWorkerError: it failed."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, self._run_blocking, header, payload)
+        try:
+            job = loop.run_in_executor(self._threads, self._run_blocking, header, payload)
+        except RuntimeError:  # the threads were shut down: close() was called
+            raise CpuWorkerError("shut down") from None
+        return await job
 
     def _run_blocking(self, header: bytes, payload: bytes) -> bytes:
         worker = self._take()
