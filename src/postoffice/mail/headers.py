@@ -142,7 +142,11 @@ class HeaderGate:
         block = self.headers()
         values = _header_values(block, "from") + _header_values(block, "sender")
         result: list[Address | None] = []
-        for _name, addr in email.utils.getaddresses(values):
+        try:
+            parsed = email.utils.getaddresses(values)
+        except RecursionError:  # nested comments: "((((...": nothing we can check
+            return [None]
+        for _name, addr in parsed:
             try:
                 result.append(parse_address(addr, utf8=True) if addr else None)
             except AddressError:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import email.utils
 import enum
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.headerregistry import AddressHeader, HeaderRegistry
 from functools import lru_cache
 from typing import Protocol
 
@@ -89,21 +89,47 @@ def _author_domain(address: str) -> str | None:
         return None
 
 
+_AT_DOMAIN = re.compile(r"@([^\s<>,;:@()\"\[\]\\]+)")
+
+
+def _outside_quotes_and_comments(value: str) -> str:
+    """``value`` with quoted strings and (nested) comments blanked out, in
+    one pass: what is left is where addresses are."""
+    out = []
+    depth, quoted, escaped = 0, False, False
+    for c in value:
+        if escaped:
+            escaped = False
+        elif c == "\\" and (quoted or depth):
+            escaped = True
+        elif quoted:
+            quoted = c != '"'
+        elif c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif c == '"' and not depth:
+            quoted = True
+        elif not depth:
+            out.append(c)
+            continue
+        out.append(" ")
+    return "".join(out)
+
+
 def _addresses(value: str) -> list[str] | None:
-    """The addresses of a From: value as two parsers read it: the union, so an
-    address one of them misses (a parser differential) is evaluated too.
-    None when the modern parser gives up."""
-    found = [addr for _name, addr in email.utils.getaddresses([value])]
+    """The addresses of a From: value, read twice: by ``email.utils`` and by
+    a lenient scan for every ``@domain`` outside quoted strings and comments
+    (what a lenient mail reader might show).  The union: a domain one reading
+    misses (a parser differential) is evaluated too.  None: no reading.
+    (``email.headerregistry`` would be a third, but it is quadratic: 0.8 s
+    of the event loop for 4,000 quotes.)"""
     try:
-        parsed = _REGISTRY("from", value)
-    except Exception:  # the parser's errors on hostile input are not one class
+        found = [addr for _name, addr in email.utils.getaddresses([value])]
+    except RecursionError:  # nested comments
         return None
-    if not isinstance(parsed, AddressHeader):
-        return None
-    return found + [a.addr_spec if a.domain else "" for a in parsed.addresses]
-
-
-_REGISTRY = HeaderRegistry()
+    bare = _AT_DOMAIN.findall(_outside_quotes_and_comments(value))
+    return found + [f"@{domain}" for domain in bare]
 
 
 def authors(block: bytes) -> Authors:
