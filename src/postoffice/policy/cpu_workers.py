@@ -66,7 +66,9 @@ class _WorkerGone(CpuWorkerError):
 class _Worker:
     def __init__(self, target: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD_MAIN, target, str(os.getpid())],
+            # -P: the working directory is not put on sys.path (a dkim.py
+            # there must not be imported into the worker).
+            [sys.executable, "-P", "-c", _CHILD_MAIN, target, str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,

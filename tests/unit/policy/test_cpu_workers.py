@@ -7,12 +7,21 @@ import asyncio
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from postoffice.policy.cpu_workers import CpuTimeout, CpuWorkerError, CpuWorkers
 
 TARGETS = "tests.unit.policy.cpu_targets"
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(autouse=True)
+def _targets_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Workers run with -P (no working directory on sys.path): say where tests/ is.
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{path}" if path else str(ROOT))
 
 
 @pytest.fixture
