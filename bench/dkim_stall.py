@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,8 @@ def one_run(srv: PostofficeServer, message: bytes, deadline: float) -> Run:
     port = srv.ports["smtp"]
     probe = RawSmtp("127.0.0.1", port, timeout=deadline, source=PROBE_SOURCE)
     attacker = RawSmtp("127.0.0.1", port, timeout=deadline, source="127.0.0.1")
+    for client in (probe, attacker):  # no Nagle delay between a message and its "."
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         for client, sender in ((probe, "probe@elsewhere.test"), (attacker, "ceo@evil.test")):
             assert client.reply()[0] == 220

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -128,6 +129,8 @@ def test_hostile_dkim_keys_get_a_verdict_at_once_and_stall_nobody(
     port = receiver.ports["smtp"]
     probe = RawSmtp("127.0.0.1", port, timeout=120, source=PROBE)
     attacker = RawSmtp("127.0.0.1", port, timeout=120, source="127.0.0.1")
+    for client in (probe, attacker):  # no Nagle delay between a message and its "."
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     before = len(receiver.messages(BOB))
     start_data(probe, "probe@elsewhere.test")
     probe.send(b"Subject: warm-up\r\n\r\nfirst\r\n")
