@@ -10,9 +10,9 @@ modulus and exponent are both 16384 bits costs seconds per signature
   odd ones from 3 to 2^32 (65537 in practice); the checks read the very
   integers dkimpy would use (its own parser, on a record already bounded in
   length, since that parser is quadratic in the length of an integer);
-* ``signature_problem`` refuses signatures longer than a 4096-bit one and
-  h= lists over ``MAX_SIGNED_FIELDS`` (dkimpy's header selection is
-  O(h= entries x header fields));
+* ``signature_problem`` refuses rsa-sha1 (RFC 8301 §3.1), signatures
+  longer than a 4096-bit one and h= lists over ``MAX_SIGNED_FIELDS``
+  (dkimpy's header selection is O(h= entries x header fields));
 * at most ``MAX_SIGNATURES`` signatures per message are verified
   (RFC 6376 §6.1 lets verifiers limit the work);
 * ``verify_job`` runs in a worker process (policy/cpu_workers.py) with a
@@ -51,6 +51,8 @@ MAX_SIGNED_FIELDS = 256  # h= entries (real signers use a few dozen)
 VERIFY_TIMEOUT = 10.0  # seconds of a worker process for all signatures of one message
 VERIFY_WORKERS = 2  # worker processes (per smtp process)
 TARGET = "postoffice.policy.dkim_verify:verify_job"
+# RFC 8301 §3.1: rsa-sha1 MUST NOT be used for verifying; RFC 8463 adds Ed25519.
+ALGORITHMS = (b"rsa-sha256", b"ed25519-sha256")
 
 # dkimpy logs key problems at ERROR level; they are reported in the header instead.
 _DKIMPY_LOG = logging.Logger("postoffice.dkimpy")
@@ -110,6 +112,9 @@ def signature_problem(tags: Mapping[bytes, bytes]) -> str:
     selector = tags.get(b"s", b"").decode("ascii", "replace").lower()
     if not (is_name(domain) and is_name(selector)):
         return "bad d= or s="
+    algorithm = tags.get(b"a", b"").strip().lower()
+    if algorithm not in ALGORITHMS:
+        return f"algorithm {algorithm.decode('ascii', 'replace')[:20]} not allowed (RFC 8301)"
     if len(_SPACE.sub(b"", tags.get(b"b", b""))) > MAX_SIGNATURE_CHARACTERS:
         return f"signature longer than {MAX_RSA_BITS} bits"
     if tags.get(b"h", b"").count(b":") >= MAX_SIGNED_FIELDS:

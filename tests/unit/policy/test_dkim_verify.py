@@ -162,3 +162,14 @@ def test_the_hand_made_key_encoding_is_what_cryptography_reads() -> None:
     key = load_der_public_key(rsa_spki(n, 65537))
     assert isinstance(key, rsa.RSAPublicKey)
     assert (key.public_numbers().n, key.public_numbers().e) == (n, 65537)
+
+
+def test_rsa_sha1_is_not_verified() -> None:
+    record, n = hostile_key(2048, 65537)
+    signed = hostile_signatures(MESSAGE, "evil.test", ["s0"], n) + MESSAGE
+    sha1 = signed.replace(b"a=rsa-sha256", b"a=rsa-sha1", 1)
+    [verdict] = verify_message(sha1, {"s0._domainkey.evil.test": KeyAnswer(record)})
+    assert (verdict.result, verdict.reason) == (
+        "permerror",
+        "algorithm rsa-sha1 not allowed (RFC 8301)",
+    )
