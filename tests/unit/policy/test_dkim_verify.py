@@ -173,3 +173,15 @@ def test_rsa_sha1_is_not_verified() -> None:
         "permerror",
         "algorithm rsa-sha1 not allowed (RFC 8301)",
     )
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            ["v=DKIM1", "k=rsa", "k=ed25519", "p=", "MIIB", "AAAA", "=", ";", " ", "s=*"]
+        ),
+        max_size=12,
+    ).map("".join)
+)
+def test_key_problem_never_fails(record: str) -> None:
+    assert isinstance(key_problem(record), str)
