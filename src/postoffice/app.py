@@ -100,7 +100,7 @@ def build_services(settings: Settings, process: int = 0) -> Services:
     # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail;
     # their DNS goes through [relay] dns_servers like the outbound queue's.
     resolver = DnsResolver(settings.relay.dns_servers)
-    services.inbound_checks = InboundChecks(settings, resolver, executor)
+    services.inbound_checks = InboundChecks(settings, resolver)  # DKIM in worker processes
     services.dkim_signer = DkimSigner(KeyStore(settings.data_dir), executor)
     return services
 
@@ -152,6 +152,8 @@ class Server:
 
         s = self.services
         listen = s.settings.listen
+        if listen.smtp and s.inbound_checks is not None:
+            s.inbound_checks.start()  # the DKIM verifier processes, ready for the first message
         smtp_busy = b"421 4.7.0 Too many connections, try again later\r\n"
         pop_busy = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
         self._listener(
@@ -333,6 +335,8 @@ def _run_loop(services: Services, main: Coroutine[Any, Any, int]) -> int:
             return asyncio.run(main)
         return uvloop.run(main)
     finally:
+        if services.inbound_checks is not None:
+            services.inbound_checks.close()
         services.executor.shutdown(wait=True)
         services.authenticator.close()
         services.maildirs.close()

@@ -40,6 +40,8 @@ FORGED_HEADERS = {
     "comment-hides-author": b"From: (alice@example.test) bob@example.test\r\n",
     "route-addr": b"From: <@example.test:bob@example.test>\r\n",
     "sender-is-bob": b"From: alice@example.test\r\nSender: bob@example.test\r\n",
+    # email.utils recursed once per "(" and the session died without a reply.
+    "nested-comments": b"From: " + b"\r\n ".join([b"(" * 500] * 6) + b"bob@example.test\r\n",
 }
 
 

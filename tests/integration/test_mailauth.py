@@ -280,3 +280,43 @@ def test_submitted_mail_is_signed_once_and_verified_by_the_receiver(tmp_path: Pa
         sender.stop()
         receiver.stop()
         dns.stop()
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc), zombies left out."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("how", ["stop", "kill -9"])
+def test_dkim_worker_processes_end_with_the_server(tmp_path: Path, dns: Dnsmasq, how: str) -> None:
+    srv = receiver_server(tmp_path, dns)
+    srv.start()
+    assert srv.proc is not None
+    server_pid = srv.proc.pid
+    assert wait_for(lambda: len(children(server_pid)) == 2, 10)  # DKIM verifiers, ready
+    workers = children(server_pid)
+    cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in workers]
+    assert all(b"postoffice.policy.cpu_workers" in c for c in cmdlines), cmdlines
+    if how == "stop":
+        assert srv.stop() == 0
+    else:
+        srv.kill()
+    assert wait_for(lambda: not any(alive(p) for p in workers), 10)

@@ -142,7 +142,11 @@ class HeaderGate:
         block = self.headers()
         values = _header_values(block, "from") + _header_values(block, "sender")
         result: list[Address | None] = []
-        for _name, addr in email.utils.getaddresses(values):
+        try:
+            parsed = email.utils.getaddresses(values)
+        except RecursionError:  # nested comments: "((((...": nothing we can check
+            return [None]
+        for _name, addr in parsed:
             try:
                 result.append(parse_address(addr, utf8=True) if addr else None)
             except AddressError:
@@ -152,34 +156,88 @@ class HeaderGate:
         return result
 
 
-_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:((?:[^\n]*\n)(?:[ \t][^\n]*\n)*)", re.MULTILINE)
-_COMMENT = re.compile(rb"\([^()]*\)")
+_FIELD = re.compile(
+    rb"^([!-9;-~]+)[ \t]*:((?:[^\n]*(?:\n|\Z))(?:[ \t][^\n]*(?:\n|\Z))*)", re.MULTILINE
+)
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+# RFC 2045 token: no SPACE, CTLs or tspecials ()<>@,;:\"/[]?=
+_TOKEN_END = frozenset(b' \t\r\n()<>@,;:\\"/[]?=')
 
 
-def _authserv_id(value: bytes) -> bytes:
-    """The authserv-id of an Authentication-Results value (RFC 8601 §2.2):
-    unfolded, comments (CFWS) removed, the first token before ';'."""
-    text = re.sub(rb"\r?\n[ \t]", b" ", value)
-    for _ in range(8):  # nested comments, bounded
-        text, n = _COMMENT.subn(b" ", text)
-        if not n:
-            break
-    return text.split(b";", 1)[0].strip().split(b" ", 1)[0].lower()
+def _skip_cfws(text: bytes, i: int) -> int:
+    """Index of the first octet at or after ``i`` that is not white space or a
+    (nested, RFC 5322 §3.2.2) comment; one linear pass."""
+    depth = 0
+    while i < len(text):
+        c = text[i]
+        if depth:
+            if c == 0x5C:  # quoted-pair inside a comment
+                i += 1
+            elif c == 0x28:
+                depth += 1
+            elif c == 0x29:
+                depth -= 1
+        elif c == 0x28:
+            depth = 1
+        elif c not in b" \t\r\n":
+            return i
+        i += 1
+    return i
+
+
+def authserv_id(value: bytes) -> bytes:
+    """The authserv-id of an Authentication-Results value (RFC 8601 §2.2: a
+    token or a quoted-string after CFWS), unquoted, lower case, without a
+    trailing dot; so ``"Mail.Example.Test"`` and ``mail.example.test.`` read
+    as the host name they claim."""
+    text = _FOLD.sub(b"", value)
+    i = _skip_cfws(text, 0)
+    out = bytearray()
+    if text[i : i + 1] == b'"':
+        i += 1
+        while i < len(text) and text[i] != 0x22:
+            if text[i] == 0x5C:  # quoted-pair
+                i += 1
+            out += text[i : i + 1]
+            i += 1
+    else:
+        while i < len(text) and text[i] not in _TOKEN_END:
+            out.append(text[i])
+            i += 1
+    return bytes(out).strip().lower().rstrip(b".")
 
 
 def strip_forged_auth_results(block: bytes, hostname: str) -> bytes:
     """Remove Authentication-Results fields that claim to be ours (RFC 8601 §5):
-    only this server may speak for its own authserv-id."""
-    if b"uthentication-" not in block and b"UTHENTICATION-" not in block:
+    only this server may speak for its own authserv-id, however a forger
+    spells it (case, quotes, comments, a trailing dot)."""
+    if b"authentication-results" not in block.lower():
         return block  # the common case: nothing to parse
-    ours = hostname.lower().encode("ascii")
+    ours = hostname.lower().rstrip(".").encode("ascii")
 
     def keep(m: re.Match[bytes]) -> bytes:
-        if m.group(1).lower() == b"authentication-results" and _authserv_id(m.group(2)) == ours:
+        if m.group(1).lower() == b"authentication-results" and authserv_id(m.group(2)) == ours:
             return b""
         return m.group(0)
 
     return _FIELD.sub(keep, block)
+
+
+def field_values(block: bytes, name: str) -> list[bytes]:
+    """The values of the fields called ``name`` (case-insensitive) in the
+    header block ``block``, in order, unfolded."""
+    wanted = name.lower().encode("ascii")
+    return [
+        _FOLD.sub(b"", m.group(2)).strip()
+        for m in _FIELD.finditer(block)
+        if m.group(1).lower() == wanted
+    ]
+
+
+def header_block(message: bytes) -> bytes:
+    """The header section of ``message`` (LF form), up to the blank line."""
+    end = _end_of_headers(message)
+    return message if end < 0 else message[:end]
 
 
 def count_fields(block: bytes, name: str) -> int:

@@ -30,8 +30,9 @@ from typing import Any, Protocol
 import dkim
 
 from postoffice.mail.folding import fold_lines
+from postoffice.mail.headers import header_block
 from postoffice.policy.dkim_keys import RSA, DkimKeyError, KeyStore, SigningKey
-from postoffice.policy.dmarc import author_domains, organizational_domain
+from postoffice.policy.dmarc import authors, organizational_domain
 
 log = logging.getLogger("postoffice.dkim")
 
@@ -60,7 +61,7 @@ class DkimSigner:
         self._logger = logging.getLogger("postoffice.dkim.dkimpy")
 
     def _keys_for(self, message: bytes) -> tuple[str, list[SigningKey]]:
-        for author in author_domains(message):
+        for author in authors(header_block(message)).domains:
             for domain in _candidates(author):
                 keys = self._keys.keys_for(domain)
                 if keys:

@@ -9,20 +9,25 @@ name, and possibly a refusal:
 * SPF (RFC 7208) of the MAIL FROM identity (the HELO identity for a null
   sender, §2.4) and of the HELO name (§2.3);
 * every DKIM signature (RFC 6376; RSA and Ed25519, RFC 8463), at most
-  ``MAX_SIGNATURES`` of them (§6.1 lets verifiers limit the work);
+  ``MAX_SIGNATURES`` of them, with bounded keys and work (dkim_verify.py);
 * DMARC (RFC 7489) for each From: domain, from those two.
 
-Policy: a DMARC failure whose domain publishes ``p=reject`` is refused with
-550 5.7.1 when ``[checks] dmarc_reject`` is on (§6.6.4 — pct= applied);
-everything else is only recorded.  A DNS failure never passes silently:
+Policy, when ``[checks] dmarc_reject`` is on: a DMARC failure whose domain
+publishes ``p=reject`` is refused with 550 5.7.1 (§6.6.4 — pct= applied;
+with several From: domains, the strictest failing policy applies, §6.6.1),
+and so is a message whose author DMARC cannot evaluate (no From:, several
+From: fields, an address without a usable domain, too many domains): a
+check a sender can step around protects nobody.  Everything else is only
+recorded.  A DNS failure never passes silently:
 when DMARC did not pass and a lookup that could change that failed for the
 moment, the answer is 451 4.7.0 and the sender retries (RFC 7208 §2.6.6,
 RFC 6376 §6.1.2, RFC 7489 §6.6.3).
 
 Every name is looked up through the server's resolver (``[relay]
-dns_servers``).  DKIM keys are fetched on the event loop first; dkimpy then
-verifies in a worker thread (hashing a large body is CPU work) with those
-answers, so it never does DNS of its own and never blocks the loop.
+dns_servers``).  DKIM keys are fetched on the event loop first and checked
+(RFC 8301 sizes, a small exponent); dkimpy then verifies in a worker process
+(cpu_workers.py) with those answers, under a deadline, so it never does DNS
+of its own and never stalls the loop, whatever the sender publishes.
 """
 
 from __future__ import annotations
@@ -33,32 +38,38 @@ import logging
 import random
 import re
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
-
-import dkim
-import dkim.util
 
 from postoffice import logfmt
 from postoffice.config.settings import Settings
 from postoffice.delivery.mx import MxRecord
 from postoffice.delivery.resolver import DnsError
 from postoffice.mail.address import Address
+from postoffice.mail.headers import MAX_HEADER_BLOCK, header_block
 from postoffice.policy import dmarc, spf
+from postoffice.policy.cpu_workers import CpuTimeout, CpuWorkerError, CpuWorkers
+from postoffice.policy.dkim_verify import (
+    MAX_SIGNATURES,
+    TARGET,
+    VERIFY_TIMEOUT,
+    VERIFY_WORKERS,
+    DkimVerdict,
+    KeyAnswer,
+    decode_verdicts,
+    encode_keys,
+    is_name,
+    key_problem,
+    key_record,
+    scan_signatures,
+    unverified,
+)
 from postoffice.protocol.smtp_reply import Reply
 
 log = logging.getLogger("postoffice.mailauth")
 
 CHECK_TIMEOUT = 30.0  # seconds for all lookups of one message (RFC 7208 §4.6.4: >= 20)
-MAX_SIGNATURES = 5  # DKIM signatures verified per message
-MAX_AUTHOR_DOMAINS = 3  # From: domains given a DMARC verdict
-MIN_RSA_BITS = 1024  # RFC 8301 §3.2: verifiers MUST NOT consider shorter keys valid
-
-# dkimpy logs key problems at ERROR level; we report them in the header instead.
-_DKIMPY_LOG = logging.Logger("postoffice.dkimpy")
-_DKIMPY_LOG.addHandler(logging.NullHandler())
-_DKIMPY_LOG.propagate = False
+__all__ = ["MAX_SIGNATURES", "CheckOutcome", "DkimVerdict", "InboundChecks"]
 
 
 class AuthResolver(Protocol):
@@ -69,16 +80,6 @@ class AuthResolver(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class DkimVerdict:
-    result: str  # pass, fail, neutral, permerror, temperror (RFC 8601 §2.7.1)
-    domain: str = ""
-    selector: str = ""
-    algorithm: str = ""
-    b: str = ""  # the first characters of b=, telling signatures apart (RFC 6008)
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class CheckOutcome:
     header: bytes  # the Authentication-Results field, LF line ends
     reply: Reply | None = None  # a refusal (5xx) or a temporary failure (4xx)
@@ -86,112 +87,6 @@ class CheckOutcome:
     helo_spf: spf.SpfVerdict | None = None
     dkim_results: tuple[DkimVerdict, ...] = ()
     dmarc_results: tuple[dmarc.DmarcVerdict, ...] = field(default_factory=tuple)
-
-
-# --- DKIM ------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class _Signature:
-    index: int
-    domain: str
-    selector: str
-    algorithm: str
-    b: str
-    problem: str = ""  # unusable before any lookup (syntax)
-
-
-_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_\-]{0,61}[A-Za-z0-9_])?")
-
-
-def _is_name(text: str) -> bool:
-    labels = text.rstrip(".").split(".")
-    return 0 < len(text) < 254 and all(_NAME.fullmatch(label) for label in labels)
-
-
-def _signatures_blocking(message: bytes) -> list[_Signature]:
-    """The DKIM-Signature fields of ``message`` (at most MAX_SIGNATURES)."""
-    try:
-        d = dkim.DKIM(message, logger=_DKIMPY_LOG)
-    except dkim.DKIMException:
-        return []  # a header block dkimpy cannot parse: nothing it could verify
-    found = []
-    fields = [v for k, v in d.headers if k.lower() == b"dkim-signature"]
-    for index, value in enumerate(fields[:MAX_SIGNATURES]):
-        try:
-            tags = dkim.util.parse_tag_value(value)
-        except dkim.util.InvalidTagValueList as exc:
-            found.append(_Signature(index, "", "", "", "", f"bad tag list: {exc}"))
-            continue
-        domain = tags.get(b"d", b"").decode("ascii", "replace").lower()
-        selector = tags.get(b"s", b"").decode("ascii", "replace").lower()
-        algorithm = tags.get(b"a", b"").decode("ascii", "replace").lower()
-        b = re.sub(r"\s+", "", tags.get(b"b", b"").decode("ascii", "replace"))[:8]
-        problem = ""
-        if not (_is_name(domain) and _is_name(selector)):
-            problem = "bad d= or s="
-        found.append(_Signature(index, domain, selector, algorithm, b, problem))
-    return found
-
-
-_TEMP = object()  # a key lookup that failed for the moment
-
-
-def _key_name(sig: _Signature) -> str:
-    return f"{sig.selector}._domainkey.{sig.domain}"
-
-
-def _key_record(records: list[str]) -> str | None:
-    """RFC 6376 §3.6.2.2: of several TXT records, the one that is a key."""
-    for text in records:
-        if "p=" in text:
-            return text
-    return records[0] if records else None
-
-
-def _verify_blocking(
-    message: bytes, signatures: list[_Signature], keys: dict[str, object]
-) -> list[DkimVerdict]:
-    d = dkim.DKIM(message, logger=_DKIMPY_LOG, minkey=MIN_RSA_BITS)
-    verdicts = []
-    for sig in signatures:
-
-        def verdict(result: str, reason: str = "", sig: _Signature = sig) -> DkimVerdict:
-            return DkimVerdict(result, sig.domain, sig.selector, sig.algorithm, sig.b, reason)
-
-        if sig.problem:
-            verdicts.append(verdict("permerror", sig.problem))
-            continue
-        name = _key_name(sig)
-        record = keys.get(name)
-        if record is _TEMP:
-            verdicts.append(verdict("temperror", "key lookup failed"))
-            continue
-        if not isinstance(record, str):
-            verdicts.append(verdict("permerror", "no key for signature"))
-            continue
-        try:
-            dkim.evaluate_pk(name, record)
-        except dkim.DKIMException as exc:
-            verdicts.append(verdict("permerror", f"bad key record: {exc}"))
-            continue
-
-        def dnsfunc(_name: bytes, timeout: float = 5, record: str = record) -> bytes:
-            return record.encode("ascii", "replace")
-
-        try:
-            ok = d.verify(sig.index, dnsfunc=dnsfunc)
-        except dkim.ValidationError as exc:
-            text = str(exc)
-            reason = "body hash did not verify" if "body hash" in text else text
-            verdicts.append(verdict("fail", reason))
-            continue
-        except dkim.KeyFormatError as exc:
-            verdicts.append(verdict("permerror", str(exc)))
-            continue
-        except dkim.DKIMException as exc:
-            verdicts.append(verdict("neutral", f"signature not usable: {exc}"))
-            continue
-        verdicts.append(verdict("pass") if ok else verdict("fail", "signature did not verify"))
-    return verdicts
 
 
 # --- the header -------------------------------------------------------------------------------
@@ -227,7 +122,7 @@ def format_header(hostname: str, results: Sequence[str]) -> bytes:
 # --- the checks -----------------------------------------------------------------------------------
 def _helo_domain(helo: str) -> str | None:
     name = helo.strip().rstrip(".").lower()
-    if not name or name.startswith("[") or "." not in name or not _is_name(name):
+    if not name or name.startswith("[") or "." not in name or not is_name(name):
         return None
     try:
         ipaddress.ip_address(name)
@@ -245,18 +140,31 @@ class InboundChecks:
         self,
         settings: Settings,
         resolver: AuthResolver,
-        executor: Executor,
         *,
         timeout: float = CHECK_TIMEOUT,
         rng: random.Random | None = None,
+        dkim_workers: CpuWorkers | None = None,
     ) -> None:
+        """``dkim_workers``: the processes that verify DKIM signatures
+        (default: VERIFY_WORKERS of them, VERIFY_TIMEOUT seconds per message)."""
         self._hostname = settings.hostname
         self._exempt = settings.checks.exempt_networks
         self._dmarc_reject = settings.checks.dmarc_reject
         self._resolver = resolver
-        self._executor = executor
         self._timeout = timeout
         self._rng = rng or random.SystemRandom()
+        self._dkim_workers = dkim_workers or CpuWorkers(
+            TARGET, workers=VERIFY_WORKERS, timeout=VERIFY_TIMEOUT
+        )
+
+    def start(self) -> None:
+        """Start the DKIM worker processes and load the Public Suffix List
+        (0.1 s of CPU) now, not on the event loop with the first message."""
+        self._dkim_workers.start()
+        dmarc.organizational_domain("postoffice.example")
+
+    def close(self) -> None:
+        self._dkim_workers.close()
 
     def applies(self, client_ip: str) -> bool:
         """False for clients in ``[checks] exempt_networks`` (and non-IP peers)."""
@@ -294,23 +202,43 @@ class InboundChecks:
             return spf.SpfVerdict(spf.SpfResult.NONE, identity[1], "address literal")
         return await spf.check_host(self._resolver, client_ip, identity[1], identity, helo)
 
-    async def _dkim(self, message: bytes) -> list[DkimVerdict]:
-        loop = asyncio.get_running_loop()
-        signatures = await loop.run_in_executor(self._executor, _signatures_blocking, message)
+    async def _dkim(self, message: bytes, block: bytes) -> list[DkimVerdict]:
+        signatures = scan_signatures(block)
         if not signatures:
             return []
-        names = list(dict.fromkeys(_key_name(s) for s in signatures if not s.problem))
+        names = list(dict.fromkeys(s.key_name for s in signatures if not s.problem))
         answers = await asyncio.gather(*(self._key(n) for n in names))
         keys = dict(zip(names, answers, strict=True))
-        return await loop.run_in_executor(
-            self._executor, _verify_blocking, message, signatures, keys
-        )
-
-    async def _key(self, name: str) -> object:
+        refused = [unverified(s, keys.get(s.key_name)) for s in signatures]
+        if all(refused):
+            # Nothing to verify (hostile keys end here, refused unread): no
+            # worker needed.  dkimpy might count the fields differently, but a
+            # signature not verified can only fail to pass, never pass.
+            return [v for v in refused if v is not None]
         try:
-            return _key_record(await self._resolver.txt(name))
+            return decode_verdicts(await self._dkim_workers.run(encode_keys(keys), message))
+        except CpuTimeout:
+            # Over the bound nothing legitimate needs (25 MB and five signatures
+            # take about 3 s): for the moment, since an overloaded machine
+            # could be the cause; the work per attempt stays bounded.
+            reason = f"verification took over {self._dkim_workers.timeout:g}s"
+        except CpuWorkerError as exc:
+            log.warning("mailauth: DKIM verification failed: %s", exc)
+            reason = "verifier failed"
+        return [s.verdict("temperror", reason) for s in signatures]
+
+    async def _key(self, name: str) -> KeyAnswer:
+        """The key record for ``name``, checked before it can reach dkimpy."""
+        try:
+            record = key_record(await self._resolver.txt(name))
         except DnsError as exc:
-            return _TEMP if exc.temporary else None
+            if exc.temporary:
+                return KeyAnswer(result="temperror", reason="key lookup failed")
+            record = None
+        if record is None:
+            return KeyAnswer(result="permerror", reason="no key for signature")
+        problem = key_problem(record)
+        return KeyAnswer(result="permerror", reason=problem) if problem else KeyAnswer(record)
 
     async def _dmarc(
         self, from_domain: str, spf_verdict: spf.SpfVerdict | None, dkims: list[DkimVerdict]
@@ -337,6 +265,8 @@ class InboundChecks:
     async def _judge(
         self, client_ip: str, helo: str, sender: Address | None, message: bytes
     ) -> CheckOutcome:
+        # The session refuses larger header sections before this (MAX_HEADER_BLOCK).
+        block = header_block(message[:MAX_HEADER_BLOCK])
         helo_domain = _helo_domain(helo)
         helo_identity = ("postmaster", helo_domain) if helo_domain else None
         mail_identity = (sender.local, sender.domain) if sender is not None else helo_identity
@@ -345,13 +275,15 @@ class InboundChecks:
             if sender is not None and mail_identity is not None
             else _nothing(),
             self._spf(client_ip, helo_identity, helo) if helo_identity is not None else _nothing(),
-            self._dkim(message),
+            self._dkim(message, block),
         )
         # DMARC's SPF identity: MAIL FROM, or HELO for a null sender (RFC 7489 §3.1.2).
         dmarc_spf = mail_spf if sender is not None else helo_spf
-        authors = dmarc.author_domains(message)[:MAX_AUTHOR_DOMAINS]
-        dmarcs = list(await asyncio.gather(*(self._dmarc(a, dmarc_spf, dkims) for a in authors)))
-        outcome_reply = self._decide(dmarc_spf, dkims, dmarcs)
+        authors = dmarc.authors(block)
+        dmarcs = list(
+            await asyncio.gather(*(self._dmarc(a, dmarc_spf, dkims) for a in authors.domains))
+        )
+        outcome_reply = self._decide(authors, dmarc_spf, dkims, dmarcs)
         results = self._results(sender, helo_domain, mail_spf, helo_spf, dkims, dmarcs, authors)
         log.info(
             "mailauth client=%s helo=%s from=%s spf=%s dkim=%s dmarc=%s result=%s",
@@ -361,7 +293,10 @@ class InboundChecks:
             dmarc_spf.result if dmarc_spf else "none",
             # d= and From: domains are the sender's choice: quoted when odd.
             logfmt.field(",".join(f"{v.result}:{v.domain}" for v in dkims) or "none"),
-            logfmt.field(",".join(f"{v.result}:{v.from_domain}" for v in dmarcs) or "none"),
+            logfmt.field(
+                ",".join(f"{v.result}:{v.from_domain}" for v in dmarcs)
+                or (f"permerror:{authors.problem}" if authors.problem else "none")
+            ),
             outcome_reply.code if outcome_reply else "accept",
         )
         return CheckOutcome(
@@ -375,23 +310,32 @@ class InboundChecks:
 
     def _decide(
         self,
+        authors: dmarc.Authors,
         dmarc_spf: spf.SpfVerdict | None,
         dkims: list[DkimVerdict],
         dmarcs: list[dmarc.DmarcVerdict],
     ) -> Reply | None:
+        if authors.problem and self._dmarc_reject:
+            # RFC 7489 §6.6.1: DMARC needs the author's domain; mail whose
+            # author escapes the check must not pass for unchecked.
+            return Reply(
+                550, f"Message refused: {authors.problem}, so DMARC cannot check it", "5.7.1"
+            )
         if dmarcs and all(v.result is dmarc.DmarcResult.PASS for v in dmarcs):
             return None  # nothing that failed for the moment could change this
         temporary = [
             *(["SPF"] if dmarc_spf and dmarc_spf.result is spf.SpfResult.TEMPERROR else []),
-            *(["DKIM key"] if any(v.result == "temperror" for v in dkims) else []),
+            *(["DKIM"] if any(v.result == "temperror" for v in dkims) else []),
             *(["DMARC"] if any(v.result is dmarc.DmarcResult.TEMPERROR for v in dmarcs) else []),
         ]
         if temporary:
             return Reply(
                 451,
-                f"Temporary DNS failure in {', '.join(temporary)} checks, try again later",
+                f"Temporary failure in {', '.join(temporary)} checks, try again later",
                 "4.7.0",
             )
+        # Several author domains: every one was evaluated, and any failing one
+        # whose policy is reject refuses the message (the strictest, §6.6.1).
         for v in dmarcs:
             if v.result is dmarc.DmarcResult.FAIL and v.policy == "reject" and self._dmarc_reject:
                 # RFC 7489 §6.6.4 / §10.3: a refusal that names the policy.
@@ -408,7 +352,7 @@ class InboundChecks:
         helo_spf: spf.SpfVerdict | None,
         dkims: list[DkimVerdict],
         dmarcs: list[dmarc.DmarcVerdict],
-        authors: list[str],
+        authors: dmarc.Authors,
     ) -> list[str]:
         out = []
         if sender is not None:
@@ -435,6 +379,6 @@ class InboundChecks:
             if d.result in (dmarc.DmarcResult.TEMPERROR, dmarc.DmarcResult.NONE):
                 note = d.reason
             out.append(f"dmarc={d.result}{_comment(note)} header.from={_pvalue(d.from_domain)}")
-        if not authors:
-            out.append("dmarc=permerror (no From: domain)")
+        if authors.problem:
+            out.append(f"dmarc=permerror{_comment(authors.problem)}")
         return out

@@ -1,7 +1,18 @@
 from __future__ import annotations
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from postoffice.mail.address import Address
-from postoffice.mail.headers import HeaderGate, strip_forged_auth_results, trace_headers
+from postoffice.mail.headers import (
+    HeaderGate,
+    authserv_id,
+    field_values,
+    header_block,
+    strip_forged_auth_results,
+    trace_headers,
+)
 
 RECEIVED = b"Received: from x ([127.0.0.1])\n"
 
@@ -68,6 +79,9 @@ def test_from_addresses_reads_folded_and_multiple() -> None:
     g2 = gate(submission=True)
     g2.feed(b"From: not an address\n\n")
     assert g2.from_addresses() == [None]
+    g3 = gate(submission=True)  # email.utils recurses once per "(": refused, not raised
+    g3.feed(b"From: " + b"(" * 3000 + b"alice@example.test\n\n")
+    assert g3.from_addresses() == [None]
 
 
 def test_trace_header_sanitises_helo() -> None:
@@ -100,3 +114,50 @@ def test_count_fields() -> None:
     from postoffice.mail.headers import count_fields
 
     assert count_fields(b"Received: a\nreceived: b\n c\nX-Received: d\n", "received") == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b" mx.example.test; dkim=pass\n", b"mx.example.test"),
+        (b' "mx.example.test"; dkim=pass\n', b"mx.example.test"),
+        (b' "MX.example\\.test" 1; dkim=pass\n', b"mx.example.test"),
+        (b" mx.example.test.; dkim=pass\n", b"mx.example.test"),
+        (b"\n\t(a (b \\) c) d) mx.example.test(x); spf=pass\n", b"mx.example.test"),
+        (b" " + b"(" * 40 + b")" * 40 + b" mx.example.test; x\n", b"mx.example.test"),
+        (b" mx.example.test.evil.test; spf=pass\n", b"mx.example.test.evil.test"),
+        (b' "unterminated\n', b"unterminated"),
+        (b"\n", b""),
+    ],
+)
+def test_authserv_id_reads_tokens_quoted_strings_comments_and_the_root_dot(
+    value: bytes, expected: bytes
+) -> None:
+    assert authserv_id(value) == expected
+
+
+def test_forged_auth_results_spelled_any_way_are_removed() -> None:
+    block = (
+        b'Authentication-Results: "mx.example.test"; dkim=pass\n'
+        b"Authentication-Results: mx.example.test.; dkim=pass\n"
+        b"AUTHENTICATION-results: mx.example.test; dkim=pass\n"
+        b"Authentication-Results: other.test; spf=fail\n"
+        b"Subject: x\n"
+    )
+    assert strip_forged_auth_results(block, "mx.example.test") == (
+        b"Authentication-Results: other.test; spf=fail\nSubject: x\n"
+    )
+    alone = b"aUTHENTICATION-rESULTS: mx.example.test; dkim=pass\nSubject: y\n"
+    assert strip_forged_auth_results(alone, "mx.example.test") == b"Subject: y\n"
+
+
+@given(st.binary(max_size=300))
+def test_authserv_id_never_fails(value: bytes) -> None:
+    assert isinstance(authserv_id(value), bytes)
+
+
+def test_field_values_unfold_and_keep_order() -> None:
+    block = b"DKIM-Signature: a=1;\n\tb=2\nX: y\ndkim-signature :c=3\n"
+    assert field_values(block, "DKIM-Signature") == [b"a=1;\tb=2", b"c=3"]
+    assert header_block(b"A: b\n\nbody\n") == b"A: b\n"
+    assert header_block(b"A: b\n") == b"A: b\n"

@@ -5,12 +5,16 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from postoffice.mail.headers import header_block
 from postoffice.policy.dmarc import (
+    Authors,
     DmarcRecord,
     DmarcResult,
     aligned,
-    author_domains,
+    authors,
     evaluate,
     is_dmarc_record,
     organizational_domain,
@@ -63,10 +67,9 @@ def test_alignment_modes() -> None:
     assert not aligned("example.co.uk", "other.co.uk", "r")
 
 
-def test_author_domains_reads_folded_and_multiple_from() -> None:
+def test_authors_reads_a_folded_from_with_several_addresses() -> None:
     msg = b'From: "A, B" <a@One.test>,\n\tc@two.test\nTo: x@y.test\n\nFrom: body@not.test\n'
-    assert author_domains(msg) == ["one.test", "two.test"]
-    assert author_domains(b"Subject: none\n\n") == []
+    assert authors(header_block(msg)) == Authors(("one.test", "two.test"))
 
 
 def test_evaluate_pass_fail_and_subdomain_policy() -> None:
@@ -82,3 +85,40 @@ def test_evaluate_pass_fail_and_subdomain_policy() -> None:
         for _ in range(50)
     }
     assert policies == {"reject", "quarantine"}  # §6.6.4 sampling
+
+
+@pytest.mark.parametrize(
+    ("from_lines", "domains", "problem"),
+    [
+        (b"From: <service@Paypal.Test.>\n", ("paypal.test",), ""),  # the root dot
+        (b"From: a@one.test, b@two.test, c@three.test, d@paypal.test\n", None, ""),
+        (b"From: a@one.test\n", ("one.test",), ""),
+        (b"From: =?utf-8?q?Jos=C3=A9?= <jose@xn--bcher-kva.test>\n", ("xn--bcher-kva.test",), ""),
+        (b"From: \xc3\xa9lise@b\xc3\xbccher.test\n", ("xn--bcher-kva.test",), ""),
+        # Two parsers read this differently; each domain either finds is evaluated.
+        (b"From: service@paypal.test <a@one.test>\n", ("paypal.test", "one.test"), ""),
+        (b"Subject: none\n", (), "no From: field"),
+        (b"From: a@one.test\nfrom: b@two.test\n", (), "2 From: fields"),
+        (b"From: service\n", (), "without a usable domain"),
+        (b"From: service@paypal.test..\n", (), "without a usable domain"),
+        (b"From: a@[192.0.2.1]\n", (), "without a usable domain"),
+        (b"From: undisclosed-recipients:;\n", (), "without a usable domain"),
+        (b"From:\n", (), "no From: address"),
+        (b"From: " + b", ".join(b"x@d%d.test" % i for i in range(6)) + b"\n", (), "more than 5"),
+        (b"From: " + b"a" * 5000 + b"@one.test\n", (), "too long"),
+    ],
+)
+def test_authors(from_lines: bytes, domains: tuple[str, ...] | None, problem: str) -> None:
+    found = authors(header_block(from_lines + b"To: x@y.test\n\nbody\n"))
+    assert problem in found.problem if problem else found.problem == ""
+    if domains is not None:
+        assert found.domains == domains
+    elif not problem:
+        assert "paypal.test" in found.domains  # the fourth address counts too
+
+
+@given(st.text(max_size=200))
+def test_authors_never_fails(value: str) -> None:
+    block = b"From: " + value.replace("\n", " ").replace("\r", " ").encode() + b"\n"
+    found = authors(block)
+    assert bool(found.domains) != bool(found.problem)

@@ -14,8 +14,10 @@ import pytest
 
 from postoffice.config.settings import CheckSettings, Settings
 from postoffice.mail.address import Address
+from postoffice.policy.cpu_workers import CpuWorkers
 from postoffice.policy.dkim_keys import KeyStore, generate, txt_record
 from postoffice.policy.dkim_sign import DkimSigner
+from postoffice.policy.dkim_verify import TARGET
 from postoffice.policy.mailauth import CheckOutcome, InboundChecks
 from tests.unit.delivery.peers import Dnsmasq
 from tests.unit.policy.dns import auth_dns, resolver_for
@@ -31,6 +33,7 @@ class World:
     dns: Dnsmasq
     data_dir: Path
     executor: ThreadPoolExecutor
+    dkim_workers: CpuWorkers
 
     def checks(self, **settings: object) -> InboundChecks:
         config = Settings(
@@ -40,7 +43,9 @@ class World:
                 **settings,  # type: ignore[arg-type]
             ),
         )
-        return InboundChecks(config, resolver_for(self.dns), self.executor, timeout=20)
+        return InboundChecks(
+            config, resolver_for(self.dns), timeout=20, dkim_workers=self.dkim_workers
+        )
 
     def sign(self, message: bytes) -> bytes:
         return DkimSigner(KeyStore(self.data_dir), self.executor).sign_blocking(message) + message
@@ -67,8 +72,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             **{k.dns_name: txt_record(k) for k in keys},
         },
     ).start()
+    workers = CpuWorkers(TARGET, workers=2, timeout=20)
     with ThreadPoolExecutor(max_workers=2) as executor:
-        yield World(server, data_dir, executor)
+        yield World(server, data_dir, executor, workers)
+    workers.close()
     server.stop()
 
 
@@ -230,6 +237,39 @@ def test_exempt_networks_are_not_judged(world: World) -> None:
     assert not checks.applies("::ffff:127.0.0.1")
     assert checks.applies("::1")  # narrowed: only 127.0.0.0/8 here
     assert checks.applies(GOOD_IP)
-    assert (
-        InboundChecks(Settings(), resolver_for(world.dns), world.executor).applies("::1") is False
-    )
+    assert InboundChecks(Settings(), resolver_for(world.dns)).applies("::1") is False
+
+
+def test_mail_whose_author_dmarc_cannot_check_is_refused_or_recorded(world: World) -> None:
+    no_from = message().replace(b"From: Alice <alice@sender.test>\n", b"")
+    refused = judge(world.checks(), no_from)
+    assert refused.reply is not None
+    assert (refused.reply.code, refused.reply.enhanced) == (550, "5.7.1")
+    assert "dmarc=permerror (no From: field)" in header(refused)
+    recorded = judge(world.checks(dmarc_reject=False), no_from)
+    assert recorded.reply is None
+    assert "dmarc=permerror (no From: field)" in header(recorded)
+
+
+def test_several_author_domains_are_all_evaluated_strictest_wins(world: World) -> None:
+    both = message().replace(b"<alice@sender.test>", b"<alice@sender.test>, b@quarantine.test")
+    outcome = judge(world.checks(), both, ip=BAD_IP)  # neither passes: reject beats quarantine
+    text = header(outcome)
+    assert "header.from=sender.test" in text and "header.from=quarantine.test" in text
+    assert outcome.reply is not None and outcome.reply.code == 550
+
+
+def test_dkim_verification_past_its_deadline_is_a_temporary_failure(world: World) -> None:
+    # Five megabytes hashed twice take far longer than 50 ms of the worker.
+    big = world.sign(message(body="x" * 76 + "\n") + b"y" * 76 * 70_000 + b"\n")
+    slow = CpuWorkers(TARGET, workers=1, timeout=0.05)
+    try:
+        config = Settings(hostname=HOSTNAME)
+        checks = InboundChecks(config, resolver_for(world.dns), timeout=20, dkim_workers=slow)
+        outcome = judge(checks, big, ip=BAD_IP)
+    finally:
+        slow.close()
+    text = header(outcome)
+    assert text.count("dkim=temperror (verification took over 0.05s)") == 2
+    assert outcome.reply is not None
+    assert (outcome.reply.code, outcome.reply.enhanced) == (451, "4.7.0")
