@@ -721,7 +721,9 @@ def _no_data_dir(args: argparse.Namespace, settings: Settings) -> int:
             " or run from the directory that holds it.",
             file=err,
         )
-    print("  To start a new data directory here: postoffice init", file=err)
+    given = getattr(args, "config", None)
+    config = f" -c {given}" if given else ""
+    print(f"  To make a new data directory there: postoffice{config} init", file=err)
     return 1
 
 
