@@ -34,6 +34,7 @@ from postoffice.services import Services
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 from postoffice.workers import (
+    HELD_SIGNALS,
     AcceptShares,
     WorkerPool,
     extra_journal_dirs,
@@ -319,8 +320,9 @@ async def _run_smtp_worker(services: Services, index: int, fds: list[int], logs:
 def _hold_signals() -> None:
     """Until the event loop handles them: SIGHUP and SIGUSR1 must not kill the
     server while it starts (their default action is to terminate)."""
-    for sig in (signal.SIGHUP, signal.SIGUSR1):
+    for sig in HELD_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # an smtp process starts blocked
 
 
 def serve(settings: Settings) -> int:

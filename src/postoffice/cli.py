@@ -243,6 +243,7 @@ def _user_remove(args: argparse.Namespace, settings: Settings) -> int:
         print(f"deleted its Maildir {maildir}")
     else:
         moved = retired.move_aside(settings.data_dir, maildir)
+        Owner.of(settings.data_dir).hand_over([moved.parent.parent, moved.parent])
         print(f"moved its Maildir to {moved} (delete it when it is no longer needed)")
     return 0
 

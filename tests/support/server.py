@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,10 +155,16 @@ class PostofficeServer:
         )
 
     # --- process --------------------------------------------------------------
-    def start(self, timeout: float = 20.0, env: Mapping[str, str] | None = None) -> None:
+    def start(
+        self,
+        timeout: float = 20.0,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """``prefix``: a command to run the server under (e.g. setpriv)."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "postoffice", "serve", "-c", str(self.config)],
+                [*prefix, sys.executable, "-m", "postoffice", "serve", "-c", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
