@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import smtplib
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -746,3 +748,66 @@ def test_dkim_generate_warns_for_a_domain_that_is_not_local(cfg: Path) -> None:
         result = po(cfg, "dkim", "generate", domain)
         assert result.returncode == 0, result.stderr
         assert "warning" not in result.stderr
+
+
+# --- check: what would stop serve (#19 items 3, 7) -----------------------------------------
+
+
+def test_check_reports_a_data_dir_that_cannot_be_made(tmp_path: Path) -> None:
+    # Permission bits say root may write there; only trying tells.
+    cfg = make_config(tmp_path, data_dir="/proc/postoffice-data")
+    err = fails(cfg, "check")
+    assert "data_dir /proc/postoffice-data does not exist and cannot be created in /proc" in err
+    assert not list(tmp_path.glob(".postoffice-check-*"))  # the probe leaves nothing
+
+
+def test_check_reports_a_port_in_use_and_an_address_not_here(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = make_config(
+            tmp_path,
+            sections={"listen": {"pop3": [f"127.0.0.1:{port}"], "smtp": ["192.0.2.1:2525"]}},
+        )
+        err = fails(cfg, "check")
+    assert f"pop3 listener 127.0.0.1:{port}: Address already in use" in err
+    assert "smtp listener 192.0.2.1:2525: 192.0.2.1 is not an address of this machine" in err
+
+
+def test_check_takes_the_running_servers_ports_for_its_own(tmp_path: Path) -> None:
+    from tests.support.server import PostofficeServer
+
+    srv = PostofficeServer(tmp_path)
+    srv.start()
+    try:
+        assert srv.proc is not None
+        out = ok(srv.config, "check")
+        assert f"a server (pid {srv.proc.pid}) runs on this data directory" in out
+    finally:
+        srv.stop()
+
+
+def test_check_reports_files_the_owner_cannot_use_and_broken_maildirs(cfg: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the data directory away")
+    data = cfg.parent / "data"
+    ok(cfg, "user", "add", "alice@example.test", "--password-stdin", input="alice-pw-12\n")
+    ok(cfg, "user", "add", "bob@example.test", "--password-stdin", input="bob-pw-123\n")
+    ok(cfg, "check")
+    for top, dirs, files in os.walk(data):  # the service user's, as it should be...
+        for name in [".", *dirs, *files]:
+            os.chown(Path(top, name), 65534, 65534, follow_symlinks=False)
+    ok(cfg, "check")
+    rooty = data / "mail" / "example.test" / "rooty"  # ... but for a Maildir made by hand
+    for sub in ("tmp", "new", "cur"):
+        (rooty / sub).mkdir(parents=True)
+    bob_tmp = data / "mail" / "example.test" / "bob" / "tmp"
+    bob_tmp.rmdir()
+    bob_tmp.write_text("not a directory")
+    os.chown(bob_tmp, 65534, 65534)
+    err = fails(cfg, "check")
+    assert "4 path(s) in" in err and "are not owned by its owner nobody" in err
+    assert "mail/example.test/rooty (root)" in err and "mail/example.test/rooty/tmp (root)" in err
+    assert f"chown -R nobody:{grp.getgrgid(65534).gr_name} {data}" in err
+    assert "mail/example.test/bob/tmp is not a directory" in err
