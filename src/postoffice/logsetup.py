@@ -18,12 +18,14 @@ nothing goes to standard error.  ``$POSTOFFICE_LOG_LEVEL`` overrides
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import logging.handlers
 import os
 import stat
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -33,6 +35,7 @@ from postoffice.config.settings import LOG_LEVEL_ENV, LOG_LEVELS, LogSettings
 TEXT_FORMAT = "%(asctime)s postoffice[%(process)d]: %(levelname)s %(name)s: %(message)s"
 # Syslog stamps the time itself; the tag "postoffice[PID]:" is what it files lines under.
 SYSLOG_FORMAT = "postoffice[%(process)d]: %(levelname)s %(name)s: %(message)s"
+ERROR_NOTE_SECONDS = 60.0
 
 
 _LEVELS = {
@@ -54,7 +57,26 @@ class _TextFormatter(logging.Formatter):
         return moment.isoformat(timespec="milliseconds")
 
 
-class _ReopenableFile(logging.FileHandler):
+class _OneLineErrors(logging.Handler):
+    """A destination that fails (a full disk, syslog restarting) costs a line
+    lost and one note on stderr a minute, not a traceback per line."""
+
+    _noted = -ERROR_NOTE_SECONDS
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        if now - self._noted >= ERROR_NOTE_SECONDS:
+            self._noted = now
+            exc = sys.exc_info()[1]
+            with contextlib.suppress(OSError, ValueError):
+                print(f"postoffice: cannot write the log to {self}: {exc}", file=sys.stderr)
+
+
+class _Syslog(_OneLineErrors, logging.handlers.SysLogHandler):
+    pass
+
+
+class _ReopenableFile(_OneLineErrors, logging.FileHandler):
     """A log file opened in append mode, opened again by ``reopen`` (after
     logrotate renamed it: the new lines go to a new file at the same path)."""
 
@@ -95,14 +117,18 @@ def problems(settings: LogSettings, environ: Mapping[str, str] = os.environ) -> 
         elif not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
             found.append(f"[log] file {path} cannot be created in {path.parent}")
     if settings.syslog:
-        try:
-            is_socket = stat.S_ISSOCK(os.stat(settings.syslog).st_mode)
-        except OSError as exc:
-            found.append(f"[log] syslog {settings.syslog}: {exc.strerror}")
-        else:
-            if not is_socket:
-                found.append(f"[log] syslog {settings.syslog} is not a socket")
+        problem = _syslog_problem(settings.syslog)
+        if problem:
+            found.append(problem)
     return found
+
+
+def _syslog_problem(path: str) -> str:
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError as exc:
+        return f"[log] syslog {path}: {exc.strerror}"
+    return "" if is_socket else f"[log] syslog {path} is not a socket"
 
 
 @dataclass
@@ -153,13 +179,11 @@ def configure(settings: LogSettings, environ: Mapping[str, str] = os.environ) ->
         handler.setFormatter(text)
         logs.handlers.append(handler)
     if settings.syslog:
-        try:
-            handler = logging.handlers.SysLogHandler(
-                settings.syslog, facility=logging.handlers.SysLogHandler.LOG_MAIL
-            )
-        except OSError as exc:
+        found = _syslog_problem(settings.syslog)  # SysLogHandler would not say
+        if found:
             logs.close()
-            raise LogSetupError(f"[log] syslog {settings.syslog}: {exc.strerror or exc}") from None
+            raise LogSetupError(found)
+        handler = _Syslog(settings.syslog, facility=logging.handlers.SysLogHandler.LOG_MAIL)
         handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
         logs.handlers.append(handler)
     if logs.to_stderr:
