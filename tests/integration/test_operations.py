@@ -348,9 +348,9 @@ def test_the_cli_run_as_root_hands_what_it_makes_to_the_owner(tmp_path: Path) ->
     po("user", "add", BOB, "--password-stdin", input="bob-password-2\n")
     po("user", "remove", BOB)  # moved aside into removed/
     made = owners(data)
+    assert {p: uid for p, uid in made.items() if uid != 65534} == {}
     assert {"accounts.sqlite3", "mail/example.test/alice/new", "removed/example.test"} <= set(made)
     assert any(p.startswith("dkim/example.test/") for p in made)
-    assert {p: uid for p, uid in made.items() if uid != 65534} == {}
     # And `check` agrees: nothing in it that its owner cannot use.
     result = subprocess.run(
         [sys.executable, "-m", "postoffice", "check", "-c", str(config)],
