@@ -268,6 +268,6 @@ def run_worker(argv: list[str]) -> int:
     from postoffice import app
     from postoffice.config.settings import load_settings
 
-    settings = Settings() if source.startswith("<") else load_settings(Path(source))
+    settings = load_settings(None if source.startswith("<") else Path(source))
     fds = [int(fd) for fd in json.loads(fds_json)]
     return app.serve_smtp_worker(settings, int(index_text), fds)

@@ -206,7 +206,8 @@ def _search(explicit: str | None) -> tuple[Path | None, str]:
 def load_settings(path: Path | None) -> Settings:
     """Load and validate ``path`` (None: the embedded default); raise ConfigError."""
     if path is None:
-        return Settings()
+        # ./postoffice-data of the directory we run in, named in full in messages.
+        return Settings(data_dir=Settings().data_dir.absolute())
     source = str(path)
     try:
         with open(path, "rb") as fh:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import sqlite3
 import stat
 import subprocess
@@ -347,12 +348,16 @@ def test_nested_aliases_expand_recursively(store: SqliteAccountStore) -> None:
 def test_alias_loops_are_refused(store: SqliteAccountStore) -> None:
     store.add_user(A("alice", "example.test"), HASH)
     store.add_alias("a@example.test", [A("b", "example.test")])
-    with pytest.raises(AccountError, match="b@example.test -> a@example.test -> b@example.test"):
+    with pytest.raises(
+        AccountError, match=re.escape("b@example.test -> a@example.test -> b@example.test")
+    ):
         store.add_alias("b@example.test", [A("a", "example.test"), A("alice", "example.test")])
     with pytest.raises(AccountError, match="loop"):  # through a plus-address
         store.add_alias("b@example.test", [A("a+x", "example.test")])
     store.add_alias("c@example.test", [A("a", "example.test")])
-    with pytest.raises(AccountError, match="b@example.test -> c@example.test -> a@example.test"):
+    with pytest.raises(
+        AccountError, match=re.escape("b@example.test -> c@example.test -> a@example.test")
+    ):
         store.add_alias("b@example.test", [A("c", "example.test")])
     # Diamonds are not loops.
     store.add_alias("b@example.test", [A("alice", "example.test")])
@@ -393,7 +398,7 @@ def test_remove_user_named_by_aliases(store: SqliteAccountStore) -> None:
         "@example.test": (A("alice+any", "example.test"),),
         "team@example.test": (alice,),
     }
-    with pytest.raises(AccountError, match="@example.test, team@example.test"):
+    with pytest.raises(AccountError, match=re.escape("@example.test, team@example.test")):
         store.remove_user(alice)
     assert store.password_hash(alice) == HASH  # refused: nothing changed
     changed = store.remove_user(alice, from_aliases=True)
