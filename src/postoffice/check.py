@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from postoffice.config.settings import ListenAddress, Settings
-from postoffice.datadir import Owner, serving_pid
+from postoffice.datadir import Owner, running_servers, serving_pid
 from postoffice.logsetup import problems as log_problems
 from postoffice.mail.address import Address
 from postoffice.net.tls import CERT_NAME, KEY_NAME, server_context
@@ -130,6 +130,13 @@ def _user(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid {uid}"
+
+
+def _servers_elsewhere(data_dir: Path) -> list[str]:
+    """With no data dir yet: is the server meant perhaps running on another one?"""
+    if data_dir.exists():
+        return []
+    return [f"note: a server is running elsewhere: {s.describe()}" for s in running_servers()]
 
 
 def _check_tls(settings: Settings) -> tuple[list[str], list[str]]:
@@ -241,7 +248,7 @@ def _try_bind(address: ListenAddress) -> tuple[int, str] | None:
 def problems_and_notes(settings: Settings) -> tuple[list[str], list[str]]:
     problems = _check_data_dir(settings.data_dir) + check_ownership(settings.data_dir)
     problems += log_problems(settings.log)
-    notes: list[str] = []
+    notes: list[str] = _servers_elsewhere(settings.data_dir)
     for more_problems, more_notes in (
         _check_listeners(settings),
         _check_tls(settings),

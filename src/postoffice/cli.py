@@ -749,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.help_parser.print_help(sys.stderr)
         return 2
     # Warnings of the stores (e.g. an alias member that is gone), as our own lines.
-    logging.basicConfig(level=logging.WARNING, format="postoffice: warning: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="postoffice: %(message)s")
     try:
         settings = load_settings(find_config(getattr(args, "config", None)))
     except ConfigError as exc:

@@ -584,6 +584,11 @@ def test_the_refusal_names_the_server_running_elsewhere(tmp_path: Path) -> None:
             result.stderr
         )
         assert f"-c {srv.config}" in result.stderr  # how it was started
+        # `check` (which needs no data dir) mentions it too.
+        checked = run("check", cwd=elsewhere)
+        assert f"note: a server is running elsewhere: pid {srv.proc.pid if srv.proc else 0}" in (
+            checked.stdout
+        )
         # With that server's config, the same command works on its data.
         ok(
             srv.config,
