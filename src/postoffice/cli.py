@@ -10,6 +10,14 @@ under the same contract, when that module is installed.
 Every parser (the queue's too) is a ``_Parser``, which adds ``-c/--config``
 to itself, so ``postoffice -c X user list`` and ``postoffice user list -c X``
 both work.  Exit status: 0 ok, 1 refused or failed, 2 usage or config error.
+
+Only ``serve`` and ``init`` make a data directory; every other command whose
+data directory does not exist is refused, saying which config it found (and
+how), and which servers run on this machine where (datadir.py): the usual
+cause is a command run from another directory than the server's.  Run as
+root on a data directory that belongs to another user, what a command made
+is given to that user afterwards (``Owner.sweep``, and ``user add`` for its
+Maildir).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -587,13 +587,12 @@ def clean_stale_tmp(mail_dir: Path, older_than: float = 36 * 3600) -> RecoveryRe
     return report
 
 
-def _entries(directory: Path) -> list[os.DirEntry[str]]:
-    """What ``directory`` holds; [] with a log line if it cannot be read: one
-    broken mailbox (owned by another user, a file where a directory belongs)
-    must not stop the server from starting."""
+def _entries(directory: Path) -> Iterator[os.DirEntry[str]]:
+    """What ``directory`` holds, streamed; nothing, with a log line, if it
+    cannot be read: one broken mailbox (owned by another user, a file where a
+    directory belongs) must not stop the server from starting."""
     try:
-        with os.scandir(directory) as entries:
-            return list(entries)
+        entries = os.scandir(directory)
     except OSError as exc:
         log.error(
             "mailbox %s: cannot read %s/: %s; deliveries to it fail until that is fixed",
@@ -601,4 +600,9 @@ def _entries(directory: Path) -> list[os.DirEntry[str]]:
             directory.name,
             exc.strerror,
         )
-        return []
+        return
+    with entries:
+        try:
+            yield from entries
+        except OSError as exc:
+            log.error("mailbox %s: reading %s/ failed: %s", directory.parent, directory.name, exc)
