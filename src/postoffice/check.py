@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from postoffice.config.settings import ListenAddress, Settings
-from postoffice.datadir import Owner, running_servers, serving_pid
+from postoffice.datadir import Owner, running_servers, serving_pid, user_name
 from postoffice.logsetup import problems as log_problems
 from postoffice.mail.address import Address
 from postoffice.net.tls import CERT_NAME, KEY_NAME, server_context
@@ -101,7 +101,7 @@ def check_ownership(data_dir: Path) -> list[str]:
     problems = []
     if foreign:
         names = ", ".join(
-            f"{p.relative_to(data_dir)} ({_user(uid)})" for p, uid in foreign[:MAX_LISTED]
+            f"{p.relative_to(data_dir)} ({user_name(uid)})" for p, uid in foreign[:MAX_LISTED]
         )
         more = f" and {len(foreign) - MAX_LISTED} more" if len(foreign) > MAX_LISTED else ""
         problems.append(
@@ -121,15 +121,6 @@ def _listdir(directory: Path) -> list[Path]:
         return sorted(directory.iterdir())
     except OSError:
         return []
-
-
-def _user(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
 
 
 def _servers_elsewhere(data_dir: Path) -> list[str]:

@@ -112,6 +112,14 @@ def serving_pid(data_dir: Path) -> int | None:
 
 
 # --- who owns it ----------------------------------------------------------------------
+def user_name(uid: int) -> str:
+    """The login name of ``uid``, or the number when it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 @dataclass(frozen=True, slots=True)
 class Owner:
     uid: int
@@ -124,10 +132,7 @@ class Owner:
 
     @property
     def name(self) -> str:
-        try:
-            return pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            return str(self.uid)
+        return user_name(self.uid)
 
     @property
     def group(self) -> str:
