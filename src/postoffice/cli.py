@@ -152,8 +152,8 @@ def _read_password(args: argparse.Namespace, prompt: str, owner: Address) -> str
     why = weakness(password, owner)
     if why and not args.allow_weak:
         raise AccountError(
-            f"refusing a weak password: {why}; choose a longer one (--allow-weak"
-            " takes it anyway, for tests)"
+            f"refusing a weak password: {why}; choose another, of 8 characters or more"
+            " (--allow-weak takes it anyway, for tests)"
         )
     return password
 
