@@ -336,6 +336,8 @@ class Postoffice:
         subprocess.run(cmd, input=stdin, text=True, check=True, capture_output=True, timeout=120)
 
     def add_user(self, user: str = USER) -> None:
+        if not (self.root / "data").is_dir():
+            self.cli("init")  # commands other than serve/init need the data dir
         self.cli("user", "add", user, "--password-stdin", stdin=PASSWORD + "\n")
 
     def start(self) -> None:

@@ -182,6 +182,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="pop3-bench-"))
     server = Postoffice(root)
     try:
+        server.cli("init")
         server.cli("user", "add", USER, "--password-stdin", stdin=PASSWORD + "\n")
         server.start()
         assert server.proc is not None

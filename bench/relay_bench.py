@@ -127,18 +127,10 @@ class Postoffice:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        po = [sys.executable, "-m", "postoffice", "-c", str(self.config)]
+        subprocess.run([*po, "init"], check=True, capture_output=True)
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "postoffice",
-                "-c",
-                str(self.config),
-                "user",
-                "add",
-                "load@example.test",
-                "--password-stdin",
-            ],
+            [*po, "user", "add", "load@example.test", "--password-stdin"],
             input=b"secret-pass-load\n",
             check=True,
             capture_output=True,

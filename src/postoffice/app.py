@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from postoffice.config.settings import ListenAddress, Settings
+from postoffice.datadir import DataDirBusy, ServeLock
 from postoffice.delivery.outbound import QueueHandoff, build_outbound
 from postoffice.delivery.queue import QueueStore
 from postoffice.delivery.resolver import DnsResolver
+from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.listener import Listener
 from postoffice.net.tls import cert_and_key, server_context
 from postoffice.policy.auth import (
@@ -42,6 +44,7 @@ from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.quota import QuotaTracker
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 from postoffice.workers import (
+    HELD_SIGNALS,
     AcceptShares,
     WorkerPool,
     extra_journal_dirs,
@@ -51,6 +54,15 @@ from postoffice.workers import (
 )
 
 log = logging.getLogger("postoffice")
+
+
+class ListenError(OSError):
+    """A listener could not bind: which one, on which addresses, and why."""
+
+    def __init__(self, listener: Listener, exc: OSError) -> None:
+        where = ", ".join(str(a) for a in listener.addresses)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        super().__init__(exc.errno, f"{listener.name} listener on {where}: {reason}")
 
 
 def build_services(settings: Settings, process: int = 0) -> Services:
@@ -165,8 +177,7 @@ class Server:
             shares=shares,
         )
         if smtp_sockets is not None:
-            for listener in self.listeners:
-                await listener.start()
+            await self._start_listeners()
             return
         self._listener(
             "submission",
@@ -185,10 +196,16 @@ class Server:
         self._listener(
             "pop3s", listen.pop3s, lambda c: Pop3Session(s, c).run(), pop_busy, implicit_tls=True
         )
-        for listener in self.listeners:
-            await listener.start()
+        await self._start_listeners()
         if s.outbound is not None:
             self.background.append(asyncio.get_running_loop().create_task(s.outbound.run()))
+
+    async def _start_listeners(self) -> None:
+        for listener in self.listeners:
+            try:
+                await listener.start()
+            except OSError as exc:
+                raise ListenError(listener, exc) from exc
 
     async def stop(self) -> None:
         for listener in self.listeners:
@@ -217,18 +234,37 @@ def _announce(server: Server, smtp_processes: int = 1) -> None:
     domains = sorted(set(s.domains) | set(server.services.accounts.list_domains()))
     print(f"  local domains: {', '.join(domains) or '(none)'}", file=out)
     if not server.services.accounts.list_users():
-        config = "" if s.source.startswith("<") else f" -c {s.source}"
         domain = domains[0] if domains else "localhost"
-        print(f"No users yet. Add one with:  postoffice{config} user add you@{domain}", file=out)
+        if s.source.startswith("<"):  # ./postoffice-data: the CLI finds it from here only
+            how, where = "postoffice", f"   (in {os.getcwd()}, where the CLI finds this data)"
+        else:
+            how, where = f"postoffice -c {os.path.abspath(s.source)}", ""
+        print(f"No users yet. Add one with:  {how} user add you@{domain}{where}", file=out)
     out.flush()
 
 
-async def _run(services: Services) -> int:
+def _on_sighup() -> None:
+    # `systemctl reload` and old habits send SIGHUP; it must not take mail down.
+    log.warning("SIGHUP: reloading the config is not supported yet; ignored (restart to apply)")
+
+
+async def _run(services: Services, logs: Logs) -> int:
     server = Server(services)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    pool: WorkerPool | None = None
+
+    def reopen_logs() -> None:  # SIGUSR1, e.g. from logrotate's postrotate
+        logs.reopen()
+        log.info("SIGUSR1: log files reopened")
+        for pid in pool.pids if pool is not None else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup)
+    loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
     settings = services.settings
     await loop.run_in_executor(services.executor, clean_stale_tmp, settings.mail_dir)
     # Before listening: messages acknowledged before a crash are put back first,
@@ -240,10 +276,9 @@ async def _run(services: Services) -> int:
     try:
         await server.start(shares=shares)
     except OSError as exc:
-        log.error("cannot listen: %s", exc)
+        logs.fatal(f"cannot listen: {exc.strerror or exc}")
         await server.stop()
         return 1
-    pool = None
     if count > 1:
         smtp = next(listener for listener in server.listeners if listener.name == "smtp")
         pool = WorkerPool(settings, smtp.socket_fds(), count, shares)
@@ -278,12 +313,14 @@ def _recover_extra_journals(services: Services) -> None:
             store.close()
 
 
-async def _run_smtp_worker(services: Services, index: int, fds: list[int]) -> int:
+async def _run_smtp_worker(services: Services, index: int, fds: list[int], logs: Logs) -> int:
     server = Server(services)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the server logs it
+    loop.add_signal_handler(signal.SIGUSR1, logs.reopen)  # forwarded by the server
     await loop.run_in_executor(services.executor, services.maildirs.recover)
     sockets = [socket.socket(fileno=fd) for fd in fds]
     shares = AcceptShares.open(services.settings.data_dir, index)
@@ -303,28 +340,48 @@ async def _run_smtp_worker(services: Services, index: int, fds: list[int]) -> in
     return 0
 
 
+def _hold_signals() -> None:
+    """Until the event loop handles them: SIGHUP and SIGUSR1 must not kill the
+    server while it starts (their default action is to terminate)."""
+    for sig in HELD_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # an smtp process starts blocked
+
+
 def serve(settings: Settings) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT; the exit status."""
-    _log_to_stderr()
-    if process_count(settings) > 1:
-        share_accepts()
-    services = build_services(settings)
-    return _run_loop(services, _run(services))
+    _hold_signals()
+    try:
+        logs = configure(settings.log)
+    except LogSetupError as exc:
+        print(f"postoffice: {exc}", file=sys.stderr)
+        return 2
+    try:
+        lock = ServeLock.acquire(settings.data_dir)
+    except (DataDirBusy, OSError) as exc:
+        reason = exc if isinstance(exc, DataDirBusy) else f"{exc.filename}: {exc.strerror}"
+        logs.fatal(str(reason))
+        logs.close()
+        return 1
+    try:
+        if process_count(settings) > 1:
+            share_accepts()
+        services = build_services(settings)
+        return _run_loop(services, _run(services, logs))
+    finally:
+        lock.release()
+        logs.close()
 
 
 def serve_smtp_worker(settings: Settings, index: int, fds: list[int]) -> int:
     """One extra smtp process (workers.py) until SIGTERM or its server is gone."""
-    _log_to_stderr()
-    services = build_services(settings, process=index)
-    return _run_loop(services, _run_smtp_worker(services, index, fds))
-
-
-def _log_to_stderr() -> None:
-    logging.basicConfig(
-        level=os.environ.get("POSTOFFICE_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _hold_signals()
+    logs = configure(settings.log)  # the server checked [log] before it started us
+    try:
+        services = build_services(settings, process=index)
+        return _run_loop(services, _run_smtp_worker(services, index, fds, logs))
+    finally:
+        logs.close()
 
 
 def _run_loop(services: Services, main: Coroutine[Any, Any, int]) -> int:
@@ -337,6 +394,7 @@ def _run_loop(services: Services, main: Coroutine[Any, Any, int]) -> int:
     finally:
         if services.inbound_checks is not None:
             services.inbound_checks.close()
+        _hold_signals()  # the closed loop set them back to their defaults: not now
         services.executor.shutdown(wait=True)
         services.authenticator.close()
         services.maildirs.close()

@@ -3,21 +3,35 @@
 The config itself was already loaded (a ConfigError never gets here).  The
 check changes nothing on disk: it does not create the data dir, generate a
 certificate or create the accounts database, it only says whether starting
-the server would be able to.
+the server would be able to.  (Whether a missing data dir can be made is
+tried with a directory made and removed at once: permission bits do not tell,
+root may write anywhere but in /proc or on a read-only file system.)
+
+It also tries each listen address (bind, then close: in use, or not an
+address of this machine, is what makes ``serve`` fail), and looks for
+files in the data dir that its owner, the user the server runs as, cannot
+use (made by root, say) and for broken Maildirs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import secrets
+import socket
 import ssl
 import sys
 from collections import Counter
 from pathlib import Path
 
-from postoffice.config.settings import Settings
+from postoffice.config.settings import ListenAddress, Settings
+from postoffice.datadir import Owner, running_servers, serving_pid, user_name
+from postoffice.logsetup import problems as log_problems
 from postoffice.mail.address import Address
 from postoffice.net.tls import CERT_NAME, KEY_NAME, server_context
 from postoffice.storage.accounts import AccountError
+from postoffice.storage.maildir import SUBDIRS
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 
 _NO_DOMAINS = "warning: no local domains: no mail is delivered here (postoffice domain add NAME)"
@@ -36,7 +50,84 @@ def _check_data_dir(data_dir: Path) -> list[str]:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return [f"data_dir {data_dir} does not exist and cannot be created in {parent}"]
+    probe = parent / f".postoffice-check-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir(mode=0o700)
+    except OSError as exc:
+        return [
+            f"data_dir {data_dir} does not exist and cannot be created in {parent}: {exc.strerror}"
+        ]
+    probe.rmdir()
     return []
+
+
+# Walked for ownership: the data dir's top level, and these below it (Maildirs
+# are mail/<domain>/<localpart>/{tmp,new,cur}; their message files are not).
+_OWNED_TREES = ("tls", "dkim", "journal", "queue")
+MAX_LISTED = 10  # paths named per problem; the rest are counted
+
+
+def check_ownership(data_dir: Path) -> list[str]:
+    """Directories and files the data dir's owner may not be able to use, and
+    broken Maildirs: one line each kind (empty when all is well)."""
+    if not data_dir.is_dir():
+        return []
+    owner = Owner.of(data_dir)
+    foreign: list[tuple[Path, int]] = []
+    broken: list[str] = []
+
+    def note(path: Path) -> None:
+        with contextlib.suppress(OSError):
+            uid = path.lstat().st_uid
+            if uid != owner.uid:
+                foreign.append((path, uid))
+
+    for entry in _listdir(data_dir):
+        note(entry)
+        if entry.name in _OWNED_TREES and entry.is_dir():
+            for below in _listdir(entry):
+                note(below)
+    mail = data_dir / "mail"
+    for domain in _listdir(mail):
+        note(domain)
+        for mailbox in _listdir(domain):
+            note(mailbox)
+            for name in SUBDIRS:
+                path = mailbox / name
+                if path.exists() and not path.is_dir():
+                    broken.append(f"{path.relative_to(data_dir)} is not a directory")
+                elif path.exists():
+                    note(path)
+    problems = []
+    if foreign:
+        names = ", ".join(
+            f"{p.relative_to(data_dir)} ({user_name(uid)})" for p, uid in foreign[:MAX_LISTED]
+        )
+        more = f" and {len(foreign) - MAX_LISTED} more" if len(foreign) > MAX_LISTED else ""
+        problems.append(
+            f"{len(foreign)} path(s) in {data_dir} are not owned by its owner {owner.name}:"
+            f" {names}{more}; a server running as {owner.name} cannot use them"
+            f" (fix: chown -R {owner.name}:{owner.group} {data_dir})"
+        )
+    if broken:
+        problems.append(
+            f"broken Maildir(s), deliveries to them fail: {'; '.join(broken[:MAX_LISTED])}"
+        )
+    return problems
+
+
+def _listdir(directory: Path) -> list[Path]:
+    try:
+        return sorted(directory.iterdir())
+    except OSError:
+        return []
+
+
+def _servers_elsewhere(data_dir: Path) -> list[str]:
+    """With no data dir yet: is the server meant perhaps running on another one?"""
+    if data_dir.exists():
+        return []
+    return [f"note: a server is running elsewhere: {s.describe()}" for s in running_servers()]
 
 
 def _check_tls(settings: Settings) -> tuple[list[str], list[str]]:
@@ -84,25 +175,76 @@ def _check_accounts(settings: Settings) -> tuple[list[str], list[str]]:
     return [], notes
 
 
-def _check_listeners(settings: Settings) -> list[str]:
+_LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s")
+
+
+def _check_listeners(settings: Settings) -> tuple[list[str], list[str]]:
+    """(problems, notes): ports given twice, and what binding each address says."""
     listen = settings.listen
-    bound = Counter(
-        (a.host, a.port)
-        for group in (listen.smtp, listen.submission, listen.submissions, listen.pop3, listen.pop3s)
-        for a in group
-        if a.port != 0
-    )
-    return [
+    named = [(name, a) for name in _LISTENERS for a in getattr(listen, name)]
+    bound = Counter((a.host, a.port) for _name, a in named if a.port != 0)
+    problems = [
         f"{host}:{port} is used by more than one listener"
         for (host, port), n in bound.items()
         if n > 1
     ]
+    notes: list[str] = []
+    pid = serving_pid(settings.data_dir)
+    if pid is not None:
+        notes.append(
+            f"a server (pid {pid}) runs on this data directory: addresses in use are"
+            " taken to be its own"
+        )
+    for name, address in named:
+        reason = _try_bind(address)
+        if reason is None:
+            continue
+        code, text = reason
+        label = f"{name} listener {address}"
+        if code == errno.EADDRINUSE and pid is not None:
+            continue
+        if code == errno.EACCES:
+            notes.append(
+                f"warning: {label}: {text} for this user; serve must start as root"
+                " or with CAP_NET_BIND_SERVICE"
+            )
+        elif code == errno.EADDRNOTAVAIL:
+            problems.append(f"{label}: {address.host} is not an address of this machine")
+        else:
+            problems.append(f"{label}: {text}")
+    return problems, notes
+
+
+def _try_bind(address: ListenAddress) -> tuple[int, str] | None:
+    """Bind (as serve would, SO_REUSEADDR) and close; None or (errno, reason)."""
+    try:
+        infos = socket.getaddrinfo(
+            address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        return 0, f"cannot resolve {address.host}: {exc.strerror}"
+    for family, kind, proto, _name, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                with contextlib.suppress(OSError):  # as asyncio binds: v6 only
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                return exc.errno or 0, exc.strerror or str(exc)
+    return None
 
 
 def problems_and_notes(settings: Settings) -> tuple[list[str], list[str]]:
-    problems = _check_data_dir(settings.data_dir) + _check_listeners(settings)
-    notes: list[str] = []
-    for more_problems, more_notes in (_check_tls(settings), _check_accounts(settings)):
+    problems = _check_data_dir(settings.data_dir) + check_ownership(settings.data_dir)
+    problems += log_problems(settings.log)
+    notes: list[str] = _servers_elsewhere(settings.data_dir)
+    for more_problems, more_notes in (
+        _check_listeners(settings),
+        _check_tls(settings),
+        _check_accounts(settings),
+    ):
         problems += more_problems
         notes += more_notes
     return problems, notes

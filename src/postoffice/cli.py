@@ -10,26 +10,47 @@ under the same contract, when that module is installed.
 Every parser (the queue's too) is a ``_Parser``, which adds ``-c/--config``
 to itself, so ``postoffice -c X user list`` and ``postoffice user list -c X``
 both work.  Exit status: 0 ok, 1 refused or failed, 2 usage or config error.
+
+Only ``serve`` and ``init`` make a data directory; every other command whose
+data directory does not exist is refused, saying which config it found (and
+how), and which servers run on this machine where (datadir.py): the usual
+cause is a command run from another directory than the server's.  Run as
+root on a data directory that belongs to another user, what a command made
+is given to that user afterwards (``Owner.sweep``, and ``user add`` for its
+Maildir).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import getpass
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 from postoffice import __version__
-from postoffice.config.settings import ConfigError, Settings, find_config, load_settings
+from postoffice.config.settings import (
+    ConfigError,
+    Settings,
+    config_origin,
+    find_config,
+    load_settings,
+)
+from postoffice.datadir import Owner, running_servers
 from postoffice.mail.address import (
     Address,
     AddressError,
     normalise_domain,
     parse_address,
     parse_mailbox,
+    split_plus,
 )
 from postoffice.storage.accounts import AccountError
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
@@ -39,7 +60,7 @@ Subparsers = Any  # argparse's _SubParsersAction is private; typing it buys noth
 
 CONFIG_HELP = (
     "config file (default: $POSTOFFICE_CONFIG, else ./postoffice.toml if present,"
-    " else built-in defaults)"
+    " else /etc/postoffice/postoffice.toml if present, else built-in defaults)"
 )
 
 
@@ -68,38 +89,72 @@ def _group(subparsers: Subparsers, name: str, summary: str, epilog: str) -> Subp
 
 
 def _leaf(
-    subparsers: Subparsers, name: str, summary: str, handler: Handler, epilog: str = ""
+    subparsers: Subparsers,
+    name: str,
+    summary: str,
+    handler: Handler,
+    epilog: str = "",
+    *,
+    needs_data_dir: bool = True,
 ) -> argparse.ArgumentParser:
+    """A command.  Only serve and init (which make the data directory) and
+    check (which changes nothing) run without an existing one: any other
+    command run with the wrong config would quietly start a second one."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         name, help=summary, description=summary, epilog=epilog
     )
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(handler=handler, needs_data_dir=needs_data_dir, command=parser.prog)
     return parser
 
 
 # --- accounts helpers -----------------------------------------------------------------
 def _store(settings: Settings) -> SqliteAccountStore:
-    """The account store, creating the data dir (mode 0700) on first use."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """The account store in the existing data dir (``main`` checked it is there)."""
     settings.mail_dir.mkdir(exist_ok=True, mode=0o700)
     return SqliteAccountStore(settings.accounts_db, config_domains=settings.domains)
 
 
-def _read_password(args: argparse.Namespace, prompt: str) -> str:
+def _ask(prompt: str) -> str:
+    """One password from the terminal, not echoed; AccountError without one."""
+    try:
+        # getpass falls back to reading stdin, echoing, when there is no
+        # terminal: refuse instead, and say how to give the password.
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        raise AccountError(
+            "no terminal to ask for the password on; give it on standard input"
+            " with --password-stdin"
+        ) from None
+    try:
+        return getpass.getpass(f"{prompt}: ")
+    except EOFError:  # Ctrl-D
+        print(file=sys.stderr)
+        raise AccountError("no password given; nothing changed") from None
+
+
+def _read_password(args: argparse.Namespace, prompt: str, owner: Address) -> str:
+    from postoffice.policy.passwords import weakness
+
     if args.password_stdin:
         text = sys.stdin.read()
         # One trailing newline is the line's end, not part of the password.
         password = text[:-1] if text.endswith("\n") else text
         password = password[:-1] if password.endswith("\r") else password
     else:
-        password = getpass.getpass(f"{prompt}: ")
-        if password and getpass.getpass(f"{prompt} (again): ") != password:
+        password = _ask(prompt)
+        if password and _ask(f"{prompt} (again)") != password:
             raise AccountError("the passwords do not match")
     if not password:
         raise AccountError("refusing an empty password")
     # POP3 PASS and SMTP AUTH are line-based: such a password could never log in.
     if any(c in password for c in "\r\n\x00"):
         raise AccountError("a password cannot contain line breaks or NUL")
+    why = weakness(password, owner)
+    if why and not args.allow_weak:
+        raise AccountError(
+            f"refusing a weak password: {why}; choose another, of 8 characters or more"
+            " (--allow-weak takes it anyway, for tests)"
+        )
     return password
 
 
@@ -111,9 +166,11 @@ def _hash(password: str) -> str:
 
 # --- user -----------------------------------------------------------------------------
 def _user_add(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.storage.maildir import ensure_maildir, mailbox_path
+    from postoffice.storage.maildir import SUBDIRS, ensure_maildir, mailbox_path
+    from postoffice.storage.retired import messages_in
 
     address = parse_mailbox(args.address)
+    maildir = mailbox_path(settings.mail_dir, address)
     with closing(_store(settings)) as store:
         # Refuse before asking for a password; add_user checks again atomically.
         if not store.is_local_domain(address.domain):
@@ -125,10 +182,21 @@ def _user_add(args: argparse.Namespace, settings: Settings) -> int:
             raise AccountError(f"user {address} exists already")
         if str(address) in store.list_aliases():
             raise AccountError(f"{address} is an alias; remove the alias first")
-        store.add_user(address, _hash(_read_password(args, f"Password for {address}")))
-    maildir = mailbox_path(settings.mail_dir, address)
+        left = messages_in(maildir)
+        if left and not args.reuse_maildir:
+            # An earlier mailbox of that name (kept by an older `user remove`, or
+            # copied in): never hand someone's mail to a new user silently.
+            raise AccountError(
+                f"{maildir} holds {left} message(s) of an earlier mailbox; move it away"
+                " first, or give them to the new user with --reuse-maildir"
+            )
+        password = _read_password(args, f"Password for {address}", address)
+        store.add_user(address, _hash(password))
     try:
         ensure_maildir(maildir)
+        Owner.of(settings.data_dir).hand_over(
+            [maildir.parent, maildir, *(maildir / sub for sub in SUBDIRS)]
+        )
     except OSError as exc:
         print(f"added user {address}", file=sys.stdout)
         print(
@@ -146,25 +214,51 @@ def _user_passwd(args: argparse.Namespace, settings: Settings) -> int:
     with closing(_store(settings)) as store:
         if store.password_hash(address) is None:
             raise AccountError(f"no such user: {address}")
-        store.set_password(address, _hash(_read_password(args, f"New password for {address}")))
+        password = _read_password(args, f"New password for {address}", address)
+        store.set_password(address, _hash(password))
     print(f"changed the password of {address}")
     return 0
 
 
 def _user_remove(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.storage import retired
     from postoffice.storage.maildir import mailbox_path
 
     address = parse_mailbox(args.address)
-    with closing(_store(settings)) as store:
-        store.remove_user(address)
     maildir = mailbox_path(settings.mail_dir, address)
-    print(f"removed user {address}; its Maildir {maildir} is kept (delete it yourself)")
+    with closing(_store(settings)) as store:
+        if store.password_hash(address) is None:
+            raise AccountError(f"no such user: {address}")
+        pointing = store.aliases_to(address)
+        if pointing and not args.force:
+            names = ", ".join(pointing)
+            raise AccountError(
+                f"{address} is a target of the alias(es) {names}: their mail for it would be"
+                " dropped.  Change them first, or pass --force to take it out of them too"
+                " (an alias left without targets is removed)"
+            )
+        changed = store.remove_user(address, from_aliases=args.force)
+    print(f"removed user {address}")
+    for alias, left in changed.items():
+        if left:
+            print(f"  removed it from alias {alias} (left: {', '.join(str(t) for t in left)})")
+        else:
+            print(f"  removed alias {alias} (it had no other target)")
+    if not maildir.exists():
+        return 0
+    if args.delete_mail:
+        retired.delete(maildir)
+        print(f"deleted its Maildir {maildir}")
+    else:
+        moved = retired.move_aside(settings.data_dir, maildir)
+        Owner.of(settings.data_dir).hand_over([moved.parent.parent, moved.parent])
+        print(f"moved its Maildir to {moved} (delete it when it is no longer needed)")
     return 0
 
 
 def _user_list(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.accounts_db.exists():
-        return 0  # nothing stored yet; a read must not create the data dir
+        return 0  # nothing stored yet; a read creates nothing
     with closing(_store(settings)) as store:
         for user in store.list_users():
             print(_quota_report(settings, user, store.quota(user)) if args.quota else user)
@@ -222,6 +316,9 @@ def _add_user_parser(subparsers: Subparsers) -> None:
         "  postoffice user list\n",
     )
     stdin_help = "read the password from standard input (one line) instead of prompting"
+    weak_help = (
+        "accept a short (under 8 characters), blank or same-as-the-name password (tests only)"
+    )
     add = _leaf(
         users,
         "add",
@@ -237,6 +334,12 @@ def _add_user_parser(subparsers: Subparsers) -> None:
         "address", metavar="ADDRESS", help="the user's address, e.g. alice@example.test"
     )
     add.add_argument("--password-stdin", action="store_true", help=stdin_help)
+    add.add_argument("--allow-weak", action="store_true", help=weak_help)
+    add.add_argument(
+        "--reuse-maildir",
+        action="store_true",
+        help="give the new user the messages already in a Maildir of that name",
+    )
     passwd = _leaf(
         users,
         "passwd",
@@ -246,14 +349,26 @@ def _add_user_parser(subparsers: Subparsers) -> None:
     )
     passwd.add_argument("address", metavar="ADDRESS", help="the user's address")
     passwd.add_argument("--password-stdin", action="store_true", help=stdin_help)
+    passwd.add_argument("--allow-weak", action="store_true", help=weak_help)
     remove = _leaf(
         users,
         "remove",
-        "remove a user (its Maildir and mail are kept on disk)",
+        "remove a user; its Maildir is moved to data_dir/removed/ (or deleted)",
         _user_remove,
-        "examples:\n  postoffice user remove alice@example.test\n",
+        "A user that aliases deliver to is not removed unless --force is given; then\n"
+        "it is taken out of those aliases too.  Its Maildir is moved aside, so a user\n"
+        "added later under the same name starts with an empty mailbox.\n\n"
+        "examples:\n"
+        "  postoffice user remove alice@example.test\n"
+        "  postoffice user remove alice@example.test --force --delete-mail\n",
     )
     remove.add_argument("address", metavar="ADDRESS", help="the user's address")
+    remove.add_argument(
+        "--force", action="store_true", help="also take the user out of aliases that name it"
+    )
+    remove.add_argument(
+        "--delete-mail", action="store_true", help="delete its Maildir instead of moving it aside"
+    )
     listing = _leaf(users, "list", "list users, one address a line", _user_list)
     listing.add_argument("--quota", action="store_true", help="with each mailbox's usage and quota")
     quota = _leaf(
@@ -335,16 +450,20 @@ def _add_domain_parser(subparsers: Subparsers) -> None:
 def _alias_add(args: argparse.Namespace, settings: Settings) -> int:
     targets = [parse_address(t.strip(), utf8=True) for t in args.targets]
     with closing(_store(settings)) as store:
-        store.add_alias(args.alias, targets)
+        store.add_alias(args.alias, targets)  # refuses loops (a -> b -> a)
         # A local target that is nobody is dropped at delivery: say so now.
+        aliases = store.list_aliases()
         for target in targets:
             found = store.resolve(target)
-            if found is not None and not found.exists:
-                print(
-                    f"postoffice: warning: {target} is not a user or alias (yet);"
-                    " mail for it will be dropped",
-                    file=sys.stderr,
-                )
+            if found is None or found.exists:
+                continue
+            domain = target.domain.lower()
+            names = {f"{n.lower()}@{domain}" for n in (target.local, split_plus(target.local))}
+            if names & set(aliases):
+                what = f"alias {target} delivers to nobody yet"
+            else:
+                what = f"{target} is not a user or alias (yet)"
+            print(f"postoffice: warning: {what}; mail for it will be dropped", file=sys.stderr)
     print(f"added alias {args.alias} -> {', '.join(str(t) for t in targets)}")
     return 0
 
@@ -416,6 +535,25 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
     return run_check(settings)
 
 
+def _init(args: argparse.Namespace, settings: Settings) -> int:
+    data_dir = settings.data_dir.absolute()
+    existed = data_dir.is_dir()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _store(settings).close()  # mail/ and the accounts database
+    config = "" if settings.source.startswith("<") else f" -c {Path(settings.source).absolute()}"
+    print(
+        f"{'data directory exists already:' if existed else 'made data directory'} {data_dir}"
+        f" (config: {settings.source})"
+    )
+    if config:
+        print(f"Every command finds it with -c: postoffice{config} ...")
+    else:
+        print(f"Commands run in {Path.cwd()} find it (or give them a config file with -c).")
+    domain = settings.domains[0] if settings.domains else "example.test"
+    print(f"Next:  postoffice{config} serve   and   postoffice{config} user add you@{domain}")
+    return 0
+
+
 def _add_serve_parser(subparsers: Subparsers) -> None:
     _leaf(
         subparsers,
@@ -423,10 +561,26 @@ def _add_serve_parser(subparsers: Subparsers) -> None:
         "run the mail server in the foreground (SMTP, submission, POP3, delivery queue)",
         _serve,
         "Stops on SIGTERM or Ctrl-C: no new connections, open sessions get\n"
-        "[limits] shutdown_grace seconds to finish.\n\n"
+        "[limits] shutdown_grace seconds to finish.  SIGUSR1 reopens the log file\n"
+        "([log] file, for logrotate); SIGHUP is logged and ignored.  One server per\n"
+        "data directory: a second one is refused (data_dir/postoffice.pid).\n\n"
         "examples:\n"
         "  postoffice serve                       # built-in defaults, 127.0.0.1 only\n"
-        "  postoffice serve -c /etc/postoffice.toml\n",
+        "  postoffice serve -c /etc/postoffice/postoffice.toml\n",
+        needs_data_dir=False,
+    )
+    _leaf(
+        subparsers,
+        "init",
+        "make the data directory (accounts database, mail/) of this config",
+        _init,
+        "Every command but serve and init refuses to run without the data directory,\n"
+        "so that one run with the wrong config (or from the wrong directory) says so\n"
+        "instead of quietly making a second one.\n\n"
+        "examples:\n"
+        "  postoffice init                        # ./postoffice-data, or the config's data_dir\n"
+        "  postoffice init -c /etc/postoffice/postoffice.toml\n",
+        needs_data_dir=False,
     )
 
 
@@ -434,10 +588,11 @@ def _add_check_parser(subparsers: Subparsers) -> None:
     _leaf(
         subparsers,
         "check",
-        "validate the config, data dir, TLS files and accounts database",
+        "validate the config, data dir, listen addresses, TLS files and accounts database",
         _check,
         "Exit status: 0 all good, 1 a problem (each is printed), 2 a config error.\n\n"
-        "example:\n  postoffice check -c /etc/postoffice.toml\n",
+        "example:\n  postoffice check -c /etc/postoffice/postoffice.toml\n",
+        needs_data_dir=False,
     )
 
 
@@ -466,6 +621,17 @@ def _dkim_generate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"postoffice: {exc}", file=sys.stderr)
         return 1
     domain = keys[0].domain
+    local = set(settings.domains)
+    if settings.accounts_db.exists():
+        with closing(_store(settings)) as store:
+            local |= set(store.list_domains())
+    if not any(d == domain or d.endswith(f".{domain}") for d in local):
+        # Only mail from local domains (or their subdomains) is signed: likely a typo.
+        print(
+            f"postoffice: warning: {domain} is not a local domain here (nor the parent of one):"
+            f" nothing is signed with these keys until it is (postoffice domain add {domain})",
+            file=sys.stderr,
+        )
     selectors = ", ".join(f"{k.selector} ({k.algorithm})" for k in keys)
     print(f"made DKIM keys for {domain}: {selectors}, in {keys[0].path.parent}")
     print("Publish these TXT records (zone-file lines):")
@@ -572,9 +738,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="postoffice: a mail server. SMTP in, Maildir storage, MX relay out, POP3.",
         epilog="first steps:\n"
         "  postoffice serve                            # run with built-in defaults\n"
-        "  postoffice user add you@localhost           # in another terminal\n"
+        "  postoffice user add you@localhost           # in another terminal, same directory\n"
         "  postoffice check -c postoffice.toml         # validate a config\n\n"
-        "Every command takes -c PATH; `postoffice COMMAND --help` explains each.",
+        "Every command takes -c PATH; without it the config is $POSTOFFICE_CONFIG,\n"
+        "./postoffice.toml, /etc/postoffice/postoffice.toml or the built-in defaults\n"
+        "(data in ./postoffice-data).  `postoffice COMMAND --help` explains each.",
     )
     parser.add_argument("--version", action="version", version=f"postoffice {__version__}")
     parser.set_defaults(handler=None, help_parser=parser)
@@ -593,25 +761,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_data_dir(args: argparse.Namespace, settings: Settings) -> int:
+    """Refuse a command run against a data directory that does not exist, and
+    help find the right one."""
+    data_dir = settings.data_dir.absolute()
+    command = getattr(args, "command", "this command")
+    err = sys.stderr
+    problem = "is not a directory" if data_dir.exists() else "does not exist"
+    print(
+        f"postoffice: data directory {data_dir} {problem}; `{command}` does not make one"
+        " (only `postoffice init` and `postoffice serve` do)",
+        file=err,
+    )
+    print(
+        f"  config: {settings.source} ({config_origin(getattr(args, 'config', None))})",
+        file=err,
+    )
+    servers = running_servers()  # none of them on ours: it does not exist
+    for server in servers:
+        print(f"  a server is running elsewhere: {server.describe()}", file=err)
+    if servers:
+        print(
+            "  To work on that server's data, give its config: postoffice -c CONFIG ..."
+            " (or set $POSTOFFICE_CONFIG), or run from the directory it was started in.",
+            file=err,
+        )
+    else:
+        print(
+            "  Give the config of the data you mean with -c CONFIG (or $POSTOFFICE_CONFIG),"
+            " or run from the directory that holds it.",
+            file=err,
+        )
+    given = getattr(args, "config", None)
+    config = f" -c {given}" if given else ""
+    print(f"  To make a new data directory there: postoffice{config} init", file=err)
+    return 1
+
+
+def _os_error(exc: OSError, settings: Settings) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    line = f"postoffice: {where}{exc.strerror or exc}"
+    if exc.errno == errno.EACCES:
+        try:
+            owner = Owner.of(settings.data_dir)
+        except OSError:
+            return line
+        if owner.uid != os.geteuid():
+            who = owner.name
+            line += f" (the data directory belongs to {who}: run this as {who} or root)"
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler | None = args.handler
     if handler is None:  # a bare group: show what it offers
         args.help_parser.print_help(sys.stderr)
         return 2
+    # Warnings of the stores (e.g. an alias member that is gone), as our own lines.
+    logging.basicConfig(level=logging.WARNING, format="postoffice: %(message)s")
     try:
         settings = load_settings(find_config(getattr(args, "config", None)))
     except ConfigError as exc:
         print(f"postoffice: {exc}", file=sys.stderr)  # "<file>: <key>: <reason>"
         return 2
+    if getattr(args, "needs_data_dir", True) and not settings.data_dir.is_dir():
+        return _no_data_dir(args, settings)
     try:
         return handler(args, settings)
     except (AccountError, AddressError) as exc:
         print(f"postoffice: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. the data dir cannot be created
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"postoffice: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(_os_error(exc, settings), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
+    finally:
+        if handler is not _serve and settings.data_dir.is_dir():
+            with contextlib.suppress(OSError):  # run as root: what we made is the owner's
+                Owner.of(settings.data_dir).sweep(settings.data_dir)

@@ -16,6 +16,14 @@ SPF for the domain and the HELO name (RFC 7208), each active DKIM selector
 (RFC 6376 §3.6.2), DMARC (RFC 7489 §6.1).  It also checks the TLS
 certificate (expiry, names) and that each configured listener answers.
 Exit status: 0 when nothing is missing or wrong, 1 otherwise.
+
+The resolver is asked once first (the root's NS, which any resolver answers
+from its hints): if that times out, no record is looked up, so a dead DNS
+server costs one timeout, not one per record.  An A/AAAA record of a public
+host name that points at a private, loopback or otherwise non-global address
+is wrong: other mail servers cannot reach it there.  Names under the
+special-use domains (.test, .example, .localhost, .invalid, home.arpa... RFC
+6761, RFC 8375) are test setups and may point anywhere.
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ from postoffice.policy import dmarc, spf
 from postoffice.policy.dkim_keys import DkimKey, DkimKeyError, load_keys, txt_record, zone_txt
 
 LOOKUP_LIFETIME = 10.0  # seconds per DNS question
+PROBE_LIFETIME = 5.0  # seconds the first question may take before DNS counts as down
+# RFC 2606, 6761, 6762, 8375, 9476 and ICANN's .internal: never on the public Internet.
+SPECIAL_USE = frozenset(
+    {"test", "example", "invalid", "localhost", "local", "onion", "alt", "internal", "home.arpa"}
+)
 CONNECT_TIMEOUT = 5.0  # seconds to connect to a listener and read its greeting
 CERT_WARN_DAYS = 14
 UNKNOWN_IP = "192.0.2.255"  # TEST-NET-1 (RFC 5737): no real sender; an SPF pass for it is +all
@@ -120,7 +133,19 @@ class Doctor:
         specific = {h for h in listening if h not in ("0.0.0.0", "::", "")}
         for ip in self.server_ips:
             kind = "AAAA" if ":" in ip else "A"
-            out.append(Finding(OK, f"{host}. IN {kind} {ip}"))
+            line = f"{host}. IN {kind} {ip}"
+            unreachable = _not_public(ip)
+            if unreachable and is_public_name(host):
+                out.append(
+                    Finding(
+                        WRONG,
+                        line,
+                        f"{ip} is a {unreachable} address: other mail servers cannot reach"
+                        f" {host} there; publish this server's public address",
+                    )
+                )
+            else:
+                out.append(Finding(OK, line))
         if specific and listening == specific and not specific & set(self.server_ips):
             out.append(
                 Finding(
@@ -292,6 +317,33 @@ class Doctor:
         return Finding(OK, line, f"p={record.policy}")
 
 
+def is_public_name(name: str) -> bool:
+    """False for names under a special-use domain (SPECIAL_USE) or without a dot."""
+    labels = name.lower().rstrip(".").split(".")
+    if len(labels) < 2:
+        return False
+    if labels[-1] in SPECIAL_USE or ".".join(labels[-2:]) in SPECIAL_USE:
+        return False
+    # RFC 2606 §3: the second-level example domains.
+    return ".".join(labels[-2:]) not in ("example.com", "example.net", "example.org")
+
+
+def _not_public(ip: str) -> str:
+    """What kind of address ``ip`` is, if not one reachable from the Internet; ""."""
+    address = ipaddress.ip_address(ip)
+    for kind, test in (
+        ("loopback", address.is_loopback),
+        ("private", address.is_private),
+        ("link-local", address.is_link_local),
+        ("unspecified", address.is_unspecified),
+        ("reserved", address.is_reserved),
+        ("multicast", address.is_multicast),
+    ):
+        if test:
+            return kind
+    return "" if address.is_global else "non-global"
+
+
 def _tags(text: str) -> list[tuple[str, str]]:
     out = []
     for part in text.split(";"):
@@ -415,6 +467,20 @@ async def check_listeners(settings: Settings) -> list[Finding]:
 
 # --- the command ----------------------------------------------------------------------------------
 async def diagnose(settings: Settings, domains: Sequence[str]) -> list[Section]:
+    dead = await DnsResolver(settings.relay.dns_servers, lifetime=PROBE_LIFETIME).unreachable()
+    if dead:
+        servers = ", ".join(str(s) for s in settings.relay.dns_servers) or "the system resolver"
+        findings = [
+            Finding(
+                WRONG,
+                f"DNS resolver {servers}",
+                f"does not answer ({dead}); no record was checked: fix [relay] dns_servers"
+                " (or /etc/resolv.conf), then run the doctor again",
+            ),
+            *check_certificate(settings),
+            *await check_listeners(settings),
+        ]
+        return [Section(f"{settings.hostname} (this server)", findings)]
     resolver = DnsResolver(settings.relay.dns_servers, lifetime=LOOKUP_LIFETIME)
     doctor = Doctor(settings, resolver, domains)
     sections = [await doctor.server()]

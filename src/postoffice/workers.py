@@ -160,6 +160,9 @@ def share_accepts() -> None:
     os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
 
 
+HELD_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR1})
+
+
 def die_with_parent(parent: int) -> None:
     """Be killed when ``parent`` exits, however it exits (Linux; elsewhere the
     worker notices its parent is gone at the next check)."""
@@ -198,7 +201,14 @@ class WorkerPool:
             json.dumps(self._fds),
             str(os.getpid()),
         ]
-        self._procs[index] = subprocess.Popen(args, close_fds=True, pass_fds=self._fds)
+        # Started with SIGHUP and SIGUSR1 blocked (the mask survives exec): one
+        # sent to the whole group while the process is still importing must
+        # not kill it; it unblocks them once it handles them (app._hold_signals).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            self._procs[index] = subprocess.Popen(args, close_fds=True, pass_fds=self._fds)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     @property
     def pids(self) -> list[int]:
@@ -258,6 +268,6 @@ def run_worker(argv: list[str]) -> int:
     from postoffice import app
     from postoffice.config.settings import load_settings
 
-    settings = Settings() if source.startswith("<") else load_settings(Path(source))
+    settings = load_settings(None if source.startswith("<") else Path(source))
     fds = [int(fd) for fd in json.loads(fds_json)]
     return app.serve_smtp_worker(settings, int(index_text), fds)

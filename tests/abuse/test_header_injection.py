@@ -45,7 +45,9 @@ ATTEMPTS = {
     "rcpt-u2028": (b"EHLO x.test", b"MAIL FROM:<a@remote.test> SMTPUTF8", "RCPT TO:<alice+\u2028X-Injected@example.test>".encode()),
 }  # fmt: skip
 
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ postoffice")
+LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d postoffice\[\d+\]: [A-Z]+ postoffice"
+)
 
 
 def assert_no_injected_header(srv: PostofficeServer) -> None:
@@ -89,7 +91,10 @@ def test_envelope_and_helo_cannot_inject_headers(
 
 @pytest.mark.parametrize("port", ["submission", "pop3"])
 def test_auth_names_cannot_inject_log_lines(server: PostofficeServer, port: str) -> None:
-    forged = "alice@example.test\n2024-01-01 00:00:00,000 INFO postoffice.auth: auth ok user=admin"
+    forged = (
+        "alice@example.test\n2024-01-01T00:00:00.000+00:00 postoffice[1]: INFO postoffice.auth:"
+        " auth ok user=admin"
+    )
     token = base64.b64encode(f"\0{forged}\0whatever".encode()).decode()
     if port == "submission":
         client = submission(server)

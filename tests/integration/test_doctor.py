@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import io
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.message
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -285,3 +288,90 @@ def test_listener_check_reports_a_closed_port(server: PostofficeServer, tmp_path
         dns.stop()
     assert code == 1
     assert statuses(out.getvalue())[f"pop3 listener {closed}"] == "wrong"
+
+
+# --- a dead resolver, and addresses nobody else can reach (#19 item 11) -------------------
+
+
+class BlackHole:
+    """A "DNS server" that reads every query and never answers; it keeps the
+    questions it was asked."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.questions: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wire = self.sock.recv(65535)
+            except TimeoutError:
+                continue
+            query = dns.message.from_wire(wire)
+            self.questions += [q.name.to_text() for q in query.question]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def test_a_dead_resolver_is_asked_once(server: PostofficeServer) -> None:
+    hole = BlackHole()
+    try:
+        settings = load_settings(server.config)
+        dead = ListenAddress("127.0.0.1", hole.port)
+        settings = dataclasses.replace(
+            settings, relay=dataclasses.replace(settings.relay, dns_servers=(dead,))
+        )
+        out = io.StringIO()
+        code = run_doctor(settings, [DOMAIN], out)
+    finally:
+        hole.close()
+    text = out.getvalue()
+    assert code == 1
+    assert statuses(text)[f"DNS resolver {dead}"] == "wrong"
+    assert "does not answer" in text and "no record was checked" in text
+    assert "DNS lookup failed" not in text  # not one timeout per record
+    assert set(hole.questions) == {"."}  # the one probe (and its retries), nothing else
+    # The checks that need no DNS still ran.
+    assert f"smtp listener 127.0.0.1:{server.ports['smtp']}" in statuses(text)
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [("127.0.0.1", "loopback"), ("10.1.2.3", "private"), ("192.168.0.9", "private")],
+)
+def test_a_public_host_name_on_a_private_address_is_wrong(
+    server: PostofficeServer, tmp_path: Path, address: str, kind: str
+) -> None:
+    public = "mail.postoffice-doctor.net"  # a public TLD: the Internet must reach it
+    zone = good_zone(server)
+    zone["hosts"] = {public: [address]}
+    dns = auth_dns(tmp_path, **zone)
+    dns.args.append("--local=/postoffice-doctor.net/")  # answer AAAA: none
+    dns.start()
+    try:
+        settings = dataclasses.replace(with_dns(load_settings(server.config), dns), hostname=public)
+        out = io.StringIO()
+        run_doctor(settings, [], out)
+    finally:
+        dns.stop()
+    text = out.getvalue()
+    assert statuses(text)[f"{public}. IN A {address}"] == "wrong", text
+    assert f"{address} is a {kind} address: other mail servers cannot reach {public}" in text
+
+
+def test_special_use_names_are_test_setups() -> None:
+    from postoffice.doctor import is_public_name
+
+    for name in ("mail.example.test", "mx.example.com", "a.localhost", "x.home.arpa", "mail"):
+        assert not is_public_name(name), name
+    for name in ("mail.example.org.uk", "mx.postoffice.net", "a.b.de"):
+        assert is_public_name(name), name

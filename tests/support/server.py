@@ -163,8 +163,9 @@ class PostofficeServer:
         env: Mapping[str, str] | None = None,
         prefix: Sequence[str] = (),
     ) -> None:
-        """``prefix``: a command that ends by exec'ing its arguments (the
-        server keeps the PID started here), e.g. ``unshare --mount ...``."""
+        """``prefix``: a command to run the server under, which ends by exec'ing
+        its arguments (the server keeps the PID started here), e.g. setpriv or
+        ``unshare --mount ...``."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [*prefix, sys.executable, "-m", "postoffice", "serve", "-c", str(self.config)],

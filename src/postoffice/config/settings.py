@@ -23,13 +23,19 @@ T = TypeVar("T")
 
 CONFIG_ENV = "POSTOFFICE_CONFIG"
 DEFAULT_CONFIG_NAME = "postoffice.toml"
+# Looked for after ./postoffice.toml: where a packaged install keeps its config.
+SYSTEM_CONFIG = Path("/etc/postoffice/postoffice.toml")
+LOG_LEVEL_ENV = "POSTOFFICE_LOG_LEVEL"  # overrides [log] level (README: "Logging")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text",)  # the operations issue adds "json"
 
 
 class ConfigError(Exception):
     """A config problem: where it is and why; ``str()`` is the line users see."""
 
     def __init__(self, source: str, key: str, reason: str) -> None:
-        super().__init__(f"{source}: {key}: {reason}")
+        # key "": the file as a whole (not found, not TOML), "<file>: <reason>".
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
         self.source = source
         self.key = key
         self.reason = reason
@@ -160,6 +166,22 @@ class CheckSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    # Line format: "text" (one line per event: ISO 8601 time with its UTC
+    # offset, postoffice[PID], level, logger, message).
+    format: str = "text"
+    # The least severe level logged: "debug", "info", "warning" or "error";
+    # $POSTOFFICE_LOG_LEVEL, when set, overrides it.
+    level: str = "info"
+    # Append the log to this file too, reopened on SIGUSR1 (for logrotate).
+    file: Path | None = None
+    # Send the log to syslog (journald or rsyslog) through this socket, with
+    # facility "mail", e.g. "/dev/log"; "" does not.
+    syslog: str = ""
+    # With ``file`` or ``syslog`` set, nothing goes to standard error.
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     hostname: str = "localhost"  # banner, EHLO name, Received headers
     data_dir: Path = Path("./postoffice-data")  # accounts, Maildirs, queue, TLS
@@ -171,6 +193,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
     checks: CheckSettings = field(default_factory=CheckSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
     @property
     def mail_dir(self) -> Path:
@@ -199,32 +222,49 @@ def _system_hostname(default: Settings) -> str:
 
 
 def find_config(explicit: str | None) -> Path | None:
-    """The config file to use: -c, then $POSTOFFICE_CONFIG, then ./postoffice.toml."""
+    """The config file to use: -c, then $POSTOFFICE_CONFIG, then
+    ./postoffice.toml, then /etc/postoffice/postoffice.toml; None: built-in."""
+    return _search(explicit)[0]
+
+
+def config_origin(explicit: str | None) -> str:
+    """How ``find_config`` chose, in words (for messages about the wrong config)."""
+    return _search(explicit)[1]
+
+
+def _search(explicit: str | None) -> tuple[Path | None, str]:
     if explicit:
-        return Path(explicit)
+        return Path(explicit), "given with -c"
     env = os.environ.get(CONFIG_ENV)
     if env:
-        return Path(env)
+        return Path(env), f"from ${CONFIG_ENV}"
     local = Path(DEFAULT_CONFIG_NAME)
-    return local if local.is_file() else None
+    if local.is_file():
+        return local, f"./{DEFAULT_CONFIG_NAME} in {Path.cwd()}"
+    if SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG, "the system config"
+    return None, (
+        f"no -c, no ${CONFIG_ENV}, no ./{DEFAULT_CONFIG_NAME} in {Path.cwd()}, no {SYSTEM_CONFIG}"
+    )
 
 
 def load_settings(path: Path | None) -> Settings:
     """Load and validate ``path`` (None: the embedded default); raise ConfigError."""
     if path is None:
-        return Settings()
+        # ./postoffice-data of the directory we run in, named in full in messages.
+        return Settings(data_dir=Settings().data_dir.absolute())
     source = str(path)
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(source, "-", "file not found") from None
+        raise ConfigError(source, "", "file not found") from None
     except OSError as exc:
-        raise ConfigError(source, "-", f"cannot read: {exc.strerror}") from None
+        raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, "-", f"not valid TOML: {exc}") from None
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets this through
-        raise ConfigError(source, "-", f"not valid TOML: not UTF-8 at byte {exc.start}") from None
+        raise ConfigError(source, "", f"not valid TOML: not UTF-8 at byte {exc.start}") from None
     # Relative paths in the file mean "next to the file", wherever we run from.
     return _Loader(source, path.absolute().parent).settings(raw)
 
@@ -306,6 +346,7 @@ class _Loader:
             auth=self.numbers(top.get("auth", {}), "auth", AuthSettings),
             relay=self.relay(top.get("relay", {})),
             checks=self.checks(top.get("checks", {})),
+            log=self.log(top.get("log", {})),
         )
 
     def typed(self, value: Any, kind: type, key: str) -> Any:
@@ -475,3 +516,21 @@ class _Loader:
             except ValueError as exc:
                 raise self.fail(key, str(exc)) from None
         return CheckSettings(exempt_networks=tuple(networks), dmarc_reject=base.dmarc_reject)
+
+    def log(self, raw: Any) -> LogSettings:
+        table = self.table(raw, "log", LogSettings)
+        default = LogSettings()
+        fmt = self.typed(table.get("format", default.format), str, "log.format")
+        if fmt not in LOG_FORMATS:
+            raise self.fail("log.format", f"must be one of: {', '.join(LOG_FORMATS)}")
+        level = self.typed(table.get("level", default.level), str, "log.level").lower()
+        if level not in LOG_LEVELS:
+            raise self.fail("log.level", f"must be one of: {', '.join(LOG_LEVELS)}")
+        file_text = self.typed(table.get("file", ""), str, "log.file")
+        syslog = self.typed(table.get("syslog", ""), str, "log.syslog")
+        return LogSettings(
+            format=fmt,
+            level=level,
+            file=self.path(file_text, "log.file") if file_text else None,
+            syslog=syslog,
+        )

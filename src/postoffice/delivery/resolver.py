@@ -88,6 +88,21 @@ class DnsResolver:
         except dns.exception.DNSException as exc:
             raise DnsError(f"{name} {rdtype}: DNS error: {exc}", temporary=True) from None
 
+    async def unreachable(self) -> str:
+        """Why no DNS server answers at all, or "" when one does (a refusal or
+        SERVFAIL is an answer): one question, the root's NS, any resolver knows."""
+        try:
+            await self._resolver.resolve(dns.name.root, "NS", search=False)
+        except dns.exception.Timeout:
+            return f"no answer within {self._resolver.lifetime:.0f} s"
+        except dns.resolver.NoNameservers as exc:
+            errors = exc.kwargs.get("errors") or []
+            if errors and all(answer is None for *_, answer in errors):
+                return f"no DNS server answered ({exc})"
+        except dns.exception.DNSException:
+            pass
+        return ""
+
     async def mx(self, domain: str) -> list[MxRecord]:
         answer = await self._query(domain, "MX")
         if answer is None or answer.rrset is None:

@@ -60,6 +60,9 @@ _OK = Reply(250, "Ok", "2.0.0")
 _OK_SENDER = Reply(250, "Ok", "2.1.0")
 _OK_RECIPIENT = Reply(250, "Ok", "2.1.5")
 _GO_AHEAD = Reply(354, "End data with <CR><LF>.<CR><LF>")
+# Its Maildir failed a delivery just now (maildir.UNAVAILABLE_SECONDS): this
+# recipient waits, the message's other recipients do not (RFC 3463 X.2.0).
+_MAILBOX_UNAVAILABLE = Reply(450, "Mailbox unavailable, try again later", "4.2.0")
 
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # RFC 5321 §6.3: a message that has passed this many relays is looping.
@@ -352,6 +355,8 @@ class SmtpSession:
             case RecipientVerdict(mailboxes=mailboxes, remote=remote):
                 if remote and self.s.outbound is None:
                     return Reply(451, "Outbound delivery is not available", "4.3.0")
+                if any(self.s.maildirs.unavailable(m) for m in mailboxes):
+                    return _MAILBOX_UNAVAILABLE
                 if self._mailbox_full(mailboxes, env.declared_size):
                     # RFC 3463 4.2.2: the owner can make room; the sender retries.
                     return Reply(452, "Mailbox full, try again later", "4.2.2")

@@ -40,7 +40,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -62,12 +62,22 @@ SPILL_THRESHOLD = 256 * 1024
 _SIZE_FIELDS = re.compile(r",([SW])=(\d+)")
 
 
-class DeliveryError(Exception):
-    """A message could not be stored.  ``disk_full`` decides 452 4.3.1 vs 451 4.3.0."""
+# A mailbox whose delivery failed (not for a full disk: a root-owned tmp/, a
+# file where new/ should be) is refused at RCPT (450 4.2.0) for this long, so
+# the other recipients of a message are not held up with it; then tried again.
+UNAVAILABLE_SECONDS = 60.0
 
-    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+
+class DeliveryError(Exception):
+    """A message could not be stored.  ``disk_full`` decides 452 4.3.1 vs 451 4.3.0;
+    ``paths``: the files or directories the failing call named."""
+
+    def __init__(
+        self, message: str, *, disk_full: bool = False, paths: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.disk_full = disk_full
+        self.paths = paths
 
 
 def mailbox_path(mail_dir: Path, mailbox: Address) -> Path:
@@ -202,6 +212,42 @@ class MaildirStore:
         self._journal_shape = (journal_segment_size, journal_segments)
         self._journal_lock = -1
         self._behind: WriteBehind | None = None
+        # Mailbox path -> (until when, why): see UNAVAILABLE_SECONDS.  Event loop only.
+        self._unavailable: dict[Path, tuple[float, str]] = {}
+
+    def unavailable(self, mailbox: Address) -> str | None:
+        """Why deliveries to ``mailbox`` are failing just now, or None."""
+        if not self._unavailable:
+            return None
+        try:
+            path = self.path_for(mailbox)
+        except AddressError:
+            return None
+        entry = self._unavailable.get(path)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self._unavailable[path]
+            return None
+        return entry[1]
+
+    def note_failure(self, mailboxes: Sequence[Path], exc: Exception) -> None:
+        """A delivery to ``mailboxes`` failed: remember the mailbox it failed in."""
+        if isinstance(exc, DeliveryError):
+            paths, full, why = exc.paths, exc.disk_full, str(exc)
+        elif isinstance(exc, OSError):
+            paths = tuple(str(p) for p in (exc.filename, exc.filename2) if p)
+            full, why = exc.errno in (errno.ENOSPC, errno.EDQUOT), str(_delivery_error(exc))
+        else:
+            return
+        if full:
+            return  # the whole file system: not this mailbox's fault
+        for mailbox in mailboxes:
+            prefix = f"{mailbox}/"
+            if any(p == str(mailbox) or p.startswith(prefix) for p in paths):
+                log.error("mailbox %s unavailable: %s", mailbox, why)
+                self._unavailable[mailbox] = (time.monotonic() + UNAVAILABLE_SECONDS, why)
+                self._known_dirs.discard(mailbox)  # check its directories again next time
 
     def path_for(self, mailbox: Address) -> Path:
         path = self._paths.get(mailbox)
@@ -402,7 +448,11 @@ class DeliveryWriter:
         """Wait for the spill in flight; its error (a full disk) is raised here."""
         flushing, self._flushing = self._flushing, None
         if flushing is not None:
-            await flushing
+            try:
+                await flushing
+            except OSError as exc:
+                self._store.note_failure(self.mailboxes, exc)
+                raise
 
     def _open_blocking(self) -> int:
         if self._fd is None:
@@ -449,8 +499,13 @@ class DeliveryWriter:
         try:
             await self._flushed()
             return await self._store._commit(self)
+        except DeliveryError as exc:
+            self._store.note_failure(self.mailboxes, exc)
+            raise
         except OSError as exc:
-            raise _delivery_error(exc) from exc
+            error = _delivery_error(exc)
+            self._store.note_failure(self.mailboxes, error)
+            raise error from exc
 
     async def discard(self) -> None:
         """Abandon the message (rejected, or the client went away)."""
@@ -464,9 +519,11 @@ class DeliveryWriter:
 
 
 def _delivery_error(exc: OSError) -> DeliveryError:
+    paths = tuple(str(p) for p in (exc.filename, exc.filename2) if p)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DeliveryError("mail system full", disk_full=True)
-    return DeliveryError(f"local delivery failed: {exc.strerror or exc}")
+        return DeliveryError("mail system full", disk_full=True, paths=paths)
+    where = f"{paths[-1]}: " if paths else ""
+    return DeliveryError(f"local delivery failed: {where}{exc.strerror or exc}", paths=paths)
 
 
 def _copy_durably(src: Path, dst: Path) -> None:
@@ -502,35 +559,54 @@ def clean_stale_tmp(mail_dir: Path, older_than: float = 36 * 3600) -> RecoveryRe
     # mailbox are left alone (qmail-style agents link tmp/ to new/ there).
     partial: dict[tuple[int, int], Path] = {}  # (dev, ino) -> the tmp/ file
     for tmp in mail_dir.glob("*/*/tmp"):
-        with os.scandir(tmp) as entries:
-            for entry in entries:
-                with contextlib.suppress(OSError):
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
-                    st = entry.stat(follow_symlinks=False)
-                    if st.st_nlink > 1:
-                        partial[(st.st_dev, st.st_ino)] = Path(entry.path)
-                    elif st.st_mtime < cutoff:
-                        os.unlink(entry.path)
-                        report.removed_tmp.append(Path(entry.path))
+        for entry in _entries(tmp):
+            with contextlib.suppress(OSError):
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if st.st_nlink > 1:
+                    partial[(st.st_dev, st.st_ino)] = Path(entry.path)
+                elif st.st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    report.removed_tmp.append(Path(entry.path))
     if partial:
         inodes = {ino for _dev, ino in partial}
         undone: set[Path] = set()
         for new in mail_dir.glob("*/*/new"):
-            with os.scandir(new) as entries:
-                for entry in entries:
-                    with contextlib.suppress(OSError):
-                        if entry.inode() not in inodes:
-                            continue
-                        st = entry.stat(follow_symlinks=False)
-                        tmp_file = partial.get((st.st_dev, st.st_ino))
-                        if tmp_file is not None and tmp_file.parent.parent != new.parent:
-                            os.unlink(entry.path)
-                            report.removed_tmp.append(Path(entry.path))
-                            fsync_dir(new)
-                            undone.add(tmp_file)
+            for entry in _entries(new):
+                with contextlib.suppress(OSError):
+                    if entry.inode() not in inodes:
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    tmp_file = partial.get((st.st_dev, st.st_ino))
+                    if tmp_file is not None and tmp_file.parent.parent != new.parent:
+                        os.unlink(entry.path)
+                        report.removed_tmp.append(Path(entry.path))
+                        fsync_dir(new)
+                        undone.add(tmp_file)
         for tmp_file in undone:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_file)
                 report.removed_tmp.append(tmp_file)
     return report
+
+
+def _entries(directory: Path) -> Iterator[os.DirEntry[str]]:
+    """What ``directory`` holds, streamed; nothing, with a log line, if it
+    cannot be read: one broken mailbox (owned by another user, a file where a
+    directory belongs) must not stop the server from starting."""
+    try:
+        entries = os.scandir(directory)
+    except OSError as exc:
+        log.error(
+            "mailbox %s: cannot read %s/: %s; deliveries to it fail until that is fixed",
+            directory.parent,
+            directory.name,
+            exc.strerror,
+        )
+        return
+    with entries:
+        try:
+            yield from entries
+        except OSError as exc:
+            log.error("mailbox %s: reading %s/ failed: %s", directory.parent, directory.name, exc)

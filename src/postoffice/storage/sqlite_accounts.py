@@ -168,6 +168,20 @@ def _local_target(target: Address) -> Address:
     return Address(target.local.lower(), target.domain)
 
 
+def _account_names(local: str) -> list[str]:
+    """The account names ``local`` may mean, in lookup order: itself, then
+    without its +tag.  Quoted, "%", "!", "/"...: none (never a relay path)."""
+    names: list[str] = []
+    for candidate in (local, split_plus(local)):
+        try:
+            name = mailbox_local_part(candidate)
+        except AddressError:
+            continue
+        if name not in names:
+            names.append(name)
+    return names
+
+
 RECHECK_SECONDS = 1.0  # PRAGMA data_version at least this often, whatever the files say
 
 
@@ -397,13 +411,60 @@ class SqliteAccountStore:
                 "UPDATE users SET password_hash = ? WHERE address = ?", (password_hash, key)
             )
 
-    def remove_user(self, address: Address) -> None:
+    def remove_user(
+        self, address: Address, *, from_aliases: bool = False
+    ) -> dict[str, tuple[Address, ...]]:
+        """Remove the user.  Aliases that deliver to it make this an error
+        unless ``from_aliases``: then it is taken out of them too, and an alias
+        left without targets goes.  Returns each changed alias and what it has
+        left (nothing: removed)."""
         account = _account(address)
         key = _key(account.local, account.domain)
         with self._write() as (conn, snap):
             if key not in snap.users:
                 raise AccountError(f"no such user: {key}")
+            pointing = self._aliases_to(snap, key)
+            if pointing and not from_aliases:
+                names = ", ".join(pointing)
+                raise AccountError(f"{key} is a target of the alias(es) {names}")
+            changed: dict[str, tuple[Address, ...]] = {}
+            for alias, targets in pointing.items():
+                left = tuple(t for t in snap.aliases[alias] if t not in targets)
+                conn.execute("DELETE FROM aliases WHERE alias = ?", (alias,))
+                conn.executemany(
+                    "INSERT INTO aliases (alias, position, target) VALUES (?, ?, ?)",
+                    [(alias, i, str(t)) for i, t in enumerate(left)],
+                )
+                changed[alias] = left
             conn.execute("DELETE FROM users WHERE address = ?", (key,))
+        return changed
+
+    def aliases_to(self, address: Address) -> dict[str, tuple[Address, ...]]:
+        """The aliases with a target that delivers straight to user ``address``
+        (plus-addresses of it included), and those targets."""
+        account = _account(address)
+        return self._aliases_to(self._current(), _key(account.local, account.domain))
+
+    def _aliases_to(self, snap: _Snapshot, key: str) -> dict[str, tuple[Address, ...]]:
+        found: dict[str, tuple[Address, ...]] = {}
+        for alias, targets in snap.aliases.items():
+            hits = tuple(t for t in targets if self._names_key(snap, t) == key)
+            if hits:
+                found[alias] = hits
+        return found
+
+    def _names_key(self, snap: _Snapshot, target: Address, new: str = "") -> str | None:
+        """The user or alias (``new``: one being added) a local alias target
+        reaches first, in ``_lookup``'s order without the catch-all; None for
+        remote or unknown targets."""
+        domain = target.domain.lower()
+        if not self._is_local(snap, domain):
+            return None
+        for name in _account_names(target.local):
+            key = _key(name, domain)
+            if key == new or key in snap.users or key in snap.aliases:
+                return key
+        return None
 
     def list_users(self) -> list[Address]:
         users = [_split_stored(key) for key in self._current().users]
@@ -461,6 +522,12 @@ class SqliteAccountStore:
                     raise AccountError(f"alias {key} must not point at itself")
                 if text not in stored:
                     stored.append(text)
+            loop = self._loop_through(snap, key, [_split_stored(t) for t in stored])
+            if loop:
+                raise AccountError(
+                    f"alias {key} would make a loop: {' -> '.join([key, *loop])}; mail to"
+                    " it would go round and round"
+                )
             conn.executemany(
                 "INSERT INTO aliases (alias, position, target) VALUES (?, ?, ?)",
                 [(key, i, text) for i, text in enumerate(stored)],
@@ -472,6 +539,25 @@ class SqliteAccountStore:
             if key not in snap.aliases:
                 raise AccountError(f"no such alias: {key}")
             conn.execute("DELETE FROM aliases WHERE alias = ?", (key,))
+
+    def _loop_through(self, snap: _Snapshot, key: str, targets: list[Address]) -> list[str]:
+        """The path back to ``key`` through aliases if ``key`` got ``targets``; []."""
+        seen: set[str] = set()
+
+        def walk(targets: Sequence[Address], path: list[str]) -> list[str]:
+            for target in targets:
+                reached = self._names_key(snap, target, new=key)
+                if reached == key:
+                    return [*path, key]
+                if reached is None or reached in seen or reached not in snap.aliases:
+                    continue
+                seen.add(reached)
+                found = walk(snap.aliases[reached], [*path, reached])
+                if found:
+                    return found
+            return []
+
+        return walk(targets, [])
 
     def list_aliases(self) -> dict[str, tuple[Address, ...]]:
         return dict(sorted(self._current().aliases.items()))
@@ -494,28 +580,23 @@ class SqliteAccountStore:
         found: _Expansion,
         depth: int,
         catch_all: bool,
-    ) -> None:
-        """Exact user, exact alias, then plus-addressing (user, alias), then ``@domain``."""
-        names: list[str] = []
-        for candidate in (local, split_plus(local)):
-            try:
-                name = mailbox_local_part(candidate)
-            except AddressError:
-                # Quoted, "%", "!", "/"...: never an account, so never a relay path.
-                continue
-            if name not in names:
-                names.append(name)
+    ) -> bool:
+        """Exact user, exact alias, then plus-addressing (user, alias), then
+        ``@domain``; False when none of them exists."""
+        names = _account_names(local)
         for name in names:
             key = _key(name, domain)
             if key in snap.users:
                 found.mailboxes[Address(name, domain)] = None
-                return
+                return True
             if key in snap.aliases:
                 self._expand(snap, key, found, depth)
-                return
+                return True
         catch = _key("", domain)
         if catch_all and names and catch in snap.aliases:
             self._expand(snap, catch, found, depth)
+            return True
+        return False
 
     def _expand(self, snap: _Snapshot, key: str, found: _Expansion, depth: int) -> None:
         if key in found.visited:
@@ -529,7 +610,12 @@ class SqliteAccountStore:
             if self._is_local(snap, domain):
                 # Unknown local targets add nothing (dropped); no catch-all for
                 # targets, so a typo in an alias cannot be swallowed silently.
-                self._lookup(snap, target.local, domain, found, depth + 1, catch_all=False)
+                if not self._lookup(snap, target.local, domain, found, depth + 1, False):
+                    log.warning(
+                        "alias %s: member %s is no user or alias (removed?); its copy is dropped",
+                        key,
+                        target,
+                    )
             else:
                 found.forwards[target] = None
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from postoffice.config import settings as settings_module
 from postoffice.config.settings import (
     CONFIG_ENV,
     AuthSettings,
@@ -14,8 +15,10 @@ from postoffice.config.settings import (
     LimitSettings,
     ListenAddress,
     ListenSettings,
+    LogSettings,
     RelaySettings,
     Settings,
+    config_origin,
     find_config,
     load_settings,
 )
@@ -32,17 +35,21 @@ def refused(tmp_path: Path, text: str) -> ConfigError:
         load(tmp_path, text)
     err = info.value
     assert err.source == str(tmp_path / "postoffice.toml")
-    assert str(err).startswith(f"{err.source}: {err.key}: ")
+    # No key: the file as a whole, "<file>: <reason>" (no stray "-" between).
+    assert str(err) == (
+        f"{err.source}: {err.key}: {err.reason}" if err.key else f"{err.source}: {err.reason}"
+    )
     return err
 
 
 def test_no_file_is_the_embedded_default() -> None:
     settings = load_settings(None)
-    assert settings == Settings()
+    assert settings == Settings(data_dir=Path.cwd() / "postoffice-data")
     assert settings.domains == ("localhost",)
     assert settings.listen.smtp == (ListenAddress("127.0.0.1", 2525),)
     assert settings.tls.cert is None
-    assert settings.accounts_db == Path("./postoffice-data/accounts.sqlite3")
+    # ./postoffice-data where we run, in full: messages name it unambiguously.
+    assert settings.accounts_db == Path.cwd() / "postoffice-data" / "accounts.sqlite3"
 
 
 def test_empty_file_gives_defaults_with_paths_next_to_it(tmp_path: Path) -> None:
@@ -263,6 +270,11 @@ def test_unknown_keys_are_refused_with_their_dotted_name(
         ),
         ('[tls]\ncert = "/nonexistent/cert.pem"\n', "tls", "both cert and key"),
         ("[tls]\ncert = false\nkey = false\n", "tls.cert", "must be a string"),
+        ('[log]\nformat = "xml"\n', "log.format", "must be one of: text"),
+        ('[log]\nlevel = "loud"\n', "log.level", "debug, info, warning, error"),
+        ("[log]\nfile = 5\n", "log.file", "must be a string"),
+        ("[log]\nsyslog = true\n", "log.syslog", "must be a string"),
+        ("[log]\nstderr = true\n", "log.stderr", "unknown key"),
     ],
 )
 def test_bad_values_are_refused_with_key_and_reason(
@@ -284,6 +296,7 @@ def test_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found") as info:
         load_settings(tmp_path / "missing.toml")
     assert info.value.source == str(tmp_path / "missing.toml")
+    assert str(info.value) == f"{tmp_path / 'missing.toml'}: file not found"
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path)  # a directory
     err = refused(tmp_path, "hostname = \n")
@@ -301,3 +314,34 @@ def test_find_config_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert find_config("/explicit.toml") == Path("/explicit.toml")
     monkeypatch.setenv(CONFIG_ENV, "")  # empty: as if unset
     assert find_config(None) == Path("postoffice.toml")
+
+
+def test_find_config_falls_back_to_the_system_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real /etc path is tried by tests/integration/test_cli.py in a private
+    # mount namespace; here the constant points into tmp_path.
+    system = tmp_path / "etc" / "postoffice.toml"
+    monkeypatch.setattr(settings_module, "SYSTEM_CONFIG", system)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert find_config(None) is None
+    assert str(system) in config_origin(None) and str(tmp_path) in config_origin(None)
+    system.parent.mkdir()
+    system.write_text("")
+    assert find_config(None) == system
+    assert config_origin(None) == "the system config"
+    (tmp_path / "postoffice.toml").write_text("")
+    assert find_config(None) == Path("postoffice.toml")  # ./postoffice.toml comes first
+    assert config_origin("x.toml") == "given with -c"
+
+
+def test_log_section(tmp_path: Path) -> None:
+    assert load(tmp_path, "").log == LogSettings()
+    settings = load(
+        tmp_path,
+        '[log]\nformat = "text"\nlevel = "WARNING"\nfile = "po.log"\nsyslog = "/dev/log"\n',
+    )
+    assert settings.log == LogSettings(
+        format="text", level="warning", file=tmp_path / "po.log", syslog="/dev/log"
+    )

@@ -1,0 +1,199 @@
+"""Where the server's log lines go and what they look like (``[log]``).
+
+A line in the text format::
+
+    2026-01-31T14:02:03.123+01:00 postoffice[4242]: INFO postoffice.smtp: smtp id=...
+
+The time is ISO 8601 with its UTC offset, so lines from machines in other
+zones (or from before a DST change) still compare; the PID tells the server
+from its extra smtp processes (workers.py), which log to the same places.
+
+Destinations: standard error by default; ``[log] file`` (appended to, and
+reopened on SIGUSR1, so logrotate can move it away and signal); ``[log]
+syslog``, a syslog socket such as /dev/log, where journald and rsyslog both
+listen (facility "mail", tag ``postoffice[PID]``).  With a file or syslog set,
+nothing goes to standard error.  ``$POSTOFFICE_LOG_LEVEL`` overrides
+``[log] level`` (one of LOG_LEVELS); a bad value is refused, not a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import logging.handlers
+import os
+import stat
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from postoffice.config.settings import LOG_LEVEL_ENV, LOG_LEVELS, LogSettings
+
+TEXT_FORMAT = "%(asctime)s postoffice[%(process)d]: %(levelname)s %(name)s: %(message)s"
+# Syslog stamps the time itself; the tag "postoffice[PID]:" is what it files lines under.
+SYSLOG_FORMAT = "postoffice[%(process)d]: %(levelname)s %(name)s: %(message)s"
+ERROR_NOTE_SECONDS = 60.0
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+assert set(_LEVELS) == set(LOG_LEVELS)
+
+
+class LogSetupError(Exception):
+    """The log cannot be set up as configured; ``str()`` is the line users see."""
+
+
+class _TextFormatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created).astimezone()
+        return moment.isoformat(timespec="milliseconds")
+
+
+class _OneLineErrors(logging.Handler):
+    """A destination that fails (a full disk, syslog restarting) costs a line
+    lost and one note on stderr a minute, not a traceback per line."""
+
+    _noted = -ERROR_NOTE_SECONDS
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        if now - self._noted >= ERROR_NOTE_SECONDS:
+            self._noted = now
+            exc = sys.exc_info()[1]
+            with contextlib.suppress(OSError, ValueError):
+                print(f"postoffice: cannot write the log to {self}: {exc}", file=sys.stderr)
+
+
+class _Syslog(_OneLineErrors, logging.handlers.SysLogHandler):
+    pass
+
+
+class _ReopenableFile(_OneLineErrors, logging.FileHandler):
+    """A log file opened in append mode, opened again by ``reopen`` (after
+    logrotate renamed it: the new lines go to a new file at the same path)."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            fresh = self._open()  # raises OSError: the old stream stays
+            old, self.stream = self.stream, fresh
+            if old is not None:
+                old.close()
+        finally:
+            self.release()
+
+
+def level_of(settings: LogSettings, environ: Mapping[str, str]) -> int:
+    """The logging level: $POSTOFFICE_LOG_LEVEL if set, else ``[log] level``."""
+    name = environ.get(LOG_LEVEL_ENV, "").strip().lower() or settings.level
+    if name not in LOG_LEVELS:
+        raise LogSetupError(
+            f"${LOG_LEVEL_ENV}: {environ.get(LOG_LEVEL_ENV)!r} is not a log level"
+            f" (one of: {', '.join(LOG_LEVELS)})"
+        )
+    return _LEVELS[name]
+
+
+def problems(settings: LogSettings, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """What would stop ``configure`` (for ``postoffice check``); changes nothing."""
+    found: list[str] = []
+    try:
+        level_of(settings, environ)
+    except LogSetupError as exc:
+        found.append(str(exc))
+    path = settings.file
+    if path is not None:
+        if path.exists():
+            if path.is_dir() or not os.access(path, os.W_OK):
+                found.append(f"[log] file {path} cannot be written")
+        elif not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+            found.append(f"[log] file {path} cannot be created in {path.parent}")
+    if settings.syslog:
+        problem = _syslog_problem(settings.syslog)
+        if problem:
+            found.append(problem)
+    return found
+
+
+def _syslog_problem(path: str) -> str:
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError as exc:
+        return f"[log] syslog {path}: {exc.strerror}"
+    return "" if is_socket else f"[log] syslog {path} is not a socket"
+
+
+@dataclass
+class Logs:
+    """The handlers ``configure`` installed; ``reopen`` on SIGUSR1."""
+
+    handlers: list[logging.Handler] = field(default_factory=list)
+    to_stderr: bool = True
+
+    def reopen(self) -> None:
+        for handler in self.handlers:
+            if isinstance(handler, _ReopenableFile):
+                try:
+                    handler.reopen()
+                except OSError as exc:
+                    logging.getLogger("postoffice").error(
+                        "cannot reopen log file %s: %s; still writing to the old one",
+                        handler.baseFilename,
+                        exc.strerror,
+                    )
+
+    def fatal(self, message: str, err: TextIO | None = None) -> None:
+        """Log why the server cannot run, and say it on stderr too if the log
+        goes elsewhere (the administrator at the terminal must see it)."""
+        logging.getLogger("postoffice").error("%s", message)
+        if not self.to_stderr:
+            print(f"postoffice: {message}", file=err or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        root = logging.getLogger()
+        for handler in self.handlers:
+            root.removeHandler(handler)
+            handler.close()
+        self.handlers = []
+
+
+def configure(settings: LogSettings, environ: Mapping[str, str] = os.environ) -> Logs:
+    """Send the root logger's records where ``[log]`` says; raise LogSetupError."""
+    level = level_of(settings, environ)
+    logs = Logs(to_stderr=settings.file is None and not settings.syslog)
+    text = _TextFormatter(TEXT_FORMAT)
+    handler: logging.Handler
+    if settings.file is not None:
+        try:
+            handler = _ReopenableFile(settings.file, encoding="utf-8")
+        except OSError as exc:
+            raise LogSetupError(f"[log] file {settings.file}: {exc.strerror or exc}") from None
+        handler.setFormatter(text)
+        logs.handlers.append(handler)
+    if settings.syslog:
+        found = _syslog_problem(settings.syslog)  # SysLogHandler would not say
+        if found:
+            logs.close()
+            raise LogSetupError(found)
+        handler = _Syslog(settings.syslog, facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+        logs.handlers.append(handler)
+    if logs.to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(text)
+        logs.handlers.append(handler)
+    root = logging.getLogger()
+    for old in list(root.handlers):  # a second configure (tests) replaces the first
+        root.removeHandler(old)
+    for handler in logs.handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    return logs
