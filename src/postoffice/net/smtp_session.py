@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
-from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
+from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
 from postoffice.policy.relay import RecipientVerdict, judge_recipient, sender_allowed
 from postoffice.protocol import sasl
 from postoffice.protocol.smtp_reply import Reply
@@ -100,6 +100,9 @@ class SmtpSession:
         limits = services.settings.limits
         self.core = SmtpServerCore(max_message_size=limits.max_message_size)
         self.core.tls = conn.tls  # implicit TLS (465): no STARTTLS to offer
+        # A client that pipelines and never reads its replies is cut off like a
+        # silent one (RFC 5321 §4.5.3.2.7): every drain gives up after this.
+        conn.write_timeout = limits.smtp_timeout
         self.client_ip = conn.peer[0]
         self.helo = ""
         self.user: Address | None = None
@@ -164,6 +167,8 @@ class SmtpSession:
                     )
                     log.warning("smtp too many errors client=%s", self.client_ip)
                     break
+        except WriteTimeout:
+            log.info("smtp write timeout client=%s", self.client_ip)
         except (ConnectionClosed, ConnectionError, TimeoutError):
             pass
         except Exception as exc:  # a TLS failure and the like: never the whole server
