@@ -44,7 +44,9 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PostofficeServer]:
     root = tmp_path_factory.mktemp(f"first-command-{request.param}")
-    srv = PostofficeServer(root)
+    # Two smtp processes: port 25 is then accepted the way a listener shared
+    # between processes accepts (Listener._adopt), and STARTTLS is tried there too.
+    srv = PostofficeServer(root, sections={"limits": {"smtp_processes": 2}})
     srv.add_user(ALICE, ALICE_PW)
     srv.add_user(BOB, "bob-password-2")
     srv.start(env=server_env(request.param, root))
@@ -192,10 +194,13 @@ def interactive(args: list[str], commands: bytes, until: bytes) -> tuple[bool, s
     return until in out, out.decode(errors="replace")[-300:]
 
 
-def test_openssl_s_client_starttls_tls13(server: PostofficeServer, require_program) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("port", ["submission", "smtp"])
+def test_openssl_s_client_starttls_tls13(
+    server: PostofficeServer, require_program, port: str
+) -> None:  # type: ignore[no-untyped-def]
     openssl = require_program("openssl")
     args = [openssl, "s_client", "-starttls", "smtp", "-tls1_3", "-crlf", "-quiet",
-            "-connect", f"127.0.0.1:{server.ports['submission']}"]  # fmt: skip
+            "-connect", f"127.0.0.1:{server.ports[port]}"]  # fmt: skip
     # s_client's own EHLO was "openssl.client.net"; ours comes inside TLS.
     tally = loop(
         20, lambda _: interactive(args, b"EHLO client.test\nQUIT\n", b"greets client.test")
@@ -203,12 +208,12 @@ def test_openssl_s_client_starttls_tls13(server: PostofficeServer, require_progr
     assert (tally.ok, tally.hung, tally.failed) == (20, 0, []), str(tally)
 
 
-@pytest.mark.parametrize("proto", ["smtp", "pop3"])
-def test_gnutls_cli_starttls(server: PostofficeServer, require_program, proto: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("port", ["submission", "smtp", "pop3"])
+def test_gnutls_cli_starttls(server: PostofficeServer, require_program, port: str) -> None:  # type: ignore[no-untyped-def]
     gnutls = require_program("gnutls-cli")
-    port = server.ports["submission" if proto == "smtp" else "pop3"]
+    proto = "pop3" if port == "pop3" else "smtp"
     args = [gnutls, "--x509cafile", cert(server), "--starttls-proto", proto, "--crlf",
-            "--port", str(port), "localhost"]  # fmt: skip
+            "--port", str(server.ports[port]), "localhost"]  # fmt: skip
     if proto == "smtp":
         commands, until = b"EHLO client.test\nQUIT\n", b"greets client.test"
     else:

@@ -158,7 +158,8 @@ class Listener:
             self._refuse_socket(client, ip)
             return
         # Counted from here on: the handshake (or a plaintext connection's
-        # connection_made) runs on the count, and _admit starts the session.
+        # connection_made) runs on the count; the connection's made() starts
+        # the session, _adoption_failed gives the count back.
         self.per_ip[ip] += 1
         self._unstarted += 1
         if shares is not None:
