@@ -26,13 +26,18 @@ from postoffice.net import listener as listener_module
 from postoffice.net.connection import Connection
 from postoffice.net.listener import Listener
 from postoffice.net.tls import ensure_self_signed, server_context
-
-LOOPS = ["asyncio", "uvloop"]
+from tests.support.loops import LOOPS, require_loop
 
 
 def run_on(loop_name: str, main: Coroutine[Any, Any, None]) -> None:
+    try:
+        require_loop(loop_name)
+    except BaseException:  # skipped: ``main`` never runs
+        main.close()
+        raise
     if loop_name == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
+        import uvloop
+
         uvloop.run(main)
     else:
         asyncio.run(main)
