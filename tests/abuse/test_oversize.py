@@ -188,21 +188,32 @@ def test_recipients_past_the_default_limit(server: PostofficeServer) -> None:
     assert client.cmd("RCPT TO:<alice+again@example.test>")[0] == 250
 
 
+CLOSED = b"(closed before the handshake)"
+
+
 @pytest.mark.parametrize("port", ["smtp", "submissions", "pop3"])
 def test_connection_flood_from_one_address(server: PostofficeServer, port: str) -> None:
     per_ip = 20  # the default max_connections_per_ip
     greeted, refused = [], []
     socks = []
+    # On an implicit-TLS port a connection over the cap is closed at accept,
+    # before any handshake (the busy line could only go out in plaintext).
+    busy = (CLOSED,) if port == "submissions" else (b"421", b"-ERR")
     try:
         for _ in range(per_ip + 30):
             sock = socket.create_connection(("127.0.0.1", server.ports[port]), timeout=10)
-            if port == "submissions":
-                sock = tls_context().wrap_socket(sock)
             socks.append(sock)
+            if port == "submissions":
+                try:
+                    sock = tls_context().wrap_socket(sock)
+                except OSError:  # ssl.SSLError is one
+                    refused.append(CLOSED)
+                    continue
+                socks.append(sock)
             first = sock.recv(1024)
             (greeted if first[:3] in (b"220", b"+OK") else refused).append(first)
         assert len(greeted) == per_ip, (len(greeted), refused[:1])
-        assert all(r.startswith((b"421", b"-ERR")) for r in refused), refused[:3]
+        assert all(r.startswith(busy) for r in refused), refused[:3]
         # Another client address is not affected.
         other = socket.create_connection(
             ("127.0.0.1", server.ports[port]), timeout=10, source_address=("127.0.0.2", 0)
@@ -218,10 +229,14 @@ def test_connection_flood_from_one_address(server: PostofficeServer, port: str) 
     # The slots come back once the flood is gone.
     for _ in range(100):
         probe = socket.create_connection(("127.0.0.1", server.ports[port]), timeout=10)
-        if port == "submissions":
-            probe = tls_context().wrap_socket(probe)
-        first = probe.recv(1024)
-        probe.close()
+        try:
+            if port == "submissions":
+                probe = tls_context().wrap_socket(probe)
+            first = probe.recv(1024)
+        except OSError:
+            first = CLOSED
+        finally:
+            probe.close()
         if first[:3] in (b"220", b"+OK"):
             break
     else:

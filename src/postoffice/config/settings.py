@@ -82,9 +82,12 @@ class LimitSettings:
     max_recipients: int = 100  # RCPTs per message (RFC 5321 §4.5.3.1.8 minimum); then 452
     max_connections: int = 1000  # concurrent connections per listener kind (smtp, pop3...)
     max_connections_per_ip: int = 20  # concurrent connections from one client address
-    smtp_timeout: float = 300.0  # seconds idle waiting for a command (RFC 5321 §4.5.3.2.7)
+    # Seconds idle waiting for a command (RFC 5321 §4.5.3.2.7), and the most a
+    # write waits for a client to take our replies before it is cut off.
+    smtp_timeout: float = 300.0
     smtp_data_timeout: float = 180.0  # seconds between DATA blocks (RFC 5321 §4.5.3.2.6)
-    pop3_timeout: float = 600.0  # seconds idle (RFC 1939 §3: at least 10 minutes)
+    # Seconds idle (RFC 1939 §3: at least 10 minutes); also bounds each write.
+    pop3_timeout: float = 600.0
     # Errors in one SMTP session (bad commands, refused recipients, any other
     # 5xx reply) before it is closed with 421 4.7.0, right after the reply to
     # the last one, even inside a pipelined batch; a message accepted with

@@ -2,12 +2,14 @@
 
 Sessions (SMTP, POP3) drive a sans-I/O core; they need four things from the
 socket: "give me whatever bytes have arrived" with a timeout, buffered
-writes with back-pressure, an in-place TLS upgrade that provably drops any
-plaintext that arrived before it (RFC 3207 §4.2, RFC 2595 §4), and close.
-asyncio's StreamReader keeps its own buffer across ``start_tls``, which is
-exactly the buffer a STARTTLS injection hides in, so this small Protocol is
-used instead: every byte it received before the upgrade is discarded by
-``start_tls`` itself.
+writes with back-pressure and a timeout, an in-place TLS upgrade that
+provably drops any plaintext that arrived before it (RFC 3207 §4.2, RFC 2595
+§4), and close.  asyncio's StreamReader keeps its own buffer across
+``start_tls``, which is exactly the buffer a STARTTLS injection hides in, so
+this small Protocol is used instead: every byte it received before the
+upgrade is discarded by ``start_tls`` itself, and every byte decrypted after
+the handshake is kept (a TLS 1.3 client may send its first command in the
+same flight as its Finished, RFC 8446 §2).
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ from collections.abc import Callable
 from typing import cast
 
 READ_LIMIT = 256 * 1024  # pause the socket when this much is buffered unread
+# A peer that takes none of our pending output for this long is gone (or
+# hostile: pipelining and never reading); sessions set their protocol's own
+# idle timeout in ``Connection.write_timeout``, this is the bound for one that
+# does not.
+WRITE_TIMEOUT = 300.0
+
+
+class WriteTimeout(TimeoutError):
+    """The peer took none of our pending output within ``write_timeout``."""
 
 
 class ConnectionClosed(Exception):
@@ -60,6 +71,9 @@ class Connection(asyncio.Protocol):
         # and answered there, in this callback, and read() goes on waiting
         # (no task wake-up per command).  See Pop3Session._answer_at_once.
         self.on_data: Callable[[bytes], bool] | None = None
+        # Seconds ``drain`` waits for the peer to take our writes; then the
+        # connection is aborted and WriteTimeout raised.
+        self.write_timeout = WRITE_TIMEOUT
 
     # --- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -195,17 +209,38 @@ class Connection(asyncio.Protocol):
             self.transport.write(data)
 
     async def drain(self) -> None:
-        """Wait until the kernel has taken our writes (flow control)."""
+        """Wait until the kernel has taken our writes (flow control), at most
+        ``write_timeout`` seconds: a client that pipelines commands and never
+        reads the replies must not hold its session (and its slot) for ever.
+        Then the connection is aborted (a close would wait on the same full
+        buffer) and WriteTimeout raised."""
         if self._write_paused and self.transport and not self.transport.is_closing():
-            self._drain_waiter = self._loop.create_future()
+            waiter = self._drain_waiter = self._loop.create_future()
+            timer = self._loop.call_later(self.write_timeout, self._write_timed_out, waiter)
             try:
-                await self._drain_waiter
+                await waiter
             finally:
+                timer.cancel()
                 self._drain_waiter = None
+
+    def _write_timed_out(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():  # else the peer caught up just in time
+            waiter.set_exception(WriteTimeout())
+            self.abort()
 
     async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
         """Upgrade to TLS as the server.  Plaintext received before this call is
-        discarded, never processed as if it came over TLS."""
+        discarded, never processed as if it came over TLS (RFC 3207 §4.2,
+        RFC 2595 §4).
+
+        Everything that reaches ``data_received`` from here on came through
+        the TLS layer: ``loop.start_tls`` hands the socket to its TLS protocol
+        before it reads again, so a plaintext byte sent after the command can
+        only break the handshake.  What the client sent in the same flight as
+        its Finished (TLS 1.3 clients such as msmtp and curl send their next
+        command at once) is decrypted right after the handshake, on asyncio
+        even before this method returns, and is kept for the next read.
+        """
         assert self.transport is not None
         self.discard_received()
         async with asyncio.timeout(timeout):
@@ -213,7 +248,6 @@ class Connection(asyncio.Protocol):
         if new is None:
             raise ConnectionClosed
         self.transport = new
-        self.discard_received()
         self.tls = True
 
     def discard_received(self) -> None:

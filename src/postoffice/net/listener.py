@@ -6,10 +6,19 @@ client address (an IPv6 client: per /64, ``policy/netkey.py``).  A
 connection over a cap is answered with the protocol's "busy" line
 (``busy_reply``) and closed without starting a session.
 
-A listener shared by several smtp processes (``shares``, see workers.py)
-accepts by itself instead of through ``loop.create_server``: it takes a
-connection only when it is its turn, so the processes hold about as many
-connections each.
+Two kinds of listener accept by themselves instead of through
+``loop.create_server``:
+
+- one shared by several smtp processes (``shares``, see workers.py): it takes
+  a connection only when it is its turn, so the processes hold about as many
+  connections each;
+- an implicit-TLS one (465, 995): a connection counts against the caps from
+  ``accept()`` on, while its handshake runs (at most HANDSHAKE_SECONDS), and
+  one over a cap is closed at once, before any handshake, with no busy line
+  (it could only be sent in plaintext).  ``create_server`` would hand the
+  connection over only after the handshake, so idle TCP connections that
+  never start one would each hold a descriptor, uncounted, for the whole
+  handshake deadline.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ BACKLOG = 1024
 DEFER_SECONDS = 0.002  # not our turn to accept: look again this much later
 MAX_DEFER_SECONDS = 0.05  # ... but accept anyway once a client waited this long
 ACCEPT_ERROR_PAUSE = 0.1  # after EMFILE and the like: no busy loop on accept()
+HANDSHAKE_SECONDS = 30.0  # an implicit-TLS client that has not finished its handshake is dropped
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 Handler = Callable[[Connection], Awaitable[None]]
@@ -58,7 +68,7 @@ class Listener:
     # Set when several processes share the listening sockets: take turns.
     shares: AcceptShares | None = None
     servers: list[asyncio.Server] = field(default_factory=list)
-    accept_sockets: list[socket.socket] = field(default_factory=list)  # with ``shares``
+    accept_sockets: list[socket.socket] = field(default_factory=list)  # accepting by itself
     tasks: dict[asyncio.Task[None], Connection] = field(default_factory=dict)
     per_ip: Counter[str] = field(default_factory=Counter)  # by policy.netkey.client_key
     bound: list[tuple[str, int]] = field(default_factory=list)
@@ -69,43 +79,38 @@ class Listener:
         self._last_deferral = 0.0
         self._adopting: set[asyncio.Task[None]] = set()
         self._accepting = False
+        # Accepted and counted in ``per_ip``, session not started yet (the TLS
+        # handshake runs, or connection_made is still to come).
+        self._unstarted = 0
 
     def socket_fds(self) -> list[int]:
         """The listening sockets' descriptors, for processes that share them."""
-        if self.shares is not None:
+        if self.accept_sockets:
             return [sock.fileno() for sock in self.accept_sockets]
         return [sock.fileno() for server in self.servers for sock in server.sockets]
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.shares is not None:
-            self._start_taking_turns(loop)
+        if self.shares is not None or self.tls is not None:
+            self._start_accepting(loop)
             return
-        handshake = 30 if self.tls else None
         for sock in self.inherited:
-            self.servers.append(
-                await loop.create_server(
-                    self._make_connection, sock=sock, ssl=self.tls, ssl_handshake_timeout=handshake
-                )
-            )
+            self.servers.append(await loop.create_server(self._make_connection, sock=sock))
         for addr in () if self.inherited else self.addresses:
             server = await loop.create_server(
                 self._make_connection,
                 host=addr.host,
                 port=addr.port,
-                ssl=self.tls,
                 reuse_address=True,
                 backlog=BACKLOG,
-                ssl_handshake_timeout=handshake,
             )
             self.servers.append(server)
             for sock in server.sockets:
                 name = sock.getsockname()
                 self.bound.append((str(name[0]), int(name[1])))
 
-    # --- accepting in turns with other processes (``shares``) ---------------------
-    def _start_taking_turns(self, loop: asyncio.AbstractEventLoop) -> None:
-        assert self.shares is not None
+    # --- accepting by itself (``shares``, implicit TLS) -------------------------------
+    def _start_accepting(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         sockets = self.inherited or [s for a in self.addresses for s in _bind(a)]
         for sock in sockets:
@@ -116,7 +121,8 @@ class Listener:
                 self.bound.append((str(name[0]), int(name[1])))
             loop.add_reader(sock.fileno(), self._on_acceptable, sock)
         self._accepting = True
-        self.shares.accepting(True)
+        if self.shares is not None:
+            self.shares.accepting(True)
 
     def _pause(self, sock: socket.socket, delay: float) -> None:
         fd = sock.fileno()
@@ -130,8 +136,7 @@ class Listener:
 
     def _on_acceptable(self, sock: socket.socket) -> None:
         shares = self.shares
-        assert shares is not None
-        if not shares.my_turn():
+        if shares is not None and not shares.my_turn():
             now = self._loop.time()
             if self._deferring_since is None or now - self._last_deferral > 4 * DEFER_SECONDS:
                 self._deferring_since = now  # a new wait (the last one ended)
@@ -140,7 +145,7 @@ class Listener:
                 self._pause(sock, DEFER_SECONDS)
                 return
         try:
-            client, _address = sock.accept()
+            client, address = sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionError):
             return  # another process took it, or the client gave up meanwhile
         except OSError as exc:
@@ -150,34 +155,65 @@ class Listener:
             self._pause(sock, ACCEPT_ERROR_PAUSE)  # no busy loop while out of descriptors
             return
         self._deferring_since = None
-        shares.opened()
-        task = self._loop.create_task(self._adopt(client))
+        ip = client_key(str(address[0]))  # an IPv6 client counts by its /64
+        if self._over_cap(ip):
+            self._refuse_socket(client, ip)
+            return
+        # Counted from here on: the handshake (or a plaintext connection's
+        # connection_made) runs on the count; the connection's made() starts
+        # the session, _adoption_failed gives the count back.
+        self.per_ip[ip] += 1
+        self._unstarted += 1
+        if shares is not None:
+            shares.opened()
+        task = self._loop.create_task(self._adopt(client, ip))
         self._adopting.add(task)
         task.add_done_callback(self._adopting.discard)
 
-    async def _adopt(self, client: socket.socket) -> None:
+    def _refuse_socket(self, client: socket.socket, ip: str) -> None:
+        """Over a cap at accept: a plaintext client gets the busy line, a TLS
+        one nothing (no handshake is started for it); closed at once either way."""
+        log.warning("%s: refused %s: too many connections", self.name, ip)
+        with contextlib.suppress(OSError):
+            if self.tls is None:
+                client.setblocking(False)
+                client.send(self.busy_reply)  # one short line: fits an empty socket buffer
+        client.close()
+
+    async def _adopt(self, client: socket.socket, ip: str) -> None:
+        conn = self._make_connection(reserved_ip=ip)
         try:
             client.setblocking(False)
             await self._loop.connect_accepted_socket(
-                self._make_connection,
+                lambda: conn,
                 client,
                 ssl=self.tls,
-                ssl_handshake_timeout=30 if self.tls else None,
+                ssl_handshake_timeout=HANDSHAKE_SECONDS if self.tls else None,
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             log.info("%s: connection lost before its session: %s", self.name, exc)
-            client.close()
-            self._released()
+            self._adoption_failed(client, conn, ip)
         except BaseException:  # cancelled while stopping
-            client.close()
-            self._released()
+            self._adoption_failed(client, conn, ip)
             raise
+
+    def _adoption_failed(self, client: socket.socket, conn: Connection, ip: str) -> None:
+        client.close()
+        if conn.transport is None:  # never made: no session owns the count
+            self._unstarted -= 1
+            self._forget(ip)
+            self._released()
+
+    def _forget(self, ip: str) -> None:
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
 
     def _released(self) -> None:
         if self.shares is not None:
             self.shares.closed()
 
-    def _stop_taking_turns(self) -> None:
+    def _stop_accepting_by_itself(self) -> None:
         if not self._accepting:
             return
         self._accepting = False
@@ -192,20 +228,29 @@ class Listener:
             self.shares.accepting(False)
 
     # --- sessions ---------------------------------------------------------------------
-    def _make_connection(self) -> Connection:
+    def _make_connection(self, reserved_ip: str | None = None) -> Connection:
+        """``reserved_ip``: the connection was counted at accept (see _on_acceptable)."""
         conn = Connection()
         original = conn.connection_made
 
         def made(transport: asyncio.BaseTransport) -> None:
             original(transport)
-            self._admit(conn)
+            if reserved_ip is None:
+                self._admit(conn)
+            else:
+                self._unstarted -= 1
+                self._start_session(conn, reserved_ip)
 
         conn.connection_made = made  # type: ignore[method-assign]
         return conn
 
+    def _over_cap(self, ip: str) -> bool:
+        held = len(self.tasks) + self._unstarted
+        return held >= self.max_connections or self.per_ip[ip] >= self.max_per_ip
+
     def _admit(self, conn: Connection) -> None:
         ip = client_key(conn.peer[0])  # an IPv6 client counts by its /64
-        if len(self.tasks) >= self.max_connections or self.per_ip[ip] >= self.max_per_ip:
+        if self._over_cap(ip):
             log.warning("%s: refused %s: too many connections", self.name, conn.peer[0])
             conn.write(self.busy_reply)
             if conn.transport:
@@ -213,6 +258,9 @@ class Listener:
             self._released()
             return
         self.per_ip[ip] += 1
+        self._start_session(conn, ip)
+
+    def _start_session(self, conn: Connection, ip: str) -> None:
         task = asyncio.get_running_loop().create_task(self._run(conn, ip))
         self.tasks[task] = conn
 
@@ -226,9 +274,7 @@ class Listener:
         finally:
             with contextlib.suppress(Exception):
                 await conn.close()
-            self.per_ip[ip] -= 1
-            if self.per_ip[ip] <= 0:
-                del self.per_ip[ip]
+            self._forget(ip)
             self._released()
             task = asyncio.current_task()
             if task is not None:
@@ -237,7 +283,7 @@ class Listener:
     def stop_accepting(self) -> None:
         for server in self.servers:
             server.close()
-        self._stop_taking_turns()
+        self._stop_accepting_by_itself()
 
     async def finish(self, grace: float) -> None:
         """Let sessions end on their own for ``grace`` seconds, then cancel them."""

@@ -95,6 +95,7 @@ class Pop3Session:
         self.core = Pop3Server()
         self.client_ip = conn.peer[0]
         self.timeout = services.settings.limits.pop3_timeout
+        conn.write_timeout = self.timeout
         self._line_deadline: float | None = None
         self.mailbox: Pop3Mailbox | None = None
         self.user: Address | None = None
@@ -201,9 +202,9 @@ class Pop3Session:
         transport = self.conn.transport
         if transport is None or transport.get_write_buffer_size() == 0:
             return  # the kernel took everything: nothing to wait for
-        # A client that stops reading must not hold the session (and the lock) forever.
-        async with asyncio.timeout(self.timeout):
-            await self.conn.drain()
+        # A client that stops reading must not hold the session (and the lock)
+        # forever: drain gives up after conn.write_timeout (set in __init__).
+        await self.conn.drain()
 
     def _error(self, reason: str) -> None:
         self.errors += 1

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
-from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
+from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
 from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.relay import (
     RecipientVerdict,
@@ -115,6 +115,9 @@ class SmtpSession:
             max_message_size=limits.max_message_size, max_text_line=limits.max_line_length
         )
         self.core.tls = conn.tls  # implicit TLS (465): no STARTTLS to offer
+        # A client that pipelines and never reads its replies is cut off like a
+        # silent one (RFC 5321 §4.5.3.2.7): every drain gives up after this.
+        conn.write_timeout = limits.smtp_timeout
         self.client_ip = conn.peer[0]
         self.helo = ""
         self.user: Address | None = None
@@ -175,6 +178,8 @@ class SmtpSession:
                 if self._start_tls:
                     self._start_tls = False
                     await self.conn.start_tls(self.s.tls, TLS_HANDSHAKE_TIMEOUT)
+        except WriteTimeout:
+            log.info("smtp write timeout client=%s", self.client_ip)
         except (ConnectionClosed, ConnectionError, TimeoutError):
             pass
         except Exception as exc:  # a TLS failure and the like: never the whole server

@@ -1,10 +1,12 @@
 """TLS: the server's SSLContext, and a self-signed certificate for the default.
 
-With no ``[tls]`` in the config, a self-signed RSA-2048 certificate for the
-hostname (and localhost, 127.0.0.1, ::1) is made on first start with
-``cryptography`` and kept in ``data_dir/tls`` (key mode 0600), so STARTTLS,
-POP3S and submission work out of the box; a real deployment points
-``[tls] cert``/``key`` at its ACME chain.
+With no ``[tls]`` in the config, a self-signed RSA-2048 leaf certificate
+(CA:FALSE, server authentication only) for the hostname (and localhost,
+127.0.0.1, ::1) is made on first start with ``cryptography`` and kept in
+``data_dir/tls`` (key mode 0600), so STARTTLS, POP3S and submission work out
+of the box; a real deployment points ``[tls] cert``/``key`` at its ACME
+chain.  A certificate already there is kept as it is (clients may have
+pinned it).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from postoffice.config.settings import Settings
 from postoffice.storage.safeio import atomic_write
@@ -51,7 +53,28 @@ def ensure_self_signed(tls_dir: Path, hostname: str) -> tuple[Path, Path]:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=825))
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        # A leaf, not a CA (RFC 5280 §4.2.1.9): whoever trusts this certificate
+        # (a client's pinned trust file) must not thereby trust anything it
+        # might sign.  Key usages of a TLS server with an RSA key (RFC 5280
+        # §4.2.1.3, §4.2.1.12): signatures (ECDHE) and key encipherment (RSA
+        # key exchange, TLS 1.2), server authentication only.
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=True,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_bytes = key.private_bytes(

@@ -97,3 +97,50 @@ def test_a_read_still_times_out_without_input() -> None:
             await conn.read(0.05)
 
     asyncio.run(main())
+
+
+def test_a_write_the_peer_never_takes_gives_up_after_write_timeout() -> None:
+    """drain() waits for a peer that reads nothing at most ``write_timeout``,
+    then aborts the connection (a close would wait on the same full buffer)."""
+    import socket
+
+    from postoffice.net.connection import WriteTimeout
+
+    async def main() -> tuple[type[BaseException] | None, bool, float]:
+        loop = asyncio.get_running_loop()
+        made: asyncio.Future[Connection] = loop.create_future()
+
+        def factory() -> Connection:
+            conn = Connection()
+            conn.write_timeout = 0.3
+            loop.call_soon(made.set_result, conn)
+            return conn
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.connect(("127.0.0.1", port))  # and never reads
+        try:
+            conn = await made
+            started = loop.time()
+            raised: type[BaseException] | None = None
+            for _ in range(1000):  # 64 MiB at most: the buffers fill long before
+                conn.write(b"x" * 65536)
+                try:
+                    await asyncio.wait_for(conn.drain(), 10)
+                except (WriteTimeout, TimeoutError) as exc:
+                    raised = type(exc)
+                    break
+            waited = loop.time() - started
+            await asyncio.sleep(0.05)
+            closed = conn.transport is None or conn.transport.is_closing()
+        finally:
+            peer.close()
+            server.close()
+        return raised, closed, waited
+
+    raised, closed, waited = asyncio.run(main())
+    assert raised is WriteTimeout  # not wait_for's TimeoutError: drain gave up by itself
+    assert closed
+    assert waited < 10
