@@ -48,6 +48,8 @@ ATTEMPTS = {
 LOG_LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d postoffice\[\d+\]: [A-Z]+ postoffice"
 )
+# The message of a record: after "<time> postoffice[<pid>]: <LEVEL> <logger>: ".
+LOG_MESSAGE = re.compile(LOG_LINE.pattern + r"[\w.]*: (.*)$")
 
 
 def assert_no_injected_header(srv: PostofficeServer) -> None:
@@ -119,7 +121,9 @@ _FIELD = re.compile(r'([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|[^ ]*)')
 
 def fields(record: str) -> list[tuple[str, str]]:
     """The key=value fields of a log record, quoted values decoded."""
-    message = record.split(": ", 1)[1]  # after "<time> <LEVEL> <logger>: "
+    match = LOG_MESSAGE.match(record)
+    assert match, record
+    message = match.group(1)
     out = []
     for key, value in _FIELD.findall(message):
         out.append((key, json.loads(value) if value.startswith('"') else value))
@@ -131,7 +135,8 @@ def records(srv: PostofficeServer, start: str) -> list[dict[str, str]]:
     that appears twice in one record (a forged field) fails the test."""
     found = []
     for line in srv.log().splitlines():
-        if LOG_LINE.match(line) and line.split(": ", 1)[1].startswith(start):
+        match = LOG_MESSAGE.match(line)
+        if match and match.group(1).startswith(start):
             pairs = fields(line)
             keys = [k for k, _ in pairs]
             assert len(keys) == len(set(keys)), f"a field appears twice: {line}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import wait_for
+from tests.support.helpers import smtp_processes, wait_for
 from tests.support.server import PostofficeServer, free_port, write_config
 
 ALICE, BOB = "alice@example.test", "bob@example.test"
@@ -38,13 +38,6 @@ def send(srv: PostofficeServer, *rcpts: str, body: str = "hello") -> tuple[dict[
             return codes, 0
         code, _ = smtp.data(f"Subject: {body}\r\n\r\n{body}\r\n".encode())
     return codes, code
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
 
 
 # --- signals and logs (items 2, 8, 12) ----------------------------------------------------
@@ -88,14 +81,14 @@ def test_signals_to_every_smtp_process_stop_none(tmp_path: Path) -> None:
     srv.start()
     try:
         assert srv.proc is not None
-        assert wait_for(lambda: len(children(srv.proc.pid)) == 1)  # type: ignore[union-attr]
-        group = [srv.proc.pid, *children(srv.proc.pid)]
+        assert wait_for(lambda: len(smtp_processes(srv.proc.pid)) == 1)  # type: ignore[union-attr]
+        group = [srv.proc.pid, *smtp_processes(srv.proc.pid)]
         for sig in (signal.SIGHUP, signal.SIGUSR1):  # as `kill -HUP -PGID` would
             for pid in group:
                 os.kill(pid, sig)
         time.sleep(0.5)
         assert srv.proc.poll() is None
-        assert sorted(children(srv.proc.pid)) == sorted(group[1:])  # none restarted
+        assert sorted(smtp_processes(srv.proc.pid)) == sorted(group[1:])  # none restarted
         for _ in range(10):  # both processes take turns accepting
             assert send(srv, ALICE) == ({ALICE: 250}, 250)
     finally:

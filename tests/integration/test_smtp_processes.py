@@ -20,26 +20,12 @@ from pathlib import Path
 import pytest
 
 from postoffice.storage.journal import pending_records
+from tests.support.helpers import smtp_processes
 from tests.support.server import PostofficeServer
 from tests.unit.delivery.peers import SmtpSink, free_port, wait_for
 
 ALICE = "alice@example.test"
 BODY = (b"p" * 70 + b"\r\n") * 30
-
-
-def children(pid: int) -> list[int]:
-    """The extra smtp processes of server ``pid`` (not its DKIM verifiers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"run_worker" in cmdline:
-                found.append(int(entry))
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -119,7 +105,7 @@ def test_two_processes_share_the_connections_and_both_deliver(tmp_path: Path) ->
     srv = two_process_server(tmp_path)
     try:
         assert srv.proc is not None
-        server_pid, (extra_pid,) = srv.proc.pid, children(srv.proc.pid)
+        server_pid, (extra_pid,) = srv.proc.pid, smtp_processes(srv.proc.pid)
         acknowledged = until_both_deliver(srv, clients=12, each=8, rcpts=[ALICE])
         assert len(acknowledged) % 96 == 0
         tags, pids = stored(srv)
@@ -151,7 +137,7 @@ def test_connections_arriving_together_are_shared_evenly(tmp_path: Path) -> None
     clients: list[socket.socket] = []
     try:
         assert srv.proc is not None
-        server_pid, (extra_pid,) = srv.proc.pid, children(srv.proc.pid)
+        server_pid, (extra_pid,) = srv.proc.pid, smtp_processes(srv.proc.pid)
         before = {pid: sockets_of(pid) for pid in (server_pid, extra_pid)}
         for _ in range(20):
             clients.append(socket.create_connection(("127.0.0.1", srv.ports["smtp"]), timeout=20))
@@ -195,7 +181,7 @@ def test_an_alias_forward_accepted_by_either_process_is_sent(tmp_path: Path) -> 
 def test_kill_9_takes_the_extra_process_along_and_loses_nothing(tmp_path: Path) -> None:
     srv = two_process_server(tmp_path)
     assert srv.proc is not None
-    (extra_pid,) = children(srv.proc.pid)
+    (extra_pid,) = smtp_processes(srv.proc.pid)
     acknowledged: list[str] = []
     done = threading.Event()
 

@@ -7,6 +7,7 @@ attacker (or a crowd) would.
 from __future__ import annotations
 
 import base64
+import os
 import poplib
 import smtplib
 import socket
@@ -166,3 +167,19 @@ def send_until_killed(
         t.join(30)
     assert len(acknowledged) >= kill_after
     return list(acknowledged)
+
+
+def smtp_processes(pid: int) -> list[int]:
+    """The extra smtp processes of server ``pid`` (not its DKIM verifiers,
+    which are its children too)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"run_worker" in cmdline:
+                found.append(int(entry))
+    return found
