@@ -42,10 +42,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.support.dns import auth_dns
 from tests.support.hostile_dkim import hostile_key, hostile_signatures
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
-from tests.unit.policy.dns import auth_dns
 
 BOB = "bob@receiver.test"
 PROBE_SOURCE = "127.0.0.9"

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tests.support.dns import auth_dns
 from tests.support.hostile_dkim import hostile_key, hostile_signatures
+from tests.support.peers import Dnsmasq, wait_for
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
-from tests.unit.delivery.peers import Dnsmasq, wait_for
-from tests.unit.policy.dns import auth_dns
 
 pytestmark = pytest.mark.abuse
 

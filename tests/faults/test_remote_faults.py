@@ -20,8 +20,8 @@ import pytest
 
 from tests.faults.peers import FaultyMta, ServfailDns
 from tests.support.helpers import ALICE, make_server, queued, rss_kib, submission
+from tests.support.peers import Dnsmasq, SmtpSink, free_port, wait_for
 from tests.support.server import PostofficeServer
-from tests.unit.delivery.peers import Dnsmasq, SmtpSink, free_port, wait_for
 
 pytestmark = pytest.mark.faults
 

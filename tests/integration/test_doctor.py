@@ -30,9 +30,9 @@ from postoffice.config.settings import (
 )
 from postoffice.doctor import check_certificate, run_doctor
 from postoffice.policy.dkim_keys import generate, load_keys, txt_record
+from tests.support.dns import auth_dns
+from tests.support.peers import Dnsmasq
 from tests.support.server import PostofficeServer, free_port
-from tests.unit.delivery.peers import Dnsmasq
-from tests.unit.policy.dns import auth_dns
 
 HOST = "mail.example.test"
 DOMAIN = "example.test"

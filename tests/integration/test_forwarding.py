@@ -23,8 +23,8 @@ import pytest
 
 from postoffice.mail.address import Address, parse_path
 from postoffice.policy.srs import Srs, load_secrets
+from tests.support.peers import Dnsmasq, Received, ScriptedMta, free_port, wait_for
 from tests.support.server import PostofficeServer
-from tests.unit.delivery.peers import Dnsmasq, Received, ScriptedMta, free_port, wait_for
 
 REMOTE_MX, SENDER_MX = "127.0.0.2", "127.0.0.3"
 SOMEONE = "someone@elsewhere.test"

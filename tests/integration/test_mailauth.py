@@ -20,9 +20,9 @@ import pytest
 
 from postoffice.policy.dkim_keys import KeyStore, generate, txt_record
 from postoffice.policy.dkim_sign import DkimSigner
+from tests.support.dns import auth_dns, start_keeping_port
+from tests.support.peers import Dnsmasq, wait_for
 from tests.support.server import PostofficeServer
-from tests.unit.delivery.peers import Dnsmasq, wait_for
-from tests.unit.policy.dns import auth_dns, start_keeping_port
 
 BOB = "bob@receiver.test"
 RX_HOST = "mx.receiver.test"

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.peers import Dnsmasq, SmtpSink, free_port, wait_for
 from tests.support.server import PostofficeServer
-from tests.unit.delivery.peers import Dnsmasq, SmtpSink, free_port, wait_for
 
 MX1, MX2, IMPLICIT = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 ALICE = "alice@example.test"

@@ -21,8 +21,8 @@ import pytest
 
 from postoffice.storage.journal import pending_records
 from tests.support.helpers import smtp_processes
+from tests.support.peers import SmtpSink, free_port, wait_for
 from tests.support.server import PostofficeServer
-from tests.unit.delivery.peers import SmtpSink, free_port, wait_for
 
 ALICE = "alice@example.test"
 BODY = (b"p" * 70 + b"\r\n") * 30

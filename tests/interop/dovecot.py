@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.unit.delivery.peers import free_port, wait_for
+from tests.support.peers import free_port, wait_for
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"

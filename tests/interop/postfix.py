@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.unit.delivery.peers import free_port, wait_for
+from tests.support.peers import free_port, wait_for
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 

@@ -30,9 +30,9 @@ import dns.query
 import dns.rdatatype
 import pytest
 
+from tests.support.dns import auth_dns, start_keeping_port
+from tests.support.peers import SmtpSink, free_port, wait_for
 from tests.support.server import PostofficeServer
-from tests.unit.delivery.peers import SmtpSink, free_port, wait_for
-from tests.unit.policy.dns import auth_dns, start_keeping_port
 
 pytestmark = pytest.mark.interop
 

@@ -22,8 +22,8 @@ import pytest
 
 from tests.interop.postfix import POSTFIX, Postfix
 from tests.support.helpers import ALICE, BOB, make_server, queued, submission
+from tests.support.peers import DNSMASQ, Dnsmasq, free_port, wait_for
 from tests.support.server import PostofficeServer
-from tests.unit.delivery.peers import DNSMASQ, Dnsmasq, free_port, wait_for
 
 pytestmark = pytest.mark.interop
 

@@ -19,8 +19,8 @@ from postoffice.policy.dkim_keys import KeyStore, generate, txt_record
 from postoffice.policy.dkim_sign import DkimSigner
 from postoffice.policy.dkim_verify import TARGET
 from postoffice.policy.mailauth import CheckOutcome, InboundChecks
-from tests.unit.delivery.peers import Dnsmasq
-from tests.unit.policy.dns import auth_dns, resolver_for
+from tests.support.dns import auth_dns, resolver_for
+from tests.support.peers import Dnsmasq
 
 GOOD_IP = "192.0.2.10"  # listed in sender.test's SPF record
 BAD_IP = "203.0.113.9"

@@ -9,8 +9,8 @@ import pytest
 
 from postoffice.delivery.resolver import DnsResolver
 from postoffice.policy.spf import SpfResult, check_host, parse_record
-from tests.unit.delivery.peers import Dnsmasq
-from tests.unit.policy.dns import auth_dns, resolver_for
+from tests.support.dns import auth_dns, resolver_for
+from tests.support.peers import Dnsmasq
 
 CLIENT = "192.0.2.10"
 
@@ -158,7 +158,7 @@ def test_unreachable_dns_server_is_temperror(dns: Dnsmasq) -> None:
     import socket
 
     from postoffice.config.settings import ListenAddress
-    from tests.unit.delivery.peers import free_port
+    from tests.support.peers import free_port
 
     dead = DnsResolver(
         [ListenAddress("127.0.0.1", free_port(kind=socket.SOCK_DGRAM))], lifetime=1.0

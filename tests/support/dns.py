@@ -14,7 +14,7 @@ from pathlib import Path
 
 from postoffice.config.settings import ListenAddress
 from postoffice.delivery.resolver import DnsResolver
-from tests.unit.delivery.peers import Dnsmasq
+from tests.support.peers import Dnsmasq
 
 
 def auth_dns(
