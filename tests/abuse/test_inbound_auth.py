@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support.dns import auth_dns
+from tests.support.helpers import wait_for
 from tests.support.hostile_dkim import hostile_key, hostile_signatures
-from tests.support.peers import Dnsmasq, wait_for
+from tests.support.peers import Dnsmasq
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
 

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.helpers import ALICE, BOB, make_server, queued, raw, submission, wait_for
-from tests.support.peers import ScriptedMta, free_port
+from tests.support.peers import ScriptedMta
+from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
 

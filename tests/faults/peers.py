@@ -1,6 +1,6 @@
 """Broken peers for fault tests: an MTA that misbehaves on cue, a DNS server that fails.
 
-What tests/unit/delivery/peers.py (dnsmasq, smtp-sink, a scripted MTA) cannot
+What tests/support/peers.py (dnsmasq, smtp-sink, a scripted MTA) cannot
 do: stop reading in the middle of DATA, hang up mid-message, answer with
 garbage, or answer every DNS query with SERVFAIL.  Both run in a thread of
 the test process, on 127.0.0.0/8 only, and stop when asked.

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from tests.faults.peers import FaultyMta, ServfailDns
-from tests.support.helpers import ALICE, make_server, queued, rss_kib, submission
-from tests.support.peers import Dnsmasq, SmtpSink, free_port, wait_for
+from tests.support.helpers import ALICE, make_server, queued, rss_kib, submission, wait_for
+from tests.support.peers import Dnsmasq, SmtpSink
+from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.faults

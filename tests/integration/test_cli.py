@@ -16,7 +16,8 @@ import argon2
 import pytest
 
 from postoffice.config.settings import CONFIG_ENV
-from tests.support.server import LISTENERS, free_port, write_config
+from tests.support.ports import free_port
+from tests.support.server import LISTENERS, write_config
 from tests.support.terminal import on_terminal
 
 

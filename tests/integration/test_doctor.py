@@ -32,7 +32,8 @@ from postoffice.doctor import check_certificate, run_doctor
 from postoffice.policy.dkim_keys import generate, load_keys, txt_record
 from tests.support.dns import auth_dns
 from tests.support.peers import Dnsmasq
-from tests.support.server import PostofficeServer, free_port
+from tests.support.ports import free_port
+from tests.support.server import PostofficeServer
 
 HOST = "mail.example.test"
 DOMAIN = "example.test"

@@ -23,7 +23,9 @@ import pytest
 
 from postoffice.mail.address import Address, parse_path
 from postoffice.policy.srs import Srs, load_secrets
-from tests.support.peers import Dnsmasq, Received, ScriptedMta, free_port, wait_for
+from tests.support.helpers import wait_for
+from tests.support.peers import Dnsmasq, Received, ScriptedMta
+from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 
 REMOTE_MX, SENDER_MX = "127.0.0.2", "127.0.0.3"

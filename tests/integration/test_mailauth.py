@@ -21,7 +21,8 @@ import pytest
 from postoffice.policy.dkim_keys import KeyStore, generate, txt_record
 from postoffice.policy.dkim_sign import DkimSigner
 from tests.support.dns import auth_dns, start_keeping_port
-from tests.support.peers import Dnsmasq, wait_for
+from tests.support.helpers import wait_for
+from tests.support.peers import Dnsmasq
 from tests.support.server import PostofficeServer
 
 BOB = "bob@receiver.test"

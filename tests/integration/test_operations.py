@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.helpers import smtp_processes, wait_for
-from tests.support.server import PostofficeServer, free_port, write_config
+from tests.support.ports import free_port
+from tests.support.server import PostofficeServer, write_config
 
 ALICE, BOB = "alice@example.test", "bob@example.test"
 # ISO 8601 with the UTC offset, then the PID (RFC 5424-ish "tag[pid]:").

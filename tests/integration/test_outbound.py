@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.peers import Dnsmasq, SmtpSink, free_port, wait_for
+from tests.support.helpers import wait_for
+from tests.support.peers import Dnsmasq, SmtpSink
+from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 
 MX1, MX2, IMPLICIT = "127.0.0.2", "127.0.0.3", "127.0.0.4"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.helpers import wait_for
 from tests.support.server import PostofficeServer
 
 ALICE, ALICE_PW = "alice@example.test", "alice-password-1"
@@ -77,15 +78,6 @@ def login(client: poplib.POP3, user: str = ALICE, password: str = ALICE_PW) -> b
 
 def err(excinfo: pytest.ExceptionInfo[poplib.error_proto]) -> bytes:
     return bytes(excinfo.value.args[0])
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def files(srv: PostofficeServer, address: str = ALICE) -> dict[str, list[str]]:

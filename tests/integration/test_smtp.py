@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import smtplib
 import ssl
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.support.helpers import wait_for
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
 
@@ -29,15 +29,6 @@ def raw(server: PostofficeServer, ehlo: bool = True) -> RawSmtp:
     if ehlo:
         assert client.cmd("EHLO client.test")[0] == 250
     return client
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def test_delivers_to_local_mailbox_with_trace_headers(server: PostofficeServer) -> None:

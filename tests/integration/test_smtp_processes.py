@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from postoffice.storage.journal import pending_records
-from tests.support.helpers import smtp_processes
-from tests.support.peers import SmtpSink, free_port, wait_for
+from tests.support.helpers import smtp_processes, wait_for
+from tests.support.peers import SmtpSink
+from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 
 ALICE = "alice@example.test"

@@ -18,7 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.peers import free_port, wait_for
+from tests.support.helpers import wait_for
+from tests.support.ports import free_port
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"

@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.peers import free_port, wait_for
+from tests.support.helpers import wait_for
+from tests.support.ports import free_port
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 

@@ -31,7 +31,9 @@ import dns.rdatatype
 import pytest
 
 from tests.support.dns import auth_dns, start_keeping_port
-from tests.support.peers import SmtpSink, free_port, wait_for
+from tests.support.helpers import wait_for
+from tests.support.peers import SmtpSink
+from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.interop

@@ -21,8 +21,9 @@ from email.message import EmailMessage
 import pytest
 
 from tests.interop.postfix import POSTFIX, Postfix
-from tests.support.helpers import ALICE, BOB, make_server, queued, submission
-from tests.support.peers import DNSMASQ, Dnsmasq, free_port, wait_for
+from tests.support.helpers import ALICE, BOB, make_server, queued, submission, wait_for
+from tests.support.peers import DNSMASQ, Dnsmasq
+from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.interop

@@ -1,6 +1,6 @@
 """A real DNS server for the mail-authentication tests.
 
-Reuses the outbound tests' ``Dnsmasq`` (Debian's dnsmasq on a loopback
+Builds on ``tests.support.peers.Dnsmasq`` (Debian's dnsmasq on a loopback
 port, authoritative for ``.test``; other names are REFUSED, which a
 resolver sees as a temporary failure) and adds TXT and PTR records to its
 command line.

@@ -83,12 +83,15 @@ def submission(srv: PostofficeServer, user: str = ALICE, password: str = ALICE_P
     return client
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, step: float = 0.05) -> bool:
+    """Poll ``predicate`` every ``step`` seconds until it holds (True) or
+    ``timeout`` seconds have passed (its last answer).  The one poller of the
+    test suite: for what a server or peer does on its own time."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.05)
+        time.sleep(step)
     return predicate()
 
 

@@ -1,4 +1,4 @@
-"""Real peers for outbound delivery tests: a DNS server, MTAs to deliver to.
+"""Real peers the tests talk to: a DNS server, MTAs to deliver to.
 
 * ``Dnsmasq`` runs Debian's dnsmasq on a loopback port, authoritative for
   ``.test`` (unknown names there are NXDOMAIN), serving the MX and address
@@ -10,7 +10,9 @@
   commands it saw.
 
 Every process is started and stopped by its PID; everything listens on
-127.0.0.0/8 only.
+127.0.0.0/8 only.  Ports come from tests.support.ports, waiting from
+tests.support.helpers.wait_for; TXT and PTR records for the
+mail-authentication tests are added by tests.support.dns.
 """
 
 from __future__ import annotations
@@ -31,24 +33,11 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
-from tests.support.server import pick_port
+from tests.support.helpers import wait_for
+from tests.support.ports import free_port
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-
-
-def free_port(hosts: Sequence[str] = ("127.0.0.1",), kind: int = socket.SOCK_STREAM) -> int:
-    """A port that is free on every one of ``hosts`` (outside the ephemeral range)."""
-    return pick_port(hosts, kind)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:

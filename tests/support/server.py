@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import random
 import shutil
 import signal
 import socket
@@ -21,12 +20,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.support.ports import free_port
+
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s")
 
 _CERT_CACHE: list[Path] = []
 
 
-def _cached_tls_dir() -> Path:
+def cached_tls_dir() -> Path:
     """One self-signed pair for the whole test run (RSA key generation is slow)."""
     if not _CERT_CACHE:
         import tempfile
@@ -38,37 +39,6 @@ def _cached_tls_dir() -> Path:
         ensure_self_signed(tls_dir, "mail.example.test")
         _CERT_CACHE.append(tls_dir)
     return _CERT_CACHE[0]
-
-
-# Below Linux's ephemeral range (32768-60999): a port picked here cannot be
-# taken by some outgoing connection before its server binds it (a port from
-# bind(0) once was: "address already in use" at start).  Never handed out
-# twice in one test run, as nothing holds a picked port until it is bound.
-PORT_RANGE = (20000, 32000)
-_handed_out: set[int] = set()
-
-
-def pick_port(hosts: Iterable[str] = ("127.0.0.1",), kind: int = socket.SOCK_STREAM) -> int:
-    """A port free on every one of ``hosts`` for sockets of ``kind``."""
-    hosts = list(hosts)
-    for _ in range(500):
-        port = random.randint(*PORT_RANGE)
-        if port in _handed_out:
-            continue
-        try:
-            for host in hosts:
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                with socket.socket(family, kind) as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError("no free port in the test range")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    return pick_port((host,))
 
 
 def toml_value(value: Any) -> str:
@@ -109,14 +79,14 @@ class PostofficeServer:
         self.host = host
         self.data_dir = root / "data"
         self.config = root / "postoffice.toml"
-        self.ports = {name: free_port(host) for name in LISTENERS}
+        self.ports = {name: free_port((host,)) for name in LISTENERS}
         self.log_path = root / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         bracketed = f"[{host}]" if ":" in host else host
         tls_dir = self.data_dir / "tls"
         tls_dir.mkdir(parents=True, exist_ok=True)
         for name in ("cert.pem", "key.pem"):
-            shutil.copyfile(_cached_tls_dir() / name, tls_dir / name)
+            shutil.copyfile(cached_tls_dir() / name, tls_dir / name)
         merged: dict[str, dict[str, Any]] = {
             "listen": {name: [f"{bracketed}:{port}"] for name, port in self.ports.items()},
         }

@@ -23,7 +23,8 @@ from postoffice.delivery.resolver import DnsResolver
 from postoffice.delivery.smtp_client import ClientTimeouts
 from postoffice.mail.address import Address
 from postoffice.net.tls import ensure_self_signed, server_context
-from tests.support.peers import Dnsmasq, ScriptedMta, SmtpSink, free_port
+from tests.support.peers import Dnsmasq, ScriptedMta, SmtpSink
+from tests.support.ports import free_port
 
 ALICE = Address("alice", "example.test")
 MX_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")

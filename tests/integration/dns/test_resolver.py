@@ -11,7 +11,8 @@ import pytest
 from postoffice.config.settings import ListenAddress
 from postoffice.delivery.mx import MxRecord
 from postoffice.delivery.resolver import DnsError, DnsResolver, StaticResolver
-from tests.support.peers import Dnsmasq, free_port
+from tests.support.peers import Dnsmasq
+from tests.support.ports import free_port
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ from postoffice.delivery.resolver import StaticResolver
 from postoffice.mail.address import Address
 from postoffice.storage.maildir import MaildirStore
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
-from tests.support.peers import ScriptedMta, free_port
+from tests.support.peers import ScriptedMta
+from tests.support.ports import free_port
 
 ALICE = Address("alice", "example.test")
 

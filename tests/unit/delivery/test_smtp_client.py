@@ -13,7 +13,8 @@ from postoffice.delivery.remote import client_tls_context
 from postoffice.delivery.smtp_client import ClientTimeouts, SmtpClient, SmtpConnectionError
 from postoffice.mail.address import Address
 from postoffice.net.tls import ensure_self_signed, server_context
-from tests.support.peers import ScriptedMta, free_port
+from tests.support.peers import ScriptedMta
+from tests.support.ports import free_port
 
 ALICE = Address("alice", "example.test")
 BOB = Address("bob", "remote.test")
