@@ -1,4 +1,5 @@
-"""The POP3 session's pieces that need no socket: read-ahead, RETR answered at once."""
+"""The POP3 session: its pieces that need no socket (read-ahead, RETR answered
+at once), and whole sessions over a socket pair."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from postoffice.net.pop3_session import Pop3Session, _read_wire
 from postoffice.protocol.pop3 import NEED_DATA, State, wire_form
 from postoffice.storage.maildir import ensure_maildir
 from postoffice.storage.pop3_mailbox import Pop3Mailbox
+from tests.support.helpers import ALICE, ALICE_PW
+from tests.support.inprocess import pop3_client, run, running_services, smtp_client, stored
 
 
 def test_read_ahead_gives_the_wire_form_or_none_when_the_size_is_off(tmp_path: Path) -> None:
@@ -146,3 +149,52 @@ def test_no_answer_at_once_when_deleted_backlogged_or_outside_transaction(
         assert session._answer_at_once(b"RETR 3\r\n")
     finally:
         box.close()
+
+
+# --- a whole session over a socket pair (tests/support/inprocess.py) ------------------
+
+
+def test_a_session_logs_in_retrieves_and_deletes_over_stls(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_services(tmp_path) as services:
+            async with smtp_client(services) as smtp:
+                assert (await smtp.reply())[0] == 220
+                await smtp.send(
+                    b"HELO client.test\r\nMAIL FROM:<x@remote.test>\r\n"
+                    b"RCPT TO:<alice@example.test>\r\nDATA\r\n"
+                )
+                assert [(await smtp.reply())[0] for _ in range(4)] == [250, 250, 250, 354]
+                await smtp.send(
+                    b"Subject: s\r\n\r\n..leading dot\r\n.\r\n"
+                )  # stored: ".leading dot"
+                assert (await smtp.reply())[0] == 250
+            async with pop3_client(services) as pop:
+                assert (await pop.reply()).startswith("+OK")
+                assert (await pop.cmd(f"USER {ALICE}")).startswith("-ERR [AUTH]")  # no TLS yet
+                assert await pop.cmd("STLS") == "+OK Begin TLS negotiation"
+                await pop.starttls()
+                assert (await pop.cmd(f"USER {ALICE}")).startswith("+OK")
+                assert (await pop.cmd(f"PASS {ALICE_PW}")).startswith("+OK")
+                content = stored(services, ALICE)[0].read_bytes()
+                octets = len(content) + content.count(b"\n")  # as CRLF (RFC 1939 §5)
+                assert await pop.cmd("STAT") == f"+OK 1 {octets}"
+                assert (await pop.cmd("RETR 1")).startswith("+OK")
+                body = await pop.multiline()
+                assert body.endswith(b"\r\n\r\n..leading dot\r\n")  # stuffed (RFC 1939 §3)
+                assert (await pop.cmd("DELE 1")).startswith("+OK")
+                assert (await pop.cmd("QUIT")).startswith("+OK")
+                assert await pop.closed()
+            assert not stored(services, ALICE) and not stored(services, ALICE, "cur")
+
+    run(main())
+
+
+def test_a_command_pipelined_behind_stls_closes_the_session(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_services(tmp_path) as services, pop3_client(services) as pop:
+            assert (await pop.reply()).startswith("+OK")
+            await pop.send(b"STLS\r\nUSER alice@example.test\r\n")
+            assert await pop.reply() == "-ERR Nothing may follow STLS before the handshake"
+            assert await pop.closed()  # RFC 2595 §4
+
+    run(main())
