@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs, then run all of it.
-#   bash scripts/test.sh            # the whole suite
-#   bash scripts/test.sh -m abuse   # extra arguments go to pytest
+#   bash scripts/test.sh                       # the whole suite (a plain `pytest`
+#                                              # runs only the unit and integration tiers)
+#   bash scripts/test.sh -m abuse              # extra arguments go to pytest
+#   bash scripts/test.sh tests/interop/test_postfix.py   # given paths replace tests/
 # System packages (real peers and clients the tests talk to) are installed
 # with apt-get when running as root or with passwordless sudo.
 #
@@ -61,4 +63,13 @@ fi
 
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test,fast]'
-exec "$PYTHON" -m pytest "$@"
+# pyproject's testpaths are the fast tiers: name tests/ (every tier) unless
+# the arguments name test paths themselves.
+paths=(tests)
+for arg in "$@"; do
+  if [[ $arg != -* && -e ${arg%%::*} ]]; then
+    paths=()
+    break
+  fi
+done
+exec "$PYTHON" -m pytest "${paths[@]}" "$@"
