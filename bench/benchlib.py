@@ -333,7 +333,10 @@ class Postoffice:
 
     def cli(self, *args: str, stdin: str | None = None) -> None:
         cmd = (sys.executable, "-m", "postoffice", "-c", str(self.config), *args)
-        subprocess.run(cmd, input=stdin, text=True, check=True, capture_output=True, timeout=120)
+        env = {**os.environ, **self.env}
+        subprocess.run(
+            cmd, input=stdin, text=True, check=True, capture_output=True, timeout=120, env=env
+        )
 
     def add_user(self, user: str = USER) -> None:
         if not (self.root / "data").is_dir():
@@ -373,6 +376,81 @@ class Postoffice:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def source_tree(path: Path) -> Path:
+    """The directory that holds the ``postoffice`` package of a checkout:
+    ``path`` itself or its ``src/``."""
+    for candidate in (path, path / "src"):
+        if (candidate / "postoffice" / "__main__.py").is_file():
+            return candidate.resolve()
+    raise SystemExit(f"no postoffice package in {path} or {path / 'src'}")
+
+
+@dataclass
+class PostofficeAnchor:
+    """A second postoffice, run from another source tree (``PYTHONPATH``
+    wins over the venv's editable install, and its smtp and DKIM worker
+    processes inherit it), in the anchor's place: ``run.py --against SRC``
+    measures this tree against that one, alternating, as against Postfix
+    and Dovecot.  Exposes what the SMTP and POP3 workloads use of Anchor."""
+
+    server: Postoffice
+    label: str = "baseline"
+    owner: str = "nobody-postoffice-bench"  # pop3_bench.fill: as for the postoffice under test
+
+    @classmethod
+    def from_tree(cls, src: Path, smarthost_port: int) -> PostofficeAnchor:
+        return cls(Postoffice(smarthost_port, env={"PYTHONPATH": str(source_tree(src))}))
+
+    @property
+    def smtp_label(self) -> str:
+        return self.label
+
+    @property
+    def pop3_label(self) -> str:
+        return self.label
+
+    @property
+    def smtp_port(self) -> int:
+        return self.server.ports["smtp"]
+
+    @property
+    def pop3_port(self) -> int:
+        return self.server.ports["pop3"]
+
+    @property
+    def pop3s_port(self) -> int:
+        return self.server.ports["pop3s"]
+
+    @property
+    def maildir(self) -> Path:
+        return self.server.maildir
+
+    @property
+    def postfix_pid(self) -> int | None:
+        return self.server.pid
+
+    @property
+    def dovecot_pid(self) -> int | None:
+        return self.server.pid
+
+    def smtp_up(self) -> bool:
+        return self.server.pid is not None
+
+    def pop3_up(self) -> bool:
+        return self.server.pid is not None
+
+    def drain(self) -> None:
+        """Nothing queues: the load's mail is local."""
+
+    def empty_load(self) -> None:
+        empty_maildir(self.maildir)
+
+    def before_smtp(self) -> None:
+        """As for the postoffice under test (run.py: smtp_workloads)."""
+        empty_maildir(self.maildir)
+        sync()
+
+
 # --- the anchor stack (Postfix + Dovecot, ../shared/bench) ---------------------------------
 @dataclass
 class Anchor:
@@ -381,6 +459,9 @@ class Anchor:
     smtp_port: int = 10025
     pop3_port: int = 10110
     pop3s_port: int = 10995
+    smtp_label: str = "postfix"
+    pop3_label: str = "dovecot"
+    owner: str = "vmail"  # of the anchor's Maildirs (pop3_bench.fill)
 
     @property
     def maildir(self) -> Path:
@@ -410,6 +491,11 @@ class Anchor:
             timeout=200,
             check=True,
         )
+
+    def before_smtp(self) -> None:
+        self.drain()
+        self.empty_load()
+        time.sleep(0.5)
 
 
 @dataclass

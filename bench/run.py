@@ -3,7 +3,7 @@
 
     python bench/run.py [--runs 3] [--only smtp,relay,pop3,login,idle] [--quick]
                         [--anchor auto|up|no] [--bench-dir ../shared/bench]
-                        [--json results.jsonl]
+                        [--json results.jsonl] [--against SRC]
 
 What it does:
 
@@ -45,6 +45,11 @@ What it does:
 5. Prints one Markdown table: median [min-max] per server, the median of the
    pairwise ratios, server CPU seconds per run (the whole process tree,
    including exited workers) and peak resident memory of the tree.
+
+``--against SRC`` measures this tree against another: a second postoffice,
+run from the source tree SRC (a checkout or its ``src/``), takes the
+anchor's place in the same alternation (smtp and pop3 only); the ratios are
+this tree / that tree, so a change's before and after come from one run.
 
 ``--quick`` divides message counts by 5 (a smoke run; not for the record).
 Loopback only; every process started here is stopped by its PID.
@@ -101,7 +106,7 @@ class Row:
 class Side:
     """One server under one workload: how to reach it and how to measure it."""
 
-    label: str  # "postoffice" / "postfix" / "dovecot"
+    label: str  # "postoffice" / "postfix" / "dovecot" / "baseline" (--against)
     pid: Callable[[], bl.Roots | None]
     pre: Callable[[], None] = lambda: None
 
@@ -111,12 +116,16 @@ class Context:
     args: argparse.Namespace
     bench: Path
     po: bl.Postoffice
-    anchor: bl.Anchor | None
+    anchor: bl.Anchor | bl.PostofficeAnchor | None
     relay: bl.RelayAnchor | None
     rows: list[Row] = field(default_factory=list)
 
     def scale(self, n: int) -> int:
         return max(1, n // 5) if self.args.quick else n
+
+    def target(self, against_anchor: str) -> str:
+        """The row's target: against the anchor stack, or the A/B gate (--against)."""
+        return "≥ 0.95" if self.args.against else against_anchor
 
 
 def measure(side: Side, run: Callable[[], tuple[float, str]]) -> tuple[float, float, float, str]:
@@ -217,27 +226,24 @@ def smtp_workloads(ctx: Context) -> None:
     have_anchor = anchor is not None and anchor.smtp_up()
     for name, sessions, messages, size, target in loads:
         messages = ctx.scale(messages)
-        row = Row(name, "msg/s", target)
+        row = Row(name, "msg/s", ctx.target(target))
         row.notes.append(
             f"postoffice with [limits] smtp_processes = 0: {os.cpu_count()} smtp processes"
-            " (one per CPU); Postfix forks an smtpd per session"
+            " (one per CPU); "
+            + ("the baseline alike" if ctx.args.against else "Postfix forks an smtpd per session")
         )
         po_side = Side(
             "postoffice", lambda: po.pid, lambda: (bl.empty_maildir(po.maildir), bl.sync())
         )
         other = None
         if have_anchor and anchor is not None:
-            pf_side = Side(
-                "postfix",
-                lambda: anchor.postfix_pid,
-                lambda: (anchor.drain(), anchor.empty_load(), time.sleep(0.5)),
-            )
+            pf_side = Side(anchor.smtp_label, lambda: anchor.postfix_pid, anchor.before_smtp)
             other = (
                 pf_side,
                 smtp_load(ctx, anchor.smtp_port, anchor.maildir, sessions, messages, size),
             )
         else:
-            row.notes.append("Postfix not running: postoffice alone")
+            row.notes.append("the anchor's SMTP is not running: postoffice alone")
         port = po.ports["smtp"]
         alternate(
             ctx, row, (po_side, smtp_load(ctx, port, po.maildir, sessions, messages, size)), other
@@ -327,16 +333,16 @@ def pop3_workloads(ctx: Context) -> None:
         pop3_bench.fill(ctx.bench, ctx.po.maildir, count, size, owner="nobody-postoffice-bench")
         if have_anchor and anchor is not None:
             bl.wait_quiet()
-            pop3_bench.fill(ctx.bench, anchor.maildir, count, size, owner="vmail")
+            pop3_bench.fill(ctx.bench, anchor.maildir, count, size, owner=anchor.owner)
         # A first (cold) session each: postoffice computes and caches CRLF sizes
         # of names without W=, Dovecot builds its index; not counted.
         cold = pop3_bench.load(ctx.bench, ctx.po.ports["pop3"], "plain", count)
         note = f"cold first session: postoffice {float(cold['msgs_per_s']):.0f} msg/s"
         if have_anchor and anchor is not None:
             cold = pop3_bench.load(ctx.bench, anchor.pop3_port, "plain", count)
-            note += f", Dovecot {float(cold['msgs_per_s']):.0f} msg/s"
+            note += f", {anchor.pop3_label} {float(cold['msgs_per_s']):.0f} msg/s"
         for variant in ("plain", "pop3s"):
-            row = Row(f"pop3-{tag}-{variant}", "msg/s", "≥ 1.0")
+            row = Row(f"pop3-{tag}-{variant}", "msg/s", ctx.target("≥ 1.0"))
             row.notes.append(note)
 
             def run_for(
@@ -353,9 +359,9 @@ def pop3_workloads(ctx: Context) -> None:
             other = None
             if have_anchor and anchor is not None:
                 a_port = anchor.pop3s_port if variant == "pop3s" else anchor.pop3_port
-                other = (Side("dovecot", lambda: anchor.dovecot_pid), run_for(a_port))
+                other = (Side(anchor.pop3_label, lambda: anchor.dovecot_pid), run_for(a_port))
             else:
-                row.notes.append("Dovecot not running: postoffice alone")
+                row.notes.append("the anchor's POP3 is not running: postoffice alone")
             alternate(ctx, row, (po_side, run_for(po_port)), other)
     bl.empty_maildir(ctx.po.maildir)
 
@@ -606,6 +612,19 @@ def stop_anchors(bench: Path, started: list[dict[str, str]]) -> None:
         )
 
 
+def imported_from(env: dict[str, str]) -> str:
+    """Where ``python -m postoffice`` with ``env`` takes the package from."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import postoffice; print(postoffice.__file__)"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return str(Path(out.stdout.strip()).parent)
+
+
 def find_bench(explicit: Path | None) -> Path:
     """The shared bench tools: ``--bench-dir``, else ``$POSTOFFICE_BENCH_DIR``, else
     ``shared/bench`` beside the repository (the steering checkout's layout)."""
@@ -631,13 +650,26 @@ def main() -> int:
     ap.add_argument("--bench-dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="append the rows as JSON lines")
     ap.add_argument("--keep", action="store_true", help="keep postoffice's temporary data")
+    ap.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        metavar="SRC",
+        help="in the anchor's place, a postoffice run from the source tree SRC (smtp, pop3)",
+    )
     args = ap.parse_args()
     groups = [g for g in args.only.split(",") if g]
     if not set(groups) <= set(GROUPS) or not 1 <= args.runs <= 15:
         ap.error(f"--only takes {', '.join(GROUPS)}; --runs 1..15")
+    if args.against is not None and set(groups) - {"smtp", "pop3"}:
+        ap.error("--against measures smtp and pop3 only (--only smtp,pop3)")
     bench = find_bench(args.bench_dir)
     anchors_started: list[dict[str, str]] = []
-    anchor, relay = ensure_anchor(bench, args.anchor, "relay" in groups, anchors_started)
+    anchor: bl.Anchor | bl.PostofficeAnchor | None
+    if args.against is not None:
+        anchor, relay = bl.PostofficeAnchor.from_tree(args.against, bl.free_port()), None
+    else:
+        anchor, relay = ensure_anchor(bench, args.anchor, "relay" in groups, anchors_started)
     sink_port = relay.sink_port if relay is not None else bl.free_port()
     idle_conns.raise_fd_limit(16_000)  # the server inherits it
     po = bl.Postoffice(smarthost_port=sink_port)
@@ -648,6 +680,13 @@ def main() -> int:
             po.add_user(user)
         po.start()
         print(f"postoffice pid {po.pid}, ports {po.ports}, data {po.root}", flush=True)
+        print(f"  runs {imported_from(po.env)}", flush=True)
+        if isinstance(anchor, bl.PostofficeAnchor):
+            other = anchor.server
+            other.add_user(bl.USER)
+            other.start()
+            print(f"{anchor.label} pid {other.pid}, ports {other.ports}, data {other.root}")
+            print(f"  runs {imported_from(other.env)}", flush=True)
         for group in GROUPS:
             if group not in groups:
                 continue
@@ -660,20 +699,27 @@ def main() -> int:
                 "idle": idle_workloads,
             }[group](ctx)
     finally:
-        po.stop()
-        if not args.keep:
-            po.remove()
+        servers = [po] + ([anchor.server] if isinstance(anchor, bl.PostofficeAnchor) else [])
+        for server in servers:
+            server.stop()
+            if not args.keep:
+                server.remove()
         stop_anchors(bench, anchors_started)
     print(
         f"\n{len(ctx.rows)} workloads, {args.runs} runs each, alternating; "
         f"{time.monotonic() - started:.0f} s; load average {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} CPUs; command: python bench/run.py {' '.join(sys.argv[1:])}\n"
     )
+    if isinstance(anchor, bl.PostofficeAnchor):
+        src = anchor.server.env["PYTHONPATH"]
+        print(f"anchor = {anchor.label}: postoffice from {src}; ratio = this tree / baseline\n")
     print(table(ctx.rows))
     if args.json:
         with open(args.json, "a") as fh:
             for r in ctx.rows:
-                fh.write(json.dumps({"time": time.time(), **asdict(r), "ratios": r.ratios}) + "\n")
+                extra = {"against": str(args.against)} if args.against else {}
+                record = {"time": time.time(), **asdict(r), "ratios": r.ratios, **extra}
+                fh.write(json.dumps(record) + "\n")
     return 1 if any(r.failed() for r in ctx.rows) else 0
 
 
