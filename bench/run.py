@@ -627,10 +627,12 @@ def imported_from(env: dict[str, str]) -> str:
 
 def find_bench(explicit: Path | None) -> Path:
     """The shared bench tools: ``--bench-dir``, else ``$POSTOFFICE_BENCH_DIR``, else
-    ``shared/bench`` beside the repository (the steering checkout's layout)."""
+    ``shared/bench`` beside the repository (the steering checkout's layout) or
+    beside the directory of worktrees it is in (``wt/<name>``)."""
     env = os.environ.get("POSTOFFICE_BENCH_DIR")
     default = REPO.parent / "shared" / "bench"
-    for cand in (explicit, Path(env) if env else None, default):
+    beside_worktrees = REPO.parent.parent / "shared" / "bench"
+    for cand in (explicit, Path(env) if env else None, default, beside_worktrees):
         if cand is not None and (cand / "smtp-load.sh").is_file():
             return cand
     raise SystemExit(
