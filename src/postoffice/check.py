@@ -11,6 +11,11 @@ It also tries each listen address (bind, then close: in use, or not an
 address of this machine, is what makes ``serve`` fail), and looks for
 files in the data dir that its owner, the user the server runs as, cannot
 use (made by root, say) and for broken Maildirs.
+
+Run as root on a data dir another user owns, what serve opens as root (the
+ports, the [tls] files, the [log] file) is checked first, as root; then the
+CLI becomes the data dir's owner (cli.py) and the data dir is checked as the
+user the server runs as there, so it sees what that user can use.
 """
 
 from __future__ import annotations

@@ -15,13 +15,16 @@ listen (facility "mail", tag ``postoffice[PID]``).  With a file or syslog set,
 nothing goes to standard error.  ``$POSTOFFICE_LOG_LEVEL`` overrides
 ``[log] level`` (one of LOG_LEVELS); a bad value is refused, not a traceback.
 
-Log calls run on the event loop, and every destination can block: a syslog
+Log calls run on the event loop, and a destination can block: a syslog
 reader that falls behind (a full datagram queue blocks ``send``), a file on a
-stuck disk, a standard error nobody reads.  So each destination is written by
-a thread of its own (``logging.handlers.QueueListener``) from a bounded queue
-(``QUEUE_LINES``): a log call only puts the record there.  When the queue is
-full the record is dropped and counted, and the count is logged as soon as
-that destination takes lines again; the server never waits for its log.
+stuck disk.  So the file and syslog are each written by a thread of their own
+(``logging.handlers.QueueListener``) from a bounded queue (``QUEUE_LINES``): a
+log call only puts the record there.  When the queue is full the record is
+dropped and counted, and the count is logged as soon as that destination
+takes lines again; the server never waits for them.  Standard error, the
+default, is written at once, in order with everything else the process
+prints there (a terminal, or a supervisor that reads it; for a server that
+must not wait on its log, set ``file`` or ``syslog``).
 """
 
 from __future__ import annotations
@@ -84,10 +87,6 @@ class _OneLineErrors(logging.Handler):
 
 
 class _Syslog(_OneLineErrors, logging.handlers.SysLogHandler):
-    pass
-
-
-class _Stderr(_OneLineErrors, logging.StreamHandler[TextIO]):
     pass
 
 
@@ -313,9 +312,9 @@ def configure(
         handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
         logs.handlers.append(_Destination(handler, f"[log] syslog {settings.syslog}", queue_lines))
     if logs.to_stderr:
-        handler = _Stderr(sys.stderr)
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(text)
-        logs.handlers.append(_Destination(handler, "standard error", queue_lines))
+        logs.handlers.append(handler)
     root = logging.getLogger()
     for old in list(root.handlers):  # a second configure (tests) replaces the first
         root.removeHandler(old)

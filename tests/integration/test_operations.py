@@ -545,9 +545,10 @@ def test_symlinks_the_owner_plants_give_root_nothing_away(service_dir: Path) -> 
         as_root(config, "user", "remove", BOB),
         as_root(config, "check"),
     ]
+    # Root's files kept their owners, modes and contents, and nothing was added.
+    assert {name: state(v) for name, v in victims.items()} == before
     for result in results:
         assert "Traceback" not in result.stderr, result.stderr
     assert [r.returncode for r in results[:3]] == [0, 0, 0]
     # The owner may not write there, so neither may the command: refused.
     assert results[4].returncode == 1 and "Permission denied" in results[4].stderr
-    assert {name: state(v) for name, v in victims.items()} == before
