@@ -235,16 +235,6 @@ def _announce(server: Server, smtp_processes: int = 1) -> None:
         )
         print(f"  {listener.name:<12} {where}{extra}", file=out)
         bound.append(f"{listener.name}={logfmt.field(where.replace(', ', ','))}")
-    # The log's own record of the start (stdout is often nowhere): one
-    # "started" for every "stopped".
-    log.info(
-        "started %s hostname=%s config=%s data_dir=%s smtp_processes=%d",
-        " ".join(bound),
-        s.hostname,
-        logfmt.field(s.source),
-        logfmt.field(s.data_dir),
-        smtp_processes,
-    )
     domains = sorted(set(s.domains) | set(server.services.accounts.list_domains()))
     print(f"  local domains: {', '.join(domains) or '(none)'}", file=out)
     if not server.services.accounts.list_users():
@@ -255,6 +245,16 @@ def _announce(server: Server, smtp_processes: int = 1) -> None:
             how, where = f"postoffice -c {os.path.abspath(s.source)}", ""
         print(f"No users yet. Add one with:  {how} user add you@{domain}{where}", file=out)
     out.flush()
+    # The log's own record of the start (stdout is often nowhere): one
+    # "started" for every "stopped", after the banner (which may share a file).
+    log.info(
+        "started %s hostname=%s config=%s data_dir=%s smtp_processes=%d",
+        " ".join(bound),
+        s.hostname,
+        logfmt.field(s.source),
+        logfmt.field(s.data_dir),
+        smtp_processes,
+    )
 
 
 def _on_sighup() -> None:
