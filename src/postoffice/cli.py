@@ -795,12 +795,11 @@ def _no_data_dir(args: argparse.Namespace, settings: Settings) -> int:
     for server in servers:
         print(f"  a server is running elsewhere: {server.describe()}", file=err)
         print(f"    to work on its data, {server.how_to_reach()}", file=err)
-    if not servers:
-        print(
-            "  Give the config of the data you mean with -c CONFIG (or $POSTOFFICE_CONFIG),"
-            " or run from the directory that holds it.",
-            file=err,
-        )
+    print(
+        "  Give the config of the data you mean with -c CONFIG (or $POSTOFFICE_CONFIG),"
+        " or run from the directory that holds it.",
+        file=err,
+    )
     given = getattr(args, "config", None)
     config = f" -c {given}" if given else ""
     print(f"  To make a new data directory there: postoffice{config} init", file=err)
