@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,3 +61,26 @@ def require_program():  # type: ignore[no-untyped-def]
         raise AssertionError("unreachable")
 
     return find
+
+
+@pytest.fixture
+def require_root() -> None:
+    """Tests that give files away or change users need root: outside CI they
+    skip without it; in CI (run as root) its absence is a failure."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("this test needs root, and CI runs as root")
+        pytest.skip("needs root")
+
+
+@pytest.fixture
+def service_dir(require_root: None) -> Iterator[Path]:
+    """A directory a service user (nobody) can reach, unlike pytest's
+    tmp_path under a root-only /tmp/pytest-of-root: for data directories
+    that belong to such a user.  Removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="postoffice-service-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from postoffice import logfmt
+from postoffice.check import first_unbindable
 from postoffice.config.settings import ListenAddress, Settings
 from postoffice.datadir import DataDirBusy, ServeLock
 from postoffice.delivery.outbound import QueueHandoff, build_outbound
@@ -223,6 +225,7 @@ def _announce(server: Server, smtp_processes: int = 1) -> None:
     s = server.services.settings
     out = sys.stdout
     print(f"postoffice {s.hostname}: config {s.source}, data in {s.data_dir}", file=out)
+    bound: list[str] = []
     for listener in server.listeners:
         where = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in listener.bound)
         extra = (
@@ -231,6 +234,7 @@ def _announce(server: Server, smtp_processes: int = 1) -> None:
             else ""
         )
         print(f"  {listener.name:<12} {where}{extra}", file=out)
+        bound.append(f"{listener.name}={logfmt.field(where.replace(', ', ','))}")
     domains = sorted(set(s.domains) | set(server.services.accounts.list_domains()))
     print(f"  local domains: {', '.join(domains) or '(none)'}", file=out)
     if not server.services.accounts.list_users():
@@ -241,6 +245,16 @@ def _announce(server: Server, smtp_processes: int = 1) -> None:
             how, where = f"postoffice -c {os.path.abspath(s.source)}", ""
         print(f"No users yet. Add one with:  {how} user add you@{domain}{where}", file=out)
     out.flush()
+    # The log's own record of the start (stdout is often nowhere): one
+    # "started" for every "stopped", after the banner (which may share a file).
+    log.info(
+        "started %s hostname=%s config=%s data_dir=%s smtp_processes=%d",
+        " ".join(bound),
+        s.hostname,
+        logfmt.field(s.source),
+        logfmt.field(s.data_dir),
+        smtp_processes,
+    )
 
 
 def _on_sighup() -> None:
@@ -356,6 +370,15 @@ def serve(settings: Settings) -> int:
     except LogSetupError as exc:
         print(f"postoffice: {exc}", file=sys.stderr)
         return 2
+    if not settings.data_dir.exists():
+        # Nothing is made yet: a listener that cannot bind (a port in use, an
+        # address this machine does not have) fails the start here, not after
+        # a data directory, accounts database and certificate were made for it.
+        unbindable = first_unbindable(settings)
+        if unbindable:
+            logs.fatal(f"cannot listen: {unbindable}")
+            logs.close()
+            return 1
     try:
         lock = ServeLock.acquire(settings.data_dir)
     except (DataDirBusy, OSError) as exc:

@@ -11,6 +11,11 @@ It also tries each listen address (bind, then close: in use, or not an
 address of this machine, is what makes ``serve`` fail), and looks for
 files in the data dir that its owner, the user the server runs as, cannot
 use (made by root, say) and for broken Maildirs.
+
+Run as root on a data dir another user owns, what serve opens as root (the
+ports, the [tls] files, the [log] file) is checked first, as root; then the
+CLI becomes the data dir's owner (cli.py) and the data dir is checked as the
+user the server runs as there, so it sees what that user can use.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import socket
 import ssl
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from postoffice.config.settings import ListenAddress, Settings
@@ -130,10 +136,15 @@ def _servers_elsewhere(data_dir: Path) -> list[str]:
     return [f"note: a server is running elsewhere: {s.describe()}" for s in running_servers()]
 
 
-def _check_tls(settings: Settings) -> tuple[list[str], list[str]]:
-    """(problems, notes) about the certificate the server would use."""
+def _check_tls(settings: Settings, configured: bool) -> tuple[list[str], list[str]]:
+    """(problems, notes) about the certificate the server would use: the
+    [tls] files (``configured``), else the self-signed pair in the data dir."""
     if settings.tls.cert and settings.tls.key:
+        if not configured:
+            return [], []
         cert, key = settings.tls.cert, settings.tls.key
+    elif configured:
+        return [], []
     else:
         cert, key = settings.tls_dir / CERT_NAME, settings.tls_dir / KEY_NAME
         if not (cert.is_file() and key.is_file()):
@@ -196,7 +207,7 @@ def _check_listeners(settings: Settings) -> tuple[list[str], list[str]]:
             " taken to be its own"
         )
     for name, address in named:
-        reason = _try_bind(address)
+        reason = try_bind(address)
         if reason is None:
             continue
         code, text = reason
@@ -215,7 +226,18 @@ def _check_listeners(settings: Settings) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def _try_bind(address: ListenAddress) -> tuple[int, str] | None:
+def first_unbindable(settings: Settings) -> str | None:
+    """The first listen address that cannot be bound, as serve says it
+    ("pop3s listener on 127.0.0.1:995: Address already in use"); None."""
+    for name in _LISTENERS:
+        for address in getattr(settings.listen, name):
+            failed = try_bind(address)
+            if failed is not None:
+                return f"{name} listener on {address}: {failed[1]}"
+    return None
+
+
+def try_bind(address: ListenAddress) -> tuple[int, str] | None:
     """Bind (as serve would, SO_REUSEADDR) and close; None or (errno, reason)."""
     try:
         infos = socket.getaddrinfo(
@@ -236,13 +258,24 @@ def _try_bind(address: ListenAddress) -> tuple[int, str] | None:
     return None
 
 
-def problems_and_notes(settings: Settings) -> tuple[list[str], list[str]]:
+def problems_and_notes(
+    settings: Settings, become_owner: Callable[[], None] = lambda: None
+) -> tuple[list[str], list[str]]:
+    """Everything ``check`` reports.  What serve opens as root (ports, [tls]
+    files, the [log] file) is checked first; then ``become_owner`` (the CLI
+    run as root on the service user's data dir becomes that user), then the
+    data dir, as the user who runs the server there."""
+    logs = log_problems(settings.log)
+    listeners = _check_listeners(settings)
+    configured_tls = _check_tls(settings, configured=True)
+    become_owner()
     problems = _check_data_dir(settings.data_dir) + check_ownership(settings.data_dir)
-    problems += log_problems(settings.log)
+    problems += logs
     notes: list[str] = _servers_elsewhere(settings.data_dir)
     for more_problems, more_notes in (
-        _check_listeners(settings),
-        _check_tls(settings),
+        listeners,
+        configured_tls,
+        _check_tls(settings, configured=False),
         _check_accounts(settings),
     ):
         problems += more_problems
@@ -250,9 +283,9 @@ def problems_and_notes(settings: Settings) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def run_check(settings: Settings) -> int:
+def run_check(settings: Settings, become_owner: Callable[[], None] = lambda: None) -> int:
     """Print the result; 0 when the server can start, 1 with each problem otherwise."""
-    problems, notes = problems_and_notes(settings)
+    problems, notes = problems_and_notes(settings, become_owner)
     print(f"config: {settings.source}")
     for note in notes:
         print(f"  {note}")

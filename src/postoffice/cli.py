@@ -9,15 +9,23 @@ under the same contract, when that module is installed.
 
 Every parser (the queue's too) is a ``_Parser``, which adds ``-c/--config``
 to itself, so ``postoffice -c X user list`` and ``postoffice user list -c X``
-both work.  Exit status: 0 ok, 1 refused or failed, 2 usage or config error.
+both work.  Exit status: 0 ok, 1 refused or failed, 2 usage or config error,
+141 the reader of the output went away (``| head``).
 
 Only ``serve`` and ``init`` make a data directory; every other command whose
 data directory does not exist is refused, saying which config it found (and
 how), and which servers run on this machine where (datadir.py): the usual
-cause is a command run from another directory than the server's.  Run as
-root on a data directory that belongs to another user, what a command made
-is given to that user afterwards (``Owner.sweep``, and ``user add`` for its
-Maildir).
+cause is a command run from another directory than the server's.
+
+Run as root on a data directory that belongs to another user (the service
+user), every command but ``serve`` becomes that user (``Owner.become``) right
+after the config is loaded, before it touches the data directory: what it
+makes is that user's, and whatever that user put in the directory (a symlink
+to /etc, say) cannot make root act for it.  What only root can read outside
+the data directory (the config file, a [tls] certificate or key, the ports
+``check`` binds) is read first.  Run as root, a config file owned by anyone
+but root (or the sudo user), or writable by others, is refused: it decides
+where root writes.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from postoffice.config.settings import (
     config_origin,
     find_config,
     load_settings,
+    trusted_config_owners,
 )
 from postoffice.datadir import Owner, running_servers
 from postoffice.mail.address import (
@@ -79,6 +88,9 @@ class _Parser(argparse.ArgumentParser):
         self.add_argument(
             "-c", "--config", metavar="PATH", default=argparse.SUPPRESS, help=CONFIG_HELP
         )
+        # The innermost parser's default wins: every command knows its name,
+        # those of groups added by other modules (queue) too.
+        self.set_defaults(command=self.prog)
 
 
 def _group(subparsers: Subparsers, name: str, summary: str, epilog: str) -> Subparsers:
@@ -103,7 +115,7 @@ def _leaf(
     parser: argparse.ArgumentParser = subparsers.add_parser(
         name, help=summary, description=summary, epilog=epilog
     )
-    parser.set_defaults(handler=handler, needs_data_dir=needs_data_dir, command=parser.prog)
+    parser.set_defaults(handler=handler, needs_data_dir=needs_data_dir)
     return parser
 
 
@@ -166,7 +178,7 @@ def _hash(password: str) -> str:
 
 # --- user -----------------------------------------------------------------------------
 def _user_add(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.storage.maildir import SUBDIRS, ensure_maildir, mailbox_path
+    from postoffice.storage.maildir import ensure_maildir, mailbox_path
     from postoffice.storage.retired import messages_in
 
     address = parse_mailbox(args.address)
@@ -194,9 +206,6 @@ def _user_add(args: argparse.Namespace, settings: Settings) -> int:
         store.add_user(address, _hash(password))
     try:
         ensure_maildir(maildir)
-        Owner.of(settings.data_dir).hand_over(
-            [maildir.parent, maildir, *(maildir / sub for sub in SUBDIRS)]
-        )
     except OSError as exc:
         print(f"added user {address}", file=sys.stdout)
         print(
@@ -251,7 +260,6 @@ def _user_remove(args: argparse.Namespace, settings: Settings) -> int:
         print(f"deleted its Maildir {maildir}")
     else:
         moved = retired.move_aside(settings.data_dir, maildir)
-        Owner.of(settings.data_dir).hand_over([moved.parent.parent, moved.parent])
         print(f"moved its Maildir to {moved} (delete it when it is no longer needed)")
     return 0
 
@@ -310,7 +318,7 @@ def _add_user_parser(subparsers: Subparsers) -> None:
         "manage mailboxes (users who receive mail and log in over POP3 and submission)",
         "examples:\n"
         "  postoffice user add alice@example.test\n"
-        "  echo 'secret' | postoffice user add alice@example.test --password-stdin\n"
+        "  echo 'correct-horse-battery' | postoffice user add alice@example.test --password-stdin\n"
         "  postoffice user passwd alice@example.test\n"
         "  postoffice user quota alice@example.test 500M\n"
         "  postoffice user list\n",
@@ -415,8 +423,10 @@ def _domain_list(args: argparse.Namespace, settings: Settings) -> int:
     if settings.accounts_db.exists():
         with closing(_store(settings)) as store:
             stored = store.list_domains()
+    # Domains that come with the config: from its file, or the built-in default.
+    origin = "(built-in default)" if settings.source.startswith("<") else "(config file)"
     for name in sorted(set(stored) | set(settings.domains)):
-        print(f"{name}  (config file)" if name in settings.domains else name)
+        print(f"{name}  {origin}" if name in settings.domains else name)
     return 0
 
 
@@ -532,7 +542,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _check(args: argparse.Namespace, settings: Settings) -> int:
     from postoffice.check import run_check
 
-    return run_check(settings)
+    # Ports and [tls] files as root (serve opens them as root), the data dir as its owner.
+    return run_check(settings, become_owner=lambda: _become_owner(settings))
 
 
 def _init(args: argparse.Namespace, settings: Settings) -> int:
@@ -700,8 +711,11 @@ def _add_dkim_parser(subparsers: Subparsers) -> None:
 
 
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.doctor import run_doctor
+    from postoffice.doctor import check_certificate, run_doctor
 
+    # A [tls] certificate may be readable by root only (serve reads it as root).
+    certificate = check_certificate(settings) if settings.tls.cert else None
+    _become_owner(settings)
     if args.domain:
         domains = [normalise_domain(args.domain.strip())]
     else:
@@ -710,7 +724,7 @@ def _doctor(args: argparse.Namespace, settings: Settings) -> int:
             with closing(_store(settings)) as store:
                 stored = store.list_domains()
         domains = sorted(set(settings.domains) | set(stored))
-    return run_doctor(settings, domains)
+    return run_doctor(settings, domains, certificate=certificate)
 
 
 def _add_doctor_parser(subparsers: Subparsers) -> None:
@@ -765,7 +779,7 @@ def _no_data_dir(args: argparse.Namespace, settings: Settings) -> int:
     """Refuse a command run against a data directory that does not exist, and
     help find the right one."""
     data_dir = settings.data_dir.absolute()
-    command = getattr(args, "command", "this command")
+    command = args.command
     err = sys.stderr
     problem = "is not a directory" if data_dir.exists() else "does not exist"
     print(
@@ -780,18 +794,12 @@ def _no_data_dir(args: argparse.Namespace, settings: Settings) -> int:
     servers = running_servers()  # none of them on ours: it does not exist
     for server in servers:
         print(f"  a server is running elsewhere: {server.describe()}", file=err)
-    if servers:
-        print(
-            "  To work on that server's data, give its config: postoffice -c CONFIG ..."
-            " (or set $POSTOFFICE_CONFIG), or run from the directory it was started in.",
-            file=err,
-        )
-    else:
-        print(
-            "  Give the config of the data you mean with -c CONFIG (or $POSTOFFICE_CONFIG),"
-            " or run from the directory that holds it.",
-            file=err,
-        )
+        print(f"    to work on its data, {server.how_to_reach()}", file=err)
+    print(
+        "  Give the config of the data you mean with -c CONFIG (or $POSTOFFICE_CONFIG),"
+        " or run from the directory that holds it.",
+        file=err,
+    )
     given = getattr(args, "config", None)
     config = f" -c {given}" if given else ""
     print(f"  To make a new data directory there: postoffice{config} init", file=err)
@@ -812,6 +820,55 @@ def _os_error(exc: OSError, settings: Settings) -> str:
     return line
 
 
+class _Refused(Exception):
+    """A command cannot go on; ``str()`` is the line users see."""
+
+
+# Imported before root becomes the data directory's owner: the commands import
+# them lazily, and the owner may not be able to read the Python installation
+# (a server running as that user can; one under /root, say, cannot).
+_BEFORE_BECOMING_OWNER = (
+    "postoffice.check",
+    "postoffice.doctor",
+    "postoffice.delivery.queue_cli",
+    "postoffice.policy.auth",
+    "postoffice.policy.dkim_keys",
+    "postoffice.policy.passwords",
+    "postoffice.storage.maildir",
+    "postoffice.storage.quota",
+    "postoffice.storage.retired",
+    # dnspython imports a record type's module when it first meets one.
+    *(f"dns.rdtypes.IN.{t}" for t in ("A", "AAAA")),
+    *(f"dns.rdtypes.ANY.{t}" for t in ("MX", "NS", "PTR", "TXT", "CNAME", "SOA")),
+)
+
+
+def _become_owner(settings: Settings) -> None:
+    """Run as root on another user's data directory: become that user for the
+    rest of the command (see the module doc); else nothing."""
+    owner = Owner.to_become(settings.data_dir)
+    if owner is None:
+        return
+    for name in _BEFORE_BECOMING_OWNER:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    owner.become()
+    if not os.access(settings.data_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise _Refused(
+            f"the data directory {settings.data_dir} belongs to {owner.name}, who cannot reach"
+            " it (nor can a server running as that user): let it into the directories above"
+        )
+
+
+def _quietly_closed_stdout() -> int:
+    """Our reader went away (``| head``): stop without a word, as commands
+    killed by SIGPIPE do."""
+    with contextlib.suppress(OSError):
+        # The interpreter flushes stdout once more at exit: let that go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # what a shell shows for a command ended by SIGPIPE (128 + 13)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler | None = args.handler
@@ -821,24 +878,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Warnings of the stores (e.g. an alias member that is gone), as our own lines.
     logging.basicConfig(level=logging.WARNING, format="postoffice: %(message)s")
     try:
-        settings = load_settings(find_config(getattr(args, "config", None)))
+        settings = load_settings(
+            find_config(getattr(args, "config", None)), trusted_owners=trusted_config_owners()
+        )
     except ConfigError as exc:
         print(f"postoffice: {exc}", file=sys.stderr)  # "<file>: <key>: <reason>"
         return 2
     if getattr(args, "needs_data_dir", True) and not settings.data_dir.is_dir():
         return _no_data_dir(args, settings)
     try:
-        return handler(args, settings)
-    except (AccountError, AddressError) as exc:
+        # serve stays as it is started ([run] drops root, once it exists);
+        # check and doctor read what needs root first, then call _become_owner.
+        if handler not in (_serve, _check, _doctor):
+            _become_owner(settings)
+        code = handler(args, settings)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except (AccountError, AddressError, _Refused) as exc:
         print(f"postoffice: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return _quietly_closed_stdout()
     except OSError as exc:  # e.g. the data dir cannot be created
         print(_os_error(exc, settings), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    finally:
-        if handler is not _serve and settings.data_dir.is_dir():
-            with contextlib.suppress(OSError):  # run as root: what we made is the owner's
-                Owner.of(settings.data_dir).sweep(settings.data_dir)

@@ -9,11 +9,14 @@ where the other servers on this machine keep theirs.
   the kernel drops it when the process dies, however it dies.  The file is
   left in place when the server stops (emptied): unlinking a lock file races
   with a server that has just opened it.
-* ``Owner``: whoever owns the data directory.  The CLI run as root hands the
-  files it makes (accounts database, Maildirs, DKIM keys, queue requests) to
-  that user, so a server running as that user can use them.  (Dropping to
-  that user instead would also need the Python installation to be readable
-  by it, and changes nothing a chown does not.)
+* ``Owner``: whoever owns the data directory.  The CLI run as root on a data
+  directory that belongs to another user (the one the server runs as) becomes
+  that user, uid, gid and groups, for the whole command, before it touches
+  anything in it (``Owner.become``).  Everything it makes is then that user's,
+  and a symlink the owner planted (``queue -> /etc``) leads root nowhere the
+  owner could not go itself.  (Handing root's files over afterwards with chown
+  cannot be made safe: every path below a directory the owner controls can be
+  swapped for a symlink between the check and the chown.)
 * ``running_servers``: the servers on this machine (processes holding the lock
   of a ``postoffice.pid``, from /proc/locks) and, where /proc lets us see it,
   the data directory each one serves: a command pointed at the wrong
@@ -28,8 +31,8 @@ import fcntl
 import grp
 import os
 import pwd
+import stat
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +63,19 @@ class ServeLock:
     def acquire(cls, data_dir: Path) -> ServeLock:
         """Create the data dir if needed and lock it; raise DataDirBusy or OSError."""
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: serve may run as root on a directory its service user
+        # owns; a postoffice.pid symlinked elsewhere must not be truncated.
+        # O_NONBLOCK: nor may a FIFO in its place hang the start.
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(data_dir / LOCK_NAME, flags, 0o644)
+        found = os.fstat(fd)
+        # A FIFO planted there, or a hard link to another file (where the
+        # kernel's protected_hardlinks is off): neither is ours to truncate.
+        if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+            os.close(fd)
+            raise OSError(
+                errno.EINVAL, "not a regular file of its own (a link?)", str(data_dir / LOCK_NAME)
+            )
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -100,7 +115,9 @@ def _holder_of(fd: int) -> int | None:
 def serving_pid(data_dir: Path) -> int | None:
     """The PID of the server running on ``data_dir``, or None.  Never takes the lock."""
     try:
-        fd = os.open(data_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+        # Non-blocking: a FIFO put in its place must not hang the command.
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(data_dir / LOCK_NAME, flags)
     except OSError:
         return None
     try:
@@ -141,37 +158,31 @@ class Owner:
         except KeyError:
             return str(self.gid)
 
-    @property
-    def needs_handing_over(self) -> bool:
-        """We are root and the directory is someone else's: what we create is ours."""
-        return os.geteuid() == 0 and self.uid != 0
+    @classmethod
+    def to_become(cls, data_dir: Path) -> Owner | None:
+        """The user a command run as root should become: the data directory's
+        owner when that is not root; None when we are not root or the directory
+        is root's or missing (``init`` makes it as root)."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            owner = cls.of(data_dir)
+        except OSError:
+            return None
+        return owner if owner.uid != 0 else None
 
-    def hand_over(self, paths: Iterable[Path]) -> None:
-        """Give ``paths`` (those that exist) to the owner, when run as root."""
-        if not self.needs_handing_over:
-            return
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.chown(path, self.uid, self.gid, follow_symlinks=False)
-
-    def sweep(self, data_dir: Path) -> None:
-        """After a command run as root: hand over what it made where commands
-        make things (the data dir's top level, mail/<domain>, queue/, the DKIM
-        keys).  Only root's own entries: files deliberately given to someone
-        else stay theirs.  A new Maildir is handed over by ``user add`` itself."""
-        if not self.needs_handing_over:
-            return
-        paths: list[Path] = []
-        for directory in (data_dir, data_dir / "mail", data_dir / "queue"):
-            with contextlib.suppress(OSError):
-                paths += [directory / name for name in os.listdir(directory)]
-        for top, dirs, files in os.walk(data_dir / "dkim"):
-            paths += [Path(top, name) for name in (*dirs, *files)]
-        mine = os.geteuid()
-        for path in paths:
-            with contextlib.suppress(OSError):
-                if os.lstat(path).st_uid == mine:
-                    os.chown(path, self.uid, self.gid, follow_symlinks=False)
+    def become(self) -> None:
+        """Drop root for good: the owner's groups, gid and uid (real, effective
+        and saved, so nothing can take root back).  The group is the data
+        directory's; the supplementary groups are the owner's own, as a login
+        would have them."""
+        try:
+            groups = os.getgrouplist(pwd.getpwuid(self.uid).pw_name, self.gid)
+        except KeyError:  # a uid with no passwd entry
+            groups = [self.gid]
+        os.setgroups(groups)
+        os.setresgid(self.gid, self.gid, self.gid)
+        os.setresuid(self.uid, self.uid, self.uid)
 
 
 # --- the servers on this machine ------------------------------------------------------------
@@ -187,6 +198,33 @@ class RunningServer:
         started = f"`{self.command}`" + (f" in {self.cwd}" if self.cwd else "")
         hidden = "" if self.data_dir else " (run this as root or as its user to see which)"
         return f"pid {self.pid} serves {where}{hidden}, started as {started}"
+
+    def config_option(self) -> str | None:
+        """The config it was started with (``-c``/``--config``), in full; None without."""
+        args = self.command.split(" ")
+        for i, arg in enumerate(args):
+            value = None
+            if arg in ("-c", "--config") and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith("--config="):
+                value = arg.removeprefix("--config=")
+            elif arg.startswith("-c") and len(arg) > 2 and not arg.startswith("--"):
+                value = arg[2:]
+            if value:
+                return str(self.cwd / value) if self.cwd else value
+        return None
+
+    def how_to_reach(self) -> str:
+        """How to point a command at this server's data, in words."""
+        config = self.config_option()
+        if config:
+            return f"give it its config: postoffice -c {config} ..."
+        where = f"{self.cwd}" if self.cwd else "the directory it was started in"
+        # No config file to name (the built-in defaults, say): -c cannot help.
+        return (
+            f"it was started without -c: run the command in {where}, as it was (from there"
+            " it finds the same config, or the same built-in defaults and ./postoffice-data)"
+        )
 
 
 def running_servers(proc: Path = Path("/proc")) -> list[RunningServer]:

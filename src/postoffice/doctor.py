@@ -84,8 +84,15 @@ def _txt(text: str) -> str:
 
 
 class Doctor:
-    def __init__(self, settings: Settings, resolver: DnsResolver, domains: Sequence[str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        resolver: DnsResolver,
+        domains: Sequence[str],
+        certificate: list[Finding] | None = None,
+    ) -> None:
         self.settings = settings
+        self.certificate = certificate  # checked already (as root), else here
         self.domains = list(domains)
         self.r = resolver
         self.hostname = settings.hostname
@@ -114,7 +121,7 @@ class Doctor:
             findings.append(await self._ptr(ip))
         if host not in self.domains:  # else the domain's own SPF check covers it
             findings.append(await self._helo_spf())
-        findings += check_certificate(self.settings)
+        findings += self.certificate or check_certificate(self.settings)
         findings += await check_listeners(self.settings)
         return Section(f"{host} (this server)", findings)
 
@@ -466,7 +473,11 @@ async def check_listeners(settings: Settings) -> list[Finding]:
 
 
 # --- the command ----------------------------------------------------------------------------------
-async def diagnose(settings: Settings, domains: Sequence[str]) -> list[Section]:
+async def diagnose(
+    settings: Settings, domains: Sequence[str], certificate: list[Finding] | None = None
+) -> list[Section]:
+    """``certificate``: check_certificate's findings, when they were made
+    before the CLI stopped being root."""
     dead = await DnsResolver(settings.relay.dns_servers, lifetime=PROBE_LIFETIME).unreachable()
     if dead:
         servers = ", ".join(str(s) for s in settings.relay.dns_servers) or "the system resolver"
@@ -477,12 +488,12 @@ async def diagnose(settings: Settings, domains: Sequence[str]) -> list[Section]:
                 f"does not answer ({dead}); no record was checked: fix [relay] dns_servers"
                 " (or /etc/resolv.conf), then run the doctor again",
             ),
-            *check_certificate(settings),
+            *(certificate or check_certificate(settings)),
             *await check_listeners(settings),
         ]
         return [Section(f"{settings.hostname} (this server)", findings)]
     resolver = DnsResolver(settings.relay.dns_servers, lifetime=LOOKUP_LIFETIME)
-    doctor = Doctor(settings, resolver, domains)
+    doctor = Doctor(settings, resolver, domains, certificate)
     sections = [await doctor.server()]
     for domain in domains:
         sections.append(await doctor.domain(domain))
@@ -502,7 +513,12 @@ def report(sections: Sequence[Section], out: TextIO) -> int:
     return bad
 
 
-def run_doctor(settings: Settings, domains: Sequence[str], out: TextIO = sys.stdout) -> int:
+def run_doctor(
+    settings: Settings,
+    domains: Sequence[str],
+    out: TextIO = sys.stdout,
+    certificate: list[Finding] | None = None,
+) -> int:
     servers = ", ".join(str(s) for s in settings.relay.dns_servers) or "the system resolver"
     print(
         f"postoffice doctor: {settings.hostname}, domains {', '.join(domains) or '(none)'};"
@@ -510,7 +526,7 @@ def run_doctor(settings: Settings, domains: Sequence[str], out: TextIO = sys.std
         file=out,
     )
     print("Each record as a zone-file line, then whether DNS has it right.", file=out)
-    bad = report(asyncio.run(diagnose(settings, domains)), out)
+    bad = report(asyncio.run(diagnose(settings, domains, certificate)), out)
     if bad:
         print(f"\n{bad} problem(s): publish or fix the records marked missing or wrong,", file=out)
         print("then run `postoffice doctor` again (DNS changes can take a while).", file=out)

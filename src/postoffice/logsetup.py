@@ -14,6 +14,17 @@ syslog``, a syslog socket such as /dev/log, where journald and rsyslog both
 listen (facility "mail", tag ``postoffice[PID]``).  With a file or syslog set,
 nothing goes to standard error.  ``$POSTOFFICE_LOG_LEVEL`` overrides
 ``[log] level`` (one of LOG_LEVELS); a bad value is refused, not a traceback.
+
+Log calls run on the event loop, and a destination can block: a syslog
+reader that falls behind (a full datagram queue blocks ``send``), a file on a
+stuck disk.  So the file and syslog are each written by a thread of their own
+(``logging.handlers.QueueListener``) from a bounded queue (``QUEUE_LINES``): a
+log call only puts the record there.  When the queue is full the record is
+dropped and counted, and the count is logged as soon as that destination
+takes lines again; the server never waits for them.  Standard error, the
+default, is written at once, in order with everything else the process
+prints there (a terminal, or a supervisor that reads it; for a server that
+must not wait on its log, set ``file`` or ``syslog``).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import datetime
 import logging
 import logging.handlers
 import os
+import queue
 import stat
 import sys
 import time
@@ -36,6 +48,8 @@ TEXT_FORMAT = "%(asctime)s postoffice[%(process)d]: %(levelname)s %(name)s: %(me
 # Syslog stamps the time itself; the tag "postoffice[PID]:" is what it files lines under.
 SYSLOG_FORMAT = "postoffice[%(process)d]: %(levelname)s %(name)s: %(message)s"
 ERROR_NOTE_SECONDS = 60.0
+QUEUE_LINES = 8192  # records waiting per destination; more are dropped (and counted)
+CLOSE_SECONDS = 5.0  # how long close() waits for a destination to take what waits
 
 
 _LEVELS = {
@@ -91,6 +105,117 @@ class _ReopenableFile(_OneLineErrors, logging.FileHandler):
             self.release()
 
 
+_REOPEN = logging.makeLogRecord({"msg": "reopen"})  # in a queue: reopen the file, in order
+
+
+class _Writer(logging.handlers.QueueListener):
+    """The thread that writes one destination's queue."""
+
+    def __init__(self, lines: queue.Queue[logging.LogRecord | None], target: logging.Handler):
+        super().__init__(lines, target)
+        self.lines = lines
+        self.target = target
+
+    def handle(self, record: logging.LogRecord) -> None:
+        if record is _REOPEN:
+            if isinstance(self.target, _ReopenableFile):
+                try:
+                    self.target.reopen()
+                except OSError as exc:  # said in the file it goes on writing to
+                    self.target.handle(
+                        logging.makeLogRecord(
+                            {
+                                "name": "postoffice",
+                                "levelno": logging.ERROR,
+                                "levelname": "ERROR",
+                                "msg": f"cannot reopen log file {self.target.baseFilename}:"
+                                f" {exc.strerror}; still writing to the old one",
+                            }
+                        )
+                    )
+            return
+        self.target.handle(record)
+
+    def stop_within(self, seconds: float) -> bool:
+        """Ask the thread to finish what waits, for at most ``seconds``: a
+        destination stuck for good must not hold the server's exit.  False if
+        the thread did not finish."""
+        thread, deadline = self._thread, time.monotonic() + seconds
+        if thread is None:
+            return True
+        with contextlib.suppress(queue.Full):
+            self.lines.put(None, timeout=seconds)  # QueueListener's sentinel
+        thread.join(max(0.0, deadline - time.monotonic()))
+        self._thread = None
+        return not thread.is_alive()
+
+
+class _Destination(logging.handlers.QueueHandler):
+    """One destination (``target``) behind a bounded queue and its writer
+    thread (see the module doc).  ``emit`` never blocks."""
+
+    def __init__(self, target: logging.Handler, name: str, size: int = QUEUE_LINES) -> None:
+        lines: queue.Queue[logging.LogRecord | None] = queue.Queue(size)
+        super().__init__(lines)
+        self.lines = lines
+        self.target = target
+        self.name = name
+        self.dropped = 0
+        self._reopen_waiting = False
+        self._writer = _Writer(lines, target)
+        self._writer.start()
+
+    def _put(self, record: logging.LogRecord) -> bool:
+        try:
+            self.lines.put_nowait(record)
+        except queue.Full:
+            return False
+        return True
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        # Handler.handle holds self.lock: one enqueue at a time.
+        if self._reopen_waiting:
+            self._reopen_waiting = not self._put(_REOPEN)
+        if self.dropped:
+            note = logging.makeLogRecord(
+                {
+                    "name": "postoffice.log",
+                    "levelno": logging.WARNING,
+                    "levelname": "WARNING",
+                    "msg": f"log dropped={self.dropped} lines: {self.name} did not take them"
+                    f" fast enough (at most {self.lines.maxsize} wait)",
+                }
+            )
+            if not self._put(note):
+                self.dropped += 1
+                return
+            self.dropped = 0
+        if not self._put(record):
+            self.dropped += 1
+
+    def reopen(self) -> None:
+        """Reopen the file after the lines queued so far (they belong in the old one)."""
+        self.acquire()  # the lock enqueue runs under
+        try:
+            if self._reopen_waiting or not self._put(_REOPEN):
+                self._reopen_waiting = True
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        if self._writer.stop_within(CLOSE_SECONDS):
+            self.target.close()
+        else:
+            left = self.lines.qsize() + self.dropped
+            with contextlib.suppress(OSError, ValueError):
+                print(
+                    f"postoffice: {left} log line(s) not written: {self.name} took none"
+                    f" for {CLOSE_SECONDS:.0f} s",
+                    file=sys.stderr,
+                )
+        super().close()
+
+
 def level_of(settings: LogSettings, environ: Mapping[str, str]) -> int:
     """The logging level: $POSTOFFICE_LOG_LEVEL if set, else ``[log] level``."""
     name = environ.get(LOG_LEVEL_ENV, "").strip().lower() or settings.level
@@ -139,16 +264,11 @@ class Logs:
     to_stderr: bool = True
 
     def reopen(self) -> None:
+        """Reopen the log files (SIGUSR1), each in its own writer thread,
+        after the lines already queued for it."""
         for handler in self.handlers:
-            if isinstance(handler, _ReopenableFile):
-                try:
-                    handler.reopen()
-                except OSError as exc:
-                    logging.getLogger("postoffice").error(
-                        "cannot reopen log file %s: %s; still writing to the old one",
-                        handler.baseFilename,
-                        exc.strerror,
-                    )
+            if isinstance(handler, _Destination) and isinstance(handler.target, _ReopenableFile):
+                handler.reopen()
 
     def fatal(self, message: str, err: TextIO | None = None) -> None:
         """Log why the server cannot run, and say it on stderr too if the log
@@ -165,8 +285,13 @@ class Logs:
         self.handlers = []
 
 
-def configure(settings: LogSettings, environ: Mapping[str, str] = os.environ) -> Logs:
-    """Send the root logger's records where ``[log]`` says; raise LogSetupError."""
+def configure(
+    settings: LogSettings,
+    environ: Mapping[str, str] = os.environ,
+    queue_lines: int = QUEUE_LINES,
+) -> Logs:
+    """Send the root logger's records where ``[log]`` says; raise LogSetupError.
+    ``queue_lines``: records that may wait per destination (tests make it small)."""
     level = level_of(settings, environ)
     logs = Logs(to_stderr=settings.file is None and not settings.syslog)
     text = _TextFormatter(TEXT_FORMAT)
@@ -177,7 +302,7 @@ def configure(settings: LogSettings, environ: Mapping[str, str] = os.environ) ->
         except OSError as exc:
             raise LogSetupError(f"[log] file {settings.file}: {exc.strerror or exc}") from None
         handler.setFormatter(text)
-        logs.handlers.append(handler)
+        logs.handlers.append(_Destination(handler, f"[log] file {settings.file}", queue_lines))
     if settings.syslog:
         found = _syslog_problem(settings.syslog)  # SysLogHandler would not say
         if found:
@@ -185,7 +310,7 @@ def configure(settings: LogSettings, environ: Mapping[str, str] = os.environ) ->
             raise LogSetupError(found)
         handler = _Syslog(settings.syslog, facility=logging.handlers.SysLogHandler.LOG_MAIL)
         handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
-        logs.handlers.append(handler)
+        logs.handlers.append(_Destination(handler, f"[log] syslog {settings.syslog}", queue_lines))
     if logs.to_stderr:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(text)

@@ -555,6 +555,7 @@ def test_queue_group_is_hooked_in_and_takes_config_anywhere(cfg: Path) -> None:
         ["alias", "list"],
         ["alias", "add", "a@localhost", "b@localhost"],
         ["queue", "list"],
+        ["queue", "flush"],
         ["dkim", "generate", "localhost"],
         ["doctor"],
     ],
@@ -565,6 +566,8 @@ def test_commands_refuse_a_data_dir_that_does_not_exist(tmp_path: Path, command:
     assert result.returncode == 1, result.stdout + result.stderr
     err = result.stderr
     assert f"data directory {tmp_path / 'postoffice-data'} does not exist" in err
+    # The command by its name, the queue's (from another module) too.
+    assert f"`postoffice {' '.join(command[:2])}` does not make one" in err
     assert "config: <built-in defaults>" in err
     assert f"no ./postoffice.toml in {tmp_path}" in err
     assert "/etc/postoffice/postoffice.toml" in err
@@ -617,12 +620,10 @@ def test_init_makes_the_data_dir_and_is_idempotent(fresh: Path) -> None:
 
 
 def test_the_system_config_comes_after_the_local_one(
-    tmp_path: Path, require_program: Callable[[str], str]
+    tmp_path: Path, require_program: Callable[[str], str], require_root: None
 ) -> None:
     """/etc/postoffice/postoffice.toml, seen through an overlay in a private
     mount namespace: nothing outside this test sees the file."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a private mount namespace")
     unshare = require_program("unshare")
     upper, work = tmp_path / "upper", tmp_path / "work"
     (upper / "postoffice").mkdir(parents=True)
@@ -796,9 +797,9 @@ def test_check_takes_the_running_servers_ports_for_its_own(tmp_path: Path) -> No
         srv.stop()
 
 
-def test_check_reports_files_the_owner_cannot_use_and_broken_maildirs(cfg: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give the data directory away")
+def test_check_reports_files_the_owner_cannot_use_and_broken_maildirs(service_dir: Path) -> None:
+    cfg = make_config(service_dir)  # a directory the owner, nobody, can reach
+    ok(cfg, "init")
     data = cfg.parent / "data"
     ok(cfg, "user", "add", "alice@example.test", "--password-stdin", input="alice-pw-12\n")
     ok(cfg, "user", "add", "bob@example.test", "--password-stdin", input="bob-pw-123\n")
@@ -819,3 +820,144 @@ def test_check_reports_files_the_owner_cannot_use_and_broken_maildirs(cfg: Path)
     assert "mail/example.test/rooty (root)" in err and "mail/example.test/rooty/tmp (root)" in err
     assert f"chown -R nobody:{grp.getgrgid(65534).gr_name} {data}" in err
     assert "mail/example.test/bob/tmp is not a directory" in err
+
+
+# --- root and the config file it reads (review #1) ---------------------------------------
+
+
+def test_root_refuses_a_config_file_that_others_own_or_may_change(
+    tmp_path: Path, require_root: None
+) -> None:
+    """Root running postoffice in a world-writable directory must not act on
+    the ./postoffice.toml some other user left there: it names where root
+    writes (data_dir) and what serve appends to ([log] file)."""
+    here = tmp_path / "shared"
+    here.mkdir()
+    here.chmod(0o1777)  # like /tmp
+    config = make_config(here, data_dir=str(tmp_path / "data"))
+    os.chown(config, 65534, 65534)
+    for args in (["check"], ["-c", str(config), "check"], ["init"], ["serve"]):
+        result = run(*args, cwd=here)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "owned by nobody, not root: run as root, postoffice reads only a config" in (
+            result.stderr
+        )
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
+    # The user who ran sudo could become root anyway: its own file is fine.
+    assert run("check", cwd=here, env={"SUDO_UID": "65534"}).returncode == 0
+    os.chown(config, 0, 0)
+    for mode in (0o666, 0o664):
+        config.chmod(mode)
+        os.chown(config, 0, 65534)  # group nogroup may write
+        result = run("check", cwd=here)
+        assert result.returncode == 2
+        assert "writable by other users: run as root, postoffice reads only a config" in (
+            result.stderr
+        )
+    config.chmod(0o644)
+    assert run("check", cwd=here).returncode == 0
+
+
+# --- what the trial found (trial.md) --------------------------------------------------------
+
+
+def test_the_help_examples_password_is_one_user_add_takes(cfg: Path) -> None:
+    help_text = run("user", "--help", cwd=cfg.parent).stdout
+    example = next(line.strip() for line in help_text.splitlines() if "--password-stdin" in line)
+    assert example.startswith("echo '"), example
+    result = subprocess.run(
+        example.replace("postoffice ", f"{sys.executable} -m postoffice -c {cfg} ", 1),
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "added user alice@example.test" in result.stdout
+
+
+def test_domain_list_says_where_a_built_in_domain_comes_from(tmp_path: Path) -> None:
+    assert run("init", cwd=tmp_path).returncode == 0  # no config: the built-in defaults
+    assert run("domain", "list", cwd=tmp_path).stdout == "localhost  (built-in default)\n"
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly(cfg: Path) -> None:
+    """`postoffice dkim generate X | head -2`: the reader goes away first."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "postoffice",
+                "-c",
+                str(cfg),
+                "dkim",
+                "generate",
+                "example.test",
+            ],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(writer)
+    assert result.stderr == ""
+    assert result.returncode == 141  # as a shell shows a command ended by SIGPIPE
+
+
+def _walkthrough() -> list[str]:
+    """The command lines of the README's walkthrough, in order, comments cut."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Five-minute walkthrough", 1)[1].split("\n## ", 1)[0]
+    lines = []
+    for block in section.split("```sh\n")[1:]:
+        for line in block.split("```", 1)[0].splitlines():
+            command = line.split(" #", 1)[0].strip()
+            if command and not command.startswith("#"):
+                lines.append(command)
+    return lines
+
+
+def test_the_readme_walkthrough_works_as_written(
+    tmp_path: Path, require_program: Callable[[str], str]
+) -> None:
+    """Every account command of the walkthrough, run as written from the
+    directory it says (the server, mail and POP3 parts are tested elsewhere):
+    bob must be made before the alias and the removal name him."""
+    lines = _walkthrough()
+    assert lines[0] == "pip install ."
+    assert lines[1] == "mkdir ~/mailtest && cd ~/mailtest"
+    home = tmp_path / "home"
+    here = home / "mailtest"
+    here.mkdir(parents=True)
+    base = {k: v for k, v in os.environ.items() if k != CONFIG_ENV}
+    env = {**base, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{base['PATH']}"}
+    skipped = ("pip ", "mkdir ", "swaks ", "--header", "ls ", "cat ", "curl ", "kill ")
+    ran = []
+    for line in lines:
+        if line.startswith(skipped) or line == "postoffice serve &":
+            continue
+        ran.append(line)
+        if line.startswith("postoffice user add") and "--password-stdin" not in line:
+            code, shown = on_terminal(
+                require_program("setsid"),
+                ["sh", "-c", line],
+                [b"alice-s3cret-pass\n"] * 2,
+                cwd=here,
+                env=env,
+            )
+            assert code == 0, (line, shown)
+            continue
+        result = subprocess.run(
+            line, shell=True, cwd=here, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, (line, result.stderr)
+        assert "warning" not in result.stderr, (line, result.stderr)
+    assert any("user add bob@example.test" in line for line in ran), ran
+    assert any(line.startswith("postoffice user remove bob") for line in ran), ran
+    users = run("user", "list", cwd=here, env={"HOME": str(home)}).stdout
+    assert users == "alice@example.test\n"

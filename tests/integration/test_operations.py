@@ -5,6 +5,7 @@ data directory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -133,6 +134,40 @@ def test_logging_to_syslog(tmp_path: Path) -> None:
         receiver.close()
 
 
+def test_a_stuck_syslog_reader_holds_up_no_client(tmp_path: Path) -> None:
+    """syslog stops reading (its datagram queue fills, and a send would block):
+    the server must go on answering other clients (review #4), and the lines
+    that waited arrive once it reads again."""
+    path = tmp_path / "log.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.setblocking(False)
+    srv = PostofficeServer(
+        tmp_path, sections={"log": {"syslog": str(path)}, "limits": {"soft_errors": 19}}
+    )
+    srv.start()
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:  # what start-up logged; from now on the reader is stuck
+                receiver.recv(65536)
+        first = socket.create_connection(("127.0.0.1", srv.ports["smtp"]), timeout=10)
+        first.recv(1000)
+        rcpts = b"".join(b"RCPT TO:<nobody%d@example.test>\r\n" % i for i in range(15))
+        first.sendall(b"EHLO x\r\nMAIL FROM:<a@remote.test>\r\n" + rcpts)
+        time.sleep(1)  # 15 rejections logged: more than the 10 datagrams a reader queues
+        with socket.create_connection(("127.0.0.1", srv.ports["smtp"]), timeout=5) as second:
+            assert second.recv(100).startswith(b"220 ")  # before: timed out
+        first.close()
+        receiver.settimeout(10)
+        seen = b""
+        while seen.count(b"smtp reject") < 15:
+            seen += receiver.recv(65536)
+        assert seen.count(b"smtp reject") == 15  # within the queue's bound nothing is lost
+    finally:
+        assert srv.stop() == 0
+        receiver.close()
+
+
 @pytest.mark.parametrize("command", [["serve"], ["check"]])
 def test_a_bad_log_level_is_a_message(tmp_path: Path, command: list[str]) -> None:
     srv = PostofficeServer(tmp_path)
@@ -159,6 +194,50 @@ def test_a_log_file_that_cannot_be_opened_is_a_message(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"[log] file {tmp_path / 'no' / 'x.log'}: No such file or directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_log_records_the_start_with_every_listener(tmp_path: Path) -> None:
+    log = tmp_path / "mail.log"
+    srv = PostofficeServer(tmp_path, sections={"log": {"file": str(log)}})
+    srv.start()
+    try:
+        assert wait_for(lambda: " started " in log.read_text())
+    finally:
+        assert srv.stop() == 0
+    started = next(line for line in log.read_text().splitlines() if " started " in line)
+    assert re.match(LINE + "postoffice: started ", started), started
+    for name, port in srv.ports.items():
+        assert f" {name}=127.0.0.1:{port} " in started
+    assert f"config={srv.config} data_dir={srv.data_dir}" in started
+    assert log.read_text().splitlines()[-1].endswith("postoffice: stopped")
+
+
+def postrotate_lines() -> str:
+    """The postrotate script of the README's logrotate example."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    return readme.split("    postrotate\n", 1)[1].split("    endscript", 1)[0]
+
+
+def test_the_readmes_logrotate_lines_cope_with_a_stopped_server(tmp_path: Path) -> None:
+    log = tmp_path / "mail.log"
+    srv = PostofficeServer(tmp_path, sections={"log": {"file": str(log)}})
+    script = postrotate_lines().replace("/var/lib/postoffice", str(srv.data_dir))
+    assert str(srv.data_dir) in script
+
+    def postrotate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=30)
+
+    srv.start()
+    try:
+        log.rename(tmp_path / "mail.log.1")
+        result = postrotate()
+        assert result.returncode == 0 and result.stderr == ""
+        assert wait_for(lambda: log.exists() and "SIGUSR1: log files reopened" in log.read_text())
+    finally:
+        assert srv.stop() == 0
+    assert (srv.data_dir / "postoffice.pid").read_text() == ""  # left, emptied
+    result = postrotate()  # logrotate's weekly run, the server stopped
+    assert result.returncode == 0 and result.stderr == ""
 
 
 # --- one server per data directory (item 4), listen errors (item 7) ----------------------
@@ -213,6 +292,41 @@ def test_cannot_listen_names_the_listener_and_address(tmp_path: Path) -> None:
     )
 
 
+def test_serve_that_cannot_listen_makes_no_data_dir(tmp_path: Path) -> None:
+    """trial #14: a port in use (or an address this machine does not have)
+    fails the start before a data directory and certificate are made for it."""
+    data = tmp_path / "new" / "data"
+    config = tmp_path / "postoffice.toml"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        write_config(
+            config,
+            {"hostname": "mail.example.test", "data_dir": str(data)},
+            {
+                "listen": {
+                    "smtp": [f"127.0.0.1:{free_port()}"],
+                    "submission": [],
+                    "submissions": [],
+                    "pop3": [f"127.0.0.1:{port}"],
+                    "pop3s": [],
+                }
+            },
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "postoffice", "serve", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen: pop3 listener on 127.0.0.1:{port}: Address already in use" in (
+        result.stderr
+    )
+    assert not (tmp_path / "new").exists()
+
+
 # --- a broken mailbox among good ones (item 3) --------------------------------------------
 
 
@@ -258,13 +372,11 @@ def test_a_broken_maildir_fails_its_own_deliveries_not_the_start(tmp_path: Path)
 
 
 def test_a_maildir_the_server_may_not_write_fails_only_its_deliveries(
-    tmp_path: Path, require_program: Callable[[str], str]
+    tmp_path: Path, require_program: Callable[[str], str], require_root: None
 ) -> None:
     """As after `user add` run as root on a service user's data directory: the
     server (here root without CAP_DAC_OVERRIDE, so permission bits bind it)
     cannot use one mailbox that belongs to someone else."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give a Maildir away and drop a capability")
     setpriv = require_program("setpriv")
     srv = PostofficeServer(tmp_path)
     srv.add_user(ALICE, "alice-password-1")
@@ -299,7 +411,7 @@ def test_an_alias_member_that_is_gone_is_logged_at_delivery(tmp_path: Path) -> N
         srv.stop()
 
 
-# --- the CLI as root on a service user's data directory (item 3) --------------------------
+# --- the CLI as root on a service user's data directory (item 3; review #1) -------------
 
 
 def owners(root: Path) -> dict[str, int]:
@@ -311,45 +423,133 @@ def owners(root: Path) -> dict[str, int]:
     return found
 
 
-def test_the_cli_run_as_root_hands_what_it_makes_to_the_owner(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    data = tmp_path / "data"
-    data.mkdir(mode=0o700)
+def service_config(base: Path, **top: object) -> Path:
+    """A config (root's, 0644) for a data directory ``base/data`` that nobody owns."""
+    data = base / "data"
+    data.mkdir(mode=0o700, exist_ok=True)
     os.chown(data, 65534, 65534)  # the service user's
-    config = tmp_path / "postoffice.toml"
-    write_config(
-        config,
-        {"hostname": "mail.example.test", "data_dir": str(data), "domains": ["example.test"]},
-        {"listen": {"smtp": [f"127.0.0.1:{free_port()}"]}},
+    config = base / "postoffice.toml"
+    values: dict[str, object] = {
+        "hostname": "mail.example.test",
+        "data_dir": str(data),
+        "domains": ["example.test", "other.test"],
+    }
+    values.update(top)
+    write_config(config, values, {"listen": {"smtp": [f"127.0.0.1:{free_port()}"]}})
+    return config
+
+
+def as_root(config: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "postoffice", "-c", str(config), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
+
+def test_the_cli_run_as_root_makes_files_as_the_owner(service_dir: Path) -> None:
+    config = service_config(service_dir)
+    data = service_dir / "data"
+
     def po(*args: str, input: str | None = None) -> None:
-        result = subprocess.run(
-            [sys.executable, "-m", "postoffice", "-c", str(config), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = as_root(config, *args, input=input)
         assert result.returncode == 0, result.stderr
 
-    po("domain", "add", "other.test")
+    po("domain", "add", "third.test")
     po("user", "add", ALICE, "--password-stdin", input="alice-password-1\n")
     po("alias", "add", "postmaster@example.test", ALICE)
     po("dkim", "generate", "example.test")
     po("queue", "flush")
     po("user", "add", BOB, "--password-stdin", input="bob-password-2\n")
     po("user", "remove", BOB)  # moved aside into removed/
+    po("user", "list")
     made = owners(data)
     assert {p: uid for p, uid in made.items() if uid != 65534} == {}
     assert {"accounts.sqlite3", "mail/example.test/alice/new", "removed/example.test"} <= set(made)
     assert any(p.startswith("dkim/example.test/") for p in made)
-    # And `check` agrees: nothing in it that its owner cannot use.
-    result = subprocess.run(
-        [sys.executable, "-m", "postoffice", "check", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    # And `check` (its ports and [tls] files as root, the data dir as the owner)
+    # agrees: nothing in it that its owner cannot use.
+    result = as_root(config, "check")
+    assert result.returncode == 0, result.stderr
+    assert "not owned by its owner" not in result.stderr
+
+
+def test_an_owner_that_cannot_reach_its_data_dir_is_told(
+    tmp_path: Path, require_root: None
+) -> None:
+    # tmp_path is under root's private /tmp/pytest-of-root: nobody cannot get in.
+    config = service_config(tmp_path)
+    result = as_root(config, "user", "list")
+    assert result.returncode == 1
+    assert (
+        f"postoffice: the data directory {tmp_path / 'data'} belongs to nobody, who cannot"
+        " reach it" in result.stderr
     )
-    assert "not owned by its owner" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def victim(path: Path) -> Path:
+    """Root's files outside any data directory (/etc, say)."""
+    (path / "sub").mkdir(parents=True)
+    (path / "shadow").write_text("root:secret\n")
+    (path / "shadow").chmod(0o600)
+    return path
+
+
+def state(path: Path) -> dict[str, tuple[int, int, int, str]]:
+    found = {}
+    for top, dirs, files in os.walk(path):
+        for name in [".", *dirs, *files]:
+            p = Path(top, name)
+            st = p.lstat()
+            text = p.read_text() if p.is_file() else ""
+            found[str(p.relative_to(path))] = (st.st_uid, st.st_gid, st.st_mode, text)
+    return found
+
+
+def test_symlinks_the_owner_plants_give_root_nothing_away(service_dir: Path) -> None:
+    """The service user (owner of the data directory) replaces what root's CLI
+    walks with symlinks to root's files; the CLI, run as root, must neither give
+    them away nor write there (review #1).  Mid-path too: mail/other.test."""
+    config = service_config(service_dir)
+    data = service_dir / "data"
+    assert as_root(config, "init").returncode == 0
+    added = as_root(config, "user", "add", BOB, "--password-stdin", input="bob-pw-1234\n")
+    assert added.returncode == 0, added.stderr
+    for top, dirs, files in os.walk(data):  # the service user's, as it runs
+        for name in [".", *dirs, *files]:
+            os.chown(Path(top, name), 65534, 65534, follow_symlinks=False)
+    victims = {name: victim(service_dir / f"victim-{name}") for name in ("q", "m", "d", "r")}
+    before = {name: state(v) for name, v in victims.items()}
+    (data / "queue").mkdir(exist_ok=True)
+    os.rename(data / "queue", service_dir / "old-queue")
+    plants = {
+        data / "queue": victims["q"],
+        data / "mail" / "other.test": victims["m"],
+        data / "dkim": victims["d"],
+        data / "removed": victims["r"],
+    }
+    for link, target in plants.items():
+        link.symlink_to(target)
+        os.chown(link, 65534, 65534, follow_symlinks=False)
+    results = [
+        as_root(config, "user", "list"),
+        as_root(config, "domain", "list"),
+        as_root(config, "queue", "list"),
+        as_root(config, "queue", "flush"),
+        as_root(
+            config, "user", "add", "carol@other.test", "--password-stdin", input="carol-pw-1\n"
+        ),
+        as_root(config, "dkim", "generate", "example.test"),
+        as_root(config, "user", "remove", BOB),
+        as_root(config, "check"),
+    ]
+    # Root's files kept their owners, modes and contents, and nothing was added.
+    assert {name: state(v) for name, v in victims.items()} == before
+    for result in results:
+        assert "Traceback" not in result.stderr, result.stderr
+    assert [r.returncode for r in results[:3]] == [0, 0, 0]
+    # The owner may not write there, so neither may the command: refused.
+    assert results[4].returncode == 1 and "Permission denied" in results[4].stderr

@@ -13,7 +13,7 @@ import pytest
 from postoffice.datadir import (
     LOCK_NAME,
     DataDirBusy,
-    Owner,
+    RunningServer,
     ServeLock,
     running_servers,
     serving_pid,
@@ -96,31 +96,79 @@ def test_other_locks_are_not_servers(tmp_path: Path) -> None:
         proc.stdout.close()
 
 
-def test_sweep_hands_over_only_roots_own_entries(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+BECOME = (
+    "import os, sys; from pathlib import Path; from postoffice.datadir import Owner;"
+    " owner = Owner.to_become(Path(sys.argv[1])); print(owner);"
+    " owner is None or owner.become(); print(os.getresuid(), os.getresgid(), os.getgroups())"
+)
+
+
+def test_root_becomes_the_data_dirs_owner_for_good(tmp_path: Path, require_root: None) -> None:
     data = tmp_path / "data"
-    for path in (data / "mail" / "example.test", data / "queue", data / "dkim" / "example.test"):
-        path.mkdir(parents=True)
-    (data / "accounts.sqlite3").write_text("")
-    (data / "dkim" / "example.test" / "k.pem").write_text("")
-    (data / "tls").mkdir()
-    os.chown(data / "tls", 1, 1)  # given to someone else on purpose: stays theirs
-    deep = data / "mail" / "example.test" / "alice"
-    deep.mkdir()  # below mail/<domain>: user add hands its Maildir over itself
-    os.chown(data, 65534, 65534)
-    owner = Owner.of(data)
-    assert owner.needs_handing_over and owner.name == "nobody"
-    owner.sweep(data)
-    uid = {p.relative_to(data).as_posix(): p.lstat().st_uid for p in data.rglob("*")}
-    assert uid == {
-        "accounts.sqlite3": 65534,
-        "dkim": 65534,
-        "dkim/example.test": 65534,
-        "dkim/example.test/k.pem": 65534,
-        "mail": 65534,
-        "mail/example.test": 65534,
-        "mail/example.test/alice": 0,
-        "queue": 65534,
-        "tls": 1,
-    }
+    data.mkdir()
+    became = subprocess.run(
+        [sys.executable, "-c", BECOME, str(data)], capture_output=True, text=True, timeout=30
+    )
+    assert became.stdout.splitlines()[0] == "None"  # root's own: nothing to become
+    os.chown(data, 65534, 65533)
+    became = subprocess.run(
+        [sys.executable, "-c", BECOME, str(data)], capture_output=True, text=True, timeout=30
+    )
+    assert became.returncode == 0, became.stderr
+    lines = became.stdout.splitlines()
+    assert lines[0] == "Owner(uid=65534, gid=65533)"
+    # Real, effective and saved ids: nothing can take root back.
+    assert lines[1].startswith("(65534, 65534, 65534) (65533, 65533, 65533) [")
+    assert "0" not in lines[1].split("[")[1].strip("]").split(", ")  # no root group left
+
+
+def test_serve_lock_never_follows_a_planted_link(tmp_path: Path) -> None:
+    """The data dir's owner may plant postoffice.pid for serve run as root:
+    a symlink or a hard link to another file, or a FIFO."""
+    data = tmp_path / "data"
+    data.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("root:secret\n")
+    for plant in (
+        lambda p: p.symlink_to(victim),
+        lambda p: os.link(victim, p),
+        lambda p: os.mkfifo(p),
+    ):
+        lock_file = data / LOCK_NAME
+        plant(lock_file)
+        with pytest.raises(OSError):
+            ServeLock.acquire(data)
+        assert victim.read_text() == "root:secret\n"
+        lock_file.unlink()
+    ServeLock.acquire(data).release()  # a file of its own is fine
+
+
+def test_serving_pid_does_not_hang_on_a_fifo(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / LOCK_NAME)
+    code = "import sys; from pathlib import Path; from postoffice.datadir import serving_pid;"
+    code += " print(serving_pid(Path(sys.argv[1])))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=10
+    )
+    assert result.stdout == "None\n", result.stderr
+
+
+def test_how_to_reach_a_server_started_with_or_without_a_config() -> None:
+    """trial #12: -c CONFIG cannot reach a server that has no config file."""
+    without = RunningServer(
+        1, Path("/srv/mail/postoffice-data"), "python -m postoffice serve", Path("/srv/mail")
+    )
+    assert without.config_option() is None
+    hint = without.how_to_reach()
+    assert "started without -c: run the command in /srv/mail" in hint
+    assert "-c " not in hint.replace("without -c", "")
+    for command in (
+        "python -m postoffice serve -c po.toml",
+        "python -m postoffice -c po.toml serve",
+        "python -m postoffice serve --config po.toml",
+        "python -m postoffice serve --config=po.toml",
+    ):
+        server = RunningServer(2, None, command, Path("/srv/mail"))
+        assert server.how_to_reach() == "give it its config: postoffice -c /srv/mail/po.toml ..."
+    absolute = RunningServer(3, None, "postoffice serve -c /etc/po.toml", Path("/"))
+    assert absolute.config_option() == "/etc/po.toml"

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +123,45 @@ def test_a_syslog_that_goes_away_costs_one_line_not_a_traceback_each(
     err = capsys.readouterr().err
     assert err.count("postoffice: cannot write the log to") == 1
     assert "Traceback" not in err
+
+
+def test_a_stuck_syslog_never_blocks_a_log_call_and_drops_are_counted(tmp_path: Path) -> None:
+    """A syslog reader that stops reading fills its datagram queue and makes
+    send() block: log calls (made on the event loop) must not wait for it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "log.sock"))
+    logs = configure(LogSettings(syslog=str(tmp_path / "log.sock")), {}, queue_lines=50)
+    try:
+        finished = threading.Event()
+
+        def flood() -> None:
+            for n in range(500):
+                logging.getLogger("postoffice.smtp").info("lost %d", n)
+            finished.set()
+
+        threading.Thread(target=flood, daemon=True).start()
+        assert finished.wait(30)  # before: stuck at the 11th line for good
+        received = []
+        sock.settimeout(0.5)
+        destination = logs.handlers[0]
+        while True:  # the reader is back: take what waited
+            try:
+                received.append(sock.recv(65536))
+            except TimeoutError:
+                if destination.lines.empty():  # type: ignore[attr-defined]
+                    break
+        logging.getLogger("postoffice.smtp").info("after")
+        sock.settimeout(10)
+        while not received[-1].rstrip(b"\0").endswith(b"after"):
+            received.append(sock.recv(65536))
+    finally:
+        logs.close()
+        sock.close()
+    lost = [d for d in received if b"postoffice.smtp: lost " in d]
+    # A note each time the queue had room again: the last before "after".
+    notes = [d for d in received if b"log dropped=" in d]
+    assert notes and received[-2] == notes[-1]
+    assert all(note.startswith(b"<20>postoffice[") for note in notes)  # mail.warning
+    dropped = sum(int(note.split(b"log dropped=")[1].split()[0]) for note in notes)
+    assert len(lost) + dropped == 500
+    assert b"[log] syslog " in notes[-1] and b"did not take them fast enough" in notes[-1]

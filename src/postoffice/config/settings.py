@@ -11,8 +11,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import pwd
 import socket
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -251,14 +253,57 @@ def _search(explicit: str | None) -> tuple[Path | None, str]:
     )
 
 
-def load_settings(path: Path | None) -> Settings:
-    """Load and validate ``path`` (None: the embedded default); raise ConfigError."""
+def trusted_config_owners(environ: Mapping[str, str] = os.environ) -> frozenset[int] | None:
+    """Who may own the config file we read: None (anyone) unless we run as
+    root; then root, and the user who ran sudo (it could become root anyway)."""
+    if os.geteuid() != 0:
+        return None
+    owners = {0}
+    sudo_uid = environ.get("SUDO_UID", "")
+    if sudo_uid.isdigit():
+        owners.add(int(sudo_uid))
+    return frozenset(owners)
+
+
+def _untrusted(st: os.stat_result, owners: frozenset[int]) -> str:
+    """Why root must not act on a config file with this owner and mode ("" if fine).
+
+    Root runs every command as that file says: its data_dir decides where root
+    writes, its [log] file what ``serve`` appends to.  A ./postoffice.toml
+    that another user left in /tmp, or a file such a user may edit, would make
+    root act for them."""
+    if st.st_uid not in owners:
+        try:
+            who = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            who = f"uid {st.st_uid}"
+        return (
+            f"owned by {who}, not root: run as root, postoffice reads only a config file"
+            f" root owns (or the sudo user's); chown it to root, or run the command as {who}"
+        )
+    if st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0):
+        return (
+            "writable by other users: run as root, postoffice reads only a config file"
+            " nobody else can change; chmod go-w it"
+        )
+    return ""
+
+
+def load_settings(path: Path | None, *, trusted_owners: frozenset[int] | None = None) -> Settings:
+    """Load and validate ``path`` (None: the embedded default); raise ConfigError.
+
+    ``trusted_owners`` (see ``trusted_config_owners``): refuse a file owned by
+    anyone else, or writable by others."""
     if path is None:
         # ./postoffice-data of the directory we run in, named in full in messages.
         return Settings(data_dir=Settings().data_dir.absolute())
     source = str(path)
     try:
         with open(path, "rb") as fh:
+            if trusted_owners is not None:  # the file we read, not one swapped in after
+                why = _untrusted(os.fstat(fh.fileno()), trusted_owners)
+                if why:
+                    raise ConfigError(source, "", why)
             raw = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(source, "", "file not found") from None
