@@ -452,3 +452,23 @@ def test_mail_loop_is_refused_after_100_hops(server: PostofficeServer) -> None:
             hops[hops.index(b"Received", 10) :] + b"\r\nx\r\n",
         )
     assert len(server.messages("alice@example.test")) == 1
+
+
+def test_replies_are_ascii(server: PostofficeServer) -> None:
+    """RFC 5321 §2.4: the refusals that cite an RFC section do it in ASCII."""
+    client = raw(server)
+    hops = b"".join(
+        b"Received: from h%d.test by h.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % i
+        for i in range(100)
+    )
+    for content in (b"Subject: cr\r\n\r\nbare\rCR\r\n", hops + b"Subject: loop\r\n\r\nx\r\n"):
+        assert client.cmd("MAIL FROM:<a@remote.test>")[0] == 250
+        assert client.cmd("RCPT TO:<alice@example.test>")[0] == 250
+        assert client.cmd("DATA")[0] == 354
+        client.send(content + b".\r\n")
+        while b"\r\n" not in client.buf:
+            client.buf += client.sock.recv(4096)
+        line = client.buf.split(b"\r\n", 1)[0]
+        assert line[:3] == b"554" and b"section" in line and line.isascii(), line
+        client.reply()
+    client.close()

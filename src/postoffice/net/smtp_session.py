@@ -559,7 +559,7 @@ class SmtpSession:
             return Reply(552, f"Message size exceeds fixed limit of {limit} octets", "5.3.4")
         if event.bare_cr:
             return Reply(
-                554, "Bare CR in message content is not allowed (RFC 5321 §2.3.8)", "5.6.0"
+                554, "Bare CR in message content is not allowed (RFC 5321 section 2.3.8)", "5.6.0"
             )
         if event.line_too_long:
             # Lines over 998 octets are kept (and folded when relayed); past
@@ -573,7 +573,7 @@ class SmtpSession:
             # header_size_limit does.
             return Reply(552, "Message header section too large", "5.3.4")
         if count_fields(headers, "received") >= MAX_HOPS:
-            return Reply(554, "Too many hops: mail loop detected (RFC 5321 §6.3)", "5.4.6")
+            return Reply(554, "Too many hops: mail loop detected (RFC 5321 section 6.3)", "5.4.6")
         if self.mode is SmtpMode.SUBMISSION and self.user is not None:
             for author in tx.gate.from_addresses():
                 if not sender_allowed(self.s.accounts, self.user, author):

@@ -149,8 +149,12 @@ def test_reply_str_is_the_wire_text() -> None:
     assert str(Reply(250, ("a", "b"), "2.0.0")) == "250-2.0.0 a\r\n250 2.0.0 b"
 
 
-def test_reply_utf8_text() -> None:
-    assert Reply(250, "Ok für dich").to_bytes() == "250 Ok für dich\r\n".encode()
+def test_reply_text_goes_out_as_ascii() -> None:
+    """RFC 5321 §2.4: reply text is US-ASCII; anything else becomes "?"."""
+    assert Reply(250, "Ok für dich").to_bytes() == b"250 Ok f?r dich\r\n"
+    assert Reply(550, ("§2.3.8", "j\u00f6\ud800@x"), "5.6.0").to_bytes() == (
+        b"550-5.6.0 ?2.3.8\r\n550 5.6.0 j??@x\r\n"
+    )
 
 
 @pytest.mark.parametrize("code", [0, 99, 199, 600, 261, 1000])
