@@ -168,6 +168,9 @@ def test_declared_size_over_limit_is_552(server: PostofficeServer) -> None:
     client = raw(server)
     code, lines = client.cmd(f"MAIL FROM:<a@remote.test> SIZE={26 * 1024 * 1024}")
     assert code == 552 and lines[0].startswith("5.3.4")
+    # More digits than RFC 1870's 20 is still a size, and too big (not 501).
+    code, lines = client.cmd("MAIL FROM:<a@remote.test> SIZE=" + "9" * 24)
+    assert code == 552 and lines[0].startswith("5.3.4")
 
 
 def test_unknown_mail_parameter_is_555(server: PostofficeServer) -> None:

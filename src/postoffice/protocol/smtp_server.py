@@ -43,6 +43,7 @@ from postoffice.protocol.smtp_reply import Reply
 # RFC 4954 §4: AUTH command lines and SASL responses may be up to 12288
 # octets, more than the 512 of an ordinary command line.
 MAX_AUTH_LINE = 12288
+MAX_SIZE_DIGITS = 20  # RFC 1870 §3: size-value ::= 1*20DIGIT
 
 
 class LocalProtocolError(Exception):
@@ -286,9 +287,12 @@ def parse_mail(arg: str) -> MailFrom | Rejected:
     smtputf8 = False
     for key, value in params.items():
         if key == "SIZE":  # RFC 1870 §3: size-value ::= 1*20DIGIT
-            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
+            if value is None or not (value.isascii() and value.isdigit()):
                 return _reject(501, "SIZE needs a number", "5.5.4")
-            size = int(value)
+            # More digits than the grammar allows is still a number, and one
+            # past every limit: the session answers it 552 5.3.4 like any
+            # other size it cannot take (RFC 1870 §6.1), never converting it.
+            size = int(value) if len(value) <= MAX_SIZE_DIGITS else 10**MAX_SIZE_DIGITS
         elif key == "BODY":  # RFC 6152
             if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                 return _reject(501, "BODY must be 7BIT or 8BITMIME", "5.5.4")

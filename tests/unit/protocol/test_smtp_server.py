@@ -280,6 +280,13 @@ def test_mail_parameters() -> None:
     )
 
 
+def test_mail_size_beyond_twenty_digits_is_a_size_too_big() -> None:
+    """RFC 1870 §6.1: a size over the limit is 552 (the session's verdict),
+    however many digits it has; not a syntax error."""
+    event = Dialogue().greeted().one(b"MAIL FROM:<a@b.example> SIZE=" + b"9" * 60 + b"\r\n")
+    assert isinstance(event, MailFrom) and event.size is not None and event.size >= 10**20
+
+
 def test_mail_smtputf8() -> None:
     """RFC 6531 §3.4: SMTPUTF8 allows a UTF-8 address."""
     d = Dialogue().greeted()
