@@ -475,3 +475,14 @@ def test_replies_are_ascii(server: PostofficeServer) -> None:
         assert line[:3] == b"554" and b"section" in line and line.isascii(), line
         client.reply()
     client.close()
+
+
+def test_helo_with_parentheses_keeps_received_well_formed(server: PostofficeServer) -> None:
+    """Any HELO name is taken (as Postfix does by default); in Received: its
+    specials become "?" so the trace comment structure holds (RFC 5321 §4.4)."""
+    with smtp(server) as client:
+        client.ehlo("a)b(c")
+        client.sendmail("a@remote.test", ["alice@example.test"], b"Subject: helo\r\n\r\nx\r\n")
+    (path,) = server.messages("alice@example.test")
+    received = path.read_bytes().split(b"\nReceived: ", 1)[1].split(b"\n")[0]
+    assert received == b"from a?b?c ([127.0.0.1])"
