@@ -208,3 +208,34 @@ def test_forged_expired_and_non_bounce_srs_addresses_are_refused(net: Net) -> No
     code, text = rcpt_reply(net, "spammer@elsewhere.test", str(good))
     assert (code, text[:5]) == (550, b"5.7.1"), text
     assert "srs: refused" in net.srv.log()
+
+
+def test_a_quoted_dot_atom_sender_is_rewritten_and_bounced_headers_only(net: Net) -> None:
+    """review #2: ``"someone"`` is ``someone``: it gets SRS (no forged sender
+    downstream) and a refusal there gives the headers-only bounce."""
+    junk = "".join(f"X-Junk-{i}: {'spam ' * 180}\r\n" for i in range(10))
+    message = f"From: someone@elsewhere.test\r\nSubject: q-srs\r\n{junk}\r\nBUY NOW\r\n".encode()
+    smtp_send(net, '<"someone"@elsewhere.test>', ["gone@example.test", "fwd@example.test"], message)
+    assert wait_for(lambda: len(arrived(net.remote, b"q-srs")) == 1, 30), net.srv.log()
+    sender = path(arrived(net.remote, b"q-srs")[0].sender)
+    assert sender.domain == "example.test" and sender.local.startswith("SRS0=")
+    assert sender.local.endswith("=elsewhere.test=someone")
+    assert wait_for(lambda: len(arrived(net.origin, b"q-srs")) == 1, 30), net.srv.log()
+    (bounce,) = arrived(net.origin, b"q-srs")
+    assert bounce.sender == "<>" and bounce.recipients == [f"<{SOMEONE}>"]
+    assert b"X-Junk" not in bounce.data and b"BUY NOW" not in bounce.data
+
+
+def test_a_quoted_sender_gets_a_quoted_srs_address_that_takes_its_bounces(net: Net) -> None:
+    """A local part that is no dot-atom: the SRS local part is quoted whole,
+    valid on the wire, and a bounce to it goes back to the quoted sender."""
+    sender = '"x(evil)"@elsewhere.test'
+    smtp_send(net, f"<{sender}>", ["fwd@example.test"], b"Subject: q-srs-2\r\n\r\nhello\r\n")
+    assert wait_for(lambda: len(arrived(net.remote, b"q-srs-2")) == 1, 30), net.srv.log()
+    srs_address = path(arrived(net.remote, b"q-srs-2")[0].sender)
+    assert srs_address.domain == "example.test"
+    assert srs_address.local.startswith('"SRS0=') and srs_address.local.endswith('=x(evil)"')
+    smtp_send(net, "<>", [f"<{srs_address}>"], b"Subject: q-srs-2-bounced\r\n\r\nfailed\r\n")
+    assert wait_for(lambda: len(arrived(net.origin, b"q-srs-2-bounced")) == 1, 30)
+    (bounce,) = arrived(net.origin, b"q-srs-2-bounced")
+    assert bounce.sender == "<>" and bounce.recipients == [f"<{sender}>"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from postoffice import logfmt
 from postoffice.mail.address import Address
 from postoffice.policy.srs import SrsError, is_srs
 from postoffice.protocol.smtp_reply import Reply
@@ -99,7 +100,7 @@ def _judge_srs(services: Services, rcpt: Address, *, null_sender: bool) -> Recip
     try:
         original = services.srs.reverse(rcpt)
     except SrsError as exc:
-        log.info("srs: refused <%s>: %s", rcpt, exc)
+        log.info("srs: refused to=%s reason=%s", logfmt.path(rcpt), logfmt.field(exc))
         return RecipientVerdict(reply=BAD_SRS)
     if not null_sender:
         # DSNs (RFC 5321 §4.5.5) and auto-replies (RFC 3834 §3.3) come from <>;
