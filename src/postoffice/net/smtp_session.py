@@ -23,6 +23,9 @@ from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, 
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
 from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.relay import (
+    SRS_ALONE,
+    SRS_MAX_MESSAGE,
+    SRS_TOO_BIG,
     RecipientVerdict,
     judge_recipient,
     sender_allowed,
@@ -86,6 +89,7 @@ class Envelope:
     remote: dict[Address, None] = field(default_factory=dict)  # via the outbound queue
     recipients: list[Address] = field(default_factory=list)  # as given, for the log
     forwarded_by: str = ""  # the domain of the first alias forwarding off-site (SRS)
+    srs_bounce: bool = False  # the recipient is one of our SRS addresses (alone, capped)
     declared_size: int = 0  # MAIL FROM's SIZE= (RFC 1870), 0 if none
 
 
@@ -103,6 +107,7 @@ class _Transaction:
     extra_headers: bytes = b""  # e.g. Authentication-Results, after Received:
     failure: Reply | None = None  # storing failed mid-DATA: the answer after the final dot
     held_bytes: int = 0  # this message's share of MAX_HELD_BYTES
+    srs_bytes: int = 0  # content received so far for an SRS bounce (SRS_MAX_MESSAGE)
 
 
 class SmtpSession:
@@ -360,6 +365,10 @@ class SmtpSession:
             case RecipientVerdict(mailboxes=mailboxes, remote=remote):
                 if remote and self.s.outbound is None:
                     return Reply(451, "Outbound delivery is not available", "4.3.0")
+                if env.srs_bounce or (verdict.srs_bounce and env.recipients):
+                    return SRS_ALONE  # its size cap must not refuse anyone else's copy
+                if verdict.srs_bounce and env.declared_size > SRS_MAX_MESSAGE:
+                    return SRS_TOO_BIG  # RFC 1870 §6.1: refused before the data
                 if any(self.s.maildirs.unavailable(m) for m in mailboxes):
                     return _MAILBOX_UNAVAILABLE
                 if self._mailbox_full(mailboxes, env.declared_size):
@@ -371,6 +380,7 @@ class SmtpSession:
                     env.remote[r] = None
                 env.recipients.append(rcpt)
                 env.forwarded_by = env.forwarded_by or verdict.forwarded_by
+                env.srs_bounce = verdict.srs_bounce
         return _OK_RECIPIENT
 
     async def _data_start(self) -> Reply:
@@ -442,6 +452,11 @@ class SmtpSession:
         tx = self.tx
         if tx is None or tx.failure is not None:
             return
+        if tx.envelope.srs_bounce:
+            tx.srs_bytes += len(data)
+            if tx.srs_bytes > SRS_MAX_MESSAGE:
+                tx.failure = SRS_TOO_BIG  # answered after the final dot; nothing more stored
+                return
         if tx.gate.hold_all:
             held = self.s.extras.get("held_bytes", 0) + len(data)
             if held > MAX_HELD_BYTES:
