@@ -371,9 +371,22 @@ class SmtpSession:
                     return SRS_TOO_BIG  # RFC 1870 §6.1: refused before the data
                 if any(self.s.maildirs.unavailable(m) for m in mailboxes):
                     return _MAILBOX_UNAVAILABLE
-                if self._mailbox_full(mailboxes, env.declared_size):
-                    # RFC 3463 4.2.2: the owner can make room; the sender retries.
-                    return Reply(452, "Mailbox full, try again later", "4.2.2")
+                full = self._full_mailboxes(mailboxes, env.declared_size)
+                if full:
+                    mailboxes = tuple(m for m in mailboxes if m not in full)
+                    if not mailboxes and not remote:
+                        # RFC 3463 4.2.2: the owner can make room; the sender retries.
+                        return Reply(452, "Mailbox full, try again later", "4.2.2")
+                    # An alias: its other members get their copies, as a list
+                    # server's would; the full member's is skipped, and logged.
+                    for m in full:
+                        log.warning(
+                            "smtp quota skip client=%s alias=%s member=%s"
+                            ' reason="mailbox full: this copy is not delivered"',
+                            self.client_ip,
+                            logfmt.path(rcpt),
+                            logfmt.path(m),
+                        )
                 for m in mailboxes:
                     env.mailboxes[m] = None
                 for r in remote:
@@ -532,28 +545,51 @@ class SmtpSession:
         self.envelope = Envelope()
         return reply
 
-    def _mailbox_full(self, mailboxes: tuple[Address, ...], incoming: int) -> bool:
-        """At RCPT, only what is known cheaply (storage/quota.py): a mailbox at
-        its quota, or without room for a declared SIZE=."""
+    def _full_mailboxes(self, mailboxes: tuple[Address, ...], incoming: int) -> list[Address]:
+        """At RCPT, only what is known cheaply (storage/quota.py): the
+        mailboxes at their quota, or without room for a declared SIZE= (or a
+        size they lacked room for lately)."""
         quota = self.s.quota
         if quota is None:
-            return False
+            return []
         try:
-            return any(quota.full(m, self.s.maildirs.path_for(m), incoming) for m in mailboxes)
+            return [m for m in mailboxes if quota.full(m, self.s.maildirs.path_for(m), incoming)]
         except AddressError:
-            return False  # not a mailbox path: _data_start answers that
+            return []  # not a mailbox path: _data_start answers that
 
     async def _over_quota(self, tx: _Transaction) -> Reply | None:
-        """After the data: 552 5.2.2 if this message would take a mailbox past
-        its quota (RFC 3463; RFC 5321 §4.5.3.1.10: exceeded storage allocation)."""
+        """After the data, if this message would take a mailbox past its quota
+        (RFC 3463 X.2.2).  The reply covers the whole message, so:
+
+        * its only destination: 552 5.2.2, the sender is told at once (as
+          Dovecot's LMTP answers that recipient by default);
+        * one of several: 452 4.2.2, and the tracker remembers the size, so
+          the client's retry is refused for that mailbox alone at RCPT and
+          everyone else's copy goes through (never a 5xx for them)."""
         quota = self.s.quota
         if quota is None or tx.local is None:
             return None
         size = tx.local.size  # the file each mailbox gets, trace headers included
-        for mailbox in tx.envelope.mailboxes:
-            if not await quota.room(mailbox, self.s.maildirs.path_for(mailbox), size):
-                return Reply(552, "Mailbox full: the message exceeds a recipient's quota", "5.2.2")
-        return None
+        env = tx.envelope
+        lacking = [
+            (mailbox, path)
+            for mailbox in env.mailboxes
+            if not await quota.room(mailbox, path := self.s.maildirs.path_for(mailbox), size)
+        ]
+        if not lacking:
+            return None
+        if len(env.mailboxes) == 1 and not env.remote:
+            return Reply(552, "Mailbox full: the message exceeds the recipient's quota", "5.2.2")
+        for mailbox, path in lacking:
+            quota.no_room(path, size)
+            log.info(
+                "smtp quota defer id=%s client=%s mailbox=%s size=%d",
+                tx.queue_id,
+                self.client_ip,
+                logfmt.path(mailbox),
+                size,
+            )
+        return Reply(452, "A recipient's mailbox is full; try again later", "4.2.2")
 
     async def _judge_inbound(self, tx: _Transaction) -> Reply | None:
         """SPF/DKIM/DMARC (policy/mailauth.py): an Authentication-Results header
