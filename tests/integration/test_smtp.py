@@ -285,15 +285,16 @@ def test_starttls_then_delivery(server: PostofficeServer) -> None:
 
 
 @pytest.mark.abuse
-def test_starttls_command_injection_is_discarded(server: PostofficeServer) -> None:
+def test_starttls_command_injection_is_refused(server: PostofficeServer) -> None:
+    """RFC 3207 §4.2: commands pipelined behind STARTTLS are never executed;
+    the STARTTLS is refused and the session closed, as POP3 does for STLS."""
     client = raw(server)
     client.send(b"STARTTLS\r\nMAIL FROM:<evil@remote.test>\r\nRCPT TO:<alice@example.test>\r\n")
-    assert client.reply()[0] == 220
-    client.starttls()
-    # The injected MAIL must not have been executed: RCPT would need it.
-    assert client.cmd("EHLO client.test")[0] == 250
-    assert client.cmd("RCPT TO:<alice@example.test>")[0] == 503
+    code, lines = client.reply()
+    assert (code, lines[0]) == (554, "5.5.1 Nothing may follow STARTTLS before the handshake")
+    assert client.closed_by_peer()
     client.close()
+    assert "evil@remote.test" not in server.log()
 
 
 def test_rset_clears_the_transaction(server: PostofficeServer) -> None:

@@ -690,7 +690,7 @@ class Pop3Session:
             self.retrieved,
             result.deleted if result else 0,
             (result.seen if result else seen),
-            self.outcome,
+            logfmt.field(self.outcome),  # "TLS handshake failed": one quoted field
         )
 
 

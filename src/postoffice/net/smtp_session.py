@@ -21,6 +21,7 @@ from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
+from postoffice.net.smtp_tally import CommandTally
 from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.relay import (
     SRS_ALONE,
@@ -137,6 +138,16 @@ class SmtpSession:
         # accepted, and the seconds it has been held back for them.
         self.errors = 0
         self._error_delays = 0.0
+        # For the record the session ends with (_log_session).
+        self.implicit_tls = conn.tls
+        # 465 is submission over implicit TLS: "submissions" (RFC 8314 §7.3).
+        self.mode_name = "submissions" if conn.tls and mode is SmtpMode.SUBMISSION else mode.value
+        self.tally = CommandTally()
+        self.outcome = "dropped"  # until the session learns better
+        self.reason = ""  # e.g. why the TLS handshake failed
+        self.last_command = "CONNECT"  # Postfix's "lost connection after ..."
+        self.data_bytes = 0  # content octets of the message being received
+        self.first_helo = ""  # the name given before STARTTLS, if any
 
     # --- the loop --------------------------------------------------------------
     async def run(self) -> None:
@@ -163,6 +174,7 @@ class SmtpSession:
                             Reply(421, f"{hostname} Service shutting down", "4.3.2")
                         )
                     )
+                    self.outcome = "shutdown"
                     break
                 except TimeoutError:
                     self.conn.write(
@@ -170,7 +182,7 @@ class SmtpSession:
                             Reply(421, f"{hostname} Error: timeout exceeded", "4.4.2")
                         )
                     )
-                    log.info("smtp timeout client=%s", self.client_ip)
+                    self.outcome = "timeout"
                     break
                 if b"\n" in data:
                     line_deadline = None
@@ -182,32 +194,68 @@ class SmtpSession:
                     await self.conn.drain()
                 if self._start_tls:
                     self._start_tls = False
-                    await self.conn.start_tls(self.s.tls, TLS_HANDSHAKE_TIMEOUT)
+                    if not await self._handshake():
+                        break
         except WriteTimeout:
-            log.info("smtp write timeout client=%s", self.client_ip)
-        except (ConnectionClosed, ConnectionError, TimeoutError):
-            pass
-        except Exception as exc:  # a TLS failure and the like: never the whole server
-            log.info("smtp session ended client=%s: %s", self.client_ip, exc)
+            self.outcome = "write timeout"
+        except (ConnectionClosed, ConnectionError):
+            self.outcome = "dropped"
+        except Exception as exc:  # never the whole server
+            self.outcome, self.reason = "error", str(exc) or type(exc).__name__
         finally:
-            if self.tx is not None:
+            in_data = self.tx is not None
+            if in_data:
                 await self._abandon()
+            self._log_session(in_data)
+
+    async def _handshake(self) -> bool:
+        """The TLS handshake after our 220 to STARTTLS; False (the session
+        ends) when it fails or cannot start."""
+        if self.conn.unread:
+            # Sent before the client can have read our 220 (our write waited
+            # on a client that does not read): RFC 3207 §4.2 forbids it, and it
+            # cannot be a ClientHello we may use.  Close at once, not after
+            # a handshake that would wait 30 s for a hello already thrown away.
+            self.outcome = "data after STARTTLS"
+            return False
+        try:
+            await self.conn.start_tls(self.s.tls, TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, TimeoutError, ConnectionClosed) as exc:  # ssl.SSLError is an OSError
+            self.outcome = "TLS handshake failed"
+            self.reason = str(exc) or ("timeout" if isinstance(exc, TimeoutError) else "closed")
+            return False
+        self.tally.succeeded("starttls")
+        return True
 
     async def _process_events(self) -> None:
         while (event := self.core.next_event()) is not None:
             if isinstance(event, DataChunk):
+                self.data_bytes += len(event.data)
                 await self._data_chunk(event.data, event.newlines)
                 continue
+            verb = _verb(event)
+            if verb:
+                self.tally.given(verb)
+                self.last_command = verb.upper()
             if await self._hold_back():
                 reply = await self._answer(event)
             else:
                 reply = self._too_many_errors()
+                self.outcome = "too many errors"
             self.out.append(self.core.send(reply))
+            self._tally_reply(event, reply)
             if self._count_error(event, reply):
                 # The 421 follows the reply that reached the limit at once:
                 # the rest of a pipelined batch is never answered (closing the
                 # core drops it).
                 self.out.append(self.core.send_unsolicited(self._too_many_errors()))
+                self.outcome = "too many errors"
+            if isinstance(event, StartTls) and reply.code == 554:
+                # Data followed STARTTLS before our reply (RFC 3207 §4.2):
+                # refused, and nothing after it is read (_starttls).
+                self.core.close()
+                self.outcome = "data after STARTTLS"
+                return
             if isinstance(event, StartTls) and reply.code == 220:
                 self._start_tls = True
                 # RFC 3207 §4.2: forget everything learnt before TLS, login included.
@@ -217,6 +265,60 @@ class SmtpSession:
                 return  # nothing after STARTTLS is read as plaintext (RFC 3207 §4.2)
             if self.core.closed:
                 return
+
+    def _tally_reply(self, event: Event, reply: Reply) -> None:
+        """Count a command that succeeded (``smtp_tally``): DATA when its
+        message is accepted, STARTTLS after the handshake (_handshake), AUTH
+        at its 235, the rest at a 2xx."""
+        match event:
+            case DataRequested() | StartTls() | AuthResponse():
+                if isinstance(event, AuthResponse) and reply.code == 235:
+                    self.tally.succeeded("auth")
+                if isinstance(event, DataRequested) and reply.code == 354:
+                    self.data_bytes = 0
+            case DataComplete():
+                if reply.code == 250:
+                    self.tally.succeeded("data")
+            case Auth():
+                if reply.code == 235:
+                    self.tally.succeeded("auth")
+            case Rejected():
+                pass
+            case _ if 200 <= reply.code < 300:
+                verb = _verb(event)
+                if verb:
+                    self.tally.succeeded(verb)
+                if isinstance(event, Quit):
+                    self.outcome = "quit"
+
+    def _log_session(self, in_data: bool) -> None:
+        """One record for the whole session, however it ended (Postfix's
+        "disconnect from ..." with its command counts, and "lost connection
+        after DATA (N bytes)"); ``in_data``: it ended inside a message."""
+        after = ""
+        if self.outcome != "quit":
+            after = f" after={'DATA' if in_data else self.last_command}"
+            if in_data:
+                after += f" bytes={self.data_bytes}"
+        reason = f" reason={logfmt.field(self.reason)}" if self.reason else ""
+        log.info(
+            "smtp session mode=%s client=%s helo=%s tls=%s user=%s end=%s%s%s %s",
+            self.mode_name,
+            self.client_ip,
+            logfmt.field(self.helo or self.first_helo or "-"),
+            self._tls_field(),
+            logfmt.field(self.user or "-"),
+            logfmt.field(self.outcome),
+            after,
+            reason,
+            self.tally.summary(),
+        )
+
+    def _tls_field(self) -> str:
+        """As POP3's records say it: implicit (465), stls, or no."""
+        if self.implicit_tls:
+            return "implicit"
+        return "stls" if self.conn.tls else "no"  # the core's says so from the 220 on
 
     # --- errors (Postfix's smtpd_soft/hard_error_limit) -------------------------------
     async def _hold_back(self) -> bool:
@@ -280,6 +382,12 @@ class SmtpSession:
             case Help():
                 return Reply(214, "See RFC 5321 (https://www.rfc-editor.org/rfc/rfc5321)", "2.0.0")
             case StartTls():
+                if self.core.buffered or self.conn.unread:
+                    # RFC 3207 §4.2: the client must wait for our 220.  What it
+                    # sent meanwhile (commands, or its ClientHello) is never
+                    # executed, nor waited for in a handshake that would hang:
+                    # refused, said so, and closed at once, as POP3 does for STLS.
+                    return Reply(554, "Nothing may follow STARTTLS before the handshake", "5.5.1")
                 return Reply(220, "Ready to start TLS", "2.0.0")
             case Auth():
                 return await self._auth(event)
@@ -289,6 +397,7 @@ class SmtpSession:
 
     def _hello(self, event: Hello) -> Reply:
         self.helo = event.name
+        self.first_helo = self.first_helo or event.name
         self.envelope = Envelope()
         hostname = self.s.settings.hostname
         if not event.extended:
@@ -335,7 +444,7 @@ class SmtpSession:
             # Postfix-style "NOQUEUE: reject" line: refusals are what admins grep for.
             log.info(
                 "smtp reject mode=%s client=%s helo=%s from=%s to=%s result=%d %s %s",
-                self.mode.value,
+                self.mode_name,
                 self.client_ip,
                 logfmt.field(self.helo or "-"),
                 logfmt.path(self.envelope.sender),
@@ -676,12 +785,13 @@ class SmtpSession:
     def _log_transaction(self, tx: _Transaction, size: int, reply: Reply) -> None:
         env = tx.envelope
         log.info(
-            "smtp id=%s mode=%s client=%s helo=%s user=%s from=%s to=%s size=%d result=%d %s"
-            " time=%.3f",
+            "smtp id=%s mode=%s client=%s helo=%s tls=%s user=%s from=%s to=%s size=%d"
+            " result=%d %s time=%.3f",
             tx.queue_id,
-            self.mode.value,
+            self.mode_name,
             self.client_ip,
             logfmt.field(self.helo or "-"),
+            self._tls_field(),
             logfmt.field(self.user or "-"),
             logfmt.path(env.sender),
             logfmt.paths(env.recipients),
@@ -746,6 +856,33 @@ class SmtpSession:
             return Reply(535, "Authentication credentials invalid", "5.7.8")
         self.user = user
         return Reply(235, "Authentication successful", "2.7.0")
+
+
+def _verb(event: Event) -> str:
+    """The command an event is, for the tally ("" for what is none: data,
+    a SASL response line)."""
+    match event:
+        case Hello(extended=extended):
+            return "ehlo" if extended else "helo"
+        case Rejected(command=command):
+            return command or "unknown"
+        case DataChunk() | DataComplete() | AuthResponse():
+            return ""
+    return _VERBS.get(type(event), "")
+
+
+_VERBS: dict[type, str] = {
+    MailFrom: "mail",
+    RcptTo: "rcpt",
+    DataRequested: "data",
+    Reset: "rset",
+    Noop: "noop",
+    Quit: "quit",
+    Verify: "vrfy",
+    Help: "help",
+    StartTls: "starttls",
+    Auth: "auth",
+}
 
 
 def _storage_failure(exc: Exception) -> Reply:

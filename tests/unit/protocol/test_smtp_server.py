@@ -721,6 +721,30 @@ def test_starttls_discards_pipelined_plaintext() -> None:
     assert isinstance(d.one(b"MAIL FROM:<a@b.example>\r\n"), MailFrom)
 
 
+def test_rejections_name_the_command_they_refuse() -> None:
+    """For the session's tally (Postfix's ``mail=0/1``): a refused command
+    keeps its verb; a line that is no command has none."""
+    d = Dialogue()
+    event = d.one(b"MAIL FROM:<a@b.example>\r\n")
+    assert isinstance(event, Rejected) and event.command == "mail"
+    event = d.one(b"XYZZY\r\n")
+    assert isinstance(event, Rejected) and event.command == ""
+    event = d.one(b"HELO \xff\r\n")
+    assert isinstance(event, Rejected) and event.command == "helo"
+
+
+def test_close_ends_the_dialogue_after_a_refused_starttls() -> None:
+    """The session refuses a STARTTLS with data behind it (554) and closes:
+    nothing buffered after it ever becomes an event."""
+    d = Dialogue().greeted()
+    d.core.receive_data(b"STARTTLS\r\nMAIL FROM:<evil@x.example>\r\n")
+    assert d.core.next_event() == StartTls()
+    assert d.core.buffered > 0  # what the session sees before it answers
+    d.core.send(Reply(554, "Nothing may follow STARTTLS before the handshake", "5.5.1"))
+    d.core.close()
+    assert d.core.closed and d.core.next_event() is None and not d.core.tls
+
+
 def test_starttls_resets_transaction_and_authentication() -> None:
     d = Dialogue().greeted()
     d.one(b"AUTH PLAIN AGFsaWNlAHB3\r\n")
