@@ -2,7 +2,9 @@
 
 ``[limits] mailbox_quota`` and ``postoffice user quota``: a full mailbox is
 452 4.2.2 at RCPT (as is a declared SIZE= that does not fit), a message that
-would take it past its quota 552 5.2.2 after the data.  Usage lives in the
+would take it past its quota 552 5.2.2 after the data when it is the
+message's only destination, else 452 4.2.2 (never a 5xx for the others),
+and a full alias member is skipped.  Usage lives in the
 Maildir++ ``maildirsize`` file, kept in step by deliveries and POP3
 deletions, and recounted when the Maildir was changed behind the server's
 back, and after a restart.
