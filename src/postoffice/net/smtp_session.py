@@ -268,28 +268,23 @@ class SmtpSession:
 
     def _tally_reply(self, event: Event, reply: Reply) -> None:
         """Count a command that succeeded (``smtp_tally``): DATA when its
-        message is accepted, STARTTLS after the handshake (_handshake), AUTH
-        at its 235, the rest at a 2xx."""
-        match event:
-            case DataRequested() | StartTls() | AuthResponse():
-                if isinstance(event, AuthResponse) and reply.code == 235:
-                    self.tally.succeeded("auth")
-                if isinstance(event, DataRequested) and reply.code == 354:
-                    self.data_bytes = 0
-            case DataComplete():
-                if reply.code == 250:
-                    self.tally.succeeded("data")
-            case Auth():
-                if reply.code == 235:
-                    self.tally.succeeded("auth")
-            case Rejected():
-                pass
-            case _ if 200 <= reply.code < 300:
-                verb = _verb(event)
-                if verb:
-                    self.tally.succeeded(verb)
-                if isinstance(event, Quit):
-                    self.outcome = "quit"
+        message is accepted, AUTH at its 235, STARTTLS after the handshake
+        (_handshake), a refusal never, the rest at a 2xx."""
+        code = reply.code
+        if isinstance(event, DataComplete):
+            verb, ok = "data", code == 250
+        elif isinstance(event, Auth | AuthResponse):
+            verb, ok = "auth", code == 235
+        elif isinstance(event, DataRequested | StartTls | Rejected):
+            if isinstance(event, DataRequested) and code == 354:
+                self.data_bytes = 0  # a message begins
+            return
+        else:
+            verb, ok = _verb(event), 200 <= code < 300
+            if isinstance(event, Quit) and code == 221:
+                self.outcome = "quit"
+        if ok and verb:
+            self.tally.succeeded(verb)
 
     def _log_session(self, in_data: bool) -> None:
         """One record for the whole session, however it ended (Postfix's
