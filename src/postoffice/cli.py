@@ -461,8 +461,10 @@ def _alias_add(args: argparse.Namespace, settings: Settings) -> int:
     targets = [parse_address(t.strip(), utf8=True) for t in args.targets]
     with closing(_store(settings)) as store:
         store.add_alias(args.alias, targets)  # refuses loops (a -> b -> a)
-        # A local target that is nobody is dropped at delivery: say so now.
+        # A local target that is nobody gets nothing at delivery: say now what
+        # becomes of the mail (storage/sqlite_accounts.py _expand, policy/relay.py).
         aliases = store.list_aliases()
+        missing: list[str] = []
         for target in targets:
             found = store.resolve(target)
             if found is None or found.exists:
@@ -470,10 +472,16 @@ def _alias_add(args: argparse.Namespace, settings: Settings) -> int:
             domain = target.domain.lower()
             names = {f"{n.lower()}@{domain}" for n in (target.local, split_plus(target.local))}
             if names & set(aliases):
-                what = f"alias {target} delivers to nobody yet"
+                missing.append(f"alias {target} delivers to nobody yet")
             else:
-                what = f"{target} is not a user or alias (yet)"
-            print(f"postoffice: warning: {what}; mail for it will be dropped", file=sys.stderr)
+                missing.append(f"{target} is not a user or alias (yet)")
+        if missing and len(missing) == len(targets):
+            # Nothing to deliver to: RCPT refuses the alias, the sender is told.
+            outcome = f"mail to {args.alias} is refused (550 5.1.1 User unknown) until it does"
+        else:
+            outcome = f"its copy of mail to {args.alias} is dropped (and logged) until it does"
+        for what in missing:
+            print(f"postoffice: warning: {what}; {outcome}", file=sys.stderr)
     print(f"added alias {args.alias} -> {', '.join(str(t) for t in targets)}")
     return 0
 

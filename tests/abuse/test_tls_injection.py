@@ -1,24 +1,30 @@
 """STARTTLS and STLS command injection (CVE-2011-0411 and the 2021 family).
 
 Whatever a client (or a man in the middle) sends in plaintext after
-STARTTLS/STLS, in the same packet or while the handshake runs, must be
-thrown away: not executed, and not answered inside the encrypted session
-(RFC 3207 §4.2, RFC 2595 §4).  tests/integration covers an injected MAIL on
-port 25 and the POP3 STLS cases; here: injected AUTH on submission (it
-would log the attacker in as someone else), replies smuggled into the TLS
-stream on both STARTTLS ports, and plaintext racing the handshake; and for POP3
-STLS (RFC 2595 §4) pipelined credentials and the same race, so that
-``pytest -m abuse`` covers both protocols.
+STARTTLS/STLS, in the same packet or while the handshake runs, must never
+be executed, nor answered inside the encrypted session (RFC 3207 §4.2,
+RFC 2595 §4).  Both protocols refuse a STARTTLS/STLS that has data behind
+it (SMTP ``554 5.5.1``, POP3 ``-ERR``) and close at once, logged; plaintext
+that races the handshake breaks it.  tests/integration covers an injected
+MAIL on port 25 and the POP3 STLS cases; here: injected AUTH on submission
+(it would log the attacker in as someone else), commands behind STARTTLS on
+both STARTTLS ports, a ClientHello in the same write as STARTTLS (a client
+that does not wait for the 220: answered at once, not left hanging), and
+plaintext racing the handshake; and for POP3 STLS (RFC 2595 §4) pipelined
+credentials and the same race, so that ``pytest -m abuse`` covers both
+protocols.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+import time
 
 import pytest
 
-from tests.support.helpers import ALICE, ALICE_PW, plain_auth, raw, tls_context
+from tests.support.helpers import ALICE, ALICE_PW, plain_auth, raw, tls_context, wait_for
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
 
@@ -36,14 +42,15 @@ def replies_until_close(client: RawSmtp) -> list[int]:
 
 
 @pytest.mark.parametrize("port", ["smtp", "submission"])
-def test_injected_commands_get_no_reply_inside_tls(server: PostofficeServer, port: str) -> None:
+def test_injected_commands_are_refused_with_the_starttls(
+    server: PostofficeServer, port: str
+) -> None:
     client = raw(server, port)
     client.send(b"STARTTLS\r\nNOOP\r\nNOOP\r\nRSET\r\n")
-    assert client.reply()[0] == 220
-    client.starttls()
-    # Our own commands inside TLS: exactly their replies, nothing queued before them.
-    client.send(b"NOOP\r\nQUIT\r\n")
-    assert replies_until_close(client) == [250, 221]
+    # One reply, the refusal; none of the injected commands is answered.
+    code, lines = client.reply()
+    assert (code, lines[0]) == (554, "5.5.1 Nothing may follow STARTTLS before the handshake")
+    assert replies_until_close(client) == []
 
 
 def test_injected_auth_on_submission_is_not_executed(server: PostofficeServer) -> None:
@@ -53,13 +60,44 @@ def test_injected_auth_on_submission_is_not_executed(server: PostofficeServer) -
         + plain_auth(ALICE, ALICE_PW).encode()
         + b"\r\nMAIL FROM:<alice@example.test>\r\n"
     )
-    assert client.reply()[0] == 220
-    client.starttls()
-    assert client.cmd("EHLO client.test")[0] == 250
-    code, _ = client.cmd("MAIL FROM:<alice@example.test>")
-    assert code == 530  # not logged in: the plaintext AUTH was discarded
-    client.cmd("QUIT")
+    assert client.reply()[0] == 554
+    assert replies_until_close(client) == []
     assert "auth ok" not in server.log()
+
+
+def client_hello() -> bytes:
+    """A real TLS ClientHello, as a client sends it to start a handshake."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = tls_context().wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.parametrize("port", ["smtp", "submission"])
+def test_a_client_hello_in_the_starttls_write_is_answered_at_once(
+    server: PostofficeServer, port: str
+) -> None:
+    """trial #2: a client that sends its ClientHello with STARTTLS, not
+    waiting for the 220, used to get the 220 and then nothing for 30 s (the
+    hello was discarded, the handshake waited for another).  Now: a clear
+    refusal, the connection closed at once, and a log record."""
+    client = raw(server, port)
+    client.sock.settimeout(5)  # far below the 30 s handshake deadline
+    started = time.monotonic()
+    client.send(b"STARTTLS\r\n" + client_hello())
+    code, lines = client.reply()
+    assert (code, lines[0]) == (554, "5.5.1 Nothing may follow STARTTLS before the handshake")
+    assert client.closed_by_peer()
+    assert time.monotonic() - started < 5
+    mode = "smtp" if port == "smtp" else "submission"
+    assert wait_for(
+        lambda: any(
+            f"smtp session mode={mode} client=127.0.0.1" in line
+            and 'end="data after STARTTLS" after=STARTTLS' in line
+            for line in server.log().splitlines()
+        )
+    ), server.log()
 
 
 def test_plaintext_racing_the_smtp_handshake_is_not_executed(server: PostofficeServer) -> None:

@@ -210,3 +210,84 @@ def test_forged_expired_and_non_bounce_srs_addresses_are_refused(net: Net) -> No
     code, text = rcpt_reply(net, "spammer@elsewhere.test", str(good))
     assert (code, text[:5]) == (550, b"5.7.1"), text
     assert "srs: refused" in net.srv.log()
+
+
+def test_a_quoted_dot_atom_sender_is_rewritten_and_bounced_headers_only(net: Net) -> None:
+    """review #2: ``"someone"`` is ``someone``: it gets SRS (no forged sender
+    downstream) and a refusal there gives the headers-only bounce."""
+    junk = "".join(f"X-Junk-{i}: {'spam ' * 180}\r\n" for i in range(10))
+    message = f"From: someone@elsewhere.test\r\nSubject: q-srs\r\n{junk}\r\nBUY NOW\r\n".encode()
+    smtp_send(net, '<"someone"@elsewhere.test>', ["gone@example.test", "fwd@example.test"], message)
+    assert wait_for(lambda: len(arrived(net.remote, b"q-srs")) == 1, 30), net.srv.log()
+    sender = path(arrived(net.remote, b"q-srs")[0].sender)
+    assert sender.domain == "example.test" and sender.local.startswith("SRS0=")
+    assert sender.local.endswith("=elsewhere.test=someone")
+    assert wait_for(lambda: len(arrived(net.origin, b"q-srs")) == 1, 30), net.srv.log()
+    (bounce,) = arrived(net.origin, b"q-srs")
+    assert bounce.sender == "<>" and bounce.recipients == [f"<{SOMEONE}>"]
+    assert b"X-Junk" not in bounce.data and b"BUY NOW" not in bounce.data
+
+
+def test_a_quoted_sender_gets_a_quoted_srs_address_that_takes_its_bounces(net: Net) -> None:
+    """A local part that is no dot-atom: the SRS local part is quoted whole,
+    valid on the wire, and a bounce to it goes back to the quoted sender."""
+    sender = '"x(evil)"@elsewhere.test'
+    smtp_send(net, f"<{sender}>", ["fwd@example.test"], b"Subject: q-srs-2\r\n\r\nhello\r\n")
+    assert wait_for(lambda: len(arrived(net.remote, b"q-srs-2")) == 1, 30), net.srv.log()
+    srs_address = path(arrived(net.remote, b"q-srs-2")[0].sender)
+    assert srs_address.domain == "example.test"
+    assert srs_address.local.startswith('"SRS0=') and srs_address.local.endswith('=x(evil)"')
+    smtp_send(net, "<>", [f"<{srs_address}>"], b"Subject: q-srs-2-bounced\r\n\r\nfailed\r\n")
+    assert wait_for(lambda: len(arrived(net.origin, b"q-srs-2-bounced")) == 1, 30)
+    (bounce,) = arrived(net.origin, b"q-srs-2-bounced")
+    assert bounce.sender == "<>" and bounce.recipients == [f"<{sender}>"]
+
+
+def srs_for(net: Net, victim: str) -> str:
+    good = net.srs().forward(path(f"<{victim}>"), "example.test")
+    assert good is not None
+    return str(good)
+
+
+def test_a_bounce_to_an_srs_address_is_capped_at_64_kib(net: Net) -> None:
+    """review #6: a valid SRS address relays null-sender mail, so only what a
+    bounce needs: over 64 KiB is 552 5.3.4, before the data when SIZE= says
+    so, else after it; nothing reaches the original sender."""
+    target = srs_for(net, "capped@elsewhere.test")
+    with smtplib.SMTP("127.0.0.1", net.srv.ports["smtp"], timeout=30) as client:
+        client.ehlo("bounces.remote.test")
+        assert client.mail("<>", ["SIZE=70000"])[0] == 250
+        code, text = client.rcpt(target)
+        assert (code, text[:5]) == (552, b"5.3.4"), text
+        client.rset()
+        assert client.mail("<>")[0] == 250  # no SIZE=: found out while reading
+        assert client.rcpt(target)[0] == 250
+        big = b"Subject: srs-cap-big\r\n\r\n" + b"x" * 76 + b"\r\n"
+        code, text = client.data(big * 1000)
+        assert (code, text[:5]) == (552, b"5.3.4"), text
+        # A bounce of a normal size still goes through.
+        assert client.mail("<>", ["SIZE=20000"])[0] == 250
+        assert client.rcpt(target)[0] == 250
+        code, _ = client.data(b"Subject: srs-cap-small\r\n\r\n" + b"y" * 76 * 200 + b"\r\n")
+        assert code == 250
+    assert wait_for(lambda: len(arrived(net.origin, b"srs-cap-small")) == 1, 30)
+    assert not arrived(net.origin, b"srs-cap-big")
+
+
+def test_a_bounce_to_an_srs_address_goes_alone(net: Net) -> None:
+    """At most one SRS recipient per transaction, and with no one else: its
+    size cap can then refuse nobody else's copy.  452 4.5.3: the client
+    sends the others in transactions of their own (RFC 5321 §4.5.3.1.10)."""
+    first, second = srs_for(net, "one@elsewhere.test"), srs_for(net, "two@elsewhere.test")
+    with smtplib.SMTP("127.0.0.1", net.srv.ports["smtp"], timeout=30) as client:
+        client.ehlo("bounces.remote.test")
+        assert client.mail("<>")[0] == 250
+        assert client.rcpt(first)[0] == 250
+        for other in (second, "bob@example.test"):
+            code, text = client.rcpt(other)
+            assert (code, text[:5]) == (452, b"4.5.3"), text
+        client.rset()
+        assert client.mail("<>")[0] == 250
+        assert client.rcpt("bob@example.test")[0] == 250
+        code, text = client.rcpt(first)
+        assert (code, text[:5]) == (452, b"4.5.3"), text

@@ -396,9 +396,20 @@ def test_a_maildir_the_server_may_not_write_fails_only_its_deliveries(
 def test_an_alias_member_that_is_gone_is_logged_at_delivery(tmp_path: Path) -> None:
     srv = PostofficeServer(tmp_path)
     srv.add_user(ALICE, "alice-password-1")
-    srv.cli("alias", "add", "team@example.test", ALICE, "ghost@example.test")
+    # `alias add` says what the server then does with the mail (trial #11).
+    added = srv.cli("alias", "add", "team@example.test", ALICE, "ghost@example.test")
+    assert (
+        "warning: ghost@example.test is not a user or alias (yet); its copy of mail to"
+        " team@example.test is dropped (and logged) until it does" in added.stderr
+    )
+    added = srv.cli("alias", "add", "lonely@example.test", "ghost@example.test")
+    assert (
+        "warning: ghost@example.test is not a user or alias (yet); mail to lonely@example.test"
+        " is refused (550 5.1.1 User unknown) until it does" in added.stderr
+    )
     srv.start()
     try:
+        assert send(srv, "lonely@example.test") == ({"lonely@example.test": 550}, 0)
         assert send(srv, "team@example.test") == ({"team@example.test": 250}, 250)
         assert wait_for(
             lambda: (

@@ -606,6 +606,28 @@ def test_dele_then_quit_deletes_and_retr_marks_seen(server: PostofficeServer) ->
     assert not any(gone in n for n in state["new"] + state["cur"])
 
 
+def test_a_message_removed_meanwhile_is_not_reported_deleted(fresh: PostofficeServer) -> None:
+    """`user remove` while the user's session is open: RETR says the message
+    is gone, so DELE of it is -ERR, and what UPDATE did not delete is never
+    counted as deleted (QUIT's text, the log's deleted=)."""
+    deliver(fresh, ALICE, b"Subject: one\n\n1\n")
+    deliver(fresh, ALICE, b"Subject: two\n\n2\n")
+    with closing(pop3s(fresh)) as client:
+        login(client)
+        fresh.cli("user", "remove", ALICE, "--force")
+        with pytest.raises(poplib.error_proto) as retr:
+            client.retr(1)
+        assert err(retr) == b"-ERR Message was removed by another client"
+        with pytest.raises(poplib.error_proto) as dele:
+            client.dele(1)
+        assert err(dele) == b"-ERR Message was removed by another client"
+        assert client.dele(2).startswith(b"+OK")  # not known to be gone yet
+        assert client.quit() == b"+OK Logging out, 0 messages deleted"
+    assert wait_for(lambda: "retrieved=0 deleted=0 seen=0 end=quit" in fresh.log())
+    removed = list((fresh.data_dir / "removed").rglob("new/*"))
+    assert len(removed) == 2  # moved aside whole, nothing deleted from it
+
+
 def test_dropped_connection_deletes_nothing(fresh: PostofficeServer) -> None:
     for i in range(3):
         deliver(fresh, ALICE, f"Subject: {i}\n\n{i}\n".encode())

@@ -2,7 +2,9 @@
 
 ``[limits] mailbox_quota`` and ``postoffice user quota``: a full mailbox is
 452 4.2.2 at RCPT (as is a declared SIZE= that does not fit), a message that
-would take it past its quota 552 5.2.2 after the data.  Usage lives in the
+would take it past its quota 552 5.2.2 after the data when it is the
+message's only destination, else 452 4.2.2 (never a 5xx for the others),
+and a full alias member is skipped.  Usage lives in the
 Maildir++ ``maildirsize`` file, kept in step by deliveries and POP3
 deletions, and recounted when the Maildir was changed behind the server's
 back, and after a restart.
@@ -192,3 +194,66 @@ def test_a_restart_recounts_what_it_cannot_know(srv: PostofficeServer) -> None:
     code, lines = send_raw(srv, ALICE, "m3", 10_000)
     assert (code, lines[0][:5]) == (552, "5.2.2"), lines
     assert recorded(srv, ALICE)[1:] == (stored_bytes(srv, ALICE), 2)
+
+
+def transaction(srv: PostofficeServer, rcpts: list[str], tag: str, size: int) -> list[int]:
+    """Raw SMTP, no SIZE=: each RCPT's code, then DATA's final code (if any
+    recipient was taken)."""
+    c = RawSmtp("127.0.0.1", srv.ports["smtp"], timeout=15)
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.test")[0] == 250
+    assert c.cmd("MAIL FROM:<sender@remote.test>")[0] == 250
+    codes = [c.cmd(f"RCPT TO:<{rcpt}>")[0] for rcpt in rcpts]
+    if 250 in codes:
+        assert c.cmd("DATA")[0] == 354
+        c.send(message(tag, size) + b".\r\n")
+        code, lines = c.reply()
+        codes.append(code)
+        if code != 250:
+            assert lines[0].startswith("4.2.2"), lines  # never a 5xx for the others
+    c.cmd("QUIT")
+    return codes
+
+
+def fill_alice(srv: PostofficeServer) -> None:
+    send(srv, ALICE, "m1", 10_000)
+    send(srv, ALICE, "m2", 10_000)  # ~20 KiB of 30: room for small mail only
+
+
+def test_one_full_mailbox_never_bounces_the_others(srv: PostofficeServer) -> None:
+    """review #3: alice has no room for the message, bob has.  One reply
+    covers the message, so it is deferred (452 4.2.2), not refused; the
+    retry is refused for alice alone at RCPT (the size is remembered, though
+    no SIZE= is declared) and bob gets his copy."""
+    fill_alice(srv)
+    assert transaction(srv, [ALICE, BOB], "multi", 10_000) == [250, 250, 452]
+    assert srv.messages(BOB) == []
+    assert "smtp quota defer" in srv.log()
+    assert transaction(srv, [ALICE, BOB], "multi", 10_000) == [452, 250, 250]
+    assert len(srv.messages(BOB)) == 1 and len(srv.messages(ALICE)) == 2
+    # The client sends alice's copy alone later: refused at RCPT while it
+    # cannot fit.  Mail that declares a SIZE= that fits still reaches her.
+    assert transaction(srv, [ALICE], "multi", 10_000) == [452]
+    send(srv, ALICE, "small", 3_000)
+    assert len(srv.messages(ALICE)) == 3
+
+
+def test_a_full_alias_member_is_skipped_and_the_rest_delivered(srv: PostofficeServer) -> None:
+    srv.cli("alias", "add", "team@example.test", ALICE, BOB)
+    srv.cli("alias", "add", "solo@example.test", ALICE)
+    send(srv, ALICE, "m1", 16_000)
+    srv.cli("user", "quota", ALICE, "15K")  # over it now
+    assert transaction(srv, ["team@example.test"], "team", 1_000) == [250, 250]
+    assert len(srv.messages(BOB)) == 1 and len(srv.messages(ALICE)) == 1
+    assert "smtp quota skip client=127.0.0.1 alias=<team@example.test>" in srv.log()
+    # An alias whose every member is full is a full mailbox.
+    assert transaction(srv, ["solo@example.test"], "solo", 1_000) == [452]
+
+
+def test_an_alias_member_without_room_for_this_message(srv: PostofficeServer) -> None:
+    """Found out only after the data: deferred, then skipped at RCPT."""
+    srv.cli("alias", "add", "team@example.test", ALICE, BOB)
+    fill_alice(srv)
+    assert transaction(srv, ["team@example.test"], "team", 10_000) == [250, 452]
+    assert transaction(srv, ["team@example.test"], "team", 10_000) == [250, 250]
+    assert len(srv.messages(BOB)) == 1 and len(srv.messages(ALICE)) == 2

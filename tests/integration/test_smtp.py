@@ -159,6 +159,9 @@ def test_declared_size_over_limit_is_552(server: PostofficeServer) -> None:
     client = raw(server)
     code, lines = client.cmd(f"MAIL FROM:<a@remote.test> SIZE={26 * 1024 * 1024}")
     assert code == 552 and lines[0].startswith("5.3.4")
+    # More digits than RFC 1870's 20 is still a size, and too big (not 501).
+    code, lines = client.cmd("MAIL FROM:<a@remote.test> SIZE=" + "9" * 24)
+    assert code == 552 and lines[0].startswith("5.3.4")
 
 
 def test_unknown_mail_parameter_is_555(server: PostofficeServer) -> None:
@@ -273,15 +276,16 @@ def test_starttls_then_delivery(server: PostofficeServer) -> None:
 
 
 @pytest.mark.abuse
-def test_starttls_command_injection_is_discarded(server: PostofficeServer) -> None:
+def test_starttls_command_injection_is_refused(server: PostofficeServer) -> None:
+    """RFC 3207 §4.2: commands pipelined behind STARTTLS are never executed;
+    the STARTTLS is refused and the session closed, as POP3 does for STLS."""
     client = raw(server)
     client.send(b"STARTTLS\r\nMAIL FROM:<evil@remote.test>\r\nRCPT TO:<alice@example.test>\r\n")
-    assert client.reply()[0] == 220
-    client.starttls()
-    # The injected MAIL must not have been executed: RCPT would need it.
-    assert client.cmd("EHLO client.test")[0] == 250
-    assert client.cmd("RCPT TO:<alice@example.test>")[0] == 503
+    code, lines = client.reply()
+    assert (code, lines[0]) == (554, "5.5.1 Nothing may follow STARTTLS before the handshake")
+    assert client.closed_by_peer()
     client.close()
+    assert "evil@remote.test" not in server.log()
 
 
 def test_rset_clears_the_transaction(server: PostofficeServer) -> None:
@@ -443,3 +447,34 @@ def test_mail_loop_is_refused_after_100_hops(server: PostofficeServer) -> None:
             hops[hops.index(b"Received", 10) :] + b"\r\nx\r\n",
         )
     assert len(server.messages("alice@example.test")) == 1
+
+
+def test_replies_are_ascii(server: PostofficeServer) -> None:
+    """RFC 5321 §2.4: the refusals that cite an RFC section do it in ASCII."""
+    client = raw(server)
+    hops = b"".join(
+        b"Received: from h%d.test by h.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % i
+        for i in range(100)
+    )
+    for content in (b"Subject: cr\r\n\r\nbare\rCR\r\n", hops + b"Subject: loop\r\n\r\nx\r\n"):
+        assert client.cmd("MAIL FROM:<a@remote.test>")[0] == 250
+        assert client.cmd("RCPT TO:<alice@example.test>")[0] == 250
+        assert client.cmd("DATA")[0] == 354
+        client.send(content + b".\r\n")
+        while b"\r\n" not in client.buf:
+            client.buf += client.sock.recv(4096)
+        line = client.buf.split(b"\r\n", 1)[0]
+        assert line[:3] == b"554" and b"section" in line and line.isascii(), line
+        client.reply()
+    client.close()
+
+
+def test_helo_with_parentheses_keeps_received_well_formed(server: PostofficeServer) -> None:
+    """Any HELO name is taken (as Postfix does by default); in Received: its
+    specials become "?" so the trace comment structure holds (RFC 5321 §4.4)."""
+    with smtp(server) as client:
+        client.ehlo("a)b(c")
+        client.sendmail("a@remote.test", ["alice@example.test"], b"Subject: helo\r\n\r\nx\r\n")
+    (path,) = server.messages("alice@example.test")
+    received = path.read_bytes().split(b"\nReceived: ", 1)[1].split(b"\n")[0]
+    assert received == b"from a?b?c ([127.0.0.1])"

@@ -556,7 +556,12 @@ class Outbound:
         try:
             return self._srs.reverse(sender, check_age=False), True
         except SrsError as exc:  # the secret it was made with is gone
-            log.warning("%s: no DSN: cannot reverse <%s>: %s", entry.queue_id, sender, exc)
+            log.warning(
+                "%s: no DSN: cannot reverse from=%s reason=%s",
+                entry.queue_id,
+                logfmt.path(sender),
+                logfmt.field(exc),
+            )
             return None, True
 
 

@@ -69,6 +69,8 @@ _DOT_ATOM_UTF8 = re.compile(rf"[{_ATEXT}{_NON_ASCII}]+(?:\.[{_ATEXT}{_NON_ASCII}
 # Quoted-string: printable ASCII except " and \, or a backslash pair.
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
 _QUOTED_UTF8 = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_NON_ASCII}]|\\[\x20-\x7e])*"')
+_QUOTED_PAIR = re.compile(r"\\(.)")
+_QUOTE_NEEDED = re.compile(r'["\\]')
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # What a local account may be called: always one safe path component.
 _MAILBOX_LOCAL = re.compile(r"[a-z0-9](?:[a-z0-9_-]|\.(?!\.))*")
@@ -176,6 +178,25 @@ def parse_path(text: str, *, utf8: bool = False) -> Address | None:
             normalise_domain(hop[1:])
         inner = inner[colon + 1 :]
     return parse_address(inner, utf8=utf8)
+
+
+def unquote_local_part(local: str) -> str:
+    """The text a local part stands for: a quoted string's content with its
+    backslash pairs undone (RFC 5321 §4.1.2), anything else as it is.
+    ``"someone"`` and ``someone`` name the same mailbox (RFC 5322 §3.4.1)."""
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        return _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    return local
+
+
+def format_local_part(text: str) -> str:
+    """``text`` written as a local part: as a dot-atom if it is one, else as a
+    quoted string (``"`` and ``\\`` escaped).  The inverse of
+    ``unquote_local_part`` for text of printable characters."""
+    atom = _DOT_ATOM_ASCII if text.isascii() else _DOT_ATOM_UTF8
+    if atom.fullmatch(text):
+        return text
+    return '"' + _QUOTE_NEEDED.sub(r"\\\g<0>", text) + '"'
 
 
 def mailbox_local_part(local: str) -> str:

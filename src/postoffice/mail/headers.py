@@ -14,16 +14,42 @@ import re
 import secrets
 import time
 
-from postoffice.mail.address import Address, AddressError, parse_address
+from postoffice.mail.address import (
+    MAX_DOMAIN,
+    Address,
+    AddressError,
+    normalise_domain,
+    parse_address,
+)
 
 MAX_HEADER_BLOCK = 256 * 1024  # past this the rest is passed through unparsed
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
+# In the From part of Received: (RFC 5321 §4.4 Extended-Domain), what is not
+# a domain character or atext: RFC 5322 specials such as "(" and ")" would
+# open or close a comment of their own.
+_NOT_DOMAIN = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
 
 
 def _clean(text: str, limit: int = 255) -> str:
     """Keep a client-supplied token printable and single-line (no header injection)."""
     return _UNSAFE.sub("?", text)[:limit]
+
+
+def _helo_token(helo: str) -> str:
+    """The HELO name as the From part of Received:.  Any name is accepted at
+    HELO (as Postfix does by default: RFC 5321 §4.1.4 and many clients send
+    less than a domain), so it is made safe here: an address literal stays as
+    it is, anything else keeps only domain and atext characters, every other
+    one (parentheses, quotes, backslashes, ";", non-ASCII) becoming "?", so
+    the trace field keeps its comment structure (Postfix writes ``a?b?c`` for
+    ``a)b(c`` too)."""
+    if helo.startswith("["):
+        try:
+            return normalise_domain(helo[:MAX_DOMAIN])
+        except AddressError:
+            pass
+    return _NOT_DOMAIN.sub("?", helo)[:MAX_DOMAIN]
 
 
 _date_memo: list[tuple[int, str]] = [(-1, "")]  # (second, its RFC 5322 form)
@@ -52,7 +78,7 @@ def trace_headers(
     tls: str | None,
 ) -> bytes:
     """The Received: header (RFC 5321 §4.4, RFC 3848 protocol names)."""
-    lines = [f"Received: from {_clean(helo) or 'unknown'} ([{client_ip}])"]
+    lines = [f"Received: from {_helo_token(helo) or 'unknown'} ([{client_ip}])"]
     lines.append(f"\tby {hostname} (postoffice) with {protocol} id {queue_id}")
     if tls:
         lines.append(f"\t(using {_clean(tls)})")

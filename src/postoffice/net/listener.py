@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from postoffice import logfmt
 from postoffice.config.settings import ListenAddress
 from postoffice.net.connection import Connection
 from postoffice.policy.netkey import client_key
@@ -166,7 +167,7 @@ class Listener:
         self._unstarted += 1
         if shares is not None:
             shares.opened()
-        task = self._loop.create_task(self._adopt(client, ip))
+        task = self._loop.create_task(self._adopt(client, ip, str(address[0])))
         self._adopting.add(task)
         task.add_done_callback(self._adopting.discard)
 
@@ -180,7 +181,7 @@ class Listener:
                 client.send(self.busy_reply)  # one short line: fits an empty socket buffer
         client.close()
 
-    async def _adopt(self, client: socket.socket, ip: str) -> None:
+    async def _adopt(self, client: socket.socket, ip: str, peer: str) -> None:
         conn = self._make_connection(reserved_ip=ip)
         try:
             client.setblocking(False)
@@ -191,7 +192,15 @@ class Listener:
                 ssl_handshake_timeout=HANDSHAKE_SECONDS if self.tls else None,
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            log.info("%s: connection lost before its session: %s", self.name, exc)
+            # The session never began, so it logs nothing: this is its record.
+            log.info(
+                "%s session client=%s tls=%s end=%s reason=%s",
+                self.name,
+                peer,
+                "implicit" if self.tls else "no",
+                logfmt.field("TLS handshake failed" if self.tls else "dropped"),
+                logfmt.field(str(exc) or type(exc).__name__),
+            )
             self._adoption_failed(client, conn, ip)
         except BaseException:  # cancelled while stopping
             self._adoption_failed(client, conn, ip)

@@ -81,6 +81,7 @@ IMPLEMENTATION = "postoffice"
 _PERMANENT_ERRNOS = frozenset(
     {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ELOOP}
 )
+GONE = "Message was removed by another client"
 PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure connections; use STLS"
 
 
@@ -409,6 +410,10 @@ class Pop3Session:
                 msg = box.get(n)
                 if msg is None:
                     self._send(core.reply_err(self._missing(n)))
+                elif msg.gone:
+                    # RETR/TOP found it removed (another reader, `user remove`):
+                    # deleting it now would be a claim UPDATE cannot keep.
+                    self._send(core.reply_err(GONE))
                 else:
                     msg.deleted = True  # RFC 1939 §6: removed only in UPDATE
                     self._send(core.reply_ok(f"Message {n} deleted"))
@@ -588,7 +593,8 @@ class Pop3Session:
         try:
             first, fh = await self._read_first(box, n, msg, lines)
         except MessageGone:
-            self._send(self.core.reply_err("Message was removed by another client"))
+            msg.gone = True
+            self._send(self.core.reply_err(GONE))
             return
         except OSError as exc:
             log.error(
@@ -684,7 +690,7 @@ class Pop3Session:
             self.retrieved,
             result.deleted if result else 0,
             (result.seen if result else seen),
-            self.outcome,
+            logfmt.field(self.outcome),  # "TLS handshake failed": one quoted field
         )
 
 

@@ -21,8 +21,12 @@ from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
+from postoffice.net.smtp_tally import CommandTally
 from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.relay import (
+    SRS_ALONE,
+    SRS_MAX_MESSAGE,
+    SRS_TOO_BIG,
     RecipientVerdict,
     judge_recipient,
     sender_allowed,
@@ -86,6 +90,7 @@ class Envelope:
     remote: dict[Address, None] = field(default_factory=dict)  # via the outbound queue
     recipients: list[Address] = field(default_factory=list)  # as given, for the log
     forwarded_by: str = ""  # the domain of the first alias forwarding off-site (SRS)
+    srs_bounce: bool = False  # the recipient is one of our SRS addresses (alone, capped)
     declared_size: int = 0  # MAIL FROM's SIZE= (RFC 1870), 0 if none
 
 
@@ -103,6 +108,7 @@ class _Transaction:
     extra_headers: bytes = b""  # e.g. Authentication-Results, after Received:
     failure: Reply | None = None  # storing failed mid-DATA: the answer after the final dot
     held_bytes: int = 0  # this message's share of MAX_HELD_BYTES
+    srs_bytes: int = 0  # content received so far for an SRS bounce (SRS_MAX_MESSAGE)
 
 
 class SmtpSession:
@@ -132,6 +138,16 @@ class SmtpSession:
         # accepted, and the seconds it has been held back for them.
         self.errors = 0
         self._error_delays = 0.0
+        # For the record the session ends with (_log_session).
+        self.implicit_tls = conn.tls
+        # 465 is submission over implicit TLS: "submissions" (RFC 8314 §7.3).
+        self.mode_name = "submissions" if conn.tls and mode is SmtpMode.SUBMISSION else mode.value
+        self.tally = CommandTally()
+        self.outcome = "dropped"  # until the session learns better
+        self.reason = ""  # e.g. why the TLS handshake failed
+        self.last_command = "CONNECT"  # Postfix's "lost connection after ..."
+        self.data_bytes = 0  # content octets of the message being received
+        self.first_helo = ""  # the name given before STARTTLS, if any
 
     # --- the loop --------------------------------------------------------------
     async def run(self) -> None:
@@ -158,6 +174,7 @@ class SmtpSession:
                             Reply(421, f"{hostname} Service shutting down", "4.3.2")
                         )
                     )
+                    self.outcome = "shutdown"
                     break
                 except TimeoutError:
                     self.conn.write(
@@ -165,7 +182,7 @@ class SmtpSession:
                             Reply(421, f"{hostname} Error: timeout exceeded", "4.4.2")
                         )
                     )
-                    log.info("smtp timeout client=%s", self.client_ip)
+                    self.outcome = "timeout"
                     break
                 if b"\n" in data:
                     line_deadline = None
@@ -177,32 +194,68 @@ class SmtpSession:
                     await self.conn.drain()
                 if self._start_tls:
                     self._start_tls = False
-                    await self.conn.start_tls(self.s.tls, TLS_HANDSHAKE_TIMEOUT)
+                    if not await self._handshake():
+                        break
         except WriteTimeout:
-            log.info("smtp write timeout client=%s", self.client_ip)
-        except (ConnectionClosed, ConnectionError, TimeoutError):
-            pass
-        except Exception as exc:  # a TLS failure and the like: never the whole server
-            log.info("smtp session ended client=%s: %s", self.client_ip, exc)
+            self.outcome = "write timeout"
+        except (ConnectionClosed, ConnectionError):
+            self.outcome = "dropped"
+        except Exception as exc:  # never the whole server
+            self.outcome, self.reason = "error", str(exc) or type(exc).__name__
         finally:
-            if self.tx is not None:
+            in_data = self.tx is not None
+            if in_data:
                 await self._abandon()
+            self._log_session(in_data)
+
+    async def _handshake(self) -> bool:
+        """The TLS handshake after our 220 to STARTTLS; False (the session
+        ends) when it fails or cannot start."""
+        if self.conn.unread:
+            # Sent before the client can have read our 220 (our write waited
+            # on a client that does not read): RFC 3207 §4.2 forbids it, and it
+            # cannot be a ClientHello we may use.  Close at once, not after
+            # a handshake that would wait 30 s for a hello already thrown away.
+            self.outcome = "data after STARTTLS"
+            return False
+        try:
+            await self.conn.start_tls(self.s.tls, TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, TimeoutError, ConnectionClosed) as exc:  # ssl.SSLError is an OSError
+            self.outcome = "TLS handshake failed"
+            self.reason = str(exc) or ("timeout" if isinstance(exc, TimeoutError) else "closed")
+            return False
+        self.tally.succeeded("starttls")
+        return True
 
     async def _process_events(self) -> None:
         while (event := self.core.next_event()) is not None:
             if isinstance(event, DataChunk):
+                self.data_bytes += len(event.data)
                 await self._data_chunk(event.data, event.newlines)
                 continue
+            verb = _verb(event)
+            if verb:
+                self.tally.given(verb)
+                self.last_command = verb.upper()
             if await self._hold_back():
                 reply = await self._answer(event)
             else:
                 reply = self._too_many_errors()
+                self.outcome = "too many errors"
             self.out.append(self.core.send(reply))
+            self._tally_reply(event, reply)
             if self._count_error(event, reply):
                 # The 421 follows the reply that reached the limit at once:
                 # the rest of a pipelined batch is never answered (closing the
                 # core drops it).
                 self.out.append(self.core.send_unsolicited(self._too_many_errors()))
+                self.outcome = "too many errors"
+            if isinstance(event, StartTls) and reply.code == 554:
+                # Data followed STARTTLS before our reply (RFC 3207 §4.2):
+                # refused, and nothing after it is read (_starttls).
+                self.core.close()
+                self.outcome = "data after STARTTLS"
+                return
             if isinstance(event, StartTls) and reply.code == 220:
                 self._start_tls = True
                 # RFC 3207 §4.2: forget everything learnt before TLS, login included.
@@ -212,6 +265,55 @@ class SmtpSession:
                 return  # nothing after STARTTLS is read as plaintext (RFC 3207 §4.2)
             if self.core.closed:
                 return
+
+    def _tally_reply(self, event: Event, reply: Reply) -> None:
+        """Count a command that succeeded (``smtp_tally``): DATA when its
+        message is accepted, AUTH at its 235, STARTTLS after the handshake
+        (_handshake), a refusal never, the rest at a 2xx."""
+        code = reply.code
+        if isinstance(event, DataComplete):
+            verb, ok = "data", code == 250
+        elif isinstance(event, Auth | AuthResponse):
+            verb, ok = "auth", code == 235
+        elif isinstance(event, DataRequested | StartTls | Rejected):
+            if isinstance(event, DataRequested) and code == 354:
+                self.data_bytes = 0  # a message begins
+            return
+        else:
+            verb, ok = _verb(event), 200 <= code < 300
+            if isinstance(event, Quit) and code == 221:
+                self.outcome = "quit"
+        if ok and verb:
+            self.tally.succeeded(verb)
+
+    def _log_session(self, in_data: bool) -> None:
+        """One record for the whole session, however it ended (Postfix's
+        "disconnect from ..." with its command counts, and "lost connection
+        after DATA (N bytes)"); ``in_data``: it ended inside a message."""
+        after = ""
+        if self.outcome != "quit":
+            after = f" after={'DATA' if in_data else self.last_command}"
+            if in_data:
+                after += f" bytes={self.data_bytes}"
+        reason = f" reason={logfmt.field(self.reason)}" if self.reason else ""
+        log.info(
+            "smtp session mode=%s client=%s helo=%s tls=%s user=%s end=%s%s%s %s",
+            self.mode_name,
+            self.client_ip,
+            logfmt.field(self.helo or self.first_helo or "-"),
+            self._tls_field(),
+            logfmt.field(self.user or "-"),
+            logfmt.field(self.outcome),
+            after,
+            reason,
+            self.tally.summary(),
+        )
+
+    def _tls_field(self) -> str:
+        """As POP3's records say it: implicit (465), stls, or no."""
+        if self.implicit_tls:
+            return "implicit"
+        return "stls" if self.conn.tls else "no"  # the core's says so from the 220 on
 
     # --- errors (Postfix's smtpd_soft/hard_error_limit) -------------------------------
     async def _hold_back(self) -> bool:
@@ -275,6 +377,12 @@ class SmtpSession:
             case Help():
                 return Reply(214, "See RFC 5321 (https://www.rfc-editor.org/rfc/rfc5321)", "2.0.0")
             case StartTls():
+                if self.core.buffered or self.conn.unread:
+                    # RFC 3207 §4.2: the client must wait for our 220.  What it
+                    # sent meanwhile (commands, or its ClientHello) is never
+                    # executed, nor waited for in a handshake that would hang:
+                    # refused, said so, and closed at once, as POP3 does for STLS.
+                    return Reply(554, "Nothing may follow STARTTLS before the handshake", "5.5.1")
                 return Reply(220, "Ready to start TLS", "2.0.0")
             case Auth():
                 return await self._auth(event)
@@ -284,6 +392,7 @@ class SmtpSession:
 
     def _hello(self, event: Hello) -> Reply:
         self.helo = event.name
+        self.first_helo = self.first_helo or event.name
         self.envelope = Envelope()
         hostname = self.s.settings.hostname
         if not event.extended:
@@ -330,7 +439,7 @@ class SmtpSession:
             # Postfix-style "NOQUEUE: reject" line: refusals are what admins grep for.
             log.info(
                 "smtp reject mode=%s client=%s helo=%s from=%s to=%s result=%d %s %s",
-                self.mode.value,
+                self.mode_name,
                 self.client_ip,
                 logfmt.field(self.helo or "-"),
                 logfmt.path(self.envelope.sender),
@@ -360,17 +469,35 @@ class SmtpSession:
             case RecipientVerdict(mailboxes=mailboxes, remote=remote):
                 if remote and self.s.outbound is None:
                     return Reply(451, "Outbound delivery is not available", "4.3.0")
+                if env.srs_bounce or (verdict.srs_bounce and env.recipients):
+                    return SRS_ALONE  # its size cap must not refuse anyone else's copy
+                if verdict.srs_bounce and env.declared_size > SRS_MAX_MESSAGE:
+                    return SRS_TOO_BIG  # RFC 1870 §6.1: refused before the data
                 if any(self.s.maildirs.unavailable(m) for m in mailboxes):
                     return _MAILBOX_UNAVAILABLE
-                if self._mailbox_full(mailboxes, env.declared_size):
-                    # RFC 3463 4.2.2: the owner can make room; the sender retries.
-                    return Reply(452, "Mailbox full, try again later", "4.2.2")
+                full = self._full_mailboxes(mailboxes, env.declared_size)
+                if full:
+                    mailboxes = tuple(m for m in mailboxes if m not in full)
+                    if not mailboxes and not remote:
+                        # RFC 3463 4.2.2: the owner can make room; the sender retries.
+                        return Reply(452, "Mailbox full, try again later", "4.2.2")
+                    # An alias: its other members get their copies, as a list
+                    # server's would; the full member's is skipped, and logged.
+                    for m in full:
+                        log.warning(
+                            "smtp quota skip client=%s alias=%s member=%s"
+                            ' reason="mailbox full: this copy is not delivered"',
+                            self.client_ip,
+                            logfmt.path(rcpt),
+                            logfmt.path(m),
+                        )
                 for m in mailboxes:
                     env.mailboxes[m] = None
                 for r in remote:
                     env.remote[r] = None
                 env.recipients.append(rcpt)
                 env.forwarded_by = env.forwarded_by or verdict.forwarded_by
+                env.srs_bounce = verdict.srs_bounce
         return _OK_RECIPIENT
 
     async def _data_start(self) -> Reply:
@@ -442,6 +569,11 @@ class SmtpSession:
         tx = self.tx
         if tx is None or tx.failure is not None:
             return
+        if tx.envelope.srs_bounce:
+            tx.srs_bytes += len(data)
+            if tx.srs_bytes > SRS_MAX_MESSAGE:
+                tx.failure = SRS_TOO_BIG  # answered after the final dot; nothing more stored
+                return
         if tx.gate.hold_all:
             held = self.s.extras.get("held_bytes", 0) + len(data)
             if held > MAX_HELD_BYTES:
@@ -517,28 +649,51 @@ class SmtpSession:
         self.envelope = Envelope()
         return reply
 
-    def _mailbox_full(self, mailboxes: tuple[Address, ...], incoming: int) -> bool:
-        """At RCPT, only what is known cheaply (storage/quota.py): a mailbox at
-        its quota, or without room for a declared SIZE=."""
+    def _full_mailboxes(self, mailboxes: tuple[Address, ...], incoming: int) -> list[Address]:
+        """At RCPT, only what is known cheaply (storage/quota.py): the
+        mailboxes at their quota, or without room for a declared SIZE= (or a
+        size they lacked room for lately)."""
         quota = self.s.quota
         if quota is None:
-            return False
+            return []
         try:
-            return any(quota.full(m, self.s.maildirs.path_for(m), incoming) for m in mailboxes)
+            return [m for m in mailboxes if quota.full(m, self.s.maildirs.path_for(m), incoming)]
         except AddressError:
-            return False  # not a mailbox path: _data_start answers that
+            return []  # not a mailbox path: _data_start answers that
 
     async def _over_quota(self, tx: _Transaction) -> Reply | None:
-        """After the data: 552 5.2.2 if this message would take a mailbox past
-        its quota (RFC 3463; RFC 5321 §4.5.3.1.10: exceeded storage allocation)."""
+        """After the data, if this message would take a mailbox past its quota
+        (RFC 3463 X.2.2).  The reply covers the whole message, so:
+
+        * its only destination: 552 5.2.2, the sender is told at once (as
+          Dovecot's LMTP answers that recipient by default);
+        * one of several: 452 4.2.2, and the tracker remembers the size, so
+          the client's retry is refused for that mailbox alone at RCPT and
+          everyone else's copy goes through (never a 5xx for them)."""
         quota = self.s.quota
         if quota is None or tx.local is None:
             return None
         size = tx.local.size  # the file each mailbox gets, trace headers included
-        for mailbox in tx.envelope.mailboxes:
-            if not await quota.room(mailbox, self.s.maildirs.path_for(mailbox), size):
-                return Reply(552, "Mailbox full: the message exceeds a recipient's quota", "5.2.2")
-        return None
+        env = tx.envelope
+        lacking = [
+            (mailbox, path)
+            for mailbox in env.mailboxes
+            if not await quota.room(mailbox, path := self.s.maildirs.path_for(mailbox), size)
+        ]
+        if not lacking:
+            return None
+        if len(env.mailboxes) == 1 and not env.remote:
+            return Reply(552, "Mailbox full: the message exceeds the recipient's quota", "5.2.2")
+        for mailbox, path in lacking:
+            quota.no_room(path, size)
+            log.info(
+                "smtp quota defer id=%s client=%s mailbox=%s size=%d",
+                tx.queue_id,
+                self.client_ip,
+                logfmt.path(mailbox),
+                size,
+            )
+        return Reply(452, "A recipient's mailbox is full; try again later", "4.2.2")
 
     async def _judge_inbound(self, tx: _Transaction) -> Reply | None:
         """SPF/DKIM/DMARC (policy/mailauth.py): an Authentication-Results header
@@ -559,7 +714,7 @@ class SmtpSession:
             return Reply(552, f"Message size exceeds fixed limit of {limit} octets", "5.3.4")
         if event.bare_cr:
             return Reply(
-                554, "Bare CR in message content is not allowed (RFC 5321 §2.3.8)", "5.6.0"
+                554, "Bare CR in message content is not allowed (RFC 5321 section 2.3.8)", "5.6.0"
             )
         if event.line_too_long:
             # Lines over 998 octets are kept (and folded when relayed); past
@@ -573,7 +728,7 @@ class SmtpSession:
             # header_size_limit does.
             return Reply(552, "Message header section too large", "5.3.4")
         if count_fields(headers, "received") >= MAX_HOPS:
-            return Reply(554, "Too many hops: mail loop detected (RFC 5321 §6.3)", "5.4.6")
+            return Reply(554, "Too many hops: mail loop detected (RFC 5321 section 6.3)", "5.4.6")
         if self.mode is SmtpMode.SUBMISSION and self.user is not None:
             for author in tx.gate.from_addresses():
                 if not sender_allowed(self.s.accounts, self.user, author):
@@ -625,12 +780,13 @@ class SmtpSession:
     def _log_transaction(self, tx: _Transaction, size: int, reply: Reply) -> None:
         env = tx.envelope
         log.info(
-            "smtp id=%s mode=%s client=%s helo=%s user=%s from=%s to=%s size=%d result=%d %s"
-            " time=%.3f",
+            "smtp id=%s mode=%s client=%s helo=%s tls=%s user=%s from=%s to=%s size=%d"
+            " result=%d %s time=%.3f",
             tx.queue_id,
-            self.mode.value,
+            self.mode_name,
             self.client_ip,
             logfmt.field(self.helo or "-"),
+            self._tls_field(),
             logfmt.field(self.user or "-"),
             logfmt.path(env.sender),
             logfmt.paths(env.recipients),
@@ -695,6 +851,33 @@ class SmtpSession:
             return Reply(535, "Authentication credentials invalid", "5.7.8")
         self.user = user
         return Reply(235, "Authentication successful", "2.7.0")
+
+
+def _verb(event: Event) -> str:
+    """The command an event is, for the tally ("" for what is none: data,
+    a SASL response line)."""
+    match event:
+        case Hello(extended=extended):
+            return "ehlo" if extended else "helo"
+        case Rejected(command=command):
+            return command or "unknown"
+        case DataChunk() | DataComplete() | AuthResponse():
+            return ""
+    return _VERBS.get(type(event), "")
+
+
+_VERBS: dict[type, str] = {
+    MailFrom: "mail",
+    RcptTo: "rcpt",
+    DataRequested: "data",
+    Reset: "rset",
+    Noop: "noop",
+    Quit: "quit",
+    Verify: "vrfy",
+    Help: "help",
+    StartTls: "starttls",
+    Auth: "auth",
+}
 
 
 def _storage_failure(exc: Exception) -> Reply:

@@ -141,7 +141,7 @@ def authors(block: bytes) -> Authors:
     if not values:
         return Authors(problem="no From: field")
     if len(values) > 1:
-        return Authors(problem=f"{len(values)} From: fields (RFC 5322 §3.6 allows one)")
+        return Authors(problem=f"{len(values)} From: fields (RFC 5322 section 3.6 allows one)")
     value = values[0].decode("utf-8", "replace")
     if len(value) > MAX_FROM_LENGTH:
         return Authors(problem="From: field too long")

@@ -7,8 +7,11 @@ quoted local parts are just names that no account has, and source routes were
 already dropped by the parser.
 
 Bounces to the SRS addresses forwarded mail leaves with (policy/srs.py) are
-relayed to the original sender, but only with the null reverse-path and
-only for an address we made (hash) within MAX_AGE_DAYS.
+relayed to the original sender, but only with the null reverse-path, only
+for an address we made (hash) within MAX_AGE_DAYS, only up to
+SRS_MAX_MESSAGE octets and only one at a time (the session enforces the last
+two): anyone who has seen one forwarded copy holds a valid address, and it
+must not become a channel for large or bulk mail to the original sender.
 
 Postmaster is per domain (RFC 5321 §4.5.1): ``postmaster@D`` is whatever
 user, alias or catch-all D has for it, never another domain's postmaster, so
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from postoffice import logfmt
 from postoffice.mail.address import Address
 from postoffice.policy.srs import SrsError, is_srs
 from postoffice.protocol.smtp_reply import Reply
@@ -42,6 +46,9 @@ class RecipientVerdict:
     # An alias of this local domain sends the mail off-site: its envelope
     # sender is to be rewritten into this domain (policy/srs.py).
     forwarded_by: str = ""
+    # A bounce to one of our SRS addresses, relayed to the original sender:
+    # at most SRS_MAX_MESSAGE octets, and alone in its transaction.
+    srs_bounce: bool = False
 
 
 log = logging.getLogger("postoffice.smtp")
@@ -52,6 +59,15 @@ UNKNOWN_USER = Reply(550, "Recipient address rejected: User unknown", "5.1.1")
 BAD_SRS = Reply(550, "Recipient address rejected: invalid or expired SRS address", "5.1.1")
 SRS_NOT_BOUNCE = Reply(550, "SRS addresses accept only bounces (MAIL FROM:<>)", "5.7.1")
 NO_POSTMASTER = Reply(451, "Postmaster mailbox not configured yet, try again later", "4.3.0")
+# A DSN quotes headers, not whole messages (ours: 4 KiB of summary or 64 KiB
+# of header): a "bounce" bigger than this through an SRS address is content.
+SRS_MAX_MESSAGE = 64 * 1024
+SRS_TOO_BIG = Reply(
+    552, f"Message too big for a bounce to an SRS address ({SRS_MAX_MESSAGE} octets)", "5.3.4"
+)
+# RFC 5321 §4.5.3.1.10: 452 for a recipient this transaction cannot take now;
+# the client sends it again in a transaction of its own.
+SRS_ALONE = Reply(452, "Too many recipients: a bounce to an SRS address goes alone", "4.5.3")
 
 
 def judge_recipient(
@@ -99,7 +115,7 @@ def _judge_srs(services: Services, rcpt: Address, *, null_sender: bool) -> Recip
     try:
         original = services.srs.reverse(rcpt)
     except SrsError as exc:
-        log.info("srs: refused <%s>: %s", rcpt, exc)
+        log.info("srs: refused to=%s reason=%s", logfmt.path(rcpt), logfmt.field(exc))
         return RecipientVerdict(reply=BAD_SRS)
     if not null_sender:
         # DSNs (RFC 5321 §4.5.5) and auto-replies (RFC 3834 §3.3) come from <>;
@@ -108,7 +124,7 @@ def _judge_srs(services: Services, rcpt: Address, *, null_sender: bool) -> Recip
     # The original sender may be remote (the usual case) or, for SRS1, the
     # first forwarder's SRS0 address; relaying there is what the address is for.
     verdict = judge_recipient(services, original, may_relay=True, null_sender=True)
-    return RecipientVerdict(verdict.reply, verdict.mailboxes, verdict.remote)
+    return RecipientVerdict(verdict.reply, verdict.mailboxes, verdict.remote, srs_bounce=True)
 
 
 def server_postmaster(services: Services) -> Address:

@@ -53,7 +53,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from postoffice.mail.address import Address, AddressError, parse_path
+from postoffice import logfmt
+from postoffice.mail.address import (
+    Address,
+    AddressError,
+    format_local_part,
+    parse_path,
+    unquote_local_part,
+)
 from postoffice.storage.safeio import fsync_dir, write_all
 
 log = logging.getLogger("postoffice.srs")
@@ -74,9 +81,11 @@ class SrsError(ValueError):
 
 
 def is_srs(local: str) -> bool:
-    """Does ``local`` have the form of an SRS0 or SRS1 local part?  It needs
-    an "=" after the tag, which no account name has (mail/address.py), so an
-    account called ``srs0-team`` is never taken for one."""
+    """Does ``local`` have the form of an SRS0 or SRS1 local part (quoted or
+    not)?  It needs an "=" after the tag, which no account name has
+    (mail/address.py), so an account called ``srs0-team`` is never taken for
+    one."""
+    local = unquote_local_part(local)
     return (
         len(local) > 5
         and local[:4].upper() in ("SRS0", "SRS1")
@@ -104,9 +113,13 @@ class Srs:
     # --- making addresses --------------------------------------------------------
     def forward(self, sender: Address, domain: str) -> Address | None:
         """The SRS address in ``domain`` for ``sender``; None when it cannot be
-        written as a valid path (quoted local part, longer than RFC 5321
-        §4.5.3.1.3 allows), in which case the caller keeps ``sender``."""
-        local = sender.local
+        written as a valid path (longer than RFC 5321 §4.5.3.1.3 allows).
+
+        A quoted local part is rewritten by what it stands for: ``"someone"``
+        is ``someone`` (RFC 5322 §3.4.1), and the SRS local part made from
+        one that is no dot-atom (``"a b"``) is quoted whole, so it is still
+        one valid local part that ``reverse`` reads back."""
+        local = unquote_local_part(sender.local)
         if is_srs(local) and local[:4].upper() == "SRS1":
             # We are hop n > 2: keep the first hop and its opaque part, hash anew.
             parts = local[5:].split("=", 2)
@@ -125,15 +138,17 @@ class Srs:
             hashed = self._hash(self._keys[0], stamp, sender.domain, local)
             new = f"SRS0={hashed}={stamp}={sender.domain}={local}"
         try:
-            return parse_path(f"<{new}@{domain}>", utf8=not new.isascii())
+            return parse_path(f"<{format_local_part(new)}@{domain}>", utf8=not new.isascii())
         except AddressError:
             return None
 
     # --- checking them -------------------------------------------------------------
     def reverse(self, address: Address, *, check_age: bool = True) -> Address:
         """Where a bounce to our SRS ``address`` goes; SrsError if it is not
-        one we made (bad hash), is too old (``check_age``) or is malformed."""
-        local = address.local
+        one we made (bad hash), is too old (``check_age``) or is malformed.
+        A quoted SRS local part (``forward`` makes one for a sender that is
+        no dot-atom) is read by its content, and gives back a quoted one."""
+        local = unquote_local_part(address.local)
         if not is_srs(local):
             raise SrsError("not an SRS address")
         if local[:4].upper() == "SRS1":
@@ -144,7 +159,7 @@ class Srs:
             if opaque[0] not in _SEPARATORS:
                 raise SrsError("malformed SRS1 address")
             self._check_hash(hashed, host, opaque)
-            target = f"SRS0{opaque}@{host}"
+            target = f"{format_local_part('SRS0' + opaque)}@{host}"
         else:
             parts = local[5:].split("=", 3)
             if len(parts) < 4 or not all(parts):
@@ -153,7 +168,7 @@ class Srs:
             self._check_hash(hashed, stamp, host, orig_local)
             if check_age:
                 self._check_stamp(stamp)
-            target = f"{orig_local}@{host}"
+            target = f"{format_local_part(orig_local)}@{host}"
         try:
             reversed_ = parse_path(f"<{target}>", utf8=not target.isascii())
         except AddressError as exc:
@@ -200,13 +215,22 @@ def forwarding_sender(
     """The envelope sender for mail that an alias in ``domain`` forwards
     off-site.  The null sender stays null (a bounce must never get a return
     path, RFC 5321 §4.5.5); our own domains' senders pass SPF as they are;
-    everyone else's is rewritten (SRS0, or SRS1 for an SRS address)."""
+    everyone else's is rewritten (SRS0, or SRS1 for an SRS address).
+
+    A sender whose SRS address would not fit a path (RFC 5321 §4.5.3.1.3) is
+    replaced by the null sender, never kept: kept, it would fail SPF at the
+    next hop and turn every refusal there into backscatter to whoever the
+    sender claims to be (the very thing SRS is for).  With ``<>`` the mail is
+    still delivered and nothing bounces; deferring instead would only
+    bounce it days later, for a sender that cannot get shorter."""
     if srs is None or sender is None or sender.is_literal or is_local_domain(sender.domain):
         return sender
     rewritten = srs.forward(sender, domain)
     if rewritten is None:
-        log.warning("srs: cannot rewrite <%s> within RFC 5321 limits; kept as is", sender)
-        return sender
+        log.warning(
+            "srs: cannot rewrite from=%s within RFC 5321 limits; forwarded with from=<>",
+            logfmt.path(sender),
+        )
     return rewritten
 
 

@@ -4,7 +4,10 @@ A ``Reply`` is what the server says; ``to_bytes`` is the only place that
 turns one into wire format, so it is the one place that guarantees a reply
 can never inject extra lines: CR, LF and other control characters in the
 text are replaced by spaces (text may come from a peer, e.g. an error
-message that quotes an address).
+message that quotes an address).  It is also where replies stay ASCII:
+RFC 5321 §2.4 allows only US-ASCII in reply text (RFC 6531 asks nothing
+else of a server), so any other character, e.g. in a quoted UTF-8 address,
+goes out as "?".
 """
 
 from __future__ import annotations
@@ -75,7 +78,9 @@ class Reply:
                 # Keep "334 " with its space even when the text is empty: some
                 # SASL clients (RFC 4954 §4) expect it.
                 out.append(f"{self.code}{sep}{line}\r\n")
-        return "".join(out).encode("utf-8", "replace")
+        # RFC 5321 §2.4: replies are ASCII; a non-ASCII character (or a lone
+        # surrogate from undecodable input) becomes "?".
+        return "".join(out).encode("ascii", "replace")
 
     def __str__(self) -> str:
         return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n")

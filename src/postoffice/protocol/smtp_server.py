@@ -23,7 +23,9 @@ out in order, one per ``next_event``.  Bytes after a DATA command stay
 buffered: they are message content if the session answers 354, commands
 otherwise.  After ``StartTls`` is answered with 220, everything still
 buffered is discarded (RFC 3207 §4.2: plaintext sent before the TLS
-handshake must not be acted upon once TLS is up).
+handshake must not be acted upon once TLS is up); the session refuses a
+STARTTLS with data behind it (``buffered``) and ends the dialogue with
+``close``.
 
 Recipient ``<postmaster>`` without a domain (RFC 5321 §4.1.1.3) is reported
 as ``Address("postmaster", "")``: the session substitutes its own domain.
@@ -43,6 +45,7 @@ from postoffice.protocol.smtp_reply import Reply
 # RFC 4954 §4: AUTH command lines and SASL responses may be up to 12288
 # octets, more than the 512 of an ordinary command line.
 MAX_AUTH_LINE = 12288
+MAX_SIZE_DIGITS = 20  # RFC 1870 §3: size-value ::= 1*20DIGIT
 
 
 class LocalProtocolError(Exception):
@@ -185,9 +188,13 @@ class AuthResponse:
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A command the core refuses by itself; answer with ``reply``."""
+    """A command the core refuses by itself; answer with ``reply``.
+
+    ``command``: the verb it refused, lower case ("mail"), or "" for a line
+    that is no command of ours (for the session's tally of commands)."""
 
     reply: Reply
+    command: str = ""
 
 
 Event = (
@@ -286,9 +293,12 @@ def parse_mail(arg: str) -> MailFrom | Rejected:
     smtputf8 = False
     for key, value in params.items():
         if key == "SIZE":  # RFC 1870 §3: size-value ::= 1*20DIGIT
-            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
+            if value is None or not (value.isascii() and value.isdigit()):
                 return _reject(501, "SIZE needs a number", "5.5.4")
-            size = int(value)
+            # More digits than the grammar allows is still a number, and one
+            # past every limit: the session answers it 552 5.3.4 like any
+            # other size it cannot take (RFC 1870 §6.1), never converting it.
+            size = int(value) if len(value) <= MAX_SIZE_DIGITS else 10**MAX_SIZE_DIGITS
         elif key == "BODY":  # RFC 6152
             if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                 return _reject(501, "BODY must be 7BIT or 8BITMIME", "5.5.4")
@@ -529,6 +539,7 @@ class SmtpServerCore:
         if self._sasl:
             # Whatever the session's exchange was, an unreadable line ends it.
             self._sasl = False
+            return Rejected(Reply(500, "Line too long", "5.5.6"), "auth")
         return _reject(500, "Line too long", "5.5.6")
 
     # --- commands ---------------------------------------------------------------
@@ -544,10 +555,15 @@ class SmtpServerCore:
         try:
             arg = arg_raw.decode("utf-8")
         except UnicodeDecodeError:
-            return _reject(501, "Invalid UTF-8 in command", "5.5.2")
-        if not arg.isprintable():
-            return _reject(501, "Control characters in arguments", "5.5.4")
-        return _COMMANDS[verb](self, arg.strip(" "))
+            event: Event = _reject(501, "Invalid UTF-8 in command", "5.5.2")
+        else:
+            if arg.isprintable():
+                event = _COMMANDS[verb](self, arg.strip(" "))
+            else:
+                event = _reject(501, "Control characters in arguments", "5.5.4")
+        if isinstance(event, Rejected):
+            return Rejected(event.reply, verb.lower())
+        return event
 
     def _hello(self, arg: str, extended: bool) -> Event:
         if not _valid_hello_name(arg):
@@ -685,6 +701,12 @@ class SmtpServerCore:
         if code == 421:
             self._close()
         return reply.to_bytes()
+
+    def close(self) -> None:
+        """End the dialogue without a 421: the session has answered its last
+        command (e.g. STARTTLS refused because data followed it)."""
+        self._pending = None
+        self._close()
 
     def send_unsolicited(self, reply: Reply) -> bytes:
         """Bytes for a reply that answers no command: the greeting, or a 421.

@@ -67,6 +67,7 @@ class Pop3Message:
     name: str  # current file name
     deleted: bool = False  # DELE'd in this session (undone by RSET)
     retrieved: bool = False  # RETR'd in this session: gets the seen flag at the end
+    gone: bool = False  # found removed by someone else (MessageGone): DELE refuses it
 
     @property
     def stem(self) -> str:
@@ -260,6 +261,8 @@ class Pop3Mailbox:
             try:
                 freed += self._unlink(msg)
                 deleted += 1
+            except MessageGone:
+                msg.gone = True  # someone else removed it: not ours to count
             except OSError:
                 failed += 1
         # A deletion that a crash undoes would only bring a message back, but
@@ -272,14 +275,14 @@ class Pop3Mailbox:
         return UpdateResult(deleted=deleted, failed=failed, seen=self.mark_seen())
 
     def _unlink(self, msg: Pop3Message) -> int:
-        """Remove ``msg``; the octets it took on disk (0 if someone else
-        removed it first: theirs to record)."""
+        """Remove ``msg``; the octets it took on disk.  MessageGone if someone
+        else removed it first (theirs to record, and not a deletion of ours)."""
         try:
             size = self._file_size(msg)
             os.unlink(self.path / msg.subdir / msg.name)
         except FileNotFoundError:
             if not self._relocate(msg):
-                return 0  # someone else removed it already; it is gone either way
+                raise MessageGone(msg.uid) from None
             size = self._file_size(msg)
             os.unlink(self.path / msg.subdir / msg.name)
         return size

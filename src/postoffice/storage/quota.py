@@ -38,6 +38,14 @@ Everything that touches files here blocks; ``QuotaTracker`` is what the
 event loop uses: its RCPT answer costs a few ``stat`` calls and never waits
 for a recount (one in doubt starts in the I/O pool, and the answer is "not
 known to be full"); its DATA answer waits for the recount, off the loop.
+
+A message with several recipients that one mailbox has no room for is
+deferred as a whole (the SMTP reply is per message); the tracker then
+remembers, for WANTED_SECONDS, the size that mailbox lacked room for, and
+RCPT counts it as the incoming size when MAIL declared no ``SIZE=``.  So
+the client's retry is refused for that mailbox alone, at RCPT, and the
+others get their copies: with ``SIZE=`` (what MTAs send) because the count
+is trusted by then, without it because of the remembered size.
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ RECOUNT_TRIES = 3  # the Maildir changed during the count: count again
 _S_FIELD = re.compile(r",S=(\d+)(?=[,:]|$)")
 _LINE = re.compile(rb" *(-?\d{1,19}) +(-?\d{1,19}) *")
 _MAX_TRACKED = 100_000
+# How long a size a mailbox had no room for counts at RCPT: past the first
+# retries of a deferred message (Postfix: 5 minutes, then doubling).
+WANTED_SECONDS = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +308,9 @@ class QuotaTracker:
         self._recorded: dict[Path, Recorded] = {}  # last read, by Maildir
         self._counted: set[Path] = set()  # recounted in this process
         self._recounts: dict[Path, asyncio.Future[Usage]] = {}
+        # Maildir -> (octets it had no room for, when): see the module docstring.
+        self._wanted: dict[Path, tuple[int, float]] = {}
+        self._clock = time.monotonic
 
     def limit(self, mailbox: Address) -> int:
         """The quota of ``mailbox`` in bytes; 0: none."""
@@ -314,7 +328,25 @@ class QuotaTracker:
         if usage is None:
             self._recount(maildir, limit)
             return False
+        if not incoming:  # no SIZE=: the size this mailbox lacked room for lately
+            incoming = self._wanted_size(maildir)
         return usage.bytes >= limit or usage.bytes + incoming > limit
+
+    def no_room(self, maildir: Path, size: int) -> None:
+        """A message of ``size`` octets did not fit ``maildir`` (and was
+        deferred): count that size at RCPT for WANTED_SECONDS."""
+        if len(self._wanted) >= _MAX_TRACKED:
+            self._wanted.clear()  # bounded memory; the next retries defer once more
+        self._wanted[maildir] = (max(size, self._wanted_size(maildir)), self._clock())
+
+    def _wanted_size(self, maildir: Path) -> int:
+        wanted = self._wanted.get(maildir)
+        if wanted is None:
+            return 0
+        if self._clock() - wanted[1] > WANTED_SECONDS:
+            del self._wanted[maildir]
+            return 0
+        return wanted[0]
 
     async def room(self, mailbox: Address, maildir: Path, size: int) -> bool:
         """For the end of DATA: does a message of ``size`` octets fit?  Waits

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from postoffice.storage import quota
-from postoffice.storage.journal import Journal, encode
+from postoffice.storage.held import HELD_DIR, hold, read_held, release
+from postoffice.storage.journal import Journal, Record, encode
 from postoffice.storage.safeio import (
     SYNCFS_RELIABLE,
     fsync_dir,
@@ -117,19 +118,64 @@ class WriteBehind:
     # --- start-up -------------------------------------------------------------------------
     def recover(self) -> int:
         """Blocking, before serving: restore every message the journal holds
-        past its checkpoint, durably; then start the journal afresh."""
+        past its checkpoint, and every one held from an earlier start
+        (storage/held.py), durably; then start the journal afresh.
+
+        Record by record and target by target: a mailbox that cannot take
+        its copy costs only that copy, which is held (durably, before the
+        journal is reset) for the next start; everyone else's mail is
+        restored now and the journal is used as usual.  Returns how many
+        messages were restored (into at least one mailbox)."""
         records = self.journal.open()
+        held_dir = self.journal.directory / HELD_DIR
+        held = read_held(held_dir)
         cur_index: dict[Path, dict[str, str]] = {}
-        dirs: set[Path] = set()
-        for record in records:
+        written: dict[Path, list[tuple[Record, str]]] = {}  # directory to fsync -> copies
+        missing: dict[int, tuple[Record, dict[str, None]]] = {}  # seq -> record, its targets
+        failures: dict[Path, tuple[int, str]] = {}  # mailbox -> copies, the last reason
+
+        def failed(record: Record, target: str, exc: OSError) -> None:
+            missing.setdefault(record.seq, (record, {}))[1][target] = None
+            mailbox = self.mail_dir / Path(target).parent.parent
+            count, _reason = failures.get(mailbox, (0, ""))
+            failures[mailbox] = (count + 1, exc.strerror or str(exc))
+
+        for record in [r for _path, r in held] + records:
             for target in record.targets:
-                dirs.add(self._restore(self.mail_dir / target, record.data, cur_index))
-        for d in dirs:
-            fsync_dir(d)
+                try:
+                    where = self._restore(self.mail_dir / target, record.data, cur_index)
+                except OSError as exc:
+                    failed(record, target, exc)
+                else:
+                    written.setdefault(where, []).append((record, target))
+        restored: set[int] = set()
+        for directory, copies in written.items():
+            try:
+                fsync_dir(directory)
+            except OSError as exc:  # not durable there: held like any other failure
+                for record, target in copies:
+                    failed(record, target, exc)
+            else:
+                restored.update(record.seq for record, _target in copies)
+        # Held durably before the reset below lets the journal overwrite them.
+        for record, targets in missing.values():
+            hold(held_dir, record, list(targets))
+        for _path, record in held:
+            if record.seq not in missing:
+                release(held_dir, record.seq)
         self.journal.reset()
-        if records:
-            log.warning("journal: restored %d acknowledged messages after a crash", len(records))
-        return len(records)
+        if restored:
+            log.warning("journal: restored %d acknowledged messages after a crash", len(restored))
+        for mailbox, (count, reason) in failures.items():
+            log.error(
+                "journal: mailbox %s: %d acknowledged messages cannot be restored now (%s);"
+                " held in %s, restored at the next start once the mailbox is fixed",
+                mailbox,
+                count,
+                reason,
+                held_dir,
+            )
+        return len(restored)
 
     def close(self) -> None:
         if self._retire_timer is not None:

@@ -21,9 +21,11 @@ from hypothesis import strategies as st
 from postoffice.mail.address import (
     Address,
     AddressError,
+    format_local_part,
     normalise_domain,
     parse_mailbox,
     parse_path,
+    unquote_local_part,
 )
 from postoffice.storage.maildir import mailbox_path
 
@@ -96,3 +98,14 @@ def test_domains_come_out_as_ldh_ascii_or_are_refused(text: str) -> None:
         return
     assert _LDH_DOMAIN.fullmatch(domain), domain
     assert normalise_domain(domain) == domain
+
+
+@settings(max_examples=EXAMPLES)
+@given(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=60))
+def test_format_local_part_is_one_valid_local_part_that_unquotes_back(text: str) -> None:
+    """What SRS relies on (policy/srs.py): any printable text, written as a
+    local part, parses as one and reads back as the same text."""
+    local = format_local_part(text)
+    parsed = parse_path(f"<{local}@example.test>")
+    assert parsed is not None and parsed.local == local
+    assert unquote_local_part(local) == text

@@ -97,6 +97,38 @@ def test_trace_header_sanitises_helo() -> None:
     assert header.count(b"\n") == 3 and b"X-Injected: 1\n" not in header
 
 
+@pytest.mark.parametrize(
+    ("helo", "written"),
+    [
+        ("a)b(c", "a?b?c"),
+        ("(x)", "?x?"),
+        ('x"y\\z;w', "x?y?z?w"),
+        ("a]b[", "a?b?"),
+        ("\u00e9t\u00e9", "?t?"),
+        ("mail.example.test", "mail.example.test"),
+        ("[192.0.2.1]", "[192.0.2.1]"),
+        ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),
+        ("[not-an-ip]", "?not-an-ip?"),
+    ],
+)
+def test_trace_header_keeps_its_comment_structure_whatever_the_helo(
+    helo: str, written: str
+) -> None:
+    """RFC 5321 §4.4: ``from`` is a domain or an address literal, then one
+    comment; a HELO name never opens or closes a comment of its own."""
+    header = trace_headers(
+        helo=helo,
+        client_ip="192.0.2.1",
+        hostname="mx.test",
+        protocol="ESMTP",
+        queue_id="abc",
+        recipient=None,
+        tls=None,
+    ).decode()
+    first = header.split("\n")[0]
+    assert first == f"Received: from {written} ([192.0.2.1])"
+
+
 def test_forged_auth_results_hidden_by_folding_or_comments_are_removed() -> None:
     block = (
         b"Authentication-Results:\n\tmx.example.test; dkim=pass; dmarc=pass\n"

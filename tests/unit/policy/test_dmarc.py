@@ -111,6 +111,8 @@ def test_evaluate_pass_fail_and_subdomain_policy() -> None:
 def test_authors(from_lines: bytes, domains: tuple[str, ...] | None, problem: str) -> None:
     found = authors(header_block(from_lines + b"To: x@y.test\n\nbody\n"))
     assert problem in found.problem if problem else found.problem == ""
+    # It goes into an SMTP reply and a header comment: ASCII (RFC 5321 §2.4).
+    assert found.problem.isascii()
     if domains is not None:
         assert found.domains == domains
     elif not problem:

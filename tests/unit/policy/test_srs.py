@@ -131,12 +131,47 @@ def test_is_srs_never_matches_an_account_name() -> None:
         assert not is_srs(name)
 
 
-def test_too_long_or_quoted_senders_are_not_rewritten() -> None:
+def test_a_quoted_dot_atom_is_rewritten_as_the_atom() -> None:
+    """``"someone"`` is ``someone`` (RFC 5322 §3.4.1): the same SRS address."""
+    plain = srs().forward(Address("someone", "orig.example"), "fwd.example")
+    quoted = srs().forward(Address('"someone"', "orig.example"), "fwd.example")
+    assert plain is not None and quoted == plain
+    assert srs().reverse(quoted) == Address("someone", "orig.example")
+
+
+@pytest.mark.parametrize(
+    "local", ['"a b"', '"x client=203.0.113.9 user=admin"', '"a\\"b\\\\c"', '"(x)"', '"a..b"']
+)
+def test_a_quoted_local_part_makes_a_quoted_srs_address_that_reverses(local: str) -> None:
+    sender = Address(local, "orig.example")
+    fwd = srs().forward(sender, "fwd.example")
+    assert fwd is not None
+    assert fwd.local.startswith('"SRS0=') and fwd.local.endswith('"')
+    assert parse_path(f"<{fwd}>") == fwd  # one valid local part
+    assert is_srs(fwd.local)
+    assert srs().reverse(fwd) == sender
+    # A second hop keeps it reversible to the first hop's (quoted) address.
+    second = srs(b"second-hop-secret-1").forward(fwd, "hop2.example")
+    assert second is not None and second.local.startswith('"SRS1=')
+    assert parse_path(f"<{second}>") == second
+    assert srs(b"second-hop-secret-1").reverse(second) == fwd
+    # Forged: a changed character in the quoted part fails the hash.
+    with pytest.raises(SrsError):
+        srs().reverse(Address(fwd.local.replace("orig.example", "orig.exampla"), fwd.domain))
+
+
+def test_a_sender_too_long_to_rewrite_is_forwarded_as_null(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     long_sender = Address("a" * 230, "orig.example")  # fits a path; its SRS form not
     assert srs().forward(long_sender, "fwd.example") is None
-    assert srs().forward(Address('"a b"', "orig.example"), "fwd.example") is None
-    # forwarding_sender keeps the original then, rather than losing the return path.
-    assert forwarding_sender(srs(), long_sender, "fwd.example", lambda d: False) == long_sender
+    # Never kept (it would fail SPF downstream and draw backscatter): <>.
+    assert forwarding_sender(srs(), long_sender, "fwd.example", lambda d: False) is None
+    forged = Address('"x client=203.0.113.9 user=admin' + "y" * 200 + '"', "orig.example")
+    assert forwarding_sender(srs(), forged, "fwd.example", lambda d: False) is None
+    (record,) = [r for r in caplog.records if "x client" in r.getMessage()]
+    # The client's text is one JSON-quoted value, never fields of its own.
+    assert record.getMessage().startswith('srs: cannot rewrite from="<\\"x client=203.0.113.9')
 
 
 def test_forwarding_sender_policy() -> None:

@@ -149,8 +149,12 @@ def test_reply_str_is_the_wire_text() -> None:
     assert str(Reply(250, ("a", "b"), "2.0.0")) == "250-2.0.0 a\r\n250 2.0.0 b"
 
 
-def test_reply_utf8_text() -> None:
-    assert Reply(250, "Ok für dich").to_bytes() == "250 Ok für dich\r\n".encode()
+def test_reply_text_goes_out_as_ascii() -> None:
+    """RFC 5321 §2.4: reply text is US-ASCII; anything else becomes "?"."""
+    assert Reply(250, "Ok für dich").to_bytes() == b"250 Ok f?r dich\r\n"
+    assert Reply(550, ("§2.3.8", "j\u00f6\ud800@x"), "5.6.0").to_bytes() == (
+        b"550-5.6.0 ?2.3.8\r\n550 5.6.0 j??@x\r\n"
+    )
 
 
 @pytest.mark.parametrize("code", [0, 99, 199, 600, 261, 1000])
@@ -274,6 +278,13 @@ def test_mail_parameters() -> None:
         False,
         {"SIZE": "1234", "BODY": "8bitmime", "RET": "HDRS", "ENVID": "QQ314159", "AUTH": "<>"},
     )
+
+
+def test_mail_size_beyond_twenty_digits_is_a_size_too_big() -> None:
+    """RFC 1870 §6.1: a size over the limit is 552 (the session's verdict),
+    however many digits it has; not a syntax error."""
+    event = Dialogue().greeted().one(b"MAIL FROM:<a@b.example> SIZE=" + b"9" * 60 + b"\r\n")
+    assert isinstance(event, MailFrom) and event.size is not None and event.size >= 10**20
 
 
 def test_mail_smtputf8() -> None:
@@ -708,6 +719,30 @@ def test_starttls_discards_pipelined_plaintext() -> None:
     assert rejected(d.one(b"MAIL FROM:<a@b.example>\r\n")) == (503, "5.5.1")
     d.greeted()
     assert isinstance(d.one(b"MAIL FROM:<a@b.example>\r\n"), MailFrom)
+
+
+def test_rejections_name_the_command_they_refuse() -> None:
+    """For the session's tally (Postfix's ``mail=0/1``): a refused command
+    keeps its verb; a line that is no command has none."""
+    d = Dialogue()
+    event = d.one(b"MAIL FROM:<a@b.example>\r\n")
+    assert isinstance(event, Rejected) and event.command == "mail"
+    event = d.one(b"XYZZY\r\n")
+    assert isinstance(event, Rejected) and event.command == ""
+    event = d.one(b"HELO \xff\r\n")
+    assert isinstance(event, Rejected) and event.command == "helo"
+
+
+def test_close_ends_the_dialogue_after_a_refused_starttls() -> None:
+    """The session refuses a STARTTLS with data behind it (554) and closes:
+    nothing buffered after it ever becomes an event."""
+    d = Dialogue().greeted()
+    d.core.receive_data(b"STARTTLS\r\nMAIL FROM:<evil@x.example>\r\n")
+    assert d.core.next_event() == StartTls()
+    assert d.core.buffered > 0  # what the session sees before it answers
+    d.core.send(Reply(554, "Nothing may follow STARTTLS before the handshake", "5.5.1"))
+    d.core.close()
+    assert d.core.closed and d.core.next_event() is None and not d.core.tls
 
 
 def test_starttls_resets_transaction_and_authentication() -> None:

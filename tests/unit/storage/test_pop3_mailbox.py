@@ -366,8 +366,10 @@ def test_update_deletes_a_message_another_reader_moved(maildir: Path) -> None:
     box.messages[0].deleted = True
     box.messages[1].deleted = True
     os.rename(maildir / "new" / "1700000000.a", maildir / "cur" / "1700000000.a:2,S")
-    (maildir / "new" / "1700000001.b").unlink()  # already removed elsewhere: still gone
-    assert box.update().deleted == 2
+    (maildir / "new" / "1700000001.b").unlink()  # already removed elsewhere: gone, not ours
+    result = box.update()
+    assert (result.deleted, result.failed) == (1, 0)
+    assert box.messages[1].gone
     box.close()
     assert os.listdir(maildir / "cur") == [] and os.listdir(maildir / "new") == []
 

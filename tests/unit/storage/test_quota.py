@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from postoffice.mail.address import Address
 from postoffice.storage.maildir import ensure_maildir
 from postoffice.storage.quota import (
     MAILDIRSIZE,
     MAX_FILE,
     STALE_SECONDS,
+    WANTED_SECONDS,
+    QuotaTracker,
     Usage,
     count_blocking,
     doubtful,
@@ -181,3 +186,28 @@ def test_format_size() -> None:
     assert format_size(500 * 2**20) == "500 MiB"
     assert format_size(1536) == "1.5 KiB"
     assert format_size(10) == "10 bytes"
+
+
+def test_a_size_a_mailbox_had_no_room_for_counts_at_rcpt_for_a_while(maildir: Path) -> None:
+    """After a deferred multi-recipient message (net/smtp_session.py), the
+    retry is refused at RCPT for this mailbox: without SIZE= its last
+    wanted size counts, with SIZE= the declared one does; not for ever."""
+    alice = Address("alice", "example.test")
+    deliver(maildir, "1.M1P1.host,S=20000", 20_000)
+    now = [1000.0]
+
+    async def run() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            tracker = QuotaTracker(30_000, lambda a: None, pool)
+            tracker._clock = lambda: now[0]
+            assert not tracker.full(alice, maildir)  # not counted yet: starts a recount
+            await tracker.room(alice, maildir, 0)
+            assert not tracker.full(alice, maildir)
+            tracker.no_room(maildir, 12_000)
+            assert tracker.full(alice, maildir)  # no SIZE=: the 12,000 it lacked room for
+            assert not tracker.full(alice, maildir, 3_000)  # a SIZE= that fits
+            assert tracker.full(alice, maildir, 11_000)
+            now[0] += WANTED_SECONDS + 1
+            assert not tracker.full(alice, maildir)
+
+    asyncio.run(run())

@@ -14,7 +14,8 @@ import pytest
 
 from postoffice.mail.address import Address
 from postoffice.storage import safeio, write_behind
-from postoffice.storage.journal import pending_records
+from postoffice.storage.held import hold, read_held, release
+from postoffice.storage.journal import Record, encode, pending_records
 from postoffice.storage.maildir import SPILL_THRESHOLD, MaildirStore
 
 ALICE = Address("alice", "example.test")
@@ -161,34 +162,77 @@ def test_large_messages_and_a_busy_journal_take_the_direct_path(
     assert stored(tmp_path / "mail") == {big: 1, message(8): 1}
 
 
-def test_a_restore_that_fails_keeps_the_journal_for_the_next_start(
-    tmp_path: Path, executor: ThreadPoolExecutor
+def test_a_broken_mailbox_holds_back_only_its_own_messages(
+    tmp_path: Path, executor: ThreadPoolExecutor, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """review #5: records for a mailbox that cannot be written (a file where
+    tmp/ belongs), then for alice.  The first start restores alice's, holds
+    bob's durably (logged, with a count) and uses the journal as usual; the
+    start after bob's mailbox is fixed restores his.  Nothing is lost, and
+    nothing is delivered twice."""
     s = store(tmp_path, executor, journal_segment_size=64 * 1024, journal_segments=2)
     pause_retiring(s)
 
-    async def run(target: MaildirStore, *who: Address) -> None:
-        for i in range(3):
-            await deliver(target, message(i), *who)
+    async def run(target: MaildirStore) -> None:
+        await deliver(target, message(0), BOB)
+        await deliver(target, message(1), BOB)
+        await deliver(target, message(2), ALICE, BOB)  # one record, two mailboxes
+        await deliver(target, message(3), ALICE)
 
     asyncio.run(run(s))
-    s.close()
-    tmp = tmp_path / "mail" / "example.test" / "alice" / "tmp"
-    tmp.rmdir()
-    tmp.write_bytes(b"")  # tmp/ is not a directory: nothing can be restored
-    broken = MaildirStore(tmp_path / "mail", executor, "host", tmp_path / "journal")
-    assert broken.recover() == 0  # serves without the journal...
-    asyncio.run(run(broken, BOB))  # ...and still delivers, the direct way
-    broken.close()
-    assert len(pending_records(tmp_path / "journal", 2)) == 3  # nothing forgotten
-    tmp.unlink()
-    tmp.mkdir()
-    # A later start (here even with larger segments) restores them.
-    again = store(tmp_path, executor, journal_segment_size=128 * 1024, journal_segments=2)
-    again.close()
+    s.close()  # the "crash": nothing retired
+    mail = tmp_path / "mail" / "example.test"
+    for who in ("alice", "bob"):  # a power cut took the unflushed files
+        for path in (mail / who / "new").iterdir():
+            path.unlink()
+    bob_tmp = mail / "bob" / "tmp"
+    bob_tmp.rmdir()
+    bob_tmp.write_bytes(b"")  # tmp/ is not a directory: nothing can be written to bob
+    held = tmp_path / "journal" / "unrestored"
+
+    first = MaildirStore(
+        tmp_path / "mail",
+        executor,
+        "host",
+        tmp_path / "journal",
+        journal_segment_size=64 * 1024,
+        journal_segments=2,
+    )
+    assert first.recover() == 2  # message 3, and message 2 for alice
+    assert stored(tmp_path / "mail") == {message(2): 1, message(3): 1}
+    assert f"mailbox {mail / 'bob'}: 3 acknowledged messages cannot be restored now" in caplog.text
+    assert len(os.listdir(held)) == 3
+    assert first._behind is not None  # the journal is in use again
+
+    async def then() -> None:
+        await deliver(first, message(4))
+        await first.drain()
+
+    asyncio.run(then())
+    first.close()
     assert pending_records(tmp_path / "journal", 2) == []
-    assert stored(tmp_path / "mail") == {message(i): 1 for i in range(3)}
+
+    # Still broken at the next start: still held, nothing restored twice.
+    second = store(tmp_path, executor, journal_segment_size=64 * 1024, journal_segments=2)
+    second.close()
+    assert len(os.listdir(held)) == 3
+    assert stored(tmp_path / "mail") == {message(i): 1 for i in (2, 3, 4)}
+
+    bob_tmp.unlink()
+    bob_tmp.mkdir()
+    third = MaildirStore(
+        tmp_path / "mail",
+        executor,
+        "host",
+        tmp_path / "journal",
+        journal_segment_size=64 * 1024,
+        journal_segments=2,
+    )
+    assert third.recover() == 3
+    third.close()
+    assert os.listdir(held) == []
     assert stored(tmp_path / "mail", "bob") == {message(i): 1 for i in range(3)}
+    assert stored(tmp_path / "mail") == {message(i): 1 for i in (2, 3, 4)}
 
 
 def test_syncfs_watches_the_mail_file_system_before_any_write(
@@ -240,3 +284,17 @@ def test_a_link_error_that_is_not_about_links_is_raised(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):  # ENOENT: a real failure, not "no hard links"
         safeio.link_or_copy(source, tmp_path / "missing" / "b", copies.append)
     assert copies == []
+
+
+def test_held_records_are_read_whole_or_left_alone(tmp_path: Path) -> None:
+    """storage/held.py: a held file is one intact journal record, or it is
+    neither used nor deleted (a later start, or a person, can look at it)."""
+    directory = tmp_path / "unrestored"
+    record = Record(7, ("example.test/bob/new/1.x", "example.test/carol/new/1.x"), b"m\n")
+    hold(directory, record, ["example.test/carol/new/1.x"])
+    (directory / "9").write_bytes(encode(9, ["example.test/bob/new/2.x"], b"n\n")[:-1])
+    ((where, back),) = read_held(directory)
+    assert where == directory / "7"
+    assert back == Record(7, ("example.test/carol/new/1.x",), b"m\n")
+    release(directory, 7)
+    assert read_held(directory) == [] and os.listdir(directory) == ["9"]
