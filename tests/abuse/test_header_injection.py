@@ -10,15 +10,14 @@ injected field name, and every log line is one of ours.
 from __future__ import annotations
 
 import base64
-import json
 import poplib
-import re
 import smtplib
 from pathlib import Path
 
 import pytest
 
 from tests.support.helpers import ALICE, make_server, raw, submission, tls_context, wait_for
+from tests.support.logs import LOG_LINE, records
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.abuse
@@ -44,12 +43,6 @@ ATTEMPTS = {
     "rcpt-quoted-lf": (b"EHLO x.test", b"MAIL FROM:<a@remote.test>", b'RCPT TO:<"alice\n' + EVIL + b'"@example.test>'),
     "rcpt-u2028": (b"EHLO x.test", b"MAIL FROM:<a@remote.test> SMTPUTF8", "RCPT TO:<alice+\u2028X-Injected@example.test>".encode()),
 }  # fmt: skip
-
-LOG_LINE = re.compile(
-    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d postoffice\[\d+\]: [A-Z]+ postoffice"
-)
-# The message of a record: after "<time> postoffice[<pid>]: <LEVEL> <logger>: ".
-LOG_MESSAGE = re.compile(LOG_LINE.pattern + r"[\w.]*: (.*)$")
 
 
 def assert_no_injected_header(srv: PostofficeServer) -> None:
@@ -114,36 +107,6 @@ def test_auth_names_cannot_inject_log_lines(server: PostofficeServer, port: str)
 
 
 # --- forged log fields ------------------------------------------------------------
-# A record is "key=value" fields split on spaces; a value with a space, "=",
-# '"', a control or non-printable character is a JSON string (logfmt.py).
-_FIELD = re.compile(r'([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|[^ ]*)')
-
-
-def fields(record: str) -> list[tuple[str, str]]:
-    """The key=value fields of a log record, quoted values decoded."""
-    match = LOG_MESSAGE.match(record)
-    assert match, record
-    message = match.group(1)
-    out = []
-    for key, value in _FIELD.findall(message):
-        out.append((key, json.loads(value) if value.startswith('"') else value))
-    return out
-
-
-def records(srv: PostofficeServer, start: str) -> list[dict[str, str]]:
-    """Each log record whose message starts with ``start``, as a dict; a key
-    that appears twice in one record (a forged field) fails the test."""
-    found = []
-    for line in srv.log().splitlines():
-        match = LOG_MESSAGE.match(line)
-        if match and match.group(1).startswith(start):
-            pairs = fields(line)
-            keys = [k for k, _ in pairs]
-            assert len(keys) == len(set(keys)), f"a field appears twice: {line}"
-            found.append(dict(pairs))
-    return found
-
-
 def test_quoted_local_parts_cannot_forge_log_fields(server: PostofficeServer) -> None:
     sender = '"x client=evil user=root"@example.test'
     with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=10) as s:

@@ -19,10 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.abuse.test_header_injection import records
-from tests.support.helpers import ALICE, ALICE_PW, make_server, plain_auth, raw, tls_context
+from tests.support.helpers import (
+    ALICE,
+    ALICE_PW,
+    make_server,
+    plain_auth,
+    raw,
+    tls_context,
+    wait_for,
+)
+from tests.support.logs import records
 from tests.support.server import PostofficeServer
-from tests.unit.delivery.peers import wait_for
 
 
 @pytest.fixture(scope="module")
