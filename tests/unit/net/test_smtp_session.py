@@ -213,18 +213,31 @@ def test_auth_is_refused_on_the_relay_port_and_in_plaintext(tmp_path: Path) -> N
     run(main())
 
 
-def test_starttls_drops_a_command_pipelined_behind_it(tmp_path: Path) -> None:
+def test_starttls_with_a_command_pipelined_behind_it_is_refused_and_closed(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_services(tmp_path) as services, smtp_client(services) as client:
             await greeted(client)
-            await client.send(b"STARTTLS\r\nRSET\r\n")
-            assert (await client.reply())[0] == 220
+            await client.send(b"STARTTLS\r\nMAIL FROM:<evil@remote.test>\r\n")
+            # RFC 3207 §4.2: the plaintext MAIL is never executed, now or inside
+            # TLS; the STARTTLS is refused and the session closed.
+            code, lines = await client.reply()
+            assert (code, lines[0]) == (554, "5.5.1 Nothing may follow STARTTLS before the handshake")
+            assert await client.closed()
+            assert client.session.core.tls is False
+            assert stored(services, ALICE) == []
+
+    run(main())
+
+
+def test_starttls_alone_is_answered_and_the_session_restarts_inside_tls(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_services(tmp_path) as services, smtp_client(services) as client:
+            await greeted(client)
+            assert (await client.cmd("STARTTLS"))[0] == 220
             await client.starttls()
-            # RFC 3207 §4.2: the plaintext RSET is never answered, now or inside TLS.
             code, lines = await client.cmd("EHLO client.test")
             assert code == 250 and lines[0] == "mail.example.test greets client.test", lines
             assert "STARTTLS" not in lines
-            assert client.session.core.discarded_after_starttls == len(b"RSET\r\n")
             code, lines = await transaction(client, message())
             assert code == 250, lines
             assert b"with ESMTPS" in stored(services, ALICE)[0].read_bytes()
