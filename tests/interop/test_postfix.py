@@ -180,7 +180,9 @@ def test_forwarding_through_srs_and_postfixs_own_bounce(
     # the newest file need not sort last, and mail of earlier tests may still
     # be arriving.
     def forwarded_copy() -> bytes | None:
-        return next((m for m in postfix.mailbox("carol") if b"Subject: srs via to-carol" in m), None)
+        return next(
+            (m for m in postfix.mailbox("carol") if b"Subject: srs via to-carol" in m), None
+        )
 
     def frank_bounce() -> bytes | None:
         return next(

@@ -221,7 +221,10 @@ def test_starttls_with_a_command_pipelined_behind_it_is_refused_and_closed(tmp_p
             # RFC 3207 §4.2: the plaintext MAIL is never executed, now or inside
             # TLS; the STARTTLS is refused and the session closed.
             code, lines = await client.reply()
-            assert (code, lines[0]) == (554, "5.5.1 Nothing may follow STARTTLS before the handshake")
+            assert (code, lines[0]) == (
+                554,
+                "5.5.1 Nothing may follow STARTTLS before the handshake",
+            )
             assert await client.closed()
             assert client.session.core.tls is False
             assert stored(services, ALICE) == []
