@@ -24,7 +24,7 @@ from postoffice.config.settings import ListenAddress, Settings
 from postoffice.datadir import DataDirBusy, ServeLock
 from postoffice.delivery.outbound import QueueHandoff, build_outbound
 from postoffice.delivery.queue import QueueStore
-from postoffice.delivery.resolver import DnsResolver
+from postoffice.dns.resolver import DnsResolver
 from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.listener import Listener
 from postoffice.net.tls import cert_and_key, server_context
@@ -98,8 +98,11 @@ def build_services(settings: Settings, process: int = 0) -> Services:
         executor=executor,
         srs=Srs(load_secrets(settings.data_dir)),
     )
+    # One resolver for every lookup of this process, on [relay] dns_servers:
+    # outbound routing, and SPF/DKIM/DMARC on the smtp listener.
+    resolver = DnsResolver(settings.relay.dns_servers)
     if process == 0:
-        services.outbound = build_outbound(services)
+        services.outbound = build_outbound(services, resolver)
     else:
         store = QueueStore(settings.queue_dir, executor)
         store.ensure_dirs()
@@ -111,9 +114,7 @@ def build_services(settings: Settings, process: int = 0) -> Services:
     )
     services.space.refresh_blocking()
     services.quota = QuotaTracker(settings.limits.mailbox_quota, accounts.quota, executor)
-    # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail;
-    # their DNS goes through [relay] dns_servers like the outbound queue's.
-    resolver = DnsResolver(settings.relay.dns_servers)
+    # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail.
     services.inbound_checks = InboundChecks(settings, resolver)  # DKIM in worker processes
     services.dkim_signer = DkimSigner(KeyStore(settings.data_dir), executor)
     return services

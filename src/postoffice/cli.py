@@ -719,7 +719,8 @@ def _add_dkim_parser(subparsers: Subparsers) -> None:
 
 
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.doctor import check_certificate, run_doctor
+    from postoffice.dns.resolver import DnsResolver
+    from postoffice.doctor import LOOKUP_LIFETIME, check_certificate, run_doctor
 
     # A [tls] certificate may be readable by root only (serve reads it as root).
     certificate = check_certificate(settings) if settings.tls.cert else None
@@ -732,7 +733,8 @@ def _doctor(args: argparse.Namespace, settings: Settings) -> int:
             with closing(_store(settings)) as store:
                 stored = store.list_domains()
         domains = sorted(set(settings.domains) | set(stored))
-    return run_doctor(settings, domains, certificate=certificate)
+    resolver = DnsResolver(settings.relay.dns_servers, lifetime=LOOKUP_LIFETIME)
+    return run_doctor(settings, resolver, domains, certificate=certificate)
 
 
 def _add_doctor_parser(subparsers: Subparsers) -> None:

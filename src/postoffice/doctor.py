@@ -43,8 +43,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from postoffice.config.settings import ListenAddress, Settings
-from postoffice.delivery.mx import MxRecord
-from postoffice.delivery.resolver import DnsError, DnsResolver
+from postoffice.dns.mx import MxRecord
+from postoffice.dns.resolver import DnsError, DnsResolver, Resolver
 from postoffice.net.tls import CERT_NAME
 from postoffice.policy import dmarc, spf
 from postoffice.policy.dkim_keys import DkimKey, DkimKeyError, load_keys, txt_record, zone_txt
@@ -87,7 +87,7 @@ class Doctor:
     def __init__(
         self,
         settings: Settings,
-        resolver: DnsResolver,
+        resolver: Resolver,
         domains: Sequence[str],
         certificate: list[Finding] | None = None,
     ) -> None:
@@ -474,11 +474,15 @@ async def check_listeners(settings: Settings) -> list[Finding]:
 
 # --- the command ----------------------------------------------------------------------------------
 async def diagnose(
-    settings: Settings, domains: Sequence[str], certificate: list[Finding] | None = None
+    settings: Settings,
+    resolver: DnsResolver,
+    domains: Sequence[str],
+    certificate: list[Finding] | None = None,
 ) -> list[Section]:
-    """``certificate``: check_certificate's findings, when they were made
+    """``resolver``: on ``[relay] dns_servers``, LOOKUP_LIFETIME per question.
+    ``certificate``: check_certificate's findings, when they were made
     before the CLI stopped being root."""
-    dead = await DnsResolver(settings.relay.dns_servers, lifetime=PROBE_LIFETIME).unreachable()
+    dead = await resolver.unreachable(lifetime=PROBE_LIFETIME)
     if dead:
         servers = ", ".join(str(s) for s in settings.relay.dns_servers) or "the system resolver"
         findings = [
@@ -492,7 +496,6 @@ async def diagnose(
             *await check_listeners(settings),
         ]
         return [Section(f"{settings.hostname} (this server)", findings)]
-    resolver = DnsResolver(settings.relay.dns_servers, lifetime=LOOKUP_LIFETIME)
     doctor = Doctor(settings, resolver, domains, certificate)
     sections = [await doctor.server()]
     for domain in domains:
@@ -515,6 +518,7 @@ def report(sections: Sequence[Section], out: TextIO) -> int:
 
 def run_doctor(
     settings: Settings,
+    resolver: DnsResolver,
     domains: Sequence[str],
     out: TextIO = sys.stdout,
     certificate: list[Finding] | None = None,
@@ -526,7 +530,7 @@ def run_doctor(
         file=out,
     )
     print("Each record as a zone-file line, then whether DNS has it right.", file=out)
-    bad = report(asyncio.run(diagnose(settings, domains, certificate)), out)
+    bad = report(asyncio.run(diagnose(settings, resolver, domains, certificate)), out)
     if bad:
         print(f"\n{bad} problem(s): publish or fix the records marked missing or wrong,", file=out)
         print("then run `postoffice doctor` again (DNS changes can take a while).", file=out)

@@ -28,7 +28,8 @@ from postoffice.config.settings import (
     TlsSettings,
     load_settings,
 )
-from postoffice.doctor import check_certificate, run_doctor
+from postoffice.dns.resolver import DnsResolver
+from postoffice.doctor import LOOKUP_LIFETIME, check_certificate, run_doctor
 from postoffice.policy.dkim_keys import generate, load_keys, txt_record
 from tests.support.dns import auth_dns
 from tests.support.peers import Dnsmasq
@@ -70,10 +71,15 @@ def doctor(
     try:
         settings = with_dns(load_settings(srv.config), dns)
         out = io.StringIO()
-        code = run_doctor(settings, [DOMAIN], out)
+        code = run_doctor(settings, lookups(settings), [DOMAIN], out)
     finally:
         dns.stop()
     return code, out.getvalue()
+
+
+def lookups(settings: Settings) -> DnsResolver:
+    """The resolver ``postoffice doctor`` makes for ``settings``."""
+    return DnsResolver(settings.relay.dns_servers, lifetime=LOOKUP_LIFETIME)
 
 
 def with_dns(settings: Settings, dns: Dnsmasq) -> Settings:
@@ -284,7 +290,8 @@ def test_listener_check_reports_a_closed_port(server: PostofficeServer, tmp_path
     dns = auth_dns(tmp_path, **good_zone(server)).start()
     try:
         out = io.StringIO()
-        code = run_doctor(with_dns(settings, dns), [DOMAIN], out)
+        settings = with_dns(settings, dns)
+        code = run_doctor(settings, lookups(settings), [DOMAIN], out)
     finally:
         dns.stop()
     assert code == 1
@@ -332,7 +339,7 @@ def test_a_dead_resolver_is_asked_once(server: PostofficeServer) -> None:
             settings, relay=dataclasses.replace(settings.relay, dns_servers=(dead,))
         )
         out = io.StringIO()
-        code = run_doctor(settings, [DOMAIN], out)
+        code = run_doctor(settings, lookups(settings), [DOMAIN], out)
     finally:
         hole.close()
     text = out.getvalue()
@@ -361,7 +368,7 @@ def test_a_public_host_name_on_a_private_address_is_wrong(
     try:
         settings = dataclasses.replace(with_dns(load_settings(server.config), dns), hostname=public)
         out = io.StringIO()
-        run_doctor(settings, [], out)
+        run_doctor(settings, lookups(settings), [], out)
     finally:
         dns.stop()
     text = out.getvalue()

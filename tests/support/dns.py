@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from postoffice.config.settings import ListenAddress
-from postoffice.delivery.resolver import DnsResolver
+from postoffice.dns.resolver import DnsResolver
 from tests.support.peers import Dnsmasq
 
 
@@ -24,10 +24,11 @@ def auth_dns(
     hosts: Mapping[str, Sequence[str]] | None = None,
     mx: Iterable[tuple[str, str, int]] = (),
     ptr: Mapping[str, str] | None = None,
+    null_mx: Iterable[str] = (),
 ) -> Dnsmasq:
     """A dnsmasq (not started) serving these records; several values for one
     TXT name make several records.  dnsmasq splits values longer than 255."""
-    server = Dnsmasq(root, mx=mx, hosts=dict(hosts or {}))
+    server = Dnsmasq(root, mx=mx, hosts=dict(hosts or {}), null_mx=null_mx)
     for name, values in (txt or {}).items():
         for value in [values] if isinstance(values, str) else values:
             if "," in value:  # dnsmasq would split the value there

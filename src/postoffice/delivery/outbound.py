@@ -47,9 +47,9 @@ from postoffice.delivery.queue import (
     State,
 )
 from postoffice.delivery.remote import RemoteCourier
-from postoffice.delivery.resolver import DnsResolver
 from postoffice.delivery.retry import next_attempt, retry_delay, warning_due
 from postoffice.delivery.smtp_client import ClientTimeouts
+from postoffice.dns.resolver import Resolver
 from postoffice.mail.address import Address
 from postoffice.policy.srs import Srs, SrsError, is_srs
 
@@ -583,12 +583,14 @@ class QueueHandoff:
             log.error("queue %s: cannot hand over for delivery: %s", entry.queue_id, exc)
 
 
-def build_outbound(services: Services, *, timeouts: ClientTimeouts | None = None) -> Outbound:
-    """The Outbound service for ``services`` (blocking; call before the loop runs)."""
+def build_outbound(
+    services: Services, resolver: Resolver, *, timeouts: ClientTimeouts | None = None
+) -> Outbound:
+    """The Outbound service for ``services``, routing through ``resolver``
+    (blocking; call before the loop runs)."""
     settings = services.settings
     store = QueueStore(settings.queue_dir, services.executor)
     store.ensure_dirs()
-    resolver = DnsResolver(settings.relay.dns_servers)
     remote = RemoteCourier(settings.relay, settings.hostname, resolver, timeouts=timeouts)
     local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
     return Outbound(settings, store, remote, local, srs=services.srs)

@@ -31,10 +31,10 @@ from postoffice.delivery.courier import (
     outcome_of,
     status_of,
 )
-from postoffice.delivery.mx import MxLoopsToSelf, NullMx, order_mx
-from postoffice.delivery.resolver import DnsError, Resolver
 from postoffice.delivery.smtp_client import ClientTimeouts, SmtpClient, SmtpConnectionError
 from postoffice.delivery.smtp_wire import Reply
+from postoffice.dns.mx import MxLoopsToSelf, NullMx, order_mx
+from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
 
 log = logging.getLogger("postoffice.delivery")

@@ -18,9 +18,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
 
-from postoffice.delivery.resolver import DnsError
+from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import AddressError, normalise_domain
 from postoffice.mail.headers import field_values
 
@@ -52,10 +51,6 @@ class DmarcVerdict:
     policy: str = "none"  # the policy that applies to this message after pct
     published: str = "none"  # the policy the domain asks for
     reason: str = ""
-
-
-class TxtResolver(Protocol):
-    async def txt(self, name: str) -> list[str]: ...
 
 
 MAX_AUTHOR_DOMAINS = 5  # distinct From: domains evaluated; more: refused (§6.6.1)
@@ -230,7 +225,7 @@ class DmarcTempError(Exception):
     pass
 
 
-async def _records_at(resolver: TxtResolver, domain: str) -> list[str]:
+async def _records_at(resolver: Resolver, domain: str) -> list[str]:
     try:
         found = await resolver.txt(f"_dmarc.{domain}")
     except DnsError as exc:
@@ -240,7 +235,7 @@ async def _records_at(resolver: TxtResolver, domain: str) -> list[str]:
     return [t for t in found if is_dmarc_record(t)]
 
 
-async def discover(resolver: TxtResolver, from_domain: str) -> DmarcRecord | None:
+async def discover(resolver: Resolver, from_domain: str) -> DmarcRecord | None:
     """Policy discovery (§6.6.3): _dmarc.<From domain>, else _dmarc.<its
     organizational domain>.  Several records at one name: no policy.
     Raise DmarcTempError when DNS failed (the verdict is unknown, not none)."""

@@ -39,12 +39,10 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from postoffice import logfmt
 from postoffice.config.settings import Settings
-from postoffice.delivery.mx import MxRecord
-from postoffice.delivery.resolver import DnsError
+from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
 from postoffice.mail.headers import MAX_HEADER_BLOCK, header_block
 from postoffice.policy import dmarc, spf
@@ -70,13 +68,6 @@ log = logging.getLogger("postoffice.mailauth")
 
 CHECK_TIMEOUT = 30.0  # seconds for all lookups of one message (RFC 7208 §4.6.4: >= 20)
 __all__ = ["MAX_SIGNATURES", "CheckOutcome", "DkimVerdict", "InboundChecks"]
-
-
-class AuthResolver(Protocol):
-    async def txt(self, name: str) -> list[str]: ...
-    async def mx(self, domain: str) -> list[MxRecord]: ...
-    async def ips(self, host: str, rdtype: str) -> list[str]: ...
-    async def ptr(self, ip: str) -> list[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +130,7 @@ class InboundChecks:
     def __init__(
         self,
         settings: Settings,
-        resolver: AuthResolver,
+        resolver: Resolver,
         *,
         timeout: float = CHECK_TIMEOUT,
         rng: random.Random | None = None,

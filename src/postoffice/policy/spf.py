@@ -24,10 +24,9 @@ import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from postoffice.delivery.mx import MxRecord
-from postoffice.delivery.resolver import DnsError
+from postoffice.dns.mx import MxRecord
+from postoffice.dns.resolver import DnsError, Resolver
 
 MAX_DNS_TERMS = 10  # include, a, mx, ptr, exists, redirect (§4.6.4)
 MAX_VOID_LOOKUPS = 2  # lookups answered with no records or NXDOMAIN (§4.6.4)
@@ -52,13 +51,6 @@ class SpfVerdict:
     result: SpfResult
     domain: str  # the identity's domain that was checked
     reason: str  # the matching mechanism, or what went wrong (for comments and logs)
-
-
-class SpfResolver(Protocol):
-    async def txt(self, name: str) -> list[str]: ...
-    async def mx(self, domain: str) -> list[MxRecord]: ...
-    async def ips(self, host: str, rdtype: str) -> list[str]: ...
-    async def ptr(self, ip: str) -> list[str]: ...
 
 
 class _PermError(Exception):
@@ -209,7 +201,7 @@ def is_spf_record(text: str) -> bool:
 
 
 class _Evaluation:
-    def __init__(self, resolver: SpfResolver, ip: str, sender: tuple[str, str], helo: str) -> None:
+    def __init__(self, resolver: Resolver, ip: str, sender: tuple[str, str], helo: str) -> None:
         self.resolver = resolver
         self.ip = _client_ip(ip)
         self.local, self.sender_domain = sender
@@ -374,7 +366,7 @@ class _Evaluation:
 
 
 async def check_host(
-    resolver: SpfResolver,
+    resolver: Resolver,
     ip: str,
     domain: str,
     sender: tuple[str, str],

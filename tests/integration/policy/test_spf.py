@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from postoffice.delivery.resolver import DnsResolver
+from postoffice.dns.resolver import DnsResolver, Resolver
 from postoffice.policy.spf import SpfResult, check_host
 from tests.support.dns import auth_dns, resolver_for
 from tests.support.peers import Dnsmasq
@@ -69,7 +69,7 @@ def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
 
 
 def check(
-    resolver: DnsResolver,
+    resolver: Resolver,
     domain: str,
     ip: str = CLIENT,
     local: str = "jane",

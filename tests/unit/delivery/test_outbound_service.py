@@ -20,7 +20,7 @@ from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound
 from postoffice.delivery.queue import QueueStore, State
 from postoffice.delivery.remote import RemoteCourier
-from postoffice.delivery.resolver import StaticResolver
+from postoffice.dns.static import StaticResolver
 from postoffice.mail.address import Address
 from postoffice.storage.maildir import MaildirStore
 from postoffice.storage.sqlite_accounts import SqliteAccountStore

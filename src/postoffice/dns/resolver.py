@@ -1,9 +1,10 @@
-"""DNS lookups for outbound routing, behind a small interface.
+"""DNS lookups behind one small interface, and its dnspython implementation.
 
-``Resolver`` is what the router needs: MX records of a domain and the
-addresses of a host.  ``DnsResolver`` implements it with dnspython and
-honours ``[relay] dns_servers`` (SPEC: every lookup goes through them when
-set); ``StaticResolver`` is an in-memory table for tests and tools.
+``Resolver`` is every question the server asks: MX records and addresses
+for outbound routing, TXT, A/AAAA and PTR for SPF, DKIM and DMARC (and the
+doctor).  ``DnsResolver`` implements it with dnspython and honours
+``[relay] dns_servers`` (SPEC: every lookup goes through them when set);
+``static.StaticResolver`` is an in-memory table with the same contract.
 
 Errors are split the way delivery needs them (RFC 5321 §5.1, §4.2.4):
 a name that does not exist is permanent, anything else that went wrong
@@ -12,8 +13,7 @@ a name that does not exist is permanent, anything else that went wrong
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import dns.asyncresolver
@@ -25,7 +25,7 @@ import dns.resolver
 import dns.reversename
 
 from postoffice.config.settings import ListenAddress
-from postoffice.delivery.mx import MxRecord, normalise_host
+from postoffice.dns.mx import MxRecord, normalise_host
 
 DNS_LIFETIME = 20.0  # seconds for one lookup, all servers and retries included
 DNS_CACHE_SIZE = 4096  # answers kept (each for its TTL)
@@ -48,6 +48,23 @@ class Resolver(Protocol):
     async def addresses(self, host: str) -> list[str]:
         """IPv6 then IPv4 addresses of ``host``; [] when it has none or does
         not exist.  Raise DnsError(temporary=True) when DNS failed."""
+        ...
+
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records of ``name``, each one's strings joined (RFC 7208
+        §3.3, RFC 6376 §3.6.2.2); [] when it has none.  DnsError: permanent
+        when the name does not exist, temporary when DNS failed."""
+        ...
+
+    async def ips(self, host: str, rdtype: str) -> list[str]:
+        """The ``rdtype`` ("A" or "AAAA") addresses of ``host``; [] when it has
+        none.  Unlike ``addresses``, a name that does not exist is a permanent
+        DnsError (SPF counts it as a void lookup, RFC 7208 §4.6.4)."""
+        ...
+
+    async def ptr(self, ip: str) -> list[str]:
+        """The names the reverse zone gives for ``ip``; [] when there are none
+        (NXDOMAIN included).  DnsError(temporary=True) when DNS failed."""
         ...
 
 
@@ -88,13 +105,16 @@ class DnsResolver:
         except dns.exception.DNSException as exc:
             raise DnsError(f"{name} {rdtype}: DNS error: {exc}", temporary=True) from None
 
-    async def unreachable(self) -> str:
+    async def unreachable(self, lifetime: float | None = None) -> str:
         """Why no DNS server answers at all, or "" when one does (a refusal or
-        SERVFAIL is an answer): one question, the root's NS, any resolver knows."""
+        SERVFAIL is an answer): one question, the root's NS, any resolver knows.
+        ``lifetime``: seconds it may take (default: as long as any lookup)."""
+        if lifetime is None:
+            lifetime = self._resolver.lifetime
         try:
-            await self._resolver.resolve(dns.name.root, "NS", search=False)
+            await self._resolver.resolve(dns.name.root, "NS", search=False, lifetime=lifetime)
         except dns.exception.Timeout:
-            return f"no answer within {self._resolver.lifetime:.0f} s"
+            return f"no answer within {lifetime:.0f} s"
         except dns.resolver.NoNameservers as exc:
             errors = exc.kwargs.get("errors") or []
             if errors and all(answer is None for *_, answer in errors):
@@ -126,11 +146,8 @@ class DnsResolver:
                 found += [r.address for r in answer.rrset if hasattr(r, "address")]
         return found
 
-    # --- for mail authentication (policy/mailauth.py, doctor) -------------------------
+    # --- for mail authentication (policy/) and the doctor ---------------------------
     async def txt(self, name: str) -> list[str]:
-        """The TXT records of ``name``, each one's strings joined (RFC 7208
-        §3.3, RFC 6376 §3.6.2.2); [] when it has none.  DnsError: permanent
-        when the name does not exist, temporary when DNS failed."""
         answer = await self._query(name, "TXT")
         if answer is None or answer.rrset is None:
             return []
@@ -141,17 +158,12 @@ class DnsResolver:
         ]
 
     async def ips(self, host: str, rdtype: str) -> list[str]:
-        """The ``rdtype`` ("A" or "AAAA") addresses of ``host``; [] when it has
-        none.  Unlike ``addresses``, a name that does not exist is a permanent
-        DnsError (SPF counts it as a void lookup, RFC 7208 §4.6.4)."""
         answer = await self._query(host, rdtype)
         if answer is None or answer.rrset is None:
             return []
         return [r.address for r in answer.rrset if hasattr(r, "address")]
 
     async def ptr(self, ip: str) -> list[str]:
-        """The names the reverse zone gives for ``ip``; [] when there are none
-        (NXDOMAIN included).  DnsError(temporary=True) when DNS failed."""
         name = dns.reversename.from_address(ip).to_text()
         try:
             answer = await self._query(name.rstrip("."), "PTR")
@@ -166,35 +178,3 @@ class DnsResolver:
             for r in answer.rrset
             if r.rdtype == dns.rdatatype.PTR
         ]
-
-
-class StaticResolver:
-    """A fixed table: ``mx`` maps domains to records, ``hosts`` names to addresses.
-    Names in neither table do not exist.  For tests and offline tools."""
-
-    def __init__(
-        self,
-        mx: Mapping[str, Sequence[MxRecord]] | None = None,
-        hosts: Mapping[str, Sequence[str]] | None = None,
-        failing: Sequence[str] = (),
-    ) -> None:
-        self._mx = {normalise_host(k): list(v) for k, v in (mx or {}).items()}
-        self._hosts = {normalise_host(k): list(v) for k, v in (hosts or {}).items()}
-        self._failing = {normalise_host(n) for n in failing}
-
-    async def mx(self, domain: str) -> list[MxRecord]:
-        name = normalise_host(domain)
-        if name in self._failing:
-            raise DnsError(f"{name} MX: DNS servers failed", temporary=True)
-        if name in self._mx:
-            return list(self._mx[name])
-        if name in self._hosts:
-            return []
-        raise DnsError(f"{name}: no such domain", temporary=False)
-
-    async def addresses(self, host: str) -> list[str]:
-        name = normalise_host(host)
-        if name in self._failing:
-            raise DnsError(f"{name}: DNS servers failed", temporary=True)
-        found = self._hosts.get(name, [])
-        return sorted(found, key=lambda a: ipaddress.ip_address(a).version, reverse=True)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postoffice.delivery.mx import MxLoopsToSelf, MxRecord, NullMx, order_mx
+from postoffice.dns.mx import MxLoopsToSelf, MxRecord, NullMx, order_mx
 
 
 def test_lower_preference_first() -> None:

@@ -1,0 +1,78 @@
+"""A resolver from fixed tables: the ``Resolver`` contract without a network.
+
+For tests that need names but not a DNS server (mox keeps a mock resolver
+for the same reason).  It answers the way ``DnsResolver`` does against a
+server holding the same records: tests/integration/dns runs one contract
+against both.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+
+from postoffice.dns.mx import MxRecord, normalise_host
+from postoffice.dns.resolver import DnsError
+
+_VERSION = {"A": 4, "AAAA": 6}
+
+
+class StaticResolver:
+    """``mx`` maps domains to records, ``hosts`` names to addresses, ``txt``
+    names to TXT records, ``ptr`` addresses to names.  A name in none of the
+    name tables does not exist; a name in ``failing`` fails for the moment
+    (like a SERVFAIL or a timeout), and so does the PTR of an address there."""
+
+    def __init__(
+        self,
+        mx: Mapping[str, Sequence[MxRecord]] | None = None,
+        hosts: Mapping[str, Sequence[str]] | None = None,
+        failing: Sequence[str] = (),
+        txt: Mapping[str, Sequence[str]] | None = None,
+        ptr: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        self._mx = {normalise_host(k): list(v) for k, v in (mx or {}).items()}
+        self._hosts = {normalise_host(k): list(v) for k, v in (hosts or {}).items()}
+        self._txt = {normalise_host(k): list(v) for k, v in (txt or {}).items()}
+        self._ptr = {_ip(k): [normalise_host(n) for n in v] for k, v in (ptr or {}).items()}
+        self._failing = {normalise_host(n) for n in failing}
+
+    def _lookup(self, name: str, rdtype: str) -> str:
+        """``name`` as the tables hold it; DnsError as DnsResolver raises them."""
+        key = normalise_host(name)
+        if key in self._failing:
+            raise DnsError(f"{key} {rdtype}: DNS servers failed", temporary=True)
+        if key not in self._mx and key not in self._hosts and key not in self._txt:
+            raise DnsError(f"{key}: no such domain", temporary=False)
+        return key
+
+    async def mx(self, domain: str) -> list[MxRecord]:
+        return list(self._mx.get(self._lookup(domain, "MX"), []))
+
+    async def addresses(self, host: str) -> list[str]:
+        try:
+            name = self._lookup(host, "A")
+        except DnsError as exc:
+            if exc.temporary:
+                raise
+            return []
+        found = self._hosts.get(name, [])
+        return sorted(found, key=lambda a: ipaddress.ip_address(a).version, reverse=True)
+
+    async def txt(self, name: str) -> list[str]:
+        return list(self._txt.get(self._lookup(name, "TXT"), []))
+
+    async def ips(self, host: str, rdtype: str) -> list[str]:
+        found = self._hosts.get(self._lookup(host, rdtype), [])
+        return [a for a in found if ipaddress.ip_address(a).version == _VERSION[rdtype]]
+
+    async def ptr(self, ip: str) -> list[str]:
+        key = _ip(ip)
+        if key in self._failing:
+            raise DnsError(f"{key} PTR: DNS servers failed", temporary=True)
+        return list(self._ptr.get(key, []))
+
+
+def _ip(text: str) -> str:
+    """An address in one spelling ("::0001" and "::1" are one key)."""
+    return str(ipaddress.ip_address(text))
