@@ -116,6 +116,18 @@ def _utf8(data: bytes, what: str) -> str:
         raise SaslError(f"{what} is not UTF-8") from exc
 
 
+def _decode_base64(text: str) -> bytes:
+    """Strict base64 (RFC 4648 §4, no line breaks); ``=`` alone is empty (RFC 4954 §4)."""
+    if text in ("", EMPTY):
+        return b""
+    if not text.isascii():
+        raise SaslError("response is not base64")
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SaslError("response is not base64") from exc
+
+
 _NO_DATA = Challenge(b"")
 _USERNAME = Challenge(b"Username:")
 _PASSWORD = Challenge(b"Password:")
@@ -128,7 +140,9 @@ class Plain:
 
     def step(self, response: bytes | None) -> Outcome:
         if response is None:
-            return _NO_DATA  # RFC 4422 §5 (2): the client sends its message next
+            # RFC 4422 §5: a client-first mechanism started without an
+            # initial response asks for it with an empty challenge.
+            return _NO_DATA
         parts = response.split(b"\0")
         if len(parts) != 3:
             raise SaslError("PLAIN response must be authzid NUL authcid NUL password")
@@ -168,18 +182,6 @@ class Login:
 # In the order offered (EHLO's AUTH line, POP3's CAPA and AUTH list).
 _MECHANISMS: dict[str, Callable[[], Mechanism]] = {"PLAIN": Plain, "LOGIN": Login}
 MECHANISMS: tuple[str, ...] = tuple(_MECHANISMS)
-
-
-def _decode_base64(text: str) -> bytes:
-    """Strict base64 (RFC 4648 §4, no line breaks); ``=`` alone is empty (RFC 4954 §4)."""
-    if text in ("", EMPTY):
-        return b""
-    if not text.isascii():
-        raise SaslError("response is not base64")
-    try:
-        return binascii.a2b_base64(text, strict_mode=True)
-    except (binascii.Error, ValueError) as exc:
-        raise SaslError("response is not base64") from exc
 
 
 class SaslExchange:

@@ -121,10 +121,20 @@ CASES = {
     # keep the first name and take the next answer as its password.)
     "a new exchange after one cut short": (
         ["AUTH LOGIN", b64(ALICE), "A" * 13000, "AUTH LOGIN", b64(ALICE_PW)],
-        ["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6", "500 5.5.6 Line too long"]
-        + ["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6"],
-        ["+ VXNlcm5hbWU6", "+ UGFzc3dvcmQ6", "-ERR Line too long"]
-        + ["+ VXNlcm5hbWU6", "+ UGFzc3dvcmQ6"],
+        [
+            "334 VXNlcm5hbWU6",
+            "334 UGFzc3dvcmQ6",
+            "500 5.5.6 Line too long",
+            "334 VXNlcm5hbWU6",
+            "334 UGFzc3dvcmQ6",  # asked for the password: the name is new
+        ],
+        [
+            "+ VXNlcm5hbWU6",
+            "+ UGFzc3dvcmQ6",
+            "-ERR Line too long",
+            "+ VXNlcm5hbWU6",
+            "+ UGFzc3dvcmQ6",
+        ],
     ),
     "unknown mechanism": (
         ["AUTH CRAM-MD5"],
