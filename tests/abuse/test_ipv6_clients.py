@@ -2,7 +2,7 @@
 
 A host usually holds a whole /64 and may send from any of its 2^64
 addresses (RFC 6177 §2, RFC 8981 temporary addresses), so the connection
-cap and the login throttle count IPv6 clients per /64 (policy/netkey.py).
+cap and the login throttle count IPv6 clients per /64 (policy/clients.py).
 These tests run the server and its clients in a network namespace of their
 own (tests/support/netns.py) whose loopback carries addresses of two
 documentation prefixes (RFC 3849): 2001:db8:1:2::/64, where the server and

@@ -2,7 +2,7 @@
 
 A listener is a set of sockets sharing one handler (``async def
 handler(conn)``) and one pair of caps: concurrent connections in all and per
-client address (an IPv6 client: per /64, ``policy/netkey.py``).  A
+client address (an IPv6 client: per /64, ``policy/clients.py``).  A
 connection over a cap is answered with the protocol's "busy" line
 (``busy_reply``) and closed without starting a session.
 
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from postoffice import logfmt
 from postoffice.config.settings import ListenAddress
 from postoffice.net.connection import Connection
-from postoffice.policy.netkey import client_key
+from postoffice.policy.clients import client_key
 
 if TYPE_CHECKING:
     from postoffice.workers import AcceptShares
@@ -71,7 +71,7 @@ class Listener:
     servers: list[asyncio.Server] = field(default_factory=list)
     accept_sockets: list[socket.socket] = field(default_factory=list)  # accepting by itself
     tasks: dict[asyncio.Task[None], Connection] = field(default_factory=dict)
-    per_ip: Counter[str] = field(default_factory=Counter)  # by policy.netkey.client_key
+    per_ip: Counter[str] = field(default_factory=Counter)  # by policy.clients.client_key
     bound: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
@@ -28,11 +27,11 @@ from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
 from postoffice.policy.auth import LoginThrottled
+from postoffice.policy.clients import is_loopback
 from postoffice.protocol import sasl
 from postoffice.protocol.pop3 import (
     NEED_DATA,
     Auth,
-    AuthCancelled,
     AuthResponse,
     BadCommand,
     Capa,
@@ -76,7 +75,6 @@ FLUSH_AT = 256 * 1024  # write collected replies once this much is pending
 # works through the current one, so in-order RETR never waits for a thread.
 AHEAD_COUNT = 64
 AHEAD_BYTES = 512 * 1024
-MECHANISMS = ("PLAIN", "LOGIN")
 IMPLEMENTATION = "postoffice"
 _PERMANENT_ERRNOS = frozenset(
     {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ELOOP}
@@ -108,8 +106,7 @@ class Pop3Session:
         # copied until the one join that writes it) and their total length.
         self._out: list[bytes] = []
         self._out_size = 0
-        self._login_user: str | None = None  # SASL LOGIN: the name, awaiting the password
-        self._mechanism: str | None = None
+        self._sasl: sasl.SaslExchange | None = None  # an AUTH exchange under way
         self._update: UpdateResult | None = None
         self._ahead: dict[int, bytes] = {}  # message number -> content read ahead
         self._prefetch: asyncio.Future[list[bytes | None]] | None = None  # the next window
@@ -177,11 +174,8 @@ class Pop3Session:
                     await self._login(user, password)
                 case Auth(mechanism, initial):
                     await self._auth(mechanism, initial)
-                case AuthResponse(data):
-                    await self._auth_step(data)
-                case AuthCancelled():
-                    self._mechanism = self._login_user = None
-                    self._send(self.core.reply_err("Authentication cancelled"))
+                case AuthResponse(line):
+                    await self._auth_step(line)
                 case Quit():
                     await self._quit()
                 case _:
@@ -234,13 +228,13 @@ class Pop3Session:
     def _plaintext_ok(self) -> bool:
         if self.conn.tls:
             return True
-        return self.s.settings.auth.allow_plaintext_loopback and _is_loopback(self.client_ip)
+        return self.s.settings.auth.allow_plaintext_loopback and is_loopback(self.client_ip)
 
     def _capa(self) -> None:
         caps = capabilities(
             self.core.state,
             stls=not self.conn.tls,
-            sasl=MECHANISMS if self._plaintext_ok() else (),
+            sasl=sasl.MECHANISMS if self._plaintext_ok() else (),
             implementation=IMPLEMENTATION,
         )
         self._send(self.core.multiline("Capability list follows", caps))
@@ -278,37 +272,31 @@ class Pop3Session:
             self._send(self.core.reply_err(PLAINTEXT_REFUSED, "AUTH"))
             return
         if mechanism is None:
-            self._send(self.core.multiline("Mechanisms follow", MECHANISMS))
+            self._send(self.core.multiline("Mechanisms follow", sasl.MECHANISMS))
             return
-        if mechanism not in MECHANISMS:
+        self._sasl = sasl.SaslExchange.start(mechanism)
+        if self._sasl is None:
             self._send(self.core.reply_err("Unsupported authentication mechanism"))
             return
-        self._mechanism = mechanism
-        if initial is None:
-            challenge = "" if mechanism == "PLAIN" else sasl.encode_challenge("Username:")
-            self._send(self.core.continuation(challenge))
-            return
-        await self._auth_step(initial)
+        await self._sasl_reply(self._sasl.initial(initial))
 
-    async def _auth_step(self, data: str) -> None:
-        """One client response of a PLAIN or LOGIN exchange (RFC 4616, RFC 5034 §4)."""
-        mechanism, self._mechanism = self._mechanism, None
-        try:
-            if mechanism == "PLAIN":
-                authzid, user, password = sasl.decode_plain(data)
-                if authzid and authzid != user:
-                    raise sasl.SaslError("Acting as another user is not permitted")
-                await self._login(user, password)
-            elif self._login_user is None:
-                self._login_user = sasl.decode_login_step(data)
-                self._mechanism = mechanism
-                self._send(self.core.continuation(sasl.encode_challenge("Password:")))
-            else:
-                user, self._login_user = self._login_user, None
-                await self._login(user, sasl.decode_login_step(data))
-        except sasl.SaslError as exc:
-            self._login_user = None
-            self._error(str(exc))
+    async def _auth_step(self, line: str) -> None:
+        if self._sasl is None:  # the core reads a response only after our continuation
+            raise RuntimeError("a SASL response without an exchange")
+        await self._sasl_reply(self._sasl.respond(line))
+
+    async def _sasl_reply(self, outcome: sasl.Outcome) -> None:
+        """The exchange's next step in POP3's words (RFC 5034 §4)."""
+        if isinstance(outcome, sasl.Challenge):
+            self._send(self.core.continuation(outcome.base64))
+            return
+        self._sasl = None
+        if isinstance(outcome, sasl.Done):
+            await self._login(outcome.authcid, outcome.password)
+        elif outcome.kind is sasl.FailKind.CANCELLED:
+            self._send(self.core.reply_err(outcome.reason))  # not an error: the client chose
+        else:
+            self._error(outcome.reason)
 
     async def _login(self, name: str, password: str) -> None:
         try:
@@ -747,13 +735,3 @@ def _release_after(futures: list[asyncio.Future[Any]], box: Pop3Mailbox | None) 
 def _close_quietly(fh: BinaryIO) -> None:
     with contextlib.suppress(OSError):
         fh.close()
-
-
-def _is_loopback(ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip.partition("%")[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.is_loopback
-    return addr.is_loopback

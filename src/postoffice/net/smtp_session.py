@@ -23,6 +23,7 @@ from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, 
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
 from postoffice.net.smtp_tally import CommandTally
 from postoffice.policy.auth import LoginThrottled
+from postoffice.policy.clients import is_loopback
 from postoffice.policy.relay import (
     SRS_ALONE,
     SRS_MAX_MESSAGE,
@@ -130,8 +131,7 @@ class SmtpSession:
         self.envelope = Envelope()
         self.tx: _Transaction | None = None
         self.out: list[bytes] = []
-        self._auth_state: list[str] = []  # SASL LOGIN steps collected so far
-        self._auth_mech = ""
+        self._sasl: sasl.SaslExchange | None = None  # an AUTH exchange under way
         self._start_tls = False
         self._checks_apply: bool | None = None  # inbound checks for this client (once)
         # Errors (5xx replies) since the session began or last had a message
@@ -260,7 +260,7 @@ class SmtpSession:
                 self._start_tls = True
                 # RFC 3207 §4.2: forget everything learnt before TLS, login included.
                 self.user = None
-                self._auth_state = []
+                self._sasl = None
                 self.helo = ""
                 return  # nothing after STARTTLS is read as plaintext (RFC 3207 §4.2)
             if self.core.closed:
@@ -408,13 +408,13 @@ class SmtpSession:
         if not self.core.tls:
             lines.append("STARTTLS")
         if self.mode is SmtpMode.SUBMISSION and self._auth_allowed() and not self.user:
-            lines.append("AUTH PLAIN LOGIN")
+            lines.append("AUTH " + " ".join(sasl.MECHANISMS))
         return Reply(250, tuple(lines))
 
     def _auth_allowed(self) -> bool:
         if self.core.tls:
             return True
-        return self.s.settings.auth.allow_plaintext_loopback and _is_loopback(self.client_ip)
+        return self.s.settings.auth.allow_plaintext_loopback and is_loopback(self.client_ip)
 
     def _mail(self, event: MailFrom) -> Reply:
         limit = self.s.settings.limits.max_message_size
@@ -804,36 +804,28 @@ class SmtpSession:
             return Reply(
                 538, "Encryption required for requested authentication mechanism", "5.7.11"
             )
-        mech = event.mechanism.upper()
-        self._auth_mech = mech
-        self._auth_state = []
-        if mech == "PLAIN":
-            if event.initial_response is None:
-                return Reply(334, "")
-            return await self._auth_step(event.initial_response)
-        if mech == "LOGIN":
-            if event.initial_response is not None:
-                return await self._auth_step(event.initial_response)
-            return Reply(334, sasl.encode_challenge("Username:"))
-        return Reply(504, "Unrecognized authentication type", "5.5.4")
+        self._sasl = sasl.SaslExchange.start(event.mechanism)
+        if self._sasl is None:
+            return Reply(504, "Unrecognized authentication type", "5.5.4")
+        return await self._sasl_reply(self._sasl.initial(event.initial_response))
 
     async def _auth_step(self, line: str) -> Reply:
-        if line.strip() == "*":
+        if self._sasl is None:  # the core sends a response only after our 334
+            raise RuntimeError("a SASL response without an exchange")
+        return await self._sasl_reply(self._sasl.respond(line))
+
+    async def _sasl_reply(self, outcome: sasl.Outcome) -> Reply:
+        """The exchange's next step in SMTP's words (RFC 4954 §4, §6)."""
+        if isinstance(outcome, sasl.Challenge):
+            return Reply(334, outcome.base64)
+        self._sasl = None
+        if isinstance(outcome, sasl.Done):
+            return await self._check_password(outcome.authcid, outcome.password)
+        if outcome.kind is sasl.FailKind.CANCELLED:
             return Reply(501, "Authentication cancelled", "5.0.0")
-        try:
-            if self._auth_mech == "PLAIN":
-                authzid, authcid, password = sasl.decode_plain(line.strip())
-                if authzid and authzid.lower() != authcid.lower():
-                    return Reply(535, "Authentication credentials invalid", "5.7.8")
-                return await self._check_password(authcid, password)
-            self._auth_state.append(sasl.decode_login_step(line.strip()))
-        except sasl.SaslError:
-            return Reply(501, "Cannot decode response", "5.5.2")
-        if len(self._auth_state) == 1:
-            return Reply(334, sasl.encode_challenge("Password:"))
-        name, password = self._auth_state[0], self._auth_state[1]
-        self._auth_state = []
-        return await self._check_password(name, password)
+        if outcome.kind is sasl.FailKind.NOT_PERMITTED:
+            return Reply(535, "Authentication credentials invalid", "5.7.8")
+        return Reply(501, "Cannot decode response", "5.5.2")
 
     async def _check_password(self, name: str, password: str) -> Reply:
         try:
@@ -886,10 +878,6 @@ def _storage_failure(exc: Exception) -> Reply:
     ):
         return Reply(452, "Insufficient system storage", "4.3.1")
     return Reply(451, "Local error in processing", "4.3.0")
-
-
-def _is_loopback(ip: str) -> bool:
-    return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
 
 
 def _new_queue_id() -> str:

@@ -46,6 +46,7 @@ from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
 from postoffice.mail.headers import MAX_HEADER_BLOCK, header_block
 from postoffice.policy import dmarc, spf
+from postoffice.policy.clients import client_address, in_networks
 from postoffice.policy.cpu_workers import CpuTimeout, CpuWorkerError, CpuWorkers
 from postoffice.policy.dkim_verify import (
     MAX_SIGNATURES,
@@ -159,13 +160,8 @@ class InboundChecks:
 
     def applies(self, client_ip: str) -> bool:
         """False for clients in ``[checks] exempt_networks`` (and non-IP peers)."""
-        try:
-            ip = ipaddress.ip_address(client_ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return not any(ip.version == net.version and ip in net for net in self._exempt)
+        address = client_address(client_ip)
+        return address is not None and not in_networks(address, self._exempt)
 
     async def judge(
         self, *, client_ip: str, helo: str, sender: Address | None, message: bytes

@@ -33,7 +33,7 @@ Why this shape (issues 11 and 19):
   address still gets in at once while the account is under a distributed
   attack (an attacker cannot forge a TCP source address).  Its own pair
   penalty still applies.
-* **Clients are IPv4 addresses or IPv6 /64s** (``policy/netkey.py``), the
+* **Clients are IPv4 addresses or IPv6 /64s** (``policy/clients.py``), the
   same key as the connection cap, so rotating through a /64 gains nothing.
 * **A repeated wrong password is no new guess** (as Dovecot's auth
   penalty): a pair that sends exactly its last wrong password again (a
@@ -64,7 +64,7 @@ from typing import TypeVar
 
 from postoffice import logfmt
 from postoffice.config.settings import AuthSettings
-from postoffice.policy.netkey import client_key
+from postoffice.policy.clients import client_key
 
 log = logging.getLogger("postoffice.auth")
 

@@ -73,17 +73,12 @@ class Pass:
 @dataclass(frozen=True, slots=True)
 class Auth:
     mechanism: str | None  # upper case; None: "AUTH" alone, list the mechanisms
-    initial: str | None  # base64 initial response ("" for "="), None if absent
+    initial: str | None  # the initial response as sent ("=": empty), None if absent
 
 
 @dataclass(frozen=True, slots=True)
 class AuthResponse:
-    data: str  # one base64 line answering a continuation
-
-
-@dataclass(frozen=True, slots=True)
-class AuthCancelled:
-    pass  # the client answered a continuation with "*" (RFC 5034 §4)
+    data: str  # the line answering a continuation: base64, or "*" to cancel (RFC 5034 §4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +146,6 @@ Event = (
     | Pass
     | Auth
     | AuthResponse
-    | AuthCancelled
     | Stat
     | List
     | Uidl
@@ -239,7 +233,7 @@ class Pop3Server:
         text = raw.decode("utf-8", errors="replace")
         if self.state is State.SASL:
             self.state = State.AUTHORIZATION
-            return AuthCancelled() if text.strip() == "*" else AuthResponse(text.strip())
+            return AuthResponse(text.strip())
         keyword, _sep, rest = text.partition(" ")
         keyword = keyword.upper()
         if not keyword or keyword not in _KNOWN:
@@ -270,10 +264,7 @@ class Pop3Server:
                 _arity(args, 0, 2)
                 if not args:
                     return Auth(None, None)
-                initial = None
-                if len(args) == 2:
-                    initial = "" if args[1] == "=" else args[1]  # RFC 5034 §4
-                return Auth(args[0].upper(), initial)
+                return Auth(args[0].upper(), args[1] if len(args) == 2 else None)
             case "LIST" | "UIDL":
                 _arity(args, 0, 1)
                 msg = _number(args[0]) if args else None
@@ -327,7 +318,7 @@ class Pop3Server:
         if self.state is State.SASL:
             self.state = State.AUTHORIZATION  # e.g. an over-long response ends the exchange
         match event:
-            case User() | Pass() | Auth() | AuthResponse() | AuthCancelled():
+            case User() | Pass() | Auth() | AuthResponse():
                 self._user = None  # RFC 1939 §7: after a failed PASS, start again at USER
             case Quit():
                 self.state = State.CLOSED

@@ -12,7 +12,6 @@ from postoffice.protocol.pop3 import (
     MAX_LINE,
     NEED_DATA,
     Auth,
-    AuthCancelled,
     AuthResponse,
     BadCommand,
     Capa,
@@ -332,8 +331,9 @@ def test_auth_with_initial_response() -> None:
     assert core.state is State.TRANSACTION
 
 
-def test_auth_equals_sign_is_an_empty_initial_response() -> None:
-    assert one(Pop3Server(), b"AUTH PLAIN =\r\n") == Auth("PLAIN", "")
+def test_auth_passes_the_equals_sign_on_as_sent() -> None:
+    # "=" is an empty initial response (RFC 5034 §4): protocol/sasl.py reads it.
+    assert one(Pop3Server(), b"AUTH PLAIN =\r\n") == Auth("PLAIN", "=")
 
 
 def test_auth_alone_lists_mechanisms_without_logging_in() -> None:
@@ -354,11 +354,12 @@ def test_auth_continuation_then_response() -> None:
     assert core.state is State.AUTHORIZATION
 
 
-def test_auth_cancel() -> None:
+def test_auth_cancel_is_a_response_line_like_any_other() -> None:
+    # "*" cancels (RFC 5034 §4): protocol/sasl.py reads it, as it does for SMTP.
     core = Pop3Server()
     one(core, b"AUTH PLAIN\r\n")
     core.continuation()
-    assert one(core, b"*\r\n") == AuthCancelled()
+    assert one(core, b" * \r\n") == AuthResponse("*")
     core.reply_err("cancelled")
     assert core.state is State.AUTHORIZATION
 
