@@ -20,7 +20,7 @@ from postoffice.delivery.outbound import QueuedMessage
 from postoffice.delivery.queue import QueueEntry, QueueStore
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.delivery.resolver import DnsResolver
-from postoffice.delivery.smtp_client import ClientTimeouts
+from postoffice.delivery.smtp_connection import ClientTimeouts
 from postoffice.mail.address import Address
 from postoffice.net.tls import ensure_self_signed, server_context
 from tests.support.peers import Dnsmasq, ScriptedMta, SmtpSink
