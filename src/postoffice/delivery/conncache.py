@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from postoffice.delivery.smtp_client import SmtpClient
+from postoffice.delivery.smtp_connection import SmtpClient
 
 IDLE = 2.0  # seconds a parked connection waits for the next message
 MAX_USES = 100  # transactions per connection before it is closed

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from postoffice.delivery.content import MessageTraits
-from postoffice.delivery.smtp_wire import Reply
 from postoffice.mail.address import Address
+from postoffice.protocol.smtp_reply import Reply
 
 
 class Outcome(enum.Enum):
@@ -52,6 +52,6 @@ def status_of(reply: Reply) -> str:
 
 
 def outcome_of(reply: Reply) -> Outcome:
-    if reply.positive:
+    if reply.is_positive:
         return Outcome.DELIVERED
-    return Outcome.FAILED if reply.permanent else Outcome.DEFERRED
+    return Outcome.FAILED if reply.is_permanent else Outcome.DEFERRED

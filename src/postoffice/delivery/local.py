@@ -13,8 +13,8 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 from postoffice.delivery.courier import MessageSource, Outcome, RecipientResult
-from postoffice.delivery.smtp_wire import format_path
 from postoffice.mail.address import Address, AddressError
+from postoffice.protocol.smtp_client import format_path
 from postoffice.storage.accounts import AccountStore
 from postoffice.storage.maildir import DeliveryError, MaildirStore
 

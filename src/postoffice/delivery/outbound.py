@@ -48,7 +48,7 @@ from postoffice.delivery.queue import (
 )
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.delivery.retry import next_attempt, retry_delay, warning_due
-from postoffice.delivery.smtp_client import ClientTimeouts
+from postoffice.delivery.smtp_connection import ClientTimeouts
 from postoffice.dns.resolver import Resolver
 from postoffice.mail.address import Address
 from postoffice.policy.srs import Srs, SrsError, is_srs

@@ -31,11 +31,11 @@ from postoffice.delivery.courier import (
     outcome_of,
     status_of,
 )
-from postoffice.delivery.smtp_client import ClientTimeouts, SmtpClient, SmtpConnectionError
-from postoffice.delivery.smtp_wire import Reply
+from postoffice.delivery.smtp_connection import ClientTimeouts, SmtpClient, SmtpConnectionError
 from postoffice.dns.mx import MxLoopsToSelf, NullMx, order_mx
 from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
+from postoffice.protocol.smtp_reply import Reply
 
 log = logging.getLogger("postoffice.delivery")
 
@@ -102,10 +102,10 @@ class _Attempt:
     def failed(self, text: str, status: str, remote: str, *, reply: Reply | None = None) -> None:
         self.tried += 1
         # A refusal keeps the peer's own words (the DSN's Diagnostic-Code).
-        self.text = reply.text if reply is not None else text
+        self.text = reply.summary if reply is not None else text
         self.status, self.remote = status, remote
         self.smtp_reply = reply is not None
-        if reply is None or not reply.permanent:
+        if reply is None or not reply.is_permanent:
             self.only_permanent = False
 
 
@@ -346,13 +346,13 @@ class RemoteCourier:
     ) -> bool:
         """Greeting, EHLO and (opportunistic) STARTTLS; False if the host refused."""
         greeting = await client.greeting()
-        if not greeting.positive:
+        if not greeting.is_positive:
             attempt.failed(
-                f"{label} greeted: {greeting.text}", status_of(greeting), label, reply=greeting
+                f"{label} greeted: {greeting.summary}", status_of(greeting), label, reply=greeting
             )
             return False
         hello = await client.hello(self._hostname)
-        if use_tls and hello.positive and "STARTTLS" in client.extensions:
+        if use_tls and hello.is_positive and "STARTTLS" in client.extensions:
             try:
                 reply = await client.starttls(
                     self._tls, hop.host if _ip(hop.host) is None else None
@@ -361,9 +361,9 @@ class RemoteCourier:
                 raise _TlsFailed(str(exc)) from None
             if reply.code == 220:
                 hello = await client.hello(self._hostname)  # RFC 3207 §4.2: start over
-        if not hello.positive:
+        if not hello.is_positive:
             attempt.failed(
-                f"{label} refused EHLO: {hello.text}", status_of(hello), label, reply=hello
+                f"{label} refused EHLO: {hello.summary}", status_of(hello), label, reply=hello
             )
             return False
         return True
@@ -395,19 +395,19 @@ class RemoteCourier:
             smtputf8=self._needs_smtputf8(sender, recipients, message),
         )
         first = result.mail
-        if first.transient:
+        if first.is_transient:
             if reused and first.code == 421:
                 raise SmtpConnectionError("parked connection closed by the peer")
             # MAIL refused for now: a problem of this host (busy, out of
             # space), not of the recipients, so try the next MX (RFC 5321 §5.1).
-            attempt.failed(f"{label} said: {first.text}", status_of(first), label, reply=first)
+            attempt.failed(f"{label} said: {first.summary}", status_of(first), label, reply=first)
             return None, False
         suffix = f" (TLS {client.tls_info()})" if client.tls else ""
         results = [
             RecipientResult(
                 r,
                 outcome_of(reply),
-                reply.text + (suffix if reply.positive else ""),
+                reply.summary + (suffix if reply.is_positive else ""),
                 status_of(reply),
                 label,
                 smtp_reply=True,

@@ -41,11 +41,11 @@ from postoffice.protocol.pop3 import (
     Noop,
     Pass,
     Pop3Server,
+    Pop3State,
     Quit,
     Retr,
     Rset,
     Stat,
-    State,
     Stls,
     Top,
     Uidl,
@@ -145,7 +145,7 @@ class Pop3Session:
 
     async def _serve(self) -> None:
         core = self.core
-        while core.state is not State.CLOSED:
+        while core.state is not Pop3State.CLOSED:
             event = core.next_event()
             if event is NEED_DATA:
                 await self._flush()
@@ -460,7 +460,7 @@ class Pop3Session:
             not digits.isdigit()  # ASCII digits only: one line, one argument
             or len(digits) > 18  # the core's limit for a message number
             or box is None
-            or self.core.state is not State.TRANSACTION
+            or self.core.state is not Pop3State.TRANSACTION
             or self.core.has_buffered_data
             or self._out
             # Back-pressure: with anything still unsent the task writes and
@@ -626,7 +626,7 @@ class Pop3Session:
 
     async def _quit(self) -> None:
         box = self.mailbox
-        if box is None or self.core.state is not State.TRANSACTION:
+        if box is None or self.core.state is not Pop3State.TRANSACTION:
             self.outcome = "quit"
             self._send(self.core.reply_ok("Logging out"))
             return

@@ -39,6 +39,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from postoffice.mail.address import Address, AddressError, parse_path
+from postoffice.protocol.errors import LocalProtocolError
 from postoffice.protocol.smtp_data import DataDecoder
 from postoffice.protocol.smtp_reply import Reply
 
@@ -48,11 +49,7 @@ MAX_AUTH_LINE = 12288
 MAX_SIZE_DIGITS = 20  # RFC 1870 §3: size-value ::= 1*20DIGIT
 
 
-class LocalProtocolError(Exception):
-    """The session used the core wrongly (e.g. asked for an event before answering)."""
-
-
-class State(enum.Enum):
+class SmtpState(enum.Enum):
     """Where the SMTP dialogue is (``SmtpServerCore.state``)."""
 
     START = "start"  # no successful HELO/EHLO yet (again so after STARTTLS)
@@ -406,16 +403,16 @@ class SmtpServerCore:
 
     # --- properties -----------------------------------------------------------
     @property
-    def state(self) -> State:
+    def state(self) -> SmtpState:
         if self._closed:
-            return State.CLOSED
+            return SmtpState.CLOSED
         if self._decoder is not None:
-            return State.DATA
+            return SmtpState.DATA
         if self._sasl:
-            return State.AUTH
+            return SmtpState.AUTH
         if self._in_transaction:
-            return State.RCPT if self._recipients else State.MAIL
-        return State.GREETED if self._greeted else State.START
+            return SmtpState.RCPT if self._recipients else SmtpState.MAIL
+        return SmtpState.GREETED if self._greeted else SmtpState.START
 
     @property
     def in_transaction(self) -> bool:

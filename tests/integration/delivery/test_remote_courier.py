@@ -19,7 +19,7 @@ from postoffice.delivery.courier import Outcome, RecipientResult
 from postoffice.delivery.outbound import QueuedMessage
 from postoffice.delivery.queue import QueueEntry, QueueStore
 from postoffice.delivery.remote import RemoteCourier
-from postoffice.delivery.smtp_client import ClientTimeouts
+from postoffice.delivery.smtp_connection import ClientTimeouts
 from postoffice.dns.resolver import DnsResolver
 from postoffice.mail.address import Address
 from postoffice.net.tls import ensure_self_signed, server_context

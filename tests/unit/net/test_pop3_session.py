@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from postoffice.net.pop3_session import Pop3Session, _read_wire
-from postoffice.protocol.pop3 import NEED_DATA, State, wire_form
+from postoffice.protocol.pop3 import NEED_DATA, Pop3State
 from postoffice.storage.maildir import ensure_maildir
 from postoffice.storage.pop3_mailbox import Pop3Mailbox
 from tests.support.helpers import ALICE, ALICE_PW
@@ -26,8 +26,8 @@ def test_read_ahead_gives_the_wire_form_or_none_when_the_size_is_off(tmp_path: P
         (tmp_path / "new" / "1700000002.m").write_bytes(b"sh\n")  # shrank: a short read
         (tmp_path / "new" / "1700000003.m").unlink()
         assert _read_wire(box, box.messages) == [
-            wire_form(messages[0]),
-            wire_form(messages[1]),
+            b"a\r\n..b\r\n.\r\n",
+            b"no final newline\r\n.\r\n",
             None,
             None,
         ]
@@ -75,11 +75,11 @@ def session_in_transaction(tmp_path: Path, count: int) -> tuple[Pop3Session, Fak
     conn = FakeConnection()
     session = Pop3Session(services, conn)  # type: ignore[arg-type]
     session.mailbox = Pop3Mailbox.open(tmp_path)
-    session.core.state = State.TRANSACTION
+    session.core.state = Pop3State.TRANSACTION
     box = session.mailbox
     # Messages 2 and 3 read ahead, as the first RETR would have left them;
     # everything after them counts as planned, so no window is started.
-    session._ahead = {n: wire_form(b"message %d\n" % n) for n in (2, 3)}
+    session._ahead = {n: b"message %d\r\n.\r\n" % n for n in (2, 3)}
     session._ahead_last = len(box.messages)
     return session, conn
 
@@ -142,10 +142,10 @@ def test_no_answer_at_once_when_deleted_backlogged_or_outside_transaction(
         session._send(b"+OK pending\r\n")  # replies not yet written come first
         assert not session._answer_at_once(b"RETR 3\r\n")
         session._out, session._out_size = [], 0
-        session.core.state = State.AUTHORIZATION
+        session.core.state = Pop3State.AUTHORIZATION
         assert not session._answer_at_once(b"RETR 3\r\n")
         assert conn.transport.written == []
-        session.core.state = State.TRANSACTION
+        session.core.state = Pop3State.TRANSACTION
         assert session._answer_at_once(b"RETR 3\r\n")
     finally:
         box.close()

@@ -23,7 +23,8 @@ import pytest
 from postoffice.delivery import queue as queue_module
 from postoffice.mail.address import parse_mailbox
 from postoffice.net.smtp_session import SmtpMode
-from postoffice.protocol.smtp_server import DataChunk, LocalProtocolError, SmtpServerCore
+from postoffice.protocol.errors import LocalProtocolError
+from postoffice.protocol.smtp_server import DataChunk, SmtpServerCore
 from postoffice.services import Services
 from postoffice.storage import maildir as maildir_module
 from postoffice.storage.journal import Journal

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from postoffice.protocol.dotstuff import to_crlf
+from postoffice.protocol.errors import LocalProtocolError
 from postoffice.protocol.pop3 import (
     MAX_LINE,
     NEED_DATA,
@@ -17,22 +19,20 @@ from postoffice.protocol.pop3 import (
     Capa,
     Dele,
     List,
-    LocalProtocolError,
     MessageEncoder,
     Noop,
     Pass,
     Pop3Server,
+    Pop3State,
     Quit,
     Retr,
     Rset,
     Stat,
-    State,
     Stls,
     Top,
     Uidl,
     User,
     capabilities,
-    to_crlf,
     wire_size,
 )
 
@@ -59,7 +59,7 @@ def logged_in() -> Pop3Server:
     core.reply_ok()
     assert isinstance(core.next_event(), Pass)
     core.reply_ok()
-    assert core.state is State.TRANSACTION
+    assert core.state is Pop3State.TRANSACTION
     return core
 
 
@@ -84,7 +84,7 @@ def test_user_then_pass_carries_the_user_name_and_spaces_in_the_password() -> No
     # RFC 1939 §7: PASS has exactly one argument, so spaces are part of it.
     assert one(core, b"PASS  my secret \r\n") == Pass("alice@example.test", " my secret ")
     core.reply_ok("logged in")
-    assert core.state is State.TRANSACTION
+    assert core.state is Pop3State.TRANSACTION
 
 
 def test_pass_without_user_is_refused() -> None:
@@ -92,7 +92,7 @@ def test_pass_without_user_is_refused() -> None:
     event = one(core, b"PASS secret\r\n")
     assert isinstance(event, BadCommand)
     assert core.reply_err(event.reason).startswith(b"-ERR ")
-    assert core.state is State.AUTHORIZATION
+    assert core.state is Pop3State.AUTHORIZATION
 
 
 def test_failed_pass_requires_user_again() -> None:
@@ -101,7 +101,7 @@ def test_failed_pass_requires_user_again() -> None:
     core.reply_ok()
     one(core, b"PASS wrong\r\n")
     assert core.reply_err("bad", "AUTH") == b"-ERR [AUTH] bad\r\n"
-    assert core.state is State.AUTHORIZATION
+    assert core.state is Pop3State.AUTHORIZATION
     assert isinstance(one(core, b"PASS again\r\n"), BadCommand)
 
 
@@ -132,7 +132,7 @@ def test_authorization_commands_are_refused_in_transaction() -> None:
         event = one(core, line + b"\r\n")
         assert isinstance(event, BadCommand), line
         core.reply_err(event.reason)
-    assert core.state is State.TRANSACTION
+    assert core.state is Pop3State.TRANSACTION
 
 
 def test_apop_is_not_supported() -> None:
@@ -158,7 +158,7 @@ def test_quit_in_authorization_closes() -> None:
     core = Pop3Server()
     one(core, b"QUIT\r\n")
     assert core.reply_ok("bye") == b"+OK bye\r\n"
-    assert core.state is State.CLOSED
+    assert core.state is Pop3State.CLOSED
     core.receive_data(b"NOOP\r\n")
     assert core.next_event() is NEED_DATA
 
@@ -202,9 +202,9 @@ def test_malformed_arguments_are_bad_commands(line: bytes) -> None:
 def test_quit_in_transaction_closes_after_the_reply() -> None:
     core = logged_in()
     one(core, b"QUIT\r\n")
-    assert core.state is State.TRANSACTION  # UPDATE is the session's to do
+    assert core.state is Pop3State.TRANSACTION  # UPDATE is the session's to do
     core.reply_ok("done")
-    assert core.state is State.CLOSED
+    assert core.state is Pop3State.CLOSED
 
 
 def test_multiline_reply_dot_stuffs_and_terminates() -> None:
@@ -289,11 +289,11 @@ def test_stls_stops_processing_until_the_handshake() -> None:
     assert one(core, b"STLS\r\n") == Stls()
     assert not core.has_buffered_data
     core.reply_ok("Begin TLS")
-    assert core.state is State.TLS_PENDING
+    assert core.state is Pop3State.TLS_PENDING
     core.receive_data(b"USER injected\r\n")  # plaintext after +OK: never processed
     assert core.next_event() is NEED_DATA
     core.tls_established()
-    assert core.state is State.AUTHORIZATION
+    assert core.state is Pop3State.AUTHORIZATION
     assert one(core, b"CAPA\r\n") == Capa()
 
 
@@ -328,7 +328,7 @@ def test_auth_with_initial_response() -> None:
     core = Pop3Server()
     assert one(core, b"AUTH plain AGEAcHc=\r\n") == Auth("PLAIN", "AGEAcHc=")
     core.reply_ok("welcome")
-    assert core.state is State.TRANSACTION
+    assert core.state is Pop3State.TRANSACTION
 
 
 def test_auth_passes_the_equals_sign_on_as_sent() -> None:
@@ -340,18 +340,18 @@ def test_auth_alone_lists_mechanisms_without_logging_in() -> None:
     core = Pop3Server()
     assert one(core, b"AUTH\r\n") == Auth(None, None)
     assert core.multiline("", ["PLAIN"]) == b"+OK\r\nPLAIN\r\n.\r\n"
-    assert core.state is State.AUTHORIZATION
+    assert core.state is Pop3State.AUTHORIZATION
 
 
 def test_auth_continuation_then_response() -> None:
     core = Pop3Server()
     one(core, b"AUTH PLAIN\r\n")
     assert core.continuation() == b"+ \r\n"
-    assert core.state is State.SASL
+    assert core.state is Pop3State.SASL
     # The response line is taken verbatim, even if it looks like a command.
     assert one(core, b"QUIT\r\n") == AuthResponse("QUIT")
     core.reply_err("bad", "AUTH")
-    assert core.state is State.AUTHORIZATION
+    assert core.state is Pop3State.AUTHORIZATION
 
 
 def test_auth_cancel_is_a_response_line_like_any_other() -> None:
@@ -361,7 +361,7 @@ def test_auth_cancel_is_a_response_line_like_any_other() -> None:
     core.continuation()
     assert one(core, b" * \r\n") == AuthResponse("*")
     core.reply_err("cancelled")
-    assert core.state is State.AUTHORIZATION
+    assert core.state is Pop3State.AUTHORIZATION
 
 
 def test_auth_two_step_exchange_and_success() -> None:
@@ -372,7 +372,7 @@ def test_auth_two_step_exchange_and_success() -> None:
     assert core.continuation("UGFzc3dvcmQ6") == b"+ UGFzc3dvcmQ6\r\n"
     assert one(core, b"cHc=\r\n") == AuthResponse("cHc=")
     core.reply_ok()
-    assert core.state is State.TRANSACTION
+    assert core.state is Pop3State.TRANSACTION
 
 
 def test_over_long_sasl_response_ends_the_exchange() -> None:
@@ -383,7 +383,7 @@ def test_over_long_sasl_response_ends_the_exchange() -> None:
     event = core.next_event()
     assert isinstance(event, BadCommand)
     core.reply_err(event.reason)
-    assert core.state is State.AUTHORIZATION
+    assert core.state is Pop3State.AUTHORIZATION
     assert one(core, b"CAPA\r\n") == Capa()
 
 
@@ -399,7 +399,7 @@ def test_continuation_outside_auth_is_a_local_error() -> None:
 
 def test_capabilities_in_authorization() -> None:
     caps = capabilities(
-        State.AUTHORIZATION, stls=True, sasl=("PLAIN",), implementation="postoffice"
+        Pop3State.AUTHORIZATION, stls=True, sasl=("PLAIN",), implementation="postoffice"
     )
     for cap in ("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "USER",
                 "SASL PLAIN", "STLS", "IMPLEMENTATION postoffice"):  # fmt: skip
@@ -407,9 +407,9 @@ def test_capabilities_in_authorization() -> None:
 
 
 def test_capabilities_hide_sasl_and_stls_when_not_usable() -> None:
-    caps = capabilities(State.AUTHORIZATION, stls=False, sasl=(), implementation="x")
+    caps = capabilities(Pop3State.AUTHORIZATION, stls=False, sasl=(), implementation="x")
     assert not any(c.startswith(("SASL", "STLS")) for c in caps)
-    caps = capabilities(State.TRANSACTION, stls=True, sasl=("PLAIN",), implementation="x")
+    caps = capabilities(Pop3State.TRANSACTION, stls=True, sasl=("PLAIN",), implementation="x")
     assert not any(c.startswith(("SASL", "STLS", "USER")) for c in caps)
 
 

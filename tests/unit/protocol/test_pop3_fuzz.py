@@ -31,11 +31,11 @@ from postoffice.protocol.pop3 import (
     Noop,
     Pass,
     Pop3Server,
+    Pop3State,
     Quit,
     Retr,
     Rset,
     Stat,
-    State,
     Stls,
     Top,
     Uidl,
@@ -136,10 +136,10 @@ def test_the_login_gate_holds_whatever_the_client_sends(
                     assert not logged_in
                     if accept and not core.has_buffered_data:
                         output += core.reply_ok()
-                        assert core.state is State.TLS_PENDING
+                        assert core.state is Pop3State.TLS_PENDING
                         core.receive_data(b"STAT\r\n")  # plaintext racing the handshake
                         core.tls_established()
-                        assert core.state is State.AUTHORIZATION
+                        assert core.state is Pop3State.AUTHORIZATION
                         user_accepted = False  # RFC 2595 §4: forget everything before
                     else:
                         output += core.reply_err("no")
@@ -149,11 +149,11 @@ def test_the_login_gate_holds_whatever_the_client_sends(
                     output += core.reply_ok()
                 case _:
                     output += core.reply_ok() if accept else core.reply_err("no")
-            if core.state is State.CLOSED:
+            if core.state is Pop3State.CLOSED:
                 break
         else:
             raise AssertionError("too many events from one piece")
-        if core.state is State.CLOSED:
+        if core.state is Pop3State.CLOSED:
             break
     # Only status lines, continuations and multi-line bodies ending in "."
     text = bytes(output)

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postoffice.mail.address import Address
+from postoffice.protocol.errors import LocalProtocolError
 from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import (
     Auth,
@@ -24,7 +25,6 @@ from postoffice.protocol.smtp_server import (
     Event,
     Hello,
     Help,
-    LocalProtocolError,
     MailFrom,
     Noop,
     Quit,
@@ -32,8 +32,8 @@ from postoffice.protocol.smtp_server import (
     Rejected,
     Reset,
     SmtpServerCore,
+    SmtpState,
     StartTls,
-    State,
     Verify,
 )
 
@@ -182,14 +182,14 @@ def test_reply_classes() -> None:
 def test_greeting_is_unsolicited_and_changes_nothing() -> None:
     core = SmtpServerCore(1000)
     assert core.send_unsolicited(Reply(220, "mx.example ESMTP")) == b"220 mx.example ESMTP\r\n"
-    assert core.state is State.START
+    assert core.state is SmtpState.START
     assert core.next_event() is None
 
 
 def test_ehlo_and_helo() -> None:
     d = Dialogue()
     assert d.one(b"EHLO client.example\r\n") == Hello("client.example", True)
-    assert d.core.state is State.GREETED and d.core.extended
+    assert d.core.state is SmtpState.GREETED and d.core.extended
     assert d.one(b"helo [192.0.2.1]\r\n") == Hello("[192.0.2.1]", False)
     assert not d.core.extended
 
@@ -197,7 +197,7 @@ def test_ehlo_and_helo() -> None:
 def test_ehlo_refused_leaves_the_client_ungreeted() -> None:
     d = Dialogue()
     d.one(b"EHLO x\r\n", lambda e: Reply(550, "go away", "5.7.1"))
-    assert d.core.state is State.START
+    assert d.core.state is SmtpState.START
     assert rejected(d.one(b"MAIL FROM:<>\r\n")) == (503, "5.5.1")
 
 
@@ -209,9 +209,9 @@ def test_hello_argument_is_validated(line: bytes) -> None:
 def test_ehlo_resets_a_transaction() -> None:
     """RFC 5321 §4.1.4: EHLO in a transaction is like RSET."""
     d = Dialogue().in_transaction()
-    assert d.core.state is State.RCPT
+    assert d.core.state is SmtpState.RCPT
     d.one(b"EHLO again\r\n")
-    assert d.core.state is State.GREETED and d.core.recipient_count == 0
+    assert d.core.state is SmtpState.GREETED and d.core.recipient_count == 0
 
 
 def test_commands_are_case_insensitive_and_accept_bare_lf() -> None:
@@ -234,7 +234,7 @@ def test_mail_before_hello_is_a_bad_sequence() -> None:
 def test_mail_and_null_sender() -> None:
     d = Dialogue().greeted()
     assert d.one(b"MAIL FROM:<>\r\n") == MailFrom(None, None, None, False, {})
-    assert d.core.state is State.MAIL and d.core.in_transaction
+    assert d.core.state is SmtpState.MAIL and d.core.in_transaction
 
 
 def test_mail_refused_opens_no_transaction() -> None:
@@ -358,10 +358,10 @@ def test_rcpt_counts_only_accepted_recipients() -> None:
     d = Dialogue().greeted()
     d.one(b"MAIL FROM:<>\r\n")
     d.one(b"RCPT TO:<a@b.example>\r\n", lambda e: Reply(550, "unknown", "5.1.1"))
-    assert d.core.recipient_count == 0 and d.core.state is State.MAIL
+    assert d.core.recipient_count == 0 and d.core.state is SmtpState.MAIL
     d.one(b"RCPT TO:<c@b.example>\r\n")
     d.one(b"RCPT TO:<d@b.example>\r\n")
-    assert d.core.recipient_count == 2 and d.core.state is State.RCPT
+    assert d.core.recipient_count == 2 and d.core.state is SmtpState.RCPT
 
 
 @pytest.mark.parametrize("path", [b"<postmaster>", b"<Postmaster>", b"<POSTMASTER>"])
@@ -415,12 +415,12 @@ def test_full_transaction_transcript() -> None:
     ]
     assert d.feed(b"RCPT TO:<c@d.example>\r\n") == [RcptTo(Address("c", "d.example"), {})]
     assert d.feed(b"DATA\r\n") == [DataRequested()]
-    assert d.core.state is State.DATA
+    assert d.core.state is SmtpState.DATA
     assert d.feed(b"Subject: t\r\n\r\n..hi\r\n") == [DataChunk(b"Subject: t\n\n.hi")]
     assert d.feed(b".\r\n") == [DataChunk(b"\n"), DataComplete(16, False, False, False, False)]
-    assert d.core.state is State.GREETED and not d.core.in_transaction
+    assert d.core.state is SmtpState.GREETED and not d.core.in_transaction
     assert d.feed(b"QUIT\r\n") == [Quit()]
-    assert d.core.closed and d.core.state is State.CLOSED
+    assert d.core.closed and d.core.state is SmtpState.CLOSED
     assert bytes(d.output) == (
         b"220 mx.example ESMTP\r\n"
         b"250 2.0.0 Ok\r\n"
@@ -475,7 +475,7 @@ def test_data_complete_clears_the_transaction_whatever_the_answer() -> None:
     d = Dialogue().in_transaction()
     d.feed(b"DATA\r\n")
     d.feed(b"x\r\n.\r\n", lambda e: Reply(554, "rejected", "5.6.0"))
-    assert d.core.state is State.GREETED
+    assert d.core.state is SmtpState.GREETED
     assert rejected(d.one(b"RCPT TO:<a@b.example>\r\n")) == (503, "5.5.1")
 
 
@@ -521,7 +521,7 @@ def test_content_arriving_in_many_reads() -> None:
 def test_rset() -> None:
     d = Dialogue().in_transaction()
     assert d.one(b"RSET\r\n") == Reset()
-    assert d.core.state is State.GREETED
+    assert d.core.state is SmtpState.GREETED
     assert rejected(d.one(b"RSET all\r\n")) == (501, "5.5.4")
 
 
@@ -710,7 +710,7 @@ def test_starttls_discards_pipelined_plaintext() -> None:
     d = Dialogue().greeted()
     events = d.feed(b"STARTTLS\r\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<v@y.example>\r\n")
     assert events == [StartTls()]
-    assert d.core.tls and d.core.state is State.START
+    assert d.core.tls and d.core.state is SmtpState.START
     assert d.core.discarded_after_starttls == len(
         b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<v@y.example>\r\n"
     )
@@ -791,20 +791,20 @@ def test_auth_with_initial_response() -> None:
 def test_auth_exchange_lines_are_not_commands() -> None:
     d = Dialogue().greeted()
     assert d.one(b"AUTH LOGIN\r\n") == Auth("LOGIN", None)
-    assert d.core.state is State.AUTH
+    assert d.core.state is SmtpState.AUTH
     answers = iter([Reply(334, "UGFzc3dvcmQ6"), Reply(235, "Ok", "2.7.0")])
     assert d.feed(b"QUIT\r\nMAIL FROM:<>\r\n", lambda e: next(answers)) == [
         AuthResponse("QUIT"),
         AuthResponse("MAIL FROM:<>"),
     ]
-    assert d.core.authenticated and d.core.state is State.GREETED
+    assert d.core.authenticated and d.core.state is SmtpState.GREETED
 
 
 def test_auth_cancel_and_failure_end_the_exchange() -> None:
     d = Dialogue().greeted()
     d.one(b"AUTH PLAIN\r\n")
     assert d.one(b"*\r\n") == AuthResponse("*")
-    assert d.core.state is State.GREETED and not d.core.authenticated
+    assert d.core.state is SmtpState.GREETED and not d.core.authenticated
     d.one(b"AUTH PLAIN\r\n")
     d.one(b"AGJvYgB3cm9uZw==\r\n", lambda e: Reply(535, "invalid", "5.7.8"))
     assert d.one(b"NOOP\r\n") == Noop()

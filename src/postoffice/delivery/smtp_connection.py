@@ -1,8 +1,10 @@
 """An asyncio SMTP client for relaying: one connection, any number of replies.
 
-It drives the wire helpers in ``smtp_wire`` over a ``ClientConnection``
-(our ``net.connection.Connection`` with a client-side TLS upgrade, so
-plaintext buffered before STARTTLS is dropped, RFC 3207 §4.2).  Supported:
+It drives the sans-I/O client core (``protocol/smtp_client.py``: replies,
+commands) and the one dot-stuffer (``protocol/dotstuff.py``: the body) over
+a ``ClientConnection`` (our ``net.connection.Connection`` with a client-side
+TLS upgrade, so plaintext buffered before STARTTLS is dropped, RFC 3207
+§4.2).  Supported:
 EHLO with HELO fallback, STARTTLS, PIPELINING (RFC 2920), SIZE, 8BITMIME,
 SMTPUTF8, and a body streamed from the queue file in chunks.  Every wait
 has the RFC 5321 §4.5.3.2 timeout for its stage.
@@ -20,18 +22,18 @@ from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from postoffice.delivery.smtp_wire import (
-    BodyEncoder,
-    ProtocolError,
-    Reply,
+from postoffice.mail.address import Address
+from postoffice.net.connection import Connection, ConnectionClosed
+from postoffice.protocol.dotstuff import DotStuffer
+from postoffice.protocol.errors import RemoteProtocolError
+from postoffice.protocol.smtp_client import (
     ReplyParser,
     command,
     mail_command,
     parse_ehlo,
     rcpt_command,
 )
-from postoffice.mail.address import Address
-from postoffice.net.connection import Connection, ConnectionClosed
+from postoffice.protocol.smtp_reply import Reply
 
 CLOSE_WAIT = 2.0  # seconds to wait for a closed connection to be torn down
 
@@ -169,7 +171,7 @@ class SmtpClient:
                 raise SmtpConnectionError(
                     "connection closed by the peer", after_data=after_data
                 ) from None
-            except ProtocolError as exc:
+            except RemoteProtocolError as exc:
                 raise SmtpConnectionError(f"protocol error: {exc}", after_data=after_data) from None
         raise SmtpConnectionError("reply never completed")
 
@@ -192,7 +194,7 @@ class SmtpClient:
         """EHLO, or HELO if the peer does not know EHLO (RFC 5321 §4.1.4)."""
         await self._send(command(f"EHLO {name}"), self._timeouts.command)
         reply = await self._reply(self._timeouts.command)
-        if reply.positive:
+        if reply.is_positive:
             self.esmtp = True
             self.extensions = parse_ehlo(reply)
             return reply
@@ -243,26 +245,26 @@ class SmtpClient:
         else:
             await self._send(mail, t.command)
             mail_reply = await self._reply(t.command)
-            if not mail_reply.positive:
+            if not mail_reply.is_positive:
                 return TransactionResult(dict.fromkeys(recipients, mail_reply), mail_reply, False)
             rcpt_replies = []
             for line in rcpts:
                 await self._send(line, t.command)
                 rcpt_replies.append(await self._reply(t.command))
-            if not any(r.positive for r in rcpt_replies):
+            if not any(r.is_positive for r in rcpt_replies):
                 await self._reset()
                 return TransactionResult(
                     dict(zip(recipients, rcpt_replies, strict=True)), mail_reply, False
                 )
             await self._send(b"DATA\r\n", t.command)
             data_reply = await self._reply(t.data_init)
-        if not mail_reply.positive:
+        if not mail_reply.is_positive:
             rcpt_replies = [mail_reply] * len(recipients)
         replies = dict(zip(recipients, rcpt_replies, strict=True))
-        accepted = [r for r, reply in replies.items() if reply.positive]
+        accepted = [r for r, reply in replies.items() if reply.is_positive]
         if data_reply.code != 354:
             for r in accepted:
-                replies[r] = data_reply if not data_reply.positive else _unexpected(data_reply)
+                replies[r] = data_reply if not data_reply.is_positive else _unexpected(data_reply)
             return TransactionResult(replies, mail_reply, False)
         if not accepted:
             # RFC 2920 §3.1: DATA was accepted although no RCPT was; send an
@@ -270,13 +272,13 @@ class SmtpClient:
             await self._send(b".\r\n", t.data_block)
             await self._reply(t.data_end)
             return TransactionResult(replies, mail_reply, False)
-        encoder = BodyEncoder()
+        encoder = DotStuffer()
         pending = b""  # each block goes out once the next is known: the last with the dot
         async with contextlib.aclosing(body) as chunks:
             async for chunk in chunks:
                 if pending:
                     await self._send(pending, t.data_block)
-                pending = encoder.encode(chunk)
+                pending = encoder.feed(chunk)
         await self._send(pending + encoder.finish(), t.data_block)
         final = await self._reply(t.data_end, after_data=True)
         for r in accepted:
@@ -308,4 +310,4 @@ class SmtpClient:
 
 def _unexpected(reply: Reply) -> Reply:
     """A 2xx/3xx where 354 belonged: the peer is confused; try again later."""
-    return Reply(451, (f"4.5.0 unexpected reply to DATA: {reply.text}",))
+    return Reply(451, f"unexpected reply to DATA: {reply.summary}", "4.5.0")

@@ -1,63 +1,26 @@
-"""The SMTP client's wire format, sans I/O: replies in, commands and body out.
+"""The SMTP client core, sans I/O: replies in, commands out.
 
-Nothing here touches a socket or a clock, so every rule is tested with bytes.
-Replies follow RFC 5321 §4.2 (``ddd-text`` continuation lines, ``ddd text``
-last line) with enhanced status codes per RFC 3463 / RFC 2034.  The body
-encoder turns stored LF-form content into the DATA stream: CRLF line endings
-and dot-stuffing (RFC 5321 §4.5.2), chunk by chunk, so a message is never
-held whole in memory.
+The client side's counterpart of ``smtp_server``: nothing here touches a
+socket or a clock, so every rule is tested with bytes.  Replies follow RFC
+5321 §4.2 (``ddd-text`` continuation lines, ``ddd text`` last line) and are
+the same ``Reply`` the server writes, as received (enhanced status codes,
+RFC 3463 / RFC 2034, read by ``Reply.enhanced``).  The message body goes
+out through the one dot-stuffer, ``dotstuff.DotStuffer`` (RFC 5321 §4.5.2),
+chunk by chunk, so a message is never held whole in memory.  The I/O side
+is ``delivery/smtp_connection.py``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from postoffice.mail.address import Address
+from postoffice.protocol.errors import RemoteProtocolError
+from postoffice.protocol.smtp_reply import Reply
 
 MAX_REPLY_LINE = 8192  # RFC 5321 §4.5.3.1.5 says 512; be lenient, but bounded
 MAX_REPLY_LINES = 200  # an EHLO reply with more lines than this is hostile
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 _FORBIDDEN_IN_COMMAND = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class ProtocolError(Exception):
-    """The peer broke the reply syntax (or its limits): the connection is unusable."""
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    code: int
-    lines: tuple[str, ...]
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 400
-
-    @property
-    def transient(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def permanent(self) -> bool:
-        return self.code >= 500
-
-    @property
-    def enhanced(self) -> str | None:
-        """The RFC 3463 status code of the first line, if the peer sent one
-        whose class agrees with the reply code."""
-        m = _ENHANCED.match(self.lines[0]) if self.lines else None
-        if m and m.group(1) == str(self.code)[0]:
-            return f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
-        return None
-
-    @property
-    def text(self) -> str:
-        """The reply as one line, for logs and DSN Diagnostic-Code."""
-        return f"{self.code} " + " ".join(line.strip() for line in self.lines).strip()
-
-    def __str__(self) -> str:
-        return self.text
 
 
 class ReplyParser:
@@ -81,7 +44,7 @@ class ReplyParser:
             end = self._buffer.find(b"\n")
             if end < 0:
                 if len(self._buffer) > MAX_REPLY_LINE:
-                    raise ProtocolError("reply line too long")
+                    raise RemoteProtocolError("reply line too long")
                 return replies
             raw = bytes(self._buffer[:end]).rstrip(b"\r")
             del self._buffer[: end + 1]
@@ -91,21 +54,21 @@ class ReplyParser:
 
     def _line(self, raw: bytes) -> Reply | None:
         if len(raw) > MAX_REPLY_LINE:
-            raise ProtocolError("reply line too long")
+            raise RemoteProtocolError("reply line too long")
         if len(raw) < 3 or not raw[:3].isdigit() or (len(raw) > 3 and raw[3:4] not in b" -"):
-            raise ProtocolError(f"malformed reply line {raw[:40]!r}")
+            raise RemoteProtocolError(f"malformed reply line {raw[:40]!r}")
         code = int(raw[:3])
         if not 200 <= code <= 599:
-            raise ProtocolError(f"reply code {code} out of range")
+            raise RemoteProtocolError(f"reply code {code} out of range")
         if self._code is not None and code != self._code:
-            raise ProtocolError("reply code changed inside a multiline reply")
+            raise RemoteProtocolError("reply code changed inside a multiline reply")
         self._code = code
         self._lines.append(raw[4:].decode("utf-8", "replace"))
         if len(self._lines) > MAX_REPLY_LINES:
-            raise ProtocolError("reply has too many lines")
+            raise RemoteProtocolError("reply has too many lines")
         if raw[3:4] == b"-":
             return None
-        reply = Reply(code, tuple(self._lines))
+        reply = Reply.received(code, tuple(self._lines))
         self._lines = []
         self._code = None
         return reply
@@ -114,8 +77,11 @@ class ReplyParser:
 def parse_ehlo(reply: Reply) -> dict[str, str]:
     """EHLO keywords (upper case) to their parameters (RFC 5321 §4.1.1.1);
     the first line is the greeting and is skipped."""
+    # The text as received, not ``lines`` (sanitised for writing): a keyword
+    # with a control character in it is no keyword we know.
+    lines = (reply.text,) if isinstance(reply.text, str) else reply.text
     extensions: dict[str, str] = {}
-    for line in reply.lines[1:]:
+    for line in lines[1:]:
         keyword, _sep, params = line.strip().partition(" ")
         if keyword:
             extensions[keyword.upper()] = params.strip()
@@ -150,27 +116,3 @@ def mail_command(
 
 def rcpt_command(recipient: Address) -> bytes:
     return command(f"RCPT TO:{format_path(recipient)}")
-
-
-class BodyEncoder:
-    """Stored LF-form content -> the DATA byte stream.
-
-    ``encode`` may be fed any chunking of the message; lines starting with
-    "." get another "." (RFC 5321 §4.5.2) and LF becomes CRLF.  ``finish``
-    ends the last line if needed and adds the terminating ``.CRLF``.
-    """
-
-    def __init__(self) -> None:
-        self._at_line_start = True
-
-    def encode(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return b""
-        out = chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
-        if self._at_line_start and out.startswith(b"."):
-            out = b"." + out
-        self._at_line_start = chunk.endswith(b"\n")
-        return out
-
-    def finish(self) -> bytes:
-        return (b"" if self._at_line_start else b"\r\n") + b".\r\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from postoffice.delivery.remote import client_tls_context
-from postoffice.delivery.smtp_client import ClientTimeouts, SmtpClient, SmtpConnectionError
+from postoffice.delivery.smtp_connection import ClientTimeouts, SmtpClient, SmtpConnectionError
 from postoffice.mail.address import Address
 from postoffice.net.tls import ensure_self_signed, server_context
 from tests.support.peers import ScriptedMta
@@ -39,10 +39,10 @@ def mta() -> Iterator[ScriptedMta]:
 async def session(mta: ScriptedMta, tls: bool = False) -> SmtpClient:
     client = await SmtpClient.connect(mta.host, mta.port, FAST)
     assert (await client.greeting()).code == 220
-    assert (await client.hello("mail.example.test")).positive
+    assert (await client.hello("mail.example.test")).is_positive
     if tls:
         assert (await client.starttls(client_tls_context(), None)).code == 220
-        assert (await client.hello("mail.example.test")).positive
+        assert (await client.hello("mail.example.test")).is_positive
     return client
 
 
@@ -65,7 +65,7 @@ def test_transaction_with_per_recipient_replies(mta: ScriptedMta) -> None:
         )
         await client.quit()
         assert result.data_sent and result.mail.code == 250
-        return {a: r.text for a, r in result.replies.items()}
+        return {a: r.summary for a, r in result.replies.items()}
 
     replies = asyncio.run(go())
     assert replies[BOB].startswith("250 2.0.0")
