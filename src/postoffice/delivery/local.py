@@ -16,7 +16,8 @@ from postoffice.delivery.courier import MessageSource, Outcome, RecipientResult
 from postoffice.delivery.smtp_wire import format_path
 from postoffice.mail.address import Address, AddressError
 from postoffice.storage.accounts import AccountStore
-from postoffice.storage.maildir import DeliveryError, MaildirStore
+from postoffice.storage.errors import DeliveryError, StorageFault
+from postoffice.storage.maildir import MaildirStore
 
 
 class LocalCourier:
@@ -81,7 +82,7 @@ class LocalCourier:
             await writer.commit()
         except DeliveryError as exc:
             await writer.discard()
-            return str(exc), "4.3.1" if exc.disk_full else "4.3.0"
+            return str(exc), "4.3.1" if exc.fault is StorageFault.NO_SPACE else "4.3.0"
         except OSError as exc:
             await writer.discard()
             return f"cannot read queued message: {exc}", "4.3.0"

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import errno
 import fcntl
 import functools
 import json
@@ -50,7 +49,7 @@ from typing import Any, TypeVar
 from postoffice.delivery.content import MessageTraits, TraitScanner
 from postoffice.mail.address import Address
 from postoffice.mail.folding import LineFolder
-from postoffice.storage.maildir import DeliveryError
+from postoffice.storage.errors import DeliveryError, errno_fault
 from postoffice.storage.safeio import fsync_dir, write_all
 
 log = logging.getLogger("postoffice.queue")
@@ -67,7 +66,7 @@ QUEUE_ID = re.compile(r"[0-9a-z]{6,40}(?:-[a-z0-9]{1,8})?")
 
 class QueueError(DeliveryError):
     """The queue could not store or read a message; safe to show.  A
-    DeliveryError, so the SMTP session answers 452 when ``disk_full``."""
+    DeliveryError: its ``fault`` decides the SMTP session's answer."""
 
 
 class State(enum.StrEnum):
@@ -766,7 +765,7 @@ class QueueWriter:
         except OSError as exc:
             raise QueueError(
                 f"cannot queue message: {exc.strerror or exc}",
-                disk_full=exc.errno in (errno.ENOSPC, errno.EDQUOT),
+                fault=errno_fault(exc.errno),
             ) from exc
         entry = QueueEntry(
             envelope=self.envelope,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
 import logging
 import random
 import time
@@ -55,7 +54,8 @@ from postoffice.protocol.smtp_server import (
     Verify,
 )
 from postoffice.services import Services
-from postoffice.storage.maildir import DeliveryError, DeliveryWriter
+from postoffice.storage.errors import DeliveryError, StorageFault, fault_of
+from postoffice.storage.maildir import DeliveryWriter
 
 log = logging.getLogger("postoffice.smtp")
 
@@ -64,6 +64,8 @@ _OK = Reply(250, "Ok", "2.0.0")
 _OK_SENDER = Reply(250, "Ok", "2.1.0")
 _OK_RECIPIENT = Reply(250, "Ok", "2.1.5")
 _GO_AHEAD = Reply(354, "End data with <CR><LF>.<CR><LF>")
+_NO_SPACE = Reply(452, "Insufficient system storage", "4.3.1")
+_LOCAL_ERROR = Reply(451, "Local error in processing", "4.3.0")
 # Its Maildir failed a delivery just now (maildir.UNAVAILABLE_SECONDS): this
 # recipient waits, the message's other recipients do not (RFC 3463 X.2.0).
 _MAILBOX_UNAVAILABLE = Reply(450, "Mailbox unavailable, try again later", "4.2.0")
@@ -427,7 +429,7 @@ class SmtpSession:
                 return Reply(553, f"Sender address not owned by user {self.user}", "5.7.1")
         if self.s.space is not None and self.s.space.low(event.size or 0):
             # Postfix's queue_minfree: refused before the data, not after (RFC 1870 §6.1).
-            return Reply(452, "Insufficient system storage", "4.3.1")
+            return _NO_SPACE
         self.envelope = Envelope(
             sender=event.sender, smtputf8=event.smtputf8, declared_size=event.size or 0
         )
@@ -512,7 +514,7 @@ class SmtpSession:
             )
         except (AddressError, ValueError) as exc:
             log.error("smtp cannot start delivery id=%s: %s", queue_id, exc)
-            return Reply(451, "Local error in processing", "4.3.0")
+            return _LOCAL_ERROR
         if outbound is not None and self.mode is SmtpMode.SUBMISSION and self.s.dkim_signer:
             outbound = self.s.dkim_signer.wrap(outbound)  # signed once, here (dkim_sign.py)
         received = trace_headers(
@@ -600,7 +602,7 @@ class SmtpSession:
         try:
             await self._write(tx, data, newlines)
         except (DeliveryError, OSError) as exc:
-            tx.failure = _storage_failure(exc)
+            tx.failure = _storage_reply(fault_of(exc))
             log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
 
     async def _write(self, tx: _Transaction, data: bytes, newlines: int = -1) -> None:
@@ -750,18 +752,14 @@ class SmtpSession:
                     await tx.local.write(self._local_prefix(tx))
                 await tx.local.commit()
                 tx.local = None
-        except DeliveryError as exc:
-            await self._discard(tx)
-            log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
-            if exc.disk_full:
-                return Reply(452, "Insufficient system storage", "4.3.1")
-            return Reply(451, "Local error in processing", "4.3.0")
         except Exception as exc:
             await self._discard(tx)
-            log.exception("smtp delivery failed id=%s", tx.queue_id)
-            if isinstance(exc, OSError) and exc.errno == 28:
-                return Reply(452, "Insufficient system storage", "4.3.1")
-            return Reply(451, "Local error in processing", "4.3.0")
+            fault = fault_of(exc)
+            if fault is None:  # not storage failing: a bug, with its traceback
+                log.exception("smtp delivery failed id=%s", tx.queue_id)
+            else:
+                log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
+            return _storage_reply(fault)
         return Reply(250, f"Ok: queued as {tx.queue_id}", "2.0.0")
 
     async def _abandon(self) -> None:
@@ -880,12 +878,10 @@ _VERBS: dict[type, str] = {
 }
 
 
-def _storage_failure(exc: Exception) -> Reply:
-    if (isinstance(exc, DeliveryError) and exc.disk_full) or (
-        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    ):
-        return Reply(452, "Insufficient system storage", "4.3.1")
-    return Reply(451, "Local error in processing", "4.3.0")
+def _storage_reply(fault: StorageFault | None) -> Reply:
+    """The one answer to storage failing (storage/errors.py): RFC 3463
+    X.3.1 "mail system full" when there is no room, else a local error."""
+    return _NO_SPACE if fault is StorageFault.NO_SPACE else _LOCAL_ERROR
 
 
 def _is_loopback(ip: str) -> bool:

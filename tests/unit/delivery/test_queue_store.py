@@ -18,6 +18,7 @@ from postoffice.delivery.queue import (
     State,
 )
 from postoffice.mail.address import Address
+from postoffice.storage.errors import StorageFault
 
 ALICE = Address("alice", "example.test")
 BOB = Address("bob", "remote.test")
@@ -251,7 +252,7 @@ def test_a_failing_message_does_not_fail_the_rest_of_its_group(
         )
 
     *good_ids, failure = asyncio.run(go())
-    assert isinstance(failure, QueueError) and failure.disk_full
+    assert isinstance(failure, QueueError) and failure.fault is StorageFault.NO_SPACE
     assert sorted(store.ids_blocking()) == sorted(good_ids)  # type: ignore[type-var]
     assert list(store.tmp.iterdir()) == []  # the failed one left nothing behind
 

@@ -326,6 +326,29 @@ def test_a_full_disk_at_commit_to_the_queue_is_452(
     run(main())
 
 
+@pytest.mark.parametrize("number", [errno.EDQUOT, errno.ENOSPC])
+def test_a_full_disk_raised_raw_at_commit_is_452_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, number: int
+) -> None:
+    """An OSError that reaches the session's commit unwrapped is classified
+    like a DeliveryError (storage/errors.py): EDQUOT was once answered 451."""
+
+    async def main() -> None:
+        async with running_services(tmp_path) as services, smtp_client(services) as client:
+            await greeted(client)
+            with monkeypatch.context() as patch:
+                patch.setattr(maildir_module.DeliveryWriter, "commit", failing(number))
+                code, lines = await transaction(client, message())
+            assert (code, lines) == (452, ["4.3.1 Insufficient system storage"])
+            assert no_files_in(services, ALICE)
+            assert (await transaction(client, message()))[0] == 250
+
+    caplog.set_level(logging.INFO, logger="postoffice")
+    run(main())
+    (failed,) = [r for r in caplog.records if r.getMessage().startswith("smtp delivery failed")]
+    assert failed.exc_info is None  # a full disk is a line, not a traceback
+
+
 @pytest.mark.parametrize(
     "fault", [OSError(errno.EIO, "Input/output error"), RuntimeError("a bug in storage")]
 )
