@@ -22,8 +22,10 @@ from postoffice import logfmt
 from postoffice.check import first_unbindable
 from postoffice.config.settings import ListenAddress, Settings
 from postoffice.datadir import DataDirBusy, ServeLock
-from postoffice.delivery.outbound import QueueHandoff, build_outbound
+from postoffice.delivery.local import LocalCourier
+from postoffice.delivery.outbound import Outbound, QueueHandoff
 from postoffice.delivery.queue import QueueStore
+from postoffice.delivery.remote import RemoteCourier
 from postoffice.delivery.resolver import DnsResolver
 from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.listener import Listener
@@ -99,7 +101,7 @@ def build_services(settings: Settings, process: int = 0) -> Services:
         srs=Srs(load_secrets(settings.data_dir)),
     )
     if process == 0:
-        services.outbound = build_outbound(services)
+        services.outbound = _build_outbound(services)
     else:
         store = QueueStore(settings.queue_dir, executor)
         store.ensure_dirs()
@@ -115,8 +117,19 @@ def build_services(settings: Settings, process: int = 0) -> Services:
     # their DNS goes through [relay] dns_servers like the outbound queue's.
     resolver = DnsResolver(settings.relay.dns_servers)
     services.inbound_checks = InboundChecks(settings, resolver)  # DKIM in worker processes
-    services.dkim_signer = DkimSigner(KeyStore(settings.data_dir), executor)
+    services.dkim_signer = DkimSigner(KeyStore(settings.data_dir))
     return services
+
+
+def _build_outbound(services: Services) -> Outbound:
+    """The queue of the delivering process, with its couriers (blocking)."""
+    settings = services.settings
+    store = QueueStore(settings.queue_dir, services.executor)
+    store.ensure_dirs()
+    resolver = DnsResolver(settings.relay.dns_servers)
+    remote = RemoteCourier(settings.relay, settings.hostname, resolver)
+    local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
+    return Outbound(settings, store, remote, local, srs=services.srs)
 
 
 @dataclass
@@ -199,7 +212,7 @@ class Server:
             "pop3s", listen.pop3s, lambda c: Pop3Session(s, c).run(), pop_busy, implicit_tls=True
         )
         await self._start_listeners()
-        if s.outbound is not None:
+        if isinstance(s.outbound, Outbound):  # the delivering process's queue
             self.background.append(asyncio.get_running_loop().create_task(s.outbound.run()))
 
     async def _start_listeners(self) -> None:

@@ -59,13 +59,11 @@ KNOWN_CYCLES: set[frozenset[str]] = {
     ),
 }
 KNOWN_VIOLATIONS: set[tuple[str, str]] = {
-    ("postoffice.delivery.outbound", "postoffice.services"),
     ("postoffice.net.listener", "postoffice.workers"),
     ("postoffice.policy.cpu_workers", "postoffice.workers"),
     ("postoffice.policy.dmarc", "postoffice.delivery.resolver"),
     ("postoffice.policy.mailauth", "postoffice.delivery.mx"),
     ("postoffice.policy.mailauth", "postoffice.delivery.resolver"),
-    ("postoffice.policy.relay", "postoffice.services"),
     ("postoffice.policy.spf", "postoffice.delivery.mx"),
     ("postoffice.policy.spf", "postoffice.delivery.resolver"),
     ("postoffice.storage.pop3_mailbox", "postoffice.protocol.pop3"),

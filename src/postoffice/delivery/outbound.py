@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from postoffice import logfmt
 from postoffice.config.settings import Settings
@@ -47,14 +47,9 @@ from postoffice.delivery.queue import (
     State,
 )
 from postoffice.delivery.remote import RemoteCourier
-from postoffice.delivery.resolver import DnsResolver
 from postoffice.delivery.retry import next_attempt, retry_delay, warning_due
-from postoffice.delivery.smtp_client import ClientTimeouts
 from postoffice.mail.address import Address
 from postoffice.policy.srs import Srs, SrsError, is_srs
-
-if TYPE_CHECKING:
-    from postoffice.services import Services
 
 log = logging.getLogger("postoffice.delivery")
 
@@ -581,14 +576,3 @@ class QueueHandoff:
             await self.store.run_blocking(self.store.request_adoption_blocking, entry.queue_id)
         except OSError as exc:  # queued durably all the same: the next start sends it
             log.error("queue %s: cannot hand over for delivery: %s", entry.queue_id, exc)
-
-
-def build_outbound(services: Services, *, timeouts: ClientTimeouts | None = None) -> Outbound:
-    """The Outbound service for ``services`` (blocking; call before the loop runs)."""
-    settings = services.settings
-    store = QueueStore(settings.queue_dir, services.executor)
-    store.ensure_dirs()
-    resolver = DnsResolver(settings.relay.dns_servers)
-    remote = RemoteCourier(settings.relay, settings.hostname, resolver, timeouts=timeouts)
-    local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
-    return Outbound(settings, store, remote, local, srs=services.srs)

@@ -655,8 +655,9 @@ class QueueStore:
 
 
 class QueueWriter:
-    """One message on its way into the queue.  ``write`` takes LF-form
-    content; ``commit`` makes it durable and returns the queue id.
+    """One message on its way into the queue (a ``HeadedSink``,
+    storage/sink.py).  ``write`` takes LF-form content; ``commit`` makes it
+    durable and returns the queue id.
 
     Lines longer than SMTP allows are folded on the way in (mail/folding.py),
     so the queue holds the message as it will go on the wire: its traits
@@ -684,7 +685,8 @@ class QueueWriter:
     def queue_id(self) -> str:
         return self.envelope.queue_id
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, newlines: int = -1) -> None:
+        """Add content; ``newlines`` is not needed: the folding may add some."""
         if self._closed:
             raise RuntimeError("writer already committed or discarded")
         data = self._folder.feed(data)

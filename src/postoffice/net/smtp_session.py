@@ -56,6 +56,7 @@ from postoffice.protocol.smtp_server import (
 from postoffice.services import Services
 from postoffice.storage.errors import DeliveryError, StorageFault, fault_of
 from postoffice.storage.maildir import DeliveryWriter
+from postoffice.storage.sink import HeadedSink, MessageSink
 
 log = logging.getLogger("postoffice.smtp")
 
@@ -73,10 +74,6 @@ _MAILBOX_UNAVAILABLE = Reply(450, "Mailbox unavailable, try again later", "4.2.0
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # RFC 5321 §6.3: a message that has passed this many relays is looping.
 MAX_HOPS = 100
-# All sessions together hold at most this much of messages kept whole in
-# memory for inbound checks (DKIM needs the body before the verdict header
-# can go on top); past it a message is answered 452 and not kept.
-MAX_HELD_BYTES = 256 * 1024 * 1024
 
 
 class SmtpMode(enum.Enum):
@@ -103,13 +100,13 @@ class _Transaction:
     envelope: Envelope
     queue_id: str
     local: DeliveryWriter | None
-    outbound: object | None  # delivery.QueueWriter
+    outbound: MessageSink[str] | None  # into the queue; commit gives the queue id
     gate: HeaderGate
     started: float
     local_prefix_done: bool = False
     extra_headers: bytes = b""  # e.g. Authentication-Results, after Received:
     failure: Reply | None = None  # storing failed mid-DATA: the answer after the final dot
-    held_bytes: int = 0  # this message's share of MAX_HELD_BYTES
+    held_bytes: int = 0  # this message's share of Services.held_messages
     srs_bytes: int = 0  # content received so far for an SRS bounce (SRS_MAX_MESSAGE)
 
 
@@ -507,16 +504,14 @@ class SmtpSession:
         queue_id = _new_queue_id()
         try:
             local = self.s.maildirs.writer(list(env.mailboxes)) if env.mailboxes else None
-            outbound = (
-                self.s.outbound.writer(self._queue_sender(env), list(env.remote))
-                if env.remote
-                else None
-            )
+            queued = self._queue_writer(env) if env.remote else None
         except (AddressError, ValueError) as exc:
             log.error("smtp cannot start delivery id=%s: %s", queue_id, exc)
             return _LOCAL_ERROR
-        if outbound is not None and self.mode is SmtpMode.SUBMISSION and self.s.dkim_signer:
-            outbound = self.s.dkim_signer.wrap(outbound)  # signed once, here (dkim_sign.py)
+        outbound: MessageSink[str] | None = queued
+        signer = self.s.dkim_signer
+        if queued is not None and self.mode is SmtpMode.SUBMISSION and signer is not None:
+            outbound = signer.wrap(queued)  # signed once, here (dkim_sign.py)
         received = trace_headers(
             helo=self.helo,
             client_ip=self.client_ip,
@@ -541,6 +536,12 @@ class SmtpSession:
         )
         return _GO_AHEAD
 
+    def _queue_writer(self, env: Envelope) -> HeadedSink:
+        queue = self.s.outbound
+        if queue is None:  # cannot be: RCPT refuses remote recipients then
+            raise ValueError("no outbound queue")
+        return queue.writer(self._queue_sender(env), list(env.remote))
+
     def _queue_sender(self, env: Envelope) -> Address | None:
         """The envelope sender the outbound copy leaves with: an SRS address
         when an alias forwards someone else's mail off-site (policy/srs.py)."""
@@ -554,7 +555,7 @@ class SmtpSession:
             self._checks_apply = (
                 checks is not None
                 and self.mode is SmtpMode.RELAY_IN
-                and bool(checks.applies(self.client_ip))
+                and checks.applies(self.client_ip)
             )
         return self._checks_apply
 
@@ -577,13 +578,11 @@ class SmtpSession:
                 tx.failure = SRS_TOO_BIG  # answered after the final dot; nothing more stored
                 return
         if tx.gate.hold_all:
-            held = self.s.extras.get("held_bytes", 0) + len(data)
-            if held > MAX_HELD_BYTES:
+            if not self.s.held_messages.take(len(data)):
                 tx.failure = Reply(452, "Insufficient system storage, try again later", "4.3.1")
                 log.warning("smtp id=%s: memory for held messages exhausted", tx.queue_id)
                 self._release_held(tx)
                 return
-            self.s.extras["held_bytes"] = held
             tx.held_bytes += len(data)
         out = tx.gate.feed(data)
         if out:
@@ -591,7 +590,7 @@ class SmtpSession:
             await self._write_or_fail(tx, out, newlines if out is data else -1)
 
     def _release_held(self, tx: _Transaction) -> None:
-        self.s.extras["held_bytes"] = self.s.extras.get("held_bytes", 0) - tx.held_bytes
+        self.s.held_messages.give_back(tx.held_bytes)
         tx.held_bytes = 0
         tx.gate.hold_all = False
 
@@ -612,7 +611,7 @@ class SmtpSession:
                 await tx.local.write(self._local_prefix(tx))
             await tx.local.write(data, newlines)
         if tx.outbound is not None:
-            await tx.outbound.write(data)  # type: ignore[attr-defined]
+            await tx.outbound.write(data, newlines)
 
     def _local_prefix(self, tx: _Transaction) -> bytes:
         env = tx.envelope
@@ -700,15 +699,16 @@ class SmtpSession:
     async def _judge_inbound(self, tx: _Transaction) -> Reply | None:
         """SPF/DKIM/DMARC (policy/mailauth.py): an Authentication-Results header
         to add, and possibly a refusal (DMARC reject) or a temporary failure."""
-        outcome = await self.s.inbound_checks.judge(
+        checks = self.s.inbound_checks
+        assert checks is not None  # messages are held for them only (_inbound_checks_apply)
+        outcome = await checks.judge(
             client_ip=self.client_ip,
             helo=self.helo,
             sender=tx.envelope.sender,
             message=tx.gate.held(),
         )
         tx.extra_headers = outcome.header
-        reply: Reply | None = outcome.reply
-        return reply
+        return outcome.reply
 
     def _content_verdict(self, event: DataComplete, tx: _Transaction) -> Reply | None:
         limit = self.s.settings.limits.max_message_size
@@ -742,7 +742,7 @@ class SmtpSession:
     async def _commit(self, tx: _Transaction, size: int) -> Reply:
         try:
             if tx.outbound is not None:
-                queue_id = await tx.outbound.commit()  # type: ignore[attr-defined]
+                queue_id = await tx.outbound.commit()
                 tx.outbound = None
                 # One id in the reply, our log and the delivery log lines.
                 log.info("smtp id=%s queued-as=%s", tx.queue_id, queue_id)
@@ -773,7 +773,7 @@ class SmtpSession:
         if tx.local is not None:
             await tx.local.discard()
         if tx.outbound is not None:
-            await tx.outbound.discard()  # type: ignore[attr-defined]
+            await tx.outbound.discard()
 
     def _log_transaction(self, tx: _Transaction, size: int, reply: Reply) -> None:
         env = tx.envelope
