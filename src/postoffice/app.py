@@ -24,7 +24,7 @@ from postoffice.config.settings import ListenAddress, Settings
 from postoffice.datadir import DataDirBusy, ServeLock
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound, QueueHandoff
-from postoffice.delivery.queue import QueueStore
+from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.delivery.resolver import DnsResolver
 from postoffice.logsetup import Logs, LogSetupError, configure

@@ -82,7 +82,10 @@ class SmtpMode(enum.Enum):
 
 
 @dataclass
-class Envelope:
+class IncomingEnvelope:
+    """What MAIL FROM and RCPT TO have said so far, and where each recipient
+    goes.  (What the queue keeps of it is delivery/queue's ``StoredEnvelope``.)"""
+
     sender: Address | None = None
     smtputf8: bool = False
     mailboxes: dict[Address, None] = field(default_factory=dict)  # ordered set
@@ -97,7 +100,7 @@ class Envelope:
 class _Transaction:
     """The message being received: writers and the header gate."""
 
-    envelope: Envelope
+    envelope: IncomingEnvelope
     queue_id: str
     local: DeliveryWriter | None
     outbound: MessageSink[str] | None  # into the queue; commit gives the queue id
@@ -126,7 +129,7 @@ class SmtpSession:
         self.client_ip = conn.peer[0]
         self.helo = ""
         self.user: Address | None = None
-        self.envelope = Envelope()
+        self.envelope = IncomingEnvelope()
         self.tx: _Transaction | None = None
         self.out: list[bytes] = []
         self._auth_state: list[str] = []  # SASL LOGIN steps collected so far
@@ -362,7 +365,7 @@ class SmtpSession:
                 return await self._data_end(event)
             case Reset():
                 await self._abandon()
-                self.envelope = Envelope()
+                self.envelope = IncomingEnvelope()
                 return _OK
             case Noop():
                 return _OK
@@ -392,7 +395,7 @@ class SmtpSession:
     def _hello(self, event: Hello) -> Reply:
         self.helo = event.name
         self.first_helo = self.first_helo or event.name
-        self.envelope = Envelope()
+        self.envelope = IncomingEnvelope()
         hostname = self.s.settings.hostname
         if not event.extended:
             return Reply(250, hostname)
@@ -427,7 +430,7 @@ class SmtpSession:
         if self.s.space is not None and self.s.space.low(event.size or 0):
             # Postfix's queue_minfree: refused before the data, not after (RFC 1870 §6.1).
             return _NO_SPACE
-        self.envelope = Envelope(
+        self.envelope = IncomingEnvelope(
             sender=event.sender, smtputf8=event.smtputf8, declared_size=event.size or 0
         )
         return _OK_SENDER
@@ -536,13 +539,13 @@ class SmtpSession:
         )
         return _GO_AHEAD
 
-    def _queue_writer(self, env: Envelope) -> HeadedSink:
+    def _queue_writer(self, env: IncomingEnvelope) -> HeadedSink:
         queue = self.s.outbound
         if queue is None:  # cannot be: RCPT refuses remote recipients then
             raise ValueError("no outbound queue")
         return queue.writer(self._queue_sender(env), list(env.remote))
 
-    def _queue_sender(self, env: Envelope) -> Address | None:
+    def _queue_sender(self, env: IncomingEnvelope) -> Address | None:
         """The envelope sender the outbound copy leaves with: an SRS address
         when an alias forwards someone else's mail off-site (policy/srs.py)."""
         if not env.forwarded_by:
@@ -647,7 +650,7 @@ class SmtpSession:
             await self._abandon()
         self._log_transaction(tx, event.size, reply)
         self.tx = None
-        self.envelope = Envelope()
+        self.envelope = IncomingEnvelope()
         return reply
 
     def _full_mailboxes(self, mailboxes: tuple[Address, ...], incoming: int) -> list[Address]:

@@ -18,7 +18,8 @@ import pytest
 from postoffice.config.settings import ListenAddress, RelaySettings, Settings
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound
-from postoffice.delivery.queue import QueueStore, State
+from postoffice.delivery.queue.records import RecipientState
+from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.delivery.resolver import StaticResolver
 from postoffice.mail.address import Address
@@ -140,7 +141,7 @@ def test_4xx_is_retried_and_then_delivered(
         qid = await enqueue(ob, [Address("bob", "remote.test")])
         await until(lambda: ob.store.state_path(qid).exists())
         entry = ob.store.load_blocking(qid)
-        assert entry is not None and entry.recipients[0].state is State.DEFERRED
+        assert entry is not None and entry.recipients[0].state is RecipientState.DEFERRED
         seen.append(entry.recipients[0].last_error)
         await until(lambda: len(mta.received) == 1)
         await until(lambda: queued(settings) == [])
@@ -210,7 +211,7 @@ def test_flush_request_makes_deferred_mail_due(
         refuse[0] = False
         await asyncio.sleep(0.3)
         assert mta.received == []  # not due for an hour
-        ob.store.request_flush_blocking()
+        ob.store.requests.request_flush_blocking()
         await until(lambda: len(mta.received) == 1)
 
     with_service(ob, body)

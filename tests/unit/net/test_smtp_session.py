@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from postoffice.delivery import queue as queue_module
+from postoffice.delivery.queue import writer as queue_writer_module
 from postoffice.mail.address import parse_mailbox
 from postoffice.net.smtp_session import SmtpMode
 from postoffice.protocol.smtp_server import DataChunk, LocalProtocolError, SmtpServerCore
@@ -313,7 +313,7 @@ def test_a_full_disk_at_commit_to_the_queue_is_452(
         ):
             await greeted(client)
             assert (await client.cmd(f"AUTH PLAIN {plain}"))[0] == 235
-            monkeypatch.setattr(queue_module, "write_all", failing(errno.EDQUOT))
+            monkeypatch.setattr(queue_writer_module, "write_all", failing(errno.EDQUOT))
             await client.send(b"MAIL FROM:<alice@example.test>\r\n")
             assert (await client.reply())[0] == 250
             assert (await client.cmd("RCPT TO:<carol@remote.test>"))[0] == 250
