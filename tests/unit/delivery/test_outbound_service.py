@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -215,3 +217,31 @@ def test_flush_request_makes_deferred_mail_due(
         await until(lambda: len(mta.received) == 1)
 
     with_service(ob, body)
+
+
+def test_a_message_that_cannot_be_claimed_now_is_tried_again(
+    tmp_path: Path,
+    executor: ThreadPoolExecutor,
+    mta: ScriptedMta,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Locking a message may fail for a while (no descriptors left): it is
+    retried on the schedule, not dropped until the next restart."""
+    ob, settings = make(tmp_path, executor, mta)
+    real_lock = QueueStore.try_lock_blocking
+    failures = [OSError(errno.EMFILE, os.strerror(errno.EMFILE))]
+
+    def lock(store: QueueStore, queue_id: str) -> int | None:
+        if failures:
+            raise failures.pop()
+        return real_lock(store, queue_id)
+
+    monkeypatch.setattr(QueueStore, "try_lock_blocking", lock)
+
+    async def body() -> None:
+        await enqueue(ob, [Address("bob", "remote.test")])
+        await until(lambda: len(mta.received) == 1)
+        await until(lambda: queued(settings) == [])
+
+    with_service(ob, body)
+    assert failures == []
