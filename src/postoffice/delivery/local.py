@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from postoffice.delivery.courier import MessageSource, Outcome, RecipientResult
 from postoffice.delivery.smtp_wire import format_path
@@ -18,6 +19,7 @@ from postoffice.mail.address import Address, AddressError
 from postoffice.storage.accounts import AccountStore
 from postoffice.storage.errors import DeliveryError, StorageFault
 from postoffice.storage.maildir import MaildirStore
+from postoffice.storage.sink import MessageSink
 
 
 class LocalCourier:
@@ -71,7 +73,7 @@ class LocalCourier:
     ) -> tuple[str, str] | None:
         """Store one copy in every mailbox; (text, status) if that failed."""
         try:
-            writer = self._maildirs.writer(mailboxes)
+            writer: MessageSink[list[Path]] = self._maildirs.writer(mailboxes)
         except (AddressError, ValueError) as exc:
             return f"bad mailbox: {exc}", "4.3.0"
         try:
