@@ -22,9 +22,11 @@ from postoffice import logfmt
 from postoffice.check import first_unbindable
 from postoffice.config.settings import ListenAddress, Settings
 from postoffice.datadir import DataDirBusy, ServeLock
-from postoffice.delivery.outbound import QueueHandoff, build_outbound
-from postoffice.delivery.queue import QueueStore
-from postoffice.dns.resolver import DnsResolver
+from postoffice.delivery.local import LocalCourier
+from postoffice.delivery.outbound import Outbound, QueueHandoff
+from postoffice.delivery.queue.store import QueueStore
+from postoffice.delivery.remote import RemoteCourier
+from postoffice.dns.resolver import DnsResolver, Resolver
 from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.listener import Listener
 from postoffice.net.tls import cert_and_key, server_context
@@ -102,7 +104,7 @@ def build_services(settings: Settings, process: int = 0) -> Services:
     # outbound routing, and SPF/DKIM/DMARC on the smtp listener.
     resolver = DnsResolver(settings.relay.dns_servers)
     if process == 0:
-        services.outbound = build_outbound(services, resolver)
+        services.outbound = _build_outbound(services, resolver)
     else:
         store = QueueStore(settings.queue_dir, executor)
         store.ensure_dirs()
@@ -116,8 +118,19 @@ def build_services(settings: Settings, process: int = 0) -> Services:
     services.quota = QuotaTracker(settings.limits.mailbox_quota, accounts.quota, executor)
     # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail.
     services.inbound_checks = InboundChecks(settings, resolver)  # DKIM in worker processes
-    services.dkim_signer = DkimSigner(KeyStore(settings.data_dir), executor)
+    services.dkim_signer = DkimSigner(KeyStore(settings.data_dir))
     return services
+
+
+def _build_outbound(services: Services, resolver: Resolver) -> Outbound:
+    """The queue of the delivering process, with its couriers, routing
+    through ``resolver`` (blocking)."""
+    settings = services.settings
+    store = QueueStore(settings.queue_dir, services.executor)
+    store.ensure_dirs()
+    remote = RemoteCourier(settings.relay, settings.hostname, resolver)
+    local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
+    return Outbound(settings, store, remote, local, srs=services.srs)
 
 
 @dataclass
@@ -200,7 +213,7 @@ class Server:
             "pop3s", listen.pop3s, lambda c: Pop3Session(s, c).run(), pop_busy, implicit_tls=True
         )
         await self._start_listeners()
-        if s.outbound is not None:
+        if isinstance(s.outbound, Outbound):  # the delivering process's queue
             self.background.append(asyncio.get_running_loop().create_task(s.outbound.run()))
 
     async def _start_listeners(self) -> None:

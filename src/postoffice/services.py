@@ -7,17 +7,56 @@ sessions never build services themselves and no module keeps global state.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from postoffice.config.settings import Settings
+from postoffice.mail.address import Address
 from postoffice.policy.auth import Authenticator
+from postoffice.policy.dkim_sign import DkimSigner
+from postoffice.policy.memory_budget import MAX_HELD_BYTES, MemoryBudget
 from postoffice.policy.srs import Srs
+from postoffice.protocol.smtp_reply import Reply
 from postoffice.storage.accounts import AccountStore
 from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore
 from postoffice.storage.quota import QuotaTracker
+from postoffice.storage.sink import HeadedSink
+
+
+class OutboundQueue(Protocol):
+    """Where a session puts mail for remote recipients: the outbound queue
+    (delivery/outbound.py's ``Outbound``, or ``QueueHandoff`` in an extra
+    smtp process).  A protocol because the queue lives above the sessions'
+    layer (delivery/ imports net/)."""
+
+    def writer(self, sender: Address | None, recipients: Sequence[Address]) -> HeadedSink: ...
+
+
+class CheckVerdict(Protocol):
+    """What the inbound checks say about one message."""
+
+    @property
+    def header(self) -> bytes: ...  # Authentication-Results, LF line ends, to go on top
+
+    @property
+    def reply(self) -> Reply | None: ...  # a refusal or temporary failure; None: accept
+
+
+class MessageChecks(Protocol):
+    """SPF/DKIM/DMARC of inbound mail (policy/mailauth.py's ``InboundChecks``;
+    a protocol: importing that here would close the import circle through
+    its DKIM worker processes and the composition root)."""
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def applies(self, client_ip: str) -> bool: ...
+
+    async def judge(
+        self, *, client_ip: str, helo: str, sender: Address | None, message: bytes
+    ) -> CheckVerdict: ...
 
 
 @dataclass
@@ -28,22 +67,22 @@ class Services:
     authenticator: Authenticator
     tls: ssl.SSLContext
     executor: ThreadPoolExecutor  # blocking file work (passwords: the authenticator's own pool)
-    # The outbound queue (delivery/), set by the composition root once it exists.
-    outbound: Any = None
-    # Inbound message checks (SPF/DKIM/DMARC), set by the composition root when
-    # available: ``applies(client_ip) -> bool`` and ``async judge(...) -> CheckOutcome``.
-    inbound_checks: Any = None
-    # DKIM signing of submitted mail bound for the outbound queue
-    # (policy/dkim_sign.py): ``wrap(queue_writer) -> writer``; None: no signing.
-    dkim_signer: Any = None
+    # The outbound queue (delivery/), set by the composition root once it
+    # exists; None: no remote recipients are taken.
+    outbound: OutboundQueue | None = None
+    # Inbound message checks (SPF/DKIM/DMARC), set by the composition root.
+    inbound_checks: MessageChecks | None = None
+    # DKIM signing of submitted mail bound for the outbound queue; None: no signing.
+    dkim_signer: DkimSigner | None = None
     # Sender Rewriting Scheme for mail aliases forward off-site (policy/srs.py).
     srs: Srs | None = None
     # The free-space reserve ([limits] min_free_space): MAIL FROM asks ``low()``.
     space: FreeSpaceGuard | None = None
     # Mailbox quotas ([limits] mailbox_quota, `user quota`): RCPT and DATA ask it.
     quota: QuotaTracker | None = None
-    # Open POP3 mailbox locks, by mailbox path (policy for RFC 1939 §8 exclusivity).
-    extras: dict[str, Any] = field(default_factory=dict)
+    # Memory for messages held whole for the inbound checks, shared by all
+    # SMTP sessions of the process (policy/memory_budget.py).
+    held_messages: MemoryBudget = field(default_factory=lambda: MemoryBudget(MAX_HELD_BYTES))
 
     def is_local_domain(self, domain: str) -> bool:
         return domain in self.settings.domains or self.accounts.is_local_domain(domain)

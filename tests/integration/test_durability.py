@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from postoffice.storage.journal import pending_records
 from tests.support.helpers import send_until_killed
+from tests.support.journal import pending_records
 from tests.support.server import PostofficeServer
 
 

@@ -13,7 +13,6 @@ import re
 import smtplib
 import ssl
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -108,8 +107,7 @@ def send(
 
 
 def sign(signer_dir: Path, msg: bytes) -> bytes:
-    with ThreadPoolExecutor(1) as executor:
-        return DkimSigner(KeyStore(signer_dir), executor).sign_blocking(msg) + msg
+    return DkimSigner(KeyStore(signer_dir)).sign_blocking(msg) + msg
 
 
 def newest(srv: PostofficeServer, before: int) -> bytes:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from postoffice.storage.journal import pending_records
 from tests.support.helpers import smtp_processes, wait_for
+from tests.support.journal import pending_records
 from tests.support.peers import SmtpSink
 from tests.support.ports import free_port
 from tests.support.server import PostofficeServer

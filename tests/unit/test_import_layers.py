@@ -59,10 +59,8 @@ KNOWN_CYCLES: set[frozenset[str]] = {
     ),
 }
 KNOWN_VIOLATIONS: set[tuple[str, str]] = {
-    ("postoffice.delivery.outbound", "postoffice.services"),
     ("postoffice.net.listener", "postoffice.workers"),
     ("postoffice.policy.cpu_workers", "postoffice.workers"),
-    ("postoffice.policy.relay", "postoffice.services"),
     ("postoffice.storage.pop3_mailbox", "postoffice.protocol.pop3"),
 }
 

@@ -15,10 +15,11 @@ from postoffice.logsetup import QUEUE_LINES
 from postoffice.mail.headers import MAX_HEADER_BLOCK
 from postoffice.net.listener import HANDSHAKE_SECONDS
 from postoffice.net.pop3_session import MAX_AUTH_FAILURES
-from postoffice.net.smtp_session import MAX_HELD_BYTES, MAX_HOPS
+from postoffice.net.smtp_session import MAX_HOPS
 from postoffice.policy.auth import HASH_WAITING_PER_WORKER
 from postoffice.policy.dkim_verify import MAX_SIGNATURES, VERIFY_TIMEOUT
 from postoffice.policy.mailauth import CHECK_TIMEOUT
+from postoffice.policy.memory_budget import MAX_HELD_BYTES
 from postoffice.policy.passwords import MIN_LENGTH
 from postoffice.policy.srs import MAX_AGE_DAYS
 from postoffice.policy.throttle import MAX_ENTRIES

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from postoffice.delivery.courier import MessageSource, Outcome, RecipientResult
 from postoffice.mail.address import Address, AddressError
 from postoffice.protocol.smtp_client import format_path
 from postoffice.storage.accounts import AccountStore
-from postoffice.storage.maildir import DeliveryError, MaildirStore
+from postoffice.storage.errors import DeliveryError, StorageFault
+from postoffice.storage.maildir import MaildirStore
+from postoffice.storage.sink import MessageSink
 
 
 class LocalCourier:
@@ -70,7 +73,7 @@ class LocalCourier:
     ) -> tuple[str, str] | None:
         """Store one copy in every mailbox; (text, status) if that failed."""
         try:
-            writer = self._maildirs.writer(mailboxes)
+            writer: MessageSink[list[Path]] = self._maildirs.writer(mailboxes)
         except (AddressError, ValueError) as exc:
             return f"bad mailbox: {exc}", "4.3.0"
         try:
@@ -81,7 +84,7 @@ class LocalCourier:
             await writer.commit()
         except DeliveryError as exc:
             await writer.discard()
-            return str(exc), "4.3.1" if exc.disk_full else "4.3.0"
+            return str(exc), "4.3.1" if exc.fault is StorageFault.NO_SPACE else "4.3.0"
         except OSError as exc:
             await writer.discard()
             return f"cannot read queued message: {exc}", "4.3.0"

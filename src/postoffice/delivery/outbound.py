@@ -27,34 +27,22 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from postoffice import logfmt
 from postoffice.config.settings import Settings
-from postoffice.delivery.content import MAX_HEADER_COPY, MessageTraits, header_section
-from postoffice.delivery.courier import Outcome, RecipientResult
+from postoffice.delivery.content import MAX_HEADER_COPY, header_section
+from postoffice.delivery.courier import MessageSource, Outcome, RecipientResult
 from postoffice.delivery.dsn import DsnContext, DsnRecipient, build_dsn, summary_headers
 from postoffice.delivery.local import LocalCourier
-from postoffice.delivery.queue import (
-    READ_CHUNK,
-    QueueEntry,
-    QueueError,
-    QueueStore,
-    QueueWriter,
-    Recipient,
-    State,
-)
+from postoffice.delivery.queue.records import QueueEntry, QueueError, Recipient, RecipientState
+from postoffice.delivery.queue.store import ClaimedMessage, QueueStore, Released, Unclaimed
+from postoffice.delivery.queue.writer import QueueWriter
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.delivery.retry import next_attempt, retry_delay, warning_due
-from postoffice.delivery.smtp_connection import ClientTimeouts
-from postoffice.dns.resolver import Resolver
 from postoffice.mail.address import Address
 from postoffice.policy.srs import Srs, SrsError, is_srs
-
-if TYPE_CHECKING:
-    from postoffice.services import Services
 
 log = logging.getLogger("postoffice.delivery")
 
@@ -62,53 +50,6 @@ POLL_INTERVAL = 1.0  # seconds between checks for `queue flush` requests
 LOCKED_RETRY = 1.0  # seconds to wait when `queue remove` holds a message's lock
 RECOVERY_RETRY = 10.0  # seconds between tries to read an unreadable queue directory
 EXPIRED_STATUS = "5.4.7"  # RFC 3463: delivery time expired
-
-
-class QueuedMessage:
-    """A queued message as couriers read it: the file, from the start, each time."""
-
-    def __init__(
-        self,
-        store: QueueStore,
-        entry: QueueEntry,
-        traits: MessageTraits,
-        first: tuple[Any, bytes] | None = None,
-    ) -> None:
-        self._store = store
-        self._entry = entry
-        self._traits = traits
-        self._first = first  # (file or None, first chunk) read already, for one pass
-
-    @property
-    def traits(self) -> MessageTraits:
-        return self._traits
-
-    def close(self) -> None:
-        """Drop the chunk read ahead if no pass used it."""
-        if self._first is not None:
-            fh, self._first = self._first[0], None
-            if fh is not None:
-                fh.close()
-
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
-        store = self._store
-        if self._first is not None:
-            (fh, chunk), self._first = self._first, None
-        else:
-            fh, chunk = await store.run_blocking(
-                store.open_and_read_blocking, self._entry, READ_CHUNK
-            )
-        try:
-            # Bounded by the file size: each pass reads one more chunk.
-            for _ in range(1 << 40):
-                if chunk:
-                    yield chunk
-                if fh is None or fh.closed:
-                    return
-                chunk = await store.run_blocking(store.read_more_blocking, fh, READ_CHUNK)
-        finally:
-            if fh is not None and not fh.closed:
-                fh.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +88,6 @@ class Outbound:
         self._connections: asyncio.Semaphore | None = None
         self._per_destination: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
         self._max_active = max(16, self._relay.max_deliveries * 4)
-        # The first chunk of a message, read with its lock (one worker trip),
-        # for the first delivery of the round to send.
-        self._prefetched: dict[str, tuple[Any, bytes]] = {}
 
     # --- the interface the SMTP session uses ---------------------------------------
     def writer(self, sender: Address | None, recipients: Sequence[Address]) -> QueueWriter:
@@ -225,7 +163,8 @@ class Outbound:
                 if loop.time() >= next_poll:
                     next_poll = loop.time() + self._poll_interval
                     try:
-                        if await self.store.run_blocking(self.store.take_flush_request_blocking):
+                        requests = self.store.requests
+                        if await self.store.run_blocking(requests.take_flush_request_blocking):
                             self._flush()
                         await self._adopt()
                     except OSError as exc:
@@ -248,7 +187,8 @@ class Outbound:
 
     async def _adopt(self) -> None:
         """Messages another process of this server queued (QueueHandoff)."""
-        for queue_id in await self.store.run_blocking(self.store.take_adoption_requests_blocking):
+        requests = self.store.requests
+        for queue_id in await self.store.run_blocking(requests.take_adoption_requests_blocking):
             if queue_id in self._entries or queue_id in self._active:
                 continue  # start-up recovery found it first
             try:
@@ -264,10 +204,7 @@ class Outbound:
         (new messages cannot be queued either, so nothing is lost meanwhile)."""
         for attempt in itertools.count(1):  # until it works or the task is cancelled
             try:
-                entries: list[QueueEntry] = await self.store.run_blocking(
-                    self.store.recover_blocking
-                )
-                return entries
+                return await self.store.run_blocking(self.store.recover_blocking)
             except OSError as exc:
                 log.error("queue: cannot read %s (try %d): %s", self.store.dir, attempt, exc)
                 await asyncio.sleep(RECOVERY_RETRY)
@@ -279,7 +216,7 @@ class Outbound:
         count = 0
         for queue_id, entry in self._entries.items():
             for r in entry.recipients:
-                if r.state is State.DEFERRED:
+                if r.state is RecipientState.DEFERRED:
                     r.next_try = now
             if queue_id not in self._active:
                 self._schedule(queue_id, now)
@@ -288,33 +225,20 @@ class Outbound:
 
     # --- one message, one round -----------------------------------------------------------
     async def _process(self, entry: QueueEntry) -> None:
-        store = self.store
         queue_id = entry.queue_id
-        status, fd, first = await store.run_blocking(
-            store.begin_and_read_blocking, entry, READ_CHUNK
-        )
-        if first is not None:
-            self._prefetched[queue_id] = first
-        if fd is None:
-            if status == "busy":  # `queue remove` has it right now
+        claim: ClaimedMessage | Unclaimed | None = None
+        try:
+            claim = await self.store.claim(entry)
+            if claim is Unclaimed.BUSY:  # `queue remove` has it right now
                 self._schedule(queue_id, self._clock() + LOCKED_RETRY)
                 return
-            if status == "removed":
-                await store.sync_dir()
-            log.info("%s: removed from the queue (queue remove)", queue_id)
-            self._forget(queue_id)
-            return
-        try:
-            await self._round(entry)
-            await self._send_owed_dsns(entry)
-            state = None if entry.done else entry.state_json()
-            has_state = entry.state_on_disk
-            if state is not None:
-                entry.state_on_disk = True
-            lock, fd = fd, None
-            removed = await store.change(
-                functools.partial(store.end_blocking, queue_id, lock, state, has_state=has_state)
-            )
+            if claim is Unclaimed.GONE:
+                log.info("%s: removed from the queue (queue remove)", queue_id)
+                self._forget(queue_id)
+                return
+            await self._round(claim)
+            await self._send_owed_dsns(claim)
+            released = await claim.release()
         except (QueueError, OSError) as exc:
             log.error("%s: queue error, will retry: %s", queue_id, exc)
             self._schedule(queue_id, self._clock() + retry_delay(1, self._relay.retry_schedule))
@@ -324,21 +248,19 @@ class Outbound:
             self._schedule(queue_id, self._clock() + retry_delay(1, self._relay.retry_schedule))
             return
         finally:
-            unused = self._prefetched.pop(queue_id, None)
-            if unused is not None and unused[0] is not None:
-                unused[0].close()
-            if fd is not None:
-                await store.run_blocking(store.unlock_blocking, fd)
-        if removed:
+            if isinstance(claim, ClaimedMessage) and claim.locked:
+                await claim.unlock()
+        if released is Released.REMOVED:
             log.info("%s: removed from the queue (queue remove)", queue_id)
-        if removed or state is None:
+        if released is not Released.KEPT:
             self._forget(queue_id)
             return
         due = entry.next_due()
         if due is not None:
             self._schedule(queue_id, due)
 
-    async def _round(self, entry: QueueEntry) -> None:
+    async def _round(self, claim: ClaimedMessage) -> None:
+        entry = claim.entry
         now = self._clock()
         if now - entry.envelope.created >= self._relay.give_up_after:
             for r in entry.recipients:
@@ -347,20 +269,17 @@ class Outbound:
         due = [r for r in entry.recipients if r.pending and r.next_try <= now]
         if not due:
             return
-        if entry.traits is None:
-            entry.traits = await self.store.run_blocking(
-                self.store.scan_traits_blocking, entry.queue_id, entry.body_offset
-            )
+        traits = await claim.traits()
         groups = self._groups(due)
         persist_each = len(groups) > 1
         lock = asyncio.Lock()
 
         async def one(group: _Group) -> None:
-            results = await self._deliver(entry, group)
+            results = await self._deliver(entry, group, claim.message(traits))
             async with lock:
                 self._apply(entry, group, results)
                 if persist_each:
-                    await self.store.save_state(entry)
+                    await claim.save()
 
         await asyncio.gather(*(one(g) for g in groups))
 
@@ -371,26 +290,12 @@ class Outbound:
             by_key.setdefault((local, r.address.domain), []).append(r)
         return [_Group(local, domain, tuple(rs)) for (local, domain), rs in by_key.items()]
 
-    async def _deliver(self, entry: QueueEntry, group: _Group) -> list[RecipientResult]:
-        assert entry.traits is not None and self._connections is not None
-        first = self._prefetched.pop(entry.queue_id, None)
-        message = QueuedMessage(self.store, entry, entry.traits, first)
-        sender = entry.envelope.sender
-        addresses = [r.address for r in group.recipients]
-        try:
-            return await self._deliver_message(entry, group, message, sender, addresses)
-        finally:
-            message.close()
-
-    async def _deliver_message(
-        self,
-        entry: QueueEntry,
-        group: _Group,
-        message: QueuedMessage,
-        sender: Address | None,
-        addresses: list[Address],
+    async def _deliver(
+        self, entry: QueueEntry, group: _Group, message: MessageSource
     ) -> list[RecipientResult]:
         assert self._connections is not None
+        sender = entry.envelope.sender
+        addresses = [r.address for r in group.recipients]
         try:
             if group.local:
                 assert self._local is not None
@@ -427,13 +332,13 @@ class Outbound:
             r.last_error, r.status, r.remote = result.text, result.status, result.remote
             r.smtp_reply = result.smtp_reply
             if result.outcome is Outcome.DELIVERED:
-                r.state = State.DELIVERED
+                r.state = RecipientState.DELIVERED
                 for target in result.forwards:
                     if target not in known:  # aliases: forward through the queue
                         known.add(target)
                         entry.recipients.append(Recipient(target, next_try=now))
             elif result.outcome is Outcome.FAILED:
-                r.state = State.FAILED
+                r.state = RecipientState.FAILED
             else:
                 when = next_attempt(
                     now,
@@ -445,11 +350,11 @@ class Outbound:
                 if when is None:
                     self._expire(entry, r, now)
                 else:
-                    r.state, r.next_try = State.DEFERRED, when
+                    r.state, r.next_try = RecipientState.DEFERRED, when
             self._log_attempt(entry, r, result, now)
 
     def _expire(self, entry: QueueEntry, r: Recipient, now: float) -> None:
-        r.state = State.FAILED
+        r.state = RecipientState.FAILED
         r.status = EXPIRED_STATUS
         r.last_error = (
             f"delivery time expired after {(now - entry.envelope.created) / 3600:.1f} hours"
@@ -477,40 +382,40 @@ class Outbound:
         )
 
     # --- after the round: the DSNs it owes ---------------------------------------------
-    async def _send_owed_dsns(self, entry: QueueEntry) -> None:
+    async def _send_owed_dsns(self, claim: ClaimedMessage) -> None:
         """Queue a failure DSN for recipients that failed, and a delay warning
         when one is due; mark them done.  The caller then persists."""
+        entry = claim.entry
         now = self._clock()
-        failed = [r for r in entry.recipients if r.state is State.FAILED]
+        failed = [r for r in entry.recipients if r.state is RecipientState.FAILED]
         if failed:
             if entry.envelope.sender is None:
                 # A bounce that cannot be delivered is dropped: never bounce a bounce.
                 log.info("%s: undeliverable message from <>; no DSN", entry.queue_id)
             else:
-                await self._send_dsn(entry, failed, now, delayed=False)
+                await self._send_dsn(claim, failed, now, delayed=False)
                 entry.dsn_count += 1
             for r in failed:
-                r.state = State.BOUNCED
-        deferred = [r for r in entry.recipients if r.state is State.DEFERRED]
+                r.state = RecipientState.BOUNCED
+        deferred = [r for r in entry.recipients if r.state is RecipientState.DEFERRED]
         if (
             deferred
             and entry.envelope.sender is not None
             and warning_due(now, entry.envelope.created, self._relay.warn_after, entry.warned)
         ):
-            await self._send_dsn(entry, deferred, now, delayed=True)
+            await self._send_dsn(claim, deferred, now, delayed=True)
             entry.warned = True
 
     async def _send_dsn(
-        self, entry: QueueEntry, recipients: list[Recipient], now: float, *, delayed: bool
+        self, claim: ClaimedMessage, recipients: list[Recipient], now: float, *, delayed: bool
     ) -> None:
+        entry = claim.entry
         sender = entry.envelope.sender
         assert sender is not None
         sender, forwarded = self._bounce_address(entry, sender)
         if sender is None:
             return
-        head = await self.store.run_blocking(
-            self.store.read_head_blocking, entry, MAX_HEADER_COPY + 2
-        )
+        head = await claim.read_head(MAX_HEADER_COPY + 2)
         original = header_section(head)
         ctx = DsnContext(
             reporting_mta=self._settings.hostname,
@@ -578,19 +483,7 @@ class QueueHandoff:
 
     async def _hand_off(self, entry: QueueEntry) -> None:
         try:
-            await self.store.run_blocking(self.store.request_adoption_blocking, entry.queue_id)
+            requests = self.store.requests
+            await self.store.run_blocking(requests.request_adoption_blocking, entry.queue_id)
         except OSError as exc:  # queued durably all the same: the next start sends it
             log.error("queue %s: cannot hand over for delivery: %s", entry.queue_id, exc)
-
-
-def build_outbound(
-    services: Services, resolver: Resolver, *, timeouts: ClientTimeouts | None = None
-) -> Outbound:
-    """The Outbound service for ``services``, routing through ``resolver``
-    (blocking; call before the loop runs)."""
-    settings = services.settings
-    store = QueueStore(settings.queue_dir, services.executor)
-    store.ensure_dirs()
-    remote = RemoteCourier(settings.relay, settings.hostname, resolver, timeouts=timeouts)
-    local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
-    return Outbound(settings, store, remote, local, srs=services.srs)

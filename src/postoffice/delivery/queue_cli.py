@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from postoffice.config.settings import Settings
-from postoffice.delivery.queue import QUEUE_ID, QueueStore, State
+from postoffice.delivery.queue.records import PENDING, QUEUE_ID, RecipientState
+from postoffice.delivery.queue.store import QueueStore, Removal
 
 FLUSH_WAIT = 3.0  # seconds `queue flush` waits to see a running server take the request
 
@@ -46,11 +47,11 @@ def queue_list(args: argparse.Namespace, settings: Settings) -> int:
         )
         for r in entry.recipients:
             line = f"    {r.state.value:<9} <{r.address}>"
-            if r.state in (State.QUEUED, State.DEFERRED):
+            if r.state in PENDING:
                 line += f"  next try {_when(r.next_try)}"
             if r.attempts:
                 line += f"  tries {r.attempts}"
-            if r.last_error and r.state is not State.DELIVERED:
+            if r.last_error and r.state is not RecipientState.DELIVERED:
                 line += f"\n              {r.last_error}"
             print(line, file=out)
     print(f"{count} message(s) in the queue", file=out)
@@ -59,7 +60,8 @@ def queue_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def queue_flush(args: argparse.Namespace, settings: Settings) -> int:
     store = _store(settings)
-    request = store.request_flush_blocking()
+    store.ensure_dirs()
+    request = store.requests.request_flush_blocking()
     deadline = time.monotonic() + FLUSH_WAIT
     while time.monotonic() < deadline and request.exists():
         time.sleep(0.05)
@@ -76,10 +78,10 @@ def queue_remove(args: argparse.Namespace, settings: Settings) -> int:
         print(f"postoffice: {queue_id!r} is not a queue id", file=sys.stderr)
         return 1
     result = _store(settings).remove_blocking(queue_id)
-    if result == "missing":
+    if result is Removal.MISSING:
         print(f"postoffice: no message {queue_id} in the queue", file=sys.stderr)
         return 1
-    if result == "requested":
+    if result is Removal.REQUESTED:
         print(f"{queue_id}: being delivered right now; removed when this attempt ends")
     else:
         print(f"{queue_id}: removed")

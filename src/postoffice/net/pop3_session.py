@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import ssl
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from postoffice.protocol.pop3 import (
 )
 from postoffice.services import Services
 from postoffice.storage import quota
+from postoffice.storage.errors import StorageFault, fault_of
 from postoffice.storage.maildir import mailbox_path
 from postoffice.storage.pop3_mailbox import (
     MailboxBusy,
@@ -76,9 +76,6 @@ FLUSH_AT = 256 * 1024  # write collected replies once this much is pending
 AHEAD_COUNT = 64
 AHEAD_BYTES = 512 * 1024
 IMPLEMENTATION = "postoffice"
-_PERMANENT_ERRNOS = frozenset(
-    {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ELOOP}
-)
 GONE = "Message was removed by another client"
 PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure connections; use STLS"
 
@@ -334,7 +331,7 @@ class Pop3Session:
             # RFC 3206 §4: SYS/PERM when retrying cannot help until an
             # administrator acts (the Maildir is not a directory, or is not
             # ours to open); SYS/TEMP for the passing kind (I/O, no descriptors).
-            if isinstance(exc, AddressError) or exc.errno in _PERMANENT_ERRNOS:
+            if isinstance(exc, AddressError) or fault_of(exc) is StorageFault.NEEDS_ADMIN:
                 self._send(self.core.reply_err("The mailbox cannot be opened", "SYS/PERM"))
             else:
                 self._send(self.core.reply_err("Cannot open the mailbox now", "SYS/TEMP"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
 import logging
 import random
 import time
@@ -56,7 +55,9 @@ from postoffice.protocol.smtp_server import (
     Verify,
 )
 from postoffice.services import Services
-from postoffice.storage.maildir import DeliveryError, DeliveryWriter
+from postoffice.storage.errors import DeliveryError, StorageFault, fault_of
+from postoffice.storage.maildir import DeliveryWriter
+from postoffice.storage.sink import HeadedSink, MessageSink
 
 log = logging.getLogger("postoffice.smtp")
 
@@ -65,6 +66,8 @@ _OK = Reply(250, "Ok", "2.0.0")
 _OK_SENDER = Reply(250, "Ok", "2.1.0")
 _OK_RECIPIENT = Reply(250, "Ok", "2.1.5")
 _GO_AHEAD = Reply(354, "End data with <CR><LF>.<CR><LF>")
+_NO_SPACE = Reply(452, "Insufficient system storage", "4.3.1")
+_LOCAL_ERROR = Reply(451, "Local error in processing", "4.3.0")
 # Its Maildir failed a delivery just now (maildir.UNAVAILABLE_SECONDS): this
 # recipient waits, the message's other recipients do not (RFC 3463 X.2.0).
 _MAILBOX_UNAVAILABLE = Reply(450, "Mailbox unavailable, try again later", "4.2.0")
@@ -72,10 +75,6 @@ _MAILBOX_UNAVAILABLE = Reply(450, "Mailbox unavailable, try again later", "4.2.0
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # RFC 5321 §6.3: a message that has passed this many relays is looping.
 MAX_HOPS = 100
-# All sessions together hold at most this much of messages kept whole in
-# memory for inbound checks (DKIM needs the body before the verdict header
-# can go on top); past it a message is answered 452 and not kept.
-MAX_HELD_BYTES = 256 * 1024 * 1024
 
 
 class SmtpMode(enum.Enum):
@@ -84,7 +83,10 @@ class SmtpMode(enum.Enum):
 
 
 @dataclass
-class Envelope:
+class IncomingEnvelope:
+    """What MAIL FROM and RCPT TO have said so far, and where each recipient
+    goes.  (What the queue keeps of it is delivery/queue's ``StoredEnvelope``.)"""
+
     sender: Address | None = None
     smtputf8: bool = False
     mailboxes: dict[Address, None] = field(default_factory=dict)  # ordered set
@@ -99,16 +101,16 @@ class Envelope:
 class _Transaction:
     """The message being received: writers and the header gate."""
 
-    envelope: Envelope
+    envelope: IncomingEnvelope
     queue_id: str
     local: DeliveryWriter | None
-    outbound: object | None  # delivery.QueueWriter
+    outbound: MessageSink[str] | None  # into the queue; commit gives the queue id
     gate: HeaderGate
     started: float
     local_prefix_done: bool = False
     extra_headers: bytes = b""  # e.g. Authentication-Results, after Received:
     failure: Reply | None = None  # storing failed mid-DATA: the answer after the final dot
-    held_bytes: int = 0  # this message's share of MAX_HELD_BYTES
+    held_bytes: int = 0  # this message's share of Services.held_messages
     srs_bytes: int = 0  # content received so far for an SRS bounce (SRS_MAX_MESSAGE)
 
 
@@ -128,7 +130,7 @@ class SmtpSession:
         self.client_ip = conn.peer[0]
         self.helo = ""
         self.user: Address | None = None
-        self.envelope = Envelope()
+        self.envelope = IncomingEnvelope()
         self.tx: _Transaction | None = None
         self.out: list[bytes] = []
         self._sasl: sasl.SaslExchange | None = None  # an AUTH exchange under way
@@ -363,7 +365,7 @@ class SmtpSession:
                 return await self._data_end(event)
             case Reset():
                 await self._abandon()
-                self.envelope = Envelope()
+                self.envelope = IncomingEnvelope()
                 return _OK
             case Noop():
                 return _OK
@@ -393,7 +395,7 @@ class SmtpSession:
     def _hello(self, event: Hello) -> Reply:
         self.helo = event.name
         self.first_helo = self.first_helo or event.name
-        self.envelope = Envelope()
+        self.envelope = IncomingEnvelope()
         hostname = self.s.settings.hostname
         if not event.extended:
             return Reply(250, hostname)
@@ -427,8 +429,8 @@ class SmtpSession:
                 return Reply(553, f"Sender address not owned by user {self.user}", "5.7.1")
         if self.s.space is not None and self.s.space.low(event.size or 0):
             # Postfix's queue_minfree: refused before the data, not after (RFC 1870 §6.1).
-            return Reply(452, "Insufficient system storage", "4.3.1")
-        self.envelope = Envelope(
+            return _NO_SPACE
+        self.envelope = IncomingEnvelope(
             sender=event.sender, smtputf8=event.smtputf8, declared_size=event.size or 0
         )
         return _OK_SENDER
@@ -505,16 +507,14 @@ class SmtpSession:
         queue_id = _new_queue_id()
         try:
             local = self.s.maildirs.writer(list(env.mailboxes)) if env.mailboxes else None
-            outbound = (
-                self.s.outbound.writer(self._queue_sender(env), list(env.remote))
-                if env.remote
-                else None
-            )
+            queued = self._queue_writer(env) if env.remote else None
         except (AddressError, ValueError) as exc:
             log.error("smtp cannot start delivery id=%s: %s", queue_id, exc)
-            return Reply(451, "Local error in processing", "4.3.0")
-        if outbound is not None and self.mode is SmtpMode.SUBMISSION and self.s.dkim_signer:
-            outbound = self.s.dkim_signer.wrap(outbound)  # signed once, here (dkim_sign.py)
+            return _LOCAL_ERROR
+        outbound: MessageSink[str] | None = queued
+        signer = self.s.dkim_signer
+        if queued is not None and self.mode is SmtpMode.SUBMISSION and signer is not None:
+            outbound = signer.wrap(queued)  # signed once, here (dkim_sign.py)
         received = trace_headers(
             helo=self.helo,
             client_ip=self.client_ip,
@@ -539,7 +539,13 @@ class SmtpSession:
         )
         return _GO_AHEAD
 
-    def _queue_sender(self, env: Envelope) -> Address | None:
+    def _queue_writer(self, env: IncomingEnvelope) -> HeadedSink:
+        queue = self.s.outbound
+        if queue is None:  # cannot be: RCPT refuses remote recipients then
+            raise ValueError("no outbound queue")
+        return queue.writer(self._queue_sender(env), list(env.remote))
+
+    def _queue_sender(self, env: IncomingEnvelope) -> Address | None:
         """The envelope sender the outbound copy leaves with: an SRS address
         when an alias forwards someone else's mail off-site (policy/srs.py)."""
         if not env.forwarded_by:
@@ -552,7 +558,7 @@ class SmtpSession:
             self._checks_apply = (
                 checks is not None
                 and self.mode is SmtpMode.RELAY_IN
-                and bool(checks.applies(self.client_ip))
+                and checks.applies(self.client_ip)
             )
         return self._checks_apply
 
@@ -575,13 +581,11 @@ class SmtpSession:
                 tx.failure = SRS_TOO_BIG  # answered after the final dot; nothing more stored
                 return
         if tx.gate.hold_all:
-            held = self.s.extras.get("held_bytes", 0) + len(data)
-            if held > MAX_HELD_BYTES:
+            if not self.s.held_messages.take(len(data)):
                 tx.failure = Reply(452, "Insufficient system storage, try again later", "4.3.1")
                 log.warning("smtp id=%s: memory for held messages exhausted", tx.queue_id)
                 self._release_held(tx)
                 return
-            self.s.extras["held_bytes"] = held
             tx.held_bytes += len(data)
         out = tx.gate.feed(data)
         if out:
@@ -589,7 +593,7 @@ class SmtpSession:
             await self._write_or_fail(tx, out, newlines if out is data else -1)
 
     def _release_held(self, tx: _Transaction) -> None:
-        self.s.extras["held_bytes"] = self.s.extras.get("held_bytes", 0) - tx.held_bytes
+        self.s.held_messages.give_back(tx.held_bytes)
         tx.held_bytes = 0
         tx.gate.hold_all = False
 
@@ -600,7 +604,7 @@ class SmtpSession:
         try:
             await self._write(tx, data, newlines)
         except (DeliveryError, OSError) as exc:
-            tx.failure = _storage_failure(exc)
+            tx.failure = _storage_reply(fault_of(exc))
             log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
 
     async def _write(self, tx: _Transaction, data: bytes, newlines: int = -1) -> None:
@@ -610,7 +614,7 @@ class SmtpSession:
                 await tx.local.write(self._local_prefix(tx))
             await tx.local.write(data, newlines)
         if tx.outbound is not None:
-            await tx.outbound.write(data)  # type: ignore[attr-defined]
+            await tx.outbound.write(data, newlines)
 
     def _local_prefix(self, tx: _Transaction) -> bytes:
         env = tx.envelope
@@ -646,7 +650,7 @@ class SmtpSession:
             await self._abandon()
         self._log_transaction(tx, event.size, reply)
         self.tx = None
-        self.envelope = Envelope()
+        self.envelope = IncomingEnvelope()
         return reply
 
     def _full_mailboxes(self, mailboxes: tuple[Address, ...], incoming: int) -> list[Address]:
@@ -698,15 +702,16 @@ class SmtpSession:
     async def _judge_inbound(self, tx: _Transaction) -> Reply | None:
         """SPF/DKIM/DMARC (policy/mailauth.py): an Authentication-Results header
         to add, and possibly a refusal (DMARC reject) or a temporary failure."""
-        outcome = await self.s.inbound_checks.judge(
+        checks = self.s.inbound_checks
+        assert checks is not None  # messages are held for them only (_inbound_checks_apply)
+        outcome = await checks.judge(
             client_ip=self.client_ip,
             helo=self.helo,
             sender=tx.envelope.sender,
             message=tx.gate.held(),
         )
         tx.extra_headers = outcome.header
-        reply: Reply | None = outcome.reply
-        return reply
+        return outcome.reply
 
     def _content_verdict(self, event: DataComplete, tx: _Transaction) -> Reply | None:
         limit = self.s.settings.limits.max_message_size
@@ -740,7 +745,7 @@ class SmtpSession:
     async def _commit(self, tx: _Transaction, size: int) -> Reply:
         try:
             if tx.outbound is not None:
-                queue_id = await tx.outbound.commit()  # type: ignore[attr-defined]
+                queue_id = await tx.outbound.commit()
                 tx.outbound = None
                 # One id in the reply, our log and the delivery log lines.
                 log.info("smtp id=%s queued-as=%s", tx.queue_id, queue_id)
@@ -750,18 +755,14 @@ class SmtpSession:
                     await tx.local.write(self._local_prefix(tx))
                 await tx.local.commit()
                 tx.local = None
-        except DeliveryError as exc:
-            await self._discard(tx)
-            log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
-            if exc.disk_full:
-                return Reply(452, "Insufficient system storage", "4.3.1")
-            return Reply(451, "Local error in processing", "4.3.0")
         except Exception as exc:
             await self._discard(tx)
-            log.exception("smtp delivery failed id=%s", tx.queue_id)
-            if isinstance(exc, OSError) and exc.errno == 28:
-                return Reply(452, "Insufficient system storage", "4.3.1")
-            return Reply(451, "Local error in processing", "4.3.0")
+            fault = fault_of(exc)
+            if fault is None:  # not storage failing: a bug, with its traceback
+                log.exception("smtp delivery failed id=%s", tx.queue_id)
+            else:
+                log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
+            return _storage_reply(fault)
         return Reply(250, f"Ok: queued as {tx.queue_id}", "2.0.0")
 
     async def _abandon(self) -> None:
@@ -775,7 +776,7 @@ class SmtpSession:
         if tx.local is not None:
             await tx.local.discard()
         if tx.outbound is not None:
-            await tx.outbound.discard()  # type: ignore[attr-defined]
+            await tx.outbound.discard()
 
     def _log_transaction(self, tx: _Transaction, size: int, reply: Reply) -> None:
         env = tx.envelope
@@ -872,12 +873,10 @@ _VERBS: dict[type, str] = {
 }
 
 
-def _storage_failure(exc: Exception) -> Reply:
-    if (isinstance(exc, DeliveryError) and exc.disk_full) or (
-        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    ):
-        return Reply(452, "Insufficient system storage", "4.3.1")
-    return Reply(451, "Local error in processing", "4.3.0")
+def _storage_reply(fault: StorageFault | None) -> Reply:
+    """The one answer to storage failing (storage/errors.py): RFC 3463
+    X.3.1 "mail system full" when there is no room, else a local error."""
+    return _NO_SPACE if fault is StorageFault.NO_SPACE else _LOCAL_ERROR
 
 
 def _new_queue_id() -> str:

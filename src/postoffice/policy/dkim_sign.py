@@ -22,27 +22,18 @@ cannot be used are logged as errors and the message still goes out.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from concurrent.futures import Executor
-from typing import Any, Protocol
 
 import dkim
 
-from postoffice.mail.folding import fold_lines
 from postoffice.mail.headers import header_block
 from postoffice.policy.dkim_keys import RSA, DkimKeyError, KeyStore, SigningKey
 from postoffice.policy.dmarc import authors, organizational_domain
+from postoffice.storage.sink import HeadedSink
 
 log = logging.getLogger("postoffice.dkim")
 
 EXTRA_SIGNED = (b"list-unsubscribe-post",)
-
-
-class MessageWriter(Protocol):
-    async def write(self, data: bytes) -> None: ...
-    async def commit(self) -> Any: ...
-    async def discard(self) -> None: ...
 
 
 def _candidates(domain: str) -> list[str]:
@@ -55,9 +46,8 @@ def _candidates(domain: str) -> list[str]:
 
 
 class DkimSigner:
-    def __init__(self, keys: KeyStore, executor: Executor) -> None:
+    def __init__(self, keys: KeyStore) -> None:
         self._keys = keys
-        self._executor = executor
         self._logger = logging.getLogger("postoffice.dkim.dkimpy")
 
     def _keys_for(self, message: bytes) -> tuple[str, list[SigningKey]]:
@@ -96,45 +86,30 @@ class DkimSigner:
             out.append(header if header.endswith(b"\n") else header + b"\n")
         return b"".join(out)
 
-    async def sign(self, message: bytes) -> bytes:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.sign_blocking, message)
-
-    def wrap(self, writer: MessageWriter) -> SigningWriter:
+    def wrap(self, writer: HeadedSink) -> SigningWriter:
         return SigningWriter(writer, self)
 
 
 class SigningWriter:
-    """A queue writer that signs: holds the message, then writes the signed
-    message to ``inner`` at commit (through ``inner.commit_with_head`` when it
-    has one, so signing and storing share a worker thread).  The SMTP size
-    limit bounds what is held."""
+    """A sink into the queue that signs (a ``MessageSink``, storage/sink.py):
+    holds the message, then hands it to ``inner.commit_with_head`` at
+    commit, so the queue folds long lines and signs in the thread that
+    stores it: one trip, and the signature covers the folded form.  The SMTP
+    size limit bounds what is held."""
 
-    def __init__(self, inner: MessageWriter, signer: DkimSigner) -> None:
+    def __init__(self, inner: HeadedSink, signer: DkimSigner) -> None:
         self._inner = inner
         self._signer = signer
         self._held = bytearray()
 
-    def __getattr__(self, name: str) -> Any:  # queue_id and the like
-        return getattr(self._inner, name)
-
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, newlines: int = -1) -> None:
         self._held += data
 
-    async def commit(self) -> Any:
+    async def commit(self) -> str:
+        """The queue id, once the signed message is durable."""
         message = bytes(self._held)
         self._held.clear()
-        commit_with_head = getattr(self._inner, "commit_with_head", None)
-        if commit_with_head is not None:
-            # The queue folds long lines and signs in the thread that stores
-            # the message: one trip, and the signature covers the folded form.
-            return await commit_with_head(message, self._signer.sign_blocking)
-        message = fold_lines(message)  # sign what will be sent
-        signatures = await self._signer.sign(message)
-        if signatures:
-            await self._inner.write(signatures)
-        await self._inner.write(message)
-        return await self._inner.commit()
+        return await self._inner.commit_with_head(message, self._signer.sign_blocking)
 
     async def discard(self) -> None:
         self._held.clear()

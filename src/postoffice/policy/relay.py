@@ -27,13 +27,29 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 from postoffice import logfmt
+from postoffice.config.settings import Settings
 from postoffice.mail.address import Address
-from postoffice.policy.srs import SrsError, is_srs
+from postoffice.policy.srs import Srs, SrsError, is_srs
 from postoffice.protocol.smtp_reply import Reply
-from postoffice.services import Services
 from postoffice.storage.accounts import AccountStore
+
+
+class RelayContext(Protocol):
+    """What the relay decision reads (``services.Services`` has it all)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def accounts(self) -> AccountStore: ...
+
+    @property
+    def srs(self) -> Srs | None: ...
+
+    def is_local_domain(self, domain: str) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +87,7 @@ SRS_ALONE = Reply(452, "Too many recipients: a bounce to an SRS address goes alo
 
 
 def judge_recipient(
-    services: Services, rcpt: Address, *, may_relay: bool, null_sender: bool = False
+    services: RelayContext, rcpt: Address, *, may_relay: bool, null_sender: bool = False
 ) -> RecipientVerdict:
     """Where mail for ``rcpt`` goes, or why not.  ``null_sender``: the
     transaction is a bounce (MAIL FROM:<>), the only kind SRS addresses take."""
@@ -109,7 +125,7 @@ def judge_recipient(
     )
 
 
-def _judge_srs(services: Services, rcpt: Address, *, null_sender: bool) -> RecipientVerdict:
+def _judge_srs(services: RelayContext, rcpt: Address, *, null_sender: bool) -> RecipientVerdict:
     """A bounce to the SRS address of mail we forwarded: back to its sender."""
     assert services.srs is not None
     try:
@@ -127,7 +143,7 @@ def _judge_srs(services: Services, rcpt: Address, *, null_sender: bool) -> Recip
     return RecipientVerdict(verdict.reply, verdict.mailboxes, verdict.remote, srs_bounce=True)
 
 
-def server_postmaster(services: Services) -> Address:
+def server_postmaster(services: RelayContext) -> Address:
     """What the bare ``<postmaster>`` (RFC 5321 §4.1.1.3) means here: the
     postmaster of the host name if it is a local domain, else of the first
     configured domain (else of the first added one)."""

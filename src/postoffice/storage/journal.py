@@ -95,6 +95,20 @@ def check_target(target: str) -> str:
     return target
 
 
+def parse_checkpoint(raw: bytes) -> tuple[int, int]:
+    """(low_water, counter) of the valid slot with the higher counter in the
+    checkpoint file's ``raw`` bytes; (0, 0) when neither slot is valid."""
+    best = (0, 0)
+    for slot in range(2):
+        chunk = raw[slot * _SLOT : slot * _SLOT + _CHECKPOINT.size]
+        if len(chunk) < _CHECKPOINT.size:
+            continue
+        magic, low, counter, crc = _CHECKPOINT.unpack(chunk)
+        if magic == _CHECKPOINT_MAGIC and zlib.crc32(chunk[:-4]) == crc and counter >= best[1]:
+            best = (low, counter)
+    return best
+
+
 def scan_segment(buf: bytes, low_water: int) -> Iterator[Record]:
     """The intact records of one segment with sequence numbers from ``low_water`` on."""
     pos = 0
@@ -210,14 +224,7 @@ class Journal:
         os.fsync(fd)
 
     def _read_checkpoint(self) -> tuple[int, int]:
-        best = (0, 0)
-        raw = os.pread(self._checkpoint_fd, 2 * _SLOT, 0)
-        for slot in range(2):
-            magic, low, counter, crc = _CHECKPOINT.unpack_from(raw, slot * _SLOT)
-            packed = raw[slot * _SLOT : slot * _SLOT + _CHECKPOINT.size - 4]
-            if magic == _CHECKPOINT_MAGIC and zlib.crc32(packed) == crc and counter >= best[1]:
-                best = (low, counter)
-        return best
+        return parse_checkpoint(os.pread(self._checkpoint_fd, 2 * _SLOT, 0))
 
     # --- the commit lane ------------------------------------------------------------
     def append(self, records: Sequence[bytes]) -> int:
@@ -266,26 +273,3 @@ class Journal:
         os.pwrite(self._checkpoint_fd, head + struct.pack("<I", zlib.crc32(head)), slot * _SLOT)
         os.fdatasync(self._checkpoint_fd)
         self.durable_low_water = max(self.durable_low_water, low_water)
-
-
-def pending_records(directory: Path, segments: int = SEGMENTS) -> list[Record]:
-    """Read-only: the records a restart would restore, oldest first (for
-    tests and diagnostics; creates and changes nothing)."""
-    low_water = 0
-    try:
-        raw = (directory / "checkpoint").read_bytes()
-    except FileNotFoundError:
-        raw = b""
-    best = -1
-    for slot in range(2):
-        chunk = raw[slot * _SLOT : slot * _SLOT + _CHECKPOINT.size]
-        if len(chunk) < _CHECKPOINT.size:
-            continue
-        magic, low, counter, crc = _CHECKPOINT.unpack(chunk)
-        if magic == _CHECKPOINT_MAGIC and zlib.crc32(chunk[:-4]) == crc and counter >= best:
-            best, low_water = counter, low
-    records: list[Record] = []
-    for i in range(segments):
-        with contextlib.suppress(FileNotFoundError):
-            records.extend(scan_segment((directory / f"segment-{i}").read_bytes(), low_water))
-    return sorted(records, key=lambda r: r.seq)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import itertools
 import logging
@@ -48,6 +47,7 @@ from pathlib import Path
 
 from postoffice.mail.address import Address, AddressError, mailbox_local_part, normalise_domain
 from postoffice.storage import quota
+from postoffice.storage.errors import DeliveryError, StorageFault, errno_fault
 from postoffice.storage.journal import SEGMENT_SIZE, SEGMENTS, Journal, JournalError
 from postoffice.storage.safeio import fsync_dir, link_or_copy, writev_all
 from postoffice.storage.write_behind import WriteBehind
@@ -66,18 +66,6 @@ _SIZE_FIELDS = re.compile(r",([SW])=(\d+)")
 # file where new/ should be) is refused at RCPT (450 4.2.0) for this long, so
 # the other recipients of a message are not held up with it; then tried again.
 UNAVAILABLE_SECONDS = 60.0
-
-
-class DeliveryError(Exception):
-    """A message could not be stored.  ``disk_full`` decides 452 4.3.1 vs 451 4.3.0;
-    ``paths``: the files or directories the failing call named."""
-
-    def __init__(
-        self, message: str, *, disk_full: bool = False, paths: tuple[str, ...] = ()
-    ) -> None:
-        super().__init__(message)
-        self.disk_full = disk_full
-        self.paths = paths
 
 
 def mailbox_path(mail_dir: Path, mailbox: Address) -> Path:
@@ -233,15 +221,11 @@ class MaildirStore:
 
     def note_failure(self, mailboxes: Sequence[Path], exc: Exception) -> None:
         """A delivery to ``mailboxes`` failed: remember the mailbox it failed in."""
-        if isinstance(exc, DeliveryError):
-            paths, full, why = exc.paths, exc.disk_full, str(exc)
-        elif isinstance(exc, OSError):
-            paths = tuple(str(p) for p in (exc.filename, exc.filename2) if p)
-            full, why = exc.errno in (errno.ENOSPC, errno.EDQUOT), str(_delivery_error(exc))
-        else:
-            return
-        if full:
-            return  # the whole file system: not this mailbox's fault
+        if isinstance(exc, OSError):
+            exc = _delivery_error(exc)
+        if not isinstance(exc, DeliveryError) or exc.fault is StorageFault.NO_SPACE:
+            return  # a full file system is not this mailbox's fault
+        paths, why = exc.paths, str(exc)
         for mailbox in mailboxes:
             prefix = f"{mailbox}/"
             if any(p == str(mailbox) or p.startswith(prefix) for p in paths):
@@ -520,10 +504,12 @@ class DeliveryWriter:
 
 def _delivery_error(exc: OSError) -> DeliveryError:
     paths = tuple(str(p) for p in (exc.filename, exc.filename2) if p)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DeliveryError("mail system full", disk_full=True, paths=paths)
+    fault = errno_fault(exc.errno)
+    if fault is StorageFault.NO_SPACE:
+        return DeliveryError("mail system full", fault=fault, paths=paths)
     where = f"{paths[-1]}: " if paths else ""
-    return DeliveryError(f"local delivery failed: {where}{exc.strerror or exc}", paths=paths)
+    text = f"local delivery failed: {where}{exc.strerror or exc}"
+    return DeliveryError(text, fault=fault, paths=paths)
 
 
 def _copy_durably(src: Path, dst: Path) -> None:

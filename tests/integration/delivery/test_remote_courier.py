@@ -16,8 +16,9 @@ import pytest
 
 from postoffice.config.settings import ListenAddress, RelaySettings
 from postoffice.delivery.courier import Outcome, RecipientResult
-from postoffice.delivery.outbound import QueuedMessage
-from postoffice.delivery.queue import QueueEntry, QueueStore
+from postoffice.delivery.queue.message import QueuedMessage
+from postoffice.delivery.queue.records import QueueEntry
+from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.delivery.smtp_connection import ClientTimeouts
 from postoffice.dns.resolver import DnsResolver
@@ -80,6 +81,13 @@ def courier(dnsmasq: Dnsmasq, port: int, **relay: object) -> RemoteCourier:
     )
 
 
+def queued(store: QueueStore, entry: QueueEntry, executor: ThreadPoolExecutor) -> QueuedMessage:
+    """The committed ``entry`` as a courier reads it (without the queue's claim)."""
+    assert entry.traits is not None
+    path = store.msg_path(entry.queue_id)
+    return QueuedMessage(path, entry.body_offset, entry.traits, executor)
+
+
 def deliver(
     tmp_path: Path,
     executor: ThreadPoolExecutor,
@@ -99,9 +107,7 @@ def deliver(
         entry = committed[0]
         assert entry.traits is not None
         try:
-            return await c.deliver(
-                domain, sender, recipients, QueuedMessage(store, entry, entry.traits)
-            )
+            return await c.deliver(domain, sender, recipients, queued(store, entry, executor))
         finally:
             await c.close()  # parked connections belong to this event loop
 
@@ -400,9 +406,7 @@ def test_connections_are_reused_for_the_same_destination(
         await writer.commit()
         entry = committed[0]
         assert entry.traits is not None
-        (result,) = await c.deliver(
-            "one.test", ALICE, [rcpt], QueuedMessage(store, entry, entry.traits)
-        )
+        (result,) = await c.deliver("one.test", ALICE, [rcpt], queued(store, entry, executor))
         return result
 
     async def go() -> list[RecipientResult]:

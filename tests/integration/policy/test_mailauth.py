@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,6 @@ ALICE = Address("alice", "sender.test")
 class World:
     dns: Dnsmasq
     data_dir: Path
-    executor: ThreadPoolExecutor
     dkim_workers: CpuWorkers
 
     def checks(self, **settings: object) -> InboundChecks:
@@ -48,7 +46,7 @@ class World:
         )
 
     def sign(self, message: bytes) -> bytes:
-        return DkimSigner(KeyStore(self.data_dir), self.executor).sign_blocking(message) + message
+        return DkimSigner(KeyStore(self.data_dir)).sign_blocking(message) + message
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +71,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         },
     ).start()
     workers = CpuWorkers(TARGET, workers=2, timeout=20)
-    with ThreadPoolExecutor(max_workers=2) as executor:
-        yield World(server, data_dir, executor, workers)
+    yield World(server, data_dir, workers)
     workers.close()
     server.stop()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +20,8 @@ import pytest
 from postoffice.config.settings import ListenAddress, RelaySettings, Settings
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound
-from postoffice.delivery.queue import QueueStore, State
+from postoffice.delivery.queue.records import RecipientState
+from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.dns.static import StaticResolver
 from postoffice.mail.address import Address
@@ -140,7 +143,7 @@ def test_4xx_is_retried_and_then_delivered(
         qid = await enqueue(ob, [Address("bob", "remote.test")])
         await until(lambda: ob.store.state_path(qid).exists())
         entry = ob.store.load_blocking(qid)
-        assert entry is not None and entry.recipients[0].state is State.DEFERRED
+        assert entry is not None and entry.recipients[0].state is RecipientState.DEFERRED
         seen.append(entry.recipients[0].last_error)
         await until(lambda: len(mta.received) == 1)
         await until(lambda: queued(settings) == [])
@@ -210,7 +213,35 @@ def test_flush_request_makes_deferred_mail_due(
         refuse[0] = False
         await asyncio.sleep(0.3)
         assert mta.received == []  # not due for an hour
-        ob.store.request_flush_blocking()
+        ob.store.requests.request_flush_blocking()
         await until(lambda: len(mta.received) == 1)
 
     with_service(ob, body)
+
+
+def test_a_message_that_cannot_be_claimed_now_is_tried_again(
+    tmp_path: Path,
+    executor: ThreadPoolExecutor,
+    mta: ScriptedMta,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Locking a message may fail for a while (no descriptors left): it is
+    retried on the schedule, not dropped until the next restart."""
+    ob, settings = make(tmp_path, executor, mta)
+    real_lock = QueueStore.try_lock_blocking
+    failures = [OSError(errno.EMFILE, os.strerror(errno.EMFILE))]
+
+    def lock(store: QueueStore, queue_id: str) -> int | None:
+        if failures:
+            raise failures.pop()
+        return real_lock(store, queue_id)
+
+    monkeypatch.setattr(QueueStore, "try_lock_blocking", lock)
+
+    async def body() -> None:
+        await enqueue(ob, [Address("bob", "remote.test")])
+        await until(lambda: len(mta.received) == 1)
+        await until(lambda: queued(settings) == [])
+
+    with_service(ob, body)
+    assert failures == []

@@ -11,13 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from postoffice.delivery.queue import (
-    SPILL_THRESHOLD,
-    QueueEntry,
+from postoffice.delivery.queue import lane as lane_module
+from postoffice.delivery.queue.records import QueueEntry, QueueError, RecipientState
+from postoffice.delivery.queue.store import (
+    ClaimedMessage,
     QueueStore,
-    State,
+    Released,
+    Removal,
+    Unclaimed,
 )
+from postoffice.delivery.queue.writer import SPILL_THRESHOLD
 from postoffice.mail.address import Address
+from postoffice.storage.errors import StorageFault
 
 ALICE = Address("alice", "example.test")
 BOB = Address("bob", "remote.test")
@@ -54,6 +59,12 @@ def body_of(store: QueueStore, entry: QueueEntry) -> bytes:
         return bytes(fh.read())
 
 
+async def claimed(store: QueueStore, entry: QueueEntry) -> ClaimedMessage:
+    claim = await store.claim(entry)
+    assert isinstance(claim, ClaimedMessage)
+    return claim
+
+
 def test_commit_writes_one_file_and_reload_gives_the_same_envelope(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
@@ -67,7 +78,7 @@ def test_commit_writes_one_file_and_reload_gives_the_same_envelope(
     (loaded,) = QueueStore(store.dir, executor).recover_blocking()
     assert loaded.envelope == entry.envelope
     assert [r.address for r in loaded.recipients] == [BOB, CAROL]
-    assert all(r.state is State.QUEUED for r in loaded.recipients)
+    assert all(r.state is RecipientState.QUEUED for r in loaded.recipients)
     assert body_of(store, loaded) == content
 
 
@@ -118,21 +129,31 @@ def test_state_is_saved_atomically_and_reloaded(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
     store, queue_id, (entry,) = queue(tmp_path, executor, b"Subject: s\n\nb\n")
-    entry.recipients[0].state = State.DELIVERED
-    entry.recipients[1].state = State.DEFERRED
+    entry.recipients[0].state = RecipientState.DELIVERED
+    entry.recipients[1].state = RecipientState.DEFERRED
     entry.recipients[1].attempts = 2
     entry.recipients[1].next_try = 12345.5
     entry.recipients[1].last_error = "451 4.7.1 try later"
     entry.recipients.append(type(entry.recipients[0])(Address("dave", "fwd.test")))
     entry.warned = True
-    asyncio.run(store.save_state(entry))
+
+    async def save() -> None:
+        claim = await claimed(store, entry)
+        await claim.save()
+        await claim.unlock()
+
+    asyncio.run(save())
     (loaded,) = QueueStore(store.dir, executor).recover_blocking()
-    assert [r.state for r in loaded.recipients] == [State.DELIVERED, State.DEFERRED, State.QUEUED]
+    assert [r.state for r in loaded.recipients] == [
+        RecipientState.DELIVERED,
+        RecipientState.DEFERRED,
+        RecipientState.QUEUED,
+    ]
     assert loaded.recipients[1].next_try == 12345.5
     assert loaded.recipients[1].last_error == "451 4.7.1 try later"
     assert loaded.recipients[2].address == Address("dave", "fwd.test")
     assert loaded.warned and loaded.next_due() == 0.0
-    asyncio.run(store.delete(queue_id))
+    assert store.remove_blocking(queue_id) is Removal.REMOVED
     assert sorted(p.name for p in store.dir.iterdir()) == ["tmp"]
 
 
@@ -162,29 +183,43 @@ def test_remove_takes_the_lock_or_leaves_a_request(
     fd = store.try_lock_blocking(queue_id)
     assert fd is not None
     # While a delivery attempt holds the lock, removal is only requested ...
-    assert store.remove_blocking(queue_id) == "requested"
+    assert store.remove_blocking(queue_id) is Removal.REQUESTED
     assert store.tombstone_path(queue_id).exists() and store.msg_path(queue_id).exists()
     assert store.try_lock_blocking(queue_id) is None  # flock excludes a second holder
     store.unlock_blocking(fd)
     # ... and a restart applies it.
     assert QueueStore(store.dir, executor).recover_blocking() == []
     assert store.ids_blocking() == []
-    assert store.remove_blocking(queue_id) == "missing"
-    assert store.remove_blocking("../../etc/passwd") == "missing"
+    assert store.remove_blocking(queue_id) is Removal.MISSING
+    assert store.remove_blocking("../../etc/passwd") is Removal.MISSING
 
 
 def test_remove_when_idle_deletes_at_once(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
     store, queue_id, _ = queue(tmp_path, executor, b"\nbody\n")
-    assert store.remove_blocking(queue_id) == "removed"
+    assert store.remove_blocking(queue_id) is Removal.REMOVED
     assert sorted(p.name for p in store.dir.iterdir()) == ["tmp"]
 
 
 def test_flush_request_is_taken_once(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
     store = QueueStore(tmp_path / "queue", executor)
-    assert not store.take_flush_request_blocking()
-    store.request_flush_blocking()
-    assert store.take_flush_request_blocking()
-    assert not store.take_flush_request_blocking()
+    store.ensure_dirs()
+    requests = store.requests
+    assert not requests.take_flush_request_blocking()
+    requests.request_flush_blocking()
+    assert requests.take_flush_request_blocking()
+    assert not requests.take_flush_request_blocking()
+
+
+def test_adoption_requests_are_taken_once_and_only_for_queue_ids(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store = QueueStore(tmp_path / "queue", executor)
+    store.ensure_dirs()
+    store.requests.request_adoption_blocking("019c4a1f2b3d4e5f6a7b")
+    (store.dir / "../x.adopt").touch()  # not in the queue directory
+    (store.dir / "NOT_AN_ID.adopt").touch()
+    assert store.requests.take_adoption_requests_blocking() == ["019c4a1f2b3d4e5f6a7b"]
+    assert store.requests.take_adoption_requests_blocking() == []
 
 
 def test_list_shows_sizes(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
@@ -196,18 +231,16 @@ def test_list_shows_sizes(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
 def test_concurrent_commits_share_directory_fsyncs_and_all_are_durable(
     tmp_path: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import postoffice.delivery.queue as queue_module
-
     store = QueueStore(tmp_path / "queue", executor)
     store.ensure_dirs()
     dir_syncs: list[Path] = []
-    real_fsync_dir = queue_module.fsync_dir
+    real_fsync_dir = lane_module.fsync_dir
 
     def counting_fsync_dir(path: Path) -> None:
         dir_syncs.append(path)
         real_fsync_dir(path)
 
-    monkeypatch.setattr(queue_module, "fsync_dir", counting_fsync_dir)
+    monkeypatch.setattr(lane_module, "fsync_dir", counting_fsync_dir)
     count = 30
 
     async def go() -> list[str]:
@@ -229,8 +262,6 @@ def test_concurrent_commits_share_directory_fsyncs_and_all_are_durable(
 def test_a_failing_message_does_not_fail_the_rest_of_its_group(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
-    from postoffice.delivery.queue import QueueError
-
     store = QueueStore(tmp_path / "queue", executor)
     store.ensure_dirs()
 
@@ -251,7 +282,7 @@ def test_a_failing_message_does_not_fail_the_rest_of_its_group(
         )
 
     *good_ids, failure = asyncio.run(go())
-    assert isinstance(failure, QueueError) and failure.disk_full
+    assert isinstance(failure, QueueError) and failure.fault is StorageFault.NO_SPACE
     assert sorted(store.ids_blocking()) == sorted(good_ids)  # type: ignore[type-var]
     assert list(store.tmp.iterdir()) == []  # the failed one left nothing behind
 
@@ -298,60 +329,104 @@ def test_commit_with_head_refuses_a_writer_that_has_content(
         asyncio.run(go())
 
 
-def test_begin_and_read_locks_and_reads_in_one_call_and_change_ends_it(
+async def read_all(claim: ClaimedMessage) -> list[bytes]:
+    traits = await claim.traits()
+    return [chunk async for chunk in claim.message(traits).chunks()]
+
+
+def test_a_claim_holds_the_lock_and_a_finished_message_is_deleted_at_release(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
-    import functools
-
     content = b"Subject: s\n\n" + b"z" * 100 + b"\n"
     store, queue_id, (entry,) = queue(tmp_path, executor, content)
-    status, fd, first = store.begin_and_read_blocking(entry, 1 << 16)
-    assert status == "ok" and fd is not None and first is not None
-    assert first == (None, content)  # it fitted: the file is closed already
-    assert store.try_lock_blocking(queue_id) is None  # we hold the lock
-    status2, fd2, first2 = store.begin_and_read_blocking(entry, 1 << 16)
-    assert (status2, fd2, first2) == ("busy", None, None)
-    removed = asyncio.run(store.change(functools.partial(store.end_blocking, queue_id, fd, None)))
-    assert removed is False
-    assert store.ids_blocking() == []
-    status3, fd3, first3 = store.begin_and_read_blocking(entry, 1 << 16)
-    assert (status3, fd3, first3) == ("gone", None, None)
+
+    async def go() -> None:
+        claim = await claimed(store, entry)
+        assert store.try_lock_blocking(queue_id) is None  # we hold the lock
+        assert await store.claim(entry) is Unclaimed.BUSY
+        # Read with the lock (one trip), and from the file for a second courier.
+        assert await read_all(claim) == [content]
+        assert await read_all(claim) == [content]
+        assert await claim.read_head(10) == content[:10]
+        for r in entry.recipients:
+            r.state = RecipientState.DELIVERED
+        assert await claim.release() is Released.FINISHED
+        assert not claim.locked
+        assert store.ids_blocking() == []
+        assert await store.claim(entry) is Unclaimed.GONE
+
+    asyncio.run(go())
 
 
-def test_begin_and_read_leaves_a_long_message_to_be_read_on(
+def test_a_long_message_is_read_in_chunks_each_time(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
-    content = b"Subject: s\n\n" + (b"z" * 99 + b"\n") * 50
+    content = b"Subject: s\n\n" + (b"z" * 99 + b"\n") * 1500
     store, _queue_id, (entry,) = queue(tmp_path, executor, content)
-    status, fd, first = store.begin_and_read_blocking(entry, 1000)
-    assert status == "ok" and fd is not None and first is None
-    try:
-        fh, data = store.open_and_read_blocking(entry, 1000)
-        assert fh is not None and data + fh.read() == content
-        fh.close()
-    finally:
-        store.unlock_blocking(fd)
+
+    async def go() -> None:
+        claim = await claimed(store, entry)
+        for _ in range(2):
+            chunks = await read_all(claim)
+            assert len(chunks) > 1 and b"".join(chunks) == content
+        await claim.unlock()
+        assert not claim.locked
+
+    asyncio.run(go())
+    fd = store.try_lock_blocking(entry.queue_id)
+    assert fd is not None  # unlocked
+    store.unlock_blocking(fd)
 
 
-def test_end_removes_a_state_file_unless_told_there_is_none(
+def test_release_writes_pending_state_and_deletes_a_state_file_only_if_there_is_one(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
     store, queue_id, (entry,) = queue(tmp_path, executor, b"\nbody\n")
-    asyncio.run(store.save_state(entry))
+
+    async def go(store: QueueStore, entry: QueueEntry, state: RecipientState) -> Released:
+        claim = await claimed(store, entry)
+        for r in entry.recipients:
+            r.state = state
+        return await claim.release()
+
+    assert asyncio.run(go(store, entry, RecipientState.DEFERRED)) is Released.KEPT
     assert entry.state_on_disk and store.state_path(queue_id).exists()
     (loaded,) = QueueStore(store.dir, executor).recover_blocking()
     assert loaded.state_on_disk
-    fd = store.try_lock_blocking(queue_id)
-    assert fd is not None
-    assert store.end_blocking(queue_id, fd, None, has_state=loaded.state_on_disk) is False
+    assert [r.state for r in loaded.recipients] == [RecipientState.DEFERRED] * 2
+    assert asyncio.run(go(store, loaded, RecipientState.BOUNCED)) is Released.FINISHED
     assert sorted(p.name for p in store.dir.iterdir()) == ["tmp"]
     # A message that never had one: only the .msg goes.
-    store2, queue_id2, (entry2,) = queue(tmp_path / "two", executor, b"\nbody\n")
+    store2, _queue_id2, (entry2,) = queue(tmp_path / "two", executor, b"\nbody\n")
     assert not entry2.state_on_disk
-    fd2 = store2.try_lock_blocking(queue_id2)
-    assert fd2 is not None
-    assert store2.end_blocking(queue_id2, fd2, None, has_state=False) is False
+    assert asyncio.run(go(store2, entry2, RecipientState.DELIVERED)) is Released.FINISHED
     assert sorted(p.name for p in store2.dir.iterdir()) == ["tmp"]
+
+
+def test_a_removal_asked_for_during_a_claim_wins_at_release(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store, queue_id, (entry,) = queue(tmp_path, executor, b"\nbody\n")
+
+    async def go() -> Released:
+        claim = await claimed(store, entry)
+        assert store.remove_blocking(queue_id) is Removal.REQUESTED
+        return await claim.release()  # recipients still pending: it would be kept
+
+    assert asyncio.run(go()) is Released.REMOVED
+    assert sorted(p.name for p in store.dir.iterdir()) == ["tmp"]
+
+
+def test_a_removal_asked_for_while_the_cli_held_the_lock_is_done_at_the_next_claim(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    store, queue_id, (entry,) = queue(tmp_path, executor, b"\nbody\n")
+    fd = store.try_lock_blocking(queue_id)
+    assert fd is not None
+    assert store.remove_blocking(queue_id) is Removal.REQUESTED
+    store.unlock_blocking(fd)
+    assert asyncio.run(store.claim(entry)) is Unclaimed.GONE
+    assert sorted(p.name for p in store.dir.iterdir()) == ["tmp"]
 
 
 # --- lines over 998 octets (mail/folding.py) -------------------------------------

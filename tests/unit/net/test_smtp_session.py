@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from postoffice.delivery import queue as queue_module
+from postoffice.delivery.queue import writer as queue_writer_module
 from postoffice.mail.address import parse_mailbox
 from postoffice.net.smtp_session import SmtpMode
 from postoffice.protocol.errors import LocalProtocolError
@@ -314,7 +314,7 @@ def test_a_full_disk_at_commit_to_the_queue_is_452(
         ):
             await greeted(client)
             assert (await client.cmd(f"AUTH PLAIN {plain}"))[0] == 235
-            monkeypatch.setattr(queue_module, "write_all", failing(errno.EDQUOT))
+            monkeypatch.setattr(queue_writer_module, "write_all", failing(errno.EDQUOT))
             await client.send(b"MAIL FROM:<alice@example.test>\r\n")
             assert (await client.reply())[0] == 250
             assert (await client.cmd("RCPT TO:<carol@remote.test>"))[0] == 250
@@ -325,6 +325,29 @@ def test_a_full_disk_at_commit_to_the_queue_is_452(
             assert not [p for p in queue.rglob("*") if p.is_file()], "left in the queue"
 
     run(main())
+
+
+@pytest.mark.parametrize("number", [errno.EDQUOT, errno.ENOSPC])
+def test_a_full_disk_raised_raw_at_commit_is_452_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, number: int
+) -> None:
+    """An OSError that reaches the session's commit unwrapped is classified
+    like a DeliveryError (storage/errors.py): EDQUOT was once answered 451."""
+
+    async def main() -> None:
+        async with running_services(tmp_path) as services, smtp_client(services) as client:
+            await greeted(client)
+            with monkeypatch.context() as patch:
+                patch.setattr(maildir_module.DeliveryWriter, "commit", failing(number))
+                code, lines = await transaction(client, message())
+            assert (code, lines) == (452, ["4.3.1 Insufficient system storage"])
+            assert no_files_in(services, ALICE)
+            assert (await transaction(client, message()))[0] == 250
+
+    caplog.set_level(logging.INFO, logger="postoffice")
+    run(main())
+    (failed,) = [r for r in caplog.records if r.getMessage().startswith("smtp delivery failed")]
+    assert failed.exc_info is None  # a full disk is a line, not a traceback
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime
 import json
 import logging
 import stat
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dkim
@@ -117,9 +115,7 @@ def verify_all(signed: bytes, records: dict[str, str]) -> list[bool]:
 
 def test_signer_signs_with_both_keys_relaxed_and_oversigns_from(tmp_path: Path) -> None:
     keys = generate(tmp_path, "example.test", now=JAN)
-    with ThreadPoolExecutor(1) as executor:
-        signer = DkimSigner(KeyStore(tmp_path), executor)
-        fields = asyncio.run(signer.sign(MESSAGE))
+    fields = DkimSigner(KeyStore(tmp_path)).sign_blocking(MESSAGE)
     assert fields.count(b"DKIM-Signature:") == 2
     assert b"\r" not in fields and fields.endswith(b"\n")
     tags = dkim.util.parse_tag_value(fields.split(b"DKIM-Signature:")[1])
@@ -139,13 +135,12 @@ def test_signer_signs_with_both_keys_relaxed_and_oversigns_from(tmp_path: Path) 
 def test_signer_skips_domains_without_keys_and_survives_broken_keys(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with ThreadPoolExecutor(1) as executor:
-        signer = DkimSigner(KeyStore(tmp_path), executor)
-        assert signer.sign_blocking(MESSAGE) == b""  # no keys: unsigned
-        assert signer.sign_blocking(b"Subject: no from\n\nx\n") == b""
-        keys = generate(tmp_path, "example.test", now=JAN)
-        keys[0].path.write_bytes(b"garbage")
-        (keys[0].path.parent / "keys.json").touch()  # a new mtime: reload
-        with caplog.at_level(logging.ERROR, "postoffice.dkim"):
-            assert signer.sign_blocking(MESSAGE) == b""
+    signer = DkimSigner(KeyStore(tmp_path))
+    assert signer.sign_blocking(MESSAGE) == b""  # no keys: unsigned
+    assert signer.sign_blocking(b"Subject: no from\n\nx\n") == b""
+    keys = generate(tmp_path, "example.test", now=JAN)
+    keys[0].path.write_bytes(b"garbage")
+    (keys[0].path.parent / "keys.json").touch()  # a new mtime: reload
+    with caplog.at_level(logging.ERROR, "postoffice.dkim"):
+        assert signer.sign_blocking(MESSAGE) == b""
         assert "cannot load keys" in caplog.text

@@ -4,7 +4,6 @@ signatures are refused before dkimpy exponentiates anything (RFC 8301)."""
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dkim.canonicalization
@@ -65,8 +64,7 @@ def test_broken_key_records_are_problems() -> None:
 def sign(tmp_path: Path, message: bytes) -> tuple[bytes, dict[str, KeyAnswer]]:
     """``message`` signed by sender.test's RSA and Ed25519 keys, and those keys."""
     keys = generate(tmp_path, "sender.test")
-    with ThreadPoolExecutor(1) as executor:
-        signed = DkimSigner(KeyStore(tmp_path), executor).sign_blocking(message) + message
+    signed = DkimSigner(KeyStore(tmp_path)).sign_blocking(message) + message
     return signed, {k.dns_name: KeyAnswer(txt_record(k)) for k in keys}
 
 

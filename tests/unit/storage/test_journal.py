@@ -12,9 +12,9 @@ from postoffice.storage.journal import (
     JournalError,
     check_target,
     encode,
-    pending_records,
     scan_segment,
 )
+from tests.support.journal import pending_records
 
 SEG = 64 * 1024
 

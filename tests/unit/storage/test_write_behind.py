@@ -15,8 +15,9 @@ import pytest
 from postoffice.mail.address import Address
 from postoffice.storage import safeio, write_behind
 from postoffice.storage.held import hold, read_held, release
-from postoffice.storage.journal import Record, encode, pending_records
+from postoffice.storage.journal import Record, encode
 from postoffice.storage.maildir import SPILL_THRESHOLD, MaildirStore
+from tests.support.journal import pending_records
 
 ALICE = Address("alice", "example.test")
 BOB = Address("bob", "example.test")
