@@ -67,7 +67,6 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     ("postoffice.policy.relay", "postoffice.services"),
     ("postoffice.policy.spf", "postoffice.delivery.mx"),
     ("postoffice.policy.spf", "postoffice.delivery.resolver"),
-    ("postoffice.storage.pop3_mailbox", "postoffice.protocol.pop3"),
 }
 
 
