@@ -22,15 +22,17 @@ PACKAGE = "postoffice"
 # What each part may import besides itself.  A part is the first name under
 # postoffice: a subpackage ("net") or a top-level module ("services").
 # ``logfmt`` (values from clients in log fields) is a leaf like ``mail``:
-# every layer that logs may use it.
+# every layer that logs may use it.  So is ``childproc`` (a child process
+# dies with the server), which the DKIM verifier processes of ``policy`` use.
 ALLOWED: dict[str, frozenset[str]] = {
     "mail": frozenset(),
     "logfmt": frozenset(),
+    "childproc": frozenset(),
     "config": frozenset({"mail"}),
     "protocol": frozenset({"mail"}),
     "storage": frozenset({"mail", "logfmt", "config"}),
     "dns": frozenset({"mail", "config"}),
-    "policy": frozenset({"mail", "logfmt", "config", "protocol", "storage", "dns"}),
+    "policy": frozenset({"mail", "logfmt", "childproc", "config", "protocol", "storage", "dns"}),
     "services": frozenset({"mail", "logfmt", "config", "protocol", "storage", "dns", "policy"}),
     "net": frozenset({"mail", "logfmt", "config", "protocol", "storage", "policy", "services"}),
     "delivery": frozenset(
@@ -46,21 +48,9 @@ TOP = frozenset(
 
 # What main had when this test came in (#12, after #11).  The lists only
 # shrink: the change that removes a cycle or a violation deletes its entry here.
-KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset(
-        {
-            "postoffice.app",
-            "postoffice.net.listener",
-            "postoffice.policy.cpu_workers",
-            "postoffice.policy.mailauth",
-            "postoffice.workers",
-        }
-    ),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()
 KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     ("postoffice.delivery.outbound", "postoffice.services"),
-    ("postoffice.net.listener", "postoffice.workers"),
-    ("postoffice.policy.cpu_workers", "postoffice.workers"),
     ("postoffice.policy.dmarc", "postoffice.delivery.resolver"),
     ("postoffice.policy.mailauth", "postoffice.delivery.mx"),
     ("postoffice.policy.mailauth", "postoffice.delivery.resolver"),
