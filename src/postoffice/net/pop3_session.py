@@ -10,6 +10,21 @@ What never happens outside UPDATE (RFC 1939 §6): no message is removed when
 the client drops, times out, or the server stops; only QUIT in TRANSACTION
 deletes.  The idle timer (RFC 1939 §3, at least 10 minutes) closes without a
 reply, as §3 asks.
+
+Speed: the one trick, and why it stays.  A client fetching a mailbox sends
+RETR 1, RETR 2, ... and waits for each.  Small messages are read ahead
+(``storage.pop3_mailbox.ReadAhead``: one executor hop per window, not per
+message), and ``answer_at_once``, the connection's ``on_data``, answers a
+lone RETR line for a message read ahead right in the receive callback,
+without waking the session task.  The core parses that line
+(``Pop3Server.take_line``), so the answer is the one the ordinary way would
+give; anything else takes the ordinary way untouched.  What the callback
+buys (``bench/run.py --only pop3 --runs 5``, 10000 x 10 KiB, this code
+against itself without it, medians of pairwise ratios on a shared 2-core
+VM): POP3S 1.15x msg/s with 0.79x server CPU, plain 0.99x msg/s with 0.93x
+CPU; the same comparison on pre-#12 code: 1.35x and 1.12x msg/s, 0.85x
+CPU.  Without it, each RETR costs a task wake-up, and at 10 KiB that is
+a fifth of the work.
 """
 
 from __future__ import annotations
