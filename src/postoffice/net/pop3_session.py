@@ -19,12 +19,12 @@ lone RETR line for a message read ahead right in the receive callback,
 without waking the session task.  The core parses that line
 (``Pop3Server.take_line``), so the answer is the one the ordinary way would
 give; anything else takes the ordinary way untouched.  What the callback
-buys (``bench/run.py --only pop3 --runs 5``, 10000 x 10 KiB, this code
-against itself without it, medians of pairwise ratios on a shared 2-core
-VM): POP3S 1.15x msg/s with 0.79x server CPU, plain 0.99x msg/s with 0.93x
-CPU; the same comparison on pre-#12 code: 1.35x and 1.12x msg/s, 0.85x
-CPU.  Without it, each RETR costs a task wake-up, and at 10 KiB that is
-a fifth of the work.
+buys (``bench/run.py --only pop3 --runs 5``, this code against itself with
+``on_data`` unset, medians of pairwise ratios [min-max], 2-core VM at load
+0.8): pop3-10k-plain 1.06x msg/s [1.03-1.09] with 0.91x server CPU,
+pop3-10k-pop3s 1.12x [1.05-1.13] with 0.87x CPU; 1 MiB messages, which are
+streamed, not read ahead, are unchanged.  Without it every RETR costs a
+task wake-up, which at 10 KiB is a tenth of the work.
 """
 
 from __future__ import annotations
