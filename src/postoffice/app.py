@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -16,11 +17,13 @@ import sys
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from postoffice import logfmt
 from postoffice.check import first_unbindable
-from postoffice.config.settings import ListenAddress, Settings
+from postoffice.childproc import die_with_parent
+from postoffice.config.settings import ListenAddress, Settings, load_settings
 from postoffice.datadir import DataDirBusy, ServeLock
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound, QueueHandoff
@@ -28,6 +31,7 @@ from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.dns.resolver import DnsResolver, Resolver
 from postoffice.logsetup import Logs, LogSetupError, configure
+from postoffice.net.accept import AcceptShares
 from postoffice.net.listener import Listener
 from postoffice.net.tls import cert_and_key, server_context
 from postoffice.policy.auth import (
@@ -49,15 +53,19 @@ from postoffice.storage.quota import QuotaTracker
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 from postoffice.workers import (
     HELD_SIGNALS,
-    AcceptShares,
     WorkerPool,
     extra_journal_dirs,
     journal_dir,
     process_count,
-    share_accepts,
 )
 
 log = logging.getLogger("postoffice")
+
+# What an extra smtp process runs (workers.WorkerPool starts it).
+SMTP_PROCESS_MAIN = (
+    "import sys; from postoffice.app import run_smtp_process; "
+    "sys.exit(run_smtp_process(sys.argv[1:]))"
+)
 
 
 class ListenError(OSError):
@@ -287,9 +295,8 @@ async def _run(services: Services, logs: Logs) -> int:
     def reopen_logs() -> None:  # SIGUSR1, e.g. from logrotate's postrotate
         logs.reopen()
         log.info("SIGUSR1: log files reopened")
-        for pid in pool.pids if pool is not None else ():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
+        if pool is not None:
+            pool.send_signal(signal.SIGUSR1)
 
     loop.add_signal_handler(signal.SIGHUP, _on_sighup)
     loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
@@ -309,7 +316,7 @@ async def _run(services: Services, logs: Logs) -> int:
         return 1
     if count > 1:
         smtp = next(listener for listener in server.listeners if listener.name == "smtp")
-        pool = WorkerPool(settings, smtp.socket_fds(), count, shares)
+        pool = WorkerPool(settings, SMTP_PROCESS_MAIN, smtp.socket_fds(), count, shares)
         pool.start()
         server.background.append(loop.create_task(pool.watch()))
     _announce(server, count)
@@ -401,13 +408,21 @@ def serve(settings: Settings) -> int:
         logs.close()
         return 1
     try:
-        if process_count(settings) > 1:
-            share_accepts()
         services = build_services(settings)
         return _run_loop(services, _run(services, logs))
     finally:
         lock.release()
         logs.close()
+
+
+def run_smtp_process(argv: list[str]) -> int:
+    """Entry point of an extra smtp process (``SMTP_PROCESS_MAIN``):
+    ``SOURCE INDEX FDS PARENT``, as workers.WorkerPool passes them."""
+    source, index_text, fds_json, parent_text = argv
+    die_with_parent(int(parent_text))
+    settings = load_settings(None if source.startswith("<") else Path(source))
+    fds = [int(fd) for fd in json.loads(fds_json)]
+    return serve_smtp_worker(settings, int(index_text), fds)
 
 
 def serve_smtp_worker(settings: Settings, index: int, fds: list[int]) -> int:

@@ -183,6 +183,6 @@ def smtp_processes(pid: int) -> list[int]:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"run_worker" in cmdline:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"run_smtp_process" in cmdline:
                 found.append(int(entry))
     return found

@@ -69,7 +69,8 @@ class Connection(asyncio.Protocol):
         # The session's fast path: input that arrives while the session waits
         # in read() is offered to ``on_data`` first; True means it was consumed
         # and answered there, in this callback, and read() goes on waiting
-        # (no task wake-up per command).  See Pop3Session._answer_at_once.
+        # (no task wake-up per command).  See Pop3Session.answer_at_once, the
+        # one user, and its module docstring for what that buys.
         self.on_data: Callable[[bytes], bool] | None = None
         # Seconds ``drain`` waits for the peer to take our writes; then the
         # connection is aborted and WriteTimeout raised.

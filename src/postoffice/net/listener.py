@@ -6,11 +6,11 @@ client address (an IPv6 client: per /64, ``policy/clients.py``).  A
 connection over a cap is answered with the protocol's "busy" line
 (``busy_reply``) and closed without starting a session.
 
-Two kinds of listener accept by themselves instead of through
-``loop.create_server``:
+Two kinds of listener accept by themselves (net/accept.py) instead of
+through ``loop.create_server``:
 
-- one shared by several smtp processes (``shares``, see workers.py): it takes
-  a connection only when it is its turn, so the processes hold about as many
+- one shared by several smtp processes (``shares``): it takes a connection
+  only when it is its turn, so the processes hold about as many
   connections each;
 - an implicit-TLS one (465, 995): a connection counts against the caps from
   ``accept()`` on, while its handshake runs (at most HANDSHAKE_SECONDS), and
@@ -25,31 +25,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from postoffice import logfmt
 from postoffice.config.settings import ListenAddress
+from postoffice.net.accept import BACKLOG, Acceptor, AcceptShares, bind
 from postoffice.net.connection import Connection
 from postoffice.policy.clients import client_key
 
-if TYPE_CHECKING:
-    from postoffice.workers import AcceptShares
-
 log = logging.getLogger("postoffice.net")
 
-BACKLOG = 1024
-DEFER_SECONDS = 0.002  # not our turn to accept: look again this much later
-MAX_DEFER_SECONDS = 0.05  # ... but accept anyway once a client waited this long
-ACCEPT_ERROR_PAUSE = 0.1  # after EMFILE and the like: no busy loop on accept()
 HANDSHAKE_SECONDS = 30.0  # an implicit-TLS client that has not finished its handshake is dropped
-_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 Handler = Callable[[Connection], Awaitable[None]]
 
@@ -69,25 +61,21 @@ class Listener:
     # Set when several processes share the listening sockets: take turns.
     shares: AcceptShares | None = None
     servers: list[asyncio.Server] = field(default_factory=list)
-    accept_sockets: list[socket.socket] = field(default_factory=list)  # accepting by itself
+    acceptor: Acceptor | None = None  # when accepting by itself (``shares``, implicit TLS)
     tasks: dict[asyncio.Task[None], Connection] = field(default_factory=dict)
     per_ip: Counter[str] = field(default_factory=Counter)  # by policy.clients.client_key
     bound: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._resume_handles: dict[int, asyncio.TimerHandle] = {}
-        self._deferring_since: float | None = None
-        self._last_deferral = 0.0
         self._adopting: set[asyncio.Task[None]] = set()
-        self._accepting = False
         # Accepted and counted in ``per_ip``, session not started yet (the TLS
         # handshake runs, or connection_made is still to come).
         self._unstarted = 0
 
     def socket_fds(self) -> list[int]:
         """The listening sockets' descriptors, for processes that share them."""
-        if self.accept_sockets:
-            return [sock.fileno() for sock in self.accept_sockets]
+        if self.acceptor is not None:
+            return [sock.fileno() for sock in self.acceptor.sockets]
         return [sock.fileno() for server in self.servers for sock in server.sockets]
 
     async def start(self) -> None:
@@ -113,49 +101,15 @@ class Listener:
     # --- accepting by itself (``shares``, implicit TLS) -------------------------------
     def _start_accepting(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        sockets = self.inherited or [s for a in self.addresses for s in _bind(a)]
-        for sock in sockets:
-            sock.setblocking(False)
-            self.accept_sockets.append(sock)
-            if not self.inherited:
+        sockets = self.inherited or [s for a in self.addresses for s in bind(a)]
+        if not self.inherited:
+            for sock in sockets:
                 name = sock.getsockname()
                 self.bound.append((str(name[0]), int(name[1])))
-            loop.add_reader(sock.fileno(), self._on_acceptable, sock)
-        self._accepting = True
-        if self.shares is not None:
-            self.shares.accepting(True)
+        self.acceptor = Acceptor(self.name, sockets, self._accepted, self.shares)
+        self.acceptor.start(loop)
 
-    def _pause(self, sock: socket.socket, delay: float) -> None:
-        fd = sock.fileno()
-        self._loop.remove_reader(fd)
-        self._resume_handles[fd] = self._loop.call_later(delay, self._resume, sock)
-
-    def _resume(self, sock: socket.socket) -> None:
-        self._resume_handles.pop(sock.fileno(), None)
-        if self._accepting:
-            self._loop.add_reader(sock.fileno(), self._on_acceptable, sock)
-
-    def _on_acceptable(self, sock: socket.socket) -> None:
-        shares = self.shares
-        if shares is not None and not shares.my_turn():
-            now = self._loop.time()
-            if self._deferring_since is None or now - self._last_deferral > 4 * DEFER_SECONDS:
-                self._deferring_since = now  # a new wait (the last one ended)
-            self._last_deferral = now
-            if now - self._deferring_since < MAX_DEFER_SECONDS:
-                self._pause(sock, DEFER_SECONDS)
-                return
-        try:
-            client, address = sock.accept()
-        except (BlockingIOError, InterruptedError, ConnectionError):
-            return  # another process took it, or the client gave up meanwhile
-        except OSError as exc:
-            if exc.errno not in _OUT_OF_RESOURCES:
-                return  # a network error passed on by accept(2): the next one may be fine
-            log.error("%s: cannot accept: %s", self.name, exc)
-            self._pause(sock, ACCEPT_ERROR_PAUSE)  # no busy loop while out of descriptors
-            return
-        self._deferring_since = None
+    def _accepted(self, client: socket.socket, address: Any) -> None:
         ip = client_key(str(address[0]))  # an IPv6 client counts by its /64
         if self._over_cap(ip):
             self._refuse_socket(client, ip)
@@ -165,8 +119,8 @@ class Listener:
         # the session, _adoption_failed gives the count back.
         self.per_ip[ip] += 1
         self._unstarted += 1
-        if shares is not None:
-            shares.opened()
+        if self.shares is not None:
+            self.shares.opened()
         task = self._loop.create_task(self._adopt(client, ip, str(address[0])))
         self._adopting.add(task)
         task.add_done_callback(self._adopting.discard)
@@ -221,20 +175,6 @@ class Listener:
     def _released(self) -> None:
         if self.shares is not None:
             self.shares.closed()
-
-    def _stop_accepting_by_itself(self) -> None:
-        if not self._accepting:
-            return
-        self._accepting = False
-        for handle in self._resume_handles.values():
-            handle.cancel()
-        self._resume_handles.clear()
-        for sock in self.accept_sockets:
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(sock.fileno())
-            sock.close()
-        if self.shares is not None:
-            self.shares.accepting(False)
 
     # --- sessions ---------------------------------------------------------------------
     def _make_connection(self, reserved_ip: str | None = None) -> Connection:
@@ -292,7 +232,8 @@ class Listener:
     def stop_accepting(self) -> None:
         for server in self.servers:
             server.close()
-        self._stop_accepting_by_itself()
+        if self.acceptor is not None:
+            self.acceptor.stop()
 
     async def finish(self, grace: float) -> None:
         """Let sessions end on their own for ``grace`` seconds, then cancel them."""
@@ -309,26 +250,3 @@ class Listener:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
-
-
-def _bind(address: ListenAddress) -> list[socket.socket]:
-    """Listening sockets for ``address`` (every address its host resolves to),
-    bound as ``loop.create_server`` would bind them."""
-    infos = socket.getaddrinfo(
-        address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _name, sockaddr in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(sockaddr)
-            sock.listen(BACKLOG)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets

@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from postoffice.childproc import die_with_parent
+
 log = logging.getLogger("postoffice.cpu_workers")
 
 MAX_REPLY = 1 << 20  # octets a child may answer with
@@ -268,8 +270,6 @@ def _read_exact(stream: int, size: int) -> bytes | None:
 def child_main(argv: list[str]) -> int:
     """A worker process: ``TARGET PARENT_PID``; jobs on stdin, answers on stdout."""
     target, parent = argv
-    from postoffice.workers import die_with_parent
-
     die_with_parent(int(parent))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     module, _, name = target.partition(":")

@@ -20,7 +20,7 @@ the wire form RETR and TOP send, chunk by chunk: the one dot-stuffer
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from postoffice.protocol.dotstuff import TERMINATOR, DotStuffer, dot_stuff
@@ -197,6 +197,30 @@ class Pop3Server:
         if line is None:
             return NEED_DATA
         event = self._parse(line) if isinstance(line, bytes) else line
+        self._awaiting = event
+        return event
+
+    def take_line(self, data: bytes, accept: Callable[[Event], bool]) -> Event | None:
+        """A fast path's way in, for input that has just arrived: when nothing
+        is buffered and ``data`` is one whole command line, parse it, and if
+        ``accept(event)`` says the session can answer that event now, take
+        it: the event then awaits its answer exactly as if ``receive_data``
+        and ``next_event`` had given it.  Otherwise None, and nothing
+        changed: feed ``data`` the ordinary way.  Never in the middle of an
+        AUTH exchange (the line is not a command there)."""
+        if (
+            self._awaiting is not None
+            or self._buffer
+            or self._skipping
+            or self.state not in _ALLOWED
+            or not 0 < len(data) <= self.max_line
+            or data.find(b"\n") != len(data) - 1  # one line, and all of it
+        ):
+            return None
+        # CRLF per RFC 1939 §3; a bare LF is tolerated, as in _next_line.
+        event = self._parse(data[:-2] if data.endswith(b"\r\n") else data[:-1])
+        if not accept(event):
+            return None
         self._awaiting = event
         return event
 

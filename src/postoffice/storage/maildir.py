@@ -97,32 +97,13 @@ def ensure_maildir(path: Path) -> None:
         fsync_dir(created.parent)
 
 
-@dataclass(frozen=True, slots=True)
-class MaildirName:
-    """A parsed Maildir file name."""
-
-    base: str  # the unique part, before ",S=" / ":2,"
-    size: int | None  # S=: file size in octets
-    crlf_size: int | None  # W=: size with CRLF line endings
-    flags: str  # the letters after ":2,"
-
-
 def name_sizes(stem: str) -> tuple[str, dict[str, int]]:
     """The base of a name without its ``:2,`` info and its ``S=``/``W=`` sizes
-    (``parse_name`` for a POP3 login's loop over every message: no object)."""
+    (a POP3 login runs this for every message: a dict, no object)."""
     base, comma, _rest = stem.partition(",")
     if not comma:
         return base, {}
     return base, {key: int(value) for key, value in _SIZE_FIELDS.findall(stem)}
-
-
-def parse_name(name: str) -> MaildirName:
-    stem, _sep, info = name.partition(":2,")
-    fields = dict(_SIZE_FIELDS.findall(stem))
-    base = stem.split(",", 1)[0]
-    size = int(fields["S"]) if "S" in fields else None
-    crlf = int(fields["W"]) if "W" in fields else None
-    return MaildirName(base=base, size=size, crlf_size=crlf, flags=info)
 
 
 class _Namer:

@@ -1,7 +1,9 @@
 """One Maildir as a POP3 maildrop: lock, snapshot, UIDs, sizes, reads, UPDATE.
 
-Everything here blocks (directory listings, opens, renames, unlinks): the
-POP3 session calls it through the executor, never on the event loop.
+Everything in ``Pop3Mailbox`` blocks (directory listings, opens, renames,
+unlinks): the POP3 session calls it through the executor, never on the
+event loop.  ``ReadAhead``, RETR's reader, runs on the event loop and does
+its reading in the executor itself.
 
 * **Lock** (RFC 1939 §8: one TRANSACTION session per maildrop):
   ``flock(LOCK_EX | LOCK_NB)`` on ``postoffice-pop3.lock`` in the Maildir.
@@ -19,14 +21,21 @@ POP3 session calls it through the executor, never on the event loop.
 * **Sizes**: RFC 1939 §5 wants exact octets with CRLF endings.  Dovecot-style
   names carry them (``,W=``); for other names the size is computed once from
   the file and cached in ``postoffice-pop3.sizes`` (written atomically),
-  so a later login needs no reads.
+  so a later login needs no reads.  The computing is the protocol's
+  (``protocol.pop3.wire_size``, passed to ``open`` as ``measure``): this
+  module reads files and hands their bytes on, so LIST can never disagree
+  with what RETR sends, and storage imports no protocol.
 * **UPDATE** (RFC 1939 §6) happens only after QUIT: deleted messages are
   unlinked, retrieved ones move to ``cur/`` with the ``S`` (seen) flag, the
   standard Maildir way, so other Maildir readers see them as read.
+* **Read-ahead** (``ReadAhead``): clients RETR in order, and handing one
+  10 KiB read to a thread costs more than the read; small messages are read
+  in windows, ahead of the client, in one executor hop each.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -34,12 +43,12 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from postoffice.protocol.pop3 import wire_size
 from postoffice.storage import quota
 from postoffice.storage.maildir import ensure_maildir, name_sizes
 from postoffice.storage.safeio import fsync_dir, write_all
@@ -47,8 +56,17 @@ from postoffice.storage.safeio import fsync_dir, write_all
 LOCK_NAME = "postoffice-pop3.lock"
 SIZES_NAME = "postoffice-pop3.sizes"
 READ_CHUNK = 256 * 1024
+# Read-ahead windows: at most this many messages, this many octets.  The next
+# window is read in the background while the client works through the
+# current one, so in-order RETR never waits for a thread.
+AHEAD_COUNT = 64
+AHEAD_BYTES = 512 * 1024
 _UID_CHARS = re.compile(r"[\x21-\x7e]{1,70}")
 _TIME_PREFIX = re.compile(r"(\d{1,18})(?:\.M(\d{1,9}))?(?!\d)")
+
+# The octets RETR sends for a message given as chunks of its file, not
+# counting dot-stuffing and the terminator (``protocol.pop3.wire_size``).
+WireSize = Callable[[Iterable[bytes]], int]
 
 
 class MailboxBusy(Exception):
@@ -122,12 +140,13 @@ class Pop3Mailbox:
         self._lock = lock
 
     @classmethod
-    def open(cls, path: Path) -> Pop3Mailbox:
-        """Create the Maildir if needed, lock it (MailboxBusy) and list it."""
+    def open(cls, path: Path, measure: WireSize) -> Pop3Mailbox:
+        """Create the Maildir if needed, lock it (MailboxBusy) and list it;
+        ``measure`` sizes a message whose name does not say (see ``scan``)."""
         ensure_maildir(path)
         lock = MailboxLock.acquire(path)
         try:
-            return cls(path, scan(path), lock)
+            return cls(path, scan(path, measure), lock)
         except BaseException:
             lock.release()
             raise
@@ -179,21 +198,6 @@ class Pop3Mailbox:
             fh.close()
             return data, None
         return data, fh
-
-    def read_ahead(
-        self, msg: Pop3Message, following: list[Pop3Message]
-    ) -> tuple[bytes, BinaryIO | None, list[bytes | None]]:
-        """``read_first(msg)``, plus the whole contents of ``following`` (small
-        messages the client is likely to ask for next), in one executor hop:
-        clients RETR in order, and a thread hand-off per 10 KiB message costs
-        more than reading it.  An unreadable follower is None (read again
-        later, when it is asked for, with a proper error)."""
-        first, fh = self.read_first(msg)
-        return first, fh, self.read_many(following)
-
-    def read_many(self, messages: list[Pop3Message]) -> list[bytes | None]:
-        """``read_small`` of each of ``messages``."""
-        return [self.read_small(msg) for msg in messages]
 
     def read_small(self, msg: Pop3Message) -> bytes | None:
         """The contents of a small message in one read, None if it cannot be
@@ -321,14 +325,151 @@ class Pop3Mailbox:
         return count
 
 
+class ReadAhead:
+    """RETR's reader for one maildrop: small messages read ahead of the client.
+
+    ``first`` (the RETR that finds nothing read ahead) reads the first chunk
+    of its message and, in the same executor hop, the small live messages
+    after it: a window of at most ``AHEAD_COUNT`` messages and
+    ``AHEAD_BYTES`` octets.  Once the client is half-way through a window,
+    ``refill`` reads the next in the background.  ``take`` hands a message
+    out once, as the bytes of its file, without waiting: the session can
+    answer at once.  A message that could not be read whole (gone, or
+    longer than its listed size) is simply not there, and is read again
+    when it is asked for, with a proper error.
+
+    Runs on the event loop; the reads run in ``executor``.  Nothing here
+    knows the wire form: the session encodes what it takes.
+    """
+
+    def __init__(self, box: Pop3Mailbox, executor: Executor | None) -> None:
+        self.box = box
+        self._executor = executor
+        self._loop: asyncio.AbstractEventLoop | None = None  # from the first ``first``
+        self._ahead: dict[int, bytes] = {}  # message number -> its file's content
+        self._first: asyncio.Future[Any] | None = None  # ``first``'s hop, while it runs
+        self._window: asyncio.Future[list[bytes | None]] | None = None  # read in the background
+        self._window_plan: list[int] = []  # ... its message numbers
+        self._last = 0  # the highest message number read or being read ahead
+
+    def take(self, number: int) -> bytes | None:
+        """Message ``number``'s content if it was read ahead and is here now."""
+        self._collect()
+        data = self._ahead.pop(number, None)
+        if data is not None and len(self._ahead) > 2 * AHEAD_COUNT:
+            # The client skips messages: forget the ones it passed.
+            for stale in [k for k in self._ahead if k < number]:
+                del self._ahead[stale]
+        return data
+
+    async def wait(self, number: int) -> bytes | None:
+        """``take``, after waiting for the background window if it holds ``number``."""
+        data = self.take(number)
+        if data is None and self._window is not None and number in self._window_plan:
+            await self.settle()
+            data = self.take(number)
+        return data
+
+    async def first(self, number: int, msg: Pop3Message) -> tuple[bytes, BinaryIO | None]:
+        """``box.read_first(msg)`` for RETR of message ``number``, and a new
+        window of the messages after it, read in the same executor hop."""
+        self._collect()
+        self._ahead.clear()
+        plan = self._plan(number + 1)
+        loop = self._loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self._executor, self._read_with_window, msg, [m for _, m in plan]
+        )
+        self._first = future
+        try:
+            # Shielded: a session cancelled now leaves the read to finish
+            # (``pending``) before the maildrop is unlocked.
+            first, fh, contents = await asyncio.shield(future)
+        finally:
+            if future.done():
+                self._first = None
+        self._ahead = {n: c for (n, _), c in zip(plan, contents, strict=True) if c is not None}
+        self._last = plan[-1][0] if plan else number
+        self.refill(number)
+        return first, fh
+
+    def refill(self, number: int) -> None:
+        """Message ``number`` was just sent: read the next window in the
+        background once half the current one is used."""
+        if self._window is not None or self._last - number > AHEAD_COUNT // 2:
+            return
+        plan = self._plan(max(self._last, number) + 1)
+        if not plan or self._loop is None:
+            return
+        future = self._loop.run_in_executor(self._executor, self._read_all, [m for _, m in plan])
+        # Retrieved here so a window nobody collects (the session ended) logs nothing.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._window, self._window_plan = future, [n for n, _ in plan]
+        self._last = plan[-1][0]
+
+    async def settle(self) -> None:
+        """Let the background window finish (before UPDATE changes files, too)."""
+        if self._window is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._window)
+            self._collect()
+
+    def pending(self) -> list[asyncio.Future[Any]]:
+        """Reads still running for this maildrop (it stays locked until they end)."""
+        return [f for f in (self._first, self._window) if f is not None and not f.done()]
+
+    def _collect(self) -> None:
+        future = self._window
+        if future is None or not future.done():
+            return
+        self._window, plan, self._window_plan = None, self._window_plan, []
+        if future.cancelled() or future.exception() is not None:
+            return  # those messages are read when asked for, with a proper error
+        for number, data in zip(plan, future.result(), strict=True):
+            if data is not None:
+                self._ahead[number] = data
+
+    def _plan(self, start: int) -> list[tuple[int, Pop3Message]]:
+        """The small live messages from ``start`` on that fit one window."""
+        box = self.box
+        plan: list[tuple[int, Pop3Message]] = []
+        budget = AHEAD_BYTES
+        for number in range(start, min(start + AHEAD_COUNT, len(box.messages) + 1)):
+            msg = box.get(number)
+            if msg is None:
+                continue
+            budget -= msg.size
+            if budget < 0:
+                break
+            plan.append((number, msg))
+        return plan
+
+    # --- in the executor ----------------------------------------------------------------
+    def _read_all(self, messages: list[Pop3Message]) -> list[bytes | None]:
+        return [self.box.read_small(msg) for msg in messages]
+
+    def _read_with_window(
+        self, msg: Pop3Message, window: list[Pop3Message]
+    ) -> tuple[bytes, BinaryIO | None, list[bytes | None]]:
+        first, fh = self.box.read_first(msg)
+        try:
+            return first, fh, self._read_all(window)
+        except BaseException:
+            if fh is not None:
+                fh.close()
+            raise
+
+
 def _seen_name(name: str) -> str:
     stem, sep, flags = name.partition(":2,")
     # Maildir flags are kept in ASCII order (the Maildir spec).
     return stem + ":2," + "".join(sorted(set(flags if sep else "") | {"S"}))
 
 
-def scan(path: Path) -> list[Pop3Message]:
-    """The messages in ``path`` now, in delivery order, with UIDs and sizes."""
+def scan(path: Path, measure: WireSize) -> list[Pop3Message]:
+    """The messages in ``path`` now, in delivery order, with UIDs and sizes
+    (``measure``: the size of a message whose name lacks ``W=``, from its
+    file's chunks; the result is cached)."""
     # A login lists every message: this loop is kept free of avoidable calls.
     found: list[tuple[int, int, str, str]] = []
     time_prefix = _TIME_PREFIX.match
@@ -358,7 +499,7 @@ def scan(path: Path) -> list[Pop3Message]:
         try:
             size = sizes.get("W")
             if size is None:
-                size = _computed_size(f"{root}/{sub}/{name}", stem, sizes.get("S"), cache)
+                size = _computed_size(f"{root}/{sub}/{name}", stem, sizes.get("S"), cache, measure)
         except FileNotFoundError:
             continue  # removed while we listed
         stems.add(stem)
@@ -376,7 +517,9 @@ def _digest_uid(stem: str) -> str:
     return hashlib.sha1(stem.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _computed_size(file: str, stem: str, named_size: int | None, cache: SizeCache) -> int:
+def _computed_size(
+    file: str, stem: str, named_size: int | None, cache: SizeCache, measure: WireSize
+) -> int:
     """The CRLF size of a message whose name lacks ``W=``: cached, or read.
 
     A name's ``S=`` is the file's size (Maildir files are never rewritten,
@@ -392,7 +535,7 @@ def _computed_size(file: str, stem: str, named_size: int | None, cache: SizeCach
     if cached is not None:
         return cached
     with open(file, "rb") as fh:
-        size = wire_size(iter(lambda: fh.read(READ_CHUNK), b""))
+        size = measure(iter(lambda: fh.read(READ_CHUNK), b""))
     cache.put(stem, file_size, size)
     return size
 

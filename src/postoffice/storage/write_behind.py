@@ -36,7 +36,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from postoffice.storage import quota
 from postoffice.storage.held import HELD_DIR, hold, read_held, release
@@ -49,9 +49,6 @@ from postoffice.storage.safeio import (
     write_all,
 )
 
-if TYPE_CHECKING:
-    from postoffice.storage.maildir import DeliveryWriter
-
 log = logging.getLogger("postoffice.journal")
 
 RETRY_DELAY = 1.0  # seconds before a failed retirement is tried again
@@ -63,9 +60,24 @@ RETIRE_DELAY = 0.05
 RETIRE_BATCH = 512
 
 
+class SmallMessage(Protocol):
+    """A message held in memory on its way into Maildirs: what the commit
+    lane needs of it.  ``maildir.DeliveryWriter`` is one; the protocol keeps
+    this module from importing the store that uses it."""
+
+    @property
+    def mailboxes(self) -> tuple[Path, ...]: ...
+    @property
+    def size(self) -> int: ...  # S=: octets as stored (LF line endings)
+    @property
+    def crlf_size(self) -> int: ...  # W=: octets with CRLF line endings
+
+    def buffered(self) -> bytes: ...
+
+
 @dataclass
 class _Waiting:
-    writer: DeliveryWriter
+    writer: SmallMessage
     future: asyncio.Future[list[Path]]
 
 
@@ -189,10 +201,10 @@ class WriteBehind:
         self.journal.close()
 
     # --- the commit lane (event loop side) ------------------------------------------------
-    def fits(self, writer: DeliveryWriter) -> bool:
+    def fits(self, writer: SmallMessage) -> bool:
         return self.journal.fits(writer.size + 1024)
 
-    async def commit(self, writer: DeliveryWriter) -> list[Path]:
+    async def commit(self, writer: SmallMessage) -> list[Path]:
         if self._loop is None:
             # Kept: asyncio.get_running_loop() costs a getpid() syscall in 3.11.
             self._loop = asyncio.get_running_loop()

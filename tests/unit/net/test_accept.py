@@ -1,4 +1,4 @@
-"""AcceptShares: which smtp process's turn it is to accept (workers.py)."""
+"""AcceptShares: which smtp process's turn it is to accept (net/accept.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from postoffice.workers import AcceptShares
+from postoffice.net.accept import AcceptShares
 
 
 def test_the_least_loaded_process_accepts(tmp_path: Path) -> None:

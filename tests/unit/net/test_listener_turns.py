@@ -7,10 +7,9 @@ import asyncio
 from pathlib import Path
 
 from postoffice.config.settings import ListenAddress
-from postoffice.net import listener as listener_module
+from postoffice.net.accept import MAX_DEFER_SECONDS, AcceptShares
 from postoffice.net.connection import Connection
 from postoffice.net.listener import Listener
-from postoffice.workers import AcceptShares
 
 
 async def greet(conn: Connection) -> None:
@@ -61,7 +60,7 @@ def test_a_peer_that_never_accepts_delays_clients_only_briefly(tmp_path: Path) -
         await close_all(writers)
         lst.stop_accepting()
         await lst.finish(1.0)
-        return lines, waited, {0: shares._mine}
+        return lines, waited, {0: shares.held}
 
     try:
         lines, waited, counts = asyncio.run(run())
@@ -71,7 +70,7 @@ def test_a_peer_that_never_accepts_delays_clients_only_briefly(tmp_path: Path) -
     assert lines == [b"220 hello\r\n"] * 4  # accepted although it was never its turn
     assert counts == {0: 0}  # every accepted connection released again
     # At most MAX_DEFER_SECONDS per client past the slack (generous for slow CI).
-    assert waited < 4 * listener_module.MAX_DEFER_SECONDS + 5
+    assert waited < 4 * MAX_DEFER_SECONDS + 5
 
 
 def test_a_listener_alone_in_the_sharing_accepts_at_once(tmp_path: Path) -> None:
@@ -83,7 +82,7 @@ def test_a_listener_alone_in_the_sharing_accepts_at_once(tmp_path: Path) -> None
         port = lst.bound[0][1]
         writers: list[asyncio.StreamWriter] = []
         lines = [await greeted(port, writers) for _ in range(5)]
-        assert shares._mine == 5
+        assert shares.held == 5
         await close_all(writers)
         lst.stop_accepting()
         await lst.finish(1.0)

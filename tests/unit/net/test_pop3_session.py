@@ -1,41 +1,23 @@
-"""The POP3 session: its pieces that need no socket (read-ahead, RETR answered
-at once), and whole sessions over a socket pair."""
+"""The POP3 session: RETR answered in the connection's callback (no socket
+needed), and whole sessions over a socket pair."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from postoffice.net.pop3_session import Pop3Session, _read_wire
-from postoffice.protocol.pop3 import NEED_DATA, Pop3State
+from postoffice.net.pop3_session import Pop3Session
+from postoffice.protocol.pop3 import NEED_DATA, Pop3State, wire_size
 from postoffice.storage.maildir import ensure_maildir
-from postoffice.storage.pop3_mailbox import Pop3Mailbox
+from postoffice.storage.pop3_mailbox import Pop3Mailbox, ReadAhead
 from tests.support.helpers import ALICE, ALICE_PW
 from tests.support.inprocess import pop3_client, run, running_services, smtp_client, stored
 
-
-def test_read_ahead_gives_the_wire_form_or_none_when_the_size_is_off(tmp_path: Path) -> None:
-    ensure_maildir(tmp_path)
-    messages = [b"a\n.b\n", b"no final newline", b"short\n", b"gone\n"]
-    for i, data in enumerate(messages):
-        (tmp_path / "new" / f"170000000{i}.m").write_bytes(data)
-    box = Pop3Mailbox.open(tmp_path)
-    try:
-        (tmp_path / "new" / "1700000002.m").write_bytes(b"sh\n")  # shrank: a short read
-        (tmp_path / "new" / "1700000003.m").unlink()
-        assert _read_wire(box, box.messages) == [
-            b"a\r\n..b\r\n.\r\n",
-            b"no final newline\r\n.\r\n",
-            None,
-            None,
-        ]
-    finally:
-        box.close()
-
-
-# --- RETR answered in the connection's callback (Pop3Session._answer_at_once) ---------
+# --- RETR answered in the connection's callback (Pop3Session.answer_at_once) ----------
 
 
 class FakeTransport:
@@ -66,39 +48,51 @@ class FakeConnection:
         self.transport.written.append(data)
 
 
-def session_in_transaction(tmp_path: Path, count: int) -> tuple[Pop3Session, FakeConnection]:
+@pytest.fixture
+def in_transaction(tmp_path: Path) -> Iterator[tuple[Pop3Session, FakeConnection]]:
+    """A session in TRANSACTION after RETR 1 of three messages: 2 and 3 are
+    read ahead (the window after the first RETR)."""
     ensure_maildir(tmp_path)
-    for i in range(1, count + 1):
+    for i in range(1, 4):
         (tmp_path / "new" / f"17000000{i:02d}.m").write_bytes(b"message %d\n" % i)
     limits = SimpleNamespace(pop3_timeout=600.0, max_errors=10)
     services = SimpleNamespace(settings=SimpleNamespace(limits=limits), executor=None)
     conn = FakeConnection()
     session = Pop3Session(services, conn)  # type: ignore[arg-type]
-    session.mailbox = Pop3Mailbox.open(tmp_path)
+    box = session.mailbox = Pop3Mailbox.open(tmp_path, wire_size)
+    session.ahead = ReadAhead(box, None)
     session.core.state = Pop3State.TRANSACTION
-    box = session.mailbox
-    # Messages 2 and 3 read ahead, as the first RETR would have left them;
-    # everything after them counts as planned, so no window is started.
-    session._ahead = {n: b"message %d\r\n.\r\n" % n for n in (2, 3)}
-    session._ahead_last = len(box.messages)
-    return session, conn
+    first = box.get(1)
+    assert first is not None
+    asyncio.run(session.ahead.first(1, first))
+    yield session, conn
+    box.close()
 
 
-def test_a_lone_retr_of_a_message_read_ahead_is_answered_at_once(tmp_path: Path) -> None:
-    session, conn = session_in_transaction(tmp_path, 3)
-    assert conn.on_data == session._answer_at_once
-    try:
-        assert session._answer_at_once(b"RETR 2\r\n")
-        assert conn.transport.written == [b"+OK 11 octets\r\nmessage 2\r\n.\r\n"]
-        assert conn.deadline == 1000.0 + 600.0  # the idle timer restarted
-        assert session.core.next_event() is NEED_DATA  # answered: the core is in step
-        assert session.mailbox is not None
-        assert [m.retrieved for m in session.mailbox.messages] == [False, True, False]
-        assert session.retrieved == 1
-        assert 2 not in session._ahead
-    finally:
-        assert session.mailbox is not None
-        session.mailbox.close()
+def test_a_lone_retr_of_a_message_read_ahead_is_answered_at_once(
+    in_transaction: tuple[Pop3Session, FakeConnection],
+) -> None:
+    session, conn = in_transaction
+    assert conn.on_data == session.answer_at_once
+    assert session.answer_at_once(b"RETR 2\r\n")
+    assert conn.transport.written == [b"+OK 11 octets\r\nmessage 2\r\n.\r\n"]
+    assert conn.deadline == 1000.0 + 600.0  # the idle timer restarted
+    assert session.core.next_event() is NEED_DATA  # answered: the core is in step
+    assert session.mailbox is not None
+    assert [m.retrieved for m in session.mailbox.messages] == [False, True, False]
+    assert session.retrieved == 1
+    assert session.ahead is not None and session.ahead.take(2) is None  # handed out once
+
+
+@pytest.mark.parametrize("line", [b"retr 3\r\n", b"RETR 3\n", b"RETR 03\r\n"])
+def test_the_core_parses_the_line(
+    in_transaction: tuple[Pop3Session, FakeConnection], line: bytes
+) -> None:
+    """Whatever the core reads as RETR 3 is answered at once, as the
+    ordinary way would answer it."""
+    session, conn = in_transaction
+    assert session.answer_at_once(line)
+    assert conn.transport.written == [b"+OK 11 octets\r\nmessage 3\r\n.\r\n"]
 
 
 @pytest.mark.parametrize(
@@ -106,47 +100,71 @@ def test_a_lone_retr_of_a_message_read_ahead_is_answered_at_once(tmp_path: Path)
     [
         b"RETR 1\r\n",  # not read ahead: the ordinary way reads it
         b"RETR 2\r\nRETR 3\r\n",  # pipelined
-        b"retr 2\r\n",
         b"RETR 2",  # no line end yet
         b"RETR 02x\r\n",
         b"RETR \xd9\xa2\r\n",  # a non-ASCII digit
         b"RETR 4\r\n",  # no such message
         b"RETR 1234567890123456789\r\n",
+        b"RETR 2 3\r\n",
         b"DELE 2\r\n",
+        b"\n",
     ],
 )
-def test_anything_else_takes_the_ordinary_way_untouched(tmp_path: Path, line: bytes) -> None:
-    session, conn = session_in_transaction(tmp_path, 3)
-    try:
-        assert not session._answer_at_once(line)
-        assert conn.transport.written == []
-        assert not session.core.has_buffered_data
-        assert set(session._ahead) == {2, 3}
-    finally:
-        assert session.mailbox is not None
-        session.mailbox.close()
+def test_anything_else_takes_the_ordinary_way_untouched(
+    in_transaction: tuple[Pop3Session, FakeConnection], line: bytes
+) -> None:
+    session, conn = in_transaction
+    assert not session.answer_at_once(line)
+    assert conn.transport.written == []
+    assert not session.core.has_buffered_data
+    assert session.core.next_event() is NEED_DATA  # nothing taken
+    assert session.ahead is not None
+    assert [session.ahead.take(n) for n in (2, 3)] == [b"message 2\n", b"message 3\n"]
 
 
 def test_no_answer_at_once_when_deleted_backlogged_or_outside_transaction(
-    tmp_path: Path,
+    in_transaction: tuple[Pop3Session, FakeConnection],
 ) -> None:
-    session, conn = session_in_transaction(tmp_path, 3)
+    session, conn = in_transaction
     box = session.mailbox
     assert box is not None
+    box.messages[1].deleted = True  # DELE 2: RETR 2 must get -ERR, the ordinary way
+    assert not session.answer_at_once(b"RETR 2\r\n")
+    conn.transport.backlog = 1  # a client that does not read: the task drains
+    assert not session.answer_at_once(b"RETR 3\r\n")
+    conn.transport.backlog = 0
+    # Replies not yet written come first (the task flushes before it waits
+    # for input, so this is a guard, reachable only from inside).
+    session._send(b"+OK pending\r\n")
+    assert not session.answer_at_once(b"RETR 3\r\n")
+    session._out, session._out_size = [], 0
+    session.core.state = Pop3State.AUTHORIZATION
+    assert not session.answer_at_once(b"RETR 3\r\n")
+    assert conn.transport.written == []
+    session.core.state = Pop3State.TRANSACTION
+    assert session.answer_at_once(b"RETR 3\r\n")
+
+
+def test_a_message_changed_since_login_is_not_answered_at_once(tmp_path: Path) -> None:
+    """Read ahead, but its wire size is not its LIST size any more (the file
+    shrank): not answered from what was read; RETR reads it again."""
+    ensure_maildir(tmp_path)
+    for i in range(1, 3):
+        (tmp_path / "new" / f"17000000{i:02d}.m").write_bytes(b"message %d\n" % i)
+    limits = SimpleNamespace(pop3_timeout=600.0, max_errors=10)
+    services = SimpleNamespace(settings=SimpleNamespace(limits=limits), executor=None)
+    conn = FakeConnection()
+    session = Pop3Session(services, conn)  # type: ignore[arg-type]
+    box = session.mailbox = Pop3Mailbox.open(tmp_path, wire_size)
     try:
-        box.messages[1].deleted = True  # DELE 2: RETR 2 must get -ERR, the ordinary way
-        assert not session._answer_at_once(b"RETR 2\r\n")
-        conn.transport.backlog = 1  # a client that does not read: the task drains
-        assert not session._answer_at_once(b"RETR 3\r\n")
-        conn.transport.backlog = 0
-        session._send(b"+OK pending\r\n")  # replies not yet written come first
-        assert not session._answer_at_once(b"RETR 3\r\n")
-        session._out, session._out_size = [], 0
-        session.core.state = Pop3State.AUTHORIZATION
-        assert not session._answer_at_once(b"RETR 3\r\n")
-        assert conn.transport.written == []
+        session.ahead = ReadAhead(box, None)
         session.core.state = Pop3State.TRANSACTION
-        assert session._answer_at_once(b"RETR 3\r\n")
+        (tmp_path / "new" / "1700000002.m").write_bytes(b"short\n")
+        first = box.get(1)
+        assert first is not None
+        asyncio.run(session.ahead.first(1, first))
+        assert not session.answer_at_once(b"RETR 2\r\n")
+        assert conn.transport.written == []
     finally:
         box.close()
 

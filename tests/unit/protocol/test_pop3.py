@@ -551,3 +551,54 @@ def test_parser_never_fails_on_arbitrary_input(pieces: list[bytes]) -> None:
                 core.reply_ok()
         else:
             raise AssertionError("too many events from one piece")
+
+
+# --- take_line: the fast path asks the core ---------------------------------------------
+
+
+@settings(max_examples=300)
+@given(line=st.binary(max_size=40) | st.sampled_from([b"RETR 1", b"retr 02", b"TOP 1 2"]))
+def test_take_line_reads_a_line_as_next_event_does(line: bytes) -> None:
+    """For any one whole line the fast path gets the event the ordinary way
+    would give; anything else (no line end, two lines) is not taken."""
+    for ending in (b"\r\n", b"\n", b""):
+        data = line + ending
+        ordinary = logged_in()
+        ordinary.receive_data(data)
+        expected = ordinary.next_event()
+        core = logged_in()
+        taken = core.take_line(data, lambda event: True)
+        if not data or data.find(b"\n") != len(data) - 1:  # not exactly one whole line
+            assert taken is None
+            assert core.next_event() is NEED_DATA  # nothing consumed
+        else:
+            assert taken == expected
+            with pytest.raises(LocalProtocolError):  # it awaits its answer
+                core.next_event()
+
+
+def test_take_line_refused_by_the_session_changes_nothing() -> None:
+    core = logged_in()
+    seen: list[object] = []
+    assert core.take_line(b"RETR 3\r\n", lambda event: seen.append(event) is not None) is None
+    assert seen == [Retr(3)]
+    assert core.next_event() is NEED_DATA
+    assert core.take_line(b"RETR 3\r\n", lambda event: True) == Retr(3)
+    core.reply_ok("10 octets")
+    assert core.next_event() is NEED_DATA
+
+
+def test_take_line_only_with_nothing_buffered_or_awaiting_and_never_in_sasl() -> None:
+    core = logged_in()
+    core.receive_data(b"NOO")  # a line begun: the next input completes it
+    assert core.take_line(b"RETR 1\r\n", lambda event: True) is None
+    assert core.next_event() is NEED_DATA
+    core.receive_data(b"P\r\n")
+    assert core.next_event() == Noop()
+    assert core.take_line(b"RETR 1\r\n", lambda event: True) is None  # NOOP unanswered
+    core.reply_ok()
+    sasl = Pop3Server()
+    assert one(sasl, b"AUTH PLAIN\r\n") == Auth("PLAIN", None)
+    sasl.continuation()
+    assert sasl.take_line(b"RETR 1\r\n", lambda event: True) is None  # a response, not a command
+    assert one(sasl, b"RETR 1\r\n") == AuthResponse("RETR 1")

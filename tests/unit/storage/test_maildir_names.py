@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from postoffice.storage.maildir import name_sizes, parse_name
+from postoffice.storage.maildir import name_sizes
 
 
 @pytest.mark.parametrize(
@@ -19,6 +19,3 @@ from postoffice.storage.maildir import name_sizes, parse_name
 )
 def test_name_sizes(stem: str, expected: tuple[str, dict[str, int]]) -> None:
     assert name_sizes(stem) == expected
-    parsed = parse_name(stem + ":2,S")
-    base, sizes = expected
-    assert (parsed.base, parsed.size, parsed.crlf_size) == (base, sizes.get("S"), sizes.get("W"))

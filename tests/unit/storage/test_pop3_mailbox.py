@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -14,6 +15,8 @@ import pytest
 from postoffice.protocol.pop3 import MessageEncoder, wire_size
 from postoffice.storage.maildir import ensure_maildir
 from postoffice.storage.pop3_mailbox import (
+    AHEAD_BYTES,
+    AHEAD_COUNT,
     LOCK_NAME,
     READ_CHUNK,
     SIZES_NAME,
@@ -21,6 +24,7 @@ from postoffice.storage.pop3_mailbox import (
     MailboxLock,
     MessageGone,
     Pop3Mailbox,
+    ReadAhead,
     scan,
 )
 
@@ -72,7 +76,7 @@ def test_sizes_from_w_field_and_computed_agree_with_what_retr_sends(maildir: Pat
     put(maildir, dovecot_name("1700000000.M1P1.host", a), a)
     put(maildir, "1700000001.other-agent", b)
     put(maildir, "1700000002.no-newline", c, sub="cur")
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     try:
         assert [m.size for m in box.messages] == [len(a) + 4, len(b), len(c) + 2 + 2]
         for number, msg in box.live():
@@ -84,17 +88,17 @@ def test_sizes_from_w_field_and_computed_agree_with_what_retr_sends(maildir: Pat
 
 def test_computed_sizes_are_cached_and_invalidated_by_a_size_change(maildir: Path) -> None:
     path = put(maildir, "1700000000.plain", b"a\nb\n")
-    assert [m.size for m in scan(maildir)] == [6]
+    assert [m.size for m in scan(maildir, wire_size)] == [6]
     cache = (maildir / SIZES_NAME).read_text()
     assert cache == "1700000000.plain\t4\t6\n"
     # Same length, different content: the cache (keyed by file size) answers,
     # which proves the second login did not read the file.
     path.write_bytes(b"abc\n")
-    assert [m.size for m in scan(maildir)] == [6]
+    assert [m.size for m in scan(maildir, wire_size)] == [6]
     path.write_bytes(b"a\nb\nc\n")
-    assert [m.size for m in scan(maildir)] == [9]
+    assert [m.size for m in scan(maildir, wire_size)] == [9]
     path.unlink()
-    assert scan(maildir) == []
+    assert scan(maildir, wire_size) == []
     assert (maildir / SIZES_NAME).read_text() == ""  # gone messages are pruned
 
 
@@ -102,36 +106,36 @@ def test_a_cached_size_of_an_s_named_message_needs_no_stat(maildir: Path) -> Non
     # S= is the file size (Maildir files are never rewritten): with a cached
     # entry for it, the login takes the size without looking at the file.
     path = put(maildir, "1700000000.plain,S=4", b"a\nb\n")
-    assert [m.size for m in scan(maildir)] == [6]
+    assert [m.size for m in scan(maildir, wire_size)] == [6]
     assert (maildir / SIZES_NAME).read_text() == "1700000000.plain,S=4\t4\t6\n"
     path.write_bytes(b"a\nb\nc\n")  # a different length: only a stat could tell
-    assert [m.size for m in scan(maildir)] == [6]
+    assert [m.size for m in scan(maildir, wire_size)] == [6]
 
 
 def test_an_s_named_message_whose_s_is_wrong_is_measured(maildir: Path) -> None:
     put(maildir, "1700000000.plain,S=99", b"a\nb\n")
-    assert [m.size for m in scan(maildir)] == [6]
-    assert [m.size for m in scan(maildir)] == [6]  # cached by the real file size
+    assert [m.size for m in scan(maildir, wire_size)] == [6]
+    assert [m.size for m in scan(maildir, wire_size)] == [6]  # cached by the real file size
 
 
 def test_w_sized_messages_need_no_cache(maildir: Path) -> None:
     data = b"x\n"
     put(maildir, dovecot_name("1700000000.a", data), data)
-    scan(maildir)
+    scan(maildir, wire_size)
     assert not (maildir / SIZES_NAME).exists()
 
 
 def test_a_corrupt_cache_is_ignored(maildir: Path) -> None:
     put(maildir, "1700000000.plain", b"a\nb\n")
     (maildir / SIZES_NAME).write_text("garbage\n1700000000.plain\tx\t1\n")
-    assert [m.size for m in scan(maildir)] == [6]
+    assert [m.size for m in scan(maildir, wire_size)] == [6]
 
 
 def test_order_is_delivery_time_then_name(maildir: Path) -> None:
     for name in ("1000.b", "999.z", "1000.a", "zzz-no-time"):
         put(maildir, name, b"x\n")
     put(maildir, "998.in-cur:2,S", b"x\n", sub="cur")
-    assert [m.name for m in scan(maildir)] == [
+    assert [m.name for m in scan(maildir, wire_size)] == [
         "zzz-no-time",
         "998.in-cur:2,S",
         "999.z",
@@ -144,12 +148,12 @@ def test_hidden_files_and_directories_are_not_messages(maildir: Path) -> None:
     put(maildir, ".hidden", b"x\n")
     (maildir / "new" / "1700000000.dir").mkdir()
     put(maildir, "1700000001.real", b"x\n")
-    assert [m.name for m in scan(maildir)] == ["1700000001.real"]
+    assert [m.name for m in scan(maildir, wire_size)] == ["1700000001.real"]
 
 
 def test_snapshot_does_not_see_later_deliveries(maildir: Path) -> None:
     put(maildir, "1700000000.first", b"x\n")
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     try:
         put(maildir, "1700000001.later", b"y\n")
         assert [m.name for m in box.messages] == ["1700000000.first"]
@@ -165,9 +169,9 @@ def test_uid_is_the_base_name_and_survives_moves_and_flags(maildir: Path) -> Non
     data = b"x\n"
     name = dovecot_name("1700000000.M5P7.host", data)
     put(maildir, name, data)
-    assert [m.uid for m in scan(maildir)] == ["1700000000.M5P7.host"]
+    assert [m.uid for m in scan(maildir, wire_size)] == ["1700000000.M5P7.host"]
     os.rename(maildir / "new" / name, maildir / "cur" / (name + ":2,FS"))
-    assert [m.uid for m in scan(maildir)] == ["1700000000.M5P7.host"]
+    assert [m.uid for m in scan(maildir, wire_size)] == ["1700000000.M5P7.host"]
 
 
 def test_uids_outside_the_rfc_alphabet_or_length_are_hashed_stably(maildir: Path) -> None:
@@ -175,17 +179,17 @@ def test_uids_outside_the_rfc_alphabet_or_length_are_hashed_stably(maildir: Path
     put(maildir, long_base, b"x\n")
     put(maildir, "1700000001.caf\u00e9", b"x\n")
     put(maildir, "1700000002.with space", b"x\n")
-    uids = [m.uid for m in scan(maildir)]
+    uids = [m.uid for m in scan(maildir, wire_size)]
     for uid in uids:
         assert 1 <= len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)
     assert len(set(uids)) == 3
-    assert [m.uid for m in scan(maildir)] == uids
+    assert [m.uid for m in scan(maildir, wire_size)] == uids
 
 
 def test_duplicate_base_names_still_get_unique_uids(maildir: Path) -> None:
     put(maildir, "1700000000.same,S=2", b"x\n")
     put(maildir, "1700000000.same,S=2,X=other", b"y\n", sub="cur")
-    uids = [m.uid for m in scan(maildir)]
+    uids = [m.uid for m in scan(maildir, wire_size)]
     assert len(uids) == 2 and len(set(uids)) == 2
     assert "1700000000.same" in uids
 
@@ -193,20 +197,20 @@ def test_duplicate_base_names_still_get_unique_uids(maildir: Path) -> None:
 def test_a_message_seen_in_new_and_cur_while_moving_is_listed_once(maildir: Path) -> None:
     put(maildir, "1700000000.moving", b"x\n")
     put(maildir, "1700000000.moving:2,S", b"x\n", sub="cur")
-    assert len(scan(maildir)) == 1
+    assert len(scan(maildir, wire_size)) == 1
 
 
 # --- the lock (RFC 1939 §8) -----------------------------------------------------------
 
 
 def test_two_sessions_in_one_process_exclude_each_other(maildir: Path) -> None:
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     with pytest.raises(MailboxBusy):
-        Pop3Mailbox.open(maildir)
+        Pop3Mailbox.open(maildir, wire_size)
     box.close()
     assert not box.locked
     box.close()  # idempotent
-    Pop3Mailbox.open(maildir).close()
+    Pop3Mailbox.open(maildir, wire_size).close()
 
 
 HOLDER = """
@@ -250,7 +254,7 @@ def test_a_large_message_streams_in_chunks(maildir: Path) -> None:
     line = b"." + b"y" * 98 + b"\n"
     data = line * (3 * READ_CHUNK // len(line) + 7)
     put(maildir, "1700000000.big", data)
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     try:
         msg = box.get(1)
         assert msg is not None
@@ -267,7 +271,7 @@ def test_a_large_message_streams_in_chunks(maildir: Path) -> None:
 
 def test_a_message_renamed_by_another_reader_is_followed(maildir: Path) -> None:
     put(maildir, "1700000000.x", b"hello\n")
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     try:
         os.rename(maildir / "new" / "1700000000.x", maildir / "cur" / "1700000000.x:2,S")
         assert retr_bytes(box, 1) == b"hello\r\n.\r\n"
@@ -276,35 +280,35 @@ def test_a_message_renamed_by_another_reader_is_followed(maildir: Path) -> None:
         box.close()
 
 
-def test_read_many_reads_whole_messages_follows_renames_and_skips_the_gone(
+def test_read_small_reads_whole_messages_follows_renames_and_skips_the_gone(
     maildir: Path,
 ) -> None:
     put(maildir, "1700000000.a", b"one\n")
     put(maildir, "1700000001.b", b"two\n")
     put(maildir, "1700000002.c", b"three\n")
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     try:
         os.rename(maildir / "new" / "1700000000.a", maildir / "cur" / "1700000000.a:2,S")
         (maildir / "new" / "1700000001.b").unlink()
-        assert box.read_many(box.messages) == [b"one\n", None, b"three\n"]
+        assert [box.read_small(m) for m in box.messages] == [b"one\n", None, b"three\n"]
         assert box.messages[0].subdir == "cur"
     finally:
         box.close()
 
 
-def test_read_many_refuses_a_file_longer_than_its_size(maildir: Path) -> None:
+def test_read_small_refuses_a_file_longer_than_its_size(maildir: Path) -> None:
     path = put(maildir, "1700000000.a", b"x\n")
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     try:
         path.write_bytes(b"x" * 100)  # grew since the snapshot
-        assert box.read_many(box.messages) == [None]
+        assert [box.read_small(m) for m in box.messages] == [None]
     finally:
         box.close()
 
 
 def test_a_message_removed_by_another_reader_is_gone(maildir: Path) -> None:
     put(maildir, "1700000000.x", b"hello\n")
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     try:
         (maildir / "new" / "1700000000.x").unlink()
         with pytest.raises(MessageGone):
@@ -322,7 +326,7 @@ def test_update_removes_only_deleted_and_marks_retrieved_seen(maildir: Path) -> 
     put(maildir, "1700000002.gone", b"3\n")
     put(maildir, "1700000003.flagged:2,F", b"4\n", sub="cur")
     put(maildir, "1700000004.seen:2,S", b"5\n", sub="cur")
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     by_name = {m.name.split(".")[1].split(":")[0]: m for m in box.messages}
     by_name["read"].retrieved = True
     by_name["gone"].deleted = True
@@ -341,7 +345,7 @@ def test_update_removes_only_deleted_and_marks_retrieved_seen(maildir: Path) -> 
 
 def test_rset_undoes_deletions(maildir: Path) -> None:
     put(maildir, "1700000000.a", b"1\n")
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     box.messages[0].deleted = True
     assert box.get(1) is None and box.stat() == (0, 0)
     box.reset()
@@ -353,7 +357,7 @@ def test_rset_undoes_deletions(maildir: Path) -> None:
 
 def test_closing_without_update_deletes_nothing(maildir: Path) -> None:
     put(maildir, "1700000000.a", b"1\n")
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     box.messages[0].deleted = True
     box.close()
     assert os.listdir(maildir / "new") == ["1700000000.a"]
@@ -362,7 +366,7 @@ def test_closing_without_update_deletes_nothing(maildir: Path) -> None:
 def test_update_deletes_a_message_another_reader_moved(maildir: Path) -> None:
     put(maildir, "1700000000.a", b"1\n")
     put(maildir, "1700000001.b", b"2\n")
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     box.messages[0].deleted = True
     box.messages[1].deleted = True
     os.rename(maildir / "new" / "1700000000.a", maildir / "cur" / "1700000000.a:2,S")
@@ -376,7 +380,7 @@ def test_update_deletes_a_message_another_reader_moved(maildir: Path) -> None:
 
 def test_mailbox_is_created_on_first_open(tmp_path: Path) -> None:
     path = tmp_path / "d" / "u"
-    box = Pop3Mailbox.open(path)
+    box = Pop3Mailbox.open(path, wire_size)
     box.close()
     assert all((path / sub).is_dir() for sub in ("tmp", "new", "cur"))
 
@@ -386,7 +390,7 @@ def test_ten_thousand_w_named_messages_list_without_reading(maildir: Path) -> No
     # names, so the listing opened none of the 10,000 files.
     for i in range(10_000):
         put(maildir, f"{1700000000 + i}.M{i}.host,S=10000,W=10240", b"")
-    messages = scan(maildir)
+    messages = scan(maildir, wire_size)
     assert len(messages) == 10_000
     assert {m.size for m in messages} == {10240}
     assert len({m.uid for m in messages}) == 10_000
@@ -401,13 +405,55 @@ def test_read_ahead_returns_followers_whole_or_none(maildir: Path) -> None:
     put(maildir, "1700000001.b", b"second\n")
     put(maildir, "1700000002.c", b"third\n")
     put(maildir, "1700000003.d", b"fourth\n")
-    box = Pop3Mailbox.open(maildir)
+    box = Pop3Mailbox.open(maildir, wire_size)
     try:
-        a, b, c, d = box.messages
+        a, _b, c, d = box.messages
         (maildir / "new" / c.name).unlink()  # removed by another reader
         (maildir / "new" / d.name).write_bytes(b"grown well beyond its listed size\n")
-        first, fh, ahead = box.read_ahead(a, [b, c, d])
-        assert (first, fh) == (b"first\n", None)
-        assert ahead == [b"second\n", None, None]
+        ahead = ReadAhead(box, None)
+        assert asyncio.run(ahead.first(1, a)) == (b"first\n", None)
+        assert [ahead.take(n) for n in (2, 3, 4)] == [b"second\n", None, None]
+        assert ahead.take(2) is None  # handed out once
+    finally:
+        box.close()
+
+
+def test_read_ahead_reads_the_next_window_in_the_background(maildir: Path) -> None:
+    count = 2 * AHEAD_COUNT + 10
+    for i in range(1, count + 1):
+        put(maildir, f"{1700000000 + i}.m", b"message %d\n" % i)
+    box = Pop3Mailbox.open(maildir, wire_size)
+
+    async def retr_all() -> list[bytes | None]:
+        ahead = ReadAhead(box, None)
+        first = box.get(1)
+        assert first is not None
+        got: list[bytes | None] = [(await ahead.first(1, first))[0]]
+        for n in range(2, count + 1):
+            got.append(await ahead.wait(n))  # read ahead by the time it is asked for
+            ahead.refill(n)
+        assert ahead.pending() == []
+        return got
+
+    try:
+        assert asyncio.run(retr_all()) == [b"message %d\n" % i for i in range(1, count + 1)]
+    finally:
+        box.close()
+
+
+def test_read_ahead_skips_deleted_messages_and_windows_keep_to_a_budget(maildir: Path) -> None:
+    big = b"x" * (AHEAD_BYTES // 2 - 10) + b"\n"
+    for i, data in enumerate([b"one\n", b"two\n", big, big, big], 1):
+        put(maildir, f"{1700000000 + i}.m", data)
+    box = Pop3Mailbox.open(maildir, wire_size)
+    try:
+        box.messages[1].deleted = True  # DELE 2
+        ahead = ReadAhead(box, None)
+        first = box.get(1)
+        assert first is not None
+        asyncio.run(ahead.first(1, first))
+        # 3 and 4 fill the first window; 5 came in the next (asyncio.run
+        # waited for it); 2 was not read.
+        assert [ahead.take(n) is not None for n in range(2, 6)] == [False, True, True, True]
     finally:
         box.close()
