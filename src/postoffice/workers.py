@@ -87,8 +87,11 @@ class WorkerPool:
             self._spawn(index)
 
     def _spawn(self, index: int) -> None:
+        # -P: the working directory is not put on sys.path, so a stray dns.py
+        # or dkim.py there cannot stand in for a library (as for cpu_workers).
         args = [
             sys.executable,
+            "-P",
             "-c",
             self._main,
             self._settings.source,
