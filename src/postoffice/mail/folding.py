@@ -71,7 +71,3 @@ class LineFolder:
         pieces.append(data[start:])
         return b"".join(pieces)
 
-
-def fold_lines(message: bytes, limit: int = SMTP_LINE_LIMIT) -> bytes:
-    """``message`` (LF form, from its first octet) with every line folded."""
-    return LineFolder(limit).feed(message)
