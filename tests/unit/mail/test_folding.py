@@ -12,7 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postoffice.mail.folding import SMTP_LINE_LIMIT, LineFolder, fold_lines
+from postoffice.mail.folding import SMTP_LINE_LIMIT, LineFolder
+
+
+def fold_lines(message: bytes, limit: int = SMTP_LINE_LIMIT) -> bytes:
+    """``message`` (LF form, from its first octet) folded in one feed."""
+    return LineFolder(limit).feed(message)
 
 
 def reference_fold(data: bytes, limit: int = SMTP_LINE_LIMIT) -> bytes:
