@@ -416,17 +416,13 @@ def serve(settings: Settings) -> int:
 
 
 def run_smtp_process(argv: list[str]) -> int:
-    """Entry point of an extra smtp process (``SMTP_PROCESS_MAIN``):
-    ``SOURCE INDEX FDS PARENT``, as workers.WorkerPool passes them."""
+    """Entry point of an extra smtp process (``SMTP_PROCESS_MAIN``; workers.py
+    passes ``SOURCE INDEX FDS PARENT``): serves until SIGTERM or its server is gone."""
     source, index_text, fds_json, parent_text = argv
     die_with_parent(int(parent_text))
     settings = load_settings(None if source.startswith("<") else Path(source))
+    index = int(index_text)
     fds = [int(fd) for fd in json.loads(fds_json)]
-    return serve_smtp_worker(settings, int(index_text), fds)
-
-
-def serve_smtp_worker(settings: Settings, index: int, fds: list[int]) -> int:
-    """One extra smtp process (workers.py) until SIGTERM or its server is gone."""
     _hold_signals()
     logs = configure(settings.log)  # the server checked [log] before it started us
     try:

@@ -16,9 +16,9 @@ from postoffice.config.settings import Settings
 from postoffice.mail.address import Address
 from postoffice.policy.auth import Authenticator
 from postoffice.policy.dkim_sign import DkimSigner
+from postoffice.policy.mailauth import InboundChecks
 from postoffice.policy.memory_budget import MAX_HELD_BYTES, MemoryBudget
 from postoffice.policy.srs import Srs
-from postoffice.protocol.smtp_reply import Reply
 from postoffice.storage.accounts import AccountStore
 from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore
@@ -35,30 +35,6 @@ class OutboundQueue(Protocol):
     def writer(self, sender: Address | None, recipients: Sequence[Address]) -> HeadedSink: ...
 
 
-class CheckVerdict(Protocol):
-    """What the inbound checks say about one message."""
-
-    @property
-    def header(self) -> bytes: ...  # Authentication-Results, LF line ends, to go on top
-
-    @property
-    def reply(self) -> Reply | None: ...  # a refusal or temporary failure; None: accept
-
-
-class MessageChecks(Protocol):
-    """SPF/DKIM/DMARC of inbound mail (policy/mailauth.py's ``InboundChecks``;
-    a protocol: importing that here would close the import circle through
-    its DKIM worker processes and the composition root)."""
-
-    def start(self) -> None: ...
-    def close(self) -> None: ...
-    def applies(self, client_ip: str) -> bool: ...
-
-    async def judge(
-        self, *, client_ip: str, helo: str, sender: Address | None, message: bytes
-    ) -> CheckVerdict: ...
-
-
 @dataclass
 class Services:
     settings: Settings
@@ -71,7 +47,7 @@ class Services:
     # exists; None: no remote recipients are taken.
     outbound: OutboundQueue | None = None
     # Inbound message checks (SPF/DKIM/DMARC), set by the composition root.
-    inbound_checks: MessageChecks | None = None
+    inbound_checks: InboundChecks | None = None
     # DKIM signing of submitted mail bound for the outbound queue; None: no signing.
     dkim_signer: DkimSigner | None = None
     # Sender Rewriting Scheme for mail aliases forward off-site (policy/srs.py).

@@ -70,4 +70,3 @@ class LineFolder:
             return data
         pieces.append(data[start:])
         return b"".join(pieces)
-

@@ -178,7 +178,7 @@ class Listener:
 
     # --- sessions ---------------------------------------------------------------------
     def _make_connection(self, reserved_ip: str | None = None) -> Connection:
-        """``reserved_ip``: the connection was counted at accept (see _on_acceptable)."""
+        """``reserved_ip``: the connection was counted at accept (net/accept.py, Acceptor)."""
         conn = Connection()
         original = conn.connection_made
 

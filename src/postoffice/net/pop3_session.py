@@ -41,7 +41,7 @@ from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
 from postoffice.policy.auth import LoginThrottled
-from postoffice.policy.clients import is_loopback
+from postoffice.policy.clients import may_send_password
 from postoffice.protocol import sasl
 from postoffice.protocol.pop3 import (
     NEED_DATA,
@@ -66,6 +66,7 @@ from postoffice.protocol.pop3 import (
     Uidl,
     User,
     capabilities,
+    retr_wire_form,
     wire_size,
 )
 from postoffice.services import Services
@@ -235,9 +236,9 @@ class Pop3Session:
 
     # --- AUTHORIZATION --------------------------------------------------------
     def _plaintext_ok(self) -> bool:
-        if self.conn.tls:
-            return True
-        return self.s.settings.auth.allow_plaintext_loopback and is_loopback(self.client_ip)
+        return may_send_password(
+            self.conn.tls, self.client_ip, self.s.settings.auth.allow_plaintext_loopback
+        )
 
     def _capa(self) -> None:
         caps = capabilities(
@@ -333,7 +334,7 @@ class Pop3Session:
         try:
             path = mailbox_path(self.s.settings.mail_dir, user)
             self.mailbox = await self._blocking(Pop3Mailbox.open, path, wire_size)
-            self.ahead = ReadAhead(self.mailbox, self.s.executor)
+            self.ahead = ReadAhead(self.mailbox, self.s.executor, retr_wire_form)
         except MailboxBusy:
             # RFC 2449 §8.1.1: another session has the maildrop; try later.
             log.info("pop3 client=%s user=%s mailbox in use", self.client_ip, logfmt.field(user))
@@ -485,8 +486,8 @@ class Pop3Session:
         box, ahead = self.mailbox, self.ahead
         if box is None or ahead is None or (msg := box.get(n)) is None:
             return None
-        data = ahead.take(n)
-        return None if data is None else _wire_form(msg, data)
+        wire = ahead.take(n)
+        return None if wire is None else (msg, wire)
 
     def _send_message(self, msg: Pop3Message, wire: bytes) -> None:
         self._send(self.core.reply_ok(f"{msg.size} octets"))
@@ -505,9 +506,9 @@ class Pop3Session:
         read; RETR of a small message reads the ones after it ahead."""
         ahead = self.ahead
         if lines is None and ahead is not None:
-            data = await ahead.wait(n)  # in the window being read, if it is there
-            if data is not None and (ready := _wire_form(msg, data)) is not None:
-                self._send_message(*ready)
+            wire = await ahead.wait(n)  # in the window being read, if it is there
+            if wire is not None:
+                self._send_message(msg, wire)
                 ahead.refill(n)
                 return
         try:
@@ -616,15 +617,6 @@ class Pop3Session:
             (result.seen if result else seen),
             logfmt.field(self.outcome),  # "TLS handshake failed": one quoted field
         )
-
-
-def _wire_form(msg: Pop3Message, data: bytes) -> tuple[Pop3Message, bytes] | None:
-    """``msg`` and what RETR sends for its content ``data`` after the +OK
-    line (CRLF, dot-stuffed, terminated), if that is ``msg.size`` octets
-    unstuffed, as LIST said; else None."""
-    encoder = MessageEncoder()
-    wire = encoder.feed(data) + encoder.finish()
-    return (msg, wire) if encoder.unstuffed == msg.size else None
 
 
 def _release_after(futures: list[asyncio.Future[Any]], box: Pop3Mailbox | None) -> None:

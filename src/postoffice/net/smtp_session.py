@@ -22,7 +22,7 @@ from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, 
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
 from postoffice.net.smtp_tally import CommandTally
 from postoffice.policy.auth import LoginThrottled
-from postoffice.policy.clients import is_loopback
+from postoffice.policy.clients import may_send_password
 from postoffice.policy.relay import (
     SRS_ALONE,
     SRS_MAX_MESSAGE,
@@ -414,9 +414,9 @@ class SmtpSession:
         return Reply(250, tuple(lines))
 
     def _auth_allowed(self) -> bool:
-        if self.core.tls:
-            return True
-        return self.s.settings.auth.allow_plaintext_loopback and is_loopback(self.client_ip)
+        return may_send_password(
+            self.core.tls, self.client_ip, self.s.settings.auth.allow_plaintext_loopback
+        )
 
     def _mail(self, event: MailFrom) -> Reply:
         limit = self.s.settings.limits.max_message_size

@@ -65,3 +65,10 @@ def client_key(ip: str) -> str:
     if isinstance(address, ipaddress.IPv4Address):
         return str(address)
     return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
+
+
+def may_send_password(tls: bool, client_ip: str, allow_plaintext_loopback: bool) -> bool:
+    """Whether a client may send a password now (every protocol asks this):
+    inside TLS, or in plaintext from this machine when ``[auth]
+    allow_plaintext_loopback`` says so (RFC 4954 §4, RFC 2595 §2.2)."""
+    return tls or (allow_plaintext_loopback and is_loopback(client_ip))

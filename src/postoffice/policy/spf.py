@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from postoffice.dns.mx import MxRecord
 from postoffice.dns.resolver import DnsError, Resolver
+from postoffice.policy.clients import client_address
 
 MAX_DNS_TERMS = 10  # include, a, mx, ptr, exists, redirect (§4.6.4)
 MAX_VOID_LOOKUPS = 2  # lookups answered with no records or NXDOMAIN (§4.6.4)
@@ -98,13 +99,6 @@ def _valid_domain(name: str) -> bool:
         return False
     labels = name.rstrip(".").split(".")
     return all(_LABEL.fullmatch(label) for label in labels)
-
-
-def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    ip = ipaddress.ip_address(text.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped  # an IPv4 client on a dual-stack socket (§5)
-    return ip
 
 
 def _cidr(text: str | None, maximum: int) -> int:
@@ -203,7 +197,10 @@ def is_spf_record(text: str) -> bool:
 class _Evaluation:
     def __init__(self, resolver: Resolver, ip: str, sender: tuple[str, str], helo: str) -> None:
         self.resolver = resolver
-        self.ip = _client_ip(ip)
+        address = client_address(ip)
+        if address is None:
+            raise ValueError(f"not an IP address: {ip!r}")
+        self.ip = address  # an IPv4 client on a dual-stack socket is IPv4 (§5)
         self.local, self.sender_domain = sender
         self.helo = helo
         self.terms = 0

@@ -34,7 +34,7 @@ TERMINATOR = b".\r\n"
 _DOT_LINE = re.compile(rb"\r\n\.")
 
 
-def to_crlf(chunk: bytes, after_cr: bool = False) -> bytes:
+def _to_crlf(chunk: bytes, after_cr: bool = False) -> bytes:
     """LF -> CRLF for every LF not already after a CR (``after_cr``: the byte
     before ``chunk`` was CR).  A CR at the end is left for the caller."""
     if after_cr:
@@ -87,7 +87,7 @@ class DotStuffer:
 
     def _crlf(self, chunk: bytes) -> bytes:
         """``chunk`` with CRLF line endings, a trailing CR held back."""
-        data = to_crlf(chunk, self._held_cr)
+        data = _to_crlf(chunk, self._held_cr)
         self._held_cr = data.endswith(b"\r")
         return data[:-1] if self._held_cr else data
 

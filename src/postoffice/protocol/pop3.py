@@ -489,3 +489,13 @@ def wire_size(chunks: Iterable[bytes]) -> int:
         encoder.feed(chunk)
     encoder.finish()
     return encoder.unstuffed
+
+
+def retr_wire_form(content: bytes, listed_size: int) -> bytes | None:
+    """What RETR sends after its +OK line for a whole stored message
+    ``content``: CRLF, dot-stuffed, terminated; None if that is not
+    ``listed_size`` octets unstuffed (the file changed since LIST measured
+    it), so the caller reads it again the careful way."""
+    encoder = MessageEncoder()
+    wire = encoder.feed(content) + encoder.finish()
+    return wire if encoder.unstuffed == listed_size else None

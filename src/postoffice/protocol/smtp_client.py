@@ -79,7 +79,7 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
     the first line is the greeting and is skipped."""
     # The text as received, not ``lines`` (sanitised for writing): a keyword
     # with a control character in it is no keyword we know.
-    lines = (reply.text,) if isinstance(reply.text, str) else reply.text
+    lines = reply.raw_lines
     extensions: dict[str, str] = {}
     for line in lines[1:]:
         keyword, _sep, params = line.strip().partition(" ")

@@ -74,7 +74,7 @@ class Reply:
         the reply code."""
         if self._enhanced is not None:
             return self._enhanced
-        raw = self._raw_lines()
+        raw = self.raw_lines
         m = _LEADING_ENHANCED.match(raw[0]) if raw else None
         if m and m.group(1) == str(self.code)[0]:
             return f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
@@ -83,7 +83,7 @@ class Reply:
     @property
     def lines(self) -> tuple[str, ...]:
         """The text as lines, sanitised (never empty: at least one line)."""
-        raw = self._raw_lines()
+        raw = self.raw_lines
         if not raw:
             raw = ("",)
         return tuple(_UNSAFE.sub(" ", line) for line in raw)
@@ -93,7 +93,7 @@ class Reply:
         """The reply as one line of text as it came, for logs and a DSN's
         Diagnostic-Code: ``550 5.1.1 no such user``."""
         prefix = "" if self._enhanced is None else f"{self._enhanced} "
-        joined = " ".join(f"{prefix}{line}".strip() for line in self._raw_lines())
+        joined = " ".join(f"{prefix}{line}".strip() for line in self.raw_lines)
         return f"{self.code} " + joined.strip()
 
     @property
@@ -109,7 +109,10 @@ class Reply:
     def is_permanent(self) -> bool:
         return self.code >= 500
 
-    def _raw_lines(self) -> tuple[str, ...]:
+    @property
+    def raw_lines(self) -> tuple[str, ...]:
+        """The text as given (ours) or as received (a peer's), one string a
+        line; ``lines`` is the form sanitised for writing."""
         return (self.text,) if isinstance(self.text, str) else self.text
 
     def to_bytes(self) -> bytes:

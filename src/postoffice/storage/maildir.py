@@ -410,14 +410,15 @@ class DeliveryWriter:
         self._flushing = loop.run_in_executor(self._store._executor, self._write_parts, parts)
 
     async def _flushed(self) -> None:
-        """Wait for the spill in flight; its error (a full disk) is raised here."""
+        """Wait for the spill in flight; its error (a full disk) is raised
+        here, as the DeliveryError every MessageSink call raises."""
         flushing, self._flushing = self._flushing, None
         if flushing is not None:
             try:
                 await flushing
             except OSError as exc:
                 self._store.note_failure(self.mailboxes, exc)
-                raise
+                raise _delivery_error(exc) from exc
 
     def _open_blocking(self) -> int:
         if self._fd is None:

@@ -67,6 +67,10 @@ _TIME_PREFIX = re.compile(r"(\d{1,18})(?:\.M(\d{1,9}))?(?!\d)")
 # The octets RETR sends for a message given as chunks of its file, not
 # counting dot-stuffing and the terminator (``protocol.pop3.wire_size``).
 WireSize = Callable[[Iterable[bytes]], int]
+# What RETR sends for a file's content (after the +OK line), given the
+# message's listed size; None when the content does not match that size (the
+# file changed): injected by the session (protocol/pop3.py knows the wire form).
+WireForm = Callable[[bytes, int], bytes | None]
 
 
 class MailboxBusy(Exception):
@@ -333,27 +337,29 @@ class ReadAhead:
     after it: a window of at most ``AHEAD_COUNT`` messages and
     ``AHEAD_BYTES`` octets.  Once the client is half-way through a window,
     ``refill`` reads the next in the background.  ``take`` hands a message
-    out once, as the bytes of its file, without waiting: the session can
-    answer at once.  A message that could not be read whole (gone, or
-    longer than its listed size) is simply not there, and is read again
-    when it is asked for, with a proper error.
+    out once, in its wire form, without waiting: the session can answer at
+    once.  A message that could not be read whole (gone, longer than its
+    listed size, or changed) is simply not there, and is read again when it
+    is asked for, with a proper error.
 
-    Runs on the event loop; the reads run in ``executor``.  Nothing here
-    knows the wire form: the session encodes what it takes.
+    Runs on the event loop; the reads, and the encoding (``wire_form``, the
+    session's: storage does not know the protocol), run in ``executor``,
+    so the loop only hands bytes over.
     """
 
-    def __init__(self, box: Pop3Mailbox, executor: Executor | None) -> None:
+    def __init__(self, box: Pop3Mailbox, executor: Executor | None, wire_form: WireForm) -> None:
         self.box = box
         self._executor = executor
+        self._wire_form = wire_form
         self._loop: asyncio.AbstractEventLoop | None = None  # from the first ``first``
-        self._ahead: dict[int, bytes] = {}  # message number -> its file's content
+        self._ahead: dict[int, bytes] = {}  # message number -> its wire form
         self._first: asyncio.Future[Any] | None = None  # ``first``'s hop, while it runs
         self._window: asyncio.Future[list[bytes | None]] | None = None  # read in the background
         self._window_plan: list[int] = []  # ... its message numbers
         self._last = 0  # the highest message number read or being read ahead
 
     def take(self, number: int) -> bytes | None:
-        """Message ``number``'s content if it was read ahead and is here now."""
+        """Message ``number``'s wire form if it was read ahead and is here now."""
         self._collect()
         data = self._ahead.pop(number, None)
         if data is not None and len(self._ahead) > 2 * AHEAD_COUNT:
@@ -446,7 +452,11 @@ class ReadAhead:
 
     # --- in the executor ----------------------------------------------------------------
     def _read_all(self, messages: list[Pop3Message]) -> list[bytes | None]:
-        return [self.box.read_small(msg) for msg in messages]
+        out: list[bytes | None] = []
+        for msg in messages:
+            data = self.box.read_small(msg)
+            out.append(None if data is None else self._wire_form(data, msg.size))
+        return out
 
     def _read_with_window(
         self, msg: Pop3Message, window: list[Pop3Message]

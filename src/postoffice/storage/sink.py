@@ -23,7 +23,8 @@ class MessageSink(Protocol[_Result_co]):
 
     async def write(self, data: bytes, newlines: int = -1) -> None:
         """Add content (LF line ends).  ``newlines``: its LF count when the
-        caller knows it already (-1: the sink counts them if it needs to)."""
+        caller knows it already (-1: the sink counts them if it needs to).
+        Storage failing here (a spill to disk) raises DeliveryError too."""
         ...
 
     async def commit(self) -> _Result_co:

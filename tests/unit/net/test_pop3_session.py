@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from postoffice.net.pop3_session import Pop3Session
-from postoffice.protocol.pop3 import NEED_DATA, Pop3State, wire_size
+from postoffice.protocol.pop3 import NEED_DATA, Pop3State, retr_wire_form, wire_size
 from postoffice.storage.maildir import ensure_maildir
 from postoffice.storage.pop3_mailbox import Pop3Mailbox, ReadAhead
 from tests.support.helpers import ALICE, ALICE_PW
@@ -60,7 +60,7 @@ def in_transaction(tmp_path: Path) -> Iterator[tuple[Pop3Session, FakeConnection
     conn = FakeConnection()
     session = Pop3Session(services, conn)  # type: ignore[arg-type]
     box = session.mailbox = Pop3Mailbox.open(tmp_path, wire_size)
-    session.ahead = ReadAhead(box, None)
+    session.ahead = ReadAhead(box, None, retr_wire_form)
     session.core.state = Pop3State.TRANSACTION
     first = box.get(1)
     assert first is not None
@@ -119,7 +119,7 @@ def test_anything_else_takes_the_ordinary_way_untouched(
     assert not session.core.has_buffered_data
     assert session.core.next_event() is NEED_DATA  # nothing taken
     assert session.ahead is not None
-    assert [session.ahead.take(n) for n in (2, 3)] == [b"message 2\n", b"message 3\n"]
+    assert [session.ahead.take(n) for n in (2, 3)] == [b"message 2\r\n.\r\n", b"message 3\r\n.\r\n"]
 
 
 def test_no_answer_at_once_when_deleted_backlogged_or_outside_transaction(
@@ -157,7 +157,7 @@ def test_a_message_changed_since_login_is_not_answered_at_once(tmp_path: Path) -
     session = Pop3Session(services, conn)  # type: ignore[arg-type]
     box = session.mailbox = Pop3Mailbox.open(tmp_path, wire_size)
     try:
-        session.ahead = ReadAhead(box, None)
+        session.ahead = ReadAhead(box, None, retr_wire_form)
         session.core.state = Pop3State.TRANSACTION
         (tmp_path / "new" / "1700000002.m").write_bytes(b"short\n")
         first = box.get(1)

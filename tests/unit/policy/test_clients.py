@@ -6,7 +6,13 @@ import ipaddress
 
 import pytest
 
-from postoffice.policy.clients import client_address, client_key, in_networks, is_loopback
+from postoffice.policy.clients import (
+    client_address,
+    client_key,
+    in_networks,
+    is_loopback,
+    may_send_password,
+)
 
 GARBAGE = ["", "not-an-address", "localhost", "127.", "127.0.0.1.5", "::1::", "/run/sock", "%"]
 
@@ -105,3 +111,19 @@ def test_in_no_networks() -> None:
 )
 def test_client_key(ip: str, key: str) -> None:
     assert client_key(ip) == key
+
+
+@pytest.mark.parametrize(
+    ("tls", "ip", "loopback_allowed", "expected"),
+    [
+        (True, "192.0.2.7", False, True),  # inside TLS: always
+        (False, "192.0.2.7", True, False),  # plaintext from afar: never
+        (False, "127.0.0.1", False, False),  # loopback, but not allowed
+        (False, "127.0.0.1", True, True),
+        (False, "::ffff:127.0.0.2", True, True),
+        (False, "::1", True, True),
+        (False, "not an address", True, False),
+    ],
+)
+def test_may_send_password(tls: bool, ip: str, loopback_allowed: bool, expected: bool) -> None:
+    assert may_send_password(tls, ip, loopback_allowed) is expected

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from postoffice.protocol.pop3 import MessageEncoder, wire_size
+from postoffice.protocol.pop3 import MessageEncoder, retr_wire_form, wire_size
 from postoffice.storage.maildir import ensure_maildir
 from postoffice.storage.pop3_mailbox import (
     AHEAD_BYTES,
@@ -410,9 +410,9 @@ def test_read_ahead_returns_followers_whole_or_none(maildir: Path) -> None:
         a, _b, c, d = box.messages
         (maildir / "new" / c.name).unlink()  # removed by another reader
         (maildir / "new" / d.name).write_bytes(b"grown well beyond its listed size\n")
-        ahead = ReadAhead(box, None)
+        ahead = ReadAhead(box, None, retr_wire_form)
         assert asyncio.run(ahead.first(1, a)) == (b"first\n", None)
-        assert [ahead.take(n) for n in (2, 3, 4)] == [b"second\n", None, None]
+        assert [ahead.take(n) for n in (2, 3, 4)] == [b"second\r\n.\r\n", None, None]
         assert ahead.take(2) is None  # handed out once
     finally:
         box.close()
@@ -425,10 +425,10 @@ def test_read_ahead_reads_the_next_window_in_the_background(maildir: Path) -> No
     box = Pop3Mailbox.open(maildir, wire_size)
 
     async def retr_all() -> list[bytes | None]:
-        ahead = ReadAhead(box, None)
+        ahead = ReadAhead(box, None, retr_wire_form)
         first = box.get(1)
         assert first is not None
-        got: list[bytes | None] = [(await ahead.first(1, first))[0]]
+        got: list[bytes | None] = [retr_wire_form(*(await ahead.first(1, first))[:1], first.size)]
         for n in range(2, count + 1):
             got.append(await ahead.wait(n))  # read ahead by the time it is asked for
             ahead.refill(n)
@@ -436,7 +436,7 @@ def test_read_ahead_reads_the_next_window_in_the_background(maildir: Path) -> No
         return got
 
     try:
-        assert asyncio.run(retr_all()) == [b"message %d\n" % i for i in range(1, count + 1)]
+        assert asyncio.run(retr_all()) == [b"message %d\r\n.\r\n" % i for i in range(1, count + 1)]
     finally:
         box.close()
 
@@ -448,7 +448,7 @@ def test_read_ahead_skips_deleted_messages_and_windows_keep_to_a_budget(maildir:
     box = Pop3Mailbox.open(maildir, wire_size)
     try:
         box.messages[1].deleted = True  # DELE 2
-        ahead = ReadAhead(box, None)
+        ahead = ReadAhead(box, None, retr_wire_form)
         first = box.get(1)
         assert first is not None
         asyncio.run(ahead.first(1, first))

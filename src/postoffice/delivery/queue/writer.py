@@ -81,7 +81,10 @@ class QueueWriter:
             chunk = bytes(self._buffer)
             self._buffer.clear()
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self._write_blocking, chunk)
+            try:
+                await loop.run_in_executor(self._executor, self._write_blocking, chunk)
+            except OSError as exc:
+                raise _queue_error(exc) from exc
 
     def _write_blocking(self, chunk: bytes) -> None:
         if self._fd is None:
@@ -151,9 +154,7 @@ class QueueWriter:
         try:
             await self._lane.run(functools.partial(self.finish_blocking, chunk, head))
         except OSError as exc:
-            raise QueueError(
-                f"cannot queue message: {exc.strerror or exc}", fault=errno_fault(exc.errno)
-            ) from exc
+            raise _queue_error(exc) from exc
         entry = QueueEntry.new(self.envelope, len(self._header), self._scanner.traits())
         if self.on_commit is not None:
             result = self.on_commit(entry)
@@ -168,3 +169,8 @@ class QueueWriter:
         if self._fd is not None or self._tmp_path is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._discard_blocking)
+
+
+def _queue_error(exc: OSError) -> QueueError:
+    """The DeliveryError (storage/errors.py) a MessageSink raises for ``exc``."""
+    return QueueError(f"cannot queue message: {exc.strerror or exc}", fault=errno_fault(exc.errno))
