@@ -6,6 +6,7 @@ attacker (or a crowd) would.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import poplib
@@ -93,6 +94,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, step: float =
             return True
         time.sleep(step)
     return predicate()
+
+
+async def until(predicate: Callable[[], object], timeout: float = 10.0, step: float = 0.01) -> bool:
+    """``wait_for`` from inside an event loop: polls without blocking it, so
+    the in-process server under test runs meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(step)
+    return bool(predicate())
 
 
 def empty_mailboxes(srv: PostofficeServer) -> None:

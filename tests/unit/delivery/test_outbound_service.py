@@ -27,6 +27,7 @@ from postoffice.dns.static import StaticResolver
 from postoffice.mail.address import Address
 from postoffice.storage.maildir import MaildirStore
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
+from tests.support.helpers import until
 from tests.support.peers import ScriptedMta
 from tests.support.ports import free_port
 
@@ -89,14 +90,6 @@ async def enqueue(
     return await writer.commit()
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 def with_service(ob: Outbound, body: Callable[[], Awaitable[None]]) -> None:
     async def go() -> None:
         task = asyncio.create_task(ob.run())
@@ -123,8 +116,8 @@ def test_concurrency_per_destination_is_capped(
     async def body() -> None:
         for i in range(8):
             await enqueue(ob, [Address(f"u{i}", "remote.test")])
-        await until(lambda: len(mta.received) == 8)
-        await until(lambda: queued(settings) == [])
+        assert await until(lambda: len(mta.received) == 8)
+        assert await until(lambda: queued(settings) == [])
 
     with_service(ob, body)
     assert mta.max_active == 2  # used, and never exceeded
@@ -141,12 +134,12 @@ def test_4xx_is_retried_and_then_delivered(
 
     async def body() -> None:
         qid = await enqueue(ob, [Address("bob", "remote.test")])
-        await until(lambda: ob.store.state_path(qid).exists())
+        assert await until(lambda: ob.store.state_path(qid).exists())
         entry = ob.store.load_blocking(qid)
         assert entry is not None and entry.recipients[0].state is RecipientState.DEFERRED
         seen.append(entry.recipients[0].last_error)
-        await until(lambda: len(mta.received) == 1)
-        await until(lambda: queued(settings) == [])
+        assert await until(lambda: len(mta.received) == 1)
+        assert await until(lambda: queued(settings) == [])
 
     with_service(ob, body)
     assert seen == ["451 4.7.1 greylisted, come back later"]
@@ -164,9 +157,9 @@ def test_local_recipients_and_alias_forwards(
             [Address("team", "example.test"), Address("nobody", "example.test")],
             sender=Address("x", "remote.test"),
         )
-        await until(lambda: inbox.is_dir() and len(list(inbox.iterdir())) >= 1)
-        await until(lambda: len(mta.received) == 2)  # the forward, and a DSN for nobody@
-        await until(lambda: queued(settings) == [])
+        assert await until(lambda: inbox.is_dir() and len(list(inbox.iterdir())) >= 1)
+        assert await until(lambda: len(mta.received) == 2)  # the forward, and a DSN for nobody@
+        assert await until(lambda: queued(settings) == [])
 
     with_service(ob, body)
     (stored,) = inbox.iterdir()  # exactly one copy
@@ -187,7 +180,7 @@ def test_shutdown_mid_delivery_keeps_the_message(
 
     async def body() -> None:
         await enqueue(ob, [Address("bob", "remote.test")])
-        await until(lambda: any(c == "DATA" for c in mta.commands))
+        assert await until(lambda: any(c == "DATA" for c in mta.commands))
 
     with_service(ob, body)
     assert len(queued(settings)) == 1
@@ -195,7 +188,7 @@ def test_shutdown_mid_delivery_keeps_the_message(
     again, _ = make(tmp_path, executor, mta)
 
     async def body2() -> None:
-        await until(lambda: len(mta.received) == 1 and queued(settings) == [])
+        assert await until(lambda: len(mta.received) == 1 and queued(settings) == [])
 
     with_service(again, body2)
 
@@ -209,12 +202,12 @@ def test_flush_request_makes_deferred_mail_due(
 
     async def body() -> None:
         qid = await enqueue(ob, [Address("bob", "remote.test")])
-        await until(lambda: ob.store.state_path(qid).exists())
+        assert await until(lambda: ob.store.state_path(qid).exists())
         refuse[0] = False
         await asyncio.sleep(0.3)
         assert mta.received == []  # not due for an hour
         ob.store.requests.request_flush_blocking()
-        await until(lambda: len(mta.received) == 1)
+        assert await until(lambda: len(mta.received) == 1)
 
     with_service(ob, body)
 
@@ -240,8 +233,8 @@ def test_a_message_that_cannot_be_claimed_now_is_tried_again(
 
     async def body() -> None:
         await enqueue(ob, [Address("bob", "remote.test")])
-        await until(lambda: len(mta.received) == 1)
-        await until(lambda: queued(settings) == [])
+        assert await until(lambda: len(mta.received) == 1)
+        assert await until(lambda: queued(settings) == [])
 
     with_service(ob, body)
     assert failures == []

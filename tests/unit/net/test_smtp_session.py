@@ -28,7 +28,7 @@ from postoffice.protocol.smtp_server import DataChunk, SmtpServerCore
 from postoffice.services import Services
 from postoffice.storage import maildir as maildir_module
 from postoffice.storage.journal import Journal
-from tests.support.helpers import ALICE, ALICE_PW, BOB
+from tests.support.helpers import ALICE, ALICE_PW, BOB, until
 from tests.support.inprocess import (
     SmtpClientEnd,
     mailbox,
@@ -75,17 +75,6 @@ async def transaction(
     await start_data(client, rcpt)
     await client.send(data)
     return await client.reply()
-
-
-async def until(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` from the event loop (the session runs meanwhile)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.01)
-    return bool(predicate())
 
 
 def no_files_in(services: Services, address: str) -> bool:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 
 import pytest
 
 from postoffice.policy.auth import HashingPool, HashQueueFull
+from tests.support.helpers import until
 
 
 class Gate:
@@ -30,19 +30,13 @@ class Gate:
         return name
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 def test_runs_at_most_workers_at_once_known_good_first_and_refuses_past_the_queue() -> None:
     async def main() -> None:
         pool = HashingPool(workers=2, max_waiting=3)
         gate = Gate()
         try:
             busy = [asyncio.create_task(pool.run(gate.job, f"busy{i}")) for i in range(2)]
-            await until(lambda: len(gate.started) == 2)
+            assert await until(lambda: len(gate.started) == 2)
             others = [asyncio.create_task(pool.run(gate.job, f"other{i}")) for i in range(3)]
             await asyncio.sleep(0.05)
             with pytest.raises(HashQueueFull):  # a fourth waiter is one too many
@@ -68,7 +62,7 @@ def test_a_waiter_that_is_cancelled_gives_its_turn_on() -> None:
         gate = Gate()
         try:
             first = asyncio.create_task(pool.run(gate.job, "first"))
-            await until(lambda: gate.started == ["first"])
+            assert await until(lambda: gate.started == ["first"])
             leaving = asyncio.create_task(pool.run(gate.job, "leaving"))
             staying = asyncio.create_task(pool.run(gate.job, "staying"))
             await asyncio.sleep(0.05)
