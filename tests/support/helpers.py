@@ -96,7 +96,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, step: float =
     return predicate()
 
 
-async def until(predicate: Callable[[], object], timeout: float = 10.0, step: float = 0.01) -> bool:
+async def until(predicate: Callable[[], object], timeout: float = 15.0, step: float = 0.01) -> bool:
     """``wait_for`` from inside an event loop: polls without blocking it, so
     the in-process server under test runs meanwhile."""
     loop = asyncio.get_running_loop()
