@@ -51,6 +51,10 @@ from typing import Any, BinaryIO
 
 from postoffice.storage import quota
 from postoffice.storage.maildir import ensure_maildir, name_sizes
+from postoffice.storage.maildir_flags import (
+    MessageGone as MessageGone,
+)  # its home; POP3 names it here
+from postoffice.storage.maildir_flags import with_flags
 from postoffice.storage.safeio import fsync_dir, write_all
 
 LOCK_NAME = "postoffice-pop3.lock"
@@ -75,10 +79,6 @@ WireForm = Callable[[bytes, int], bytes | None]
 
 class MailboxBusy(Exception):
     """Another POP3 session holds this maildrop (RFC 2449 §8.1.1 [IN-USE])."""
-
-
-class MessageGone(Exception):
-    """The message was removed by someone else since the snapshot."""
 
 
 @dataclass(slots=True)
@@ -312,7 +312,7 @@ class Pop3Mailbox:
             if msg.subdir == "cur" and msg.name.endswith(":2,S"):
                 continue  # seen already (a second session): nothing to rename
             for _attempt in range(2):
-                target = _seen_name(msg.name)
+                target = with_flags(msg.name, add="S")
                 if msg.subdir == "cur" and target == msg.name:
                     break
                 try:
@@ -468,12 +468,6 @@ class ReadAhead:
             if fh is not None:
                 fh.close()
             raise
-
-
-def _seen_name(name: str) -> str:
-    stem, sep, flags = name.partition(":2,")
-    # Maildir flags are kept in ASCII order (the Maildir spec).
-    return stem + ":2," + "".join(sorted(set(flags if sep else "") | {"S"}))
 
 
 def scan(path: Path, measure: WireSize) -> list[Pop3Message]:
