@@ -134,7 +134,7 @@ def keyword_letters(folder: Path, keywords: Iterable[str]) -> str:
         if len(missing) > len(free):
             raise KeywordsFull(str(folder))
         for keyword, letter in zip(missing, free, strict=False):
-            table[letter] = by_name[keyword] = keyword
+            table[letter], by_name[keyword] = keyword, letter
         body = "".join(f"{KEYWORD_LETTERS.index(ch)} {kw}\n" for ch, kw in sorted(table.items()))
         atomic_write(folder / KEYWORDS_FILE, body.encode("utf-8"))
     return "".join(sorted(by_name[k] for k in wanted))
