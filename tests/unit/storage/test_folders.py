@@ -86,7 +86,7 @@ def test_list_children_and_implicit_parents(folders: Folders) -> None:
         "Work.Projects": ("\\NonExistent", "\\Noselect", "\\HasChildren"),
         "Work.Projects.2024": ("\\HasNoChildren",),
     }
-    assert [i.name.imap() for i in folders.list_folders()][0] == "INBOX"
+    assert folders.list_folders()[0].name.is_inbox
 
 
 def test_inbox_children(folders: Folders) -> None:
