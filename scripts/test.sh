@@ -31,6 +31,7 @@ CAPABILITIES=(
   "test -x /usr/sbin/opendkim|opendkim"
   "test -x /usr/sbin/dovecot|dovecot-core"
   "test -x /usr/lib/dovecot/pop3|dovecot-pop3d"
+  "test -x /usr/lib/dovecot/imap|dovecot-imapd"
 )
 missing=()
 for entry in "${CAPABILITIES[@]}"; do

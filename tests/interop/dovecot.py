@@ -141,6 +141,15 @@ service imap-login {{
             raise RuntimeError(f"doveadm {' '.join(args)}: {result.stderr}")
         return result.stdout
 
+    def doveadm_input(self, data: bytes, *args: str) -> str:
+        """``doveadm`` with ``data`` on its stdin (``save``, ``exec imap``)."""
+        result = subprocess.run(
+            [DOVEADM, "-c", str(self.conf), *args], input=data, capture_output=True, timeout=60
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"doveadm {' '.join(args)}: {result.stderr!r}")
+        return result.stdout.decode("utf-8", "replace")
+
     def log(self) -> str:
         path = self.root / "dovecot.log"
         return path.read_text(errors="replace") if path.exists() else ""
