@@ -115,7 +115,7 @@ def test_we_read_a_tree_dovecot_made(shared: tuple[Folders, Dovecot]) -> None:
     assert {"Made", "Made.By", "Made.By.Dovecot", "Größe"} <= names.keys()
     assert not names["Made.By"].selectable and names["Made.By"].has_children
     box = folders.path(parse("Made.By.Dovecot"))
-    [name] = [p.name for p in (box / "cur").iterdir()] or [p.name for p in (box / "new").iterdir()]
+    [name] = [p.name for sub in ("cur", "new") for p in (box / sub).iterdir()]
     letters = flags_of(name)
     assert system_flags(letters) == {"\\Answered", "\\Deleted"}
     assert keywords_of(letters, read_keywords(box)) == {"NonJunk"}

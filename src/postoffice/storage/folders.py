@@ -56,7 +56,7 @@ from pathlib import Path
 
 from postoffice.storage import folder_names, quota
 from postoffice.storage.folder_names import INBOX, FolderName, folder_path
-from postoffice.storage.maildir import name_sizes
+from postoffice.storage.maildir import ensure_maildir, name_sizes
 from postoffice.storage.safeio import fsync_dir
 
 SUBDIRS = ("tmp", "new", "cur")
@@ -179,6 +179,7 @@ class Folders:
         if special_use is not None and special_use.lower() != (special_use_of(name) or "").lower():
             raise FolderError(FolderErrorCode.USEATTR, "This mailbox name cannot have that use")
         path = folder_path(self.maildir, name)
+        ensure_maildir(self.maildir)  # a first login may come before any mail
         if name.is_inbox or path.exists():
             raise FolderError(FolderErrorCode.ALREADYEXISTS, "Mailbox already exists")
         staging = self.maildir / "tmp" / f".folder.{secrets.token_hex(8)}"

@@ -227,3 +227,9 @@ def test_path_of_selectable_folders(folders: Folders) -> None:
     assert folders.path(parse("A.B")) == folders.maildir / ".A.B"
     with pytest.raises(FolderError):
         folders.path(parse("A"))
+
+
+def test_first_login_before_any_mail(tmp_path: Path) -> None:
+    folders = Folders(tmp_path / "new-user")
+    assert len(folders.ensure_special_use()) == len(DEFAULT_FOLDERS)
+    assert (tmp_path / "new-user" / "cur").is_dir()
