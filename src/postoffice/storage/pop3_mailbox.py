@@ -51,9 +51,7 @@ from typing import Any, BinaryIO
 
 from postoffice.storage import quota
 from postoffice.storage.maildir import ensure_maildir, name_sizes
-from postoffice.storage.maildir_flags import (
-    MessageGone as MessageGone,
-)  # its home; POP3 names it here
+from postoffice.storage.maildir_flags import MessageGone as MessageGone
 from postoffice.storage.maildir_flags import with_flags
 from postoffice.storage.safeio import fsync_dir, write_all
 
