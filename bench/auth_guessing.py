@@ -74,6 +74,10 @@ class Server:
         subprocess.run(cmd, input=stdin, text=True, check=True, capture_output=True, timeout=120)
 
     def start(self) -> None:
+        # Commands other than serve/init need the data dir (#19); a tree from
+        # before `init` existed makes it itself, so a refusal here is fine.
+        init = (sys.executable, "-m", "postoffice", "-c", str(self.config), "init")
+        subprocess.run(init, check=False, capture_output=True, timeout=120)
         for user, password in ((ALICE, ALICE_PW), (BOB, BOB_PW)):
             self.cli("user", "add", user, "--password-stdin", stdin=password + "\n")
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child keeps it

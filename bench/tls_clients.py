@@ -95,6 +95,10 @@ class Server:
         ).stdout
 
     def start(self) -> None:
+        # Commands other than serve/init need the data dir (#19); a tree from
+        # before `init` existed makes it itself, so a refusal here is fine.
+        init = [sys.executable, "-m", "postoffice", "-c", str(self.config), "init"]
+        subprocess.run(init, env=self.env, check=False, capture_output=True, timeout=120)
         self.cli("user", "add", USER, "--password-stdin", stdin=PASSWORD + "\n")
         with open(self.root / "server.log", "ab") as log:
             self.proc = subprocess.Popen(
