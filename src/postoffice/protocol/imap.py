@@ -94,6 +94,9 @@ _KNOWN = frozenset().union(*_ALLOWED.values())
 _UTF8_MODES = frozenset({"IMAP4REV2", "UTF8=ACCEPT"})  # RFC 9051 §3.? / RFC 6855 §3
 
 
+_DEFAULT_LIMITS: Final = Limits()
+
+
 class _TooLong:
     __slots__ = ("head", "tail")
 
@@ -112,7 +115,7 @@ class ImapServerCore:
         max_command: int = MAX_COMMAND,
         max_append: int = MAX_APPEND,
         literal_plus: bool = True,
-        limits: Limits = Limits(),
+        limits: Limits = _DEFAULT_LIMITS,
         tls: bool = False,
     ) -> None:
         """``literal_plus``: LITERAL+ is offered (else LITERAL-: non-synchronizing
@@ -383,8 +386,7 @@ class ImapServerCore:
                 self.compressed = True
             case ev.Idle():
                 self._mode = None
-        tag = event.tag if not isinstance(event, ev.Rejected) else event.tag
-        return status_line(tag, status, text, code, utf8=self.utf8)
+        return status_line(event.tag, status, text, code, utf8=self.utf8)
 
     def reply_rejected(self) -> bytes:
         """Answer a pending ``Rejected`` as it says (and ``* BYE`` if fatal)."""

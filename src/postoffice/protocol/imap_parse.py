@@ -38,7 +38,9 @@ _LIST_CHARS = _ATOM_CHARS | frozenset(b"%*]")
 _NAME_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-")
 _DIGITS = frozenset(b"0123456789")
 
-_SYSTEM_FLAGS = {f.upper(): f for f in ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")}
+_SYSTEM_FLAGS = {
+    f.upper(): f for f in ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+}
 _MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 _STATUS_ITEMS = frozenset(
     {"MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELETED", "SIZE", "RECENT"}
@@ -339,10 +341,7 @@ class Reader:
     def date_time(self) -> dt.datetime:
         """RFC 9051 §9 date-time: "dd-Mon-yyyy hh:mm:ss +zzzz"."""
         self.expect(b'"')
-        if self.accept(b" "):
-            day = self._digits(1)
-        else:
-            day = self._digits(2)
+        day = self._digits(1) if self.accept(b" ") else self._digits(2)
         self.expect(b"-")
         month = self._month()
         self.expect(b"-")
@@ -465,7 +464,9 @@ def _authenticate(r: Reader, tag: str, name: str, uid: bool) -> ev.Command:
     initial = None
     if r.accept(b" "):
         # RFC 4959: base64 or "=" for an empty initial response.
-        raw = r._take(frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="))
+        raw = r._take(
+            frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+        )
         if not raw:
             raise ParseError("Bad initial response")
         initial = raw.decode("ascii")
@@ -561,7 +562,7 @@ def _one_mailbox(r: Reader, tag: str, name: str, uid: bool) -> ev.Command:
     if name == "RENAME":
         r.sp()
         return ev.Rename(tag, mailbox, r.mailbox())
-    single = {
+    single: dict[str, type[ev.Delete | ev.Subscribe | ev.Unsubscribe | ev.GetQuotaRoot]] = {
         "DELETE": ev.Delete, "SUBSCRIBE": ev.Subscribe, "UNSUBSCRIBE": ev.Unsubscribe,
         "GETQUOTAROOT": ev.GetQuotaRoot,
     }  # fmt: skip
@@ -876,10 +877,11 @@ def _compress(r: Reader, tag: str, name: str, uid: bool) -> ev.Command:
     return ev.Compress(tag, r.keyword())
 
 
+_BARE = ("CAPABILITY", "NOOP", "CHECK", "LOGOUT", "STARTTLS", "NAMESPACE", "IDLE")
+_BARE += ("CLOSE", "UNSELECT", "EXPUNGE")
 _COMMANDS = {
     **dict.fromkeys(
-        ("CAPABILITY", "NOOP", "CHECK", "LOGOUT", "STARTTLS", "NAMESPACE", "IDLE", "CLOSE")
-        + ("UNSELECT", "EXPUNGE"),
+        _BARE,
         _bare,
     ),
     "AUTHENTICATE": _authenticate,
