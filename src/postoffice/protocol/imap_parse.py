@@ -877,8 +877,8 @@ def _compress(r: Reader, tag: str, name: str, uid: bool) -> ev.Command:
     return ev.Compress(tag, r.keyword())
 
 
-_BARE = ("CAPABILITY", "NOOP", "CHECK", "LOGOUT", "STARTTLS", "NAMESPACE", "IDLE")
-_BARE += ("CLOSE", "UNSELECT", "EXPUNGE")
+_BARE: tuple[str, ...] = ("CAPABILITY", "NOOP", "CHECK", "LOGOUT", "STARTTLS", "NAMESPACE")
+_BARE += ("IDLE", "CLOSE", "UNSELECT", "EXPUNGE")
 _COMMANDS = {
     **dict.fromkeys(
         _BARE,
