@@ -90,6 +90,7 @@ _ALLOWED: dict[ImapState, frozenset[str]] = {
     ImapState.SELECTED: _AUTHENTICATED
     | {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"},
 }
+_STARTTLS_PIPELINED = "STARTTLS must be the last command sent before the handshake"
 _KNOWN = frozenset().union(*_ALLOWED.values())
 _UTF8_MODES = frozenset({"IMAP4REV2", "UTF8=ACCEPT"})  # RFC 9051 §3.? / RFC 6855 §3
 
@@ -297,7 +298,7 @@ class ImapServerCore:
             if self.tls:
                 return "TLS is already active"
             if self._buf:
-                return "STARTTLS must be the last command sent before the handshake"
+                return _STARTTLS_PIPELINED
         return None
 
     def _refuse(self, tag: str | None, text: str, line: bytes) -> ev.Event | None:
@@ -305,7 +306,7 @@ class ImapServerCore:
         a non-synchronizing literal announced at its end is skipped unread."""
         self._reset_command()
         event = ev.Rejected(tag, text)
-        if text.startswith("STARTTLS"):
+        if text == _STARTTLS_PIPELINED:
             return ev.Rejected(tag, text, fatal=True)
         mark = _LITERAL_MARK.search(line)
         if mark is not None and mark.group(3):

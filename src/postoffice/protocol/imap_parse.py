@@ -48,7 +48,7 @@ _STATUS_ITEMS = frozenset(
 )
 _SEARCH_RETURN = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})  # RFC 4731, RFC 5182
 _CHARSETS = frozenset({"UTF-8", "US-ASCII"})  # RFC 9051 §6.4.4: UTF-8 is required
-BADCHARSET = "BADCHARSET (UTF-8 US-ASCII)"
+BADCHARSET = "BADCHARSET"  # the core adds the list (UTF-8 US-ASCII)
 
 _FETCH_MACROS = {
     "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
