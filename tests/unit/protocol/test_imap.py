@@ -21,8 +21,18 @@ from postoffice.protocol.imap_response import (
 )
 
 
-def core(state: ImapState = ImapState.NOT_AUTHENTICATED, **kwargs: object) -> ImapServerCore:
-    c = ImapServerCore(**kwargs)  # type: ignore[arg-type]
+def core(
+    state: ImapState = ImapState.NOT_AUTHENTICATED,
+    *,
+    max_line: int = 65536,
+    max_command: int = 1 << 20,
+    max_append: int = 50 << 20,
+    literal_plus: bool = True,
+) -> ImapServerCore:
+    c = ImapServerCore(
+        max_line=max_line, max_command=max_command, max_append=max_append,
+        literal_plus=literal_plus,
+    )  # fmt: skip
     if state in (ImapState.AUTHENTICATED, ImapState.SELECTED):
         c.greeting("hi", preauth=True)
     if state is ImapState.SELECTED:
@@ -113,7 +123,7 @@ def test_mailbox_commands() -> None:
                 ("CHILDREN", "STATUS"),
                 ("UNSEEN",),
             )
-        ),  # fmt: skip
+        ),
         b"a GETQUOTAROOT INBOX": ev.GetQuotaRoot("a", "INBOX"),
         b'a GETQUOTA ""': ev.GetQuota("a", ""),
         b"a ENABLE CONDSTORE utf8=accept": ev.Enable("a", ("CONDSTORE", "UTF8=ACCEPT")),
