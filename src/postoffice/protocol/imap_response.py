@@ -1,0 +1,144 @@
+"""IMAP responses as bytes (RFC 9051 §7): status lines with response codes,
+untagged data, continuation requests.
+
+Values are typed so that a string can never be emitted unsafely: ``str``
+is always a *string* (quoted when every character allows it, RFC 9051 §9
+``quoted``, otherwise a literal), ``bytes`` always a literal, ``Atom`` a
+token written as is (validated: no space, CR, LF or other control),
+``Raw`` a pre-built token such as a fetch item name ``BODY[HEADER.FIELDS
+(FROM)]``, ``Mailbox`` a mailbox name in the connection's encoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from postoffice.protocol.imap_events import SequenceSet
+from postoffice.protocol.imap_names import encode_mutf7
+
+MAX_QUOTED = 1024  # longer strings go as literals: cheaper for clients to read
+
+
+@dataclass(frozen=True, slots=True)
+class Atom:
+    """A token sent as is: EXISTS, \\Seen, NIL-free keywords."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        if not self.text or any(c in ' ()"{' or ord(c) < 0x21 or ord(c) > 0x7E for c in self.text):
+            raise ValueError(f"not an atom: {self.text!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Raw:
+    """A pre-built token that may hold spaces or parentheses (fetch item
+    names); never CR, LF or NUL."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        if any(c in "\r\n\0" for c in self.text):
+            raise ValueError("CR, LF or NUL in a response token")
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    """A mailbox name, encoded as the connection needs (mUTF-7 for rev1)."""
+
+    name: str
+
+
+Value = None | int | str | bytes | Atom | Raw | Mailbox | SequenceSet | Sequence["Value"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseCode:
+    """A response code (RFC 9051 §7.1): ``[NAME args]``, e.g.
+    ``ResponseCode("UIDNEXT", (5,))``, ``ResponseCode("TOOBIG")``."""
+
+    name: str
+    args: tuple[Value, ...] = ()
+
+    def __post_init__(self) -> None:
+        Atom(self.name)  # validates
+
+
+def encode_value(value: Value, *, utf8: bool) -> bytes:
+    """One value in its wire form; ``utf8``: the client is in rev2 /
+    UTF8=ACCEPT mode (UTF-8 in quoted strings and mailbox names)."""
+    if value is None:
+        return b"NIL"
+    if isinstance(value, bool):
+        raise TypeError("bool is not an IMAP value")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("IMAP numbers are unsigned")
+        return str(value).encode("ascii")
+    if isinstance(value, Atom | Raw):
+        return value.text.encode("ascii" if isinstance(value, Atom) else "utf-8")
+    if isinstance(value, SequenceSet):
+        return value.to_wire().encode("ascii")
+    if isinstance(value, Mailbox):
+        name = value.name if utf8 else encode_mutf7(value.name)
+        return encode_string(name, utf8=utf8)
+    if isinstance(value, str):
+        return encode_string(value, utf8=utf8)
+    if isinstance(value, bytes):
+        return b"{%d}\r\n" % len(value) + value
+    return b"(" + b" ".join(encode_value(v, utf8=utf8) for v in value) + b")"
+
+
+def encode_string(text: str, *, utf8: bool) -> bytes:
+    """``text`` as a quoted string if RFC 9051 §9 allows (no CR, LF, NUL;
+    8-bit only in UTF-8 mode), else as a literal."""
+    raw = text.encode("utf-8")
+    quotable = (
+        len(raw) <= MAX_QUOTED
+        and b"\r" not in raw
+        and b"\n" not in raw
+        and b"\0" not in raw
+        and (utf8 or text.isascii())
+    )
+    if quotable:
+        return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"{%d}\r\n" % len(raw) + raw
+
+
+def _text(text: str) -> bytes:
+    # resp-text is TEXT-CHARs: no CR/LF; a leading "[" would read as a code.
+    clean = text.replace("\r", " ").replace("\n", " ").replace("\0", " ")
+    if clean.startswith("["):
+        clean = " " + clean
+    return clean.encode("utf-8")
+
+
+def status_line(
+    tag: str | None, status: str, text: str, code: ResponseCode | None = None, *, utf8: bool = True
+) -> bytes:
+    """``tag status [code] text`` CRLF (``*`` when tag is None): OK, NO,
+    BAD, and untagged PREAUTH, BYE (RFC 9051 §7.1)."""
+    if status not in ("OK", "NO", "BAD", "PREAUTH", "BYE"):
+        raise ValueError(f"not a status: {status}")
+    parts = [(tag or "*").encode("ascii"), status.encode("ascii")]
+    if code is not None:
+        inner = code.name.encode("ascii")
+        if code.args:
+            inner += b" " + b" ".join(encode_value(a, utf8=utf8) for a in code.args)
+        parts.append(b"[" + inner + b"]")
+    parts.append(_text(text or status.lower()))
+    return b" ".join(parts) + b"\r\n"
+
+
+def untagged(*values: Value, utf8: bool = True) -> bytes:
+    """``* v1 v2 ...`` CRLF: untagged data (RFC 9051 §7.2-§7.5), e.g.
+    ``untagged(3, Atom("EXISTS"))``."""
+    if not values:
+        raise ValueError("empty untagged response")
+    return b"* " + b" ".join(encode_value(v, utf8=utf8) for v in values) + b"\r\n"
+
+
+def continuation(text: str = "") -> bytes:
+    """``+ text`` CRLF (RFC 9051 §7.6): base64 SASL challenges, "idling", ..."""
+    return b"+ " + _text(text) + b"\r\n"
