@@ -18,10 +18,9 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Final
 
+from postoffice.mail import mutf7
 from postoffice.protocol import imap_events as ev
 from postoffice.protocol.imap_names import (
-    MailboxNameError,
-    decode_mutf7,
     normalize_mailbox,
     valid_utf8_name,
 )
@@ -270,8 +269,8 @@ class Reader:
         text = _utf8(raw)
         if not self.utf8 and text.isascii():
             try:
-                text = decode_mutf7(text)
-            except MailboxNameError as exc:
+                text = mutf7.decode(text)
+            except mutf7.Mutf7Error as exc:
                 raise ParseError(str(exc)) from exc
         if not valid_utf8_name(text):
             raise ParseError("Control characters in mailbox name")

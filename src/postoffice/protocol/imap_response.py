@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from postoffice.mail import mutf7
 from postoffice.protocol.imap_events import SequenceSet
-from postoffice.protocol.imap_names import encode_mutf7
 
 MAX_QUOTED = 1024  # longer strings go as literals: cheaper for clients to read
 
@@ -81,7 +81,7 @@ def encode_value(value: Value, *, utf8: bool) -> bytes:
     if isinstance(value, SequenceSet):
         return value.to_wire().encode("ascii")
     if isinstance(value, Mailbox):
-        name = value.name if utf8 else encode_mutf7(value.name)
+        name = value.name if utf8 else mutf7.encode(value.name)
         return encode_string(name, utf8=utf8)
     if isinstance(value, str):
         return encode_string(value, utf8=utf8)

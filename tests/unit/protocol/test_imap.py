@@ -10,7 +10,6 @@ import pytest
 from postoffice.protocol import imap_events as ev
 from postoffice.protocol.errors import LocalProtocolError
 from postoffice.protocol.imap import ImapServerCore, ImapState
-from postoffice.protocol.imap_names import MailboxNameError, decode_mutf7, encode_mutf7
 from postoffice.protocol.imap_response import (
     Atom,
     Mailbox,
@@ -457,22 +456,3 @@ def test_untagged_fetch_response() -> None:
     assert c.greeting("ready", ResponseCode("CAPABILITY", (Atom("IMAP4rev2"),))) == (
         b"* OK [CAPABILITY IMAP4rev2] ready\r\n"
     )
-
-
-# --- mailbox names (RFC 3501 §5.1.3) ---------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "wire"),
-    [("INBOX", "INBOX"), ("a&b", "a&-b"), ("~peter/mail/\u53f0\u5317/\u65e5\u672c\u8a9e",
-     "~peter/mail/&U,BTFw-/&ZeVnLIqe-"), ("\U0001f600", "&2D3eAA-")],
-)  # fmt: skip
-def test_modified_utf7(name: str, wire: str) -> None:
-    assert encode_mutf7(name) == wire
-    assert decode_mutf7(wire) == name
-
-
-@pytest.mark.parametrize("wire", ["&", "&Jjo", "&AGE-", "&2D3eAA", "&U,B-&Fw-", "a\u00e9"])
-def test_modified_utf7_refuses_non_canonical(wire: str) -> None:
-    with pytest.raises(MailboxNameError):
-        decode_mutf7(wire)
