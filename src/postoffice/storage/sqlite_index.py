@@ -429,7 +429,10 @@ class SqliteImapIndex:
         # Maildir name), so UIDs ascend with arrival (RFC 9051 §2.3.1.1).
         for stem in sorted(new, key=arrival_key):
             info = disk[stem]
-            facts = files.facts(f"{stem}:2,{info}" if info else stem)
+            if info:
+                facts = files.facts(f"{stem}:2,{info}")
+            else:  # in new/ with no info, or in cur/ as "<stem>:2," (no flags)
+                facts = files.facts(stem) or files.facts(f"{stem}:2,")
             if facts is None:
                 continue  # gone since the listing: never had a UID
             uid = self._next_uid(f)

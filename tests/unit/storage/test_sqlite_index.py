@@ -496,3 +496,9 @@ def test_sync_of_100k_unchanged_is_fast(index: SqliteImapIndex) -> None:
         timings.append(time.perf_counter() - started)
     print(f"\nsync 100k: first {first:.2f} s, unchanged {min(timings) * 1000:.0f} ms")
     assert min(timings) < 1.0  # about 0.1 s measured; generous for a busy machine
+
+
+def test_sync_finds_a_new_file_in_cur_with_empty_info(index: SqliteImapIndex) -> None:
+    # Found by the state machine: "<stem>:2," (cur/, no flags) was never indexed.
+    result = index.sync("INBOX", ListedFiles([stem(1) + ":2,"]))
+    assert [(r.uid, r.info) for r in result.added] == [(1, "")]
