@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from postoffice.storage.imap_index import (
+    FileFacts,
     FolderExists,
+    FolderState,
     ImapIndex,
     ImapIndexError,
     NewMessage,
@@ -40,6 +42,12 @@ def index(path: Path) -> Iterator[SqliteImapIndex]:
         yield idx
     finally:
         idx.close()
+
+
+def state(index: ImapIndex, name: str) -> FolderState:
+    found = index.folder(name)
+    assert found is not None
+    return found
 
 
 def test_is_an_imap_index(index: SqliteImapIndex) -> None:
@@ -165,7 +173,7 @@ def test_sync_picks_up_flag_changes_of_other_tools(index: SqliteImapIndex) -> No
     files.rename(stem(2), "FS")
     result = index.sync("INBOX", files)
     [changed] = result.flags_changed
-    assert (changed.uid, changed.flags, changed.modseq) == (2, {SEEN, FLAGGED}, 3)
+    assert (changed.uid, changed.flags, changed.modseq) == (2, frozenset({SEEN, FLAGGED}), 3)
     assert result.folder.highestmodseq == 3
     assert [r.uid for r in index.changed_since("INBOX", 2)] == [2]
     files.rename(stem(2), "S")
@@ -213,7 +221,7 @@ def test_sync_adds_removes_and_renames_at_once(index: SqliteImapIndex) -> None:
     files.deliver(stem(4))
     result = index.sync("INBOX", files)
     assert result.expunged == (1,)
-    assert [(r.uid, r.flags) for r in result.flags_changed] == [(2, {DELETED})]
+    assert [(r.uid, r.flags) for r in result.flags_changed] == [(2, frozenset({DELETED}))]
     assert [(r.uid, r.stem) for r in result.added] == [(4, stem(4))]
     assert {r.modseq for r in (*result.added, *result.flags_changed)} == {3}
 
@@ -262,7 +270,7 @@ def test_append_after_a_sync_found_the_file_keeps_its_uid(index: SqliteImapIndex
     assert index.append("INBOX", [NewMessage(stem(1), frozenset({SEEN}), 5, 101)]) == (1,)
     [record] = index.messages("INBOX")
     assert record.flags == {SEEN} and record.internaldate == 5
-    assert index.folder("INBOX").uidnext == 2  # type: ignore[union-attr]
+    assert state(index, "INBOX").uidnext == 2
 
 
 def test_copy_keeps_flags_and_date_with_new_uids(index: SqliteImapIndex) -> None:
@@ -274,7 +282,10 @@ def test_copy_keeps_flags_and_date_with_new_uids(index: SqliteImapIndex) -> None
     assert result.pairs == ((1, 2), (2, 3))
     assert result.expunged == ()
     copied = index.messages("Archive", 2)
-    assert [(r.stem, r.flags) for r in copied] == [(stem(101), {SEEN}), (stem(102), {"Work"})]
+    assert [(r.stem, r.flags) for r in copied] == [
+        (stem(101), frozenset({SEEN})),
+        (stem(102), frozenset({"Work"})),
+    ]
     assert copied[0].internaldate == 1_700_000_000
     assert index.uids("INBOX") == [1, 2, 3]
 
@@ -282,12 +293,12 @@ def test_copy_keeps_flags_and_date_with_new_uids(index: SqliteImapIndex) -> None
 def test_move_expunges_the_source(index: SqliteImapIndex) -> None:
     index.sync("INBOX", ListedFiles([stem(1), stem(2) + ":2,F"]))
     index.create_folder("Trash")
-    source_before = index.folder("INBOX")
+    source_before = state(index, "INBOX")
     result = index.move("INBOX", "Trash", [(2, stem(2) + ":2,F")])
     assert result.pairs == ((2, 1),)
     assert result.expunged == (2,)
     assert index.uids("INBOX") == [1]
-    assert index.vanished_since("INBOX", source_before.highestmodseq) == [2]  # type: ignore[union-attr]
+    assert index.vanished_since("INBOX", source_before.highestmodseq) == [2]
     [moved] = index.messages("Trash")
     assert moved.flags == {FLAGGED} and moved.stem == stem(2)
     with pytest.raises(ImapIndexError):
@@ -303,8 +314,8 @@ def test_store_modes(index: SqliteImapIndex) -> None:
     assert replaced.modseq == 4 and replaced.changed[0].flags == {FLAGGED, "Work"}
     removed = index.store("INBOX", [1, 2], StoreMode.REMOVE, ["work", SEEN])
     # Keywords are kept as given: "work" is not "Work" here (the parser normalises).
-    assert [(r.uid, r.flags) for r in removed.changed] == [(2, set())]
-    assert index.folder("INBOX").highestmodseq == 5  # type: ignore[union-attr]
+    assert [(r.uid, r.flags) for r in removed.changed] == [(2, frozenset())]
+    assert state(index, "INBOX").highestmodseq == 5
 
 
 def test_store_that_changes_nothing_keeps_the_modseq(index: SqliteImapIndex) -> None:
@@ -333,7 +344,7 @@ def test_note_info_changes_no_modseq(index: SqliteImapIndex) -> None:
     index.store("INBOX", [1], StoreMode.ADD, [SEEN])
     index.note_info("INBOX", 1, "S")
     assert index.messages("INBOX")[0].info == "S"
-    assert index.folder("INBOX").highestmodseq == 3  # type: ignore[union-attr]
+    assert state(index, "INBOX").highestmodseq == 3
 
 
 def test_expunge(index: SqliteImapIndex) -> None:
@@ -463,7 +474,7 @@ def test_maildir_folder_files(tmp_path: Path, index: SqliteImapIndex) -> None:
     os.utime(tmp_path / "new" / stem(2), (1_500_000_000, 1_500_000_000))
     files = MaildirFolderFiles(tmp_path, keywords=["Work"])
     assert sorted(files.names()) == sorted([stem(2), stem(1) + ":2,Sa"])
-    assert files.facts(stem(2)) == type(files.facts(stem(2)))(7, 1_500_000_000)
+    assert files.facts(stem(2)) == FileFacts(7, 1_500_000_000)
     assert files.facts("missing") is None
     assert list(files.gone([stem(1), "other"])) == ["other"]
     result = index.sync("INBOX", files)

@@ -63,6 +63,11 @@ class IndexMachine(RuleBasedStateMachine):
             assert modseq >= self.modseq[folder]
         self.modseq[folder] = modseq
 
+    def _highest(self, folder: str) -> int:
+        state = self.index.folder(folder)
+        assert state is not None
+        return state.highestmodseq
+
     def _live(self, folder: str) -> list[int]:
         return self.index.uids(folder)
 
@@ -106,7 +111,7 @@ class IndexMachine(RuleBasedStateMachine):
         self.files[folder].deliver(name)  # written first, then told (imap_index docs)
         [uid] = self.index.append(folder, [NewMessage(name, flags, 0, 1)])
         self._saw_uid(folder, uid, name, new=uid not in self.named[folder])
-        self._saw_modseq(folder, self.index.folder(folder).highestmodseq, True)  # type: ignore[union-attr]
+        self._saw_modseq(folder, self._highest(folder), True)
 
     @rule(
         folder=st.sampled_from(FOLDERS),
@@ -168,9 +173,9 @@ class IndexMachine(RuleBasedStateMachine):
         assert result.uidvalidity == self.uidvalidity[target]
         for (_src, new_uid), (_uid, name) in zip(result.pairs, pairs, strict=True):
             self._saw_uid(target, new_uid, name, new=new_uid not in self.named[target])
-        self._saw_modseq(target, self.index.folder(target).highestmodseq, True)  # type: ignore[union-attr]
+        self._saw_modseq(target, self._highest(target), True)
         if move:
-            self._saw_modseq(source, self.index.folder(source).highestmodseq, True)  # type: ignore[union-attr]
+            self._saw_modseq(source, self._highest(source), True)
 
     @rule()
     def restart(self) -> None:
