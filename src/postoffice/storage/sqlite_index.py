@@ -32,8 +32,13 @@ whenever UIDs cannot be kept.  This is logged as an error.
 Speed: ``sync`` of a folder in which nothing changed is one read of the
 folder's (stem, info) pairs and two set differences in C; on this
 project's 2-core test machine, a 100,000-message folder with nothing new
-syncs in about 0.12 s (``tests/unit/storage/test_sqlite_index.py``
-``test_sync_of_100k_unchanged_is_fast`` measures it and prints the figure).
+syncs in 0.10 s, and the first sync, giving all 100,000 their UIDs in one
+transaction, takes 1.0 s (``tests/unit/storage/test_sqlite_index.py``
+``test_sync_of_100k_unchanged_is_fast`` measures both and prints them).
+
+Not done yet: the expunged UIDs kept for VANISHED are never pruned (a
+folder's ``expunged`` rows grow with its expunges; RFC 7162 §3.2.10 lets a
+server forget old ones and answer with a wider VANISHED).
 """
 
 from __future__ import annotations
