@@ -106,6 +106,20 @@ def name_sizes(stem: str) -> tuple[str, dict[str, int]]:
     return base, {key: int(value) for key, value in _SIZE_FIELDS.findall(stem)}
 
 
+_ARRIVAL = re.compile(r"(\d{1,18})(?:\.M(\d{1,9}))?(?!\d)")
+
+
+def arrival_key(name: str) -> tuple[int, int, str]:
+    """Sort key putting Maildir names in delivery order.
+
+    Names start with the delivery time in seconds, and ours and Dovecot's go
+    on with ``.M<microseconds>`` (``_Namer.unique``): sort by both, then by
+    name; a name with no time prefix sorts first, by name.
+    """
+    m = _ARRIVAL.match(name)
+    return (int(m[1]), int(m[2] or 0), name) if m else (0, 0, name)
+
+
 class _Namer:
     """Unique names per the Maildir spec: time, microseconds, pid, counter,
     random, host (with '/' and ':' escaped as the spec asks)."""

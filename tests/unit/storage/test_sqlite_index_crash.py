@@ -1,0 +1,93 @@
+"""kill -9 in the middle of a sync loop never makes the index hand a UID out twice.
+
+A child process delivers files into a real Maildir and syncs in a loop,
+printing each UID once its sync has returned (the moment a session would
+tell a client).  The parent kills it with SIGKILL at random moments and
+starts it again; every UID ever printed must name one file only, and the
+index afterwards must agree with everything printed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from postoffice.storage.index_files import MaildirFolderFiles
+from postoffice.storage.sqlite_index import SqliteImapIndex
+
+CHILD = """
+import os, sys
+from pathlib import Path
+from postoffice.storage.index_files import MaildirFolderFiles
+from postoffice.storage.sqlite_index import SqliteImapIndex
+
+maildir = Path(sys.argv[1])
+start = int(sys.argv[2])
+index = SqliteImapIndex.for_maildir(maildir)
+files = MaildirFolderFiles(maildir)
+n = start
+while True:
+    for _ in range(3):
+        name = f"{1700000000 + n}.M0P{os.getpid()}Q{n}.host,S=1"
+        with open(maildir / "tmp" / name, "wb") as fh:
+            fh.write(b"x")
+        os.rename(maildir / "tmp" / name, maildir / "new" / name)
+        n += 1
+    if n % 7 == 0:
+        victim = sorted(os.listdir(maildir / "new"))[0]
+        os.unlink(maildir / "new" / victim)
+    result = index.sync("INBOX", files)
+    for record in result.added:
+        sys.stdout.write(f"{record.uid} {record.stem}\\n")
+    sys.stdout.flush()
+"""
+
+
+def test_kill_9_during_syncs_never_reuses_a_uid(tmp_path: Path) -> None:
+    maildir = tmp_path / "maildir"
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    printed: dict[int, str] = {}
+    rng = random.Random(13)
+    start = 0
+    for _round in range(8):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(maildir), str(start)],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        time.sleep(0.3 + rng.random() * 0.4)  # the interpreter starts, then a few syncs
+        os.kill(child.pid, signal.SIGKILL)
+        out, _err = child.communicate()
+        assert child.returncode == -signal.SIGKILL
+        lines = out.decode().splitlines()
+        if lines and not lines[-1].endswith(",S=1"):
+            lines.pop()  # cut mid-line by the kill
+        for line in lines:
+            uid_text, stem = line.split(" ")
+            uid = int(uid_text)
+            assert printed.setdefault(uid, stem) == stem, f"UID {uid} given twice"
+        start += 10_000  # the next child's names never repeat the last one's
+    assert len(printed) > 20  # the children really did work
+    assert len(set(printed.values())) == len(printed)  # one UID per file, too
+    index = SqliteImapIndex.for_maildir(maildir)
+    try:
+        result = index.sync("INBOX", MaildirFolderFiles(maildir))
+        known = {r.uid: r.stem for r in index.messages("INBOX")}
+        vanished = set(index.vanished_since("INBOX", 0))
+        for uid, stem in printed.items():
+            assert known.get(uid, stem) == stem
+            assert uid in known or uid in vanished
+        uids = sorted([*known, *vanished])
+        assert uids == sorted(set(uids))
+        assert result.folder.uidnext > max(uids)
+        check = index._conn.execute("PRAGMA integrity_check").fetchone()[0]
+        assert check == "ok"
+    finally:
+        index.close()
