@@ -115,6 +115,12 @@ def keywords_of(letters: str, table: Mapping[str, str]) -> frozenset[str]:
     return frozenset(table[ch] for ch in letters if ch in table)
 
 
+def info_flags(letters: str, table: Mapping[str, str]) -> frozenset[str]:
+    """Every IMAP flag the ``:2,`` letters hold: system flags and the
+    keywords of ``table`` (letter -> keyword, as ``read_keywords`` gives)."""
+    return system_flags(letters) | keywords_of(letters, table)
+
+
 def keyword_letters(folder: Path, keywords: Iterable[str]) -> str:
     """Letters for ``keywords`` in ``folder``, assigning new letters (written
     to ``dovecot-keywords`` durably) for keywords not yet in it.  Blocking.

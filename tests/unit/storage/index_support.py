@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 
 from postoffice.storage.imap_index import FileFacts
-from postoffice.storage.index_files import info_flags
 from postoffice.storage.maildir import arrival_key
+from postoffice.storage.maildir_flags import info_flags
 
-KEYWORDS = ("$Forwarded", "Work")
+KEYWORDS = {"a": "$Forwarded", "b": "Work"}  # letter -> keyword, as dovecot-keywords
 
 
 class ListedFiles:

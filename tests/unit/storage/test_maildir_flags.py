@@ -19,6 +19,7 @@ from postoffice.storage.maildir_flags import (
     change_flags,
     find_by_stem,
     flags_of,
+    info_flags,
     keyword_letters,
     keywords_of,
     read_keywords,
@@ -128,3 +129,11 @@ def test_change_flags_of_a_removed_message(folder: Path) -> None:
         change_flags(folder, "new", NAME, add="S")
     with pytest.raises(ValueError):
         change_flags(folder, "new", "../escape", add="S")
+
+
+def test_info_flags_reads_system_letters_and_known_keywords() -> None:
+    table = {"a": "$Forwarded", "b": "Work"}
+    assert info_flags("STb", table) == {"\\Seen", "\\Deleted", "Work"}
+    # P (passed) has no IMAP flag; unknown letters and keywords missing from
+    # dovecot-keywords are ignored, as Dovecot ignores them.
+    assert info_flags("PXz?", table) == frozenset()

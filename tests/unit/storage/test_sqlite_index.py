@@ -22,7 +22,7 @@ from postoffice.storage.imap_index import (
     NoSuchFolder,
     StoreMode,
 )
-from postoffice.storage.index_files import MaildirFolderFiles, info_flags, info_letters
+from postoffice.storage.index_files import MaildirFolderFiles
 from postoffice.storage.maildir import arrival_key
 from postoffice.storage.sqlite_index import INDEX_NAME, SqliteImapIndex
 from tests.unit.storage.index_support import ListedFiles, stem
@@ -472,7 +472,7 @@ def test_maildir_folder_files(tmp_path: Path, index: SqliteImapIndex) -> None:
     (tmp_path / "cur" / (stem(1) + ":2,Sa")).write_bytes(b"y" * 3)
     (tmp_path / "cur" / ".hidden").write_bytes(b"")
     os.utime(tmp_path / "new" / stem(2), (1_500_000_000, 1_500_000_000))
-    files = MaildirFolderFiles(tmp_path, keywords=["Work"])
+    files = MaildirFolderFiles(tmp_path, keywords={"a": "Work"})
     assert sorted(files.names()) == sorted([stem(2), stem(1) + ":2,Sa"])
     assert files.facts(stem(2)) == FileFacts(7, 1_500_000_000)
     assert files.facts("missing") is None
@@ -484,14 +484,6 @@ def test_maildir_folder_files(tmp_path: Path, index: SqliteImapIndex) -> None:
     ]
     os.rename(tmp_path / "new" / stem(2), tmp_path / "cur" / (stem(2) + ":2,T"))
     assert index.sync("INBOX", files).flags_changed[0].flags == {DELETED}
-
-
-def test_info_letters_round_trip() -> None:
-    keywords = ["$Forwarded", "Work"]
-    flags = frozenset({SEEN, DELETED, "Work", "NoLetter"})
-    assert info_letters(flags, keywords) == "STb"
-    assert info_flags("STb", keywords) == flags - {"NoLetter"}
-    assert info_flags("PXz?", keywords) == frozenset()
 
 
 # --- speed -----------------------------------------------------------------------------------
