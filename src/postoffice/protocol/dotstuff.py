@@ -44,6 +44,12 @@ def _to_crlf(chunk: bytes, after_cr: bool = False) -> bytes:
     return chunk.replace(b"\n", b"\r\n")
 
 
+def to_crlf(message: bytes) -> bytes:
+    """A whole stored message in wire line form under the rule above (LF and
+    CRLF -> CRLF, a bare CR kept): IMAP's BODY[] and RFC822.SIZE use it."""
+    return _to_crlf(message)
+
+
 def dot_stuff(data: bytes, at_line_start: bool) -> bytes:
     """``data`` (CRLF line endings) with one more "." before every line that
     starts with "."; ``at_line_start``: ``data`` begins a line."""
