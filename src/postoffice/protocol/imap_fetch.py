@@ -238,7 +238,7 @@ class FetchMessage:
             return data[part.body_start : part.end]
         # HEADER/TEXT of a part address its message/rfc822 message; of any
         # other part (not allowed by §6.4.5) the part's own header and body.
-        entity = part.message if part.message is not None else part
+        entity = part.message if part.message is not None and section.part else part
         if section.text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
             return _header_fields(data, entity, section.fields, section.text == "HEADER.FIELDS")
         if section.text == "HEADER":

@@ -23,8 +23,9 @@ no children (BODYSTRUCTURE shows one empty text part, as Dovecot does).
 Bounds on attacker input: ``MAX_DEPTH`` nested multiparts and
 message/rfc822 parts (deeper ones become opaque application/octet-stream
 leaves, so recursion never passes ``MAX_DEPTH``), ``MAX_PARTS`` parts in
-all (past it, the part being split runs to the end of its parent).  CPU is
-O(message size × depth): each level searches its own range for its
+all (past it, no more parts are split out and deeper multiparts become
+leaves).  CPU is
+O(message size * depth): each level searches its own range for its
 boundary with ``bytes.find`` (fast C), a few hundred MB/s in the worst
 case; the session may run this in an executor for big messages.
 """
