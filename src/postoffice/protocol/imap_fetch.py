@@ -89,11 +89,9 @@ def _params(params: list[tuple[bytes, bytes]]) -> Value:
 
 
 def _lines(data: bytes, part: Part) -> int:
-    """Lines of a body: its line ends, and one more for a last line without one."""
-    count = data.count(b"\n", part.body_start, part.end)
-    if part.end > part.body_start and data[part.end - 1 : part.end] != b"\n":
-        count += 1
-    return count
+    """Lines of a body: its line ends (a last line without one is not
+    counted, as Dovecot counts)."""
+    return data.count(b"\n", part.body_start, part.end)
 
 
 def _extension(part: Part) -> tuple[Value, ...]:
@@ -132,19 +130,26 @@ _EMPTY_TEXT: tuple[Value, ...] = (
 def _body(data: bytes, part: Part, extensible: bool) -> tuple[Value, ...]:
     """body (RFC 9051 §9) of ``part``; ``extensible``: BODYSTRUCTURE."""
     if part.multipart:
-        children: list[Value] = [_body(data, c, extensible) for c in part.children] or [_EMPTY_TEXT]
+        empty = (*_EMPTY_TEXT, None, None, None, None) if extensible else _EMPTY_TEXT
+        children: list[Value] = [_body(data, c, extensible) for c in part.children] or [empty]
         out: list[Value] = [*children, _nstring(part.subtype)]
         if extensible:
             out += [_params(part.params), *_extension(part)]
         return tuple(out)
     encoding = part.get("CONTENT-TRANSFER-ENCODING")
+    params = part.params
+    if part.is_text() and not any(k.lower() == b"charset" for k, _ in params):
+        params = [
+            (b"charset", b"us-ascii"),
+            *params,
+        ]  # RFC 2045 §5.2 default, shown as Dovecot does
     out = [
         _nstring(part.type),
         _nstring(part.subtype),
-        _params(part.params),
+        _params(params),
         _nstring(part.get("CONTENT-ID")),
         _nstring(part.get("CONTENT-DESCRIPTION")),
-        _nstring(encoding.strip()) if encoding and encoding.strip() else "7BIT",
+        _nstring(encoding.strip()) if encoding and encoding.strip() else "7bit",
         part.end - part.body_start,
     ]
     if part.message is not None:

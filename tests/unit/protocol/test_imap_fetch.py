@@ -131,6 +131,7 @@ def test_envelope_8bit_headers() -> None:
 
 
 def test_bodystructure_of_a_real_world_message() -> None:
+    # Dovecot 2.3 gives the same answer for this message, octet for octet.
     got = bodystructure(MIXED, True)
     alternative = (
         (
@@ -141,13 +142,13 @@ def test_bodystructure_of_a_real_world_message() -> None:
             None,
             "quoted-printable",
             17,
-            2,
+            1,
             None,
             None,
             None,
             None,
         ),
-        ("text", "html", ("charset", "utf-8"), None, None, "7BIT", 12, 1, None, None, None, None),
+        ("text", "html", ("charset", "utf-8"), None, None, "7bit", 12, 0, None, None, None, None),
         "alternative",
         ("boundary", "inner"),
         None,
@@ -183,11 +184,24 @@ def test_bodystructure_of_a_real_world_message() -> None:
         None,
         None,
         None,
-        "7BIT",
+        "7bit",
         89,
         inner_env,
-        ("text", "plain", None, None, None, "7BIT", 18, 2, None, None, None, None),
-        6,
+        (
+            "text",
+            "plain",
+            ("charset", "us-ascii"),
+            None,
+            None,
+            "7bit",
+            18,
+            1,
+            None,
+            None,
+            None,
+            None,
+        ),
+        5,
         None,
         None,
         None,
@@ -250,7 +264,7 @@ def test_single_part_message_part_one_is_its_body() -> None:
         ("charset", "us-ascii"),
         None,
         None,
-        "7BIT",
+        "7bit",
         7,
         1,
     )
@@ -258,7 +272,7 @@ def test_single_part_message_part_one_is_its_body() -> None:
 
 def test_no_content_type_no_blank_line_no_final_newline() -> None:
     assert bodystructure(b"Subject: only a header", False)[6:] == (0, 0)
-    assert bodystructure(b"Subject: x\n\nno newline", False)[6:] == (10, 1)
+    assert bodystructure(b"Subject: x\n\nno newline", False)[6:] == (10, 0)
     assert rfc822_size(b"a\nb") == 4 and rfc822_size(b"a\r\nb\rc\n") == 8
 
 
