@@ -110,17 +110,17 @@ def test_folders_list_create_rename_delete(srv: PostofficeServer) -> None:
     assert "\\Sent" in text and "\\Trash" in text
     assert client.create("Work.Projects")[0] == "OK"
     assert client.create("Work.Projects")[0] == "NO"
-    _typ, lines = client.list("", "Work.%")
+    _typ, lines = client.list('""', "Work.%")
     assert any(b"Work.Projects" in line for line in lines)
     assert client.rename("Work.Projects", "Work.Done")[0] == "OK"
-    _typ, lines = client.list("", "Work*")
+    _typ, lines = client.list('""', "Work*")
     names = b"\n".join(lines)
     assert b"Work.Done" in names and b"Work.Projects" not in names
     assert client.subscribe("Work.Done")[0] == "OK"
-    _typ, lines = client.lsub("", "*")
+    _typ, lines = client.lsub('""', "*")
     assert any(b"Work.Done" in line for line in lines)
     assert client.delete("Work.Done")[0] == "OK"
-    _typ, lines = client.list("", "Work*")
+    _typ, lines = client.list('""', "Work*")
     assert b"Work.Done" not in b"\n".join(line or b"" for line in lines)
     _typ, data = client.status("INBOX", "(MESSAGES UIDNEXT UIDVALIDITY UNSEEN)")
     assert b"MESSAGES" in data[0]

@@ -152,8 +152,7 @@ class MailboxCommands:
             case ev.Delete(mailbox=name):
                 folder = self._name(name)
                 if folder is not None:
-                    await self._blocking(box.folders.delete, folder)
-                    await self._blocking(box.index.delete_folder, folder.imap())
+                    await self._blocking(box.delete, folder)
                     self._ok("DELETE completed")
             case ev.Rename(mailbox=old, new_name=new):
                 src, dst = self._name(old), self._name(new)

@@ -47,6 +47,7 @@ from postoffice.storage.imap_index import (
     ImapIndex,
     MessageRecord,
     NewMessage,
+    NoSuchFolder,
     StoreMode,
     StoreResult,
     canonical_flags,
@@ -164,6 +165,12 @@ class ImapMailbox:
         raise MessageGone(record.stem)
 
     # --- writing ---------------------------------------------------------------------
+    def delete(self, name: FolderName) -> None:
+        """DELETE: the directory, then the index's record of it (if it had one)."""
+        self.folders.delete(name)
+        with contextlib.suppress(NoSuchFolder):
+            self.index.delete_folder(name.imap())
+
     def _info(self, path: Path, flags: Iterable[str]) -> str:
         flags = canonical_flags(flags)
         letters = system_letters(flags & SYSTEM_FLAGS)
@@ -175,6 +182,7 @@ class ImapMailbox:
     ) -> tuple[int, int]:
         """Store ``message`` (CRLF or LF) durably; (UIDVALIDITY, UID)."""
         path = self.folders.path(name)
+        self.index.ensure_folder(name.imap())  # a folder never selected yet
         data = message.replace(b"\r\n", b"\n")
         info = self._info(path, flags)
         crlf = len(data) + data.count(b"\n")
@@ -266,6 +274,7 @@ class ImapMailbox:
         """COPY (link) or MOVE (rename) into ``target``; COPYUID's data."""
         src = self.folders.path(source)
         dst = self.folders.path(target)
+        self.index.ensure_folder(target.imap())
         pairs: list[tuple[int, str]] = []
         size = 0
         for record in records:
