@@ -15,7 +15,6 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -49,7 +48,9 @@ def starttls(srv: PostofficeServer, user: str = ALICE, password: str = ALICE_PW)
 
 
 def imaps(srv: PostofficeServer, user: str = ALICE, password: str = ALICE_PW) -> imaplib.IMAP4_SSL:
-    client = imaplib.IMAP4_SSL("127.0.0.1", srv.ports["imaps"], ssl_context=context(srv), timeout=15)
+    client = imaplib.IMAP4_SSL(
+        "127.0.0.1", srv.ports["imaps"], ssl_context=context(srv), timeout=15
+    )
     client.login(user, password)
     return client
 
@@ -82,7 +83,7 @@ def test_plaintext_shows_logindisabled_and_refuses_login(srv: PostofficeServer) 
 def test_login_over_starttls_and_imaps(srv: PostofficeServer) -> None:
     for client in (starttls(srv), imaps(srv)):
         assert "AUTH=PLAIN" not in client.capabilities or client.state == "AUTH"
-        typ, data = client.noop()
+        typ, _data = client.noop()
         assert typ == "OK"
         assert client.logout()[0] == "BYE"
 
@@ -224,7 +225,3 @@ def test_raw_greeting_and_capability(srv: PostofficeServer) -> None:
             data += chunk
         assert b"a1 BAD" in data or b'* NAMESPACE (("" "."))' in data
         assert b"* BYE" in data
-
-
-def _unused(path: Path) -> None:  # keep Path imported for type checkers of helpers
-    del path

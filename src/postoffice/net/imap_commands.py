@@ -194,7 +194,7 @@ class MailboxCommands:
             case _:
                 self._bad("Command not supported")
 
-    # --- LIST, STATUS ------------------------------------------------------------------------
+    # --- LIST, STATUS -------------------------------------------------------------
     async def _list(self, box: ImapMailbox, event: ev.ListMailboxes) -> None:
         patterns = event.patterns
         if not event.lsub and patterns == ("",):
@@ -258,7 +258,7 @@ class MailboxCommands:
                     )
         self._ok("RENAME completed")
 
-    # --- SELECT, EXAMINE -------------------------------------------------------------------------
+    # --- SELECT, EXAMINE ----------------------------------------------------------
     async def _select(self, box: ImapMailbox, event: ev.Select) -> None:
         was_selected = self.selected is not None
         self.clear_view()
@@ -299,7 +299,7 @@ class MailboxCommands:
         mode = "READ-ONLY" if event.readonly else "READ-WRITE"
         self._ok(f"{'EXAMINE' if event.readonly else 'SELECT'} completed", ResponseCode(mode))
 
-    # --- APPEND ------------------------------------------------------------------------------------
+    # --- APPEND -------------------------------------------------------------------
     async def _append(self, box: ImapMailbox, event: ev.Append) -> None:
         folder = self._name(event.mailbox)
         if folder is None:
@@ -314,7 +314,7 @@ class MailboxCommands:
             await self._report_changes()
         self._ok("APPEND completed", ResponseCode("APPENDUID", (validity, uid)))
 
-    # --- FETCH, STORE, SEARCH ------------------------------------------------------------------------
+    # --- FETCH, STORE, SEARCH -----------------------------------------------------
     async def _fetch(self, box: ImapMailbox, event: ev.Fetch) -> None:
         targets = self._targets(event.uid, event.sequence)
         if targets is None or self.selected is None:
@@ -401,7 +401,7 @@ class MailboxCommands:
             self._send(self.core.untagged(*values))
         self._ok("SEARCH completed")
 
-    # --- EXPUNGE, COPY, MOVE ---------------------------------------------------------------------------
+    # --- EXPUNGE, COPY, MOVE ------------------------------------------------------
     async def _expunge(self, box: ImapMailbox, uids: SequenceSet | None) -> None:
         if self.selected is None:
             return

@@ -30,6 +30,7 @@ would avoid even the stat; not done yet.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -383,10 +384,8 @@ class ImapSession(MailboxCommands):
         self.core.close()
         box = self.mailbox
         if box is not None:
-            try:
+            with contextlib.suppress(OSError, ImapIndexError, asyncio.CancelledError):
                 await self._blocking(box.close)
-            except (OSError, ImapIndexError, asyncio.CancelledError):
-                pass
         log.info(
             "imap session client=%s user=%s tls=%s end=%s",
             self.client_ip,
