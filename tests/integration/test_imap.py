@@ -225,3 +225,23 @@ def test_raw_greeting_and_capability(srv: PostofficeServer) -> None:
             data += chunk
         assert b"a1 BAD" in data or b'* NAMESPACE (("" "."))' in data
         assert b"* BYE" in data
+
+
+def test_curl_lists_and_fetches_over_starttls(srv: PostofficeServer) -> None:
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    empty_inbox(srv, ALICE)
+    deliver_smtp(srv, "via-curl")
+    assert wait_for(lambda: len(srv.messages(ALICE)) == 1)
+    base = f"imap://127.0.0.1:{srv.ports['imap']}"
+    common = [curl, "-sS", "--ssl-reqd", "--cacert", str(srv.data_dir / "tls" / "cert.pem")]
+    common += ["-u", f"{ALICE}:{ALICE_PW}"]
+    listing = subprocess.run([*common, f"{base}/"], capture_output=True, timeout=30, check=True)
+    assert b"INBOX" in listing.stdout
+    uid_url = f"{base}/INBOX;MAILINDEX=1"
+    fetched = subprocess.run([*common, uid_url], capture_output=True, timeout=30, check=True)
+    assert b"Subject: via-curl" in fetched.stdout
