@@ -49,7 +49,7 @@ from postoffice.protocol.imap_response import Atom, ResponseCode, Value
 from postoffice.services import Services
 from postoffice.storage.folder_names import FolderName
 from postoffice.storage.folders import FolderError
-from postoffice.storage.imap_index import ImapIndexError, MessageRecord, StoreMode
+from postoffice.storage.imap_index import ImapIndexError, MessageRecord
 from postoffice.storage.imap_mailbox import ImapMailbox
 from postoffice.storage.maildir import mailbox_path
 from postoffice.storage.maildir_flags import KeywordsFull, MessageGone
@@ -61,12 +61,9 @@ T = TypeVar("T")
 TLS_HANDSHAKE_TIMEOUT = 30.0
 MAX_AUTH_FAILURES = 3  # per connection; the throttle slows retries across connections
 IDLE_CHECK_SECONDS = 1.0  # the bound on new-mail latency in IDLE
-FETCH_BATCH = 64  # messages read per executor hop
 FLUSH_AT = 256 * 1024
 IMPLEMENTATION = "postoffice"
-FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 ENABLEABLE = frozenset({"IMAP4REV2"})
-_STORE_MODES = {"": StoreMode.REPLACE, "+": StoreMode.ADD, "-": StoreMode.REMOVE}
 
 
 class _Abort(Exception):
