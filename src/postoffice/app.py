@@ -183,6 +183,7 @@ class Server:
         """Bind and serve.  ``smtp_sockets``: be an extra smtp process, serving
         only the smtp listener, from the server's inherited listening sockets.
         ``shares``: the smtp listener takes turns with the other smtp processes."""
+        from postoffice.net.imap_session import ImapSession
         from postoffice.net.pop3_session import Pop3Session
         from postoffice.net.smtp_session import SmtpMode, SmtpSession
 
@@ -192,6 +193,7 @@ class Server:
             s.inbound_checks.start()  # the DKIM verifier processes, ready for the first message
         smtp_busy = b"421 4.7.0 Too many connections, try again later\r\n"
         pop_busy = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+        imap_busy = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
         self._listener(
             "smtp",
             listen.smtp,
@@ -219,6 +221,10 @@ class Server:
         self._listener("pop3", listen.pop3, lambda c: Pop3Session(s, c).run(), pop_busy)
         self._listener(
             "pop3s", listen.pop3s, lambda c: Pop3Session(s, c).run(), pop_busy, implicit_tls=True
+        )
+        self._listener("imap", listen.imap, lambda c: ImapSession(s, c).run(), imap_busy)
+        self._listener(
+            "imaps", listen.imaps, lambda c: ImapSession(s, c).run(), imap_busy, implicit_tls=True
         )
         await self._start_listeners()
         if isinstance(s.outbound, Outbound):  # the delivering process's queue

@@ -424,6 +424,8 @@ _GREETINGS = {
     "submissions": (b"220", True),
     "pop3": (b"+OK", False),
     "pop3s": (b"+OK", True),
+    "imap": (b"* OK", False),
+    "imaps": (b"* OK", True),
 }
 
 

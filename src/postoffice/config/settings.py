@@ -60,6 +60,8 @@ class ListenSettings:
     submissions: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2465),)  # TLS+AUTH
     pop3: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2110),)  # STLS (110)
     pop3s: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2995),)  # implicit TLS (995)
+    imap: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2143),)  # STARTTLS (143)
+    imaps: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2993),)  # implicit TLS (993)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,10 @@ class LimitSettings:
     smtp_data_timeout: float = 180.0  # seconds between DATA blocks (RFC 5321 §4.5.3.2.6)
     # Seconds idle (RFC 1939 §3: at least 10 minutes); also bounds each write.
     pop3_timeout: float = 600.0
+    # Seconds an IMAP session may sit idle between commands (RFC 9051 §5.4:
+    # the autologout timer is at least 30 minutes); also bounds each write.
+    # IDLE (RFC 2177) may last twice as long before the client must renew it.
+    imap_timeout: float = 1800.0
     # Errors in one SMTP session (bad commands, refused recipients, any other
     # 5xx reply) before it is closed with 421 4.7.0, right after the reply to
     # the last one, even inside a pipelined batch; a message accepted with
@@ -327,6 +333,7 @@ _MUST_BE_POSITIVE = frozenset(
         "smtp_timeout",
         "smtp_data_timeout",
         "pop3_timeout",
+        "imap_timeout",
         "max_errors",
         "throttle_window",
         "give_up_after",

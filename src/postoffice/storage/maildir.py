@@ -142,6 +142,10 @@ class _Namer:
         )
 
 
+# The one namer, public for IMAP APPEND/COPY (storage/imap_mailbox.py).
+Namer = _Namer
+
+
 @dataclass
 class _Published:
     """A message whose file is fsync'd in tmp/, waiting for its group commit."""

@@ -1,0 +1,489 @@
+"""The IMAP commands that work on mailboxes (RFC 9051 §6.3, §6.4).
+
+``MailboxCommands`` is the part of ``ImapSession`` (net/imap_session.py)
+that answers LIST, STATUS, CREATE, DELETE, RENAME, (UN)SUBSCRIBE, SELECT,
+EXAMINE, CLOSE, UNSELECT, APPEND, FETCH, STORE, SEARCH, EXPUNGE, COPY and
+MOVE, kept apart so each file reads in one sitting.  Storage work runs in
+the executor through ``ImapMailbox`` (storage/imap_mailbox.py).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from typing import Any, TypeVar
+
+from postoffice.net import imap_fetch_items as items
+from postoffice.protocol import imap_events as ev
+from postoffice.protocol.imap import ImapServerCore
+from postoffice.protocol.imap_events import SequenceSet
+from postoffice.protocol.imap_response import Atom, Mailbox, ResponseCode, Value
+from postoffice.storage import folder_names
+from postoffice.storage.folder_names import FolderName, FolderNameError
+from postoffice.storage.folders import FolderInfo
+from postoffice.storage.imap_index import MessageRecord, StoreMode
+from postoffice.storage.imap_mailbox import ImapMailbox
+from postoffice.storage.maildir_flags import MessageGone
+
+T = TypeVar("T")
+
+FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+FETCH_BATCH = 64  # messages read per executor hop
+_STORE_MODES = {"": StoreMode.REPLACE, "+": StoreMode.ADD, "-": StoreMode.REMOVE}
+_STATUS_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELETED", "SIZE", "RECENT")
+
+
+def uid_set(uids: Iterable[int]) -> str:
+    """``1:3,7`` for UIDs (RFC 9051 §9 sequence-set), ascending runs."""
+    out: list[str] = []
+    run: list[int] = []
+    for uid in sorted(set(uids)):
+        if run and uid == run[-1] + 1:
+            run.append(uid)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}:{run[-1]}")
+        run = [uid]
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}:{run[-1]}")
+    return ",".join(out)
+
+
+def pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
+    """LIST's ``*`` (anything) and ``%`` (no separator) as a regex
+    (RFC 9051 §6.3.9); INBOX matches in any case."""
+    text = reference + pattern
+    out = []
+    for ch in text:
+        if ch == "*":
+            out.append(".*")
+        elif ch == "%":
+            out.append(r"[^.]*")
+        else:
+            out.append(re.escape(ch))
+    body = "".join(out)
+    if text[:5].upper() == "INBOX":
+        body = "(?i:INBOX)" + "".join(out[5:])
+    return re.compile(body + r"\Z", re.DOTALL)
+
+
+class MailboxCommands:
+    """Mailbox commands for ``ImapSession``; it provides what is declared here."""
+
+    core: ImapServerCore
+    selected: FolderName | None
+    readonly: bool
+    uids: list[int]
+    records: dict[int, MessageRecord]
+    modseq: int
+
+    # Provided by ImapSession.
+    def _send(self, data: bytes) -> None: ...
+    def _ok(self, text: str, code: ResponseCode | None = None) -> None: ...
+    def _no(self, text: str, code: str | ResponseCode | None = None) -> None: ...
+    def _bad(self, text: str) -> None: ...
+    async def _flush(self) -> None: ...
+    async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
+        raise NotImplementedError
+
+    async def _report_changes(self) -> None: ...
+
+    # --- the view ----------------------------------------------------------------------
+    def seq_of(self, uid: int) -> int:
+        lo, hi = 0, len(self.uids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.uids[mid] < uid:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo + 1
+
+    def forget(self, uid: int) -> None:
+        """``uid`` expunged: send its EXPUNGE and drop it from the view."""
+        if uid in self.records:
+            seq = self.seq_of(uid)
+            self._send(self.core.untagged(seq, Atom("EXPUNGE")))
+            del self.uids[seq - 1]
+            del self.records[uid]
+
+    def clear_view(self) -> None:
+        self.selected = None
+        self.records = {}
+        self.uids = []
+        self.modseq = 0
+
+    def _targets(self, uid: bool, sequence: SequenceSet) -> list[MessageRecord] | None:
+        """The records a sequence set names, ascending; None (answered BAD) for ``$``."""
+        if sequence.saved:
+            self._bad("The saved search result ($) is not supported")
+            return None
+        if not self.uids:
+            return []
+        if uid:
+            largest = self.uids[-1]
+            return [self.records[u] for u in self.uids if sequence.contains(u, largest)]
+        return [self.records[self.uids[n - 1]] for n in sequence.resolve(len(self.uids))]
+
+    def _name(self, name: str) -> FolderName | None:
+        try:
+            return folder_names.parse(name)
+        except FolderNameError as exc:
+            self._no(str(exc), "CANNOT")
+            return None
+
+    # --- dispatch --------------------------------------------------------------------------
+    async def mailbox_command(self, box: ImapMailbox, event: ev.Event) -> None:
+        match event:
+            case ev.ListMailboxes():
+                await self._list(box, event)
+            case ev.Status(mailbox=name, items=wanted):
+                folder = self._name(name)
+                if folder is not None:
+                    self._send(await self._status_line(box, folder, wanted))
+                    self._ok("STATUS completed")
+            case ev.Create(mailbox=name, special_use=use):
+                folder = self._name(name.rstrip("."))
+                if folder is not None:
+                    await self._blocking(box.folders.create, folder, use[0] if use else None)
+                    self._ok("CREATE completed")
+            case ev.Delete(mailbox=name):
+                folder = self._name(name)
+                if folder is not None:
+                    await self._blocking(box.delete, folder)
+                    self._ok("DELETE completed")
+            case ev.Rename(mailbox=old, new_name=new):
+                src, dst = self._name(old), self._name(new)
+                if src is not None and dst is not None:
+                    await self._rename(box, src, dst)
+            case ev.Subscribe(mailbox=name) | ev.Unsubscribe(mailbox=name):
+                folder = self._name(name)
+                if folder is not None:
+                    call = box.index.subscribe
+                    if isinstance(event, ev.Unsubscribe):
+                        call = box.index.unsubscribe
+                    await self._blocking(call, folder.imap())
+                    self._ok("Done")
+            case ev.Select():
+                await self._select(box, event)
+            case ev.Close() | ev.Unselect():
+                if isinstance(event, ev.Close) and not self.readonly and self.selected:
+                    deleted = [r for r in self.records.values() if "\\Deleted" in r.flags]
+                    if deleted:
+                        await self._blocking(box.expunge, self.selected, deleted)
+                self.clear_view()
+                self._ok("Closed")
+            case ev.Append():
+                await self._append(box, event)
+            case ev.Fetch():
+                await self._fetch(box, event)
+            case ev.Store():
+                await self._store(box, event)
+            case ev.Search():
+                await self._search(box, event)
+            case ev.Expunge(uids=uids):
+                await self._expunge(box, uids)
+            case ev.Copy():
+                await self._copy(box, event)
+            case ev.GetQuotaRoot() | ev.GetQuota():
+                self._no("QUOTA is not supported yet", "CANNOT")
+            case ev.Compress():
+                self._no("COMPRESS is not supported yet", "CANNOT")
+            case _:
+                self._bad("Command not supported")
+
+    # --- LIST, STATUS -------------------------------------------------------------
+    async def _list(self, box: ImapMailbox, event: ev.ListMailboxes) -> None:
+        patterns = event.patterns
+        if not event.lsub and patterns == ("",):
+            # RFC 9051 §6.3.9: the empty pattern asks for the separator.
+            self._send(self.core.untagged(Atom("LIST"), [Atom("\\Noselect")], ".", ""))
+            self._ok("LIST completed")
+            return
+        folders: list[FolderInfo] = await self._blocking(box.folders.list_folders)
+        subscribed = set(await self._blocking(box.index.subscriptions))
+        regexes = [pattern_regex(event.reference, p) for p in patterns]
+        only_subscribed = event.lsub or "SUBSCRIBED" in event.selection
+        show_subscribed = "SUBSCRIBED" in event.return_options or "SUBSCRIBED" in event.selection
+        kind = "LSUB" if event.lsub else "LIST"
+        for info in folders:
+            name = info.name.imap()
+            if not any(r.match(name) for r in regexes):
+                continue
+            if only_subscribed and name not in subscribed:
+                continue
+            attrs = list(info.attributes())
+            if show_subscribed and name in subscribed:
+                attrs.append("\\Subscribed")
+            self._send(self.core.untagged(Atom(kind), [Atom(a) for a in attrs], ".", Mailbox(name)))
+            if event.status_items and info.selectable:
+                self._send(await self._status_line(box, info.name, event.status_items))
+        self._ok(f"{kind} completed")
+
+    async def _status_line(
+        self, box: ImapMailbox, folder: FolderName, wanted: Sequence[str]
+    ) -> bytes:
+        status = await self._blocking(box.status, folder)
+        values: dict[str, int] = {
+            "MESSAGES": status.messages,
+            "UIDNEXT": status.state.uidnext,
+            "UIDVALIDITY": status.state.uidvalidity,
+            "UNSEEN": status.unseen,
+            "DELETED": status.deleted,
+            "SIZE": status.size,
+            "RECENT": 0,
+            "HIGHESTMODSEQ": status.state.highestmodseq,
+        }
+        out: list[Value] = []
+        for item in wanted:
+            if item in values:
+                out += [Atom(item), values[item]]
+        return self.core.untagged(Atom("STATUS"), Mailbox(folder.imap()), out)
+
+    async def _rename(self, box: ImapMailbox, src: FolderName, dst: FolderName) -> None:
+        await self._blocking(box.folders.rename, src, dst)
+        index = box.index
+        if src.is_inbox:
+            # INBOX's messages moved to a new folder: the index sees them there
+            # at the next sync, and INBOX's old records vanish likewise.
+            await self._blocking(box.sync, src)
+        else:
+            for state in await self._blocking(index.folders):
+                old = folder_names.parse(state.name)
+                if old == src or old.is_under(src):
+                    await self._blocking(
+                        index.rename_folder, state.name, old.moved(src, dst).imap()
+                    )
+        self._ok("RENAME completed")
+
+    # --- SELECT, EXAMINE ----------------------------------------------------------
+    async def _select(self, box: ImapMailbox, event: ev.Select) -> None:
+        was_selected = self.selected is not None
+        self.clear_view()
+        folder = self._name(event.mailbox)
+        if folder is None:
+            return
+        try:
+            state, records = await self._blocking(box.select, folder)
+        except BaseException:
+            if was_selected:
+                self._send(
+                    self.core.untagged_status(
+                        "OK", "Previous mailbox closed", ResponseCode("CLOSED")
+                    )
+                )
+            raise
+        core = self.core
+        if was_selected:
+            core_code = ResponseCode("CLOSED")
+            self._send(core.untagged_status("OK", "Previous mailbox closed", core_code))
+        self.selected = folder
+        self.readonly = event.readonly
+        self.records = {r.uid: r for r in records}
+        self.uids = sorted(self.records)
+        self.modseq = state.highestmodseq
+        flags = [Atom(f) for f in FLAGS]
+        self._send(core.untagged(len(self.uids), Atom("EXISTS")))
+        if "IMAP4REV2" not in core.enabled:
+            self._send(core.untagged(0, Atom("RECENT")))
+        self._send(core.untagged(Atom("FLAGS"), flags))
+        permanent: list[Value] = [] if event.readonly else [*flags, Atom("\\*")]
+        send = core.untagged_status
+        self._send(send("OK", "Flags permitted", ResponseCode("PERMANENTFLAGS", (permanent,))))
+        self._send(send("OK", "UIDs valid", ResponseCode("UIDVALIDITY", (state.uidvalidity,))))
+        self._send(send("OK", "Predicted next UID", ResponseCode("UIDNEXT", (state.uidnext,))))
+        code = ResponseCode("HIGHESTMODSEQ", (state.highestmodseq,))
+        self._send(send("OK", "Highest", code))
+        mode = "READ-ONLY" if event.readonly else "READ-WRITE"
+        self._ok(f"{'EXAMINE' if event.readonly else 'SELECT'} completed", ResponseCode(mode))
+
+    # --- APPEND -------------------------------------------------------------------
+    async def _append(self, box: ImapMailbox, event: ev.Append) -> None:
+        folder = self._name(event.mailbox)
+        if folder is None:
+            return
+        if not await self._blocking(box.folders.exists, folder):
+            self._no("No such mailbox", "TRYCREATE")
+            return
+        when = event.internal_date
+        stamp = int(when.timestamp()) if when is not None else _now()
+        validity, uid = await self._blocking(box.append, folder, event.message, event.flags, stamp)
+        if self.selected == folder:
+            await self._report_changes()
+        self._ok("APPEND completed", ResponseCode("APPENDUID", (validity, uid)))
+
+    # --- FETCH, STORE, SEARCH -----------------------------------------------------
+    async def _fetch(self, box: ImapMailbox, event: ev.Fetch) -> None:
+        targets = self._targets(event.uid, event.sequence)
+        if targets is None or self.selected is None:
+            return
+        folder = self.selected
+        fetch = event.items
+        if event.uid and not any(i.name == "UID" for i in fetch):
+            fetch = (ev.FetchItem("UID"), *fetch)  # RFC 9051 §6.4.9: UID FETCH includes UID
+        if event.changed_since is not None:
+            targets = [r for r in targets if r.modseq > event.changed_since]
+        if items.sets_seen(fetch) and not self.readonly:
+            unseen = [r for r in targets if "\\Seen" not in r.flags]
+            if unseen:
+                result = await self._blocking(box.store, folder, unseen, StoreMode.ADD, ["\\Seen"])
+                for record in result.changed:
+                    self.records[record.uid] = record
+                if not any(i.name == "FLAGS" for i in fetch):
+                    fetch = (*fetch, ev.FetchItem("FLAGS"))
+                targets = [self.records[r.uid] for r in targets]
+        for start in range(0, len(targets), FETCH_BATCH):
+            batch = targets[start : start + FETCH_BATCH]
+            wanted = [r for r in batch if items.needs_body(fetch, r)]
+            bodies = await self._blocking(_read_all, box, folder, wanted) if wanted else {}
+            for record in batch:
+                message = bodies.get(record.uid)
+                if record.uid in bodies and message is None:
+                    continue  # expunged by someone else: reported at the next NOOP
+                values = items.fetch_values(fetch, record, message)
+                self._send(self.core.untagged(self.seq_of(record.uid), Atom("FETCH"), values))
+            await self._flush()
+        self._ok("FETCH completed")
+
+    async def _store(self, box: ImapMailbox, event: ev.Store) -> None:
+        targets = self._targets(event.uid, event.sequence)
+        if targets is None or self.selected is None:
+            return
+        if self.readonly:
+            self._no("The mailbox is read-only", "READ-ONLY")  # not an RFC 5530 code, but clear
+            return
+        mode = _STORE_MODES[event.mode]
+        result = await self._blocking(
+            box.store, self.selected, targets, mode, event.flags, event.unchanged_since
+        )
+        for record in result.changed:
+            self.records[record.uid] = record
+        if not event.silent:
+            for record in targets:
+                now = self.records[record.uid]
+                values: list[Value] = [Atom("FLAGS"), [Atom(f) for f in sorted(now.flags)]]
+                if event.uid:
+                    values += [Atom("UID"), now.uid]
+                self._send(self.core.untagged(self.seq_of(now.uid), Atom("FETCH"), values))
+        code = None
+        if result.modified:
+            code = ResponseCode("MODIFIED", (Atom(uid_set(result.modified)),))
+        self._ok("STORE completed", code)
+
+    async def _search(self, box: ImapMailbox, event: ev.Search) -> None:
+        if self.selected is None:
+            self._bad("No mailbox selected")
+            return
+        if event.charset not in (None, "UTF-8", "US-ASCII"):
+            self._no("Unsupported charset", ResponseCode("BADCHARSET", ([Atom("UTF-8")],)))
+            return
+        records = [self.records[u] for u in self.uids]
+        hits = await self._blocking(_search_all, box, self.selected, event.criteria, records)
+        numbers = hits if event.uid else [self.seq_of(u) for u in hits]
+        esearch = event.return_options is not None or "IMAP4REV2" in self.core.enabled
+        if not esearch:
+            self._send(self.core.untagged(Atom("SEARCH"), *numbers))
+        else:
+            values: list[Value] = [Atom("ESEARCH"), [Atom("TAG"), event.tag]]
+            if event.uid:
+                values.append(Atom("UID"))
+            options = event.return_options or ("ALL",)
+            if numbers and "MIN" in options:
+                values += [Atom("MIN"), min(numbers)]
+            if numbers and "MAX" in options:
+                values += [Atom("MAX"), max(numbers)]
+            if "COUNT" in options:
+                values += [Atom("COUNT"), len(numbers)]
+            if numbers and ("ALL" in options or not options):
+                values += [Atom("ALL"), Atom(uid_set(numbers))]
+            self._send(self.core.untagged(*values))
+        self._ok("SEARCH completed")
+
+    # --- EXPUNGE, COPY, MOVE ------------------------------------------------------
+    async def _expunge(self, box: ImapMailbox, uids: SequenceSet | None) -> None:
+        if self.selected is None:
+            return
+        if self.readonly:
+            self._no("The mailbox is read-only", "READ-ONLY")
+            return
+        doomed = [r for r in self.records.values() if "\\Deleted" in r.flags]
+        if uids is not None and self.uids:
+            doomed = [r for r in doomed if uids.contains(r.uid, self.uids[-1])]
+        if doomed:
+            result = await self._blocking(box.expunge, self.selected, doomed)
+            for uid in result.expunged:
+                self.forget(uid)
+        await self._report_changes()
+        self._ok("EXPUNGE completed")
+
+    async def _copy(self, box: ImapMailbox, event: ev.Copy) -> None:
+        targets = self._targets(event.uid, event.sequence)
+        target = self._name(event.mailbox)
+        if targets is None or target is None or self.selected is None:
+            return
+        if not await self._blocking(box.folders.exists, target):
+            self._no("No such mailbox", "TRYCREATE")
+            return
+        if event.move and self.readonly:
+            self._no("The mailbox is read-only", "READ-ONLY")
+            return
+        if event.move and target == self.selected:
+            self._no("Cannot move into the same mailbox", "CANNOT")
+            return
+        copy = partial(box.copy, move=event.move)
+        result = await self._blocking(copy, self.selected, target, targets)
+        code = None
+        if result.pairs:
+            sources = Atom(uid_set(a for a, _b in result.pairs))
+            created = Atom(uid_set(b for _a, b in result.pairs))
+            code = ResponseCode("COPYUID", (result.uidvalidity, sources, created))
+        if event.move:
+            if code is not None:  # RFC 6851 §4.3: COPYUID before the EXPUNGEs
+                self._send(self.core.untagged_status("OK", "Moved", code))
+                code = None
+            for uid in result.expunged:
+                self.forget(uid)
+        self._ok("MOVE completed" if event.move else "COPY completed", code)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _read_all(
+    box: ImapMailbox, folder: FolderName, records: Sequence[MessageRecord]
+) -> dict[int, bytes | None]:
+    """The CRLF bytes of each record's message (None: gone).  Blocking."""
+    out: dict[int, bytes | None] = {}
+    for record in records:
+        try:
+            out[record.uid] = items.crlf(box.read(folder, record))
+        except MessageGone:
+            out[record.uid] = None
+    return out
+
+
+def _search_all(
+    box: ImapMailbox, folder: FolderName, key: ev.SearchKey, records: Sequence[MessageRecord]
+) -> list[int]:
+    """UIDs of the records matching ``key``, ascending.  Blocking (reads
+    messages only when a key needs their text)."""
+    hits: list[int] = []
+    largest_seq = len(records)
+    largest_uid = records[-1].uid if records else 0
+    for seq, record in enumerate(records, 1):
+        cache: list[bytes] = []
+
+        def message(record: MessageRecord = record, cache: list[bytes] = cache) -> bytes:
+            if not cache:
+                try:
+                    cache.append(items.crlf(box.read(folder, record)))
+                except MessageGone:
+                    cache.append(b"")
+            return cache[0]
+
+        if items.search_matches(key, record, seq, largest_seq, largest_uid, message):
+            hits.append(record.uid)
+    return hits
