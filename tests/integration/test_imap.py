@@ -13,8 +13,9 @@ import re
 import smtplib
 import socket
 import ssl
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -227,13 +228,10 @@ def test_raw_greeting_and_capability(srv: PostofficeServer) -> None:
         assert b"* BYE" in data
 
 
-def test_curl_lists_and_fetches_over_starttls(srv: PostofficeServer) -> None:
-    import shutil
-    import subprocess
-
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed")
+def test_curl_lists_and_fetches_over_starttls(
+    srv: PostofficeServer, require_program: Callable[[str], str]
+) -> None:
+    curl = require_program("curl")  # in CI a missing program fails, never skips
     empty_inbox(srv, ALICE)
     deliver_smtp(srv, "via-curl")
     assert wait_for(lambda: len(srv.messages(ALICE)) == 1)
@@ -245,3 +243,45 @@ def test_curl_lists_and_fetches_over_starttls(srv: PostofficeServer) -> None:
     uid_url = f"{base}/INBOX;MAILINDEX=1"
     fetched = subprocess.run([*common, uid_url], capture_output=True, timeout=30, check=True)
     assert b"Subject: via-curl" in fetched.stdout
+
+
+MULTIPART = (
+    b"From: Alice <alice@example.test>\r\n"
+    b"To: bob@example.test, Carol <carol@example.test>\r\n"
+    b"Subject: structure\r\n"
+    b"Message-ID: <m1@example.test>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b1"\r\n'
+    b"\r\n"
+    b"--b1\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"hello\r\n"
+    b"--b1\r\n"
+    b"Content-Type: application/octet-stream\r\n"
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n"
+    b"aGk=\r\n"
+    b"--b1--\r\n"
+)
+
+
+def test_envelope_bodystructure_parts_and_binary(srv: PostofficeServer) -> None:
+    client = imaps(srv)
+    typ, _data = client.append("Archive", None, None, MULTIPART)
+    assert typ == "OK"
+    client.select("Archive", readonly=True)
+    typ, data = client.fetch("*", "(ENVELOPE BODYSTRUCTURE)")
+    assert typ == "OK", data
+    text = b" ".join(d if isinstance(d, bytes) else b" ".join(d) for d in data)
+    assert b'"structure"' in text and b'"<m1@example.test>"' in text
+    assert b'("Carol" NIL "carol" "example.test")' in text
+    assert b'("TEXT" "PLAIN" ("CHARSET" "utf-8")' in text.upper().replace(b'"UTF-8"', b'"utf-8"')
+    assert b'"MIXED"' in text.upper()
+    typ, data = client.fetch("*", "(BODY.PEEK[1] BODY.PEEK[2.MIME] BINARY.PEEK[2])")
+    assert typ == "OK", data
+    values = [d[1] for d in data if isinstance(d, tuple)]
+    assert values[0] == b"hello"
+    assert values[1].startswith(b"Content-Type: application/octet-stream")
+    assert values[2] == b"hi"
+    client.logout()

@@ -19,6 +19,7 @@ from postoffice.net import imap_fetch_items as items
 from postoffice.protocol import imap_events as ev
 from postoffice.protocol.imap import ImapServerCore
 from postoffice.protocol.imap_events import SequenceSet
+from postoffice.protocol.imap_fetch import FetchMessage
 from postoffice.protocol.imap_response import Atom, Mailbox, ResponseCode, Value
 from postoffice.storage import folder_names
 from postoffice.storage.folder_names import FolderName, FolderNameError
@@ -454,12 +455,13 @@ def _now() -> int:
 
 def _read_all(
     box: ImapMailbox, folder: FolderName, records: Sequence[MessageRecord]
-) -> dict[int, bytes | None]:
-    """The CRLF bytes of each record's message (None: gone).  Blocking."""
-    out: dict[int, bytes | None] = {}
+) -> dict[int, FetchMessage | None]:
+    """Each record's message, read and parsed (None: gone).  Blocking: the
+    parsing (attacker input) runs in the executor too, not on the loop."""
+    out: dict[int, FetchMessage | None] = {}
     for record in records:
         try:
-            out[record.uid] = items.crlf(box.read(folder, record))
+            out[record.uid] = FetchMessage(box.read(folder, record))
         except MessageGone:
             out[record.uid] = None
     return out
@@ -474,14 +476,16 @@ def _search_all(
     largest_seq = len(records)
     largest_uid = records[-1].uid if records else 0
     for seq, record in enumerate(records, 1):
-        cache: list[bytes] = []
+        cache: list[FetchMessage] = []
 
-        def message(record: MessageRecord = record, cache: list[bytes] = cache) -> bytes:
+        def message(
+            record: MessageRecord = record, cache: list[FetchMessage] = cache
+        ) -> FetchMessage:
             if not cache:
                 try:
-                    cache.append(items.crlf(box.read(folder, record)))
+                    cache.append(FetchMessage(box.read(folder, record)))
                 except MessageGone:
-                    cache.append(b"")
+                    cache.append(FetchMessage(b""))
             return cache[0]
 
         if items.search_matches(key, record, seq, largest_seq, largest_uid, message):

@@ -1,14 +1,11 @@
-"""FETCH data items and SEARCH keys answered from a message's bytes and record.
+"""FETCH data items and SEARCH keys answered from a message and its record.
 
-Pure functions, no I/O: the IMAP session reads the file (in its executor)
-and asks these for BODY[...] sections (RFC 9051 §6.4.5), partials, sizes,
-INTERNALDATE, and whether a message matches SEARCH criteria (§6.4.4).
-
-Sections: the whole message, HEADER, HEADER.FIELDS (.NOT), TEXT, and part
-numbers of a message that is not multipart (part 1 is its body, §6.4.5).
-Parts of a multipart message, MIME, ENVELOPE and BODYSTRUCTURE are
-``protocol/imap_fetch.py``'s (being written); until it lands they are
-left out of the FETCH response.
+Pure functions, no I/O: the IMAP session reads the file and parses it into
+a ``protocol.imap_fetch.FetchMessage`` (in its executor), and these turn it
+and the index record into the values of one FETCH response (RFC 9051
+§6.4.5, §7.5.2), or decide whether it matches SEARCH criteria (§6.4.4).
+Sections, partials, ENVELOPE, BODYSTRUCTURE and the CRLF form are all the
+FetchMessage's: one home for message structure.
 """
 
 from __future__ import annotations
@@ -18,23 +15,26 @@ import re
 from collections.abc import Callable
 
 from postoffice.protocol.imap_events import FetchItem, SearchKey, Section, SequenceSet
-from postoffice.protocol.imap_response import Atom, Raw, Value
+from postoffice.protocol.imap_fetch import (
+    FetchMessage,
+    UnknownTransferEncoding,
+    partial,
+    response_name,
+)
+from postoffice.protocol.imap_response import Atom, Value
 from postoffice.storage.imap_index import MessageRecord
 
-_FIELD = re.compile(rb"^([^:\s]+)\s*:", re.MULTILINE)
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
 # Items answered from the index alone; everything else needs the file.
 _FROM_RECORD = frozenset({"FLAGS", "UID", "INTERNALDATE", "MODSEQ"})
-
-
-def crlf(stored: bytes) -> bytes:
-    """The message as IMAP sends it: CRLF line endings (files keep LF)."""
-    return stored.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+_HEADER = Section(text="HEADER")
+_TEXT = Section(text="TEXT")
 
 
 def wire_size(record: MessageRecord) -> int | None:
-    """RFC822.SIZE from the ``W=`` in the file name, if it has one."""
+    """RFC822.SIZE from the ``W=`` in the file name (the CRLF size, as
+    Dovecot writes it), if it has one."""
     match = re.search(r",W=(\d+)", record.stem)
     return int(match.group(1)) if match else None
 
@@ -55,67 +55,11 @@ def internaldate_text(seconds: int) -> str:
     return f"{t.day:02d}-{_MONTHS[t.month - 1]}-{t.year:04d} {t:%H:%M:%S} +0000"
 
 
-def split_message(message: bytes) -> tuple[bytes, bytes]:
-    """(header with its blank line, text) of a CRLF message."""
-    end = message.find(b"\r\n\r\n")
-    if end < 0:
-        return message, b""
-    return message[: end + 4], message[end + 4 :]
-
-
-def header_fields(header: bytes, names: tuple[str, ...], *, exclude: bool) -> bytes:
-    """HEADER.FIELDS (or .NOT): the matching fields, folded lines kept,
-    and the blank line that ends a header (RFC 9051 §6.4.5)."""
-    wanted = {n.upper() for n in names}
-    out: list[bytes] = []
-    keep = False
-    for line in header.split(b"\r\n"):
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t"):
-            if keep:
-                out.append(line)
-            continue
-        name = line.split(b":", 1)[0].strip().decode("ascii", "replace").upper()
-        keep = (name in wanted) != exclude
-        if keep:
-            out.append(line)
-    return b"".join(part + b"\r\n" for part in out) + b"\r\n"
-
-
-def _is_multipart(header: bytes) -> bool:
-    text = header_fields(header, ("CONTENT-TYPE",), exclude=False)
-    return b"multipart/" in text.lower()
-
-
-def section_bytes(message: bytes, section: Section) -> bytes | None:
-    """The octets of ``section`` of a CRLF message; None where not known."""
-    header, text = split_message(message)
-    if section.part:
-        if section.part != (1,) or _is_multipart(header):
-            return None
-        if section.text in ("", "TEXT"):
-            return text
-        return None  # MIME or a header of part 1: not yet
-    match section.text:
-        case "":
-            return message
-        case "HEADER":
-            return header
-        case "TEXT":
-            return text
-        case "HEADER.FIELDS":
-            return header_fields(header, section.fields, exclude=False)
-        case "HEADER.FIELDS.NOT":
-            return header_fields(header, section.fields, exclude=True)
-    return None
-
-
 def fetch_values(
-    items: tuple[FetchItem, ...], record: MessageRecord, message: bytes | None
+    items: tuple[FetchItem, ...], record: MessageRecord, message: FetchMessage | None
 ) -> list[Value]:
     """The ``(name value ...)`` list of one FETCH response; ``message`` is
-    the CRLF message, or None when no item needs it."""
+    None when no item needs it."""
     out: list[Value] = []
     for item in items:
         name = item.name
@@ -130,29 +74,31 @@ def fetch_values(
         elif name == "RFC822.SIZE":
             size = wire_size(record)
             if size is None:
-                size = len(message or b"")
+                size = message.size if message is not None else 0
             out += [Atom("RFC822.SIZE"), size]
         elif message is None:
             continue
         elif name == "RFC822":
-            out += [Atom("RFC822"), message]
+            out += [Atom("RFC822"), message.wire]
         elif name == "RFC822.HEADER":
-            out += [Atom("RFC822.HEADER"), split_message(message)[0]]
+            out += [Atom("RFC822.HEADER"), message.section(_HEADER)]
         elif name == "RFC822.TEXT":
-            out += [Atom("RFC822.TEXT"), split_message(message)[1]]
-        elif name in ("BODY", "BINARY") and item.section is not None:
-            data = section_bytes(message, item.section)
-            label = name + item.section.to_wire()
-            if item.partial is not None:
-                start, length = item.partial
-                label += f"<{start}>"
-                if data is not None:
-                    data = data[start : start + length]
-            out += [Raw(label), data]
-        elif name == "BINARY.SIZE" and item.section is not None:
-            data = section_bytes(message, item.section)
-            out += [Raw("BINARY.SIZE" + item.section.to_wire()), len(data or b"")]
-        # ENVELOPE, BODYSTRUCTURE, BODY: left out until protocol/imap_fetch.py lands.
+            out += [Atom("RFC822.TEXT"), message.section(_TEXT)]
+        elif name == "ENVELOPE":
+            out += [Atom("ENVELOPE"), list(message.envelope())]
+        elif name in ("BODYSTRUCTURE", "BODY") and item.section is None:
+            out += [Atom(name), list(message.bodystructure(name == "BODYSTRUCTURE"))]
+        elif name == "BODY" and item.section is not None:
+            out += [response_name(item), partial(message.section(item.section), item.partial)]
+        elif name in ("BINARY", "BINARY.SIZE") and item.section is not None:
+            try:
+                data = message.binary(item.section.part)
+            except UnknownTransferEncoding:
+                continue  # the session answers NO [UNKNOWN-CTE] (RFC 3516 §4.3)
+            if name == "BINARY":
+                out += [response_name(item), partial(data, item.partial)]
+            else:
+                out += [response_name(item), len(data)]
     return out
 
 
@@ -197,10 +143,10 @@ def search_matches(
     seq: int,
     largest_seq: int,
     largest_uid: int,
-    message: Callable[[], bytes],
+    message: Callable[[], FetchMessage],
 ) -> bool:
-    """Whether the message (``seq``, ``record``; ``message`` gives its CRLF
-    bytes when a key needs them) matches ``key`` (RFC 9051 §6.4.4)."""
+    """Whether the message (``seq``, ``record``; ``message`` gives it parsed
+    when a key needs its text) matches ``key`` (RFC 9051 §6.4.4)."""
 
     def match(k: SearchKey) -> bool:
         return search_matches(k, record, seq, largest_seq, largest_uid, message)
@@ -238,15 +184,18 @@ def search_matches(
     if op == "MODSEQ":
         return record.modseq >= int(str(args[-1]))
     if op in _BODY_KEYS:
-        header, text = split_message(message())
+        found = message()
         if op == "BODY":
-            return str(args[0]).lower().encode() in text.lower()
+            return str(args[0]).lower().encode() in found.section(_TEXT).lower()
         if op == "TEXT":
-            return str(args[0]).lower().encode() in (header + text).lower()
+            return str(args[0]).lower().encode() in found.wire.lower()
         field, needle = (op, str(args[0])) if op != "HEADER" else (str(args[0]), str(args[1]))
-        value = header_fields(header, (field,), exclude=False)
+        value = found.section(Section(text="HEADER.FIELDS", fields=(field.upper(),)))
         if not needle:
             return len(value) > 2
-        return needle.lower().encode() in value.lower()
+        # The field's value only, not its name (RFC 9051 §6.4.4: "contains
+        # the specified string in the field-body").
+        bodies = b"".join(line.partition(b":")[2] for line in value.split(b"\r\n"))
+        return needle.lower().encode() in bodies.lower()
     # SENT* dates need the Date: header parsed: not yet (matches nothing).
     return False
