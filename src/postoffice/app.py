@@ -47,6 +47,7 @@ from postoffice.policy.mailauth import InboundChecks
 from postoffice.policy.srs import Srs, load_secrets
 from postoffice.policy.throttle import LoginThrottle, ThrottleLimits
 from postoffice.services import Services
+from postoffice.storage.folder_watch import FolderWatcher
 from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.quota import QuotaTracker
@@ -106,6 +107,7 @@ def build_services(settings: Settings, process: int = 0) -> Services:
         authenticator=authenticator,
         tls=server_context(cert, key),
         executor=executor,
+        folder_watcher=FolderWatcher(executor),
         srs=Srs(load_secrets(settings.data_dir)),
     )
     # One resolver for every lookup of this process, on [relay] dns_servers:
@@ -247,6 +249,7 @@ class Server:
         for task in self.background:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self.services.folder_watcher.close()
 
 
 def _announce(server: Server, smtp_processes: int = 1) -> None:

@@ -20,6 +20,7 @@ from postoffice.policy.mailauth import InboundChecks
 from postoffice.policy.memory_budget import MAX_HELD_BYTES, MemoryBudget
 from postoffice.policy.srs import Srs
 from postoffice.storage.accounts import AccountStore
+from postoffice.storage.folder_watch import FolderWatcher
 from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore
 from postoffice.storage.quota import QuotaTracker
@@ -59,6 +60,8 @@ class Services:
     # Memory for messages held whole for the inbound checks, shared by all
     # SMTP sessions of the process (policy/memory_budget.py).
     held_messages: MemoryBudget = field(default_factory=lambda: MemoryBudget(MAX_HELD_BYTES))
+    # The process's one watcher of selected IMAP folders (IDLE's wake-up).
+    folder_watcher: FolderWatcher = field(default_factory=FolderWatcher)
 
     def is_local_domain(self, domain: str) -> bool:
         return domain in self.settings.domains or self.accounts.is_local_domain(domain)

@@ -90,6 +90,8 @@ class MailboxCommands:
         raise NotImplementedError
 
     async def _report_changes(self) -> None: ...
+    def watch_selected(self, box: ImapMailbox, folder: FolderName) -> None: ...
+    def unwatch(self) -> None: ...
 
     # --- the view ----------------------------------------------------------------------
     def seq_of(self, uid: int) -> int:
@@ -111,6 +113,7 @@ class MailboxCommands:
             del self.records[uid]
 
     def clear_view(self) -> None:
+        self.unwatch()
         self.selected = None
         self.records = {}
         self.uids = []
@@ -281,6 +284,7 @@ class MailboxCommands:
             core_code = ResponseCode("CLOSED")
             self._send(core.untagged_status("OK", "Previous mailbox closed", core_code))
         self.selected = folder
+        self.watch_selected(box, folder)
         self.readonly = event.readonly
         self.records = {r.uid: r for r in records}
         self.uids = sorted(self.records)

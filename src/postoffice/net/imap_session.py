@@ -20,11 +20,12 @@ Timeouts: RFC 9051 §5.4's autologout (``[limits] imap_timeout``, 30
 minutes) between commands; an IDLE lasts up to twice that (RFC 2177 §3
 asks clients to renew it within 29 minutes).
 
-IDLE notification: while idling, the session looks at its folder's new/
-and cur/ mtimes once a second (two stats, no listing) and refreshes only
-when one changed; a delivery, a POP3 DELE or another session's flag
-rename each change one.  (inotify or a notification from the delivery path
-would avoid even the stat; not done yet.)
+IDLE notification: the selected folder is watched through the process's
+one ``storage/folder_watch.FolderWatcher`` (inotify on its new/ and cur/,
+shared with the other sessions of that folder); while idling the session
+waits on the client and on that watch at once, and refreshes only when the
+folder changed: a delivery by any process, a POP3 DELE, another session's
+flag rename.  No timer, no stat while nothing changes.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from postoffice.protocol.imap import ImapServerCore, ImapState
 from postoffice.protocol.imap_response import Atom, ResponseCode, Value
 from postoffice.services import Services
 from postoffice.storage.folder_names import FolderName
+from postoffice.storage.folder_watch import FolderWatch
 from postoffice.storage.folders import FolderError
 from postoffice.storage.imap_index import ImapIndexError, MessageRecord
 from postoffice.storage.imap_mailbox import ImapMailbox
@@ -60,7 +62,6 @@ T = TypeVar("T")
 
 TLS_HANDSHAKE_TIMEOUT = 30.0
 MAX_AUTH_FAILURES = 3  # per connection; the throttle slows retries across connections
-IDLE_CHECK_SECONDS = 1.0  # the issue's bound on new-mail latency in IDLE
 FLUSH_AT = 256 * 1024
 IMPLEMENTATION = "postoffice"
 ENABLEABLE = frozenset({"IMAP4REV2"})
@@ -93,6 +94,7 @@ class ImapSession(MailboxCommands):
         self.uids: list[int] = []
         self.records: dict[int, MessageRecord] = {}
         self.modseq = 0
+        self._watch: FolderWatch | None = None  # the selected folder's, for IDLE
 
     # --- the loop -------------------------------------------------------------
     async def run(self) -> None:
@@ -349,36 +351,49 @@ class ImapSession(MailboxCommands):
         self.modseq = max(self.modseq, refresh.state.highestmodseq)
 
     # --- IDLE (RFC 2177) ---------------------------------------------------------------
+    def watch_selected(self, box: ImapMailbox, folder: FolderName) -> None:
+        """SELECT/EXAMINE: hold a reference on ``folder``'s watch (IDLE's wake-up)."""
+        self.unwatch()
+        self._watch = self.s.folder_watcher.watch(box.folders.path(folder))
+
+    def unwatch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
+
     async def _idle(self) -> None:
         self._send(self.core.continuation("idling"))
+        watch = self._watch
+        if watch is not None:
+            watch.changed.clear()  # before the look: a change after it wakes us
         await self._report_changes()
         await self._flush()
-        box, name = self.mailbox, self.selected
-        stamp = None
-        if box is not None and name is not None:
-            stamp = await self._blocking(box.change_stamp, name)
-        deadline = self.conn.time() + 2 * self.timeout
-        while self.core.state is ImapState.IDLE:
-            left = deadline - self.conn.time()
-            if left <= 0:
-                raise TimeoutError
-            try:
-                data = await self.conn.read(min(IDLE_CHECK_SECONDS, left), interruptible=True)
-            except TimeoutError:
-                if box is None or name is None:
-                    continue
-                now = await self._blocking(box.change_stamp, name)
-                if now != stamp:
-                    stamp = now
-                    await self._report_changes()
-                    await self._flush()
-                continue
-            self.core.receive_data(data)
-            return  # the next event is DONE (or a refusal of what came instead)
+        # The client is silent while idling: the read's timeout is the IDLE's
+        # whole length (twice the autologout, RFC 2177 §3).
+        read = asyncio.ensure_future(self.conn.read(2 * self.timeout, interruptible=True))
+        try:
+            while watch is not None:
+                changed = asyncio.ensure_future(watch.changed.wait())
+                try:
+                    await asyncio.wait((read, changed), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                if read.done():
+                    break
+                watch.changed.clear()
+                await self._report_changes()
+                await self._flush()
+            data = await read
+        finally:
+            if read.done() and not read.cancelled():
+                read.exception()  # retrieved: a failure after it is the one raised
+            read.cancel()
+        self.core.receive_data(data)  # the next event is DONE (or a refusal of what came instead)
 
     # --- the end --------------------------------------------------------------------------
     async def _finish(self, started_tls: bool) -> None:
         self.core.close()
+        self.unwatch()
         box = self.mailbox
         if box is not None:
             with contextlib.suppress(OSError, ImapIndexError, asyncio.CancelledError):

@@ -135,12 +135,6 @@ class ImapMailbox:
         size = sum(r.size for r in records)
         return FolderStatus(state, len(records), unseen, deleted, size)
 
-    def change_stamp(self, name: FolderName) -> tuple[int, int]:
-        """The mtimes of ``new/`` and ``cur/`` (nanoseconds): any delivery,
-        rename or unlink there changes one (IDLE's cheap look)."""
-        path = self.folders.path(name)
-        return (os.stat(path / "new").st_mtime_ns, os.stat(path / "cur").st_mtime_ns)
-
     def _locate(self, path: Path, record: MessageRecord) -> Path:
         """The file of ``record`` now; MessageGone if there is none."""
         if record.info:
