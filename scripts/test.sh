@@ -32,6 +32,7 @@ CAPABILITIES=(
   "test -x /usr/sbin/dovecot|dovecot-core"
   "test -x /usr/lib/dovecot/pop3|dovecot-pop3d"
   "test -x /usr/lib/dovecot/imap|dovecot-imapd"
+  "command -v strace|strace"
 )
 missing=()
 for entry in "${CAPABILITIES[@]}"; do
