@@ -151,9 +151,9 @@ def test_no_polling_while_idle(
     client, tag = idle_on_inbox(srv)
     assert srv.proc is not None
     trace = srv.data_dir / "idle.strace"
+    command = [strace, "-f", "-ttt", "-e", "trace=%file,%stat", "-o", str(trace)]
     tracer = subprocess.Popen(
-        [strace, "-f", "-ttt", "-e", "trace=%file,%stat", "-o", str(trace)]
-        + ["-p", str(srv.proc.pid)],
+        [*command, "-p", str(srv.proc.pid)],
         stderr=subprocess.PIPE,
     )
     try:
