@@ -1,0 +1,208 @@
+"""Real IMAP clients from Debian against the real server: mbsync, fetchmail, curl.
+
+Each client runs as its user runs it, over TLS that trusts the server's own
+self-signed certificate (data_dir/tls/cert.pem; it names 127.0.0.1).  The
+assertions are on what ended up on each side: the local Maildir (files,
+flags in the names) and the server as Python's imaplib sees it (UIDs,
+flags), so a second sync that moves nothing, or a UID that changes under a
+client, shows.  Outside CI a missing program skips its test; in CI (``CI``
+set) it fails.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import re
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.server import PostofficeServer
+
+pytestmark = pytest.mark.interop
+
+ALICE, ALICE_PW = "alice@example.test", "alice-password-1"
+Program = Callable[[str], str]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[PostofficeServer]:
+    srv = PostofficeServer(tmp_path / "server")
+    srv.add_user(ALICE, ALICE_PW)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def cert(srv: PostofficeServer) -> str:
+    return str(srv.data_dir / "tls" / "cert.pem")
+
+
+def imap(srv: PostofficeServer) -> imaplib.IMAP4_SSL:
+    context = ssl.create_default_context(cafile=cert(srv))
+    client = imaplib.IMAP4_SSL("127.0.0.1", srv.ports["imaps"], ssl_context=context, timeout=15)
+    client.login(ALICE, ALICE_PW)
+    return client
+
+
+def message(subject: str) -> bytes:
+    return f"From: bob@example.test\r\nTo: {ALICE}\r\nSubject: {subject}\r\n\r\n{subject} body\r\n".encode()
+
+
+def append(srv: PostofficeServer, folder: str, *subjects: str) -> None:
+    client = imap(srv)
+    for subject in subjects:
+        typ, data = client.append(folder, None, None, message(subject))
+        assert typ == "OK", data
+    client.logout()
+
+
+FETCHED = re.compile(rb"UID (\d+)|FLAGS \(([^)]*)\)")
+
+
+def server_view(srv: PostofficeServer, folder: str = "INBOX") -> dict[str, tuple[int, frozenset[str]]]:
+    """Subject -> (UID, flags) of what the server holds in ``folder``."""
+    client = imap(srv)
+    typ, _ = client.select(folder, readonly=True)
+    assert typ == "OK"
+    typ, data = client.uid("FETCH", "1:*", "(UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    client.logout()
+    view: dict[str, tuple[int, frozenset[str]]] = {}
+    for item in data:
+        if not isinstance(item, tuple):
+            continue
+        uid, flags = 0, frozenset[str]()
+        for found_uid, found_flags in FETCHED.findall(item[0]):
+            uid = int(found_uid) if found_uid else uid
+            flags = frozenset(found_flags.decode().split()) if found_flags else flags
+        subject = item[1].decode().split(":", 1)[1].strip()
+        assert subject not in view, f"{subject} twice on the server"
+        view[subject] = (uid, flags)
+    return view
+
+
+def subjects(srv: PostofficeServer, folder: str = "INBOX") -> set[str]:
+    return set(server_view(srv, folder))
+
+
+def local_view(maildir: Path) -> dict[str, Path]:
+    """Subject -> file of a local Maildir folder (new/ and cur/)."""
+    view: dict[str, Path] = {}
+    for sub in ("new", "cur"):
+        for path in sorted((maildir / sub).glob("*")) if (maildir / sub).is_dir() else []:
+            head = path.read_bytes().split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+            match = re.search(rb"^Subject: (.*?)\r?$", head, re.MULTILINE)
+            assert match, path
+            subject = match.group(1).decode()
+            assert subject not in view, f"{subject} twice in {maildir}"
+            view[subject] = path
+    return view
+
+
+def maildir_flags(path: Path) -> str:
+    """The flag letters of a Maildir file name (``...:2,FS`` -> ``FS``)."""
+    return path.name.split(":2,", 1)[1] if ":2," in path.name else ""
+
+
+def run(args: list[str], home: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HOME": str(home), "LC_ALL": "C"},
+        check=False,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+# --- mbsync (isync) ----------------------------------------------------------------
+
+
+def mbsync_rc(srv: PostofficeServer, home: Path, local: Path) -> Path:
+    # CertificateFile: mbsync trusts the server's certificate by it (and
+    # checks the chain and host name against it), no skipping of verification.
+    rc = home / "mbsyncrc"
+    rc.write_text(
+        f"IMAPAccount po\nHost 127.0.0.1\nPort {srv.ports['imaps']}\n"
+        f"User {ALICE}\nPass {ALICE_PW}\nSSLType IMAPS\nCertificateFile {cert(srv)}\n\n"
+        "IMAPStore po-far\nAccount po\n\n"
+        f"MaildirStore po-near\nPath {local}/\nInbox {local}/INBOX\nSubFolders Verbatim\n\n"
+        "Channel po\nFar :po-far:\nNear :po-near:\nPatterns INBOX Archive\n"
+        "Create Near\nExpunge Both\nSyncState *\n"
+    )
+    rc.chmod(0o600)
+    return rc
+
+
+def test_mbsync_sync_resync_flags_delete_move_and_restart(
+    server: PostofficeServer, require_program: Program, tmp_path: Path
+) -> None:
+    mbsync = require_program("mbsync")
+    home, local = tmp_path / "home", tmp_path / "Mail"
+    home.mkdir()
+    local.mkdir()
+    sync = [mbsync, "-c", str(mbsync_rc(server, home, local)), "-a"]
+    append(server, "INBOX", "one", "two", "three", "four")
+
+    # Full sync: every message, once.
+    ok(run(sync, home))
+    first = local_view(local / "INBOX")
+    assert set(first) == {"one", "two", "three", "four"}
+    uids = server_view(server)
+
+    # A second sync moves nothing: same local files, same UIDs on the server.
+    ok(run(sync, home))
+    assert local_view(local / "INBOX") == first
+    assert server_view(server) == uids
+
+    # Flags both ways: seen+flagged locally, answered on the server.
+    path = first["one"]
+    path.rename(path.parent.parent / "cur" / (path.name.split(":2,")[0] + ":2,FS"))
+    client = imap(server)
+    client.select("INBOX")
+    assert client.uid("STORE", str(uids["two"][0]), "+FLAGS", "(\\Answered)")[0] == "OK"
+    client.logout()
+    ok(run(sync, home))
+    view = server_view(server)
+    assert {"\\Seen", "\\Flagged"} <= view["one"][1]
+    assert "R" in maildir_flags(local_view(local / "INBOX")["two"])
+
+    # Deletes both ways: a file removed here, a message expunged there.
+    local_view(local / "INBOX")["three"].unlink()
+    client = imap(server)
+    client.select("INBOX")
+    client.uid("STORE", str(uids["four"][0]), "+FLAGS", "(\\Deleted)")
+    assert client.expunge()[0] == "OK"
+    client.logout()
+    ok(run(sync, home))
+    assert subjects(server) == {"one", "two"}
+    assert set(local_view(local / "INBOX")) == {"one", "two"}
+
+    # A move on the server (RFC 6851) reaches the local Maildir.
+    client = imap(server)
+    client.select("INBOX")
+    assert client.uid("MOVE", str(uids["two"][0]), "Archive")[0] == "OK"
+    client.logout()
+    ok(run(sync, home))
+    assert set(local_view(local / "INBOX")) == {"one"}
+    assert set(local_view(local / "Archive")) == {"two"}
+    assert subjects(server, "Archive") == {"two"}
+
+    # kill -9: the next sync after a restart finds the same UIDs, moves nothing.
+    before = server_view(server), local_view(local / "INBOX"), local_view(local / "Archive")
+    server.kill()
+    assert run(sync, home).returncode != 0  # no server: a failure, not a wipe
+    server.start()
+    ok(run(sync, home))
+    after = server_view(server), local_view(local / "INBOX"), local_view(local / "Archive")
+    assert after == before
