@@ -198,7 +198,19 @@ def test_mbsync_sync_resync_flags_delete_move_and_restart(
     assert set(local_view(local / "Archive")) == {"two"}
     assert subjects(server, "Archive") == {"two"}
 
+    # A move here: the file goes to Archive without mbsync's UID in its name.
+    path = local_view(local / "INBOX")["one"]
+    name = re.sub(r",U=\d+", "", path.name)
+    path.rename(local / "Archive" / "cur" / name)
+    ok(run(sync, home))
+    assert subjects(server) == set()
+    assert subjects(server, "Archive") == {"one", "two"}
+    assert {"\\Seen", "\\Flagged"} <= server_view(server, "Archive")["one"][1]
+    assert set(local_view(local / "Archive")) == {"one", "two"}
+
     # kill -9: the next sync after a restart finds the same UIDs, moves nothing.
+    append(server, "INBOX", "five")
+    ok(run(sync, home))
     before = server_view(server), local_view(local / "INBOX"), local_view(local / "Archive")
     server.kill()
     assert run(sync, home).returncode != 0  # no server: a failure, not a wipe
