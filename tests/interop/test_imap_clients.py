@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.interop.test_pop3_clients import MDA
+from tests.support.helpers import wait_for
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.interop
@@ -218,3 +220,98 @@ def test_mbsync_sync_resync_flags_delete_move_and_restart(
     ok(run(sync, home))
     after = server_view(server), local_view(local / "INBOX"), local_view(local / "Archive")
     assert after == before
+
+
+# --- fetchmail (IMAP) --------------------------------------------------------------
+
+
+def fetchmail_rc(srv: PostofficeServer, home: Path, out: Path, *, keep: bool, idle: bool) -> Path:
+    (home / "mda.py").write_text(MDA)
+    rc = home / "fetchmailrc"
+    # sslcommonname: fetchmail matches the name against DNS names only, and the
+    # certificate names localhost besides 127.0.0.1; the chain is checked.
+    rc.write_text(
+        "set no syslog\n"
+        f"poll 127.0.0.1 service {srv.ports['imaps']} protocol imap\n"
+        f'  user "{ALICE}" there with password "{ALICE_PW}" is "nobody" here\n'
+        f'  ssl sslcertck sslcertfile "{cert(srv)}" sslcommonname "localhost"\n'
+        f"  {'keep' if keep else 'nokeep'}{' idle' if idle else ''}\n"
+        f'  mda "{sys.executable} {home / "mda.py"} {out}"\n'
+    )
+    rc.chmod(0o600)
+    return rc
+
+
+def fetched(out: Path) -> list[str]:
+    subject = re.compile(rb"^Subject: (.*?)\r?$", re.MULTILINE)
+    found = [subject.search(path.read_bytes()) for path in sorted(out.iterdir())]
+    return [match.group(1).decode() for match in found if match]
+
+
+def test_fetchmail_imap_fetches_unseen_once_then_deletes(
+    server: PostofficeServer, require_program: Program, tmp_path: Path
+) -> None:
+    fetchmail = require_program("fetchmail")
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    keep = fetchmail_rc(server, home, out, keep=True, idle=False)
+    append(server, "INBOX", "one", "two")
+
+    # keep: fetchmail takes what is not \Seen and marks it so (RFC 9051 §2.3.2).
+    assert run([fetchmail, "-f", str(keep), "--nosyslog"], home).returncode == 0
+    assert sorted(fetched(out)) == ["one", "two"]
+    view = server_view(server)
+    assert all("\\Seen" in flags for _uid, flags in view.values())
+
+    # Again: nothing new (1), nothing fetched twice, UIDs unchanged.
+    again = run([fetchmail, "-f", str(keep), "--nosyslog"], home)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert len(fetched(out)) == 2
+    assert server_view(server) == view
+
+    # nokeep: the new message is fetched, then deleted and expunged.
+    append(server, "INBOX", "three")
+    delete = fetchmail_rc(server, home, out, keep=False, idle=False)
+    assert run([fetchmail, "-f", str(delete), "--nosyslog"], home).returncode == 0
+    assert sorted(fetched(out)) == ["one", "three", "two"]
+    assert subjects(server) == {"one", "two"}
+
+
+def test_fetchmail_imap_idle_and_reconnect_after_kill(
+    server: PostofficeServer, require_program: Program, tmp_path: Path
+) -> None:
+    fetchmail = require_program("fetchmail")
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    rc = fetchmail_rc(server, home, out, keep=True, idle=True)
+    # A daemon polling every 20 s, in the foreground so the test owns its PID.
+    # With ``idle`` it waits in IDLE (RFC 2177) between fetches, so new mail
+    # comes well before the next poll would fetch it.
+    log = home / "fetchmail.log"
+    with log.open("wb") as stderr:
+        daemon = subprocess.Popen(
+            [fetchmail, "-f", str(rc), "--nosyslog", "-N", "-d", "20", "-v"],
+            stdout=stderr,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HOME": str(home), "LC_ALL": "C"},
+        )
+    try:
+        append(server, "INBOX", "one")
+        assert wait_for(lambda: fetched(out) == ["one"], timeout=30), log.read_text()
+        assert wait_for(lambda: "IDLE\r\n" in log.read_text() or " IDLE" in log.read_text())
+        append(server, "INBOX", "two")  # arrives while fetchmail idles
+        assert wait_for(lambda: fetched(out) == ["one", "two"], timeout=10), log.read_text()
+
+        # kill -9 under the idling client: it polls again (after its 20 s) and
+        # fetches what came meanwhile, and nothing twice.
+        server.kill()
+        server.start()
+        append(server, "INBOX", "three")
+        assert wait_for(lambda: fetched(out) == ["one", "two", "three"], timeout=60), (
+            log.read_text()
+        )
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
