@@ -300,7 +300,8 @@ def test_fetchmail_imap_idle_and_reconnect_after_kill(
     try:
         append(server, "INBOX", "one")
         assert wait_for(lambda: fetched(out) == ["one"], timeout=30), log.read_text()
-        assert wait_for(lambda: "IDLE\r\n" in log.read_text() or " IDLE" in log.read_text())
+        idling = re.compile(r"IMAP> A\d+ IDLE\n.*IMAP< \+ ", re.DOTALL)
+        assert wait_for(lambda: bool(idling.search(log.read_text()))), log.read_text()
         append(server, "INBOX", "two")  # arrives while fetchmail idles
         assert wait_for(lambda: fetched(out) == ["one", "two"], timeout=10), log.read_text()
 
@@ -315,3 +316,49 @@ def test_fetchmail_imap_idle_and_reconnect_after_kill(
     finally:
         daemon.terminate()
         daemon.wait(10)
+
+
+# --- curl imaps:// -----------------------------------------------------------------
+
+
+def test_curl_imaps_append_fetch_flags_move_delete_and_restart(
+    server: PostofficeServer, require_program: Program, tmp_path: Path
+) -> None:
+    curl = require_program("curl")
+    base = f"imaps://127.0.0.1:{server.ports['imaps']}"
+
+    def call(*args: str) -> str:
+        # --cacert: curl checks the chain and that the certificate names 127.0.0.1.
+        common = [curl, "-sS", "--max-time", "30", "--cacert", cert(server)]
+        return ok(run([*common, "-u", f"{ALICE}:{ALICE_PW}", *args], tmp_path)).stdout
+
+    def uids(folder: str = "INBOX") -> list[int]:
+        found = re.search(r"^\* SEARCH(.*)$", call("-X", "UID SEARCH ALL", f"{base}/{folder}"), re.M)
+        assert found
+        return [int(uid) for uid in found.group(1).split()]
+
+    for subject in ("one", "two", "three"):  # -T: APPEND (RFC 9051 §6.3.12)
+        (tmp_path / subject).write_bytes(message(subject))
+        call("-T", str(tmp_path / subject), f"{base}/INBOX")
+    assert "INBOX" in call(f"{base}/")
+
+    # Full fetch by UID, then again: the same UIDs give the same bytes.
+    first = {uid: call(f"{base}/INBOX;UID={uid}") for uid in uids()}
+    assert sorted(re.findall(r"Subject: (\w+)", "".join(first.values()))) == ["one", "three", "two"]
+    assert {uid: call(f"{base}/INBOX;UID={uid}") for uid in uids()} == first
+    one, two, three = sorted(first)
+
+    call("-X", f"UID STORE {one} +FLAGS (\\Flagged)", f"{base}/INBOX")
+    assert "\\Flagged" in server_view(server)["one"][1]
+
+    call("-X", f"UID MOVE {two} Archive", f"{base}/INBOX")
+    assert subjects(server, "Archive") == {"two"}
+
+    call("-X", f"UID STORE {three} +FLAGS (\\Deleted)", f"{base}/INBOX")
+    call("-X", f"UID EXPUNGE {three}", f"{base}/INBOX")  # RFC 4315 §2.1
+    assert uids() == [one]
+
+    server.kill()
+    server.start()
+    assert uids() == [one]
+    assert call(f"{base}/INBOX;UID={one}") == first[one]
