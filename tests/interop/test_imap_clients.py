@@ -153,17 +153,28 @@ def test_mbsync_sync_resync_flags_delete_move_and_restart(
     home, local = tmp_path / "home", tmp_path / "Mail"
     home.mkdir()
     local.mkdir()
-    sync = [mbsync, "-c", str(mbsync_rc(server, home, local)), "-a"]
+    args = [mbsync, "-c", str(mbsync_rc(server, home, local)), "-a"]
+    two_way_sync(server, lambda: run(args, home), local)
+
+
+def two_way_sync(
+    server: PostofficeServer,
+    sync: Callable[[], subprocess.CompletedProcess[str]],
+    local: Path,
+) -> None:
+    """The scenario for a client that keeps local Maildir folders INBOX and
+    Archive (under ``local``) in step with the server, both ways; ``sync``
+    runs it once."""
     append(server, "INBOX", "one", "two", "three", "four")
 
     # Full sync: every message, once.
-    ok(run(sync, home))
+    ok(sync())
     first = local_view(local / "INBOX")
     assert set(first) == {"one", "two", "three", "four"}
     uids = server_view(server)
 
     # A second sync moves nothing: same local files, same UIDs on the server.
-    ok(run(sync, home))
+    ok(sync())
     assert local_view(local / "INBOX") == first
     assert server_view(server) == uids
 
@@ -174,7 +185,7 @@ def test_mbsync_sync_resync_flags_delete_move_and_restart(
     client.select("INBOX")
     assert client.uid("STORE", str(uids["two"][0]), "+FLAGS", "(\\Answered)")[0] == "OK"
     client.logout()
-    ok(run(sync, home))
+    ok(sync())
     view = server_view(server)
     assert {"\\Seen", "\\Flagged"} <= view["one"][1]
     assert "R" in maildir_flags(local_view(local / "INBOX")["two"])
@@ -186,7 +197,7 @@ def test_mbsync_sync_resync_flags_delete_move_and_restart(
     client.uid("STORE", str(uids["four"][0]), "+FLAGS", "(\\Deleted)")
     assert client.expunge()[0] == "OK"
     client.logout()
-    ok(run(sync, home))
+    ok(sync())
     assert subjects(server) == {"one", "two"}
     assert set(local_view(local / "INBOX")) == {"one", "two"}
 
@@ -195,16 +206,16 @@ def test_mbsync_sync_resync_flags_delete_move_and_restart(
     client.select("INBOX")
     assert client.uid("MOVE", str(uids["two"][0]), "Archive")[0] == "OK"
     client.logout()
-    ok(run(sync, home))
+    ok(sync())
     assert set(local_view(local / "INBOX")) == {"one"}
     assert set(local_view(local / "Archive")) == {"two"}
     assert subjects(server, "Archive") == {"two"}
 
-    # A move here: the file goes to Archive without mbsync's UID in its name.
+    # A move here: the file goes to Archive without the client's UID in its name.
     path = local_view(local / "INBOX")["one"]
     name = re.sub(r",U=\d+", "", path.name)
     path.rename(local / "Archive" / "cur" / name)
-    ok(run(sync, home))
+    ok(sync())
     assert subjects(server) == set()
     assert subjects(server, "Archive") == {"one", "two"}
     assert {"\\Seen", "\\Flagged"} <= server_view(server, "Archive")["one"][1]
@@ -212,12 +223,12 @@ def test_mbsync_sync_resync_flags_delete_move_and_restart(
 
     # kill -9: the next sync after a restart finds the same UIDs, moves nothing.
     append(server, "INBOX", "five")
-    ok(run(sync, home))
+    ok(sync())
     before = server_view(server), local_view(local / "INBOX"), local_view(local / "Archive")
     server.kill()
-    assert run(sync, home).returncode != 0  # no server: a failure, not a wipe
+    assert sync().returncode != 0  # no server: a failure, not a wipe
     server.start()
-    ok(run(sync, home))
+    ok(sync())
     after = server_view(server), local_view(local / "INBOX"), local_view(local / "Archive")
     assert after == before
 
@@ -362,3 +373,35 @@ def test_curl_imaps_append_fetch_flags_move_delete_and_restart(
     server.start()
     assert uids() == [one]
     assert call(f"{base}/INBOX;UID={one}") == first[one]
+
+
+# --- offlineimap3 ------------------------------------------------------------------
+
+
+def offlineimap_rc(srv: PostofficeServer, home: Path, local: Path) -> Path:
+    # sslcacertfile: offlineimap checks the chain against the server's own
+    # certificate, and the host name against its DNS names only (imaplib2 has
+    # no IP address match), so it connects to localhost, a name the
+    # certificate carries besides 127.0.0.1.
+    rc = home / "offlineimaprc"
+    rc.write_text(
+        f"[general]\naccounts = po\nmetadata = {home}/metadata\n\n"
+        "[Account po]\nlocalrepository = near\nremoterepository = far\n\n"
+        f"[Repository near]\ntype = Maildir\nlocalfolders = {local}\n\n"
+        f"[Repository far]\ntype = IMAP\nremotehost = localhost\nremoteport = {srv.ports['imaps']}\n"
+        f"remoteuser = {ALICE}\nremotepass = {ALICE_PW}\n"
+        f"ssl = yes\nsslcacertfile = {cert(srv)}\n"
+        "folderfilter = lambda name: name in ('INBOX', 'Archive')\n"
+    )
+    return rc
+
+
+def test_offlineimap_sync_resync_flags_delete_move_and_restart(
+    server: PostofficeServer, require_program: Program, tmp_path: Path
+) -> None:
+    offlineimap = require_program("offlineimap")
+    home, local = tmp_path / "home", tmp_path / "Mail"
+    home.mkdir()
+    local.mkdir()
+    args = [offlineimap, "-c", str(offlineimap_rc(server, home, local)), "-o", "-u", "basic"]
+    two_way_sync(server, lambda: run(args, home, timeout=90), local)
