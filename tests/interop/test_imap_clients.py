@@ -405,3 +405,56 @@ def test_offlineimap_sync_resync_flags_delete_move_and_restart(
     local.mkdir()
     args = [offlineimap, "-c", str(offlineimap_rc(server, home, local)), "-o", "-u", "basic"]
     two_way_sync(server, lambda: run(args, home, timeout=90), local)
+
+
+# --- getmail6 ----------------------------------------------------------------------
+
+
+def getmail_rc(srv: PostofficeServer, home: Path, out: Path, *, delete: bool) -> Path:
+    (home / "mda.py").write_text(MDA)
+    # ca_certs: getmail checks the chain against the server's own certificate
+    # (Python's ssl, which matches 127.0.0.1 against the certificate's IP names).
+    # An external MDA, not getmail's Maildir: that one refuses to run as root,
+    # and CI runs as root; allow_root_commands lets the MDA run there.
+    rc = home / ("getmailrc-delete" if delete else "getmailrc")
+    rc.write_text(
+        f"[retriever]\ntype = SimpleIMAPSSLRetriever\nserver = 127.0.0.1\n"
+        f"port = {srv.ports['imaps']}\nusername = {ALICE}\npassword = {ALICE_PW}\n"
+        f"ca_certs = {cert(srv)}\nmailboxes = ('INBOX',)\n\n"
+        f"[destination]\ntype = MDA_external\npath = {sys.executable}\n"
+        f"arguments = ('{home / 'mda.py'}', '{out}')\nallow_root_commands = true\n\n"
+        f"[options]\nread_all = false\ndelete = {'true' if delete else 'false'}\n"
+    )
+    return rc
+
+
+def test_getmail_fetches_new_once_then_deletes(
+    server: PostofficeServer, require_program: Program, tmp_path: Path
+) -> None:
+    getmail = require_program("getmail")
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    keep = getmail_rc(server, home, out, delete=False)
+    args = [getmail, "--getmaildir", str(home), "--rcfile", keep.name]
+    append(server, "INBOX", "one", "two")
+
+    ok(run(args, home))
+    assert sorted(fetched(out)) == ["one", "two"]
+    uids = server_view(server)
+    ok(run(args, home))  # getmail remembers the UIDs it has taken: nothing again
+    assert len(fetched(out)) == 2
+    assert server_view(server) == uids
+
+    append(server, "INBOX", "three")
+    delete = getmail_rc(server, home, out, delete=True)
+    ok(run([getmail, "--getmaildir", str(home), "--rcfile", delete.name], home))
+    assert sorted(fetched(out)) == ["one", "three", "two"]
+    assert subjects(server) == set()
+
+    # After kill -9: the next run takes only what is new.
+    server.kill()
+    server.start()
+    append(server, "INBOX", "four")
+    ok(run(args, home))
+    assert sorted(fetched(out)) == ["four", "one", "three", "two"]
