@@ -1,4 +1,6 @@
-"""Real IMAP clients from Debian against the real server: mbsync, fetchmail, curl.
+"""Real IMAP clients from Debian against the real server.
+
+mbsync (isync), fetchmail, curl imaps://, offlineimap3 and getmail6.
 
 Each client runs as its user runs it, over TLS that trusts the server's own
 self-signed certificate (data_dir/tls/cert.pem; it names 127.0.0.1).  The
@@ -67,7 +69,9 @@ def append(srv: PostofficeServer, folder: str, *subjects: str) -> None:
 FETCHED = re.compile(rb"UID (\d+)|FLAGS \(([^)]*)\)")
 
 
-def server_view(srv: PostofficeServer, folder: str = "INBOX") -> dict[str, tuple[int, frozenset[str]]]:
+def server_view(
+    srv: PostofficeServer, folder: str = "INBOX"
+) -> dict[str, tuple[int, frozenset[str]]]:
     """Subject -> (UID, flags) of what the server holds in ``folder``."""
     client = imap(srv)
     typ, _ = client.select(folder, readonly=True)
@@ -344,7 +348,9 @@ def test_curl_imaps_append_fetch_flags_move_delete_and_restart(
         return ok(run([*common, "-u", f"{ALICE}:{ALICE_PW}", *args], tmp_path)).stdout
 
     def uids(folder: str = "INBOX") -> list[int]:
-        found = re.search(r"^\* SEARCH(.*)$", call("-X", "UID SEARCH ALL", f"{base}/{folder}"), re.M)
+        found = re.search(
+            r"^\* SEARCH(.*)$", call("-X", "UID SEARCH ALL", f"{base}/{folder}"), re.M
+        )
         assert found
         return [int(uid) for uid in found.group(1).split()]
 
