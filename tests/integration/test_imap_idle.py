@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.integration.test_imap import (
+from tests.support.helpers import wait_for
+from tests.support.imap import (
     ALICE,
     ALICE_PW,
     BOB,
@@ -29,7 +30,6 @@ from tests.integration.test_imap import (
     empty_inbox,
     imaps,
 )
-from tests.support.helpers import wait_for
 from tests.support.server import PostofficeServer
 
 BOUND = 1.0  # seconds: the bound on IDLE latency

@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.helpers import wait_for
 from tests.support.ports import free_port
 
@@ -153,3 +155,10 @@ service imap-login {{
     def log(self) -> str:
         path = self.root / "dovecot.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def need(program: str) -> None:
+    if not os.access(program, os.X_OK):
+        if os.environ.get("CI"):
+            pytest.fail(f"{program} is not installed (scripts/test.sh installs it)")
+        pytest.skip(f"{program} is not installed")

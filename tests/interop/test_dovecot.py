@@ -12,7 +12,6 @@ Outside CI a missing Dovecot skips; in CI (``CI`` set) it fails.
 from __future__ import annotations
 
 import hashlib
-import os
 import poplib
 import re
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.dovecot import DOVEADM, DOVECOT, Dovecot
+from tests.interop.dovecot import DOVEADM, DOVECOT, Dovecot, need
 from tests.support.helpers import ALICE, ALICE_PW, BOB, make_server, tls_context
 from tests.support.server import PostofficeServer
 
@@ -35,13 +34,6 @@ MESSAGES = [
     ([ALICE], b"Subject: three\r\n\r\n" + (b"s" * 70 + b"\r\n") * 9000),  # streamed
     ([ALICE, BOB], b"Subject: four\r\nTo: alice, bob\r\n\r\nfor both\r\n"),  # hard-linked
 ]
-
-
-def need(program: str) -> None:
-    if not os.access(program, os.X_OK):
-        if os.environ.get("CI"):
-            pytest.fail(f"{program} is not installed (scripts/test.sh installs it)")
-        pytest.skip(f"{program} is not installed")
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,7 @@ from postoffice.storage.maildir_flags import (
     read_keywords,
     system_flags,
 )
-from tests.interop.dovecot import DOVEADM, DOVECOT, Dovecot
-from tests.interop.test_dovecot import need
+from tests.interop.dovecot import DOVEADM, DOVECOT, Dovecot, need
 from tests.support.helpers import ALICE, ALICE_PW
 
 pytestmark = pytest.mark.interop

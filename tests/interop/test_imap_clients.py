@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.test_pop3_clients import MDA
-from tests.support.helpers import wait_for
+from tests.support.helpers import MDA, wait_for
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.interop

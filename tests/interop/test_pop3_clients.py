@@ -16,21 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.helpers import MDA
 from tests.support.server import PostofficeServer
 
 pytestmark = pytest.mark.interop
 
 ALICE, ALICE_PW = "alice@example.test", "alice-password-1"
+
+
 # One line per message, written by fetchmail's MDA: stdin -> a numbered file.
-MDA = """
-import os, sys
-out = sys.argv[1]
-data = sys.stdin.buffer.read()
-with open(os.path.join(out, "%06d" % len(os.listdir(out))), "wb") as fh:
-    fh.write(data)
-"""
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[PostofficeServer]:
     srv = PostofficeServer(tmp_path / "server")

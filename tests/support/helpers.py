@@ -96,6 +96,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, step: float =
     return predicate()
 
 
+# A delivery program for fetchmail, getmail and the like (``python -c MDA
+# DIR``): each message read from stdin becomes the next numbered file in DIR.
+MDA = """
+import os, sys
+out = sys.argv[1]
+data = sys.stdin.buffer.read()
+with open(os.path.join(out, "%06d" % len(os.listdir(out))), "wb") as fh:
+    fh.write(data)
+"""
+
+
 async def until(predicate: Callable[[], object], timeout: float = 15.0, step: float = 0.01) -> bool:
     """``wait_for`` from inside an event loop: polls without blocking it, so
     the in-process server under test runs meanwhile."""
