@@ -123,7 +123,9 @@ def test_correct_zone_passes_through_the_cli(server: PostofficeServer, tmp_path:
     assert len(dkim) == 2 and all(seen[r] == "ok" for r in dkim)
     assert any(r.startswith(f"_dmarc.{DOMAIN}. IN TXT") and s == "ok" for r, s in seen.items())
     # Every listener answers; smtp on loopback is only a warning, like the self-signed cert.
-    assert sum(1 for r, s in seen.items() if "listener" in r and s == "ok") == 4
+    assert (
+        sum(1 for r, s in seen.items() if "listener" in r and s == "ok") == 6
+    )  # smtp is the warning
     assert seen[f"smtp listener 127.0.0.1:{server.ports['smtp']}"] == "warn"
     assert "All required records are in place." in result.stdout
 
@@ -179,7 +181,7 @@ def test_missing_dkim_keys_say_how_to_make_them(tmp_path: Path) -> None:
     assert code == 1
     assert f"run `postoffice dkim generate {DOMAIN}`" in text
     # Not running: every listener is reported as not answering.
-    assert sum(1 for r, s in statuses(text).items() if "listener" in r and s == "wrong") == 5
+    assert sum(1 for r, s in statuses(text).items() if "listener" in r and s == "wrong") == 7
 
 
 def wrong(server: PostofficeServer, tmp_path: Path, zone: dict[str, Any], *args: str) -> str:
