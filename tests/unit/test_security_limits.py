@@ -13,8 +13,8 @@ import pytest
 from postoffice.config.settings import AuthSettings, LimitSettings
 from postoffice.logsetup import QUEUE_LINES
 from postoffice.mail.headers import MAX_HEADER_BLOCK
-from postoffice.net.listener import HANDSHAKE_SECONDS
 from postoffice.net.imap_session import MAX_AUTH_FAILURES as IMAP_MAX_AUTH_FAILURES
+from postoffice.net.listener import HANDSHAKE_SECONDS
 from postoffice.net.pop3_session import MAX_AUTH_FAILURES
 from postoffice.net.smtp_session import MAX_HOPS
 from postoffice.policy.auth import HASH_WAITING_PER_WORKER
