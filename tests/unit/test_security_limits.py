@@ -13,6 +13,7 @@ import pytest
 from postoffice.config.settings import AuthSettings, LimitSettings
 from postoffice.logsetup import QUEUE_LINES
 from postoffice.mail.headers import MAX_HEADER_BLOCK
+from postoffice.net.imap_session import MAX_AUTH_FAILURES as IMAP_MAX_AUTH_FAILURES
 from postoffice.net.listener import HANDSHAKE_SECONDS
 from postoffice.net.pop3_session import MAX_AUTH_FAILURES
 from postoffice.net.smtp_session import MAX_HOPS
@@ -23,7 +24,11 @@ from postoffice.policy.memory_budget import MAX_HELD_BYTES
 from postoffice.policy.passwords import MIN_LENGTH
 from postoffice.policy.srs import MAX_AGE_DAYS
 from postoffice.policy.throttle import MAX_ENTRIES
+from postoffice.protocol.imap import MAX_COMMAND as IMAP_MAX_COMMAND
+from postoffice.protocol.imap import MAX_LINE as IMAP_MAX_LINE
+from postoffice.protocol.imap_parse import Limits as ImapLimits
 from postoffice.protocol.pop3 import MAX_LINE as POP3_MAX_LINE
+from postoffice.storage.folder_names import MAX_LEVELS as IMAP_NAME_LEVELS
 from postoffice.storage.maildir import UNAVAILABLE_SECONDS
 
 SECURITY = Path(__file__).parents[2] / "SECURITY.md"
@@ -78,8 +83,14 @@ def test_every_config_limit_is_listed_with_its_default(
 FIXED = {
     "POP3 login failures per connection": MAX_AUTH_FAILURES,
     "POP3 command line": POP3_MAX_LINE,
+    "IMAP login failures per connection": IMAP_MAX_AUTH_FAILURES,
+    "IMAP command line": IMAP_MAX_LINE,
+    "IMAP command": IMAP_MAX_COMMAND,
+    "IMAP nesting (parentheses, NOT, OR)": ImapLimits().max_depth,
+    "IMAP sequence set": ImapLimits().max_ranges,
+    "IMAP mailbox name": IMAP_NAME_LEVELS,
     "password length (`user add`, `user passwd`)": MIN_LENGTH,
-    "TLS handshake (STARTTLS, STLS, 465, 995)": HANDSHAKE_SECONDS,
+    "TLS handshake (STARTTLS, STLS, 465, 993, 995)": HANDSHAKE_SECONDS,
     "Received: fields (hops)": MAX_HOPS,
     "message header section": MAX_HEADER_BLOCK,
     "messages held whole for inbound checks": MAX_HELD_BYTES,

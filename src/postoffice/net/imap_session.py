@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError, parse_mailbox
-from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
+from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
 from postoffice.net.imap_commands import MailboxCommands
 from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.clients import may_send_password
@@ -319,6 +319,11 @@ class ImapSession(MailboxCommands):
             self._no("A message was removed meanwhile", "EXPUNGEISSUED")
         except KeywordsFull:
             self._no("No room for another keyword in this mailbox", "LIMIT")
+        except (WriteTimeout, ConnectionError):
+            # OSErrors too, but of the client (FETCH flushes as it goes), not
+            # of storage: the session ends (run()), it does not answer NO
+            # and serve the next pipelined FETCH into a dead connection.
+            raise
         except (OSError, ImapIndexError) as exc:
             log.error("imap user=%s storage failed: %s", logfmt.field(self.user), exc)
             self._no("The mailbox cannot be used now", "UNAVAILABLE")
