@@ -140,7 +140,7 @@ def test_condstore_select_fetch_store_search_status(imap: RawImap) -> None:
     assert found[0] == f"* SEARCH 1 3 (MODSEQ {highest})"
     # §3.1.6: STATUS HIGHESTMODSEQ.
     status = imap.ok("STATUS Cond (HIGHESTMODSEQ MESSAGES)")
-    assert status[0] == f"* STATUS \"Cond\" (HIGHESTMODSEQ {highest} MESSAGES 3)"
+    assert status[0] == f'* STATUS "Cond" (HIGHESTMODSEQ {highest} MESSAGES 3)'
 
 
 def test_qresync_after_another_session_changed_the_folder(srv: PostofficeServer) -> None:
