@@ -5,6 +5,13 @@ that answers LIST, STATUS, CREATE, DELETE, RENAME, (UN)SUBSCRIBE, SELECT,
 EXAMINE, CLOSE, UNSELECT, APPEND, FETCH, STORE, SEARCH, EXPUNGE, COPY and
 MOVE, kept apart so each file reads in one sitting.  Storage work runs in
 the executor through ``ImapMailbox`` (storage/imap_mailbox.py).
+
+CONDSTORE and QRESYNC (RFC 7162) ride on the index's mod-sequences: once a
+CONDSTORE enabling command was seen (§3.1), every FETCH response with FLAGS
+carries MODSEQ; once QRESYNC is enabled (§3.2.3), expunges are told as
+VANISHED (§3.2.10).  QUOTA (RFC 9208) shows the Maildir++ quota POP3 and
+``postoffice user quota`` show (storage/quota.py): one root, "", for all the
+user's folders, so MOVE between them never changes the usage.
 """
 
 from __future__ import annotations
@@ -15,13 +22,15 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
+from postoffice.mail.address import Address
 from postoffice.net import imap_fetch_items as items
 from postoffice.protocol import imap_events as ev
 from postoffice.protocol.imap import ImapServerCore
 from postoffice.protocol.imap_events import SequenceSet
 from postoffice.protocol.imap_fetch import FetchMessage
 from postoffice.protocol.imap_response import Atom, Mailbox, ResponseCode, Value
-from postoffice.storage import folder_names
+from postoffice.services import Services
+from postoffice.storage import folder_names, quota
 from postoffice.storage.folder_names import FolderName, FolderNameError
 from postoffice.storage.folders import FolderInfo
 from postoffice.storage.imap_index import MessageRecord, StoreMode
@@ -79,6 +88,8 @@ class MailboxCommands:
     uids: list[int]
     records: dict[int, MessageRecord]
     modseq: int
+    s: Services
+    user: Address | None
 
     # Provided by ImapSession.
     def _send(self, data: bytes) -> None: ...
@@ -106,11 +117,36 @@ class MailboxCommands:
 
     def forget(self, uid: int) -> None:
         """``uid`` expunged: send its EXPUNGE and drop it from the view."""
-        if uid in self.records:
+        self.forget_all((uid,))
+
+    def forget_all(self, uids: Iterable[int]) -> None:
+        """``uids`` expunged: drop them from the view, telling the client one
+        EXPUNGE each, or with QRESYNC one VANISHED for all (RFC 7162 §3.2.10)."""
+        gone = [u for u in uids if u in self.records]
+        vanished = "QRESYNC" in self.core.enabled
+        for uid in gone:
             seq = self.seq_of(uid)
-            self._send(self.core.untagged(seq, Atom("EXPUNGE")))
+            if not vanished:
+                self._send(self.core.untagged(seq, Atom("EXPUNGE")))
             del self.uids[seq - 1]
             del self.records[uid]
+        if vanished and gone:
+            self._send(self.core.untagged(Atom("VANISHED"), Atom(uid_set(gone))))
+
+    def condstore_on(self) -> None:
+        """A CONDSTORE enabling command (RFC 7162 §3.1): from now on every
+        FETCH response with FLAGS carries MODSEQ too."""
+        self.core.enable("CONDSTORE")
+
+    def flag_values(self, record: MessageRecord, uid: bool = True) -> list[Value]:
+        """FLAGS (and UID, and MODSEQ once CONDSTORE is on, RFC 7162 §3.1.4)
+        of a FETCH response telling a flag change."""
+        values: list[Value] = [Atom("FLAGS"), [Atom(f) for f in sorted(record.flags)]]
+        if uid:
+            values += [Atom("UID"), record.uid]
+        if "CONDSTORE" in self.core.enabled:
+            values += [Atom("MODSEQ"), [record.modseq]]
+        return values
 
     def clear_view(self) -> None:
         self.unwatch()
@@ -144,6 +180,8 @@ class MailboxCommands:
             case ev.ListMailboxes():
                 await self._list(box, event)
             case ev.Status(mailbox=name, items=wanted):
+                if "HIGHESTMODSEQ" in wanted:
+                    self.condstore_on()
                 folder = self._name(name)
                 if folder is not None:
                     self._send(await self._status_line(box, folder, wanted))
@@ -192,7 +230,7 @@ class MailboxCommands:
             case ev.Copy():
                 await self._copy(box, event)
             case ev.GetQuotaRoot() | ev.GetQuota():
-                self._no("QUOTA is not supported yet", "CANNOT")
+                await self._quota(box, event)
             case ev.Compress():
                 self._no("COMPRESS is not supported yet", "CANNOT")
             case _:
@@ -264,6 +302,12 @@ class MailboxCommands:
 
     # --- SELECT, EXAMINE ----------------------------------------------------------
     async def _select(self, box: ImapMailbox, event: ev.Select) -> None:
+        if event.qresync is not None and "QRESYNC" not in self.core.enabled:
+            # RFC 7162 §3.2.5: QRESYNC without ENABLE QRESYNC is BAD.
+            self._bad("ENABLE QRESYNC first")
+            return
+        if event.condstore:
+            self.condstore_on()
         was_selected = self.selected is not None
         self.clear_view()
         folder = self._name(event.mailbox)
@@ -301,8 +345,32 @@ class MailboxCommands:
         self._send(send("OK", "Predicted next UID", ResponseCode("UIDNEXT", (state.uidnext,))))
         code = ResponseCode("HIGHESTMODSEQ", (state.highestmodseq,))
         self._send(send("OK", "Highest", code))
+        if event.qresync is not None and event.qresync.uidvalidity == state.uidvalidity:
+            await self._resync(box, folder, event.qresync)
         mode = "READ-ONLY" if event.readonly else "READ-WRITE"
         self._ok(f"{'EXAMINE' if event.readonly else 'SELECT'} completed", ResponseCode(mode))
+
+    async def _resync(self, box: ImapMailbox, folder: FolderName, qr: ev.QresyncParams) -> None:
+        """RFC 7162 §3.2.5.1: what changed since the client's ``modseq``: the
+        expunged UIDs as VANISHED (EARLIER), the changed messages as FETCH;
+        only among ``known_uids`` when given.  Every expunge is kept in the
+        index with its mod-sequence, so the seq-match hint is not needed."""
+        largest = self.uids[-1] if self.uids else 0
+        known = qr.known_uids
+
+        def wanted(uid: int) -> bool:
+            return known is None or known.contains(uid, max(largest, uid))
+
+        vanished = await self._blocking(box.index.vanished_since, folder.imap(), qr.modseq)
+        gone = [u for u in vanished if wanted(u) and u not in self.records]
+        if gone:
+            self._send(self.core.untagged(Atom("VANISHED"), [Atom("EARLIER")], Atom(uid_set(gone))))
+        for uid in self.uids:
+            record = self.records[uid]
+            if record.modseq > qr.modseq and wanted(uid):
+                self._send(
+                    self.core.untagged(self.seq_of(uid), Atom("FETCH"), self.flag_values(record))
+                )
 
     # --- APPEND -------------------------------------------------------------------
     async def _append(self, box: ImapMailbox, event: ev.Append) -> None:
@@ -311,6 +379,8 @@ class MailboxCommands:
             return
         if not await self._blocking(box.folders.exists, folder):
             self._no("No such mailbox", "TRYCREATE")
+            return
+        if await self._over_quota(box, len(event.message)):
             return
         when = event.internal_date
         stamp = int(when.timestamp()) if when is not None else _now()
@@ -328,8 +398,15 @@ class MailboxCommands:
         fetch = event.items
         if event.uid and not any(i.name == "UID" for i in fetch):
             fetch = (ev.FetchItem("UID"), *fetch)  # RFC 9051 §6.4.9: UID FETCH includes UID
+        if event.changed_since is not None or any(i.name == "MODSEQ" for i in fetch):
+            self.condstore_on()
+        if event.vanished and "QRESYNC" not in self.core.enabled:
+            self._bad("ENABLE QRESYNC first")  # RFC 7162 §3.2.6
+            return
         if event.changed_since is not None:
             targets = [r for r in targets if r.modseq > event.changed_since]
+            if event.vanished:
+                await self._vanished_earlier(box, event.sequence, event.changed_since)
         if items.sets_seen(fetch) and not self.readonly:
             unseen = [r for r in targets if "\\Seen" not in r.flags]
             if unseen:
@@ -339,6 +416,12 @@ class MailboxCommands:
                 if not any(i.name == "FLAGS" for i in fetch):
                     fetch = (*fetch, ev.FetchItem("FLAGS"))
                 targets = [self.records[r.uid] for r in targets]
+        # RFC 7162 §3.1.4.1: CHANGEDSINCE implies MODSEQ; §3.1.4: with
+        # CONDSTORE on, so does FLAGS.
+        names = {i.name for i in fetch}
+        with_flags = "CONDSTORE" in self.core.enabled and "FLAGS" in names
+        if "MODSEQ" not in names and (event.changed_since is not None or with_flags):
+            fetch = (*fetch, ev.FetchItem("MODSEQ"))
         for start in range(0, len(targets), FETCH_BATCH):
             batch = targets[start : start + FETCH_BATCH]
             wanted = [r for r in batch if items.needs_body(fetch, r)]
@@ -352,6 +435,16 @@ class MailboxCommands:
             await self._flush()
         self._ok("FETCH completed")
 
+    async def _vanished_earlier(self, box: ImapMailbox, uids: SequenceSet, since: int) -> None:
+        """UID FETCH (CHANGEDSINCE n VANISHED): the UIDs of ``uids`` expunged
+        after ``since``, as VANISHED (EARLIER), before the FETCHes (§3.2.6)."""
+        assert self.selected is not None
+        found = await self._blocking(box.index.vanished_since, self.selected.imap(), since)
+        largest = self.uids[-1] if self.uids else 0
+        gone = [u for u in found if uids.contains(u, max(largest, u))]
+        if gone:
+            self._send(self.core.untagged(Atom("VANISHED"), [Atom("EARLIER")], Atom(uid_set(gone))))
+
     async def _store(self, box: ImapMailbox, event: ev.Store) -> None:
         targets = self._targets(event.uid, event.sequence)
         if targets is None or self.selected is None:
@@ -359,22 +452,37 @@ class MailboxCommands:
         if self.readonly:
             self._no("The mailbox is read-only", "READ-ONLY")  # not an RFC 5530 code, but clear
             return
+        if event.unchanged_since is not None:
+            self.condstore_on()
         mode = _STORE_MODES[event.mode]
         result = await self._blocking(
             box.store, self.selected, targets, mode, event.flags, event.unchanged_since
         )
         for record in result.changed:
             self.records[record.uid] = record
-        if not event.silent:
-            for record in targets:
-                now = self.records[record.uid]
-                values: list[Value] = [Atom("FLAGS"), [Atom(f) for f in sorted(now.flags)]]
+        modified = set(result.modified)
+        changed = {r.uid for r in result.changed}
+        condstore = "CONDSTORE" in self.core.enabled
+        for record in targets:
+            if record.uid in modified:
+                continue  # RFC 7162 §3.1.3: no FETCH for what failed the test
+            now = self.records[record.uid]
+            values: list[Value]
+            if not event.silent:
+                values = self.flag_values(now, event.uid)
+            elif condstore and now.uid in changed:
+                # RFC 7162 §3.1.3: .SILENT still tells the new MODSEQ.
+                values = [Atom("MODSEQ"), [now.modseq]]
                 if event.uid:
-                    values += [Atom("UID"), now.uid]
-                self._send(self.core.untagged(self.seq_of(now.uid), Atom("FETCH"), values))
+                    values = [Atom("UID"), now.uid, *values]
+            else:
+                continue
+            self._send(self.core.untagged(self.seq_of(now.uid), Atom("FETCH"), values))
         code = None
-        if result.modified:
-            code = ResponseCode("MODIFIED", (Atom(uid_set(result.modified)),))
+        if modified:
+            # RFC 7162 §3.1.3: sequence numbers for STORE, UIDs for UID STORE.
+            failed = modified if event.uid else {self.seq_of(u) for u in modified}
+            code = ResponseCode("MODIFIED", (Atom(uid_set(failed)),))
         self._ok("STORE completed", code)
 
     async def _search(self, box: ImapMailbox, event: ev.Search) -> None:
@@ -387,9 +495,16 @@ class MailboxCommands:
         records = [self.records[u] for u in self.uids]
         hits = await self._blocking(_search_all, box, self.selected, event.criteria, records)
         numbers = hits if event.uid else [self.seq_of(u) for u in hits]
+        # RFC 7162 §3.1.5: SEARCH MODSEQ answers the highest mod-sequence found.
+        highest: list[Value] = []
+        if _uses_modseq(event.criteria):
+            self.condstore_on()
+            if hits:
+                highest = [Atom("MODSEQ"), max(self.records[u].modseq for u in hits)]
         esearch = event.return_options is not None or "IMAP4REV2" in self.core.enabled
         if not esearch:
-            self._send(self.core.untagged(Atom("SEARCH"), *numbers))
+            tail: list[Value] = [highest] if highest else []
+            self._send(self.core.untagged(Atom("SEARCH"), *numbers, *tail))
         else:
             values: list[Value] = [Atom("ESEARCH"), [Atom("TAG"), event.tag]]
             if event.uid:
@@ -403,6 +518,7 @@ class MailboxCommands:
                 values += [Atom("COUNT"), len(numbers)]
             if numbers and ("ALL" in options or not options):
                 values += [Atom("ALL"), Atom(uid_set(numbers))]
+            values += highest  # RFC 7162 §3.1.5 with RFC 4731 ESEARCH
             self._send(self.core.untagged(*values))
         self._ok("SEARCH completed")
 
@@ -418,8 +534,7 @@ class MailboxCommands:
             doomed = [r for r in doomed if uids.contains(r.uid, self.uids[-1])]
         if doomed:
             result = await self._blocking(box.expunge, self.selected, doomed)
-            for uid in result.expunged:
-                self.forget(uid)
+            self.forget_all(result.expunged)
         await self._report_changes()
         self._ok("EXPUNGE completed")
 
@@ -437,6 +552,9 @@ class MailboxCommands:
         if event.move and target == self.selected:
             self._no("Cannot move into the same mailbox", "CANNOT")
             return
+        # MOVE stays within the user's one quota root: only COPY adds usage.
+        if not event.move and await self._over_quota(box, sum(r.size for r in targets)):
+            return
         copy = partial(box.copy, move=event.move)
         result = await self._blocking(copy, self.selected, target, targets)
         code = None
@@ -448,9 +566,56 @@ class MailboxCommands:
             if code is not None:  # RFC 6851 §4.3: COPYUID before the EXPUNGEs
                 self._send(self.core.untagged_status("OK", "Moved", code))
                 code = None
-            for uid in result.expunged:
-                self.forget(uid)
+            self.forget_all(result.expunged)
         self._ok("MOVE completed" if event.move else "COPY completed", code)
+
+    # --- QUOTA (RFC 9208) ---------------------------------------------------------
+    def _quota_limit(self) -> int:
+        """The user's quota in octets, 0 for none ([limits] mailbox_quota or
+        the user's own, as SMTP and POP3 apply it)."""
+        tracker = self.s.quota
+        if tracker is None or self.user is None:
+            return 0
+        return tracker.limit(self.user)
+
+    async def _quota(self, box: ImapMailbox, event: ev.GetQuotaRoot | ev.GetQuota) -> None:
+        limit = self._quota_limit()
+        if isinstance(event, ev.GetQuotaRoot):
+            folder = self._name(event.mailbox)
+            if folder is None:
+                return
+            if not await self._blocking(box.folders.exists, folder):
+                self._no("No such mailbox", "NONEXISTENT")
+                return
+            roots = [""] if limit else []  # RFC 9208 §4.3: no root, no limit
+            self._send(self.core.untagged(Atom("QUOTAROOT"), Mailbox(folder.imap()), *roots))
+        elif event.root != "" or not limit:
+            self._no("No such quota root", "NONEXISTENT")
+            return
+        if limit:
+            usage = await self._blocking(quota.usage_blocking, box.maildir, limit)
+            # RFC 9208 §5.1: STORAGE in units of 1024 octets.
+            storage: list[Value] = [Atom("STORAGE"), usage.bytes // 1024, limit // 1024]
+            self._send(self.core.untagged(Atom("QUOTA"), "", storage))
+        self._ok("GETQUOTA completed")
+
+    async def _over_quota(self, box: ImapMailbox, size: int) -> bool:
+        """Would ``size`` more octets pass the quota?  Then answered NO
+        [OVERQUOTA] (RFC 9208 §4.2, RFC 5530)."""
+        limit = self._quota_limit()
+        if not limit:
+            return False
+        usage = await self._blocking(quota.usage_blocking, box.maildir, limit)
+        if usage.bytes + size <= limit:
+            return False
+        self._no("Over quota", "OVERQUOTA")
+        return True
+
+
+def _uses_modseq(key: ev.SearchKey) -> bool:
+    if key.op == "MODSEQ":
+        return True
+    return any(isinstance(a, ev.SearchKey) and _uses_modseq(a) for a in key.args)
 
 
 def _now() -> int:

@@ -46,7 +46,7 @@ from postoffice.policy.clients import may_send_password
 from postoffice.protocol import imap_events as ev
 from postoffice.protocol import sasl
 from postoffice.protocol.imap import ImapServerCore, ImapState
-from postoffice.protocol.imap_response import Atom, ResponseCode, Value
+from postoffice.protocol.imap_response import Atom, ResponseCode
 from postoffice.services import Services
 from postoffice.storage.folder_names import FolderName
 from postoffice.storage.folder_watch import FolderWatch
@@ -64,7 +64,7 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 MAX_AUTH_FAILURES = 3  # per connection; the throttle slows retries across connections
 FLUSH_AT = 256 * 1024
 IMPLEMENTATION = "postoffice"
-ENABLEABLE = frozenset({"IMAP4REV2"})
+ENABLEABLE = frozenset({"IMAP4REV2", "CONDSTORE", "QRESYNC"})
 
 
 class _Abort(Exception):
@@ -170,6 +170,8 @@ class ImapSession(MailboxCommands):
                 enabled = [c for c in caps if c in ENABLEABLE and c not in core.enabled]
                 for cap in enabled:
                     core.enable(cap)
+                if "QRESYNC" in enabled:
+                    self.condstore_on()  # RFC 7162 §3.2.3: QRESYNC implies CONDSTORE
                 if enabled:
                     names = ["IMAP4rev2" if c == "IMAP4REV2" else c for c in enabled]
                     self._send(core.untagged(Atom("ENABLED"), *map(Atom, names)))
@@ -236,6 +238,7 @@ class ImapSession(MailboxCommands):
             caps.append("SASL-IR")
         caps += ["LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE"]
         caps += ["CHILDREN", "SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS", "ESEARCH"]
+        caps += ["CONDSTORE", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE"]
         caps.append(f"APPENDLIMIT={self.core.max_append}")
         return caps
 
@@ -335,8 +338,7 @@ class ImapSession(MailboxCommands):
         if box is None or name is None:
             return
         refresh = await self._blocking(box.refresh, name, self.modseq)
-        for uid in refresh.vanished:
-            self.forget(uid)
+        self.forget_all(refresh.vanished)
         added = False
         for record in refresh.changed:
             old = self.records.get(record.uid)
@@ -348,8 +350,7 @@ class ImapSession(MailboxCommands):
                 added = True
             elif old.flags != record.flags:
                 self.records[record.uid] = record
-                values: list[Value] = [Atom("FLAGS"), [Atom(f) for f in sorted(record.flags)]]
-                values += [Atom("UID"), record.uid]
+                values = self.flag_values(record)
                 self._send(self.core.untagged(self.seq_of(record.uid), Atom("FETCH"), values))
         if added:
             self._send(self.core.untagged(len(self.uids), Atom("EXISTS")))
