@@ -65,3 +65,24 @@ def load(bench: Path, port: int, tls: bool, count: int) -> dict[str, float]:
             f" not {count}: someone else is using that mailbox"
         )
     return kv
+
+
+def select_seconds(port: int, count: int) -> float:
+    """Seconds of one SELECT INBOX (plain, LOGIN first, not timed) of a mailbox
+    of ``count`` messages: for mailboxes too big to FETCH all of in a
+    benchmark (imap-load.py fetches everything after its SELECT)."""
+    import imaplib
+    import time
+
+    client = imaplib.IMAP4("127.0.0.1", port, timeout=600)
+    try:
+        client.login(bl.USER, bl.PASSWORD)
+        t0 = time.perf_counter()
+        typ, data = client.select("INBOX", readonly=True)
+        seconds = time.perf_counter() - t0
+        got = data[0]
+        if typ != "OK" or not isinstance(got, bytes) or int(got) != count:
+            raise RuntimeError(f"port {port}: SELECT {typ} {data!r}, not {count} messages")
+        return seconds
+    finally:
+        client.logout()

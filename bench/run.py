@@ -159,7 +159,9 @@ def alternate(ctx: Context, row: Row, po: tuple[Side, Run], other: tuple[Side, R
 
         return side, run_many
 
-    alternate_rows(ctx, [row], many(po), many(other))
+    po_many = many(po)
+    assert po_many is not None
+    alternate_rows(ctx, [row], po_many, many(other))
 
 
 def alternate_rows(
@@ -524,6 +526,7 @@ def imap_workloads(ctx: Context) -> None:
         else:
             rows[0].notes.append("the anchor's IMAP is not running: postoffice alone")
         alternate_rows(ctx, rows, (po_side, session(port, tls, keys)), other)
+    imap_select_big(ctx, have_anchor)
     bl.empty_maildir(ctx.po.maildir)
     imap_bench.forget_indexes(ctx.po.maildir)
     if have_anchor and isinstance(anchor, bl.Anchor):
@@ -531,6 +534,45 @@ def imap_workloads(ctx: Context) -> None:
         imap_bench.forget_indexes(anchor.maildir)
     idle_row(ctx, "imap", "imap-login")
     idle_row(ctx, "imap-idle", "imap")
+
+
+def imap_select_big(ctx: Context, have_anchor: bool) -> None:
+    """SELECT of a 100k-message mailbox (1 KiB each), cold and warm: SELECT only."""
+    import imap_bench
+    import pop3_bench
+
+    anchor = ctx.anchor
+    count = ctx.scale(100_000)
+    tag = f"{count // 1000}k"
+    pop3_bench.fill(ctx.bench, ctx.po.maildir, count, 1024, owner="nobody-postoffice-bench")
+    imap_bench.forget_indexes(ctx.po.maildir)
+    if have_anchor and isinstance(anchor, bl.Anchor):
+        bl.wait_quiet()
+        pop3_bench.fill(ctx.bench, anchor.maildir, count, 1024, owner=anchor.owner)
+    for cold in (True, False):
+        row = Row(
+            f"imap-{tag}-select-{'cold' if cold else 'warm'}", "s", "> 1.0", lower_is_better=True
+        )
+        row.notes.append(
+            f"SELECT INBOX alone (imaplib, plain) of {count} x 1 KiB"
+            + ("; index files removed before each" if cold else "")
+        )
+
+        def run_for(port: int) -> Run:
+            def run() -> tuple[float, str]:
+                return imap_bench.select_seconds(port, count), f"{count} messages"
+
+            return run
+
+        def pre(maildir: Path, c: bool = cold) -> Callable[[], None]:
+            return (lambda: imap_bench.forget_indexes(maildir)) if c else (lambda: None)
+
+        po_side = Side("postoffice", lambda: ctx.po.pid, pre(ctx.po.maildir))
+        other = None
+        if have_anchor and isinstance(anchor, bl.Anchor):
+            a_side = Side("dovecot", lambda: anchor.dovecot_pid, pre(anchor.maildir))
+            other = (a_side, run_for(anchor.imap_port))
+        alternate(ctx, row, (po_side, run_for(ctx.po.ports["imap"])), other)
 
 
 def idle_workloads(ctx: Context) -> None:
