@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """postoffice beside Postfix + Dovecot: every hot-path workload, one table.
 
-    python bench/run.py [--runs 3] [--only smtp,relay,pop3,login,idle] [--quick]
+    python bench/run.py [--runs 3] [--only smtp,relay,pop3,login,idle,imap] [--quick]
                         [--anchor auto|up|no] [--bench-dir ../shared/bench]
                         [--json results.jsonl] [--against SRC]
 
@@ -12,7 +12,8 @@ What it does:
    system the anchor's Maildirs are on), the domain ``example.test`` and the
    user ``load@example.test`` / ``secret-pass-load``, as in the anchor stack.
 2. Finds the anchor stack of the shared bench directory (Postfix on
-   127.0.0.1:10025, Dovecot on 10110/10995; ``anchor-stack.sh``) and, for the
+   127.0.0.1:10025, Dovecot on 10110/10995 and IMAP 10143/10993;
+   ``anchor-stack.sh``) and, for the
    relay load, its second Postfix instance whose relayhost is a sink
    (/tmp/anchor-relay).  ``--anchor up`` starts whatever is not answering;
    ``auto`` uses what runs and skips the anchor side, with a note, where
@@ -34,6 +35,15 @@ What it does:
                   hash gets the anchor's argon2id parameters (equal cost)
    idle-smtp/pop3 10,000 idle connections held (NOOP answered on each
                   afterwards); memory per connection (PSS; the anchor: 50)
+   imap-10k-*     one imap-load.py session each of 10000 x 10 KiB: SELECT
+                  cold (IMAP index files removed first) and warm (s), UID
+                  FETCH 1:* (FLAGS INTERNALDATE RFC822.SIZE ENVELOPE
+                  BODYSTRUCTURE) and BODY.PEEK[] of all (msg/s), plain and
+                  IMAPS (imap-load.py verifies no certificate: CERT_NONE)
+   imap-100k-*    SELECT alone of 100000 x 1 KiB, cold and warm (s)
+   idle-imap      10,000 idle IMAP connections at the greeting (NOOP after)
+   idle-imap-idle 1,000 sessions after LOGIN, SELECT INBOX, IDLE (DONE
+                  answered after); the anchor: 50 of each
    =============  =========================================================
 
 4. Checks durability and completeness: after each SMTP run every
