@@ -167,7 +167,7 @@ class RssSampler:
 
 
 # --- the machine must be quiet -----------------------------------------------------------
-CONTENDERS = ("smtp-source", "pop3-load", "relay_bench", "pop3_bench")
+CONTENDERS = ("smtp-source", "pop3-load", "imap-load", "relay_bench", "pop3_bench")
 
 
 def others_running() -> list[str]:
@@ -285,7 +285,7 @@ def greets(port: int, prefix: bytes, tls: bool = False) -> bool:
 
 
 # --- postoffice under test -------------------------------------------------------------------
-LISTENERS = ("smtp", "submission", "pop3", "pop3s")
+LISTENERS = ("smtp", "submission", "pop3", "pop3s", "imap", "imaps")
 
 
 @dataclass
@@ -312,8 +312,9 @@ class Postoffice:
             "[limits]\nmax_connections = 12000\nmax_connections_per_ip = 12000\n"
             # One smtp process per CPU (README: [limits] smtp_processes).
             "smtp_processes = 0\n\n"
-            # Plain POP3 from loopback measures POP3, not TLS (Dovecot does the same
-            # for 127.0.0.1 -> 127.0.0.1, see the shared bench README).
+            # Plain POP3 and IMAP from loopback measure the protocol, not TLS
+            # (Dovecot does the same for 127.0.0.1 -> 127.0.0.1, see the shared
+            # bench README).
             "[auth]\nallow_plaintext_loopback = true\n\n"
             f'[relay]\nsmarthost = "127.0.0.1:{self.smarthost_port}"\n'
             "max_per_destination = 20\n"
@@ -459,6 +460,8 @@ class Anchor:
     smtp_port: int = 10025
     pop3_port: int = 10110
     pop3s_port: int = 10995
+    imap_port: int = 10143
+    imaps_port: int = 10993
     smtp_label: str = "postfix"
     pop3_label: str = "dovecot"
     owner: str = "vmail"  # of the anchor's Maildirs (pop3_bench.fill)
@@ -480,6 +483,9 @@ class Anchor:
 
     def pop3_up(self) -> bool:
         return greets(self.pop3_port, b"+OK") and greets(self.pop3s_port, b"+OK", tls=True)
+
+    def imap_up(self) -> bool:
+        return greets(self.imap_port, b"* OK") and greets(self.imaps_port, b"* OK", tls=True)
 
     def drain(self) -> None:
         subprocess.run([str(self.bench / "pf-drain.sh")], capture_output=True, timeout=200)

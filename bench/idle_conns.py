@@ -4,7 +4,11 @@ Opens N plain TCP connections to a port, reads each greeting, waits, measures
 the server's memory, then proves every connection is still served (one NOOP
 each, answered).  Used by bench/run.py; runnable alone::
 
-    python bench/idle_conns.py --port 2525 --count 10000 --pid PID [--proto smtp|pop3]
+    python bench/idle_conns.py --port 2525 --count 10000 --pid PID [--proto smtp|pop3|imap]
+
+``imap-idle`` goes further on each connection: LOGIN, SELECT INBOX, IDLE
+(RFC 2177), and the check afterwards is DONE, answered by the IDLE's tagged
+OK (the session was held and still answers).
 
 Loopback only; bounded in count (<= 15,000) and time.
 """
@@ -20,10 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 BATCH = 200
-GREETING = {"smtp": b"220", "pop3": b"+OK"}
+GREETING = {"smtp": b"220", "pop3": b"+OK", "imap": b"* OK", "imap-idle": b"* OK"}
 # Any answer proves the connection is still served (POP3 refuses NOOP before
 # login with -ERR, which is an answer too).
-NOOP_REPLY = {"smtp": (b"250",), "pop3": (b"+OK", b"-ERR")}
+NOOP = {"smtp": b"NOOP\r\n", "pop3": b"NOOP\r\n", "imap": b"n NOOP\r\n", "imap-idle": b"DONE\r\n"}
+NOOP_REPLY = {
+    "smtp": (b"250",),
+    "pop3": (b"+OK", b"-ERR"),
+    "imap": (b"n OK",),
+    "imap-idle": (b"i OK",),
+}
 
 
 @dataclass
@@ -57,8 +67,42 @@ def _recv_line(sock: socket.socket) -> bytes:
     return data
 
 
+def _until_tagged(sock: socket.socket, tag: bytes) -> bytes:
+    """Read until the line that starts with ``tag`` (an IMAP tagged reply, or
+    ``+`` for a continuation); the untagged lines before it are skipped."""
+    data = b""
+    while len(data) < 1 << 20:  # bounded: untagged data of a SELECT is small
+        lines = data.split(b"\r\n")
+        for line in lines[:-1]:
+            if line.startswith(tag):
+                return line
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return b""
+
+
+def _imap_idle(sock: socket.socket, login: tuple[str, str]) -> None:
+    user, password = login
+    sock.sendall(f'l LOGIN "{user}" "{password}"\r\n'.encode())
+    if not _until_tagged(sock, b"l ").startswith(b"l OK"):
+        raise RuntimeError("IMAP LOGIN refused")
+    sock.sendall(b"s SELECT INBOX\r\n")
+    if not _until_tagged(sock, b"s ").startswith(b"s OK"):
+        raise RuntimeError("IMAP SELECT refused")
+    sock.sendall(b"i IDLE\r\n")
+    if not _until_tagged(sock, b"+"):
+        raise RuntimeError("IMAP IDLE refused")
+
+
 def measure(
-    port: int, count: int, proto: str, memory: Callable[[], int], settle: float = 2.0
+    port: int,
+    count: int,
+    proto: str,
+    memory: Callable[[], int],
+    settle: float = 2.0,
+    login: tuple[str, str] | None = None,
 ) -> IdleResult:
     if not 1 <= count <= 15_000:
         raise ValueError("count must be 1..15000")
@@ -79,6 +123,9 @@ def measure(
                 if not _recv_line(s).startswith(greeting):
                     raise RuntimeError(f"no greeting on connection {len(socks)}")
                 socks.append(s)
+                if proto == "imap-idle":
+                    assert login is not None, "imap-idle needs login=(user, password)"
+                    _imap_idle(s, login)
         seconds = time.monotonic() - started
         time.sleep(settle)
         after = memory()
@@ -86,9 +133,11 @@ def measure(
         for first in range(0, len(socks), BATCH):
             group = socks[first : first + BATCH]
             for s in group:
-                s.sendall(b"NOOP\r\n")
+                s.sendall(NOOP[proto])
             for s in group:
-                if _recv_line(s).startswith(NOOP_REPLY[proto]):
+                tag = NOOP_REPLY[proto][0][:2]
+                reply = _until_tagged(s, tag) if proto.startswith("imap") else _recv_line(s)
+                if reply.startswith(NOOP_REPLY[proto]):
                     held += 1
         return IdleResult(len(socks), held, before, after, seconds)
     finally:

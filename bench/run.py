@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """postoffice beside Postfix + Dovecot: every hot-path workload, one table.
 
-    python bench/run.py [--runs 3] [--only smtp,relay,pop3,login,idle] [--quick]
+    python bench/run.py [--runs 3] [--only smtp,relay,pop3,login,idle,imap] [--quick]
                         [--anchor auto|up|no] [--bench-dir ../shared/bench]
                         [--json results.jsonl] [--against SRC]
 
@@ -12,7 +12,8 @@ What it does:
    system the anchor's Maildirs are on), the domain ``example.test`` and the
    user ``load@example.test`` / ``secret-pass-load``, as in the anchor stack.
 2. Finds the anchor stack of the shared bench directory (Postfix on
-   127.0.0.1:10025, Dovecot on 10110/10995; ``anchor-stack.sh``) and, for the
+   127.0.0.1:10025, Dovecot on 10110/10995 and IMAP 10143/10993;
+   ``anchor-stack.sh``) and, for the
    relay load, its second Postfix instance whose relayhost is a sink
    (/tmp/anchor-relay).  ``--anchor up`` starts whatever is not answering;
    ``auto`` uses what runs and skips the anchor side, with a note, where
@@ -34,6 +35,15 @@ What it does:
                   hash gets the anchor's argon2id parameters (equal cost)
    idle-smtp/pop3 10,000 idle connections held (NOOP answered on each
                   afterwards); memory per connection (PSS; the anchor: 50)
+   imap-10k-*     one imap-load.py session each of 10000 x 10 KiB: SELECT
+                  cold (IMAP index files removed first) and warm (s), UID
+                  FETCH 1:* (FLAGS INTERNALDATE RFC822.SIZE ENVELOPE
+                  BODYSTRUCTURE) and BODY.PEEK[] of all (msg/s), plain and
+                  IMAPS (imap-load.py verifies no certificate: CERT_NONE)
+   imap-100k-*    SELECT alone of 100000 x 1 KiB, cold and warm (s)
+   idle-imap      10,000 idle IMAP connections at the greeting (NOOP after)
+   idle-imap-idle 1,000 sessions after LOGIN, SELECT INBOX, IDLE (DONE
+                  answered after); the anchor: 50 of each
    =============  =========================================================
 
 4. Checks durability and completeness: after each SMTP run every
@@ -73,7 +83,7 @@ import benchlib as bl
 import idle_conns
 
 REPO = Path(__file__).resolve().parent.parent
-GROUPS = ("smtp", "relay", "pop3", "login", "idle")
+GROUPS = ("smtp", "relay", "pop3", "login", "idle", "imap")
 
 
 @dataclass
@@ -128,25 +138,50 @@ class Context:
         return "≥ 0.95" if self.args.against else against_anchor
 
 
-def measure(side: Side, run: Callable[[], tuple[float, str]]) -> tuple[float, float, float, str]:
-    """(value, CPU s, peak RSS MiB, check) of one run of ``run`` against ``side``."""
+Run = Callable[[], tuple[float, str]]
+# One session that yields several rows' values at once (keyed by workload).
+RunMany = Callable[[], tuple[dict[str, float], str]]
+
+
+def measure(side: Side, run: RunMany) -> tuple[dict[str, float], float, float, str]:
+    """(values, CPU s, peak RSS MiB, check) of one run of ``run`` against ``side``."""
     side.pre()
     bl.wait_quiet()
     pid = side.pid()
     cpu0 = bl.tree_cpu(pid) if pid else 0.0
     with bl.RssSampler(pid) as rss:
-        value, check = run()
+        values, check = run()
     cpu = bl.tree_cpu(pid) - cpu0 if pid else float("nan")
-    return value, cpu, rss.peak / 2**20, check
+    return values, cpu, rss.peak / 2**20, check
 
 
-def alternate(
-    ctx: Context,
-    row: Row,
-    po: tuple[Side, Callable[[], tuple[float, str]]],
-    other: tuple[Side, Callable[[], tuple[float, str]]] | None,
-) -> None:
+def alternate(ctx: Context, row: Row, po: tuple[Side, Run], other: tuple[Side, Run] | None) -> None:
     """RUNS runs of each side, in the order A B B A A B ... (drift hits both)."""
+
+    def many(pair: tuple[Side, Run] | None) -> tuple[Side, RunMany] | None:
+        if pair is None:
+            return None
+        side, run = pair
+
+        def run_many() -> tuple[dict[str, float], str]:
+            value, check = run()
+            return {row.workload: value}, check
+
+        return side, run_many
+
+    po_many = many(po)
+    assert po_many is not None
+    alternate_rows(ctx, [row], po_many, many(other))
+
+
+def alternate_rows(
+    ctx: Context,
+    rows: list[Row],
+    po: tuple[Side, RunMany],
+    other: tuple[Side, RunMany] | None,
+) -> None:
+    """As ``alternate``, for a session that measures several rows at once: each
+    row gets its value, and all of them the session's CPU and peak RSS."""
     for i in range(ctx.args.runs):
         order = [("po", po), ("anchor", other)]
         if i % 2:
@@ -155,21 +190,30 @@ def alternate(
             if pair is None:
                 continue
             side, run = pair
+            values: dict[str, float] = {}
             try:
-                value, cpu, rss, check = measure(side, run)
+                values, cpu, rss, check = measure(side, run)
             except (RuntimeError, SystemExit, subprocess.SubprocessError, OSError) as exc:
-                value, cpu, rss, check = float("nan"), float("nan"), 0.0, f"FAILED: {exc}"
-            if which == "po":
-                row.po.append(value), row.po_cpu.append(cpu), row.po_rss.append(rss)
-            else:
-                row.anchor.append(value), row.anchor_cpu.append(cpu), row.anchor_rss.append(rss)
-            row.checks.append(check if check.startswith("FAILED") else f"ok {side.label}: {check}")
+                cpu, rss, check = float("nan"), 0.0, f"FAILED: {exc}"
+            for row in rows:
+                value = values.get(row.workload, float("nan"))
+                if which == "po":
+                    row.po.append(value), row.po_cpu.append(cpu), row.po_rss.append(rss)
+                else:
+                    row.anchor.append(value), row.anchor_cpu.append(cpu)
+                    row.anchor_rss.append(rss)
+                row.checks.append(
+                    check if check.startswith("FAILED") else f"ok {side.label}: {check}"
+                )
+            shown = "  ".join(
+                f"{r.workload} {values.get(r.workload, float('nan')):.4g} {r.unit}" for r in rows
+            )
             print(
-                f"  {row.workload:14} run {i + 1} {side.label:10} {value:9.1f} {row.unit}"
-                f"  cpu {cpu:6.2f}s  rss {rss:6.0f} MiB  {check}",
+                f"  run {i + 1} {side.label:10} {shown}  cpu {cpu:6.2f}s  rss {rss:6.0f} MiB"
+                f"  {check}",
                 flush=True,
             )
-    ctx.rows.append(row)
+    ctx.rows.extend(rows)
 
 
 # --- SMTP ingest ------------------------------------------------------------------------------
@@ -419,58 +463,203 @@ def login_workload(ctx: Context) -> None:
     alternate(ctx, row, (Side("postoffice", lambda: ctx.po.pid), po_run), other)
 
 
-def idle_workloads(ctx: Context) -> None:
+# --- IMAP -------------------------------------------------------------------------------------
+def imap_workloads(ctx: Context) -> None:
+    import imap_bench
+    import pop3_bench
+
     anchor = ctx.anchor
-    count = ctx.scale(10_000)
-    for proto in ("smtp", "pop3"):
-        row = Row(f"idle-{proto}", "KiB/conn", "≤ 30 KiB", lower_is_better=True)
-        # A fresh server per protocol (memory freed by earlier loads would hide
-        # the cost), warmed up by a few connections so lazy set-up is not counted.
-        ctx.po.stop()
-        ctx.po.start()
-        po_pid = ctx.po.pid
-        assert po_pid is not None
+    have_anchor = isinstance(anchor, bl.Anchor) and anchor.imap_up()
+    count, size = ctx.scale(10_000), 10_240
+    tag = f"{count // 1000}k" if count >= 1000 else str(count)
+    pop3_bench.fill(ctx.bench, ctx.po.maildir, count, size, owner="nobody-postoffice-bench")
+    imap_bench.forget_indexes(ctx.po.maildir)
+    if have_anchor and isinstance(anchor, bl.Anchor):
         bl.wait_quiet()
-        idle_conns.measure(ctx.po.ports[proto], 100, proto, lambda: 0, settle=0.5)
-        time.sleep(1)
-        r = idle_conns.measure(ctx.po.ports[proto], count, proto, lambda p=po_pid: bl.tree_pss(p))
-        row.po.append(r.per_conn / 1024)
-        row.po_rss.append(r.after / 2**20)
-        ok = r.held == r.opened == count
-        row.checks.append(("ok" if ok else "FAILED") + f" postoffice: {r.held}/{count} held")
-        print(
-            f"  idle-{proto} postoffice {r.per_conn / 1024:.1f} KiB/conn, {r.held}/{count}"
-            f" held, opened in {r.seconds:.1f}s",
-            flush=True,
-        )
-        a_pid = None
-        if anchor is not None:
-            a_pid = anchor.postfix_pid if proto == "smtp" else anchor.dovecot_pid
-        if anchor is not None and a_pid is not None:
-            port = anchor.smtp_port if proto == "smtp" else anchor.pop3_port
-            n = 50  # a process (or more) per connection: process limits stop far below 10,000
-            worker = "smtpd" if proto == "smtp" else "pop3-login"
-            seen: list[tuple[int, int]] = []
+        pop3_bench.fill(ctx.bench, anchor.maildir, count, size, owner=anchor.owner)
 
-            def workers(p: int = a_pid, w: str = worker, out: list[tuple[int, int]] = seen) -> int:
-                out.append(bl.workers_pss(p, w))
-                return out[-1][0]
+    def session(port: int, tls: bool, keys: dict[str, str]) -> RunMany:
+        def run() -> tuple[dict[str, float], str]:
+            kv = imap_bench.load(ctx.bench, port, tls, count)
+            values = {f"imap-{tag}-{row}": kv[key] for row, key in keys.items()}
+            return values, f"{kv['body_msgs']:.0f} bodies, {kv['body_mb_per_s']:.0f} MB/s"
 
-            ra = idle_conns.measure(port, n, proto, workers)
-            pss, procs = seen[-1]
-            row.anchor.append(pss / max(1, procs) / 1024)
-            row.anchor_rss.append(bl.tree_rss(a_pid) / 2**20)
-            ok = ra.held == ra.opened == n
-            row.checks.append(("ok" if ok else "FAILED") + f" anchor: {ra.held}/{n} held")
-            row.notes.append(
-                f"anchor: {n} connections; PSS of its {worker} processes ({procs}, one per"
-                " connection) per process"
+        return run
+
+    # (rows: name -> imap-load key, TLS, index files removed before each session)
+    sessions = [
+        ({"select-cold": "select_s", "meta-cold": "meta_msgs_per_s"}, False, True),
+        (
+            {
+                "select-warm": "select_s",
+                "meta-plain": "meta_msgs_per_s",
+                "body-plain": "body_msgs_per_s",
+            },
+            False,
+            False,
+        ),
+        ({"meta-imaps": "meta_msgs_per_s", "body-imaps": "body_msgs_per_s"}, True, False),
+    ]
+    for keys, tls, cold in sessions:
+        rows = []
+        for name, key in keys.items():
+            seconds = key == "select_s"
+            rows.append(
+                Row(
+                    f"imap-{tag}-{name}",
+                    "s" if seconds else "msg/s",
+                    "> 1.0",
+                    lower_is_better=seconds,
+                )
             )
-        row.notes.append(
-            f"postoffice: {count} connections opened in {r.seconds:.1f}s, each answered a"
-            " NOOP afterwards; memory is the growth of PSS"
+        rows[0].notes.append(
+            f"one imap-load.py session (LOGIN, SELECT, UID FETCH 1:* (FLAGS INTERNALDATE"
+            f" RFC822.SIZE ENVELOPE BODYSTRUCTURE), UID FETCH BODY.PEEK[] in 500s) of {count} x"
+            f" {size // 1024} KiB gives {', '.join(r.workload for r in rows)}; CPU and RSS are"
+            " the whole session's"
+            + ("; IMAPS (imap-load.py verifies no certificate: CERT_NONE)" if tls else "")
+            + (
+                "; cold = the IMAP index files (postoffice-imap.sqlite3*, dovecot.index*,"
+                " dovecot-uidlist) removed before the session, files in the page cache"
+                if cold
+                else ""
+            )
         )
-        ctx.rows.append(row)
+        port = ctx.po.ports["imaps" if tls else "imap"]
+        po_pre = (lambda: imap_bench.forget_indexes(ctx.po.maildir)) if cold else (lambda: None)
+        po_side = Side("postoffice", lambda: ctx.po.pid, po_pre)
+        other = None
+        if have_anchor and isinstance(anchor, bl.Anchor):
+            a_pre = (lambda: imap_bench.forget_indexes(anchor.maildir)) if cold else (lambda: None)
+            a_port = anchor.imaps_port if tls else anchor.imap_port
+            other = (Side("dovecot", lambda: anchor.dovecot_pid, a_pre), session(a_port, tls, keys))
+        else:
+            rows[0].notes.append("the anchor's IMAP is not running: postoffice alone")
+        alternate_rows(ctx, rows, (po_side, session(port, tls, keys)), other)
+    imap_select_big(ctx, have_anchor)
+    bl.empty_maildir(ctx.po.maildir)
+    imap_bench.forget_indexes(ctx.po.maildir)
+    if have_anchor and isinstance(anchor, bl.Anchor):
+        anchor.empty_load()
+        imap_bench.forget_indexes(anchor.maildir)
+    idle_row(ctx, "imap", "imap-login")
+    idle_row(ctx, "imap-idle", "imap")
+
+
+def imap_select_big(ctx: Context, have_anchor: bool) -> None:
+    """SELECT of a 100k-message mailbox (1 KiB each), cold and warm: SELECT only."""
+    import imap_bench
+    import pop3_bench
+
+    anchor = ctx.anchor
+    count = ctx.scale(100_000)
+    tag = f"{count // 1000}k"
+    pop3_bench.fill(ctx.bench, ctx.po.maildir, count, 1024, owner="nobody-postoffice-bench")
+    imap_bench.forget_indexes(ctx.po.maildir)
+    if have_anchor and isinstance(anchor, bl.Anchor):
+        bl.wait_quiet()
+        pop3_bench.fill(ctx.bench, anchor.maildir, count, 1024, owner=anchor.owner)
+    for cold in (True, False):
+        row = Row(
+            f"imap-{tag}-select-{'cold' if cold else 'warm'}", "s", "> 1.0", lower_is_better=True
+        )
+        row.notes.append(
+            f"SELECT INBOX alone (imaplib, plain) of {count} x 1 KiB"
+            + ("; index files removed before each" if cold else "")
+        )
+
+        def run_for(port: int) -> Run:
+            def run() -> tuple[float, str]:
+                return imap_bench.select_seconds(port, count), f"{count} messages"
+
+            return run
+
+        def pre(maildir: Path, c: bool = cold) -> Callable[[], None]:
+            return (lambda: imap_bench.forget_indexes(maildir)) if c else (lambda: None)
+
+        po_side = Side("postoffice", lambda: ctx.po.pid, pre(ctx.po.maildir))
+        other = None
+        if have_anchor and isinstance(anchor, bl.Anchor):
+            a_side = Side("dovecot", lambda: anchor.dovecot_pid, pre(anchor.maildir))
+            other = (a_side, run_for(anchor.imap_port))
+        alternate(ctx, row, (po_side, run_for(ctx.po.ports["imap"])), other)
+
+
+def idle_workloads(ctx: Context) -> None:
+    idle_row(ctx, "smtp", "smtpd")
+    idle_row(ctx, "pop3", "pop3-login")
+
+
+# A process (or more) per connection: process limits stop the anchor far below 10,000.
+ANCHOR_IDLE = 50
+
+
+def idle_row(ctx: Context, proto: str, worker: str) -> None:
+    """Memory per idle connection of ``proto`` (idle_conns.py); the anchor's
+    ``worker`` processes are its per-connection cost."""
+    anchor = ctx.anchor
+    # Logged-in IDLE sessions cost a login each (the hash): fewer of them.
+    count = ctx.scale(1_000 if proto == "imap-idle" else 10_000)
+    login = (bl.USER, bl.PASSWORD) if proto == "imap-idle" else None
+    if login:
+        # The hash's cost is not what this row measures: a cheap one keeps
+        # the logins quick (its buffer is freed before memory is read).
+        set_hash(ctx.po, 1, 1024, 1, [bl.USER])
+    row = Row(f"idle-{proto}", "KiB/conn", "≤ 30 KiB", lower_is_better=True)
+    # A fresh server per protocol (memory freed by earlier loads would hide
+    # the cost), warmed up by a few connections so lazy set-up is not counted.
+    ctx.po.stop()
+    ctx.po.start()
+    po_pid = ctx.po.pid
+    assert po_pid is not None
+    bl.wait_quiet()
+    listener = "imap" if proto.startswith("imap") else proto
+    po_port = ctx.po.ports[listener]
+    idle_conns.measure(po_port, 100, proto, lambda: 0, settle=0.5, login=login)
+    time.sleep(1)
+    r = idle_conns.measure(po_port, count, proto, lambda p=po_pid: bl.tree_pss(p), login=login)
+    row.po.append(r.per_conn / 1024)
+    row.po_rss.append(r.after / 2**20)
+    ok = r.held == r.opened == count
+    row.checks.append(("ok" if ok else "FAILED") + f" postoffice: {r.held}/{count} held")
+    print(
+        f"  idle-{proto} postoffice {r.per_conn / 1024:.1f} KiB/conn, {r.held}/{count}"
+        f" held, opened in {r.seconds:.1f}s",
+        flush=True,
+    )
+    a_pid = None
+    if anchor is not None:
+        a_pid = anchor.postfix_pid if proto == "smtp" else anchor.dovecot_pid
+    a_port = {
+        "smtp": anchor.smtp_port if anchor else 0,
+        "pop3": anchor.pop3_port if anchor else 0,
+        "imap": anchor.imap_port if isinstance(anchor, bl.Anchor) else 0,
+        "imap-idle": anchor.imap_port if isinstance(anchor, bl.Anchor) else 0,
+    }[proto]
+    if anchor is not None and a_pid is not None and a_port:
+        n = ANCHOR_IDLE
+        seen: list[tuple[int, int]] = []
+
+        def workers(p: int = a_pid, w: str = worker, out: list[tuple[int, int]] = seen) -> int:
+            out.append(bl.workers_pss(p, w))
+            return out[-1][0]
+
+        ra = idle_conns.measure(a_port, n, proto, workers, login=login)
+        pss, procs = seen[-1]
+        row.anchor.append(pss / max(1, procs) / 1024)
+        row.anchor_rss.append(bl.tree_rss(a_pid) / 2**20)
+        ok = ra.held == ra.opened == n
+        row.checks.append(("ok" if ok else "FAILED") + f" anchor: {ra.held}/{n} held")
+        row.notes.append(
+            f"anchor: {n} connections; PSS of its {worker} processes ({procs}, one per"
+            " connection) per process"
+        )
+    what = "LOGIN, SELECT INBOX (empty), IDLE; DONE answered" if login else "a NOOP answered"
+    row.notes.append(
+        f"postoffice: {count} connections opened in {r.seconds:.1f}s, each {what}"
+        " afterwards; memory is the growth of PSS"
+    )
+    ctx.rows.append(row)
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -488,6 +677,7 @@ def table(rows: list[Row]) -> str:
     lines = [head, "|" + " --- |" * 9]
     for r in rows:
         fmt = "{:.1f}" if r.unit == "KiB/conn" or (r.po and bl.med(r.po) < 100) else "{:.0f}"
+        fmt = "{:.3f}" if r.unit == "s" else fmt
         ratio = bl.span(r.ratios, "{:.2f}") if r.ratios else "-"
         cpu = f"{_num(r.po_cpu, '{:.1f}')} / {_num(r.anchor_cpu, '{:.1f}')}"
         rss = f"{_num(r.po_rss, '{:.0f}')} / {_num(r.anchor_rss, '{:.0f}')}"
@@ -583,7 +773,7 @@ def ensure_anchor(
     if mode == "no":
         return None, None
     anchor = bl.Anchor(bench)
-    if mode == "up" and not (anchor.smtp_up() and anchor.pop3_up()):
+    if mode == "up" and not (anchor.smtp_up() and anchor.pop3_up() and anchor.imap_up()):
         subprocess.run([str(bench / "anchor-stack.sh"), "up"], check=True, timeout=1800)
         started.append({})
     relay = bl.RelayAnchor.discover(Path("/tmp/anchor-relay"))
@@ -592,7 +782,7 @@ def ensure_anchor(
         subprocess.run([str(bench / "anchor-stack.sh"), "up"], check=True, timeout=1800, env=env)
         started.append(RELAY_ANCHOR_ENV)
         relay = bl.RelayAnchor.discover(Path("/tmp/anchor-relay"))
-    if not (anchor.smtp_up() or anchor.pop3_up()):
+    if not (anchor.smtp_up() or anchor.pop3_up() or anchor.imap_up()):
         print(
             "note: the anchor stack does not answer; measuring postoffice alone"
             " (start it with --anchor up)"
@@ -699,6 +889,7 @@ def main() -> int:
                 "pop3": pop3_workloads,
                 "login": login_workload,
                 "idle": idle_workloads,
+                "imap": imap_workloads,
             }[group](ctx)
     finally:
         servers = [po] + ([anchor.server] if isinstance(anchor, bl.PostofficeAnchor) else [])
