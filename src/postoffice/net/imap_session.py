@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from postoffice import logfmt
-from postoffice.mail.address import Address, AddressError, parse_mailbox
+from postoffice.mail.address import Address, AddressError
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
 from postoffice.net.imap_commands import MailboxCommands
 from postoffice.policy.auth import LoginThrottled
@@ -280,15 +280,9 @@ class ImapSession(MailboxCommands):
             self._no(outcome.reason, "AUTHENTICATIONFAILED")
 
     async def _login(self, name: str, password: str) -> None:
-        try:
-            address: Address | None = parse_mailbox(name)
-        except AddressError:
-            address = None  # still costs a verify: no probing for names
         text, code = "Authentication failed", "AUTHENTICATIONFAILED"
         try:
-            user = await self.s.authenticator.authenticate(
-                address, password, self.client_ip, "imap"
-            )
+            user = await self.s.authenticator.login(name, password, self.client_ip, "imap")
         except LoginThrottled:
             # RFC 5530 UNAVAILABLE: the password was not judged; try later.
             user, text, code = None, "Too many failed logins, try again later", "UNAVAILABLE"

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from postoffice import logfmt
-from postoffice.mail.address import Address, AddressError, parse_mailbox
+from postoffice.mail.address import Address, AddressError
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
 from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.clients import may_send_password
@@ -309,15 +309,9 @@ class Pop3Session:
             self._error(outcome.reason)
 
     async def _login(self, name: str, password: str) -> None:
-        try:
-            address: Address | None = parse_mailbox(name)
-        except AddressError:
-            address = None  # still costs a verify: no probing for names
         text, code = "Authentication failed", "AUTH"
         try:
-            user = await self.s.authenticator.authenticate(
-                address, password, self.client_ip, "pop3"
-            )
+            user = await self.s.authenticator.login(name, password, self.client_ip, "pop3")
         except LoginThrottled:
             # RFC 3206 §4: SYS/TEMP, not AUTH: the password was not judged, so
             # a client must not ask its user for a new one; it may try later.

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from postoffice import logfmt
-from postoffice.mail.address import Address, AddressError, parse_mailbox
+from postoffice.mail.address import Address, AddressError
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
 from postoffice.net.smtp_tally import CommandTally
@@ -830,13 +830,7 @@ class SmtpSession:
 
     async def _check_password(self, name: str, password: str) -> Reply:
         try:
-            address: Address | None = parse_mailbox(name)
-        except AddressError:
-            address = None
-        try:
-            user = await self.s.authenticator.authenticate(
-                address, password, self.client_ip, "smtp"
-            )
+            user = await self.s.authenticator.login(name, password, self.client_ip, "smtp")
         except LoginThrottled:
             # RFC 4954 §6: a temporary failure; the password was not judged.
             return Reply(454, "Temporary authentication failure, try again later", "4.7.0")

@@ -27,7 +27,7 @@ import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from postoffice import logfmt
-from postoffice.mail.address import Address
+from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.policy.throttle import LoginThrottle
 
 try:
@@ -199,6 +199,19 @@ class Authenticator:
         self._throttle = throttle
         self._pool = pool
         self._tag_key = os.urandom(32)  # never leaves this process
+
+    async def login(
+        self, name: str, password: str, client_ip: str, protocol: str
+    ) -> Address | None:
+        """The account ``name`` (as a client typed it: parsed the way the
+        account store looks users up) if ``password`` is right; every
+        protocol's login goes through here.  A name that does not parse
+        still costs a verify: no probing for names."""
+        try:
+            address: Address | None = parse_mailbox(name)
+        except AddressError:
+            address = None
+        return await self.authenticate(address, password, client_ip, protocol)
 
     async def authenticate(
         self, address: Address | None, password: str, client_ip: str, protocol: str
