@@ -107,7 +107,8 @@ def test_replies_past_the_soft_limit_are_delayed_without_blocking_others(
         for command, code in (("NOOP", 250), ("BOGUS", 500)):
             started = time.monotonic()
             assert client.cmd(command)[0] == code
-            assert time.monotonic() - started >= delay
+            # asyncio runs a timer up to its clock resolution early: allow 50 ms.
+            assert time.monotonic() - started >= delay - 0.05
         # While this session waits, another one is answered.
         client.send(b"BOGUS\r\n")
         other = raw(srv)
