@@ -33,7 +33,7 @@ from postoffice.services import Services
 from postoffice.storage import folder_names, quota
 from postoffice.storage.folder_names import FolderName, FolderNameError
 from postoffice.storage.folders import FolderInfo
-from postoffice.storage.imap_index import MessageRecord, StoreMode
+from postoffice.storage.imap_index import FolderState, MessageRecord, StoreMode
 from postoffice.storage.imap_mailbox import ImapMailbox
 from postoffice.storage.maildir_flags import MessageGone
 
@@ -42,6 +42,9 @@ T = TypeVar("T")
 FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 FETCH_BATCH = 64  # messages read per executor hop
 _STORE_MODES = {"": StoreMode.REPLACE, "+": StoreMode.ADD, "-": StoreMode.REMOVE}
+# The commands that number messages or read their flags: the view is read
+# before them (``load_view``).
+_NEEDS_VIEW = (ev.Fetch, ev.Store, ev.Search, ev.Expunge, ev.Copy, ev.Close)
 _STATUS_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELETED", "SIZE", "RECENT")
 
 
@@ -88,6 +91,8 @@ class MailboxCommands:
     uids: list[int]
     records: dict[int, MessageRecord]
     modseq: int
+    unloaded: FolderState | None  # SELECT's state until the view is read
+    ghosts: set[int]
     s: Services
     user: Address | None
 
@@ -130,6 +135,7 @@ class MailboxCommands:
                 self._send(self.core.untagged(seq, Atom("EXPUNGE")))
             del self.uids[seq - 1]
             del self.records[uid]
+            self.ghosts.discard(uid)
         if vanished and gone:
             self._send(self.core.untagged(Atom("VANISHED"), Atom(uid_set(gone))))
 
@@ -154,6 +160,29 @@ class MailboxCommands:
         self.records = {}
         self.uids = []
         self.modseq = 0
+        self.unloaded = None
+        self.ghosts = set()
+
+    async def load_view(self, box: ImapMailbox) -> None:
+        """Read the selected folder's messages, once, when a command first
+        needs them: SELECT itself reads only the folder's counters, so that
+        opening a 100,000-message folder costs no row per message.
+
+        The view is what SELECT told the client: messages that arrived since
+        are left to the next refresh (reported as new); those expunged since
+        stay numbered as *ghosts* (placeholders no command touches) until
+        that refresh reports their EXPUNGE (RFC 9051 §7.5.1: numbers must
+        not shift unannounced)."""
+        state, folder = self.unloaded, self.selected
+        if state is None or folder is None:
+            return
+        view = await self._blocking(box.view, folder, state)
+        self.unloaded = None
+        self.records = {r.uid: r for r in view.records}
+        for uid in view.expunged:
+            self.records[uid] = MessageRecord(uid, "", "", frozenset(), 0, 0, 0)
+        self.ghosts = set(view.expunged)
+        self.uids = sorted(self.records)
 
     def _targets(self, uid: bool, sequence: SequenceSet) -> list[MessageRecord] | None:
         """The records a sequence set names, ascending; None (answered BAD) for ``$``."""
@@ -164,8 +193,12 @@ class MailboxCommands:
             return []
         if uid:
             largest = self.uids[-1]
-            return [self.records[u] for u in self.uids if sequence.contains(u, largest)]
-        return [self.records[self.uids[n - 1]] for n in sequence.resolve(len(self.uids))]
+            found = [self.records[u] for u in self.uids if sequence.contains(u, largest)]
+        else:
+            found = [self.records[self.uids[n - 1]] for n in sequence.resolve(len(self.uids))]
+        if self.ghosts:
+            found = [r for r in found if r.uid not in self.ghosts]
+        return found
 
     def _name(self, name: str) -> FolderName | None:
         try:
@@ -176,6 +209,8 @@ class MailboxCommands:
 
     # --- dispatch --------------------------------------------------------------------------
     async def mailbox_command(self, box: ImapMailbox, event: ev.Event) -> None:
+        if isinstance(event, _NEEDS_VIEW):
+            await self.load_view(box)
         match event:
             case ev.ListMailboxes():
                 await self._list(box, event)
@@ -314,7 +349,7 @@ class MailboxCommands:
         if folder is None:
             return
         try:
-            state, records = await self._blocking(box.select, folder)
+            state = await self._blocking(box.select, folder)
         except BaseException:
             if was_selected:
                 self._send(
@@ -330,11 +365,10 @@ class MailboxCommands:
         self.selected = folder
         self.watch_selected(box, folder)
         self.readonly = event.readonly
-        self.records = {r.uid: r for r in records}
-        self.uids = sorted(self.records)
+        self.unloaded = state
         self.modseq = state.highestmodseq
         flags = [Atom(f) for f in FLAGS]
-        self._send(core.untagged(len(self.uids), Atom("EXISTS")))
+        self._send(core.untagged(state.messages, Atom("EXISTS")))
         if "IMAP4REV2" not in core.enabled:
             self._send(core.untagged(0, Atom("RECENT")))
         self._send(core.untagged(Atom("FLAGS"), flags))
@@ -346,6 +380,7 @@ class MailboxCommands:
         code = ResponseCode("HIGHESTMODSEQ", (state.highestmodseq,))
         self._send(send("OK", "Highest", code))
         if event.qresync is not None and event.qresync.uidvalidity == state.uidvalidity:
+            await self.load_view(box)
             await self._resync(box, folder, event.qresync)
         mode = "READ-ONLY" if event.readonly else "READ-WRITE"
         self._ok(f"{'EXAMINE' if event.readonly else 'SELECT'} completed", ResponseCode(mode))
@@ -367,7 +402,7 @@ class MailboxCommands:
             self._send(self.core.untagged(Atom("VANISHED"), [Atom("EARLIER")], Atom(uid_set(gone))))
         for uid in self.uids:
             record = self.records[uid]
-            if record.modseq > qr.modseq and wanted(uid):
+            if record.modseq > qr.modseq and wanted(uid) and uid not in self.ghosts:
                 self._send(
                     self.core.untagged(self.seq_of(uid), Atom("FETCH"), self.flag_values(record))
                 )
@@ -492,8 +527,12 @@ class MailboxCommands:
         if event.charset not in (None, "UTF-8", "US-ASCII"):
             self._no("Unsupported charset", ResponseCode("BADCHARSET", ([Atom("UTF-8")],)))
             return
-        records = [self.records[u] for u in self.uids]
-        hits = await self._blocking(_search_all, box, self.selected, event.criteria, records)
+        numbered = [
+            (seq, self.records[u]) for seq, u in enumerate(self.uids, 1) if u not in self.ghosts
+        ]
+        hits = await self._blocking(
+            _search_all, box, self.selected, event.criteria, numbered, len(self.uids)
+        )
         numbers = hits if event.uid else [self.seq_of(u) for u in hits]
         # RFC 7162 §3.1.5: SEARCH MODSEQ answers the highest mod-sequence found.
         highest: list[Value] = []
@@ -637,14 +676,17 @@ def _read_all(
 
 
 def _search_all(
-    box: ImapMailbox, folder: FolderName, key: ev.SearchKey, records: Sequence[MessageRecord]
+    box: ImapMailbox,
+    folder: FolderName,
+    key: ev.SearchKey,
+    numbered: Sequence[tuple[int, MessageRecord]],
+    largest_seq: int,
 ) -> list[int]:
-    """UIDs of the records matching ``key``, ascending.  Blocking (reads
-    messages only when a key needs their text)."""
+    """UIDs of the (sequence number, record)s matching ``key``, ascending.
+    Blocking (reads messages only when a key needs their text)."""
     hits: list[int] = []
-    largest_seq = len(records)
-    largest_uid = records[-1].uid if records else 0
-    for seq, record in enumerate(records, 1):
+    largest_uid = numbered[-1][1].uid if numbered else 0
+    for seq, record in numbered:
         cache: list[FetchMessage] = []
 
         def message(

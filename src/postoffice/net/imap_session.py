@@ -51,7 +51,7 @@ from postoffice.services import Services
 from postoffice.storage.folder_names import FolderName
 from postoffice.storage.folder_watch import FolderWatch
 from postoffice.storage.folders import FolderError
-from postoffice.storage.imap_index import ImapIndexError, MessageRecord
+from postoffice.storage.imap_index import FolderState, ImapIndexError, MessageRecord
 from postoffice.storage.imap_mailbox import ImapMailbox
 from postoffice.storage.maildir import mailbox_path
 from postoffice.storage.maildir_flags import KeywordsFull, MessageGone
@@ -94,6 +94,8 @@ class ImapSession(MailboxCommands):
         self.uids: list[int] = []
         self.records: dict[int, MessageRecord] = {}
         self.modseq = 0
+        self.unloaded: FolderState | None = None
+        self.ghosts: set[int] = set()
         self._watch: FolderWatch | None = None  # the selected folder's, for IDLE
 
     # --- the loop -------------------------------------------------------------
@@ -331,6 +333,7 @@ class ImapSession(MailboxCommands):
         box, name = self.mailbox, self.selected
         if box is None or name is None:
             return
+        await self.load_view(box)
         refresh = await self._blocking(box.refresh, name, self.modseq)
         self.forget_all(refresh.vanished)
         added = False

@@ -75,6 +75,7 @@ class FolderState:
     uidvalidity: int
     uidnext: int
     highestmodseq: int
+    messages: int = 0  # how many the folder holds (EXISTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,37 @@ class FolderFiles(Protocol):
         """The flags the ``:2,`` info letters mean in this folder (system
         letters; keyword letters per the folder's keyword list)."""
         ...
+
+    def listing(self) -> str:
+        """A token that changes whenever ``names`` could give another answer,
+        taken before ``names``; "" when it cannot be trusted (then every
+        ``sync`` reads the names).  ``sync`` skips the listing when the token
+        is the one of its last full read."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FolderCounts:
+    """STATUS's numbers (RFC 9051 §6.3.11), counted by the index."""
+
+    messages: int
+    unseen: int
+    deleted: int
+    size: int  # octets as stored (LF endings)
+
+
+@dataclass(frozen=True, slots=True)
+class Structure:
+    """What FETCH derives from a message's text and the index keeps, so that
+    the next FETCH need not read the file (Dovecot's ``dovecot.index.cache``
+    does the same): its RFC822.SIZE and its ENVELOPE, BODYSTRUCTURE and BODY
+    in their wire form.  A message's text never changes, so neither does this."""
+
+    uid: int
+    wire_size: int
+    envelope: bytes
+    bodystructure: bytes
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +284,18 @@ class ImapIndex(Protocol):
 
     def vanished_since(self, folder: str, modseq: int) -> list[int]:
         """UIDs expunged with a mod-sequence above ``modseq`` (VANISHED)."""
+        ...
+
+    def counts(self, folder: str) -> FolderCounts: ...
+
+    # --- the FETCH structure cache ----------------------------------------------------
+    def structures(self, folder: str, uids: Collection[int]) -> dict[int, Structure]:
+        """The cached structures of those of ``uids`` that have one."""
+        ...
+
+    def remember_structures(self, folder: str, structures: Sequence[Structure]) -> None:
+        """Keep ``structures`` (of messages still present); a cache: losing
+        it in a crash costs only the work of building it again."""
         ...
 
     # --- subscriptions (RFC 9051 §6.3.7, §6.3.8) ------------------------------------

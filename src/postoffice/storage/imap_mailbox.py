@@ -77,6 +77,14 @@ class Refresh:
 
 
 @dataclass(frozen=True, slots=True)
+class View:
+    """A selected folder's messages as of its SELECT (``ImapMailbox.view``)."""
+
+    records: tuple[MessageRecord, ...]  # present, ascending UID
+    expunged: tuple[int, ...]  # UIDs removed since the SELECT, ascending
+
+
+@dataclass(frozen=True, slots=True)
 class FolderStatus:
     """STATUS (RFC 9051 §6.3.11) of a folder."""
 
@@ -115,10 +123,22 @@ class ImapMailbox:
         path = self.folders.path(name)
         return self.index.sync(name.imap(), self._files(path)).folder
 
-    def select(self, name: FolderName) -> tuple[FolderState, list[MessageRecord]]:
-        """SELECT: the folder brought up to date, and all its messages."""
-        state = self.sync(name)
-        return state, self.index.messages(name.imap())
+    def select(self, name: FolderName) -> FolderState:
+        """SELECT: the folder brought up to date (its messages are read by
+        ``view`` when the session first needs them)."""
+        return self.sync(name)
+
+    def view(self, name: FolderName, selected: FolderState) -> View:
+        """The messages as they were when ``selected`` was taken (SELECT
+        told the client that many): the messages below its UIDNEXT still
+        here, and the UIDs of those expunged since, whose EXPUNGE the
+        session then owes the client.  Later arrivals are left to the
+        session's next refresh, which reports them as new."""
+        key = name.imap()
+        records = self.index.messages(key, 1, selected.uidnext - 1)
+        gone = [u for u in self.index.vanished_since(key, selected.highestmodseq)]
+        gone = [u for u in gone if u < selected.uidnext]
+        return View(tuple(records), tuple(gone))
 
     def refresh(self, name: FolderName, since: int) -> Refresh:
         state = self.sync(name)
@@ -129,11 +149,8 @@ class ImapMailbox:
 
     def status(self, name: FolderName) -> FolderStatus:
         state = self.sync(name)
-        records = self.index.messages(name.imap())
-        unseen = sum(1 for r in records if "\\Seen" not in r.flags)
-        deleted = sum(1 for r in records if "\\Deleted" in r.flags)
-        size = sum(r.size for r in records)
-        return FolderStatus(state, len(records), unseen, deleted, size)
+        counts = self.index.counts(name.imap())
+        return FolderStatus(state, counts.messages, counts.unseen, counts.deleted, counts.size)
 
     def _locate(self, path: Path, record: MessageRecord) -> Path:
         """The file of ``record`` now; MessageGone if there is none."""

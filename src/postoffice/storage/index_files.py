@@ -10,6 +10,13 @@ The info letters are read by the one flags codec, ``storage/maildir_flags.py``
 (system letters DFRST; ``a``-``z`` keywords from the folder's
 ``dovecot-keywords``, which the folder layer reads and passes in).
 
+The listing token (``listing``) is the inode and mtime, in nanoseconds, of
+new/ and cur/: every file added, removed or renamed there moves its
+directory's mtime.  A directory changed in the last ``TRUSTED_AFTER``
+seconds gives no token: the mtime clock ticks coarsely (the kernel's, a
+few milliseconds), so a change in the same tick as the token would not move
+it; after that margin a change must move it.
+
 INTERNALDATE of a file first seen is its mtime: Dovecot's convention (its
 APPEND sets the mtime to the INTERNALDATE with utime), so both servers give
 the same date for the same file.
@@ -19,11 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 from postoffice.storage.imap_index import FileFacts
 from postoffice.storage.maildir_flags import info_flags, stem_of
+
+TRUSTED_AFTER = 2.0  # seconds: see the module docstring
 
 
 class MaildirFolderFiles:
@@ -63,3 +73,16 @@ class MaildirFolderFiles:
 
     def flags(self, info: str) -> frozenset[str]:
         return info_flags(info, self._keywords)
+
+    def listing(self) -> str:
+        horizon = time.time_ns() - int(TRUSTED_AFTER * 1e9)
+        parts = []
+        for sub in ("new", "cur"):
+            try:
+                st = os.stat(f"{self._root}/{sub}")
+            except FileNotFoundError:
+                return ""
+            if st.st_mtime_ns > horizon:
+                return ""
+            parts.append(f"{st.st_ino}.{st.st_mtime_ns}")
+        return " ".join(parts)

@@ -49,7 +49,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,7 @@ from postoffice.storage.imap_index import (
     MAX_UID,
     CopyResult,
     ExpungeResult,
+    FolderCounts,
     FolderExists,
     FolderFiles,
     FolderState,
@@ -67,6 +68,7 @@ from postoffice.storage.imap_index import (
     NoSuchFolder,
     StoreMode,
     StoreResult,
+    Structure,
     SyncResult,
     canonical_flags,
 )
@@ -75,7 +77,7 @@ from postoffice.storage.maildir import arrival_key
 log = logging.getLogger("postoffice.imap_index")
 
 INDEX_NAME = "postoffice-imap.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 # SQLite's primary result codes for a damaged file.
 _SQLITE_CORRUPT = 11
@@ -118,7 +120,29 @@ CREATE TABLE subscriptions (
 ) WITHOUT ROWID;
 """
 
+# Version 2: each folder's message count (SELECT and STATUS without reading
+# every row) and the listing token of its last full sync (a folder whose
+# new/ and cur/ did not change is not listed again), and the FETCH
+# structure cache (``Structure``), filled by the first FETCH that needs it.
+_MIGRATIONS = {
+    2: """
+ALTER TABLE folders ADD COLUMN messages INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE folders ADD COLUMN listing TEXT NOT NULL DEFAULT '';
+UPDATE folders SET messages = (SELECT count(*) FROM messages WHERE messages.folder = folders.id);
+CREATE TABLE structure (
+    folder INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    wire_size INTEGER NOT NULL,         -- RFC822.SIZE (CRLF line endings)
+    envelope BLOB NOT NULL,             -- the wire form of ENVELOPE's value
+    bodystructure BLOB NOT NULL,        -- of BODYSTRUCTURE's
+    body BLOB NOT NULL,                 -- of BODY's (non-extensible)
+    PRIMARY KEY (folder, uid)
+) WITHOUT ROWID;
+""",
+}
+
 _COLUMNS = "uid, stem, info, flags, modseq, internaldate, size"
+_FOLDER_COLUMNS = "id, name, uidvalidity, uidnext, highestmodseq, messages, listing"
 
 
 @dataclass(slots=True)
@@ -128,9 +152,13 @@ class _Folder:
     uidvalidity: int
     uidnext: int
     highestmodseq: int
+    messages: int
+    listing: str
 
     def state(self) -> FolderState:
-        return FolderState(self.name, self.uidvalidity, self.uidnext, self.highestmodseq)
+        return FolderState(
+            self.name, self.uidvalidity, self.uidnext, self.highestmodseq, self.messages
+        )
 
 
 def _record(row: tuple[int, str, str, str, int, int, int]) -> MessageRecord:
@@ -193,11 +221,14 @@ class SqliteImapIndex:
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # Again under the lock: another process may have migrated meanwhile.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                _run_script(conn, _SCHEMA)
+                version = 1
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                _run_script(conn, _MIGRATIONS[target])
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -283,8 +314,7 @@ class SqliteImapIndex:
     @staticmethod
     def _find(conn: sqlite3.Connection, name: str) -> _Folder | None:
         row = conn.execute(
-            "SELECT id, name, uidvalidity, uidnext, highestmodseq FROM folders WHERE name = ?",
-            (name,),
+            f"SELECT {_FOLDER_COLUMNS} FROM folders WHERE name = ?", (name,)
         ).fetchone()
         return None if row is None else _Folder(*row)
 
@@ -297,8 +327,9 @@ class SqliteImapIndex:
     @staticmethod
     def _save(conn: sqlite3.Connection, folder: _Folder) -> None:
         conn.execute(
-            "UPDATE folders SET uidnext = ?, highestmodseq = ? WHERE id = ?",
-            (folder.uidnext, folder.highestmodseq, folder.id),
+            "UPDATE folders SET uidnext = ?, highestmodseq = ?, messages = ?, listing = ?"
+            " WHERE id = ?",
+            (folder.uidnext, folder.highestmodseq, folder.messages, folder.listing, folder.id),
         )
 
     @staticmethod
@@ -321,7 +352,7 @@ class SqliteImapIndex:
             (name, uidvalidity),
         )
         assert cursor.lastrowid is not None
-        return _Folder(cursor.lastrowid, name, uidvalidity, 1, 1)
+        return _Folder(cursor.lastrowid, name, uidvalidity, 1, 1, 0, "")
 
     def folder(self, name: str) -> FolderState | None:
         with self._read() as conn:
@@ -330,9 +361,7 @@ class SqliteImapIndex:
 
     def folders(self) -> list[FolderState]:
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT id, name, uidvalidity, uidnext, highestmodseq FROM folders ORDER BY name"
-            ).fetchall()
+            rows = conn.execute(f"SELECT {_FOLDER_COLUMNS} FROM folders ORDER BY name").fetchall()
         return [_Folder(*row).state() for row in rows]
 
     def create_folder(self, name: str) -> FolderState:
@@ -359,17 +388,29 @@ class SqliteImapIndex:
     def delete_folder(self, name: str) -> None:
         with self._write() as conn:
             found = self._get(conn, name)
-            for table in ("messages", "expunged"):
+            for table in ("messages", "expunged", "structure"):
                 conn.execute(f"DELETE FROM {table} WHERE folder = ?", (found.id,))
             conn.execute("DELETE FROM folders WHERE id = ?", (found.id,))
 
     # --- sync ------------------------------------------------------------------------
     def sync(self, folder: str, files: FolderFiles) -> SyncResult:
+        # A folder whose directories did not change since its last full read
+        # is not read again: a SELECT of a quiet 100,000-message folder costs
+        # two stats and one row (Dovecot checks the directories' mtimes too).
+        token = files.listing()
+        if token:
+            with self._read() as conn:
+                found = self._find(conn, folder)
+            if found is not None and found.listing == token:
+                return SyncResult(found.state())
         with self._write() as conn:
             f = self._find(conn, folder) or self._create(conn, folder)
             known = dict(conn.execute("SELECT stem, info FROM messages WHERE folder = ?", (f.id,)))
             # Listed inside the write lock: an APPEND committed meanwhile is not
-            # missing from this listing, it waits for this transaction.
+            # missing from this listing, it waits for this transaction.  The
+            # token is taken before the listing: a change during it moves the
+            # token, so the next sync reads again.
+            token = files.listing()
             disk: dict[str, str] = {}
             for name in files.names():
                 stem, _sep, info = name.partition(":2,")
@@ -378,7 +419,11 @@ class SqliteImapIndex:
             differing = disk.items() - known.items()
             missing = known.keys() - disk.keys()
             if not differing and not missing:
+                if f.listing != token:
+                    f.listing = token
+                    self._save(conn, f)
                 return SyncResult(f.state())
+            f.listing = token
             return self._apply_sync(conn, f, files, known, disk, differing, missing)
 
     def _apply_sync(
@@ -430,6 +475,7 @@ class SqliteImapIndex:
                 MessageRecord(old.uid, stem, info, flags, modseq, old.internaldate, old.size)
             )
         added: list[MessageRecord] = []
+        flags_of: dict[str, frozenset[str]] = {}  # most files share a few infos
         # New files get UIDs in delivery order (the time at the start of a
         # Maildir name), so UIDs ascend with arrival (RFC 9051 §2.3.1.1).
         for stem in sorted(new, key=arrival_key):
@@ -441,10 +487,13 @@ class SqliteImapIndex:
             if facts is None:
                 continue  # gone since the listing: never had a UID
             uid = self._next_uid(f)
-            flags = files.flags(info)
-            record = MessageRecord(uid, stem, info, flags, modseq, facts.internaldate, facts.size)
-            self._insert(conn, f.id, record)
-            added.append(record)
+            flags = flags_of.get(info)
+            if flags is None:
+                flags = flags_of[info] = files.flags(info)
+            added.append(
+                MessageRecord(uid, stem, info, flags, modseq, facts.internaldate, facts.size)
+            )
+        self._insert(conn, f, added)
         if gone or flags_changed or added:
             f.highestmodseq = modseq
         self._save(conn, f)
@@ -462,23 +511,28 @@ class SqliteImapIndex:
         return uid
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, folder_id: int, r: MessageRecord) -> None:
-        values = (r.uid, r.stem, r.info, _flag_text(r.flags), r.modseq, r.internaldate, r.size)
-        conn.execute(
+    def _insert(conn: sqlite3.Connection, f: _Folder, records: Sequence[MessageRecord]) -> None:
+        conn.executemany(
             f"INSERT INTO messages (folder, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (folder_id, *values),
+            (
+                (f.id, r.uid, r.stem, r.info, _flag_text(r.flags), r.modseq, r.internaldate, r.size)
+                for r in records
+            ),
         )
+        f.messages += len(records)
 
     @staticmethod
     def _remove(conn: sqlite3.Connection, f: _Folder, uids: Sequence[int], modseq: int) -> None:
         """Expunge ``uids`` (known to be present) at ``modseq``: kept for VANISHED."""
-        conn.executemany(
-            "DELETE FROM messages WHERE folder = ? AND uid = ?", ((f.id, u) for u in uids)
-        )
+        for table in ("messages", "structure"):
+            conn.executemany(
+                f"DELETE FROM {table} WHERE folder = ? AND uid = ?", ((f.id, u) for u in uids)
+            )
         conn.executemany(
             "INSERT OR REPLACE INTO expunged (folder, uid, modseq) VALUES (?, ?, ?)",
             ((f.id, u, modseq) for u in uids),
         )
+        f.messages -= len(uids)
 
     @staticmethod
     def _rows(conn: sqlite3.Connection, f: _Folder, uids: Iterable[int]) -> list[MessageRecord]:
@@ -532,7 +586,7 @@ class SqliteImapIndex:
             )
             return int(row[0])
         uid = self._next_uid(f)
-        self._insert(conn, f.id, MessageRecord(uid, stem, info, flags, modseq, internaldate, size))
+        self._insert(conn, f, [MessageRecord(uid, stem, info, flags, modseq, internaldate, size)])
         return uid
 
     def copy(self, source: str, target: str, pairs: Sequence[tuple[int, str]]) -> CopyResult:
@@ -666,6 +720,61 @@ class SqliteImapIndex:
             ).fetchall()
         return [row[0] for row in rows]
 
+    def counts(self, folder: str) -> FolderCounts:
+        # Flags are stored sorted and space-separated: a flag is present when
+        # " flag " is in " flags ".  One pass in SQLite, no row in Python.
+        with self._read() as conn:
+            f = self._get(conn, folder)
+            row = conn.execute(
+                "SELECT count(*),"
+                " coalesce(sum(instr(' ' || flags || ' ', ' \\Seen ') = 0), 0),"
+                " coalesce(sum(instr(' ' || flags || ' ', ' \\Deleted ') > 0), 0),"
+                " coalesce(sum(size), 0)"
+                " FROM messages WHERE folder = ?",
+                (f.id,),
+            ).fetchone()
+        return FolderCounts(*row)
+
+    # --- the FETCH structure cache ----------------------------------------------------
+    def structures(self, folder: str, uids: Collection[int]) -> dict[int, Structure]:
+        if not uids:
+            return {}
+        with self._read() as conn:
+            f = self._get(conn, folder)
+            rows = conn.execute(
+                "SELECT uid, wire_size, envelope, bodystructure, body FROM structure"
+                " WHERE folder = ? AND uid BETWEEN ? AND ?",
+                (f.id, min(uids), max(uids)),
+            ).fetchall()
+        wanted = uids if isinstance(uids, set | frozenset) else set(uids)
+        return {row[0]: Structure(*row) for row in rows if row[0] in wanted}
+
+    def remember_structures(self, folder: str, structures: Sequence[Structure]) -> None:
+        if not structures:
+            return
+        with self._lock:
+            # A cache: not worth an fsync per FETCH batch (WAL with NORMAL
+            # keeps the file consistent; a crash may lose the last entries).
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                with self._write() as conn:
+                    f = self._get(conn, folder)
+                    # Only for messages still present: one expunged meanwhile
+                    # must not leave a row behind.
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO structure"
+                        " (folder, uid, wire_size, envelope, bodystructure, body)"
+                        " SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS"
+                        " (SELECT 1 FROM messages WHERE folder = ? AND uid = ?)",
+                        (
+                            (f.id, s.uid, s.wire_size, s.envelope, s.bodystructure, s.body)
+                            + (f.id, s.uid)
+                            for s in structures
+                        ),
+                    )
+            finally:
+                self._conn.execute("PRAGMA synchronous = FULL")
+
     # --- subscriptions ------------------------------------------------------------------
     def subscribe(self, name: str) -> None:
         # RFC 9051 §6.3.7: a name may be subscribed whether or not it exists.
@@ -680,6 +789,14 @@ class SqliteImapIndex:
         with self._read() as conn:
             rows = conn.execute("SELECT name FROM subscriptions ORDER BY name").fetchall()
         return [row[0] for row in rows]
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Each statement of ``script`` in the caller's transaction
+    (``executescript`` would commit it)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def _last_uidvalidity(path: Path) -> int:

@@ -26,6 +26,7 @@ class ListedFiles:
     def files(self, names: list[str]) -> None:
         self._files = names
         self._present = frozenset(names)
+        self.version = getattr(self, "version", 0) + 1
 
     def names(self) -> list[str]:
         return [n for n in self.files if n.partition(":2,")[0] not in self.missed]
@@ -43,6 +44,10 @@ class ListedFiles:
 
     def flags(self, info: str) -> frozenset[str]:
         return info_flags(info, KEYWORDS)
+
+    def listing(self) -> str:
+        # Moves with every change of ``names``' answer, as directory mtimes do.
+        return f"{self.version} {','.join(sorted(self.missed))}"
 
     # --- what other Maildir tools do ------------------------------------------------
     def deliver(self, stem: str) -> None:

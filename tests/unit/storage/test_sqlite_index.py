@@ -387,7 +387,7 @@ def test_state_survives_reopening(path: Path) -> None:
     first.close()
     second = SqliteImapIndex(path)
     try:
-        assert second.folder("INBOX") == type(state)("INBOX", state.uidvalidity, 3, 3)
+        assert second.folder("INBOX") == type(state)("INBOX", state.uidvalidity, 3, 3, 1)
         assert second.subscriptions() == ["INBOX"]
         files.deliver(stem(3))
         assert [r.uid for r in second.sync("INBOX", files).added] == [3]
