@@ -16,9 +16,11 @@ user's folders, so MOVE between them never changes the usage.
 
 from __future__ import annotations
 
+import bisect
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -33,14 +35,19 @@ from postoffice.services import Services
 from postoffice.storage import folder_names, quota
 from postoffice.storage.folder_names import FolderName, FolderNameError
 from postoffice.storage.folders import FolderInfo
-from postoffice.storage.imap_index import FolderState, MessageRecord, StoreMode
+from postoffice.storage.imap_index import FolderState, MessageRecord, StoreMode, Structure
 from postoffice.storage.imap_mailbox import ImapMailbox
 from postoffice.storage.maildir_flags import MessageGone
 
 T = TypeVar("T")
 
 FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
-FETCH_BATCH = 64  # messages read per executor hop
+# FETCH works in batches, one executor hop each: messages whose files are
+# read, up to FETCH_BATCH_BYTES of them (bounding the memory one FETCH
+# holds) or FETCH_BATCH of them; INDEX_BATCH when no file is read.
+FETCH_BATCH = 256
+FETCH_BATCH_BYTES = 4 * 1024 * 1024
+INDEX_BATCH = 2048
 _STORE_MODES = {"": StoreMode.REPLACE, "+": StoreMode.ADD, "-": StoreMode.REMOVE}
 # The commands that number messages or read their flags: the view is read
 # before them (``load_view``).
@@ -111,14 +118,7 @@ class MailboxCommands:
 
     # --- the view ----------------------------------------------------------------------
     def seq_of(self, uid: int) -> int:
-        lo, hi = 0, len(self.uids)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.uids[mid] < uid:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo + 1
+        return bisect.bisect_left(self.uids, uid) + 1
 
     def forget(self, uid: int) -> None:
         """``uid`` expunged: send its EXPUNGE and drop it from the view."""
@@ -192,8 +192,8 @@ class MailboxCommands:
         if not self.uids:
             return []
         if uid:
-            largest = self.uids[-1]
-            found = [self.records[u] for u in self.uids if sequence.contains(u, largest)]
+            uids, records = self.uids, self.records
+            found = [records[uids[i]] for i in sequence.positions(uids)]
         else:
             found = [self.records[self.uids[n - 1]] for n in sequence.resolve(len(self.uids))]
         if self.ghosts:
@@ -457,16 +457,23 @@ class MailboxCommands:
         with_flags = "CONDSTORE" in self.core.enabled and "FLAGS" in names
         if "MODSEQ" not in names and (event.changed_since is not None or with_flags):
             fetch = (*fetch, ev.FetchItem("MODSEQ"))
-        for start in range(0, len(targets), FETCH_BATCH):
-            batch = targets[start : start + FETCH_BATCH]
-            wanted = [r for r in batch if items.needs_body(fetch, r)]
-            bodies = await self._blocking(_read_all, box, folder, wanted) if wanted else {}
+        structural = items.structural(fetch)
+        # Bodies are held per batch: a small batch bounds memory; answers
+        # from the index alone (flags, cached structures) go in big ones.
+        reads = items.needs_body(fetch, _NO_RECORD, _NO_STRUCTURE)
+        utf8 = self.core.utf8
+        for batch in _batches(targets, reads):
+            loaded = _Loaded({}, {})
+            if structural or any(items.needs_body(fetch, r) for r in batch):
+                loaded = await self._blocking(_load, box, folder, fetch, batch, structural)
+            bodies, structures = loaded.bodies, loaded.structures
             for record in batch:
                 message = bodies.get(record.uid)
                 if record.uid in bodies and message is None:
                     continue  # expunged by someone else: reported at the next NOOP
-                values = items.fetch_values(fetch, record, message)
-                self._send(self.core.untagged(self.seq_of(record.uid), Atom("FETCH"), values))
+                structure = structures.get(record.uid)
+                seq = self.seq_of(record.uid)
+                self._send(items.fetch_response(seq, fetch, record, message, structure, utf8=utf8))
             await self._flush()
         self._ok("FETCH completed")
 
@@ -661,18 +668,69 @@ def _now() -> int:
     return int(time.time())
 
 
-def _read_all(
-    box: ImapMailbox, folder: FolderName, records: Sequence[MessageRecord]
-) -> dict[int, FetchMessage | None]:
-    """Each record's message, read and parsed (None: gone).  Blocking: the
-    parsing (attacker input) runs in the executor too, not on the loop."""
-    out: dict[int, FetchMessage | None] = {}
+def _batches(records: Sequence[MessageRecord], reads: bool) -> Iterable[Sequence[MessageRecord]]:
+    """``records`` cut into FETCH's batches (see FETCH_BATCH)."""
+    if not reads:
+        for start in range(0, len(records), INDEX_BATCH):
+            yield records[start : start + INDEX_BATCH]
+        return
+    start = size = 0
+    for end, record in enumerate(records):
+        if end > start and (end - start >= FETCH_BATCH or size + record.size > FETCH_BATCH_BYTES):
+            yield records[start:end]
+            start, size = end, 0
+        size += record.size
+    if start < len(records):
+        yield records[start:]
+
+
+# Placeholders asking ``needs_body`` whether items need a file at all.
+_NO_RECORD = MessageRecord(0, "", "", frozenset(), 0, 0, 0)
+_NO_STRUCTURE = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """What one executor hop of FETCH read for a batch."""
+
+    bodies: dict[int, FetchMessage | None]  # parsed messages; None: gone
+    structures: dict[int, Structure]
+
+
+def _load(
+    box: ImapMailbox,
+    folder: FolderName,
+    fetch: tuple[ev.FetchItem, ...],
+    records: Sequence[MessageRecord],
+    structural: bool,
+) -> _Loaded:
+    """The cached structures of ``records`` (``structural``: an item needs
+    them), built and kept for those that had none, and the parsed messages
+    the other items need.  Blocking: the parsing (attacker input) runs in
+    the executor too, not on the loop."""
+    structures: dict[int, Structure] = {}
+    if structural:
+        structures = box.index.structures(folder.imap(), {r.uid for r in records})
+    bodies: dict[int, FetchMessage | None] = {}
+    built: list[Structure] = []
     for record in records:
+        cached = structures.get(record.uid)
+        need_body = items.needs_body(fetch, record, cached)
+        if not need_body and (cached is not None or not structural):
+            continue
         try:
-            out[record.uid] = FetchMessage(box.read(folder, record))
+            message = FetchMessage(box.read(folder, record))
         except MessageGone:
-            out[record.uid] = None
-    return out
+            bodies[record.uid] = None
+            continue
+        if structural and cached is None:
+            structure = items.structure_of(record.uid, message)
+            structures[record.uid] = structure
+            built.append(structure)
+        if items.needs_body(fetch, record, structures.get(record.uid)):
+            bodies[record.uid] = message
+    box.index.remember_structures(folder.imap(), built)
+    return _Loaded(bodies, structures)
 
 
 def _search_all(

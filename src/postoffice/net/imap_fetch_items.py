@@ -6,12 +6,19 @@ and the index record into the values of one FETCH response (RFC 9051
 §6.4.5, §7.5.2), or decide whether it matches SEARCH criteria (§6.4.4).
 Sections, partials, ENVELOPE, BODYSTRUCTURE and the CRLF form are all the
 FetchMessage's: one home for message structure.
+
+ENVELOPE, BODYSTRUCTURE, BODY and RFC822.SIZE are also kept, encoded, in
+the index's structure cache (``Structure``, built here by
+``structure_of``): a FETCH of those from a message seen before reads no
+file, as Dovecot answers them from its ``dovecot.index.cache``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
+import time
 from collections.abc import Callable
 
 from postoffice.protocol.imap_events import FetchItem, SearchKey, Section, SequenceSet
@@ -21,13 +28,17 @@ from postoffice.protocol.imap_fetch import (
     partial,
     response_name,
 )
-from postoffice.protocol.imap_response import Atom, Value
-from postoffice.storage.imap_index import MessageRecord
+from postoffice.protocol.imap_response import Atom, Value, encode_value
+from postoffice.storage.imap_index import MessageRecord, Structure
 
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
 # Items answered from the index alone; everything else needs the file.
 _FROM_RECORD = frozenset({"FLAGS", "UID", "INTERNALDATE", "MODSEQ"})
+# Items the structure cache answers (BODY only without a section).
+_STRUCTURAL = frozenset({"ENVELOPE", "BODYSTRUCTURE", "BODY", "RFC822.SIZE"})
+# Names built once: an Atom checks its text when made.
+_W_SIZE = re.compile(r",W=(\d+)")
 _HEADER = Section(text="HEADER")
 _TEXT = Section(text="TEXT")
 
@@ -35,71 +46,138 @@ _TEXT = Section(text="TEXT")
 def wire_size(record: MessageRecord) -> int | None:
     """RFC822.SIZE from the ``W=`` in the file name (the CRLF size, as
     Dovecot writes it), if it has one."""
-    match = re.search(r",W=(\d+)", record.stem)
+    if ",W=" not in record.stem:
+        return None
+    match = _W_SIZE.search(record.stem)
     return int(match.group(1)) if match else None
 
 
-def needs_body(items: tuple[FetchItem, ...], record: MessageRecord) -> bool:
+def structural(items: tuple[FetchItem, ...]) -> bool:
+    """Whether an item of ``items`` is one the structure cache answers."""
+    return any(i.name in _STRUCTURAL and i.section is None for i in items)
+
+
+def needs_body(
+    items: tuple[FetchItem, ...], record: MessageRecord, structure: Structure | None = None
+) -> bool:
+    """Whether answering ``items`` needs the message's file (given its
+    cached ``structure``, if it has one)."""
     for item in items:
         if item.name in _FROM_RECORD:
             continue
         if item.name == "RFC822.SIZE" and wire_size(record) is not None:
             continue
+        if structure is not None and item.name in _STRUCTURAL and item.section is None:
+            continue
         return True
     return False
 
 
+def structure_of(uid: int, message: FetchMessage) -> Structure:
+    """What the structure cache keeps of ``message``, encoded for every mode
+    (``utf8=False``: 8-bit text goes as literals, valid in rev1 and rev2)."""
+    return Structure(
+        uid=uid,
+        wire_size=message.size,
+        envelope=encode_value(list(message.envelope()), utf8=False),
+        bodystructure=encode_value(list(message.bodystructure(True)), utf8=False),
+        body=encode_value(list(message.bodystructure(False)), utf8=False),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _flags_wire(flags: frozenset[str]) -> bytes:
+    """FLAGS' list, encoded once per distinct set (a folder has few)."""
+    return encode_value([Atom(f) for f in sorted(flags)], utf8=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _internaldate_wire(seconds: int) -> bytes:
+    """``INTERNALDATE "..."``; messages delivered in one second share it."""
+    return b'INTERNALDATE "%s"' % internaldate_text(seconds).encode("ascii")
+
+
 def internaldate_text(seconds: int) -> str:
     """RFC 9051 §9 date-time, in UTC: ``"17-Jul-1996 02:44:25 +0000"``."""
-    t = dt.datetime.fromtimestamp(seconds, dt.UTC)
-    return f"{t.day:02d}-{_MONTHS[t.month - 1]}-{t.year:04d} {t:%H:%M:%S} +0000"
+    t = time.gmtime(seconds)  # a tenth of datetime's cost, FETCH calls it per message
+    return (
+        f"{t.tm_mday:02d}-{_MONTHS[t.tm_mon - 1]}-{t.tm_year:04d}"
+        f" {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+    )
 
 
-def fetch_values(
-    items: tuple[FetchItem, ...], record: MessageRecord, message: FetchMessage | None
-) -> list[Value]:
-    """The ``(name value ...)`` list of one FETCH response; ``message`` is
-    None when no item needs it."""
-    out: list[Value] = []
+def fetch_response(
+    seq: int,
+    items: tuple[FetchItem, ...],
+    record: MessageRecord,
+    message: FetchMessage | None,
+    structure: Structure | None = None,
+    *,
+    utf8: bool,
+) -> bytes:
+    """One whole ``* seq FETCH (name value ...)`` response (RFC 9051 §7.5.2);
+    ``message`` is None when no item needs it; ``structure`` answers the
+    items it keeps.  The items every client asks of every message are
+    written straight as bytes (a FETCH of 10,000 messages does it 10,000
+    times); the rest go through ``encode_value``."""
+    out: list[bytes] = []
+    add = out.append
     for item in items:
         name = item.name
         if name == "UID":
-            out += [Atom("UID"), record.uid]
+            add(b"UID %d" % record.uid)
         elif name == "FLAGS":
-            out += [Atom("FLAGS"), [Atom(f) for f in sorted(record.flags)]]
+            add(b"FLAGS " + _flags_wire(record.flags))
         elif name == "INTERNALDATE":
-            out += [Atom("INTERNALDATE"), internaldate_text(record.internaldate)]
+            add(_internaldate_wire(record.internaldate))
         elif name == "MODSEQ":
-            out += [Atom("MODSEQ"), [record.modseq]]
+            add(b"MODSEQ (%d)" % record.modseq)
         elif name == "RFC822.SIZE":
             size = wire_size(record)
+            if size is None and structure is not None:
+                size = structure.wire_size
             if size is None:
                 size = message.size if message is not None else 0
-            out += [Atom("RFC822.SIZE"), size]
-        elif message is None:
-            continue
-        elif name == "RFC822":
-            out += [Atom("RFC822"), message.wire]
-        elif name == "RFC822.HEADER":
-            out += [Atom("RFC822.HEADER"), message.section(_HEADER)]
-        elif name == "RFC822.TEXT":
-            out += [Atom("RFC822.TEXT"), message.section(_TEXT)]
-        elif name == "ENVELOPE":
-            out += [Atom("ENVELOPE"), list(message.envelope())]
-        elif name in ("BODYSTRUCTURE", "BODY") and item.section is None:
-            out += [Atom(name), list(message.bodystructure(name == "BODYSTRUCTURE"))]
-        elif name == "BODY" and item.section is not None:
-            out += [response_name(item), partial(message.section(item.section), item.partial)]
-        elif name in ("BINARY", "BINARY.SIZE") and item.section is not None:
-            try:
-                data = message.binary(item.section.part)
-            except UnknownTransferEncoding:
-                continue  # the session answers NO [UNKNOWN-CTE] (RFC 3516 §4.3)
-            if name == "BINARY":
-                out += [response_name(item), partial(data, item.partial)]
-            else:
-                out += [response_name(item), len(data)]
-    return out
+            add(b"RFC822.SIZE %d" % size)
+        elif structure is not None and name == "ENVELOPE":
+            add(b"ENVELOPE " + structure.envelope)
+        elif structure is not None and name == "BODYSTRUCTURE":
+            add(b"BODYSTRUCTURE " + structure.bodystructure)
+        elif structure is not None and name == "BODY" and item.section is None:
+            add(b"BODY " + structure.body)
+        elif message is not None:
+            pair = _message_item(item, message)
+            if pair is not None:
+                add(encode_value(pair[0], utf8=utf8) + b" " + encode_value(pair[1], utf8=utf8))
+    return b"* %d FETCH (%s)\r\n" % (seq, b" ".join(out))
+
+
+def _message_item(item: FetchItem, message: FetchMessage) -> tuple[Value, Value] | None:
+    """(name, value) of an item answered from the message's text; None when
+    it has no answer (BINARY of an unknown encoding: the session answers NO
+    [UNKNOWN-CTE], RFC 3516 §4.3)."""
+    name = item.name
+    if name == "RFC822":
+        return Atom("RFC822"), message.wire
+    if name == "RFC822.HEADER":
+        return Atom("RFC822.HEADER"), message.section(_HEADER)
+    if name == "RFC822.TEXT":
+        return Atom("RFC822.TEXT"), message.section(_TEXT)
+    if name == "ENVELOPE":
+        return Atom("ENVELOPE"), list(message.envelope())
+    if name in ("BODYSTRUCTURE", "BODY") and item.section is None:
+        return Atom(name), list(message.bodystructure(name == "BODYSTRUCTURE"))
+    if name == "BODY" and item.section is not None:
+        return response_name(item), partial(message.section(item.section), item.partial)
+    if name in ("BINARY", "BINARY.SIZE") and item.section is not None:
+        try:
+            data = message.binary(item.section.part)
+        except UnknownTransferEncoding:
+            return None
+        if name == "BINARY":
+            return response_name(item), partial(data, item.partial)
+        return response_name(item), len(data)
+    return None
 
 
 def sets_seen(items: tuple[FetchItem, ...]) -> bool:

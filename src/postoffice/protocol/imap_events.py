@@ -9,8 +9,9 @@ UTF-7 for rev1 clients, UTF-8 for rev2) and INBOX is upper-cased.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 # --- values -----------------------------------------------------------------
@@ -38,6 +39,28 @@ class SequenceSet:
             a, b = min(a, b), max(a, b)  # RFC 9051 §9: 4:2 is 2:4
             seen.update(range(a, min(b, largest) + 1))
         return iter(sorted(seen))
+
+    def positions(self, ordered: Sequence[int]) -> list[int]:
+        """The indexes, ascending, of the numbers of ``ordered`` (ascending,
+        e.g. a folder's UIDs) this set names, ``*`` being the last of them;
+        found by bisection, so ``1:*`` of 100,000 UIDs costs no test per UID."""
+        if self.saved:
+            raise ValueError("resolve the saved search result ($) first")
+        if not ordered:
+            return []
+        largest = ordered[-1]
+        spans = []
+        for low, high in self.ranges:
+            a = largest if low is None else low
+            b = largest if high is None else high
+            a, b = min(a, b), max(a, b)
+            spans.append((bisect.bisect_left(ordered, a), bisect.bisect_right(ordered, b)))
+        if len(spans) == 1:
+            return list(range(*spans[0]))
+        found: set[int] = set()
+        for i, j in spans:
+            found.update(range(i, j))
+        return sorted(found)
 
     def contains(self, number: int, largest: int) -> bool:
         for low, high in self.ranges:

@@ -209,13 +209,20 @@ def _decode(body: bytes, encoding: str) -> bytes:
 
 
 class FetchMessage:
-    """One stored message, parsed once for the items of a FETCH."""
+    """One stored message, parsed once (when an item first needs its
+    structure: BODY[] alone needs none) for the items of a FETCH."""
 
-    __slots__ = ("_root", "wire")
+    __slots__ = ("_parsed", "wire")
 
     def __init__(self, stored: bytes) -> None:
         self.wire = to_crlf(stored)  # BODY[] as sent
-        self._root = imap_mime.parse(self.wire)
+        self._parsed: Part | None = None
+
+    @property
+    def _root(self) -> Part:
+        if self._parsed is None:
+            self._parsed = imap_mime.parse(self.wire)
+        return self._parsed
 
     @property
     def size(self) -> int:
@@ -230,6 +237,8 @@ class FetchMessage:
 
     def section(self, section: Section) -> bytes:
         """BODY[section] contents; b"" for a part that does not exist."""
+        if not section.part and not section.text:
+            return self.wire  # BODY[]: the whole message, no parsing
         data, root = self.wire, self._root
         if not section.part:
             part: Part | None = root

@@ -6,7 +6,9 @@ is always a *string* (quoted when every character allows it, RFC 9051 §9
 ``quoted``, otherwise a literal), ``bytes`` always a literal, ``Atom`` a
 token written as is (validated: no space, CR, LF or other control),
 ``Raw`` a pre-built token such as a fetch item name ``BODY[HEADER.FIELDS
-(FROM)]``, ``Mailbox`` a mailbox name in the connection's encoding.
+(FROM)]``, ``Mailbox`` a mailbox name in the connection's encoding,
+``Wire`` a value this module encoded earlier (kept in the IMAP index's
+structure cache, ``encode_value(..., utf8=False)``: valid in every mode).
 """
 
 from __future__ import annotations
@@ -44,13 +46,20 @@ class Raw:
 
 
 @dataclass(frozen=True, slots=True)
+class Wire:
+    """A value already in its wire form, as ``encode_value`` made it."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Mailbox:
     """A mailbox name, encoded as the connection needs (mUTF-7 for rev1)."""
 
     name: str
 
 
-Value = None | int | str | bytes | Atom | Raw | Mailbox | SequenceSet | Sequence["Value"]
+Value = None | int | str | bytes | Atom | Raw | Wire | Mailbox | SequenceSet | Sequence["Value"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +85,8 @@ def encode_value(value: Value, *, utf8: bool) -> bytes:
         if value < 0:
             raise ValueError("IMAP numbers are unsigned")
         return str(value).encode("ascii")
+    if isinstance(value, Wire):
+        return value.data
     if isinstance(value, Atom | Raw):
         return value.text.encode("ascii" if isinstance(value, Atom) else "utf-8")
     if isinstance(value, SequenceSet):

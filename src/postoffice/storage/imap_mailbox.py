@@ -152,12 +152,16 @@ class ImapMailbox:
         counts = self.index.counts(name.imap())
         return FolderStatus(state, counts.messages, counts.unseen, counts.deleted, counts.size)
 
+    @staticmethod
+    def _expected(path: Path, record: MessageRecord) -> str:
+        """Where ``record``'s file is unless someone renamed it since."""
+        if record.info:
+            return f"{path}/cur/{record.stem}{INFO}{record.info}"
+        return f"{path}/new/{record.stem}"
+
     def _locate(self, path: Path, record: MessageRecord) -> Path:
         """The file of ``record`` now; MessageGone if there is none."""
-        if record.info:
-            candidate = path / "cur" / f"{record.stem}{INFO}{record.info}"
-        else:
-            candidate = path / "new" / record.stem
+        candidate = Path(self._expected(path, record))
         if candidate.exists():
             return candidate
         found = find_by_stem(path, record.stem)
@@ -168,9 +172,13 @@ class ImapMailbox:
     def read(self, name: FolderName, record: MessageRecord) -> bytes:
         """The message as stored (LF endings); MessageGone if removed."""
         path = self.folders.path(name)
+        # The usual case first, with no stat before the open: the file is
+        # where the index last saw it.
+        with contextlib.suppress(FileNotFoundError):
+            return _read_file(self._expected(path, record), record.size)
         for _attempt in range(3):
             try:
-                return self._locate(path, record).read_bytes()
+                return _read_file(os.fspath(self._locate(path, record)), record.size)
             except FileNotFoundError:
                 continue  # renamed between the look and the open
         raise MessageGone(record.stem)
@@ -319,6 +327,20 @@ class ImapMailbox:
         if move:
             return self.index.move(source.imap(), target.imap(), pairs)
         return self.index.copy(source.imap(), target.imap(), pairs)
+
+
+def _read_file(path: str, expected: int) -> bytes:
+    """The file's bytes; ``expected`` (the size the index holds) lets one
+    read() get them all: a regular file reads short only at its end."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        want = expected + 65536
+        chunks = [os.read(fd, want)]
+        while len(chunks[-1]) == want:  # larger than the index said: read on
+            chunks.append(os.read(fd, want))
+        return b"".join(chunks) if len(chunks) > 1 else chunks[0]
+    finally:
+        os.close(fd)
 
 
 def _link_or_copy(source: Path, target: Path, staging: Path) -> None:

@@ -512,10 +512,18 @@ class SqliteImapIndex:
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, f: _Folder, records: Sequence[MessageRecord]) -> None:
+        texts: dict[frozenset[str], str] = {}  # a sync's new files share a few flag sets
+
+        def text(flags: frozenset[str]) -> str:
+            found = texts.get(flags)
+            if found is None:
+                found = texts[flags] = _flag_text(flags)
+            return found
+
         conn.executemany(
             f"INSERT INTO messages (folder, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                (f.id, r.uid, r.stem, r.info, _flag_text(r.flags), r.modseq, r.internaldate, r.size)
+                (f.id, r.uid, r.stem, r.info, text(r.flags), r.modseq, r.internaldate, r.size)
                 for r in records
             ),
         )
