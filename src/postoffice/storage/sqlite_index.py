@@ -487,11 +487,12 @@ class SqliteImapIndex:
             if facts is None:
                 continue  # gone since the listing: never had a UID
             uid = self._next_uid(f)
-            flags = flags_of.get(info)
-            if flags is None:
-                flags = flags_of[info] = files.flags(info)
+            if info not in flags_of:
+                flags_of[info] = files.flags(info)
             added.append(
-                MessageRecord(uid, stem, info, flags, modseq, facts.internaldate, facts.size)
+                MessageRecord(
+                    uid, stem, info, flags_of[info], modseq, facts.internaldate, facts.size
+                )
             )
         self._insert(conn, f, added)
         if gone or flags_changed or added:
@@ -775,8 +776,16 @@ class SqliteImapIndex:
                         " SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS"
                         " (SELECT 1 FROM messages WHERE folder = ? AND uid = ?)",
                         (
-                            (f.id, s.uid, s.wire_size, s.envelope, s.bodystructure, s.body)
-                            + (f.id, s.uid)
+                            (
+                                f.id,
+                                s.uid,
+                                s.wire_size,
+                                s.envelope,
+                                s.bodystructure,
+                                s.body,
+                                f.id,
+                                s.uid,
+                            )
                             for s in structures
                         ),
                     )
