@@ -231,8 +231,6 @@ class MailboxCommands:
                 await self._copy(box, event)
             case ev.GetQuotaRoot() | ev.GetQuota():
                 await self._quota(box, event)
-            case ev.Compress():
-                self._no("COMPRESS is not supported yet", "CANNOT")
             case _:
                 self._bad("Command not supported")
 
