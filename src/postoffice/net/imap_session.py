@@ -232,8 +232,9 @@ class ImapSession(MailboxCommands):
 
     def _capabilities(self) -> list[str]:
         caps = ["IMAP4rev1", "IMAP4rev2"]
-        state = self.core.state
-        if state is ImapState.NOT_AUTHENTICATED:
+        # By the user, not the core's state: the OK to LOGIN lists what
+        # holds once it is read (RFC 9051 §6.2.3), the core moves as it is sent.
+        if self.user is None:
             if not self.conn.tls:
                 caps.append("STARTTLS")
             if self._plaintext_ok():
@@ -245,7 +246,7 @@ class ImapSession(MailboxCommands):
         caps += ["CHILDREN", "SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS", "ESEARCH"]
         caps += ["CONDSTORE", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE"]
         caps.append(f"APPENDLIMIT={self.core.max_append}")
-        if state is not ImapState.NOT_AUTHENTICATED and self.conn.deflate is None:
+        if self.user is not None and self.conn.deflate is None:
             caps.append("COMPRESS=DEFLATE")  # after login, as Dovecot: COMPRESS needs it
         return caps
 
