@@ -158,6 +158,10 @@ def test_mbsync_sync_resync_flags_delete_move_and_restart(
     local.mkdir()
     args = [mbsync, "-c", str(mbsync_rc(server, home, local)), "-a"]
     two_way_sync(server, lambda: run(args, home), local)
+    # isync 1.4+ turns COMPRESS=DEFLATE (RFC 4978) on when offered, so every
+    # sync ran compressed (the checks above use imaplib, which never does).
+    compressed = re.findall(r"imap session .* end=logout compress=deflate", server.log())
+    assert len(compressed) >= 7, server.log()
 
 
 def two_way_sync(
@@ -397,6 +401,7 @@ def offlineimap_rc(srv: PostofficeServer, home: Path, local: Path) -> Path:
         f"remoteuser = {ALICE}\nremotepass = {ALICE_PW}\n"
         f"ssl = yes\nsslcacertfile = {cert(srv)}\n"
         "folderfilter = lambda name: name in ('INBOX', 'Archive')\n"
+        "usecompression = yes\n"  # COMPRESS=DEFLATE (RFC 4978), imaplib2's own zlib
     )
     return rc
 
@@ -410,6 +415,7 @@ def test_offlineimap_sync_resync_flags_delete_move_and_restart(
     local.mkdir()
     args = [offlineimap, "-c", str(offlineimap_rc(server, home, local)), "-o", "-u", "basic"]
     two_way_sync(server, lambda: run(args, home, timeout=90), local)
+    assert "compress=deflate" in server.log(), server.log()
 
 
 # --- getmail6 ----------------------------------------------------------------------
