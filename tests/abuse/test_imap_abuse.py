@@ -568,6 +568,6 @@ def test_a_broken_compressed_stream_ends_the_session_logged(
     compressed(client)
     client.send(b"\xff\xff\xff\xff this is not DEFLATE\r\n")
     assert read_to_close(client.sock, time.monotonic() + 10)
-    ended = f"user={ALICE} tls=no end=\"invalid compressed data"
+    ended = f'user={ALICE} tls=no end="invalid compressed data'
     assert wait_for(lambda: ended in server.log()), server.log()
     assert "Traceback" not in server.log()

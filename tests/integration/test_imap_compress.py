@@ -61,7 +61,9 @@ def test_compress_deflate_both_ways_and_a_second_is_refused(
         assert client.compressed_in > 0
     finally:
         client.close()
-    assert wait_for(lambda: re.search(r"user=alice@example.test .*end=logout compress=deflate", srv.log()))
+    assert wait_for(
+        lambda: re.search(r"user=alice@example.test .*end=logout compress=deflate", srv.log())
+    )
 
 
 def test_an_unknown_mechanism_is_bad_and_the_session_stays_plain(srv: PostofficeServer) -> None:
