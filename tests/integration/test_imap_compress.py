@@ -36,6 +36,7 @@ def logged_in(srv: PostofficeServer, port: str) -> DeflateImap:
     assert b"COMPRESS=" not in client.greeting  # offered once authenticated, as Dovecot
     reply = client.cmd("L", f'LOGIN "{ALICE}" "{ALICE_PW}"'.encode())
     assert reply[-1].startswith(b"L OK [CAPABILITY ") and b" COMPRESS=DEFLATE" in reply[-1]
+    assert b" STARTTLS" not in reply[-1] and b" AUTH=" not in reply[-1]  # those came before
     return client
 
 
