@@ -25,8 +25,11 @@ import zlib
 from postoffice.protocol.imap import MAX_LINE
 
 INFLATE_CHUNK = MAX_LINE  # most plaintext octets one inflate call yields
-# zlib's default (Dovecot's imap_compress_deflate_level is 6 too).
-LEVEL = 6
+# Compression runs on the event loop, so speed matters more than the last
+# few percent: on a 256 KiB FETCH write (text plus a base64 attachment)
+# level 1 takes 4.8 ms and level 6 (zlib's and Dovecot's default) 6.9 ms,
+# for ratios of 1.38 and 1.42; on plain text 17.6 against 18.5.
+LEVEL = 1
 WBITS = -15  # raw DEFLATE, no zlib header or trailer (RFC 4978 §3)
 
 
