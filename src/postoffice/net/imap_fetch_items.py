@@ -128,11 +128,15 @@ _FLAG_KEYS = {
 }
 _HEADER_KEYS = frozenset({"FROM", "TO", "CC", "BCC", "SUBJECT"})
 _BODY_KEYS = frozenset({"BODY", "TEXT", "HEADER", *_HEADER_KEYS})
-_DATE_KEYS = frozenset({"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"})
+_SENT_KEYS = frozenset({"SENTBEFORE", "SENTON", "SENTSINCE"})
+# A message without a parsable Date: is dated the Unix epoch for SENT*, as
+# Dovecot does (its sent date is 0 then): SENTBEFORE finds it, SENTSINCE
+# does not (tests/interop/test_dovecot_reference.py compares).
+_NO_SENT_DATE = dt.date(1970, 1, 1)
 
 
 def search_needs_body(key: SearchKey) -> bool:
-    if key.op in _BODY_KEYS:
+    if key.op in _BODY_KEYS or key.op in _SENT_KEYS:
         return True
     return any(isinstance(a, SearchKey) and search_needs_body(a) for a in key.args)
 
@@ -181,6 +185,11 @@ def search_matches(
     if op in ("BEFORE", "ON", "SINCE") and isinstance(args[0], dt.date):
         day = dt.datetime.fromtimestamp(record.internaldate, dt.UTC).date()
         return {"BEFORE": day < args[0], "ON": day == args[0], "SINCE": day >= args[0]}[op]
+    if op in _SENT_KEYS and isinstance(args[0], dt.date):
+        sent = message().sent_date() or _NO_SENT_DATE
+        return {"SENTBEFORE": sent < args[0], "SENTON": sent == args[0], "SENTSINCE": sent >= args[0]}[
+            op
+        ]
     if op == "MODSEQ":
         return record.modseq >= int(str(args[-1]))
     if op in _BODY_KEYS:
@@ -197,5 +206,4 @@ def search_matches(
         # the specified string in the field-body").
         bodies = b"".join(line.partition(b":")[2] for line in value.split(b"\r\n"))
         return needle.lower().encode() in bodies.lower()
-    # SENT* dates need the Date: header parsed: not yet (matches nothing).
     return False
