@@ -11,6 +11,8 @@ FetchMessage's: one home for message structure.
 from __future__ import annotations
 
 import datetime as dt
+import email.errors
+import email.header
 import re
 from collections.abc import Callable
 
@@ -135,6 +137,18 @@ _SENT_KEYS = frozenset({"SENTBEFORE", "SENTON", "SENTSINCE"})
 _NO_SENT_DATE = dt.date(1970, 1, 1)
 
 
+def decoded_field(body: bytes) -> str:
+    """A header field body as text, its RFC 2047 encoded words decoded
+    (undecodable ones, or unknown charsets, are left as written)."""
+    text = body.decode("utf-8", "replace")
+    if "=?" not in text:
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+        return text
+
+
 def search_needs_body(key: SearchKey) -> bool:
     if key.op in _BODY_KEYS or key.op in _SENT_KEYS:
         return True
@@ -203,7 +217,9 @@ def search_matches(
         if not needle:
             return len(value) > 2
         # The field's value only, not its name (RFC 9051 §6.4.4: "contains
-        # the specified string in the field-body").
-        bodies = b"".join(line.partition(b":")[2] for line in value.split(b"\r\n"))
-        return needle.lower().encode() in bodies.lower()
+        # the specified string in the field-body"), unfolded (RFC 5322
+        # §2.2.3) and with RFC 2047 encoded words decoded, as Dovecot does.
+        unfolded = re.sub(rb"\r\n(?=[ \t])", b"", value)
+        bodies = [line.partition(b":")[2] for line in unfolded.split(b"\r\n")]
+        return any(needle.lower() in decoded_field(body).lower() for body in bodies)
     return False
