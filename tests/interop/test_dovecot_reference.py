@@ -181,7 +181,11 @@ def write_tree(maildir: Path) -> None:
     for i, (message, letters, keywords, mtime) in enumerate(CORPUS, 1):
         crlf = len(message.replace(b"\n", b"\r\n"))
         all_letters = "".join(sorted(letters + keyword_letters(maildir, keywords)))
-        path = maildir / "cur" / f"{1700000000 + i}.M{i}P1Q1.ref,S={len(message)},W={crlf}:2,{all_letters}"
+        path = (
+            maildir
+            / "cur"
+            / f"{1700000000 + i}.M{i}P1Q1.ref,S={len(message)},W={crlf}:2,{all_letters}"
+        )
         path.write_bytes(message)
         os.utime(path, (mtime, mtime))
     box = folders.path(folder_name("Work.Projects"))
@@ -342,7 +346,16 @@ def normalise(command: str, lines: list[bytes]) -> list[Parsed]:
 def _canonical(value: Parsed) -> Parsed:
     if isinstance(value, str) and value.startswith("\\"):
         return value.upper()
-    if isinstance(value, str) and value.upper() in ("FETCH", "LIST", "STATUS", "SEARCH", "EXISTS", "EXPUNGE", "RECENT", "FLAGS"):
+    if isinstance(value, str) and value.upper() in (
+        "FETCH",
+        "LIST",
+        "STATUS",
+        "SEARCH",
+        "EXISTS",
+        "EXPUNGE",
+        "RECENT",
+        "FLAGS",
+    ):
         return value.upper()
     if isinstance(value, tuple):
         return tuple(_canonical(v) for v in value)
@@ -439,7 +452,10 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Peer, Peer
     write_tree(root / "mail" / "example.test" / "alice")
     dovecot = Dovecot(root / "dovecot", root / "mail", {ALICE: ALICE_PW}, imap=True)
     dovecot.conf.write_text(
-        dovecot.conf.read_text() + "namespace inbox {\n  inbox = yes\n" + dovecot_mailbox_config() + "}\n"
+        dovecot.conf.read_text()
+        + "namespace inbox {\n  inbox = yes\n"
+        + dovecot_mailbox_config()
+        + "}\n"
     )
     dovecot.own_mail()
     srv.start()
@@ -448,12 +464,14 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Peer, Peer
     try:
         sock = socket.create_connection(("127.0.0.1", srv.ports["imaps"]), timeout=15)
         ours = Peer(WireClient(context(srv).wrap_socket(sock, server_hostname="127.0.0.1")))
-        theirs = Peer(WireClient(socket.create_connection(("127.0.0.1", dovecot.imap_port), timeout=15)))
+        theirs = Peer(
+            WireClient(socket.create_connection(("127.0.0.1", dovecot.imap_port), timeout=15))
+        )
         yield ours, theirs
     finally:
         for peer in (ours, theirs):
             if peer is not None:
-                peer.client.sock.close()
+                peer.client.close()
         dovecot.stop()
         srv.stop()
         shutil.rmtree(root, ignore_errors=True)

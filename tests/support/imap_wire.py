@@ -61,12 +61,13 @@ class WireClient:
         try:
             self.command("LOGOUT")
         finally:
+            self.file.close()
             self.sock.close()
 
 
 def parse(line: bytes, *, upper: bool = True) -> tuple[Parsed, ...]:
     """One response line (with its literals inline, CRLF at the end) as values."""
-    values, pos = _parse_list(line, 0, upper, None)
+    values, _end = _parse_list(line, 0, upper, None)
     return values
 
 

@@ -344,11 +344,17 @@ class MailboxCommands:
             # RFC 3501 §6.3.1: a rev1 client is told the first unseen
             # message; RFC 9051 dropped OK [UNSEEN] (Appendix E).
             unseen = next(
-                (n for n, uid in enumerate(self.uids, 1) if "\\Seen" not in self.records[uid].flags),
+                (
+                    n
+                    for n, uid in enumerate(self.uids, 1)
+                    if "\\Seen" not in self.records[uid].flags
+                ),
                 None,
             )
             if unseen is not None:
-                self._send(core.untagged_status("OK", "First unseen", ResponseCode("UNSEEN", (unseen,))))
+                self._send(
+                    core.untagged_status("OK", "First unseen", ResponseCode("UNSEEN", (unseen,)))
+                )
         permanent: list[Value] = [] if event.readonly else [*flags, Atom("\\*")]
         send = core.untagged_status
         self._send(send("OK", "Flags permitted", ResponseCode("PERMANENTFLAGS", (permanent,))))

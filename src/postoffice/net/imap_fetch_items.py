@@ -201,9 +201,11 @@ def search_matches(
         return {"BEFORE": day < args[0], "ON": day == args[0], "SINCE": day >= args[0]}[op]
     if op in _SENT_KEYS and isinstance(args[0], dt.date):
         sent = message().sent_date() or _NO_SENT_DATE
-        return {"SENTBEFORE": sent < args[0], "SENTON": sent == args[0], "SENTSINCE": sent >= args[0]}[
-            op
-        ]
+        return {
+            "SENTBEFORE": sent < args[0],
+            "SENTON": sent == args[0],
+            "SENTSINCE": sent >= args[0],
+        }[op]
     if op == "MODSEQ":
         return record.modseq >= int(str(args[-1]))
     if op in _BODY_KEYS:
