@@ -619,7 +619,7 @@ def imap_mbsync(ctx: Context, have_anchor: bool, count: int, tag: str) -> None:
         f"mbsync (isync) -a, plain IMAP on loopback, Sync Pull of INBOX ({count} x 10 KiB)"
         " into an empty local Maildir, then again with nothing to move; the local INBOX"
         f" holds exactly {count} files after each; CPU and RSS are the server's over both"
-        " (warm: after the imap-load.py sessions)"
+        "; warm: a SELECT (not timed) builds each server's index first"
     )
     local = Path(tempfile.mkdtemp(prefix="po-bench-mbsync-"))
 
@@ -630,10 +630,17 @@ def imap_mbsync(ctx: Context, have_anchor: bool, count: int, tag: str) -> None:
 
         return run
 
-    po_side = Side("postoffice", lambda: ctx.po.pid)
+    def warm(port: int) -> Callable[[], None]:
+        def pre() -> None:
+            imap_bench.select_seconds(port, count)
+
+        return pre
+
+    po_side = Side("postoffice", lambda: ctx.po.pid, warm(ctx.po.ports["imap"]))
     other = None
     if have_anchor and isinstance(anchor, bl.Anchor):
-        other = (Side("dovecot", lambda: anchor.dovecot_pid), run_for(anchor.imap_port))
+        a_side = Side("dovecot", lambda: anchor.dovecot_pid, warm(anchor.imap_port))
+        other = (a_side, run_for(anchor.imap_port))
     else:
         rows[0].notes.append("the anchor's IMAP is not running: postoffice alone")
     try:
