@@ -2,6 +2,7 @@
 """postoffice beside Postfix + Dovecot: every hot-path workload, one table.
 
     python bench/run.py [--runs 3] [--only smtp,relay,pop3,login,idle,imap] [--quick]
+                        [--rows 'imap-10k-mbsync-*,imap-idle-latency-*']
                         [--anchor auto|up|no] [--bench-dir ../shared/bench]
                         [--json results.jsonl] [--against SRC]
 
@@ -41,9 +42,22 @@ What it does:
                   BODYSTRUCTURE) and BODY.PEEK[] of all (msg/s), plain and
                   IMAPS (imap-load.py verifies no certificate: CERT_NONE)
    imap-100k-*    SELECT alone of 100000 x 1 KiB, cold and warm (s)
+   imap-10k-mbsync-full    ``mbsync -a`` (isync, plain IMAP, ``Sync Pull``)
+                  of all 10000 x 10 KiB into an empty local Maildir (s); the
+                  local INBOX must then hold exactly 10000 files
+   imap-10k-mbsync-resync  the same mbsync right after: nothing to move (s)
+   imap-idle-latency-*     3 clients SELECT INBOX + IDLE while 200 messages
+                  arrive over SMTP at 20/s (postoffice: its smtp listener;
+                  Dovecot: through the anchor's Postfix, which delivers
+                  into its Maildir); ms from each 250 to the EXISTS that
+                  counts it: median, p95, max
    idle-imap      10,000 idle IMAP connections at the greeting (NOOP after)
-   idle-imap-idle 1,000 sessions after LOGIN, SELECT INBOX, IDLE (DONE
-                  answered after); the anchor: 50 of each
+   idle-imap-idle 10,000 sessions after LOGIN, SELECT INBOX, IDLE (DONE
+                  answered after); the anchor: 50 of each.  Each holds 3
+                  descriptors in postoffice (socket, its SQLite index
+                  connection: database and -wal), so fewer where the open
+                  files limit is below ~31,000 and cannot be raised (this
+                  machine: 20,000 -> 6,000 sessions; the row says so)
    =============  =========================================================
 
 4. Checks durability and completeness: after each SMTP run every
@@ -62,16 +76,22 @@ anchor's place in the same alternation (smtp and pop3 only); the ratios are
 this tree / that tree, so a change's before and after come from one run.
 
 ``--quick`` divides message counts by 5 (a smoke run; not for the record).
+``--rows`` keeps, inside the ``--only`` groups, the rows whose names match
+one of its shell patterns (``imap-10k-mbsync-*``); a group's set-up (the
+mailbox fill) runs only when one of its rows is kept.
 Loopback only; every process started here is stopped by its PID.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -133,6 +153,11 @@ class Context:
     def scale(self, n: int) -> int:
         return max(1, n // 5) if self.args.quick else n
 
+    def wants(self, *workloads: str) -> bool:
+        """Whether ``--rows`` keeps any of these rows (all, without it)."""
+        patterns = [p for p in (self.args.rows or "*").split(",") if p]
+        return any(fnmatch.fnmatchcase(w, p) for w in workloads for p in patterns)
+
     def target(self, against_anchor: str) -> str:
         """The row's target: against the anchor stack, or the A/B gate (--against)."""
         return "≥ 0.95" if self.args.against else against_anchor
@@ -181,7 +206,12 @@ def alternate_rows(
     other: tuple[Side, RunMany] | None,
 ) -> None:
     """As ``alternate``, for a session that measures several rows at once: each
-    row gets its value, and all of them the session's CPU and peak RSS."""
+    row gets its value, and all of them the session's CPU and peak RSS.
+    Rows ``--rows`` does not keep are left out; if none is kept, the
+    session is not run."""
+    rows = [r for r in rows if ctx.wants(r.workload)]
+    if not rows:
+        return
     for i in range(ctx.args.runs):
         order = [("po", po), ("anchor", other)]
         if i % 2:
@@ -464,14 +494,49 @@ def login_workload(ctx: Context) -> None:
 
 
 # --- IMAP -------------------------------------------------------------------------------------
+# The rows of one 10k mailbox (imap_10k), after "imap-10k-".
+IMAP_10K_ROWS = (
+    "select-cold",
+    "meta-cold",
+    "select-warm",
+    "meta-plain",
+    "body-plain",
+    "meta-imaps",
+    "body-imaps",
+    "mbsync-full",
+    "mbsync-resync",
+)
+
+
 def imap_workloads(ctx: Context) -> None:
     import imap_bench
-    import pop3_bench
 
     anchor = ctx.anchor
     have_anchor = isinstance(anchor, bl.Anchor) and anchor.imap_up()
     count, size = ctx.scale(10_000), 10_240
     tag = f"{count // 1000}k" if count >= 1000 else str(count)
+    if ctx.wants(*(f"imap-{tag}-{name}" for name in IMAP_10K_ROWS)):
+        imap_10k(ctx, have_anchor, count, size, tag)
+    big = f"imap-{ctx.scale(100_000) // 1000}k-select"
+    if ctx.wants(f"{big}-cold", f"{big}-warm"):
+        imap_select_big(ctx, have_anchor)
+    bl.empty_maildir(ctx.po.maildir)
+    imap_bench.forget_indexes(ctx.po.maildir)
+    if have_anchor and isinstance(anchor, bl.Anchor):
+        anchor.empty_load()
+        imap_bench.forget_indexes(anchor.maildir)
+    if ctx.wants(*(f"imap-idle-latency-{q}" for q in ("median", "p95", "max"))):
+        imap_idle_latency(ctx, have_anchor)
+    idle_row(ctx, "imap", "imap-login")
+    idle_row(ctx, "imap-idle", "imap")
+
+
+def imap_10k(ctx: Context, have_anchor: bool, count: int, size: int, tag: str) -> None:
+    """The imap-load.py sessions and the mbsync syncs of one 10k mailbox."""
+    import imap_bench
+    import pop3_bench
+
+    anchor = ctx.anchor
     pop3_bench.fill(ctx.bench, ctx.po.maildir, count, size, owner="nobody-postoffice-bench")
     imap_bench.forget_indexes(ctx.po.maildir)
     if have_anchor and isinstance(anchor, bl.Anchor):
@@ -536,14 +601,100 @@ def imap_workloads(ctx: Context) -> None:
         else:
             rows[0].notes.append("the anchor's IMAP is not running: postoffice alone")
         alternate_rows(ctx, rows, (po_side, session(port, tls, keys)), other)
-    imap_select_big(ctx, have_anchor)
-    bl.empty_maildir(ctx.po.maildir)
-    imap_bench.forget_indexes(ctx.po.maildir)
+    imap_mbsync(ctx, have_anchor, count, tag)
+
+
+def imap_mbsync(ctx: Context, have_anchor: bool, count: int, tag: str) -> None:
+    """mbsync pulls the whole mailbox into an empty local Maildir, then syncs
+    again with nothing to move; both timed in one session per run."""
+    import imap_bench
+
+    anchor = ctx.anchor
+    full, resync = f"imap-{tag}-mbsync-full", f"imap-{tag}-mbsync-resync"
+    rows = [
+        Row(full, "s", "faster than Dovecot (> 1.0)", lower_is_better=True),
+        Row(resync, "s", "> 1.0", lower_is_better=True),
+    ]
+    rows[0].notes.append(
+        f"mbsync (isync) -a, plain IMAP on loopback, Sync Pull of INBOX ({count} x 10 KiB)"
+        " into an empty local Maildir, then again with nothing to move; the local INBOX"
+        f" holds exactly {count} files after each; CPU and RSS are the server's over both"
+        "; warm: a SELECT (not timed) builds each server's index first"
+    )
+    local = Path(tempfile.mkdtemp(prefix="po-bench-mbsync-"))
+
+    def run_for(port: int) -> RunMany:
+        def run() -> tuple[dict[str, float], str]:
+            a, b = imap_bench.mbsync_seconds(port, local, count)
+            return {full: a, resync: b}, f"{count} files after each sync"
+
+        return run
+
+    def warm(port: int) -> Callable[[], None]:
+        def pre() -> None:
+            imap_bench.select_seconds(port, count)
+
+        return pre
+
+    po_side = Side("postoffice", lambda: ctx.po.pid, warm(ctx.po.ports["imap"]))
+    other = None
     if have_anchor and isinstance(anchor, bl.Anchor):
+        a_side = Side("dovecot", lambda: anchor.dovecot_pid, warm(anchor.imap_port))
+        other = (a_side, run_for(anchor.imap_port))
+    else:
+        rows[0].notes.append("the anchor's IMAP is not running: postoffice alone")
+    try:
+        alternate_rows(ctx, rows, (po_side, run_for(ctx.po.ports["imap"])), other)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def imap_idle_latency(ctx: Context, have_anchor: bool) -> None:
+    """IDLE notification latency under 20 msg/s of SMTP delivery (the
+    mailboxes start empty); three rows from one session per run."""
+    import imap_bench
+
+    anchor = ctx.anchor
+    names = {"median": "imap-idle-latency-median", "p95": "imap-idle-latency-p95"}
+    names["max"] = "imap-idle-latency-max"
+    rows = [Row(n, "ms", "report it", lower_is_better=True) for n in names.values()]
+    rate, seconds, clients = 20.0, 10.0, 3
+    rows[0].notes.append(
+        f"{clients} clients (raw sockets) LOGIN, SELECT INBOX, IDLE; {rate:.0f} msg/s x"
+        f" {seconds:.0f} s of 1 KiB messages over one SMTP session (postoffice: its smtp"
+        " listener; the anchor: Postfix on 10025, whose virtual agent delivers into"
+        " Dovecot's Maildir); ms from each 250 to the first EXISTS counting it, per client"
+        " (the i-th 250 matched with the count start + i), an EXISTS before the 250 = 0"
+    )
+
+    def run_for(smtp_port: int, imap_port: int, empty: Callable[[], None]) -> RunMany:
+        def run() -> tuple[dict[str, float], str]:
+            empty()
+            r = imap_bench.idle_latency(smtp_port, imap_port, rate, seconds, clients)
+            values = {
+                names["median"]: r.median,
+                names["p95"]: r.quantile(0.95),
+                names["max"]: max(r.latencies_ms),
+            }
+            return values, f"{r.sent} x {clients} EXISTS seen, {r.early} before the 250"
+
+        return run
+
+    po_empty = lambda: bl.empty_maildir(ctx.po.maildir)  # noqa: E731
+    po_side = Side("postoffice", lambda: ctx.po.pid)
+    other = None
+    if have_anchor and isinstance(anchor, bl.Anchor) and anchor.smtp_up():
+        a_side = Side("dovecot", lambda: [p for p in (anchor.postfix_pid, anchor.dovecot_pid) if p])
+        other = (a_side, run_for(anchor.smtp_port, anchor.imap_port, anchor.before_smtp))
+        rows[0].notes.append("anchor CPU and RSS: Postfix and Dovecot together")
+    else:
+        rows[0].notes.append("the anchor's SMTP or IMAP is not running: postoffice alone")
+    po_run = run_for(ctx.po.ports["smtp"], ctx.po.ports["imap"], po_empty)
+    alternate_rows(ctx, rows, (po_side, po_run), other)
+    bl.empty_maildir(ctx.po.maildir)
+    if other is not None and isinstance(anchor, bl.Anchor):
+        anchor.drain()
         anchor.empty_load()
-        imap_bench.forget_indexes(anchor.maildir)
-    idle_row(ctx, "imap", "imap-login")
-    idle_row(ctx, "imap-idle", "imap")
 
 
 def imap_select_big(ctx: Context, have_anchor: bool) -> None:
@@ -592,6 +743,8 @@ def idle_workloads(ctx: Context) -> None:
 
 # A process (or more) per connection: process limits stop the anchor far below 10,000.
 ANCHOR_IDLE = 50
+# Descriptors a postoffice IMAP session with a mailbox selected holds.
+IDLE_FDS = 3
 
 
 def idle_row(ctx: Context, proto: str, worker: str) -> None:
@@ -599,13 +752,27 @@ def idle_row(ctx: Context, proto: str, worker: str) -> None:
     ``worker`` processes are its per-connection cost."""
     anchor = ctx.anchor
     # Logged-in IDLE sessions cost a login each (the hash): fewer of them.
-    count = ctx.scale(1_000 if proto == "imap-idle" else 10_000)
+    count = ctx.scale(10_000)
+    row = Row(f"idle-{proto}", "KiB/conn", "≤ 30 KiB", lower_is_better=True)
+    if not ctx.wants(row.workload):
+        return
     login = (bl.USER, bl.PASSWORD) if proto == "imap-idle" else None
+    if login:
+        # A session with INBOX selected holds 3 descriptors in the server
+        # (socket, index database, its -wal: idle_conns.py); the server has
+        # this process's limit.  Below 10,000 when the limit cannot be raised.
+        fit = (idle_conns.open_files_limit() - 1_000) // IDLE_FDS // 1_000 * 1_000
+        if fit < count:
+            row.notes.append(
+                f"{fit} sessions, not {count}: the open files limit"
+                f" ({idle_conns.open_files_limit()}, not raisable here) over {IDLE_FDS}"
+                " descriptors per selected session"
+            )
+            count = fit
     if login:
         # The hash's cost is not what this row measures: a cheap one keeps
         # the logins quick (its buffer is freed before memory is read).
         set_hash(ctx.po, 1, 1024, 1, [bl.USER])
-    row = Row(f"idle-{proto}", "KiB/conn", "≤ 30 KiB", lower_is_better=True)
     # A fresh server per protocol (memory freed by earlier loads would hide
     # the cost), warmed up by a few connections so lazy set-up is not counted.
     ctx.po.stop()
@@ -617,7 +784,14 @@ def idle_row(ctx: Context, proto: str, worker: str) -> None:
     po_port = ctx.po.ports[listener]
     idle_conns.measure(po_port, 100, proto, lambda: 0, settle=0.5, login=login)
     time.sleep(1)
-    r = idle_conns.measure(po_port, count, proto, lambda p=po_pid: bl.tree_pss(p), login=login)
+    try:
+        r = idle_conns.measure(po_port, count, proto, lambda p=po_pid: bl.tree_pss(p), login=login)
+    except (RuntimeError, OSError) as exc:
+        limit = idle_conns.open_files_limit()
+        row.checks.append(f"FAILED postoffice: {exc} (open files limit {limit})")
+        print(f"  idle-{proto} postoffice FAILED: {exc}", flush=True)
+        ctx.rows.append(row)
+        return
     row.po.append(r.per_conn / 1024)
     row.po_rss.append(r.after / 2**20)
     ok = r.held == r.opened == count
@@ -838,6 +1012,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default=",".join(GROUPS), help=f"comma list of {', '.join(GROUPS)}")
     ap.add_argument("--quick", action="store_true", help="a fifth of the messages (smoke run)")
+    ap.add_argument(
+        "--rows", default=None, help="comma list of row-name patterns to keep (imap-idle-*)"
+    )
     ap.add_argument("--anchor", choices=["auto", "up", "no"], default="auto")
     ap.add_argument("--bench-dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="append the rows as JSON lines")
@@ -863,7 +1040,9 @@ def main() -> int:
     else:
         anchor, relay = ensure_anchor(bench, args.anchor, "relay" in groups, anchors_started)
     sink_port = relay.sink_port if relay is not None else bl.free_port()
-    idle_conns.raise_fd_limit(16_000)  # the server inherits it
+    # The server inherits it: 10,000 connections, or 10,000 IDLE sessions of
+    # three descriptors each (idle_conns.py), and room.
+    idle_conns.raise_fd_limit(32_000)
     po = bl.Postoffice(smarthost_port=sink_port)
     ctx = Context(args, bench, po, anchor, relay)
     started = time.monotonic()

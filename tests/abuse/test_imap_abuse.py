@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -506,3 +509,65 @@ def test_a_client_that_never_reads_is_cut_off_and_blocks_no_one(server: Postoffi
             hog.close()
         for path in stored(server):
             path.unlink()
+
+
+# --- COMPRESS=DEFLATE (RFC 4978 §6): a deflate bomb, a broken stream ------------------------
+BOMB = 256 * MiB  # of plaintext, about 256 KiB on the wire (DEFLATE tops out near 1032:1)
+
+
+def compressed(client: RawImap) -> zlib._Compress:
+    """COMPRESS DEFLATE on ``client``; the deflater for what it sends next."""
+    assert client.cmd("Z", b"COMPRESS DEFLATE") == [b"Z OK DEFLATE active\r\n"]
+    client.file = zlib_reader(client.sock)
+    return zlib.compressobj(9, zlib.DEFLATED, -15)
+
+
+def zlib_reader(sock: socket.socket) -> io.BufferedReader:
+    """A file of the server's inflated output (``RawImap.line`` reads it)."""
+    inflater = zlib.decompressobj(-15)
+
+    class Inflated(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: Any) -> int:
+            data = b""
+            while not data:
+                raw = sock.recv(65536)
+                if not raw:
+                    return 0
+                data = inflater.decompress(raw)
+            buffer[: len(data)] = data
+            return len(data)
+
+    return io.BufferedReader(Inflated(), 1 << 20)
+
+
+def test_a_deflate_bomb_is_read_in_bounded_pieces_and_the_session_goes_on(
+    server: PostofficeServer, client: RawImap
+) -> None:
+    deflater = compressed(client)
+    before = rss_kib(pid(server))
+    started = time.monotonic()
+    bomb = deflater.compress(b"A NOOP " + b"\0" * BOMB + b"\r\n")
+    bomb += deflater.flush(zlib.Z_SYNC_FLUSH)
+    assert len(bomb) < BOMB // 500
+    client.send(bomb)
+    # The line is refused like any over-long line: never held whole (the
+    # connection inflates at most 64 KiB at a time, net/compress.py).
+    assert client.until("A") == [b"A BAD Line too long\r\n"]
+    client.send(deflater.compress(b"B NOOP\r\n") + deflater.flush(zlib.Z_SYNC_FLUSH))
+    assert client.until("B") == [b"B OK NOOP completed\r\n"]
+    assert rss_kib(pid(server)) - before < GROWTH_KIB
+    assert time.monotonic() - started < 15  # inflating is cheap; no quadratic copy
+
+
+def test_a_broken_compressed_stream_ends_the_session_logged(
+    server: PostofficeServer, client: RawImap
+) -> None:
+    compressed(client)
+    client.send(b"\xff\xff\xff\xff this is not DEFLATE\r\n")
+    assert read_to_close(client.sock, time.monotonic() + 10)
+    ended = f'user={ALICE} tls=no end="invalid compressed data'
+    assert wait_for(lambda: ended in server.log()), server.log()
+    assert "Traceback" not in server.log()

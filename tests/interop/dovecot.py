@@ -1,6 +1,6 @@
 """A real Dovecot reading postoffice's Maildirs, for interop tests.
 
-Dovecot serves POP3 on a free loopback port straight from postoffice's mail
+Dovecot serves POP3 (and, asked, IMAP) on a free loopback port straight from postoffice's mail
 tree (``mail_location = maildir:<mail>/%d/%n``); ``doveadm`` asks it about
 the same messages.  Dovecot refuses mail access as root, so the mail tree
 is handed to ``nobody`` (``own_mail``) before Dovecot looks, as a site
@@ -29,9 +29,14 @@ MAIL_USER = "nobody"
 
 
 class Dovecot:
-    def __init__(self, root: Path, mail: Path, users: dict[str, str]) -> None:
+    def __init__(
+        self, root: Path, mail: Path, users: dict[str, str], *, imap: bool = False
+    ) -> None:
         self.root, self.mail = root, mail
         self.port = free_port()
+        # IMAP on a loopback port too (plaintext LOGIN), for tests that use
+        # Dovecot as a reference IMAP server; else its listener is off.
+        self.imap_port = free_port() if imap else 0
         self.conf = root / "dovecot.conf"
         self.run_dir = root / "run"
         for d in (root, self.run_dir, root / "state"):
@@ -40,7 +45,7 @@ class Dovecot:
         (root / "users").write_text("".join(f"{u}:{{PLAIN}}{p}\n" for u, p in users.items()))
         self.conf.write_text(
             f"""\
-protocols = pop3
+protocols = pop3{" imap" if imap else ""}
 listen = 127.0.0.1
 base_dir = {self.run_dir}
 state_dir = {root}/state
@@ -69,7 +74,8 @@ service pop3-login {{
 }}
 service imap-login {{
   inet_listener imap {{
-    port = 0
+    address = 127.0.0.1
+    port = {self.imap_port}
   }}
   inet_listener imaps {{
     port = 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import imaplib
 import os
 import re
+import smtplib
 import ssl
 import subprocess
 import sys
@@ -158,6 +159,10 @@ def test_mbsync_sync_resync_flags_delete_move_and_restart(
     local.mkdir()
     args = [mbsync, "-c", str(mbsync_rc(server, home, local)), "-a"]
     two_way_sync(server, lambda: run(args, home), local)
+    # isync 1.4+ turns COMPRESS=DEFLATE (RFC 4978) on when offered, so every
+    # sync ran compressed (the checks above use imaplib, which never does).
+    compressed = re.findall(r"imap session .* end=logout compress=deflate", server.log())
+    assert len(compressed) >= 7, server.log()
 
 
 def two_way_sync(
@@ -397,6 +402,7 @@ def offlineimap_rc(srv: PostofficeServer, home: Path, local: Path) -> Path:
         f"remoteuser = {ALICE}\nremotepass = {ALICE_PW}\n"
         f"ssl = yes\nsslcacertfile = {cert(srv)}\n"
         "folderfilter = lambda name: name in ('INBOX', 'Archive')\n"
+        "usecompression = yes\n"  # COMPRESS=DEFLATE (RFC 4978), imaplib2's own zlib
     )
     return rc
 
@@ -410,6 +416,7 @@ def test_offlineimap_sync_resync_flags_delete_move_and_restart(
     local.mkdir()
     args = [offlineimap, "-c", str(offlineimap_rc(server, home, local)), "-o", "-u", "basic"]
     two_way_sync(server, lambda: run(args, home, timeout=90), local)
+    assert "compress=deflate" in server.log(), server.log()
 
 
 # --- getmail6 ----------------------------------------------------------------------
@@ -463,3 +470,85 @@ def test_getmail_fetches_new_once_then_deletes(
     append(server, "INBOX", "four")
     ok(run(args, home))
     assert sorted(fetched(out)) == ["four", "one", "three", "two"]
+
+
+# --- IDLE (RFC 2177) in offlineimap3 and getmail6 --------------------------------------
+
+
+def deliver(srv: PostofficeServer, subject: str) -> None:
+    """One message to alice over SMTP, as new mail arrives from outside."""
+    with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=15) as smtp:
+        smtp.sendmail("bob@example.test", [ALICE], message(subject))
+
+
+def idle_daemon(args: list[str], home: Path) -> subprocess.Popen[bytes]:
+    """A client left running in the foreground (the test owns its PID),
+    its output in home/client.log."""
+    with (home / "client.log").open("wb") as log:
+        return subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HOME": str(home), "LC_ALL": "C"},
+        )
+
+
+def stop(daemon: subprocess.Popen[bytes]) -> None:
+    daemon.terminate()
+    try:
+        daemon.wait(10)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait(10)
+
+
+def test_offlineimap_idlefolders_takes_mail_delivered_during_idle(
+    server: PostofficeServer, require_program: Program, tmp_path: Path
+) -> None:
+    offlineimap = require_program("offlineimap")
+    home, local = tmp_path / "home", tmp_path / "Mail"
+    home.mkdir()
+    local.mkdir()
+    rc = offlineimap_rc(server, home, local)
+    # autorefresh (minutes) keeps it running; 5 minutes is far beyond the
+    # waits here, so only the IDLE on INBOX can bring the mail in time.
+    text = rc.read_text().replace("[Account po]\n", "[Account po]\nautorefresh = 5\n")
+    rc.write_text(text + "idlefolders = ['INBOX']\n")
+    deliver(server, "one")
+    daemon = idle_daemon([offlineimap, "-c", str(rc), "-u", "basic", "-d", "imap"], home)
+    log = home / "client.log"
+    try:
+        assert wait_for(lambda: set(local_view(local / "INBOX")) == {"one"}, timeout=30), (
+            log.read_text()
+        )
+        assert wait_for(lambda: " IDLE" in log.read_text(), timeout=30), log.read_text()
+        deliver(server, "two")
+        assert wait_for(lambda: set(local_view(local / "INBOX")) == {"one", "two"}, timeout=10), (
+            log.read_text()[-3000:]
+        )
+    finally:
+        stop(daemon)
+
+
+def test_getmail_idle_takes_mail_delivered_during_idle(
+    server: PostofficeServer, require_program: Program, tmp_path: Path
+) -> None:
+    getmail = require_program("getmail")
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    rc = getmail_rc(server, home, out, delete=False)
+    deliver(server, "one")
+    args = [getmail, "--getmaildir", str(home), "--rcfile", rc.name, "--idle", "INBOX", "-v"]
+    daemon = idle_daemon(args, home)
+    log = home / "client.log"
+    try:
+        assert wait_for(lambda: fetched(out) == ["one"], timeout=30), log.read_text()
+        # getmail --idle: after the fetch it waits in IDLE on INBOX and fetches
+        # again when the server reports new mail (RFC 2177).
+        deliver(server, "two")
+        assert wait_for(lambda: sorted(fetched(out)) == ["one", "two"], timeout=10), (
+            log.read_text()[-3000:]
+        )
+    finally:
+        stop(daemon)

@@ -10,6 +10,10 @@ this small Protocol is used instead: every byte it received before the
 upgrade is discarded by ``start_tls`` itself, and every byte decrypted after
 the handshake is kept (a TLS 1.3 client may send its first command in the
 same flight as its Finished, RFC 8446 §2).
+
+IMAP's COMPRESS=DEFLATE (RFC 4978) lives here too, as ``start_deflate``:
+from then on ``read`` inflates and ``write`` deflates (``net/compress.py``),
+and the session goes on reading and writing plaintext.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import contextlib
 import ssl
 from collections.abc import Callable
 from typing import cast
+
+from postoffice.net.compress import Deflate
 
 READ_LIMIT = 256 * 1024  # pause the socket when this much is buffered unread
 # A peer that takes none of our pending output for this long is gone (or
@@ -75,6 +81,7 @@ class Connection(asyncio.Protocol):
         # Seconds ``drain`` waits for the peer to take our writes; then the
         # connection is aborted and WriteTimeout raised.
         self.write_timeout = WRITE_TIMEOUT
+        self.deflate: Deflate | None = None  # COMPRESS=DEFLATE is on (start_deflate)
 
     # --- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -144,7 +151,27 @@ class Connection(asyncio.Protocol):
 
         ``interruptible``: the session is at a safe point (no transaction open),
         so a server shutdown raises ShuttingDown instead of waiting for input.
+
+        Compressed: the plaintext, at most ``compress.INFLATE_CHUNK`` octets
+        (raise ``compress.InflateError`` if the stream is invalid).
         """
+        if self.deflate is not None:
+            return await self._read_inflated(self.deflate, timeout, interruptible)
+        return await self._read_raw(timeout, interruptible)
+
+    async def _read_inflated(
+        self, deflate: Deflate, timeout: float | None, interruptible: bool
+    ) -> bytes:
+        # What an earlier chunk still holds first (and before EOF is seen);
+        # new input is only taken once zlib has consumed the old, so memory
+        # holds at most one received chunk and INFLATE_CHUNK of plaintext.
+        while True:
+            raw = b"" if deflate.pending else await self._read_raw(timeout, interruptible)
+            data = deflate.inflate(raw)
+            if data:
+                return data
+
+    async def _read_raw(self, timeout: float | None, interruptible: bool) -> bytes:
         if not self._chunks:
             await self._wait_for_data(timeout, interruptible)
         chunks = self._chunks
@@ -207,7 +234,24 @@ class Connection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport and not self.transport.is_closing():
+            if self.deflate is not None:
+                data = self.deflate.compress(data)
             self.transport.write(data)
+
+    def start_deflate(self, received: bytes = b"") -> None:
+        """COMPRESS=DEFLATE (RFC 4978 §3) from now on, both ways: call it right
+        after writing the OK.  ``received``: octets the session read after
+        the COMPRESS command and did not parse (a client that pipelined its
+        next command); they are compressed, so they are inflated first, before
+        what is still unread here."""
+        if self.deflate is not None:
+            raise RuntimeError("compression is already on")
+        self.deflate = Deflate()
+        if received:
+            self._chunks.insert(0, received)
+            self._buffered += len(received)
+        # The fast path would be offered compressed bytes: only read() inflates.
+        self.on_data = None
 
     async def drain(self) -> None:
         """Wait until the kernel has taken our writes (flow control), at most
@@ -243,6 +287,9 @@ class Connection(asyncio.Protocol):
         even before this method returns, and is kept for the next read.
         """
         assert self.transport is not None
+        # TLS under an established DEFLATE stream cannot be (RFC 4978 §3:
+        # COMPRESS comes after authentication, STARTTLS before).
+        assert self.deflate is None, "STARTTLS after COMPRESS"
         self.discard_received()
         async with asyncio.timeout(timeout):
             new = await self._loop.start_tls(self.transport, self, context, server_side=True)

@@ -266,8 +266,6 @@ class MailboxCommands:
                 await self._copy(box, event)
             case ev.GetQuotaRoot() | ev.GetQuota():
                 await self._quota(box, event)
-            case ev.Compress():
-                self._no("COMPRESS is not supported yet", "CANNOT")
             case _:
                 self._bad("Command not supported")
 
@@ -291,6 +289,8 @@ class MailboxCommands:
                 continue
             if only_subscribed and name not in subscribed:
                 continue
+            if "SPECIAL-USE" in event.selection and not (info.special_use and info.selectable):
+                continue  # RFC 6154 §3: the selection option lists special-use mailboxes only
             attrs = list(info.attributes())
             if show_subscribed and name in subscribed:
                 attrs.append("\\Subscribed")
@@ -372,6 +372,14 @@ class MailboxCommands:
         if "IMAP4REV2" not in core.enabled:
             self._send(core.untagged(0, Atom("RECENT")))
         self._send(core.untagged(Atom("FLAGS"), flags))
+        if "IMAP4REV2" not in core.enabled:
+            # RFC 3501 §6.3.1: a rev1 client is told the first unseen
+            # message; RFC 9051 dropped OK [UNSEEN] (Appendix E).
+            unseen = await self._blocking(box.index.first_unseen, folder.imap(), state.uidnext)
+            if unseen is not None:
+                self._send(
+                    core.untagged_status("OK", "First unseen", ResponseCode("UNSEEN", (unseen,)))
+                )
         permanent: list[Value] = [] if event.readonly else [*flags, Atom("\\*")]
         send = core.untagged_status
         self._send(send("OK", "Flags permitted", ResponseCode("PERMANENTFLAGS", (permanent,))))

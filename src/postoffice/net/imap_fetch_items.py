@@ -16,6 +16,8 @@ file, as Dovecot answers them from its ``dovecot.index.cache``.
 from __future__ import annotations
 
 import datetime as dt
+import email.errors
+import email.header
 import functools
 import re
 import time
@@ -206,11 +208,27 @@ _FLAG_KEYS = {
 }
 _HEADER_KEYS = frozenset({"FROM", "TO", "CC", "BCC", "SUBJECT"})
 _BODY_KEYS = frozenset({"BODY", "TEXT", "HEADER", *_HEADER_KEYS})
-_DATE_KEYS = frozenset({"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"})
+_SENT_KEYS = frozenset({"SENTBEFORE", "SENTON", "SENTSINCE"})
+# A message without a parsable Date: is dated the Unix epoch for SENT*, as
+# Dovecot does (its sent date is 0 then): SENTBEFORE finds it, SENTSINCE
+# does not (tests/interop/test_dovecot_reference.py compares).
+_NO_SENT_DATE = dt.date(1970, 1, 1)
+
+
+def decoded_field(body: bytes) -> str:
+    """A header field body as text, its RFC 2047 encoded words decoded
+    (undecodable ones, or unknown charsets, are left as written)."""
+    text = body.decode("utf-8", "replace")
+    if "=?" not in text:
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+        return text
 
 
 def search_needs_body(key: SearchKey) -> bool:
-    if key.op in _BODY_KEYS:
+    if key.op in _BODY_KEYS or key.op in _SENT_KEYS:
         return True
     return any(isinstance(a, SearchKey) and search_needs_body(a) for a in key.args)
 
@@ -259,6 +277,13 @@ def search_matches(
     if op in ("BEFORE", "ON", "SINCE") and isinstance(args[0], dt.date):
         day = dt.datetime.fromtimestamp(record.internaldate, dt.UTC).date()
         return {"BEFORE": day < args[0], "ON": day == args[0], "SINCE": day >= args[0]}[op]
+    if op in _SENT_KEYS and isinstance(args[0], dt.date):
+        sent = message().sent_date() or _NO_SENT_DATE
+        return {
+            "SENTBEFORE": sent < args[0],
+            "SENTON": sent == args[0],
+            "SENTSINCE": sent >= args[0],
+        }[op]
     if op == "MODSEQ":
         return record.modseq >= int(str(args[-1]))
     if op in _BODY_KEYS:
@@ -272,8 +297,9 @@ def search_matches(
         if not needle:
             return len(value) > 2
         # The field's value only, not its name (RFC 9051 §6.4.4: "contains
-        # the specified string in the field-body").
-        bodies = b"".join(line.partition(b":")[2] for line in value.split(b"\r\n"))
-        return needle.lower().encode() in bodies.lower()
-    # SENT* dates need the Date: header parsed: not yet (matches nothing).
+        # the specified string in the field-body"), unfolded (RFC 5322
+        # §2.2.3) and with RFC 2047 encoded words decoded, as Dovecot does.
+        unfolded = re.sub(rb"\r\n(?=[ \t])", b"", value)
+        bodies = [line.partition(b":")[2] for line in unfolded.split(b"\r\n")]
+        return any(needle.lower() in decoded_field(body).lower() for body in bodies)
     return False

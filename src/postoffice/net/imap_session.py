@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError
+from postoffice.net.compress import InflateError
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
 from postoffice.net.imap_commands import MailboxCommands
 from postoffice.policy.auth import LoginThrottled
@@ -105,6 +106,8 @@ class ImapSession(MailboxCommands):
             code = ResponseCode("CAPABILITY", tuple(Atom(c) for c in self._capabilities()))
             self._send(self.core.greeting(f"{self.s.settings.hostname} IMAP server ready", code))
             await self._serve()
+        except InflateError as exc:
+            self.outcome = str(exc)  # logged by _finish; nothing can be read any more
         except (ConnectionClosed, ConnectionError, _Abort):
             pass
         except ShuttingDown:
@@ -187,6 +190,8 @@ class ImapSession(MailboxCommands):
                 await self._idle()
             case ev.IdleDone():
                 self._ok("IDLE terminated")
+            case ev.Compress(mechanism=mechanism):
+                await self._compress(mechanism)
             case _:
                 await self._mailbox_command(event)
 
@@ -229,8 +234,9 @@ class ImapSession(MailboxCommands):
 
     def _capabilities(self) -> list[str]:
         caps = ["IMAP4rev1", "IMAP4rev2"]
-        state = self.core.state
-        if state is ImapState.NOT_AUTHENTICATED:
+        # By the user, not the core's state: the OK to LOGIN lists what
+        # holds once it is read (RFC 9051 §6.2.3), the core moves as it is sent.
+        if self.user is None:
             if not self.conn.tls:
                 caps.append("STARTTLS")
             if self._plaintext_ok():
@@ -242,6 +248,8 @@ class ImapSession(MailboxCommands):
         caps += ["CHILDREN", "SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS", "ESEARCH"]
         caps += ["CONDSTORE", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE"]
         caps.append(f"APPENDLIMIT={self.core.max_append}")
+        if self.user is not None and self.conn.deflate is None:
+            caps.append("COMPRESS=DEFLATE")  # after login, as Dovecot: COMPRESS needs it
         return caps
 
     async def _starttls(self) -> None:
@@ -257,6 +265,19 @@ class ImapSession(MailboxCommands):
             self.outcome = "TLS handshake failed"
             raise _Abort from None
         self.core.tls_established()
+
+    async def _compress(self, mechanism: str) -> None:
+        """COMPRESS (RFC 4978 §3): the OK goes out plain, then both ways deflate."""
+        if self.conn.deflate is not None:
+            self._no("DEFLATE is already active", "COMPRESSIONACTIVE")  # RFC 4978 §3
+            return
+        if mechanism != "DEFLATE":
+            self._bad("Unknown compression mechanism")  # §3: an invalid argument is BAD
+            return
+        self._ok("DEFLATE active")
+        await self._flush()
+        # What the client sent after the command is already compressed.
+        self.conn.start_deflate(self.core.take_buffered())
 
     async def _authenticate(self, mechanism: str, initial: str | None) -> None:
         if not self._plaintext_ok():
@@ -402,9 +423,10 @@ class ImapSession(MailboxCommands):
             with contextlib.suppress(OSError, ImapIndexError, asyncio.CancelledError):
                 await self._blocking(box.close)
         log.info(
-            "imap session client=%s user=%s tls=%s end=%s",
+            "imap session client=%s user=%s tls=%s end=%s compress=%s",
             self.client_ip,
             logfmt.field(self.user or "-"),
             "implicit" if started_tls else ("starttls" if self.conn.tls else "no"),
             logfmt.field(self.outcome),
+            "deflate" if self.conn.deflate is not None else "no",
         )

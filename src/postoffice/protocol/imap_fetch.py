@@ -26,6 +26,8 @@ linear.  For a big message the session may call these in an executor.
 from __future__ import annotations
 
 import binascii
+import datetime as dt
+import email.utils
 import re
 from collections.abc import Sequence
 
@@ -234,6 +236,21 @@ class FetchMessage:
 
     def bodystructure(self, extensible: bool) -> tuple[Value, ...]:
         return _body(self.wire, self._root, extensible)
+
+    def sent_date(self) -> dt.date | None:
+        """The day the Date: field names, as written there: SENTBEFORE,
+        SENTON and SENTSINCE disregard its time and timezone (RFC 9051
+        §6.4.4).  None without a parsable Date:."""
+        value = self._root.get("DATE")
+        if value is None:
+            return None
+        parsed = email.utils.parsedate_tz(value.decode("latin-1"))
+        if parsed is None:
+            return None
+        try:
+            return dt.date(parsed[0], parsed[1], parsed[2])
+        except ValueError:  # "31 Feb", year 0: not a date
+            return None
 
     def section(self, section: Section) -> bytes:
         """BODY[section] contents; b"" for a part that does not exist."""

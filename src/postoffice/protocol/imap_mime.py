@@ -125,7 +125,10 @@ def unquote(value: bytes) -> bytes:
 
 def parse_params(value: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """``type/sub; a=b; c="d"`` -> (b"type/sub", [(b"a", b"b"), (b"c", b"d")]).
-    RFC 2231 parameters (``name*0=``, ``name*=utf-8''...``) are kept as written."""
+    RFC 2231 continuations (``name*0*=``, ``name*1*=``) are joined into one
+    parameter, ``name*`` if its first section is charset-encoded, else
+    ``name`` (RFC 2231 §3, §4.1), as Dovecot answers; the encoding itself
+    (``utf-8''...``) is kept as written, for the client to decode."""
     head, _, rest = value.partition(b";")
     params: list[tuple[bytes, bytes]] = []
     pos = 0
@@ -143,7 +146,34 @@ def parse_params(value: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         if nxt < 0:
             break
         pos = nxt + 1
-    return head.strip(), params
+    return head.strip(), _join_continuations(params)
+
+
+_SECTION = re.compile(rb"(.+?)\*(\d+)(\*?)$")
+
+
+def _join_continuations(params: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    sections: dict[bytes, list[tuple[int, bool, bytes]]] = {}
+    out: list[tuple[bytes, bytes] | bytes] = []  # bytes: where a joined one goes
+    for name, value in params:
+        m = _SECTION.match(name)
+        if m is None:
+            out.append((name, value))
+            continue
+        base = m.group(1)
+        if base.lower() not in sections:
+            sections[base.lower()] = []
+            out.append(base)
+        sections[base.lower()].append((int(m.group(2)), bool(m.group(3)), value))
+    joined = []
+    for entry in out:
+        if isinstance(entry, tuple):
+            joined.append(entry)
+            continue
+        parts = sorted(sections[entry.lower()], key=lambda p: p[0])
+        encoded = parts[0][0] == 0 and parts[0][1]
+        joined.append((entry + b"*" if encoded else entry, b"".join(p[2] for p in parts)))
+    return joined
 
 
 def _header_end(data: bytes, start: int, end: int) -> int:

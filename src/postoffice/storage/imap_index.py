@@ -288,6 +288,12 @@ class ImapIndex(Protocol):
 
     def counts(self, folder: str) -> FolderCounts: ...
 
+    def first_unseen(self, folder: str, below: int) -> int | None:
+        """The sequence number of the first message without \\Seen among
+        those with UID < ``below`` (RFC 3501 §6.3.1 OK [UNSEEN]); None if all
+        are seen."""
+        ...
+
     # --- the FETCH structure cache ----------------------------------------------------
     def structures(self, folder: str, uids: Collection[int]) -> dict[int, Structure]:
         """The cached structures of those of ``uids`` that have one."""

@@ -123,7 +123,8 @@ CREATE TABLE subscriptions (
 # Version 2: each folder's message count (SELECT and STATUS without reading
 # every row) and the listing token of its last full sync (a folder whose
 # new/ and cur/ did not change is not listed again), and the FETCH
-# structure cache (``Structure``), filled by the first FETCH that needs it.
+# structure cache (``Structure``), filled by the first FETCH that needs it,
+# and an index of the unseen messages (a rev1 SELECT's first unseen).
 _MIGRATIONS = {
     2: """
 ALTER TABLE folders ADD COLUMN messages INTEGER NOT NULL DEFAULT 0;
@@ -138,6 +139,7 @@ CREATE TABLE structure (
     body BLOB NOT NULL,                 -- of BODY's (non-extensible)
     PRIMARY KEY (folder, uid)
 ) WITHOUT ROWID;
+CREATE INDEX messages_unseen ON messages (folder, uid) WHERE instr(' ' || flags || ' ', ' \\Seen ') = 0;
 """,
 }
 
@@ -743,6 +745,22 @@ class SqliteImapIndex:
                 (f.id,),
             ).fetchone()
         return FolderCounts(*row)
+
+    def first_unseen(self, folder: str, below: int) -> int | None:
+        # The WHERE repeats messages_unseen's, so SQLite answers from it.
+        with self._read() as conn:
+            f = self._get(conn, folder)
+            row = conn.execute(
+                "SELECT uid FROM messages WHERE folder = ? AND uid < ?"
+                " AND instr(' ' || flags || ' ', ' \\Seen ') = 0 ORDER BY uid LIMIT 1",
+                (f.id, below),
+            ).fetchone()
+            if row is None:
+                return None
+            (position,) = conn.execute(
+                "SELECT count(*) FROM messages WHERE folder = ? AND uid <= ?", (f.id, row[0])
+            ).fetchone()
+        return int(position)
 
     # --- the FETCH structure cache ----------------------------------------------------
     def structures(self, folder: str, uids: Collection[int]) -> dict[int, Structure]:
