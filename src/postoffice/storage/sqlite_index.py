@@ -180,6 +180,11 @@ def _is_corruption(exc: sqlite3.Error) -> bool:
     return "malformed" in text or "not a database" in text
 
 
+# Open indexes by file path (``SqliteImapIndex.for_maildir``).
+_SHARED: dict[str, SqliteImapIndex] = {}
+_SHARED_LOCK = threading.Lock()
+
+
 class SqliteImapIndex:
     """``ImapIndex`` on one SQLite file; thread-safe (one connection, a lock)."""
 
@@ -187,10 +192,33 @@ class SqliteImapIndex:
         self.path = path
         self._lock = threading.RLock()
         self._conn = self._open_or_rebuild()
+        self._inode = os.stat(path).st_ino
+        self._users = 1  # holders of a shared index (``for_maildir``)
 
     @classmethod
     def for_maildir(cls, maildir: Path) -> SqliteImapIndex:
-        return cls(maildir / INDEX_NAME)
+        """The index of ``maildir``, shared by every session of this process
+        that has it open (each ``close`` gives one back; the last closes it):
+        one SQLite connection and its two descriptors per mailbox, not per
+        session, so that 10,000 IDLE sessions of one user cost one."""
+        key = os.path.abspath(maildir / INDEX_NAME)
+        with _SHARED_LOCK:
+            index = _SHARED.get(key)
+            if index is not None and index._same_file():
+                index._users += 1
+                return index
+            # None open, or its file was removed or replaced (a corrupt one set
+            # aside by another process, a restored backup): a new connection;
+            # the old one closes when its last holder lets go.
+            index = cls(Path(key))
+            _SHARED[key] = index
+            return index
+
+    def _same_file(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == self._inode
+        except FileNotFoundError:
+            return False
 
     # --- opening, corruption -----------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -273,6 +301,7 @@ class SqliteImapIndex:
             self._conn.close()
         self._set_aside(exc)
         self._conn = self._connect()
+        self._inode = os.stat(self.path).st_ino
         return IndexCorrupt(f"IMAP index {self.path} was corrupt and is rebuilt: {exc}")
 
     @contextlib.contextmanager
@@ -309,6 +338,12 @@ class SqliteImapIndex:
                 raise self._fault(exc) from None
 
     def close(self) -> None:
+        with _SHARED_LOCK:
+            self._users -= 1
+            if self._users > 0:
+                return
+            if _SHARED.get(os.fspath(self.path)) is self:
+                del _SHARED[os.fspath(self.path)]
         with self._lock:
             self._conn.close()
 
