@@ -11,6 +11,7 @@ and restarts.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from collections.abc import Iterator
@@ -119,3 +120,36 @@ def test_structures_come_from_the_cache_across_sessions_and_restarts(
     client.close()
     assert again[:2] == first[:2]  # the cached answer, byte for byte
     assert b"rewrote 1" in header  # while the text is read from the file
+
+
+def test_internaldate_is_the_files_mtime_when_first_asked(srv: PostofficeServer) -> None:
+    # A file a delivery agent wrote, named with its size (",S="): the first
+    # sync takes the size from the name and reads the date only when asked.
+    maildir = srv.maildir(ALICE)
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    data = message(1).replace(b"\r\n", b"\n")
+    path = maildir / "new" / f"1700000000.M1P1.host,S={len(data)}"
+    path.write_bytes(data)
+    when = 1_600_000_000  # 13-Sep-2020 12:26:40 +0000
+    os.utime(path, (when, when))
+    client = connect(srv)
+    try:
+        client.command("SELECT INBOX")
+        assert b"* 1 SEARCH 1\r\n" not in client.command("SEARCH SINCE 1-Jan-2021")
+        assert b"* SEARCH 1\r\n" in client.command("SEARCH BEFORE 14-Sep-2020")
+        lines = client.command("FETCH 1 (INTERNALDATE RFC822.SIZE)")
+        assert b'INTERNALDATE "13-Sep-2020 12:26:40 +0000"' in lines[0]
+        assert b"RFC822.SIZE %d" % len(message(1)) in lines[0]
+    finally:
+        client.close()
+    os.utime(path, (when + 86400, when + 86400))  # the index keeps what it read
+    srv.stop()
+    srv.start()
+    client = connect(srv)
+    try:
+        client.command("SELECT INBOX")
+        lines = client.command("FETCH 1 (INTERNALDATE)")
+        assert b'INTERNALDATE "13-Sep-2020 12:26:40 +0000"' in lines[0]
+    finally:
+        client.close()

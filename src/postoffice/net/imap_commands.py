@@ -450,6 +450,8 @@ class MailboxCommands:
             targets = [r for r in targets if r.modseq > event.changed_since]
             if event.vanished:
                 await self._vanished_earlier(box, event.sequence, event.changed_since)
+        if any(i.name == "INTERNALDATE" for i in fetch):
+            targets = await self._dated(box, targets)
         if items.sets_seen(fetch) and not self.readonly:
             unseen = [r for r in targets if "\\Seen" not in r.flags]
             if unseen:
@@ -484,6 +486,17 @@ class MailboxCommands:
                 self._send(items.fetch_response(seq, fetch, record, message, structure, utf8=utf8))
             await self._flush()
         self._ok("FETCH completed")
+
+    async def _dated(self, box: ImapMailbox, records: list[MessageRecord]) -> list[MessageRecord]:
+        """``records`` with their INTERNALDATEs read (the first sync of a
+        folder leaves them to be read when first needed), in the view too."""
+        if self.selected is None or all(r.internaldate for r in records):
+            return records
+        dated = await self._blocking(box.with_dates, self.selected, records)
+        for record in dated:
+            if record.uid in self.records:
+                self.records[record.uid] = record
+        return dated
 
     async def _vanished_earlier(self, box: ImapMailbox, uids: SequenceSet, since: int) -> None:
         """UID FETCH (CHANGEDSINCE n VANISHED): the UIDs of ``uids`` expunged
@@ -542,6 +555,9 @@ class MailboxCommands:
         if event.charset not in (None, "UTF-8", "US-ASCII"):
             self._no("Unsupported charset", ResponseCode("BADCHARSET", ([Atom("UTF-8")],)))
             return
+        if _uses_internaldate(event.criteria):
+            present = [self.records[u] for u in self.uids if u not in self.ghosts]
+            await self._dated(box, present)
         numbered = [
             (seq, self.records[u]) for seq, u in enumerate(self.uids, 1) if u not in self.ghosts
         ]
@@ -664,6 +680,13 @@ class MailboxCommands:
             return False
         self._no("Over quota", "OVERQUOTA")
         return True
+
+
+def _uses_internaldate(key: ev.SearchKey) -> bool:
+    """BEFORE, ON, SINCE compare the INTERNALDATE (RFC 9051 §6.4.4)."""
+    if key.op in ("BEFORE", "ON", "SINCE"):
+        return True
+    return any(isinstance(a, ev.SearchKey) and _uses_internaldate(a) for a in key.args)
 
 
 def _uses_modseq(key: ev.SearchKey) -> bool:

@@ -87,7 +87,7 @@ class MessageRecord:
     info: str  # the letters after ":2," last seen on disk or written by us ("" in new/)
     flags: frozenset[str]  # system flags and keywords
     modseq: int  # RFC 7162 §3.1.1: the last change to this message
-    internaldate: int  # seconds since the epoch (RFC 9051 §2.3.3)
+    internaldate: int  # seconds since the epoch (RFC 9051 §2.3.3); 0: not read yet
     size: int  # RFC822.SIZE as stored (LF endings; the session converts)
 
 
@@ -96,7 +96,7 @@ class FileFacts:
     """What ``sync`` needs of a file it has not seen before."""
 
     size: int
-    internaldate: int
+    internaldate: int  # 0: not read (the caller reads it when first needed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +284,10 @@ class ImapIndex(Protocol):
 
     def vanished_since(self, folder: str, modseq: int) -> list[int]:
         """UIDs expunged with a mod-sequence above ``modseq`` (VANISHED)."""
+        ...
+
+    def note_dates(self, folder: str, dates: Sequence[tuple[int, int]]) -> None:
+        """(UID, INTERNALDATE) read from files ``sync`` did not stat."""
         ...
 
     def counts(self, folder: str) -> FolderCounts: ...

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from postoffice.storage import quota
@@ -182,6 +182,32 @@ class ImapMailbox:
             except FileNotFoundError:
                 continue  # renamed between the look and the open
         raise MessageGone(record.stem)
+
+    def with_dates(self, name: FolderName, records: Sequence[MessageRecord]) -> list[MessageRecord]:
+        """``records`` with every INTERNALDATE known: those ``sync`` left at 0
+        (it takes sizes from the file names, not from a stat) read from the
+        files' mtimes now and kept in the index.  A file gone meanwhile
+        keeps 0 (1970, harmless: it is reported expunged next)."""
+        path = self.folders.path(name)
+        out: list[MessageRecord] = []
+        found: list[tuple[int, int]] = []
+        for record in records:
+            if record.internaldate:
+                out.append(record)
+                continue
+            try:
+                try:
+                    st = os.stat(self._expected(path, record))
+                except FileNotFoundError:
+                    st = os.stat(self._locate(path, record))
+            except (MessageGone, FileNotFoundError):
+                out.append(record)
+                continue
+            date = int(st.st_mtime)
+            found.append((record.uid, date))
+            out.append(replace(record, internaldate=date))
+        self.index.note_dates(name.imap(), found)
+        return out
 
     # --- writing ---------------------------------------------------------------------
     def delete(self, name: FolderName) -> None:

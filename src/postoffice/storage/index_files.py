@@ -17,7 +17,7 @@ seconds gives no token: the mtime clock ticks coarsely (the kernel's, a
 few milliseconds), so a change in the same tick as the token would not move
 it; after that margin a change must move it.
 
-INTERNALDATE of a file first seen is its mtime: Dovecot's convention (its
+INTERNALDATE of a file is its mtime: Dovecot's convention (its
 APPEND sets the mtime to the INTERNALDATE with utime), so both servers give
 the same date for the same file.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -34,6 +35,14 @@ from postoffice.storage.imap_index import FileFacts
 from postoffice.storage.maildir_flags import info_flags, stem_of
 
 TRUSTED_AFTER = 2.0  # seconds: see the module docstring
+_NAMED_SIZE = re.compile(r",S=(\d+)")
+
+
+def _named_size(name: str) -> int | None:
+    if ",S=" not in name:
+        return None
+    match = _NAMED_SIZE.search(stem_of(name))
+    return int(match.group(1)) if match else None
 
 
 class MaildirFolderFiles:
@@ -56,6 +65,13 @@ class MaildirFolderFiles:
         return list(self._list())
 
     def facts(self, name: str) -> FileFacts | None:
+        # The size in the name (Maildir++ ",S=", which our delivery, Dovecot
+        # and Courier write) spares a stat per file: a first sync of 100,000
+        # files then reads only the directory.  INTERNALDATE is then read
+        # when first asked for (``ImapMailbox.with_dates``), as Dovecot does.
+        size = _named_size(name)
+        if size is not None:
+            return FileFacts(size=size, internaldate=0)
         first, second = ("cur", "new") if ":2," in name else ("new", "cur")
         for sub in (first, second):
             try:

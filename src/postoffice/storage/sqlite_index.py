@@ -845,6 +845,23 @@ class SqliteImapIndex:
             finally:
                 self._conn.execute("PRAGMA synchronous = FULL")
 
+    def note_dates(self, folder: str, dates: Sequence[tuple[int, int]]) -> None:
+        if not dates:
+            return
+        with self._lock:
+            # What the file says is kept; losing it in a crash only means
+            # reading the file's date again (as for the structure cache).
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                with self._write() as conn:
+                    f = self._get(conn, folder)
+                    conn.executemany(
+                        "UPDATE messages SET internaldate = ? WHERE folder = ? AND uid = ?",
+                        ((date, f.id, uid) for uid, date in dates),
+                    )
+            finally:
+                self._conn.execute("PRAGMA synchronous = FULL")
+
     # --- subscriptions ------------------------------------------------------------------
     def subscribe(self, name: str) -> None:
         # RFC 9051 §6.3.7: a name may be subscribed whether or not it exists.

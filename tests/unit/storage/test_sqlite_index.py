@@ -468,22 +468,28 @@ def test_newer_schema_is_refused(path: Path) -> None:
 def test_maildir_folder_files(tmp_path: Path, index: SqliteImapIndex) -> None:
     for sub in ("tmp", "new", "cur"):
         (tmp_path / sub).mkdir()
-    (tmp_path / "new" / stem(2)).write_bytes(b"x" * 7)
+    plain = "1700000000.M2P42.host"  # no ",S=": size and date from a stat
+    (tmp_path / "new" / plain).write_bytes(b"x" * 7)
+    # With ",S=" (stem() writes S=101): the size is the name's, the date is
+    # left to be read when first needed (0).
     (tmp_path / "cur" / (stem(1) + ":2,Sa")).write_bytes(b"y" * 3)
     (tmp_path / "cur" / ".hidden").write_bytes(b"")
-    os.utime(tmp_path / "new" / stem(2), (1_500_000_000, 1_500_000_000))
+    os.utime(tmp_path / "new" / plain, (1_500_000_000, 1_500_000_000))
     files = MaildirFolderFiles(tmp_path, keywords={"a": "Work"})
-    assert sorted(files.names()) == sorted([stem(2), stem(1) + ":2,Sa"])
-    assert files.facts(stem(2)) == FileFacts(7, 1_500_000_000)
+    assert sorted(files.names()) == sorted([plain, stem(1) + ":2,Sa"])
+    assert files.facts(plain) == FileFacts(7, 1_500_000_000)
+    assert files.facts(stem(1) + ":2,Sa") == FileFacts(101, 0)
     assert files.facts("missing") is None
     assert list(files.gone([stem(1), "other"])) == ["other"]
     result = index.sync("INBOX", files)
-    assert [(r.uid, r.flags, r.size) for r in result.added] == [
-        (1, {SEEN, "Work"}, 3),
-        (2, frozenset(), 7),
+    assert [(r.uid, r.flags, r.size, r.internaldate) for r in result.added] == [
+        (1, {SEEN, "Work"}, 101, 0),
+        (2, frozenset(), 7, 1_500_000_000),
     ]
-    os.rename(tmp_path / "new" / stem(2), tmp_path / "cur" / (stem(2) + ":2,T"))
+    os.rename(tmp_path / "new" / plain, tmp_path / "cur" / (plain + ":2,T"))
     assert index.sync("INBOX", files).flags_changed[0].flags == {DELETED}
+    index.note_dates("INBOX", [(1, 1_600_000_000)])
+    assert [r.internaldate for r in index.messages("INBOX")] == [1_600_000_000, 1_500_000_000]
 
 
 # --- speed -----------------------------------------------------------------------------------
