@@ -39,9 +39,8 @@ _NAMED_SIZE = re.compile(r",S=(\d+)")
 
 
 def _named_size(name: str) -> int | None:
-    if ",S=" not in name:
-        return None
-    match = _NAMED_SIZE.search(stem_of(name))
+    # The info after ":2," is letters only: a ",S=" is the stem's.
+    match = _NAMED_SIZE.search(name) if ",S=" in name else None
     return int(match.group(1)) if match else None
 
 

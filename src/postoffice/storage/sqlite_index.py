@@ -139,7 +139,8 @@ CREATE TABLE structure (
     body BLOB NOT NULL,                 -- of BODY's (non-extensible)
     PRIMARY KEY (folder, uid)
 ) WITHOUT ROWID;
-CREATE INDEX messages_unseen ON messages (folder, uid) WHERE instr(' ' || flags || ' ', ' \\Seen ') = 0;
+CREATE INDEX messages_unseen ON messages (folder, uid)
+    WHERE instr(' ' || flags || ' ', ' \\Seen ') = 0;
 """,
 }
 
