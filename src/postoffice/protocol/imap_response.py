@@ -13,6 +13,7 @@ structure cache, ``encode_value(..., utf8=False)``: valid in every mode).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,6 +78,13 @@ class ResponseCode:
 def encode_value(value: Value, *, utf8: bool) -> bytes:
     """One value in its wire form; ``utf8``: the client is in rev2 /
     UTF8=ACCEPT mode (UTF-8 in quoted strings and mailbox names)."""
+    # The common types first, tested by exact type: ENVELOPE and
+    # BODYSTRUCTURE are trees of strings, NILs, numbers and lists, encoded
+    # once per message the first time a client asks.
+    if isinstance(value, str):
+        return encode_string(value, utf8=utf8)
+    if isinstance(value, tuple | list):
+        return b"(" + b" ".join([encode_value(v, utf8=utf8) for v in value]) + b")"
     if value is None:
         return b"NIL"
     if isinstance(value, bool):
@@ -84,7 +92,7 @@ def encode_value(value: Value, *, utf8: bool) -> bytes:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("IMAP numbers are unsigned")
-        return str(value).encode("ascii")
+        return b"%d" % value
     if isinstance(value, Wire):
         return value.data
     if isinstance(value, Atom | Raw):
@@ -94,16 +102,19 @@ def encode_value(value: Value, *, utf8: bool) -> bytes:
     if isinstance(value, Mailbox):
         name = value.name if utf8 else mutf7.encode(value.name)
         return encode_string(name, utf8=utf8)
-    if isinstance(value, str):
-        return encode_string(value, utf8=utf8)
     if isinstance(value, bytes):
         return b"{%d}\r\n" % len(value) + value
-    return b"(" + b" ".join(encode_value(v, utf8=utf8) for v in value) + b")"
+    return b"(" + b" ".join([encode_value(v, utf8=utf8) for v in value]) + b")"
+
+
+_UNQUOTABLE = re.compile(r'[\r\n\0\\"]')
 
 
 def encode_string(text: str, *, utf8: bool) -> bytes:
     """``text`` as a quoted string if RFC 9051 §9 allows (no CR, LF, NUL;
     8-bit only in UTF-8 mode), else as a literal."""
+    if text.isascii() and len(text) <= MAX_QUOTED and _UNQUOTABLE.search(text) is None:
+        return b'"%s"' % text.encode("ascii")  # the usual case: nothing to escape
     raw = text.encode("utf-8")
     quotable = (
         len(raw) <= MAX_QUOTED
