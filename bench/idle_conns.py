@@ -9,12 +9,11 @@ each, answered).  Used by bench/run.py; runnable alone::
 ``imap-idle`` goes further on each connection: LOGIN, SELECT INBOX, IDLE
 (RFC 2177), and the check afterwards is DONE, answered by the IDLE's tagged
 OK (the session was held and still answers).  A postoffice session with a
-mailbox selected holds three descriptors (its socket and its own SQLite
-connection to the mailbox index: the database and its -wal), so 10,000 IDLE
-sessions need some 30,000 open files in the server.  ``raise_fd_limit``
-lifts the hard limit when it may (root with CAP_SYS_RESOURCE); the bench
-machine's container refuses that and stops at 20,000, so there run.py
-holds as many as fit (6,000).
+mailbox selected holds one descriptor (its socket: the mailbox's SQLite
+index and its inotify watch are shared by all its sessions in a process),
+so 10,000 IDLE sessions need some 10,000 open files in the server, and as
+many here.  ``raise_fd_limit`` lifts the limit as far as it may (the bench
+machine's container stops at 20,000).
 
 Loopback only; bounded in count (<= 15,000) and time.
 """

@@ -53,11 +53,10 @@ What it does:
                   counts it: median, p95, max
    idle-imap      10,000 idle IMAP connections at the greeting (NOOP after)
    idle-imap-idle 10,000 sessions after LOGIN, SELECT INBOX, IDLE (DONE
-                  answered after); the anchor: 50 of each.  Each holds 3
-                  descriptors in postoffice (socket, its SQLite index
-                  connection: database and -wal), so fewer where the open
-                  files limit is below ~31,000 and cannot be raised (this
-                  machine: 20,000 -> 6,000 sessions; the row says so)
+                  answered after); the anchor: 50 of each.  Each holds one
+                  descriptor in postoffice (its socket: the mailbox's SQLite
+                  index and inotify watch are shared by its sessions), so
+                  fewer only where the open files limit is below ~11,000
    =============  =========================================================
 
 4. Checks durability and completeness: after each SMTP run every
@@ -743,8 +742,7 @@ def idle_workloads(ctx: Context) -> None:
 
 # A process (or more) per connection: process limits stop the anchor far below 10,000.
 ANCHOR_IDLE = 50
-# Descriptors a postoffice IMAP session with a mailbox selected holds.
-IDLE_FDS = 3
+IDLE_FDS = 1  # its socket (the index and the IDLE watch are per mailbox)
 
 
 def idle_row(ctx: Context, proto: str, worker: str) -> None:
@@ -758,9 +756,9 @@ def idle_row(ctx: Context, proto: str, worker: str) -> None:
         return
     login = (bl.USER, bl.PASSWORD) if proto == "imap-idle" else None
     if login:
-        # A session with INBOX selected holds 3 descriptors in the server
-        # (socket, index database, its -wal: idle_conns.py); the server has
-        # this process's limit.  Below 10,000 when the limit cannot be raised.
+        # A session with INBOX selected holds one descriptor in the server (its
+        # socket; the index and the watch are the mailbox's: idle_conns.py);
+        # the server has this process's limit.  Below 10,000 when it is low.
         fit = (idle_conns.open_files_limit() - 1_000) // IDLE_FDS // 1_000 * 1_000
         if fit < count:
             row.notes.append(
@@ -1040,8 +1038,7 @@ def main() -> int:
     else:
         anchor, relay = ensure_anchor(bench, args.anchor, "relay" in groups, anchors_started)
     sink_port = relay.sink_port if relay is not None else bl.free_port()
-    # The server inherits it: 10,000 connections, or 10,000 IDLE sessions of
-    # three descriptors each (idle_conns.py), and room.
+    # The server inherits it: 10,000 connections or IDLE sessions, and room.
     idle_conns.raise_fd_limit(32_000)
     po = bl.Postoffice(smarthost_port=sink_port)
     ctx = Context(args, bench, po, anchor, relay)

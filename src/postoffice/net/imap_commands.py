@@ -705,11 +705,15 @@ def _batches(records: Sequence[MessageRecord], reads: bool) -> Iterable[Sequence
         for start in range(0, len(records), INDEX_BATCH):
             yield records[start : start + INDEX_BATCH]
         return
+    # The first batches are small: the client starts reading while the
+    # next, larger ones are read from disk.
     start = size = 0
+    limit = 16
     for end, record in enumerate(records):
-        if end > start and (end - start >= FETCH_BATCH or size + record.size > FETCH_BATCH_BYTES):
+        if end > start and (end - start >= limit or size + record.size > FETCH_BATCH_BYTES):
             yield records[start:end]
             start, size = end, 0
+            limit = min(2 * limit, FETCH_BATCH)
         size += record.size
     if start < len(records):
         yield records[start:]
@@ -744,22 +748,23 @@ def _load(
         structures = box.index.structures(folder.imap(), {r.uid for r in records})
     bodies: dict[int, FetchMessage | None] = {}
     built: list[Structure] = []
-    for record in records:
-        cached = structures.get(record.uid)
-        need_body = items.needs_body(fetch, record, cached)
-        if not need_body and (cached is not None or not structural):
-            continue
-        try:
-            message = FetchMessage(box.read(folder, record))
-        except MessageGone:
-            bodies[record.uid] = None
-            continue
-        if structural and cached is None:
-            structure = items.structure_of(record.uid, message)
-            structures[record.uid] = structure
-            built.append(structure)
-        if items.needs_body(fetch, record, structures.get(record.uid)):
-            bodies[record.uid] = message
+    with box.reader(folder) as read:
+        for record in records:
+            cached = structures.get(record.uid)
+            need_body = items.needs_body(fetch, record, cached)
+            if not need_body and (cached is not None or not structural):
+                continue
+            try:
+                message = FetchMessage(read(record))
+            except MessageGone:
+                bodies[record.uid] = None
+                continue
+            if structural and cached is None:
+                structure = items.structure_of(record.uid, message)
+                structures[record.uid] = structure
+                built.append(structure)
+            if items.needs_body(fetch, record, structures.get(record.uid)):
+                bodies[record.uid] = message
     box.index.remember_structures(folder.imap(), built)
     return _Loaded(bodies, structures)
 
