@@ -915,8 +915,14 @@ def _walkthrough() -> list[str]:
     section = readme.split("## Five-minute walkthrough", 1)[1].split("\n## ", 1)[0]
     lines = []
     for block in section.split("```sh\n")[1:]:
+        pending = ""  # a command continued with "\" at the end of its line
         for line in block.split("```", 1)[0].splitlines():
             command = line.split(" #", 1)[0].strip()
+            if command.endswith("\\"):
+                pending += command[:-1].strip() + " "
+                continue
+            command = pending + command
+            pending = ""
             if command and not command.startswith("#"):
                 lines.append(command)
     return lines
