@@ -830,51 +830,42 @@ class SqliteImapIndex:
     def remember_structures(self, folder: str, structures: Sequence[Structure]) -> None:
         if not structures:
             return
-        with self._lock:
-            # A cache: not worth an fsync per FETCH batch (WAL with NORMAL
-            # keeps the file consistent; a crash may lose the last entries).
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            try:
-                with self._write() as conn:
-                    f = self._get(conn, folder)
-                    # Only for messages still present: one expunged meanwhile
-                    # must not leave a row behind.
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO structure"
-                        " (folder, uid, wire_size, envelope, bodystructure, body)"
-                        " SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS"
-                        " (SELECT 1 FROM messages WHERE folder = ? AND uid = ?)",
-                        (
-                            (
-                                f.id,
-                                s.uid,
-                                s.wire_size,
-                                s.envelope,
-                                s.bodystructure,
-                                s.body,
-                                f.id,
-                                s.uid,
-                            )
-                            for s in structures
-                        ),
-                    )
-            finally:
-                self._conn.execute("PRAGMA synchronous = FULL")
+        with self._rebuildable_write() as conn:
+            f = self._get(conn, folder)
+            # Only for messages still present: one expunged meanwhile must
+            # not leave a row behind.
+            conn.executemany(
+                "INSERT OR IGNORE INTO structure"
+                " (folder, uid, wire_size, envelope, bodystructure, body)"
+                " SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS"
+                " (SELECT 1 FROM messages WHERE folder = ? AND uid = ?)",
+                (
+                    (f.id, s.uid, s.wire_size, s.envelope, s.bodystructure, s.body, f.id, s.uid)
+                    for s in structures
+                ),
+            )
 
     def note_dates(self, folder: str, dates: Sequence[tuple[int, int]]) -> None:
         if not dates:
             return
+        with self._rebuildable_write() as conn:
+            f = self._get(conn, folder)
+            conn.executemany(
+                "UPDATE messages SET internaldate = ? WHERE folder = ? AND uid = ?",
+                ((date, f.id, uid) for uid, date in dates),
+            )
+
+    @contextlib.contextmanager
+    def _rebuildable_write(self) -> Iterator[sqlite3.Connection]:
+        """A write of what the files can give again (the structure cache,
+        dates read from mtimes): not worth an fsync each.  WAL with
+        synchronous NORMAL keeps the file consistent; a crash may lose the
+        last of these writes, never a UID."""
         with self._lock:
-            # What the file says is kept; losing it in a crash only means
-            # reading the file's date again (as for the structure cache).
             self._conn.execute("PRAGMA synchronous = NORMAL")
             try:
                 with self._write() as conn:
-                    f = self._get(conn, folder)
-                    conn.executemany(
-                        "UPDATE messages SET internaldate = ? WHERE folder = ? AND uid = ?",
-                        ((date, f.id, uid) for uid, date in dates),
-                    )
+                    yield conn
             finally:
                 self._conn.execute("PRAGMA synchronous = FULL")
 
