@@ -7,7 +7,6 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,20 +27,6 @@ from postoffice.storage.sqlite_index import INDEX_NAME, SqliteImapIndex
 from tests.unit.storage.index_support import ListedFiles, stem
 
 SEEN, FLAGGED, DELETED, ANSWERED = "\\Seen", "\\Flagged", "\\Deleted", "\\Answered"
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "maildir" / INDEX_NAME
-
-
-@pytest.fixture
-def index(path: Path) -> Iterator[SqliteImapIndex]:
-    idx = SqliteImapIndex(path)
-    try:
-        yield idx
-    finally:
-        idx.close()
 
 
 def state(index: ImapIndex, name: str) -> FolderState:

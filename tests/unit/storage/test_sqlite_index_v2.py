@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,20 +19,6 @@ from postoffice.storage.sqlite_index import INDEX_NAME, SqliteImapIndex
 from tests.unit.storage.index_support import ListedFiles, stem
 
 SEEN, DELETED = "\\Seen", "\\Deleted"
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "maildir" / INDEX_NAME
-
-
-@pytest.fixture
-def index(path: Path) -> Iterator[SqliteImapIndex]:
-    idx = SqliteImapIndex(path)
-    try:
-        yield idx
-    finally:
-        idx.close()
 
 
 class CountingFiles(ListedFiles):
