@@ -181,6 +181,8 @@ def test_idle_sees_new_mail_within_a_second(srv: PostofficeServer) -> None:
     took = time.monotonic() - started
     assert re.match(rb"\* \d+ EXISTS", line), line
     assert took < 2.0, took  # the delivery itself included
+    # imaplib is a rev1 client: the new message is \\Recent to it (RFC 3501 §7.3.2).
+    assert re.match(rb"\* 1 RECENT", sock_client.readline())
     sock_client.send(b"DONE\r\n")
     assert sock_client.readline().startswith(tag.encode() + b" OK")
     sock_client.logout()

@@ -110,6 +110,10 @@ def test_capabilities_and_enable(imap: RawImap) -> None:
 
 def test_condstore_select_fetch_store_search_status(imap: RawImap) -> None:
     fill(imap, "Cond", 3)
+    # A first SELECT takes the messages' \\Recent (RFC 3501 §2.3.2): the
+    # FLAGS below are the stored ones only.
+    imap.ok("SELECT Cond")
+    imap.ok("UNSELECT")
     # RFC 7162 §3.1.2.1: SELECT (CONDSTORE) answers HIGHESTMODSEQ.
     selected = imap.ok("SELECT Cond (CONDSTORE)")
     start = code(selected, "HIGHESTMODSEQ")

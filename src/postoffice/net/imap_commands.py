@@ -35,7 +35,13 @@ from postoffice.services import Services
 from postoffice.storage import folder_names, quota
 from postoffice.storage.folder_names import FolderName, FolderNameError
 from postoffice.storage.folders import FolderInfo
-from postoffice.storage.imap_index import FolderState, MessageRecord, StoreMode, Structure
+from postoffice.storage.imap_index import (
+    FolderState,
+    MessageRecord,
+    RecentUids,
+    StoreMode,
+    Structure,
+)
 from postoffice.storage.imap_mailbox import ImapMailbox
 from postoffice.storage.maildir_flags import MessageGone
 
@@ -100,6 +106,7 @@ class MailboxCommands:
     modseq: int
     unloaded: FolderState | None  # SELECT's state until the view is read
     ghosts: set[int]
+    recent: RecentUids
     s: Services
     user: Address | None
 
@@ -138,6 +145,10 @@ class MailboxCommands:
             self.ghosts.discard(uid)
         if vanished and gone:
             self._send(self.core.untagged(Atom("VANISHED"), Atom(uid_set(gone))))
+        if self.recent and any(u in self.recent for u in gone):
+            # RFC 3501 §7.3.2: the count of recent messages changed (Dovecot
+            # says so too).
+            self._send(self.core.untagged(self.recent_count(), Atom("RECENT")))
 
     def condstore_on(self) -> None:
         """A CONDSTORE enabling command (RFC 7162 §3.1): from now on every
@@ -147,7 +158,8 @@ class MailboxCommands:
     def flag_values(self, record: MessageRecord, uid: bool = True) -> list[Value]:
         """FLAGS (and UID, and MODSEQ once CONDSTORE is on, RFC 7162 §3.1.4)
         of a FETCH response telling a flag change."""
-        values: list[Value] = [Atom("FLAGS"), [Atom(f) for f in sorted(record.flags)]]
+        flags = sorted(record.flags | items.RECENT if record.uid in self.recent else record.flags)
+        values: list[Value] = [Atom("FLAGS"), [Atom(f) for f in flags]]
         if uid:
             values += [Atom("UID"), record.uid]
         if "CONDSTORE" in self.core.enabled:
@@ -162,6 +174,20 @@ class MailboxCommands:
         self.modseq = 0
         self.unloaded = None
         self.ghosts = set()
+        self.recent = RecentUids()
+
+    @property
+    def rev1(self) -> bool:
+        """The client did not ENABLE IMAP4rev2: it gets rev1's \\Recent."""
+        return "IMAP4REV2" not in self.core.enabled
+
+    def recent_count(self) -> int:
+        """RECENT: the view's messages this session holds as \\Recent."""
+        uids = self.uids
+        return sum(
+            bisect.bisect_left(uids, below) - bisect.bisect_left(uids, first)
+            for first, below in self.recent.runs
+        )
 
     async def load_view(self, box: ImapMailbox) -> None:
         """Read the selected folder's messages, once, when a command first
@@ -310,7 +336,11 @@ class MailboxCommands:
             "UNSEEN": status.unseen,
             "DELETED": status.deleted,
             "SIZE": status.size,
-            "RECENT": 0,
+            "RECENT": (
+                await self._blocking(box.index.recent_count, folder.imap())
+                if "RECENT" in wanted
+                else 0
+            ),
             "HIGHESTMODSEQ": status.state.highestmodseq,
         }
         out: list[Value] = []
@@ -369,8 +399,12 @@ class MailboxCommands:
         self.modseq = state.highestmodseq
         flags = [Atom(f) for f in FLAGS]
         self._send(core.untagged(state.messages, Atom("EXISTS")))
-        if "IMAP4REV2" not in core.enabled:
-            self._send(core.untagged(0, Atom("RECENT")))
+        if self.rev1:
+            first, count = await self._blocking(
+                recent_since, box, folder, state.uidnext, not event.readonly
+            )
+            self.recent.add(first, state.uidnext)
+            self._send(core.untagged(count, Atom("RECENT")))
         self._send(core.untagged(Atom("FLAGS"), flags))
         if "IMAP4REV2" not in core.enabled:
             # RFC 3501 §6.3.1: a rev1 client is told the first unseen
@@ -472,6 +506,7 @@ class MailboxCommands:
         # from the index alone (flags, cached structures) go in big ones.
         reads = items.needs_body(fetch, _NO_RECORD, _NO_STRUCTURE)
         utf8 = self.core.utf8
+        recent = self.recent
         for batch in _batches(targets, reads):
             loaded = _Loaded({}, {})
             if structural or any(items.needs_body(fetch, r) for r in batch):
@@ -483,7 +518,17 @@ class MailboxCommands:
                     continue  # expunged by someone else: reported at the next NOOP
                 structure = structures.get(record.uid)
                 seq = self.seq_of(record.uid)
-                self._send(items.fetch_response(seq, fetch, record, message, structure, utf8=utf8))
+                self._send(
+                    items.fetch_response(
+                        seq,
+                        fetch,
+                        record,
+                        message,
+                        structure,
+                        utf8=utf8,
+                        recent=bool(recent) and record.uid in recent,
+                    )
+                )
             await self._flush()
         self._ok("FETCH completed")
 
@@ -562,7 +607,7 @@ class MailboxCommands:
             (seq, self.records[u]) for seq, u in enumerate(self.uids, 1) if u not in self.ghosts
         ]
         hits = await self._blocking(
-            _search_all, box, self.selected, event.criteria, numbered, len(self.uids)
+            _search_all, box, self.selected, event.criteria, numbered, len(self.uids), self.recent
         )
         numbers = hits if event.uid else [self.seq_of(u) for u in hits]
         # RFC 7162 §3.1.5: SEARCH MODSEQ answers the highest mod-sequence found.
@@ -769,12 +814,23 @@ def _load(
     return _Loaded(bodies, structures)
 
 
+def recent_since(box: ImapMailbox, folder: FolderName, below: int, claim: bool) -> tuple[int, int]:
+    """The first UID a session holds as \\Recent among those below
+    ``below`` (claimed for it if ``claim``: SELECT; EXAMINE only looks,
+    RFC 3501 §6.3.2), and how many messages that makes."""
+    name = folder.imap()
+    first = box.index.claim_recent(name, below) if claim else box.index.first_recent(name)
+    first = min(first, below)
+    return first, box.index.recent_count(name, first, below) if first < below else 0
+
+
 def _search_all(
     box: ImapMailbox,
     folder: FolderName,
     key: ev.SearchKey,
     numbered: Sequence[tuple[int, MessageRecord]],
     largest_seq: int,
+    recent: RecentUids,
 ) -> list[int]:
     """UIDs of the (sequence number, record)s matching ``key``, ascending.
     Blocking (reads messages only when a key needs their text)."""
@@ -793,6 +849,7 @@ def _search_all(
                     cache.append(FetchMessage(b""))
             return cache[0]
 
-        if items.search_matches(key, record, seq, largest_seq, largest_uid, message):
+        held = record.uid in recent
+        if items.search_matches(key, record, seq, largest_seq, largest_uid, message, held):
             hits.append(record.uid)
     return hits

@@ -42,6 +42,8 @@ _STRUCTURAL = frozenset({"ENVELOPE", "BODYSTRUCTURE", "BODY", "RFC822.SIZE"})
 # Names built once: an Atom checks its text when made.
 _W_SIZE = re.compile(r",W=(\d+)")
 _HEADER = Section(text="HEADER")
+# The flag only a rev1 session shows, for the messages it holds as recent.
+RECENT = frozenset({"\\Recent"})
 _TEXT = Section(text="TEXT")
 
 
@@ -116,12 +118,14 @@ def fetch_response(
     structure: Structure | None = None,
     *,
     utf8: bool,
+    recent: bool = False,
 ) -> bytes:
     """One whole ``* seq FETCH (name value ...)`` response (RFC 9051 §7.5.2);
     ``message`` is None when no item needs it; ``structure`` answers the
-    items it keeps.  The items every client asks of every message are
-    written straight as bytes (a FETCH of 10,000 messages does it 10,000
-    times); the rest go through ``encode_value``."""
+    items it keeps; ``recent``: FLAGS shows \\Recent (rev1).  The items every
+    client asks of every message are written straight as bytes (a FETCH of
+    10,000 messages does it 10,000 times); the rest go through
+    ``encode_value``."""
     out: list[bytes] = []
     add = out.append
     for item in items:
@@ -129,7 +133,7 @@ def fetch_response(
         if name == "UID":
             add(b"UID %d" % record.uid)
         elif name == "FLAGS":
-            add(b"FLAGS " + _flags_wire(record.flags))
+            add(b"FLAGS " + _flags_wire(record.flags | RECENT if recent else record.flags))
         elif name == "INTERNALDATE":
             add(_internaldate_wire(record.internaldate))
         elif name == "MODSEQ":
@@ -240,12 +244,15 @@ def search_matches(
     largest_seq: int,
     largest_uid: int,
     message: Callable[[], FetchMessage],
+    recent: bool = False,
 ) -> bool:
     """Whether the message (``seq``, ``record``; ``message`` gives it parsed
-    when a key needs its text) matches ``key`` (RFC 9051 §6.4.4)."""
+    when a key needs its text; ``recent``: the session holds it as \\Recent)
+    matches ``key`` (RFC 9051 §6.4.4, RFC 3501 §6.4.4 for rev1's RECENT,
+    NEW and OLD)."""
 
     def match(k: SearchKey) -> bool:
-        return search_matches(k, record, seq, largest_seq, largest_uid, message)
+        return search_matches(k, record, seq, largest_seq, largest_uid, message, recent)
 
     op, args = key.op, key.args
     if op == "AND":
@@ -266,10 +273,12 @@ def search_matches(
     if op in ("KEYWORD", "UNKEYWORD"):
         has = any(str(args[0]).lower() == f.lower() for f in record.flags)
         return has == (op == "KEYWORD")
-    if op in ("NEW", "RECENT"):
-        return False  # no \Recent (gone in IMAP4rev2)
+    if op == "RECENT":
+        return recent
+    if op == "NEW":
+        return recent and "\\Seen" not in record.flags
     if op == "OLD":
-        return True
+        return not recent
     if op == "LARGER":
         return record.size > int(str(args[0]))
     if op == "SMALLER":

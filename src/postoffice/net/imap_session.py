@@ -42,7 +42,7 @@ from postoffice import logfmt
 from postoffice.mail.address import Address, AddressError
 from postoffice.net.compress import InflateError
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
-from postoffice.net.imap_commands import MailboxCommands
+from postoffice.net.imap_commands import MailboxCommands, recent_since
 from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.clients import may_send_password
 from postoffice.protocol import imap_events as ev
@@ -53,7 +53,12 @@ from postoffice.services import Services
 from postoffice.storage.folder_names import FolderName
 from postoffice.storage.folder_watch import FolderWatch
 from postoffice.storage.folders import FolderError
-from postoffice.storage.imap_index import FolderState, ImapIndexError, MessageRecord
+from postoffice.storage.imap_index import (
+    FolderState,
+    ImapIndexError,
+    MessageRecord,
+    RecentUids,
+)
 from postoffice.storage.imap_mailbox import ImapMailbox
 from postoffice.storage.maildir import mailbox_path
 from postoffice.storage.maildir_flags import KeywordsFull, MessageGone
@@ -98,6 +103,7 @@ class ImapSession(MailboxCommands):
         self.modseq = 0
         self.unloaded: FolderState | None = None
         self.ghosts: set[int] = set()
+        self.recent = RecentUids()  # rev1 only: this session's \Recent messages
         self._watch: FolderWatch | None = None  # the selected folder's, for IDLE
         self._watch_path: Path | None = None
 
@@ -374,6 +380,13 @@ class ImapSession(MailboxCommands):
                 self._send(self.core.untagged(self.seq_of(record.uid), Atom("FETCH"), values))
         if added:
             self._send(self.core.untagged(len(self.uids), Atom("EXISTS")))
+            if self.rev1:  # RFC 3501 §7.3.2: RECENT comes with the new EXISTS
+                below = self.uids[-1] + 1
+                first, _count = await self._blocking(
+                    recent_since, box, name, below, not self.readonly
+                )
+                self.recent.add(first, below)
+                self._send(self.core.untagged(self.recent_count(), Atom("RECENT")))
         self.modseq = max(self.modseq, refresh.state.highestmodseq)
 
     # --- IDLE (RFC 2177) ---------------------------------------------------------------

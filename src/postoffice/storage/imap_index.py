@@ -169,6 +169,31 @@ class Structure:
     body: bytes
 
 
+class RecentUids:
+    """The UIDs a session holds as \\Recent (RFC 3501 §2.3.2): the runs
+    ``ImapIndex.claim_recent`` gave it, [first, below) each.  Runs, not a
+    set: a first SELECT of 100,000 new messages claims them all at once."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[int, int]] = []
+
+    def add(self, first: int, below: int) -> None:
+        if first >= below:
+            return
+        if self.runs and self.runs[-1][1] == first:  # the usual case: the next run
+            self.runs[-1] = (self.runs[-1][0], below)
+        else:
+            self.runs.append((first, below))
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, int) and any(first <= uid < below for first, below in self.runs)
+
+    def __bool__(self) -> bool:
+        return bool(self.runs)
+
+
 @dataclass(frozen=True, slots=True)
 class SyncResult:
     """What ``sync`` found changed on disk: the untagged responses to send."""
@@ -296,6 +321,24 @@ class ImapIndex(Protocol):
         """The sequence number of the first message without \\Seen among
         those with UID < ``below`` (RFC 3501 §6.3.1 OK [UNSEEN]); None if all
         are seen."""
+        ...
+
+    # --- \Recent -------------------------------------------------------------------------
+    def first_recent(self, folder: str) -> int:
+        """The first UID no session has claimed as \\Recent yet (RFC 3501
+        §2.3.2): messages from it on are recent to the next session."""
+        ...
+
+    def claim_recent(self, folder: str, below: int) -> int:
+        """Claim \\Recent for the unclaimed UIDs below ``below`` (a session's
+        UIDNEXT): returns the first UID the caller now holds as recent; UIDs
+        in [returned, ``below``) are its recent ones (none if equal).  Each
+        UID is claimed by one session only."""
+        ...
+
+    def recent_count(self, folder: str, first: int | None = None, below: int = MAX_UID + 1) -> int:
+        """How many messages have UIDs in [``first``, ``below``); ``first``
+        None: from the first unclaimed UID (STATUS RECENT)."""
         ...
 
     # --- the FETCH structure cache ----------------------------------------------------

@@ -92,7 +92,7 @@ from postoffice.storage.maildir import arrival_key
 log = logging.getLogger("postoffice.imap_index")
 
 INDEX_NAME = "postoffice-imap.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 10_000
 # SQLite's primary result codes for a damaged file.
 _SQLITE_CORRUPT = 11
@@ -156,6 +156,17 @@ CREATE TABLE structure (
 ) WITHOUT ROWID;
 CREATE INDEX messages_unseen ON messages (folder, uid)
     WHERE instr(' ' || flags || ' ', ' \\Seen ') = 0;
+""",
+    # Version 3: \Recent (RFC 3501 §2.3.2), for rev1 sessions: the first UID
+    # of each folder that no session has yet been told about.  A folder
+    # without a row has all its messages recent.  Folders that exist when
+    # the version comes have none (no flood of old mail shown as new).
+    3: """
+CREATE TABLE recent (
+    folder INTEGER PRIMARY KEY,
+    first_uid INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO recent (folder, first_uid) SELECT id, uidnext FROM folders;
 """,
 }
 
@@ -443,6 +454,7 @@ class SqliteImapIndex:
             found = self._get(conn, name)
             for table in ("messages", "expunged", "structure"):
                 conn.execute(f"DELETE FROM {table} WHERE folder = ?", (found.id,))
+            conn.execute("DELETE FROM recent WHERE folder = ?", (found.id,))
             conn.execute("DELETE FROM folders WHERE id = ?", (found.id,))
 
     # --- sync ------------------------------------------------------------------------
@@ -812,6 +824,44 @@ class SqliteImapIndex:
                 "SELECT count(*) FROM messages WHERE folder = ? AND uid <= ?", (f.id, row[0])
             ).fetchone()
         return int(position)
+
+    # --- \Recent (RFC 3501 §2.3.2) -----------------------------------------------------
+    def first_recent(self, folder: str) -> int:
+        with self._read() as conn:
+            return self._first_recent(conn, self._get(conn, folder))
+
+    @staticmethod
+    def _first_recent(conn: sqlite3.Connection, f: _Folder) -> int:
+        row = conn.execute("SELECT first_uid FROM recent WHERE folder = ?", (f.id,)).fetchone()
+        return 1 if row is None else int(row[0])
+
+    def claim_recent(self, folder: str, below: int) -> int:
+        with self._read() as conn:
+            first = self._first_recent(conn, self._get(conn, folder))
+        if first >= below:
+            return below  # nothing new since the last claim: no write
+        # What a crash loses here is only which session saw mail first.
+        with self._rebuildable_write() as conn:
+            f = self._get(conn, folder)
+            first = self._first_recent(conn, f)
+            if first < below:
+                conn.execute(
+                    "INSERT INTO recent (folder, first_uid) VALUES (?, ?)"
+                    " ON CONFLICT (folder) DO UPDATE SET first_uid = excluded.first_uid",
+                    (f.id, below),
+                )
+        return min(first, below)
+
+    def recent_count(self, folder: str, first: int | None = None, below: int = MAX_UID + 1) -> int:
+        with self._read() as conn:
+            f = self._get(conn, folder)
+            if first is None:
+                first = self._first_recent(conn, f)
+            (count,) = conn.execute(
+                "SELECT count(*) FROM messages WHERE folder = ? AND uid >= ? AND uid < ?",
+                (f.id, first, below),
+            ).fetchone()
+        return int(count)
 
     # --- the FETCH structure cache ----------------------------------------------------
     def structures(self, folder: str, uids: Collection[int]) -> dict[int, Structure]:

@@ -189,7 +189,7 @@ def test_a_schema_1_index_is_upgraded_in_place(path: Path) -> None:
         assert state is not None
         assert (state.uidvalidity, state.uidnext, state.messages) == (77, 4, 2)
         assert idx.first_unseen("INBOX", 4) == 2
-        assert idx._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert idx._conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_index.SCHEMA_VERSION
     finally:
         idx.close()
 
