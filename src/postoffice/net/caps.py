@@ -13,7 +13,7 @@ then K slots of ``key hash, count of process 0 .. count of process P-1``:
 one column per process, so each process adds and takes away only in its
 own column, and the server can give back everything a dead process held
 (``release_process``) without knowing which clients it served.  A client
-key is found by its salted 64-bit BLAKE2b hash (salted so no one can pick
+key is found by its salted 63-bit BLAKE2b hash (salted so no one can pick
 addresses that collide with a victim's) with linear probing; a slot whose
 counts all reach zero is removed by shifting back the slots after it (Knuth
 6.4, Algorithm R), so lookups stay short with no tombstones.  K is at least
@@ -108,7 +108,8 @@ class SharedCaps:
 
     def _hash(self, key: str) -> int:
         digest = hashlib.blake2b(key.encode(), digest_size=8, key=self._salt).digest()
-        return int.from_bytes(digest, "little") or 1  # 0 marks an empty slot
+        # 63 bits (the slots are signed), never 0: 0 marks an empty slot.
+        return (int.from_bytes(digest, "little") >> 1) or 1
 
     def _read(self, slot: int) -> tuple[int, ...]:
         return self._row.unpack_from(self._map, self._table + slot * self._slot_size)
