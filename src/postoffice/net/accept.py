@@ -22,6 +22,10 @@ back for ``DEFER_SECONDS`` and looks again, and after ``MAX_DEFER_SECONDS``
 it accepts anyway: a stuck peer must not stall new clients.  When this came
 in, 20 smtp-source sessions split 10/10 in every run, where the kernel had
 split them 0/20 to 8/12 (1821 msg/s at 0/20, 3230 at 8/12).
+
+The connection caps are not the turns' business: the processes count them
+together in a table of their own (net/caps.py, ``AcceptShares.caps``), exact
+where these counts are advisory.
 """
 
 from __future__ import annotations
