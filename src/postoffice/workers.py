@@ -42,9 +42,19 @@ MAX_PROCESSES = 64
 RESTARTS_PER_MINUTE = 5
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a cpuset or systemd's CPUAffinity=
+    leaves fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def process_count(settings: Settings) -> int:
-    """How many processes accept on the smtp listener (1: just the server)."""
-    wanted = settings.limits.smtp_processes or (os.cpu_count() or 1)
+    """How many processes accept on the smtp listener (1: just the server);
+    ``smtp_processes = 0``, the default: one per usable CPU."""
+    wanted = settings.limits.smtp_processes or usable_cpus()
     return max(1, min(wanted, MAX_PROCESSES)) if settings.listen.smtp else 1
 
 

@@ -314,3 +314,18 @@ def test_the_connection_caps_hold_across_both_processes(tmp_path: Path) -> None:
             sock.close()
         srv.stop()
     assert "Traceback" not in srv.log()
+
+
+def test_the_default_is_one_smtp_process_per_cpu(tmp_path: Path) -> None:
+    srv = PostofficeServer(tmp_path, sections={"limits": {"smtp_processes": None}})
+    srv.start()
+    try:
+        assert srv.proc is not None
+        server_pid = srv.proc.pid
+        cpus = min(len(os.sched_getaffinity(0)), 64)
+        assert wait_for(lambda: len(smtp_processes(server_pid)) == cpus - 1, 20)
+        assert f"smtp_processes={cpus}" in srv.log()
+        if cpus > 1:
+            assert f"({cpus} processes)" in srv.log()
+    finally:
+        assert srv.stop() == 0
