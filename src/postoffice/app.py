@@ -316,7 +316,11 @@ async def _run(services: Services, logs: Logs) -> int:
     await loop.run_in_executor(services.executor, services.maildirs.recover)
     await loop.run_in_executor(services.executor, _recover_extra_journals, services)
     count = process_count(settings)
-    shares = AcceptShares.create(settings.data_dir, count) if count > 1 else None
+    shares = (
+        AcceptShares.create(settings.data_dir, count, settings.limits.max_connections)
+        if count > 1
+        else None
+    )
     try:
         await server.start(shares=shares)
     except OSError as exc:

@@ -1,7 +1,8 @@
 """Extra processes for the smtp listener (``[limits] smtp_processes``): the pool.
 
 One Python process runs one event loop on one core; large messages and many
-parallel senders need more.  The server starts ``N - 1`` more processes that
+parallel senders need more (the default, ``0``: one per CPU).  The server
+starts ``N - 1`` more processes that
 inherit its smtp listening sockets and accept from the same queue, taking
 turns (net/accept.py).  Each extra process serves only that listener, with
 its own thread pools and its own delivery journal
@@ -14,7 +15,9 @@ This module starts, watches and stops them; what runs in them is the
 composition root's (``app.run_smtp_process``, named by the command the
 server gives the pool).  They die with the server (``childproc``): a
 ``kill -9`` of the server leaves none behind, and the restarted server
-restores their journals before it listens.
+restores their journals before it listens.  The connection caps hold for
+all the processes together (net/caps.py); a process that died gives back
+what it counted (``AcceptShares.mark_gone``) before its successor starts.
 """
 
 from __future__ import annotations
@@ -39,9 +42,19 @@ MAX_PROCESSES = 64
 RESTARTS_PER_MINUTE = 5
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a cpuset or systemd's CPUAffinity=
+    leaves fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def process_count(settings: Settings) -> int:
-    """How many processes accept on the smtp listener (1: just the server)."""
-    wanted = settings.limits.smtp_processes or (os.cpu_count() or 1)
+    """How many processes accept on the smtp listener (1: just the server);
+    ``smtp_processes = 0``, the default: one per usable CPU."""
+    wanted = settings.limits.smtp_processes or usable_cpus()
     return max(1, min(wanted, MAX_PROCESSES)) if settings.listen.smtp else 1
 
 

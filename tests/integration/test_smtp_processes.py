@@ -2,15 +2,18 @@
 
 The real server with two smtp processes: connections are shared between
 them, both deliver (Maildir names carry the delivering pid), an alias
-forward accepted by either process is sent by the one outbound queue, and a
-``kill -9`` of the server takes the extra process with it while the restart
-restores what either acknowledged.
+forward accepted by either process is sent by the one outbound queue, the
+connection caps hold for both processes together (a killed one's count
+given back), and a ``kill -9`` of the server takes the extra process with
+it while the restart restores what either acknowledged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import smtplib
 import socket
 import threading
@@ -215,3 +218,114 @@ def test_kill_9_takes_the_extra_process_along_and_loses_nothing(tmp_path: Path) 
             assert pending_records(directory) == []
     finally:
         srv.stop()
+
+
+BUSY = b"421 4.7.0 Too many connections, try again later\r\n"
+
+
+def greeting(srv: PostofficeServer, source: str) -> tuple[socket.socket, bytes]:
+    """A connection from ``source`` (kept open) and the first line it gets."""
+    sock = socket.create_connection(
+        ("127.0.0.1", srv.ports["smtp"]), timeout=10, source_address=(source, 0)
+    )
+    line = b""
+    with contextlib.suppress(OSError):
+        while not line.endswith(b"\n"):
+            chunk = sock.recv(512)
+            if not chunk:
+                break
+            line += chunk
+    return sock, line
+
+
+def settled_sockets(pids: list[int], expect: int, within: float = 10) -> dict[int, int]:
+    """Socket descriptors per process once they add up to ``expect`` (a refused
+    client's socket is closed just after its 421)."""
+    held: dict[int, int] = {}
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        held = {pid: sockets_of(pid) for pid in pids}
+        if sum(held.values()) == expect:
+            break
+        time.sleep(0.05)
+    return held
+
+
+def test_the_connection_caps_hold_across_both_processes(tmp_path: Path) -> None:
+    """Per address and in all, counted by both processes together: with each
+    process counting alone, 2 x 4 connections from one address (and 2 x 6 in
+    all) would be let in.  A killed process's connections count no more."""
+    srv = two_process_server(
+        tmp_path, limits={"smtp_processes": 2, "max_connections_per_ip": 4, "max_connections": 6}
+    )
+    clients: list[socket.socket] = []
+    try:
+        assert srv.proc is not None
+        server_pid, (extra_pid,) = srv.proc.pid, smtp_processes(srv.proc.pid)
+        pids = [server_pid, extra_pid]
+        idle = {pid: sockets_of(pid) for pid in pids}
+        for _attempt in range(5):  # until the four land on both processes
+            for sock in clients:
+                sock.close()
+            clients = []
+            settled_sockets(pids, sum(idle.values()))
+            for _ in range(4):
+                sock, line = greeting(srv, "127.0.0.1")
+                clients.append(sock)
+                assert line.startswith(b"220 "), line
+            held = settled_sockets(pids, sum(idle.values()) + 4)
+            on = {pid: held[pid] - idle[pid] for pid in pids}
+            if min(on.values()) > 0:
+                break
+        assert min(on.values()) > 0, on  # each process alone holds fewer than 4
+        # The fifth from the same address: refused, whichever process took it.
+        for _ in range(4):
+            sock, line = greeting(srv, "127.0.0.1")
+            sock.close()
+            assert line == BUSY
+        # Another address is another client, up to 6 connections in all ...
+        others = [greeting(srv, "127.0.0.2") for _ in range(2)]
+        assert [line[:4] for _sock, line in others] == [b"220 "] * 2
+        # ... then the total cap, for a third address too.
+        for _ in range(4):
+            sock, line = greeting(srv, "127.0.0.3")
+            sock.close()
+            assert line == BUSY
+        for sock, _line in others:
+            sock.close()
+        held = settled_sockets(pids, sum(idle.values()) + 4)
+
+        # kill -9 the extra process: what it held counts no more (the server
+        # gives its column back before it starts the next one).
+        on_server = held[server_pid] - idle[server_pid]
+        os.kill(extra_pid, signal.SIGKILL)
+        assert wait_for(lambda: srv.log().count("smtp process 1 accepting") == 2, 20)
+        admitted = 0
+        for _ in range(6):
+            sock, line = greeting(srv, "127.0.0.1")
+            clients.append(sock)
+            if line == BUSY:
+                break
+            assert line.startswith(b"220 "), line
+            admitted += 1
+        assert admitted == 4 - on_server, (admitted, on_server)
+    finally:
+        for sock in clients:
+            sock.close()
+        srv.stop()
+    assert "Traceback" not in srv.log()
+
+
+def test_the_default_is_one_smtp_process_per_cpu(tmp_path: Path) -> None:
+    srv = PostofficeServer(tmp_path, sections={"limits": {"smtp_processes": None}})
+    srv.start()
+    try:
+        assert srv.proc is not None
+        server_pid = srv.proc.pid
+        cpus = min(len(os.sched_getaffinity(0)), 64)
+        assert wait_for(lambda: len(smtp_processes(server_pid)) == cpus - 1, 20)
+        assert f"smtp_processes={cpus}" in srv.log()
+        if cpus > 1:
+            assert f"({cpus} processes)" in srv.log()
+    finally:
+        assert srv.stop() == 0

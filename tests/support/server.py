@@ -4,6 +4,12 @@
 ``python -m postoffice serve -c CONFIG``, waits until every listener accepts,
 and stops the process it started (by PID).  Accounts are made with the real
 CLI, as an administrator would.
+
+One smtp process unless a test asks for more (``[limits] smtp_processes``;
+the server's default is one per CPU): which process takes a connection is a
+race, and a test that reads the server's PID in a log line, its memory or
+its children means the one process.  A value of None leaves the key out of
+the config: the server's own default.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ def write_config(
     lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
     for name, table in sections.items():
         lines.append(f"\n[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items() if v is not None]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -89,6 +95,7 @@ class PostofficeServer:
             shutil.copyfile(cached_tls_dir() / name, tls_dir / name)
         merged: dict[str, dict[str, Any]] = {
             "listen": {name: [f"{bracketed}:{port}"] for name, port in self.ports.items()},
+            "limits": {"smtp_processes": 1},
         }
         for name, table in (sections or {}).items():
             merged.setdefault(name, {}).update(table)

@@ -112,9 +112,11 @@ class LimitSettings:
     # relayed; a longer one is refused with 554 5.6.0 after the data.
     max_line_length: int = 64 * 1024
     shutdown_grace: float = 10.0  # seconds sessions get to finish on SIGTERM
-    # Processes accepting on the smtp listener (SO_REUSEPORT: the kernel spreads
-    # connections over them); 0: one per CPU.  The caps above apply per process.
-    smtp_processes: int = 1
+    # Processes accepting on the smtp listener (they share its listening
+    # socket and take turns, net/accept.py); 0: one per CPU, the default, so
+    # large messages and many senders use every core.  The connection caps
+    # above hold for all of them together (net/caps.py).
+    smtp_processes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

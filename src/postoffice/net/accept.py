@@ -22,6 +22,10 @@ back for ``DEFER_SECONDS`` and looks again, and after ``MAX_DEFER_SECONDS``
 it accepts anyway: a stuck peer must not stall new clients.  When this came
 in, 20 smtp-source sessions split 10/10 in every run, where the kernel had
 split them 0/20 to 8/12 (1821 msg/s at 0/20, 3230 at 8/12).
+
+The connection caps are not the turns' business: the processes count them
+together in a table of their own (net/caps.py, ``AcceptShares.caps``), exact
+where these counts are advisory.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from postoffice.config.settings import ListenAddress
+from postoffice.net.caps import SharedCaps
 
 log = logging.getLogger("postoffice.net")
 
@@ -56,10 +61,12 @@ _SLOT = struct.Struct("=q")
 class AcceptShares:
     """The smtp processes' connection counts, one 8-byte slot each in a file
     every process maps.  Counts are advisory: a stale or torn read only
-    makes one accept a little early or late, never refuses a client."""
+    makes one accept a little early or late, never refuses a client.
+    ``caps``: the connection caps all of them count in (net/caps.py)."""
 
-    def __init__(self, path: Path, index: int) -> None:
+    def __init__(self, path: Path, index: int, caps: SharedCaps) -> None:
         self.index = index
+        self.caps = caps
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             self.count = os.fstat(fd).st_size // _SLOT.size
@@ -72,8 +79,9 @@ class AcceptShares:
         self._accepting = False
 
     @classmethod
-    def create(cls, data_dir: Path, count: int) -> AcceptShares:
-        """The server's (index 0) view, every other slot "not accepting" yet."""
+    def create(cls, data_dir: Path, count: int, max_connections: int) -> AcceptShares:
+        """The server's (index 0) view, every other slot "not accepting" yet,
+        and a caps table for ``max_connections`` in all."""
         path = data_dir / SHARES_FILE
         # A new file put in place, never one truncated under a running
         # server's map (a second ``serve`` started by mistake would kill it).
@@ -84,12 +92,12 @@ class AcceptShares:
         finally:
             os.close(fd)
         os.replace(fresh, path)
-        return cls(path, 0)
+        return cls(path, 0, SharedCaps.create(data_dir, count, max_connections))
 
     @classmethod
     def open(cls, data_dir: Path, index: int) -> AcceptShares:
         """An extra smtp process's view (the server created the file)."""
-        return cls(data_dir / SHARES_FILE, index)
+        return cls(data_dir / SHARES_FILE, index, SharedCaps.open(data_dir, index))
 
     def _set(self, index: int, value: int) -> None:
         _SLOT.pack_into(self._map, index * _SLOT.size, value)
@@ -115,8 +123,10 @@ class AcceptShares:
         self._set(self.index, self._mine if yes else NOT_ACCEPTING)
 
     def mark_gone(self, index: int) -> None:
-        """Process ``index`` died: the others stop waiting for it to accept."""
+        """Process ``index`` died: the others stop waiting for it to accept, and
+        the connections it counted no longer count (the kernel closed them)."""
         self._set(index, NOT_ACCEPTING)
+        self.caps.release_process(index)
 
     def my_turn(self) -> bool:
         """No other accepting process holds fewer connections than this one,
@@ -137,6 +147,7 @@ class AcceptShares:
     def close(self) -> None:
         with contextlib.suppress(BufferError, ValueError):
             self._map.close()
+        self.caps.close()
 
 
 # What an Acceptor hands on: the accepted socket and the peer's address.

@@ -2,7 +2,9 @@
 
 A listener is a set of sockets sharing one handler (``async def
 handler(conn)``) and one pair of caps: concurrent connections in all and per
-client address (an IPv6 client: per /64, ``policy/clients.py``).  A
+client address (an IPv6 client: per /64, ``policy/clients.py``).  The smtp
+listener shared by several processes counts in their shared table
+(net/caps.py): the caps hold for all of them together.  A
 connection over a cap is answered with the protocol's "busy" line
 (``busy_reply``) and closed without starting a session.
 
@@ -63,7 +65,9 @@ class Listener:
     servers: list[asyncio.Server] = field(default_factory=list)
     acceptor: Acceptor | None = None  # when accepting by itself (``shares``, implicit TLS)
     tasks: dict[asyncio.Task[None], Connection] = field(default_factory=dict)
-    per_ip: Counter[str] = field(default_factory=Counter)  # by policy.clients.client_key
+    # This process's connections by policy.clients.client_key (the caps:
+    # ``_take``; with ``shares``, all smtp processes' counts).
+    per_ip: Counter[str] = field(default_factory=Counter)
     bound: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -111,13 +115,12 @@ class Listener:
 
     def _accepted(self, client: socket.socket, address: Any) -> None:
         ip = client_key(str(address[0]))  # an IPv6 client counts by its /64
-        if self._over_cap(ip):
+        if not self._take(ip):
             self._refuse_socket(client, ip)
             return
         # Counted from here on: the handshake (or a plaintext connection's
         # connection_made) runs on the count; the connection's made() starts
         # the session, _adoption_failed gives the count back.
-        self.per_ip[ip] += 1
         self._unstarted += 1
         if self.shares is not None:
             self.shares.opened()
@@ -171,6 +174,8 @@ class Listener:
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
+        if self.shares is not None:
+            self.shares.caps.release(ip)
 
     def _released(self) -> None:
         if self.shares is not None:
@@ -193,20 +198,30 @@ class Listener:
         conn.connection_made = made  # type: ignore[method-assign]
         return conn
 
-    def _over_cap(self, ip: str) -> bool:
-        held = len(self.tasks) + self._unstarted
-        return held >= self.max_connections or self.per_ip[ip] >= self.max_per_ip
+    def _take(self, ip: str) -> bool:
+        """Count a new connection from ``ip`` unless it would pass a cap: this
+        process's counts, or with ``shares`` those of every smtp process
+        together (net/caps.py), so N processes do not hold N times the caps."""
+        if self.shares is not None:
+            if not self.shares.caps.admit(ip, self.max_connections, self.max_per_ip):
+                return False
+        elif (
+            len(self.tasks) + self._unstarted >= self.max_connections
+            or self.per_ip[ip] >= self.max_per_ip
+        ):
+            return False
+        self.per_ip[ip] += 1
+        return True
 
     def _admit(self, conn: Connection) -> None:
         ip = client_key(conn.peer[0])  # an IPv6 client counts by its /64
-        if self._over_cap(ip):
+        if not self._take(ip):
             log.warning("%s: refused %s: too many connections", self.name, conn.peer[0])
             conn.write(self.busy_reply)
             if conn.transport:
                 conn.transport.close()
             self._released()
             return
-        self.per_ip[ip] += 1
         self._start_session(conn, ip)
 
     def _start_session(self, conn: Connection, ip: str) -> None:

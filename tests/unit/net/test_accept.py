@@ -11,7 +11,7 @@ from postoffice.net.accept import AcceptShares
 
 
 def test_the_least_loaded_process_accepts(tmp_path: Path) -> None:
-    server = AcceptShares.create(tmp_path, 3)
+    server = AcceptShares.create(tmp_path, 3, 1000)
     one, two = AcceptShares.open(tmp_path, 1), AcceptShares.open(tmp_path, 2)
     try:
         assert server.my_turn()  # nobody else accepts yet
@@ -39,7 +39,7 @@ def test_the_least_loaded_process_accepts(tmp_path: Path) -> None:
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[AcceptShares, AcceptShares]]:
     """The server's view and one extra process's, both accepting, none held."""
-    server = AcceptShares.create(tmp_path, 2)
+    server = AcceptShares.create(tmp_path, 2, 1000)
     extra = AcceptShares.open(tmp_path, 1)
     server.accepting(True)
     extra.accepting(True)
@@ -83,7 +83,7 @@ def test_counts_never_go_below_zero(pair: tuple[AcceptShares, AcceptShares]) -> 
 
 
 def test_an_index_beyond_the_file_is_refused(tmp_path: Path) -> None:
-    AcceptShares.create(tmp_path, 2).close()
+    AcceptShares.create(tmp_path, 2, 1000).close()
     with pytest.raises(ValueError):
         AcceptShares.open(tmp_path, 2)
 
@@ -102,11 +102,11 @@ def test_a_stopping_process_stays_out_while_its_sessions_end(
 
 
 def test_creating_the_file_again_leaves_a_running_view_intact(tmp_path: Path) -> None:
-    running = AcceptShares.create(tmp_path, 2)
+    running = AcceptShares.create(tmp_path, 2, 1000)
     try:
         running.accepting(True)
         running.opened()
-        AcceptShares.create(tmp_path, 4).close()  # a second `serve` by mistake
+        AcceptShares.create(tmp_path, 4, 1000).close()  # a second `serve` by mistake
         running.opened()  # its map is the old file's: still usable
         assert running.my_turn()
     finally:

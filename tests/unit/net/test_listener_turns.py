@@ -44,7 +44,7 @@ async def close_all(writers: list[asyncio.StreamWriter]) -> None:
 
 
 def test_a_peer_that_never_accepts_delays_clients_only_briefly(tmp_path: Path) -> None:
-    shares = AcceptShares.create(tmp_path, 2)
+    shares = AcceptShares.create(tmp_path, 2, 1000)
     stuck = AcceptShares.open(tmp_path, 1)
     stuck.accepting(True)  # says it takes connections, holds none, never accepts
 
@@ -74,7 +74,7 @@ def test_a_peer_that_never_accepts_delays_clients_only_briefly(tmp_path: Path) -
 
 
 def test_a_listener_alone_in_the_sharing_accepts_at_once(tmp_path: Path) -> None:
-    shares = AcceptShares.create(tmp_path, 2)  # slot 1 never joins: not waited for
+    shares = AcceptShares.create(tmp_path, 2, 1000)  # slot 1 never joins: not waited for
 
     async def run() -> list[bytes]:
         lst = turns_listener(shares)
