@@ -96,9 +96,7 @@ class _Metrics:
         def histogram(
             name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
         ) -> Histogram:
-            return Histogram(
-                name, doc, labels, namespace=NAMESPACE, registry=None, buckets=buckets
-            )
+            return Histogram(name, doc, labels, namespace=NAMESPACE, registry=None, buckets=buckets)
 
         self.connections = counter(
             "connections", "Connections that became sessions, by listener.", ("listener",)

@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from postoffice import logfmt
+from postoffice import logfmt, metrics
 from postoffice.mail.address import Address, AddressError
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
