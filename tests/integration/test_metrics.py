@@ -177,9 +177,11 @@ def test_only_get_metrics_is_served_and_requests_are_bounded(srv: PostofficeServ
     with pytest.raises(urllib.error.HTTPError) as missing:
         scrape_text(srv, "/")
     assert missing.value.code == 404
+    missing.value.close()
     with pytest.raises(urllib.error.HTTPError) as other:
         scrape_text(srv, "/metrics/../etc")
     assert other.value.code == 404
+    other.value.close()
     assert scrape_text(srv, "/metrics?name=x")  # Prometheus may add a query string
     # A request head over 8 KiB is refused, not read on.
     with socket.create_connection(("127.0.0.1", srv.ports["metrics"]), timeout=10) as sock:
