@@ -213,9 +213,11 @@ def test_extra_smtp_processes_are_counted(tmp_path: Path) -> None:
                 s.sendmail("sender@client.test", [ALICE], message().as_bytes())
         samples = scrape(srv)
         connections = ("postoffice_connections_total", "smtp")
-        assert value(samples, connections[0], listener="smtp") - value(
-            before, connections[0], listener="smtp"
-        ) == 12
+        assert (
+            value(samples, connections[0], listener="smtp")
+            - value(before, connections[0], listener="smtp")
+            == 12
+        )
         accepted = dict(listener="smtp", result="accepted", code="250")
         assert value(samples, "postoffice_smtp_messages_total", **accepted) == 12
         pids = {p.name.rsplit("_", 1)[-1] for p in (srv.data_dir / "metrics").glob("*.db")}
