@@ -36,6 +36,10 @@ CAPABILITIES=(
   "test -x /usr/lib/dovecot/pop3|dovecot-pop3d"
   "test -x /usr/lib/dovecot/imap|dovecot-imapd"
   "command -v strace|strace"
+  # tests/integration/test_metrics.py: promtool lints the scrape, a real
+  # Prometheus server scrapes /metrics (both in Debian's prometheus).
+  "command -v promtool|prometheus"
+  "command -v prometheus|prometheus"
 )
 missing=()
 for entry in "${CAPABILITIES[@]}"; do

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postoffice import logfmt
+from postoffice import logfmt, metrics
 from postoffice.check import first_unbindable
 from postoffice.childproc import die_with_parent
 from postoffice.config.settings import ListenAddress, Settings, load_settings
@@ -33,6 +33,7 @@ from postoffice.dns.resolver import DnsResolver, Resolver
 from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.accept import AcceptShares
 from postoffice.net.listener import Listener
+from postoffice.net.metrics_http import MetricsEndpoint
 from postoffice.net.tls import cert_and_key, server_context
 from postoffice.policy.auth import (
     HASH_WAITING_PER_WORKER,
@@ -72,7 +73,7 @@ SMTP_PROCESS_MAIN = (
 class ListenError(OSError):
     """A listener could not bind: which one, on which addresses, and why."""
 
-    def __init__(self, listener: Listener, exc: OSError) -> None:
+    def __init__(self, listener: Listener | MetricsEndpoint, exc: OSError) -> None:
         where = ", ".join(str(a) for a in listener.addresses)
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         super().__init__(exc.errno, f"{listener.name} listener on {where}: {reason}")
@@ -148,6 +149,7 @@ class Server:
     services: Services
     listeners: list[Listener] = field(default_factory=list)
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    metrics: MetricsEndpoint | None = None  # [listen] metrics, in the first process only
 
     def _listener(
         self,
@@ -229,6 +231,14 @@ class Server:
             "imaps", listen.imaps, lambda c: ImapSession(s, c).run(), imap_busy, implicit_tls=True
         )
         await self._start_listeners()
+        if listen.metrics:
+            outbound = s.outbound
+            stats = outbound.stats if isinstance(outbound, Outbound) else None
+            self.metrics = MetricsEndpoint(listen.metrics, s.executor, stats)
+            try:
+                await self.metrics.start()
+            except OSError as exc:
+                raise ListenError(self.metrics, exc) from exc
         if isinstance(s.outbound, Outbound):  # the delivering process's queue
             self.background.append(asyncio.get_running_loop().create_task(s.outbound.run()))
 
@@ -242,6 +252,8 @@ class Server:
     async def stop(self) -> None:
         for listener in self.listeners:
             listener.stop_accepting()
+        if self.metrics is not None:
+            await self.metrics.stop()
         grace = self.services.settings.limits.shutdown_grace
         await asyncio.gather(*(listener.finish(grace) for listener in self.listeners))
         for task in self.background:
@@ -257,7 +269,10 @@ def _announce(server: Server, smtp_processes: int = 1) -> None:
     out = sys.stdout
     print(f"postoffice {s.hostname}: config {s.source}, data in {s.data_dir}", file=out)
     bound: list[str] = []
-    for listener in server.listeners:
+    endpoints: list[Listener | MetricsEndpoint] = list(server.listeners)
+    if server.metrics is not None:
+        endpoints.append(server.metrics)
+    for listener in endpoints:
         where = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in listener.bound)
         extra = (
             f" ({smtp_processes} processes)"
@@ -310,6 +325,8 @@ async def _run(services: Services, logs: Logs) -> int:
     loop.add_signal_handler(signal.SIGHUP, _on_sighup)
     loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
     settings = services.settings
+    if settings.listen.metrics:  # before any process counts: the extra ones inherit it
+        metrics.enable(metrics_dir(settings), clean=True)
     await loop.run_in_executor(services.executor, clean_stale_tmp, settings.mail_dir)
     # Before listening: messages acknowledged before a crash are put back first,
     # the extra smtp processes' ones too.
@@ -350,6 +367,11 @@ async def _run(services: Services, logs: Logs) -> int:
     return 0
 
 
+def metrics_dir(settings: Settings) -> Path:
+    """Where every process of the server writes its metric values (metrics.py)."""
+    return settings.data_dir / "metrics"
+
+
 def _recover_extra_journals(services: Services) -> None:
     """Restore what extra smtp processes of an earlier run acknowledged."""
     s = services.settings
@@ -369,6 +391,8 @@ async def _run_smtp_worker(services: Services, index: int, fds: list[int], logs:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the server logs it
     loop.add_signal_handler(signal.SIGUSR1, logs.reopen)  # forwarded by the server
+    if services.settings.listen.metrics:
+        metrics.enable(metrics_dir(services.settings), clean=False)
     await loop.run_in_executor(services.executor, services.maildirs.recover)
     sockets = [socket.socket(fileno=fd) for fd in fds]
     shares = AcceptShares.open(services.settings.data_dir, index)

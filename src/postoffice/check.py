@@ -186,7 +186,16 @@ def _check_accounts(settings: Settings) -> tuple[list[str], list[str]]:
     return [], notes
 
 
-_LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+_LISTENERS = (
+    "smtp",
+    "submission",
+    "submissions",
+    "pop3",
+    "pop3s",
+    "imap",
+    "imaps",
+    "metrics",
+)
 
 
 def _check_listeners(settings: Settings) -> tuple[list[str], list[str]]:

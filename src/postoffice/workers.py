@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from postoffice import metrics
 from postoffice.config.settings import Settings
 from postoffice.net.accept import AcceptShares
 
@@ -136,6 +137,7 @@ class WorkerPool:
             for index, proc in list(self._procs.items()):
                 if self._stopping or proc.poll() is None:
                     continue
+                metrics.process_gone(proc.pid)
                 now = time.monotonic()
                 self._restarts = [t for t in self._restarts if now - t < 60]
                 if len(self._restarts) >= RESTARTS_PER_MINUTE:

@@ -28,7 +28,7 @@ from typing import Any
 
 from tests.support.ports import free_port
 
-LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps", "metrics")
 
 _CERT_CACHE: list[Path] = []
 

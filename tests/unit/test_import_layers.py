@@ -24,19 +24,25 @@ PACKAGE = "postoffice"
 # ``logfmt`` (values from clients in log fields) is a leaf like ``mail``:
 # every layer that logs may use it.  So is ``childproc`` (a child process
 # dies with the server), which the DKIM verifier processes of ``policy`` use.
+# ``metrics`` (the Prometheus counters, one line per hook) is a leaf too.
 ALLOWED: dict[str, frozenset[str]] = {
     "mail": frozenset(),
     "logfmt": frozenset(),
     "childproc": frozenset(),
+    "metrics": frozenset(),
     "config": frozenset({"mail"}),
     "protocol": frozenset({"mail"}),
-    "storage": frozenset({"mail", "logfmt", "config"}),
-    "dns": frozenset({"mail", "config"}),
-    "policy": frozenset({"mail", "logfmt", "childproc", "config", "protocol", "storage", "dns"}),
+    "storage": frozenset({"mail", "logfmt", "metrics", "config"}),
+    "dns": frozenset({"mail", "metrics", "config"}),
+    "policy": frozenset(
+        {"mail", "logfmt", "metrics", "childproc", "config", "protocol", "storage", "dns"}
+    ),
     "services": frozenset({"mail", "logfmt", "config", "protocol", "storage", "dns", "policy"}),
-    "net": frozenset({"mail", "logfmt", "config", "protocol", "storage", "policy", "services"}),
+    "net": frozenset(
+        {"mail", "logfmt", "metrics", "config", "protocol", "storage", "policy", "services"}
+    ),
     "delivery": frozenset(
-        {"mail", "logfmt", "config", "protocol", "storage", "dns", "policy", "net"}
+        {"mail", "logfmt", "metrics", "config", "protocol", "storage", "dns", "policy", "net"}
     ),
 }
 # The composition root and the tools: they may import anything; only they

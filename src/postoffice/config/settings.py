@@ -62,6 +62,8 @@ class ListenSettings:
     pop3s: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2995),)  # implicit TLS (995)
     imap: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2143),)  # STARTTLS (143)
     imaps: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2993),)  # implicit TLS (993)
+    # Prometheus text format at GET /metrics (net/metrics_http.py); [] turns it off.
+    metrics: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2900),)
 
 
 @dataclass(frozen=True, slots=True)

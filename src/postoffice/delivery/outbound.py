@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from postoffice import logfmt
+from postoffice import logfmt, metrics
 from postoffice.config.settings import Settings
 from postoffice.delivery.content import MAX_HEADER_COPY, header_section
 from postoffice.delivery.courier import MessageSource, Outcome, RecipientResult
@@ -50,6 +50,12 @@ POLL_INTERVAL = 1.0  # seconds between checks for `queue flush` requests
 LOCKED_RETRY = 1.0  # seconds to wait when `queue remove` holds a message's lock
 RECOVERY_RETRY = 10.0  # seconds between tries to read an unreadable queue directory
 EXPIRED_STATUS = "5.4.7"  # RFC 3463: delivery time expired
+# An attempt's outcome as the delivery_attempts metric names it (a failure bounces).
+_RESULT_NAMES = {
+    Outcome.DELIVERED: "delivered",
+    Outcome.DEFERRED: "deferred",
+    Outcome.FAILED: "bounced",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +94,12 @@ class Outbound:
         self._connections: asyncio.Semaphore | None = None
         self._per_destination: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
         self._max_active = max(16, self._relay.max_deliveries * 4)
+
+    def stats(self) -> tuple[int, float | None]:
+        """Messages in the queue and the oldest one's creation time (the
+        metrics scrape reads it, on the loop)."""
+        oldest = min((e.envelope.created for e in self._entries.values()), default=None)
+        return len(self._entries), oldest
 
     # --- the interface the SMTP session uses ---------------------------------------
     def writer(self, sender: Address | None, recipients: Sequence[Address]) -> QueueWriter:
@@ -275,13 +287,24 @@ class Outbound:
         lock = asyncio.Lock()
 
         async def one(group: _Group) -> None:
+            started = metrics.clock()
             results = await self._deliver(entry, group, claim.message(traits))
+            metrics.delivery(
+                (_RESULT_NAMES[r.outcome] for r in results),
+                self._destination_class(group),
+                metrics.clock() - started,
+            )
             async with lock:
                 self._apply(entry, group, results)
                 if persist_each:
                     await claim.save()
 
         await asyncio.gather(*(one(g) for g in groups))
+
+    def _destination_class(self, group: _Group) -> str:
+        if group.local:
+            return "local"
+        return "smarthost" if self._relay.smarthost is not None else "remote"
 
     def _groups(self, due: list[Recipient]) -> list[_Group]:
         by_key: dict[tuple[bool, str], list[Recipient]] = {}

@@ -24,6 +24,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+from postoffice import metrics
 from postoffice.config.settings import ListenAddress
 from postoffice.dns.mx import MxRecord, normalise_host
 
@@ -92,17 +93,22 @@ class DnsResolver:
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """The answer, or None for NODATA; DnsError(temporary=False) for NXDOMAIN."""
+        metrics.dns_lookup(rdtype)
         try:
             return await self._resolver.resolve(
                 _absolute(name), rdtype, search=False, raise_on_no_answer=False
             )
         except dns.resolver.NXDOMAIN:
+            metrics.dns_failure(rdtype, "nxdomain")
             raise DnsError(f"{name}: no such domain", temporary=False) from None
         except dns.resolver.NoNameservers as exc:
+            metrics.dns_failure(rdtype, "servfail")
             raise DnsError(f"{name} {rdtype}: DNS servers failed ({exc})", temporary=True) from None
         except dns.exception.Timeout:
+            metrics.dns_failure(rdtype, "timeout")
             raise DnsError(f"{name} {rdtype}: DNS timeout", temporary=True) from None
         except dns.exception.DNSException as exc:
+            metrics.dns_failure(rdtype, "error")
             raise DnsError(f"{name} {rdtype}: DNS error: {exc}", temporary=True) from None
 
     async def unreachable(self, lifetime: float | None = None) -> str:

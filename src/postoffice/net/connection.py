@@ -24,6 +24,7 @@ import ssl
 from collections.abc import Callable
 from typing import cast
 
+from postoffice import metrics
 from postoffice.net.compress import Deflate
 
 READ_LIMIT = 256 * 1024  # pause the socket when this much is buffered unread
@@ -65,6 +66,7 @@ class Connection(asyncio.Protocol):
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self.tls = False
+        self.listener = "none"  # which listener accepted it (its name), for the metrics
         self._shutdown = False
         # Read timeouts: one timer per connection, re-armed only when it fires
         # early, instead of a new timer (and asyncio.timeout's bookkeeping) per
@@ -297,6 +299,7 @@ class Connection(asyncio.Protocol):
             raise ConnectionClosed
         self.transport = new
         self.tls = True
+        metrics.tls_established(self.listener, self.tls_version())
 
     def discard_received(self) -> None:
         """Forget everything received and not yet read (before a TLS upgrade)."""

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from postoffice import logfmt
+from postoffice import logfmt, metrics
 from postoffice.mail.address import Address, AddressError
 from postoffice.net.compress import InflateError
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
@@ -110,6 +110,7 @@ class ImapSession(MailboxCommands):
     # --- the loop -------------------------------------------------------------
     async def run(self) -> None:
         started_tls = self.conn.tls
+        metrics.session("imap")
         try:
             code = ResponseCode("CAPABILITY", tuple(Atom(c) for c in self._capabilities()))
             self._send(self.core.greeting(f"{self.s.settings.hostname} IMAP server ready", code))
@@ -147,6 +148,7 @@ class ImapSession(MailboxCommands):
 
     async def _dispatch(self, event: ev.Event) -> None:
         core = self.core
+        metrics.imap_command(event)
         match event:
             case ev.Rejected(fatal=fatal):
                 self._send(core.reply_rejected())
@@ -200,6 +202,10 @@ class ImapSession(MailboxCommands):
                 self._ok("IDLE terminated")
             case ev.Compress(mechanism=mechanism):
                 await self._compress(mechanism)
+            case ev.Fetch():
+                started = metrics.clock()
+                await self._mailbox_command(event)
+                metrics.fetched("imap", metrics.clock() - started)
             case _:
                 await self._mailbox_command(event)
 

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from postoffice import logfmt
+from postoffice import logfmt, metrics
 from postoffice.config.settings import ListenAddress
 from postoffice.net.accept import BACKLOG, Acceptor, AcceptShares, bind
 from postoffice.net.connection import Connection
@@ -132,6 +132,7 @@ class Listener:
         """Over a cap at accept: a plaintext client gets the busy line, a TLS
         one nothing (no handshake is started for it); closed at once either way."""
         log.warning("%s: refused %s: too many connections", self.name, ip)
+        metrics.connection_refused(self.name)
         with contextlib.suppress(OSError):
             if self.tls is None:
                 client.setblocking(False)
@@ -217,6 +218,7 @@ class Listener:
         ip = client_key(conn.peer[0])  # an IPv6 client counts by its /64
         if not self._take(ip):
             log.warning("%s: refused %s: too many connections", self.name, conn.peer[0])
+            metrics.connection_refused(self.name)
             conn.write(self.busy_reply)
             if conn.transport:
                 conn.transport.close()
@@ -225,6 +227,10 @@ class Listener:
         self._start_session(conn, ip)
 
     def _start_session(self, conn: Connection, ip: str) -> None:
+        conn.listener = self.name
+        metrics.connection(self.name)
+        if conn.tls:  # implicit TLS: the handshake is done (STARTTLS counts in Connection)
+            metrics.tls_established(self.name, conn.tls_version())
         task = asyncio.get_running_loop().create_task(self._run(conn, ip))
         self.tasks[task] = conn
 

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from postoffice import logfmt
+from postoffice import logfmt, metrics
 from postoffice.mail.address import Address, AddressError
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
 from postoffice.policy.auth import LoginThrottled
@@ -129,6 +129,7 @@ class Pop3Session:
     # --- the loop -------------------------------------------------------------
     async def run(self) -> None:
         started_tls = self.conn.tls
+        metrics.session("pop3")
         try:
             self._send(self.core.greeting(f"{self.s.settings.hostname} POP3 server ready"))
             await self._serve()
@@ -165,6 +166,7 @@ class Pop3Session:
                     self._line_deadline = None
                 core.receive_data(received)
                 continue
+            metrics.pop3_command(type(event).__name__)
             # The hot path, RETR of a message read ahead, answers without an await.
             if type(event) is Retr and self._retr_ahead(event.msg):
                 if self._out_size >= FLUSH_AT:
@@ -398,7 +400,10 @@ class Pop3Session:
                     self._send(core.reply_err(self._missing(n)))
                 else:
                     top = event.lines if isinstance(event, Top) else None
+                    started = metrics.clock()
                     await self._retrieve(box, n, msg, top)
+                    if top is None:
+                        metrics.fetched("pop3", metrics.clock() - started)
             case Dele(n):
                 msg = box.get(n)
                 if msg is None:
@@ -430,6 +435,7 @@ class Pop3Session:
         line that the core parses as RETR of a message read ahead is
         answered here, in the receive callback, without waking the task;
         anything else returns False and takes the ordinary way, untouched."""
+        started = metrics.clock()
         transport = self.conn.transport
         if (
             self._out  # replies not yet written go first
@@ -450,6 +456,8 @@ class Pop3Session:
         self.conn.move_read_deadline(self._line_deadline)
         out, self._out, self._out_size = self._out, [], 0
         self.conn.write(b"".join(out))
+        metrics.pop3_command("Retr")
+        metrics.fetched("pop3", metrics.clock() - started)
         # Handing the next window to a thread costs more than the rest of
         # this RETR together: done after the reply is on its way.
         self._refill(n)
@@ -465,11 +473,13 @@ class Pop3Session:
     def _retr_ahead(self, n: int) -> bool:
         """Answer RETR ``n`` now if the message was read ahead and is here;
         False (nothing answered) sends it the ordinary way."""
+        started = metrics.clock()
         ready = self._ready(n)
         if ready is None:
             return False
         self._send_message(*ready)
         self._refill(n)
+        metrics.fetched("pop3", metrics.clock() - started)
         return True
 
     def _ready(self, n: int) -> tuple[Pop3Message, bytes] | None:

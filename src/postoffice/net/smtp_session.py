@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from postoffice import logfmt
+from postoffice import logfmt, metrics
 from postoffice.mail.address import Address, AddressError
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
@@ -641,13 +641,17 @@ class SmtpSession:
             reply = tx.failure
         if reply is None:
             reply = await self._over_quota(tx)
+        commit_seconds = None
         if reply is None:
             # Shielded: a shutdown that cancels this session mid-commit must not
             # discard writers a worker thread is already storing.
             self.tx = None  # the commit owns the writers now, not the session's cleanup
+            started = metrics.clock()
             reply = await asyncio.shield(self._commit(tx, event.size))
+            commit_seconds = metrics.clock() - started
         else:
             await self._abandon()
+        metrics.smtp_message(self.conn.listener, reply.code, event.size, commit_seconds)
         self._log_transaction(tx, event.size, reply)
         self.tx = None
         self.envelope = IncomingEnvelope()

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from postoffice import logfmt
+from postoffice import logfmt, metrics
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.policy.throttle import LoginThrottle
 
@@ -223,9 +223,11 @@ class Authenticator:
         who = f"protocol={protocol} client={client_ip} user={logfmt.field(account or '-')}"
         if admission.repeat:
             log.warning("auth failed %s (the same wrong password again)", who)
+            metrics.auth(protocol, "failure")
             return None
         if admission.refused_by:
             log.debug("auth throttled %s by=%s", who, admission.refused_by)
+            metrics.auth(protocol, "throttled")
             raise LoginThrottled(admission.refused_by)
         checking = False
         try:
@@ -238,6 +240,7 @@ class Authenticator:
         except HashQueueFull:
             self._throttle.abandoned(admission)
             log.debug("auth throttled %s by=hashing-queue", who)
+            metrics.auth(protocol, "throttled")
             raise LoginThrottled("hashing queue") from None
         except BaseException:  # cancelled (shutdown): a check under way counts
             if checking:
@@ -248,9 +251,11 @@ class Authenticator:
         if ok and address is not None:
             self._throttle.succeeded(admission)
             log.info("auth ok %s", who)
+            metrics.auth(protocol, "success")
             return address
         self._throttle.failed(admission)
         log.warning("auth failed %s", who)
+        metrics.auth(protocol, "failure")
         if admission.fail_delay:
             await asyncio.sleep(admission.fail_delay)
         return None
