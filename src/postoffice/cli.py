@@ -37,6 +37,7 @@ import getpass
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
@@ -573,6 +574,27 @@ def _init(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _reload(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.datadir import serving_pid
+    from postoffice.reload import ReloadError, load
+
+    # What the server will read, checked here first: the reason is shown now,
+    # not only in the server's log.
+    try:
+        load(settings.source)
+    except ReloadError as exc:
+        print(f"postoffice: not reloaded, the server keeps its config: {exc}", file=sys.stderr)
+        return 1
+    pid = serving_pid(settings.data_dir)
+    if pid is None:
+        print(f"postoffice: no server runs on {settings.data_dir.absolute()}", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    print(f"config {settings.source} is valid; asked the server (pid {pid}) to reload it")
+    print("The server's log says what it applied (and what waits for a restart).")
+    return 0
+
+
 def _add_serve_parser(subparsers: Subparsers) -> None:
     _leaf(
         subparsers,
@@ -581,7 +603,7 @@ def _add_serve_parser(subparsers: Subparsers) -> None:
         _serve,
         "Stops on SIGTERM or Ctrl-C: no new connections, open sessions get\n"
         "[limits] shutdown_grace seconds to finish.  SIGUSR1 reopens the log file\n"
-        "([log] file, for logrotate); SIGHUP is logged and ignored.  One server per\n"
+        "([log] file, for logrotate); SIGHUP reloads the config (postoffice reload).  One server per\n"
         "data directory: a second one is refused (data_dir/postoffice.pid).\n\n"
         "examples:\n"
         "  postoffice serve                       # built-in defaults, 127.0.0.1 only\n"
@@ -600,6 +622,21 @@ def _add_serve_parser(subparsers: Subparsers) -> None:
         "  postoffice init                        # ./postoffice-data, or the config's data_dir\n"
         "  postoffice init -c /etc/postoffice/postoffice.toml\n",
         needs_data_dir=False,
+    )
+
+
+def _add_reload_parser(subparsers: Subparsers) -> None:
+    _leaf(
+        subparsers,
+        "reload",
+        "check the config and certificate, then have the running server apply them",
+        _reload,
+        "Sends SIGHUP to the server of this data directory (data_dir/postoffice.pid)\n"
+        "once the config and the TLS certificate load.  Limits, domains, relay\n"
+        "settings, certificates and listen addresses apply without a restart: open\n"
+        "sessions stay up; the server logs the keys that wait for a restart.\n"
+        "Exit status: 0 signalled, 1 a bad config (nothing sent) or no server.\n\n"
+        "example:\n  postoffice reload -c /etc/postoffice/postoffice.toml\n",
     )
 
 
@@ -779,6 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_queue_parser,
         _add_dkim_parser,
         _add_check_parser,
+        _add_reload_parser,
         _add_doctor_parser,
     ):
         add(subparsers)
@@ -899,7 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # serve stays as it is started ([run] drops root, once it exists);
         # check and doctor read what needs root first, then call _become_owner.
-        if handler not in (_serve, _check, _doctor):
+        if handler not in (_serve, _check, _doctor, _reload):
             _become_owner(settings)
         code = handler(args, settings)
         sys.stdout.flush()  # a closed pipe shows here, not at exit

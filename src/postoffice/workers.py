@@ -81,6 +81,10 @@ class WorkerPool:
         self._count = count
         self._restarts: list[float] = []
         self._stopping = False
+        # Processes replaced by a reload that moved the smtp listener, by
+        # index: they finish their sessions (SIGTERM); each one's successor
+        # starts when it is gone, as it takes over its journal.
+        self._retiring: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
         for index in range(1, self._count):
@@ -115,11 +119,25 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
 
+    def replace(self, fds: list[int]) -> None:
+        """The smtp listener moved (a reload): new processes on ``fds``; the
+        old ones stop accepting and finish their sessions, as on SIGTERM."""
+        self._fds = fds
+        for index, proc in self._procs.items():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            self._retiring[index] = proc  # watch() starts the successor once it is gone
+        self._procs = {}
+
     async def watch(self) -> None:
         """Restart a process that died on its own (its journal is restored by
         its successor); give up on one that keeps dying."""
         while not self._stopping:
             await asyncio.sleep(1.0)
+            for index, proc in list(self._retiring.items()):
+                if not self._stopping and proc.poll() is not None:
+                    del self._retiring[index]
+                    self._spawn(index)
             for index, proc in list(self._procs.items()):
                 if self._stopping or proc.poll() is None:
                     continue
@@ -149,13 +167,14 @@ class WorkerPool:
     async def wait(self, grace: float) -> None:
         """Wait for them; SIGKILL what is left after ``grace`` + 5 seconds."""
         deadline = time.monotonic() + grace + 5
-        while any(p.poll() is None for p in self._procs.values()):
+        every = [*self._procs.values(), *self._retiring.values()]
+        while any(p.poll() is None for p in every):
             if time.monotonic() > deadline:
-                for proc in self._procs.values():
+                for proc in every:
                     if proc.poll() is None:
                         proc.kill()
                 break
             await asyncio.sleep(0.05)
-        for proc in self._procs.values():
+        for proc in every:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)

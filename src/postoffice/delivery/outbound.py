@@ -89,6 +89,14 @@ class Outbound:
         self._per_destination: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
         self._max_active = max(16, self._relay.max_deliveries * 4)
 
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: retries, give-up and warning times, routing (the courier's)
+        apply from the next attempt.  The slot counts (max_deliveries,
+        max_per_destination) are the start's: reload.py keeps them."""
+        self._settings = settings
+        self._relay = settings.relay
+        self._remote.reconfigure(settings.relay)
+
     # --- the interface the SMTP session uses ---------------------------------------
     def writer(self, sender: Address | None, recipients: Sequence[Address]) -> QueueWriter:
         """A writer for one message; its ``commit`` queues it durably."""
