@@ -54,6 +54,7 @@ from postoffice.storage.quota import QuotaTracker
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 from postoffice.workers import (
     HELD_SIGNALS,
+    RETIRE,
     WorkerPool,
     extra_journal_dirs,
     journal_dir,
@@ -149,9 +150,7 @@ class Server:
     listeners: list[Listener] = field(default_factory=list)
     background: list[asyncio.Task[None]] = field(default_factory=list)
     # name -> (handler, busy line, implicit TLS, shares): how to make it again.
-    specs: dict[str, tuple[Handler, bytes, bool, AcceptShares | None]] = field(
-        default_factory=dict
-    )
+    specs: dict[str, tuple[Handler, bytes, bool, AcceptShares | None]] = field(default_factory=dict)
     # Listeners a reload moved: no longer accepting, their sessions run on.
     retired: list[Listener] = field(default_factory=list)
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -405,7 +404,9 @@ async def _reload(server: Server, pool: WorkerPool | None) -> None:
             pool.send_signal(signal.SIGHUP)  # they reload the same way
     for listener in server.listeners:
         if listener.name in moved:
-            where = ",".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in listener.bound)
+            where = ",".join(
+                f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in listener.bound
+            )
             log.info("SIGHUP: %s listener now on %s", listener.name, where)
     log.info(
         "SIGHUP: reloaded config=%s moved=%s restart_needed_for=%s",
@@ -528,10 +529,18 @@ async def _run_smtp_worker(services: Services, index: int, fds: list[int], logs:
         await server.stop()
         return 1
     log.info("smtp process %d accepting (pid %d)", index, os.getpid())
+    retire = asyncio.Event()
+    loop.add_signal_handler(RETIRE, retire.set)
     parent = os.getppid()
     while not stop.is_set() and os.getppid() == parent:  # bounded by the server's life
+        if retire.is_set():
+            for listener in server.listeners:
+                listener.stop_accepting()
+            if not any(listener.tasks for listener in server.listeners):
+                log.info("smtp process %d replaced by a reload: sessions ended", index)
+                break
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.wait_for(stop.wait(), 0.2 if retire.is_set() else 1.0)
     await server.stop()
     await services.maildirs.drain()
     return 0

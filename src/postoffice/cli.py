@@ -581,7 +581,7 @@ def _reload(args: argparse.Namespace, settings: Settings) -> int:
     # What the server will read, checked here first: the reason is shown now,
     # not only in the server's log.
     try:
-        load(settings.source)
+        load(settings.source, check_only=True)
     except ReloadError as exc:
         print(f"postoffice: not reloaded, the server keeps its config: {exc}", file=sys.stderr)
         return 1
@@ -635,7 +635,8 @@ def _add_reload_parser(subparsers: Subparsers) -> None:
         "once the config and the TLS certificate load.  Limits, domains, relay\n"
         "settings, certificates and listen addresses apply without a restart: open\n"
         "sessions stay up; the server logs the keys that wait for a restart.\n"
-        "Exit status: 0 signalled, 1 a bad config (nothing sent) or no server.\n\n"
+        "Exit status: 0 signalled; 1 a certificate that does not load, or no server;\n"
+        "2 a config error (nothing is sent either way).\n\n"
         "example:\n  postoffice reload -c /etc/postoffice/postoffice.toml\n",
     )
 

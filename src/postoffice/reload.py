@@ -21,6 +21,7 @@ import dataclasses
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from postoffice.config.settings import (
     ConfigError,
@@ -29,7 +30,7 @@ from postoffice.config.settings import (
     trusted_config_owners,
 )
 from postoffice.delivery.outbound import Outbound
-from postoffice.net.tls import cert_and_key, server_context
+from postoffice.net.tls import CERT_NAME, KEY_NAME, cert_and_key, server_context
 from postoffice.services import Services
 
 # Keys a running process cannot change: where its data lives, its log
@@ -61,16 +62,22 @@ class ReloadError(Exception):
 @dataclass(frozen=True, slots=True)
 class Loaded:
     settings: Settings
-    tls: ssl.SSLContext
+    tls: ssl.SSLContext | None  # None: only checked, and no certificate made yet
 
 
-def load(source: str) -> Loaded:
-    """Read the config ``source`` names again and load its certificate.  Blocking."""
+def load(source: str, *, check_only: bool = False) -> Loaded:
+    """Read the config ``source`` names again and load its certificate.  Blocking.
+
+    ``check_only`` (the CLI): never make the self-signed pair (the server
+    makes it, as its user); without one there is no certificate to check."""
     path = None if source.startswith("<") else Path(source)
     try:
         settings = load_settings(path, trusted_owners=trusted_config_owners())
     except ConfigError as exc:
         raise ReloadError(str(exc)) from None
+    made = settings.tls_dir / CERT_NAME, settings.tls_dir / KEY_NAME
+    if check_only and settings.tls.cert is None and not all(p.is_file() for p in made):
+        return Loaded(settings, None)
     try:
         cert, key = cert_and_key(settings)
         tls = server_context(cert, key)
@@ -86,12 +93,12 @@ def _get(settings: Settings, key: str) -> object:
     return value
 
 
-def _keep(settings: Settings, key: str, value: object) -> Settings:
+def _keep(settings: Settings, key: str, value: Any) -> Settings:
     section, _, name = key.partition(".")
-    if not name:
-        return dataclasses.replace(settings, **{section: value})
-    table = dataclasses.replace(getattr(settings, section), **{name: value})
-    return dataclasses.replace(settings, **{section: table})
+    changes: dict[str, Any] = {section: value}
+    if name:
+        changes[section] = dataclasses.replace(getattr(settings, section), **{name: value})
+    return dataclasses.replace(settings, **changes)
 
 
 def effective(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
@@ -107,11 +114,12 @@ def effective(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     return result, waiting
 
 
-def apply(services: Services, settings: Settings, tls: ssl.SSLContext) -> None:
+def apply(services: Services, settings: Settings, tls: ssl.SSLContext | None) -> None:
     """Put ``settings`` (from ``effective``) and ``tls`` in force for new
     sessions and the outbound queue of this process."""
     services.settings = settings
-    services.tls = tls
+    if tls is not None:
+        services.tls = tls
     services.accounts.set_config_domains(settings.domains)
     if isinstance(services.outbound, Outbound):  # the delivering process's queue
         services.outbound.reconfigure(settings)

@@ -55,7 +55,10 @@ def extra_journal_dirs(data_dir: Path) -> list[Path]:
     return sorted(p for p in data_dir.glob("journal-w*") if p.is_dir())
 
 
-HELD_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR1})
+HELD_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
+# Sent to an smtp process a reload replaces: stop accepting, let the open
+# sessions end on their own (no 421 as on SIGTERM), then exit.
+RETIRE = signal.SIGUSR2
 
 
 class WorkerPool:
@@ -121,11 +124,11 @@ class WorkerPool:
 
     def replace(self, fds: list[int]) -> None:
         """The smtp listener moved (a reload): new processes on ``fds``; the
-        old ones stop accepting and finish their sessions, as on SIGTERM."""
+        old ones stop accepting and exit when their sessions have ended."""
         self._fds = fds
         for index, proc in self._procs.items():
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(RETIRE)
             self._retiring[index] = proc  # watch() starts the successor once it is gone
         self._procs = {}
 
@@ -159,7 +162,7 @@ class WorkerPool:
         """SIGTERM each: they stop accepting and finish their sessions, as the
         server does (it calls this when it stops accepting itself)."""
         self._stopping = True
-        for proc in self._procs.values():
+        for proc in [*self._procs.values(), *self._retiring.values()]:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)

@@ -15,12 +15,12 @@ same address is tried once more in plaintext.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import random
 import ssl
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass
 
 from postoffice.config.settings import RelaySettings
