@@ -42,6 +42,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "data_dir",
     "log",
     "checks",
+    "run",
     "limits.smtp_processes",
     "relay.dns_servers",
     "relay.max_deliveries",
