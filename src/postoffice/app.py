@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -20,18 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postoffice import logfmt, reload
+from postoffice import logfmt, reload, runas
 from postoffice.check import first_unbindable
 from postoffice.childproc import die_with_parent
 from postoffice.config.settings import ListenAddress, ListenSettings, Settings, load_settings
-from postoffice.datadir import DataDirBusy, ServeLock
+from postoffice.datadir import LOCK_NAME, DataDirBusy, Owner, ServeLock
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound, QueueHandoff
 from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.dns.resolver import DnsResolver, Resolver
 from postoffice.logsetup import Logs, LogSetupError, configure
-from postoffice.net.accept import AcceptShares
+from postoffice.net.accept import AcceptShares, bind
 from postoffice.net.listener import Handler, Listener
 from postoffice.net.tls import cert_and_key, server_context
 from postoffice.policy.auth import (
@@ -79,7 +81,9 @@ class ListenError(OSError):
         super().__init__(exc.errno, f"{listener.name} listener on {where}: {reason}")
 
 
-def build_services(settings: Settings, process: int = 0) -> Services:
+def build_services(
+    settings: Settings, process: int = 0, tls: ssl.SSLContext | None = None
+) -> Services:
     """Open the stores and make the TLS context.  Blocking; call before the loop runs.
 
     ``process``: 0 for the server, i > 0 for its i-th extra smtp process
@@ -88,7 +92,9 @@ def build_services(settings: Settings, process: int = 0) -> Services:
     settings.mail_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="postoffice-io")
     accounts = SqliteAccountStore(settings.accounts_db, config_domains=settings.domains)
-    cert, key = cert_and_key(settings)
+    if tls is None:  # else loaded as root already ([run])
+        cert, key = cert_and_key(settings)
+        tls = server_context(cert, key)
     hash_workers = settings.auth.hash_workers or default_hash_workers()
     authenticator = Authenticator(
         accounts.password_hash,
@@ -106,7 +112,7 @@ def build_services(settings: Settings, process: int = 0) -> Services:
             journal_dir=journal_dir(settings.data_dir, process),
         ),
         authenticator=authenticator,
-        tls=server_context(cert, key),
+        tls=tls,
         executor=executor,
         folder_watcher=FolderWatcher(executor),
         srs=Srs(load_secrets(settings.data_dir)),
@@ -154,6 +160,8 @@ class Server:
     # Listeners a reload moved: no longer accepting, their sessions run on.
     retired: list[Listener] = field(default_factory=list)
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Sockets bound as root before [run] dropped it, by listener name.
+    prebound: dict[str, list[socket.socket]] = field(default_factory=dict)
 
     def _listener(
         self,
@@ -169,6 +177,7 @@ class Server:
         self.specs[name] = (handler, busy, implicit_tls, shares)
         if not addresses:
             return
+        inherited = inherited or self.prebound.pop(name, None)
         self.listeners.append(self._make_listener(name, addresses, inherited))
 
     def _make_listener(
@@ -446,8 +455,10 @@ def _on_reload(server: Server, reload_once: Callable[[], Coroutine[Any, Any, Non
     task.add_done_callback(server.background.remove)
 
 
-async def _run(services: Services, logs: Logs) -> int:
-    server = Server(services)
+async def _run(
+    services: Services, logs: Logs, prebound: dict[str, list[socket.socket]] | None = None
+) -> int:
+    server = Server(services, prebound=prebound or {})
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -572,6 +583,12 @@ def serve(settings: Settings) -> int:
             logs.close()
             return 1
     try:
+        who = runas.identity(settings.run)
+    except runas.RunAsError as exc:
+        logs.fatal(str(exc))
+        logs.close()
+        return 1
+    try:
         lock = ServeLock.acquire(settings.data_dir)
     except (DataDirBusy, OSError) as exc:
         reason = exc if isinstance(exc, DataDirBusy) else f"{exc.filename}: {exc.strerror}"
@@ -579,11 +596,59 @@ def serve(settings: Settings) -> int:
         logs.close()
         return 1
     try:
-        services = build_services(settings)
-        return _run_loop(services, _run(services, logs))
+        prebound: dict[str, list[socket.socket]] = {}
+        tls: ssl.SSLContext | None = None
+        if who.owner is not None:
+            try:
+                tls = _root_only_tls(settings)  # before root is gone
+                prebound = _bind_as_root(settings, who.owner)
+            except (OSError, ssl.SSLError) as exc:
+                logs.fatal(f"cannot start as {settings.run.user}: {exc.strerror or exc}")
+                return 1
+        log.info("%s", who.note)
+        services = build_services(settings, tls=tls)
+        return _run_loop(services, _run(services, logs, prebound))
     finally:
         lock.release()
         logs.close()
+
+
+def _root_only_tls(settings: Settings) -> ssl.SSLContext | None:
+    """A [tls] certificate and key, loaded while we are root (an ACME key is
+    often readable by root only); None for the data directory's own pair."""
+    if settings.tls.cert is None or settings.tls.key is None:
+        return None
+    return server_context(settings.tls.cert, settings.tls.key)
+
+
+def _bind_as_root(settings: Settings, owner: Owner) -> dict[str, list[socket.socket]]:
+    """Bind every listener (ports below 1024 need root), then become ``owner``
+    for good ([run], runas.py).  The data directory is the owner's: made so
+    when new, and one root owns is handed over (nothing of the owner's is in
+    it yet to trick root with)."""
+    bound: dict[str, list[socket.socket]] = {}
+    try:
+        for name in ListenSettings.__dataclass_fields__:
+            addresses: tuple[ListenAddress, ...] = getattr(settings.listen, name)
+            bound[name] = [sock for address in addresses for sock in bind(address)]
+    except OSError:
+        for sockets in bound.values():
+            for sock in sockets:
+                sock.close()
+        raise
+    data_dir = settings.data_dir
+    if Owner.of(data_dir).uid == 0 and {p.name for p in data_dir.iterdir()} <= {LOCK_NAME}:
+        os.chown(data_dir / LOCK_NAME, owner.uid, owner.gid, follow_symlinks=False)
+        os.chown(data_dir, owner.uid, owner.gid)
+    found = Owner.of(data_dir)
+    if found.uid != owner.uid:
+        raise OSError(
+            errno.EPERM,
+            f"the data directory {data_dir} belongs to {found.name}, not to the [run] user"
+            f" {owner.name}; chown -R {owner.name} {data_dir}",
+        )
+    owner.become()
+    return bound
 
 
 def run_smtp_process(argv: list[str]) -> int:

@@ -8,13 +8,11 @@ makes the DKIM keys, and prints the DNS records to publish, in the words
 
 from __future__ import annotations
 
-import grp
-import os
-import pwd
 from pathlib import Path
 
 from postoffice.config.settings import ListenSettings, RunSettings
 from postoffice.datadir import Owner
+from postoffice.runas import RunAsError, identity
 
 # The standard ports (RFC 5321, RFC 6409, RFC 8314, RFC 1939, RFC 9051), on
 # every IPv4 address; add "[::]:25" and so on where the host has IPv6.
@@ -56,12 +54,8 @@ def config_text(hostname: str, domain: str, data_dir: Path, run_user: str) -> st
 
 def run_owner(run: RunSettings) -> Owner | None:
     """Run as root with the [run] user present: who the data directory is
-    for (the user, and the [run] group or the user's own); else None."""
-    if os.geteuid() != 0:
-        return None
+    for; else None (runas.py decides)."""
     try:
-        user = pwd.getpwnam(run.user)
-    except KeyError:
+        return identity(run).owner
+    except RunAsError:
         return None
-    gid = grp.getgrnam(run.group).gr_gid if run.group else user.pw_gid
-    return Owner(user.pw_uid, gid)

@@ -173,7 +173,7 @@ def test_postoffice_reload_moves_a_listener_and_keeps_the_other_sessions(
         pop = socket.create_connection(("127.0.0.1", srv.ports["pop3"]), timeout=10)
         assert pop.recv(512).startswith(b"+OK")
         old_port, new_port = srv.ports["pop3"], free_port()
-        rewrite(srv, f"pop3 = [\"127.0.0.1:{old_port}\"]", f"pop3 = [\"127.0.0.1:{new_port}\"]")
+        rewrite(srv, f'pop3 = ["127.0.0.1:{old_port}"]', f'pop3 = ["127.0.0.1:{new_port}"]')
         result = srv.cli("reload")
         assert "asked the server" in result.stdout
         assert wait_for(lambda: reloaded(srv, 1)), srv.log()
@@ -212,7 +212,7 @@ def test_every_smtp_process_reloads_and_a_moved_smtp_listener_gets_new_ones(
             assert smtp.esmtp_features["size"] == "3000000"
         # Move the smtp listener: the extra process is replaced, sessions finish.
         old_port, new_port = srv.ports["smtp"], free_port()
-        rewrite(srv, f"smtp = [\"127.0.0.1:{old_port}\"]", f"smtp = [\"127.0.0.1:{new_port}\"]")
+        rewrite(srv, f'smtp = ["127.0.0.1:{old_port}"]', f'smtp = ["127.0.0.1:{new_port}"]')
         os.kill(pid, signal.SIGHUP)
         assert wait_for(lambda: reloaded(srv, 2)), srv.log()
         assert ehlo_size(new_port) == 3000000
