@@ -36,6 +36,9 @@ CAPABILITIES=(
   "test -x /usr/lib/dovecot/pop3|dovecot-pop3d"
   "test -x /usr/lib/dovecot/imap|dovecot-imapd"
   "command -v strace|strace"
+  "command -v systemd-analyze|systemd"
+  "command -v useradd|passwd"
+  "command -v unshare|util-linux"
 )
 missing=()
 for entry in "${CAPABILITIES[@]}"; do

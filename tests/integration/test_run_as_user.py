@@ -59,9 +59,7 @@ def system_user(
         subprocess.run([userdel, name], check=False)
 
 
-def python_reachable_by_all(
-    scratch: Path, require_program: Callable[[str], str]
-) -> list[str]:
+def python_reachable_by_all(scratch: Path, require_program: Callable[[str], str]) -> list[str]:
     """A command prefix under which a plain user can run this interpreter.
 
     Where Python lives under a directory only root may enter (pyenv in
@@ -94,7 +92,11 @@ def config_for(base: Path, run: dict[str, object], ports: dict[str, int]) -> Pat
     listen = {name: [f"127.0.0.1:{ports[name]}"] if name in ports else [] for name in LISTENERS}
     write_config(
         config,
-        {"hostname": "mail.example.test", "data_dir": str(base / "data"), "domains": ["example.test"]},
+        {
+            "hostname": "mail.example.test",
+            "data_dir": str(base / "data"),
+            "domains": ["example.test"],
+        },
         {"listen": listen, "limits": {"smtp_processes": 2}, "run": run},
     )
     return config
