@@ -36,7 +36,8 @@ def fingerprint(port: int, starttls: bool = False) -> str:
     if starttls:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
             smtp.starttls(context=ctx)
-            der = smtp.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+            assert isinstance(smtp.sock, ssl.SSLSocket)
+            der = smtp.sock.getpeercert(binary_form=True)
     else:
         with (
             socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
@@ -122,8 +123,10 @@ def test_kill_hup_swaps_a_certificate_while_a_session_stays_up(tls_server: Any) 
     # The sessions opened before are still up, the IMAP one on its old certificate.
     assert imap.noop()[0] == "OK"
     assert imap.select("INBOX")[0] == "OK"
-    der = imap.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
-    assert hashlib.sha256(der).hexdigest() == old_print
+    sock = imap.socket()
+    assert isinstance(sock, ssl.SSLSocket)
+    der = sock.getpeercert(binary_form=True)
+    assert der is not None and hashlib.sha256(der).hexdigest() == old_print
     assert smtp.noop()[0] == 250
     smtp.mail("bob@elsewhere.test")
     assert smtp.rcpt(ALICE)[0] == 250
