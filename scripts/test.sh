@@ -40,6 +40,9 @@ CAPABILITIES=(
   # Prometheus server scrapes /metrics (both in Debian's prometheus).
   "command -v promtool|prometheus"
   "command -v prometheus|prometheus"
+  "command -v systemd-analyze|systemd"
+  "command -v useradd|passwd"
+  "command -v unshare|util-linux"
 )
 missing=()
 for entry in "${CAPABILITIES[@]}"; do

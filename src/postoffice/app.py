@@ -8,31 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postoffice import logfmt, metrics
+from postoffice import logfmt, metrics, reload, runas
 from postoffice.check import first_unbindable
 from postoffice.childproc import die_with_parent
-from postoffice.config.settings import ListenAddress, Settings, load_settings
-from postoffice.datadir import DataDirBusy, ServeLock
+from postoffice.config.settings import ListenAddress, ListenSettings, Settings, load_settings
+from postoffice.datadir import LOCK_NAME, DataDirBusy, Owner, ServeLock
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound, QueueHandoff
 from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.dns.resolver import DnsResolver, Resolver
 from postoffice.logsetup import Logs, LogSetupError, configure
-from postoffice.net.accept import AcceptShares
-from postoffice.net.listener import Listener
+from postoffice.net.accept import AcceptShares, bind
+from postoffice.net.listener import Handler, Listener
 from postoffice.net.metrics_http import MetricsEndpoint
 from postoffice.net.tls import cert_and_key, server_context
 from postoffice.policy.auth import (
@@ -55,6 +57,7 @@ from postoffice.storage.quota import QuotaTracker
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 from postoffice.workers import (
     HELD_SIGNALS,
+    RETIRE,
     WorkerPool,
     extra_journal_dirs,
     journal_dir,
@@ -79,7 +82,9 @@ class ListenError(OSError):
         super().__init__(exc.errno, f"{listener.name} listener on {where}: {reason}")
 
 
-def build_services(settings: Settings, process: int = 0) -> Services:
+def build_services(
+    settings: Settings, process: int = 0, tls: ssl.SSLContext | None = None
+) -> Services:
     """Open the stores and make the TLS context.  Blocking; call before the loop runs.
 
     ``process``: 0 for the server, i > 0 for its i-th extra smtp process
@@ -88,7 +93,9 @@ def build_services(settings: Settings, process: int = 0) -> Services:
     settings.mail_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="postoffice-io")
     accounts = SqliteAccountStore(settings.accounts_db, config_domains=settings.domains)
-    cert, key = cert_and_key(settings)
+    if tls is None:  # else loaded as root already ([run])
+        cert, key = cert_and_key(settings)
+        tls = server_context(cert, key)
     hash_workers = settings.auth.hash_workers or default_hash_workers()
     authenticator = Authenticator(
         accounts.password_hash,
@@ -106,7 +113,7 @@ def build_services(settings: Settings, process: int = 0) -> Services:
             journal_dir=journal_dir(settings.data_dir, process),
         ),
         authenticator=authenticator,
-        tls=server_context(cert, key),
+        tls=tls,
         executor=executor,
         folder_watcher=FolderWatcher(executor),
         srs=Srs(load_secrets(settings.data_dir)),
@@ -150,32 +157,49 @@ class Server:
     listeners: list[Listener] = field(default_factory=list)
     background: list[asyncio.Task[None]] = field(default_factory=list)
     metrics: MetricsEndpoint | None = None  # [listen] metrics, in the first process only
+    # name -> (handler, busy line, implicit TLS, shares): how to make it again.
+    specs: dict[str, tuple[Handler, bytes, bool, AcceptShares | None]] = field(default_factory=dict)
+    # Listeners a reload moved: no longer accepting, their sessions run on.
+    retired: list[Listener] = field(default_factory=list)
+    reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Sockets bound as root before [run] dropped it, by listener name.
+    prebound: dict[str, list[socket.socket]] = field(default_factory=dict)
 
     def _listener(
         self,
         name: str,
         addresses: tuple[ListenAddress, ...],
-        handler: object,
+        handler: Handler,
         busy: bytes,
         implicit_tls: bool = False,
         inherited: list[socket.socket] | None = None,
         shares: AcceptShares | None = None,
     ) -> None:
+        # Kept for a reload that moves the listener (``rebind``).
+        self.specs[name] = (handler, busy, implicit_tls, shares)
         if not addresses:
             return
+        inherited = inherited or self.prebound.pop(name, None)
+        self.listeners.append(self._make_listener(name, addresses, inherited))
+
+    def _make_listener(
+        self,
+        name: str,
+        addresses: tuple[ListenAddress, ...],
+        inherited: list[socket.socket] | None = None,
+    ) -> Listener:
+        handler, busy, implicit_tls, shares = self.specs[name]
         limits = self.services.settings.limits
-        self.listeners.append(
-            Listener(
-                name=name,
-                addresses=addresses,
-                handler=handler,  # type: ignore[arg-type]
-                busy_reply=busy,
-                max_connections=limits.max_connections,
-                max_per_ip=limits.max_connections_per_ip,
-                tls=self.services.tls if implicit_tls else None,
-                inherited=inherited or [],
-                shares=shares,
-            )
+        return Listener(
+            name=name,
+            addresses=addresses,
+            handler=handler,
+            busy_reply=busy,
+            max_connections=limits.max_connections,
+            max_per_ip=limits.max_connections_per_ip,
+            tls=self.services.tls if implicit_tls else None,
+            inherited=inherited or [],
+            shares=shares,
         )
 
     async def start(
@@ -236,7 +260,7 @@ class Server:
             stats = outbound.stats if isinstance(outbound, Outbound) else None
             self.metrics = MetricsEndpoint(listen.metrics, s.executor, stats)
             try:
-                await self.metrics.start()
+                await self.metrics.start(self.prebound.pop("metrics", None))
             except OSError as exc:
                 raise ListenError(self.metrics, exc) from exc
         if isinstance(s.outbound, Outbound):  # the delivering process's queue
@@ -249,16 +273,89 @@ class Server:
             except OSError as exc:
                 raise ListenError(listener, exc) from exc
 
+    def refresh(self) -> None:
+        """After a reload: the new caps and certificate for the next connections."""
+        limits = self.services.settings.limits
+        for listener in self.listeners:
+            listener.max_connections = limits.max_connections
+            listener.max_per_ip = limits.max_connections_per_ip
+            if listener.tls is not None:
+                listener.tls = self.services.tls
+
+    async def rebind(self, listen: ListenSettings) -> list[str]:
+        """Move the listeners whose addresses differ in ``listen``; the names of
+        those moved.  Sessions of a moved listener run on (it only stops
+        accepting); the other listeners are not touched.
+
+        New addresses are bound before the old sockets close, so no
+        connection is refused meanwhile; a failure there raises ListenError
+        with nothing changed.  A listener that keeps one of its addresses
+        cannot bind it twice: its old sockets close first (a client in their
+        backlog retries, RFC 5321 §4.5.4.1); if the new ones then fail, the
+        old addresses are bound again and ListenError raised."""
+        current = {listener.name: listener for listener in self.listeners}
+        disjoint: list[tuple[str, Listener | None, tuple[ListenAddress, ...]]] = []
+        overlapping: list[tuple[str, Listener, tuple[ListenAddress, ...]]] = []
+        for name in self.specs:
+            old = current.get(name)
+            addresses: tuple[ListenAddress, ...] = getattr(listen, name)
+            if (old.addresses if old else ()) == addresses:
+                continue
+            if old is not None and set(old.addresses) & set(addresses):
+                overlapping.append((name, old, addresses))
+            else:
+                disjoint.append((name, old, addresses))
+        started: list[Listener] = []
+        try:
+            for name, _old, addresses in disjoint:
+                if addresses:
+                    started.append(await self._start_listener(name, addresses))
+        except ListenError:
+            for new in started:
+                new.stop_accepting()
+            raise
+        for new in started:
+            self.listeners.append(new)
+        for _name, old, _addresses in disjoint:
+            if old is not None:
+                self._retire(old)
+        for name, old, addresses in overlapping:
+            self._retire(old)
+            try:
+                self.listeners.append(await self._start_listener(name, addresses))
+            except ListenError:
+                self.listeners.append(await self._start_listener(name, old.addresses))
+                raise
+        for listener in self.listeners:
+            if listener.shares is not None:  # a retired one's stop left the sharing
+                listener.shares.accepting(True)
+        return [name for name, _old, _addresses in [*disjoint, *overlapping]]
+
+    async def _start_listener(self, name: str, addresses: tuple[ListenAddress, ...]) -> Listener:
+        listener = self._make_listener(name, addresses)
+        try:
+            await listener.start()
+        except OSError as exc:
+            raise ListenError(listener, exc) from exc
+        return listener
+
+    def _retire(self, listener: Listener) -> None:
+        listener.stop_accepting()
+        self.listeners.remove(listener)
+        self.retired.append(listener)
+
     async def stop(self) -> None:
         for listener in self.listeners:
             listener.stop_accepting()
         if self.metrics is not None:
             await self.metrics.stop()
         grace = self.services.settings.limits.shutdown_grace
-        await asyncio.gather(*(listener.finish(grace) for listener in self.listeners))
-        for task in self.background:
+        every = self.listeners + self.retired
+        await asyncio.gather(*(listener.finish(grace) for listener in every))
+        tasks = list(self.background)  # a finished reload removes itself
+        for task in tasks:
             task.cancel()
-        for task in self.background:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.services.folder_watcher.close()
@@ -303,13 +400,80 @@ def _announce(server: Server, smtp_processes: int = 1) -> None:
     )
 
 
-def _on_sighup() -> None:
-    # `systemctl reload` and old habits send SIGHUP; it must not take mail down.
-    log.warning("SIGHUP: reloading the config is not supported yet; ignored (restart to apply)")
+async def _reload(server: Server, pool: WorkerPool | None) -> None:
+    """SIGHUP (``systemctl reload``, ``postoffice reload``): read the config and
+    certificate again and apply what can change live (reload.py); a config
+    that cannot be used is refused, with the reason, and the running one stays."""
+    services = server.services
+    old = services.settings
+    loop = asyncio.get_running_loop()
+    try:
+        loaded = await loop.run_in_executor(services.executor, reload.load, old.source)
+    except reload.ReloadError as exc:
+        log.error("SIGHUP: reload refused, the running config stays: %s", exc)
+        return
+    settings, waiting = reload.effective(old, loaded.settings)
+    try:
+        moved = await server.rebind(settings.listen)
+    except ListenError as exc:
+        log.error("SIGHUP: reload refused, the running config stays: cannot listen: %s", exc)
+        return
+    reload.apply(services, settings, loaded.tls)
+    server.refresh()
+    if pool is not None:
+        smtp = next((lr for lr in server.listeners if lr.name == "smtp"), None)
+        if "smtp" in moved and smtp is not None:
+            pool.replace(smtp.socket_fds())  # they serve the new sockets
+        else:
+            pool.send_signal(signal.SIGHUP)  # they reload the same way
+    for listener in server.listeners:
+        if listener.name in moved:
+            where = ",".join(
+                f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in listener.bound
+            )
+            log.info("SIGHUP: %s listener now on %s", listener.name, where)
+    log.info(
+        "SIGHUP: reloaded config=%s moved=%s restart_needed_for=%s",
+        logfmt.field(settings.source),
+        ",".join(moved) or "-",
+        ",".join(waiting) or "-",
+    )
 
 
-async def _run(services: Services, logs: Logs) -> int:
-    server = Server(services)
+async def _reload_smtp_process(server: Server) -> None:
+    """An extra smtp process's half of a reload (the server checked the
+    config first, and moves the smtp listener by replacing the processes)."""
+    services = server.services
+    loop = asyncio.get_running_loop()
+    try:
+        loaded = await loop.run_in_executor(
+            services.executor, reload.load, services.settings.source
+        )
+    except reload.ReloadError as exc:
+        log.error("SIGHUP: reload refused, the running config stays: %s", exc)
+        return
+    settings, _waiting = reload.effective(services.settings, loaded.settings)
+    reload.apply(services, settings, loaded.tls)
+    server.refresh()
+    log.info("SIGHUP: smtp process reloaded config=%s", logfmt.field(settings.source))
+
+
+def _on_reload(server: Server, reload_once: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """One reload at a time, in the order the signals came."""
+
+    async def serialised() -> None:
+        async with server.reloading:
+            await reload_once()
+
+    task = asyncio.get_running_loop().create_task(serialised())
+    server.background.append(task)
+    task.add_done_callback(server.background.remove)
+
+
+async def _run(
+    services: Services, logs: Logs, prebound: dict[str, list[socket.socket]] | None = None
+) -> int:
+    server = Server(services, prebound=prebound or {})
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -322,7 +486,7 @@ async def _run(services: Services, logs: Logs) -> int:
         if pool is not None:
             pool.send_signal(signal.SIGUSR1)
 
-    loop.add_signal_handler(signal.SIGHUP, _on_sighup)
+    loop.add_signal_handler(signal.SIGHUP, _on_reload, server, lambda: _reload(server, pool))
     loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
     settings = services.settings
     if settings.listen.metrics:  # before any process counts: the extra ones inherit it
@@ -389,7 +553,8 @@ async def _run_smtp_worker(services: Services, index: int, fds: list[int], logs:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the server logs it
+    # Forwarded by the server once it took the new config.
+    loop.add_signal_handler(signal.SIGHUP, _on_reload, server, lambda: _reload_smtp_process(server))
     loop.add_signal_handler(signal.SIGUSR1, logs.reopen)  # forwarded by the server
     if services.settings.listen.metrics:
         metrics.enable(metrics_dir(services.settings), clean=False)
@@ -403,10 +568,18 @@ async def _run_smtp_worker(services: Services, index: int, fds: list[int], logs:
         await server.stop()
         return 1
     log.info("smtp process %d accepting (pid %d)", index, os.getpid())
+    retire = asyncio.Event()
+    loop.add_signal_handler(RETIRE, retire.set)
     parent = os.getppid()
     while not stop.is_set() and os.getppid() == parent:  # bounded by the server's life
+        if retire.is_set():
+            for listener in server.listeners:
+                listener.stop_accepting()
+            if not any(listener.tasks for listener in server.listeners):
+                log.info("smtp process %d replaced by a reload: sessions ended", index)
+                break
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.wait_for(stop.wait(), 0.2 if retire.is_set() else 1.0)
     await server.stop()
     await services.maildirs.drain()
     return 0
@@ -438,6 +611,12 @@ def serve(settings: Settings) -> int:
             logs.close()
             return 1
     try:
+        who = runas.identity(settings.run)
+    except runas.RunAsError as exc:
+        logs.fatal(str(exc))
+        logs.close()
+        return 1
+    try:
         lock = ServeLock.acquire(settings.data_dir)
     except (DataDirBusy, OSError) as exc:
         reason = exc if isinstance(exc, DataDirBusy) else f"{exc.filename}: {exc.strerror}"
@@ -445,11 +624,59 @@ def serve(settings: Settings) -> int:
         logs.close()
         return 1
     try:
-        services = build_services(settings)
-        return _run_loop(services, _run(services, logs))
+        prebound: dict[str, list[socket.socket]] = {}
+        tls: ssl.SSLContext | None = None
+        if who.owner is not None:
+            try:
+                tls = _root_only_tls(settings)  # before root is gone
+                prebound = _bind_as_root(settings, who.owner)
+            except (OSError, ssl.SSLError) as exc:
+                logs.fatal(f"cannot start as {settings.run.user}: {exc.strerror or exc}")
+                return 1
+        log.info("%s", who.note)
+        services = build_services(settings, tls=tls)
+        return _run_loop(services, _run(services, logs, prebound))
     finally:
         lock.release()
         logs.close()
+
+
+def _root_only_tls(settings: Settings) -> ssl.SSLContext | None:
+    """A [tls] certificate and key, loaded while we are root (an ACME key is
+    often readable by root only); None for the data directory's own pair."""
+    if settings.tls.cert is None or settings.tls.key is None:
+        return None
+    return server_context(settings.tls.cert, settings.tls.key)
+
+
+def _bind_as_root(settings: Settings, owner: Owner) -> dict[str, list[socket.socket]]:
+    """Bind every listener (ports below 1024 need root), then become ``owner``
+    for good ([run], runas.py).  The data directory is the owner's: made so
+    when new, and one root owns is handed over (nothing of the owner's is in
+    it yet to trick root with)."""
+    bound: dict[str, list[socket.socket]] = {}
+    try:
+        for name in ListenSettings.__dataclass_fields__:
+            addresses: tuple[ListenAddress, ...] = getattr(settings.listen, name)
+            bound[name] = [sock for address in addresses for sock in bind(address)]
+    except OSError:
+        for sockets in bound.values():
+            for sock in sockets:
+                sock.close()
+        raise
+    data_dir = settings.data_dir
+    if Owner.of(data_dir).uid == 0 and {p.name for p in data_dir.iterdir()} <= {LOCK_NAME}:
+        os.chown(data_dir / LOCK_NAME, owner.uid, owner.gid, follow_symlinks=False)
+        os.chown(data_dir, owner.uid, owner.gid)
+    found = Owner.of(data_dir)
+    if found.uid != owner.uid:
+        raise OSError(
+            errno.EPERM,
+            f"the data directory {data_dir} belongs to {found.name}, not to the [run] user"
+            f" {owner.name}; chown -R {owner.name} {data_dir}",
+        )
+    owner.become()
+    return bound
 
 
 def run_smtp_process(argv: list[str]) -> int:

@@ -36,6 +36,7 @@ from postoffice.datadir import Owner, running_servers, serving_pid, user_name
 from postoffice.logsetup import problems as log_problems
 from postoffice.mail.address import Address
 from postoffice.net.tls import CERT_NAME, KEY_NAME, server_context
+from postoffice.runas import RunAsError, identity
 from postoffice.storage.accounts import AccountError
 from postoffice.storage.maildir import SUBDIRS
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
@@ -267,6 +268,25 @@ def try_bind(address: ListenAddress) -> tuple[int, str] | None:
     return None
 
 
+def _check_run_user(settings: Settings) -> list[str]:
+    """Run as root: would serve start ([run], runas.py), and does the user it
+    becomes own the data directory?"""
+    try:
+        who = identity(settings.run)
+    except RunAsError as exc:
+        return [str(exc)]
+    if who.owner is None or not settings.data_dir.is_dir():
+        return []
+    found = Owner.of(settings.data_dir)
+    if found.uid == who.owner.uid:
+        return []
+    return [
+        f"the data directory {settings.data_dir} belongs to {found.name}, not to the [run] user"
+        f" {settings.run.user}: serve would refuse to start"
+        f" (fix: chown -R {settings.run.user} {settings.data_dir})"
+    ]
+
+
 def problems_and_notes(
     settings: Settings, become_owner: Callable[[], None] = lambda: None
 ) -> tuple[list[str], list[str]]:
@@ -277,9 +297,10 @@ def problems_and_notes(
     logs = log_problems(settings.log)
     listeners = _check_listeners(settings)
     configured_tls = _check_tls(settings, configured=True)
+    run_user = _check_run_user(settings)
     become_owner()
     problems = _check_data_dir(settings.data_dir) + check_ownership(settings.data_dir)
-    problems += logs
+    problems += logs + run_user
     notes: list[str] = _servers_elsewhere(settings.data_dir)
     for more_problems, more_notes in (
         listeners,

@@ -37,6 +37,7 @@ import getpass
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
@@ -45,6 +46,7 @@ from typing import Any
 
 from postoffice import __version__
 from postoffice.config.settings import (
+    DEFAULT_CONFIG_NAME,
     ConfigError,
     Settings,
     config_origin,
@@ -573,6 +575,88 @@ def _init(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _reload(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.datadir import serving_pid
+    from postoffice.reload import ReloadError, load
+
+    # What the server will read, checked here first: the reason is shown now,
+    # not only in the server's log.
+    try:
+        load(settings.source, check_only=True)
+    except ReloadError as exc:
+        print(f"postoffice: not reloaded, the server keeps its config: {exc}", file=sys.stderr)
+        return 1
+    pid = serving_pid(settings.data_dir)
+    if pid is None:
+        print(f"postoffice: no server runs on {settings.data_dir.absolute()}", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    print(f"config {settings.source} is valid; asked the server (pid {pid}) to reload it")
+    print("The server's log says what it applied (and what waits for a restart).")
+    return 0
+
+
+def _init_new(args: argparse.Namespace) -> int:
+    """``init HOSTNAME DOMAIN``: config, data directory, first user, DKIM keys,
+    and the DNS records to publish (quickstart.py)."""
+    import secrets
+
+    from postoffice.datadir import Owner
+    from postoffice.doctor import records_to_publish
+    from postoffice.policy.dkim_keys import generate
+    from postoffice.quickstart import config_text, run_owner
+    from postoffice.storage.maildir import ensure_maildir, mailbox_path
+    from postoffice.storage.safeio import atomic_write
+
+    hostname, domain = normalise_domain(args.hostname), normalise_domain(args.domain)
+    address = parse_mailbox(args.user or f"postmaster@{domain}")
+    if address.domain != domain:
+        raise AccountError(f"the first user must be in {domain}, not {address.domain}")
+    config = Path(getattr(args, "config", None) or DEFAULT_CONFIG_NAME).absolute()
+    if config.exists():
+        raise _Refused(f"{config} exists already; init writes a new config (or give -c PATH)")
+    data_dir = Path(args.data_dir).absolute()
+    if data_dir.exists() and any(data_dir.iterdir()):
+        raise _Refused(f"data directory {data_dir} exists and is not empty")
+    password = _read_password(args, "", address) if args.password_stdin else None
+    config.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(config, config_text(hostname, domain, data_dir, args.run_user).encode(), 0o644)
+    settings = load_settings(config, trusted_owners=trusted_config_owners())
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    owner = run_owner(settings.run)  # root: the data is the service user's
+    if owner is not None:
+        os.chown(data_dir, owner.uid, owner.gid)
+        _become_owner(settings)
+    generated = password is None
+    password = password or secrets.token_urlsafe(15)
+    with closing(_store(settings)) as store:
+        store.add_user(address, _hash(password))
+    ensure_maildir(mailbox_path(settings.mail_dir, address))
+    keys = generate(settings.data_dir, domain)
+    print(f"wrote {config}")
+    print(
+        f"made data directory {data_dir}"
+        + (f" (owned by {Owner.of(data_dir).name})" if owner else "")
+    )
+    print(f"added user {address}" + (f" with password: {password}" if generated else ""))
+    if generated:
+        print("  (shown only this once: note it, or set another with `postoffice user passwd`)")
+    print(
+        f"made DKIM keys for {domain}: " + ", ".join(f"{k.selector} ({k.algorithm})" for k in keys)
+    )
+    print()
+    print("Publish these DNS records (zone-file lines), then check them with:")
+    print(f"  postoffice -c {config} doctor")
+    print(f"{hostname}. IN A <this server's public IPv4 address>")
+    print(f"  (and AAAA for IPv6; the PTR of each address names {hostname})")
+    for line in records_to_publish(hostname, domain, keys):
+        print(line)
+    print()
+    print(f"Then start it (as root: it binds the ports, then runs as {settings.run.user}):")
+    print(f"  postoffice -c {config} serve")
+    return 0
+
+
 def _add_serve_parser(subparsers: Subparsers) -> None:
     _leaf(
         subparsers,
@@ -581,25 +665,60 @@ def _add_serve_parser(subparsers: Subparsers) -> None:
         _serve,
         "Stops on SIGTERM or Ctrl-C: no new connections, open sessions get\n"
         "[limits] shutdown_grace seconds to finish.  SIGUSR1 reopens the log file\n"
-        "([log] file, for logrotate); SIGHUP is logged and ignored.  One server per\n"
-        "data directory: a second one is refused (data_dir/postoffice.pid).\n\n"
+        "([log] file, for logrotate); SIGHUP reloads the config (postoffice reload).\n"
+        "One server per data directory: a second one is refused (data_dir/postoffice.pid).\n"
+        "Started as root, it binds its ports, then runs as [run] user.\n\n"
         "examples:\n"
         "  postoffice serve                       # built-in defaults, 127.0.0.1 only\n"
         "  postoffice serve -c /etc/postoffice/postoffice.toml\n",
         needs_data_dir=False,
     )
-    _leaf(
+    init = _leaf(
         subparsers,
         "init",
-        "make the data directory (accounts database, mail/) of this config",
+        "set up a new server (HOSTNAME DOMAIN), or make the data directory of this config",
         _init,
-        "Every command but serve and init refuses to run without the data directory,\n"
-        "so that one run with the wrong config (or from the wrong directory) says so\n"
-        "instead of quietly making a second one.\n\n"
+        "With HOSTNAME and DOMAIN: write a config for them (standard ports, -c PATH or\n"
+        "./postoffice.toml), make the data directory, the first user (postmaster@DOMAIN\n"
+        "or --user; its password is printed once, or read with --password-stdin) and\n"
+        "the domain's DKIM keys, and print the DNS records to publish.\n\n"
+        "Without them: make the data directory of the config found.  Every command but\n"
+        "serve and init refuses to run without the data directory, so that one run\n"
+        "with the wrong config (or from the wrong directory) says so instead of\n"
+        "quietly making a second one.\n\n"
         "examples:\n"
-        "  postoffice init                        # ./postoffice-data, or the config's data_dir\n"
-        "  postoffice init -c /etc/postoffice/postoffice.toml\n",
+        "  postoffice -c /etc/postoffice/postoffice.toml init mail.example.org example.org\n"
+        "  postoffice init                        # ./postoffice-data, or the config's data_dir\n",
         needs_data_dir=False,
+    )
+    init.add_argument("hostname", metavar="HOSTNAME", nargs="?", help="this server's name")
+    init.add_argument("domain", metavar="DOMAIN", nargs="?", help="the mail domain")
+    init.add_argument("--user", metavar="ADDRESS", help="the first user (postmaster@DOMAIN)")
+    init.add_argument(
+        "--data-dir", default="/var/lib/postoffice", help="where the mail goes (%(default)s)"
+    )
+    init.add_argument(
+        "--run-user", default="postoffice", help="[run] user of the config (%(default)s)"
+    )
+    init.add_argument(
+        "--password-stdin", action="store_true", help="read the first user's password from stdin"
+    )
+    init.add_argument("--allow-weak", action="store_true", help=argparse.SUPPRESS)
+
+
+def _add_reload_parser(subparsers: Subparsers) -> None:
+    _leaf(
+        subparsers,
+        "reload",
+        "check the config and certificate, then have the running server apply them",
+        _reload,
+        "Sends SIGHUP to the server of this data directory (data_dir/postoffice.pid)\n"
+        "once the config and the TLS certificate load.  Limits, domains, relay\n"
+        "settings, certificates and listen addresses apply without a restart: open\n"
+        "sessions stay up; the server logs the keys that wait for a restart.\n"
+        "Exit status: 0 signalled; 1 a certificate that does not load, or no server;\n"
+        "2 a config error (nothing is sent either way).\n\n"
+        "example:\n  postoffice reload -c /etc/postoffice/postoffice.toml\n",
     )
 
 
@@ -779,6 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_queue_parser,
         _add_dkim_parser,
         _add_check_parser,
+        _add_reload_parser,
         _add_doctor_parser,
     ):
         add(subparsers)
@@ -870,6 +990,24 @@ def _become_owner(settings: Settings) -> None:
         )
 
 
+def _run_init_new(args: argparse.Namespace) -> int:
+    if not args.domain:
+        print("postoffice: init HOSTNAME DOMAIN: give the mail domain too", file=sys.stderr)
+        return 2
+    try:
+        return _init_new(args)
+    except (AccountError, AddressError, _Refused) as exc:
+        print(f"postoffice: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"postoffice: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"postoffice: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
 def _quietly_closed_stdout() -> int:
     """Our reader went away (``| head``): stop without a word, as commands
     killed by SIGPIPE do."""
@@ -887,6 +1025,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # Warnings of the stores (e.g. an alias member that is gone), as our own lines.
     logging.basicConfig(level=logging.WARNING, format="postoffice: %(message)s")
+    if handler is _init and getattr(args, "hostname", None):  # it writes the config
+        return _run_init_new(args)
     try:
         settings = load_settings(
             find_config(getattr(args, "config", None)), trusted_owners=trusted_config_owners()
@@ -899,7 +1039,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # serve stays as it is started ([run] drops root, once it exists);
         # check and doctor read what needs root first, then call _become_owner.
-        if handler not in (_serve, _check, _doctor):
+        if handler not in (_serve, _check, _doctor, _reload):
             _become_owner(settings)
         code = handler(args, settings)
         sys.stdout.flush()  # a closed pipe shows here, not at exit

@@ -83,6 +83,39 @@ def _txt(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# --- the records a domain needs (the doctor checks them, `init` prints them) -----------
+def mx_line(domain: str, hostname: str) -> str:
+    return f"{domain}. IN MX 10 {hostname}."
+
+
+def spf_line(domain: str) -> str:
+    """The domain's SPF: its MX hosts send its mail (RFC 7208)."""
+    return f"{domain}. IN TXT {_txt('v=spf1 mx -all')}"
+
+
+def helo_spf_line(hostname: str) -> str:
+    """The HELO name's own SPF (RFC 7208 §2.3): this host sends as itself."""
+    return f"{hostname}. IN TXT {_txt('v=spf1 a -all')}"
+
+
+def dmarc_text(domain: str) -> str:
+    return f"v=DMARC1; p=quarantine; adkim=r; aspf=r; rua=mailto:postmaster@{domain}"
+
+
+def dmarc_line(domain: str) -> str:
+    return f"_dmarc.{domain}. IN TXT {_txt(dmarc_text(domain))}"
+
+
+def records_to_publish(hostname: str, domain: str, keys: Sequence[DkimKey]) -> list[str]:
+    """Every zone-file line a new domain on this host needs, in the doctor's words."""
+    lines = [mx_line(domain, hostname), spf_line(domain)]
+    if hostname != domain:
+        lines.append(helo_spf_line(hostname))
+    lines += [zone_txt(key.dns_name, txt_record(key)) for key in keys]
+    lines.append(dmarc_line(domain))
+    return lines
+
+
 class Doctor:
     def __init__(
         self,
@@ -187,7 +220,7 @@ class Doctor:
 
     async def _helo_spf(self) -> Finding:
         host = self.hostname
-        line = f"{host}. IN TXT {_txt('v=spf1 a -all')}"
+        line = helo_spf_line(host)
         records, problem = await self._txt_records(host)
         if records is None:
             return Finding(WRONG, line, problem)
@@ -201,19 +234,19 @@ class Doctor:
     async def domain(self, domain: str) -> Section:
         findings = [await self._mx(domain)]
         records, problem = await self._txt_records(domain)
-        spf_line = f"{domain}. IN TXT {_txt('v=spf1 mx -all')}"
+        want_spf = spf_line(domain)
         if records is None:
-            findings.append(Finding(WRONG, spf_line, problem))
+            findings.append(Finding(WRONG, want_spf, problem))
         elif not [t for t in records if spf.is_spf_record(t)]:
-            findings.append(Finding(MISSING, spf_line, f"no SPF record at {domain}"))
+            findings.append(Finding(MISSING, want_spf, f"no SPF record at {domain}"))
         else:
-            findings.append(await self._spf_verdict(domain, spf_line, records))
+            findings.append(await self._spf_verdict(domain, want_spf, records))
         findings += await self._dkim(domain)
         findings.append(await self._dmarc(domain))
         return Section(domain, findings)
 
     async def _mx(self, domain: str) -> Finding:
-        line = f"{domain}. IN MX 10 {self.hostname}."
+        line = mx_line(domain, self.hostname)
         try:
             records: list[MxRecord] = await self.r.mx(domain)
         except DnsError as exc:
@@ -296,8 +329,7 @@ class Doctor:
         )
 
     async def _dmarc(self, domain: str) -> Finding:
-        want = f"v=DMARC1; p=quarantine; adkim=r; aspf=r; rua=mailto:postmaster@{domain}"
-        line = f"_dmarc.{domain}. IN TXT {_txt(want)}"
+        line = dmarc_line(domain)
         records, problem = await self._txt_records(f"_dmarc.{domain}")
         if records is None:
             return Finding(WRONG, line, problem)

@@ -69,7 +69,10 @@ def extra_journal_dirs(data_dir: Path) -> list[Path]:
     return sorted(p for p in data_dir.glob("journal-w*") if p.is_dir())
 
 
-HELD_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR1})
+HELD_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
+# Sent to an smtp process a reload replaces: stop accepting, let the open
+# sessions end on their own (no 421 as on SIGTERM), then exit.
+RETIRE = signal.SIGUSR2
 
 
 class WorkerPool:
@@ -95,6 +98,10 @@ class WorkerPool:
         self._count = count
         self._restarts: list[float] = []
         self._stopping = False
+        # Processes replaced by a reload that moved the smtp listener, by
+        # index: they finish their sessions (SIGTERM); each one's successor
+        # starts when it is gone, as it takes over its journal.
+        self._retiring: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
         for index in range(1, self._count):
@@ -129,11 +136,25 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
 
+    def replace(self, fds: list[int]) -> None:
+        """The smtp listener moved (a reload): new processes on ``fds``; the
+        old ones stop accepting and exit when their sessions have ended."""
+        self._fds = fds
+        for index, proc in self._procs.items():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(RETIRE)
+            self._retiring[index] = proc  # watch() starts the successor once it is gone
+        self._procs = {}
+
     async def watch(self) -> None:
         """Restart a process that died on its own (its journal is restored by
         its successor); give up on one that keeps dying."""
         while not self._stopping:
             await asyncio.sleep(1.0)
+            for index, proc in list(self._retiring.items()):
+                if not self._stopping and proc.poll() is not None:
+                    del self._retiring[index]
+                    self._spawn(index)
             for index, proc in list(self._procs.items()):
                 if self._stopping or proc.poll() is None:
                     continue
@@ -156,7 +177,7 @@ class WorkerPool:
         """SIGTERM each: they stop accepting and finish their sessions, as the
         server does (it calls this when it stops accepting itself)."""
         self._stopping = True
-        for proc in self._procs.values():
+        for proc in [*self._procs.values(), *self._retiring.values()]:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
@@ -164,13 +185,14 @@ class WorkerPool:
     async def wait(self, grace: float) -> None:
         """Wait for them; SIGKILL what is left after ``grace`` + 5 seconds."""
         deadline = time.monotonic() + grace + 5
-        while any(p.poll() is None for p in self._procs.values()):
+        every = [*self._procs.values(), *self._retiring.values()]
+        while any(p.poll() is None for p in every):
             if time.monotonic() > deadline:
-                for proc in self._procs.values():
+                for proc in every:
                     if proc.poll() is None:
                         proc.kill()
                 break
             await asyncio.sleep(0.05)
-        for proc in self._procs.values():
+        for proc in every:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)

@@ -49,7 +49,20 @@ ALLOWED: dict[str, frozenset[str]] = {
 # import each other.  ``datadir`` (the serve lock, the data dir's owner) and
 # ``logsetup`` (the process's log handlers) serve only them.
 TOP = frozenset(
-    {"__init__", "__main__", "app", "workers", "cli", "doctor", "check", "datadir", "logsetup"}
+    {
+        "__init__",
+        "__main__",
+        "app",
+        "workers",
+        "cli",
+        "doctor",
+        "check",
+        "datadir",
+        "logsetup",
+        "reload",
+        "runas",
+        "quickstart",
+    }
 )
 
 

@@ -197,6 +197,16 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RunSettings:
+    # Started as root, `serve` binds its listeners, then becomes this user
+    # (its groups, this group) for good.  With the default, and no such user
+    # on the system, it stays root only with allow_root = true.
+    user: str = "postoffice"
+    group: str = ""  # "": the user's own (primary) group
+    allow_root: bool = False  # handle mail as root when `user` does not exist
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     hostname: str = "localhost"  # banner, EHLO name, Received headers
     data_dir: Path = Path("./postoffice-data")  # accounts, Maildirs, queue, TLS
@@ -209,6 +219,7 @@ class Settings:
     relay: RelaySettings = field(default_factory=RelaySettings)
     checks: CheckSettings = field(default_factory=CheckSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    run: RunSettings = field(default_factory=RunSettings)
 
     @property
     def mail_dir(self) -> Path:
@@ -406,6 +417,7 @@ class _Loader:
             relay=self.relay(top.get("relay", {})),
             checks=self.checks(top.get("checks", {})),
             log=self.log(top.get("log", {})),
+            run=self.run(top.get("run", {})),
         )
 
     def typed(self, value: Any, kind: type, key: str) -> Any:
@@ -575,6 +587,12 @@ class _Loader:
             except ValueError as exc:
                 raise self.fail(key, str(exc)) from None
         return CheckSettings(exempt_networks=tuple(networks), dmarc_reject=base.dmarc_reject)
+
+    def run(self, raw: Any) -> RunSettings:
+        run = self.numbers(raw, "run", RunSettings)
+        if not run.user:
+            raise self.fail("run.user", "must not be empty")
+        return run
 
     def log(self, raw: Any) -> LogSettings:
         table = self.table(raw, "log", LogSettings)

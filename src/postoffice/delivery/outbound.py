@@ -101,6 +101,14 @@ class Outbound:
         oldest = min((e.envelope.created for e in self._entries.values()), default=None)
         return len(self._entries), oldest
 
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: retries, give-up and warning times, routing (the courier's)
+        apply from the next attempt.  The slot counts (max_deliveries,
+        max_per_destination) are the start's: reload.py keeps them."""
+        self._settings = settings
+        self._relay = settings.relay
+        self._remote.reconfigure(settings.relay)
+
     # --- the interface the SMTP session uses ---------------------------------------
     def writer(self, sender: Address | None, recipients: Sequence[Address]) -> QueueWriter:
         """A writer for one message; its ``commit`` queues it durably."""

@@ -15,6 +15,7 @@ same address is tried once more in plaintext.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -130,6 +131,11 @@ class RemoteCourier:
         self._cache = (
             cache if cache is not None else ConnectionCache(max_parked=max(1, relay.max_deliveries))
         )
+
+    def reconfigure(self, relay: RelaySettings) -> None:
+        """New relay settings (a reload): the next route and connection use them."""
+        self._relay = relay
+        self._timeouts = dataclasses.replace(self._timeouts, connect=relay.connect_timeout)
 
     async def close(self) -> None:
         """Close parked connections (at shutdown)."""

@@ -58,7 +58,8 @@ class Listener:
     max_per_ip: int
     tls: ssl.SSLContext | None = None  # implicit TLS (submissions, pop3s)
     # Listening sockets inherited from the server process (an extra smtp
-    # process accepts from the same queue) instead of binding ``addresses``.
+    # process accepts from the same queue), or bound before root was dropped
+    # (app.py, [run]), instead of binding ``addresses``.
     inherited: list[socket.socket] = field(default_factory=list)
     # Set when several processes share the listening sockets: take turns.
     shares: AcceptShares | None = None
@@ -89,6 +90,7 @@ class Listener:
             return
         for sock in self.inherited:
             self.servers.append(await loop.create_server(self._make_connection, sock=sock))
+            self._record_bound(sock)
         for addr in () if self.inherited else self.addresses:
             server = await loop.create_server(
                 self._make_connection,
@@ -102,14 +104,16 @@ class Listener:
                 name = sock.getsockname()
                 self.bound.append((str(name[0]), int(name[1])))
 
+    def _record_bound(self, sock: socket.socket) -> None:
+        name = sock.getsockname()
+        self.bound.append((str(name[0]), int(name[1])))
+
     # --- accepting by itself (``shares``, implicit TLS) -------------------------------
     def _start_accepting(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         sockets = self.inherited or [s for a in self.addresses for s in bind(a)]
-        if not self.inherited:
-            for sock in sockets:
-                name = sock.getsockname()
-                self.bound.append((str(name[0]), int(name[1])))
+        for sock in sockets:
+            self._record_bound(sock)
         self.acceptor = Acceptor(self.name, sockets, self._accepted, self.shares)
         self.acceptor.start(loop)
 

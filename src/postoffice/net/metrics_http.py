@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -47,9 +48,11 @@ class MetricsEndpoint:
         self._servers: list[asyncio.Server] = []
         self._busy = 0
 
-    async def start(self) -> None:
-        for address in self.addresses:
-            sockets = bind(address)
+    async def start(self, prebound: list[socket.socket] | None = None) -> None:
+        """Listen on ``addresses``, or on ``prebound``: the sockets a server
+        started as root bound for them before it dropped root ([run])."""
+        groups = [prebound] if prebound else [bind(address) for address in self.addresses]
+        for sockets in groups:
             for sock in sockets:
                 name = sock.getsockname()
                 self.bound.append((str(name[0]), int(name[1])))

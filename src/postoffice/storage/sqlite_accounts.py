@@ -346,6 +346,12 @@ class SqliteAccountStore:
             self._conn.execute("ROLLBACK")
 
     # --- domains -------------------------------------------------------------------
+    def set_config_domains(self, domains: Sequence[str]) -> None:
+        """The config's domains after a reload; one assignment each, so a reader
+        on another thread sees the old set or the new one."""
+        self._config_domains = tuple(d.lower() for d in domains)
+        self._config_set = frozenset(self._config_domains)
+
     def _is_local(self, snap: _Snapshot, domain: str) -> bool:
         return domain in self._config_set or domain in snap.domains
 
