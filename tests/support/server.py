@@ -64,8 +64,10 @@ def write_config(
 ) -> None:
     lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
     if os.geteuid() == 0 and "run" not in sections:
-        # Tests run as root in CI's containers, where no postoffice user exists.
-        sections = {**sections, "run": {"allow_root": True}}
+        # Tests run as root in CI's containers: the server stays root, named
+        # outright (allow_root would still drop to a postoffice user where one
+        # exists, which cannot enter pytest's 0700 directories).
+        sections = {**sections, "run": {"user": "root"}}
     for name, table in sections.items():
         lines.append(f"\n[{name}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in table.items() if v is not None]
