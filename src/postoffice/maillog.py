@@ -119,7 +119,7 @@ def received(
     client: str,
     helo: str,
     tls: str,
-    user: str | None,
+    user: object | None,
     sender: object | None,
     recipients: Sequence[object],
     size: int,
@@ -233,7 +233,7 @@ def removed(queue_id: str) -> None:
 
 
 # --- reading -------------------------------------------------------------------------------
-def retrieved(protocol: str, *, user: str, client: str, files: Iterable[str]) -> None:
+def retrieved(protocol: str, *, user: object, client: str, files: Iterable[str]) -> None:
     """Messages a POP3/IMAP client read whole, one record each."""
     for name in files:
         _emit(
@@ -243,7 +243,7 @@ def retrieved(protocol: str, *, user: str, client: str, files: Iterable[str]) ->
         )
 
 
-def deleted(protocol: str, *, user: str, client: str, files: Iterable[str]) -> None:
+def deleted(protocol: str, *, user: object, client: str, files: Iterable[str]) -> None:
     for name in files:
         _emit(
             DELETED,

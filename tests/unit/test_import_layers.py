@@ -22,28 +22,47 @@ PACKAGE = "postoffice"
 # What each part may import besides itself.  A part is the first name under
 # postoffice: a subpackage ("net") or a top-level module ("services").
 # ``logfmt`` (values from clients in log fields) is a leaf like ``mail``:
-# every layer that logs may use it.  So is ``childproc`` (a child process
+# every layer that logs may use it; ``maillog`` (the mail log's events) uses
+# only it, for every layer a message passes through.  So is ``childproc`` (a child process
 # dies with the server), which the DKIM verifier processes of ``policy`` use.
 ALLOWED: dict[str, frozenset[str]] = {
     "mail": frozenset(),
     "logfmt": frozenset(),
+    "maillog": frozenset({"logfmt"}),
     "childproc": frozenset(),
     "config": frozenset({"mail"}),
     "protocol": frozenset({"mail"}),
     "storage": frozenset({"mail", "logfmt", "config"}),
     "dns": frozenset({"mail", "config"}),
-    "policy": frozenset({"mail", "logfmt", "childproc", "config", "protocol", "storage", "dns"}),
-    "services": frozenset({"mail", "logfmt", "config", "protocol", "storage", "dns", "policy"}),
-    "net": frozenset({"mail", "logfmt", "config", "protocol", "storage", "policy", "services"}),
+    "policy": frozenset(
+        {"mail", "logfmt", "maillog", "childproc", "config", "protocol", "storage", "dns"}
+    ),
+    "services": frozenset(
+        {"mail", "logfmt", "maillog", "config", "protocol", "storage", "dns", "policy"}
+    ),
+    "net": frozenset(
+        {"mail", "logfmt", "maillog", "config", "protocol", "storage", "policy", "services"}
+    ),
     "delivery": frozenset(
-        {"mail", "logfmt", "config", "protocol", "storage", "dns", "policy", "net"}
+        {"mail", "logfmt", "maillog", "config", "protocol", "storage", "dns", "policy", "net"}
     ),
 }
 # The composition root and the tools: they may import anything; only they
 # import each other.  ``datadir`` (the serve lock, the data dir's owner) and
 # ``logsetup`` (the process's log handlers) serve only them.
 TOP = frozenset(
-    {"__init__", "__main__", "app", "workers", "cli", "doctor", "check", "datadir", "logsetup"}
+    {
+        "__init__",
+        "__main__",
+        "app",
+        "workers",
+        "cli",
+        "doctor",
+        "check",
+        "datadir",
+        "logsetup",
+        "trace",
+    }
 )
 
 

@@ -619,11 +619,12 @@ class Pop3Session:
         box = self.mailbox
         if box is None or self.user is None:
             return
-        who = {"user": self.user, "client": self.client_ip}
-        maillog.retrieved("pop3", files=[m.name for m in box.messages if m.retrieved], **who)
+        user, client = self.user, self.client_ip
+        read = [m.name for m in box.messages if m.retrieved]
+        maillog.retrieved("pop3", user=user, client=client, files=read)
         if result is not None and result.deleted:
             gone = [m.name for m in box.messages if m.deleted and not m.gone]
-            maillog.deleted("pop3", files=gone, **who)
+            maillog.deleted("pop3", user=user, client=client, files=gone)
 
 
 def _release_after(futures: list[asyncio.Future[Any]], box: Pop3Mailbox | None) -> None:
