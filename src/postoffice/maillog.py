@@ -98,9 +98,14 @@ def _json(value: object) -> Any:
     return str(value)
 
 
+# The members the json format gives every record (logsetup.py): no event field may be one.
+RESERVED = frozenset({"time", "pid", "level", "logger", "msg"})
+
+
 def _emit(event: str, queue_id: str | None, fields: dict[str, object]) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
+    assert RESERVED.isdisjoint(fields), fields
     given = {k: v for k, v in fields.items() if v is not None}
     head = [event] if queue_id is None else [event, f"id={logfmt.field(queue_id)}"]
     text = " ".join(head + [f"{k}={_text(v)}" for k, v in given.items()])
@@ -142,7 +147,7 @@ def received(
             "size": size,
             "result": code,
             "status": status or None,
-            "time": seconds,
+            "seconds": seconds,  # from MAIL FROM to the reply ("time" is the record's)
         },
     )
 

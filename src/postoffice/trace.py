@@ -41,7 +41,10 @@ _TEXT_LINE = re.compile(
 _ROTATED = re.compile(r"^\.(?P<n>\d+)(?:\.gz)?$|^-(?P<date>\d{8,10})(?:\.gz)?$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_WHAT = ("id", "event", "time")  # said by the line's layout, not repeated as fields
+_WHAT = ("id", "event", "time")
+_RECEIVING = frozenset(
+    {maillog.CHECKS, maillog.RECEIVED, maillog.REJECTED}
+)  # said by the line's layout, not repeated as fields
 
 
 class TraceError(Exception):
@@ -121,7 +124,7 @@ def _from_json(line: str) -> Record | None:
     event, moment = obj.get("event"), _moment(str(obj.get("time", "")))
     if event not in maillog.EVENTS or moment is None:
         return None
-    fields = {k: _flat(v) for k, v in obj.items() if k not in ("time", "pid", "level", "logger")}
+    fields = {k: _flat(v) for k, v in obj.items() if k not in maillog.RESERVED}
     return Record(moment, str(event), fields)
 
 
@@ -155,7 +158,7 @@ def since_time(text: str, now: datetime.datetime) -> datetime.datetime:
 def select(records: list[Record], wanted: str) -> list[Record]:
     """The records of the messages ``wanted`` names: a queue id, or an
     address (every message from or to it), with their notices and the
-    retrievals of their mailbox files; in time order."""
+    retrievals of their mailbox files; message by message, in time order."""
     wanted = wanted.strip().strip("<>")
     if "@" in wanted:
         address = wanted.lower()
@@ -167,9 +170,27 @@ def select(records: list[Record], wanted: str) -> list[Record]:
         return queue_id in ids or queue_id.partition("-")[0] in ids
 
     chosen = [r for r in records if r.queue_id and ours(r.queue_id)]
-    files = {r.fields["file"] for r in chosen if r.event == maillog.STORED and "file" in r.fields}
-    chosen += [r for r in records if not r.queue_id and r.fields.get("file") in files]
-    return sorted(chosen, key=lambda r: r.time)
+    message_of = {
+        r.fields["file"]: r.queue_id
+        for r in chosen
+        if r.event == maillog.STORED and "file" in r.fields
+    }
+    chosen += [r for r in records if not r.queue_id and r.fields.get("file") in message_of]
+
+    def root(r: Record) -> str:
+        return (r.queue_id or message_of.get(r.fields.get("file", ""), "")).partition("-")[0]
+
+    first: dict[str, datetime.datetime] = {}
+    for r in chosen:
+        first[root(r)] = min(first.get(root(r), r.time), r.time)
+
+    def order(r: Record) -> tuple[datetime.datetime, str, int, datetime.datetime]:
+        # Message by message; in each, what the session logs about receiving
+        # it first: its "received" record follows the queue's commit, which
+        # happens before the 250 is sent.
+        return (first[root(r)], root(r), 0 if r.event in _RECEIVING else 1, r.time)
+
+    return sorted(chosen, key=order)
 
 
 def queued_now(settings: Settings, wanted: str) -> list[tuple[QueueEntry, int]]:
@@ -190,8 +211,14 @@ def queued_now(settings: Settings, wanted: str) -> list[tuple[QueueEntry, int]]:
 def format_record(record: Record) -> str:
     moment = record.time.astimezone().isoformat(sep=" ", timespec="milliseconds")
     who = record.queue_id or f"({record.fields.get('protocol', '-')})"
-    fields = " ".join(f"{k}={logfmt.field(v)}" for k, v in record.fields.items() if k not in _WHAT)
+    fields = " ".join(f"{k}={_shown(k, v)}" for k, v in record.fields.items() if k not in _WHAT)
     return f"{moment}  {who}  {record.event:<9}  {fields}"
+
+
+def _shown(key: str, value: str) -> str:
+    if key in maillog.ADDRESS_FIELDS:  # as the text log has them: <a@b>, <> the null sender
+        return logfmt.paths(value.split(",")) if value else "<>"
+    return logfmt.field(value)
 
 
 def trace(settings: Settings, wanted: str, since: str | None, log: Path | None, out: TextIO) -> int:
