@@ -13,6 +13,7 @@ its mailbox file and its POP3 retrieval and deletion.
 from __future__ import annotations
 
 import gzip
+import imaplib
 import json
 import os
 import poplib
@@ -224,3 +225,25 @@ def _no_check() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def test_local_mail_imap_download_and_expunge(
+    tmp_path: Path, dns: Dnsmasq, greylisting: FaultyMta
+) -> None:
+    srv = relay_server(tmp_path, dns, greylisting, "json")
+    try:
+        queue_id = send(srv, BOB, "for bob over imap")
+        with imaplib.IMAP4_SSL("127.0.0.1", srv.ports["imaps"], ssl_context=_no_check()) as imap:
+            imap.login(BOB, BOB_PW)
+            imap.select("INBOX")
+            imap.fetch("1", "(BODY.PEEK[HEADER])")  # headers only: not a download
+            imap.fetch("1", "(BODY.PEEK[])")
+            imap.store("1", "+FLAGS", "\\Deleted")
+            imap.expunge()
+        log = tmp_path / "mail.log"
+        assert wait_for(lambda: '"event":"deleted"' in log.read_text())
+        lines = trace(srv, queue_id)
+        assert events(lines) == ["received", "stored", "retrieved", "deleted"], lines
+        assert all("protocol=imap" in line for line in lines[2:]), lines
+    finally:
+        srv.stop()
