@@ -875,6 +875,38 @@ def _add_doctor_parser(subparsers: Subparsers) -> None:
     )
 
 
+def _trace(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.trace import run
+
+    return run(args, settings)
+
+
+def _add_trace_parser(subparsers: Subparsers) -> None:
+    parser = _leaf(
+        subparsers,
+        "trace",
+        "a message's timeline from the mail log and the queue, by queue id or address",
+        _trace,
+        "Reads [log] file and the older files logrotate left beside it (name.1,\n"
+        "name.2.gz, ...), text or json: received (from whom, checks), queued, each\n"
+        "delivery attempt with the remote reply, bounces, the mailbox file and its\n"
+        "POP3/IMAP retrieval; then what the queue still holds.  Exit status: 0 found,\n"
+        "1 nothing found, 2 a bad argument.\n\n"
+        "examples:\n"
+        "  postoffice trace 19c4a1f2b3d4e5f6a7b\n"
+        "  postoffice trace bob@example.org --since 2h\n",
+    )
+    parser.add_argument("what", metavar="ID|ADDRESS", help="a queue id, or an envelope address")
+    parser.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only records since then: a duration (30m, 2h, 1d) or a time (2026-12-05T14:00)",
+    )
+    parser.add_argument(
+        "--log", type=Path, metavar="FILE", help="read this log file instead of [log] file"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="postoffice",
@@ -896,6 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_domain_parser,
         _add_alias_parser,
         _add_queue_parser,
+        _add_trace_parser,
         _add_dkim_parser,
         _add_check_parser,
         _add_reload_parser,
@@ -961,6 +994,7 @@ _BEFORE_BECOMING_OWNER = (
     "postoffice.check",
     "postoffice.doctor",
     "postoffice.delivery.queue_cli",
+    "postoffice.trace",
     "postoffice.policy.auth",
     "postoffice.policy.dkim_keys",
     "postoffice.policy.passwords",

@@ -18,6 +18,7 @@ structure a record: space, ``=`` and ``"``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 
 _STRUCTURE = frozenset(' ="')
@@ -40,3 +41,40 @@ def path(address: object | None) -> str:
 def paths(addresses: Iterable[object]) -> str:
     """Several envelope addresses, ``<a>,<b>``, as one field."""
     return field(",".join(f"<{a}>" for a in addresses))
+
+
+def parse(message: str) -> tuple[list[str], dict[str, str]]:
+    """Read back a record ``field`` wrote: its bare words (an event name, a
+    Postfix-style prefix) and its ``key=value`` fields, quoted values decoded.
+    A key given twice keeps its first value (a later one could only be forged)."""
+    words: list[str] = []
+    fields: dict[str, str] = {}
+    at, end = 0, len(message)
+    while at < end:
+        if message[at] == " ":
+            at += 1
+            continue
+        token = _TOKEN.match(message, at)
+        assert token is not None  # the pattern matches any non-space run
+        at = token.end()
+        key, value = token.group("key"), token.group("value")
+        if key is None:
+            words.append(token.group(0))
+        elif key not in fields:
+            fields[key] = _decoded(value)
+    return words, fields
+
+
+def _decoded(value: str) -> str:
+    if value.startswith('"'):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return value
+        return decoded if isinstance(decoded, str) else value
+    return value
+
+
+# A field is key=value (the value a JSON string, or a run without spaces);
+# anything else up to the next space is a bare word.
+_TOKEN = re.compile(r'(?P<key>[A-Za-z_][\w.-]*)=(?P<value>"(?:[^"\\]|\\.)*"|[^ ]*)|[^ ]+')

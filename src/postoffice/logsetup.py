@@ -2,7 +2,12 @@
 
 A line in the text format::
 
-    2026-01-31T14:02:03.123+01:00 postoffice[4242]: INFO postoffice.smtp: smtp id=...
+    2026-01-31T14:02:03.123+01:00 postoffice[4242]: INFO postoffice.mail: received id=...
+
+and in the json format (``[log] format = "json"``), one object per line::
+
+    {"time":"2026-01-31T14:02:03.123+01:00","pid":4242,"level":"INFO",
+     "logger":"postoffice.mail","event":"received","id":"...","client":"192.0.2.1",...}
 
 The time is ISO 8601 with its UTC offset, so lines from machines in other
 zones (or from before a DST change) still compare; the PID tells the server
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import logging.handlers
 import os
@@ -69,6 +75,37 @@ class _TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         moment = datetime.datetime.fromtimestamp(record.created).astimezone()
         return moment.isoformat(timespec="milliseconds")
+
+
+class _JsonFormatter(_TextFormatter):
+    """``[log] format = "json"``: one object per line.  A mail event
+    (maillog.py) brings its fields as members ("event", "id", ...); any other
+    record has "msg"."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": self.formatTime(record),
+            "pid": record.process,
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        mail = getattr(record, "mail", None)
+        if isinstance(mail, dict):
+            line.update(mail)
+        else:
+            line["msg"] = record.getMessage()
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        # ensure_ascii: a client's words never bring a control or a line
+        # separator into the file (as logfmt's quoting does for text).
+        return json.dumps(line, ensure_ascii=True, separators=(",", ":"))
+
+
+class _JsonSyslogFormatter(_JsonFormatter):
+    """Syslog files a line under the tag before the object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"postoffice[{record.process}]: {super().format(record)}"
 
 
 class _OneLineErrors(logging.Handler):
@@ -294,7 +331,7 @@ def configure(
     ``queue_lines``: records that may wait per destination (tests make it small)."""
     level = level_of(settings, environ)
     logs = Logs(to_stderr=settings.file is None and not settings.syslog)
-    text = _TextFormatter(TEXT_FORMAT)
+    text = _JsonFormatter() if settings.format == "json" else _TextFormatter(TEXT_FORMAT)
     handler: logging.Handler
     if settings.file is not None:
         try:
@@ -309,7 +346,11 @@ def configure(
             logs.close()
             raise LogSetupError(found)
         handler = _Syslog(settings.syslog, facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+        handler.setFormatter(
+            _JsonSyslogFormatter()
+            if settings.format == "json"
+            else logging.Formatter(SYSLOG_FORMAT)
+        )
         logs.handlers.append(_Destination(handler, f"[log] syslog {settings.syslog}", queue_lines))
     if logs.to_stderr:
         handler = logging.StreamHandler(sys.stderr)

@@ -33,7 +33,11 @@ class OutboundQueue(Protocol):
     smtp process).  A protocol because the queue lives above the sessions'
     layer (delivery/ imports net/)."""
 
-    def writer(self, sender: Address | None, recipients: Sequence[Address]) -> HeadedSink: ...
+    def writer(
+        self, sender: Address | None, recipients: Sequence[Address], *, queue_id: str | None = None
+    ) -> HeadedSink:
+        """``queue_id``: the session's, kept (one id in every log record)."""
+        ...
 
 
 @dataclass

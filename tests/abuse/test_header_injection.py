@@ -123,9 +123,9 @@ def test_quoted_local_parts_cannot_forge_log_fields(server: PostofficeServer) ->
     def ours(start: str) -> list[dict[str, str]]:  # the module's server has other records too
         return [r for r in records(server, start) if r.get("helo") == 'client"x=y']
 
-    assert wait_for(lambda: len(ours("smtp id=")) == 1 and len(ours("smtp reject")) == 1)
+    assert wait_for(lambda: len(ours("received id=")) == 1 and len(ours("smtp reject")) == 1)
     assert_log_lines_are_ours(server)
-    (accepted,) = ours("smtp id=")
+    (accepted,) = ours("received id=")
     assert accepted["client"] == "127.0.0.1"
     assert accepted["from"] == f"<{sender}>"
     assert accepted["to"] == f"<{ALICE}>"

@@ -30,7 +30,10 @@ BEHAVIOURS = (
     "garbage-ehlo",  # a greeting, then nonsense where the EHLO reply belongs
     "garbage-after-dot",  # binary noise where the reply to the final dot belongs
     "endless-reply",  # a reply line that never ends
+    "greylist",  # 451 to RCPT in the first session, then accept (GREYLIST_REPLY, ACCEPT_REPLY)
 )
+GREYLIST_REPLY = b"451 4.7.1 Greylisted, please try again later"
+ACCEPT_REPLY = b"250 2.0.0 Ok: queued as PEER0001"
 
 
 @dataclass
@@ -81,6 +84,7 @@ class FaultyMta:
             time.sleep(0.5)
             return
         say(b"220 faulty.test ESMTP")
+        accepted = False  # a recipient was accepted in this session
         for _ in range(100):
             line = file.readline(4096)
             if not line:
@@ -92,8 +96,13 @@ class FaultyMta:
                 return
             if verb == b"EHLO":
                 say(b"250-faulty.test\r\n250-PIPELINING\r\n250 8BITMIME")
+            elif verb == b"RCPT" and self.behaviour == "greylist" and self.sessions == 1:
+                say(GREYLIST_REPLY)
             elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                accepted = accepted or verb == b"RCPT"
                 say(b"250 2.0.0 Ok")
+            elif verb == b"DATA" and self.behaviour == "greylist" and not accepted:
+                say(b"554 5.5.1 No valid recipients")  # DATA pipelined after a refused RCPT
             elif verb == b"QUIT":
                 say(b"221 2.0.0 Bye")
                 return
@@ -123,7 +132,9 @@ class FaultyMta:
                 break
             read += len(line)
         self.octets.append(read)
-        if self.behaviour == "drop-after-dot":
+        if self.behaviour == "greylist":
+            sock.sendall(ACCEPT_REPLY + b"\r\n")
+        elif self.behaviour == "drop-after-dot":
             _reset(sock)
         elif self.behaviour == "garbage-after-dot":
             sock.sendall(b"\x89PNG\r\n\x1a\n\x00\x00\r\n")

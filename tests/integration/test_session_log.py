@@ -70,7 +70,7 @@ def test_a_quit_session(srv: PostofficeServer) -> None:
     assert (record["ehlo"], record["mail"], record["rcpt"], record["data"]) == ("1", "1", "1", "1")
     assert record["quit"] == "1" and record["commands"] == "5"
     # The message's own record says tls= too (trial #6).
-    (message,) = [r for r in records(srv, "smtp id=") if r.get("helo") == "quit.test"]
+    (message,) = [r for r in records(srv, "received id=") if r.get("helo") == "quit.test"]
     assert message["tls"] == "no" and message["mode"] == "smtp"
 
 

@@ -22,12 +22,14 @@ PACKAGE = "postoffice"
 # What each part may import besides itself.  A part is the first name under
 # postoffice: a subpackage ("net") or a top-level module ("services").
 # ``logfmt`` (values from clients in log fields) is a leaf like ``mail``:
-# every layer that logs may use it.  So is ``childproc`` (a child process
+# every layer that logs may use it; ``maillog`` (the mail log's events) uses
+# only it, for every layer a message passes through.  So is ``childproc`` (a child process
 # dies with the server), which the DKIM verifier processes of ``policy`` use.
 # ``metrics`` (the Prometheus counters, one line per hook) is a leaf too.
 ALLOWED: dict[str, frozenset[str]] = {
     "mail": frozenset(),
     "logfmt": frozenset(),
+    "maillog": frozenset({"logfmt"}),
     "childproc": frozenset(),
     "metrics": frozenset(),
     "config": frozenset({"mail"}),
@@ -35,14 +37,47 @@ ALLOWED: dict[str, frozenset[str]] = {
     "storage": frozenset({"mail", "logfmt", "metrics", "config"}),
     "dns": frozenset({"mail", "metrics", "config"}),
     "policy": frozenset(
-        {"mail", "logfmt", "metrics", "childproc", "config", "protocol", "storage", "dns"}
+        {
+            "mail",
+            "logfmt",
+            "maillog",
+            "metrics",
+            "childproc",
+            "config",
+            "protocol",
+            "storage",
+            "dns",
+        }
     ),
-    "services": frozenset({"mail", "logfmt", "config", "protocol", "storage", "dns", "policy"}),
+    "services": frozenset(
+        {"mail", "logfmt", "maillog", "config", "protocol", "storage", "dns", "policy"}
+    ),
     "net": frozenset(
-        {"mail", "logfmt", "metrics", "config", "protocol", "storage", "policy", "services"}
+        {
+            "mail",
+            "logfmt",
+            "maillog",
+            "metrics",
+            "config",
+            "protocol",
+            "storage",
+            "policy",
+            "services",
+        }
     ),
     "delivery": frozenset(
-        {"mail", "logfmt", "metrics", "config", "protocol", "storage", "dns", "policy", "net"}
+        {
+            "mail",
+            "logfmt",
+            "maillog",
+            "metrics",
+            "config",
+            "protocol",
+            "storage",
+            "dns",
+            "policy",
+            "net",
+        }
     ),
 }
 # The composition root and the tools: they may import anything; only they
@@ -62,6 +97,7 @@ TOP = frozenset(
         "reload",
         "runas",
         "quickstart",
+        "trace",
     }
 )
 

@@ -45,3 +45,18 @@ def test_any_value_is_one_printable_field_that_reads_back(text: str) -> None:
     else:
         assert out == text and out.isprintable() and not set(out) & set(' ="')
     assert len(out.splitlines()) == 1
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.dictionaries(st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True), st.text(), max_size=6))
+def test_a_record_of_fields_parses_back_exactly(values: dict[str, str]) -> None:
+    """``parse``, the reader of what ``field`` writes (postoffice trace): no
+    value, however odd, adds a field or loses one."""
+    record = "event " + " ".join(f"{k}={logfmt.field(v)}" for k, v in values.items())
+    assert logfmt.parse(record) == (["event"], values)
+
+
+def test_parse_keeps_the_first_of_a_repeated_key_and_bare_words() -> None:
+    words, fields = logfmt.parse('deferred id=1 to=<a@b> 2.0.0 to=<forged> reply="x y"')
+    assert words == ["deferred", "2.0.0"]
+    assert fields == {"id": "1", "to": "<a@b>", "reply": "x y"}

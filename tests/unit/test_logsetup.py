@@ -3,6 +3,7 @@ after rotation, what `check` reports about [log]."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from postoffice import maillog
 from postoffice.config.settings import LogSettings
 from postoffice.logsetup import LogSetupError, configure, level_of, problems
 
@@ -165,3 +167,29 @@ def test_a_stuck_syslog_never_blocks_a_log_call_and_drops_are_counted(tmp_path: 
     dropped = sum(int(note.split(b"log dropped=")[1].split()[0]) for note in notes)
     assert len(lost) + dropped == 500
     assert b"[log] syslog " in notes[-1] and b"did not take them fast enough" in notes[-1]
+
+
+def test_json_format_one_object_per_line_mail_events_as_members(tmp_path: Path) -> None:
+    path = tmp_path / "mail.log"
+    logs = configure(LogSettings(file=path, format="json"), {})
+    try:
+        logging.getLogger("postoffice.smtp").info('a "quoted"\nline')
+        maillog.queued("q1", sender='"x y"@example.test', nrcpt=2, size=10)
+        maillog.queued("q2", sender=None, nrcpt=1, size=1)
+    finally:
+        logs.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and all(line.isascii() and line.isprintable() for line in lines)
+    plain, queued, bounce = (json.loads(line) for line in lines)
+    assert plain["msg"] == 'a "quoted"\nline' and plain["logger"] == "postoffice.smtp"
+    assert plain["pid"] == os.getpid() and plain["level"] == "INFO"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", plain["time"])
+    assert {k: queued[k] for k in ("event", "id", "from", "nrcpt", "size")} == {
+        "event": "queued",
+        "id": "q1",
+        "from": '"x y"@example.test',
+        "nrcpt": 2,
+        "size": 10,
+    }
+    assert "msg" not in queued and queued["logger"] == "postoffice.mail"
+    assert bounce["from"] == ""  # the null sender

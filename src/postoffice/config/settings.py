@@ -29,7 +29,7 @@ DEFAULT_CONFIG_NAME = "postoffice.toml"
 SYSTEM_CONFIG = Path("/etc/postoffice/postoffice.toml")
 LOG_LEVEL_ENV = "POSTOFFICE_LOG_LEVEL"  # overrides [log] level (README: "Logging")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text",)  # the operations issue adds "json"
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(Exception):
@@ -183,7 +183,8 @@ class CheckSettings:
 @dataclass(frozen=True, slots=True)
 class LogSettings:
     # Line format: "text" (one line per event: ISO 8601 time with its UTC
-    # offset, postoffice[PID], level, logger, message).
+    # offset, postoffice[PID], level, logger, message of key=value fields) or
+    # "json" (one JSON object per line; mail events with their fields as members).
     format: str = "text"
     # The least severe level logged: "debug", "info", "warning" or "error";
     # $POSTOFFICE_LOG_LEVEL, when set, overrides it.

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from postoffice import logfmt, metrics
+from postoffice import logfmt, maillog, metrics
 from postoffice.config.settings import Settings
 from postoffice.delivery.content import MAX_HEADER_COPY, header_section
 from postoffice.delivery.courier import MessageSource, Outcome, RecipientResult
@@ -110,9 +110,11 @@ class Outbound:
         self._remote.reconfigure(settings.relay)
 
     # --- the interface the SMTP session uses ---------------------------------------
-    def writer(self, sender: Address | None, recipients: Sequence[Address]) -> QueueWriter:
+    def writer(
+        self, sender: Address | None, recipients: Sequence[Address], *, queue_id: str | None = None
+    ) -> QueueWriter:
         """A writer for one message; its ``commit`` queues it durably."""
-        return self.store.writer(sender, recipients, on_commit=self._accepted)
+        return self.store.writer(sender, recipients, queue_id=queue_id, on_commit=self._accepted)
 
     def _accepted(self, entry: QueueEntry) -> None:
         if entry.queue_id in self._entries:
@@ -120,12 +122,11 @@ class Outbound:
             # keep that one object, so the message is never worked on twice.
             return
         traits = entry.traits
-        log.info(
-            "%s: queued from=%s nrcpt=%d size=%d",
+        maillog.queued(
             entry.queue_id,
-            logfmt.path(entry.envelope.sender),
-            len(entry.recipients),
-            traits.crlf_size if traits else 0,
+            sender=entry.envelope.sender,
+            nrcpt=len(entry.recipients),
+            size=traits.crlf_size if traits else 0,
         )
         self._entries[entry.queue_id] = entry
         self._schedule(entry.queue_id, entry.envelope.created)
@@ -253,7 +254,7 @@ class Outbound:
                 self._schedule(queue_id, self._clock() + LOCKED_RETRY)
                 return
             if claim is Unclaimed.GONE:
-                log.info("%s: removed from the queue (queue remove)", queue_id)
+                maillog.removed(queue_id)
                 self._forget(queue_id)
                 return
             await self._round(claim)
@@ -271,7 +272,7 @@ class Outbound:
             if isinstance(claim, ClaimedMessage) and claim.locked:
                 await claim.unlock()
         if released is Released.REMOVED:
-            log.info("%s: removed from the queue (queue remove)", queue_id)
+            maillog.removed(queue_id)
         if released is not Released.KEPT:
             self._forget(queue_id)
             return
@@ -392,24 +393,21 @@ class Outbound:
             + (f"; last error: {r.last_error}" if r.last_error else "")
         )
         r.smtp_reply = False
-        log.info(
-            "%s: to=%s result=expired status=%s", entry.queue_id, logfmt.path(r.address), r.status
-        )
+        maillog.expired(entry.queue_id, recipient=r.address, status=r.status)
 
     def _log_attempt(
         self, entry: QueueEntry, r: Recipient, result: RecipientResult, now: float
     ) -> None:
         # One line per recipient per attempt (queue id, recipient, host, reply, result, delay).
-        log.info(
-            "%s: to=%s relay=%s delay=%.1fs tries=%d result=%s status=%s reply=%s",
+        maillog.attempt(
             entry.queue_id,
-            logfmt.path(r.address),
-            result.remote or ("local" if result.outcome is Outcome.DELIVERED else "none"),
-            now - entry.envelope.created,
-            r.attempts,
-            r.state.value,
-            result.status,
-            logfmt.field(result.text),  # the remote server's words
+            recipient=r.address,
+            relay=result.remote or ("local" if result.outcome is Outcome.DELIVERED else "none"),
+            delay=now - entry.envelope.created,
+            tries=r.attempts,
+            result=r.state.value,
+            status=result.status,
+            reply=result.text,  # the remote server's words
         )
 
     # --- after the round: the DSNs it owes ---------------------------------------------
@@ -422,7 +420,7 @@ class Outbound:
         if failed:
             if entry.envelope.sender is None:
                 # A bounce that cannot be delivered is dropped: never bounce a bounce.
-                log.info("%s: undeliverable message from <>; no DSN", entry.queue_id)
+                maillog.bounced(entry.queue_id, sender=None, kind="failed", notice=None)
             else:
                 await self._send_dsn(claim, failed, now, delayed=False)
                 entry.dsn_count += 1
@@ -472,12 +470,8 @@ class Outbound:
         except BaseException:
             await writer.discard()
             raise
-        log.info(
-            "%s: sender %s notified (%s): %s",
-            entry.queue_id,
-            logfmt.path(sender),
-            "delayed" if delayed else "failed",
-            dsn_id,
+        maillog.bounced(
+            entry.queue_id, sender=sender, kind="delayed" if delayed else "failed", notice=dsn_id
         )
 
     def _bounce_address(self, entry: QueueEntry, sender: Address) -> tuple[Address | None, bool]:
@@ -509,8 +503,10 @@ class QueueHandoff:
     def __init__(self, store: QueueStore) -> None:
         self.store = store
 
-    def writer(self, sender: Address | None, recipients: Sequence[Address]) -> QueueWriter:
-        return self.store.writer(sender, recipients, on_commit=self._hand_off)
+    def writer(
+        self, sender: Address | None, recipients: Sequence[Address], *, queue_id: str | None = None
+    ) -> QueueWriter:
+        return self.store.writer(sender, recipients, queue_id=queue_id, on_commit=self._hand_off)
 
     async def _hand_off(self, entry: QueueEntry) -> None:
         try:

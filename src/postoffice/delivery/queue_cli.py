@@ -19,13 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from postoffice.config.settings import Settings
-from postoffice.delivery.queue.records import PENDING, QUEUE_ID, RecipientState
+from postoffice.delivery.queue.records import PENDING, QUEUE_ID, QueueEntry, RecipientState
 from postoffice.delivery.queue.store import QueueStore, Removal
 
 FLUSH_WAIT = 3.0  # seconds `queue flush` waits to see a running server take the request
 
 
-def _store(settings: Settings) -> QueueStore:
+def queue_store(settings: Settings) -> QueueStore:
     # The CLI only calls the blocking methods; the executor is never used.
     return QueueStore(settings.queue_dir, ThreadPoolExecutor(max_workers=1))
 
@@ -35,31 +35,35 @@ def _when(ts: float) -> str:
 
 
 def queue_list(args: argparse.Namespace, settings: Settings) -> int:
-    store = _store(settings)
     count = 0
     out = sys.stdout
-    for entry, size in store.entries_blocking():
+    for entry, size in queue_store(settings).entries_blocking():
         count += 1
-        env = entry.envelope
-        print(
-            f"{entry.queue_id}  {_when(env.created)}  {size:>9}  from <{env.sender or ''}>",
-            file=out,
-        )
-        for r in entry.recipients:
-            line = f"    {r.state.value:<9} <{r.address}>"
-            if r.state in PENDING:
-                line += f"  next try {_when(r.next_try)}"
-            if r.attempts:
-                line += f"  tries {r.attempts}"
-            if r.last_error and r.state is not RecipientState.DELIVERED:
-                line += f"\n              {r.last_error}"
+        for line in entry_lines(entry, size):
             print(line, file=out)
     print(f"{count} message(s) in the queue", file=out)
     return 0
 
 
+def entry_lines(entry: QueueEntry, size: int) -> list[str]:
+    """A queued message as ``queue list`` (and ``trace``) shows it: a line for
+    the message, one (or two, with the last error) per recipient."""
+    env = entry.envelope
+    lines = [f"{entry.queue_id}  {_when(env.created)}  {size:>9}  from <{env.sender or ''}>"]
+    for r in entry.recipients:
+        line = f"    {r.state.value:<9} <{r.address}>"
+        if r.state in PENDING:
+            line += f"  next try {_when(r.next_try)}"
+        if r.attempts:
+            line += f"  tries {r.attempts}"
+        if r.last_error and r.state is not RecipientState.DELIVERED:
+            line += f"\n              {r.last_error}"
+        lines.append(line)
+    return lines
+
+
 def queue_flush(args: argparse.Namespace, settings: Settings) -> int:
-    store = _store(settings)
+    store = queue_store(settings)
     store.ensure_dirs()
     request = store.requests.request_flush_blocking()
     deadline = time.monotonic() + FLUSH_WAIT
@@ -77,7 +81,7 @@ def queue_remove(args: argparse.Namespace, settings: Settings) -> int:
     if not QUEUE_ID.fullmatch(queue_id):
         print(f"postoffice: {queue_id!r} is not a queue id", file=sys.stderr)
         return 1
-    result = _store(settings).remove_blocking(queue_id)
+    result = queue_store(settings).remove_blocking(queue_id)
     if result is Removal.MISSING:
         print(f"postoffice: no message {queue_id} in the queue", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
+from postoffice import maillog
 from postoffice.mail.address import Address
 from postoffice.net import imap_fetch_items as items
 from postoffice.protocol import imap_events as ev
@@ -36,6 +37,7 @@ from postoffice.storage import folder_names, quota
 from postoffice.storage.folder_names import FolderName, FolderNameError
 from postoffice.storage.folders import FolderInfo
 from postoffice.storage.imap_index import (
+    ExpungeResult,
     FolderState,
     MessageRecord,
     RecentUids,
@@ -109,6 +111,7 @@ class MailboxCommands:
     recent: RecentUids
     s: Services
     user: Address | None
+    client_ip: str
 
     # Provided by ImapSession.
     def _send(self, data: bytes) -> None: ...
@@ -275,7 +278,7 @@ class MailboxCommands:
                 if isinstance(event, ev.Close) and not self.readonly and self.selected:
                     deleted = [r for r in self.records.values() if "\\Deleted" in r.flags]
                     if deleted:
-                        await self._blocking(box.expunge, self.selected, deleted)
+                        await self._expunged(box, self.selected, deleted)
                 self.clear_view()
                 self._ok("Closed")
             case ev.Append():
@@ -507,6 +510,7 @@ class MailboxCommands:
         reads = items.needs_body(fetch, _NO_RECORD, _NO_STRUCTURE)
         utf8 = self.core.utf8
         recent = self.recent
+        whole = items.retrieves(fetch)
         for batch in _batches(targets, reads):
             loaded = _Loaded({}, {})
             if structural or any(items.needs_body(fetch, r) for r in batch):
@@ -529,6 +533,9 @@ class MailboxCommands:
                         recent=bool(recent) and record.uid in recent,
                     )
                 )
+            if whole:  # the mail log: which messages were downloaded (maillog.py)
+                sent = [r.stem for r in batch if bodies.get(r.uid) is not None]
+                maillog.retrieved("imap", user=self.user, client=self.client_ip, files=sent)
             await self._flush()
         self._ok("FETCH completed")
 
@@ -648,10 +655,20 @@ class MailboxCommands:
         if uids is not None and self.uids:
             doomed = [r for r in doomed if uids.contains(r.uid, self.uids[-1])]
         if doomed:
-            result = await self._blocking(box.expunge, self.selected, doomed)
+            result = await self._expunged(box, self.selected, doomed)
             self.forget_all(result.expunged)
         await self._report_changes()
         self._ok("EXPUNGE completed")
+
+    async def _expunged(
+        self, box: ImapMailbox, folder: FolderName, doomed: list[MessageRecord]
+    ) -> ExpungeResult:
+        """EXPUNGE (or CLOSE) ``doomed``: one mail log record per message removed."""
+        result = await self._blocking(box.expunge, folder, doomed)
+        gone = set(result.expunged)
+        stems = [r.stem for r in doomed if r.uid in gone]
+        maillog.deleted("imap", user=self.user, client=self.client_ip, files=stems)
+        return result
 
     async def _copy(self, box: ImapMailbox, event: ev.Copy) -> None:
         targets = self._targets(event.uid, event.sequence)

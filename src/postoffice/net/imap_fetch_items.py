@@ -186,6 +186,22 @@ def _message_item(item: FetchItem, message: FetchMessage) -> tuple[Value, Value]
     return None
 
 
+def retrieves(items: tuple[FetchItem, ...]) -> bool:
+    """Whether FETCH of ``items`` downloads whole messages (RFC822, BODY[],
+    BODY.PEEK[], BINARY[], no partial): what the mail log calls retrieved."""
+    return any(
+        i.name == "RFC822"
+        or (
+            i.name in ("BODY", "BINARY")
+            and i.section is not None
+            and not i.section.part
+            and not i.section.text
+            and i.partial is None
+        )
+        for i in items
+    )
+
+
 def sets_seen(items: tuple[FetchItem, ...]) -> bool:
     """Whether FETCH of ``items`` sets \\Seen (RFC 9051 §6.4.5: BODY[...]
     without .PEEK, RFC822, RFC822.TEXT, BINARY[...])."""

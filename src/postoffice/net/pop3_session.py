@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from postoffice import logfmt, metrics
+from postoffice import logfmt, maillog, metrics
 from postoffice.mail.address import Address, AddressError
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
 from postoffice.policy.auth import LoginThrottled
@@ -611,6 +611,7 @@ class Pop3Session:
                 else:
                     box.close()
         result = self._update
+        self._log_mail(result)
         log.info(
             "pop3 session client=%s user=%s tls=%s retrieved=%d deleted=%d seen=%d end=%s",
             self.client_ip,
@@ -621,6 +622,19 @@ class Pop3Session:
             (result.seen if result else seen),
             logfmt.field(self.outcome),  # "TLS handshake failed": one quoted field
         )
+
+    def _log_mail(self, result: UpdateResult | None) -> None:
+        """One mail log record per message read, and per message deleted (at
+        UPDATE, RFC 1939 §6); logged here, off RETR's fast path."""
+        box = self.mailbox
+        if box is None or self.user is None:
+            return
+        user, client = self.user, self.client_ip
+        read = [m.name for m in box.messages if m.retrieved]
+        maillog.retrieved("pop3", user=user, client=client, files=read)
+        if result is not None and result.deleted:
+            gone = [m.name for m in box.messages if m.deleted and not m.gone]
+            maillog.deleted("pop3", user=user, client=client, files=gone)
 
 
 def _release_after(futures: list[asyncio.Future[Any]], box: Pop3Mailbox | None) -> None:

@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from postoffice import logfmt, metrics
+from postoffice import logfmt, maillog, metrics
 from postoffice.mail.address import Address, AddressError
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
@@ -507,7 +507,7 @@ class SmtpSession:
         queue_id = _new_queue_id()
         try:
             local = self.s.maildirs.writer(list(env.mailboxes)) if env.mailboxes else None
-            queued = self._queue_writer(env) if env.remote else None
+            queued = self._queue_writer(env, queue_id) if env.remote else None
         except (AddressError, ValueError) as exc:
             log.error("smtp cannot start delivery id=%s: %s", queue_id, exc)
             return _LOCAL_ERROR
@@ -539,11 +539,11 @@ class SmtpSession:
         )
         return _GO_AHEAD
 
-    def _queue_writer(self, env: IncomingEnvelope) -> HeadedSink:
+    def _queue_writer(self, env: IncomingEnvelope, queue_id: str) -> HeadedSink:
         queue = self.s.outbound
         if queue is None:  # cannot be: RCPT refuses remote recipients then
             raise ValueError("no outbound queue")
-        return queue.writer(self._queue_sender(env), list(env.remote))
+        return queue.writer(self._queue_sender(env), list(env.remote), queue_id=queue_id)
 
     def _queue_sender(self, env: IncomingEnvelope) -> Address | None:
         """The envelope sender the outbound copy leaves with: an SRS address
@@ -713,6 +713,7 @@ class SmtpSession:
             helo=self.helo,
             sender=tx.envelope.sender,
             message=tx.gate.held(),
+            queue_id=tx.queue_id,
         )
         tx.extra_headers = outcome.header
         return outcome.reply
@@ -749,16 +750,18 @@ class SmtpSession:
     async def _commit(self, tx: _Transaction, size: int) -> Reply:
         try:
             if tx.outbound is not None:
-                queue_id = await tx.outbound.commit()
+                # The queue keeps the session's id: one id in the reply, the
+                # Received: header and every mail log record (maillog.py).
+                await tx.outbound.commit()
                 tx.outbound = None
-                # One id in the reply, our log and the delivery log lines.
-                log.info("smtp id=%s queued-as=%s", tx.queue_id, queue_id)
             if tx.local is not None:
                 if not tx.local_prefix_done:
                     tx.local_prefix_done = True
                     await tx.local.write(self._local_prefix(tx))
-                await tx.local.commit()
+                files = await tx.local.commit()
                 tx.local = None
+                for mailbox, file in zip(tx.envelope.mailboxes, files, strict=False):
+                    maillog.stored(tx.queue_id, mailbox=mailbox, file=str(file))
         except Exception as exc:
             await self._discard(tx)
             fault = fault_of(exc)
@@ -784,21 +787,19 @@ class SmtpSession:
 
     def _log_transaction(self, tx: _Transaction, size: int, reply: Reply) -> None:
         env = tx.envelope
-        log.info(
-            "smtp id=%s mode=%s client=%s helo=%s tls=%s user=%s from=%s to=%s size=%d"
-            " result=%d %s time=%.3f",
+        maillog.received(
             tx.queue_id,
-            self.mode_name,
-            self.client_ip,
-            logfmt.field(self.helo or "-"),
-            self._tls_field(),
-            logfmt.field(self.user or "-"),
-            logfmt.path(env.sender),
-            logfmt.paths(env.recipients),
-            size,
-            reply.code,
-            reply.enhanced or "",
-            time.monotonic() - tx.started,
+            mode=self.mode_name,
+            client=self.client_ip,
+            helo=self.helo,
+            tls=self._tls_field(),
+            user=self.user,
+            sender=env.sender,
+            recipients=env.recipients,
+            size=size,
+            code=reply.code,
+            status=reply.enhanced or "",
+            seconds=time.monotonic() - tx.started,
         )
 
     # --- AUTH (RFC 4954) --------------------------------------------------------

@@ -40,7 +40,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from postoffice import logfmt
+from postoffice import maillog
 from postoffice.config.settings import Settings
 from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
@@ -164,11 +164,17 @@ class InboundChecks:
         return address is not None and not in_networks(address, self._exempt)
 
     async def judge(
-        self, *, client_ip: str, helo: str, sender: Address | None, message: bytes
+        self,
+        *,
+        client_ip: str,
+        helo: str,
+        sender: Address | None,
+        message: bytes,
+        queue_id: str | None = None,
     ) -> CheckOutcome:
         try:
             async with asyncio.timeout(self._timeout):
-                return await self._judge(client_ip, helo, sender, message)
+                return await self._judge(client_ip, helo, sender, message, queue_id)
         except TimeoutError:
             log.warning("mailauth client=%s: checks timed out", client_ip)
             return CheckOutcome(
@@ -250,7 +256,12 @@ class InboundChecks:
         )
 
     async def _judge(
-        self, client_ip: str, helo: str, sender: Address | None, message: bytes
+        self,
+        client_ip: str,
+        helo: str,
+        sender: Address | None,
+        message: bytes,
+        queue_id: str | None,
     ) -> CheckOutcome:
         # The session refuses larger header sections before this (MAX_HEADER_BLOCK).
         block = header_block(message[:MAX_HEADER_BLOCK])
@@ -272,19 +283,19 @@ class InboundChecks:
         )
         outcome_reply = self._decide(authors, dmarc_spf, dkims, dmarcs)
         results = self._results(sender, helo_domain, mail_spf, helo_spf, dkims, dmarcs, authors)
-        log.info(
-            "mailauth client=%s helo=%s from=%s spf=%s dkim=%s dmarc=%s result=%s",
-            client_ip,
-            logfmt.field(helo or "-"),
-            logfmt.path(sender),
-            dmarc_spf.result if dmarc_spf else "none",
-            # d= and From: domains are the sender's choice: quoted when odd.
-            logfmt.field(",".join(f"{v.result}:{v.domain}" for v in dkims) or "none"),
-            logfmt.field(
+        maillog.checks(
+            queue_id,
+            client=client_ip,
+            helo=helo,
+            sender=sender,
+            spf=dmarc_spf.result if dmarc_spf else "none",
+            # d= and From: domains are the sender's choice: logfmt quotes them when odd.
+            dkim=",".join(f"{v.result}:{v.domain}" for v in dkims) or "none",
+            dmarc=(
                 ",".join(f"{v.result}:{v.from_domain}" for v in dmarcs)
                 or (f"permerror:{authors.problem}" if authors.problem else "none")
             ),
-            outcome_reply.code if outcome_reply else "accept",
+            result=str(outcome_reply.code) if outcome_reply else "accept",
         )
         return CheckOutcome(
             header=format_header(self._hostname, results),

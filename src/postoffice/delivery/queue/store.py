@@ -25,6 +25,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+from postoffice import maillog
 from postoffice.delivery.content import MessageTraits, TraitScanner
 from postoffice.delivery.queue.lane import DirectoryLane, DirSync
 from postoffice.delivery.queue.message import READ_CHUNK, QueuedMessage, open_body_blocking
@@ -197,7 +198,7 @@ class QueueStore:
         for queue_id in sorted(ids):
             if self.tombstone_path(queue_id).exists():
                 self._unlink_blocking(queue_id)
-                log.info("queue %s: removed (requested by queue remove)", queue_id)
+                maillog.removed(queue_id)
                 continue
             try:
                 entry = self.load_blocking(queue_id)
