@@ -16,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 @dataclass(frozen=True)
-class TestPki:
+class Pki:
     ca: Path  # the CA certificate (PEM): what clients trust
     cert: Path  # the leaf's chain (leaf, then CA)
     key: Path
@@ -26,7 +26,7 @@ def _name(text: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
 
 
-def make_pki(directory: Path, names: list[str]) -> TestPki:
+def make_pki(directory: Path, names: list[str]) -> Pki:
     """A CA and a server certificate for ``names`` (DNS names), in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
@@ -65,7 +65,7 @@ def make_pki(directory: Path, names: list[str]) -> TestPki:
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
-    paths = TestPki(directory / "ca.pem", directory / "fullchain.pem", directory / "key.pem")
+    paths = Pki(directory / "ca.pem", directory / "fullchain.pem", directory / "key.pem")
     paths.ca.write_bytes(ca.public_bytes(pem))
     paths.cert.write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
     paths.key.write_bytes(
