@@ -298,14 +298,13 @@ class Doctor:
                     autoconfig_lines(domain, self.hostname, listen)[2],
                     f"_autodiscover._tcp.{domain}",
                     port,
-                    optional=True,
                 )
             )
             for prefix in ("autoconfig", "autodiscover"):
                 findings.append(await self._points_here(f"{prefix}.{domain}"))
         return findings
 
-    async def _srv(self, line: str, name: str, port: int, *, optional: bool = False) -> Finding:
+    async def _srv(self, line: str, name: str, port: int) -> Finding:
         try:
             records = await self.r.srv(name)
         except DnsError as exc:
@@ -318,9 +317,9 @@ class Doctor:
             return Finding(OK, line, "" if records else "optional: the listener is off")
         if any(r.target == self.hostname and r.port == port for r in offered):
             return Finding(OK, line)
-        if not records:
+        if not records:  # recommended, not required: most clients guess or autoconfigure
             return Finding(
-                WARN if optional else MISSING,
+                WARN,
                 line,
                 f"no SRV record at {name}: clients that look services up (RFC 6186) will not"
                 " find this one",

@@ -69,9 +69,7 @@ def make_pki(directory: Path, names: list[str]) -> Pki:
     paths.ca.write_bytes(ca.public_bytes(pem))
     paths.cert.write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
     paths.key.write_bytes(
-        key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     paths.key.chmod(0o600)
     return paths
