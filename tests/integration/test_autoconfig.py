@@ -17,14 +17,15 @@ import imaplib
 import plistlib
 import poplib
 import select
+import signal
 import smtplib
 import socket
 import ssl
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any
 from xml.etree import ElementTree as ET
 
 import pytest
@@ -75,7 +76,11 @@ class Web:
         return self.context().wrap_socket(sock, server_hostname=AUTOCONFIG)
 
     def request(
-        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         conn = http.client.HTTPSConnection(
             "127.0.0.1", self.https, context=self._named_context(), timeout=20
@@ -177,8 +182,8 @@ def mail_host_is_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     for the stdlib clients; only the test's own resolution is changed)."""
     real = socket.getaddrinfo
 
-    def resolve(host: object, *args: object, **kw: object) -> object:
-        return real("127.0.0.1" if host in (HOST, AUTOCONFIG) else host, *args, **kw)  # type: ignore[arg-type]
+    def resolve(host: Any, *args: Any, **kw: Any) -> Any:
+        return real("127.0.0.1" if host in (HOST, AUTOCONFIG) else host, *args, **kw)
 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
 
@@ -209,7 +214,7 @@ def thunderbird_servers(xml: bytes, domain: str) -> list[tuple[str, str, str, in
     found = []
     for kind in ("incomingServer", "outgoingServer"):
         for node in provider.findall(kind):
-            kind_type = node.get("type")
+            kind_type = node.get("type") or ""
             assert kind_type in (("imap", "pop3") if kind == "incomingServer" else ("smtp",))
             port = int(node.findtext("port") or "0")
             assert 0 < port < 65536
@@ -221,7 +226,7 @@ def thunderbird_servers(xml: bytes, domain: str) -> list[tuple[str, str, str, in
     return found
 
 
-def test_thunderbird_autoconfig_over_curl(web: Web, require_program) -> None:  # type: ignore[no-untyped-def]
+def test_thunderbird_autoconfig_over_curl(web: Web, require_program: Callable[[str], str]) -> None:
     curl = require_program("curl")
     ports = web.srv.ports
     for path in ("/mail/config-v1.1.xml", "/.well-known/autoconfig/mail/config-v1.1.xml"):
@@ -259,7 +264,7 @@ def pox_request(address: str) -> bytes:
     ).encode()
 
 
-def test_autodiscover_pox(web: Web, require_program) -> None:  # type: ignore[no-untyped-def]
+def test_autodiscover_pox(web: Web, require_program: Callable[[str], str]) -> None:
     curl = require_program("curl")
     ports = web.srv.ports
     for path in ("/autodiscover/autodiscover.xml", "/Autodiscover/Autodiscover.xml"):
@@ -293,7 +298,7 @@ def test_autodiscover_pox(web: Web, require_program) -> None:  # type: ignore[no
 
 
 # --- Apple -------------------------------------------------------------------------------
-def test_apple_mobileconfig(web: Web, require_program) -> None:  # type: ignore[no-untyped-def]
+def test_apple_mobileconfig(web: Web, require_program: Callable[[str], str]) -> None:
     curl = require_program("curl")
     body = web.curl(curl, f"/apple/mobileconfig?email={ALICE}", host=HOST)
     profile = plistlib.loads(body)
@@ -320,6 +325,7 @@ def test_apple_mobileconfig(web: Web, require_program) -> None:  # type: ignore[
         web.curl(curl, f"/apple/mobileconfig?email={ALICE}", host=HOST)
     )
     status, headers, _b = web.request("GET", f"/apple/mobileconfig?email={ALICE}")
+    assert status == 200
     assert headers["Content-Type"] == "application/x-apple-aspen-config"
     login(web, "imap", "SSL", HOST, mail["IncomingMailServerPortNumber"], ALICE)
     login(web, "smtp", "SSL", HOST, mail["OutgoingMailServerPortNumber"], ALICE)
@@ -327,7 +333,7 @@ def test_apple_mobileconfig(web: Web, require_program) -> None:  # type: ignore[
 
 
 # --- port 80 -----------------------------------------------------------------------------
-def test_http_redirects_to_https(web: Web, require_program) -> None:  # type: ignore[no-untyped-def]
+def test_http_redirects_to_https(web: Web, require_program: Callable[[str], str]) -> None:
     curl = require_program("curl")
     conn = http.client.HTTPConnection("127.0.0.1", web.http, timeout=20)
     path = f"/mail/config-v1.1.xml?emailaddress={ALICE}"
@@ -340,7 +346,10 @@ def test_http_redirects_to_https(web: Web, require_program) -> None:  # type: ig
     response = conn.getresponse()
     response.read()
     assert response.status == 308  # keeps the method; a foreign Host goes to ours
-    assert response.getheader("Location") == f"https://{HOST}:{web.https}/autodiscover/autodiscover.xml"
+    assert (
+        response.getheader("Location")
+        == f"https://{HOST}:{web.https}/autodiscover/autodiscover.xml"
+    )
     conn.close()
     # curl follows it to the document, verified over TLS.
     result = subprocess.run(
@@ -396,7 +405,9 @@ def test_keep_alive_and_unknown_paths(web: Web) -> None:
     response = conn.getresponse()
     response.read()
     assert response.status == 405 and response.getheader("Allow") == "GET, HEAD"
-    conn.request("HEAD", "/mail/config-v1.1.xml?emailaddress=" + ALICE, headers={"Host": AUTOCONFIG})
+    conn.request(
+        "HEAD", "/mail/config-v1.1.xml?emailaddress=" + ALICE, headers={"Host": AUTOCONFIG}
+    )
     response = conn.getresponse()
     assert response.status == 200 and response.read() == b""
     assert int(response.getheader("Content-Length") or 0) > 100
@@ -460,4 +471,44 @@ def test_garbage_is_400_and_plaintext_on_tls_is_dropped(web: Web) -> None:
     with socket.create_connection(("127.0.0.1", web.http), timeout=20) as plain:
         got = exchange(plain, b"\x16\x03\x01\x02\x00garbage\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 400 "), got[:80]
+    web.healthy()
+
+
+def test_reload_swaps_the_https_certificate(
+    web: Web, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGHUP: new connections get the new certificate (reload.py; the https
+    listener is refreshed with the mail listeners), an open one keeps going."""
+    kept = http.client.HTTPSConnection("127.0.0.1", web.https, context=web._named_context())
+    kept.request("GET", "/mail/config-v1.1.xml?emailaddress=" + ALICE, headers={"Host": AUTOCONFIG})
+    assert kept.getresponse().read()
+    old = web.pki.cert.read_bytes(), web.pki.key.read_bytes()
+    new = make_pki(tmp_path_factory.mktemp("newpki"), [HOST, AUTOCONFIG])
+    try:
+        web.pki.cert.write_bytes(new.cert.read_bytes())
+        web.pki.key.write_bytes(new.key.read_bytes())
+        assert web.srv.proc is not None
+        web.srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "SIGHUP: reloaded" not in web.srv.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ctx = ssl.create_default_context(cafile=str(new.ca))
+        with ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", web.https), timeout=20),
+            server_hostname=AUTOCONFIG,
+        ) as tls:
+            got = exchange(tls, b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 404 ")
+        # The connection from before the reload still serves requests.
+        kept.request("GET", "/nothing", headers={"Host": AUTOCONFIG})
+        assert kept.getresponse().status == 404
+        kept.close()
+    finally:
+        web.pki.cert.write_bytes(old[0])
+        web.pki.key.write_bytes(old[1])
+        assert web.srv.proc is not None
+        web.srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while web.srv.log().count("SIGHUP: reloaded") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
     web.healthy()
