@@ -211,6 +211,8 @@ class Server:
         """Bind and serve.  ``smtp_sockets``: be an extra smtp process, serving
         only the smtp listener, from the server's inherited listening sockets.
         ``shares``: the smtp listener takes turns with the other smtp processes."""
+        from postoffice.net import web
+        from postoffice.net.http import BUSY_REPLY, HttpSession
         from postoffice.net.imap_session import ImapSession
         from postoffice.net.pop3_session import Pop3Session
         from postoffice.net.smtp_session import SmtpMode, SmtpSession
@@ -253,6 +255,19 @@ class Server:
         self._listener("imap", listen.imap, lambda c: ImapSession(s, c).run(), imap_busy)
         self._listener(
             "imaps", listen.imaps, lambda c: ImapSession(s, c).run(), imap_busy, implicit_tls=True
+        )
+        # Client autoconfiguration over HTTPS, with the mail certificate; port 80
+        # redirects to it (net/web.py).
+        https, http = web.https_routes(s), web.http_routes(s)
+        self._listener(
+            "https",
+            listen.https,
+            lambda c: HttpSession(c, https, "https").run(),
+            BUSY_REPLY,
+            implicit_tls=True,
+        )
+        self._listener(
+            "http", listen.http, lambda c: HttpSession(c, http, "http").run(), BUSY_REPLY
         )
         await self._start_listeners()
         if listen.metrics:

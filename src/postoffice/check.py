@@ -196,6 +196,8 @@ _LISTENERS = (
     "imap",
     "imaps",
     "metrics",
+    "http",
+    "https",
 )
 
 

@@ -42,7 +42,8 @@ from typing import TextIO
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from postoffice.config.settings import ListenAddress, Settings
+from postoffice.config.client_endpoints import all_services, endpoints
+from postoffice.config.settings import ListenAddress, ListenSettings, Settings
 from postoffice.dns.mx import MxRecord
 from postoffice.dns.resolver import DnsError, DnsResolver, Resolver
 from postoffice.net.tls import CERT_NAME
@@ -106,13 +107,51 @@ def dmarc_line(domain: str) -> str:
     return f"_dmarc.{domain}. IN TXT {_txt(dmarc_text(domain))}"
 
 
-def records_to_publish(hostname: str, domain: str, keys: Sequence[DkimKey]) -> list[str]:
+def srv_lines(domain: str, hostname: str, listen: ListenSettings) -> list[tuple[str, str, int]]:
+    """(zone-file line, SRV name, port; 0: not offered) of each client service
+    (RFC 6186 §3, _submissions RFC 8314 §5.1), priorities from
+    config/client_endpoints.py (implicit TLS first).  A service that is off
+    gets the "." target, which says it is decidedly not offered (RFC 2782,
+    RFC 6186 §4), so clients do not try it."""
+    on = {e.srv_service: e for e in endpoints(listen, hostname)}
+    lines = []
+    for _listener, label in all_services():
+        name = f"{label}.{domain}"
+        found = on.get(label)
+        if found is None:
+            lines.append((f"{name}. IN SRV 0 0 0 .", name, 0))
+        else:
+            line = f"{name}. IN SRV {found.srv_priority} 1 {found.port} {hostname}."
+            lines.append((line, name, found.port))
+    return lines
+
+
+def autoconfig_lines(domain: str, hostname: str, listen: ListenSettings) -> list[str]:
+    """With [listen] https on: the names clients look up for autoconfiguration
+    (Thunderbird autoconfig.<domain>, Outlook autodiscover.<domain> and
+    _autodiscover._tcp), pointing at this host."""
+    if not listen.https:
+        return []
+    port = listen.https[0].port
+    return [
+        f"autoconfig.{domain}. IN CNAME {hostname}.",
+        f"autodiscover.{domain}. IN CNAME {hostname}.",
+        f"_autodiscover._tcp.{domain}. IN SRV 0 1 {port} {hostname}.",
+    ]
+
+
+def records_to_publish(
+    hostname: str, domain: str, keys: Sequence[DkimKey], listen: ListenSettings | None = None
+) -> list[str]:
     """Every zone-file line a new domain on this host needs, in the doctor's words."""
     lines = [mx_line(domain, hostname), spf_line(domain)]
     if hostname != domain:
         lines.append(helo_spf_line(hostname))
     lines += [zone_txt(key.dns_name, txt_record(key)) for key in keys]
     lines.append(dmarc_line(domain))
+    if listen is not None:
+        lines += [line for line, _name, _port in srv_lines(domain, hostname, listen)]
+        lines += autoconfig_lines(domain, hostname, listen)
     return lines
 
 
@@ -243,7 +282,69 @@ class Doctor:
             findings.append(await self._spf_verdict(domain, want_spf, records))
         findings += await self._dkim(domain)
         findings.append(await self._dmarc(domain))
+        findings += await self._client_records(domain)
         return Section(domain, findings)
+
+    async def _client_records(self, domain: str) -> list[Finding]:
+        """RFC 6186 SRV records and the autoconfiguration names."""
+        listen = self.settings.listen
+        findings = []
+        for line, name, port in srv_lines(domain, self.hostname, listen):
+            findings.append(await self._srv(line, name, port))
+        if listen.https:
+            port = listen.https[0].port
+            findings.append(
+                await self._srv(
+                    autoconfig_lines(domain, self.hostname, listen)[2],
+                    f"_autodiscover._tcp.{domain}",
+                    port,
+                )
+            )
+            for prefix in ("autoconfig", "autodiscover"):
+                findings.append(await self._points_here(f"{prefix}.{domain}"))
+        return findings
+
+    async def _srv(self, line: str, name: str, port: int) -> Finding:
+        try:
+            records = await self.r.srv(name)
+        except DnsError as exc:
+            return Finding(WRONG, line, f"DNS lookup failed: {exc}")
+        offered = [r for r in records if r.target]
+        if port == 0:  # the listener is off
+            if offered:
+                where = ", ".join(f"{r.target}:{r.port}" for r in offered)
+                return Finding(WRONG, line, f"{name} offers {where}, but that listener is off here")
+            return Finding(OK, line, "" if records else "optional: the listener is off")
+        if any(r.target == self.hostname and r.port == port for r in offered):
+            return Finding(OK, line)
+        if not records:  # recommended, not required: most clients guess or autoconfigure
+            return Finding(
+                WARN,
+                line,
+                f"no SRV record at {name}: clients that look services up (RFC 6186) will not"
+                " find this one",
+            )
+        if not offered:
+            return Finding(WRONG, line, f"{name} says the service is not offered (target .)")
+        where = ", ".join(f"{r.target}:{r.port}" for r in offered)
+        return Finding(WRONG, line, f"{name} points to {where}, not to {self.hostname}:{port}")
+
+    async def _points_here(self, name: str) -> Finding:
+        line = f"{name}. IN CNAME {self.hostname}."
+        try:
+            found = await self.r.addresses(name)
+            ours = self.server_ips or await self.r.addresses(self.hostname)
+        except DnsError as exc:
+            return Finding(WRONG, line, f"DNS lookup failed: {exc}")
+        if not found:
+            return Finding(
+                MISSING, line, f"{name} does not resolve: mail clients cannot find their settings"
+            )
+        if ours and not set(found) & set(ours):
+            return Finding(
+                WRONG, line, f"{name} resolves to {', '.join(found)}, not to {self.hostname}"
+            )
+        return Finding(OK, line)
 
     async def _mx(self, domain: str) -> Finding:
         line = mx_line(domain, self.hostname)

@@ -42,10 +42,10 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 NAMESPACE = "postoffice"
 
 LISTENERS = frozenset(
-    {"smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps", "none"}
+    {"smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps", "http", "https", "none"}
 )
 TLS_VERSIONS = frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
-DNS_TYPES = frozenset({"MX", "A", "AAAA", "TXT", "PTR", "SOA", "CNAME"})
+DNS_TYPES = frozenset({"MX", "A", "AAAA", "TXT", "PTR", "SOA", "CNAME", "SRV"})
 DNS_FAILURES = frozenset({"nxdomain", "servfail", "timeout", "error"})
 AUTH_PROTOCOLS = frozenset({"smtp", "pop3", "imap"})
 AUTH_RESULTS = frozenset({"success", "failure", "throttled"})

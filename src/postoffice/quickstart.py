@@ -24,6 +24,9 @@ PRODUCTION_PORTS: dict[str, int] = {
     "pop3s": 995,
     "imap": 143,
     "imaps": 993,
+    # Client autoconfiguration (RFC 9110 ports); port 80 only redirects to 443.
+    "http": 80,
+    "https": 443,
 }
 # [listen] metrics keeps its loopback default: it asks for no login.
 assert set(PRODUCTION_PORTS) == set(ListenSettings.__dataclass_fields__) - {"metrics"}

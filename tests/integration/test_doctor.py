@@ -385,3 +385,86 @@ def test_special_use_names_are_test_setups() -> None:
         assert not is_public_name(name), name
     for name in ("mail.example.org.uk", "mx.postoffice.net", "a.b.de"):
         assert is_public_name(name), name
+
+
+# --- client services: RFC 6186 SRV records, autoconfiguration names -------------------------
+def srv_zone(srv: PostofficeServer, **changes: tuple[str, int]) -> list[tuple[str, str, int, int]]:
+    """The SRV records the doctor asks for, as published; ``changes``: service
+    label ("imaps") -> (target, port) published instead."""
+    ports = srv.ports
+    wanted = {
+        "imaps": (HOST, ports["imaps"], 0),
+        "pop3s": (HOST, ports["pop3s"], 10),
+        "imap": (HOST, ports["imap"], 20),
+        "pop3": (HOST, ports["pop3"], 30),
+        "submissions": (HOST, ports["submissions"], 0),
+        "submission": (HOST, ports["submission"], 10),
+    }
+    zone = []
+    for label, (target, port, priority) in wanted.items():
+        target, port = changes.get(label, (target, port))
+        zone.append((f"_{label}._tcp.{DOMAIN}", target, port, priority))
+    return zone
+
+
+def with_https(settings: Settings, port: int) -> Settings:
+    listen = dataclasses.replace(settings.listen, https=(ListenAddress("127.0.0.1", port),))
+    return dataclasses.replace(settings, listen=listen)
+
+
+def client_doctor(
+    srv: PostofficeServer, tmp_path: Path, zone: dict[str, Any], https: int | None = None
+) -> tuple[int, dict[str, str], str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    dns = auth_dns(tmp_path, **zone).start()
+    try:
+        settings = with_dns(load_settings(srv.config), dns)
+        if https is not None:
+            settings = with_https(settings, https)
+        out = io.StringIO()
+        code = run_doctor(settings, lookups(settings), [DOMAIN], out)
+    finally:
+        dns.stop()
+    return code, statuses(out.getvalue()), out.getvalue()
+
+
+def test_srv_records_checked(server: PostofficeServer, tmp_path: Path) -> None:
+    ports = server.ports
+    imaps = f"_imaps._tcp.{DOMAIN}. IN SRV 0 1 {ports['imaps']} {HOST}."
+    submission = f"_submission._tcp.{DOMAIN}. IN SRV 10 1 {ports['submission']} {HOST}."
+    # All published: ok, and the doctor passes.
+    code, seen, text = client_doctor(
+        server, tmp_path, {**good_zone(server), "srv": srv_zone(server)}
+    )
+    assert code == 0, text
+    srv_lines = [r for r in seen if " IN SRV " in r]
+    assert len(srv_lines) == 6 and all(seen[r] == "ok" for r in srv_lines), text
+    assert seen[imaps] == "ok" and seen[submission] == "ok"
+    # None published: recommended, so a warning each, not a failure.
+    code, seen, text = client_doctor(server, tmp_path / "none", good_zone(server))
+    assert code == 0, text
+    assert seen[imaps] == "warn" and "RFC 6186" in text
+    # A wrong port, another host, or "." for a service that is on: wrong.
+    zone = srv_zone(server, imaps=(HOST, 993), submission=("mx.elsewhere.test", 587), pop3s=("", 0))
+    code, seen, text = client_doctor(server, tmp_path / "bad", {**good_zone(server), "srv": zone})
+    assert code == 1
+    assert seen[imaps] == "wrong" and f"points to {HOST}:993" in text
+    assert seen[submission] == "wrong" and "mx.elsewhere.test:587" in text
+    pop3s = f"_pop3s._tcp.{DOMAIN}. IN SRV 10 1 {ports['pop3s']} {HOST}."
+    assert seen[pop3s] == "wrong" and "not offered (target .)" in text
+
+
+def test_autoconfig_names_checked_when_https_is_on(
+    server: PostofficeServer, tmp_path: Path
+) -> None:
+    zone = {**good_zone(server), "srv": srv_zone(server)}
+    zone["hosts"] = {**zone["hosts"], f"autoconfig.{DOMAIN}": ["127.0.0.1"]}
+    code, seen, text = client_doctor(server, tmp_path, zone, https=8443)
+    assert seen[f"autoconfig.{DOMAIN}. IN CNAME {HOST}."] == "ok", text
+    assert seen[f"autodiscover.{DOMAIN}. IN CNAME {HOST}."] == "missing"
+    assert seen[f"_autodiscover._tcp.{DOMAIN}. IN SRV 0 1 8443 {HOST}."] == "warn"
+    assert code == 1
+    zone["hosts"][f"autodiscover.{DOMAIN}"] = ["192.0.2.7"]
+    _code, seen, text = client_doctor(server, tmp_path / "elsewhere", zone, https=8443)
+    assert seen[f"autodiscover.{DOMAIN}. IN CNAME {HOST}."] == "wrong"
+    assert f"resolves to 192.0.2.7, not to {HOST}" in text

@@ -13,6 +13,7 @@ from pathlib import Path
 from postoffice.config.settings import load_settings
 from postoffice.doctor import dmarc_line, mx_line, spf_line
 from postoffice.quickstart import PRODUCTION_PORTS
+from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 
 
@@ -55,6 +56,12 @@ def test_init_writes_a_config_a_user_and_keys_and_prints_the_records(tmp_path: P
         mx_line("example.test", "mail.example.test"),
         spf_line("example.test"),
         dmarc_line("example.test"),
+        # RFC 6186 / 8314 client SRV records and the autoconfiguration names.
+        "_submissions._tcp.example.test. IN SRV 0 1 465 mail.example.test.",
+        "_imaps._tcp.example.test. IN SRV 0 1 993 mail.example.test.",
+        "_pop3._tcp.example.test. IN SRV 30 1 110 mail.example.test.",
+        "autoconfig.example.test. IN CNAME mail.example.test.",
+        "_autodiscover._tcp.example.test. IN SRV 0 1 443 mail.example.test.",
     ):
         assert line in out
     dkim = po(config, "dkim", "show", "example.test")
@@ -69,6 +76,7 @@ def test_init_writes_a_config_a_user_and_keys_and_prints_the_records(tmp_path: P
     # The server on that config (moved to free test ports), and the user logs in.
     srv = PostofficeServer(tmp_path / "ports")
     text = config.read_text()
+    srv.ports |= {name: free_port(("127.0.0.1",)) for name in ("http", "https")}
     for name, port in PRODUCTION_PORTS.items():
         text = text.replace(f'"0.0.0.0:{port}"', f'"127.0.0.1:{srv.ports[name]}"')
     # metrics keeps its default (127.0.0.1:2900): moved too, off a shared port.

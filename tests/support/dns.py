@@ -25,9 +25,10 @@ def auth_dns(
     mx: Iterable[tuple[str, str, int]] = (),
     ptr: Mapping[str, str] | None = None,
     null_mx: Iterable[str] = (),
+    srv: Iterable[tuple[str, str, int, int]] = (),
 ) -> Dnsmasq:
     """A dnsmasq (not started) serving these records; several values for one
-    TXT name make several records.  dnsmasq splits values longer than 255."""
+    TXT name make several records; ``srv``: (name, target, port, priority).  dnsmasq splits values longer than 255."""
     server = Dnsmasq(root, mx=mx, hosts=dict(hosts or {}), null_mx=null_mx)
     for name, values in (txt or {}).items():
         for value in [values] if isinstance(values, str) else values:
@@ -36,6 +37,9 @@ def auth_dns(
             server.args.append(f"--txt-record={name},{value}")
     for address, target in (ptr or {}).items():
         server.args.append(f"--ptr-record={address},{target}")
+    for name, target, port, priority in srv:  # target "": not offered (RFC 2782 ".")
+        value = f"{name},{target},{port},{priority},1" if target else name
+        server.args.append(f"--srv-host={value}")
     return server
 
 

@@ -64,6 +64,11 @@ class ListenSettings:
     imaps: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2993),)  # implicit TLS (993)
     # Prometheus text format at GET /metrics (net/metrics_http.py); [] turns it off.
     metrics: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2900),)
+    # Plain HTTP (80): redirects every request to https (net/web.py); [] turns it off.
+    http: tuple[ListenAddress, ...] = ()
+    # HTTPS (443) with the mail certificate: client autoconfiguration
+    # (Thunderbird, autodiscover, Apple profiles: net/autoconfig.py); [] turns it off.
+    https: tuple[ListenAddress, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ a name that does not exist is permanent, anything else that went wrong
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import dns.asyncresolver
@@ -38,6 +39,14 @@ class DnsError(Exception):
     def __init__(self, message: str, *, temporary: bool) -> None:
         super().__init__(message)
         self.temporary = temporary
+
+
+@dataclass(frozen=True, slots=True)
+class SrvRecord:
+    priority: int
+    weight: int
+    port: int
+    target: str  # normalised host name; "" for "."
 
 
 class Resolver(Protocol):
@@ -66,6 +75,12 @@ class Resolver(Protocol):
     async def ptr(self, ip: str) -> list[str]:
         """The names the reverse zone gives for ``ip``; [] when there are none
         (NXDOMAIN included).  DnsError(temporary=True) when DNS failed."""
+        ...
+
+    async def srv(self, name: str) -> list[SrvRecord]:
+        """The SRV records of ``name`` (RFC 2782); [] when it has none or does
+        not exist.  DnsError(temporary=True) when DNS failed.  A target of
+        "" is RFC 2782's ".": the service is decidedly not offered."""
         ...
 
 
@@ -183,4 +198,21 @@ class DnsResolver:
             normalise_host(r.target.to_text())
             for r in answer.rrset
             if r.rdtype == dns.rdatatype.PTR
+        ]
+
+    async def srv(self, name: str) -> list[SrvRecord]:
+        try:
+            answer = await self._query(name, "SRV")
+        except DnsError as exc:
+            if exc.temporary:
+                raise
+            return []
+        if answer is None or answer.rrset is None:
+            return []
+        return [
+            SrvRecord(
+                int(r.priority), int(r.weight), int(r.port), normalise_host(r.target.to_text())
+            )
+            for r in answer.rrset
+            if r.rdtype == dns.rdatatype.SRV
         ]

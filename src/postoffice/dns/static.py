@@ -12,16 +12,17 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 
 from postoffice.dns.mx import MxRecord, normalise_host
-from postoffice.dns.resolver import DnsError
+from postoffice.dns.resolver import DnsError, SrvRecord
 
 _VERSION = {"A": 4, "AAAA": 6}
 
 
 class StaticResolver:
     """``mx`` maps domains to records, ``hosts`` names to addresses, ``txt``
-    names to TXT records, ``ptr`` addresses to names.  A name in none of the
-    name tables does not exist; a name in ``failing`` fails for the moment
-    (like a SERVFAIL or a timeout), and so does the PTR of an address there."""
+    names to TXT records, ``ptr`` addresses to names, ``srv`` names to SRV
+    records.  A name in none of the name tables does not exist; a name in
+    ``failing`` fails for the moment (like a SERVFAIL or a timeout), and so
+    does the PTR of an address there."""
 
     def __init__(
         self,
@@ -30,11 +31,13 @@ class StaticResolver:
         failing: Sequence[str] = (),
         txt: Mapping[str, Sequence[str]] | None = None,
         ptr: Mapping[str, Sequence[str]] | None = None,
+        srv: Mapping[str, Sequence[SrvRecord]] | None = None,
     ) -> None:
         self._mx = {normalise_host(k): list(v) for k, v in (mx or {}).items()}
         self._hosts = {normalise_host(k): list(v) for k, v in (hosts or {}).items()}
         self._txt = {normalise_host(k): list(v) for k, v in (txt or {}).items()}
         self._ptr = {_ip(k): [normalise_host(n) for n in v] for k, v in (ptr or {}).items()}
+        self._srv = {normalise_host(k): list(v) for k, v in (srv or {}).items()}
         self._failing = {normalise_host(n) for n in failing}
 
     def _lookup(self, name: str, rdtype: str) -> str:
@@ -42,7 +45,7 @@ class StaticResolver:
         key = normalise_host(name)
         if key in self._failing:
             raise DnsError(f"{key} {rdtype}: DNS servers failed", temporary=True)
-        if key not in self._mx and key not in self._hosts and key not in self._txt:
+        if not any(key in table for table in (self._mx, self._hosts, self._txt, self._srv)):
             raise DnsError(f"{key}: no such domain", temporary=False)
         return key
 
@@ -71,6 +74,15 @@ class StaticResolver:
         if key in self._failing:
             raise DnsError(f"{key} PTR: DNS servers failed", temporary=True)
         return list(self._ptr.get(key, []))
+
+    async def srv(self, name: str) -> list[SrvRecord]:
+        try:
+            key = self._lookup(name, "SRV")
+        except DnsError as exc:
+            if exc.temporary:
+                raise
+            return []
+        return list(self._srv.get(key, []))
 
 
 def _ip(text: str) -> str:
