@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -38,6 +38,7 @@ from postoffice.delivery.queue.records import (
 from postoffice.delivery.queue.requests import QueueRequests
 from postoffice.delivery.queue.writer import OnCommit, QueueWriter, tmp_suffix
 from postoffice.mail.address import Address
+from postoffice.protocol.dsn_params import MessageDsn, RecipientDsn
 from postoffice.storage.safeio import fsync_dir, write_all
 
 log = logging.getLogger("postoffice.queue")
@@ -105,14 +106,20 @@ class QueueStore:
         *,
         queue_id: str | None = None,
         on_commit: OnCommit | None = None,
+        dsn: MessageDsn | None = None,
+        rcpt_dsn: Mapping[Address, RecipientDsn] | None = None,
     ) -> QueueWriter:
+        """``dsn``, ``rcpt_dsn``: the DSN parameters the message came with (RFC 3461)."""
         if not recipients:
             raise ValueError("a queued message needs at least one recipient")
+        unique = tuple(dict.fromkeys(recipients))
         envelope = StoredEnvelope(
             queue_id=queue_id or new_queue_id(),
             sender=sender,
-            recipients=tuple(dict.fromkeys(recipients)),
+            recipients=unique,
             created=time.time(),
+            dsn=dsn or MessageDsn(),
+            rcpt_dsn=tuple(rcpt_dsn.get(r, RecipientDsn()) for r in unique) if rcpt_dsn else (),
         )
         return QueueWriter(
             envelope,
