@@ -34,6 +34,7 @@ from postoffice.policy.relay import (
 )
 from postoffice.policy.srs import forwarding_sender
 from postoffice.protocol import sasl
+from postoffice.protocol.dsn_params import NO_MESSAGE_DSN, SUCCESS, MessageDsn, RecipientDsn
 from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import (
     Auth,
@@ -95,6 +96,8 @@ class IncomingEnvelope:
     forwarded_by: str = ""  # the domain of the first alias forwarding off-site (SRS)
     srs_bounce: bool = False  # the recipient is one of our SRS addresses (alone, capped)
     declared_size: int = 0  # MAIL FROM's SIZE= (RFC 1870), 0 if none
+    dsn: MessageDsn = NO_MESSAGE_DSN  # RET, ENVID (RFC 3461)
+    rcpt_dsn: dict[Address, RecipientDsn] = field(default_factory=dict)  # NOTIFY, ORCPT
 
 
 @dataclass
@@ -406,6 +409,7 @@ class SmtpSession:
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
+            "DSN",  # RFC 3461
         ]
         if not self.core.tls:
             lines.append("STARTTLS")
@@ -431,7 +435,10 @@ class SmtpSession:
             # Postfix's queue_minfree: refused before the data, not after (RFC 1870 §6.1).
             return _NO_SPACE
         self.envelope = IncomingEnvelope(
-            sender=event.sender, smtputf8=event.smtputf8, declared_size=event.size or 0
+            sender=event.sender,
+            smtputf8=event.smtputf8,
+            declared_size=event.size or 0,
+            dsn=event.dsn,
         )
         return _OK_SENDER
 
@@ -493,8 +500,16 @@ class SmtpSession:
                             logfmt.path(rcpt),
                             logfmt.path(m),
                         )
+                # NOTIFY=SUCCESS for a mailbox here: delivered through the
+                # queue, whose local courier says "delivered" (delivery/dsn.py).
+                notify = event.dsn.wants(SUCCESS) and self.s.outbound is not None
                 for m in mailboxes:
-                    env.mailboxes[m] = None
+                    if notify:
+                        env.remote[m] = None
+                    else:
+                        env.mailboxes[m] = None
+                for r in (*remote, *mailboxes) if event.dsn.given else ():
+                    env.rcpt_dsn.setdefault(r, event.dsn)  # the first RCPT naming it decides
                 for r in remote:
                     env.remote[r] = None
                 env.recipients.append(rcpt)
@@ -543,7 +558,9 @@ class SmtpSession:
         queue = self.s.outbound
         if queue is None:  # cannot be: RCPT refuses remote recipients then
             raise ValueError("no outbound queue")
-        return queue.writer(self._queue_sender(env), list(env.remote))
+        return queue.writer(
+            self._queue_sender(env), list(env.remote), dsn=env.dsn, rcpt_dsn=env.rcpt_dsn
+        )
 
     def _queue_sender(self, env: IncomingEnvelope) -> Address | None:
         """The envelope sender the outbound copy leaves with: an SRS address

@@ -107,3 +107,7 @@ def valid_orcpt(value: str | None) -> bool:
         return False
     addr_type, semi, address = value.partition(";")
     return bool(semi) and bool(_ADDR_TYPE.fullmatch(addr_type)) and bool(XTEXT.fullmatch(address))
+
+
+NO_MESSAGE_DSN = MessageDsn()  # RET and ENVID not given
+NO_RECIPIENT_DSN = RecipientDsn()  # NOTIFY and ORCPT not given

@@ -40,7 +40,12 @@ from dataclasses import dataclass, field
 
 from postoffice.mail.address import Address, AddressError, parse_path
 from postoffice.protocol import dsn_params
-from postoffice.protocol.dsn_params import MessageDsn, RecipientDsn
+from postoffice.protocol.dsn_params import (
+    NO_MESSAGE_DSN,
+    NO_RECIPIENT_DSN,
+    MessageDsn,
+    RecipientDsn,
+)
 from postoffice.protocol.errors import LocalProtocolError
 from postoffice.protocol.smtp_data import DataDecoder
 from postoffice.protocol.smtp_reply import Reply
@@ -89,7 +94,7 @@ class MailFrom:
     body: str | None
     smtputf8: bool
     params: dict[str, str | None]
-    dsn: MessageDsn = MessageDsn()
+    dsn: MessageDsn = NO_MESSAGE_DSN
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +106,7 @@ class RcptTo:
 
     recipient: Address
     params: dict[str, str | None]
-    dsn: RecipientDsn = RecipientDsn()
+    dsn: RecipientDsn = NO_RECIPIENT_DSN
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,9 +314,10 @@ def parse_mail(arg: str) -> MailFrom | Rejected:
                 return _reject(501, "SMTPUTF8 takes no value", "5.5.4")
             smtputf8 = True
         elif key == "RET":  # RFC 3461 §4.3
-            ret = dsn_params.parse_ret(value)
-            if ret is None:
+            parsed = dsn_params.parse_ret(value)
+            if parsed is None:
                 return _reject(501, "RET must be FULL or HDRS", "5.5.4")
+            ret = parsed
         elif key == "ENVID":  # RFC 3461 §4.4: xtext, at most 100 characters
             if not dsn_params.valid_envid(value):
                 return _reject(501, "ENVID needs an xtext value of at most 100 characters", "5.5.4")
@@ -346,7 +352,9 @@ def parse_rcpt(arg: str, *, utf8: bool) -> RcptTo | Rejected:
                 return _reject(501, "NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY", "5.5.4")
         elif key == "ORCPT":  # RFC 3461 §4.2: addr-type ";" xtext, at most 500 characters
             if not dsn_params.valid_orcpt(value):
-                return _reject(501, "ORCPT must be addr-type;xtext of at most 500 characters", "5.5.4")
+                return _reject(
+                    501, "ORCPT must be addr-type;xtext of at most 500 characters", "5.5.4"
+                )
             orcpt = value or ""
         else:
             return _reject(555, f"Unsupported parameter {key}", "5.5.4")

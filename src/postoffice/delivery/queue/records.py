@@ -17,7 +17,12 @@ from typing import Any
 
 from postoffice.delivery.content import MessageTraits
 from postoffice.mail.address import Address
-from postoffice.protocol.dsn_params import MessageDsn, RecipientDsn
+from postoffice.protocol.dsn_params import (
+    NO_MESSAGE_DSN,
+    NO_RECIPIENT_DSN,
+    MessageDsn,
+    RecipientDsn,
+)
 from postoffice.storage.errors import DeliveryError
 
 MAGIC = b"postoffice-queue 1 "
@@ -56,7 +61,7 @@ class Recipient:
     remote: str = ""  # the host that gave last_error, if any
     smtp_reply: bool = False  # last_error is that host's SMTP reply
     last_attempt: float = 0.0
-    dsn: RecipientDsn = RecipientDsn()  # NOTIFY and ORCPT (RFC 3461)
+    dsn: RecipientDsn = NO_RECIPIENT_DSN  # NOTIFY and ORCPT (RFC 3461)
     # A success notice owed ("delivered", "relayed": RFC 3464 §2.3.3), "sent"
     # once it is queued; "" when none is due.
     notice: str = ""
@@ -125,7 +130,7 @@ class StoredEnvelope:
     sender: Address | None  # None: the null reverse-path (a bounce)
     recipients: tuple[Address, ...]
     created: float
-    dsn: MessageDsn = MessageDsn()  # RET and ENVID (RFC 3461)
+    dsn: MessageDsn = NO_MESSAGE_DSN  # RET and ENVID (RFC 3461)
     rcpt_dsn: tuple[RecipientDsn, ...] = ()  # per recipient, in order; () when none given
 
     def recipient_dsn(self, index: int) -> RecipientDsn:

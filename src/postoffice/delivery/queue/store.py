@@ -367,7 +367,13 @@ class ClaimedMessage:
         whole, self._whole = self._whole, None
         store, entry = self._store, self.entry
         return QueuedMessage(
-            store.msg_path(entry.queue_id), entry.body_offset, traits, store._executor, whole
+            store.msg_path(entry.queue_id),
+            entry.body_offset,
+            traits,
+            store._executor,
+            whole,
+            dsn=entry.envelope.dsn,
+            rcpt_dsn={r.address: r.dsn for r in entry.recipients if r.dsn.given},
         )
 
     async def read_head(self, limit: int) -> bytes:
