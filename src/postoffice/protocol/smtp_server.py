@@ -53,6 +53,10 @@ from postoffice.protocol.smtp_reply import Reply
 # RFC 4954 §4: AUTH command lines and SASL responses may be up to 12288
 # octets, more than the 512 of an ordinary command line.
 MAX_AUTH_LINE = 12288
+# RFC 3461 §4: with DSN, MAIL may be 100 characters longer (ENVID) and RCPT
+# 500 (ORCPT); the keywords themselves and RET/NOTIFY's words come on top.
+DSN_MAIL_EXTRA = 100 + len(" ENVID= RET=HDRS")
+DSN_RCPT_EXTRA = 500 + len(" ORCPT= NOTIFY=SUCCESS,FAILURE,DELAY")
 MAX_SIZE_DIGITS = 20  # RFC 1870 §3: size-value ::= 1*20DIGIT
 
 
@@ -518,6 +522,11 @@ class SmtpServerCore:
         """The longest allowed line for what is being received now, CRLF included."""
         if self._sasl or self._buf[self._pos : self._pos + 5].upper() == b"AUTH ":
             return max(self.max_command_line, MAX_AUTH_LINE)
+        verb = bytes(self._buf[self._pos : self._pos + 5]).upper()
+        if verb == b"MAIL ":  # RFC 3461 §4: ENVID adds up to 100 characters
+            return self.max_command_line + DSN_MAIL_EXTRA
+        if verb == b"RCPT ":  # RFC 3461 §4: ORCPT adds up to 500, NOTIFY its words
+            return self.max_command_line + DSN_RCPT_EXTRA
         return self.max_command_line
 
     def _next_command_event(self) -> Event | None:
