@@ -57,6 +57,7 @@ from postoffice.protocol.smtp_server import (
 )
 from postoffice.services import Services
 from postoffice.storage.errors import DeliveryError, StorageFault, fault_of
+from postoffice.storage.folders import junk_folder_blocking
 from postoffice.storage.maildir import DeliveryWriter
 from postoffice.storage.sink import HeadedSink, MessageSink
 
@@ -732,7 +733,27 @@ class SmtpSession:
             message=tx.gate.held(),
         )
         tx.extra_headers = outcome.header
+        if outcome.quarantine and outcome.reply is None and tx.local is not None:
+            await self._quarantine(tx, outcome.quarantine)
         return outcome.reply
+
+    async def _quarantine(self, tx: _Transaction, reason: str) -> None:
+        """RFC 7489 §6.3 p=quarantine: the local copies go to each mailbox's
+        Junk folder (storage/folders.py), with a header saying why; nothing is
+        written yet (the message was held for the checks)."""
+        assert tx.local is not None and not tx.local_prefix_done
+        maildirs = self.s.maildirs
+        paths = [maildirs.path_for(m) for m in tx.envelope.mailboxes]
+        loop = asyncio.get_running_loop()
+        try:
+            junk = [await loop.run_in_executor(None, junk_folder_blocking, p) for p in paths]
+        except OSError as exc:  # no Junk folder: the inbox, still marked
+            log.error("smtp id=%s: no Junk folder, quarantined to INBOX: %s", tx.queue_id, exc)
+        else:
+            await tx.local.discard()
+            tx.local = maildirs.writer_to(junk, folders=True)
+        tx.extra_headers += f"X-Postoffice-Quarantine: {reason} (RFC 7489 6.3)\n".encode()
+        log.info("smtp id=%s quarantined: %s", tx.queue_id, logfmt.field(reason))
 
     def _content_verdict(self, event: DataComplete, tx: _Transaction) -> Reply | None:
         limit = self.s.settings.limits.max_message_size
