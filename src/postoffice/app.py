@@ -121,6 +121,8 @@ def build_services(
     # One resolver for every lookup of this process, on [relay] dns_servers:
     # outbound routing, and SPF/DKIM/DMARC on the smtp listener.
     resolver = DnsResolver(settings.relay.dns_servers)
+    # Before the queue: it signs the DSNs it makes with the same signer.
+    services.dkim_signer = DkimSigner(KeyStore(settings.data_dir))
     if process == 0:
         services.outbound = _build_outbound(services, resolver)
     else:
@@ -136,7 +138,6 @@ def build_services(
     services.quota = QuotaTracker(settings.limits.mailbox_quota, accounts.quota, executor)
     # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail.
     services.inbound_checks = InboundChecks(settings, resolver)  # DKIM in worker processes
-    services.dkim_signer = DkimSigner(KeyStore(settings.data_dir))
     return services
 
 
@@ -148,7 +149,7 @@ def _build_outbound(services: Services, resolver: Resolver) -> Outbound:
     store.ensure_dirs()
     remote = RemoteCourier(settings.relay, settings.hostname, resolver)
     local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
-    return Outbound(settings, store, remote, local, srs=services.srs)
+    return Outbound(settings, store, remote, local, srs=services.srs, signer=services.dkim_signer)
 
 
 @dataclass

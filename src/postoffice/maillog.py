@@ -41,6 +41,7 @@ REMOVED = "removed"  # `postoffice queue remove`
 STORED = "stored"  # written to a local mailbox (Maildir file)
 RETRIEVED = "retrieved"  # read by POP3 RETR or IMAP FETCH of the body
 DELETED = "deleted"  # removed by POP3 DELE + QUIT or IMAP EXPUNGE
+QUARANTINED = "quarantined"  # local copies filed in Junk (DMARC p=quarantine)
 EVENTS = (
     RECEIVED,
     REJECTED,
@@ -179,6 +180,11 @@ def checks(
     )
 
 
+def quarantined(queue_id: str, *, reason: str, folder: str) -> None:
+    """The local copies go to ``folder`` (Junk; INBOX when it cannot be made)."""
+    _emit(QUARANTINED, queue_id, {"reason": reason, "folder": folder})
+
+
 def stored(queue_id: str, *, mailbox: object, file: str) -> None:
     """A local mailbox got its copy: ``file``, the Maildir name's stable stem."""
     _emit(STORED, queue_id, {"mailbox": _Path(mailbox), "file": maildir_stem(file)})
@@ -228,7 +234,8 @@ def expired(queue_id: str, *, recipient: object, status: str) -> None:
 
 
 def bounced(queue_id: str, *, sender: object | None, kind: str, notice: str | None) -> None:
-    """A DSN (``kind``: failed or delayed) queued as ``notice``; None: none
+    """A DSN (``kind``: failed, delayed, or the success actions delivered,
+    relayed, expanded of RFC 3464 §2.3.3) queued as ``notice``; None: none
     could be sent (a bounce is never bounced, RFC 3461 §6.2)."""
     _emit(BOUNCED, queue_id, {"sender": _Path(sender), "kind": kind, "notice": notice or "none"})
 

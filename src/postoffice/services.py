@@ -7,7 +7,7 @@ sessions never build services themselves and no module keeps global state.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,6 +19,7 @@ from postoffice.policy.dkim_sign import DkimSigner
 from postoffice.policy.mailauth import InboundChecks
 from postoffice.policy.memory_budget import MAX_HELD_BYTES, MemoryBudget
 from postoffice.policy.srs import Srs
+from postoffice.protocol.dsn_params import MessageDsn, RecipientDsn
 from postoffice.storage.accounts import AccountStore
 from postoffice.storage.folder_watch import FolderWatcher
 from postoffice.storage.free_space import FreeSpaceGuard
@@ -34,9 +35,16 @@ class OutboundQueue(Protocol):
     layer (delivery/ imports net/)."""
 
     def writer(
-        self, sender: Address | None, recipients: Sequence[Address], *, queue_id: str | None = None
+        self,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        *,
+        queue_id: str | None = None,
+        dsn: MessageDsn | None = None,
+        rcpt_dsn: Mapping[Address, RecipientDsn] | None = None,
     ) -> HeadedSink:
-        """``queue_id``: the session's, kept (one id in every log record)."""
+        """``queue_id``: the session's, kept (one id in every log record);
+        ``dsn``, ``rcpt_dsn``: the DSN parameters (RFC 3461) the queue keeps."""
         ...
 
 

@@ -47,6 +47,8 @@ def dns(tmp_path_factory: pytest.TempPathFactory, signer_dir: Path) -> Iterator[
         txt={
             "sender.test": "v=spf1 ip4:127.0.0.1 -all",
             "_dmarc.sender.test": "v=DMARC1; p=reject",
+            "quarantine.test": "v=spf1 ip4:192.0.2.1 -all",
+            "_dmarc.quarantine.test": "v=DMARC1; p=quarantine",
             **{k.key.dns_name: txt_record(k.key) for k in keys},
         },
     ).start()
@@ -319,3 +321,28 @@ def test_dkim_worker_processes_end_with_the_server(tmp_path: Path, dns: Dnsmasq,
     else:
         srv.kill()
     assert wait_for(lambda: not any(alive(p) for p in workers), 10)
+
+
+def test_dmarc_quarantine_goes_to_the_junk_folder(receiver: PostofficeServer) -> None:
+    """RFC 7489 §6.3 p=quarantine: a message failing DMARC is accepted into
+    the recipient's Junk folder (RFC 6154 \\Junk), not INBOX, with a header
+    saying why."""
+    before = len(receiver.messages(BOB))
+    junk = receiver.maildir(BOB) / ".Junk" / "new"
+    junk_before = len(list(junk.iterdir())) if junk.is_dir() else 0
+    code, _text = send(
+        receiver,
+        message("mallory@quarantine.test", body="Quarantine me.\n"),
+        sender="mallory@quarantine.test",
+    )
+    assert code == 250
+    assert wait_for(lambda: junk.is_dir() and len(list(junk.iterdir())) == junk_before + 1), (
+        receiver.log()
+    )
+    assert len(receiver.messages(BOB)) == before  # not in INBOX
+    content = max(junk.iterdir(), key=lambda p: p.stat().st_mtime_ns).read_bytes()
+    assert b"X-Postoffice-Quarantine: DMARC policy of quarantine.test is quarantine" in content
+    ar = auth_results(content)
+    assert "dmarc=fail" in ar and "p=quarantine dis=quarantine" in ar
+    assert (receiver.maildir(BOB) / ".Junk" / "maildirfolder").exists()
+    assert "quarantined" in receiver.log()

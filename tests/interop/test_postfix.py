@@ -21,7 +21,16 @@ from email.message import EmailMessage
 import pytest
 
 from tests.interop.postfix import POSTFIX, Postfix
-from tests.support.helpers import ALICE, BOB, make_server, queued, submission, wait_for
+from tests.support.helpers import (
+    ALICE,
+    ALICE_PW,
+    BOB,
+    make_server,
+    queued,
+    submission,
+    tls_context,
+    wait_for,
+)
 from tests.support.peers import DNSMASQ, Dnsmasq
 from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
@@ -214,5 +223,93 @@ def test_forwarding_through_srs_and_postfixs_own_bounce(
     assert re.search(
         r"to=<dave@remote\.test> relay=mx\.remote\.test\S* .*result=delivered", srv.log()
     )
+    assert wait_for(lambda: queued(srv) == [])
+    assert wait_for(postfix.queue_empty)
+
+
+def _report(message: EmailMessage) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """The per-message and per-recipient fields of a multipart/report (RFC 3464)."""
+    assert message.get_content_type() == "multipart/report"
+    status = list(message.iter_parts())[1]
+    blocks = status.get_payload()
+    assert isinstance(blocks, list)
+    found = [{k.lower(): str(v) for k, v in b.items()} for b in blocks if not isinstance(b, str)]
+    return found[0], found[1:]
+
+
+def test_dsn_relayed_to_postfix_and_its_success_notice_comes_back(
+    neighbours: tuple[PostofficeServer, Postfix],
+) -> None:
+    """RFC 3461 §5.2: Postfix offers DSN, so postoffice hands it NOTIFY,
+    ORCPT, RET and ENVID and sends no notice itself; Postfix delivers and
+    sends its own "delivered" DSN, which comes back through postoffice."""
+    srv, postfix = neighbours
+    with smtplib.SMTP("127.0.0.1", srv.ports["submission"], timeout=30) as client:
+        client.starttls(context=tls_context())
+        client.login(ALICE, ALICE_PW)
+        client.sendmail(
+            ALICE,
+            ["dave@remote.test"],
+            f"From: {ALICE}\r\nTo: dave@remote.test\r\nSubject: dsn through postfix\r\n\r\nhi\r\n",
+            ["RET=HDRS", "ENVID=po+2Benv-1"],
+            ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;dave@remote.test"],
+        )
+
+    def postfix_notice() -> EmailMessage | None:
+        for path in srv.messages(ALICE):
+            msg = parse(path.read_bytes())
+            if "dsn through postfix" in msg.as_string() and msg.get_content_type() == (
+                "multipart/report"
+            ):
+                return msg
+        return None
+
+    assert wait_for(lambda: postfix_notice() is not None, 30), postfix.log() + srv.log()
+    notice = postfix_notice()
+    assert notice is not None
+    per_message, (rcpt,) = _report(notice)
+    assert per_message["reporting-mta"] == "dns; mx.remote.test"  # Postfix's, not ours
+    assert per_message["original-envelope-id"] == "po+env-1"
+    assert rcpt["action"] == "delivered"
+    assert rcpt["original-recipient"].replace(" ", "") == "rfc822;dave@remote.test"
+    assert re.search(r"to=<dave@remote\.test>.*dsn=2\.0\.0, status=sent", postfix.log())
+    # Postfix took the duty: postoffice sent no "relayed" notice of its own.
+    assert not any(b"relayed" in p.read_bytes() for p in srv.messages(ALICE))
+    assert wait_for(lambda: queued(srv) == [])
+
+
+def test_postfix_relays_notify_success_and_gets_our_delivered_notice(
+    neighbours: tuple[PostofficeServer, Postfix],
+) -> None:
+    """Postfix relays to postoffice with NOTIFY=SUCCESS (postoffice offers
+    DSN); postoffice delivers into the mailbox and its "delivered" DSN goes
+    back to the sender at Postfix, with ENVID and ORCPT in it."""
+    srv, postfix = neighbours
+    with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as client:
+        client.sendmail(
+            "carol@remote.test",
+            [BOB],
+            b"From: carol@remote.test\r\nTo: bob@example.test\r\nSubject: notify me\r\n\r\nhi\r\n",
+            ["ENVID=pf-42"],
+            ["NOTIFY=SUCCESS", f"ORCPT=rfc822;{BOB}"],
+        )
+
+    def our_notice() -> bytes | None:
+        return next(
+            (m for m in postfix.mailbox("carol") if b"Reporting-MTA: dns; mail.example.test" in m),
+            None,
+        )
+
+    assert wait_for(lambda: our_notice() is not None, 30), postfix.log() + srv.log()
+    raw_notice = our_notice()
+    assert raw_notice is not None
+    per_message, (rcpt,) = _report(parse(raw_notice))
+    assert per_message["original-envelope-id"] == "pf-42"
+    assert rcpt["action"] == "delivered" and rcpt["status"] == "2.0.0"
+    assert rcpt["final-recipient"] == f"rfc822; {BOB}"
+    assert rcpt["original-recipient"] == f"rfc822; {BOB}"
+    assert any(b"Subject: notify me" in p.read_bytes() for p in srv.messages(BOB))
+    # Postfix passed NOTIFY on (it saw DSN in our EHLO) and left the rest to us.
+    assert re.search(r"to=<bob@example\.test>.*status=sent", postfix.log())
     assert wait_for(lambda: queued(srv) == [])
     assert wait_for(postfix.queue_empty)

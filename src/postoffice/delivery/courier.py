@@ -15,6 +15,7 @@ from typing import Protocol
 
 from postoffice.delivery.content import MessageTraits
 from postoffice.mail.address import Address
+from postoffice.protocol.dsn_params import MessageDsn, RecipientDsn
 from postoffice.protocol.smtp_reply import Reply
 
 
@@ -33,6 +34,9 @@ class RecipientResult:
     remote: str = ""  # which host said it, e.g. "mx1.example[192.0.2.1]:25"
     smtp_reply: bool = False  # ``text`` is a reply from the remote host (DSN Diagnostic-Code)
     forwards: tuple[Address, ...] = ()  # local aliases: remote targets to queue in its place
+    # The next hop offered DSN and was given NOTIFY/ORCPT: success notices are
+    # its job now (RFC 3461 §5.2.2); without it we send a "relayed" one.
+    peer_dsn: bool = False
 
 
 class MessageSource(Protocol):
@@ -40,6 +44,15 @@ class MessageSource(Protocol):
 
     @property
     def traits(self) -> MessageTraits: ...
+
+    @property
+    def dsn(self) -> MessageDsn:
+        """RET and ENVID, for a next hop that offers DSN."""
+        ...
+
+    def recipient_dsn(self, address: Address) -> RecipientDsn:
+        """NOTIFY and ORCPT of one recipient."""
+        ...
 
     def chunks(self) -> AsyncGenerator[bytes, None]:
         """The message (LF form) in chunks, from the start."""

@@ -1,4 +1,14 @@
-"""Delivery Status Notifications: bounces and delay warnings (RFC 3464).
+"""Delivery Status Notifications: bounces, delay warnings, success notices (RFC 3464).
+
+Which notices are sent follows the recipient's NOTIFY (RFC 3461 §4.1,
+protocol/dsn_params.py; absent means FAILURE,DELAY): "failed" and
+"delayed" (once, after ``[relay] warn_after``) from the queue, "delivered"
+when a local mailbox took the message, "relayed" when a next hop without
+DSN did (§5.2.2; a hop with DSN got NOTIFY and ORCPT and reports itself).
+ENVID goes into Original-Envelope-Id, ORCPT into Original-Recipient
+(RFC 3464 §2.2.1, §2.3.1).  RET=FULL returns the whole message with a
+failure notice (text/rfc822 of at most MAX_RETURNED octets, else headers
+only, RFC 3461 §4.3 allows that); delay and success notices quote headers.
 
 A DSN is a multipart/report (RFC 6522) with three parts: a human-readable
 explanation, a message/delivery-status with one block per recipient, and
@@ -38,6 +48,17 @@ _SUMMARY_FIELDS = frozenset(
 )
 MAX_SUMMARY_FIELD = 998  # octets of one quoted field (RFC 5322 §2.1.1's line limit)
 MAX_FORWARDED_HEADER_COPY = 4096  # octets of header quoted in a forwarded message's DSN
+MAX_RETURNED = 1024 * 1024  # octets of a message RET=FULL returns whole; larger: headers
+# RFC 3464 §2.3.3 actions; a queued recipient's success notice (records.py
+# ``notice``) is one of the last three until it is sent.
+FAILED, DELAYED, DELIVERED, RELAYED, EXPANDED = (
+    "failed",
+    "delayed",
+    "delivered",
+    "relayed",
+    "expanded",
+)
+NOTICE_SENT = "sent"
 _HOST_OF_LABEL = re.compile(r"^([^\[\s]+)\[")
 
 
@@ -49,6 +70,7 @@ class DsnRecipient:
     smtp_reply: bool  # diagnostic is an SMTP reply (Diagnostic-Code: smtp; ...)
     remote: str  # "host[ip]:port" that answered, or ""
     last_attempt: float  # 0: never attempted
+    original_recipient: str = ""  # from ORCPT, "rfc822; a@b" (RFC 3464 §2.3.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +80,8 @@ class DsnContext:
     sender: Address  # the envelope sender the DSN goes to
     arrival: float
     original_headers: bytes  # LF form, as stored
+    envid: str = ""  # ENVID, decoded (RFC 3464 §2.2.1)
+    original_message: bytes | None = None  # RET=FULL: the whole message (LF form)
 
 
 def summary_headers(header: bytes, limit: int = MAX_FORWARDED_HEADER_COPY) -> bytes:
@@ -101,6 +125,9 @@ def _remote_host(label: str) -> str:
 def _recipient_block(r: DsnRecipient, action: str, retry_until: float | None) -> tuple[str, bool]:
     field, utf8 = _address_field(r.address)
     lines = [f"Final-Recipient: {field}", f"Action: {action}", f"Status: {r.status}"]
+    if r.original_recipient:
+        lines.insert(0, f"Original-Recipient: {_clean(r.original_recipient)}")
+        utf8 = utf8 or not r.original_recipient.isascii()
     if r.remote:
         lines.append(f"Remote-MTA: dns; {_clean(_remote_host(r.remote))}")
     kind = "smtp" if r.smtp_reply else "X-Postoffice"
@@ -120,23 +147,47 @@ def build_dsn(
     now: float,
     delayed: bool = False,
     retry_until: float | None = None,
+    action: str = "",
 ) -> bytes:
     """The DSN message (LF line endings), from MAILER-DAEMON to ``ctx.sender``.
 
-    ``delayed``: a warning that delivery is still being retried (Action:
-    delayed), else a failure report (Action: failed).
+    ``action`` (RFC 3464 §2.3.3): FAILED (the default), DELAYED (still
+    being retried; ``delayed=True`` says the same), DELIVERED or RELAYED.
     """
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
+    action = action or (DELAYED if delayed else FAILED)
+    delayed = action == DELAYED
     host = ctx.reporting_mta
     boundary = f"{ctx.queue_id}/{secrets.token_hex(8)}.{host}"
-    action = "delayed" if delayed else "failed"
     blocks = [_recipient_block(r, action, retry_until) for r in recipients]
+    returned = ctx.original_message if action == FAILED else None
+    if returned is not None and len(returned) > MAX_RETURNED:
+        returned = None  # too large to send back whole: headers only (RFC 3461 §4.3)
+    quoted = ctx.original_headers if returned is None else returned
     headers_utf8 = not ctx.original_headers.isascii()
     utf8 = headers_utf8 or any(u for _b, u in blocks) or not str(ctx.sender).isascii()
     status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
-    headers_type = "message/global-headers" if headers_utf8 else "text/rfc822-headers"
-    if delayed:
+    if returned is not None:
+        headers_type = "message/global" if headers_utf8 else "message/rfc822"
+    else:
+        headers_type = "message/global-headers" if headers_utf8 else "text/rfc822-headers"
+    if action in (DELIVERED, RELAYED, EXPANDED):
+        subject = "Successful Mail Delivery Report"
+        done = (
+            "delivered to the mailbox"
+            if action == DELIVERED
+            else "expanded by an alias; its members report nothing more"
+            if action == EXPANDED
+            else "relayed to a system that does not send delivery notifications,\n"
+            "so this is the last report you will get"
+        )
+        intro = (
+            f"This is the mail system at host {host}.\n\n"
+            "Your message was successfully delivered to the destination(s)\n"
+            f"listed below: {done}.\n"
+        )
+    elif delayed:
         subject = "Delayed Mail (still being retried)"
         intro = (
             "This is the mail system at host {host}.\n\n"
@@ -158,8 +209,10 @@ def build_dsn(
         + _clean(r.diagnostic or r.status)
         for r in recipients
     )
+    description = "Undelivered Message" if returned is not None else "Message Headers"
+    envid = f"Original-Envelope-Id: {_clean(ctx.envid)}\n" if ctx.envid else ""
     per_message = (
-        f"Reporting-MTA: dns; {host}\n"
+        envid + f"Reporting-MTA: dns; {host}\n"
         f"X-Postoffice-Queue-ID: {ctx.queue_id}\n"
         f"Arrival-Date: {_date(ctx.arrival)}\n"
     )
@@ -188,8 +241,9 @@ def build_dsn(
         "\n"
         f"{per_message}\n" + "\n".join(b for b, _u in blocks) + "\n"
         f"--{boundary}\n"
-        "Content-Description: Undelivered Message Headers\n"
+        f"Content-Description: {description}\n"
         f"Content-Type: {headers_type}\n"
-        "\n"
+        + ("Content-Transfer-Encoding: 8bit\n" if not quoted.isascii() else "")
+        + "\n"
     )
-    return text.encode("utf-8") + ctx.original_headers + f"\n--{boundary}--\n".encode()
+    return text.encode("utf-8") + quoted + f"\n--{boundary}--\n".encode()

@@ -27,14 +27,26 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from postoffice import logfmt, maillog, metrics
 from postoffice.config.settings import Settings
 from postoffice.delivery.content import MAX_HEADER_COPY, header_section
 from postoffice.delivery.courier import MessageSource, Outcome, RecipientResult
-from postoffice.delivery.dsn import DsnContext, DsnRecipient, build_dsn, summary_headers
+from postoffice.delivery.dsn import (
+    DELAYED,
+    DELIVERED,
+    EXPANDED,
+    FAILED,
+    MAX_RETURNED,
+    NOTICE_SENT,
+    RELAYED,
+    DsnContext,
+    DsnRecipient,
+    build_dsn,
+    summary_headers,
+)
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.queue.records import QueueEntry, QueueError, Recipient, RecipientState
 from postoffice.delivery.queue.store import ClaimedMessage, QueueStore, Released, Unclaimed
@@ -42,7 +54,16 @@ from postoffice.delivery.queue.writer import QueueWriter
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.delivery.retry import next_attempt, retry_delay, warning_due
 from postoffice.mail.address import Address
+from postoffice.policy.dkim_sign import DkimSigner
 from postoffice.policy.srs import Srs, SrsError, is_srs
+from postoffice.protocol.dsn_params import (
+    DELAY,
+    FAILURE,
+    SUCCESS,
+    MessageDsn,
+    RecipientDsn,
+    xtext_decode,
+)
 
 log = logging.getLogger("postoffice.delivery")
 
@@ -76,9 +97,11 @@ class Outbound:
         clock: Callable[[], float] = time.time,
         poll_interval: float = POLL_INTERVAL,
         srs: Srs | None = None,
+        signer: DkimSigner | None = None,
     ) -> None:
         self._settings = settings
         self._srs = srs
+        self._signer = signer  # DSNs are signed like submitted mail (dkim_sign.py)
         self._relay = settings.relay
         self.store = store
         self._remote = remote
@@ -111,10 +134,23 @@ class Outbound:
 
     # --- the interface the SMTP session uses ---------------------------------------
     def writer(
-        self, sender: Address | None, recipients: Sequence[Address], *, queue_id: str | None = None
+        self,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        *,
+        queue_id: str | None = None,
+        dsn: MessageDsn | None = None,
+        rcpt_dsn: Mapping[Address, RecipientDsn] | None = None,
     ) -> QueueWriter:
         """A writer for one message; its ``commit`` queues it durably."""
-        return self.store.writer(sender, recipients, queue_id=queue_id, on_commit=self._accepted)
+        return self.store.writer(
+            sender,
+            recipients,
+            queue_id=queue_id,
+            on_commit=self._accepted,
+            dsn=dsn,
+            rcpt_dsn=rcpt_dsn,
+        )
 
     def _accepted(self, entry: QueueEntry) -> None:
         if entry.queue_id in self._entries:
@@ -365,10 +401,17 @@ class Outbound:
             r.smtp_reply = result.smtp_reply
             if result.outcome is Outcome.DELIVERED:
                 r.state = RecipientState.DELIVERED
+                if r.dsn.wants(SUCCESS) and not r.notice:
+                    r.notice = _success_action(group.local, result)
+                # RFC 3461 §6.2.7.3: an alias expansion reports "expanded"
+                # itself; its targets keep FAILURE/DELAY, not SUCCESS.
+                inherited = RecipientDsn(
+                    None if r.dsn.notify is None else r.dsn.notify - {SUCCESS}, r.dsn.orcpt
+                )
                 for target in result.forwards:
                     if target not in known:  # aliases: forward through the queue
                         known.add(target)
-                        entry.recipients.append(Recipient(target, next_try=now))
+                        entry.recipients.append(Recipient(target, next_try=now, dsn=inherited))
             elif result.outcome is Outcome.FAILED:
                 r.state = RecipientState.FAILED
             else:
@@ -412,39 +455,57 @@ class Outbound:
 
     # --- after the round: the DSNs it owes ---------------------------------------------
     async def _send_owed_dsns(self, claim: ClaimedMessage) -> None:
-        """Queue a failure DSN for recipients that failed, and a delay warning
-        when one is due; mark them done.  The caller then persists."""
+        """Queue a failure DSN for recipients that failed, a delay warning when
+        one is due, and success notices, each as the recipients' NOTIFY asks
+        (RFC 3461 §4.1); mark them done.  The caller then persists."""
         entry = claim.entry
         now = self._clock()
         failed = [r for r in entry.recipients if r.state is RecipientState.FAILED]
         if failed:
+            wanted = [r for r in failed if r.dsn.wants(FAILURE)]
             if entry.envelope.sender is None:
                 # A bounce that cannot be delivered is dropped: never bounce a bounce.
                 maillog.bounced(entry.queue_id, sender=None, kind="failed", notice=None)
-            else:
-                await self._send_dsn(claim, failed, now, delayed=False)
+            elif wanted:
+                await self._send_dsn(claim, wanted, now, FAILED, f"b{entry.dsn_count}")
                 entry.dsn_count += 1
             for r in failed:
                 r.state = RecipientState.BOUNCED
-        deferred = [r for r in entry.recipients if r.state is RecipientState.DEFERRED]
+        deferred = [
+            r for r in entry.recipients if r.state is RecipientState.DEFERRED and r.dsn.wants(DELAY)
+        ]
         if (
             deferred
             and entry.envelope.sender is not None
             and warning_due(now, entry.envelope.created, self._relay.warn_after, entry.warned)
         ):
-            await self._send_dsn(claim, deferred, now, delayed=True)
+            await self._send_dsn(claim, deferred, now, DELAYED, "w")
             entry.warned = True
+        for action in (DELIVERED, RELAYED, EXPANDED):
+            owed = [r for r in entry.recipients if r.notice == action]
+            if not owed:
+                continue
+            if entry.envelope.sender is not None:  # never a notice to <> (RFC 3461 §6.2)
+                await self._send_dsn(claim, owed, now, action, f"s{entry.dsn_count}")
+                entry.dsn_count += 1
+            for r in owed:
+                r.notice = NOTICE_SENT
 
     async def _send_dsn(
-        self, claim: ClaimedMessage, recipients: list[Recipient], now: float, *, delayed: bool
+        self, claim: ClaimedMessage, recipients: list[Recipient], now: float, action: str, tag: str
     ) -> None:
+        """Queue one notice of ``action`` under the derived id ``<id>-<tag>``."""
+        delayed = action == DELAYED
         entry = claim.entry
         sender = entry.envelope.sender
         assert sender is not None
         sender, forwarded = self._bounce_address(entry, sender)
         if sender is None:
             return
-        head = await claim.read_head(MAX_HEADER_COPY + 2)
+        # RET=FULL returns the whole message with a failure (RFC 3461 §4.3),
+        # never forwarded mail's (backscatter, dsn.py).
+        full = action == FAILED and entry.envelope.dsn.ret == "FULL" and not forwarded
+        head = await claim.read_head((MAX_RETURNED if full else MAX_HEADER_COPY) + 2)
         original = header_section(head)
         ctx = DsnContext(
             reporting_mta=self._settings.hostname,
@@ -452,27 +513,37 @@ class Outbound:
             sender=sender,
             arrival=entry.envelope.created,
             original_headers=summary_headers(original) if forwarded else original,
+            envid=xtext_decode(entry.envelope.dsn.envid),
+            original_message=head if full and len(head) <= MAX_RETURNED else None,
         )
         report = [
-            DsnRecipient(r.address, r.status, r.last_error, r.smtp_reply, r.remote, r.last_attempt)
+            DsnRecipient(
+                r.address,
+                r.status if action in (FAILED, DELAYED) else "2.0.0",
+                r.last_error,
+                r.smtp_reply,
+                r.remote,
+                r.last_attempt,
+                r.dsn.original_recipient(),
+            )
             for r in recipients
         ]
         retry_until = entry.envelope.created + self._relay.give_up_after if delayed else None
-        data = build_dsn(ctx, report, now=now, delayed=delayed, retry_until=retry_until)
+        data = build_dsn(ctx, report, now=now, action=action, retry_until=retry_until)
         # A derived queue id: re-making this DSN after a crash replaces it.
-        suffix = "w" if delayed else f"b{entry.dsn_count}"
         writer = self.store.writer(
-            None, [sender], queue_id=f"{entry.queue_id}-{suffix}", on_commit=self._accepted
+            None, [sender], queue_id=f"{entry.queue_id}-{tag}", on_commit=self._accepted
         )
         try:
-            await writer.write(data)
-            dsn_id = await writer.commit()
+            if self._signer is None:
+                await writer.write(data)
+                dsn_id = await writer.commit()
+            else:  # signed with our domain's key, as submitted mail is
+                dsn_id = await writer.commit_with_head(data, self._signer.sign_blocking)
         except BaseException:
             await writer.discard()
             raise
-        maillog.bounced(
-            entry.queue_id, sender=sender, kind="delayed" if delayed else "failed", notice=dsn_id
-        )
+        maillog.bounced(entry.queue_id, sender=sender, kind=action, notice=dsn_id)
 
     def _bounce_address(self, entry: QueueEntry, sender: Address) -> tuple[Address | None, bool]:
         """Where a DSN for ``entry`` goes, and whether the message was
@@ -495,6 +566,15 @@ class Outbound:
             return None, True
 
 
+def _success_action(local: bool, result: RecipientResult) -> str:
+    """The success notice a delivered recipient that asked for one is owed
+    (RFC 3464 §2.3.3): "delivered" into a mailbox, "expanded" by an alias,
+    "relayed" to a hop without DSN, none when the hop took NOTIFY itself."""
+    if local:
+        return EXPANDED if result.forwards else DELIVERED
+    return "" if result.peer_dsn else RELAYED
+
+
 class QueueHandoff:
     """The outbound side of an extra smtp process: it queues messages durably
     like the server does, then hands each to the delivering server (which
@@ -504,9 +584,22 @@ class QueueHandoff:
         self.store = store
 
     def writer(
-        self, sender: Address | None, recipients: Sequence[Address], *, queue_id: str | None = None
+        self,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        *,
+        queue_id: str | None = None,
+        dsn: MessageDsn | None = None,
+        rcpt_dsn: Mapping[Address, RecipientDsn] | None = None,
     ) -> QueueWriter:
-        return self.store.writer(sender, recipients, queue_id=queue_id, on_commit=self._hand_off)
+        return self.store.writer(
+            sender,
+            recipients,
+            queue_id=queue_id,
+            on_commit=self._hand_off,
+            dsn=dsn,
+            rcpt_dsn=rcpt_dsn,
+        )
 
     async def _hand_off(self, entry: QueueEntry) -> None:
         try:

@@ -399,7 +399,10 @@ class RemoteCourier:
             size=traits.crlf_size if "SIZE" in client.extensions else None,
             body_8bit=traits.body_8bit and "8BITMIME" in client.extensions,
             smtputf8=self._needs_smtputf8(sender, recipients, message),
+            dsn=message.dsn,
+            rcpt_dsn={r: message.recipient_dsn(r) for r in recipients},
         )
+        peer_dsn = "DSN" in client.extensions  # the parameters went with it (RFC 3461 §5.2)
         first = result.mail
         if first.is_transient:
             if reused and first.code == 421:
@@ -417,6 +420,7 @@ class RemoteCourier:
                 status_of(reply),
                 label,
                 smtp_reply=True,
+                peer_dsn=peer_dsn,
             )
             for r, reply in result.replies.items()
         ]

@@ -19,12 +19,13 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
 from postoffice.mail.address import Address
 from postoffice.net.connection import Connection, ConnectionClosed
 from postoffice.protocol.dotstuff import DotStuffer
+from postoffice.protocol.dsn_params import MessageDsn, RecipientDsn
 from postoffice.protocol.errors import RemoteProtocolError
 from postoffice.protocol.smtp_client import (
     ReplyParser,
@@ -231,10 +232,15 @@ class SmtpClient:
         size: int | None,
         body_8bit: bool,
         smtputf8: bool,
+        dsn: MessageDsn | None = None,
+        rcpt_dsn: Mapping[Address, RecipientDsn] | None = None,
     ) -> TransactionResult:
-        """One mail transaction (RFC 5321 §3.3) for ``recipients``."""
-        mail = mail_command(sender, size=size, body_8bit=body_8bit, smtputf8=smtputf8)
-        rcpts = [rcpt_command(r) for r in recipients]
+        """One mail transaction (RFC 5321 §3.3) for ``recipients``.  The DSN
+        parameters go out only when the peer offers DSN (RFC 3461 §5.2)."""
+        if "DSN" not in self.extensions:
+            dsn, rcpt_dsn = None, None
+        mail = mail_command(sender, size=size, body_8bit=body_8bit, smtputf8=smtputf8, dsn=dsn)
+        rcpts = [rcpt_command(r, (rcpt_dsn or {}).get(r)) for r in recipients]
         t = self._timeouts
         if "PIPELINING" in self.extensions:
             # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write; DATA ends the group.

@@ -34,6 +34,7 @@ from postoffice.policy.relay import (
 )
 from postoffice.policy.srs import forwarding_sender
 from postoffice.protocol import sasl
+from postoffice.protocol.dsn_params import NO_MESSAGE_DSN, SUCCESS, MessageDsn, RecipientDsn
 from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import (
     Auth,
@@ -56,6 +57,7 @@ from postoffice.protocol.smtp_server import (
 )
 from postoffice.services import Services
 from postoffice.storage.errors import DeliveryError, StorageFault, fault_of
+from postoffice.storage.folders import junk_folder_blocking
 from postoffice.storage.maildir import DeliveryWriter
 from postoffice.storage.sink import HeadedSink, MessageSink
 
@@ -95,6 +97,8 @@ class IncomingEnvelope:
     forwarded_by: str = ""  # the domain of the first alias forwarding off-site (SRS)
     srs_bounce: bool = False  # the recipient is one of our SRS addresses (alone, capped)
     declared_size: int = 0  # MAIL FROM's SIZE= (RFC 1870), 0 if none
+    dsn: MessageDsn = NO_MESSAGE_DSN  # RET, ENVID (RFC 3461)
+    rcpt_dsn: dict[Address, RecipientDsn] = field(default_factory=dict)  # NOTIFY, ORCPT
 
 
 @dataclass
@@ -406,6 +410,7 @@ class SmtpSession:
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
+            "DSN",  # RFC 3461
         ]
         if not self.core.tls:
             lines.append("STARTTLS")
@@ -431,7 +436,10 @@ class SmtpSession:
             # Postfix's queue_minfree: refused before the data, not after (RFC 1870 §6.1).
             return _NO_SPACE
         self.envelope = IncomingEnvelope(
-            sender=event.sender, smtputf8=event.smtputf8, declared_size=event.size or 0
+            sender=event.sender,
+            smtputf8=event.smtputf8,
+            declared_size=event.size or 0,
+            dsn=event.dsn,
         )
         return _OK_SENDER
 
@@ -493,8 +501,16 @@ class SmtpSession:
                             logfmt.path(rcpt),
                             logfmt.path(m),
                         )
+                # NOTIFY=SUCCESS for a mailbox here: delivered through the
+                # queue, whose local courier says "delivered" (delivery/dsn.py).
+                notify = event.dsn.wants(SUCCESS) and self.s.outbound is not None
                 for m in mailboxes:
-                    env.mailboxes[m] = None
+                    if notify:
+                        env.remote[m] = None
+                    else:
+                        env.mailboxes[m] = None
+                for r in (*remote, *mailboxes) if event.dsn.given else ():
+                    env.rcpt_dsn.setdefault(r, event.dsn)  # the first RCPT naming it decides
                 for r in remote:
                     env.remote[r] = None
                 env.recipients.append(rcpt)
@@ -543,7 +559,13 @@ class SmtpSession:
         queue = self.s.outbound
         if queue is None:  # cannot be: RCPT refuses remote recipients then
             raise ValueError("no outbound queue")
-        return queue.writer(self._queue_sender(env), list(env.remote), queue_id=queue_id)
+        return queue.writer(
+            self._queue_sender(env),
+            list(env.remote),
+            queue_id=queue_id,
+            dsn=env.dsn,
+            rcpt_dsn=env.rcpt_dsn,
+        )
 
     def _queue_sender(self, env: IncomingEnvelope) -> Address | None:
         """The envelope sender the outbound copy leaves with: an SRS address
@@ -716,7 +738,29 @@ class SmtpSession:
             queue_id=tx.queue_id,
         )
         tx.extra_headers = outcome.header
+        if outcome.quarantine and outcome.reply is None and tx.local is not None:
+            await self._quarantine(tx, outcome.quarantine)
         return outcome.reply
+
+    async def _quarantine(self, tx: _Transaction, reason: str) -> None:
+        """RFC 7489 §6.3 p=quarantine: the local copies go to each mailbox's
+        Junk folder (storage/folders.py), with a header saying why; nothing is
+        written yet (the message was held for the checks)."""
+        assert tx.local is not None and not tx.local_prefix_done
+        maildirs = self.s.maildirs
+        paths = [maildirs.path_for(m) for m in tx.envelope.mailboxes]
+        loop = asyncio.get_running_loop()
+        try:
+            junk = [await loop.run_in_executor(None, junk_folder_blocking, p) for p in paths]
+        except OSError as exc:  # no Junk folder: the inbox, still marked
+            log.error("id=%s: no Junk folder, quarantined to INBOX: %s", tx.queue_id, exc)
+            folder = "INBOX"
+        else:
+            await tx.local.discard()
+            tx.local = maildirs.writer_to(junk, folders=True)
+            folder = "Junk"
+        tx.extra_headers += f"X-Postoffice-Quarantine: {reason} (RFC 7489 6.3)\n".encode()
+        maillog.quarantined(tx.queue_id, reason=reason, folder=folder)
 
     def _content_verdict(self, event: DataComplete, tx: _Transaction) -> Reply | None:
         limit = self.s.settings.limits.max_message_size

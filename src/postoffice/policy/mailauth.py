@@ -79,6 +79,9 @@ class CheckOutcome:
     helo_spf: spf.SpfVerdict | None = None
     dkim_results: tuple[DkimVerdict, ...] = ()
     dmarc_results: tuple[dmarc.DmarcVerdict, ...] = field(default_factory=tuple)
+    # Why the message goes to the Junk folder (a DMARC failure whose domain
+    # asks p=quarantine, RFC 7489 §6.3, after pct=), or "" for the inbox.
+    quarantine: str = ""
 
 
 # --- the header -------------------------------------------------------------------------------
@@ -297,9 +300,20 @@ class InboundChecks:
             ),
             result=str(outcome_reply.code) if outcome_reply else "accept",
         )
+        quarantine = ""
+        if outcome_reply is None and self._dmarc_reject:
+            quarantine = next(
+                (
+                    f"DMARC policy of {v.from_domain} is quarantine"
+                    for v in dmarcs
+                    if v.result is dmarc.DmarcResult.FAIL and v.policy == "quarantine"
+                ),
+                "",
+            )
         return CheckOutcome(
             header=format_header(self._hostname, results),
             reply=outcome_reply,
+            quarantine=quarantine,
             mail_spf=mail_spf,
             helo_spf=helo_spf,
             dkim_results=tuple(dkims),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from postoffice.mail.address import Address
+from postoffice.protocol.dsn_params import MessageDsn, RecipientDsn
 from postoffice.protocol.errors import RemoteProtocolError
 from postoffice.protocol.smtp_reply import Reply
 
@@ -102,8 +103,14 @@ def command(text: str) -> bytes:
 
 
 def mail_command(
-    sender: Address | None, *, size: int | None, body_8bit: bool, smtputf8: bool
+    sender: Address | None,
+    *,
+    size: int | None,
+    body_8bit: bool,
+    smtputf8: bool,
+    dsn: MessageDsn | None = None,
 ) -> bytes:
+    """``dsn``: RET and ENVID, only for a peer that offers DSN (RFC 3461 §5.2)."""
     params = [f"MAIL FROM:{format_path(sender)}"]
     if size is not None:
         params.append(f"SIZE={size}")  # RFC 1870 §6
@@ -111,8 +118,12 @@ def mail_command(
         params.append("BODY=8BITMIME")  # RFC 6152 §2
     if smtputf8:
         params.append("SMTPUTF8")  # RFC 6531 §3.4
+    if dsn is not None:
+        params += dsn.mail_params()
     return command(" ".join(params))
 
 
-def rcpt_command(recipient: Address) -> bytes:
-    return command(f"RCPT TO:{format_path(recipient)}")
+def rcpt_command(recipient: Address, dsn: RecipientDsn | None = None) -> bytes:
+    """``dsn``: NOTIFY and ORCPT, only for a peer that offers DSN (RFC 3461 §5.2)."""
+    params = [] if dsn is None else dsn.rcpt_params()
+    return command(" ".join([f"RCPT TO:{format_path(recipient)}", *params]))

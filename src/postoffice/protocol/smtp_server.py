@@ -39,6 +39,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from postoffice.mail.address import Address, AddressError, parse_path
+from postoffice.protocol import dsn_params
+from postoffice.protocol.dsn_params import (
+    NO_MESSAGE_DSN,
+    NO_RECIPIENT_DSN,
+    MessageDsn,
+    RecipientDsn,
+)
 from postoffice.protocol.errors import LocalProtocolError
 from postoffice.protocol.smtp_data import DataDecoder
 from postoffice.protocol.smtp_reply import Reply
@@ -46,6 +53,10 @@ from postoffice.protocol.smtp_reply import Reply
 # RFC 4954 §4: AUTH command lines and SASL responses may be up to 12288
 # octets, more than the 512 of an ordinary command line.
 MAX_AUTH_LINE = 12288
+# RFC 3461 §4: with DSN, MAIL may be 100 characters longer (ENVID) and RCPT
+# 500 (ORCPT); the keywords themselves and RET/NOTIFY's words come on top.
+DSN_MAIL_EXTRA = 100 + len(" ENVID= RET=HDRS")
+DSN_RCPT_EXTRA = 500 + len(" ORCPT= NOTIFY=SUCCESS,FAILURE,DELAY")
 MAX_SIZE_DIGITS = 20  # RFC 1870 §3: size-value ::= 1*20DIGIT
 
 
@@ -78,7 +89,8 @@ class MailFrom:
 
     ``params`` holds every ESMTP parameter given, keys upper-cased (SIZE,
     BODY, SMTPUTF8, AUTH, RET, ENVID); ``size``, ``body`` (``"7BIT"`` or
-    ``"8BITMIME"``) and ``smtputf8`` are the parsed forms of the first three.
+    ``"8BITMIME"``) and ``smtputf8`` are the parsed forms of the first three,
+    ``dsn`` of RET and ENVID (RFC 3461).
     """
 
     sender: Address | None
@@ -86,6 +98,7 @@ class MailFrom:
     body: str | None
     smtputf8: bool
     params: dict[str, str | None]
+    dsn: MessageDsn = NO_MESSAGE_DSN
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +110,7 @@ class RcptTo:
 
     recipient: Address
     params: dict[str, str | None]
+    dsn: RecipientDsn = NO_RECIPIENT_DSN
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +233,6 @@ _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 # RFC 6531 §3.3.
 _ESMTP_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")
 _MECHANISM = re.compile(r"[A-Z0-9_-]{1,20}")  # RFC 4422 §3.1
-_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")  # RFC 3461 §4
-_NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 _NOT_IMPLEMENTED = frozenset({"EXPN", "BDAT", "TURN", "SEND", "SOML", "SAML"})
 
 
@@ -288,6 +300,7 @@ def parse_mail(arg: str) -> MailFrom | Rejected:
     size: int | None = None
     body: str | None = None
     smtputf8 = False
+    ret, envid = "", ""
     for key, value in params.items():
         if key == "SIZE":  # RFC 1870 §3: size-value ::= 1*20DIGIT
             if value is None or not (value.isascii() and value.isdigit()):
@@ -305,10 +318,16 @@ def parse_mail(arg: str) -> MailFrom | Rejected:
                 return _reject(501, "SMTPUTF8 takes no value", "5.5.4")
             smtputf8 = True
         elif key == "RET":  # RFC 3461 §4.3
-            if value is None or value.upper() not in ("FULL", "HDRS"):
+            parsed = dsn_params.parse_ret(value)
+            if parsed is None:
                 return _reject(501, "RET must be FULL or HDRS", "5.5.4")
-        elif key in ("ENVID", "AUTH"):  # RFC 3461 §4.4, RFC 4954 §5
-            if value is None or not _XTEXT.fullmatch(value):
+            ret = parsed
+        elif key == "ENVID":  # RFC 3461 §4.4: xtext, at most 100 characters
+            if not dsn_params.valid_envid(value):
+                return _reject(501, "ENVID needs an xtext value of at most 100 characters", "5.5.4")
+            envid = value or ""
+        elif key == "AUTH":  # RFC 4954 §5
+            if value is None or not dsn_params.XTEXT.fullmatch(value):
                 return _reject(501, f"{key} needs an xtext value", "5.5.4")
         else:
             return _reject(555, f"Unsupported parameter {key}", "5.5.4")
@@ -319,7 +338,7 @@ def parse_mail(arg: str) -> MailFrom | Rejected:
         sender = parse_path(path, utf8=smtputf8)
     except AddressError as exc:
         return _reject(501, f"Bad sender address: {exc}", "5.1.7")
-    return MailFrom(sender, size, body, smtputf8, params)
+    return MailFrom(sender, size, body, smtputf8, params, MessageDsn(ret, envid))
 
 
 def parse_rcpt(arg: str, *, utf8: bool) -> RcptTo | Rejected:
@@ -328,19 +347,23 @@ def parse_rcpt(arg: str, *, utf8: bool) -> RcptTo | Rejected:
     if isinstance(split, Rejected):
         return split
     path, params = split
+    notify: frozenset[str] | None = None
+    orcpt = ""
     for key, value in params.items():
         if key == "NOTIFY":  # RFC 3461 §4.1
-            words = (value or "").upper().split(",")
-            if words != ["NEVER"] and not (words and set(words) <= _NOTIFY_VALUES):
+            notify = dsn_params.parse_notify(value)
+            if notify is None:
                 return _reject(501, "NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY", "5.5.4")
-        elif key == "ORCPT":  # RFC 3461 §4.2: addr-type ";" xtext
-            addr_type, semi, _addr = (value or "").partition(";")
-            if not semi or not _ESMTP_KEYWORD.fullmatch(addr_type):
-                return _reject(501, "ORCPT must be addr-type;address", "5.5.4")
+        elif key == "ORCPT":  # RFC 3461 §4.2: addr-type ";" xtext, at most 500 characters
+            if not dsn_params.valid_orcpt(value):
+                return _reject(
+                    501, "ORCPT must be addr-type;xtext of at most 500 characters", "5.5.4"
+                )
+            orcpt = value or ""
         else:
             return _reject(555, f"Unsupported parameter {key}", "5.5.4")
     if path.lower() == "<postmaster>":
-        return RcptTo(Address("postmaster", ""), params)
+        return RcptTo(Address("postmaster", ""), params, RecipientDsn(notify, orcpt))
     if not utf8 and not path.isascii():
         return _reject(553, "Non-ASCII address requires SMTPUTF8", "5.6.7")
     try:
@@ -349,7 +372,7 @@ def parse_rcpt(arg: str, *, utf8: bool) -> RcptTo | Rejected:
         return _reject(501, f"Bad recipient address: {exc}", "5.1.3")
     if recipient is None:
         return _reject(501, "Bad recipient address: <> is not a recipient", "5.1.3")
-    return RcptTo(recipient, params)
+    return RcptTo(recipient, params, RecipientDsn(notify, orcpt))
 
 
 def _valid_hello_name(name: str) -> bool:
@@ -499,6 +522,11 @@ class SmtpServerCore:
         """The longest allowed line for what is being received now, CRLF included."""
         if self._sasl or self._buf[self._pos : self._pos + 5].upper() == b"AUTH ":
             return max(self.max_command_line, MAX_AUTH_LINE)
+        verb = bytes(self._buf[self._pos : self._pos + 5]).upper()
+        if verb == b"MAIL ":  # RFC 3461 §4: ENVID adds up to 100 characters
+            return self.max_command_line + DSN_MAIL_EXTRA
+        if verb == b"RCPT ":  # RFC 3461 §4: ORCPT adds up to 500, NOTIFY its words
+            return self.max_command_line + DSN_RCPT_EXTRA
         return self.max_command_line
 
     def _next_command_event(self) -> Event | None:

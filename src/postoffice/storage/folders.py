@@ -295,6 +295,19 @@ class Folders:
         return target
 
 
+JUNK = FolderName(("Junk",))
+
+
+def junk_folder_blocking(maildir: Path) -> Path:
+    """The Maildir of the user's Junk folder (RFC 6154 \\Junk), created when
+    missing: where mail a DMARC p=quarantine policy covers is delivered."""
+    folders = Folders(maildir)
+    if not folders.exists(JUNK):
+        with contextlib.suppress(FolderError):  # made meanwhile by a session
+            folders.create(JUNK)
+    return folders.path(JUNK)
+
+
 def _is_folder_dir(path: Path) -> bool:
     with contextlib.suppress(OSError):
         return os.stat(path, follow_symlinks=False).st_mode & 0o170000 == 0o040000

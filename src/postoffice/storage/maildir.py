@@ -39,7 +39,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -242,10 +242,18 @@ class MaildirStore:
 
     def writer(self, mailboxes: Sequence[Address]) -> DeliveryWriter:
         """A writer for one message to ``mailboxes`` (at least one, all local)."""
-        paths = tuple(dict.fromkeys(self.path_for(m) for m in mailboxes))
+        return self.writer_to(self.path_for(m) for m in mailboxes)
+
+    def writer_to(self, maildirs: Iterable[Path], *, folders: bool = False) -> DeliveryWriter:
+        """A writer into these Maildirs: mailboxes' roots, or with ``folders``
+        their folders (Junk); those bypass the journal, whose records name
+        only ``domain/local/new/`` (journal.check_target)."""
+        paths = tuple(dict.fromkeys(maildirs))
         if not paths:
             raise ValueError("a delivery needs at least one mailbox")
-        return DeliveryWriter(self, paths)
+        writer = DeliveryWriter(self, paths)
+        writer.journaled = not folders
+        return writer
 
     def recover(self) -> int:
         """Blocking, before serving: open the journal (if this store has one)
@@ -304,7 +312,7 @@ class MaildirStore:
 
     async def _commit(self, writer: DeliveryWriter) -> list[Path]:
         behind = self._behind
-        if behind is not None and writer.in_memory and behind.fits(writer):
+        if behind is not None and writer.journaled and writer.in_memory and behind.fits(writer):
             return await behind.commit(writer)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._fsync_pool, self._commit_blocking, writer)
@@ -397,6 +405,7 @@ class DeliveryWriter:
         self._tmp_path: Path | None = None
         self.size = 0
         self.crlf_size = 0
+        self.journaled = True  # small: through the journal (MaildirStore.writer_to)
         # The spill being written: one at a time, in order, while DATA goes on.
         self._flushing: asyncio.Future[None] | None = None
         self._closed = False

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postoffice.mail.address import Address
+from postoffice.protocol.dsn_params import MessageDsn, RecipientDsn
 from postoffice.protocol.errors import LocalProtocolError
 from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import (
@@ -277,6 +278,7 @@ def test_mail_parameters() -> None:
         "8BITMIME",
         False,
         {"SIZE": "1234", "BODY": "8bitmime", "RET": "HDRS", "ENVID": "QQ314159", "AUTH": "<>"},
+        MessageDsn("HDRS", "QQ314159"),
     )
 
 
@@ -338,6 +340,9 @@ def test_quoted_local_part_with_escapes() -> None:
         (b"MAIL FROM:<a@b.example> AUTH\r\n", (501, "5.5.4")),
         (b"MAIL FROM:<a@b.example> X-FOO=1\r\n", (555, "5.5.4")),
         (b"MAIL FROM:<a@b.example> NOTIFY=NEVER\r\n", (555, "5.5.4")),
+        (b"MAIL FROM:<a@b.example> ENVID=" + b"x" * 101 + b"\r\n", (501, "5.5.4")),  # §4.4
+        (b"MAIL FROM:<a@b.example> ENVID=a+2\r\n", (501, "5.5.4")),  # not xtext
+        (b"MAIL FROM:<a@b.example> RET=BODY\r\n", (501, "5.5.4")),
         (b"MAIL FROM:<a@b.example\xff>\r\n", (501, "5.5.2")),
     ],
 )
@@ -377,9 +382,25 @@ def test_rcpt_dsn_parameters() -> None:
     d.one(b"MAIL FROM:<>\r\n")
     event = d.one(b"RCPT TO: <a@b.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@b.example\r\n")
     assert event == RcptTo(
-        Address("a", "b.example"), {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;a@b.example"}
+        Address("a", "b.example"),
+        {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;a@b.example"},
+        RecipientDsn(frozenset({"SUCCESS", "FAILURE"}), "rfc822;a@b.example"),
     )
-    assert isinstance(d.one(b"RCPT TO:<c@b.example> NOTIFY=never\r\n"), RcptTo)
+    assert event.dsn.wants("SUCCESS") and not event.dsn.wants("DELAY")
+    never = d.one(b"RCPT TO:<c@b.example> NOTIFY=never\r\n")
+    assert isinstance(never, RcptTo) and never.dsn.notify == frozenset()
+    assert not any(never.dsn.wants(k) for k in ("SUCCESS", "FAILURE", "DELAY"))
+    plain = d.one(b"RCPT TO:<e@b.example>\r\n")
+    # RFC 3461 §4.1: no NOTIFY means failure and delay notices, not success.
+    assert isinstance(plain, RcptTo) and plain.dsn.wants("FAILURE") and plain.dsn.wants("DELAY")
+    assert not plain.dsn.wants("SUCCESS")
+    # RFC 3464 §2.3.1: the report shows ORCPT's address xtext-decoded.
+    orcpt = d.one(b"RCPT TO:<f@b.example> ORCPT=rfc822;f+2Bx@b.example\r\n")
+    assert isinstance(orcpt, RcptTo) and orcpt.dsn.original_recipient() == "rfc822; f+x@b.example"
+    # RFC 3461 §4: a RCPT line 500 characters longer than 512 for ORCPT.
+    long = b"rfc822;" + b"g" * 480 + b"@b.example"
+    event = d.one(b"RCPT TO:<g@b.example> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=" + long + b"\r\n")
+    assert isinstance(event, RcptTo) and event.dsn.orcpt == long.decode()
 
 
 @pytest.mark.parametrize(
@@ -393,6 +414,9 @@ def test_rcpt_dsn_parameters() -> None:
         (b"RCPT TO:<a@b.example> NOTIFY=SOMETIMES\r\n", (501, "5.5.4")),
         (b"RCPT TO:<a@b.example> NOTIFY=NEVER,DELAY\r\n", (501, "5.5.4")),
         (b"RCPT TO:<a@b.example> ORCPT=a@b.example\r\n", (501, "5.5.4")),
+        (b"RCPT TO:<a@b.example> ORCPT=rfc822;a+zz@b.example\r\n", (501, "5.5.4")),  # not xtext
+        (b"RCPT TO:<a@b.example> ORCPT=rfc822;" + b"a" * 500 + b"\r\n", (501, "5.5.4")),
+        (b"RCPT TO:<a@b.example> NOTIFY\r\n", (501, "5.5.4")),
         (b"RCPT TO:<a@b.example> SIZE=10\r\n", (555, "5.5.4")),
     ],
 )

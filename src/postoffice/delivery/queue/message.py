@@ -8,12 +8,18 @@ time, so a large message never sits in memory whole.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import BinaryIO
 
 from postoffice.delivery.content import MessageTraits
+from postoffice.mail.address import Address
+from postoffice.protocol.dsn_params import (
+    NO_MESSAGE_DSN,
+    MessageDsn,
+    RecipientDsn,
+)
 
 READ_CHUNK = 64 * 1024
 
@@ -59,10 +65,15 @@ class QueuedMessage:
         traits: MessageTraits,
         executor: Executor,
         whole: bytes | None = None,
+        *,
+        dsn: MessageDsn = NO_MESSAGE_DSN,
+        rcpt_dsn: Mapping[Address, RecipientDsn] | None = None,
     ) -> None:
         """``path``/``offset``: the ``.msg`` file and where the message
         starts in it; ``whole``: the message, if it was read already (for
-        the first pass only)."""
+        the first pass only); ``dsn``, ``rcpt_dsn``: its DSN parameters."""
+        self.dsn = dsn
+        self._rcpt_dsn = rcpt_dsn or {}
         self._path = path
         self._offset = offset
         self._traits = traits
@@ -72,6 +83,9 @@ class QueuedMessage:
     @property
     def traits(self) -> MessageTraits:
         return self._traits
+
+    def recipient_dsn(self, address: Address) -> RecipientDsn:
+        return self._rcpt_dsn.get(address, RecipientDsn())
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         loop = asyncio.get_running_loop()

@@ -17,6 +17,12 @@ from typing import Any
 
 from postoffice.delivery.content import MessageTraits
 from postoffice.mail.address import Address
+from postoffice.protocol.dsn_params import (
+    NO_MESSAGE_DSN,
+    NO_RECIPIENT_DSN,
+    MessageDsn,
+    RecipientDsn,
+)
 from postoffice.storage.errors import DeliveryError
 
 MAGIC = b"postoffice-queue 1 "
@@ -55,6 +61,10 @@ class Recipient:
     remote: str = ""  # the host that gave last_error, if any
     smtp_reply: bool = False  # last_error is that host's SMTP reply
     last_attempt: float = 0.0
+    dsn: RecipientDsn = NO_RECIPIENT_DSN  # NOTIFY and ORCPT (RFC 3461)
+    # A success notice owed ("delivered", "relayed": RFC 3464 §2.3.3), "sent"
+    # once it is queued; "" when none is due.
+    notice: str = ""
 
     @property
     def pending(self) -> bool:
@@ -71,6 +81,8 @@ class Recipient:
             "remote": self.remote,
             "smtp": self.smtp_reply,
             "last": self.last_attempt,
+            **_recipient_dsn_json(self.dsn),
+            **({"notice": self.notice} if self.notice else {}),
         }
 
     @classmethod
@@ -86,7 +98,27 @@ class Recipient:
             remote=str(raw.get("remote", "")),
             smtp_reply=bool(raw.get("smtp", False)),
             last_attempt=float(raw.get("last", 0.0)),
+            dsn=_recipient_dsn(raw),
+            notice=str(raw.get("notice", "")),
         )
+
+
+# The DSN parameters are written only when given, so a queue file without
+# them (older versions wrote none) reads as "not given": the defaults.
+def _recipient_dsn_json(dsn: RecipientDsn) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if dsn.notify is not None:
+        out["notify"] = sorted(dsn.notify)
+    if dsn.orcpt:
+        out["orcpt"] = dsn.orcpt
+    return out
+
+
+def _recipient_dsn(raw: dict[str, Any]) -> RecipientDsn:
+    notify = raw.get("notify")
+    return RecipientDsn(
+        None if notify is None else frozenset(str(w) for w in notify), str(raw.get("orcpt", ""))
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +130,25 @@ class StoredEnvelope:
     sender: Address | None  # None: the null reverse-path (a bounce)
     recipients: tuple[Address, ...]
     created: float
+    dsn: MessageDsn = NO_MESSAGE_DSN  # RET and ENVID (RFC 3461)
+    rcpt_dsn: tuple[RecipientDsn, ...] = ()  # per recipient, in order; () when none given
+
+    def recipient_dsn(self, index: int) -> RecipientDsn:
+        return self.rcpt_dsn[index] if index < len(self.rcpt_dsn) else RecipientDsn()
 
     def header_line(self) -> bytes:
-        raw = {
+        raw: dict[str, Any] = {
             "id": self.queue_id,
             "from": None if self.sender is None else [self.sender.local, self.sender.domain],
             "to": [[r.local, r.domain] for r in self.recipients],
             "created": self.created,
         }
+        if self.dsn.ret:
+            raw["ret"] = self.dsn.ret
+        if self.dsn.envid:
+            raw["envid"] = self.dsn.envid
+        if any(d.given for d in self.rcpt_dsn):
+            raw["rcpt_dsn"] = [_recipient_dsn_json(d) for d in self.rcpt_dsn]
         return MAGIC + json.dumps(raw, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
@@ -119,6 +162,8 @@ class StoredEnvelope:
             sender=sender,
             recipients=tuple(Address(str(l_), str(d)) for l_, d in raw["to"]),
             created=float(raw["created"]),
+            dsn=MessageDsn(str(raw.get("ret", "")), str(raw.get("envid", ""))),
+            rcpt_dsn=tuple(_recipient_dsn(d) for d in raw.get("rcpt_dsn", ())),
         )
 
 
@@ -137,7 +182,10 @@ class QueueEntry:
         cls, envelope: StoredEnvelope, body_offset: int, traits: MessageTraits | None = None
     ) -> QueueEntry:
         """Every recipient queued and due at arrival (no state file yet)."""
-        recipients = [Recipient(a, next_try=envelope.created) for a in envelope.recipients]
+        recipients = [
+            Recipient(a, next_try=envelope.created, dsn=envelope.recipient_dsn(i))
+            for i, a in enumerate(envelope.recipients)
+        ]
         return cls(envelope, recipients, body_offset, traits=traits)
 
     @property

@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -39,6 +39,7 @@ from postoffice.delivery.queue.records import (
 from postoffice.delivery.queue.requests import QueueRequests
 from postoffice.delivery.queue.writer import OnCommit, QueueWriter, tmp_suffix
 from postoffice.mail.address import Address
+from postoffice.protocol.dsn_params import MessageDsn, RecipientDsn
 from postoffice.storage.safeio import fsync_dir, write_all
 
 log = logging.getLogger("postoffice.queue")
@@ -106,14 +107,20 @@ class QueueStore:
         *,
         queue_id: str | None = None,
         on_commit: OnCommit | None = None,
+        dsn: MessageDsn | None = None,
+        rcpt_dsn: Mapping[Address, RecipientDsn] | None = None,
     ) -> QueueWriter:
+        """``dsn``, ``rcpt_dsn``: the DSN parameters the message came with (RFC 3461)."""
         if not recipients:
             raise ValueError("a queued message needs at least one recipient")
+        unique = tuple(dict.fromkeys(recipients))
         envelope = StoredEnvelope(
             queue_id=queue_id or new_queue_id(),
             sender=sender,
-            recipients=tuple(dict.fromkeys(recipients)),
+            recipients=unique,
             created=time.time(),
+            dsn=dsn or MessageDsn(),
+            rcpt_dsn=tuple(rcpt_dsn.get(r, RecipientDsn()) for r in unique) if rcpt_dsn else (),
         )
         return QueueWriter(
             envelope,
@@ -361,7 +368,13 @@ class ClaimedMessage:
         whole, self._whole = self._whole, None
         store, entry = self._store, self.entry
         return QueuedMessage(
-            store.msg_path(entry.queue_id), entry.body_offset, traits, store._executor, whole
+            store.msg_path(entry.queue_id),
+            entry.body_offset,
+            traits,
+            store._executor,
+            whole,
+            dsn=entry.envelope.dsn,
+            rcpt_dsn={r.address: r.dsn for r in entry.recipients if r.dsn.given},
         )
 
     async def read_head(self, limit: int) -> bytes:
