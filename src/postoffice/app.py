@@ -121,6 +121,8 @@ def build_services(
     # One resolver for every lookup of this process, on [relay] dns_servers:
     # outbound routing, and SPF/DKIM/DMARC on the smtp listener.
     resolver = DnsResolver(settings.relay.dns_servers)
+    # Before the queue: its remote courier signs again after an 8-bit conversion.
+    services.dkim_signer = DkimSigner(KeyStore(settings.data_dir))
     if process == 0:
         services.outbound = _build_outbound(services, resolver)
     else:
@@ -136,7 +138,6 @@ def build_services(
     services.quota = QuotaTracker(settings.limits.mailbox_quota, accounts.quota, executor)
     # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail.
     services.inbound_checks = InboundChecks(settings, resolver)  # DKIM in worker processes
-    services.dkim_signer = DkimSigner(KeyStore(settings.data_dir))
     return services
 
 
