@@ -147,9 +147,7 @@ def _build_outbound(services: Services, resolver: Resolver) -> Outbound:
     settings = services.settings
     store = QueueStore(settings.queue_dir, services.executor)
     store.ensure_dirs()
-    remote = RemoteCourier(
-        settings.relay, settings.hostname, resolver, signer=services.dkim_signer
-    )
+    remote = RemoteCourier(settings.relay, settings.hostname, resolver, signer=services.dkim_signer)
     local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
     return Outbound(settings, store, remote, local, srs=services.srs)
 

@@ -193,7 +193,9 @@ def test_count_longer_than_the_content_waits_for_it(srv: PostofficeServer) -> No
     assert message.endswith(b"\n\nQUIT\n" + b"x" * (100 - len(MESSAGE) - 6))
 
 
-@pytest.mark.parametrize("line", [b"BDAT\r\n", b"BDAT ten\r\n", b"BDAT 5 FIRST\r\n", b"BDAT -1\r\n"])
+@pytest.mark.parametrize(
+    "line", [b"BDAT\r\n", b"BDAT ten\r\n", b"BDAT 5 FIRST\r\n", b"BDAT -1\r\n"]
+)
 def test_unreadable_count_ends_the_session(srv: PostofficeServer, line: bytes) -> None:
     client = raw(srv)
     transaction(client)

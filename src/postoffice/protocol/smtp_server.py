@@ -730,9 +730,7 @@ class SmtpServerCore:
             self._chunk_refusal = Rejected(refusal.reply, "bdat")
             return None
         if self._bdat is None:
-            self._bdat = DataDecoder(
-                self.max_message_size, self.max_text_line, dot_stuffed=False
-            )
+            self._bdat = DataDecoder(self.max_message_size, self.max_text_line, dot_stuffed=False)
         return self._chunk
 
     def _rset(self, arg: str) -> Event:

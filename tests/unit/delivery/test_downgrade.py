@@ -23,7 +23,7 @@ MULTIPART = (
 )
 
 
-def leaves(message: bytes) -> list[bytes]:
+def leaves(message: bytes) -> list[object]:
     parsed = email.message_from_bytes(message, policy=email.policy.compat32)
     return [p.get_payload(decode=True) for p in parsed.walk() if not p.is_multipart()]
 
