@@ -6,13 +6,24 @@ its chunk read, so the next command is where the client thinks it is.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import ALICE, empty_mailboxes, make_server, raw, submission, wait_for
+from tests.support.helpers import (
+    ALICE,
+    ALICE_PW,
+    empty_mailboxes,
+    make_server,
+    queued,
+    raw,
+    submission,
+    wait_for,
+)
+from tests.support.peers import DNSMASQ, Dnsmasq
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
 
@@ -237,9 +248,9 @@ def test_dropped_mid_chunk_queues_nothing(srv: PostofficeServer, tmp_path: Path)
     client.send(b"BDAT 1000 LAST\r\n" + MESSAGE + b"half of it")
     time.sleep(0.2)
     client.close()
-    qdir = srv.data_dir / "queue"
-    assert wait_for(lambda: "after=DATA" in srv.log(), timeout=10)
-    assert not list(qdir.glob("*.msg")) if qdir.is_dir() else True
+    assert wait_for(lambda: "after=BDAT bytes=" in srv.log(), timeout=10)
+    assert queued(srv) == []
+    assert not [p for p in (srv.data_dir / "queue").rglob("*") if p.is_file()]
     assert stored(srv) == []
 
 
@@ -253,3 +264,51 @@ def test_submission_over_bdat_is_queued_and_signed(srv: PostofficeServer) -> Non
     assert message.endswith(b"\n\nsubmitted\n")
     assert b"with ESMTPSA" in message
     assert "bdat=1" in srv.log()
+
+
+def test_one_postoffice_relays_to_another_with_bdat(
+    tmp_path: Path, require_program: Callable[[str], str]
+) -> None:
+    """Our client and our server over a real wire: the sender sees CHUNKING
+    and sends BDAT chunks (a message larger than one queue read, 8-bit, with
+    dot lines); the receiver stores exactly what was submitted."""
+    require_program(DNSMASQ)
+    mx = PostofficeServer(tmp_path / "mx", domains=("remote.test",), hostname="mx.remote.test")
+    mx.add_user("carol@remote.test", "carol-password-1")
+    mx.start()
+    dns = Dnsmasq(
+        tmp_path,
+        mx=[("remote.test", "mx.remote.test", 10)],
+        hosts={"mx.remote.test": ["127.0.0.1"]},
+    ).start()
+    sender = PostofficeServer(
+        tmp_path / "sender",
+        sections={
+            "relay": {
+                "mx_port": mx.ports["smtp"],
+                "dns_servers": [dns.server],
+                "retry_schedule": [1],
+            }
+        },
+    )
+    sender.add_user(ALICE, ALICE_PW)
+    sender.start()
+    try:
+        text = "Gr\u00fc\u00dfe\r\n.dot line\r\n..two dots\r\n" + "filler line of text\r\n" * 20000
+        client = submission(sender)
+        assert client.cmd(f"MAIL FROM:<{ALICE}> BODY=8BITMIME")[0] == 250
+        assert client.cmd("RCPT TO:<carol@remote.test>")[0] == 250
+        body = f"From: {ALICE}\r\nTo: carol@remote.test\r\nSubject: relayed\r\n\r\n{text}".encode()
+        assert bdat(client, body, last=True)[0] == 250  # BDAT in, too
+        assert wait_for(lambda: len(mx.messages("carol@remote.test")) == 1, 30), sender.log()
+        stored_there = mx.messages("carol@remote.test")[0].read_bytes()
+        assert stored_there.endswith(text.replace("\r\n", "\n").encode())
+        # Several chunks, each answered 250, and no DATA (the record is
+        # written when the parked connection closes: conncache.IDLE).
+        chunked = re.compile(r"smtp session mode=smtp .*\bbdat=([2-9]|\d\d+)\b")
+        assert wait_for(lambda: chunked.search(mx.log()) is not None, 15), mx.log()
+        assert not re.search(r"smtp session mode=smtp .*\bdata=", mx.log())
+    finally:
+        sender.stop()
+        mx.stop()
+        dns.stop()

@@ -305,7 +305,8 @@ class SmtpSession:
         after DATA (N bytes)"); ``in_data``: it ended inside a message."""
         after = ""
         if self.outcome != "quit":
-            after = f" after={'DATA' if in_data else self.last_command}"
+            inside = "BDAT" if self.core.chunking else "DATA"  # Postfix says so too
+            after = f" after={inside if in_data else self.last_command}"
             if in_data:
                 after += f" bytes={self.data_bytes}"
         reason = f" reason={logfmt.field(self.reason)}" if self.reason else ""
