@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_metrics import scrape, value
 from tests.support.helpers import (
     ALICE,
     ALICE_PW,
@@ -312,3 +313,24 @@ def test_one_postoffice_relays_to_another_with_bdat(
         sender.stop()
         mx.stop()
         dns.stop()
+
+
+def test_bdat_messages_are_counted_like_data_ones(srv: PostofficeServer) -> None:
+    before = scrape(srv)
+    client = raw(srv)
+    transaction(client)
+    assert bdat(client, MESSAGE)[0] == 250
+    assert bdat(client, b"counted\r\n", last=True)[0] == 250
+    transaction(client)
+    assert bdat(client, b"z" * (LIMIT + 10))[0] == 552
+    after = scrape(srv)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    msgs = "postoffice_smtp_messages_total"
+    assert delta(msgs, listener="smtp", result="accepted", code="250") == 1
+    assert delta(msgs, listener="smtp", result="refused", code="552") == 1
+    assert delta("postoffice_smtp_data_commit_seconds_count") == 1  # the 250 after LAST, timed
+    received = delta("postoffice_smtp_received_bytes_total", listener="smtp")
+    assert received == len(MESSAGE) - MESSAGE.count(b"\r") + len(b"counted\n")
