@@ -334,3 +334,13 @@ def test_bdat_messages_are_counted_like_data_ones(srv: PostofficeServer) -> None
     assert delta("postoffice_smtp_data_commit_seconds_count") == 1  # the 250 after LAST, timed
     received = delta("postoffice_smtp_received_bytes_total", listener="smtp")
     assert received == len(MESSAGE) - MESSAGE.count(b"\r") + len(b"counted\n")
+
+
+def test_binarymime_is_neither_offered_nor_taken(srv: PostofficeServer) -> None:
+    # RFC 3030 §3: BODY=BINARYMIME only where BINARYMIME is offered; it is
+    # not (the Maildir and queue forms are LF text: binary would not survive).
+    client = raw(srv, ehlo=False)
+    code, lines = client.cmd("EHLO client.test")
+    assert code == 250 and "BINARYMIME" not in lines
+    code, lines = client.cmd("MAIL FROM:<sender@remote.test> BODY=BINARYMIME")
+    assert (code, lines[0][:5]) == (501, "5.5.4")
