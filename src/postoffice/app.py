@@ -121,7 +121,8 @@ def build_services(
     # One resolver for every lookup of this process, on [relay] dns_servers:
     # outbound routing, and SPF/DKIM/DMARC on the smtp listener.
     resolver = DnsResolver(settings.relay.dns_servers)
-    # Before the queue: it signs the DSNs it makes with the same signer.
+    # Before the queue: it signs the DSNs it makes, and its remote courier
+    # signs again after an 8-bit conversion.
     services.dkim_signer = DkimSigner(KeyStore(settings.data_dir))
     if process == 0:
         services.outbound = _build_outbound(services, resolver)
@@ -147,7 +148,7 @@ def _build_outbound(services: Services, resolver: Resolver) -> Outbound:
     settings = services.settings
     store = QueueStore(settings.queue_dir, services.executor)
     store.ensure_dirs()
-    remote = RemoteCourier(settings.relay, settings.hostname, resolver)
+    remote = RemoteCourier(settings.relay, settings.hostname, resolver, signer=services.dkim_signer)
     local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
     return Outbound(settings, store, remote, local, srs=services.srs, signer=services.dkim_signer)
 

@@ -68,7 +68,9 @@ class Postfix:
         key: Path,
         port: int | None = None,
         transport: dict[str, str] | None = None,
+        extra: str = "",
     ) -> None:
+        """``extra``: main.cf lines added at the end (e.g. to hide an extension)."""
         self.root = Path(tempfile.mkdtemp(prefix="po-postfix-"))
         self.root.chmod(0o755)
         self.port = port or free_port()
@@ -144,6 +146,7 @@ maximal_backoff_time = 2s
 smtp_connect_timeout = 5s
 biff = no
 """
+            + extra
         )
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:

@@ -192,6 +192,9 @@ class ScriptedMta:
 
     ``rcpt_reply(address) -> reply line`` decides RCPT answers (default 250);
     ``extensions`` are the EHLO keywords; with ``tls`` it offers STARTTLS.
+    With CHUNKING among them it reads BDAT chunks by count (RFC 3030);
+    ``chunk_reply(n) -> reply line`` answers the n-th chunk (0-based) of a
+    message that is not its last.
     """
 
     host: str
@@ -204,6 +207,7 @@ class ScriptedMta:
     esmtp: bool = True  # False: EHLO is "502", as an old HELO-only server says
     break_tls: bool = False  # answer STARTTLS with 220, then hang up mid-handshake
     data_delay: float = 0.0  # seconds before the reply to the final dot
+    chunk_reply: Callable[[int], str] = lambda _n: "250 2.0.0 Ok: chunk"
     active: int = 0  # connections open right now
     max_active: int = 0  # the most connections open at once
     received: list[Received] = field(default_factory=list)
@@ -254,6 +258,7 @@ class ScriptedMta:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tls = False
         sender, rcpts, params = "", [], ""
+        chunks: list[bytes] = []  # the BDAT chunks of the message so far
         self.active += 1
         self.max_active = max(self.max_active, self.active)
 
@@ -318,8 +323,25 @@ class ScriptedMta:
                     self.received.append(Received(sender, list(rcpts), bytes(body), tls, params))
                     await say(self.data_reply)
                     rcpts = []
+                elif verb == "BDAT" and "CHUNKING" in self.extensions:
+                    words = line.split(" ")
+                    chunk = await reader.readexactly(int(words[1]))
+                    if not rcpts:
+                        await say("503 5.5.1 Error: need RCPT")
+                    elif len(words) == 3 and words[2].upper() == "LAST":
+                        body = b"".join(chunks) + chunk
+                        self.received.append(Received(sender, list(rcpts), body, tls, params))
+                        chunks, rcpts = [], []
+                        await say(self.data_reply)
+                    else:
+                        reply = self.chunk_reply(len(chunks))
+                        chunks.append(chunk)
+                        if not reply.startswith("2"):
+                            chunks, rcpts = [], []  # RFC 3030 §2: the transaction failed
+                        await say(reply)
                 elif verb == "RSET":
                     rcpts = []
+                    chunks = []
                     await say("250 2.0.0 Ok")
                 elif verb == "QUIT":
                     await say("221 2.0.0 Bye")

@@ -7,6 +7,11 @@ Each host's addresses (IPv6 first, then IPv4) are tried in turn until one
 gives a definite answer for the recipients; connection failures, 4xx
 greetings and 4xx answers to EHLO/MAIL move on to the next address or host.
 
+A message with 8-bit content goes to a peer without 8BITMIME converted to
+7 bits (delivery/downgrade.py, RFC 6152 §3) and, when we had signed it,
+signed again; one that needs SMTPUTF8 goes nowhere without it (RFC 6531
+§3.2: returned with 5.6.7).
+
 TLS is opportunistic (RFC 3207, RFC 7435): STARTTLS whenever offered,
 certificates not verified (no MTA-STS/DANE yet); if the handshake fails the
 same address is tried once more in plaintext.
@@ -19,12 +24,14 @@ import dataclasses
 import ipaddress
 import logging
 import random
+import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from postoffice.config.settings import RelaySettings
 from postoffice.delivery.conncache import ConnectionCache, Parked
+from postoffice.delivery.content import MessageTraits, TraitScanner
 from postoffice.delivery.courier import (
     MessageSource,
     Outcome,
@@ -32,16 +39,22 @@ from postoffice.delivery.courier import (
     outcome_of,
     status_of,
 )
+from postoffice.delivery.downgrade import DowngradeError, to_7bit
 from postoffice.delivery.smtp_connection import ClientTimeouts, SmtpClient, SmtpConnectionError
 from postoffice.dns.mx import MxLoopsToSelf, NullMx, order_mx
 from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
+from postoffice.policy.dkim_sign import DkimSigner
 from postoffice.protocol.smtp_reply import Reply
 
 log = logging.getLogger("postoffice.delivery")
 
 MAX_PARKED_TRIES = 3  # parked connections tried (each may have gone stale) before a new one
 RCPTS_PER_TRANSACTION = 100  # RFC 5321 §4.5.3.1.8: the minimum every server must take
+SEND_BLOCK = 64 * 1024  # a converted message goes out in blocks of this size
+# Our own signatures: DKIM-Signature fields on top of the message, where
+# the signing queue writer puts them (policy/dkim_sign.py), above our Received:.
+_OUR_SIGNATURES = re.compile(rb"\A(?:dkim-signature[ \t]*:.*\n(?:[ \t].*\n)*)+", re.IGNORECASE)
 
 
 def client_tls_context() -> ssl.SSLContext:
@@ -121,8 +134,11 @@ class RemoteCourier:
         timeouts: ClientTimeouts | None = None,
         rng: random.Random | None = None,
         cache: ConnectionCache | None = None,
+        signer: DkimSigner | None = None,
     ) -> None:
+        """``signer``: signs our own mail again after an 8-bit conversion."""
         self._relay = relay
+        self._signer = signer
         self._hostname = hostname
         self._resolver = resolver
         self._tls = tls if tls is not None else client_tls_context()
@@ -392,10 +408,16 @@ class RemoteCourier:
         if refusal is not None:
             return refusal, self._cache.park(destination, link)
         traits = message.traits
+        body = message.chunks()
+        if traits.body_8bit and "8BITMIME" not in client.extensions:
+            converted = await self._seven_bit(message, recipients, label)
+            if isinstance(converted, list):
+                return converted, self._cache.park(destination, link)
+            body, traits = _blocks(converted), _traits(converted)
         result = await client.send(
             sender,
             recipients,
-            message.chunks(),
+            body,
             size=traits.crlf_size if "SIZE" in client.extensions else None,
             body_8bit=traits.body_8bit and "8BITMIME" in client.extensions,
             smtputf8=self._needs_smtputf8(sender, recipients, message),
@@ -427,6 +449,31 @@ class RemoteCourier:
         # Only a completed DATA leaves the session in a known, reset state.
         return results, result.data_sent and self._cache.park(destination, link)
 
+    async def _seven_bit(
+        self, message: MessageSource, recipients: Sequence[Address], label: str
+    ) -> bytes | list[RecipientResult]:
+        """The message converted for a peer without 8BITMIME (RFC 6152 §3),
+        or why it cannot be (5.6.3, as before conversion existed).  Held
+        whole: the size limit bounds it, and this is the rare path."""
+        data = b"".join([chunk async for chunk in message.chunks()])
+        try:
+            converted = await asyncio.to_thread(self._convert, data)
+        except DowngradeError as exc:
+            text = f"{label} does not support 8BITMIME, and the message cannot be converted: {exc}"
+            return [RecipientResult(r, Outcome.FAILED, text, "5.6.3", label) for r in recipients]
+        log.info("delivery to %s: 8-bit content converted to 7-bit (no 8BITMIME)", label)
+        return converted
+
+    def _convert(self, data: bytes) -> bytes:
+        """``to_7bit``, then our own DKIM signatures made again over the new
+        body (a foreign signature breaks: nothing can mend it)."""
+        converted = to_7bit(data)
+        ours = _OUR_SIGNATURES.match(converted)
+        if ours is None or self._signer is None:
+            return converted
+        unsigned = converted[ours.end() :]
+        return self._signer.sign_blocking(unsigned) + unsigned
+
     def _needs_smtputf8(
         self, sender: Address | None, recipients: Sequence[Address], message: MessageSource
     ) -> bool:
@@ -449,9 +496,6 @@ class RemoteCourier:
             # RFC 6531 §3.2: no SMTPUTF8 at the server means the message
             # cannot be sent there; we do not downgrade.
             problem = ("5.6.7", f"{label} does not support SMTPUTF8, which this message needs")
-        elif traits.body_8bit and "8BITMIME" not in ext:
-            # RFC 6152 §3: 8-bit data only to servers that announce 8BITMIME.
-            problem = ("5.6.3", f"{label} does not support 8BITMIME, which this message needs")
         elif "SIZE" in ext and ext["SIZE"].isdigit() and int(ext["SIZE"]) > 0:
             limit = int(ext["SIZE"])
             if traits.crlf_size > limit:  # RFC 1870 §6.1
@@ -463,6 +507,17 @@ class RemoteCourier:
             return None
         status, text = problem
         return [RecipientResult(r, Outcome.FAILED, text, status, label) for r in recipients]
+
+
+def _traits(message: bytes) -> MessageTraits:
+    scanner = TraitScanner()
+    scanner.feed(message)
+    return scanner.traits()
+
+
+async def _blocks(message: bytes) -> AsyncGenerator[bytes, None]:
+    for start in range(0, len(message), SEND_BLOCK):
+        yield message[start : start + SEND_BLOCK]
 
 
 class _TlsFailed(Exception):

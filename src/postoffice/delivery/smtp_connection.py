@@ -6,7 +6,8 @@ a ``ClientConnection`` (our ``net.connection.Connection`` with a client-side
 TLS upgrade, so plaintext buffered before STARTTLS is dropped, RFC 3207
 §4.2).  Supported:
 EHLO with HELO fallback, STARTTLS, PIPELINING (RFC 2920), SIZE, 8BITMIME,
-SMTPUTF8, and a body streamed from the queue file in chunks.  Every wait
+SMTPUTF8, and a body streamed from the queue file in chunks: with BDAT when
+the peer offers CHUNKING (RFC 3030), else DATA.  Every wait
 has the RFC 5321 §4.5.3.2 timeout for its stage.
 
 aiosmtplib was the other candidate; it takes the whole message as one
@@ -242,6 +243,8 @@ class SmtpClient:
         mail = mail_command(sender, size=size, body_8bit=body_8bit, smtputf8=smtputf8, dsn=dsn)
         rcpts = [rcpt_command(r, (rcpt_dsn or {}).get(r)) for r in recipients]
         t = self._timeouts
+        if "CHUNKING" in self.extensions:
+            return await self._send_chunked(mail, recipients, rcpts, body)
         if "PIPELINING" in self.extensions:
             # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write; DATA ends the group.
             await self._send(mail + b"".join(rcpts) + b"DATA\r\n", t.command)
@@ -290,6 +293,72 @@ class SmtpClient:
         for r in accepted:
             replies[r] = final
         return TransactionResult(replies, mail_reply, True)
+
+    async def _send_chunked(
+        self,
+        mail: bytes,
+        recipients: Sequence[Address],
+        rcpts: list[bytes],
+        body: AsyncGenerator[bytes, None],
+    ) -> TransactionResult:
+        """The transaction with BDAT (RFC 3030): each block of the queue file
+        goes out as one chunk, CRLF lines, no dot-stuffing; the last with LAST.
+
+        The envelope's replies come first (no chunk is sent for nobody).
+        With PIPELINING the chunks are pipelined too (RFC 3030 §4.2) and
+        their replies read at the end; the first refusal decides."""
+        t = self._timeouts
+        pipelining = "PIPELINING" in self.extensions
+        if pipelining:
+            await self._send(mail + b"".join(rcpts), t.command)
+            mail_reply = await self._reply(t.command)
+            rcpt_replies = [await self._reply(t.command) for _ in rcpts]
+        else:
+            await self._send(mail, t.command)
+            mail_reply = await self._reply(t.command)
+            rcpt_replies = []
+            if mail_reply.is_positive:
+                for line in rcpts:
+                    await self._send(line, t.command)
+                    rcpt_replies.append(await self._reply(t.command))
+        if not mail_reply.is_positive:
+            return TransactionResult(dict.fromkeys(recipients, mail_reply), mail_reply, False)
+        replies = dict(zip(recipients, rcpt_replies, strict=True))
+        accepted = [r for r, reply in replies.items() if reply.is_positive]
+        if not accepted:
+            await self._reset()
+            return TransactionResult(replies, mail_reply, False)
+        encoder = DotStuffer(dots=False)
+        unanswered = 0
+        refusal: Reply | None = None
+        pending = b""  # each block goes out once the next is known: the last with LAST
+        async with contextlib.aclosing(body) as chunks:
+            async for chunk in chunks:
+                data = encoder.feed(chunk)
+                if not data:
+                    continue
+                if pending:
+                    await self._send(b"BDAT %d\r\n" % len(pending) + pending, t.data_block)
+                    unanswered += 1
+                    if not pipelining:
+                        reply = await self._reply(t.data_block)
+                        unanswered -= 1
+                        if not reply.is_positive:
+                            refusal = reply  # RFC 3030 §2: no more chunks of it
+                            break
+                pending = data
+        final: Reply | None = refusal
+        if refusal is None:
+            pending += encoder.finish()
+            await self._send(b"BDAT %d LAST\r\n" % len(pending) + pending, t.data_block)
+            for left in range(unanswered, -1, -1):
+                reply = await self._reply(t.data_end if not left else t.data_block, after_data=True)
+                if final is None and (not reply.is_positive or not left):
+                    final = reply  # the first refusal, else the answer to LAST
+        assert final is not None
+        for r in accepted:
+            replies[r] = final
+        return TransactionResult(replies, mail_reply, refusal is None)
 
     async def _reset(self) -> None:
         with contextlib.suppress(SmtpConnectionError):

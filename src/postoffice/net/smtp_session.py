@@ -39,6 +39,8 @@ from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import (
     Auth,
     AuthResponse,
+    ChunkComplete,
+    ChunkStart,
     DataChunk,
     DataComplete,
     DataRequested,
@@ -154,6 +156,7 @@ class SmtpSession:
         self.last_command = "CONNECT"  # Postfix's "lost connection after ..."
         self.data_bytes = 0  # content octets of the message being received
         self.first_helo = ""  # the name given before STARTTLS, if any
+        self._chunk_failure: Reply | None = None  # a BDAT transaction that could not open
 
     # --- the loop --------------------------------------------------------------
     async def run(self) -> None:
@@ -239,6 +242,9 @@ class SmtpSession:
                 self.data_bytes += len(event.data)
                 await self._data_chunk(event.data, event.newlines)
                 continue
+            if isinstance(event, ChunkStart):
+                await self._chunk_start()
+                continue
             verb = _verb(event)
             if verb:
                 self.tally.given(verb)
@@ -249,6 +255,9 @@ class SmtpSession:
                 reply = self._too_many_errors()
                 self.outcome = "too many errors"
             self.out.append(self.core.send(reply))
+            if self.tx is not None and not self.core.in_transaction:
+                # EHLO or STARTTLS between BDAT chunks ended the transaction.
+                await self._abandon()
             self._tally_reply(event, reply)
             if self._count_error(event, reply):
                 # The 421 follows the reply that reached the limit at once:
@@ -279,6 +288,8 @@ class SmtpSession:
         code = reply.code
         if isinstance(event, DataComplete):
             verb, ok = "data", code == 250
+        elif isinstance(event, ChunkComplete):
+            verb, ok = "bdat", code == 250
         elif isinstance(event, Auth | AuthResponse):
             verb, ok = "auth", code == 235
         elif isinstance(event, DataRequested | StartTls | Rejected):
@@ -298,7 +309,8 @@ class SmtpSession:
         after DATA (N bytes)"); ``in_data``: it ended inside a message."""
         after = ""
         if self.outcome != "quit":
-            after = f" after={'DATA' if in_data else self.last_command}"
+            inside = "BDAT" if self.core.chunking else "DATA"  # Postfix says so too
+            after = f" after={inside if in_data else self.last_command}"
             if in_data:
                 after += f" bytes={self.data_bytes}"
         reason = f" reason={logfmt.field(self.reason)}" if self.reason else ""
@@ -340,7 +352,7 @@ class SmtpSession:
     def _count_error(self, event: Event, reply: Reply) -> bool:
         """Count a 5xx (a bad command, an unknown or refused recipient, ...);
         True when the session has reached ``max_errors`` and must close."""
-        if isinstance(event, DataComplete) and reply.code == 250:
+        if isinstance(event, DataComplete | ChunkComplete) and reply.code == 250:
             self.errors = 0  # a delivered message forgives earlier errors, as in Postfix
         elif reply.code >= 500:
             self.errors += 1
@@ -367,6 +379,8 @@ class SmtpSession:
                 return await self._data_start()
             case DataComplete():
                 return await self._data_end(event)
+            case ChunkComplete():
+                return await self._chunk_end(event)
             case Reset():
                 await self._abandon()
                 self.envelope = IncomingEnvelope()
@@ -408,6 +422,7 @@ class SmtpSession:
             "PIPELINING",
             f"SIZE {self.s.settings.limits.max_message_size}",
             "8BITMIME",
+            "CHUNKING",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
             "DSN",  # RFC 3461
@@ -679,6 +694,34 @@ class SmtpSession:
         self.envelope = IncomingEnvelope()
         return reply
 
+    # --- BDAT (RFC 3030) --------------------------------------------------------------
+    async def _chunk_start(self) -> None:
+        """A BDAT chunk's content follows: the first of a transaction opens
+        it as DATA's 354 would (the same writers, signer and header gate)."""
+        self.last_command = "BDAT"
+        if self.tx is not None or self._chunk_failure is not None:
+            return
+        reply = await self._data_start()
+        if reply.code == 354:
+            self.data_bytes = 0  # a message begins
+        else:
+            self._chunk_failure = reply  # the answer once the chunk is read
+
+    async def _chunk_end(self, event: ChunkComplete) -> Reply:
+        """The answer to one BDAT chunk.  The last one ends the message through
+        DATA's end path (checks, commit: the 250 means it is on stable
+        storage); a chunk that fails the message ends it there too, so the
+        log and the metrics see it once (RFC 3030 §2: no more chunks come)."""
+        if self._chunk_failure is not None:
+            reply, self._chunk_failure = self._chunk_failure, None
+            self.envelope = IncomingEnvelope()
+            return reply
+        tx = self.tx
+        assert tx is not None  # _chunk_start opened it
+        if event.last or tx.failure is not None or event.content.oversize:
+            return await self._data_end(event.content)
+        return Reply(250, f"{event.size} octets received", "2.0.0")
+
     def _full_mailboxes(self, mailboxes: tuple[Address, ...], incoming: int) -> list[Address]:
         """At RCPT, only what is known cheaply (storage/quota.py): the
         mailboxes at their quota, or without room for a declared SIZE= (or a
@@ -897,8 +940,10 @@ def _verb(event: Event) -> str:
             return "ehlo" if extended else "helo"
         case Rejected(command=command):
             return command or "unknown"
-        case DataChunk() | DataComplete() | AuthResponse():
+        case DataChunk() | DataComplete() | AuthResponse() | ChunkStart():
             return ""
+        case ChunkComplete():
+            return "bdat"
     return _VERBS.get(type(event), "")
 
 

@@ -19,6 +19,7 @@ ORDER = (
     "mail",
     "rcpt",
     "data",
+    "bdat",
     "rset",
     "noop",
     "vrfy",

@@ -71,9 +71,12 @@ class DotStuffer:
     included: for a whole message it is ``wire_size`` (POP3's LIST size).
     """
 
-    __slots__ = ("_held_cr", "_line_start", "unstuffed")
+    __slots__ = ("_dots", "_held_cr", "_line_start", "unstuffed")
 
-    def __init__(self) -> None:
+    def __init__(self, *, dots: bool = True) -> None:
+        """``dots`` False: the same line endings without dot-stuffing or
+        terminator, for BDAT (RFC 3030 §2: the count, not a dot, ends it)."""
+        self._dots = dots
         self._held_cr = False
         self._line_start = True  # the last byte sent ended a line (or nothing sent)
         self.unstuffed = 0
@@ -89,7 +92,7 @@ class DotStuffer:
         if not self._line_start:
             out += b"\r\n"
             self.unstuffed += 2
-        return out + TERMINATOR
+        return out + TERMINATOR if self._dots else out
 
     def _crlf(self, chunk: bytes) -> bytes:
         """``chunk`` with CRLF line endings, a trailing CR held back."""
@@ -102,6 +105,6 @@ class DotStuffer:
         if not data:
             return data
         self.unstuffed += len(data)
-        out = dot_stuff(data, self._line_start)
+        out = dot_stuff(data, self._line_start) if self._dots else data
         self._line_start = out.endswith(b"\n")
         return out

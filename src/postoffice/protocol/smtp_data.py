@@ -61,6 +61,7 @@ class DataDecoder:
         "_line_len",
         "_newlines",
         "_skip_virtual",
+        "_stuffed",
         "_tail",
         "bare_cr",
         "bare_lf",
@@ -72,7 +73,8 @@ class DataDecoder:
         "size",
     )
 
-    def __init__(self, max_size: int, max_line: int = 998) -> None:
+    def __init__(self, max_size: int, max_line: int = 998, *, dot_stuffed: bool = True) -> None:
+        """``dot_stuffed`` False: BDAT content (RFC 3030), fed by ``feed_octets``."""
         self.max_size = max_size
         self.max_line = max_line
         self.size = 0
@@ -85,8 +87,9 @@ class DataDecoder:
         self._newlines = 0  # LFs in what the current feed() returns
         # The CRLF that ended the DATA command line starts the search window
         # (so ".\r\n" at once ends an empty message) but is not content.
-        self._tail = b"\r\n"
-        self._skip_virtual = True
+        self._stuffed = dot_stuffed
+        self._tail = b"\r\n" if dot_stuffed else b""
+        self._skip_virtual = dot_stuffed
         self._at_line_start = True
         self._line_len = 0
 
@@ -111,6 +114,27 @@ class DataDecoder:
             if rest is not None:
                 return b"".join(out), rest + data[start + _SLICE :]
         return b"".join(out), None
+
+    def feed_octets(self, data: bytes, final: bool) -> bytes:
+        """Consume BDAT chunk content (RFC 3030 §2); return the content to emit.
+
+        No dot-stuffing and no end marker: the count told where the chunk
+        ends, and ``final`` says this is the last octet of the message (BDAT
+        LAST).  Line endings, bare CR/LF, line length and size are judged as
+        for DATA, so both paths store the same message.  A CR at the end of a
+        feed is held back until the next, where its LF may be.
+        """
+        self._newlines = 0
+        if self.done:
+            return b""
+        buf = self._tail + data if self._tail else data
+        self._tail = b""
+        if final:
+            self.done = True
+        elif buf.endswith(b"\r"):
+            self._tail, buf = b"\r", buf[:-1]
+        bare_cr = buf.endswith(b"\r") or _BARE_CR.search(buf) is not None
+        return self._decode(buf, False, bare_cr)
 
     def _feed(self, data: bytes) -> tuple[bytes, bytes | None]:
         buf = self._tail + data if self._tail else data
@@ -178,10 +202,11 @@ class DataDecoder:
             newlines = len(text) - len(text.replace(b"\n", b""))
         if newlines != crlf:
             self.bare_lf = True
-        if self._at_line_start and text[:1] == b".":
-            text = text[1:]
-        if dot_lines or self.bare_cr or self.bare_lf:
-            text = _LF_DOT.sub(b"\n", text)
+        if self._stuffed:
+            if self._at_line_start and text[:1] == b".":
+                text = text[1:]
+            if dot_lines or self.bare_cr or self.bare_lf:
+                text = _LF_DOT.sub(b"\n", text)
         self._at_line_start = raw[-1:] == b"\n"
         if not self.line_too_long:
             self._check_lines(text)

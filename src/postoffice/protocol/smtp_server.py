@@ -27,6 +27,17 @@ handshake must not be acted upon once TLS is up); the session refuses a
 STARTTLS with data behind it (``buffered``) and ends the dialogue with
 ``close``.
 
+CHUNKING (RFC 3030): ``BDAT n [LAST]`` is followed by exactly n octets of
+content, read by count, never parsed as lines.  Each chunk comes out as
+``ChunkStart`` (no answer: the session opens its transaction at the first),
+``DataChunk`` events (decoded as DATA's are: CRLF to LF, bare CR/LF flagged,
+no dot-stuffing), then ``ChunkComplete`` to answer; a last chunk's carries
+the ``DataComplete`` the DATA end path takes.  A BDAT that cannot be
+accepted (no MAIL, no recipient, after DATA's turn) is still read to its
+last octet before its ``Rejected`` comes out, so the dialogue stays in step
+(RFC 3030 §2).  A BDAT whose count cannot be read leaves no way to find the
+next command: it is answered 501 and the dialogue closes.
+
 Recipient ``<postmaster>`` without a domain (RFC 5321 §4.1.1.3) is reported
 as ``Address("postmaster", "")``: the session substitutes its own domain.
 """
@@ -36,6 +47,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from postoffice.mail.address import Address, AddressError, parse_path
@@ -146,6 +158,29 @@ class DataComplete:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkStart:
+    """``BDAT size [LAST]`` accepted by the core; its content follows.  Needs
+    no answer (the answer comes after the chunk, at ``ChunkComplete``)."""
+
+    size: int
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkComplete:
+    """A BDAT chunk read to its last octet; answer 250 to take it.
+
+    ``content``: the message so far, judged as DATA's end is (sizes in
+    decoded octets); final when ``last``.  Any answer but 2xx ends the
+    transaction (RFC 3030 §2: the client sends no more chunks of it).
+    """
+
+    size: int
+    last: bool
+    content: DataComplete
+
+
+@dataclass(frozen=True, slots=True)
 class Reset:
     """RSET."""
 
@@ -215,6 +250,8 @@ Event = (
     | DataRequested
     | DataChunk
     | DataComplete
+    | ChunkStart
+    | ChunkComplete
     | Reset
     | Noop
     | Quit
@@ -233,7 +270,7 @@ _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 # RFC 6531 §3.3.
 _ESMTP_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")
 _MECHANISM = re.compile(r"[A-Z0-9_-]{1,20}")  # RFC 4422 §3.1
-_NOT_IMPLEMENTED = frozenset({"EXPN", "BDAT", "TURN", "SEND", "SOML", "SAML"})
+_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML"})
 
 
 def _reject(code: int, text: str, enhanced: str) -> Rejected:
@@ -423,13 +460,20 @@ class SmtpServerCore:
         self._decoder: DataDecoder | None = None
         self._data_complete: DataComplete | None = None  # queued behind a last chunk
         self._pending: Event | None = None  # the event awaiting send()
+        # BDAT (RFC 3030): the chunk being read, and the decoder of the whole
+        # message (it spans the chunks: size limit, line state).
+        self._chunk: ChunkStart | None = None
+        self._chunk_left = 0  # octets of the chunk still to read
+        self._chunk_refusal: Rejected | None = None  # its answer, once it is read
+        self._bdat: DataDecoder | None = None
+        self._hang_up = False  # close once the pending event is answered
 
     # --- properties -----------------------------------------------------------
     @property
     def state(self) -> SmtpState:
         if self._closed:
             return SmtpState.CLOSED
-        if self._decoder is not None:
+        if self._decoder is not None or self._chunk is not None:
             return SmtpState.DATA
         if self._sasl:
             return SmtpState.AUTH
@@ -454,6 +498,11 @@ class SmtpServerCore:
         return self._greeted
 
     @property
+    def chunking(self) -> bool:
+        """A BDAT transaction is under way (RFC 3030: DATA is refused in it)."""
+        return self._bdat is not None
+
+    @property
     def buffered(self) -> int:
         """Octets received and not yet turned into events."""
         return len(self._buf) - self._pos + sum(map(len, self._data_in))
@@ -463,7 +512,9 @@ class SmtpServerCore:
         """Add bytes read from the client; events come from ``next_event``."""
         if self._closed or not data:
             return
-        receiving_content = self._decoder is not None and self._data_complete is None
+        receiving_content = (
+            self._decoder is not None and self._data_complete is None
+        ) or self._chunk_left > 0
         if receiving_content and self._pos == len(self._buf):
             self._data_in.append(bytes(data))
             return
@@ -481,9 +532,14 @@ class SmtpServerCore:
             )
         if self._closed:
             return None
-        in_data = self._decoder is not None
-        event = self._next_data_event() if in_data else self._next_command_event()
-        if event is not None and not isinstance(event, DataChunk):
+        event: Event | None
+        if self._chunk is not None:
+            event = self._next_chunk_event()
+        elif self._decoder is not None:
+            event = self._next_data_event()
+        else:
+            event = self._next_command_event()
+        if event is not None and not isinstance(event, DataChunk | ChunkStart):
             self._pending = event
             if isinstance(event, Rejected):
                 self.error_count += 1
@@ -517,6 +573,51 @@ class SmtpServerCore:
         event, self._data_complete = self._data_complete, None
         self._decoder = None
         return event
+
+    def _next_chunk_event(self) -> DataChunk | ChunkComplete | Rejected | None:
+        """Read the current BDAT chunk by its count (RFC 3030 §2)."""
+        chunk = self._chunk
+        assert chunk is not None
+        if self._chunk_left and self._pos < len(self._buf):  # pipelined behind BDAT
+            self._data_in.appendleft(bytes(memoryview(self._buf)[self._pos :]))
+            self._clear_buffer()
+        decoder = self._bdat if self._chunk_refusal is None else None
+        while self._chunk_left:
+            if not self._data_in:
+                return None
+            piece = self._data_in.popleft()
+            if len(piece) > self._chunk_left:
+                # What follows the chunk is commands again.
+                self._buf += memoryview(piece)[self._chunk_left :]
+                self._buf += b"".join(self._data_in)
+                self._data_in.clear()
+                piece = piece[: self._chunk_left]
+            self._chunk_left -= len(piece)
+            if decoder is not None:
+                final = chunk.last and not self._chunk_left
+                content = decoder.feed_octets(piece, final)
+                if content:
+                    return DataChunk(content, decoder.newlines)
+        if decoder is not None and chunk.last and not decoder.done:
+            content = decoder.feed_octets(b"", True)  # BDAT 0 LAST: a CR held back
+            if content:
+                return DataChunk(content, decoder.newlines)
+        self._chunk = None
+        if decoder is None:
+            refusal, self._chunk_refusal = self._chunk_refusal, None
+            assert refusal is not None
+            return refusal
+        return ChunkComplete(
+            chunk.size,
+            chunk.last,
+            DataComplete(
+                decoder.size,
+                decoder.bare_cr,
+                decoder.bare_lf,
+                decoder.line_too_long,
+                decoder.oversize,
+            ),
+        )
 
     def _line_limit(self) -> int:
         """The longest allowed line for what is being received now, CRLF included."""
@@ -558,7 +659,10 @@ class SmtpServerCore:
                 return self._line_too_long()
             if self._sasl:
                 return AuthResponse(line.decode("utf-8", "replace"))
-            return self._parse_command(line)
+            event = self._parse_command(line)
+            if event is None:  # a BDAT to refuse: its chunk is read first
+                return self._next_chunk_event()
+            return event
 
     def _line_too_long(self) -> Rejected:
         if self._sasl:
@@ -568,7 +672,7 @@ class SmtpServerCore:
         return _reject(500, "Line too long", "5.5.6")
 
     # --- commands ---------------------------------------------------------------
-    def _parse_command(self, raw: bytes) -> Event:
+    def _parse_command(self, raw: bytes) -> Event | None:
         verb_raw, _, arg_raw = raw.partition(b" ")
         verb = verb_raw.decode("ascii", "replace").upper()
         if verb not in _COMMANDS:
@@ -580,7 +684,7 @@ class SmtpServerCore:
         try:
             arg = arg_raw.decode("utf-8")
         except UnicodeDecodeError:
-            event: Event = _reject(501, "Invalid UTF-8 in command", "5.5.2")
+            event: Event | None = _reject(501, "Invalid UTF-8 in command", "5.5.2")
         else:
             if arg.isprintable():
                 event = _COMMANDS[verb](self, arg.strip(" "))
@@ -612,16 +716,50 @@ class SmtpServerCore:
     def _rcpt(self, arg: str) -> Event:
         if not self._in_transaction:
             return _reject(503, "Need MAIL before RCPT", _SEQUENCE)
+        if self._bdat is not None:
+            return _reject(503, "RCPT not allowed after BDAT", _SEQUENCE)
         return parse_rcpt(arg, utf8=self._smtputf8)
 
     def _data(self, arg: str) -> Event:
         if not self._in_transaction:
             return _reject(503, "Need MAIL command", _SEQUENCE)
+        if self._bdat is not None:
+            return _reject(503, "DATA not allowed after BDAT", _SEQUENCE)  # RFC 3030 §2
         if not self._recipients:
             return _reject(554, "No valid recipients", _SEQUENCE)
         if arg:
             return _reject(501, "DATA takes no arguments", "5.5.4")
         return DataRequested()
+
+    def _bdat_command(self, arg: str) -> Event | None:
+        """``BDAT chunk-size [LAST]`` (RFC 3030 §2); None: a refusal that
+        comes out once the chunk has been read."""
+        words = arg.split(" ")
+        count = words[0]
+        if (
+            len(words) > 2
+            or not (count.isascii() and count.isdigit())
+            or len(count) > MAX_SIZE_DIGITS
+            or (len(words) == 2 and words[1].upper() != "LAST")
+        ):
+            # Without a count there is no telling where the next command
+            # begins: reading the chunk as commands would run the client's
+            # content, so the dialogue ends after this answer.
+            self._hang_up = True
+            return _reject(501, "Syntax: BDAT chunk-size [LAST]", "5.5.4")
+        self._chunk = ChunkStart(int(count), len(words) == 2)
+        self._chunk_left = self._chunk.size
+        refusal = None
+        if not self._in_transaction:
+            refusal = _reject(503, "Need MAIL command", _SEQUENCE)
+        elif not self._recipients:
+            refusal = _reject(554, "No valid recipients", _SEQUENCE)
+        if refusal is not None:
+            self._chunk_refusal = Rejected(refusal.reply, "bdat")
+            return None
+        if self._bdat is None:
+            self._bdat = DataDecoder(self.max_message_size, self.max_text_line, dot_stuffed=False)
+        return self._chunk
 
     def _rset(self, arg: str) -> Event:
         if arg:
@@ -676,6 +814,9 @@ class SmtpServerCore:
         RcptTo                    2xx     one more recipient
         DataRequested             354     DATA mode: DataChunk ... DataComplete
         DataComplete              any     transaction cleared
+        ChunkComplete             2xx     not last: the next BDAT continues it
+        ChunkComplete             other   (or last) transaction cleared
+        Rejected (bad BDAT)       any     closed: the chunk's end is unknown
         Reset                     2xx     transaction cleared
         StartTls                  220     buffer discarded, un-greeted, ``tls``
         Auth, AuthResponse        334     the next line is an AuthResponse
@@ -706,6 +847,8 @@ class SmtpServerCore:
                 self._decoder = DataDecoder(self.max_message_size, self.max_text_line)
             case DataComplete():
                 self._clear_transaction()
+            case ChunkComplete() if not (ok and not event.last):
+                self._clear_transaction()  # the message is in, or the transaction failed
             case Reset() if ok:
                 self._clear_transaction()
             case StartTls() if code == 220:
@@ -723,7 +866,7 @@ class SmtpServerCore:
                     self.authenticated = True
             case Quit() if code == 221:
                 self._close()
-        if code == 421:
+        if code == 421 or self._hang_up:
             self._close()
         return reply.to_bytes()
 
@@ -746,9 +889,12 @@ class SmtpServerCore:
         self._in_transaction = False
         self._smtputf8 = False
         self._recipients = 0
+        self._bdat = None
 
     def _close(self) -> None:
         self._closed = True
+        self._chunk = None
+        self._chunk_left = 0
         self._decoder = None
         self._data_complete = None
         self._data_in.clear()
@@ -760,12 +906,13 @@ class SmtpServerCore:
         self._scan_from = 0
 
 
-_COMMANDS = {
+_COMMANDS: dict[str, Callable[[SmtpServerCore, str], Event | None]] = {
     "EHLO": SmtpServerCore._ehlo,
     "HELO": SmtpServerCore._helo,
     "MAIL": SmtpServerCore._mail,
     "RCPT": SmtpServerCore._rcpt,
     "DATA": SmtpServerCore._data,
+    "BDAT": SmtpServerCore._bdat_command,
     "RSET": SmtpServerCore._rset,
     "NOOP": SmtpServerCore._noop,
     "QUIT": SmtpServerCore._quit,

@@ -251,11 +251,11 @@ def test_rcpt_refusals_keep_the_peers_words(
         sink.stop()
 
 
-def test_8bit_body_needs_8bitmime(
+def test_8bit_body_is_converted_for_a_peer_without_8bitmime(
     tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
 ) -> None:
     content = "Subject: t\n\nGr\u00fc\u00dfe\n".encode()
-    sink = SmtpSink(tmp_path, "127.0.0.2", port, "-8").start()
+    sink = SmtpSink(tmp_path, "127.0.0.2", port, "-8", name="7bit").start()
     try:
         (r,) = deliver(
             tmp_path,
@@ -265,7 +265,12 @@ def test_8bit_body_needs_8bitmime(
             [Address("bob", "one.test")],
             content,
         )
-        assert r.outcome is Outcome.FAILED and r.status == "5.6.3"
+        # RFC 6152 §3: converted to 7 bits (quoted-printable for text), not returned.
+        assert r.outcome is Outcome.DELIVERED, r.text
+        (dump,) = sink.messages()
+        assert b"BODY=8BITMIME" not in dump
+        assert b"Content-Transfer-Encoding: quoted-printable\nMIME-Version: 1.0\n" in dump
+        assert b"\n\nGr=C3=BC=C3=9Fe\n" in dump
     finally:
         sink.stop()
     sink = SmtpSink(tmp_path, "127.0.0.2", port, name="8bit").start()

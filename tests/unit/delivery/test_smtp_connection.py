@@ -249,3 +249,68 @@ def test_garbage_reply_is_a_connection_error() -> None:
         client.abort()
 
     asyncio.run(serve_raw(handler, test))
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_bdat_when_the_peer_offers_chunking(mta: ScriptedMta, pipelining: bool) -> None:
+    mta.extensions = ("CHUNKING", "8BITMIME", *(("PIPELINING",) if pipelining else ()))
+
+    async def go() -> None:
+        client = await session(mta)
+        result = await client.send(
+            ALICE,
+            [BOB],
+            body(b"Subject: x\n\n.hi\r", b"\nsecond block\n", b"no final newline"),
+            size=None,
+            body_8bit=True,
+            smtputf8=False,
+        )
+        assert result.data_sent and result.replies[BOB].summary.startswith("250 2.0.0 Ok: queued")
+        await client.quit()
+
+    asyncio.run(go())
+    (got,) = mta.received
+    # No dot-stuffing, CRLF line ends (a CR LF split between blocks stays one),
+    # and the last line ended: RFC 3030 §2 counts octets, RFC 5322 wants CRLF.
+    assert got.data == b"Subject: x\r\n\r\n.hi\r\nsecond block\r\nno final newline\r\n"
+    assert got.mail_params == "BODY=8BITMIME"
+    bdat = [c for c in mta.commands if c.startswith("BDAT")]
+    assert bdat[-1].endswith(" LAST") and len(bdat) == 3
+    assert "DATA" not in mta.commands
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_refused_chunk_decides_the_message(mta: ScriptedMta, pipelining: bool) -> None:
+    mta.extensions = ("CHUNKING", *(("PIPELINING",) if pipelining else ()))
+    mta.chunk_reply = lambda n: "552 5.3.4 Message too big" if n == 0 else "250 2.0.0 Ok"
+
+    async def go() -> None:
+        client = await session(mta)
+        result = await client.send(
+            ALICE, [BOB], body(b"a\n", b"b\n", b"c\n"), size=None, body_8bit=False, smtputf8=False
+        )
+        assert result.replies[BOB].summary == "552 5.3.4 Message too big"
+        # Pipelined, the rest went out and was answered: the session is in step.
+        assert result.data_sent is pipelining
+        await client.quit()
+
+    asyncio.run(go())
+    assert mta.received == []
+    if not pipelining:  # RFC 3030 §2: no more chunks after a refusal
+        assert [c for c in mta.commands if c.startswith("BDAT")] == ["BDAT 3"]
+
+
+def test_bdat_for_nobody_is_not_sent(mta: ScriptedMta) -> None:
+    mta.extensions = ("CHUNKING", "PIPELINING")
+    mta.rcpt_reply = lambda a: "550 5.1.1 unknown"
+
+    async def go() -> None:
+        client = await session(mta)
+        result = await client.send(
+            ALICE, [BOB], body(b"x\n"), size=None, body_8bit=False, smtputf8=False
+        )
+        assert not result.data_sent and result.replies[BOB].code == 550
+        await client.quit()
+
+    asyncio.run(go())
+    assert not [c for c in mta.commands if c.startswith("BDAT")]

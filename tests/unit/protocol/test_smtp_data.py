@@ -419,3 +419,45 @@ def test_long_lines_pass_whole_up_to_the_bound_for_any_split(
     for piece in _split(stream, cuts):
         decoder.feed(piece)
         assert len(decoder._tail) <= 4  # held back: at most a partial end of data
+
+
+# --- BDAT content (RFC 3030): feed_octets -------------------------------------------
+
+
+def octets(pieces: list[bytes], **limits: int) -> tuple[bytes, DataDecoder]:
+    decoder = DataDecoder(
+        limits.get("max_size", 10_000), limits.get("max_line", 998), dot_stuffed=False
+    )
+    out = b"".join(decoder.feed_octets(p, i == len(pieces) - 1) for i, p in enumerate(pieces))
+    return out, decoder
+
+
+def test_bdat_content_keeps_dots_and_joins_crlf_across_chunks() -> None:
+    out, d = octets([b".a\r", b"\n..b\r\n.\r", b"\n", b""])
+    assert out == b".a\n..b\n.\n"
+    assert not (d.bare_cr or d.bare_lf) and d.size == len(out) and d.done
+
+
+def test_bdat_content_flags_bare_cr_at_the_very_end_and_bare_lf() -> None:
+    out, d = octets([b"a\r\n", b"b\r"])
+    assert out == b"a\nb\r" and d.bare_cr
+    out, d = octets([b"a\nb\r\n"])
+    assert out == b"a\nb\n" and d.bare_lf and not d.bare_cr
+
+
+def test_bdat_content_limits() -> None:
+    out, d = octets([b"x" * 8, b"y" * 8 + b"\r\n"], max_size=10)
+    assert out == b"x" * 8 + b"yy" and d.oversize and d.size == 17
+    _, d = octets([b"z" * 5, b"z" * 5 + b"\r\n"], max_line=9)
+    assert d.line_too_long
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=60), cuts=st.lists(st.integers(0, 60), max_size=6))
+def test_bdat_content_does_not_depend_on_where_chunks_split(data: bytes, cuts: list[int]) -> None:
+    bounds = sorted({min(c, len(data)) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)], strict=True)]
+    whole, dw = octets([data])
+    split, ds = octets(pieces)
+    assert split == whole
+    assert (ds.bare_cr, ds.bare_lf, ds.size) == (dw.bare_cr, dw.bare_lf, dw.size)

@@ -20,6 +20,8 @@ from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import (
     Auth,
     AuthResponse,
+    ChunkComplete,
+    ChunkStart,
     DataChunk,
     DataComplete,
     DataRequested,
@@ -82,7 +84,7 @@ class Dialogue:
         events: list[Event] = []
         while (event := self.core.next_event()) is not None:
             events.append(event)
-            if not isinstance(event, DataChunk):
+            if not isinstance(event, DataChunk | ChunkStart):
                 self.output += self.core.send((answer or self.answer)(event))
         return events
 
@@ -590,7 +592,6 @@ def test_quit_refused_does_not_close() -> None:
         (b"\r\n", (500, "5.5.2")),
         (b"   \r\n", (500, "5.5.2")),
         (b"EXPN staff\r\n", (502, "5.5.1")),
-        (b"BDAT 10 LAST\r\n", (502, "5.5.1")),
         (b"\xff\xfe\r\n", (500, "5.5.1")),
         (b"NOOP \xff\r\n", (501, "5.5.2")),
         (b"NOOP a\x00b\r\n", (501, "5.5.4")),
@@ -947,3 +948,53 @@ def test_random_bytes_only_produce_events(chunks: list[bytes]) -> None:
         for event in d.feed(chunk):
             assert isinstance(event, typing.get_args(Event))
         assert d.core.buffered <= 13000
+
+
+# --- CHUNKING (RFC 3030) ---------------------------------------------------------------
+
+
+def test_bdat_reads_exactly_the_count_then_commands_again() -> None:
+    d = Dialogue().in_transaction()
+    events = merged(d.feed(b"BDAT 7\r\nab\r\n.\r\nBDAT 3 LAST\r\nc\r\nNOOP\r\n"))
+    assert events[0] == ChunkStart(7, False)
+    assert events[1] == DataChunk(b"ab\n.\n")  # no dot-unstuffing, no end of data
+    assert isinstance(events[2], ChunkComplete) and not events[2].last
+    assert events[3] == ChunkStart(3, True)
+    assert events[4] == DataChunk(b"c\n")
+    assert isinstance(events[5], ChunkComplete) and events[5].content.size == 7
+    assert events[6] == Noop()
+    assert d.core.state is SmtpState.GREETED
+
+
+def test_bdat_refused_without_mail_after_its_chunk_is_read() -> None:
+    d = Dialogue().greeted()
+    d.core.receive_data(b"BDAT 8 LAST\r\nQUIT\r\n")
+    assert d.core.next_event() is None  # the chunk is not complete yet: no answer
+    d.core.receive_data(b"\r\nNOOP\r\n")
+    events = d.feed(b"")
+    assert rejected(events[0]) == (503, "5.5.1")
+    assert events[1:] == [Noop()]
+
+
+def test_bdat_chunk_over_the_limit_is_consumed_and_flagged() -> None:
+    d = Dialogue(max_message_size=10).in_transaction()
+    events = merged(d.feed(b"BDAT 30\r\n" + b"x" * 28 + b"\r\nNOOP\r\n"))
+    assert events[1] == DataChunk(b"x" * 10)  # never more than the limit is emitted
+    assert isinstance(events[2], ChunkComplete) and events[2].content.oversize
+    assert events[3] == Noop()
+
+
+def test_refused_chunk_ends_the_transaction_and_data_after_bdat_is_refused() -> None:
+    d = Dialogue().in_transaction()
+    d.feed(b"BDAT 2\r\nab")
+    assert d.core.chunking
+    assert rejected(d.one(b"DATA\r\n")) == (503, "5.5.1")
+    events = d.feed(b"BDAT 1\r\nc", lambda e: Reply(452, "no", "4.3.1"))
+    assert isinstance(events[-1], ChunkComplete)
+    assert not d.core.in_transaction and not d.core.chunking
+
+
+def test_bdat_with_unreadable_count_closes() -> None:
+    d = Dialogue().in_transaction()
+    assert rejected(d.one(b"BDAT x LAST\r\n")) == (501, "5.5.4")
+    assert d.core.closed

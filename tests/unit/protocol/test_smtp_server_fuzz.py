@@ -24,6 +24,8 @@ from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import (
     Auth,
     AuthResponse,
+    ChunkComplete,
+    ChunkStart,
     DataChunk,
     DataComplete,
     DataRequested,
@@ -70,6 +72,8 @@ _COMMAND = st.one_of(
             "AUTH PLAIN AGFAAGI=",
             "*",
             "BDAT 10",
+            "BDAT 3 LAST",
+            "BDAT 0 LAST",
             "mail from:<a@b.test>",
             "rcpt to: <c@d.test>",
             "EHLO",
@@ -139,7 +143,7 @@ def random_answer(event: object, accept: bool) -> Reply:
             return Reply(334, "") if accept else Reply(504, "No", "5.5.4")
         case Auth() | AuthResponse():
             return Reply(235, "Ok", "2.7.0") if accept else Reply(535, "No", "5.7.8")
-        case MailFrom() | RcptTo() | DataComplete():
+        case MailFrom() | RcptTo() | DataComplete() | ChunkComplete():
             return Reply(250, "Ok", "2.0.0") if accept else Reply(550, "No", "5.7.1")
     return Reply(250, "Ok", "2.0.0")
 
@@ -148,7 +152,7 @@ def random_answer(event: object, accept: bool) -> Reply:
 @given(data=sessions(), choices=st.lists(st.booleans(), min_size=1, max_size=64))
 def test_sequence_rules_hold_whatever_the_client_sends(data: bytes, choices: list[bool]) -> None:
     core = SmtpServerCore(max_message_size=2000)
-    greeted = mail = in_data = False
+    greeted = mail = in_data = in_chunk = False
     recipients = 0
     replies = 0
     output = bytearray()
@@ -157,8 +161,12 @@ def test_sequence_rules_hold_whatever_the_client_sends(data: bytes, choices: lis
         event = core.next_event()
         if event is None:
             break
+        if isinstance(event, ChunkStart):
+            assert mail and recipients > 0 and not in_data, "BDAT without a recipient"
+            in_chunk = True
+            continue
         if isinstance(event, DataChunk):
-            assert in_data, "content outside DATA"
+            assert in_data or in_chunk, "content outside DATA and BDAT"
             continue
         reply = random_answer(event, choices[step % len(choices)])
         output += core.send(reply)
@@ -180,6 +188,11 @@ def test_sequence_rules_hold_whatever_the_client_sends(data: bytes, choices: lis
             case DataComplete():
                 assert in_data, "end of data without DATA"
                 in_data, mail, recipients = False, False, 0
+            case ChunkComplete():
+                assert in_chunk, "end of a chunk without BDAT"
+                in_chunk = False
+                if event.last or not accepted:
+                    mail, recipients = False, 0
             case Reset():
                 assert not in_data
                 mail, recipients = False, 0
