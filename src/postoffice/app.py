@@ -35,7 +35,7 @@ from postoffice.dns.resolver import DnsResolver, Resolver
 from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.accept import AcceptShares, bind
 from postoffice.net.listener import Handler, Listener
-from postoffice.net.metrics_http import MetricsEndpoint
+from postoffice.net.metrics_http import metrics_routes
 from postoffice.net.tls import cert_and_key, server_context
 from postoffice.policy.auth import (
     HASH_WAITING_PER_WORKER,
@@ -76,7 +76,7 @@ SMTP_PROCESS_MAIN = (
 class ListenError(OSError):
     """A listener could not bind: which one, on which addresses, and why."""
 
-    def __init__(self, listener: Listener | MetricsEndpoint, exc: OSError) -> None:
+    def __init__(self, listener: Listener, exc: OSError) -> None:
         where = ", ".join(str(a) for a in listener.addresses)
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         super().__init__(exc.errno, f"{listener.name} listener on {where}: {reason}")
@@ -158,7 +158,6 @@ class Server:
     services: Services
     listeners: list[Listener] = field(default_factory=list)
     background: list[asyncio.Task[None]] = field(default_factory=list)
-    metrics: MetricsEndpoint | None = None  # [listen] metrics, in the first process only
     # name -> (handler, busy line, implicit TLS, shares): how to make it again.
     specs: dict[str, tuple[Handler, bytes, bool, AcceptShares | None]] = field(default_factory=dict)
     # Listeners a reload moved: no longer accepting, their sessions run on.
@@ -271,15 +270,13 @@ class Server:
         self._listener(
             "http", listen.http, lambda c: HttpSession(c, http, "http").run(), BUSY_REPLY
         )
+        # Prometheus' scrapes (net/metrics_http.py), with the queue's gauges.
+        stats = s.outbound.stats if isinstance(s.outbound, Outbound) else None
+        scrape = metrics_routes(s.executor, stats)
+        self._listener(
+            "metrics", listen.metrics, lambda c: HttpSession(c, scrape, "metrics").run(), BUSY_REPLY
+        )
         await self._start_listeners()
-        if listen.metrics:
-            outbound = s.outbound
-            stats = outbound.stats if isinstance(outbound, Outbound) else None
-            self.metrics = MetricsEndpoint(listen.metrics, s.executor, stats)
-            try:
-                await self.metrics.start(self.prebound.pop("metrics", None))
-            except OSError as exc:
-                raise ListenError(self.metrics, exc) from exc
         if isinstance(s.outbound, Outbound):  # the delivering process's queue
             self.background.append(asyncio.get_running_loop().create_task(s.outbound.run()))
 
@@ -364,8 +361,6 @@ class Server:
     async def stop(self) -> None:
         for listener in self.listeners:
             listener.stop_accepting()
-        if self.metrics is not None:
-            await self.metrics.stop()
         grace = self.services.settings.limits.shutdown_grace
         every = self.listeners + self.retired
         await asyncio.gather(*(listener.finish(grace) for listener in every))
@@ -383,10 +378,7 @@ def _announce(server: Server, smtp_processes: int = 1) -> None:
     out = sys.stdout
     print(f"postoffice {s.hostname}: config {s.source}, data in {s.data_dir}", file=out)
     bound: list[str] = []
-    endpoints: list[Listener | MetricsEndpoint] = list(server.listeners)
-    if server.metrics is not None:
-        endpoints.append(server.metrics)
-    for listener in endpoints:
+    for listener in server.listeners:
         where = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in listener.bound)
         extra = (
             f" ({smtp_processes} processes)"

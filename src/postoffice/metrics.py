@@ -42,7 +42,19 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 NAMESPACE = "postoffice"
 
 LISTENERS = frozenset(
-    {"smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps", "http", "https", "none"}
+    {
+        "smtp",
+        "submission",
+        "submissions",
+        "pop3",
+        "pop3s",
+        "imap",
+        "imaps",
+        "http",
+        "https",
+        "metrics",
+        "none",
+    }
 )
 TLS_VERSIONS = frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
 DNS_TYPES = frozenset({"MX", "A", "AAAA", "TXT", "PTR", "SOA", "CNAME", "SRV"})

@@ -44,7 +44,6 @@ RESTART_ONLY: tuple[str, ...] = (
     "checks",
     "run",
     "limits.smtp_processes",
-    "listen.metrics",  # the endpoint is not one of the listeners a reload moves
     "relay.dns_servers",
     "relay.max_deliveries",
     "relay.max_per_destination",

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def message(size: int = 400, sender: str = "sender@client.test") -> EmailMessage
 
 
 @pytest.fixture
-def srv(tmp_path: Path):  # type: ignore[no-untyped-def]
+def srv(tmp_path: Path) -> Iterator[PostofficeServer]:
     server = make_server(tmp_path, limits={"max_message_size": 20000})
     yield server
     server.stop()
@@ -191,6 +192,29 @@ def test_only_get_metrics_is_served_and_requests_are_bounded(srv: PostofficeServ
     assert "postoffice_" in scrape_text(srv)
 
 
+def test_the_endpoint_holds_the_connection_caps(
+    tmp_path: Path,
+) -> None:
+    # An ordinary listener: a client holding its connections open cannot
+    # take more than [limits] max_connections_per_ip (the same 503 as the
+    # https listener), and the port keeps answering others.
+    srv = make_server(tmp_path, limits={"max_connections_per_ip": 3})
+    held = []
+    try:
+        for _ in range(3):
+            held.append(socket.create_connection(("127.0.0.1", srv.ports["metrics"]), timeout=10))
+        with socket.create_connection(("127.0.0.1", srv.ports["metrics"]), timeout=10) as extra:
+            assert extra.recv(100).startswith(b"HTTP/1.1 503 "), "over the cap"
+        held.pop().close()
+        for sock in held:
+            sock.close()
+        assert "postoffice_" in scrape_text(srv)
+    finally:
+        for sock in held:
+            sock.close()
+        srv.stop()
+
+
 def test_metrics_off_with_an_empty_list(tmp_path: Path) -> None:
     srv = PostofficeServer(tmp_path, sections={"listen": {"metrics": []}})
     srv.ports.pop("metrics")
@@ -226,7 +250,9 @@ def test_extra_smtp_processes_are_counted(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_promtool_checks_the_scrape(require_program, srv: PostofficeServer) -> None:  # type: ignore[no-untyped-def]
+def test_promtool_checks_the_scrape(
+    require_program: Callable[[str], str], srv: PostofficeServer
+) -> None:
     promtool = require_program("promtool")
     with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=20) as s:
         s.sendmail("sender@client.test", [ALICE], message().as_bytes())
@@ -239,8 +265,8 @@ def test_promtool_checks_the_scrape(require_program, srv: PostofficeServer) -> N
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result
 
 
-def test_a_real_prometheus_scrapes_the_endpoint(  # type: ignore[no-untyped-def]
-    require_program, srv: PostofficeServer, tmp_path: Path
+def test_a_real_prometheus_scrapes_the_endpoint(
+    require_program: Callable[[str], str], srv: PostofficeServer, tmp_path: Path
 ) -> None:
     prometheus = require_program("prometheus")
     with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=20) as s:

@@ -176,7 +176,17 @@ class HttpSession:
             left = deadline - self.conn.time()
             if left <= 0:
                 raise TimeoutError
-            self.h11.receive_data(await self.conn.read(left))
+            self._receive(await self.conn.read(left))
+
+    def _receive(self, data: bytes) -> None:
+        """``data`` to h11, the head's bound checked first: h11 bounds only a
+        head still incomplete, so one that arrives whole in a single read
+        (a read returns all that is buffered) would be parsed at any size."""
+        self.h11.receive_data(data)
+        if self.h11.their_state is h11.IDLE:  # still reading a request head
+            head = self.h11.trailing_data[0][: MAX_HEAD + 4]
+            if len(head) > MAX_HEAD and b"\n\r\n" not in head and b"\n\n" not in head:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
 
     async def _one(self, *, last: bool) -> bool:
         """Serve one request; False: the connection ends here."""
@@ -207,7 +217,7 @@ class HttpSession:
                 first = await self.conn.read(IDLE_SECONDS, interruptible=True)
             except (TimeoutError, ConnectionClosed, ShuttingDown):
                 return None
-            self.h11.receive_data(first)
+            self._receive(first)
         deadline = self.conn.time() + REQUEST_SECONDS
         event = await self._event(deadline)
         if isinstance(event, h11.Request):
