@@ -659,7 +659,14 @@ def serve(settings: Settings) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT; the exit status."""
     _hold_signals()
     try:
-        logs = configure(settings.log)
+        who: runas.Identity | runas.RunAsError = runas.identity(settings.run)
+    except runas.RunAsError as exc:
+        who = exc
+    # The log file is the [run] user's: its smtp processes open it after the
+    # drop, and SIGUSR1 reopens it as that user (logsetup.open_log_file).
+    owner = who.owner if isinstance(who, runas.Identity) else None
+    try:
+        logs = configure(settings.log, hand_to=(owner.uid, owner.gid) if owner else None)
     except LogSetupError as exc:
         print(f"postoffice: {exc}", file=sys.stderr)
         return 2
@@ -672,10 +679,8 @@ def serve(settings: Settings) -> int:
             logs.fatal(f"cannot listen: {unbindable}")
             logs.close()
             return 1
-    try:
-        who = runas.identity(settings.run)
-    except runas.RunAsError as exc:
-        logs.fatal(str(exc))
+    if isinstance(who, runas.RunAsError):
+        logs.fatal(str(who))
         logs.close()
         return 1
     try:
@@ -690,10 +695,16 @@ def serve(settings: Settings) -> int:
         tls: ssl.SSLContext | None = None
         if who.owner is not None:
             try:
-                tls = _root_only_tls(settings)  # before root is gone
                 prebound = _bind_as_root(settings, who.owner)
             except (OSError, ssl.SSLError) as exc:
                 logs.fatal(f"cannot start as {settings.run.user}: {exc.strerror or exc}")
+                return 1
+            # Loaded as the run user, as every reload and smtp process loads it:
+            # a key only root can read would start, then refuse every SIGHUP.
+            try:
+                tls = server_context(*cert_and_key(settings))
+            except (OSError, ssl.SSLError) as exc:
+                logs.fatal(f"{runas.tls_refusal(settings)}: {exc}")
                 return 1
         log.info("%s", who.note)
         services = build_services(settings, tls=tls)
@@ -701,14 +712,6 @@ def serve(settings: Settings) -> int:
     finally:
         lock.release()
         logs.close()
-
-
-def _root_only_tls(settings: Settings) -> ssl.SSLContext | None:
-    """A [tls] certificate and key, loaded while we are root (an ACME key is
-    often readable by root only); None for the data directory's own pair."""
-    if settings.tls.cert is None or settings.tls.key is None:
-        return None
-    return server_context(settings.tls.cert, settings.tls.key)
 
 
 def _bind_as_root(settings: Settings, owner: Owner) -> dict[str, list[socket.socket]]:
