@@ -163,6 +163,7 @@ class Server:
     # Listeners a reload moved: no longer accepting, their sessions run on.
     retired: list[Listener] = field(default_factory=list)
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stopping: bool = False  # set before the listeners stop: no reload after that
     # Sockets bound as root before [run] dropped it, by listener name.
     prebound: dict[str, list[socket.socket]] = field(default_factory=dict)
 
@@ -301,61 +302,60 @@ class Server:
         those moved.  Sessions of a moved listener run on (it only stops
         accepting); the other listeners are not touched.
 
-        New addresses are bound before the old sockets close, so no
-        connection is refused meanwhile; a failure there raises ListenError
-        with nothing changed.  A listener that keeps one of its addresses
-        cannot bind it twice: its old sockets close first (a client in their
-        backlog retries, RFC 5321 §4.5.4.1); if the new ones then fail, the
-        old addresses are bound again and ListenError raised."""
+        Every new listener is started before any old one stops: an address
+        that stays keeps its listening socket (a duplicate of it goes to the
+        new listener), only the added addresses are bound.  A failure there
+        (a port in use; below 1024 after [run] dropped root) raises
+        ListenError with nothing changed: no old socket was closed."""
         current = {listener.name: listener for listener in self.listeners}
-        disjoint: list[tuple[str, Listener | None, tuple[ListenAddress, ...]]] = []
-        overlapping: list[tuple[str, Listener, tuple[ListenAddress, ...]]] = []
+        changed: list[tuple[str, Listener | None, tuple[ListenAddress, ...]]] = []
         for name in self.specs:
             old = current.get(name)
             addresses: tuple[ListenAddress, ...] = getattr(listen, name)
-            if (old.addresses if old else ()) == addresses:
-                continue
-            if old is not None and set(old.addresses) & set(addresses):
-                overlapping.append((name, old, addresses))
-            else:
-                disjoint.append((name, old, addresses))
+            if (old.addresses if old else ()) != addresses:
+                changed.append((name, old, addresses))
         started: list[Listener] = []
         try:
-            for name, _old, addresses in disjoint:
+            for name, old, addresses in changed:
                 if addresses:
-                    started.append(await self._start_listener(name, addresses))
+                    started.append(await self._start_listener(name, addresses, old))
         except ListenError:
             for new in started:
-                new.stop_accepting()
+                new.stop_accepting()  # its kept sockets are duplicates: the old stay open
             raise
         for new in started:
             self.listeners.append(new)
-        for _name, old, _addresses in disjoint:
+        for _name, old, _addresses in changed:
             if old is not None:
                 self._retire(old)
-        for name, old, addresses in overlapping:
-            self._retire(old)
-            try:
-                self.listeners.append(await self._start_listener(name, addresses))
-            except ListenError:
-                self.listeners.append(await self._start_listener(name, old.addresses))
-                raise
         for listener in self.listeners:
             if listener.shares is not None:  # a retired one's stop left the sharing
                 listener.shares.accepting(True)
-        return [name for name, _old, _addresses in [*disjoint, *overlapping]]
+        return [name for name, _old, _addresses in changed]
 
-    async def _start_listener(self, name: str, addresses: tuple[ListenAddress, ...]) -> Listener:
+    async def _start_listener(
+        self, name: str, addresses: tuple[ListenAddress, ...], old: Listener | None
+    ) -> Listener:
         listener = self._make_listener(name, addresses)
+        sockets = _kept_sockets(old, set(addresses)) if old is not None else []
         try:
+            for address in addresses:
+                if old is None or address not in old.addresses:
+                    sockets.extend(bind(address))
+            listener.inherited = sockets
             await listener.start()
         except OSError as exc:
+            listener.stop_accepting()
+            for sock in sockets:
+                sock.close()
             raise ListenError(listener, exc) from exc
         return listener
 
     def _retire(self, listener: Listener) -> None:
         listener.stop_accepting()
         self.listeners.remove(listener)
+        # Those retired earlier whose sessions have all ended are done with.
+        self.retired = [old for old in self.retired if old.tasks]
         self.retired.append(listener)
 
     async def stop(self) -> None:
@@ -371,6 +371,27 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.services.folder_watcher.close()
+
+
+def _kept_sockets(old: Listener, keep: set[ListenAddress]) -> list[socket.socket]:
+    """Duplicates of ``old``'s listening sockets bound to an address in
+    ``keep``: the new listener accepts from the same queue, and the port is
+    never closed (nor bound again, which may need root)."""
+    wanted: set[tuple[str, int]] = set()
+    for address in keep & set(old.addresses):
+        for *_rest, sockaddr in socket.getaddrinfo(
+            address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            wanted.add((str(sockaddr[0]), int(sockaddr[1])))
+    kept: list[socket.socket] = []
+    for fd in old.socket_fds():
+        sock = socket.socket(fileno=os.dup(fd))
+        name = sock.getsockname()
+        if (str(name[0]), int(name[1])) in wanted:
+            kept.append(sock)
+        else:
+            sock.close()
+    return kept
 
 
 def _announce(server: Server, smtp_processes: int = 1) -> None:
@@ -471,7 +492,12 @@ def _on_reload(server: Server, reload_once: Callable[[], Coroutine[Any, Any, Non
     """One reload at a time, in the order the signals came."""
 
     async def serialised() -> None:
+        # Held while the server starts too: a SIGHUP then waits for the
+        # listeners, and one that comes after the stop began starts nothing.
         async with server.reloading:
+            if server.stopping:
+                log.warning("SIGHUP: not reloaded, the server is stopping")
+                return
             await reload_once()
 
     task = asyncio.get_running_loop().create_task(serialised())
@@ -490,13 +516,13 @@ async def _run(
     pool: WorkerPool | None = None
 
     def reopen_logs() -> None:  # SIGUSR1, e.g. from logrotate's postrotate
-        logs.reopen()
-        log.info("SIGUSR1: log files reopened")
+        logs.reopen()  # the writer thread logs whether it could
         if pool is not None:
             pool.send_signal(signal.SIGUSR1)
 
     loop.add_signal_handler(signal.SIGHUP, _on_reload, server, lambda: _reload(server, pool))
     loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
+    signal.signal(RETIRE, signal.SIG_IGN)  # for the extra smtp processes only
     settings = services.settings
     if settings.listen.metrics:  # before any process counts: the extra ones inherit it
         metrics.enable(metrics_dir(settings), clean=True)
@@ -511,19 +537,27 @@ async def _run(
         if count > 1
         else None
     )
-    try:
-        await server.start(shares=shares)
-    except OSError as exc:
-        logs.fatal(f"cannot listen: {exc.strerror or exc}")
-        await server.stop()
-        return 1
-    if count > 1:
-        smtp = next(listener for listener in server.listeners if listener.name == "smtp")
-        pool = WorkerPool(settings, SMTP_PROCESS_MAIN, smtp.socket_fds(), count, shares)
-        pool.start()
-        server.background.append(loop.create_task(pool.watch()))
-    _announce(server, count)
+    async with server.reloading:  # a SIGHUP meanwhile waits for this (_on_reload)
+        try:
+            await server.start(shares=shares)
+        except OSError as exc:
+            logs.fatal(f"cannot listen: {exc.strerror or exc}")
+            server.stopping = True
+            await server.stop()
+            return 1
+        if count > 1:
+            smtp = next(listener for listener in server.listeners if listener.name == "smtp")
+            pool = WorkerPool(settings, SMTP_PROCESS_MAIN, smtp.socket_fds(), count, shares)
+            pool.start()
+            server.background.append(loop.create_task(pool.watch()))
+        _announce(server, count)
+        # Held until now (children started meanwhile keep them blocked); a
+        # SIGHUP that came meanwhile is handled now, after the start.
+        _release_signals()
     await stop.wait()
+    server.stopping = True
+    async with server.reloading:
+        pass  # a reload under way finishes before the listeners stop
     log.info(
         "shutting down: no new connections; sessions get %.0fs to finish",
         settings.limits.shutdown_grace,
@@ -565,20 +599,23 @@ async def _run_smtp_worker(services: Services, index: int, fds: list[int], logs:
     # Forwarded by the server once it took the new config.
     loop.add_signal_handler(signal.SIGHUP, _on_reload, server, lambda: _reload_smtp_process(server))
     loop.add_signal_handler(signal.SIGUSR1, logs.reopen)  # forwarded by the server
+    retire = asyncio.Event()
+    loop.add_signal_handler(RETIRE, retire.set)
     if services.settings.listen.metrics:
         metrics.enable(metrics_dir(services.settings), clean=False)
     await loop.run_in_executor(services.executor, services.maildirs.recover)
     sockets = [socket.socket(fileno=fd) for fd in fds]
     shares = AcceptShares.open(services.settings.data_dir, index)
-    try:
-        await server.start(smtp_sockets=sockets, shares=shares)
-    except OSError as exc:
-        log.error("smtp process cannot listen: %s", exc)
-        await server.stop()
-        return 1
+    async with server.reloading:  # a SIGHUP meanwhile waits for this (_on_reload)
+        try:
+            await server.start(smtp_sockets=sockets, shares=shares)
+        except OSError as exc:
+            log.error("smtp process cannot listen: %s", exc)
+            server.stopping = True
+            await server.stop()
+            return 1
+        _release_signals()  # a SIGHUP or retire sent while we started: handled now
     log.info("smtp process %d accepting (pid %d)", index, os.getpid())
-    retire = asyncio.Event()
-    loop.add_signal_handler(RETIRE, retire.set)
     parent = os.getppid()
     while not stop.is_set() and os.getppid() == parent:  # bounded by the server's life
         if retire.is_set():
@@ -589,24 +626,40 @@ async def _run_smtp_worker(services: Services, index: int, fds: list[int], logs:
                 break
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.2 if retire.is_set() else 1.0)
+    server.stopping = True
+    async with server.reloading:
+        pass  # a reload under way finishes first
     await server.stop()
     await services.maildirs.drain()
     return 0
 
 
 def _hold_signals() -> None:
-    """Until the event loop handles them: SIGHUP and SIGUSR1 must not kill the
-    server while it starts (their default action is to terminate)."""
-    for sig in HELD_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # an smtp process starts blocked
+    """Until the event loop handles them, SIGHUP, SIGUSR1 and SIGUSR2 wait
+    blocked: their default action would end the process, and one ignored
+    would be lost (a reload or a retire sent while an smtp process starts
+    must still happen).  An smtp process starts with them blocked already
+    (workers.py); threads started meanwhile inherit the mask."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+
+
+def _release_signals() -> None:
+    """The loop handles them now: the ones pending are delivered at once."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
 
 
 def serve(settings: Settings) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT; the exit status."""
     _hold_signals()
     try:
-        logs = configure(settings.log)
+        who: runas.Identity | runas.RunAsError = runas.identity(settings.run)
+    except runas.RunAsError as exc:
+        who = exc
+    # The log file is the [run] user's: its smtp processes open it after the
+    # drop, and SIGUSR1 reopens it as that user (logsetup.open_log_file).
+    owner = who.owner if isinstance(who, runas.Identity) else None
+    try:
+        logs = configure(settings.log, hand_to=(owner.uid, owner.gid) if owner else None)
     except LogSetupError as exc:
         print(f"postoffice: {exc}", file=sys.stderr)
         return 2
@@ -619,10 +672,8 @@ def serve(settings: Settings) -> int:
             logs.fatal(f"cannot listen: {unbindable}")
             logs.close()
             return 1
-    try:
-        who = runas.identity(settings.run)
-    except runas.RunAsError as exc:
-        logs.fatal(str(exc))
+    if isinstance(who, runas.RunAsError):
+        logs.fatal(str(who))
         logs.close()
         return 1
     try:
@@ -637,10 +688,16 @@ def serve(settings: Settings) -> int:
         tls: ssl.SSLContext | None = None
         if who.owner is not None:
             try:
-                tls = _root_only_tls(settings)  # before root is gone
                 prebound = _bind_as_root(settings, who.owner)
             except (OSError, ssl.SSLError) as exc:
                 logs.fatal(f"cannot start as {settings.run.user}: {exc.strerror or exc}")
+                return 1
+            # Loaded as the run user, as every reload and smtp process loads it:
+            # a key only root can read would start, then refuse every SIGHUP.
+            try:
+                tls = server_context(*cert_and_key(settings))
+            except (OSError, ssl.SSLError) as exc:
+                logs.fatal(f"{runas.tls_refusal(settings)}: {exc}")
                 return 1
         log.info("%s", who.note)
         services = build_services(settings, tls=tls)
@@ -648,14 +705,6 @@ def serve(settings: Settings) -> int:
     finally:
         lock.release()
         logs.close()
-
-
-def _root_only_tls(settings: Settings) -> ssl.SSLContext | None:
-    """A [tls] certificate and key, loaded while we are root (an ACME key is
-    often readable by root only); None for the data directory's own pair."""
-    if settings.tls.cert is None or settings.tls.key is None:
-        return None
-    return server_context(settings.tls.cert, settings.tls.key)
 
 
 def _bind_as_root(settings: Settings, owner: Owner) -> dict[str, list[socket.socket]]:

@@ -36,7 +36,7 @@ from postoffice.datadir import Owner, running_servers, serving_pid, user_name
 from postoffice.logsetup import problems as log_problems
 from postoffice.mail.address import Address
 from postoffice.net.tls import CERT_NAME, KEY_NAME, server_context
-from postoffice.runas import RunAsError, identity
+from postoffice.runas import RunAsError, as_user, identity, tls_refusal
 from postoffice.storage.accounts import AccountError
 from postoffice.storage.maildir import SUBDIRS
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
@@ -277,16 +277,51 @@ def _check_run_user(settings: Settings) -> list[str]:
         who = identity(settings.run)
     except RunAsError as exc:
         return [str(exc)]
-    if who.owner is None or not settings.data_dir.is_dir():
+    if who.owner is None:
         return []
+    found_problems = _run_user_files(settings, who.owner)
+    if not settings.data_dir.is_dir():
+        return found_problems
     found = Owner.of(settings.data_dir)
     if found.uid == who.owner.uid:
-        return []
+        return found_problems
     return [
+        *found_problems,
         f"the data directory {settings.data_dir} belongs to {found.name}, not to the [run] user"
         f" {settings.run.user}: serve would refuse to start"
-        f" (fix: chown -R {settings.run.user} {settings.data_dir})"
+        f" (fix: chown -R {settings.run.user} {settings.data_dir})",
     ]
+
+
+def _run_user_files(settings: Settings, owner: Owner) -> list[str]:
+    """What the [run] user itself must open: the [tls] files (at start and on
+    every reload) and the [log] file's directory (SIGUSR1 makes the new log
+    file there after logrotate moved the old one)."""
+    found: list[str] = []
+    if settings.tls.cert and settings.tls.key:
+        cert, key = settings.tls.cert, settings.tls.key
+
+        def load_tls() -> str:
+            server_context(cert, key)
+            return ""
+
+        answer = as_user(owner, load_tls)
+        if answer:
+            found.append(f"{tls_refusal(settings)}: {answer}")
+    log_file = settings.log.file
+    if log_file is not None:
+        directory = log_file.parent
+
+        def can_create() -> str:
+            return "" if os.access(directory, os.W_OK | os.X_OK) else "no"
+
+        if as_user(owner, can_create):
+            found.append(
+                f"the [run] user {settings.run.user} cannot create files in {directory}:"
+                f" the [log] file could not be reopened (SIGUSR1) after logrotate moved it;"
+                f" chown {settings.run.user} {directory}, or log to a directory of its own"
+            )
+    return found
 
 
 def problems_and_notes(

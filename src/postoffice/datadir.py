@@ -84,6 +84,11 @@ class ServeLock:
             if exc.errno in (errno.EACCES, errno.EAGAIN):
                 raise DataDirBusy(data_dir, pid) from None
             raise
+        # Made by root in a directory its service user owns: the user's, so
+        # the user can run serve there too (a systemd unit with User=).
+        home = os.stat(data_dir)
+        if os.geteuid() == 0 and (found.st_uid, found.st_gid) != (home.st_uid, home.st_gid):
+            os.fchown(fd, home.st_uid, home.st_gid)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(fd)

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
+import io
 import json
 import logging
 import logging.handlers
@@ -127,9 +129,46 @@ class _Syslog(_OneLineErrors, logging.handlers.SysLogHandler):
     pass
 
 
+def open_log_file(path: str, hand_to: tuple[int, int] | None = None) -> int:
+    """The log file's descriptor, opened to append, safely for root.
+
+    Serve opens it as root before it becomes the ``[run]`` user (``hand_to``:
+    that uid and gid), in a directory that user may be able to write: a
+    symlink planted there (O_NOFOLLOW), a FIFO (O_NONBLOCK, then refused) or
+    a hard link to another file, or a file of a third user, is refused, or
+    root would append client-chosen text to it.  A file root owns is handed
+    to the run user, so its extra smtp processes can open it and it can be
+    reopened after it dropped root."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd = os.open(path, flags, 0o640)
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+            raise OSError(errno.EINVAL, "not a regular file of its own (a link?)", path)
+        owners = {0, os.geteuid()} | ({hand_to[0]} if hand_to else set())
+        if found.st_uid not in owners:
+            raise OSError(errno.EPERM, f"belongs to uid {found.st_uid}, not to us", path)
+        if hand_to is not None and found.st_uid != hand_to[0]:
+            os.fchown(fd, *hand_to)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class _ReopenableFile(_OneLineErrors, logging.FileHandler):
-    """A log file opened in append mode, opened again by ``reopen`` (after
-    logrotate renamed it: the new lines go to a new file at the same path)."""
+    """A log file opened in append mode (``open_log_file``), opened again by
+    ``reopen`` (after logrotate renamed it: the new lines go to a new file at
+    the same path)."""
+
+    def __init__(self, path: str, hand_to: tuple[int, int] | None) -> None:
+        self.hand_to = hand_to
+        super().__init__(path, encoding="utf-8")
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = open_log_file(self.baseFilename, self.hand_to)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def reopen(self) -> None:
         self.acquire()
@@ -159,19 +198,27 @@ class _Writer(logging.handlers.QueueListener):
                 try:
                     self.target.reopen()
                 except OSError as exc:  # said in the file it goes on writing to
-                    self.target.handle(
-                        logging.makeLogRecord(
-                            {
-                                "name": "postoffice",
-                                "levelno": logging.ERROR,
-                                "levelname": "ERROR",
-                                "msg": f"cannot reopen log file {self.target.baseFilename}:"
-                                f" {exc.strerror}; still writing to the old one",
-                            }
-                        )
+                    self._note(
+                        logging.ERROR,
+                        f"SIGUSR1: cannot reopen log file {self.target.baseFilename}:"
+                        f" {exc.strerror}; still writing to the old one",
                     )
+                else:
+                    self._note(logging.INFO, "SIGUSR1: log file reopened")
             return
         self.target.handle(record)
+
+    def _note(self, level: int, message: str) -> None:
+        self.target.handle(
+            logging.makeLogRecord(
+                {
+                    "name": "postoffice",
+                    "levelno": level,
+                    "levelname": logging.getLevelName(level),
+                    "msg": message,
+                }
+            )
+        )
 
     def stop_within(self, seconds: float) -> bool:
         """Ask the thread to finish what waits, for at most ``seconds``: a
@@ -326,16 +373,19 @@ def configure(
     settings: LogSettings,
     environ: Mapping[str, str] = os.environ,
     queue_lines: int = QUEUE_LINES,
+    hand_to: tuple[int, int] | None = None,
 ) -> Logs:
     """Send the root logger's records where ``[log]`` says; raise LogSetupError.
-    ``queue_lines``: records that may wait per destination (tests make it small)."""
+    ``queue_lines``: records that may wait per destination (tests make it small).
+    ``hand_to``: the uid and gid serve started as root becomes ([run]): the
+    log file is theirs (``open_log_file``)."""
     level = level_of(settings, environ)
     logs = Logs(to_stderr=settings.file is None and not settings.syslog)
     text = _JsonFormatter() if settings.format == "json" else _TextFormatter(TEXT_FORMAT)
     handler: logging.Handler
     if settings.file is not None:
         try:
-            handler = _ReopenableFile(settings.file, encoding="utf-8")
+            handler = _ReopenableFile(str(settings.file), hand_to)
         except OSError as exc:
             raise LogSetupError(f"[log] file {settings.file}: {exc.strerror or exc}") from None
         handler.setFormatter(text)

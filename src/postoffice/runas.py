@@ -12,12 +12,14 @@ opens the data directory, as that user.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from postoffice.config.settings import RunSettings
+from postoffice.config.settings import RunSettings, Settings
 from postoffice.datadir import Owner
 
 
@@ -53,6 +55,45 @@ def identity(run: RunSettings, euid: int | None = None) -> Identity:
     except KeyError:
         raise RunAsError(f"there is no group {run.group} ([run] group)") from None
     return Identity(Owner(user.pw_uid, gid), f"running as {run.user} (uid {user.pw_uid})")
+
+
+def tls_refusal(settings: Settings) -> str:
+    """Why serve refuses a certificate or key the ``[run]`` user cannot read.
+
+    The design (#15): the server, its smtp processes and every reload load
+    the [tls] files as the run user, never as root, so a reload re-reads a
+    renewed key like the first start did.  A key readable by root only
+    (an ACME client's default) must be made readable by the run user's group."""
+    key = settings.tls.key or "the key"
+    return (
+        f"the [run] user {settings.run.user} cannot load the TLS certificate or key"
+        f" (it loads them at start and on every reload): chgrp {settings.run.user} {key};"
+        f" chmod 640 {key} (and the same for the directories leading to it)"
+    )
+
+
+def as_user(owner: Owner, probe: Callable[[], str]) -> str:
+    """``probe()``'s answer ("" when fine), run in a child process that became
+    ``owner`` (check.py: can the run user open this?).  Root only."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no return from here
+        answer = ""
+        try:
+            os.close(read)
+            owner.become()
+            answer = probe()
+        except BaseException as exc:
+            answer = str(exc) or type(exc).__name__
+        finally:
+            with contextlib.suppress(OSError):
+                os.write(write, answer.encode()[:4096])
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answers:
+        answer = answers.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    return answer
 
 
 def _name(uid: int) -> str:

@@ -130,8 +130,9 @@ class WorkerPool:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def send_signal(self, sig: int) -> None:
-        """Pass ``sig`` on to every live process (SIGUSR1: reopen the logs)."""
-        for proc in self._procs.values():
+        """Pass ``sig`` on to every live process (SIGUSR1: reopen the logs),
+        retiring ones too (they still write the log while sessions end)."""
+        for proc in [*self._procs.values(), *self._retiring.values()]:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
@@ -154,24 +155,31 @@ class WorkerPool:
             for index, proc in list(self._retiring.items()):
                 if not self._stopping and proc.poll() is not None:
                     del self._retiring[index]
+                    # It may have died holding connections (kill -9, a crash):
+                    # what it counted goes back before its successor counts.
+                    self._gone(index, proc)
+                    if proc.returncode != 0:
+                        log.error("retiring smtp process %d exited (%s)", index, proc.returncode)
                     self._spawn(index)
             for index, proc in list(self._procs.items()):
                 if self._stopping or proc.poll() is None:
                     continue
-                metrics.process_gone(proc.pid)
+                self._gone(index, proc)
                 now = time.monotonic()
                 self._restarts = [t for t in self._restarts if now - t < 60]
                 if len(self._restarts) >= RESTARTS_PER_MINUTE:
-                    if self.shares is not None:
-                        self.shares.mark_gone(index)
                     log.error("smtp process %d exited (%s); not restarted", index, proc.returncode)
                     del self._procs[index]
                     continue
-                if self.shares is not None:
-                    self.shares.mark_gone(index)
                 log.error("smtp process %d exited (%s); restarting", index, proc.returncode)
                 self._restarts.append(now)
                 self._spawn(index)
+
+    def _gone(self, index: int, proc: subprocess.Popen[bytes]) -> None:
+        """Process ``index`` exited: give back its caps counts and metrics."""
+        metrics.process_gone(proc.pid)
+        if self.shares is not None:
+            self.shares.mark_gone(index)
 
     def terminate(self) -> None:
         """SIGTERM each: they stop accepting and finish their sessions, as the

@@ -24,7 +24,8 @@ table's file: two processes cannot both take the last slot of an address.
 A process killed (``kill -9``) in the middle is let go by the kernel, lock
 included; its column is zeroed by the server before it starts the
 successor (workers.py), and the table rebuilt (a slot copied by a shift
-cut short is a duplicate: counts are merged by the larger, never added).
+cut short is a duplicate: the copy found first from the key's home slot is
+the live one, the other is dropped).
 
 What it costs: two ``flock`` calls and one hash per accepted connection and
 per closed one, a few microseconds, in each process.
@@ -192,19 +193,23 @@ class SharedCaps:
         the table (it may have died in the middle of a change)."""
         with self._locked():
             self._set_total(index, 0)
-            merged: dict[int, list[int]] = {}
+            # Each key's live copy: the one ``_find`` reaches first from its
+            # home slot, which every admit and release since has changed.  A
+            # second copy (a shift cut short) is stale and may hold a larger
+            # count: merging by the larger would leak it for good.
+            live: dict[int, list[int]] = {}
             for slot in range(self.slots):
-                row = self._read(slot)
-                if row[0] == 0:
+                hashed = self._read(slot)[0]
+                if hashed == 0 or hashed in live:
                     continue
-                counts = list(row[1:])
+                first, _found = self._find(hashed)
+                counts = list(self._read(first)[1:])
                 counts[index] = 0
-                seen = merged.setdefault(row[0], [0] * self.processes)
-                merged[row[0]] = [max(a, b) for a, b in zip(seen, counts, strict=True)]
+                live[hashed] = counts
             empty = (0,) * (1 + self.processes)
             for slot in range(self.slots):
                 self._write(slot, empty)
-            for hashed, counts in merged.items():
+            for hashed, counts in live.items():
                 if any(counts):
                     slot, _found = self._find(hashed)
                     self._write(slot, (hashed, *counts))

@@ -271,7 +271,10 @@ def child_main(argv: list[str]) -> int:
     """A worker process: ``TARGET PARENT_PID``; jobs on stdin, answers on stdout."""
     target, parent = argv
     die_with_parent(int(parent))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    # Ctrl-C, and a reload, log reopen or retire sent to the process group,
+    # are the server's to handle.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     module, _, name = target.partition(":")
     function: Callable[[bytes, bytes], bytes] = getattr(importlib.import_module(module), name)
     # The answers get a descriptor of their own; fd 1 becomes stderr, so a

@@ -110,3 +110,26 @@ def test_a_shift_cut_short_by_kill_9_is_repaired(
     server.release("192.0.2.9")
     server.release("192.0.2.9")
     assert one.held("192.0.2.9") == 0 and one.held() == 0
+
+
+def test_a_stale_larger_copy_left_by_kill_9_does_not_leak(
+    views: tuple[SharedCaps, SharedCaps, SharedCaps],
+) -> None:
+    """A shift copied a slot back and its copier died before emptying the
+    original; the live copy (found first from home) then went down, the
+    stale one still says more.  The rebuild keeps the live count."""
+    server, one, _two = views
+    for _ in range(3):
+        assert server.admit("192.0.2.9", 100, 5)
+    slot, found = server._find(server._hash("192.0.2.9"))
+    assert found
+    stale = server._read(slot)  # count 3
+    server._write((slot + 1) % server.slots, stale)  # the original, never emptied
+    server.release("192.0.2.9")  # the live copy (at home) goes down to 2
+    server.release("192.0.2.9")  # and to 1
+    server.release_process(1)
+    assert one.held("192.0.2.9") == 1
+    server.release("192.0.2.9")
+    assert one.held("192.0.2.9") == 0 and one.held() == 0
+    # The per-address cap is whole again: five admitted, not two.
+    assert all(server.admit("192.0.2.9", 100, 5) for _ in range(5))
