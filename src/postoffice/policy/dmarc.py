@@ -287,7 +287,9 @@ def evaluate(
     published = record.policy if record.domain == from_domain else record.subdomain_policy
     # Both identifiers are judged (a report shows each, Appendix C).
     spf_aligned = spf_pass_domain is not None and aligned(spf_pass_domain, from_domain, record.aspf)
-    dkim_domain = next((d for d in dkim_pass_domains if aligned(d, from_domain, record.adkim)), None)
+    dkim_domain = next(
+        (d for d in dkim_pass_domains if aligned(d, from_domain, record.adkim)), None
+    )
     if spf_aligned or dkim_domain is not None:
         reason = f"SPF aligned ({spf_pass_domain})" if spf_aligned else f"DKIM d={dkim_domain}"
         return DmarcVerdict(

@@ -153,7 +153,8 @@ def attachment_name(receiver: str, report: SealedReport) -> str:
 
 def compressed(xml: bytes) -> bytes:
     # mtime=0: the same report gzips to the same bytes (a re-made one is equal).
-    return gzip.compress(xml, mtime=0)
+    data: bytes = gzip.compress(xml, mtime=0)
+    return data
 
 
 def report_message(
@@ -169,7 +170,9 @@ def report_message(
     name = attachment_name(receiver, report)
     boundary = f"{report.report_id}.{secrets.token_hex(8)}"
     body = base64.encodebytes(attachment).decode("ascii")  # 76-character lines
-    subject = f"Report Domain: {report.domain} Submitter: {receiver} Report-ID: <{report.report_id}>"
+    subject = (
+        f"Report Domain: {report.domain} Submitter: {receiver} Report-ID: <{report.report_id}>"
+    )
     text = (
         f"From: DMARC reports <{sender}>\n"
         f"To: {', '.join(f'<{a}>' for a in to)}\n"

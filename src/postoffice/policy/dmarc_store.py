@@ -302,9 +302,7 @@ def finish_blocking(db: sqlite3.Connection, report_id: str, state: str, note: st
         )
         db.execute("DELETE FROM rows WHERE report_id=?", (report_id,))
         db.execute("DELETE FROM domains WHERE report_id=?", (report_id,))
-        db.execute(
-            "DELETE FROM reports WHERE state!='sealed' AND changed<?", (now - KEEP_SENT,)
-        )
+        db.execute("DELETE FROM reports WHERE state!='sealed' AND changed<?", (now - KEEP_SENT,))
 
 
 class ReportRecorder:
@@ -312,9 +310,7 @@ class ReportRecorder:
 
     def __init__(self, data_dir: Path) -> None:
         self._path = store_path(data_dir)
-        self._queue: queue.Queue[tuple[int, Published, ReportRow] | None] = queue.Queue(
-            QUEUE_SIZE
-        )
+        self._queue: queue.Queue[tuple[int, Published, ReportRow] | None] = queue.Queue(QUEUE_SIZE)
         self._thread: threading.Thread | None = None
         self._dropped = 0
 

@@ -48,7 +48,6 @@ from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
 from postoffice.mail.headers import MAX_HEADER_BLOCK, header_block
 from postoffice.policy import dmarc, spf
-from postoffice.policy.dmarc_store import AuthResult, Published, ReportRecorder, ReportRow
 from postoffice.policy.clients import client_address, in_networks
 from postoffice.policy.cpu_workers import CpuTimeout, CpuWorkerError, CpuWorkers
 from postoffice.policy.dkim_verify import (
@@ -66,6 +65,7 @@ from postoffice.policy.dkim_verify import (
     scan_signatures,
     unverified,
 )
+from postoffice.policy.dmarc_store import AuthResult, Published, ReportRecorder, ReportRow
 from postoffice.protocol.smtp_reply import Reply
 
 log = logging.getLogger("postoffice.mailauth")
@@ -321,8 +321,9 @@ class InboundChecks:
                 "",
             )
         if self._reports is not None:
-            self._record(client_ip, sender, helo_domain, dmarc_spf, dkims, dmarcs,
-                         outcome_reply, quarantine)
+            self._record(
+                client_ip, sender, helo_domain, dmarc_spf, dkims, dmarcs, outcome_reply, quarantine
+            )
         return CheckOutcome(
             header=format_header(self._hostname, results),
             reply=outcome_reply,
@@ -352,7 +353,7 @@ class InboundChecks:
         if reply is not None and reply.code < 500:
             return
         disposition = "reject" if reply is not None else "quarantine" if quarantine else "none"
-        spf_results = ()
+        spf_results: tuple[AuthResult, ...] = ()
         if dmarc_spf is not None:
             scope = "mfrom" if sender is not None else "helo"
             spf_results = (AuthResult(dmarc_spf.domain, str(dmarc_spf.result), scope),)
@@ -368,8 +369,16 @@ class InboundChecks:
             if v.result is dmarc.DmarcResult.FAIL and disposition == "none" and v.policy != "none":
                 reasons.append("local_policy")  # [checks] dmarc_reject = false
             self._reports.record(
-                Published(record.domain, record.adkim, record.aspf, record.policy,
-                          record.subdomain_policy, record.pct, record.fo, record.rua),
+                Published(
+                    record.domain,
+                    record.adkim,
+                    record.aspf,
+                    record.policy,
+                    record.subdomain_policy,
+                    record.pct,
+                    record.fo,
+                    record.rua,
+                ),
                 ReportRow(
                     source_ip=str(ip) if ip is not None else client_ip,
                     header_from=v.from_domain,
