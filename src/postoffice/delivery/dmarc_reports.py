@@ -39,6 +39,7 @@ from typing import Any
 
 from postoffice import logfmt
 from postoffice.config.settings import Settings
+from postoffice.delivery.outbound import Outbound, QueueHandoff
 from postoffice.dns.resolver import Resolver
 from postoffice.mail.address import Address, parse_mailbox
 from postoffice.policy.dkim_sign import DkimSigner
@@ -59,7 +60,6 @@ from postoffice.policy.dmarc_store import (
     sealed_blocking,
     store_path,
 )
-from postoffice.services import OutboundQueue
 
 log = logging.getLogger("postoffice.dmarc")
 
@@ -80,7 +80,7 @@ class ReportSender:
         self,
         settings: Settings,
         resolver: Resolver,
-        queue: OutboundQueue,
+        queue: Outbound | QueueHandoff,
         signer: DkimSigner | None,
     ) -> None:
         self._settings = settings
@@ -184,7 +184,6 @@ def _lock_blocking(path: Path) -> int:
 
 # --- the CLI ---------------------------------------------------------------------------------
 def dmarc_report(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.delivery.outbound import QueueHandoff
     from postoffice.delivery.queue.store import QueueStore
     from postoffice.dns.resolver import DnsResolver
     from postoffice.policy.dkim_keys import KeyStore

@@ -143,7 +143,8 @@ def feedback_xml(report: SealedReport, *, org_name: str, email_address: str) -> 
             _sub(spf, "domain", row.envelope_from)
             _sub(spf, "result", "none")
     ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+    document: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return document + b"\n"
 
 
 def attachment_name(receiver: str, report: SealedReport) -> str:
