@@ -27,6 +27,7 @@ from postoffice.check import first_unbindable
 from postoffice.childproc import die_with_parent
 from postoffice.config.settings import ListenAddress, ListenSettings, Settings, load_settings
 from postoffice.datadir import LOCK_NAME, DataDirBusy, Owner, ServeLock
+from postoffice.delivery.dmarc_reports import ReportSender
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound, QueueHandoff
 from postoffice.delivery.queue.store import QueueStore
@@ -46,6 +47,7 @@ from postoffice.policy.auth import (
 )
 from postoffice.policy.dkim_keys import KeyStore
 from postoffice.policy.dkim_sign import DkimSigner
+from postoffice.policy.dmarc_store import ReportRecorder
 from postoffice.policy.mailauth import InboundChecks
 from postoffice.policy.srs import Srs, load_secrets
 from postoffice.policy.throttle import LoginThrottle, ThrottleLimits
@@ -138,7 +140,11 @@ def build_services(
     services.space.refresh_blocking()
     services.quota = QuotaTracker(settings.limits.mailbox_quota, accounts.quota, executor)
     # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail.
-    services.inbound_checks = InboundChecks(settings, resolver)  # DKIM in worker processes
+    # Its DMARC verdicts are recorded for aggregate reports (policy/dmarc_store.py).
+    services.inbound_checks = InboundChecks(
+        settings, resolver, reports=ReportRecorder(settings.data_dir)
+    )  # DKIM in worker processes
+    services.resolver = resolver
     return services
 
 
@@ -280,6 +286,9 @@ class Server:
         await self._start_listeners()
         if isinstance(s.outbound, Outbound):  # the delivering process's queue
             self.background.append(asyncio.get_running_loop().create_task(s.outbound.run()))
+            if s.resolver is not None:  # DMARC reports, daily after the UTC day boundary
+                reports = ReportSender(s.settings, s.resolver, s.outbound, s.dkim_signer)
+                self.background.append(asyncio.get_running_loop().create_task(reports.run()))
 
     async def _start_listeners(self) -> None:
         for listener in self.listeners:

@@ -742,6 +742,11 @@ def _add_queue_parser(subparsers: Subparsers) -> None:
     queue_cli.add_queue_parser(subparsers)
 
 
+def _add_dmarc_parser(subparsers: Subparsers) -> None:
+    dmarc_reports = importlib.import_module("postoffice.delivery.dmarc_reports")
+    dmarc_reports.add_dmarc_parser(subparsers)
+
+
 # --- dkim, doctor ---------------------------------------------------------------------
 def _print_dkim_records(keys: Sequence[Any]) -> None:
     from postoffice.policy.dkim_keys import txt_record, zone_txt
@@ -928,6 +933,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_domain_parser,
         _add_alias_parser,
         _add_queue_parser,
+        _add_dmarc_parser,
         _add_trace_parser,
         _add_dkim_parser,
         _add_check_parser,
@@ -994,6 +1000,7 @@ _BEFORE_BECOMING_OWNER = (
     "postoffice.check",
     "postoffice.doctor",
     "postoffice.delivery.queue_cli",
+    "postoffice.delivery.dmarc_reports",
     "postoffice.trace",
     "postoffice.policy.auth",
     "postoffice.policy.dkim_keys",

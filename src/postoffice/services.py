@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from postoffice.config.settings import Settings
+from postoffice.dns.resolver import Resolver
 from postoffice.mail.address import Address
 from postoffice.policy.auth import Authenticator
 from postoffice.policy.dkim_sign import DkimSigner
@@ -59,6 +60,8 @@ class Services:
     # The outbound queue (delivery/), set by the composition root once it
     # exists; None: no remote recipients are taken.
     outbound: OutboundQueue | None = None
+    # The process's one resolver (dns/), set by the composition root.
+    resolver: Resolver | None = None
     # Inbound message checks (SPF/DKIM/DMARC), set by the composition root.
     inbound_checks: InboundChecks | None = None
     # DKIM signing of submitted mail bound for the outbound queue; None: no signing.

@@ -6,7 +6,10 @@ own resolver (we must use ours: SPEC, every lookup through
 evaluation needs is small: find the record (§6.6.3), parse its tags (§6.3),
 compare domains (§3.1) using the Organizational Domain from the Public
 Suffix List (``publicsuffixlist``, which ships the list), and apply ``pct``
-(§6.6.4).  Reports (rua/ruf) are not sent.
+(§6.6.4).  The record's ``rua=`` mailto: URIs are kept for aggregate
+reports (§7.2): mailauth.py records each evaluated message in
+dmarc_store.py and delivery/dmarc_reports.py mails the daily reports;
+failure reports (ruf=, §7.3) are not sent.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class DmarcRecord:
     adkim: str = "r"  # "r" relaxed or "s" strict alignment (§3.1.1)
     aspf: str = "r"
     pct: int = 100
+    # rua= mailto: URIs as published, size suffix included ("mailto:d@x.test!10m");
+    # other schemes are dropped (§6.2: we send reports only by mail).
+    rua: tuple[str, ...] = ()
+    fo: str = "0"  # failure reporting options, reported back in policy_published (§7.2.1.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,12 @@ class DmarcVerdict:
     policy: str = "none"  # the policy that applies to this message after pct
     published: str = "none"  # the policy the domain asks for
     reason: str = ""
+    # For aggregate reports (§7.2, Appendix C policy_evaluated): the record it
+    # was judged by, each identifier's aligned pass, and pct= sampling.
+    record: DmarcRecord | None = None
+    dkim_aligned: bool = False
+    spf_aligned: bool = False
+    sampled_out: bool = False
 
 
 MAX_AUTHOR_DOMAINS = 5  # distinct From: domains evaluated; more: refused (§6.6.1)
@@ -211,6 +224,11 @@ def parse_record(text: str, domain: str) -> DmarcRecord | None:
         pct = int(tags.get("pct", "100"))
     except ValueError:
         pct = 100
+    rua = tuple(
+        uri.strip()
+        for uri in tags.get("rua", "").split(",")
+        if uri.strip().lower().startswith("mailto:")
+    )
     return DmarcRecord(
         domain=domain,
         policy=policy,
@@ -218,6 +236,8 @@ def parse_record(text: str, domain: str) -> DmarcRecord | None:
         adkim=adkim if adkim in ("r", "s") else "r",
         aspf=aspf if aspf in ("r", "s") else "r",
         pct=min(max(pct, 0), 100),
+        rua=rua,
+        fo=tags.get("fo", "0")[:20],
     )
 
 
@@ -265,16 +285,33 @@ def evaluate(
     ``spf_pass_domain``: the MAIL FROM (or HELO) domain if SPF passed;
     ``dkim_pass_domains``: the d= of every signature that verified."""
     published = record.policy if record.domain == from_domain else record.subdomain_policy
-    if spf_pass_domain is not None and aligned(spf_pass_domain, from_domain, record.aspf):
+    # Both identifiers are judged (a report shows each, Appendix C).
+    spf_aligned = spf_pass_domain is not None and aligned(spf_pass_domain, from_domain, record.aspf)
+    dkim_domain = next(
+        (d for d in dkim_pass_domains if aligned(d, from_domain, record.adkim)), None
+    )
+    if spf_aligned or dkim_domain is not None:
+        reason = f"SPF aligned ({spf_pass_domain})" if spf_aligned else f"DKIM d={dkim_domain}"
         return DmarcVerdict(
-            DmarcResult.PASS, from_domain, "none", published, f"SPF aligned ({spf_pass_domain})"
+            DmarcResult.PASS,
+            from_domain,
+            "none",
+            published,
+            reason,
+            record=record,
+            dkim_aligned=dkim_domain is not None,
+            spf_aligned=spf_aligned,
         )
-    for d in dkim_pass_domains:
-        if aligned(d, from_domain, record.adkim):
-            return DmarcVerdict(DmarcResult.PASS, from_domain, "none", published, f"DKIM d={d}")
     policy = published
+    sampled_out = False
     if record.pct < 100 and (rng or random.SystemRandom()).random() * 100 >= record.pct:
-        policy = _downgrade(policy)
+        policy, sampled_out = _downgrade(policy), True
     return DmarcVerdict(
-        DmarcResult.FAIL, from_domain, policy, published, "no aligned SPF or DKIM pass"
+        DmarcResult.FAIL,
+        from_domain,
+        policy,
+        published,
+        "no aligned SPF or DKIM pass",
+        record=record,
+        sampled_out=sampled_out,
     )

@@ -10,7 +10,9 @@ name, and possibly a refusal:
   sender, §2.4) and of the HELO name (§2.3);
 * every DKIM signature (RFC 6376; RSA and Ed25519, RFC 8463), at most
   ``MAX_SIGNATURES`` of them, with bounded keys and work (dkim_verify.py);
-* DMARC (RFC 7489) for each From: domain, from those two.
+* DMARC (RFC 7489) for each From: domain, from those two; each verdict for
+  a domain that asks for aggregate reports (rua=mailto:) is recorded for
+  them (dmarc_store.py), with the disposition applied (§7.2).
 
 Policy, when ``[checks] dmarc_reject`` is on: a DMARC failure whose domain
 publishes ``p=reject`` is refused with 550 5.7.1 (§6.6.4 — pct= applied;
@@ -63,6 +65,7 @@ from postoffice.policy.dkim_verify import (
     scan_signatures,
     unverified,
 )
+from postoffice.policy.dmarc_store import AuthResult, Published, ReportRecorder, ReportRow
 from postoffice.protocol.smtp_reply import Reply
 
 log = logging.getLogger("postoffice.mailauth")
@@ -139,9 +142,12 @@ class InboundChecks:
         timeout: float = CHECK_TIMEOUT,
         rng: random.Random | None = None,
         dkim_workers: CpuWorkers | None = None,
+        reports: ReportRecorder | None = None,
     ) -> None:
         """``dkim_workers``: the processes that verify DKIM signatures
-        (default: VERIFY_WORKERS of them, VERIFY_TIMEOUT seconds per message)."""
+        (default: VERIFY_WORKERS of them, VERIFY_TIMEOUT seconds per message);
+        ``reports``: where DMARC verdicts go for aggregate reports (None: nowhere)."""
+        self._reports = reports
         self._hostname = settings.hostname
         self._exempt = settings.checks.exempt_networks
         self._dmarc_reject = settings.checks.dmarc_reject
@@ -157,9 +163,13 @@ class InboundChecks:
         (0.1 s of CPU) now, not on the event loop with the first message."""
         self._dkim_workers.start()
         dmarc.organizational_domain("postoffice.example")
+        if self._reports is not None:
+            self._reports.start()
 
     def close(self) -> None:
         self._dkim_workers.close()
+        if self._reports is not None:
+            self._reports.close()
 
     def applies(self, client_ip: str) -> bool:
         """False for clients in ``[checks] exempt_networks`` (and non-IP peers)."""
@@ -310,6 +320,10 @@ class InboundChecks:
                 ),
                 "",
             )
+        if self._reports is not None:
+            self._record(
+                client_ip, sender, helo_domain, dmarc_spf, dkims, dmarcs, outcome_reply, quarantine
+            )
         return CheckOutcome(
             header=format_header(self._hostname, results),
             reply=outcome_reply,
@@ -319,6 +333,64 @@ class InboundChecks:
             dkim_results=tuple(dkims),
             dmarc_results=tuple(dmarcs),
         )
+
+    def _record(
+        self,
+        client_ip: str,
+        sender: Address | None,
+        helo_domain: str | None,
+        dmarc_spf: spf.SpfVerdict | None,
+        dkims: list[DkimVerdict],
+        dmarcs: list[dmarc.DmarcVerdict],
+        reply: Reply | None,
+        quarantine: str,
+    ) -> None:
+        """One report row per judged From: domain that asks for reports
+        (RFC 7489 §7.2).  The disposition is what happens to the message: a
+        refusal rejects it whichever domain caused it; a temporary failure is
+        not recorded (the sender retries, and that try is)."""
+        assert self._reports is not None
+        if reply is not None and reply.code < 500:
+            return
+        disposition = "reject" if reply is not None else "quarantine" if quarantine else "none"
+        spf_results: tuple[AuthResult, ...] = ()
+        if dmarc_spf is not None:
+            scope = "mfrom" if sender is not None else "helo"
+            spf_results = (AuthResult(dmarc_spf.domain, str(dmarc_spf.result), scope),)
+        dkim_results = tuple(AuthResult(v.domain, v.result, v.selector) for v in dkims if v.domain)
+        ip = client_address(client_ip)
+        for v in dmarcs:
+            record = v.record
+            if record is None or not record.rua:
+                continue
+            reasons: list[str] = []
+            if v.sampled_out:
+                reasons.append("sampled_out")  # §6.6.4 pct=
+            if v.result is dmarc.DmarcResult.FAIL and disposition == "none" and v.policy != "none":
+                reasons.append("local_policy")  # [checks] dmarc_reject = false
+            self._reports.record(
+                Published(
+                    record.domain,
+                    record.adkim,
+                    record.aspf,
+                    record.policy,
+                    record.subdomain_policy,
+                    record.pct,
+                    record.fo,
+                    record.rua,
+                ),
+                ReportRow(
+                    source_ip=str(ip) if ip is not None else client_ip,
+                    header_from=v.from_domain,
+                    envelope_from=sender.domain if sender is not None else helo_domain or "",
+                    disposition=disposition,
+                    dkim="pass" if v.dkim_aligned else "fail",
+                    spf="pass" if v.spf_aligned else "fail",
+                    reasons=tuple(reasons),
+                    dkim_results=dkim_results,
+                    spf_results=spf_results,
+                ),
+            )
 
     def _decide(
         self,
