@@ -232,7 +232,7 @@ def test_the_readmes_logrotate_lines_cope_with_a_stopped_server(tmp_path: Path) 
         log.rename(tmp_path / "mail.log.1")
         result = postrotate()
         assert result.returncode == 0 and result.stderr == ""
-        assert wait_for(lambda: log.exists() and "SIGUSR1: log files reopened" in log.read_text())
+        assert wait_for(lambda: log.exists() and "SIGUSR1: log file reopened" in log.read_text())
     finally:
         assert srv.stop() == 0
     assert (srv.data_dir / "postoffice.pid").read_text() == ""  # left, emptied

@@ -160,7 +160,7 @@ def rotate(log: Path, pid: int, *, compress_older: bool) -> None:
         one.unlink()
     os.rename(log, one)
     os.kill(pid, signal.SIGUSR1)
-    assert wait_for(lambda: log.exists() and "log files reopened" in log.read_text())
+    assert wait_for(lambda: log.exists() and "log file reopened" in log.read_text())
 
 
 def test_json_log_across_rotated_files(
