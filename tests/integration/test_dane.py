@@ -24,10 +24,13 @@ from postoffice.dns.resolver import DnsResolver
 from postoffice.mail.address import Address
 from postoffice.net.tls import server_context
 from tests.integration.delivery.test_remote_courier import FAST, deliver
+from tests.integration.test_outbound import ALICE, queue_files, submit
 from tests.support.certs import Pki, make_pki
 from tests.support.dnssec_lab import DnssecLab, spki_sha256
+from tests.support.helpers import wait_for
 from tests.support.peers import ScriptedMta
 from tests.support.ports import free_port
+from tests.support.server import PostofficeServer
 
 MX_IP = "127.0.0.2"
 WRONG = "00" * 32
@@ -203,3 +206,50 @@ def test_bogus_zone_is_deferred(
     assert r.outcome is Outcome.DEFERRED
     assert r.status.startswith("4.")
     assert peer.received == [] and peer.commands == []
+
+
+@pytest.mark.parametrize("matching", [True, False])
+def test_the_server_relays_to_a_dane_postoffice_only_when_its_key_matches(
+    tmp_path: Path, require_program: Callable[[str], str], matching: bool
+) -> None:
+    # The whole path: submission, queue, courier, validating resolver, and a
+    # second postoffice as the MX whose key the signed zone pins (3 1 1).
+    for program in ("unbound", "ldns-keygen", "ldns-signzone"):
+        require_program(program)
+    other = PostofficeServer(
+        tmp_path / "mx", domains=("good.dane.test",), hostname="mx.good.dane.test", host=MX_IP
+    )
+    other.add_user("bob@good.dane.test", "bob-password-3")
+    port = other.ports["smtp"]
+    key = spki_sha256((other.data_dir / "tls" / "cert.pem").read_bytes())
+    records = ["good IN MX 10 mx.good", f"mx.good IN A {MX_IP}"]
+    records.append(f"_{port}._tcp.mx.good IN TLSA 3 1 1 {key if matching else WRONG}")
+    lab = DnssecLab(tmp_path / "dns", "dane.test", records).start()
+    other.start()
+    try:
+        relay = {
+            "mx_port": port,
+            "dns_servers": [lab.server],
+            "retry_schedule": [60],
+            "connect_timeout": 5,
+        }
+        srv = PostofficeServer(tmp_path / "a", sections={"relay": relay})
+        srv.add_user(ALICE, "alice-password-1")
+        srv.start()
+        try:
+            submit(srv, ["bob@good.dane.test"], subject="dane")
+            if matching:
+                assert wait_for(lambda: len(other.messages("bob@good.dane.test")) == 1)
+                assert wait_for(lambda: "verified by DANE (TLSA 3 1 1 matched" in srv.log())
+                content = other.messages("bob@good.dane.test")[0].read_bytes()
+                assert b"with ESMTPS" in content
+            else:
+                assert wait_for(lambda: "DANE verification failed" in srv.log())
+                assert wait_for(lambda: "4.7.5" in srv.log())
+                assert other.messages("bob@good.dane.test") == []
+                assert len(queue_files(srv)) >= 1  # deferred, waiting for a retry
+        finally:
+            srv.stop()
+    finally:
+        other.stop()
+        lab.stop()
