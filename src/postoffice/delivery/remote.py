@@ -13,14 +13,18 @@ signed again; one that needs SMTPUTF8 goes nowhere without it (RFC 6531
 §3.2: returned with 5.6.7).
 
 TLS is opportunistic (RFC 3207, RFC 7435): STARTTLS whenever offered,
-certificates not verified (no MTA-STS/DANE yet); if the handshake fails the
-same address is tried once more in plaintext.
+certificates not verified; if the handshake fails the same address is tried
+once more in plaintext.  Except under DANE (RFC 7672, policy/dane.py): when
+the MX RRset and the host's TLSA RRset are DNSSEC-authenticated, STARTTLS is
+mandatory and the certificate must match a TLSA record; otherwise the host
+is not used (4.7.5), never in plaintext.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import ipaddress
 import logging
 import random
@@ -44,6 +48,7 @@ from postoffice.delivery.smtp_connection import ClientTimeouts, SmtpClient, Smtp
 from postoffice.dns.mx import MxLoopsToSelf, NullMx, order_mx
 from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
+from postoffice.policy import dane
 from postoffice.policy.dkim_sign import DkimSigner
 from postoffice.protocol.smtp_reply import Reply
 
@@ -70,6 +75,7 @@ def client_tls_context() -> ssl.SSLContext:
 class Hop:
     host: str  # MX host name, or an IP address (literal, smarthost)
     port: int
+    dnssec: bool = False  # found through a DNSSEC-authenticated MX RRset (DANE may apply)
 
 
 class RouteError(Exception):
@@ -172,7 +178,7 @@ class RemoteCourier:
         if domain.startswith("["):
             raise RouteError(f"bad address literal {domain}", "5.1.2")
         try:
-            records = await self._resolver.mx(domain)
+            records, secure = await self._resolver.mx_dnssec(domain)
         except DnsError as exc:
             if exc.temporary:
                 raise RouteError(f"MX lookup for {domain} failed: {exc}", "4.4.3") from None
@@ -185,8 +191,10 @@ class RemoteCourier:
         except MxLoopsToSelf:
             raise RouteError(f"mail for {domain} loops back to myself", "5.4.6") from None
         if not hosts:
-            return [Hop(domain, relay.mx_port)], True
-        return [Hop(h, relay.mx_port) for h in hosts], False
+            # RFC 7672 §2.2.1: an authenticated denial of MX makes the domain
+            # itself the (secure) host.
+            return [Hop(domain, relay.mx_port, secure)], True
+        return [Hop(h, relay.mx_port, secure) for h in hosts], False
 
     async def deliver(
         self,
@@ -237,9 +245,18 @@ class RemoteCourier:
             if not addresses:
                 attempt.failed(f"no address for MX host {hop.host}", "4.4.4", "")
                 continue
+            try:
+                policy = (
+                    await dane.lookup(self._resolver, hop.host, hop.port) if hop.dnssec else None
+                )
+            except DnsError as exc:
+                # RFC 7672 §2.2.2: a TLSA lookup that fails makes the host unusable.
+                dns_trouble = True
+                attempt.failed(f"TLSA lookup for {hop.host} failed: {exc}", "4.7.5", "")
+                continue
             for address in addresses:
                 results = await self._try_address(
-                    hop, address, sender, recipients, message, attempt
+                    hop, address, sender, recipients, message, attempt, policy
                 )
                 if results is not None:
                     return results
@@ -268,6 +285,7 @@ class RemoteCourier:
         recipients: Sequence[Address],
         message: MessageSource,
         attempt: _Attempt,
+        policy: dane.DanePolicy | None = None,
     ) -> list[RecipientResult] | None:
         """Results if this address gave a definite answer, else None (try the next)."""
         label = _label(hop.host, ip, hop.port)
@@ -275,9 +293,12 @@ class RemoteCourier:
         for _ in range(2):  # a second pass only after a failed TLS handshake
             try:
                 return await self._session(
-                    hop, ip, label, sender, recipients, message, attempt, use_tls
+                    hop, ip, label, sender, recipients, message, attempt, use_tls, policy
                 )
             except _TlsFailed as exc:
+                if policy is not None:  # RFC 7672 §2.2: never plaintext under DANE
+                    attempt.failed(f"{label}: {exc} (DANE requires TLS)", "4.7.5", label)
+                    return None
                 log.info("%s: %s; retrying without TLS", label, exc)
                 use_tls = False
         return None
@@ -292,6 +313,7 @@ class RemoteCourier:
         message: MessageSource,
         attempt: _Attempt,
         use_tls: bool,
+        policy: dane.DanePolicy | None = None,
     ) -> list[RecipientResult] | None:
         try:
             client = await SmtpClient.connect(ip, hop.port, self._timeouts)
@@ -301,7 +323,7 @@ class RemoteCourier:
             return None
         parked = False
         try:
-            if not await self._open(client, hop, label, attempt, use_tls):
+            if not await self._open(client, hop, label, attempt, use_tls, policy):
                 return None
             link = Parked(client, hop.host, label)
             results, parked = await self._transact(link, sender, recipients, message, attempt)
@@ -364,9 +386,16 @@ class RemoteCourier:
         return None
 
     async def _open(
-        self, client: SmtpClient, hop: Hop, label: str, attempt: _Attempt, use_tls: bool
+        self,
+        client: SmtpClient,
+        hop: Hop,
+        label: str,
+        attempt: _Attempt,
+        use_tls: bool,
+        policy: dane.DanePolicy | None = None,
     ) -> bool:
-        """Greeting, EHLO and (opportunistic) STARTTLS; False if the host refused."""
+        """Greeting, EHLO and STARTTLS (opportunistic, or mandatory and checked
+        under DANE); False if the host refused or failed the DANE check."""
         greeting = await client.greeting()
         if not greeting.is_positive:
             attempt.failed(
@@ -382,12 +411,36 @@ class RemoteCourier:
             except SmtpConnectionError as exc:
                 raise _TlsFailed(str(exc)) from None
             if reply.code == 220:
+                if policy is not None and not await self._dane_check(
+                    client, policy, label, attempt
+                ):
+                    return False
                 hello = await client.hello(self._hostname)  # RFC 3207 §4.2: start over
         if not hello.is_positive:
             attempt.failed(
                 f"{label} refused EHLO: {hello.summary}", status_of(hello), label, reply=hello
             )
             return False
+        if policy is not None and not client.tls:
+            # RFC 7672 §2.2: with a usable (or unusable but secure) TLSA RRset,
+            # a host without STARTTLS is not delivered to in plaintext.
+            attempt.failed(f"{label} offers no STARTTLS, which DANE requires", "4.7.5", label)
+            return False
+        return True
+
+    async def _dane_check(
+        self, client: SmtpClient, policy: dane.DanePolicy, label: str, attempt: _Attempt
+    ) -> bool:
+        """Right after the handshake and before anything else is said: does
+        the certificate match the TLSA records (RFC 7672 §3)?"""
+        now = datetime.datetime.now(datetime.UTC)
+        verdict = await asyncio.to_thread(policy.check, client.peer_chain(), now)
+        if not verdict.ok:
+            log.warning("%s: DANE verification failed: %s", label, verdict.detail)
+            attempt.failed(f"{label}: DANE verification failed: {verdict.detail}", "4.7.5", label)
+            return False
+        client.verified = f"DANE ({verdict.detail})" if policy.records else ""
+        log.info("%s: DANE: %s", label, verdict.detail)
         return True
 
     async def _transact(
