@@ -45,6 +45,13 @@ from postoffice.dns.mx import MxLoopsToSelf, NullMx, order_mx
 from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
 from postoffice.policy.dkim_sign import DkimSigner
+from postoffice.policy.tls_rpt_store import (
+    STARTTLS_NOT_SUPPORTED,
+    VALIDATION_FAILURE,
+    TlsFailure,
+    TlsPolicy,
+    TlsReportRecorder,
+)
 from postoffice.protocol.smtp_reply import Reply
 
 log = logging.getLogger("postoffice.delivery")
@@ -135,9 +142,12 @@ class RemoteCourier:
         rng: random.Random | None = None,
         cache: ConnectionCache | None = None,
         signer: DkimSigner | None = None,
+        tls_reports: TlsReportRecorder | None = None,
     ) -> None:
-        """``signer``: signs our own mail again after an 8-bit conversion."""
+        """``signer``: signs our own mail again after an 8-bit conversion;
+        ``tls_reports``: records each new connection's TLS outcome (RFC 8460)."""
         self._relay = relay
+        self._tls_reports = tls_reports
         self._signer = signer
         self._hostname = hostname
         self._resolver = resolver
@@ -156,6 +166,8 @@ class RemoteCourier:
     async def close(self) -> None:
         """Close parked connections (at shutdown)."""
         await self._cache.close()
+        if self._tls_reports is not None:
+            await asyncio.to_thread(self._tls_reports.close)
 
     def destination(self, domain: str) -> str:
         """The key that concurrency limits apply to."""
@@ -301,7 +313,7 @@ class RemoteCourier:
             return None
         parked = False
         try:
-            if not await self._open(client, hop, label, attempt, use_tls):
+            if not await self._open(client, hop, label, attempt, use_tls, recipients[0].domain):
                 return None
             link = Parked(client, hop.host, label)
             results, parked = await self._transact(link, sender, recipients, message, attempt)
@@ -364,7 +376,13 @@ class RemoteCourier:
         return None
 
     async def _open(
-        self, client: SmtpClient, hop: Hop, label: str, attempt: _Attempt, use_tls: bool
+        self,
+        client: SmtpClient,
+        hop: Hop,
+        label: str,
+        attempt: _Attempt,
+        use_tls: bool,
+        domain: str,
     ) -> bool:
         """Greeting, EHLO and (opportunistic) STARTTLS; False if the host refused."""
         greeting = await client.greeting()
@@ -380,15 +398,33 @@ class RemoteCourier:
                     self._tls, hop.host if _ip(hop.host) is None else None
                 )
             except SmtpConnectionError as exc:
+                self._report_tls(domain, hop, client, VALIDATION_FAILURE, str(exc))
                 raise _TlsFailed(str(exc)) from None
             if reply.code == 220:
                 hello = await client.hello(self._hostname)  # RFC 3207 §4.2: start over
+        if use_tls and (client.tls or hello.is_positive):
+            self._report_tls(domain, hop, client, "" if client.tls else STARTTLS_NOT_SUPPORTED)
         if not hello.is_positive:
             attempt.failed(
                 f"{label} refused EHLO: {hello.summary}", status_of(hello), label, reply=hello
             )
             return False
         return True
+
+    def _report_tls(
+        self, domain: str, hop: Hop, client: SmtpClient, result: str, reason: str = ""
+    ) -> None:
+        """Record a new connection's TLS outcome for TLS reports (RFC 8460
+        §4.3 result type; "" a success), under the policy it was held to:
+        none yet (opportunistic TLS)."""
+        if self._tls_reports is None:
+            return
+        failure = None
+        if result:
+            peer = client.peer_ip
+            mx = hop.host if _ip(hop.host) is None else ""
+            failure = TlsFailure(result, client.local_ip, mx, peer, reason)
+        self._tls_reports.record(TlsPolicy.none_found(domain), failure)
 
     async def _transact(
         self,
