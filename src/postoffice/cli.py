@@ -649,7 +649,7 @@ def _init_new(args: argparse.Namespace) -> int:
     print(f"  postoffice -c {config} doctor")
     print(f"{hostname}. IN A <this server's public IPv4 address>")
     print(f"  (and AAAA for IPv6; the PTR of each address names {hostname})")
-    for line in records_to_publish(hostname, domain, keys, settings.listen):
+    for line in records_to_publish(hostname, domain, keys, settings.listen, settings.mta_sts):
         print(line)
     print()
     print(f"Then start it (as root: it binds the ports, then runs as {settings.run.user}):")

@@ -200,6 +200,24 @@ class DnsResolver:
             if r.rdtype == dns.rdatatype.PTR
         ]
 
+    async def tlsa(self, name: str) -> list[tuple[int, int, int, str]]:
+        """The TLSA records of ``name`` (RFC 6698 §2) as (usage, selector,
+        matching type, data in lower-case hex); [] when none or no such name.
+        For the doctor, which shows what is published: no DNSSEC verdict."""
+        try:
+            answer = await self._query(name, "TLSA")
+        except DnsError as exc:
+            if exc.temporary:
+                raise
+            return []
+        if answer is None or answer.rrset is None:
+            return []
+        return [
+            (int(r.usage), int(r.selector), int(r.mtype), bytes(r.cert).hex())
+            for r in answer.rrset
+            if r.rdtype == dns.rdatatype.TLSA
+        ]
+
     async def srv(self, name: str) -> list[SrvRecord]:
         try:
             answer = await self._query(name, "SRV")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 
-from postoffice.config.settings import Settings
+from postoffice.config.settings import MtaStsSettings
 from postoffice.net.http import Request, Response, Routes
 from postoffice.services import Services
 
@@ -37,24 +37,24 @@ HOST_PREFIX = "mta-sts."
 ID_LENGTH = 20  # §3.1: sts-id = 1*32(ALPHA / DIGIT)
 
 
-def policy_text(settings: Settings) -> str:
+def policy_text(hostname: str, policy: MtaStsSettings) -> str:
     """The policy document (§3.2), CRLF line ends as in its ABNF."""
     lines = [
         "version: STSv1",
-        f"mode: {settings.mta_sts.mode}",
-        f"mx: {settings.hostname}",
-        f"max_age: {settings.mta_sts.max_age}",
+        f"mode: {policy.mode}",
+        f"mx: {hostname}",
+        f"max_age: {policy.max_age}",
     ]
     return "".join(f"{line}\r\n" for line in lines)
 
 
-def policy_id(settings: Settings) -> str:
-    return hashlib.sha256(policy_text(settings).encode()).hexdigest()[:ID_LENGTH]
+def policy_id(hostname: str, policy: MtaStsSettings) -> str:
+    return hashlib.sha256(policy_text(hostname, policy).encode()).hexdigest()[:ID_LENGTH]
 
 
-def txt_text(settings: Settings) -> str:
+def txt_text(hostname: str, policy: MtaStsSettings) -> str:
     """The ``_mta-sts.<domain>`` TXT record (§3.1)."""
-    return f"v=STSv1; id={policy_id(settings)}"
+    return f"v=STSv1; id={policy_id(hostname, policy)}"
 
 
 def add_routes(routes: Routes, services: Services) -> None:
@@ -64,7 +64,8 @@ def add_routes(routes: Routes, services: Services) -> None:
             host.startswith(HOST_PREFIX) and services.is_local_domain(host[len(HOST_PREFIX) :])
         ):
             return Response.text(404, "no MTA-STS policy for this host here")
-        text = policy_text(services.settings).encode()
+        settings = services.settings
+        text = policy_text(settings.hostname, settings.mta_sts).encode()
         return Response(200, text, content_type="text/plain")
 
     routes.add(POLICY_PATH, policy)
