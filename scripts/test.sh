@@ -28,6 +28,8 @@ CAPABILITIES=(
   "command -v msmtp|msmtp"
   "command -v gnutls-cli|gnutls-bin"
   "command -v openssl|openssl"
+  # tests/integration/test_tls_profile.py: the protocols and suites offered.
+  "command -v sslscan|sslscan"
   "command -v ip|iproute2"
   "test -x /usr/sbin/dnsmasq|dnsmasq-base"
   # tests/integration/test_dane.py: a zone signed with ldns-signzone, validated by unbound.

@@ -50,6 +50,14 @@ from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
 from postoffice.policy import dane
 from postoffice.policy.dkim_sign import DkimSigner
+from postoffice.policy.tls_rpt_store import (
+    STARTTLS_NOT_SUPPORTED,
+    TLSA_INVALID,
+    VALIDATION_FAILURE,
+    TlsFailure,
+    TlsPolicy,
+    TlsReportRecorder,
+)
 from postoffice.protocol.smtp_reply import Reply
 
 log = logging.getLogger("postoffice.delivery")
@@ -141,9 +149,12 @@ class RemoteCourier:
         rng: random.Random | None = None,
         cache: ConnectionCache | None = None,
         signer: DkimSigner | None = None,
+        tls_reports: TlsReportRecorder | None = None,
     ) -> None:
-        """``signer``: signs our own mail again after an 8-bit conversion."""
+        """``signer``: signs our own mail again after an 8-bit conversion;
+        ``tls_reports``: records each new connection's TLS outcome (RFC 8460)."""
         self._relay = relay
+        self._tls_reports = tls_reports
         self._signer = signer
         self._hostname = hostname
         self._resolver = resolver
@@ -162,6 +173,8 @@ class RemoteCourier:
     async def close(self) -> None:
         """Close parked connections (at shutdown)."""
         await self._cache.close()
+        if self._tls_reports is not None:
+            await asyncio.to_thread(self._tls_reports.close)
 
     def destination(self, domain: str) -> str:
         """The key that concurrency limits apply to."""
@@ -323,7 +336,8 @@ class RemoteCourier:
             return None
         parked = False
         try:
-            if not await self._open(client, hop, label, attempt, use_tls, policy):
+            domain = recipients[0].domain
+            if not await self._open(client, hop, label, attempt, use_tls, domain, policy):
                 return None
             link = Parked(client, hop.host, label)
             results, parked = await self._transact(link, sender, recipients, message, attempt)
@@ -392,6 +406,7 @@ class RemoteCourier:
         label: str,
         attempt: _Attempt,
         use_tls: bool,
+        domain: str,
         policy: dane.DanePolicy | None = None,
     ) -> bool:
         """Greeting, EHLO and STARTTLS (opportunistic, or mandatory and checked
@@ -409,13 +424,18 @@ class RemoteCourier:
                     self._tls, hop.host if _ip(hop.host) is None else None
                 )
             except SmtpConnectionError as exc:
+                self._report_tls(domain, hop, client, VALIDATION_FAILURE, str(exc), policy)
                 raise _TlsFailed(str(exc)) from None
             if reply.code == 220:
                 if policy is not None and not await self._dane_check(
                     client, policy, label, attempt
                 ):
+                    self._report_tls(domain, hop, client, TLSA_INVALID, "", policy)
                     return False
                 hello = await client.hello(self._hostname)  # RFC 3207 §4.2: start over
+        if use_tls and (client.tls or hello.is_positive):
+            result = "" if client.tls else STARTTLS_NOT_SUPPORTED
+            self._report_tls(domain, hop, client, result, "", policy)
         if not hello.is_positive:
             attempt.failed(
                 f"{label} refused EHLO: {hello.summary}", status_of(hello), label, reply=hello
@@ -442,6 +462,35 @@ class RemoteCourier:
         client.verified = f"DANE ({verdict.detail})" if policy.records else ""
         log.info("%s: DANE: %s", label, verdict.detail)
         return True
+
+    def _report_tls(
+        self,
+        domain: str,
+        hop: Hop,
+        client: SmtpClient,
+        result: str,
+        reason: str = "",
+        dane_policy: dane.DanePolicy | None = None,
+    ) -> None:
+        """Record a new connection's TLS outcome for TLS reports (RFC 8460
+        §4.3 result type; "" a success), under the policy it was held to:
+        DANE's TLSA records (§4.4 policy-type "tlsa", policy-string the
+        records in presentation form), else none found (opportunistic TLS)."""
+        if self._tls_reports is None:
+            return
+        failure = None
+        if result:
+            peer = client.peer_ip
+            mx = hop.host if _ip(hop.host) is None else ""
+            failure = TlsFailure(result, client.local_ip, mx, peer, reason)
+        if dane_policy is None:
+            held_to = TlsPolicy.none_found(domain)
+        else:
+            strings = tuple(
+                f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in dane_policy.records
+            )
+            held_to = TlsPolicy("tlsa", domain, strings)
+        self._tls_reports.record(held_to, failure)
 
     async def _transact(
         self,

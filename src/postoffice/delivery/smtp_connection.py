@@ -148,6 +148,20 @@ class SmtpClient:
             and self._conn.quiet()
         )
 
+    @property
+    def local_ip(self) -> str:
+        """Our end's address (a TLS report's sending-mta-ip, RFC 8460 §4.4)."""
+        return self._address("sockname")
+
+    @property
+    def peer_ip(self) -> str:
+        return self._address("peername")
+
+    def _address(self, which: str) -> str:
+        transport = self._conn.transport
+        name = transport.get_extra_info(which) if transport is not None else None
+        return str(name[0]) if name else ""
+
     def tls_info(self) -> str:
         version, cipher = self._conn.tls_version(), self._conn.tls_cipher()
         if not version:
