@@ -14,7 +14,6 @@ keep it from ending (``Server.stopping``, ``_on_reload``).
 
 from __future__ import annotations
 
-import os
 import signal
 import smtplib
 import socket
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.helpers import wait_for
+from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 
 HELO = "client.example.test"
@@ -126,3 +126,53 @@ def test_a_stop_while_starting_ends_it_cleanly(frozen: FrozenStart, sig: int) ->
     log = frozen.srv.log()
     assert "Traceback" not in log, log
     assert log.index("started ") < log.index("shutting down") < log.index("stopped")
+
+
+def test_a_reload_during_the_stop_rebinds_nothing_and_the_stop_ends(tmp_path: Path) -> None:
+    """SIGTERM, then SIGHUPs while sessions still get their grace: no
+    listener comes back (not the moved one either), and the server ends,
+    exit 0, once the grace is over."""
+    grace = 4.0
+    srv = PostofficeServer(tmp_path, sections={"limits": {"shutdown_grace": grace}})
+    srv.add_user("alice@example.test", "alice-password-1")
+    srv.start()
+    try:
+        assert srv.proc is not None
+        # A message under way keeps the stop waiting for its grace.
+        busy = smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30)
+        busy.ehlo(HELO)
+        assert busy.mail("a@client.test")[0] == 250
+        assert busy.rcpt("alice@example.test")[0] == 250
+        assert busy.docmd("DATA")[0] == 354
+        busy.send(b"Subject: half\r\n\r\nnot finished\r\n")
+        # A reload would move the pop3 listener here.
+        old_port, new_port = srv.ports["pop3"], free_port()
+        text = srv.config.read_text()
+        moved = text.replace(f'pop3 = ["127.0.0.1:{old_port}"]', f'pop3 = ["127.0.0.1:{new_port}"]')
+        assert moved != text
+        srv.config.write_text(moved)
+        started = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.send_signal(signal.SIGHUP)  # at once: while the stop begins
+        assert wait_for(lambda: "shutting down" in srv.log(), 10), srv.log()
+        srv.proc.send_signal(signal.SIGHUP)  # and once the listeners are closing
+        came_back = []
+        while srv.proc.poll() is None and time.monotonic() - started < grace + 15:
+            for port in (new_port, old_port):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    came_back.append(port)
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        code = srv.proc.wait(1)
+        busy.close()
+        log = srv.log()
+        assert code == 0, log
+        assert time.monotonic() - started < grace + 10, log
+        assert not came_back, (came_back, log)
+        assert "SIGHUP: reloaded" not in log, log
+        assert "SIGHUP: not reloaded, the server is stopping" in log, log
+        assert log.index("shutting down") < log.index("stopped")
+    finally:
+        srv.stop()
