@@ -156,14 +156,18 @@ def test_a_reload_during_the_stop_rebinds_nothing_and_the_stop_ends(tmp_path: Pa
         srv.proc.send_signal(signal.SIGHUP)  # at once: while the stop begins
         assert wait_for(lambda: "shutting down" in srv.log(), 10), srv.log()
         srv.proc.send_signal(signal.SIGHUP)  # and once the listeners are closing
+
+        def accepts(port: int) -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            except OSError:
+                return False
+            return True
+
+        assert wait_for(lambda: not accepts(old_port), 10), srv.log()  # the stop closed it
         came_back = []
         while srv.proc.poll() is None and time.monotonic() - started < grace + 15:
-            for port in (new_port, old_port):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    came_back.append(port)
-                except OSError:
-                    pass
+            came_back += [port for port in (new_port, old_port) if accepts(port)]
             time.sleep(0.05)
         code = srv.proc.wait(1)
         busy.close()
