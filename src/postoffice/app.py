@@ -531,8 +531,9 @@ async def _run(
     server = Server(services, prebound=prebound or {})
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    _release_stop_signals()  # one sent while we started: the start finishes, then the stop
     pool: WorkerPool | None = None
 
     def reopen_logs() -> None:  # SIGUSR1, e.g. from logrotate's postrotate
@@ -614,8 +615,9 @@ async def _run_smtp_worker(services: Services, index: int, fds: list[int], logs:
     server = Server(services)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    _release_stop_signals()
     # Forwarded by the server once it took the new config.
     loop.add_signal_handler(signal.SIGHUP, _on_reload, server, lambda: _reload_smtp_process(server))
     loop.add_signal_handler(signal.SIGUSR1, logs.reopen)  # forwarded by the server
@@ -654,13 +656,27 @@ async def _run_smtp_worker(services: Services, index: int, fds: list[int], logs:
     return 0
 
 
+# SIGTERM and SIGINT: stop.  Held from the start of serve until the loop's
+# handlers exist, and released then, before the listeners: a stop sent
+# while the server starts must neither kill it half-made (the lock, the data
+# directory, the accounts database being opened) nor be lost.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _hold_signals() -> None:
     """Until the event loop handles them, SIGHUP, SIGUSR1 and SIGUSR2 wait
     blocked: their default action would end the process, and one ignored
     would be lost (a reload or a retire sent while an smtp process starts
     must still happen).  An smtp process starts with them blocked already
-    (workers.py); threads started meanwhile inherit the mask."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    (workers.py); threads started meanwhile inherit the mask.  SIGTERM and
+    SIGINT too (STOP_SIGNALS), until ``_release_stop_signals``."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS | set(STOP_SIGNALS))
+
+
+def _release_stop_signals() -> None:
+    """The loop handles SIGTERM and SIGINT now: one pending sets the stop,
+    which waits for the start to finish."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _release_signals() -> None:

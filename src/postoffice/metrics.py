@@ -79,6 +79,25 @@ _IMAP_EVENT_NAMES = {"LISTMAILBOXES": "LIST"}
 # continuation, IDLE's DONE): not counted.  A bad command counts as "other".
 _NOT_COMMANDS = frozenset({"AUTHRESPONSE", "LITERALEXPECTED", "IDLEDONE"})
 FETCH_PROTOCOLS = SESSION_PROTOCOLS = frozenset({"pop3", "imap"})
+# SMTP reply codes a server sends to refuse (RFC 5321 §4.2.3; 454, 530, 534,
+# 535, 538: RFC 4954 AUTH; 521, 556: RFC 7504 null MX) and 250 for "accepted".
+SMTP_CODES = frozenset(
+    {"250", "421", "450", "451", "452", "454", "455", "500", "501", "502", "503", "504"}
+    | {"521", "530", "534", "535", "538", "550", "551", "552", "553", "554", "555", "556"}
+)
+# The enhanced status codes (RFC 3463 and the IANA registry of RFC 5248):
+# class 2, 4 or 5, and for each subject the details registered so far
+# (X.7.30 is REQUIRETLS, RFC 8689).  About 200 values at most.
+_DETAILS_PER_SUBJECT = {0: 0, 1: 10, 2: 4, 3: 6, 4: 7, 5: 6, 6: 10, 7: 30}
+SMTP_STATUSES = frozenset(
+    f"{cls}.{subject}.{detail}"
+    for cls in (2, 4, 5)
+    for subject, last in _DETAILS_PER_SUBJECT.items()
+    for detail in range(last + 1)
+)
+# The commands of a mail transaction that can be refused before its data
+# (a refusal after the data is the message's own: smtp_messages).
+SMTP_STAGES = frozenset({"helo", "ehlo", "mail", "rcpt", "data", "bdat"})
 
 # Seconds.  The 250 after DATA waits for a durable commit (a journal
 # fdatasync: about a millisecond; a large message's fsyncs: tens).
@@ -125,8 +144,15 @@ class _Metrics:
         )
         self.messages = counter(
             "smtp_messages",
-            "Messages answered after DATA: accepted (250) or refused, by reply code.",
-            ("listener", "result", "code"),
+            "Messages answered after DATA: accepted (250) or refused, by reply code"
+            " and enhanced status.",
+            ("listener", "result", "code", "status"),
+        )
+        self.command_refusals = counter(
+            "smtp_refused_commands",
+            "HELO/EHLO, MAIL, RCPT, DATA or BDAT refused before the message data,"
+            " by command, reply code and enhanced status.",
+            ("listener", "command", "code", "status"),
         )
         self.received_bytes = counter(
             "smtp_received_bytes", "Octets of message data accepted, by listener.", ("listener",)
@@ -215,19 +241,35 @@ def tls_established(listener: str, version: str | None) -> None:
         _m.tls.labels(_one_of(listener, LISTENERS), _one_of(version or "", TLS_VERSIONS)).inc()
 
 
-def smtp_message(listener: str, code: int, size: int, commit_seconds: float | None) -> None:
-    """The reply to a message's data: ``code`` (ours, 250 or a refusal),
-    its ``size`` in octets, and how long the commit took (None: none was tried)."""
+def smtp_message(
+    listener: str, code: int, status: str | None, size: int, commit_seconds: float | None
+) -> None:
+    """The reply to a message's data: ``code`` (ours, 250 or a refusal) and
+    its enhanced ``status``, the message's ``size`` in octets, and how long
+    the commit took (None: none was tried)."""
     if _m is None:
         return
     where = _one_of(listener, LISTENERS)
     accepted = 200 <= code < 300
-    label = str(code) if 200 <= code < 600 else "other"
-    _m.messages.labels(where, "accepted" if accepted else "refused", label).inc()
+    result = "accepted" if accepted else "refused"
+    _m.messages.labels(where, result, *_reason(code, status)).inc()
     if accepted:
         _m.received_bytes.labels(where).inc(size)
     if commit_seconds is not None:
         _m.commit_seconds.observe(commit_seconds)
+
+
+def smtp_refused(listener: str, command: str, code: int, status: str | None) -> None:
+    """A command of the mail transaction refused before the data (``command``
+    lower case, as the session tallies it), with its reply code and status."""
+    if _m is not None:
+        where, stage = _one_of(listener, LISTENERS), _one_of(command, SMTP_STAGES)
+        _m.command_refusals.labels(where, stage, *_reason(code, status)).inc()
+
+
+def _reason(code: int, status: str | None) -> tuple[str, str]:
+    """The reply code and enhanced status as labels ("none": the reply had no status)."""
+    return _one_of(str(code), SMTP_CODES), _one_of(status, SMTP_STATUSES) if status else "none"
 
 
 def delivery(results: Iterable[str], destination: str, seconds: float) -> None:

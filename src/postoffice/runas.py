@@ -65,9 +65,12 @@ def tls_refusal(settings: Settings) -> str:
     renewed key like the first start did.  A key readable by root only
     (an ACME client's default) must be made readable by the run user's group."""
     key = settings.tls.key or "the key"
+    # The [run] group when one is named (Debian's ssl-cert, say); else the
+    # group named like the user, which `useradd --system` makes its own.
+    group = settings.run.group or settings.run.user
     return (
         f"the [run] user {settings.run.user} cannot load the TLS certificate or key"
-        f" (it loads them at start and on every reload): chgrp {settings.run.user} {key};"
+        f" (it loads them at start and on every reload): chgrp {group} {key};"
         f" chmod 640 {key} (and the same for the directories leading to it)"
     )
 

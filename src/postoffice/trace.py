@@ -23,7 +23,7 @@ import gzip
 import json
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -88,11 +88,15 @@ def log_files(path: Path) -> list[Path]:
     return files
 
 
-def read_lines(path: Path) -> list[str]:
-    data = path.read_bytes()
+def read_lines(path: Path) -> Iterator[str]:
+    """The lines of one log file, read as they come (a year of logs never
+    sits in memory), without their line ends."""
     if path.name.endswith(".gz"):
-        data = gzip.decompress(data)
-    return data.decode("utf-8", errors="replace").splitlines()
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as packed:
+            yield from (line.rstrip("\n") for line in packed)
+    else:
+        with open(path, encoding="utf-8", errors="replace") as plain:
+            yield from (line.rstrip("\n") for line in plain)
 
 
 def parse_line(line: str) -> Record | None:
@@ -155,27 +159,38 @@ def since_time(text: str, now: datetime.datetime) -> datetime.datetime:
     return moment
 
 
-def select(records: list[Record], wanted: str) -> list[Record]:
+def select(records: Callable[[], Iterable[Record]], wanted: str) -> list[Record]:
     """The records of the messages ``wanted`` names: a queue id, or an
     address (every message from or to it), with their notices and the
-    retrievals of their mailbox files; message by message, in time order."""
+    retrievals of their mailbox files; message by message, in time order.
+
+    ``records()`` reads the log afresh, oldest first: an address takes two
+    passes (its messages' ids, then their records), and only the records
+    chosen are kept, so memory follows the answer, not the log's size."""
     wanted = wanted.strip().strip("<>")
     if "@" in wanted:
         address = wanted.lower()
-        ids = {r.queue_id for r in records if r.queue_id and address in r.addresses()}
+        ids = {r.queue_id for r in records() if r.queue_id and address in r.addresses()}
     else:
         ids = {wanted}
 
     def ours(queue_id: str) -> bool:  # the message's, or a notice about it
         return queue_id in ids or queue_id.partition("-")[0] in ids
 
-    chosen = [r for r in records if r.queue_id and ours(r.queue_id)]
-    message_of = {
-        r.fields["file"]: r.queue_id
-        for r in chosen
-        if r.event == maillog.STORED and "file" in r.fields
-    }
-    chosen += [r for r in records if not r.queue_id and r.fields.get("file") in message_of]
+    chosen: list[Record] = []
+    # A mailbox file's message, from its "stored" record: the retrievals
+    # that name the file come after it in the log.
+    message_of: dict[str, str] = {}
+    retrievals: list[Record] = []
+    for r in records():
+        if r.queue_id:
+            if ours(r.queue_id):
+                chosen.append(r)
+                if r.event == maillog.STORED and "file" in r.fields:
+                    message_of[r.fields["file"]] = r.queue_id
+        elif r.fields.get("file") in message_of:
+            retrievals.append(r)
+    chosen += retrievals
 
     def root(r: Record) -> str:
         return (r.queue_id or message_of.get(r.fields.get("file", ""), "")).partition("-")[0]
@@ -229,9 +244,11 @@ def trace(settings: Settings, wanted: str, since: str | None, log: Path | None, 
             " (set [log] file, or give one with --log)"
         )
     floor = since_time(since, datetime.datetime.now().astimezone()) if since else None
-    records = [
-        record for record in _records(log_files(path)) if floor is None or record.time >= floor
-    ]
+    files = log_files(path)
+
+    def records() -> Iterator[Record]:
+        return (r for r in _records(files) if floor is None or r.time >= floor)
+
     chosen = select(records, wanted)
     for record in chosen:
         print(format_record(record), file=out)
@@ -253,14 +270,12 @@ def trace(settings: Settings, wanted: str, since: str | None, log: Path | None, 
 def _records(paths: Iterable[Path]) -> Iterator[Record]:
     for path in paths:
         try:
-            lines = read_lines(path)
+            for line in read_lines(path):
+                record = parse_line(line)
+                if record is not None:
+                    yield record
         except (OSError, EOFError) as exc:  # a truncated .gz, a file rotated away meanwhile
             print(f"postoffice: {path}: {exc}", file=sys.stderr)
-            continue
-        for line in lines:
-            record = parse_line(line)
-            if record is not None:
-                yield record
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -329,8 +329,8 @@ def test_bdat_messages_are_counted_like_data_ones(srv: PostofficeServer) -> None
         return value(after, name, **labels) - value(before, name, **labels)
 
     msgs = "postoffice_smtp_messages_total"
-    assert delta(msgs, listener="smtp", result="accepted", code="250") == 1
-    assert delta(msgs, listener="smtp", result="refused", code="552") == 1
+    assert delta(msgs, listener="smtp", result="accepted", code="250", status="2.0.0") == 1
+    assert delta(msgs, listener="smtp", result="refused", code="552", status="5.3.4") == 1
     assert delta("postoffice_smtp_data_commit_seconds_count") == 1  # the 250 after LAST, timed
     received = delta("postoffice_smtp_received_bytes_total", listener="smtp")
     assert received == len(MESSAGE) - MESSAGE.count(b"\r") + len(b"counted\n")

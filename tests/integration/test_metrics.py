@@ -29,6 +29,7 @@ from tests.support.helpers import (
     ALICE_PW,
     make_server,
     plain_auth,
+    raw,
     tls_context,
     wait_for,
 )
@@ -120,8 +121,9 @@ def test_counters_move_by_what_was_done(srv: PostofficeServer) -> None:
     assert delta(tls, listener="pop3s", version="TLSv1.3") == 1  # implicit TLS
     assert delta(tls, listener="smtp", version="TLSv1.3") == 0
     msgs = "postoffice_smtp_messages_total"
-    assert delta(msgs, listener="smtp", result="accepted", code="250") == 2
-    assert delta(msgs, listener="smtp", result="refused", code="552") == 1
+    accepted = dict(listener="smtp", result="accepted", code="250", status="2.0.0")
+    assert delta(msgs, **accepted) == 2
+    assert delta(msgs, listener="smtp", result="refused", code="552", status="5.3.4") == 1
     # The 250 after DATA was timed twice (the refused message was never committed).
     assert delta("postoffice_smtp_data_commit_seconds_count") == 2
     assert delta("postoffice_smtp_data_commit_seconds_bucket", le="+Inf") == 2
@@ -144,6 +146,47 @@ def test_counters_move_by_what_was_done(srv: PostofficeServer) -> None:
     # Gauges read at scrape time: local mail never enters the queue.
     assert value(after, "postoffice_queue_messages") == 0
     assert value(after, "postoffice_queue_oldest_age_seconds") == 0
+
+
+def test_refusals_before_the_data_by_reason(srv: PostofficeServer) -> None:
+    """MAIL and RCPT refusals count with their reply code and enhanced
+    status (RFC 3463), so an admin sees relay attempts apart from unknown
+    users and oversized mail; a refusal after the data counts as the message's."""
+    before = scrape(srv)
+    client = raw(srv)
+    # SIZE= over max_message_size (20000): refused at MAIL (RFC 1870 §6.1).
+    assert client.cmd("MAIL FROM:<a@client.test> SIZE=900000")[0] == 552
+    assert client.cmd("MAIL FROM:<a@client.test>")[0] == 250
+    assert client.cmd("RCPT TO:<someone@elsewhere.test>")[0] == 554  # relay denied
+    assert client.cmd("RCPT TO:<nobody@example.test>")[0] == 550  # unknown user
+    assert client.cmd("RCPT TO:<nobody2@example.test>")[0] == 550
+    assert client.cmd(f"RCPT TO:<{ALICE}>")[0] == 250
+    assert client.cmd("QUIT")[0] == 221
+    client.close()
+    with smtplib.SMTP("127.0.0.1", srv.ports["submission"], timeout=20) as s:
+        assert s.mail("sender@client.test")[0] == 503  # the core's: no EHLO yet
+        s.ehlo()
+        assert s.mail("sender@client.test")[0] == 530  # no AUTH on submission
+    after = scrape(srv)
+
+    def delta(**labels: str) -> float:
+        name = "postoffice_smtp_refused_commands_total"
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta(listener="smtp", command="mail", code="552", status="5.3.4") == 1
+    assert delta(listener="smtp", command="rcpt", code="554", status="5.7.1") == 1
+    assert delta(listener="smtp", command="rcpt", code="550", status="5.1.1") == 2
+    assert delta(listener="submission", command="mail", code="503", status="5.5.1") == 1
+    assert delta(listener="submission", command="mail", code="530", status="5.7.0") == 1
+    refused = [
+        (dict(labels), n - before.get((name, labels), 0.0))
+        for (name, labels), n in after.items()
+        if name == "postoffice_smtp_refused_commands_total"
+    ]
+    assert sum(n for _, n in refused) == 6, refused  # nothing else, the 250s not at all
+    # Nothing reached the data: no message counted, accepted or refused.
+    msgs = [k for k in after if k[0] == "postoffice_smtp_messages_total"]
+    assert all(after[k] == before.get(k, 0.0) for k in msgs)
 
 
 def test_the_queue_and_delivery_attempts(tmp_path: Path) -> None:
@@ -242,7 +285,7 @@ def test_extra_smtp_processes_are_counted(tmp_path: Path) -> None:
             - value(before, connections[0], listener="smtp")
             == 12
         )
-        accepted = dict(listener="smtp", result="accepted", code="250")
+        accepted = dict(listener="smtp", result="accepted", code="250", status="2.0.0")
         assert value(samples, "postoffice_smtp_messages_total", **accepted) == 12
         pids = {p.name.rsplit("_", 1)[-1] for p in (srv.data_dir / "metrics").glob("*.db")}
         assert len(pids) == 2, pids  # both processes wrote their counts

@@ -329,3 +329,62 @@ def test_the_default_is_one_smtp_process_per_cpu(tmp_path: Path) -> None:
             assert f"({cpus} processes)" in srv.log()
     finally:
         assert srv.stop() == 0
+
+
+def test_a_retiring_process_killed_gives_back_its_connections(tmp_path: Path) -> None:
+    """A reload that moves the smtp listener retires the extra process: it
+    keeps its sessions, and its successor starts once it is gone.  Killed
+    (-9) while retiring, what it held must count no more, as for a live one
+    (workers.py ``watch``: the retiring branch gives its column back)."""
+    srv = two_process_server(
+        tmp_path, limits={"smtp_processes": 2, "max_connections_per_ip": 4, "max_connections": 50}
+    )
+    clients: list[socket.socket] = []
+    try:
+        assert srv.proc is not None
+        server_pid, (extra_pid,) = srv.proc.pid, smtp_processes(srv.proc.pid)
+        pids = [server_pid, extra_pid]
+        idle = {pid: sockets_of(pid) for pid in pids}
+        on: dict[int, int] = {}
+        for _attempt in range(5):  # until some of the four land on the extra process
+            for sock in clients:
+                sock.close()
+            clients = []
+            settled_sockets(pids, sum(idle.values()))
+            for _ in range(4):
+                sock, line = greeting(srv, "127.0.0.1")
+                clients.append(sock)
+                assert line.startswith(b"220 "), line
+            held = settled_sockets(pids, sum(idle.values()) + 4)
+            on = {pid: held[pid] - idle[pid] for pid in pids}
+            if on[extra_pid] > 0:
+                break
+        assert on[extra_pid] > 0, on
+        # Move the smtp listener: the extra process retires with its sessions.
+        old_port, new_port = srv.ports["smtp"], free_port()
+        text = srv.config.read_text()
+        srv.config.write_text(
+            text.replace(f'smtp = ["127.0.0.1:{old_port}"]', f'smtp = ["127.0.0.1:{new_port}"]')
+        )
+        os.kill(server_pid, signal.SIGHUP)
+        assert wait_for(lambda: "SIGHUP: reloaded" in srv.log()), srv.log()
+        srv.ports["smtp"] = new_port
+        time.sleep(1.5)  # the pool's watch has seen it retiring, not gone
+        assert alive(extra_pid) and srv.log().count("smtp process 1 accepting") == 1
+        os.kill(extra_pid, signal.SIGKILL)
+        assert wait_for(lambda: srv.log().count("smtp process 1 accepting") == 2, 20), srv.log()
+        admitted = 0
+        for _ in range(6):
+            sock, line = greeting(srv, "127.0.0.1")
+            clients.append(sock)
+            if line == BUSY:
+                break
+            assert line.startswith(b"220 "), line
+            admitted += 1
+        # Only the server's own sessions still count against the address.
+        assert admitted == 4 - on[server_pid], (admitted, on)
+    finally:
+        for sock in clients:
+            sock.close()
+        srv.stop()
+    assert "Traceback" not in srv.log()

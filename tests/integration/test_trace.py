@@ -21,6 +21,8 @@ import re
 import shutil
 import signal
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,3 +249,50 @@ def test_local_mail_imap_download_and_expunge(
         assert all("protocol=imap" in line for line in lines[2:]), lines
     finally:
         srv.stop()
+
+
+def test_a_large_log_is_read_as_a_stream(tmp_path: Path) -> None:
+    """trace keeps only the records it shows: its peak memory over a log of
+    100,000 other messages (about 40 MB) is that of a log of one line
+    (measured as the CLI's maximum resident size, a process of its own)."""
+    srv = PostofficeServer(tmp_path)
+
+    def line(n: int, queue_id: str) -> str:
+        return (
+            f"2026-12-05T12:00:{n % 60:02d}.000+00:00 postoffice[7]: INFO postoffice.mail:"
+            f" received id={queue_id} from=<s{n}@client.test> to=<bob@remote.test>"
+            f" size={n} client=192.0.2.1 helo=client.test proto=ESMTPS"
+            f' result=250 reply="{"x" * 200}"'
+        )
+
+    def peak_kib(log: Path) -> int:
+        """The trace CLI's maximum resident set size, in KiB (Linux ru_maxrss)."""
+        script = (
+            "import resource, subprocess, sys; "
+            "done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "assert done.returncode == 0, done.stderr; "
+            "assert 'wanted1' in done.stdout, done.stdout; "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        )
+        command = [sys.executable, "-m", "postoffice", "-c", str(srv.config)]
+        command += ["trace", "wanted1", "--log", str(log)]
+        out = subprocess.run(
+            [sys.executable, "-c", script, *command],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        return int(out.stdout)
+
+    small = tmp_path / "small.log"
+    small.write_text(line(0, "wanted1") + "\n")
+    large = tmp_path / "large.log"
+    with large.open("w") as out:
+        for n in range(100_000):
+            out.write(line(n, f"other{n}") + "\n")
+            if n == 50_000:
+                out.write(line(n, "wanted1") + "\n")
+    assert large.stat().st_size > 35_000_000
+    grown = peak_kib(large) - peak_kib(small)
+    assert grown < 20_000, f"trace grew by {grown} KiB over a 40 MB log"

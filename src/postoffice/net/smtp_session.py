@@ -255,6 +255,9 @@ class SmtpSession:
                 reply = self._too_many_errors()
                 self.outcome = "too many errors"
             self.out.append(self.core.send(reply))
+            if not reply.is_positive and not isinstance(event, DataComplete | ChunkComplete):
+                # After the data the message's own count says it (_data_end).
+                metrics.smtp_refused(self.conn.listener, verb, reply.code, reply.enhanced)
             if self.tx is not None and not self.core.in_transaction:
                 # EHLO or STARTTLS between BDAT chunks ended the transaction.
                 await self._abandon()
@@ -688,7 +691,9 @@ class SmtpSession:
             commit_seconds = metrics.clock() - started
         else:
             await self._abandon()
-        metrics.smtp_message(self.conn.listener, reply.code, event.size, commit_seconds)
+        metrics.smtp_message(
+            self.conn.listener, reply.code, reply.enhanced, event.size, commit_seconds
+        )
         self._log_transaction(tx, event.size, reply)
         self.tx = None
         self.envelope = IncomingEnvelope()
@@ -715,6 +720,8 @@ class SmtpSession:
         if self._chunk_failure is not None:
             reply, self._chunk_failure = self._chunk_failure, None
             self.envelope = IncomingEnvelope()
+            # Refused before any of the data was taken: BDAT's own refusal.
+            metrics.smtp_refused(self.conn.listener, "bdat", reply.code, reply.enhanced)
             return reply
         tx = self.tx
         assert tx is not None  # _chunk_start opened it
