@@ -32,6 +32,7 @@ from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound, QueueHandoff
 from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
+from postoffice.delivery.tls_policy import TlsPolicies
 from postoffice.dns.resolver import DnsResolver, Resolver
 from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.accept import AcceptShares, bind
@@ -154,7 +155,15 @@ def _build_outbound(services: Services, resolver: Resolver) -> Outbound:
     settings = services.settings
     store = QueueStore(settings.queue_dir, services.executor)
     store.ensure_dirs()
-    remote = RemoteCourier(settings.relay, settings.hostname, resolver, signer=services.dkim_signer)
+    # Outbound TLS policy: MTA-STS (cached under data_dir/mta-sts), [relay] tls.
+    policies = TlsPolicies(settings.relay, settings.data_dir, resolver)
+    remote = RemoteCourier(
+        settings.relay,
+        settings.hostname,
+        resolver,
+        signer=services.dkim_signer,
+        policies=policies,
+    )
     local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
     return Outbound(settings, store, remote, local, srs=services.srs, signer=services.dkim_signer)
 

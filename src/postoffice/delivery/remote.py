@@ -12,9 +12,15 @@ A message with 8-bit content goes to a peer without 8BITMIME converted to
 signed again; one that needs SMTPUTF8 goes nowhere without it (RFC 6531
 §3.2: returned with 5.6.7).
 
-TLS is opportunistic (RFC 3207, RFC 7435): STARTTLS whenever offered,
-certificates not verified (no MTA-STS/DANE yet); if the handshake fails the
-same address is tried once more in plaintext.
+TLS follows the destination's ``TlsPolicy`` (delivery/tls_policy.py: DANE
+> MTA-STS > ``[relay] tls``).  Opportunistic (RFC 3207, RFC 7435):
+STARTTLS whenever offered, certificates not verified; if the handshake
+fails the same address is tried once more in plaintext.  Enforced (MTA-STS
+enforce, ``tls = "verify"``, DANE): only MX hosts the policy allows, STARTTLS
+required, the certificate verified; any failure defers (4.7.5), never
+plaintext.  MTA-STS testing: verified first, the failure logged and
+reported, then as opportunistic.  A REQUIRETLS message (RFC 8689 §4.2.1)
+goes only over verified TLS to a peer offering REQUIRETLS, else bounces (5.7.10).
 """
 
 from __future__ import annotations
@@ -40,7 +46,18 @@ from postoffice.delivery.courier import (
     status_of,
 )
 from postoffice.delivery.downgrade import DowngradeError, to_7bit
+from postoffice.delivery.mta_sts_fetch import StsLookup
 from postoffice.delivery.smtp_connection import ClientTimeouts, SmtpClient, SmtpConnectionError
+from postoffice.delivery.tls_policy import (
+    DANE_ONLY,
+    STARTTLS_NOT_SUPPORTED,
+    TlsPolicies,
+    TlsPolicy,
+    client_tls_context,
+    decide,
+    failure_type,
+    verifying_context,
+)
 from postoffice.dns.mx import MxLoopsToSelf, NullMx, order_mx
 from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
@@ -57,13 +74,8 @@ SEND_BLOCK = 64 * 1024  # a converted message goes out in blocks of this size
 _OUR_SIGNATURES = re.compile(rb"\A(?:dkim-signature[ \t]*:.*\n(?:[ \t].*\n)*)+", re.IGNORECASE)
 
 
-def client_tls_context() -> ssl.SSLContext:
-    """Opportunistic TLS: encrypt when we can, verify nothing (RFC 7435 §1.3)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+TLS_STATUS = "4.7.5"  # RFC 3463 X.7.5 cryptographic failure: the TLS policy was not met
+REQUIRETLS_STATUS = "5.7.10"  # RFC 8689 §6: REQUIRETLS support required
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +123,25 @@ class _Attempt:
         self.remote = ""
         self.smtp_reply = False
         self.only_permanent = True  # every host so far refused with 5xx
+        self.refused_here = False  # we refused a host for good (REQUIRETLS, RFC 8689 §4.2.1)
         self.tried = 0
 
-    def failed(self, text: str, status: str, remote: str, *, reply: Reply | None = None) -> None:
+    def failed(
+        self,
+        text: str,
+        status: str,
+        remote: str,
+        *,
+        reply: Reply | None = None,
+        permanent: bool = False,
+    ) -> None:
         self.tried += 1
         # A refusal keeps the peer's own words (the DSN's Diagnostic-Code).
         self.text = reply.summary if reply is not None else text
         self.status, self.remote = status, remote
         self.smtp_reply = reply is not None
-        if reply is None or not reply.is_permanent:
+        self.refused_here = self.refused_here or permanent
+        if (reply is None and not permanent) or (reply is not None and not reply.is_permanent):
             self.only_permanent = False
 
 
@@ -135,8 +157,11 @@ class RemoteCourier:
         rng: random.Random | None = None,
         cache: ConnectionCache | None = None,
         signer: DkimSigner | None = None,
+        policies: TlsPolicies | None = None,
     ) -> None:
-        """``signer``: signs our own mail again after an 8-bit conversion."""
+        """``signer``: signs our own mail again after an 8-bit conversion;
+        ``policies``: MTA-STS and DANE (without it: ``[relay] tls`` alone)."""
+        self._policies = policies
         self._relay = relay
         self._signer = signer
         self._hostname = hostname
@@ -152,6 +177,8 @@ class RemoteCourier:
         """New relay settings (a reload): the next route and connection use them."""
         self._relay = relay
         self._timeouts = dataclasses.replace(self._timeouts, connect=relay.connect_timeout)
+        if self._policies is not None:
+            self._policies.reconfigure(relay)
 
     async def close(self) -> None:
         """Close parked connections (at shutdown)."""
@@ -213,17 +240,33 @@ class RemoteCourier:
         recipients: Sequence[Address],
         message: MessageSource,
     ) -> list[RecipientResult]:
-        cached = await self._deliver_cached(self.destination(domain), sender, recipients, message)
-        if cached is not None:
-            return cached
+        requiretls = message.dsn.requiretls
+        if not requiretls:  # a parked connection may not be verified TLS
+            cached = await self._deliver_cached(
+                self.destination(domain), sender, recipients, message
+            )
+            if cached is not None:
+                return cached
         try:
             hops, implicit = await self.route(domain)
         except RouteError as err:
             outcome = Outcome.FAILED if err.permanent else Outcome.DEFERRED
             return [RecipientResult(r, outcome, err.text, err.status) for r in recipients]
+        policy = await self._domain_policy(domain)
+        if requiretls:
+            policy = policy.strict()  # RFC 8689 §4.2.1: MTA-STS testing counts as enforce
+        elif message.traits.tls_optional:
+            # RFC 8689 §5: "TLS-Required: No": the sender prefers delivery to
+            # the recipient's TLS policy; TLS is still used when offered.
+            policy = decide("opportunistic", domain, StsLookup(None))
         attempt = _Attempt()
         dns_trouble = False
         for hop in hops:
+            hop_policy = await self._hop_policy(
+                policy, hop, attempt, requiretls, optional=message.traits.tls_optional
+            )
+            if hop_policy is None:
+                continue
             ip = _ip(hop.host)
             if ip is not None:
                 addresses = [ip]
@@ -239,7 +282,7 @@ class RemoteCourier:
                 continue
             for address in addresses:
                 results = await self._try_address(
-                    hop, address, sender, recipients, message, attempt
+                    hop, address, sender, recipients, message, attempt, hop_policy
                 )
                 if results is not None:
                     return results
@@ -247,7 +290,7 @@ class RemoteCourier:
             # RFC 5321 §5.1: no MX and no address records: the domain takes no mail.
             text = f"domain {domain} has no MX and no address records"
             return [RecipientResult(r, Outcome.FAILED, text, "5.1.2") for r in recipients]
-        if attempt.only_permanent and attempt.smtp_reply:
+        if attempt.only_permanent and (attempt.smtp_reply or attempt.refused_here):
             outcome = Outcome.FAILED
         else:
             outcome = Outcome.DEFERRED
@@ -260,6 +303,58 @@ class RemoteCourier:
             for r in recipients
         ]
 
+    async def _domain_policy(self, domain: str) -> TlsPolicy:
+        """MTA-STS and ``[relay] tls`` for ``domain``; a smarthost or an
+        address literal has no MTA-STS policy of its own."""
+        if self._policies is None or self._relay.smarthost is not None or domain.startswith("["):
+            return decide(self._relay.tls, domain, StsLookup(None))
+        return await self._policies.for_domain(domain)
+
+    async def _hop_policy(
+        self, policy: TlsPolicy, hop: Hop, attempt: _Attempt, requiretls: bool, *, optional: bool
+    ) -> TlsPolicy | None:
+        """The policy for one MX host (DANE's if it has one), or None when
+        the host may not be used at all."""
+        if self._policies is not None and not optional:
+            policy = await self._policies.for_host(policy, hop.host, hop.port)
+        if not policy.allows_mx(hop.host):
+            # RFC 8461 §4.1: an MX the policy does not list is not a valid host.
+            text = f"MX host {hop.host} is not in the MTA-STS policy of {policy.policy_domain}"
+            if policy.enforce:
+                self._record(policy, hop.host, "validation-failure")
+                attempt.failed(text, TLS_STATUS, "")
+                return None
+            self._record(policy, hop.host, "validation-failure")
+        if policy.kind == DANE_ONLY:
+            attempt.failed(f"no usable DANE policy for {hop.host} ([relay] tls)", TLS_STATUS, "")
+            return None
+        if requiretls and not policy.verified:
+            # RFC 8689 §4.2.1: REQUIRETLS needs a verified peer (MTA-STS or DANE).
+            text = f"REQUIRETLS: no MTA-STS or DANE policy verifies {hop.host}"
+            attempt.failed(text, REQUIRETLS_STATUS, "", permanent=True)
+            return None
+        return policy
+
+    def _record(self, policy: TlsPolicy, host: str, failure: str) -> None:
+        if self._policies is not None:
+            self._policies.record(policy, host, failure)
+
+    async def _contexts(self, policy: TlsPolicy) -> list[ssl.SSLContext | None]:
+        """The TLS tried on one address, in order (None: plaintext)."""
+        opportunistic = self._tls
+        if policy.check_peer is not None:  # DANE: its own check after the handshake
+            return [opportunistic]
+        if not policy.verify:
+            return [opportunistic, None]
+        verifying = (
+            await self._policies.verifying()
+            if self._policies is not None
+            else await asyncio.to_thread(verifying_context, self._relay.ca_file)
+        )
+        if policy.enforce:
+            return [verifying]
+        return [verifying, opportunistic, None]  # MTA-STS testing: report, then deliver
+
     async def _try_address(
         self,
         hop: Hop,
@@ -268,18 +363,27 @@ class RemoteCourier:
         recipients: Sequence[Address],
         message: MessageSource,
         attempt: _Attempt,
+        policy: TlsPolicy,
     ) -> list[RecipientResult] | None:
         """Results if this address gave a definite answer, else None (try the next)."""
         label = _label(hop.host, ip, hop.port)
-        use_tls = True
-        for _ in range(2):  # a second pass only after a failed TLS handshake
+        contexts = await self._contexts(policy)
+        for i, tls in enumerate(contexts):  # the next pass only after a failed TLS handshake
             try:
                 return await self._session(
-                    hop, ip, label, sender, recipients, message, attempt, use_tls
+                    hop, ip, label, sender, recipients, message, attempt, tls, policy
                 )
             except _TlsFailed as exc:
-                log.info("%s: %s; retrying without TLS", label, exc)
-                use_tls = False
+                first = i == 0
+                if first:
+                    self._record(policy, hop.host, exc.result)
+                if i + 1 < len(contexts):
+                    log.info("%s: %s; retrying with %s", label, exc, _pass_name(contexts[i + 1]))
+                    continue
+                text = f"{label}: {exc}"
+                if policy.enforce:
+                    text += f" (TLS required by the {policy.kind} policy)"
+                attempt.failed(text, TLS_STATUS if policy.enforce else "4.4.2", label)
         return None
 
     async def _session(
@@ -291,7 +395,8 @@ class RemoteCourier:
         recipients: Sequence[Address],
         message: MessageSource,
         attempt: _Attempt,
-        use_tls: bool,
+        tls: ssl.SSLContext | None,
+        policy: TlsPolicy,
     ) -> list[RecipientResult] | None:
         try:
             client = await SmtpClient.connect(ip, hop.port, self._timeouts)
@@ -301,10 +406,12 @@ class RemoteCourier:
             return None
         parked = False
         try:
-            if not await self._open(client, hop, label, attempt, use_tls):
+            if not await self._open(client, hop, label, attempt, tls, policy):
                 return None
             link = Parked(client, hop.host, label)
-            results, parked = await self._transact(link, sender, recipients, message, attempt)
+            results, parked = await self._transact(
+                link, sender, recipients, message, attempt, verified=policy.verified and client.tls
+            )
             return results
         except SmtpConnectionError as exc:
             return self._lost(client, label, exc, recipients, attempt)
@@ -364,9 +471,16 @@ class RemoteCourier:
         return None
 
     async def _open(
-        self, client: SmtpClient, hop: Hop, label: str, attempt: _Attempt, use_tls: bool
+        self,
+        client: SmtpClient,
+        hop: Hop,
+        label: str,
+        attempt: _Attempt,
+        tls: ssl.SSLContext | None,
+        policy: TlsPolicy,
     ) -> bool:
-        """Greeting, EHLO and (opportunistic) STARTTLS; False if the host refused."""
+        """Greeting, EHLO and STARTTLS as ``tls`` and the policy say; False
+        if the host refused or the policy's TLS cannot be had."""
         greeting = await client.greeting()
         if not greeting.is_positive:
             attempt.failed(
@@ -374,15 +488,36 @@ class RemoteCourier:
             )
             return False
         hello = await client.hello(self._hostname)
-        if use_tls and hello.is_positive and "STARTTLS" in client.extensions:
+        offered = hello.is_positive and "STARTTLS" in client.extensions
+        if tls is not None and policy.enforce and hello.is_positive and not offered:
+            # RFC 8461 §5 (and verify/DANE alike): no TLS, no delivery.
+            self._record(policy, hop.host, STARTTLS_NOT_SUPPORTED)
+            text = f"{label} does not offer STARTTLS, which the {policy.kind} policy requires"
+            attempt.failed(text, TLS_STATUS, label)
+            return False
+        if tls is not None and offered:
+            # Verified: the certificate must name the MX host (RFC 8461 §4.2).
+            verified = tls is not self._tls
+            name = hop.host if verified or _ip(hop.host) is None else None
             try:
-                reply = await client.starttls(
-                    self._tls, hop.host if _ip(hop.host) is None else None
-                )
+                reply = await client.starttls(tls, name)
             except SmtpConnectionError as exc:
-                raise _TlsFailed(str(exc)) from None
+                raise _TlsFailed(str(exc), failure_type(exc.tls_error)) from None
             if reply.code == 220:
+                problem = policy.check_peer(client.peer_chain()) if policy.check_peer else ""
+                if problem:
+                    text = f"certificate does not match the DANE records ({problem})"
+                    raise _TlsFailed(text, problem)
+                if tls is not self._tls or policy.check_peer is not None:
+                    self._record(policy, hop.host, "")
                 hello = await client.hello(self._hostname)  # RFC 3207 §4.2: start over
+            elif policy.enforce:
+                text = f"{label} refused STARTTLS: {reply.summary}"
+                self._record(policy, hop.host, STARTTLS_NOT_SUPPORTED)
+                attempt.failed(text, TLS_STATUS, label)
+                return False
+        elif tls is not None and policy.testing:
+            self._record(policy, hop.host, STARTTLS_NOT_SUPPORTED)
         if not hello.is_positive:
             attempt.failed(
                 f"{label} refused EHLO: {hello.summary}", status_of(hello), label, reply=hello
@@ -399,11 +534,18 @@ class RemoteCourier:
         attempt: _Attempt,
         *,
         reused: bool = False,
+        verified: bool = False,
     ) -> tuple[list[RecipientResult] | None, bool]:
         """One transaction on an open connection: (results or None to try the
         next host, whether the connection was parked for reuse)."""
         client, label = link.client, link.label
         destination = self.destination(recipients[0].domain)
+        requiretls = message.dsn.requiretls
+        if requiretls and not (verified and "REQUIRETLS" in client.extensions):
+            # RFC 8689 §4.2.1: only over verified TLS to a host offering REQUIRETLS.
+            text = f"{label} does not support REQUIRETLS over verified TLS"
+            attempt.failed(text, REQUIRETLS_STATUS, label, permanent=True)
+            return None, False
         refusal = self._capability_problem(client, sender, recipients, message, label)
         if refusal is not None:
             return refusal, self._cache.park(destination, link)
@@ -423,6 +565,7 @@ class RemoteCourier:
             smtputf8=self._needs_smtputf8(sender, recipients, message),
             dsn=message.dsn,
             rcpt_dsn={r: message.recipient_dsn(r) for r in recipients},
+            requiretls=requiretls,
         )
         peer_dsn = "DSN" in client.extensions  # the parameters went with it (RFC 3461 §5.2)
         first = result.mail
@@ -447,7 +590,9 @@ class RemoteCourier:
             for r, reply in result.replies.items()
         ]
         # Only a completed DATA leaves the session in a known, reset state.
-        return results, result.data_sent and self._cache.park(destination, link)
+        # A REQUIRETLS connection is not parked: it was opened for that message's policy.
+        park = result.data_sent and not requiretls
+        return results, park and self._cache.park(destination, link)
 
     async def _seven_bit(
         self, message: MessageSource, recipients: Sequence[Address], label: str
@@ -521,4 +666,12 @@ async def _blocks(message: bytes) -> AsyncGenerator[bytes, None]:
 
 
 class _TlsFailed(Exception):
-    pass
+    def __init__(self, text: str, result: str) -> None:
+        super().__init__(text)
+        self.result = result  # RFC 8460 §4.3 result type
+
+
+def _pass_name(tls: ssl.SSLContext | None) -> str:
+    if tls is None:
+        return "no TLS"
+    return "verified TLS" if tls.verify_mode == ssl.CERT_REQUIRED else "unverified TLS"
