@@ -47,6 +47,27 @@ def make_pki(directory: Path, names: list[str]) -> Pki:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
+    pem = serialization.Encoding.PEM
+    paths = Pki(directory / "ca.pem", directory / "fullchain.pem", directory / "key.pem")
+    paths.ca.write_bytes(ca.public_bytes(pem))
+    (directory / "ca-key.pem").write_bytes(
+        ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    issue(paths, directory, names)
+    return paths
+
+
+def issue(pki: Pki, directory: Path, names: list[str], prefix: str = "") -> Pki:
+    """Another server certificate for ``names`` from ``pki``'s CA (made by
+    ``make_pki``), written to ``directory`` as ``<prefix>fullchain.pem`` and
+    ``<prefix>key.pem``; the returned Pki shares the CA."""
+    pem = serialization.Encoding.PEM
+    ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(
+        (pki.ca.parent / "ca-key.pem").read_bytes(), password=None
+    )
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = (
         x509.CertificateBuilder()
@@ -64,9 +85,8 @@ def make_pki(directory: Path, names: list[str]) -> Pki:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    pem = serialization.Encoding.PEM
-    paths = Pki(directory / "ca.pem", directory / "fullchain.pem", directory / "key.pem")
-    paths.ca.write_bytes(ca.public_bytes(pem))
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = Pki(pki.ca, directory / f"{prefix}fullchain.pem", directory / f"{prefix}key.pem")
     paths.cert.write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
     paths.key.write_bytes(
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
