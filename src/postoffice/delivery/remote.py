@@ -492,6 +492,10 @@ class RemoteCourier:
         if tls is not None and policy.enforce and hello.is_positive and not offered:
             # RFC 8461 §5 (and verify/DANE alike): no TLS, no delivery.
             self._record(policy, hop.host, STARTTLS_NOT_SUPPORTED)
+            if policy.requiretls:  # RFC 8689 §4.2.1: no TLS at all: return the message
+                text = f"{label} does not offer STARTTLS, which REQUIRETLS needs"
+                attempt.failed(text, REQUIRETLS_STATUS, label, permanent=True)
+                return False
             text = f"{label} does not offer STARTTLS, which the {policy.kind} policy requires"
             attempt.failed(text, TLS_STATUS, label)
             return False

@@ -69,6 +69,7 @@ class TlsPolicy:
     # policy/dane.py (i14-dane) supplies it through ``DaneLookup``.
     check_peer: Callable[[Sequence[bytes]], str] | None = None
     dane_records: tuple[str, ...] = ()  # TLSA records as text (TLS-RPT policy-string)
+    requiretls: bool = False  # for a REQUIRETLS message: a peer without TLS fails it for good
 
     @property
     def testing(self) -> bool:
@@ -103,9 +104,9 @@ class TlsPolicy:
         return (host.lower().removesuffix("."),)
 
     def strict(self) -> TlsPolicy:
-        """This policy with failures deferring (REQUIRETLS, RFC 8689 §4.2.1,
+        """This policy for a REQUIRETLS message: failures defer, no TLS bounces (REQUIRETLS, RFC 8689 §4.2.1,
         treats an MTA-STS testing policy as enforced)."""
-        return replace(self, enforce=True)
+        return replace(self, enforce=True, requiretls=True)
 
 
 class DaneLookup(Protocol):
