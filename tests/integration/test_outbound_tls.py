@@ -58,7 +58,7 @@ def policy_text(domain: str) -> bytes:
 
 
 class _PolicyHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         host = (self.headers.get("Host") or "").removeprefix("mta-sts.")
         if self.path != "/.well-known/mta-sts.txt" or host not in DOMAINS:
             self.send_error(404)

@@ -104,8 +104,8 @@ class TlsPolicy:
         return (host.lower().removesuffix("."),)
 
     def strict(self) -> TlsPolicy:
-        """This policy for a REQUIRETLS message: failures defer, no TLS bounces (REQUIRETLS, RFC 8689 §4.2.1,
-        treats an MTA-STS testing policy as enforced)."""
+        """This policy for a REQUIRETLS message (RFC 8689 §4.2.1): failures
+        defer, a peer without TLS bounces, MTA-STS testing counts as enforce."""
         return replace(self, enforce=True, requiretls=True)
 
 
