@@ -13,19 +13,25 @@ submitted over the submission port.
 from __future__ import annotations
 
 import http.server
+import json
 import smtplib
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from postoffice.delivery.mta_sts_fetch import StsLookup, StsPolicySource
+from postoffice.delivery.tls_policy import verifying_context
+from postoffice.dns.static import StaticResolver
 from tests.integration.test_outbound import ALICE, dsn_for, report_fields
 from tests.support.certs import Pki, issue, make_pki
 from tests.support.dns import auth_dns
 from tests.support.helpers import wait_for
+from tests.support.inprocess import run
 from tests.support.peers import Dnsmasq, ScriptedMta
 from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
@@ -294,3 +300,42 @@ def test_tls_required_no_lets_an_enforced_domain_go_unverified(
     (got,) = received(wrong, "tls-optional")
     assert got.tls  # still encrypted when offered (RFC 8689 §5)
     assert b"TLS-Required: No" in got.data  # the header goes on unchanged
+
+
+def test_policy_cache_refetch_and_fallback(
+    tmp_path: Path, lab: dict[str, Any], pki: dict[str, Pki]
+) -> None:
+    """RFC 8461 §5.1 against the lab's https server: cached by id on disk,
+    fetched again when the TXT id changes, kept when a fetch fails, dropped
+    once expired; the fetch verifies the policy host's certificate."""
+    trusted = verifying_context(str(pki["policy"].ca))
+    cache = tmp_path / "mta-sts"
+
+    def source(policy_id: str | None, ip: str, clock: float = 0.0) -> StsPolicySource:
+        txt = {"_mta-sts.good.test": [f"v=STSv1; id={policy_id};"]} if policy_id else {}
+        resolver = StaticResolver(hosts={"mta-sts.good.test": [ip]}, txt=txt)
+        return StsPolicySource(
+            cache,
+            resolver,
+            port=lab["policy_port"],
+            timeout=5,
+            clock=lambda: time.time() + clock,
+        )
+
+    first = run(source("one", POLICY_IP).lookup("good.test", trusted))
+    assert first.policy is not None and first.policy.mode == "enforce" and not first.failure
+    assert json.loads((cache / "good.test.json").read_text())["id"] == "one"
+    # A new id whose fetch fails (nothing listens there): the cached policy stays.
+    kept = run(source("two", "127.0.0.26").lookup("good.test", trusted))
+    assert kept.policy == first.policy and kept.failure == "sts-policy-fetch-error"
+    # The new id, fetched: cached under it.
+    again = run(source("two", POLICY_IP).lookup("good.test", trusted))
+    assert again.policy == first.policy and not again.failure
+    assert json.loads((cache / "good.test.json").read_text())["id"] == "two"
+    # TXT record gone: the cached policy holds until max_age, then nothing.
+    assert run(source(None, POLICY_IP).lookup("good.test", trusted)).policy == first.policy
+    assert run(source(None, POLICY_IP, clock=86401).lookup("good.test", trusted)).policy is None
+    # The policy host's certificate is checked: without the test CA, no policy.
+    (cache / "good.test.json").unlink()
+    system_only = run(source("three", POLICY_IP).lookup("good.test", verifying_context("")))
+    assert system_only == StsLookup(None, "sts-policy-fetch-error")
