@@ -317,6 +317,8 @@ class RemoteCourier:
         the host may not be used at all."""
         if self._policies is not None and not optional:
             policy = await self._policies.for_host(policy, hop.host, hop.port)
+        if policy.failure:  # a policy promised (TXT) but not had: TLS-RPT counts it
+            self._record(policy, hop.host, policy.failure)
         if not policy.allows_mx(hop.host):
             # RFC 8461 §4.1: an MX the policy does not list is not a valid host.
             text = f"MX host {hop.host} is not in the MTA-STS policy of {policy.policy_domain}"
@@ -594,8 +596,9 @@ class RemoteCourier:
             for r, reply in result.replies.items()
         ]
         # Only a completed DATA leaves the session in a known, reset state.
-        # A REQUIRETLS connection is not parked: it was opened for that message's policy.
-        park = result.data_sent and not requiretls
+        # A connection opened for one message's own TLS rules (REQUIRETLS's, or
+        # none at all for "TLS-Required: No") is not parked for the next message.
+        park = result.data_sent and not requiretls and not message.traits.tls_optional
         return results, park and self._cache.park(destination, link)
 
     async def _seven_bit(
