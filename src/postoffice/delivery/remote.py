@@ -17,16 +17,19 @@ TLS follows the destination's ``TlsPolicy`` (delivery/tls_policy.py: DANE
 STARTTLS whenever offered, certificates not verified; if the handshake
 fails the same address is tried once more in plaintext.  Enforced (MTA-STS
 enforce, ``tls = "verify"``, DANE): only MX hosts the policy allows, STARTTLS
-required, the certificate verified; any failure defers (4.7.5), never
-plaintext.  MTA-STS testing: verified first, the failure logged and
-reported, then as opportunistic.  A REQUIRETLS message (RFC 8689 §4.2.1)
-goes only over verified TLS to a peer offering REQUIRETLS, else bounces (5.7.10).
+required, the certificate verified (under DANE, RFC 7672 and policy/dane.py:
+when the MX and TLSA RRsets are DNSSEC-authenticated, against the TLSA
+records); any failure defers (4.7.5), never plaintext.  MTA-STS testing:
+verified first, the failure logged and reported, then as opportunistic.
+A REQUIRETLS message (RFC 8689 §4.2.1) goes only over verified TLS to a
+peer offering REQUIRETLS, else bounces (5.7.10).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import ipaddress
 import logging
 import random
@@ -51,6 +54,7 @@ from postoffice.delivery.smtp_connection import ClientTimeouts, SmtpClient, Smtp
 from postoffice.delivery.tls_policy import (
     DANE_ONLY,
     STARTTLS_NOT_SUPPORTED,
+    VALIDATION_FAILURE,
     TlsPolicies,
     TlsPolicy,
     client_tls_context,
@@ -61,7 +65,9 @@ from postoffice.delivery.tls_policy import (
 from postoffice.dns.mx import MxLoopsToSelf, NullMx, order_mx
 from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
+from postoffice.policy import dane
 from postoffice.policy.dkim_sign import DkimSigner
+from postoffice.policy.tls_rpt_store import TLSA_INVALID, TlsFailure, TlsReportRecorder
 from postoffice.protocol.smtp_reply import Reply
 
 log = logging.getLogger("postoffice.delivery")
@@ -82,6 +88,7 @@ REQUIRETLS_STATUS = "5.7.10"  # RFC 8689 §6: REQUIRETLS support required
 class Hop:
     host: str  # MX host name, or an IP address (literal, smarthost)
     port: int
+    dnssec: bool = False  # found through a DNSSEC-authenticated MX RRset (DANE may apply)
 
 
 class RouteError(Exception):
@@ -158,11 +165,14 @@ class RemoteCourier:
         cache: ConnectionCache | None = None,
         signer: DkimSigner | None = None,
         policies: TlsPolicies | None = None,
+        tls_reports: TlsReportRecorder | None = None,
     ) -> None:
         """``signer``: signs our own mail again after an 8-bit conversion;
-        ``policies``: MTA-STS and DANE (without it: ``[relay] tls`` alone)."""
+        ``policies``: MTA-STS (without it: ``[relay] tls`` alone);
+        ``tls_reports``: records each new connection's TLS outcome (RFC 8460)."""
         self._policies = policies
         self._relay = relay
+        self._tls_reports = tls_reports
         self._signer = signer
         self._hostname = hostname
         self._resolver = resolver
@@ -183,6 +193,8 @@ class RemoteCourier:
     async def close(self) -> None:
         """Close parked connections (at shutdown)."""
         await self._cache.close()
+        if self._tls_reports is not None:
+            await asyncio.to_thread(self._tls_reports.close)
 
     def destination(self, domain: str) -> str:
         """The key that concurrency limits apply to."""
@@ -199,7 +211,7 @@ class RemoteCourier:
         if domain.startswith("["):
             raise RouteError(f"bad address literal {domain}", "5.1.2")
         try:
-            records = await self._resolver.mx(domain)
+            records, secure = await self._resolver.mx_dnssec(domain)
         except DnsError as exc:
             if exc.temporary:
                 raise RouteError(f"MX lookup for {domain} failed: {exc}", "4.4.3") from None
@@ -212,8 +224,10 @@ class RemoteCourier:
         except MxLoopsToSelf:
             raise RouteError(f"mail for {domain} loops back to myself", "5.4.6") from None
         if not hosts:
-            return [Hop(domain, relay.mx_port)], True
-        return [Hop(h, relay.mx_port) for h in hosts], False
+            # RFC 7672 §2.2.1: an authenticated denial of MX makes the domain
+            # itself the (secure) host.
+            return [Hop(domain, relay.mx_port, secure)], True
+        return [Hop(h, relay.mx_port, secure) for h in hosts], False
 
     async def deliver(
         self,
@@ -262,11 +276,6 @@ class RemoteCourier:
         attempt = _Attempt()
         dns_trouble = False
         for hop in hops:
-            hop_policy = await self._hop_policy(
-                policy, hop, attempt, requiretls, optional=message.traits.tls_optional
-            )
-            if hop_policy is None:
-                continue
             ip = _ip(hop.host)
             if ip is not None:
                 addresses = [ip]
@@ -279,6 +288,21 @@ class RemoteCourier:
                     continue
             if not addresses:
                 attempt.failed(f"no address for MX host {hop.host}", "4.4.4", "")
+                continue
+            optional = message.traits.tls_optional and not requiretls
+            try:
+                dane_policy = (
+                    await dane.lookup(self._resolver, hop.host, hop.port)
+                    if hop.dnssec and not optional
+                    else None
+                )
+            except DnsError as exc:
+                # RFC 7672 §2.2.2: a TLSA lookup that fails makes the host unusable.
+                dns_trouble = True
+                attempt.failed(f"TLSA lookup for {hop.host} failed: {exc}", "4.7.5", "")
+                continue
+            hop_policy = self._hop_policy(policy, hop, dane_policy, attempt, requiretls)
+            if hop_policy is None:
                 continue
             for address in addresses:
                 results = await self._try_address(
@@ -310,23 +334,29 @@ class RemoteCourier:
             return decide(self._relay.tls, domain, StsLookup(None))
         return await self._policies.for_domain(domain)
 
-    async def _hop_policy(
-        self, policy: TlsPolicy, hop: Hop, attempt: _Attempt, requiretls: bool, *, optional: bool
+    def _hop_policy(
+        self,
+        policy: TlsPolicy,
+        hop: Hop,
+        dane_policy: dane.DanePolicy | None,
+        attempt: _Attempt,
+        requiretls: bool,
     ) -> TlsPolicy | None:
-        """The policy for one MX host (DANE's if it has one), or None when
-        the host may not be used at all."""
-        if self._policies is not None and not optional:
-            policy = await self._policies.for_host(policy, hop.host, hop.port)
-        if policy.failure:  # a policy promised (TXT) but not had: TLS-RPT counts it
-            self._record(policy, hop.host, policy.failure)
+        """The policy for one MX host (DANE's if it has one: it wins), or
+        None when the host may not be used at all."""
+        if dane_policy is not None:
+            policy = decide(self._relay.tls, policy.policy_domain, StsLookup(None), dane_policy)
+            if requiretls:
+                policy = policy.strict()
+        if policy.failure:  # a policy promised (TXT) but not had: TLS reports count it
+            self._record(policy, hop, policy.failure)
         if not policy.allows_mx(hop.host):
             # RFC 8461 §4.1: an MX the policy does not list is not a valid host.
             text = f"MX host {hop.host} is not in the MTA-STS policy of {policy.policy_domain}"
+            self._record(policy, hop, VALIDATION_FAILURE, reason=text)
             if policy.enforce:
-                self._record(policy, hop.host, "validation-failure")
                 attempt.failed(text, TLS_STATUS, "")
                 return None
-            self._record(policy, hop.host, "validation-failure")
         if policy.kind == DANE_ONLY:
             attempt.failed(f"no usable DANE policy for {hop.host} ([relay] tls)", TLS_STATUS, "")
             return None
@@ -337,14 +367,38 @@ class RemoteCourier:
             return None
         return policy
 
-    def _record(self, policy: TlsPolicy, host: str, failure: str) -> None:
-        if self._policies is not None:
-            self._policies.record(policy, host, failure)
+    def _record(
+        self,
+        policy: TlsPolicy,
+        hop: Hop,
+        result: str,
+        client: SmtpClient | None = None,
+        reason: str = "",
+    ) -> None:
+        """Record a connection's TLS outcome for TLS reports (RFC 8460 §4.3
+        result type; "" a success) under the policy it was held to (§4.4:
+        "sts" with the policy's lines, "tlsa" with the records, else
+        "no-policy-found"); an MTA-STS testing failure is logged too."""
+        if policy.testing and result:
+            log.warning(
+                "MTA-STS testing: %s for %s would have failed (%s); delivering anyway",
+                hop.host,
+                policy.policy_domain,
+                result,
+            )
+        if self._tls_reports is None:
+            return
+        failure = None
+        if result:
+            mx = hop.host if _ip(hop.host) is None else ""
+            local, peer = (client.local_ip, client.peer_ip) if client is not None else ("", "")
+            failure = TlsFailure(result, local, mx, peer, reason)
+        self._tls_reports.record(policy.report_policy(), failure)
 
     async def _contexts(self, policy: TlsPolicy) -> list[ssl.SSLContext | None]:
         """The TLS tried on one address, in order (None: plaintext)."""
         opportunistic = self._tls
-        if policy.check_peer is not None:  # DANE: its own check after the handshake
+        if policy.dane is not None:  # DANE: its own check after the handshake (RFC 7672 §3)
             return [opportunistic]
         if not policy.verify:
             return [opportunistic, None]
@@ -373,12 +427,9 @@ class RemoteCourier:
         for i, tls in enumerate(contexts):  # the next pass only after a failed TLS handshake
             try:
                 return await self._session(
-                    hop, ip, label, sender, recipients, message, attempt, tls, policy
+                    hop, ip, label, sender, recipients, message, attempt, tls, policy, i == 0
                 )
             except _TlsFailed as exc:
-                first = i == 0
-                if first:
-                    self._record(policy, hop.host, exc.result)
                 if i + 1 < len(contexts):
                     log.info("%s: %s; retrying with %s", label, exc, _pass_name(contexts[i + 1]))
                     continue
@@ -399,6 +450,7 @@ class RemoteCourier:
         attempt: _Attempt,
         tls: ssl.SSLContext | None,
         policy: TlsPolicy,
+        report: bool = True,
     ) -> list[RecipientResult] | None:
         try:
             client = await SmtpClient.connect(ip, hop.port, self._timeouts)
@@ -408,7 +460,7 @@ class RemoteCourier:
             return None
         parked = False
         try:
-            if not await self._open(client, hop, label, attempt, tls, policy):
+            if not await self._open(client, hop, label, attempt, tls, policy, report):
                 return None
             link = Parked(client, hop.host, label)
             results, parked = await self._transact(
@@ -480,9 +532,12 @@ class RemoteCourier:
         attempt: _Attempt,
         tls: ssl.SSLContext | None,
         policy: TlsPolicy,
+        report: bool = True,
     ) -> bool:
-        """Greeting, EHLO and STARTTLS as ``tls`` and the policy say; False
-        if the host refused or the policy's TLS cannot be had."""
+        """Greeting, EHLO and STARTTLS as ``tls`` and the policy say (checked
+        under DANE); False if the host refused or the policy's TLS cannot be
+        had.  ``report``: record the outcome for TLS reports (the first try
+        of an address only, so a fallback is not counted twice)."""
         greeting = await client.greeting()
         if not greeting.is_positive:
             attempt.failed(
@@ -491,16 +546,18 @@ class RemoteCourier:
             return False
         hello = await client.hello(self._hostname)
         offered = hello.is_positive and "STARTTLS" in client.extensions
-        if tls is not None and policy.enforce and hello.is_positive and not offered:
-            # RFC 8461 §5 (and verify/DANE alike): no TLS, no delivery.
-            self._record(policy, hop.host, STARTTLS_NOT_SUPPORTED)
-            if policy.requiretls:  # RFC 8689 §4.2.1: no TLS at all: return the message
-                text = f"{label} does not offer STARTTLS, which REQUIRETLS needs"
-                attempt.failed(text, REQUIRETLS_STATUS, label, permanent=True)
+        if tls is not None and hello.is_positive and not offered:
+            if report:
+                self._record(policy, hop, STARTTLS_NOT_SUPPORTED, client)
+            if policy.enforce:
+                # RFC 8461 §5, RFC 7672 §2.2, tls = "verify": no TLS, no delivery.
+                if policy.requiretls:  # RFC 8689 §4.2.1: no TLS at all: return the message
+                    text = f"{label} offers no STARTTLS, which REQUIRETLS needs"
+                    attempt.failed(text, REQUIRETLS_STATUS, label, permanent=True)
+                    return False
+                text = f"{label} offers no STARTTLS, which the {policy.kind} policy requires"
+                attempt.failed(text, TLS_STATUS, label)
                 return False
-            text = f"{label} does not offer STARTTLS, which the {policy.kind} policy requires"
-            attempt.failed(text, TLS_STATUS, label)
-            return False
         if tls is not None and offered:
             # Verified: the certificate must name the MX host (RFC 8461 §4.2).
             verified = tls is not self._tls
@@ -508,27 +565,47 @@ class RemoteCourier:
             try:
                 reply = await client.starttls(tls, name)
             except SmtpConnectionError as exc:
-                raise _TlsFailed(str(exc), failure_type(exc.tls_error)) from None
+                result = failure_type(exc.tls_error)
+                if report:
+                    self._record(policy, hop, result, client, str(exc))
+                raise _TlsFailed(str(exc), result) from None
             if reply.code == 220:
-                problem = policy.check_peer(client.peer_chain()) if policy.check_peer else ""
-                if problem:
-                    text = f"certificate does not match the DANE records ({problem})"
-                    raise _TlsFailed(text, problem)
-                if tls is not self._tls or policy.check_peer is not None:
-                    self._record(policy, hop.host, "")
+                if policy.dane is not None and not await self._dane_check(
+                    client, policy.dane, label, attempt
+                ):
+                    if report:
+                        self._record(policy, hop, TLSA_INVALID, client)
+                    return False
+                if verified:
+                    client.verified = f"{policy.kind} policy ({name})"
+                if report:
+                    self._record(policy, hop, "", client)
                 hello = await client.hello(self._hostname)  # RFC 3207 §4.2: start over
             elif policy.enforce:
-                text = f"{label} refused STARTTLS: {reply.summary}"
-                self._record(policy, hop.host, STARTTLS_NOT_SUPPORTED)
-                attempt.failed(text, TLS_STATUS, label)
+                if report:
+                    self._record(policy, hop, STARTTLS_NOT_SUPPORTED, client)
+                attempt.failed(f"{label} refused STARTTLS: {reply.summary}", TLS_STATUS, label)
                 return False
-        elif tls is not None and policy.testing:
-            self._record(policy, hop.host, STARTTLS_NOT_SUPPORTED)
         if not hello.is_positive:
             attempt.failed(
                 f"{label} refused EHLO: {hello.summary}", status_of(hello), label, reply=hello
             )
             return False
+        return True
+
+    async def _dane_check(
+        self, client: SmtpClient, policy: dane.DanePolicy, label: str, attempt: _Attempt
+    ) -> bool:
+        """Right after the handshake and before anything else is said: does
+        the certificate match the TLSA records (RFC 7672 §3)?"""
+        now = datetime.datetime.now(datetime.UTC)
+        verdict = await asyncio.to_thread(policy.check, client.peer_chain(), now)
+        if not verdict.ok:
+            log.warning("%s: DANE verification failed: %s", label, verdict.detail)
+            attempt.failed(f"{label}: DANE verification failed: {verdict.detail}", "4.7.5", label)
+            return False
+        client.verified = f"DANE ({verdict.detail})" if policy.records else ""
+        log.info("%s: DANE: %s", label, verdict.detail)
         return True
 
     async def _transact(

@@ -10,38 +10,36 @@ the MX host wins; else the domain's MTA-STS policy; else ``[relay] tls``:
   failure defers (never plaintext);
 * ``dane-only``: mail goes only where DANE applies; elsewhere it waits.
 
-``TlsPolicy`` is the small pure value remote.py acts on and TLS-RPT
-(RFC 8460) reads: its type, the policy text, the policy domain, and on
-failure the §4.3 result type.  ``TlsPolicies`` finds it (MTA-STS through
-delivery/mta_sts_fetch.py; DANE through the ``DaneLookup`` hook).
+``TlsPolicy`` is the small pure value remote.py acts on and TLS reports
+(RFC 8460, policy/tls_rpt_store.py) read: its type, the policy text, the
+policy domain, and on failure the §4.3 result type.  ``TlsPolicies`` finds
+the domain's (MTA-STS through delivery/mta_sts_fetch.py); DANE's, per MX
+host, comes from policy/dane.py in remote.py and wins (``decide``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
 
 from postoffice.config.settings import RelaySettings
 from postoffice.delivery.mta_sts import StsPolicy
 from postoffice.delivery.mta_sts_fetch import StsLookup, StsPolicySource
 from postoffice.dns.resolver import Resolver
-
-log = logging.getLogger("postoffice.delivery")
+from postoffice.policy import tls_rpt_store
+from postoffice.policy.dane import DanePolicy
 
 OPPORTUNISTIC, VERIFY, DANE_ONLY = "opportunistic", "verify", "dane-only"
 RELAY_TLS_MODES = (OPPORTUNISTIC, VERIFY, DANE_ONLY)
 STS, DANE = "sts", "dane"
 # RFC 8460 §4.3 result types we produce.
-STARTTLS_NOT_SUPPORTED = "starttls-not-supported"
+STARTTLS_NOT_SUPPORTED = tls_rpt_store.STARTTLS_NOT_SUPPORTED
+VALIDATION_FAILURE = tls_rpt_store.VALIDATION_FAILURE
 HOST_MISMATCH = "certificate-host-mismatch"
 CERT_EXPIRED = "certificate-expired"
 NOT_TRUSTED = "certificate-not-trusted"
-VALIDATION_FAILURE = "validation-failure"
 # OpenSSL X509_V_ERR_* codes -> result types.
 _VERIFY_CODES = {
     62: HOST_MISMATCH,  # X509_V_ERR_HOSTNAME_MISMATCH
@@ -64,11 +62,7 @@ class TlsPolicy:
     policy_domain: str = ""  # the domain whose policy this is (TLS-RPT's policy-domain)
     sts: StsPolicy | None = None  # the MTA-STS policy (kind STS)
     failure: str = ""  # RFC 8460 §4.3 result type when a policy could not be had
-    # DANE (RFC 7672): checks the peer's chain (DER, leaf first) after an
-    # unverified handshake; returns "" when it matches, else a result type.
-    # policy/dane.py (i14-dane) supplies it through ``DaneLookup``.
-    check_peer: Callable[[Sequence[bytes]], str] | None = None
-    dane_records: tuple[str, ...] = ()  # TLSA records as text (TLS-RPT policy-string)
+    dane: DanePolicy | None = None  # DANE (RFC 7672): the certificate checked against TLSA
     requiretls: bool = False  # for a REQUIRETLS message: a peer without TLS fails it for good
 
     @property
@@ -80,7 +74,9 @@ class TlsPolicy:
     def verified(self) -> bool:
         """Whether TLS under this policy is verified TLS (RFC 8689 §4.2.1:
         MTA-STS, in testing mode too, or DANE; [relay] tls = verify too)."""
-        return self.kind in (VERIFY, STS, DANE)
+        if self.kind == DANE:  # unusable TLSA records: encrypted, not authenticated
+            return self.dane is not None and bool(self.dane.records)
+        return self.kind in (VERIFY, STS)
 
     @property
     def policy_type(self) -> str:
@@ -92,7 +88,17 @@ class TlsPolicy:
         """RFC 8460 §4.1 policy-string: the policy lines, or TLSA records."""
         if self.sts is not None:
             return self.sts.text
-        return self.dane_records
+        if self.dane is not None:
+            records = self.dane.records
+            return tuple(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in records)
+        return ()
+
+    def report_policy(self) -> tls_rpt_store.TlsPolicy:
+        """What a TLS report says this session was held to (RFC 8460 §4.4)."""
+        mx = self.sts.mx if self.sts is not None else ()
+        return tls_rpt_store.TlsPolicy(
+            self.policy_type, self.policy_domain, self.policy_strings, mx
+        )
 
     def allows_mx(self, host: str) -> bool:
         """RFC 8461 §4.1: under MTA-STS only MX hosts the policy names."""
@@ -109,25 +115,11 @@ class TlsPolicy:
         return replace(self, enforce=True, requiretls=True)
 
 
-class DaneLookup(Protocol):
-    """The DANE hook (policy/dane.py): the policy for one MX host, or None when
-    DANE does not apply (no authenticated TLSA records)."""
-
-    async def policy(self, domain: str, mx_host: str, port: int) -> TlsPolicy | None: ...
-
-
-class TlsResults(Protocol):
-    """The TLS-RPT hook (RFC 8460): one call per TLS session tried,
-    ``failure`` "" for a success, else the §4.3 result type."""
-
-    def record(self, policy: TlsPolicy, mx_host: str, failure: str) -> None: ...
-
-
-def decide(mode: str, domain: str, sts: StsLookup, dane: TlsPolicy | None = None) -> TlsPolicy:
+def decide(mode: str, domain: str, sts: StsLookup, dane: DanePolicy | None = None) -> TlsPolicy:
     """The policy for ``domain`` (one MX host when ``dane`` is given): DANE >
     MTA-STS (mode "none" is no policy, RFC 8461 §5) > ``[relay] tls``."""
     if dane is not None:
-        return dane
+        return TlsPolicy(DANE, enforce=True, policy_domain=domain, dane=dane)
     if sts.policy is not None and sts.policy.mode in ("enforce", "testing"):
         return TlsPolicy(
             STS,
@@ -177,14 +169,9 @@ class TlsPolicies:
         relay: RelaySettings,
         data_dir: Path,
         resolver: Resolver,
-        *,
-        dane: DaneLookup | None = None,
-        results: TlsResults | None = None,
     ) -> None:
         self._relay = relay
         self.sts = StsPolicySource(data_dir / "mta-sts", resolver, port=relay.mta_sts_port)
-        self.dane = dane
-        self.results = results
         self._verifying: tuple[str, ssl.SSLContext] | None = None
         self.opportunistic = client_tls_context()
 
@@ -204,21 +191,3 @@ class TlsPolicies:
         """The domain's policy before DANE is asked about its MX hosts."""
         sts = await self.sts.lookup(domain, await self.verifying())
         return decide(self._relay.tls, domain, sts)
-
-    async def for_host(self, policy: TlsPolicy, host: str, port: int) -> TlsPolicy:
-        """The policy for one MX host: DANE's when it has one (it wins)."""
-        if self.dane is None:
-            return policy
-        dane = await self.dane.policy(policy.policy_domain, host, port)
-        return dane if dane is not None else policy
-
-    def record(self, policy: TlsPolicy, host: str, failure: str) -> None:
-        if policy.testing and failure:
-            log.warning(
-                "MTA-STS testing: %s for %s would have failed (%s); delivering anyway",
-                host,
-                policy.policy_domain,
-                failure,
-            )
-        if self.results is not None:
-            self.results.record(policy, host, failure)

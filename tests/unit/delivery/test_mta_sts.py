@@ -15,7 +15,8 @@ from postoffice.delivery.mta_sts import (
     parse_txt,
 )
 from postoffice.delivery.mta_sts_fetch import StsLookup
-from postoffice.delivery.tls_policy import TlsPolicy, decide
+from postoffice.delivery.tls_policy import decide
+from postoffice.policy.dane import DanePolicy
 
 GOOD = b"version: STSv1\r\nmode: enforce\r\nmx: mx1.example.test\r\nmx: *.example.net\r\nmax_age: 86400\r\n"
 
@@ -147,8 +148,10 @@ def test_txt_parser_total(records: list[str]) -> None:
 
 def test_decision_order() -> None:
     sts = StsLookup(parse_policy(GOOD))
-    dane = TlsPolicy("dane", enforce=True, policy_domain="example.test")
-    assert decide("opportunistic", "example.test", sts, dane) is dane  # DANE wins
+    unusable = DanePolicy("mx1.example.test", ())  # a secure RRset of unusable records
+    chosen = decide("opportunistic", "example.test", sts, unusable)  # DANE wins
+    assert (chosen.kind, chosen.enforce, chosen.policy_type) == ("dane", True, "tlsa")
+    assert not chosen.verified  # encrypted, not authenticated: not enough for REQUIRETLS
     chosen = decide("opportunistic", "example.test", sts)
     assert (chosen.kind, chosen.enforce, chosen.verify, chosen.policy_type) == (
         "sts",
