@@ -32,6 +32,7 @@ from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound, QueueHandoff
 from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
+from postoffice.delivery.tls_policy import TlsPolicies
 from postoffice.delivery.tls_reports import TlsReportSender
 from postoffice.dns.resolver import DnsResolver, Resolver
 from postoffice.logsetup import Logs, LogSetupError, configure
@@ -156,12 +157,15 @@ def _build_outbound(services: Services, resolver: Resolver) -> Outbound:
     settings = services.settings
     store = QueueStore(settings.queue_dir, services.executor)
     store.ensure_dirs()
-    # Each connection's TLS outcome is recorded for TLS reports (policy/tls_rpt_store.py).
+    # Outbound TLS policy: MTA-STS (cached under data_dir/mta-sts), [relay] tls;
+    # each connection's TLS outcome recorded for TLS reports (policy/tls_rpt_store.py).
+    policies = TlsPolicies(settings.relay, settings.data_dir, resolver)
     remote = RemoteCourier(
         settings.relay,
         settings.hostname,
         resolver,
         signer=services.dkim_signer,
+        policies=policies,
         tls_reports=TlsReportRecorder(settings.data_dir),
     )
     local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)

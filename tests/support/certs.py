@@ -96,7 +96,50 @@ def make_pki(directory: Path, names: list[str], *, intermediate: bool = False) -
     pem = serialization.Encoding.PEM
     paths = Pki(directory / "ca.pem", directory / "fullchain.pem", directory / "key.pem")
     paths.ca.write_bytes(ca.public_bytes(pem))
+    if not intermediate:  # for ``issue``: more leaves from the same CA
+        (directory / "ca-key.pem").write_bytes(
+            ca_key.private_bytes(
+                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     paths.cert.write_bytes(leaf.public_bytes(pem) + issuer.public_bytes(pem))
+    paths.key.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    paths.key.chmod(0o600)
+    return paths
+
+
+def issue(pki: Pki, directory: Path, names: list[str]) -> Pki:
+    """Another server certificate for ``names`` from ``pki``'s CA (made by
+    ``make_pki`` without an intermediate), in ``directory``; shares the CA."""
+    pem = serialization.Encoding.PEM
+    ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(
+        (pki.ca.parent / "ca-key.pem").read_bytes(), password=None
+    )
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(_name(names[0]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = Pki(pki.ca, directory / "fullchain.pem", directory / "key.pem")
+    paths.cert.write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
     paths.key.write_bytes(
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )

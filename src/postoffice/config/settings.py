@@ -169,6 +169,15 @@ class RelaySettings:
     max_per_destination: int = 4  # concurrent connections to one destination domain
     max_deliveries: int = 50  # concurrent outbound SMTP connections in all
     connect_timeout: float = 30.0  # seconds to open a connection to an MX
+    # Outbound TLS where no MTA-STS or DANE policy says more: "opportunistic"
+    # (STARTTLS when offered, unverified), "verify" (STARTTLS required, the
+    # certificate verified for the MX host name, else the mail waits) or
+    # "dane-only" (mail waits unless DANE applies).  delivery/tls_policy.py.
+    tls: str = "opportunistic"
+    # Extra CAs (PEM) trusted for outbound TLS and MTA-STS policy fetches,
+    # on top of the system store; "": the system store only.
+    ca_file: str = ""
+    mta_sts_port: int = 443  # port of https://mta-sts.<domain>/ (tests move it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,6 +590,12 @@ class _Loader:
                 raise self.fail("relay.retry_schedule", "needs one or more positive delays")
         if not 0 < base.mx_port <= 65535:
             raise self.fail("relay.mx_port", f"port {base.mx_port} is out of range 1-65535")
+        if not 0 < base.mta_sts_port <= 65535:
+            raise self.fail("relay.mta_sts_port", f"port {base.mta_sts_port} is out of range")
+        if base.tls not in ("opportunistic", "verify", "dane-only"):
+            raise self.fail("relay.tls", f"{base.tls!r} is not opportunistic, verify or dane-only")
+        if base.ca_file and not Path(base.ca_file).is_file():
+            raise self.fail("relay.ca_file", f"{base.ca_file} is not a readable file")
         return RelaySettings(
             **{
                 f.name: getattr(base, f.name)

@@ -2,9 +2,10 @@
 
 ``TraitScanner`` is fed the message in chunks (LF line endings, as stored)
 and finds: the size on the wire with CRLF (RFC 1870 SIZE), whether the body
-has 8-bit octets (needs BODY=8BITMIME, RFC 6152) and whether the header has
-(needs SMTPUTF8, RFC 6531/6532).  The queue writer runs it as the message
-arrives, and after a restart it is recomputed from the file.
+has 8-bit octets (needs BODY=8BITMIME, RFC 6152), whether the header has
+(needs SMTPUTF8, RFC 6531/6532), and whether the sender asked for TLS
+policies to be set aside (``TLS-Required: No``, RFC 8689 §5).  The queue
+writer runs it as the message arrives, and after a restart it is recomputed from the file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 from dataclasses import dataclass
 
 _HIGH = re.compile(rb"[\x80-\xff]")
+# RFC 8689 §5: "TLS-Required:" FWS "No" (case-insensitive), a field of its own.
+_TLS_REQUIRED_NO = re.compile(rb"(?:^|\n)tls-required[ \t]*:[ \t]*no[ \t]*(?:\n|$)", re.IGNORECASE)
 MAX_HEADER_COPY = 64 * 1024  # header bytes a DSN quotes (RFC 3464 §2: headers only)
 
 
@@ -21,6 +24,7 @@ class MessageTraits:
     crlf_size: int  # octets once every LF is CRLF and the last line is ended
     body_8bit: bool
     header_8bit: bool
+    tls_optional: bool = False  # "TLS-Required: No" in the header (RFC 8689 §5)
 
 
 class TraitScanner:
@@ -31,6 +35,7 @@ class TraitScanner:
         self._last = b"\n"  # the message starts at the beginning of a line
         self._body_8bit = False
         self._header_8bit = False
+        self._head = bytearray()  # the header, up to MAX_HEADER_COPY (TLS-Required)
 
     def feed(self, chunk: bytes) -> None:
         if not chunk:
@@ -44,9 +49,11 @@ class TraitScanner:
             end = joined.find(b"\n\n")
             if end < 0:
                 self._header_8bit = self._header_8bit or bool(_HIGH.search(chunk))
+                self._keep_header(chunk)
             else:
                 split = max(end + 1 - len(self._last), 0)
                 head, body = chunk[:split], chunk[split:]
+                self._keep_header(head)
                 self._header_8bit = self._header_8bit or bool(_HIGH.search(head))
                 self._body_8bit = bool(_HIGH.search(body))
                 self._in_header = False
@@ -54,12 +61,18 @@ class TraitScanner:
             self._body_8bit = bool(_HIGH.search(chunk))
         self._last = chunk[-1:]
 
+    def _keep_header(self, data: bytes) -> None:
+        room = MAX_HEADER_COPY - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+
     def traits(self) -> MessageTraits:
         unterminated = 0 if self._last == b"\n" or self._size == 0 else 2
         return MessageTraits(
             crlf_size=self._size + self._newlines + unterminated,
             body_8bit=self._body_8bit,
             header_8bit=self._header_8bit,
+            tls_optional=bool(_TLS_REQUIRED_NO.search(self._head)),
         )
 
 

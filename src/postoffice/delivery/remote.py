@@ -12,12 +12,17 @@ A message with 8-bit content goes to a peer without 8BITMIME converted to
 signed again; one that needs SMTPUTF8 goes nowhere without it (RFC 6531
 §3.2: returned with 5.6.7).
 
-TLS is opportunistic (RFC 3207, RFC 7435): STARTTLS whenever offered,
-certificates not verified; if the handshake fails the same address is tried
-once more in plaintext.  Except under DANE (RFC 7672, policy/dane.py): when
-the MX RRset and the host's TLSA RRset are DNSSEC-authenticated, STARTTLS is
-mandatory and the certificate must match a TLSA record; otherwise the host
-is not used (4.7.5), never in plaintext.
+TLS follows the destination's ``TlsPolicy`` (delivery/tls_policy.py: DANE
+> MTA-STS > ``[relay] tls``).  Opportunistic (RFC 3207, RFC 7435):
+STARTTLS whenever offered, certificates not verified; if the handshake
+fails the same address is tried once more in plaintext.  Enforced (MTA-STS
+enforce, ``tls = "verify"``, DANE): only MX hosts the policy allows, STARTTLS
+required, the certificate verified (under DANE, RFC 7672 and policy/dane.py:
+when the MX and TLSA RRsets are DNSSEC-authenticated, against the TLSA
+records); any failure defers (4.7.5), never plaintext.  MTA-STS testing:
+verified first, the failure logged and reported, then as opportunistic.
+A REQUIRETLS message (RFC 8689 §4.2.1) goes only over verified TLS to a
+peer offering REQUIRETLS, else bounces (5.7.10).
 """
 
 from __future__ import annotations
@@ -44,20 +49,25 @@ from postoffice.delivery.courier import (
     status_of,
 )
 from postoffice.delivery.downgrade import DowngradeError, to_7bit
+from postoffice.delivery.mta_sts_fetch import StsLookup
 from postoffice.delivery.smtp_connection import ClientTimeouts, SmtpClient, SmtpConnectionError
+from postoffice.delivery.tls_policy import (
+    DANE_ONLY,
+    STARTTLS_NOT_SUPPORTED,
+    VALIDATION_FAILURE,
+    TlsPolicies,
+    TlsPolicy,
+    client_tls_context,
+    decide,
+    failure_type,
+    verifying_context,
+)
 from postoffice.dns.mx import MxLoopsToSelf, NullMx, order_mx
 from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
 from postoffice.policy import dane
 from postoffice.policy.dkim_sign import DkimSigner
-from postoffice.policy.tls_rpt_store import (
-    STARTTLS_NOT_SUPPORTED,
-    TLSA_INVALID,
-    VALIDATION_FAILURE,
-    TlsFailure,
-    TlsPolicy,
-    TlsReportRecorder,
-)
+from postoffice.policy.tls_rpt_store import TLSA_INVALID, TlsFailure, TlsReportRecorder
 from postoffice.protocol.smtp_reply import Reply
 
 log = logging.getLogger("postoffice.delivery")
@@ -70,13 +80,8 @@ SEND_BLOCK = 64 * 1024  # a converted message goes out in blocks of this size
 _OUR_SIGNATURES = re.compile(rb"\A(?:dkim-signature[ \t]*:.*\n(?:[ \t].*\n)*)+", re.IGNORECASE)
 
 
-def client_tls_context() -> ssl.SSLContext:
-    """Opportunistic TLS: encrypt when we can, verify nothing (RFC 7435 §1.3)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+TLS_STATUS = "4.7.5"  # RFC 3463 X.7.5 cryptographic failure: the TLS policy was not met
+REQUIRETLS_STATUS = "5.7.10"  # RFC 8689 §6: REQUIRETLS support required
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,15 +130,25 @@ class _Attempt:
         self.remote = ""
         self.smtp_reply = False
         self.only_permanent = True  # every host so far refused with 5xx
+        self.refused_here = False  # we refused a host for good (REQUIRETLS, RFC 8689 §4.2.1)
         self.tried = 0
 
-    def failed(self, text: str, status: str, remote: str, *, reply: Reply | None = None) -> None:
+    def failed(
+        self,
+        text: str,
+        status: str,
+        remote: str,
+        *,
+        reply: Reply | None = None,
+        permanent: bool = False,
+    ) -> None:
         self.tried += 1
         # A refusal keeps the peer's own words (the DSN's Diagnostic-Code).
         self.text = reply.summary if reply is not None else text
         self.status, self.remote = status, remote
         self.smtp_reply = reply is not None
-        if reply is None or not reply.is_permanent:
+        self.refused_here = self.refused_here or permanent
+        if (reply is None and not permanent) or (reply is not None and not reply.is_permanent):
             self.only_permanent = False
 
 
@@ -149,10 +164,13 @@ class RemoteCourier:
         rng: random.Random | None = None,
         cache: ConnectionCache | None = None,
         signer: DkimSigner | None = None,
+        policies: TlsPolicies | None = None,
         tls_reports: TlsReportRecorder | None = None,
     ) -> None:
         """``signer``: signs our own mail again after an 8-bit conversion;
+        ``policies``: MTA-STS (without it: ``[relay] tls`` alone);
         ``tls_reports``: records each new connection's TLS outcome (RFC 8460)."""
+        self._policies = policies
         self._relay = relay
         self._tls_reports = tls_reports
         self._signer = signer
@@ -169,6 +187,8 @@ class RemoteCourier:
         """New relay settings (a reload): the next route and connection use them."""
         self._relay = relay
         self._timeouts = dataclasses.replace(self._timeouts, connect=relay.connect_timeout)
+        if self._policies is not None:
+            self._policies.reconfigure(relay)
 
     async def close(self) -> None:
         """Close parked connections (at shutdown)."""
@@ -234,14 +254,25 @@ class RemoteCourier:
         recipients: Sequence[Address],
         message: MessageSource,
     ) -> list[RecipientResult]:
-        cached = await self._deliver_cached(self.destination(domain), sender, recipients, message)
-        if cached is not None:
-            return cached
+        requiretls = message.dsn.requiretls
+        if not requiretls:  # a parked connection may not be verified TLS
+            cached = await self._deliver_cached(
+                self.destination(domain), sender, recipients, message
+            )
+            if cached is not None:
+                return cached
         try:
             hops, implicit = await self.route(domain)
         except RouteError as err:
             outcome = Outcome.FAILED if err.permanent else Outcome.DEFERRED
             return [RecipientResult(r, outcome, err.text, err.status) for r in recipients]
+        policy = await self._domain_policy(domain)
+        if requiretls:
+            policy = policy.strict()  # RFC 8689 §4.2.1: MTA-STS testing counts as enforce
+        elif message.traits.tls_optional:
+            # RFC 8689 §5: "TLS-Required: No": the sender prefers delivery to
+            # the recipient's TLS policy; TLS is still used when offered.
+            policy = decide("opportunistic", domain, StsLookup(None))
         attempt = _Attempt()
         dns_trouble = False
         for hop in hops:
@@ -258,18 +289,24 @@ class RemoteCourier:
             if not addresses:
                 attempt.failed(f"no address for MX host {hop.host}", "4.4.4", "")
                 continue
+            optional = message.traits.tls_optional and not requiretls
             try:
-                policy = (
-                    await dane.lookup(self._resolver, hop.host, hop.port) if hop.dnssec else None
+                dane_policy = (
+                    await dane.lookup(self._resolver, hop.host, hop.port)
+                    if hop.dnssec and not optional
+                    else None
                 )
             except DnsError as exc:
                 # RFC 7672 §2.2.2: a TLSA lookup that fails makes the host unusable.
                 dns_trouble = True
                 attempt.failed(f"TLSA lookup for {hop.host} failed: {exc}", "4.7.5", "")
                 continue
+            hop_policy = self._hop_policy(policy, hop, dane_policy, attempt, requiretls)
+            if hop_policy is None:
+                continue
             for address in addresses:
                 results = await self._try_address(
-                    hop, address, sender, recipients, message, attempt, policy
+                    hop, address, sender, recipients, message, attempt, hop_policy
                 )
                 if results is not None:
                     return results
@@ -277,7 +314,7 @@ class RemoteCourier:
             # RFC 5321 §5.1: no MX and no address records: the domain takes no mail.
             text = f"domain {domain} has no MX and no address records"
             return [RecipientResult(r, Outcome.FAILED, text, "5.1.2") for r in recipients]
-        if attempt.only_permanent and attempt.smtp_reply:
+        if attempt.only_permanent and (attempt.smtp_reply or attempt.refused_here):
             outcome = Outcome.FAILED
         else:
             outcome = Outcome.DEFERRED
@@ -290,6 +327,90 @@ class RemoteCourier:
             for r in recipients
         ]
 
+    async def _domain_policy(self, domain: str) -> TlsPolicy:
+        """MTA-STS and ``[relay] tls`` for ``domain``; a smarthost or an
+        address literal has no MTA-STS policy of its own."""
+        if self._policies is None or self._relay.smarthost is not None or domain.startswith("["):
+            return decide(self._relay.tls, domain, StsLookup(None))
+        return await self._policies.for_domain(domain)
+
+    def _hop_policy(
+        self,
+        policy: TlsPolicy,
+        hop: Hop,
+        dane_policy: dane.DanePolicy | None,
+        attempt: _Attempt,
+        requiretls: bool,
+    ) -> TlsPolicy | None:
+        """The policy for one MX host (DANE's if it has one: it wins), or
+        None when the host may not be used at all."""
+        if dane_policy is not None:
+            policy = decide(self._relay.tls, policy.policy_domain, StsLookup(None), dane_policy)
+            if requiretls:
+                policy = policy.strict()
+        if policy.failure:  # a policy promised (TXT) but not had: TLS reports count it
+            self._record(policy, hop, policy.failure)
+        if not policy.allows_mx(hop.host):
+            # RFC 8461 §4.1: an MX the policy does not list is not a valid host.
+            text = f"MX host {hop.host} is not in the MTA-STS policy of {policy.policy_domain}"
+            self._record(policy, hop, VALIDATION_FAILURE, reason=text)
+            if policy.enforce:
+                attempt.failed(text, TLS_STATUS, "")
+                return None
+        if policy.kind == DANE_ONLY:
+            attempt.failed(f"no usable DANE policy for {hop.host} ([relay] tls)", TLS_STATUS, "")
+            return None
+        if requiretls and not policy.verified:
+            # RFC 8689 §4.2.1: REQUIRETLS needs a verified peer (MTA-STS or DANE).
+            text = f"REQUIRETLS: no MTA-STS or DANE policy verifies {hop.host}"
+            attempt.failed(text, REQUIRETLS_STATUS, "", permanent=True)
+            return None
+        return policy
+
+    def _record(
+        self,
+        policy: TlsPolicy,
+        hop: Hop,
+        result: str,
+        client: SmtpClient | None = None,
+        reason: str = "",
+    ) -> None:
+        """Record a connection's TLS outcome for TLS reports (RFC 8460 §4.3
+        result type; "" a success) under the policy it was held to (§4.4:
+        "sts" with the policy's lines, "tlsa" with the records, else
+        "no-policy-found"); an MTA-STS testing failure is logged too."""
+        if policy.testing and result:
+            log.warning(
+                "MTA-STS testing: %s for %s would have failed (%s); delivering anyway",
+                hop.host,
+                policy.policy_domain,
+                result,
+            )
+        if self._tls_reports is None:
+            return
+        failure = None
+        if result:
+            mx = hop.host if _ip(hop.host) is None else ""
+            local, peer = (client.local_ip, client.peer_ip) if client is not None else ("", "")
+            failure = TlsFailure(result, local, mx, peer, reason)
+        self._tls_reports.record(policy.report_policy(), failure)
+
+    async def _contexts(self, policy: TlsPolicy) -> list[ssl.SSLContext | None]:
+        """The TLS tried on one address, in order (None: plaintext)."""
+        opportunistic = self._tls
+        if policy.dane is not None:  # DANE: its own check after the handshake (RFC 7672 §3)
+            return [opportunistic]
+        if not policy.verify:
+            return [opportunistic, None]
+        verifying = (
+            await self._policies.verifying()
+            if self._policies is not None
+            else await asyncio.to_thread(verifying_context, self._relay.ca_file)
+        )
+        if policy.enforce:
+            return [verifying]
+        return [verifying, opportunistic, None]  # MTA-STS testing: report, then deliver
+
     async def _try_address(
         self,
         hop: Hop,
@@ -298,22 +419,24 @@ class RemoteCourier:
         recipients: Sequence[Address],
         message: MessageSource,
         attempt: _Attempt,
-        policy: dane.DanePolicy | None = None,
+        policy: TlsPolicy,
     ) -> list[RecipientResult] | None:
         """Results if this address gave a definite answer, else None (try the next)."""
         label = _label(hop.host, ip, hop.port)
-        use_tls = True
-        for _ in range(2):  # a second pass only after a failed TLS handshake
+        contexts = await self._contexts(policy)
+        for i, tls in enumerate(contexts):  # the next pass only after a failed TLS handshake
             try:
                 return await self._session(
-                    hop, ip, label, sender, recipients, message, attempt, use_tls, policy
+                    hop, ip, label, sender, recipients, message, attempt, tls, policy, i == 0
                 )
             except _TlsFailed as exc:
-                if policy is not None:  # RFC 7672 §2.2: never plaintext under DANE
-                    attempt.failed(f"{label}: {exc} (DANE requires TLS)", "4.7.5", label)
-                    return None
-                log.info("%s: %s; retrying without TLS", label, exc)
-                use_tls = False
+                if i + 1 < len(contexts):
+                    log.info("%s: %s; retrying with %s", label, exc, _pass_name(contexts[i + 1]))
+                    continue
+                text = f"{label}: {exc}"
+                if policy.enforce:
+                    text += f" (TLS required by the {policy.kind} policy)"
+                attempt.failed(text, TLS_STATUS if policy.enforce else "4.4.2", label)
         return None
 
     async def _session(
@@ -325,8 +448,9 @@ class RemoteCourier:
         recipients: Sequence[Address],
         message: MessageSource,
         attempt: _Attempt,
-        use_tls: bool,
-        policy: dane.DanePolicy | None = None,
+        tls: ssl.SSLContext | None,
+        policy: TlsPolicy,
+        report: bool = True,
     ) -> list[RecipientResult] | None:
         try:
             client = await SmtpClient.connect(ip, hop.port, self._timeouts)
@@ -336,11 +460,12 @@ class RemoteCourier:
             return None
         parked = False
         try:
-            domain = recipients[0].domain
-            if not await self._open(client, hop, label, attempt, use_tls, domain, policy):
+            if not await self._open(client, hop, label, attempt, tls, policy, report):
                 return None
             link = Parked(client, hop.host, label)
-            results, parked = await self._transact(link, sender, recipients, message, attempt)
+            results, parked = await self._transact(
+                link, sender, recipients, message, attempt, verified=policy.verified and client.tls
+            )
             return results
         except SmtpConnectionError as exc:
             return self._lost(client, label, exc, recipients, attempt)
@@ -405,12 +530,14 @@ class RemoteCourier:
         hop: Hop,
         label: str,
         attempt: _Attempt,
-        use_tls: bool,
-        domain: str,
-        policy: dane.DanePolicy | None = None,
+        tls: ssl.SSLContext | None,
+        policy: TlsPolicy,
+        report: bool = True,
     ) -> bool:
-        """Greeting, EHLO and STARTTLS (opportunistic, or mandatory and checked
-        under DANE); False if the host refused or failed the DANE check."""
+        """Greeting, EHLO and STARTTLS as ``tls`` and the policy say (checked
+        under DANE); False if the host refused or the policy's TLS cannot be
+        had.  ``report``: record the outcome for TLS reports (the first try
+        of an address only, so a fallback is not counted twice)."""
         greeting = await client.greeting()
         if not greeting.is_positive:
             attempt.failed(
@@ -418,33 +545,51 @@ class RemoteCourier:
             )
             return False
         hello = await client.hello(self._hostname)
-        if use_tls and hello.is_positive and "STARTTLS" in client.extensions:
-            try:
-                reply = await client.starttls(
-                    self._tls, hop.host if _ip(hop.host) is None else None
-                )
-            except SmtpConnectionError as exc:
-                self._report_tls(domain, hop, client, VALIDATION_FAILURE, str(exc), policy)
-                raise _TlsFailed(str(exc)) from None
-            if reply.code == 220:
-                if policy is not None and not await self._dane_check(
-                    client, policy, label, attempt
-                ):
-                    self._report_tls(domain, hop, client, TLSA_INVALID, "", policy)
+        offered = hello.is_positive and "STARTTLS" in client.extensions
+        if tls is not None and hello.is_positive and not offered:
+            if report:
+                self._record(policy, hop, STARTTLS_NOT_SUPPORTED, client)
+            if policy.enforce:
+                # RFC 8461 §5, RFC 7672 §2.2, tls = "verify": no TLS, no delivery.
+                if policy.requiretls:  # RFC 8689 §4.2.1: no TLS at all: return the message
+                    text = f"{label} offers no STARTTLS, which REQUIRETLS needs"
+                    attempt.failed(text, REQUIRETLS_STATUS, label, permanent=True)
                     return False
+                text = f"{label} offers no STARTTLS, which the {policy.kind} policy requires"
+                attempt.failed(text, TLS_STATUS, label)
+                return False
+        if tls is not None and offered:
+            # Verified: the certificate must name the MX host (RFC 8461 §4.2).
+            verified = tls is not self._tls
+            name = hop.host if verified or _ip(hop.host) is None else None
+            try:
+                reply = await client.starttls(tls, name)
+            except SmtpConnectionError as exc:
+                result = failure_type(exc.tls_error)
+                if report:
+                    self._record(policy, hop, result, client, str(exc))
+                raise _TlsFailed(str(exc), result) from None
+            if reply.code == 220:
+                if policy.dane is not None and not await self._dane_check(
+                    client, policy.dane, label, attempt
+                ):
+                    if report:
+                        self._record(policy, hop, TLSA_INVALID, client)
+                    return False
+                if verified:
+                    client.verified = f"{policy.kind} policy ({name})"
+                if report:
+                    self._record(policy, hop, "", client)
                 hello = await client.hello(self._hostname)  # RFC 3207 §4.2: start over
-        if use_tls and (client.tls or hello.is_positive):
-            result = "" if client.tls else STARTTLS_NOT_SUPPORTED
-            self._report_tls(domain, hop, client, result, "", policy)
+            elif policy.enforce:
+                if report:
+                    self._record(policy, hop, STARTTLS_NOT_SUPPORTED, client)
+                attempt.failed(f"{label} refused STARTTLS: {reply.summary}", TLS_STATUS, label)
+                return False
         if not hello.is_positive:
             attempt.failed(
                 f"{label} refused EHLO: {hello.summary}", status_of(hello), label, reply=hello
             )
-            return False
-        if policy is not None and not client.tls:
-            # RFC 7672 §2.2: with a usable (or unusable but secure) TLSA RRset,
-            # a host without STARTTLS is not delivered to in plaintext.
-            attempt.failed(f"{label} offers no STARTTLS, which DANE requires", "4.7.5", label)
             return False
         return True
 
@@ -463,35 +608,6 @@ class RemoteCourier:
         log.info("%s: DANE: %s", label, verdict.detail)
         return True
 
-    def _report_tls(
-        self,
-        domain: str,
-        hop: Hop,
-        client: SmtpClient,
-        result: str,
-        reason: str = "",
-        dane_policy: dane.DanePolicy | None = None,
-    ) -> None:
-        """Record a new connection's TLS outcome for TLS reports (RFC 8460
-        §4.3 result type; "" a success), under the policy it was held to:
-        DANE's TLSA records (§4.4 policy-type "tlsa", policy-string the
-        records in presentation form), else none found (opportunistic TLS)."""
-        if self._tls_reports is None:
-            return
-        failure = None
-        if result:
-            peer = client.peer_ip
-            mx = hop.host if _ip(hop.host) is None else ""
-            failure = TlsFailure(result, client.local_ip, mx, peer, reason)
-        if dane_policy is None:
-            held_to = TlsPolicy.none_found(domain)
-        else:
-            strings = tuple(
-                f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in dane_policy.records
-            )
-            held_to = TlsPolicy("tlsa", domain, strings)
-        self._tls_reports.record(held_to, failure)
-
     async def _transact(
         self,
         link: Parked,
@@ -501,11 +617,18 @@ class RemoteCourier:
         attempt: _Attempt,
         *,
         reused: bool = False,
+        verified: bool = False,
     ) -> tuple[list[RecipientResult] | None, bool]:
         """One transaction on an open connection: (results or None to try the
         next host, whether the connection was parked for reuse)."""
         client, label = link.client, link.label
         destination = self.destination(recipients[0].domain)
+        requiretls = message.dsn.requiretls
+        if requiretls and not (verified and "REQUIRETLS" in client.extensions):
+            # RFC 8689 §4.2.1: only over verified TLS to a host offering REQUIRETLS.
+            text = f"{label} does not support REQUIRETLS over verified TLS"
+            attempt.failed(text, REQUIRETLS_STATUS, label, permanent=True)
+            return None, False
         refusal = self._capability_problem(client, sender, recipients, message, label)
         if refusal is not None:
             return refusal, self._cache.park(destination, link)
@@ -525,6 +648,7 @@ class RemoteCourier:
             smtputf8=self._needs_smtputf8(sender, recipients, message),
             dsn=message.dsn,
             rcpt_dsn={r: message.recipient_dsn(r) for r in recipients},
+            requiretls=requiretls,
         )
         peer_dsn = "DSN" in client.extensions  # the parameters went with it (RFC 3461 §5.2)
         first = result.mail
@@ -549,7 +673,10 @@ class RemoteCourier:
             for r, reply in result.replies.items()
         ]
         # Only a completed DATA leaves the session in a known, reset state.
-        return results, result.data_sent and self._cache.park(destination, link)
+        # A connection opened for one message's own TLS rules (REQUIRETLS's, or
+        # none at all for "TLS-Required: No") is not parked for the next message.
+        park = result.data_sent and not requiretls and not message.traits.tls_optional
+        return results, park and self._cache.park(destination, link)
 
     async def _seven_bit(
         self, message: MessageSource, recipients: Sequence[Address], label: str
@@ -623,4 +750,12 @@ async def _blocks(message: bytes) -> AsyncGenerator[bytes, None]:
 
 
 class _TlsFailed(Exception):
-    pass
+    def __init__(self, text: str, result: str) -> None:
+        super().__init__(text)
+        self.result = result  # RFC 8460 §4.3 result type
+
+
+def _pass_name(tls: ssl.SSLContext | None) -> str:
+    if tls is None:
+        return "no TLS"
+    return "verified TLS" if tls.verify_mode == ssl.CERT_REQUIRED else "unverified TLS"

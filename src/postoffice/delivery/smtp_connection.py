@@ -58,9 +58,12 @@ class SmtpConnectionError(Exception):
     nonsense).  ``after_data`` is True when the final dot had been sent:
     the peer may have taken the message (RFC 5321 §6.1's duplicate case)."""
 
-    def __init__(self, message: str, *, after_data: bool = False) -> None:
+    def __init__(
+        self, message: str, *, after_data: bool = False, tls_error: ssl.SSLError | None = None
+    ) -> None:
         super().__init__(message)
         self.after_data = after_data
+        self.tls_error = tls_error  # a failed handshake's cause (TLS-RPT result types)
 
 
 class ClientConnection(Connection):
@@ -250,7 +253,10 @@ class SmtpClient:
         try:
             await self._conn.start_client_tls(context, server_hostname, self._timeouts.tls)
         except (ssl.SSLError, OSError, ConnectionClosed, TimeoutError) as exc:
-            raise SmtpConnectionError(f"TLS handshake failed: {exc}") from None
+            raise SmtpConnectionError(
+                f"TLS handshake failed: {exc}",
+                tls_error=exc if isinstance(exc, ssl.SSLError) else None,
+            ) from None
         self.extensions = {}
         return reply
 
@@ -265,12 +271,20 @@ class SmtpClient:
         smtputf8: bool,
         dsn: MessageDsn | None = None,
         rcpt_dsn: Mapping[Address, RecipientDsn] | None = None,
+        requiretls: bool = False,
     ) -> TransactionResult:
         """One mail transaction (RFC 5321 §3.3) for ``recipients``.  The DSN
         parameters go out only when the peer offers DSN (RFC 3461 §5.2)."""
         if "DSN" not in self.extensions:
             dsn, rcpt_dsn = None, None
-        mail = mail_command(sender, size=size, body_8bit=body_8bit, smtputf8=smtputf8, dsn=dsn)
+        mail = mail_command(
+            sender,
+            size=size,
+            body_8bit=body_8bit,
+            smtputf8=smtputf8,
+            dsn=dsn,
+            requiretls=requiretls and "REQUIRETLS" in self.extensions,
+        )
         rcpts = [rcpt_command(r, (rcpt_dsn or {}).get(r)) for r in recipients]
         t = self._timeouts
         if "CHUNKING" in self.extensions:

@@ -432,6 +432,8 @@ class SmtpSession:
         ]
         if not self.core.tls:
             lines.append("STARTTLS")
+        else:
+            lines.append("REQUIRETLS")  # RFC 8689 §4: only on a TLS session
         if self.mode is SmtpMode.SUBMISSION and self._auth_allowed() and not self.user:
             lines.append("AUTH " + " ".join(sasl.MECHANISMS))
         return Reply(250, tuple(lines))

@@ -37,10 +37,14 @@ def xtext_encode(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class MessageDsn:
-    """MAIL FROM's RET and ENVID; empty strings when not given."""
+    """MAIL FROM's RET and ENVID; empty strings when not given.  It also
+    carries REQUIRETLS (RFC 8689 §4.1), the other MAIL parameter that stays
+    with the message through the queue (``mail_params`` leaves it out: it
+    goes to a peer that offers REQUIRETLS, not DSN)."""
 
     ret: str = ""  # "FULL" or "HDRS" (§4.3)
     envid: str = ""  # xtext, as received (relayed unchanged, §4.4)
+    requiretls: bool = False  # RFC 8689: deliver only over verified TLS
 
     @property
     def given(self) -> bool:

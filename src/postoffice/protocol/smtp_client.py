@@ -109,8 +109,10 @@ def mail_command(
     body_8bit: bool,
     smtputf8: bool,
     dsn: MessageDsn | None = None,
+    requiretls: bool = False,
 ) -> bytes:
-    """``dsn``: RET and ENVID, only for a peer that offers DSN (RFC 3461 §5.2)."""
+    """``dsn``: RET and ENVID, only for a peer that offers DSN (RFC 3461 §5.2);
+    ``requiretls``: only for a peer that offers REQUIRETLS (RFC 8689 §4.2.1)."""
     params = [f"MAIL FROM:{format_path(sender)}"]
     if size is not None:
         params.append(f"SIZE={size}")  # RFC 1870 §6
@@ -120,6 +122,8 @@ def mail_command(
         params.append("SMTPUTF8")  # RFC 6531 §3.4
     if dsn is not None:
         params += dsn.mail_params()
+    if requiretls:
+        params.append("REQUIRETLS")
     return command(" ".join(params))
 
 

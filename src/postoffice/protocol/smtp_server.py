@@ -338,6 +338,7 @@ def parse_mail(arg: str) -> MailFrom | Rejected:
     body: str | None = None
     smtputf8 = False
     ret, envid = "", ""
+    requiretls = False
     for key, value in params.items():
         if key == "SIZE":  # RFC 1870 §3: size-value ::= 1*20DIGIT
             if value is None or not (value.isascii() and value.isdigit()):
@@ -363,6 +364,10 @@ def parse_mail(arg: str) -> MailFrom | Rejected:
             if not dsn_params.valid_envid(value):
                 return _reject(501, "ENVID needs an xtext value of at most 100 characters", "5.5.4")
             envid = value or ""
+        elif key == "REQUIRETLS":  # RFC 8689 §4.1: no value
+            if value is not None:
+                return _reject(501, "REQUIRETLS takes no value", "5.5.4")
+            requiretls = True
         elif key == "AUTH":  # RFC 4954 §5
             if value is None or not dsn_params.XTEXT.fullmatch(value):
                 return _reject(501, f"{key} needs an xtext value", "5.5.4")
@@ -375,7 +380,7 @@ def parse_mail(arg: str) -> MailFrom | Rejected:
         sender = parse_path(path, utf8=smtputf8)
     except AddressError as exc:
         return _reject(501, f"Bad sender address: {exc}", "5.1.7")
-    return MailFrom(sender, size, body, smtputf8, params, MessageDsn(ret, envid))
+    return MailFrom(sender, size, body, smtputf8, params, MessageDsn(ret, envid, requiretls))
 
 
 def parse_rcpt(arg: str, *, utf8: bool) -> RcptTo | Rejected:
@@ -711,7 +716,11 @@ class SmtpServerCore:
             return _reject(503, "Send HELO/EHLO first", _SEQUENCE)
         if self._in_transaction:
             return _reject(503, "Nested MAIL command", _SEQUENCE)
-        return parse_mail(arg)
+        event = parse_mail(arg)
+        if isinstance(event, MailFrom) and event.dsn.requiretls and not self.tls:
+            # RFC 8689 §4.1: REQUIRETLS only over TLS (it is not offered without).
+            return _reject(530, "REQUIRETLS needs a TLS session", "5.7.10")
+        return event
 
     def _rcpt(self, arg: str) -> Event:
         if not self._in_transaction:

@@ -65,3 +65,18 @@ def test_header_section() -> None:
     long = b"".join(b"X-%d: %s\n" % (i, b"y" * 60) for i in range(3000))
     head = header_section(long + b"\nbody")
     assert len(head) <= MAX_HEADER_COPY and head.endswith(b"\n") and long.startswith(head)
+
+
+def test_tls_required_no_is_seen_in_the_header_only() -> None:
+    """RFC 8689 §5: the header field, case-insensitive; not in the body."""
+    for message, expected in [
+        (b"From: a@b.test\ntls-required:  NO\n\nbody\n", True),
+        (b"From: a@b.test\nTLS-Required: No\n\n", True),
+        (b"From: a@b.test\nTLS-Required: Yes\n\n", False),
+        (b"From: a@b.test\n\nTLS-Required: No\n", False),
+        (b"From: a@b.test\nX-TLS-Required: No\n\n", False),
+    ]:
+        scanner = TraitScanner()
+        for i in range(0, len(message), 7):  # across chunk boundaries
+            scanner.feed(message[i : i + 7])
+        assert scanner.traits().tls_optional is expected, message

@@ -147,6 +147,8 @@ class StoredEnvelope:
             raw["ret"] = self.dsn.ret
         if self.dsn.envid:
             raw["envid"] = self.dsn.envid
+        if self.dsn.requiretls:
+            raw["requiretls"] = True
         if any(d.given for d in self.rcpt_dsn):
             raw["rcpt_dsn"] = [_recipient_dsn_json(d) for d in self.rcpt_dsn]
         return MAGIC + json.dumps(raw, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
@@ -162,7 +164,9 @@ class StoredEnvelope:
             sender=sender,
             recipients=tuple(Address(str(l_), str(d)) for l_, d in raw["to"]),
             created=float(raw["created"]),
-            dsn=MessageDsn(str(raw.get("ret", "")), str(raw.get("envid", ""))),
+            dsn=MessageDsn(
+                str(raw.get("ret", "")), str(raw.get("envid", "")), raw.get("requiretls") is True
+            ),
             rcpt_dsn=tuple(_recipient_dsn(d) for d in raw.get("rcpt_dsn", ())),
         )
 
