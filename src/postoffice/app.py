@@ -497,6 +497,29 @@ async def _reload_smtp_process(server: Server) -> None:
     log.info("SIGHUP: smtp process reloaded config=%s", logfmt.field(settings.source))
 
 
+async def _install_certificate(server: Server, pool: WorkerPool | None) -> None:
+    """A new ACME certificate (net/acme_renewal.py) into every TLS listener,
+    the way a reload puts one: new sessions get it, sessions already up keep
+    theirs; the extra smtp processes load it on their SIGHUP."""
+    services = server.services
+    loop = asyncio.get_running_loop()
+    try:
+        tls = await loop.run_in_executor(
+            services.executor, lambda: server_context(*cert_and_key(services.settings))
+        )
+    except (OSError, ssl.SSLError) as exc:
+        log.error("ACME: the new certificate does not load, the current one stays: %s", exc)
+        return
+    async with server.reloading:
+        if server.stopping:
+            return
+        services.tls = tls
+        server.refresh()
+        if pool is not None:
+            pool.send_signal(signal.SIGHUP)
+    log.info("ACME: new certificate in the TLS listeners")
+
+
 def _on_reload(server: Server, reload_once: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """One reload at a time, in the order the signals came."""
 
@@ -546,6 +569,12 @@ async def _run(
         if count > 1
         else None
     )
+    keeper = None
+    if settings.acme.directory:  # the listeners do not wait for the CA
+        from postoffice.net.acme_renewal import CertificateKeeper  # certbot's acme, requests
+
+        keeper = CertificateKeeper(services, lambda: _install_certificate(server, pool))
+        await loop.run_in_executor(services.executor, keeper.announce)
     async with server.reloading:  # a SIGHUP meanwhile waits for this (_on_reload)
         try:
             await server.start(shares=shares)
@@ -560,6 +589,8 @@ async def _run(
             pool.start()
             server.background.append(loop.create_task(pool.watch()))
         _announce(server, count)
+        if keeper is not None:
+            server.background.append(loop.create_task(keeper.run()))
         # Held until now (children started meanwhile keep them blocked); a
         # SIGHUP that came meanwhile is handled now, after the start.
         _release_signals()

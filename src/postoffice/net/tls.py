@@ -87,7 +87,18 @@ def ensure_self_signed(tls_dir: Path, hostname: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def acme_certificate(settings: Settings) -> Path:
+    """Where net/acme.py keeps the issued key and chain (one file, 0600)."""
+    return settings.data_dir / "acme" / "certificate.pem"
+
+
 def cert_and_key(settings: Settings) -> tuple[Path, Path]:
+    """The certificate to serve: ACME's once there is one (net/acme.py: key and
+    chain in one file), else [tls] files, else the self-signed pair."""
+    if settings.acme.directory:
+        issued = acme_certificate(settings)
+        if issued.is_file():
+            return issued, issued
     if settings.tls.cert and settings.tls.key:
         return settings.tls.cert, settings.tls.key
     return ensure_self_signed(settings.tls_dir, settings.hostname)
