@@ -747,6 +747,11 @@ def _add_dmarc_parser(subparsers: Subparsers) -> None:
     dmarc_reports.add_dmarc_parser(subparsers)
 
 
+def _add_cert_parser(subparsers: Subparsers) -> None:
+    cert_status = importlib.import_module("postoffice.net.cert_status")
+    cert_status.add_cert_parser(subparsers)
+
+
 # --- dkim, doctor ---------------------------------------------------------------------
 def _print_dkim_records(keys: Sequence[Any]) -> None:
     from postoffice.policy.dkim_keys import txt_record, zone_txt
@@ -934,6 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_alias_parser,
         _add_queue_parser,
         _add_dmarc_parser,
+        _add_cert_parser,
         _add_trace_parser,
         _add_dkim_parser,
         _add_check_parser,
@@ -1001,6 +1007,7 @@ _BEFORE_BECOMING_OWNER = (
     "postoffice.doctor",
     "postoffice.delivery.queue_cli",
     "postoffice.delivery.dmarc_reports",
+    "postoffice.net.cert_status",
     "postoffice.trace",
     "postoffice.policy.auth",
     "postoffice.policy.dkim_keys",

@@ -20,91 +20,30 @@ key authorizations published here in ``Services.acme_http01`` (net/web.py).
 from __future__ import annotations
 
 import datetime
-import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 from acme import challenges, client, crypto_util, errors, messages
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
 from postoffice.config.settings import Settings
+from postoffice.net.cert_status import (
+    CertificateInfo,
+    acme_dir,
+    certificate_info,
+    certificate_names,
+)
 from postoffice.net.tls import acme_certificate
 from postoffice.storage.safeio import atomic_write
 
 log = logging.getLogger("postoffice.acme")
 
 ACCOUNT_KEY = "account.key"
-RENEWAL = "renewal.json"
 USER_AGENT = "postoffice-acme"
 TIMEOUT_SECONDS = 30  # each HTTP request to the CA
 ORDER_SECONDS = 90  # validation and issuance of one order
-
-
-def acme_dir(settings: Settings) -> Path:
-    return settings.data_dir / "acme"
-
-
-def certificate_names(settings: Settings) -> list[str]:
-    """The names the certificate must hold: the hostname, [acme] names, and,
-    with the https listener on, the names mail clients and senders fetch
-    from it (autoconfig.<domain>, mta-sts.<domain>: RFC 8461 §3.3)."""
-    names = [settings.hostname, *settings.acme.names]
-    if settings.listen.https:
-        for domain in settings.domains:
-            names += [f"mta-sts.{domain}", f"autoconfig.{domain}"]
-    return list(dict.fromkeys(names))
-
-
-@dataclass(frozen=True, slots=True)
-class CertificateInfo:
-    names: tuple[str, ...]
-    issuer: str
-    not_before: datetime.datetime
-    not_after: datetime.datetime
-
-    @property
-    def default_renewal(self) -> datetime.datetime:
-        """At 2/3 of the lifetime, as certbot does without ARI: a 90-day
-        certificate is renewed 30 days ahead, leaving room for retries."""
-        return self.not_before + (self.not_after - self.not_before) * 2 / 3
-
-
-def certificate_info(pem: bytes) -> CertificateInfo:
-    """The first (leaf) certificate of a PEM chain."""
-    cert = x509.load_pem_x509_certificate(pem)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        names = tuple(san.value.get_values_for_type(x509.DNSName))
-    except x509.ExtensionNotFound:
-        names = ()
-    issuer = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return CertificateInfo(
-        names=names,
-        issuer=str(issuer[0].value) if issuer else cert.issuer.rfc4514_string(),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-    )
-
-
-def read_renewal(settings: Settings) -> dict[str, str]:
-    """What the server last wrote to renewal.json ({} if nothing)."""
-    try:
-        data = json.loads((acme_dir(settings) / RENEWAL).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-
-
-def write_renewal(settings: Settings, state: dict[str, str]) -> None:
-    directory = acme_dir(settings)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write(directory / RENEWAL, json.dumps(state, indent=1).encode(), 0o644)
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable
 
 from postoffice import logfmt
 from postoffice.config.settings import Settings
-from postoffice.net.acme import (
-    AcmeIssuer,
+from postoffice.net.acme import AcmeIssuer
+from postoffice.net.cert_status import (
     CertificateInfo,
     certificate_info,
     certificate_names,
