@@ -85,6 +85,8 @@ class CertificateKeeper:
             if wait > 0:
                 await asyncio.sleep(min(wait, LONGEST_SLEEP_SECONDS))
                 continue
+            if self.issuer.settings.acme != self.settings.acme:  # a reload moved the CA
+                self.issuer = AcmeIssuer(self.settings, self.services.acme_http01)
             self.issuer.settings = self.settings
             await self._renew(why)
 
