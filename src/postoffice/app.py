@@ -37,7 +37,7 @@ from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.accept import AcceptShares, bind
 from postoffice.net.listener import Handler, Listener
 from postoffice.net.metrics_http import metrics_routes
-from postoffice.net.tls import cert_and_key, server_context
+from postoffice.net.tls import answer_tls_alpn, cert_and_key, server_context
 from postoffice.policy.auth import (
     HASH_WAITING_PER_WORKER,
     Authenticator,
@@ -227,6 +227,8 @@ class Server:
 
         s = self.services
         listen = s.settings.listen
+        if s.settings.acme.directory and listen.https:
+            answer_tls_alpn(s.tls, s.acme_tls_alpn)  # ACME tls-alpn-01 (net/acme.py)
         if listen.smtp and s.inbound_checks is not None:
             s.inbound_checks.start()  # the DKIM verifier processes, ready for the first message
         smtp_busy = b"421 4.7.0 Too many connections, try again later\r\n"
@@ -300,6 +302,8 @@ class Server:
     def refresh(self) -> None:
         """After a reload: the new caps and certificate for the next connections."""
         limits = self.services.settings.limits
+        if self.services.settings.acme.directory:
+            answer_tls_alpn(self.services.tls, self.services.acme_tls_alpn)
         for listener in self.listeners:
             listener.max_connections = limits.max_connections
             listener.max_per_ip = limits.max_connections_per_ip

@@ -196,6 +196,54 @@ def test_issued_at_start_verified_by_curl_and_renewed_under_a_session(
         pebble.stop()
 
 
+@pytest.mark.interop
+def test_tls_alpn_01_on_https_when_there_is_no_http_listener(
+    tmp_path: Path, dnsmasq: Dnsmasq, require_program: Callable[[str], str]
+) -> None:
+    curl_bin = require_program("curl")
+    web = {"https": free_port()}
+    pebble = Pebble(
+        tmp_path / "pebble",
+        dns_server=dnsmasq.server,
+        http_port=free_port(),  # nothing there: only tls-alpn-01 can pass
+        tls_port=web["https"],
+    ).start(require_program("pebble"))
+    try:
+        server = acme_server(tmp_path / "po", pebble.directory, pebble.directory_ca, web)
+        server.start()
+        try:
+            wait_for_log(server, INSTALLED)
+            assert "/.well-known/acme-challenge/" not in server.log()
+            root = pebble.issuing_root(tmp_path / "pebble-root.pem")
+            run = curl(curl_bin, root, f"imaps://{HOST}:{server.ports['imaps']}/")
+            assert run.returncode == 0, run.stderr
+            # The https listener serves the issued certificate again, not a challenge one.
+            https = subprocess.run(
+                [
+                    curl_bin,
+                    "--silent",
+                    "--show-error",
+                    "--max-time",
+                    "10",
+                    "--output",
+                    "/dev/null",
+                    "--resolve",
+                    f"autoconfig.example.test:{web['https']}:127.0.0.1",
+                    "--cacert",
+                    str(root),
+                    f"https://autoconfig.example.test:{web['https']}/mail/config-v1.1.xml",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert https.returncode == 0, https.stderr
+        finally:
+            server.stop()
+    finally:
+        pebble.stop()
+
+
 def test_ca_unreachable_at_start_serves_self_signed(
     tmp_path: Path, require_program: Callable[[str], str]
 ) -> None:

@@ -13,18 +13,27 @@ net/acme_renewal.py runs it in a worker thread.  What lives on disk, in
 - ``renewal.json``: when the server means to renew, and the last failure;
   ``postoffice cert status`` reads it.
 
-Challenges: http-01 (RFC 8555 §8.3), answered by ``[listen] http`` from the
-key authorizations published here in ``Services.acme_http01`` (net/web.py).
+Challenges: http-01 (RFC 8555 §8.3) when ``[listen] http`` is on, answered
+there from the key authorizations published here in ``Services.acme_http01``
+(net/web.py); else tls-alpn-01 (RFC 8737) on ``[listen] https``, from the
+contexts in ``Services.acme_tls_alpn`` (net/tls.answer_tls_alpn).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
+import ssl
+import tempfile
+from pathlib import Path
 
 from acme import challenges, client, crypto_util, errors, messages
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from josepy.b64 import b64encode
 from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
@@ -35,7 +44,7 @@ from postoffice.net.cert_status import (
     certificate_info,
     certificate_names,
 )
-from postoffice.net.tls import acme_certificate
+from postoffice.net.tls import ACME_TLS_ALPN, acme_certificate
 from postoffice.storage.safeio import atomic_write
 
 log = logging.getLogger("postoffice.acme")
@@ -44,6 +53,7 @@ ACCOUNT_KEY = "account.key"
 USER_AGENT = "postoffice-acme"
 TIMEOUT_SECONDS = 30  # each HTTP request to the CA
 ORDER_SECONDS = 90  # validation and issuance of one order
+ACME_IDENTIFIER = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")  # id-pe-acmeIdentifier
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -54,13 +64,62 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+class _EmptyResponse(challenges.ChallengeResponse):
+    """A challenge response with no fields: "{}" (RFC 8555 §7.5.1)."""
+
+    typ = "tls-alpn-01"
+
+    def __bool__(self) -> bool:
+        # ClientNetwork sends a falsy object (no fields: len() 0) as an empty
+        # payload, a POST-as-GET (RFC 8555 §6.3) that answers nothing.
+        return True
+
+
+def _tls_alpn_context(directory: Path, name: str, key_authorization: str) -> ssl.SSLContext:
+    """The RFC 8737 §3 validation certificate for ``name`` in a TLS context
+    that offers only ALPN "acme-tls/1"."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    digest = hashlib.sha256(key_authorization.encode()).digest()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        # id-pe-acmeIdentifier, critical, its value the DER OCTET STRING of
+        # the SHA-256 of the key authorization (RFC 8737 §3).
+        .add_extension(
+            x509.UnrecognizedExtension(ACME_IDENTIFIER, b"\x04\x20" + digest), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols([ACME_TLS_ALPN])
+    # load_cert_chain reads only files: a private one, gone once loaded.
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".pem") as pem:
+        pem.write(_private_pem(key) + cert.public_bytes(serialization.Encoding.PEM))
+        pem.flush()
+        ctx.load_cert_chain(pem.name)
+    return ctx
+
+
 class AcmeIssuer:
     """One ACME account at ``[acme] directory``; ``issue`` gets a certificate."""
 
-    def __init__(self, settings: Settings, http01: dict[str, str]) -> None:
+    def __init__(
+        self, settings: Settings, http01: dict[str, str], tls_alpn: dict[str, ssl.SSLContext]
+    ) -> None:
         self.settings = settings
-        # Services.acme_http01: single dict operations, atomic under the GIL.
+        # Services.acme_http01 and acme_tls_alpn: single dict operations,
+        # atomic under the GIL, read by the loop.
         self.http01 = http01
+        self.tls_alpn = tls_alpn
         self._client: client.ClientV2 | None = None
 
     def _account_key(self) -> JWKEC:
@@ -111,35 +170,77 @@ class AcmeIssuer:
         key = ec.generate_private_key(ec.SECP256R1())
         csr = crypto_util.make_csr(_private_pem(key), names)
         order = acme_client.new_order(csr)
-        published: list[str] = []
+        tokens: list[str] = []  # http-01, published in self.http01
+        alpn_names: list[str] = []  # tls-alpn-01, in self.tls_alpn
         try:
             for authz in order.authorizations:
                 if authz.body.status == messages.STATUS_VALID:
                     continue  # proved recently (RFC 8555 §7.1.4)
-                challenge = self._http01(authz)
-                response, validation = challenge.response_and_validation(acme_client.net.key)
-                token = challenge.chall.encode("token")
-                self.http01[token] = validation
-                published.append(token)
-                acme_client.answer_challenge(challenge, response)
+                if self.settings.listen.http:
+                    tokens.append(self._publish_http01(acme_client, authz))
+                else:
+                    alpn_names.append(self._publish_tls_alpn01(acme_client, authz))
             deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_SECONDS)
             done = acme_client.poll_and_finalize(order, deadline)
         finally:
-            for token in published:
+            for token in tokens:
                 self.http01.pop(token, None)
+            for name in alpn_names:
+                self.tls_alpn.pop(name, None)
         chain = done.fullchain_pem.encode()
         info = certificate_info(chain)
         atomic_write(acme_certificate(self.settings), _private_pem(key) + chain, 0o600)
         return info
 
-    def _http01(self, authz: messages.AuthorizationResource) -> messages.ChallengeBody:
-        if not self.settings.listen.http:
-            raise RuntimeError("http-01 needs [listen] http (port 80 as the CA sees it)")
+    def _challenge(
+        self, authz: messages.AuthorizationResource, kind: str
+    ) -> messages.ChallengeBody:
         for challenge in authz.body.challenges:
-            if isinstance(challenge.chall, challenges.HTTP01):
+            if challenge.chall.typ == kind or (
+                isinstance(challenge.chall, challenges.UnrecognizedChallenge)
+                and challenge.chall.jobj.get("type") == kind
+            ):
                 return challenge
         name = authz.body.identifier.value
-        raise RuntimeError(f"the CA offers no http-01 challenge for {name}")
+        raise RuntimeError(f"the CA offers no {kind} challenge for {name}")
+
+    def _publish_http01(
+        self, acme_client: client.ClientV2, authz: messages.AuthorizationResource
+    ) -> str:
+        """RFC 8555 §8.3: the key authorization at
+        http://<name>/.well-known/acme-challenge/<token> ([listen] http)."""
+        challenge = self._challenge(authz, "http-01")
+        response, validation = challenge.response_and_validation(acme_client.net.key)
+        token: str = challenge.chall.encode("token")
+        self.http01[token] = validation
+        acme_client.answer_challenge(challenge, response)
+        return token
+
+    def _publish_tls_alpn01(
+        self, acme_client: client.ClientV2, authz: messages.AuthorizationResource
+    ) -> str:
+        """RFC 8737: a self-signed certificate for the name carrying the
+        key authorization's SHA-256, served on [listen] https to a client
+        that asks for ALPN "acme-tls/1" (net/tls.answer_tls_alpn).  certbot's
+        acme no longer has this challenge: its key authorization and empty
+        response (RFC 8555 §8.1, §7.5.1) are made here."""
+        if not self.settings.listen.https:
+            raise RuntimeError("ACME needs [listen] http (http-01) or https (tls-alpn-01)")
+        challenge = self._challenge(authz, "tls-alpn-01")
+        chall = challenge.chall
+        # acme < 5 still parses the challenge (TLSALPN01); later ones do not.
+        unparsed = isinstance(chall, challenges.UnrecognizedChallenge)
+        token = str(chall.jobj["token"] if unparsed else chall.encode("token"))
+        account_key = acme_client.net.key
+        if account_key is None:
+            raise RuntimeError("no account key")
+        thumbprint = b64encode(account_key.thumbprint()).decode()
+        name = str(authz.body.identifier.value).lower()
+        self.tls_alpn[name] = _tls_alpn_context(
+            acme_dir(self.settings), name, f"{token}.{thumbprint}"
+        )
+        acme_client.answer_challenge(challenge, _EmptyResponse())
+        return name
 
     def renewal_time(self, pem: bytes) -> tuple[datetime.datetime, str]:
         """When to renew: the CA's ARI window (RFC 9773) where its directory

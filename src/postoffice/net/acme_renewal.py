@@ -49,7 +49,7 @@ def _stamp(when: datetime.datetime) -> str:
 class CertificateKeeper:
     def __init__(self, services: Services, install: Callable[[], Awaitable[None]]) -> None:
         self.services = services
-        self.issuer = AcmeIssuer(services.settings, services.acme_http01)
+        self.issuer = AcmeIssuer(services.settings, services.acme_http01, services.acme_tls_alpn)
         self.install = install
         self.failures = 0
 
@@ -86,7 +86,9 @@ class CertificateKeeper:
                 await asyncio.sleep(min(wait, LONGEST_SLEEP_SECONDS))
                 continue
             if self.issuer.settings.acme != self.settings.acme:  # a reload moved the CA
-                self.issuer = AcmeIssuer(self.settings, self.services.acme_http01)
+                self.issuer = AcmeIssuer(
+                    self.settings, self.services.acme_http01, self.services.acme_tls_alpn
+                )
             self.issuer.settings = self.settings
             await self._renew(why)
 

@@ -104,6 +104,25 @@ def cert_and_key(settings: Settings) -> tuple[Path, Path]:
     return ensure_self_signed(settings.tls_dir, settings.hostname)
 
 
+ACME_TLS_ALPN = "acme-tls/1"  # RFC 8737 §6.2
+
+
+def answer_tls_alpn(ctx: ssl.SSLContext, challenges: dict[str, ssl.SSLContext]) -> None:
+    """Serve an ACME tls-alpn-01 validation (RFC 8737 §3) on ``ctx``: a
+    ClientHello naming a name with a challenge under way gets that
+    challenge's context (its certificate, ALPN "acme-tls/1").  Python cannot
+    see the client's ALPN offer at SNI time, so for the second or so of a
+    validation an ordinary client naming that name gets the challenge
+    certificate too; net/acme.py uses tls-alpn-01 only without [listen] http."""
+
+    def pick(conn: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: ssl.SSLContext) -> None:
+        chosen = challenges.get(name.lower()) if name else None
+        if chosen is not None:
+            conn.context = chosen
+
+    ctx.sni_callback = pick
+
+
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     """TLS 1.2+ server context; raises ssl.SSLError / OSError on bad files."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
