@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from postoffice.config.settings import Settings
-from postoffice.net.tls import CERT_NAME, acme_certificate
+from postoffice.net.tls import served_certificate
 from postoffice.storage.safeio import atomic_write
 
 RENEWAL = "renewal.json"
@@ -83,19 +83,8 @@ def write_renewal(settings: Settings, state: dict[str, str]) -> None:
     atomic_write(directory / RENEWAL, json.dumps(state, indent=1).encode(), 0o644)
 
 
-def _served(settings: Settings) -> tuple[str, Any]:
-    """(what, path) of the certificate tls.cert_and_key would serve, without
-    making the self-signed one."""
-    issued = acme_certificate(settings)
-    if settings.acme.directory and issued.is_file():
-        return "acme", issued
-    if settings.tls.cert is not None:
-        return "[tls] cert", settings.tls.cert
-    return "self-signed", settings.tls_dir / CERT_NAME
-
-
 def cert_status(args: argparse.Namespace, settings: Settings) -> int:
-    what, path = _served(settings)
+    what, path = served_certificate(settings)
     plan = read_renewal(settings) if settings.acme.directory else {}
     print(f"certificate   {path} ({what})")
     try:

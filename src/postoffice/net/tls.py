@@ -92,6 +92,17 @@ def acme_certificate(settings: Settings) -> Path:
     return settings.data_dir / "acme" / "certificate.pem"
 
 
+def served_certificate(settings: Settings) -> tuple[str, Path]:
+    """(which, chain file) of what ``cert_and_key`` serves, making nothing:
+    "acme", "[tls] cert" or "self-signed" (doctor, ``cert status``)."""
+    issued = acme_certificate(settings)
+    if settings.acme.directory and issued.is_file():
+        return "acme", issued
+    if settings.tls.cert is not None:
+        return "[tls] cert", settings.tls.cert
+    return "self-signed", settings.tls_dir / CERT_NAME
+
+
 def cert_and_key(settings: Settings) -> tuple[Path, Path]:
     """The certificate to serve: ACME's once there is one (net/acme.py: key and
     chain in one file), else [tls] files, else the self-signed pair."""
