@@ -8,6 +8,7 @@ on the implicit-TLS listeners (465-, 993- and 995-style).
 
 from __future__ import annotations
 
+import datetime
 import imaplib
 import os
 import re
@@ -242,6 +243,60 @@ def test_tls_alpn_01_on_https_when_there_is_no_http_listener(
             server.stop()
     finally:
         pebble.stop()
+
+
+@pytest.mark.interop
+def test_an_expired_certificate_is_served_at_start_then_replaced(
+    tmp_path: Path, dnsmasq: Dnsmasq, require_program: Callable[[str], str]
+) -> None:
+    web = {"http": free_port(), "https": free_port()}
+    pebble = Pebble(
+        tmp_path / "pebble", dns_server=dnsmasq.server, http_port=web["http"], tls_port=web["https"]
+    ).start(require_program("pebble"))
+    try:
+        server = acme_server(tmp_path / "po", pebble.directory, pebble.directory_ca, web)
+        old = expired_chain(server.data_dir / "acme" / "certificate.pem")
+        server.start()
+        try:
+            wait_for_log(server, INSTALLED)
+            log = server.log()
+            assert "no certificate yet" not in log  # the expired one served meanwhile
+            assert "(it has expired)" in log, log
+            new = served_certificate(server.ports["imaps"])
+            assert new.serial_number != old.serial_number
+            assert "Pebble" in new.issuer.rfc4514_string()
+        finally:
+            server.stop()
+    finally:
+        pebble.stop()
+
+
+def expired_chain(path: Path) -> x509.Certificate:
+    """A key and a certificate for NAMES that ended yesterday, where net/acme.py keeps its own."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, HOST)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=10))
+        .not_valid_after(now - datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in NAMES]), False)
+        .sign(key, hashes.SHA256())
+    )
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.write_bytes(pem + cert.public_bytes(serialization.Encoding.PEM))
+    path.chmod(0o600)
+    return cert
 
 
 def test_ca_unreachable_at_start_serves_self_signed(

@@ -246,6 +246,9 @@ class AcmeIssuer:
         """When to renew: the CA's ARI window (RFC 9773) where its directory
         has renewalInfo, else 2/3 of the lifetime."""
         info = certificate_info(pem)
+        now = datetime.datetime.now(datetime.UTC)
+        if info.not_after <= now:
+            return now, "it has expired"
         try:
             suggested, _next_check = self.account().renewal_time(pem)
         except errors.ARIError as exc:
