@@ -28,8 +28,13 @@ CAPABILITIES=(
   "command -v msmtp|msmtp"
   "command -v gnutls-cli|gnutls-bin"
   "command -v openssl|openssl"
+  # tests/integration/test_tls_profile.py: the protocols and suites offered.
+  "command -v sslscan|sslscan"
   "command -v ip|iproute2"
   "test -x /usr/sbin/dnsmasq|dnsmasq-base"
+  # tests/integration/test_dane.py: a zone signed with ldns-signzone, validated by unbound.
+  "test -x /usr/sbin/unbound|unbound"
+  "command -v ldns-keygen && command -v ldns-signzone|ldnsutils"
   "test -x /usr/sbin/postfix && test -x /usr/sbin/smtp-sink && test -x /usr/sbin/smtp-source|postfix"
   "test -x /usr/sbin/opendkim|opendkim"
   "test -x /usr/sbin/dovecot|dovecot-core"

@@ -27,11 +27,12 @@ from postoffice.check import first_unbindable
 from postoffice.childproc import die_with_parent
 from postoffice.config.settings import ListenAddress, ListenSettings, Settings, load_settings
 from postoffice.datadir import LOCK_NAME, DataDirBusy, Owner, ServeLock
-from postoffice.delivery.dmarc_reports import ReportSender
+from postoffice.delivery.dmarc_reports import ReportSender, run_daily
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound, QueueHandoff
 from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
+from postoffice.delivery.tls_reports import TlsReportSender
 from postoffice.dns.resolver import DnsResolver, Resolver
 from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.accept import AcceptShares, bind
@@ -51,6 +52,7 @@ from postoffice.policy.dmarc_store import ReportRecorder
 from postoffice.policy.mailauth import InboundChecks
 from postoffice.policy.srs import Srs, load_secrets
 from postoffice.policy.throttle import LoginThrottle, ThrottleLimits
+from postoffice.policy.tls_rpt_store import TlsReportRecorder
 from postoffice.services import Services
 from postoffice.storage.folder_watch import FolderWatcher
 from postoffice.storage.free_space import FreeSpaceGuard
@@ -154,7 +156,14 @@ def _build_outbound(services: Services, resolver: Resolver) -> Outbound:
     settings = services.settings
     store = QueueStore(settings.queue_dir, services.executor)
     store.ensure_dirs()
-    remote = RemoteCourier(settings.relay, settings.hostname, resolver, signer=services.dkim_signer)
+    # Each connection's TLS outcome is recorded for TLS reports (policy/tls_rpt_store.py).
+    remote = RemoteCourier(
+        settings.relay,
+        settings.hostname,
+        resolver,
+        signer=services.dkim_signer,
+        tls_reports=TlsReportRecorder(settings.data_dir),
+    )
     local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
     return Outbound(settings, store, remote, local, srs=services.srs, signer=services.dkim_signer)
 
@@ -288,9 +297,11 @@ class Server:
         await self._start_listeners()
         if isinstance(s.outbound, Outbound):  # the delivering process's queue
             self.background.append(asyncio.get_running_loop().create_task(s.outbound.run()))
-            if s.resolver is not None:  # DMARC reports, daily after the UTC day boundary
-                reports = ReportSender(s.settings, s.resolver, s.outbound, s.dkim_signer)
-                self.background.append(asyncio.get_running_loop().create_task(reports.run()))
+            if s.resolver is not None:  # DMARC and TLS reports, daily after the UTC day boundary
+                dmarc = ReportSender(s.settings, s.resolver, s.outbound, s.dkim_signer)
+                tlsrpt = TlsReportSender(s.settings, s.resolver, s.outbound, s.dkim_signer)
+                daily = run_daily([("dmarc", dmarc.run_once), ("tlsrpt", tlsrpt.run_once)])
+                self.background.append(asyncio.get_running_loop().create_task(daily))
 
     async def _start_listeners(self) -> None:
         for listener in self.listeners:

@@ -649,7 +649,7 @@ def _init_new(args: argparse.Namespace) -> int:
     print(f"  postoffice -c {config} doctor")
     print(f"{hostname}. IN A <this server's public IPv4 address>")
     print(f"  (and AAAA for IPv6; the PTR of each address names {hostname})")
-    for line in records_to_publish(hostname, domain, keys, settings.listen):
+    for line in records_to_publish(hostname, domain, keys, settings.listen, settings.mta_sts):
         print(line)
     print()
     print(f"Then start it (as root: it binds the ports, then runs as {settings.run.user}):")
@@ -750,6 +750,11 @@ def _add_dmarc_parser(subparsers: Subparsers) -> None:
 def _add_cert_parser(subparsers: Subparsers) -> None:
     cert_status = importlib.import_module("postoffice.net.cert_status")
     cert_status.add_cert_parser(subparsers)
+
+
+def _add_tlsrpt_parser(subparsers: Subparsers) -> None:
+    tls_reports = importlib.import_module("postoffice.delivery.tls_reports")
+    tls_reports.add_tlsrpt_parser(subparsers)
 
 
 # --- dkim, doctor ---------------------------------------------------------------------
@@ -940,6 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_queue_parser,
         _add_dmarc_parser,
         _add_cert_parser,
+        _add_tlsrpt_parser,
         _add_trace_parser,
         _add_dkim_parser,
         _add_check_parser,
@@ -1008,6 +1014,7 @@ _BEFORE_BECOMING_OWNER = (
     "postoffice.delivery.queue_cli",
     "postoffice.delivery.dmarc_reports",
     "postoffice.net.cert_status",
+    "postoffice.delivery.tls_reports",
     "postoffice.trace",
     "postoffice.policy.auth",
     "postoffice.policy.dkim_keys",

@@ -13,8 +13,11 @@ set, like every lookup of the server) and marks it:
 Records: MX (RFC 5321 §5.1), the host's A/AAAA and the matching PTR
 (forward-confirmed reverse DNS, which large providers require of senders),
 SPF for the domain and the HELO name (RFC 7208), each active DKIM selector
-(RFC 6376 §3.6.2), DMARC (RFC 7489 §6.1).  It also checks the TLS
-certificate (expiry, names) and that each configured listener answers.
+(RFC 6376 §3.6.2), DMARC (RFC 7489 §6.1), TLS reporting (RFC 8460 §3),
+our MTA-STS policy's record, host and certificate name (RFC 8461 §3), and
+the smtp port's TLSA record for the current certificate (RFC 7672, "3 1 1";
+optional, but a stale one is wrong).  It also checks the TLS certificate
+(expiry, names) and that each configured listener answers.
 Exit status: 0 when nothing is missing or wrong, 1 otherwise.
 
 The resolver is asked once first (the root's NS, which any resolver answers
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import ipaddress
 import ssl
 import sys
@@ -40,12 +44,14 @@ from pathlib import Path
 from typing import TextIO
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from postoffice.config.client_endpoints import all_services, endpoints
-from postoffice.config.settings import ListenAddress, ListenSettings, Settings
+from postoffice.config.settings import ListenAddress, ListenSettings, MtaStsSettings, Settings
 from postoffice.dns.mx import MxRecord
 from postoffice.dns.resolver import DnsError, DnsResolver, Resolver
+from postoffice.net import mta_sts
 from postoffice.net.tls import served_certificate
 from postoffice.policy import dmarc, spf
 from postoffice.policy.dkim_keys import DkimKey, DkimKeyError, load_keys, txt_record, zone_txt
@@ -140,8 +146,39 @@ def autoconfig_lines(domain: str, hostname: str, listen: ListenSettings) -> list
     ]
 
 
+def tls_rpt_text(domain: str) -> str:
+    """Where other servers send TLS reports about mail to ``domain`` (RFC 8460 §3)."""
+    return f"v=TLSRPTv1; rua=mailto:postmaster@{domain}"
+
+
+def tls_rpt_line(domain: str) -> str:
+    return f"_smtp._tls.{domain}. IN TXT {_txt(tls_rpt_text(domain))}"
+
+
+def mta_sts_lines(domain: str, hostname: str, policy: MtaStsSettings) -> list[str]:
+    """With [mta_sts] mode testing or enforce: the policy's TXT record (its
+    id a hash of the policy, RFC 8461 §3.1) and the name its https host has."""
+    return [
+        f"_mta-sts.{domain}. IN TXT {_txt(mta_sts.txt_text(hostname, policy))}",
+        f"mta-sts.{domain}. IN CNAME {hostname}.",
+    ]
+
+
+def tlsa_line(hostname: str, cert: x509.Certificate) -> str:
+    """DANE-EE (3), the public key (1), SHA-256 (1): RFC 7672 §3.1.1's
+    recommended form, which survives a renewal that keeps the key."""
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return f"_25._tcp.{hostname}. IN TLSA 3 1 1 {hashlib.sha256(spki).hexdigest()}"
+
+
 def records_to_publish(
-    hostname: str, domain: str, keys: Sequence[DkimKey], listen: ListenSettings | None = None
+    hostname: str,
+    domain: str,
+    keys: Sequence[DkimKey],
+    listen: ListenSettings | None = None,
+    policy: MtaStsSettings | None = None,
 ) -> list[str]:
     """Every zone-file line a new domain on this host needs, in the doctor's words."""
     lines = [mx_line(domain, hostname), spf_line(domain)]
@@ -149,9 +186,12 @@ def records_to_publish(
         lines.append(helo_spf_line(hostname))
     lines += [zone_txt(key.dns_name, txt_record(key)) for key in keys]
     lines.append(dmarc_line(domain))
+    lines.append(tls_rpt_line(domain))
     if listen is not None:
         lines += [line for line, _name, _port in srv_lines(domain, hostname, listen)]
         lines += autoconfig_lines(domain, hostname, listen)
+        if listen.https and policy is not None and policy.mode != "none":
+            lines += mta_sts_lines(domain, hostname, policy)
     return lines
 
 
@@ -283,7 +323,85 @@ class Doctor:
         findings += await self._dkim(domain)
         findings.append(await self._dmarc(domain))
         findings += await self._client_records(domain)
+        findings.append(await self._tls_rpt(domain))
+        findings += await self._mta_sts(domain)
         return Section(domain, findings)
+
+    async def _tls_rpt(self, domain: str) -> Finding:
+        line = tls_rpt_line(domain)
+        records, problem = await self._txt_records(f"_smtp._tls.{domain}")
+        if records is None:
+            return Finding(WRONG, line, problem)
+        found = [t for t in records if t.startswith("v=TLSRPTv1")]
+        if len(found) > 1:  # RFC 8460 §3: senders then ignore them all
+            return Finding(WRONG, line, f"{len(found)} TLSRPT records: senders ignore them all")
+        if not found:
+            return Finding(
+                WARN, line, "optional: senders' reports of TLS failures on mail to you (RFC 8460)"
+            )
+        if "rua=" not in found[0]:
+            return Finding(WRONG, line, f"published {_txt(found[0])} names no rua=")
+        return Finding(OK, line)
+
+    async def _mta_sts(self, domain: str) -> list[Finding]:
+        """Our policy's TXT record (its id must be the served policy's, or
+        senders keep a cached older one, RFC 8461 §3.1), the policy host's
+        name, and the certificate that host shows (senders verify it, §3.3)."""
+        settings = self.settings
+        policy = settings.mta_sts
+        txt_line, host_line = mta_sts_lines(domain, self.hostname, policy)
+        want = mta_sts.txt_text(self.hostname, policy)
+        records, problem = await self._txt_records(f"_mta-sts.{domain}")
+        if records is None:
+            return [Finding(WRONG, txt_line, problem)]
+        found = [t for t in records if t.startswith("v=STSv1")]
+        if policy.mode == "none":
+            if not found or want in found:
+                return [Finding(OK, f"_mta-sts.{domain}", "[mta_sts] mode = none: no policy")]
+            return [
+                Finding(
+                    WRONG,
+                    txt_line,
+                    f"published {_txt(found[0])}: publish this id so senders fetch"
+                    " mode: none (RFC 8461 §8.3), and keep serving it for max_age",
+                )
+            ]
+        if not settings.listen.https:
+            return [
+                Finding(
+                    WRONG,
+                    f"[mta_sts] mode = {policy.mode}",
+                    "the policy is served on [listen] https, which is off",
+                )
+            ]
+        findings = []
+        if not found:
+            findings.append(Finding(MISSING, txt_line, f"no MTA-STS record at _mta-sts.{domain}"))
+        elif want not in found:
+            findings.append(
+                Finding(
+                    WRONG,
+                    txt_line,
+                    f"published {_txt(found[0])}: another policy's id; senders keep their"
+                    " cached policy until the id changes",
+                )
+            )
+        else:
+            findings.append(Finding(OK, txt_line, f"mode {policy.mode}"))
+        findings.append(await self._points_here(f"mta-sts.{domain}"))
+        cert = _read_certificate(settings)
+        if cert is not None and not any(
+            _name_matches(n, f"mta-sts.{domain}") for n in _names(cert)
+        ):
+            findings.append(
+                Finding(
+                    WRONG,
+                    host_line,
+                    f"the certificate is not for mta-sts.{domain}: senders cannot fetch the"
+                    " policy (add the name to it)",
+                )
+            )
+        return findings
 
     async def _client_records(self, domain: str) -> list[Finding]:
         """RFC 6186 SRV records and the autoconfiguration names."""
@@ -551,6 +669,42 @@ def check_certificate(settings: Settings, now: datetime.datetime | None = None) 
     return findings
 
 
+def _read_certificate(settings: Settings) -> x509.Certificate | None:
+    try:
+        return x509.load_pem_x509_certificate(_cert_path(settings).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+async def check_tlsa(settings: Settings, resolver: DnsResolver) -> Finding:
+    """The TLSA record of the smtp port for the current certificate (RFC
+    7672): optional (it needs a DNSSEC-signed zone), but one that matches no
+    published record makes DANE senders defer all mail (§2.2), so wrong."""
+    cert = _read_certificate(settings)
+    host = settings.hostname
+    if cert is None:
+        return Finding(WARN, f"_25._tcp.{host}. IN TLSA 3 1 1 ...", "no certificate to read yet")
+    line = tlsa_line(host, cert)
+    try:
+        found, _secure = await resolver.tlsa(host, 25)
+    except DnsError as exc:
+        return Finding(WRONG, line, f"DNS lookup failed: {exc}")
+    want = line.rsplit(" ", 1)[1]
+    records = [(r.usage, r.selector, r.mtype, r.data.hex()) for r in found]
+    if not records:
+        return Finding(
+            WARN, line, "optional: DANE (RFC 7672) for senders that check it; needs DNSSEC"
+        )
+    if (3, 1, 1, want) in records:
+        return Finding(OK, line)
+    return Finding(
+        WRONG,
+        line,
+        f"{len(records)} TLSA record(s) at _25._tcp.{host}, none for the current certificate:"
+        " DANE senders will defer mail; publish this one (keep the old until caches expire)",
+    )
+
+
 _GREETINGS = {
     "smtp": (b"220", False),
     "submission": (b"220", False),
@@ -633,6 +787,7 @@ async def diagnose(
         return [Section(f"{settings.hostname} (this server)", findings)]
     doctor = Doctor(settings, resolver, domains, certificate)
     sections = [await doctor.server()]
+    sections[0].findings.append(await check_tlsa(settings, resolver))
     for domain in domains:
         sections.append(await doctor.domain(domain))
     return sections

@@ -57,7 +57,7 @@ LISTENERS = frozenset(
     }
 )
 TLS_VERSIONS = frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
-DNS_TYPES = frozenset({"MX", "A", "AAAA", "TXT", "PTR", "SOA", "CNAME", "SRV"})
+DNS_TYPES = frozenset({"MX", "A", "AAAA", "TXT", "PTR", "SOA", "CNAME", "SRV", "TLSA"})
 DNS_FAILURES = frozenset({"nxdomain", "servfail", "timeout", "error"})
 AUTH_PROTOCOLS = frozenset({"smtp", "pop3", "imap"})
 AUTH_RESULTS = frozenset({"success", "failure", "throttled"})

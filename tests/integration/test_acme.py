@@ -186,6 +186,8 @@ def test_issued_at_start_verified_by_curl_and_renewed_under_a_session(
             renewed = served_certificate(ports["imaps"])
             assert renewed.serial_number != first.serial_number
             assert renewed.not_valid_after_utc > first.not_valid_after_utc
+            # The key stays (a TLSA 3 1 1 record names it: DANE, RFC 7671 §5.1).
+            assert renewed.public_key() == first.public_key()
             assert imap.noop()[0] == "OK"
             assert imap.select("INBOX")[0] == "OK"
             imap.logout()

@@ -26,8 +26,11 @@ def _name(text: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
 
 
-def make_pki(directory: Path, names: list[str]) -> Pki:
-    """A CA and a server certificate for ``names`` (DNS names), in ``directory``."""
+def make_pki(directory: Path, names: list[str], *, intermediate: bool = False) -> Pki:
+    """A CA and a server certificate for ``names`` (DNS names), in ``directory``.
+    ``intermediate``: the CA signs an intermediate CA that signs the leaf,
+    and the chain file holds leaf then intermediate (as ACME clients'
+    fullchain.pem: the root, which clients have, is not sent)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -39,7 +42,9 @@ def make_pki(directory: Path, names: list[str]) -> Pki:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.BasicConstraints(ca=True, path_length=1 if intermediate else 0), critical=True
+        )
         .add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False),
             critical=True,
@@ -47,11 +52,35 @@ def make_pki(directory: Path, names: list[str]) -> Pki:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
+    issuer, issuer_key = ca, ca_key
+    if intermediate:
+        issuer_key = ec.generate_private_key(ec.SECP256R1())
+        issuer = (
+            x509.CertificateBuilder()
+            .subject_name(_name("postoffice test intermediate CA"))
+            .issuer_name(ca.subject)
+            .public_key(issuer_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(issuer_key.public_key()), False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = (
         x509.CertificateBuilder()
         .subject_name(_name(names[0]))
-        .issuer_name(ca.subject)
+        .issuer_name(issuer.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -60,14 +89,14 @@ def make_pki(directory: Path, names: list[str]) -> Pki:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
         )
-        .sign(ca_key, hashes.SHA256())
+        .sign(issuer_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
     paths = Pki(directory / "ca.pem", directory / "fullchain.pem", directory / "key.pem")
     paths.ca.write_bytes(ca.public_bytes(pem))
-    paths.cert.write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
+    paths.cert.write_bytes(leaf.public_bytes(pem) + issuer.public_bytes(pem))
     paths.key.write_bytes(
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )

@@ -222,6 +222,20 @@ class RunSettings:
     allow_root: bool = False  # handle mail as root when `user` does not exist
 
 
+MTA_STS_MODES = ("none", "testing", "enforce")
+MTA_STS_MAX_AGE = 31557600  # RFC 8461 §3.2: max_age is at most 31557600 seconds (a year)
+
+
+@dataclass(frozen=True, slots=True)
+class MtaStsSettings:
+    # Our own MTA-STS policy (RFC 8461), served on [listen] https at
+    # https://mta-sts.<domain>/.well-known/mta-sts.txt for each local domain:
+    # "none" (no policy; served so senders drop one they cached), "testing"
+    # (senders report failures, deliver anyway) or "enforce".
+    mode: str = "none"
+    max_age: int = 604800  # seconds senders may cache the policy (a week)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     hostname: str = "localhost"  # banner, EHLO name, Received headers
@@ -237,6 +251,7 @@ class Settings:
     checks: CheckSettings = field(default_factory=CheckSettings)
     log: LogSettings = field(default_factory=LogSettings)
     run: RunSettings = field(default_factory=RunSettings)
+    mta_sts: MtaStsSettings = field(default_factory=MtaStsSettings)
 
     @property
     def mail_dir(self) -> Path:
@@ -436,6 +451,7 @@ class _Loader:
             checks=self.checks(top.get("checks", {})),
             log=self.log(top.get("log", {})),
             run=self.run(top.get("run", {})),
+            mta_sts=self.mta_sts(top.get("mta_sts", {})),
         )
 
     def typed(self, value: Any, kind: type, key: str) -> Any:
@@ -635,6 +651,18 @@ class _Loader:
         if not run.user:
             raise self.fail("run.user", "must not be empty")
         return run
+
+    def mta_sts(self, raw: Any) -> MtaStsSettings:
+        table = self.table(raw, "mta_sts", MtaStsSettings)
+        mode = self.typed(table.get("mode", MtaStsSettings().mode), str, "mta_sts.mode")
+        if mode not in MTA_STS_MODES:
+            raise self.fail("mta_sts.mode", f"must be one of: {', '.join(MTA_STS_MODES)}")
+        numbers = self.numbers(
+            {k: v for k, v in table.items() if k != "mode"}, "mta_sts", MtaStsSettings
+        )
+        if numbers.max_age > MTA_STS_MAX_AGE:
+            raise self.fail("mta_sts.max_age", f"must be at most {MTA_STS_MAX_AGE} (RFC 8461 3.2)")
+        return MtaStsSettings(mode=mode, max_age=numbers.max_age)
 
     def log(self, raw: Any) -> LogSettings:
         table = self.table(raw, "log", LogSettings)

@@ -32,6 +32,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,22 +92,11 @@ class ReportSender:
     def reconfigure(self, settings: Settings) -> None:
         self._settings = settings
 
-    async def run(self) -> None:
-        """The daily task: a pass now (what was left behind), then one after
-        each UTC day boundary."""
-        while True:
-            try:
-                await self.run_once(time.time())
-            except Exception:  # reports must never take the server down
-                log.exception("dmarc: report pass failed")
-            now = time.time()
-            await asyncio.sleep((now // DAY + 1) * DAY + AFTER_MIDNIGHT - now)
-
     async def run_once(self, now: float, *, today_too: bool = False) -> list[Sent]:
         """Seal what is due (finished days; ``today_too``: today so far) and
         send every sealed report."""
         path = store_path(self._settings.data_dir)
-        lock = await asyncio.to_thread(_lock_blocking, path.parent / "send.lock")
+        lock = await asyncio.to_thread(lock_blocking, path.parent / "send.lock")
         try:
             db = await asyncio.to_thread(connect, path)
             try:
@@ -148,7 +138,9 @@ class ReportSender:
             data = report_message(
                 report, receiver=receiver, sender=sender, to=to, attachment=attachment, now=now
             )
-            queue_id = await self._queue_blocking(sender, to, f"{report.report_id}-dmarc", data)
+            queue_id = await queue_report(
+                self._queue, self._signer, sender, to, f"{report.report_id}-dmarc", data
+            )
             note = f"queued {queue_id} to {', '.join(map(str, to))}" + (f"; {note}" if note else "")
         state = "sent" if to else "dropped"
         await asyncio.to_thread(finish_blocking, db, report.report_id, state, note)
@@ -161,21 +153,43 @@ class ReportSender:
         )
         return Sent(report.report_id, report.domain, state, note)
 
-    async def _queue_blocking(
-        self, sender: Address, to: list[Address], queue_id: str, data: bytes
-    ) -> str:
-        writer = self._queue.writer(sender, to, queue_id=queue_id)
-        try:
-            if self._signer is None:
-                await writer.write(data)
-                return await writer.commit()
-            return await writer.commit_with_head(data, self._signer.sign_blocking)
-        except BaseException:
-            await writer.discard()
-            raise
+
+async def run_daily(passes: Sequence[tuple[str, Callable[[float], Awaitable[object]]]]) -> None:
+    """The one daily task for every report kind (DMARC here, TLS-RPT in
+    tls_reports.py): each pass now (what was left behind), then after each
+    UTC day boundary."""
+    while True:
+        for name, run_once in passes:
+            try:
+                await run_once(time.time())
+            except Exception:  # reports must never take the server down
+                log.exception("%s: report pass failed", name)
+        now = time.time()
+        await asyncio.sleep((now // DAY + 1) * DAY + AFTER_MIDNIGHT - now)
 
 
-def _lock_blocking(path: Path) -> int:
+async def queue_report(
+    queue: Outbound | QueueHandoff,
+    signer: DkimSigner | None,
+    sender: Address,
+    to: list[Address],
+    queue_id: str,
+    data: bytes,
+) -> str:
+    """Queue a report mail under ``queue_id``, DKIM-signed like our DSNs."""
+    writer = queue.writer(sender, to, queue_id=queue_id)
+    try:
+        if signer is None:
+            await writer.write(data)
+            return await writer.commit()
+        return await writer.commit_with_head(data, signer.sign_blocking)
+    except BaseException:
+        await writer.discard()
+        raise
+
+
+def lock_blocking(path: Path) -> int:
+    """The one-pass-at-a-time lock of a report kind (held until the fd closes)."""
     path.parent.mkdir(mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)

@@ -13,14 +13,18 @@ signed again; one that needs SMTPUTF8 goes nowhere without it (RFC 6531
 §3.2: returned with 5.6.7).
 
 TLS is opportunistic (RFC 3207, RFC 7435): STARTTLS whenever offered,
-certificates not verified (no MTA-STS/DANE yet); if the handshake fails the
-same address is tried once more in plaintext.
+certificates not verified; if the handshake fails the same address is tried
+once more in plaintext.  Except under DANE (RFC 7672, policy/dane.py): when
+the MX RRset and the host's TLSA RRset are DNSSEC-authenticated, STARTTLS is
+mandatory and the certificate must match a TLSA record; otherwise the host
+is not used (4.7.5), never in plaintext.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import ipaddress
 import logging
 import random
@@ -44,7 +48,16 @@ from postoffice.delivery.smtp_connection import ClientTimeouts, SmtpClient, Smtp
 from postoffice.dns.mx import MxLoopsToSelf, NullMx, order_mx
 from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address
+from postoffice.policy import dane
 from postoffice.policy.dkim_sign import DkimSigner
+from postoffice.policy.tls_rpt_store import (
+    STARTTLS_NOT_SUPPORTED,
+    TLSA_INVALID,
+    VALIDATION_FAILURE,
+    TlsFailure,
+    TlsPolicy,
+    TlsReportRecorder,
+)
 from postoffice.protocol.smtp_reply import Reply
 
 log = logging.getLogger("postoffice.delivery")
@@ -70,6 +83,7 @@ def client_tls_context() -> ssl.SSLContext:
 class Hop:
     host: str  # MX host name, or an IP address (literal, smarthost)
     port: int
+    dnssec: bool = False  # found through a DNSSEC-authenticated MX RRset (DANE may apply)
 
 
 class RouteError(Exception):
@@ -135,9 +149,12 @@ class RemoteCourier:
         rng: random.Random | None = None,
         cache: ConnectionCache | None = None,
         signer: DkimSigner | None = None,
+        tls_reports: TlsReportRecorder | None = None,
     ) -> None:
-        """``signer``: signs our own mail again after an 8-bit conversion."""
+        """``signer``: signs our own mail again after an 8-bit conversion;
+        ``tls_reports``: records each new connection's TLS outcome (RFC 8460)."""
         self._relay = relay
+        self._tls_reports = tls_reports
         self._signer = signer
         self._hostname = hostname
         self._resolver = resolver
@@ -156,6 +173,8 @@ class RemoteCourier:
     async def close(self) -> None:
         """Close parked connections (at shutdown)."""
         await self._cache.close()
+        if self._tls_reports is not None:
+            await asyncio.to_thread(self._tls_reports.close)
 
     def destination(self, domain: str) -> str:
         """The key that concurrency limits apply to."""
@@ -172,7 +191,7 @@ class RemoteCourier:
         if domain.startswith("["):
             raise RouteError(f"bad address literal {domain}", "5.1.2")
         try:
-            records = await self._resolver.mx(domain)
+            records, secure = await self._resolver.mx_dnssec(domain)
         except DnsError as exc:
             if exc.temporary:
                 raise RouteError(f"MX lookup for {domain} failed: {exc}", "4.4.3") from None
@@ -185,8 +204,10 @@ class RemoteCourier:
         except MxLoopsToSelf:
             raise RouteError(f"mail for {domain} loops back to myself", "5.4.6") from None
         if not hosts:
-            return [Hop(domain, relay.mx_port)], True
-        return [Hop(h, relay.mx_port) for h in hosts], False
+            # RFC 7672 §2.2.1: an authenticated denial of MX makes the domain
+            # itself the (secure) host.
+            return [Hop(domain, relay.mx_port, secure)], True
+        return [Hop(h, relay.mx_port, secure) for h in hosts], False
 
     async def deliver(
         self,
@@ -237,9 +258,18 @@ class RemoteCourier:
             if not addresses:
                 attempt.failed(f"no address for MX host {hop.host}", "4.4.4", "")
                 continue
+            try:
+                policy = (
+                    await dane.lookup(self._resolver, hop.host, hop.port) if hop.dnssec else None
+                )
+            except DnsError as exc:
+                # RFC 7672 §2.2.2: a TLSA lookup that fails makes the host unusable.
+                dns_trouble = True
+                attempt.failed(f"TLSA lookup for {hop.host} failed: {exc}", "4.7.5", "")
+                continue
             for address in addresses:
                 results = await self._try_address(
-                    hop, address, sender, recipients, message, attempt
+                    hop, address, sender, recipients, message, attempt, policy
                 )
                 if results is not None:
                     return results
@@ -268,6 +298,7 @@ class RemoteCourier:
         recipients: Sequence[Address],
         message: MessageSource,
         attempt: _Attempt,
+        policy: dane.DanePolicy | None = None,
     ) -> list[RecipientResult] | None:
         """Results if this address gave a definite answer, else None (try the next)."""
         label = _label(hop.host, ip, hop.port)
@@ -275,9 +306,12 @@ class RemoteCourier:
         for _ in range(2):  # a second pass only after a failed TLS handshake
             try:
                 return await self._session(
-                    hop, ip, label, sender, recipients, message, attempt, use_tls
+                    hop, ip, label, sender, recipients, message, attempt, use_tls, policy
                 )
             except _TlsFailed as exc:
+                if policy is not None:  # RFC 7672 §2.2: never plaintext under DANE
+                    attempt.failed(f"{label}: {exc} (DANE requires TLS)", "4.7.5", label)
+                    return None
                 log.info("%s: %s; retrying without TLS", label, exc)
                 use_tls = False
         return None
@@ -292,6 +326,7 @@ class RemoteCourier:
         message: MessageSource,
         attempt: _Attempt,
         use_tls: bool,
+        policy: dane.DanePolicy | None = None,
     ) -> list[RecipientResult] | None:
         try:
             client = await SmtpClient.connect(ip, hop.port, self._timeouts)
@@ -301,7 +336,8 @@ class RemoteCourier:
             return None
         parked = False
         try:
-            if not await self._open(client, hop, label, attempt, use_tls):
+            domain = recipients[0].domain
+            if not await self._open(client, hop, label, attempt, use_tls, domain, policy):
                 return None
             link = Parked(client, hop.host, label)
             results, parked = await self._transact(link, sender, recipients, message, attempt)
@@ -364,9 +400,17 @@ class RemoteCourier:
         return None
 
     async def _open(
-        self, client: SmtpClient, hop: Hop, label: str, attempt: _Attempt, use_tls: bool
+        self,
+        client: SmtpClient,
+        hop: Hop,
+        label: str,
+        attempt: _Attempt,
+        use_tls: bool,
+        domain: str,
+        policy: dane.DanePolicy | None = None,
     ) -> bool:
-        """Greeting, EHLO and (opportunistic) STARTTLS; False if the host refused."""
+        """Greeting, EHLO and STARTTLS (opportunistic, or mandatory and checked
+        under DANE); False if the host refused or failed the DANE check."""
         greeting = await client.greeting()
         if not greeting.is_positive:
             attempt.failed(
@@ -380,15 +424,73 @@ class RemoteCourier:
                     self._tls, hop.host if _ip(hop.host) is None else None
                 )
             except SmtpConnectionError as exc:
+                self._report_tls(domain, hop, client, VALIDATION_FAILURE, str(exc), policy)
                 raise _TlsFailed(str(exc)) from None
             if reply.code == 220:
+                if policy is not None and not await self._dane_check(
+                    client, policy, label, attempt
+                ):
+                    self._report_tls(domain, hop, client, TLSA_INVALID, "", policy)
+                    return False
                 hello = await client.hello(self._hostname)  # RFC 3207 §4.2: start over
+        if use_tls and (client.tls or hello.is_positive):
+            result = "" if client.tls else STARTTLS_NOT_SUPPORTED
+            self._report_tls(domain, hop, client, result, "", policy)
         if not hello.is_positive:
             attempt.failed(
                 f"{label} refused EHLO: {hello.summary}", status_of(hello), label, reply=hello
             )
             return False
+        if policy is not None and not client.tls:
+            # RFC 7672 §2.2: with a usable (or unusable but secure) TLSA RRset,
+            # a host without STARTTLS is not delivered to in plaintext.
+            attempt.failed(f"{label} offers no STARTTLS, which DANE requires", "4.7.5", label)
+            return False
         return True
+
+    async def _dane_check(
+        self, client: SmtpClient, policy: dane.DanePolicy, label: str, attempt: _Attempt
+    ) -> bool:
+        """Right after the handshake and before anything else is said: does
+        the certificate match the TLSA records (RFC 7672 §3)?"""
+        now = datetime.datetime.now(datetime.UTC)
+        verdict = await asyncio.to_thread(policy.check, client.peer_chain(), now)
+        if not verdict.ok:
+            log.warning("%s: DANE verification failed: %s", label, verdict.detail)
+            attempt.failed(f"{label}: DANE verification failed: {verdict.detail}", "4.7.5", label)
+            return False
+        client.verified = f"DANE ({verdict.detail})" if policy.records else ""
+        log.info("%s: DANE: %s", label, verdict.detail)
+        return True
+
+    def _report_tls(
+        self,
+        domain: str,
+        hop: Hop,
+        client: SmtpClient,
+        result: str,
+        reason: str = "",
+        dane_policy: dane.DanePolicy | None = None,
+    ) -> None:
+        """Record a new connection's TLS outcome for TLS reports (RFC 8460
+        §4.3 result type; "" a success), under the policy it was held to:
+        DANE's TLSA records (§4.4 policy-type "tlsa", policy-string the
+        records in presentation form), else none found (opportunistic TLS)."""
+        if self._tls_reports is None:
+            return
+        failure = None
+        if result:
+            peer = client.peer_ip
+            mx = hop.host if _ip(hop.host) is None else ""
+            failure = TlsFailure(result, client.local_ip, mx, peer, reason)
+        if dane_policy is None:
+            held_to = TlsPolicy.none_found(domain)
+        else:
+            strings = tuple(
+                f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in dane_policy.records
+            )
+            held_to = TlsPolicy("tlsa", domain, strings)
+        self._tls_reports.record(held_to, failure)
 
     async def _transact(
         self,

@@ -115,6 +115,7 @@ class SmtpClient:
         self.extensions: dict[str, str] = {}
         self.esmtp = False
         self.replies_read = 0  # a reused connection that fails before a reply was stale
+        self.verified = ""  # how the peer's certificate was authenticated ("" = it was not)
 
     @classmethod
     async def connect(cls, ip: str, port: int, timeouts: ClientTimeouts) -> SmtpClient:
@@ -147,9 +148,38 @@ class SmtpClient:
             and self._conn.quiet()
         )
 
+    @property
+    def local_ip(self) -> str:
+        """Our end's address (a TLS report's sending-mta-ip, RFC 8460 §4.4)."""
+        return self._address("sockname")
+
+    @property
+    def peer_ip(self) -> str:
+        return self._address("peername")
+
+    def _address(self, which: str) -> str:
+        transport = self._conn.transport
+        name = transport.get_extra_info(which) if transport is not None else None
+        return str(name[0]) if name else ""
+
     def tls_info(self) -> str:
         version, cipher = self._conn.tls_version(), self._conn.tls_cipher()
-        return f"{version} {cipher}" if version else ""
+        if not version:
+            return ""
+        return f"{version} {cipher}" + (f", verified by {self.verified}" if self.verified else "")
+
+    def peer_chain(self) -> list[bytes]:
+        """The certificates the peer sent (DER, its own first), unverified.
+        Python < 3.13 gives only the peer's own certificate."""
+        transport = self._conn.transport
+        obj = transport.get_extra_info("ssl_object") if transport is not None else None
+        if obj is None:
+            return []
+        full = getattr(obj, "get_unverified_chain", None)  # Python 3.13+: DER, as sent
+        if full is not None:
+            return [c for c in full() or [] if isinstance(c, bytes)]
+        leaf = obj.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
 
     # --- low level -------------------------------------------------------------------
     async def _reply(self, timeout: float, *, after_data: bool = False) -> Reply:

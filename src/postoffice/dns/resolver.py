@@ -9,6 +9,15 @@ doctor).  ``DnsResolver`` implements it with dnspython and honours
 Errors are split the way delivery needs them (RFC 5321 §5.1, §4.2.4):
 a name that does not exist is permanent, anything else that went wrong
 (timeouts, SERVFAIL, REFUSED) is temporary and the message is retried.
+
+DNSSEC (for DANE, RFC 7672 §2.1): we do not validate ourselves.  Every
+question goes out with the EDNS DO bit, and the ``*_dnssec`` lookups report
+whether the answer came back with the AD bit, i.e. whether the validating
+resolver in ``[relay] dns_servers`` (unbound on loopback, say) authenticated
+it.  Three outcomes, as RFC 7672 §2.1.1 names them: "secure" (AD set),
+"insecure" (no AD: no DANE), "bogus" (the validator answers SERVFAIL, a
+temporary DnsError: delivery waits).  The AD bit is only as trustworthy as
+the path to that resolver, so it should be on the same host (RFC 6698 §4.1).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from typing import Protocol
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -31,6 +41,7 @@ from postoffice.dns.mx import MxRecord, normalise_host
 
 DNS_LIFETIME = 20.0  # seconds for one lookup, all servers and retries included
 DNS_CACHE_SIZE = 4096  # answers kept (each for its TTL)
+EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: signed answers fit without fragments
 
 
 class DnsError(Exception):
@@ -47,6 +58,17 @@ class SrvRecord:
     weight: int
     port: int
     target: str  # normalised host name; "" for "."
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaRecord:
+    """One TLSA record (RFC 6698 §2.1): certificate usage, selector,
+    matching type, and the association data (raw bytes)."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
 
 
 class Resolver(Protocol):
@@ -83,6 +105,27 @@ class Resolver(Protocol):
         "" is RFC 2782's ".": the service is decidedly not offered."""
         ...
 
+    async def mx_dnssec(self, domain: str) -> tuple[list[MxRecord], bool]:
+        """``mx``, and whether the validating resolver authenticated the
+        answer (the AD bit; an authenticated NODATA counts, RFC 7672 §2.2.1)."""
+        ...
+
+    async def addresses_dnssec(self, host: str) -> tuple[list[str], bool]:
+        """``addresses``, and whether every answer among them was authenticated."""
+        ...
+
+    async def tlsa(self, host: str, port: int) -> tuple[list[TlsaRecord], bool]:
+        """The TLSA records at ``_<port>._tcp.<host>`` (RFC 6698 §3), and
+        whether they were authenticated; ([], ...) when there are none (NXDOMAIN
+        included: RFC 7672 §2.2.2, no records means no DANE).  A SERVFAIL
+        (bogus, say) is DnsError(temporary=True)."""
+        ...
+
+
+def _authenticated(answer: dns.resolver.Answer) -> bool:
+    """The AD bit of the response behind ``answer`` (RFC 4035 §3.2.3)."""
+    return bool(answer.response.flags & dns.flags.AD)
+
 
 def _absolute(name: str) -> dns.name.Name:
     # Absolute names: no search list, so "example.test" never becomes
@@ -101,6 +144,9 @@ class DnsResolver:
             ]
         else:
             self._resolver = dns.asyncresolver.Resolver()
+        # The DO bit asks for DNSSEC records, so a validating resolver says
+        # with the AD bit whether it authenticated the answer (RFC 3225, RFC 6840 §5.8).
+        self._resolver.use_edns(0, dns.flags.DO, EDNS_PAYLOAD)
         self._resolver.lifetime = lifetime
         self._resolver.timeout = min(lifetime, 5.0)
         # Answers are kept for their TTL, so a queue run to one domain asks once.
@@ -145,27 +191,59 @@ class DnsResolver:
         return ""
 
     async def mx(self, domain: str) -> list[MxRecord]:
+        return (await self.mx_dnssec(domain))[0]
+
+    async def mx_dnssec(self, domain: str) -> tuple[list[MxRecord], bool]:
         answer = await self._query(domain, "MX")
-        if answer is None or answer.rrset is None:
-            return []
+        if answer is None:
+            return [], False
+        secure = _authenticated(answer)
+        if answer.rrset is None:
+            return [], secure
         return [
             MxRecord(int(r.preference), normalise_host(r.exchange.to_text()))
             for r in answer.rrset
             if r.rdtype == dns.rdatatype.MX
-        ]
+        ], secure
 
     async def addresses(self, host: str) -> list[str]:
+        return (await self.addresses_dnssec(host))[0]
+
+    async def addresses_dnssec(self, host: str) -> tuple[list[str], bool]:
         found: list[str] = []
+        secure = True
         for rdtype in ("AAAA", "A"):
             try:
                 answer = await self._query(host, rdtype)
             except DnsError as exc:
                 if exc.temporary:
                     raise
-                return []
-            if answer is not None and answer.rrset is not None:
+                return [], False
+            if answer is None:
+                secure = False
+                continue
+            secure = secure and _authenticated(answer)
+            if answer.rrset is not None:
                 found += [r.address for r in answer.rrset if hasattr(r, "address")]
-        return found
+        return found, secure
+
+    async def tlsa(self, host: str, port: int) -> tuple[list[TlsaRecord], bool]:
+        try:
+            answer = await self._query(f"_{port}._tcp.{host}", "TLSA")
+        except DnsError as exc:
+            if exc.temporary:
+                raise
+            return [], False
+        if answer is None:
+            return [], False
+        secure = _authenticated(answer)
+        if answer.rrset is None:
+            return [], secure
+        return [
+            TlsaRecord(int(r.usage), int(r.selector), int(r.mtype), bytes(r.cert))
+            for r in answer.rrset
+            if r.rdtype == dns.rdatatype.TLSA
+        ], secure
 
     # --- for mail authentication (policy/) and the doctor ---------------------------
     async def txt(self, name: str) -> list[str]:

@@ -167,7 +167,7 @@ class AcmeIssuer:
         then put it in place; raises on any failure (the old one stays)."""
         acme_client = self.account()
         names = certificate_names(self.settings)
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = self._certificate_key()
         csr = crypto_util.make_csr(_private_pem(key), names)
         order = acme_client.new_order(csr)
         tokens: list[str] = []  # http-01, published in self.http01
@@ -191,6 +191,19 @@ class AcmeIssuer:
         info = certificate_info(chain)
         atomic_write(acme_certificate(self.settings), _private_pem(key) + chain, 0o600)
         return info
+
+    def _certificate_key(self) -> ec.EllipticCurvePrivateKey:
+        """The current certificate's key, kept across renewals (certbot's
+        --reuse-key): a published TLSA 3 1 1 record (DANE, RFC 7671 §5.1)
+        names the key, and would stop matching at each renewal otherwise."""
+        try:
+            pem = acme_certificate(self.settings).read_bytes()
+            loaded = serialization.load_pem_private_key(pem, password=None)
+        except (OSError, ValueError):
+            return ec.generate_private_key(ec.SECP256R1())
+        if isinstance(loaded, ec.EllipticCurvePrivateKey):
+            return loaded
+        return ec.generate_private_key(ec.SECP256R1())
 
     def _challenge(
         self, authz: messages.AuthorizationResource, kind: str

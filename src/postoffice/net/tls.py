@@ -134,10 +134,39 @@ def answer_tls_alpn(ctx: ssl.SSLContext, challenges: dict[str, ssl.SSLContext]) 
     ctx.sni_callback = pick
 
 
+# Mozilla's "intermediate" server configuration (ssl-config.mozilla.org,
+# guidelines v5.7): TLS 1.2 with forward-secret AEAD suites only (no CBC, no
+# SHA-1 MACs, no RSA key exchange); TLS 1.3's suites are all good and are
+# OpenSSL's defaults.  The DHE suites apply only if DH parameters are
+# loaded, which they are not: ECDHE is offered.
+INTERMEDIATE_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
+
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """TLS 1.2+ server context; raises ssl.SSLError / OSError on bad files."""
+    """TLS 1.2+ server context to Mozilla's "intermediate" profile; raises
+    ssl.SSLError / OSError on bad files.
+
+    ``cert`` is served whole: a fullchain file (leaf, then intermediates, as
+    ACME clients write it) sends every certificate in it, so clients that
+    know only the root can build the path (RFC 8446 §4.4.2).  The client's
+    suite order is kept (no server preference), as the profile says: every
+    suite offered is strong, and a client without AES hardware puts
+    ChaCha20 first."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.load_cert_chain(cert, key)
     return ctx

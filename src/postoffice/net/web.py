@@ -1,7 +1,7 @@
 """The route tables of [listen] https and [listen] http, in one place.
 
-https: client autoconfiguration (net/autoconfig.py); the TLS issue's MTA-STS
-policy and the admin pages add their routes here.
+https: client autoconfiguration (net/autoconfig.py), our MTA-STS policy
+(net/mta_sts.py); the admin pages add their routes here.
 
 http (port 80) only redirects to https, keeping the path and query, the way
 a web server set up for a mail host usually is: nothing is served in
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from postoffice.net import autoconfig
+from postoffice.net import autoconfig, mta_sts
 from postoffice.net.http import Request, Response, Route, Routes
 from postoffice.services import Services
 
@@ -30,6 +30,7 @@ _HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 def https_routes(services: Services) -> Routes:
     routes = Routes()
     autoconfig.add_routes(routes, services)
+    mta_sts.add_routes(routes, services)
     return routes
 
 

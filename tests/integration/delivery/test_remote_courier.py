@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,14 @@ from postoffice.delivery.smtp_connection import ClientTimeouts
 from postoffice.dns.resolver import DnsResolver
 from postoffice.mail.address import Address
 from postoffice.net.tls import ensure_self_signed, server_context
+from postoffice.policy.tls_rpt_store import (
+    TlsPolicy,
+    TlsReportRecorder,
+    connect,
+    seal_blocking,
+    sealed_blocking,
+    store_path,
+)
 from tests.support.peers import Dnsmasq, ScriptedMta, SmtpSink
 from tests.support.ports import free_port
 
@@ -345,6 +354,51 @@ def test_broken_tls_falls_back_to_plaintext(
         assert mta.commands.count("STARTTLS") == 1
     finally:
         mta.stop()
+
+
+def test_each_new_connection_is_recorded_for_tls_reports(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    """RFC 8460: a failed handshake is one failed session (the plaintext
+    retry is not another); a peer without STARTTLS is another kind."""
+    cert, key = ensure_self_signed(tmp_path / "tls", "mx.one.test")
+    mta = ScriptedMta("127.0.0.2", port, tls=server_context(cert, key), break_tls=True).start()
+    sink = SmtpSink(tmp_path, "127.0.0.4", port).start()  # implicit.test: no STARTTLS
+    (tmp_path / "data").mkdir()
+    recorder = TlsReportRecorder(tmp_path / "data")
+    relay = RelaySettings(mx_port=port, dns_servers=(ListenAddress("127.0.0.1", dnsmasq.port),))
+    c = RemoteCourier(
+        relay,
+        "mail.example.test",
+        DnsResolver(relay.dns_servers, 5.0),
+        timeouts=FAST,
+        tls_reports=recorder,
+    )
+    try:
+        for domain in ("one.test", "implicit.test"):
+            (r,) = deliver(tmp_path, executor, c, domain, [Address("bob", domain)])
+            assert r.outcome is Outcome.DELIVERED, r
+    finally:
+        mta.stop()
+        sink.stop()
+    recorder.close()  # writes what is queued
+    db = connect(store_path(tmp_path / "data"))
+    seal_blocking(db, time.time(), today_too=True)
+    found = {r.domain: r.policies for r in sealed_blocking(db)}
+    ((one,),) = [found["one.test"]]
+    assert one.policy == TlsPolicy.none_found("one.test")
+    assert (one.successes, one.failures) == (0, 1)
+    ((failure, count),) = one.details
+    assert (failure.result_type, failure.mx_host, failure.receiving_ip, count) == (
+        "validation-failure",
+        "mx.one.test",
+        "127.0.0.2",
+        1,
+    )
+    assert failure.sending_ip == "127.0.0.1" and "not a TLS record" in failure.reason
+    ((plain,),) = [found["implicit.test"]]
+    assert (plain.successes, plain.failures) == (0, 1)
+    assert plain.details[0][0].result_type == "starttls-not-supported"
 
 
 def test_smarthost_takes_everything(

@@ -367,3 +367,14 @@ def test_log_section(tmp_path: Path) -> None:
     assert settings.log == LogSettings(
         format="text", level="warning", file=tmp_path / "po.log", syslog="/dev/log"
     )
+
+
+def test_mta_sts_section(tmp_path: Path) -> None:
+    assert load(tmp_path, "").mta_sts.mode == "none"  # SPEC: no policy unless asked
+    got = load(tmp_path, '[mta_sts]\nmode = "enforce"\nmax_age = 86400\n').mta_sts
+    assert (got.mode, got.max_age) == ("enforce", 86400)
+    err = refused(tmp_path, '[mta_sts]\nmode = "strict"\n')
+    assert err.key == "mta_sts.mode" and "none, testing, enforce" in err.reason
+    err = refused(tmp_path, "[mta_sts]\nmax_age = 31557601\n")  # RFC 8461 §3.2
+    assert err.key == "mta_sts.max_age"
+    assert refused(tmp_path, "[mta_sts]\nid = 1\n").key == "mta_sts.id"
