@@ -48,6 +48,8 @@ CAPABILITIES=(
   "command -v systemd-analyze|systemd"
   "command -v useradd|passwd"
   "command -v unshare|util-linux"
+  # tests/integration/test_acme.py: pebble, the ACME test CA, issues and renews.
+  "command -v pebble|pebble"
 )
 missing=()
 for entry in "${CAPABILITIES[@]}"; do

@@ -39,7 +39,7 @@ from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.accept import AcceptShares, bind
 from postoffice.net.listener import Handler, Listener
 from postoffice.net.metrics_http import metrics_routes
-from postoffice.net.tls import cert_and_key, server_context
+from postoffice.net.tls import answer_tls_alpn, cert_and_key, server_context
 from postoffice.policy.auth import (
     HASH_WAITING_PER_WORKER,
     Authenticator,
@@ -240,6 +240,8 @@ class Server:
 
         s = self.services
         listen = s.settings.listen
+        if s.settings.acme.directory and listen.https:
+            answer_tls_alpn(s.tls, s.acme_tls_alpn)  # ACME tls-alpn-01 (net/acme.py)
         if listen.smtp and s.inbound_checks is not None:
             s.inbound_checks.start()  # the DKIM verifier processes, ready for the first message
         smtp_busy = b"421 4.7.0 Too many connections, try again later\r\n"
@@ -315,6 +317,8 @@ class Server:
     def refresh(self) -> None:
         """After a reload: the new caps and certificate for the next connections."""
         limits = self.services.settings.limits
+        if self.services.settings.acme.directory:
+            answer_tls_alpn(self.services.tls, self.services.acme_tls_alpn)
         for listener in self.listeners:
             listener.max_connections = limits.max_connections
             listener.max_per_ip = limits.max_connections_per_ip
@@ -512,6 +516,29 @@ async def _reload_smtp_process(server: Server) -> None:
     log.info("SIGHUP: smtp process reloaded config=%s", logfmt.field(settings.source))
 
 
+async def _install_certificate(server: Server, pool: WorkerPool | None) -> None:
+    """A new ACME certificate (net/acme_renewal.py) into every TLS listener,
+    the way a reload puts one: new sessions get it, sessions already up keep
+    theirs; the extra smtp processes load it on their SIGHUP."""
+    services = server.services
+    loop = asyncio.get_running_loop()
+    try:
+        tls = await loop.run_in_executor(
+            services.executor, lambda: server_context(*cert_and_key(services.settings))
+        )
+    except (OSError, ssl.SSLError) as exc:
+        log.error("ACME: the new certificate does not load, the current one stays: %s", exc)
+        return
+    async with server.reloading:
+        if server.stopping:
+            return
+        services.tls = tls
+        server.refresh()
+        if pool is not None:
+            pool.send_signal(signal.SIGHUP)
+    log.info("ACME: new certificate in the TLS listeners")
+
+
 def _on_reload(server: Server, reload_once: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """One reload at a time, in the order the signals came."""
 
@@ -562,6 +589,12 @@ async def _run(
         if count > 1
         else None
     )
+    keeper = None
+    if settings.acme.directory:  # the listeners do not wait for the CA
+        from postoffice.net.acme_renewal import CertificateKeeper  # certbot's acme, requests
+
+        keeper = CertificateKeeper(services, lambda: _install_certificate(server, pool))
+        await loop.run_in_executor(services.executor, keeper.announce)
     async with server.reloading:  # a SIGHUP meanwhile waits for this (_on_reload)
         try:
             await server.start(shares=shares)
@@ -576,6 +609,8 @@ async def _run(
             pool.start()
             server.background.append(loop.create_task(pool.watch()))
         _announce(server, count)
+        if keeper is not None:
+            server.background.append(loop.create_task(keeper.run()))
         # Held until now (children started meanwhile keep them blocked); a
         # SIGHUP that came meanwhile is handled now, after the start.
         _release_signals()

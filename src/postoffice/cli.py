@@ -747,6 +747,11 @@ def _add_dmarc_parser(subparsers: Subparsers) -> None:
     dmarc_reports.add_dmarc_parser(subparsers)
 
 
+def _add_cert_parser(subparsers: Subparsers) -> None:
+    cert_status = importlib.import_module("postoffice.net.cert_status")
+    cert_status.add_cert_parser(subparsers)
+
+
 def _add_tlsrpt_parser(subparsers: Subparsers) -> None:
     tls_reports = importlib.import_module("postoffice.delivery.tls_reports")
     tls_reports.add_tlsrpt_parser(subparsers)
@@ -939,6 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_alias_parser,
         _add_queue_parser,
         _add_dmarc_parser,
+        _add_cert_parser,
         _add_tlsrpt_parser,
         _add_trace_parser,
         _add_dkim_parser,
@@ -1007,6 +1013,7 @@ _BEFORE_BECOMING_OWNER = (
     "postoffice.doctor",
     "postoffice.delivery.queue_cli",
     "postoffice.delivery.dmarc_reports",
+    "postoffice.net.cert_status",
     "postoffice.delivery.tls_reports",
     "postoffice.trace",
     "postoffice.policy.auth",

@@ -52,7 +52,7 @@ from postoffice.config.settings import ListenAddress, ListenSettings, MtaStsSett
 from postoffice.dns.mx import MxRecord
 from postoffice.dns.resolver import DnsError, DnsResolver, Resolver
 from postoffice.net import mta_sts
-from postoffice.net.tls import CERT_NAME
+from postoffice.net.tls import served_certificate
 from postoffice.policy import dmarc, spf
 from postoffice.policy.dkim_keys import DkimKey, DkimKeyError, load_keys, txt_record, zone_txt
 
@@ -613,7 +613,7 @@ def _tags(text: str) -> list[tuple[str, str]]:
 
 # --- certificate and listeners ----------------------------------------------------------------
 def _cert_path(settings: Settings) -> Path:
-    return settings.tls.cert or settings.tls_dir / CERT_NAME
+    return served_certificate(settings)[1]  # ACME's once issued
 
 
 def _names(cert: x509.Certificate) -> list[str]:

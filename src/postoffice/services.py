@@ -77,6 +77,12 @@ class Services:
     held_messages: MemoryBudget = field(default_factory=lambda: MemoryBudget(MAX_HELD_BYTES))
     # The process's one watcher of selected IMAP folders (IDLE's wake-up).
     folder_watcher: FolderWatcher = field(default_factory=FolderWatcher)
+    # ACME http-01 (RFC 8555 §8.3): token -> key authorization while an order
+    # is validated (net/acme.py writes from its thread; net/web.py serves them).
+    acme_http01: dict[str, str] = field(default_factory=dict)
+    # ACME tls-alpn-01 (RFC 8737): name -> the challenge's TLS context, picked
+    # by SNI on the TLS listeners (net/tls.answer_tls_alpn) while validated.
+    acme_tls_alpn: dict[str, ssl.SSLContext] = field(default_factory=dict)
 
     def is_local_domain(self, domain: str) -> bool:
         return domain in self.settings.domains or self.accounts.is_local_domain(domain)

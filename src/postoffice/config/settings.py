@@ -79,6 +79,16 @@ class TlsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AcmeSettings:
+    # ACME (RFC 8555, net/acme.py): the CA's directory URL; "" (no [acme]):
+    # [tls] files, else the self-signed pair.
+    directory: str = ""
+    email: str = ""  # the account's contact; "" none
+    names: tuple[str, ...] = ()  # extra names; the hostname is always in the certificate
+    ca_bundle: Path | None = None  # PEM to trust for the directory; None: the system store
+
+
+@dataclass(frozen=True, slots=True)
 class LimitSettings:
     max_message_size: int = 25 * 1024 * 1024  # bytes; advertised in EHLO SIZE, else 552
     # Bytes that must stay free on the file systems of data_dir, its Maildirs
@@ -243,6 +253,7 @@ class Settings:
     source: str = "<built-in defaults>"  # where these settings came from
     listen: ListenSettings = field(default_factory=ListenSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    acme: AcmeSettings = field(default_factory=AcmeSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
@@ -442,6 +453,7 @@ class _Loader:
             source=self.source,
             listen=self.listen(top.get("listen", {})),
             tls=self.tls(top.get("tls", {})),
+            acme=self.acme(top.get("acme", {})),
             limits=self.limits(top.get("limits", {})),
             auth=self.numbers(top.get("auth", {}), "auth", AuthSettings),
             relay=self.relay(top.get("relay", {})),
@@ -545,6 +557,30 @@ class _Loader:
             if p is not None and not p.is_file():
                 raise self.fail(name, f"file not found: {p}")
         return TlsSettings(cert=cert, key=key)
+
+    def acme(self, raw: Any) -> AcmeSettings:
+        table = self.table(raw, "acme", AcmeSettings)
+        directory = self.typed(table.get("directory", ""), str, "acme.directory")
+        if not directory:
+            if table:
+                raise self.fail("acme.directory", "must be set (the CA's directory URL)")
+            return AcmeSettings()
+        if not directory.startswith("https://"):
+            raise self.fail("acme.directory", "must be an https:// URL")
+        listed = self.typed(table.get("names", []), list, "acme.names")
+        names = tuple(
+            dict.fromkeys(self.domain(n, f"acme.names[{i}]") for i, n in enumerate(listed))
+        )
+        bundle_text = self.typed(table.get("ca_bundle", ""), str, "acme.ca_bundle")
+        bundle = self.path(bundle_text, "acme.ca_bundle") if bundle_text else None
+        if bundle is not None and not bundle.is_file():
+            raise self.fail("acme.ca_bundle", f"file not found: {bundle}")
+        return AcmeSettings(
+            directory=directory,
+            email=self.typed(table.get("email", ""), str, "acme.email"),
+            names=names,
+            ca_bundle=bundle,
+        )
 
     def numbers(self, raw: Any, key: str, kind: type[T]) -> T:
         table = self.table(raw, key, kind)

@@ -87,10 +87,51 @@ def ensure_self_signed(tls_dir: Path, hostname: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def acme_certificate(settings: Settings) -> Path:
+    """Where net/acme.py keeps the issued key and chain (one file, 0600)."""
+    return settings.data_dir / "acme" / "certificate.pem"
+
+
+def served_certificate(settings: Settings) -> tuple[str, Path]:
+    """(which, chain file) of what ``cert_and_key`` serves, making nothing:
+    "acme", "[tls] cert" or "self-signed" (doctor, ``cert status``)."""
+    issued = acme_certificate(settings)
+    if settings.acme.directory and issued.is_file():
+        return "acme", issued
+    if settings.tls.cert is not None:
+        return "[tls] cert", settings.tls.cert
+    return "self-signed", settings.tls_dir / CERT_NAME
+
+
 def cert_and_key(settings: Settings) -> tuple[Path, Path]:
+    """The certificate to serve: ACME's once there is one (net/acme.py: key and
+    chain in one file), else [tls] files, else the self-signed pair."""
+    if settings.acme.directory:
+        issued = acme_certificate(settings)
+        if issued.is_file():
+            return issued, issued
     if settings.tls.cert and settings.tls.key:
         return settings.tls.cert, settings.tls.key
     return ensure_self_signed(settings.tls_dir, settings.hostname)
+
+
+ACME_TLS_ALPN = "acme-tls/1"  # RFC 8737 §6.2
+
+
+def answer_tls_alpn(ctx: ssl.SSLContext, challenges: dict[str, ssl.SSLContext]) -> None:
+    """Serve an ACME tls-alpn-01 validation (RFC 8737 §3) on ``ctx``: a
+    ClientHello naming a name with a challenge under way gets that
+    challenge's context (its certificate, ALPN "acme-tls/1").  Python cannot
+    see the client's ALPN offer at SNI time, so for the second or so of a
+    validation an ordinary client naming that name gets the challenge
+    certificate too; net/acme.py uses tls-alpn-01 only without [listen] http."""
+
+    def pick(conn: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: ssl.SSLContext) -> None:
+        chosen = challenges.get(name.lower()) if name else None
+        if chosen is not None:
+            conn.context = chosen
+
+    ctx.sni_callback = pick
 
 
 # Mozilla's "intermediate" server configuration (ssl-config.mozilla.org,

@@ -9,8 +9,9 @@ plaintext (an autodiscover POST carries the user's address), and a client
 that tries ``http://autoconfig.<domain>/mail/config-v1.1.xml`` first (as
 Thunderbird does when https fails) lands on the same document over TLS.
 GET and HEAD get 301, other methods 308, which keeps the method and body
-(RFC 9110 §15.4.9).  ACME http-01 challenges will be the one route served
-here in plaintext.
+(RFC 9110 §15.4.9).  ACME http-01 challenges (RFC 8555 §8.3) are the one
+thing served here in plaintext: the key authorization of a token published
+while an order is validated (net/acme.py); any other path redirects.
 """
 
 from __future__ import annotations
@@ -33,8 +34,15 @@ def https_routes(services: Services) -> Routes:
     return routes
 
 
+ACME_CHALLENGE = "/.well-known/acme-challenge/"
+
+
 def http_routes(services: Services) -> Routes:
     async def redirect(request: Request) -> Response:
+        if request.path.startswith(ACME_CHALLENGE) and request.method in ("GET", "HEAD"):
+            answer = services.acme_http01.get(request.path[len(ACME_CHALLENGE) :])
+            if answer is not None:
+                return Response(200, answer.encode(), content_type="application/octet-stream")
         return Response(
             301 if request.method in ("GET", "HEAD") else 308,
             b"",

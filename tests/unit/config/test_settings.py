@@ -124,6 +124,28 @@ def test_tls_section(tmp_path: Path) -> None:
     assert settings.tls.key == tmp_path / "k.pem"
 
 
+def test_acme_section(tmp_path: Path) -> None:
+    assert load(tmp_path, "").acme.directory == ""  # absent: [tls], else self-signed
+    (tmp_path / "ca.pem").write_text("x")
+    settings = load(
+        tmp_path,
+        '[acme]\ndirectory = "https://ca.test/dir"\nemail = "pm@example.test"\n'
+        'names = ["Imap.Example.TEST", "imap.example.test"]\nca_bundle = "ca.pem"\n',
+    )
+    assert settings.acme.directory == "https://ca.test/dir"
+    assert settings.acme.email == "pm@example.test"
+    assert settings.acme.names == ("imap.example.test",)
+    assert settings.acme.ca_bundle == tmp_path / "ca.pem"
+    assert refused(tmp_path, '[acme]\nemail = "a@b.test"\n').key == "acme.directory"
+    assert refused(tmp_path, '[acme]\ndirectory = "http://ca.test/"\n').key == "acme.directory"
+    assert refused(tmp_path, '[acme]\ndirectory = "https://c/"\nnames = ["a b"]\n').key == (
+        "acme.names[0]"
+    )
+    missing = '[acme]\ndirectory = "https://c/"\nca_bundle = "none.pem"\n'
+    assert refused(tmp_path, missing).key == "acme.ca_bundle"
+    assert refused(tmp_path, '[acme]\ndirectory = "https://c/"\nport = 1\n').key == "acme.port"
+
+
 def test_limits_and_auth_sections(tmp_path: Path) -> None:
     settings = load(
         tmp_path,
