@@ -160,16 +160,22 @@ def store_path(data_dir: Path) -> Path:
 
 
 def connect(path: Path) -> sqlite3.Connection:
+    return open_store(path, _SCHEMA)
+
+
+def open_store(path: Path, schema: str) -> sqlite3.Connection:
+    """A daily-report store (this one, TLS-RPT's): WAL, durable commits,
+    shared by the processes that record and the one that reports."""
     path.parent.mkdir(mode=0o700, exist_ok=True)
     db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
-    db.executescript(_SCHEMA)
+    db.executescript(schema)
     return db
 
 
 @contextlib.contextmanager
-def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """One write transaction, taken at once (no upgrade deadlock between processes)."""
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -235,7 +241,7 @@ def seal_blocking(db: sqlite3.Connection, now: float, *, today_too: bool = False
     today = int(now) // DAY
     last_day = today if today_too else today - 1
     sealed = 0
-    with _immediate(db):
+    with immediate(db):
         found = db.execute(
             "SELECT domain, MIN(day), MAX(day), SUM(overflow) FROM domains"
             " WHERE report_id='' AND day<=? GROUP BY domain",
@@ -295,7 +301,7 @@ def finish_blocking(db: sqlite3.Connection, report_id: str, state: str, note: st
     why).  Its rows go; the report's line stays KEEP_SENT for the next
     report's begin and for the admin."""
     now = time.time()
-    with _immediate(db):
+    with immediate(db):
         db.execute(
             "UPDATE reports SET state=?, note=?, changed=? WHERE report_id=?",
             (state, note, now, report_id),
@@ -358,7 +364,7 @@ class ReportRecorder:
 
     @staticmethod
     def _write(db: sqlite3.Connection, items: list[tuple[int, Published, ReportRow]]) -> None:
-        with _immediate(db):
+        with immediate(db):
             for day, published, row in items:
                 if add_blocking(db, day, published, row) == "dropped":
                     log.warning(

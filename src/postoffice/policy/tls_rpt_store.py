@@ -26,7 +26,6 @@ crash neither loses nor (short of a crash between delivery and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import queue
@@ -34,11 +33,11 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from postoffice import logfmt
+from postoffice.policy.dmarc_store import immediate, open_store
 
 log = logging.getLogger("postoffice.tlsrpt")
 
@@ -133,23 +132,7 @@ def store_path(data_dir: Path) -> Path:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.executescript(_SCHEMA)
-    return db
-
-
-@contextlib.contextmanager
-def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+    return open_store(path, _SCHEMA)
 
 
 def _bump(db: sqlite3.Connection, day: int, domain: str, policy: str, key: str) -> bool:
@@ -205,7 +188,7 @@ def seal_blocking(db: sqlite3.Connection, now: float, *, today_too: bool = False
     today = int(now) // DAY
     last_day = today if today_too else today - 1
     sealed = 0
-    with _immediate(db):
+    with immediate(db):
         found = db.execute(
             "SELECT domain, MIN(day), MAX(day) FROM counts"
             " WHERE report_id='' AND day<=? GROUP BY domain",
@@ -264,7 +247,7 @@ def sealed_blocking(db: sqlite3.Connection) -> list[SealedReport]:
 def finish_blocking(db: sqlite3.Connection, report_id: str, state: str, note: str) -> None:
     """``state``: "sent" or "dropped" (``note`` says why); its counts go."""
     now = time.time()
-    with _immediate(db):
+    with immediate(db):
         db.execute(
             "UPDATE reports SET state=?, note=?, changed=? WHERE report_id=?",
             (state, note, now, report_id),
@@ -325,7 +308,7 @@ class TlsReportRecorder:
             try:
                 if items:
                     db = db or connect(self._path)
-                    with _immediate(db):
+                    with immediate(db):
                         for day, policy, failure in items:
                             if add_blocking(db, day, policy, failure) == "dropped":
                                 log.warning(

@@ -19,13 +19,13 @@ def row(ip: str, disposition: str = "none") -> ds.ReportRow:
 
 
 def add(db: sqlite3.Connection, r: ds.ReportRow, now: float = NOON, pub: ds.Published = PUB) -> str:
-    with ds._immediate(db):
+    with ds.immediate(db):
         return ds.add_blocking(db, int(now) // ds.DAY, pub, r)
 
 
 def test_rows_past_the_cap_are_counted_not_itemised(tmp_path: Path) -> None:
     db = ds.connect(ds.store_path(tmp_path))
-    with ds._immediate(db):
+    with ds.immediate(db):
         for n in range(ds.MAX_ROWS):
             assert (
                 ds.add_blocking(db, NOON // ds.DAY, PUB, row(f"10.0.{n // 256}.{n % 256}")) == "row"
@@ -45,7 +45,7 @@ def test_rows_past_the_cap_are_counted_not_itemised(tmp_path: Path) -> None:
 
 def test_domains_past_the_cap_are_not_recorded(tmp_path: Path) -> None:
     db = ds.connect(ds.store_path(tmp_path))
-    with ds._immediate(db):
+    with ds.immediate(db):
         for n in range(ds.MAX_DOMAINS):
             pub = ds.Published(f"d{n}.test", "r", "r", "none", "none", 100, "0", ())
             ds.add_blocking(db, NOON // ds.DAY, pub, row("192.0.2.1"))
