@@ -6,7 +6,10 @@ destination within ``idle`` seconds skips connect, greeting, EHLO and
 STARTTLS.  RFC 5321 §4.1.1.4: the end of DATA resets the transaction, so a
 parked connection is ready for the next MAIL.  Connections are used at most
 ``max_uses`` times and the cache holds at most ``max_parked``; an expired
-one is closed with QUIT.
+one is closed with QUIT.  A parked connection remembers the kind of TLS
+policy it was opened under (``tls_kind``) so that a later message is not
+sent over less TLS than its own policy asks for (remote.py checks it with
+``TlsPolicy.reusable``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class Parked:
     client: SmtpClient
     host: str  # the host name it was reached by (MX, smarthost)
     label: str  # "host[ip]:port", for logs
+    tls_kind: str = ""  # the TlsPolicy kind it was opened under (tls_policy.py)
     uses: int = 1
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -38,6 +42,14 @@ class ConnectionCache:
         self._parked: dict[str, list[Parked]] = {}
         self._count = 0
         self._closing: set[asyncio.Task[None]] = set()
+
+    def has(self, key: str) -> bool:
+        """Whether anything is parked for ``key`` (stale or not)."""
+        return key in self._parked
+
+    def discard(self, parked: Parked) -> None:
+        """Close a connection taken but not wanted (its TLS falls short)."""
+        self._close_later(parked)
 
     def take(self, key: str) -> Parked | None:
         """The most recently parked live connection for ``key``, if any."""

@@ -255,10 +255,18 @@ class RemoteCourier:
         message: MessageSource,
     ) -> list[RecipientResult]:
         requiretls = message.dsn.requiretls
-        if not requiretls:  # a parked connection may not be verified TLS
-            cached = await self._deliver_cached(
-                self.destination(domain), sender, recipients, message
+        destination = self.destination(domain)
+        policy: TlsPolicy | None = None
+        # A parked connection may not be verified TLS: never for REQUIRETLS,
+        # and otherwise only when it has what this domain's policy asks now.
+        if not requiretls and self._cache.has(destination):
+            policy = await self._domain_policy(domain)
+            wanted = (
+                decide("opportunistic", domain, StsLookup(None))
+                if message.traits.tls_optional
+                else policy
             )
+            cached = await self._deliver_cached(destination, sender, recipients, message, wanted)
             if cached is not None:
                 return cached
         try:
@@ -266,7 +274,8 @@ class RemoteCourier:
         except RouteError as err:
             outcome = Outcome.FAILED if err.permanent else Outcome.DEFERRED
             return [RecipientResult(r, outcome, err.text, err.status) for r in recipients]
-        policy = await self._domain_policy(domain)
+        if policy is None:
+            policy = await self._domain_policy(domain)
         if requiretls:
             policy = policy.strict()  # RFC 8689 §4.2.1: MTA-STS testing counts as enforce
         elif message.traits.tls_optional:
@@ -462,7 +471,7 @@ class RemoteCourier:
         try:
             if not await self._open(client, hop, label, attempt, tls, policy, report):
                 return None
-            link = Parked(client, hop.host, label)
+            link = Parked(client, hop.host, label, policy.kind)
             results, parked = await self._transact(
                 link, sender, recipients, message, attempt, verified=policy.verified and client.tls
             )
@@ -482,11 +491,20 @@ class RemoteCourier:
         sender: Address | None,
         recipients: Sequence[Address],
         message: MessageSource,
+        policy: TlsPolicy,
     ) -> list[RecipientResult] | None:
-        """Use a parked connection to ``destination``, if one is still good."""
+        """Use a parked connection to ``destination``, if one is still good
+        and its TLS meets ``policy`` (which may have changed since it was
+        parked: a reload, a new MTA-STS policy)."""
         for _ in range(MAX_PARKED_TRIES):
             link = self._cache.take(destination)
             if link is None:
+                return None
+            if not policy.reusable(link.host, link.tls_kind, link.client.verified):
+                log.debug(
+                    "%s: parked connection falls short of the %s policy", link.label, policy.kind
+                )
+                self._cache.discard(link)
                 return None
             link.uses += 1
             before = link.client.replies_read

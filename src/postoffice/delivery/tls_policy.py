@@ -109,6 +109,20 @@ class TlsPolicy:
         host name, as looked up; RFC 7672 §3.2.3 for DANE alike)."""
         return (host.lower().removesuffix("."),)
 
+    def reusable(self, host: str, tls_kind: str, verified: str) -> bool:
+        """Whether a parked connection to ``host``, opened under a policy of
+        kind ``tls_kind`` and authenticated as ``verified`` ("" if not), gives
+        at least what this policy asks of a new one: the MX allowed, and
+        verified TLS for any policy but opportunistic (MTA-STS testing too,
+        whose sessions are verified and reported), DANE for ``dane-only``."""
+        if not self.allows_mx(host):
+            return False
+        if self.kind == OPPORTUNISTIC:
+            return True
+        if self.kind == DANE_ONLY:
+            return tls_kind == DANE and bool(verified)
+        return bool(verified)
+
     def strict(self) -> TlsPolicy:
         """This policy for a REQUIRETLS message (RFC 8689 §4.2.1): failures
         defer, a peer without TLS bounces, MTA-STS testing counts as enforce."""

@@ -502,3 +502,53 @@ def test_long_recipient_lists_are_split_into_transactions_of_100(
         assert mta.commands.count("EHLO mail.example.test") == 1  # one connection
     finally:
         mta.stop()
+
+
+def test_a_parked_connection_is_not_reused_below_the_tls_policy(
+    tmp_path: Path, executor: ThreadPoolExecutor, dnsmasq: Dnsmasq, port: int
+) -> None:
+    """A connection parked after unverified TLS does not carry the next
+    message once the policy asks for verified TLS ([relay] tls = "verify",
+    here through a reload); a verified one does."""
+    cert, key = ensure_self_signed(tmp_path / "tls", "mx.one.test")
+    mta = ScriptedMta("127.0.0.2", port, tls=server_context(cert, key)).start()
+    store = QueueStore(tmp_path / "queue", executor)
+
+    async def one(c: RemoteCourier, rcpt: Address) -> RecipientResult:
+        committed: list[QueueEntry] = []
+        writer = store.writer(ALICE, [rcpt], on_commit=committed.append)
+        await writer.write(b"Subject: t\n\nbody\n")
+        await writer.commit()
+        entry = committed[0]
+        assert entry.traits is not None
+        (result,) = await c.deliver("one.test", ALICE, [rcpt], queued(store, entry, executor))
+        return result
+
+    async def go(c: RemoteCourier, relay: RelaySettings | None) -> list[RecipientResult]:
+        try:
+            first = await one(c, Address("first", "one.test"))
+            if relay is not None:
+                c.reconfigure(relay)
+            return [first, await one(c, Address("second", "one.test"))]
+        finally:
+            await c.close()
+
+    try:
+        # Unverified TLS parked, then "verify" with nothing trusting the peer: deferred.
+        c = courier(dnsmasq, port)
+        dns = (ListenAddress("127.0.0.1", dnsmasq.port),)
+        stricter = RelaySettings(mx_port=port, dns_servers=dns, tls="verify")
+        first, second = asyncio.run(go(c, stricter))
+        assert first.outcome is Outcome.DELIVERED and "verified" not in first.text
+        assert second.outcome is Outcome.DEFERRED and second.status == "4.7.5", second
+        assert len(mta.received) == 1
+        assert mta.commands.count("STARTTLS") == 2  # a new connection was tried
+        # Verified TLS parked: it meets "verify" and carries the next message.
+        c = courier(dnsmasq, port, tls="verify", ca_file=str(cert))
+        first, second = asyncio.run(go(c, None))
+        assert [first.outcome, second.outcome] == [Outcome.DELIVERED] * 2, second
+        assert "verified" in second.text
+        assert len(mta.received) == 3
+        assert mta.commands.count("STARTTLS") == 3  # one connection, two messages
+    finally:
+        mta.stop()
