@@ -12,6 +12,8 @@ submitted over the submission port.
 
 from __future__ import annotations
 
+import email
+import gzip
 import http.server
 import json
 import smtplib
@@ -24,10 +26,11 @@ from typing import Any
 
 import pytest
 
-from postoffice.delivery.mta_sts_fetch import StsLookup, StsPolicySource
+from postoffice.delivery.mta_sts_fetch import MAX_POLICY_SIZE, StsLookup, StsPolicySource
 from postoffice.delivery.tls_policy import verifying_context
 from postoffice.dns.static import StaticResolver
 from tests.integration.test_outbound import ALICE, dsn_for, report_fields
+from tests.integration.test_tls_reports import recorded
 from tests.support.certs import Pki, issue, make_pki
 from tests.support.dns import auth_dns
 from tests.support.helpers import wait_for
@@ -36,13 +39,14 @@ from tests.support.peers import Dnsmasq, ScriptedMta
 from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 
-POLICY_IP, GOOD_IP, WRONG_IP, UNTRUSTED_IP, PLAIN_IP, RT_IP = (
+POLICY_IP, GOOD_IP, WRONG_IP, UNTRUSTED_IP, PLAIN_IP, RT_IP, EXPIRED_IP = (
     "127.0.0.20",
     "127.0.0.21",
     "127.0.0.22",
     "127.0.0.23",
     "127.0.0.24",
     "127.0.0.25",
+    "127.0.0.27",
 )
 # domain -> (MTA-STS mode or None, MX host, its address)
 DOMAINS = {
@@ -54,7 +58,12 @@ DOMAINS = {
     "nopolicy.test": (None, "mx.wrongname.test", WRONG_IP),
     "plain.test": ("enforce", "mx.plain.test", PLAIN_IP),
     "requiretls.test": ("enforce", "mx.requiretls.test", RT_IP),
+    "expired.test": ("enforce", "mx.expired.test", EXPIRED_IP),
 }
+# Policy hosts that only the fetch test asks: one serves a policy over the
+# size cap, one answers with a redirect to a good policy (RFC 8461 §3.3).
+HUGE, REDIRECT = "huge.test", "redirect.test"
+TLSRPT_RUA = "tlsrpt@good.test"  # expired.test asks for TLS reports there (its MX is "good")
 
 
 def policy_text(domain: str) -> bytes:
@@ -66,6 +75,22 @@ def policy_text(domain: str) -> bytes:
 class _PolicyHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         host = (self.headers.get("Host") or "").removeprefix("mta-sts.")
+        if host == REDIRECT:
+            self.send_response(301)
+            self.send_header("Location", f"https://mta-sts.good.test{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if host == HUGE:
+            # A valid policy but for its size: unknown keys are ignored (§3.2).
+            pad = b"".join(b"x-pad: %060d\r\n" % i for i in range(MAX_POLICY_SIZE // 64 + 1))
+            body = policy_text("good.test") + pad
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path != "/.well-known/mta-sts.txt" or host not in DOMAINS:
             self.send_error(404)
             return
@@ -83,7 +108,8 @@ class _PolicyHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pki]:
     root = tmp_path_factory.mktemp("pki")
-    ca = make_pki(root / "ca", [f"mta-sts.{d}" for d in DOMAINS])  # the policy host's
+    names = [f"mta-sts.{d}" for d in (*DOMAINS, HUGE, REDIRECT)]
+    ca = make_pki(root / "ca", names)  # the policy host's
     other = make_pki(root / "other", ["mx.untrusted.test"])  # a CA nobody trusts
     return {
         "policy": ca,
@@ -91,6 +117,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pki]:
         "wrong": issue(ca, root / "wrong", ["somebody-else.test"]),
         "untrusted": other,
         "requiretls": issue(ca, root / "rt", ["mx.requiretls.test"]),
+        "expired": issue(ca, root / "expired", ["mx.expired.test"], expired=True),
     }
 
 
@@ -102,7 +129,7 @@ def _server_context(leaf: Pki) -> ssl.SSLContext:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Pki]) -> Iterator[dict[str, Any]]:
-    mx_port = free_port((GOOD_IP, WRONG_IP, UNTRUSTED_IP, PLAIN_IP, RT_IP))
+    mx_port = free_port((GOOD_IP, WRONG_IP, UNTRUSTED_IP, PLAIN_IP, RT_IP, EXPIRED_IP))
     policy_port = free_port((POLICY_IP,))
     hosts: dict[str, list[str]] = {}
     txt: dict[str, str] = {}
@@ -113,6 +140,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Pki]) -> Iterat
         if mode is not None:
             hosts[f"mta-sts.{domain}"] = [POLICY_IP]
             txt[f"_mta-sts.{domain}"] = "v=STSv1; id=20261205a;"
+    txt["_smtp._tls.expired.test"] = f"v=TLSRPTv1; rua=mailto:{TLSRPT_RUA}"
     dns: Dnsmasq = auth_dns(tmp_path_factory.mktemp("dns"), txt=txt, hosts=hosts, mx=mx).start()
     https = http.server.ThreadingHTTPServer((POLICY_IP, policy_port), _PolicyHandler)
     https.socket = _server_context(pki["policy"]).wrap_socket(https.socket, server_side=True)
@@ -124,6 +152,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Pki]) -> Iterat
         "wrong": ScriptedMta(WRONG_IP, mx_port, tls=_server_context(pki["wrong"])),
         "untrusted": ScriptedMta(UNTRUSTED_IP, mx_port, tls=_server_context(pki["untrusted"])),
         "plain": ScriptedMta(PLAIN_IP, mx_port),
+        "expired": ScriptedMta(EXPIRED_IP, mx_port, tls=_server_context(pki["expired"])),
         "requiretls": ScriptedMta(
             RT_IP,
             mx_port,
@@ -339,3 +368,87 @@ def test_policy_cache_refetch_and_fallback(
     (cache / "good.test.json").unlink()
     system_only = run(source("three", POLICY_IP).lookup("good.test", verifying_context("")))
     assert system_only == StsLookup(None, "sts-policy-fetch-error")
+
+
+@pytest.mark.parametrize(
+    ("domain", "why"), [(HUGE, f"larger than {MAX_POLICY_SIZE} bytes"), (REDIRECT, "HTTP 301")]
+)
+def test_policy_fetch_refuses_an_oversized_policy_and_a_redirect(
+    tmp_path: Path,
+    lab: dict[str, Any],
+    pki: dict[str, Pki],
+    caplog: pytest.LogCaptureFixture,
+    domain: str,
+    why: str,
+) -> None:
+    """RFC 8461 §3.3: a size cap, and redirects are not followed; either
+    way no policy and nothing cached (the redirect target is a good policy,
+    and the oversized one would parse but for its size)."""
+    resolver = StaticResolver(
+        hosts={f"mta-sts.{domain}": [POLICY_IP]},
+        txt={f"_mta-sts.{domain}": ["v=STSv1; id=one;"]},
+    )
+    source = StsPolicySource(tmp_path / "mta-sts", resolver, port=lab["policy_port"], timeout=5)
+    trusted = verifying_context(str(pki["policy"].ca))
+    with caplog.at_level("WARNING", logger="postoffice.delivery"):
+        found = run(source.lookup(domain, trusted))
+    assert found == StsLookup(None, "sts-policy-fetch-error")
+    assert why in caplog.text, caplog.text
+    assert not (tmp_path / "mta-sts" / f"{domain}.json").exists()
+
+
+def test_enforce_defers_an_expired_certificate_and_reports_it(
+    tmp_path: Path, lab: dict[str, Any], pki: dict[str, Pki]
+) -> None:
+    """An MX whose certificate has expired, under an enforce policy: the
+    mail waits (4.7.5), nothing reaches the MX, the session is recorded as
+    certificate-expired, and the TLS report (RFC 8460) to the domain's rua
+    names the sts policy, its lines and MX pattern, and the counts."""
+    srv = make_server(tmp_path, lab, pki)
+    srv.cli("dkim", "generate", "example.test")  # reports are DKIM-signed
+    srv.start()
+    expired, good = lab["peers"]["expired"], lab["peers"]["good"]
+    try:
+        submit(srv, "bob@expired.test", "sts-expired")
+        assert wait_for(lambda: deferred(srv, "bob@expired.test")), srv.log()
+        assert received(expired, "sts-expired") == []
+        assert not any("bob@expired.test" in c for c in expired.commands)
+        assert wait_for(lambda: recorded(srv).get("expired.test", 0) >= 1, 10), recorded(srv)
+        srv.stop()  # no more retries: the counts hold still while the report is made
+        counted = recorded(srv)["expired.test"]
+
+        result = srv.cli("tlsrpt", "report", "--now")
+        assert "  expired.test  sent  queued " in result.stdout, result.stdout
+        srv.start()  # delivers the queued report to good.test's MX
+        subject = "Report Domain: expired.test"
+        assert wait_for(lambda: len(received(good, subject)) == 1, 20), srv.log()
+    finally:
+        srv.stop()
+    (got,) = received(good, subject)
+    assert [r.split()[0] for r in got.recipients] == [f"<{TLSRPT_RUA}>"], got.recipients
+    msg = email.message_from_bytes(got.data)
+    (part,) = [p for p in msg.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
+    payload = part.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    doc = json.loads(gzip.decompress(payload))
+    (entry,) = doc["policies"]
+    assert entry["policy"] == {
+        "policy-type": "sts",
+        "policy-string": [
+            "version: STSv1",
+            "mode: enforce",
+            "mx: mx.expired.test",
+            "max_age: 86400",
+        ],
+        "policy-domain": "expired.test",
+        "mx-host": ["mx.expired.test"],
+    }
+    assert entry["summary"] == {
+        "total-successful-session-count": 0,
+        "total-failure-session-count": counted,
+    }
+    (detail,) = entry["failure-details"]
+    assert detail["result-type"] == "certificate-expired"
+    assert detail["receiving-mx-hostname"] == "mx.expired.test"
+    assert detail["receiving-ip"] == EXPIRED_IP
+    assert detail["failed-session-count"] == counted

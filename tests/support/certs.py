@@ -110,9 +110,10 @@ def make_pki(directory: Path, names: list[str], *, intermediate: bool = False) -
     return paths
 
 
-def issue(pki: Pki, directory: Path, names: list[str]) -> Pki:
+def issue(pki: Pki, directory: Path, names: list[str], *, expired: bool = False) -> Pki:
     """Another server certificate for ``names`` from ``pki``'s CA (made by
-    ``make_pki`` without an intermediate), in ``directory``; shares the CA."""
+    ``make_pki`` without an intermediate), in ``directory``; shares the CA.
+    ``expired``: valid until yesterday only."""
     pem = serialization.Encoding.PEM
     ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
     ca_key = serialization.load_pem_private_key(
@@ -127,8 +128,8 @@ def issue(pki: Pki, directory: Path, names: list[str]) -> Pki:
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now - datetime.timedelta(days=3 if expired else 0, minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=-1 if expired else 1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
