@@ -27,11 +27,12 @@ from postoffice.check import first_unbindable
 from postoffice.childproc import die_with_parent
 from postoffice.config.settings import ListenAddress, ListenSettings, Settings, load_settings
 from postoffice.datadir import LOCK_NAME, DataDirBusy, Owner, ServeLock
-from postoffice.delivery.dmarc_reports import ReportSender, run_daily
+from postoffice.delivery.dmarc_reports import ReportSender
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound, QueueHandoff
 from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
+from postoffice.delivery.report_sending import run_daily
 from postoffice.delivery.tls_policy import TlsPolicies
 from postoffice.delivery.tls_reports import TlsReportSender
 from postoffice.dns.resolver import DnsResolver, Resolver
