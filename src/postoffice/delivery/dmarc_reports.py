@@ -43,13 +43,13 @@ from postoffice.mail.address import Address
 from postoffice.policy import dmarc_store
 from postoffice.policy.dmarc_report import (
     Verification,
-    compressed,
     destinations,
     feedback_xml,
     report_message,
     verified,
 )
 from postoffice.policy.dmarc_store import DAY, SealedReport
+from postoffice.policy.report_mail import compressed
 
 GIVE_UP = 3 * DAY  # a destination whose consent cannot be looked up this long after the period
 

@@ -35,8 +35,8 @@ from postoffice.delivery.report_sending import (
 from postoffice.dns.resolver import DnsError
 from postoffice.mail.address import Address
 from postoffice.policy import tls_rpt_store
+from postoffice.policy.report_mail import compressed
 from postoffice.policy.tls_rpt_report import (
-    compressed,
     mail_destinations,
     report_json,
     report_message,

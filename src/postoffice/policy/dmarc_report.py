@@ -5,7 +5,8 @@ and where it may go.
   as seen, one ``record`` per row), built with ElementTree so every value the
   sender chose (From: domains, DKIM selectors) is escaped.
 * ``attachment_name``: ``receiver!policy-domain!begin!end.xml.gz`` (§7.2.1.1).
-* ``report_message``: multipart/mixed, subject
+* ``report_message`` (through policy/report_mail.py, shared with TLS
+  reports): multipart/mixed, subject
   ``Report Domain: D Submitter: S Report-ID: <ID>``, the gzip'd XML as a
   base64 ``application/gzip`` attachment (§7.2.1.1).
 * ``destinations``: the rua= mailto: URIs with their size limits (``!10m``,
@@ -17,11 +18,8 @@ and where it may go.
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import enum
-import gzip
-import secrets
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -29,6 +27,7 @@ from postoffice.dns.resolver import DnsError, Resolver
 from postoffice.mail.address import Address, AddressError, parse_mailbox
 from postoffice.policy.dmarc import is_dmarc_record, organizational_domain
 from postoffice.policy.dmarc_store import SealedReport
+from postoffice.policy.report_mail import report_mail
 
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -152,12 +151,6 @@ def attachment_name(receiver: str, report: SealedReport) -> str:
     return f"{receiver}!{report.domain}!{report.begin}!{report.end}.xml.gz"
 
 
-def compressed(xml: bytes) -> bytes:
-    # mtime=0: the same report gzips to the same bytes (a re-made one is equal).
-    data: bytes = gzip.compress(xml, mtime=0)
-    return data
-
-
 def report_message(
     report: SealedReport,
     *,
@@ -168,35 +161,22 @@ def report_message(
     now: float,
 ) -> bytes:
     """The report mail (§7.2.1.1), LF line endings."""
-    name = attachment_name(receiver, report)
-    boundary = f"{report.report_id}.{secrets.token_hex(8)}"
-    body = base64.encodebytes(attachment).decode("ascii")  # 76-character lines
-    subject = (
-        f"Report Domain: {report.domain} Submitter: {receiver} Report-ID: <{report.report_id}>"
-    )
     text = (
-        f"From: DMARC reports <{sender}>\n"
-        f"To: {', '.join(f'<{a}>' for a in to)}\n"
-        f"Subject: {subject}\n"
-        f"Date: {email.utils.formatdate(now)}\n"
-        f"Message-ID: <{report.report_id}.{secrets.token_hex(6)}@{receiver}>\n"
-        "Auto-Submitted: auto-generated\n"
-        "MIME-Version: 1.0\n"
-        f'Content-Type: multipart/mixed; boundary="{boundary}"\n'
-        "\n"
-        f"--{boundary}\n"
-        "Content-Type: text/plain; charset=us-ascii\n"
-        "\n"
         f"This is a DMARC aggregate report (RFC 7489 section 7.2) from {receiver}\n"
         f"for {report.domain}, covering {email.utils.formatdate(report.begin, usegmt=True)}\n"
         f"to {email.utils.formatdate(report.end, usegmt=True)}.\n"
-        "\n"
-        f"--{boundary}\n"
-        f'Content-Type: application/gzip; name="{name}"\n'
-        "Content-Transfer-Encoding: base64\n"
-        f'Content-Disposition: attachment; filename="{name}"\n'
-        "\n"
-        f"{body}"
-        f"--{boundary}--\n"
     )
-    return text.encode("ascii")
+    return report_mail(
+        report_id=report.report_id,
+        domain=report.domain,
+        submitter=receiver,
+        display="DMARC reports",
+        sender=sender,
+        to=to,
+        multipart="multipart/mixed",
+        text=text,
+        attachment=attachment,
+        media_type="application/gzip",
+        name=attachment_name(receiver, report),
+        now=now,
+    )

@@ -10,7 +10,8 @@
   RFC 3339 UTC times, contact-info, report-id, one ``policies`` entry per
   policy with its summary and failure-details).
 * ``attachment_name``: ``submitter!policy-domain!begin!end.json.gz`` (§5.1).
-* ``report_message``: §5.3: multipart/report; report-type="tlsrpt", the
+* ``report_message`` (through policy/report_mail.py, shared with DMARC):
+  §5.3: multipart/report; report-type="tlsrpt", the
   Subject ``Report Domain: D Submitter: S Report-ID: <ID>``, the
   TLS-Report-Domain and TLS-Report-Submitter fields, the gzip'd JSON as
   base64 ``application/tlsrpt+gzip``.
@@ -18,16 +19,13 @@
 
 from __future__ import annotations
 
-import base64
 import datetime
-import email.utils
-import gzip
 import json
-import secrets
 from typing import Any
 
 from postoffice.mail.address import Address
 from postoffice.policy.dmarc_report import destinations
+from postoffice.policy.report_mail import report_mail
 from postoffice.policy.tls_rpt_store import SealedReport
 
 VERSION = "v=TLSRPTv1"
@@ -113,12 +111,6 @@ def attachment_name(submitter: str, report: SealedReport) -> str:
     return f"{submitter}!{report.domain}!{report.begin}!{report.end}.json.gz"
 
 
-def compressed(document: bytes) -> bytes:
-    # mtime=0: the same report gzips to the same bytes.
-    data: bytes = gzip.compress(document, mtime=0)
-    return data
-
-
 def report_message(
     report: SealedReport,
     *,
@@ -129,36 +121,22 @@ def report_message(
     now: float,
 ) -> bytes:
     """The report mail (§5.3), LF line endings."""
-    name = attachment_name(submitter, report)
-    boundary = f"{report.report_id}.{secrets.token_hex(8)}"
-    body = base64.encodebytes(attachment).decode("ascii")  # 76-character lines
-    subject = (
-        f"Report Domain: {report.domain} Submitter: {submitter} Report-ID: <{report.report_id}>"
-    )
     text = (
-        f"From: TLS reports <{sender}>\n"
-        f"To: {', '.join(f'<{a}>' for a in to)}\n"
-        f"Subject: {subject}\n"
-        f"Date: {email.utils.formatdate(now)}\n"
-        f"Message-ID: <{report.report_id}.{secrets.token_hex(6)}@{submitter}>\n"
-        f"TLS-Report-Domain: {report.domain}\n"
-        f"TLS-Report-Submitter: {submitter}\n"
-        "Auto-Submitted: auto-generated\n"
-        "MIME-Version: 1.0\n"
-        f'Content-Type: multipart/report; report-type="tlsrpt"; boundary="{boundary}"\n'
-        "\n"
-        f"--{boundary}\n"
-        "Content-Type: text/plain; charset=us-ascii\n"
-        "\n"
         f"This is an SMTP TLS report (RFC 8460) from {submitter} for {report.domain},\n"
         f"covering {_time(report.begin)} to {_time(report.end)}.\n"
-        "\n"
-        f"--{boundary}\n"
-        f'Content-Type: application/tlsrpt+gzip; name="{name}"\n'
-        "Content-Transfer-Encoding: base64\n"
-        f'Content-Disposition: attachment; filename="{name}"\n'
-        "\n"
-        f"{body}"
-        f"--{boundary}--\n"
     )
-    return text.encode("ascii")
+    return report_mail(
+        report_id=report.report_id,
+        domain=report.domain,
+        submitter=submitter,
+        display="TLS reports",
+        sender=sender,
+        to=to,
+        extra_fields=(("TLS-Report-Domain", report.domain), ("TLS-Report-Submitter", submitter)),
+        multipart='multipart/report; report-type="tlsrpt"',
+        text=text,
+        attachment=attachment,
+        media_type="application/tlsrpt+gzip",
+        name=attachment_name(submitter, report),
+        now=now,
+    )

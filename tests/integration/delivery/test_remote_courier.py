@@ -97,6 +97,21 @@ def queued(store: QueueStore, entry: QueueEntry, executor: ThreadPoolExecutor) -
     return QueuedMessage(path, entry.body_offset, entry.traits, executor)
 
 
+async def deliver_one(
+    c: RemoteCourier, store: QueueStore, executor: ThreadPoolExecutor, rcpt: Address
+) -> RecipientResult:
+    """Queue one message to ``rcpt`` (in one.test) and deliver it with ``c``
+    (whose parked connections stay for the next call in the same loop)."""
+    committed: list[QueueEntry] = []
+    writer = store.writer(ALICE, [rcpt], on_commit=committed.append)
+    await writer.write(b"Subject: t\n\nbody\n")
+    await writer.commit()
+    entry = committed[0]
+    assert entry.traits is not None
+    (result,) = await c.deliver("one.test", ALICE, [rcpt], queued(store, entry, executor))
+    return result
+
+
 def deliver(
     tmp_path: Path,
     executor: ThreadPoolExecutor,
@@ -459,14 +474,7 @@ def test_connections_are_reused_for_the_same_destination(
     c = courier(dnsmasq, port)
 
     async def one(rcpt: Address) -> RecipientResult:
-        committed: list[QueueEntry] = []
-        writer = store.writer(ALICE, [rcpt], on_commit=committed.append)
-        await writer.write(b"Subject: t\n\nbody\n")
-        await writer.commit()
-        entry = committed[0]
-        assert entry.traits is not None
-        (result,) = await c.deliver("one.test", ALICE, [rcpt], queued(store, entry, executor))
-        return result
+        return await deliver_one(c, store, executor, rcpt)
 
     async def go() -> list[RecipientResult]:
         try:
@@ -514,22 +522,12 @@ def test_a_parked_connection_is_not_reused_below_the_tls_policy(
     mta = ScriptedMta("127.0.0.2", port, tls=server_context(cert, key)).start()
     store = QueueStore(tmp_path / "queue", executor)
 
-    async def one(c: RemoteCourier, rcpt: Address) -> RecipientResult:
-        committed: list[QueueEntry] = []
-        writer = store.writer(ALICE, [rcpt], on_commit=committed.append)
-        await writer.write(b"Subject: t\n\nbody\n")
-        await writer.commit()
-        entry = committed[0]
-        assert entry.traits is not None
-        (result,) = await c.deliver("one.test", ALICE, [rcpt], queued(store, entry, executor))
-        return result
-
     async def go(c: RemoteCourier, relay: RelaySettings | None) -> list[RecipientResult]:
         try:
-            first = await one(c, Address("first", "one.test"))
+            first = await deliver_one(c, store, executor, Address("first", "one.test"))
             if relay is not None:
                 c.reconfigure(relay)
-            return [first, await one(c, Address("second", "one.test"))]
+            return [first, await deliver_one(c, store, executor, Address("second", "one.test"))]
         finally:
             await c.close()
 
