@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -967,3 +968,46 @@ def test_the_readme_walkthrough_works_as_written(
     assert any(line.startswith("postoffice user remove bob") for line in ran), ran
     users = run("user", "list", cwd=here, env={"HOME": str(home)}).stdout
     assert users == "alice@example.test\n"
+
+
+def _section(title: str) -> str:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    return readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_run_your_own_domain_commands_work(tmp_path: Path) -> None:
+    """The "Run your own domain" walkthrough against the CLI: its init line
+    (paths moved under tmp_path, the user who runs the test as [run] user),
+    its [acme] and [mta_sts] blocks in place of [tls], then the commands it
+    names that need no server and no public DNS, each exiting 0."""
+    section = _section("Run your own domain")
+    blocks = [b.split("```", 1)[0] for b in section.split("```sh\n")[1:]]
+    commands = [line.split(" #", 1)[0].strip() for block in blocks for line in block.splitlines()]
+    (init,) = [c for c in commands if " init " in c]
+    assert init == "postoffice -c /etc/postoffice/postoffice.toml init mail.example.org example.org"
+    assert "postoffice doctor" in commands
+    config = tmp_path / "etc" / "postoffice.toml"
+    argv = init.replace("/etc/postoffice/postoffice.toml", str(config)).split()[1:]
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout
+    extra = ["--data-dir", str(tmp_path / "data"), "--run-user", user.strip(), "--password-stdin"]
+    made = run(*argv, *extra, cwd=tmp_path, input="a-long-password-7\n")
+    assert made.returncode == 0, made.stderr
+    rpt = '_smtp._tls.example.org. IN TXT "v=TLSRPTv1; rua=mailto:postmaster@example.org"'
+    assert rpt in made.stdout
+    # "replace the [tls] section ... with" the [acme] block; then [mta_sts].
+    toml = [textwrap.dedent(b.split("```", 1)[0]) for b in section.split("   ```toml\n")[1:]]
+    assert [t.split("\n", 1)[0] for t in toml] == ["[acme]", "[mta_sts]"]
+    head, tls = config.read_text().split("\n[tls]", 1)
+    rest = tls.split("\n[", 1)[1]
+    config.write_text(f"{head}\n{toml[0]}\n{toml[1]}\n[{rest}")
+    env = {CONFIG_ENV: str(config)}  # as /etc/postoffice/postoffice.toml is found
+    for line in (
+        "postoffice check",
+        "postoffice dkim show example.org",
+        "postoffice tlsrpt report --now",
+    ):
+        assert line in section, line
+        result = run(*line.split()[1:], cwd=tmp_path, env=env)
+        assert result.returncode == 0, (line, result.stdout, result.stderr)
+    status = run("cert", "status", cwd=tmp_path, env=env)  # 1: nothing issued yet
+    assert "none issued yet for mail.example.org, mta-sts.example.org" in status.stdout, status
