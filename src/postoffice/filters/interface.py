@@ -65,10 +65,12 @@ class SessionFacts:
 class SpooledMessage:
     """A received message on disk for the message stage.
 
-    ``path`` holds the whole message (header and body, CRLF line ends, no
-    dot-stuffing); ``headers`` are its fields in order as (name, value)
-    with the value as after the colon, leading space removed, folding
-    line ends kept ("\\r\\n\\t").  The file belongs to the server: read it,
+    ``path`` holds the whole message as stored: header and body, LF line
+    ends (a milter adapter sends CRLF on the wire), no dot-stuffing, our
+    Received: field on top.  ``headers`` are its fields in order as (name,
+    value), the value as after the colon with one leading space removed and
+    folding kept as "\\n\\t"/"\\n " (values returned in modifications
+    may use CRLF or LF).  The file belongs to the server: read it,
     never change it (ask for ``ReplaceBody``/header changes instead).
     """
 

@@ -99,8 +99,8 @@ class ChangeHeader:
 @dataclass(frozen=True, slots=True)
 class ReplaceBody:
     """Replace the whole body: ``source`` is bytes (small bodies) or a file
-    the filter wrote (read, then left to the filter to remove).  The body is
-    octets with CRLF line ends, as in the message."""
+    the filter wrote (read, then left to the filter to remove).  CRLF or LF
+    line ends (stored with LF, like every message)."""
 
     source: bytes | Path
 
