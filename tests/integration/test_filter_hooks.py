@@ -160,6 +160,24 @@ def test_headers_added_inserted_changed_deleted(srv: PostofficeServer) -> None:
     assert names.index("X-Hook-Added") > names.index("Subject")
 
 
+def test_bdat_goes_through_the_filters(srv: PostofficeServer) -> None:
+    data = message("add via-bdat", subject="chunked")
+    c = RawSmtp("127.0.0.1", srv.ports["smtp"], timeout=15)
+    c.reply()
+    c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<sender@remote.test>")[0] == 250
+    assert c.cmd(f"RCPT TO:<{ALICE}>")[0] == 250
+    half = len(data) // 2
+    c.send(f"BDAT {half}\r\n".encode() + data[:half])
+    assert c.reply()[0] == 250
+    c.send(f"BDAT {len(data) - half} LAST\r\n".encode() + data[half:])
+    code, _ = c.reply()
+    c.close()
+    assert code == 250
+    msg = latest(srv, ALICE)
+    assert msg["Subject"] == "chunked" and msg["X-Hook-Added"] == "via-bdat"
+
+
 def test_body_replaced(srv: PostofficeServer) -> None:
     assert send(srv, [ALICE], message("body replaced-by-hook"))[0] == 250
     msg = latest(srv, ALICE)
