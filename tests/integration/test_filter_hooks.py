@@ -321,3 +321,13 @@ def test_smtplib_submission_through_hooks(srv: PostofficeServer) -> None:
     with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=15) as s:
         s.sendmail("x@remote.test", [BOB], message(subject="via smtplib"))
     assert latest(srv, BOB)["Subject"] == "via smtplib"
+
+
+def test_junk_folder_off_keeps_spam_in_inbox(tmp_path: Path) -> None:
+    srv = start(tmp_path, ["verdict_hook:Scripted"], junk_folder=False)
+    try:
+        assert send(srv, [CAROL], message("spam", subject="kept"))[0] == 250
+        assert latest(srv, CAROL)["Subject"] == "kept"
+        assert count(srv, CAROL, ".Junk") == 0
+    finally:
+        srv.stop()
