@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import time
-from dataclasses import dataclass, field
 
 from postoffice import logfmt, maillog, metrics
+from postoffice.filters.spool import SpoolWriter
 from postoffice.mail.address import Address, AddressError
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
+from postoffice.net.smtp_envelope import IncomingEnvelope, Transaction, new_queue_id
+from postoffice.net.smtp_filtering import SessionFilters
 from postoffice.net.smtp_tally import CommandTally
 from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.clients import may_send_password
@@ -34,7 +35,7 @@ from postoffice.policy.relay import (
 )
 from postoffice.policy.srs import forwarding_sender
 from postoffice.protocol import sasl
-from postoffice.protocol.dsn_params import NO_MESSAGE_DSN, SUCCESS, MessageDsn, RecipientDsn
+from postoffice.protocol.dsn_params import SUCCESS
 from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import (
     Auth,
@@ -60,7 +61,6 @@ from postoffice.protocol.smtp_server import (
 from postoffice.services import Services
 from postoffice.storage.errors import DeliveryError, StorageFault, fault_of
 from postoffice.storage.folders import junk_folder_blocking
-from postoffice.storage.maildir import DeliveryWriter
 from postoffice.storage.sink import HeadedSink, MessageSink
 
 log = logging.getLogger("postoffice.smtp")
@@ -86,40 +86,6 @@ class SmtpMode(enum.Enum):
     SUBMISSION = "submission"  # 587/465: AUTH required, may send anywhere
 
 
-@dataclass
-class IncomingEnvelope:
-    """What MAIL FROM and RCPT TO have said so far, and where each recipient
-    goes.  (What the queue keeps of it is delivery/queue's ``StoredEnvelope``.)"""
-
-    sender: Address | None = None
-    smtputf8: bool = False
-    mailboxes: dict[Address, None] = field(default_factory=dict)  # ordered set
-    remote: dict[Address, None] = field(default_factory=dict)  # via the outbound queue
-    recipients: list[Address] = field(default_factory=list)  # as given, for the log
-    forwarded_by: str = ""  # the domain of the first alias forwarding off-site (SRS)
-    srs_bounce: bool = False  # the recipient is one of our SRS addresses (alone, capped)
-    declared_size: int = 0  # MAIL FROM's SIZE= (RFC 1870), 0 if none
-    dsn: MessageDsn = NO_MESSAGE_DSN  # RET, ENVID (RFC 3461)
-    rcpt_dsn: dict[Address, RecipientDsn] = field(default_factory=dict)  # NOTIFY, ORCPT
-
-
-@dataclass
-class _Transaction:
-    """The message being received: writers and the header gate."""
-
-    envelope: IncomingEnvelope
-    queue_id: str
-    local: DeliveryWriter | None
-    outbound: MessageSink[str] | None  # into the queue; commit gives the queue id
-    gate: HeaderGate
-    started: float
-    local_prefix_done: bool = False
-    extra_headers: bytes = b""  # e.g. Authentication-Results, after Received:
-    failure: Reply | None = None  # storing failed mid-DATA: the answer after the final dot
-    held_bytes: int = 0  # this message's share of Services.held_messages
-    srs_bytes: int = 0  # content received so far for an SRS bounce (SRS_MAX_MESSAGE)
-
-
 class SmtpSession:
     def __init__(self, services: Services, conn: Connection, mode: SmtpMode) -> None:
         self.s = services
@@ -137,7 +103,7 @@ class SmtpSession:
         self.helo = ""
         self.user: Address | None = None
         self.envelope = IncomingEnvelope()
-        self.tx: _Transaction | None = None
+        self.tx: Transaction | None = None
         self.out: list[bytes] = []
         self._sasl: sasl.SaslExchange | None = None  # an AUTH exchange under way
         self._start_tls = False
@@ -157,11 +123,27 @@ class SmtpSession:
         self.data_bytes = 0  # content octets of the message being received
         self.first_helo = ""  # the name given before STARTTLS, if any
         self._chunk_failure: Reply | None = None  # a BDAT transaction that could not open
+        chain = services.filters
+        self.filtering = SessionFilters(self, chain) if chain else None
 
     # --- the loop --------------------------------------------------------------
     async def run(self) -> None:
         hostname = self.s.settings.hostname
-        self.conn.write(self.core.send_unsolicited(Reply(220, f"{hostname} ESMTP postoffice")))
+        greeting = Reply(220, f"{hostname} ESMTP postoffice")
+        if self.filtering is not None:
+            try:
+                refused = await self.filtering.connect()
+            except BaseException:
+                await self.filtering.close()
+                raise
+            if refused is not None:
+                # Refused at connect: said in place of the greeting, then closed.
+                self.conn.write(self.core.send_unsolicited(refused))
+                self.outcome = "refused by filter"
+                self._log_session(False)
+                await self.filtering.close()
+                return
+        self.conn.write(self.core.send_unsolicited(greeting))
         limits = self.s.settings.limits
         clock = asyncio.get_running_loop().time
         # The timeouts bound a whole line, not the gap between two bytes: a
@@ -215,6 +197,8 @@ class SmtpSession:
             in_data = self.tx is not None
             if in_data:
                 await self._abandon()
+            if self.filtering is not None:
+                await self.filtering.close()
             self._log_session(in_data)
 
     async def _handshake(self) -> bool:
@@ -373,11 +357,20 @@ class SmtpSession:
             case Rejected(reply=reply):
                 return reply
             case Hello():
-                return self._hello(event)
+                reply = self._hello(event)
+                if self.filtering is not None and reply.is_positive:
+                    reply = await self.filtering.helo(event.name) or reply
+                return reply
             case MailFrom():
-                return self._mail(event)
+                reply = self._mail(event)
+                if self.filtering is not None and reply.is_positive:
+                    refused = await self.filtering.mail(event)
+                    if refused is not None:
+                        self.envelope = IncomingEnvelope()
+                        return refused
+                return reply
             case RcptTo():
-                return self._rcpt(event)
+                return await self._filtered_rcpt(event)
             case DataRequested():
                 return await self._data_start()
             case DataComplete():
@@ -387,6 +380,8 @@ class SmtpSession:
             case Reset():
                 await self._abandon()
                 self.envelope = IncomingEnvelope()
+                if self.filtering is not None:
+                    await self.filtering.abort()
                 return _OK
             case Noop():
                 return _OK
@@ -480,8 +475,42 @@ class SmtpSession:
             )
         return reply
 
-    def _judge_rcpt(self, event: RcptTo) -> Reply:
+    async def _filtered_rcpt(self, event: RcptTo) -> Reply:
+        if self.filtering is None:
+            return self._rcpt(event)
         env = self.envelope
+        # What the server's own RCPT adds, to take back if a filter refuses it.
+        before = (
+            dict(env.mailboxes),
+            dict(env.remote),
+            list(env.recipients),
+            dict(env.rcpt_dsn),
+            env.forwarded_by,
+            env.srs_bounce,
+        )
+        reply = self._rcpt(event)
+        if not reply.is_positive:
+            return reply
+        refused = await self.filtering.rcpt(event)
+        if refused is None:
+            return reply
+        (
+            env.mailboxes,
+            env.remote,
+            env.recipients,
+            env.rcpt_dsn,
+            env.forwarded_by,
+            env.srs_bounce,
+        ) = before
+        return refused
+
+    def _judge_rcpt(
+        self, event: RcptTo, env: IncomingEnvelope | None = None, may_relay: bool = False
+    ) -> Reply:
+        """RCPT's verdict, its recipient added to ``env`` (the session's by
+        default; net/smtp_filtering.py re-routes a filtered envelope with
+        it, ``may_relay`` for recipients a filter added)."""
+        env = self.envelope if env is None else env
         if len(env.recipients) >= self.s.settings.limits.max_recipients:
             return Reply(452, "Too many recipients", "4.5.3")
         rcpt = event.recipient
@@ -490,7 +519,7 @@ class SmtpSession:
         verdict = judge_recipient(
             self.s,
             rcpt,
-            may_relay=self.mode is SmtpMode.SUBMISSION and self.user is not None,
+            may_relay=may_relay or (self.mode is SmtpMode.SUBMISSION and self.user is not None),
             null_sender=env.sender is None,
         )
         match verdict:
@@ -540,17 +569,19 @@ class SmtpSession:
 
     async def _data_start(self) -> Reply:
         env = self.envelope
-        queue_id = _new_queue_id()
+        filtering = self.filtering
+        queue_id = filtering.queue_id if filtering is not None else new_queue_id()
+        spool = None
         try:
-            local = self.s.maildirs.writer(list(env.mailboxes)) if env.mailboxes else None
-            queued = self._queue_writer(env, queue_id) if env.remote else None
+            if filtering is not None:
+                # Writers are opened once the filters have had their say.
+                local, outbound, spool = None, None, filtering.spool()
+            else:
+                local = self.s.maildirs.writer(list(env.mailboxes)) if env.mailboxes else None
+                outbound = self._outbound_writer(env, queue_id) if env.remote else None
         except (AddressError, ValueError) as exc:
             log.error("smtp cannot start delivery id=%s: %s", queue_id, exc)
             return _LOCAL_ERROR
-        outbound: MessageSink[str] | None = queued
-        signer = self.s.dkim_signer
-        if queued is not None and self.mode is SmtpMode.SUBMISSION and signer is not None:
-            outbound = signer.wrap(queued)  # signed once, here (dkim_sign.py)
         received = trace_headers(
             helo=self.helo,
             client_ip=self.client_ip,
@@ -560,7 +591,7 @@ class SmtpSession:
             recipient=env.recipients[0] if len(env.recipients) == 1 else None,
             tls=self.conn.tls_version() if self.core.tls else None,
         )
-        self.tx = _Transaction(
+        self.tx = Transaction(
             envelope=env,
             queue_id=queue_id,
             local=local,
@@ -572,8 +603,18 @@ class SmtpSession:
                 hold_all=self._inbound_checks_apply(),
             ),
             started=time.monotonic(),
+            spool=spool,
         )
         return _GO_AHEAD
+
+    def _outbound_writer(self, env: IncomingEnvelope, queue_id: str) -> MessageSink[str]:
+        """The queue's writer for ``env.remote``; submitted mail is DKIM-signed
+        on its way (signed once, here: dkim_sign.py)."""
+        queued = self._queue_writer(env, queue_id)
+        signer = self.s.dkim_signer
+        if self.mode is SmtpMode.SUBMISSION and signer is not None:
+            return signer.wrap(queued)
+        return queued
 
     def _queue_writer(self, env: IncomingEnvelope, queue_id: str) -> HeadedSink:
         queue = self.s.outbound
@@ -634,12 +675,12 @@ class SmtpSession:
             # Passed through untouched: the decoder's LF count still holds.
             await self._write_or_fail(tx, out, newlines if out is data else -1)
 
-    def _release_held(self, tx: _Transaction) -> None:
+    def _release_held(self, tx: Transaction) -> None:
         self.s.held_messages.give_back(tx.held_bytes)
         tx.held_bytes = 0
         tx.gate.hold_all = False
 
-    async def _write_or_fail(self, tx: _Transaction, data: bytes, newlines: int = -1) -> None:
+    async def _write_or_fail(self, tx: Transaction, data: bytes, newlines: int = -1) -> None:
         """Write, or remember why not: a full disk mid-DATA is answered (452)
         after the final dot like any other verdict (RFC 5321 §4.1.1.4), and
         the rest of the message is read and dropped."""
@@ -649,7 +690,10 @@ class SmtpSession:
             tx.failure = _storage_reply(fault_of(exc))
             log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
 
-    async def _write(self, tx: _Transaction, data: bytes, newlines: int = -1) -> None:
+    async def _write(self, tx: Transaction, data: bytes, newlines: int = -1) -> None:
+        if tx.spool is not None:
+            await tx.spool.write(data, newlines)
+            return
         if tx.local is not None:
             if not tx.local_prefix_done:
                 tx.local_prefix_done = True
@@ -658,7 +702,7 @@ class SmtpSession:
         if tx.outbound is not None:
             await tx.outbound.write(data, newlines)
 
-    def _local_prefix(self, tx: _Transaction) -> bytes:
+    def _local_prefix(self, tx: Transaction) -> bytes:
         env = tx.envelope
         sender = str(env.sender) if env.sender else ""
         lines = [f"Return-Path: <{sender}>\n"]
@@ -681,6 +725,8 @@ class SmtpSession:
             if rest:
                 await self._write_or_fail(tx, rest)
             reply = tx.failure
+        if reply is None and tx.spool is not None:
+            reply = await self._filter_message(tx, tx.spool)
         if reply is None:
             reply = await self._over_quota(tx)
         commit_seconds = None
@@ -691,8 +737,14 @@ class SmtpSession:
             started = metrics.clock()
             reply = await asyncio.shield(self._commit(tx, event.size))
             commit_seconds = metrics.clock() - started
+            if self.filtering is not None:
+                self.filtering.delivered(tx, event.size, reply)
         else:
             await self._abandon()
+            if self.filtering is not None and tx.discarded:
+                self.filtering.delivered(tx, event.size, reply)  # said 250: filters learn so
+            elif self.filtering is not None:
+                await self.filtering.abort()
         metrics.smtp_message(
             self.conn.listener, reply.code, reply.enhanced, event.size, commit_seconds
         )
@@ -700,6 +752,22 @@ class SmtpSession:
         self.tx = None
         self.envelope = IncomingEnvelope()
         return reply
+
+    async def _filter_message(self, tx: Transaction, spool: SpoolWriter) -> Reply | None:
+        """With [filters]: the message stage and routing (net/smtp_filtering.py);
+        the spool file is gone after it, whatever the outcome."""
+        assert self.filtering is not None
+        tx.spool = None  # from here on _write fills the real writers
+        try:
+            return await self.filtering.message(tx, spool)
+        except (DeliveryError, OSError) as exc:
+            log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
+            return _storage_reply(fault_of(exc))
+        except (AddressError, ValueError) as exc:  # as _data_start: no writer for it
+            log.error("smtp cannot start delivery id=%s: %s", tx.queue_id, exc)
+            return _LOCAL_ERROR
+        finally:
+            await spool.discard()
 
     # --- BDAT (RFC 3030) --------------------------------------------------------------
     async def _chunk_start(self) -> None:
@@ -743,7 +811,7 @@ class SmtpSession:
         except AddressError:
             return []  # not a mailbox path: _data_start answers that
 
-    async def _over_quota(self, tx: _Transaction) -> Reply | None:
+    async def _over_quota(self, tx: Transaction) -> Reply | None:
         """After the data, if this message would take a mailbox past its quota
         (RFC 3463 X.2.2).  The reply covers the whole message, so:
 
@@ -777,7 +845,7 @@ class SmtpSession:
             )
         return Reply(452, "A recipient's mailbox is full; try again later", "4.2.2")
 
-    async def _judge_inbound(self, tx: _Transaction) -> Reply | None:
+    async def _judge_inbound(self, tx: Transaction) -> Reply | None:
         """SPF/DKIM/DMARC (policy/mailauth.py): an Authentication-Results header
         to add, and possibly a refusal (DMARC reject) or a temporary failure."""
         checks = self.s.inbound_checks
@@ -790,11 +858,17 @@ class SmtpSession:
             queue_id=tx.queue_id,
         )
         tx.extra_headers = outcome.header
-        if outcome.quarantine and outcome.reply is None and tx.local is not None:
+        if outcome.quarantine and outcome.reply is None and tx.spool is not None:
+            # Filtered: the Junk folder is chosen once the filters have spoken.
+            tx.quarantine_reason = outcome.quarantine
+            tx.extra_headers += (
+                f"X-Postoffice-Quarantine: {outcome.quarantine} (RFC 7489 6.3)\n".encode()
+            )
+        elif outcome.quarantine and outcome.reply is None and tx.local is not None:
             await self._quarantine(tx, outcome.quarantine)
         return outcome.reply
 
-    async def _quarantine(self, tx: _Transaction, reason: str) -> None:
+    async def _quarantine(self, tx: Transaction, reason: str) -> None:
         """RFC 7489 §6.3 p=quarantine: the local copies go to each mailbox's
         Junk folder (storage/folders.py), with a header saying why; nothing is
         written yet (the message was held for the checks)."""
@@ -814,7 +888,7 @@ class SmtpSession:
         tx.extra_headers += f"X-Postoffice-Quarantine: {reason} (RFC 7489 6.3)\n".encode()
         maillog.quarantined(tx.queue_id, reason=reason, folder=folder)
 
-    def _content_verdict(self, event: DataComplete, tx: _Transaction) -> Reply | None:
+    def _content_verdict(self, event: DataComplete, tx: Transaction) -> Reply | None:
         limit = self.s.settings.limits.max_message_size
         if event.oversize:
             return Reply(552, f"Message size exceeds fixed limit of {limit} octets", "5.3.4")
@@ -843,7 +917,7 @@ class SmtpSession:
                     )
         return None
 
-    async def _commit(self, tx: _Transaction, size: int) -> Reply:
+    async def _commit(self, tx: Transaction, size: int) -> Reply:
         try:
             if tx.outbound is not None:
                 # The queue keeps the session's id: one id in the reply, the
@@ -873,7 +947,10 @@ class SmtpSession:
         if tx is not None:
             await self._discard(tx)
 
-    async def _discard(self, tx: _Transaction) -> None:
+    async def _discard(self, tx: Transaction) -> None:
+        if tx.spool is not None:
+            spool, tx.spool = tx.spool, None
+            await spool.discard()
         if tx.held_bytes:
             self._release_held(tx)
         if tx.local is not None:
@@ -881,7 +958,7 @@ class SmtpSession:
         if tx.outbound is not None:
             await tx.outbound.discard()
 
-    def _log_transaction(self, tx: _Transaction, size: int, reply: Reply) -> None:
+    def _log_transaction(self, tx: Transaction, size: int, reply: Reply) -> None:
         env = tx.envelope
         maillog.received(
             tx.queue_id,
@@ -974,9 +1051,3 @@ def _storage_reply(fault: StorageFault | None) -> Reply:
     """The one answer to storage failing (storage/errors.py): RFC 3463
     X.3.1 "mail system full" when there is no room, else a local error."""
     return _NO_SPACE if fault is StorageFault.NO_SPACE else _LOCAL_ERROR
-
-
-def _new_queue_id() -> str:
-    """Short, unique, roughly time-ordered ids for logs and Received headers.
-    Not secret: ``random`` (seeded from os.urandom) avoids a syscall per id."""
-    return f"{time.time_ns() // 1000:x}{random.getrandbits(24):06x}"
