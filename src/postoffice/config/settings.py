@@ -245,6 +245,48 @@ class MtaStsSettings:
     max_age: int = 604800  # seconds senders may cache the policy (a week)
 
 
+FILTER_ACTIONS = ("tempfail", "accept", "reject")
+
+
+@dataclass(frozen=True, slots=True)
+class MilterSettings:
+    # "inet:HOST:PORT" (IPv6: "inet6:[::1]:PORT" or "inet:[::1]:PORT") or "unix:/path".
+    address: str
+    # What a failure or timeout of this milter gives: "tempfail" (451 4.7.1),
+    # "accept" (as if it were not there) or "reject" (550 5.7.1); the
+    # [filters] default_action unless given.
+    default_action: str = "tempfail"
+    connect_timeout: float = 5.0  # seconds to connect and negotiate
+    command_timeout: float = 10.0  # seconds per stage (connect ... body chunk)
+    eom_timeout: float = 60.0  # seconds for the end-of-message answer
+
+
+@dataclass(frozen=True, slots=True)
+class FilterSettings:
+    # Milters (docs/filters.md), asked in this order before the Python hooks;
+    # each a string ("inet:127.0.0.1:11332", "unix:/run/rspamd/milter.sock")
+    # or a table {address, default_action, connect_timeout, command_timeout,
+    # eom_timeout}.
+    milters: tuple[MilterSettings, ...] = ()
+    # Python hooks, "package.module:Class", importable by the server; each
+    # class is instantiated once at start (filters/hooks.py).
+    hooks: tuple[str, ...] = ()
+    # What a failing filter gives unless its own table says otherwise.
+    default_action: str = "tempfail"
+    hook_timeout: float = 30.0  # seconds each hook stage may take
+    # Local copies of mail a filter marks as spam (X-Spam: Yes, rspamd's
+    # "add header"/"rewrite subject" action) go to the Junk folder.
+    junk_folder: bool = True
+    # rspamd controller URL ("http://127.0.0.1:11334") for learning from
+    # IMAP moves into and out of Junk; "" off.
+    rspamd_controller: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        """True when a filter is configured (the spooled SMTP path is used)."""
+        return bool(self.milters or self.hooks)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     hostname: str = "localhost"  # banner, EHLO name, Received headers
@@ -261,6 +303,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     run: RunSettings = field(default_factory=RunSettings)
     mta_sts: MtaStsSettings = field(default_factory=MtaStsSettings)
+    filters: FilterSettings = field(default_factory=FilterSettings)
 
     @property
     def mail_dir(self) -> Path:
@@ -396,6 +439,9 @@ _MUST_BE_POSITIVE = frozenset(
         "max_per_destination",
         "max_deliveries",
         "connect_timeout",
+        "hook_timeout",
+        "command_timeout",
+        "eom_timeout",
     }
 )
 
@@ -461,6 +507,7 @@ class _Loader:
             log=self.log(top.get("log", {})),
             run=self.run(top.get("run", {})),
             mta_sts=self.mta_sts(top.get("mta_sts", {})),
+            filters=self.filters(top.get("filters", {})),
         )
 
     def typed(self, value: Any, kind: type, key: str) -> Any:
@@ -696,3 +743,80 @@ class _Loader:
             file=self.path(file_text, "log.file") if file_text else None,
             syslog=syslog,
         )
+
+    def filters(self, raw: Any) -> FilterSettings:
+        table = self.table(raw, "filters", FilterSettings)
+        simple = {k: v for k, v in table.items() if k not in ("milters", "hooks")}
+        base = self.numbers(simple, "filters", FilterSettings)
+        if base.default_action not in FILTER_ACTIONS:
+            raise self.fail(
+                "filters.default_action", f"must be one of: {', '.join(FILTER_ACTIONS)}"
+            )
+        if not math.isfinite(base.hook_timeout):
+            raise self.fail("filters.hook_timeout", "must be a finite number")
+        url = base.rspamd_controller
+        if url and not url.startswith(("http://", "https://")):
+            raise self.fail("filters.rspamd_controller", "must be an http:// or https:// URL")
+        hooks = []
+        for i, v in enumerate(self.typed(table.get("hooks", []), list, "filters.hooks")):
+            key = f"filters.hooks[{i}]"
+            text = self.typed(v, str, key)
+            module, _, attr = text.partition(":")
+            if not module or not attr or not all(p.isidentifier() for p in module.split(".")):
+                raise self.fail(key, f'{text!r} is not "package.module:Class"')
+            hooks.append(text)
+        milters = []
+        listed = self.typed(table.get("milters", []), list, "filters.milters")
+        for i, v in enumerate(listed):
+            milters.append(self.milter(v, f"filters.milters[{i}]", base.default_action))
+        return FilterSettings(
+            milters=tuple(milters),
+            hooks=tuple(hooks),
+            default_action=base.default_action,
+            hook_timeout=base.hook_timeout,
+            junk_folder=base.junk_folder,
+            rspamd_controller=url,
+        )
+
+    def milter(self, value: Any, key: str, default_action: str) -> MilterSettings:
+        if isinstance(value, str):
+            value = {"address": value}
+        table = self.table(value, key, MilterSettings)
+        if "address" not in table:
+            raise self.fail(f"{key}.address", "is required")
+        address = self.typed(table["address"], str, f"{key}.address")
+        kind, _, rest = address.partition(":")
+        if kind not in ("inet", "inet6", "unix") or not rest:
+            raise self.fail(
+                f"{key}.address", f'{address!r} is not "inet:HOST:PORT" or "unix:/path"'
+            )
+        if kind != "unix":
+            host, _, port = rest.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise self.fail(f"{key}.address", f"{address!r} needs a HOST:PORT")
+        action = self.typed(table.get("default_action", default_action), str, key)
+        if action not in FILTER_ACTIONS:
+            raise self.fail(f"{key}.default_action", f"must be one of: {', '.join(FILTER_ACTIONS)}")
+        numbers = self.numbers(
+            {k: v for k, v in table.items() if k.endswith("_timeout")},
+            key,
+            _MilterTimeouts,
+        )
+        for name in ("connect_timeout", "command_timeout", "eom_timeout"):
+            if not math.isfinite(getattr(numbers, name)):
+                raise self.fail(f"{key}.{name}", "must be a finite number")
+        return MilterSettings(
+            address=address,
+            default_action=action,
+            connect_timeout=numbers.connect_timeout,
+            command_timeout=numbers.command_timeout,
+            eom_timeout=numbers.eom_timeout,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _MilterTimeouts:
+    # MilterSettings' numbers alone, so the generic number loader can check them.
+    connect_timeout: float = 5.0
+    command_timeout: float = 10.0
+    eom_timeout: float = 60.0
