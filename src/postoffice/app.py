@@ -35,6 +35,8 @@ from postoffice.delivery.remote import RemoteCourier
 from postoffice.delivery.tls_policy import TlsPolicies
 from postoffice.delivery.tls_reports import TlsReportSender
 from postoffice.dns.resolver import DnsResolver, Resolver
+from postoffice.filters.build import build_chain, filter_problems
+from postoffice.filters.spool import SPOOL_DIR, clean_spool_blocking
 from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.accept import AcceptShares, bind
 from postoffice.net.listener import Handler, Listener
@@ -148,6 +150,14 @@ def build_services(
         settings, resolver, reports=ReportRecorder(settings.data_dir)
     )  # DKIM in worker processes
     services.resolver = resolver
+    # [filters] (filters/build.py): serve refused a bad one before this.
+    services.filters = build_chain(settings.filters)
+    if services.filters is not None:
+        spool = settings.data_dir / SPOOL_DIR
+        if process == 0:  # before the extra smtp processes start spooling
+            clean_spool_blocking(spool)
+        else:
+            spool.mkdir(mode=0o700, exist_ok=True)
     return services
 
 
@@ -749,6 +759,10 @@ def serve(settings: Settings) -> int:
             return 1
     if isinstance(who, runas.RunAsError):
         logs.fatal(str(who))
+        logs.close()
+        return 1
+    for problem in filter_problems(settings.filters):  # a hook that does not load
+        logs.fatal(problem)
         logs.close()
         return 1
     try:

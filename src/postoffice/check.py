@@ -33,6 +33,7 @@ from pathlib import Path
 
 from postoffice.config.settings import ListenAddress, Settings
 from postoffice.datadir import Owner, running_servers, serving_pid, user_name
+from postoffice.filters.build import filter_problems
 from postoffice.logsetup import problems as log_problems
 from postoffice.mail.address import Address
 from postoffice.net.tls import CERT_NAME, KEY_NAME, server_context
@@ -337,7 +338,7 @@ def problems_and_notes(
     run_user = _check_run_user(settings)
     become_owner()
     problems = _check_data_dir(settings.data_dir) + check_ownership(settings.data_dir)
-    problems += logs + run_user
+    problems += logs + run_user + filter_problems(settings.filters)
     notes: list[str] = _servers_elsewhere(settings.data_dir)
     for more_problems, more_notes in (
         listeners,

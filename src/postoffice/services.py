@@ -14,6 +14,7 @@ from typing import Protocol
 
 from postoffice.config.settings import Settings
 from postoffice.dns.resolver import Resolver
+from postoffice.filters.chain import FilterChain
 from postoffice.mail.address import Address
 from postoffice.policy.auth import Authenticator
 from postoffice.policy.dkim_sign import DkimSigner
@@ -66,6 +67,8 @@ class Services:
     inbound_checks: InboundChecks | None = None
     # DKIM signing of submitted mail bound for the outbound queue; None: no signing.
     dkim_signer: DkimSigner | None = None
+    # The [filters] chain (filters/build.py); None: no filters, the fast path.
+    filters: FilterChain | None = None
     # Sender Rewriting Scheme for mail aliases forward off-site (policy/srs.py).
     srs: Srs | None = None
     # The free-space reserve ([limits] min_free_space): MAIL FROM asks ``low()``.

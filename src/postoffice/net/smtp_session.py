@@ -17,9 +17,11 @@ import time
 from dataclasses import dataclass, field
 
 from postoffice import logfmt, maillog, metrics
+from postoffice.filters.spool import SpoolWriter
 from postoffice.mail.address import Address, AddressError
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
+from postoffice.net.smtp_filtering import SessionFilters
 from postoffice.net.smtp_tally import CommandTally
 from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.clients import may_send_password
@@ -118,6 +120,11 @@ class _Transaction:
     failure: Reply | None = None  # storing failed mid-DATA: the answer after the final dot
     held_bytes: int = 0  # this message's share of Services.held_messages
     srs_bytes: int = 0  # content received so far for an SRS bounce (SRS_MAX_MESSAGE)
+    # With [filters]: the content goes here during DATA (net/smtp_filtering.py).
+    spool: SpoolWriter | None = None
+    quarantine_reason: str = ""  # DMARC p=quarantine, for the filtered path
+    discarded: bool = False  # a filter discarded it: 250, nothing stored
+    delivered_folder: str = "INBOX"
 
 
 class SmtpSession:
@@ -157,11 +164,27 @@ class SmtpSession:
         self.data_bytes = 0  # content octets of the message being received
         self.first_helo = ""  # the name given before STARTTLS, if any
         self._chunk_failure: Reply | None = None  # a BDAT transaction that could not open
+        chain = services.filters
+        self.filtering = SessionFilters(self, chain) if chain else None
 
     # --- the loop --------------------------------------------------------------
     async def run(self) -> None:
         hostname = self.s.settings.hostname
-        self.conn.write(self.core.send_unsolicited(Reply(220, f"{hostname} ESMTP postoffice")))
+        greeting = Reply(220, f"{hostname} ESMTP postoffice")
+        if self.filtering is not None:
+            try:
+                refused = await self.filtering.connect()
+            except BaseException:
+                await self.filtering.close()
+                raise
+            if refused is not None:
+                # Refused at connect: said in place of the greeting, then closed.
+                self.conn.write(self.core.send_unsolicited(refused))
+                self.outcome = "refused by filter"
+                self._log_session(False)
+                await self.filtering.close()
+                return
+        self.conn.write(self.core.send_unsolicited(greeting))
         limits = self.s.settings.limits
         clock = asyncio.get_running_loop().time
         # The timeouts bound a whole line, not the gap between two bytes: a
@@ -215,6 +238,8 @@ class SmtpSession:
             in_data = self.tx is not None
             if in_data:
                 await self._abandon()
+            if self.filtering is not None:
+                await self.filtering.close()
             self._log_session(in_data)
 
     async def _handshake(self) -> bool:
@@ -373,11 +398,20 @@ class SmtpSession:
             case Rejected(reply=reply):
                 return reply
             case Hello():
-                return self._hello(event)
+                reply = self._hello(event)
+                if self.filtering is not None and reply.is_positive:
+                    reply = await self.filtering.helo(event.name) or reply
+                return reply
             case MailFrom():
-                return self._mail(event)
+                reply = self._mail(event)
+                if self.filtering is not None and reply.is_positive:
+                    refused = await self.filtering.mail(event)
+                    if refused is not None:
+                        self.envelope = IncomingEnvelope()
+                        return refused
+                return reply
             case RcptTo():
-                return self._rcpt(event)
+                return await self._filtered_rcpt(event)
             case DataRequested():
                 return await self._data_start()
             case DataComplete():
@@ -387,6 +421,8 @@ class SmtpSession:
             case Reset():
                 await self._abandon()
                 self.envelope = IncomingEnvelope()
+                if self.filtering is not None:
+                    await self.filtering.abort()
                 return _OK
             case Noop():
                 return _OK
@@ -480,8 +516,42 @@ class SmtpSession:
             )
         return reply
 
-    def _judge_rcpt(self, event: RcptTo) -> Reply:
+    async def _filtered_rcpt(self, event: RcptTo) -> Reply:
+        if self.filtering is None:
+            return self._rcpt(event)
         env = self.envelope
+        # What the server's own RCPT adds, to take back if a filter refuses it.
+        before = (
+            dict(env.mailboxes),
+            dict(env.remote),
+            list(env.recipients),
+            dict(env.rcpt_dsn),
+            env.forwarded_by,
+            env.srs_bounce,
+        )
+        reply = self._rcpt(event)
+        if not reply.is_positive:
+            return reply
+        refused = await self.filtering.rcpt(event)
+        if refused is None:
+            return reply
+        (
+            env.mailboxes,
+            env.remote,
+            env.recipients,
+            env.rcpt_dsn,
+            env.forwarded_by,
+            env.srs_bounce,
+        ) = before
+        return refused
+
+    def _judge_rcpt(
+        self, event: RcptTo, env: IncomingEnvelope | None = None, may_relay: bool = False
+    ) -> Reply:
+        """RCPT's verdict, its recipient added to ``env`` (the session's by
+        default; net/smtp_filtering.py re-routes a filtered envelope with
+        it, ``may_relay`` for recipients a filter added)."""
+        env = self.envelope if env is None else env
         if len(env.recipients) >= self.s.settings.limits.max_recipients:
             return Reply(452, "Too many recipients", "4.5.3")
         rcpt = event.recipient
@@ -490,7 +560,7 @@ class SmtpSession:
         verdict = judge_recipient(
             self.s,
             rcpt,
-            may_relay=self.mode is SmtpMode.SUBMISSION and self.user is not None,
+            may_relay=may_relay or (self.mode is SmtpMode.SUBMISSION and self.user is not None),
             null_sender=env.sender is None,
         )
         match verdict:
@@ -540,17 +610,19 @@ class SmtpSession:
 
     async def _data_start(self) -> Reply:
         env = self.envelope
-        queue_id = _new_queue_id()
+        filtering = self.filtering
+        queue_id = filtering.queue_id if filtering is not None else _new_queue_id()
+        spool = None
         try:
-            local = self.s.maildirs.writer(list(env.mailboxes)) if env.mailboxes else None
-            queued = self._queue_writer(env, queue_id) if env.remote else None
+            if filtering is not None:
+                # Writers are opened once the filters have had their say.
+                local, outbound, spool = None, None, filtering.spool()
+            else:
+                local = self.s.maildirs.writer(list(env.mailboxes)) if env.mailboxes else None
+                outbound = self._outbound_writer(env, queue_id) if env.remote else None
         except (AddressError, ValueError) as exc:
             log.error("smtp cannot start delivery id=%s: %s", queue_id, exc)
             return _LOCAL_ERROR
-        outbound: MessageSink[str] | None = queued
-        signer = self.s.dkim_signer
-        if queued is not None and self.mode is SmtpMode.SUBMISSION and signer is not None:
-            outbound = signer.wrap(queued)  # signed once, here (dkim_sign.py)
         received = trace_headers(
             helo=self.helo,
             client_ip=self.client_ip,
@@ -572,8 +644,18 @@ class SmtpSession:
                 hold_all=self._inbound_checks_apply(),
             ),
             started=time.monotonic(),
+            spool=spool,
         )
         return _GO_AHEAD
+
+    def _outbound_writer(self, env: IncomingEnvelope, queue_id: str) -> MessageSink[str]:
+        """The queue's writer for ``env.remote``; submitted mail is DKIM-signed
+        on its way (signed once, here: dkim_sign.py)."""
+        queued = self._queue_writer(env, queue_id)
+        signer = self.s.dkim_signer
+        if self.mode is SmtpMode.SUBMISSION and signer is not None:
+            return signer.wrap(queued)
+        return queued
 
     def _queue_writer(self, env: IncomingEnvelope, queue_id: str) -> HeadedSink:
         queue = self.s.outbound
@@ -650,6 +732,9 @@ class SmtpSession:
             log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
 
     async def _write(self, tx: _Transaction, data: bytes, newlines: int = -1) -> None:
+        if tx.spool is not None:
+            await tx.spool.write(data, newlines)
+            return
         if tx.local is not None:
             if not tx.local_prefix_done:
                 tx.local_prefix_done = True
@@ -681,6 +766,8 @@ class SmtpSession:
             if rest:
                 await self._write_or_fail(tx, rest)
             reply = tx.failure
+        if reply is None and tx.spool is not None:
+            reply = await self._filter_message(tx, tx.spool)
         if reply is None:
             reply = await self._over_quota(tx)
         commit_seconds = None
@@ -691,8 +778,14 @@ class SmtpSession:
             started = metrics.clock()
             reply = await asyncio.shield(self._commit(tx, event.size))
             commit_seconds = metrics.clock() - started
+            if self.filtering is not None:
+                self.filtering.delivered(tx, event.size, reply)
         else:
             await self._abandon()
+            if self.filtering is not None and tx.discarded:
+                self.filtering.delivered(tx, event.size, reply)  # said 250: filters learn so
+            elif self.filtering is not None:
+                await self.filtering.abort()
         metrics.smtp_message(
             self.conn.listener, reply.code, reply.enhanced, event.size, commit_seconds
         )
@@ -700,6 +793,19 @@ class SmtpSession:
         self.tx = None
         self.envelope = IncomingEnvelope()
         return reply
+
+    async def _filter_message(self, tx: _Transaction, spool: SpoolWriter) -> Reply | None:
+        """With [filters]: the message stage and routing (net/smtp_filtering.py);
+        the spool file is gone after it, whatever the outcome."""
+        assert self.filtering is not None
+        tx.spool = None  # from here on _write fills the real writers
+        try:
+            return await self.filtering.message(tx, spool)
+        except (DeliveryError, OSError) as exc:
+            log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
+            return _storage_reply(fault_of(exc))
+        finally:
+            await spool.discard()
 
     # --- BDAT (RFC 3030) --------------------------------------------------------------
     async def _chunk_start(self) -> None:
@@ -790,7 +896,13 @@ class SmtpSession:
             queue_id=tx.queue_id,
         )
         tx.extra_headers = outcome.header
-        if outcome.quarantine and outcome.reply is None and tx.local is not None:
+        if outcome.quarantine and outcome.reply is None and tx.spool is not None:
+            # Filtered: the Junk folder is chosen once the filters have spoken.
+            tx.quarantine_reason = outcome.quarantine
+            tx.extra_headers += (
+                f"X-Postoffice-Quarantine: {outcome.quarantine} (RFC 7489 6.3)\n".encode()
+            )
+        elif outcome.quarantine and outcome.reply is None and tx.local is not None:
             await self._quarantine(tx, outcome.quarantine)
         return outcome.reply
 
@@ -874,6 +986,9 @@ class SmtpSession:
             await self._discard(tx)
 
     async def _discard(self, tx: _Transaction) -> None:
+        if tx.spool is not None:
+            spool, tx.spool = tx.spool, None
+            await spool.discard()
         if tx.held_bytes:
             self._release_held(tx)
         if tx.local is not None:
