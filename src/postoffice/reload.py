@@ -35,8 +35,8 @@ from postoffice.services import Services
 
 # Keys a running process cannot change: where its data lives, its log
 # handlers, its process count, its resolver and delivery slots, its password
-# threads and throttle, its inbound checks, and the hostname its stores and
-# certificate were made for.
+# threads and throttle, its inbound checks, its filters, and the hostname its
+# stores and certificate were made for.
 RESTART_ONLY: tuple[str, ...] = (
     "hostname",
     "data_dir",
@@ -47,6 +47,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "relay.dns_servers",
     "relay.max_deliveries",
     "relay.max_per_destination",
+    "filters",  # hooks are imported and milters connected once, at start
     # [auth] but allow_plaintext_loopback, which each session reads as it logs in.
     *(
         f"auth.{f.name}"
