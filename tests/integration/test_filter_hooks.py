@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
 
@@ -28,8 +29,11 @@ ENV = {"PYTHONPATH": os.pathsep.join([str(HOOKS_DIR), os.environ.get("PYTHONPATH
 
 
 def start(root: Path, hooks: list[str], **filters: object) -> PostofficeServer:
+    # Remote copies wait in the queue: its smarthost never answers.
+    relay = {"smarthost": f"127.0.0.1:{free_port()}", "retry_schedule": [3600]}
     srv = PostofficeServer(
-        root, sections={"filters": {"hooks": hooks, "hook_timeout": 1.5, **filters}}
+        root,
+        sections={"filters": {"hooks": hooks, "hook_timeout": 1.5, **filters}, "relay": relay},
     )
     for user in (ALICE, BOB, CAROL):
         srv.add_user(user, "pw-" + user)
@@ -225,6 +229,21 @@ def test_250_means_the_file_is_in_the_maildir(srv: PostofficeServer) -> None:
     files = [p for p in new_messages(srv, ALICE) if queue_id.encode() in p.read_bytes()]
     assert len(files) == 1 and files[0].parent.name == "new"
     assert email.message_from_bytes(files[0].read_bytes())["X-Hook-Added"] == "durable"
+
+
+def test_remote_recipient_added_goes_to_the_queue_before_250(srv: PostofficeServer) -> None:
+    code, text = send(srv, [ALICE], message("add-rcpt far@remote.test", "add queued"))
+    assert code == 250
+    queue_id = text.rsplit(" ", 1)[1]
+    queued = [p for p in (srv.data_dir / "queue").glob("*.msg") if queue_id in p.name]
+    assert len(queued) == 1
+    content = queued[0].read_bytes()
+    assert b"far@remote.test" in content and b"X-Hook-Added: queued" in content
+    assert alice_has(srv, queue_id)
+
+
+def alice_has(srv: PostofficeServer, queue_id: str) -> bool:
+    return any(queue_id.encode() in p.read_bytes() for p in new_messages(srv, ALICE))
 
 
 # --- failing hooks --------------------------------------------------------------------

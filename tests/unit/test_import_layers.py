@@ -49,8 +49,12 @@ ALLOWED: dict[str, frozenset[str]] = {
             "dns",
         }
     ),
+    # Message filters (docs/filters.md): verdicts, the FilterSession interface,
+    # the chain and the Python hooks; adapters that speak to the network (the
+    # milter client) live in net/, which imports filters.
+    "filters": frozenset({"mail", "logfmt", "maillog", "metrics", "config", "protocol", "storage"}),
     "services": frozenset(
-        {"mail", "logfmt", "maillog", "config", "protocol", "storage", "dns", "policy"}
+        {"mail", "logfmt", "maillog", "config", "protocol", "storage", "dns", "policy", "filters"}
     ),
     "net": frozenset(
         {
@@ -62,6 +66,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "protocol",
             "storage",
             "policy",
+            "filters",
             "services",
         }
     ),

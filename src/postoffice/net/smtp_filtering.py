@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO, Protocol
 
 from postoffice import logfmt, maillog
 from postoffice.filters.apply import (
@@ -50,15 +50,41 @@ from postoffice.filters.verdicts import (
     Tempfail,
     Verdict,
 )
-from postoffice.mail.address import AddressError, parse_address
+from postoffice.mail.address import Address, AddressError, parse_address
+from postoffice.net.connection import Connection
+from postoffice.net.smtp_envelope import IncomingEnvelope, Transaction, new_queue_id
 from postoffice.protocol.dsn_params import NO_RECIPIENT_DSN
 from postoffice.protocol.smtp_reply import Reply
-from postoffice.protocol.smtp_server import MailFrom, RcptTo
+from postoffice.protocol.smtp_server import MailFrom, RcptTo, SmtpServerCore
+from postoffice.services import Services
 from postoffice.storage import folder_names
 from postoffice.storage.folders import FolderError, Folders, junk_folder_blocking
+from postoffice.storage.sink import MessageSink
 
-if TYPE_CHECKING:
-    from postoffice.net.smtp_session import IncomingEnvelope, SmtpSession, _Transaction
+
+class FilteredSession(Protocol):
+    """What this module uses of smtp_session.SmtpSession (a Protocol, so the
+    two modules do not import each other)."""
+
+    s: Services
+    conn: Connection
+    envelope: IncomingEnvelope
+    client_ip: str
+    helo: str
+    mode_name: str
+    core: SmtpServerCore
+    user: Address | None
+
+    def _judge_rcpt(
+        self, event: RcptTo, env: IncomingEnvelope | None = None, may_relay: bool = False
+    ) -> Reply: ...
+
+    def _local_prefix(self, tx: Transaction) -> bytes: ...
+
+    async def _write(self, tx: Transaction, data: bytes, newlines: int = -1) -> None: ...
+
+    def _outbound_writer(self, env: IncomingEnvelope, queue_id: str) -> MessageSink[str]: ...
+
 
 log = logging.getLogger("postoffice.filters")
 
@@ -83,7 +109,7 @@ def stage_reply(verdict: Verdict, stage: str) -> Reply | None:
 class SessionFilters:
     """The filter side of one SMTP session (see the module docstring)."""
 
-    def __init__(self, session: SmtpSession, chain: FilterChain) -> None:
+    def __init__(self, session: FilteredSession, chain: FilterChain) -> None:
         self.session = session
         self.chain = chain
         self.filters: ChainSession | None = None
@@ -135,7 +161,7 @@ class SessionFilters:
     async def mail(self, event: MailFrom) -> Reply | None:
         assert self.filters is not None
         self.discard = self.quarantine = None
-        self.queue_id = _new_id()
+        self.queue_id = new_queue_id()
         args = " ".join(k if v is None else f"{k}={v}" for k, v in event.params.items())
         sender = str(event.sender) if event.sender is not None else ""
         result = await self.filters.mail(self.facts(), sender, args)
@@ -169,7 +195,7 @@ class SessionFilters:
             await filters.close()
 
     # --- the message ---------------------------------------------------------------
-    async def message(self, tx: _Transaction, spool: SpoolWriter) -> Reply | None:
+    async def message(self, tx: Transaction, spool: SpoolWriter) -> Reply | None:
         """After the data: the message stage, the modifications, the routing.
 
         Returns a reply that ends the message here (refused, or discarded:
@@ -242,7 +268,7 @@ class SessionFilters:
         tx.delivered_folder = folder
         return None
 
-    def _discarded(self, tx: _Transaction, reason: str) -> Reply:
+    def _discarded(self, tx: Transaction, reason: str) -> Reply:
         log.info(
             "filter discard id=%s client=%s from=%s to=%s reason=%s",
             tx.queue_id,
@@ -255,12 +281,10 @@ class SessionFilters:
         return Reply(250, f"Ok: queued as {tx.queue_id}", "2.0.0")
 
     def _reroute(
-        self, tx: _Transaction, sender: str | None, recipients: list[str], added: set[str]
+        self, tx: Transaction, sender: str | None, recipients: list[str], added: set[str]
     ) -> IncomingEnvelope | None:
         """The envelope after the modifications, every recipient judged as
         RCPT judges it; None when none is left."""
-        from postoffice.net.smtp_session import IncomingEnvelope
-
         s = self.session
         old = tx.envelope
         same = [str(r) for r in old.recipients]
@@ -296,7 +320,7 @@ class SessionFilters:
                 )
         return env if env.recipients else None
 
-    async def _open_writers(self, tx: _Transaction, folder: str) -> Reply | None:
+    async def _open_writers(self, tx: Transaction, folder: str) -> Reply | None:
         s = self.session
         env = tx.envelope
         tx.local, tx.outbound = None, None
@@ -325,7 +349,7 @@ class SessionFilters:
             tx.outbound = s._outbound_writer(env, tx.queue_id)
         return None
 
-    async def _copy(self, tx: _Transaction, path: Path, offset: int) -> None:
+    async def _copy(self, tx: Transaction, path: Path, offset: int) -> None:
         """Stream ``path`` from ``offset`` into the writers, a chunk at a time."""
         loop = asyncio.get_running_loop()
         executor = self.session.s.executor
@@ -337,7 +361,7 @@ class SessionFilters:
         finally:
             await loop.run_in_executor(executor, f.close)
 
-    def delivered(self, tx: _Transaction, size: int, reply: Reply) -> None:
+    def delivered(self, tx: Transaction, size: int, reply: Reply) -> None:
         """After the 250: the delivered stage, in the background (the client
         is not kept waiting for it; ``close`` waits for what is left)."""
         if self.filters is None or reply.code != 250:
@@ -382,9 +406,3 @@ def _folder_blocking(maildir: Path, folder: str) -> Path:
             if not folders.exists(name):  # not made meanwhile by another session
                 raise
     return folders.path(name)
-
-
-def _new_id() -> str:
-    from postoffice.net.smtp_session import _new_queue_id
-
-    return _new_queue_id()

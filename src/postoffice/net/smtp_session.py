@@ -12,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import time
-from dataclasses import dataclass, field
 
 from postoffice import logfmt, maillog, metrics
 from postoffice.filters.spool import SpoolWriter
 from postoffice.mail.address import Address, AddressError
 from postoffice.mail.headers import MAX_HEADER_BLOCK, HeaderGate, count_fields, trace_headers
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
+from postoffice.net.smtp_envelope import IncomingEnvelope, Transaction, new_queue_id
 from postoffice.net.smtp_filtering import SessionFilters
 from postoffice.net.smtp_tally import CommandTally
 from postoffice.policy.auth import LoginThrottled
@@ -36,7 +35,7 @@ from postoffice.policy.relay import (
 )
 from postoffice.policy.srs import forwarding_sender
 from postoffice.protocol import sasl
-from postoffice.protocol.dsn_params import NO_MESSAGE_DSN, SUCCESS, MessageDsn, RecipientDsn
+from postoffice.protocol.dsn_params import SUCCESS
 from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import (
     Auth,
@@ -62,7 +61,6 @@ from postoffice.protocol.smtp_server import (
 from postoffice.services import Services
 from postoffice.storage.errors import DeliveryError, StorageFault, fault_of
 from postoffice.storage.folders import junk_folder_blocking
-from postoffice.storage.maildir import DeliveryWriter
 from postoffice.storage.sink import HeadedSink, MessageSink
 
 log = logging.getLogger("postoffice.smtp")
@@ -88,45 +86,6 @@ class SmtpMode(enum.Enum):
     SUBMISSION = "submission"  # 587/465: AUTH required, may send anywhere
 
 
-@dataclass
-class IncomingEnvelope:
-    """What MAIL FROM and RCPT TO have said so far, and where each recipient
-    goes.  (What the queue keeps of it is delivery/queue's ``StoredEnvelope``.)"""
-
-    sender: Address | None = None
-    smtputf8: bool = False
-    mailboxes: dict[Address, None] = field(default_factory=dict)  # ordered set
-    remote: dict[Address, None] = field(default_factory=dict)  # via the outbound queue
-    recipients: list[Address] = field(default_factory=list)  # as given, for the log
-    forwarded_by: str = ""  # the domain of the first alias forwarding off-site (SRS)
-    srs_bounce: bool = False  # the recipient is one of our SRS addresses (alone, capped)
-    declared_size: int = 0  # MAIL FROM's SIZE= (RFC 1870), 0 if none
-    dsn: MessageDsn = NO_MESSAGE_DSN  # RET, ENVID (RFC 3461)
-    rcpt_dsn: dict[Address, RecipientDsn] = field(default_factory=dict)  # NOTIFY, ORCPT
-
-
-@dataclass
-class _Transaction:
-    """The message being received: writers and the header gate."""
-
-    envelope: IncomingEnvelope
-    queue_id: str
-    local: DeliveryWriter | None
-    outbound: MessageSink[str] | None  # into the queue; commit gives the queue id
-    gate: HeaderGate
-    started: float
-    local_prefix_done: bool = False
-    extra_headers: bytes = b""  # e.g. Authentication-Results, after Received:
-    failure: Reply | None = None  # storing failed mid-DATA: the answer after the final dot
-    held_bytes: int = 0  # this message's share of Services.held_messages
-    srs_bytes: int = 0  # content received so far for an SRS bounce (SRS_MAX_MESSAGE)
-    # With [filters]: the content goes here during DATA (net/smtp_filtering.py).
-    spool: SpoolWriter | None = None
-    quarantine_reason: str = ""  # DMARC p=quarantine, for the filtered path
-    discarded: bool = False  # a filter discarded it: 250, nothing stored
-    delivered_folder: str = "INBOX"
-
-
 class SmtpSession:
     def __init__(self, services: Services, conn: Connection, mode: SmtpMode) -> None:
         self.s = services
@@ -144,7 +103,7 @@ class SmtpSession:
         self.helo = ""
         self.user: Address | None = None
         self.envelope = IncomingEnvelope()
-        self.tx: _Transaction | None = None
+        self.tx: Transaction | None = None
         self.out: list[bytes] = []
         self._sasl: sasl.SaslExchange | None = None  # an AUTH exchange under way
         self._start_tls = False
@@ -611,7 +570,7 @@ class SmtpSession:
     async def _data_start(self) -> Reply:
         env = self.envelope
         filtering = self.filtering
-        queue_id = filtering.queue_id if filtering is not None else _new_queue_id()
+        queue_id = filtering.queue_id if filtering is not None else new_queue_id()
         spool = None
         try:
             if filtering is not None:
@@ -632,7 +591,7 @@ class SmtpSession:
             recipient=env.recipients[0] if len(env.recipients) == 1 else None,
             tls=self.conn.tls_version() if self.core.tls else None,
         )
-        self.tx = _Transaction(
+        self.tx = Transaction(
             envelope=env,
             queue_id=queue_id,
             local=local,
@@ -716,12 +675,12 @@ class SmtpSession:
             # Passed through untouched: the decoder's LF count still holds.
             await self._write_or_fail(tx, out, newlines if out is data else -1)
 
-    def _release_held(self, tx: _Transaction) -> None:
+    def _release_held(self, tx: Transaction) -> None:
         self.s.held_messages.give_back(tx.held_bytes)
         tx.held_bytes = 0
         tx.gate.hold_all = False
 
-    async def _write_or_fail(self, tx: _Transaction, data: bytes, newlines: int = -1) -> None:
+    async def _write_or_fail(self, tx: Transaction, data: bytes, newlines: int = -1) -> None:
         """Write, or remember why not: a full disk mid-DATA is answered (452)
         after the final dot like any other verdict (RFC 5321 §4.1.1.4), and
         the rest of the message is read and dropped."""
@@ -731,7 +690,7 @@ class SmtpSession:
             tx.failure = _storage_reply(fault_of(exc))
             log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
 
-    async def _write(self, tx: _Transaction, data: bytes, newlines: int = -1) -> None:
+    async def _write(self, tx: Transaction, data: bytes, newlines: int = -1) -> None:
         if tx.spool is not None:
             await tx.spool.write(data, newlines)
             return
@@ -743,7 +702,7 @@ class SmtpSession:
         if tx.outbound is not None:
             await tx.outbound.write(data, newlines)
 
-    def _local_prefix(self, tx: _Transaction) -> bytes:
+    def _local_prefix(self, tx: Transaction) -> bytes:
         env = tx.envelope
         sender = str(env.sender) if env.sender else ""
         lines = [f"Return-Path: <{sender}>\n"]
@@ -794,7 +753,7 @@ class SmtpSession:
         self.envelope = IncomingEnvelope()
         return reply
 
-    async def _filter_message(self, tx: _Transaction, spool: SpoolWriter) -> Reply | None:
+    async def _filter_message(self, tx: Transaction, spool: SpoolWriter) -> Reply | None:
         """With [filters]: the message stage and routing (net/smtp_filtering.py);
         the spool file is gone after it, whatever the outcome."""
         assert self.filtering is not None
@@ -804,6 +763,9 @@ class SmtpSession:
         except (DeliveryError, OSError) as exc:
             log.error("smtp delivery failed id=%s: %s", tx.queue_id, exc)
             return _storage_reply(fault_of(exc))
+        except (AddressError, ValueError) as exc:  # as _data_start: no writer for it
+            log.error("smtp cannot start delivery id=%s: %s", tx.queue_id, exc)
+            return _LOCAL_ERROR
         finally:
             await spool.discard()
 
@@ -849,7 +811,7 @@ class SmtpSession:
         except AddressError:
             return []  # not a mailbox path: _data_start answers that
 
-    async def _over_quota(self, tx: _Transaction) -> Reply | None:
+    async def _over_quota(self, tx: Transaction) -> Reply | None:
         """After the data, if this message would take a mailbox past its quota
         (RFC 3463 X.2.2).  The reply covers the whole message, so:
 
@@ -883,7 +845,7 @@ class SmtpSession:
             )
         return Reply(452, "A recipient's mailbox is full; try again later", "4.2.2")
 
-    async def _judge_inbound(self, tx: _Transaction) -> Reply | None:
+    async def _judge_inbound(self, tx: Transaction) -> Reply | None:
         """SPF/DKIM/DMARC (policy/mailauth.py): an Authentication-Results header
         to add, and possibly a refusal (DMARC reject) or a temporary failure."""
         checks = self.s.inbound_checks
@@ -906,7 +868,7 @@ class SmtpSession:
             await self._quarantine(tx, outcome.quarantine)
         return outcome.reply
 
-    async def _quarantine(self, tx: _Transaction, reason: str) -> None:
+    async def _quarantine(self, tx: Transaction, reason: str) -> None:
         """RFC 7489 §6.3 p=quarantine: the local copies go to each mailbox's
         Junk folder (storage/folders.py), with a header saying why; nothing is
         written yet (the message was held for the checks)."""
@@ -926,7 +888,7 @@ class SmtpSession:
         tx.extra_headers += f"X-Postoffice-Quarantine: {reason} (RFC 7489 6.3)\n".encode()
         maillog.quarantined(tx.queue_id, reason=reason, folder=folder)
 
-    def _content_verdict(self, event: DataComplete, tx: _Transaction) -> Reply | None:
+    def _content_verdict(self, event: DataComplete, tx: Transaction) -> Reply | None:
         limit = self.s.settings.limits.max_message_size
         if event.oversize:
             return Reply(552, f"Message size exceeds fixed limit of {limit} octets", "5.3.4")
@@ -955,7 +917,7 @@ class SmtpSession:
                     )
         return None
 
-    async def _commit(self, tx: _Transaction, size: int) -> Reply:
+    async def _commit(self, tx: Transaction, size: int) -> Reply:
         try:
             if tx.outbound is not None:
                 # The queue keeps the session's id: one id in the reply, the
@@ -985,7 +947,7 @@ class SmtpSession:
         if tx is not None:
             await self._discard(tx)
 
-    async def _discard(self, tx: _Transaction) -> None:
+    async def _discard(self, tx: Transaction) -> None:
         if tx.spool is not None:
             spool, tx.spool = tx.spool, None
             await spool.discard()
@@ -996,7 +958,7 @@ class SmtpSession:
         if tx.outbound is not None:
             await tx.outbound.discard()
 
-    def _log_transaction(self, tx: _Transaction, size: int, reply: Reply) -> None:
+    def _log_transaction(self, tx: Transaction, size: int, reply: Reply) -> None:
         env = tx.envelope
         maillog.received(
             tx.queue_id,
@@ -1089,9 +1051,3 @@ def _storage_reply(fault: StorageFault | None) -> Reply:
     """The one answer to storage failing (storage/errors.py): RFC 3463
     X.3.1 "mail system full" when there is no room, else a local error."""
     return _NO_SPACE if fault is StorageFault.NO_SPACE else _LOCAL_ERROR
-
-
-def _new_queue_id() -> str:
-    """Short, unique, roughly time-ordered ids for logs and Received headers.
-    Not secret: ``random`` (seeded from os.urandom) avoids a syscall per id."""
-    return f"{time.time_ns() // 1000:x}{random.getrandbits(24):06x}"
