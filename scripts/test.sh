@@ -37,6 +37,10 @@ CAPABILITIES=(
   "command -v ldns-keygen && command -v ldns-signzone|ldnsutils"
   "test -x /usr/sbin/postfix && test -x /usr/sbin/smtp-sink && test -x /usr/sbin/smtp-source|postfix"
   "test -x /usr/sbin/opendkim|opendkim"
+  # tests/interop/test_milter_*.py: rspamd as a milter (proxy worker) and its
+  # controller learning into a redis the test starts.
+  "command -v rspamd|rspamd"
+  "command -v redis-server|redis-server"
   "test -x /usr/sbin/dovecot|dovecot-core"
   "test -x /usr/lib/dovecot/pop3|dovecot-pop3d"
   "test -x /usr/lib/dovecot/imap|dovecot-imapd"

@@ -37,6 +37,7 @@ from postoffice.delivery.tls_policy import TlsPolicies
 from postoffice.delivery.tls_reports import TlsReportSender
 from postoffice.dns.resolver import DnsResolver, Resolver
 from postoffice.filters.build import build_chain, filter_problems
+from postoffice.filters.learn import SpamLearner
 from postoffice.filters.spool import SPOOL_DIR, clean_spool_blocking
 from postoffice.logsetup import Logs, LogSetupError, configure
 from postoffice.net.accept import AcceptShares, bind
@@ -153,6 +154,8 @@ def build_services(
     services.resolver = resolver
     # [filters] (filters/build.py): serve refused a bad one before this.
     services.filters = build_chain(settings.filters)
+    if settings.filters.rspamd_controller:  # filters/learn.py: IMAP moves train rspamd
+        services.spam_learner = SpamLearner(settings.filters.rspamd_controller)
     if services.filters is not None:
         spool = settings.data_dir / SPOOL_DIR
         if process == 0:  # before the extra smtp processes start spooling

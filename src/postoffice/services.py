@@ -15,6 +15,7 @@ from typing import Protocol
 from postoffice.config.settings import Settings
 from postoffice.dns.resolver import Resolver
 from postoffice.filters.chain import FilterChain
+from postoffice.filters.learn import SpamLearner
 from postoffice.mail.address import Address
 from postoffice.policy.auth import Authenticator
 from postoffice.policy.dkim_sign import DkimSigner
@@ -69,6 +70,8 @@ class Services:
     dkim_signer: DkimSigner | None = None
     # The [filters] chain (filters/build.py); None: no filters, the fast path.
     filters: FilterChain | None = None
+    # [filters] rspamd_controller: IMAP moves into/out of Junk train rspamd.
+    spam_learner: SpamLearner | None = None
     # Sender Rewriting Scheme for mail aliases forward off-site (policy/srs.py).
     srs: Srs | None = None
     # The free-space reserve ([limits] min_free_space): MAIL FROM asks ``low()``.

@@ -11,6 +11,7 @@ from postoffice.config.settings import FilterSettings
 from postoffice.filters.chain import FilterChain
 from postoffice.filters.hooks import HookFilter, HookLoadError, load_hook
 from postoffice.filters.interface import Filter
+from postoffice.filters.milter import MilterFilter
 
 
 class FilterSetupError(Exception):
@@ -25,9 +26,7 @@ def build_chain(settings: FilterSettings) -> FilterChain | None:
     if not settings.enabled:
         return None
     filters: list[Filter] = []
-    if settings.milters:
-        # The milter client (net/milter*, branch i16-milter) plugs in here.
-        raise FilterSetupError("[filters] milters: the milter client is not available yet")
+    filters.extend(MilterFilter(milter) for milter in settings.milters)
     for spec in settings.hooks:
         try:
             hook = load_hook(spec)

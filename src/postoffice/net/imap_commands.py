@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from postoffice import maillog
+from postoffice.filters.learn import MAX_LEARN_PER_COMMAND, learn_kind
 from postoffice.mail.address import Address
 from postoffice.net import imap_fetch_items as items
 from postoffice.protocol import imap_events as ev
@@ -35,7 +36,7 @@ from postoffice.protocol.imap_response import Atom, Mailbox, ResponseCode, Value
 from postoffice.services import Services
 from postoffice.storage import folder_names, quota
 from postoffice.storage.folder_names import FolderName, FolderNameError
-from postoffice.storage.folders import FolderInfo
+from postoffice.storage.folders import FolderInfo, special_use_of
 from postoffice.storage.imap_index import (
     ExpungeResult,
     FolderState,
@@ -687,8 +688,20 @@ class MailboxCommands:
         # MOVE stays within the user's one quota root: only COPY adds usage.
         if not event.move and await self._over_quota(box, sum(r.size for r in targets)):
             return
+        learner, kind = self.s.spam_learner, None
+        if learner is not None:
+            kind = learn_kind(special_use_of(self.selected), special_use_of(target))
+        # Opened before a MOVE renames them; read and sent in the background.
+        files = await self._blocking(_open_all, box, self.selected, targets) if kind else []
         copy = partial(box.copy, move=event.move)
-        result = await self._blocking(copy, self.selected, target, targets)
+        try:
+            result = await self._blocking(copy, self.selected, target, targets)
+        except BaseException:
+            for f in files:
+                f.close()
+            raise
+        if learner is not None and kind is not None:
+            learner.learn(kind, files)
         code = None
         if result.pairs:
             sources = Atom(uid_set(a for a, _b in result.pairs))
@@ -870,3 +883,16 @@ def _search_all(
         if items.search_matches(key, record, seq, largest_seq, largest_uid, message, held):
             hits.append(record.uid)
     return hits
+
+
+def _open_all(
+    box: ImapMailbox, folder: FolderName, records: Sequence[MessageRecord]
+) -> list[BinaryIO]:
+    """Open the files of the first messages to learn from (gone ones skipped)."""
+    files: list[BinaryIO] = []
+    for record in records[:MAX_LEARN_PER_COMMAND]:
+        try:
+            files.append(box.open_message(folder, record))
+        except MessageGone:
+            continue
+    return files

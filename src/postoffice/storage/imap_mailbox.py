@@ -35,6 +35,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from postoffice.storage import quota
 from postoffice.storage.folder_names import FolderName
@@ -179,6 +180,17 @@ class ImapMailbox:
         for _attempt in range(3):
             try:
                 return _read_file(os.fspath(self._locate(path, record)), record.size)
+            except FileNotFoundError:
+                continue  # renamed between the look and the open
+        raise MessageGone(record.stem)
+
+    def open_message(self, name: FolderName, record: MessageRecord) -> BinaryIO:
+        """The message file, open for reading (LF endings); MessageGone if
+        removed.  Still readable after a MOVE renames it (spam learning)."""
+        path = self.folders.path(name)
+        for _attempt in range(3):
+            try:
+                return open(self._locate(path, record), "rb")
             except FileNotFoundError:
                 continue  # renamed between the look and the open
         raise MessageGone(record.stem)
