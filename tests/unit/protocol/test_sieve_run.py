@@ -1,0 +1,162 @@
+"""The Sieve interpreter: checked scripts against plain message values -> actions."""
+
+from __future__ import annotations
+
+import pytest
+
+from postoffice.protocol.sieve_parse import parse_script
+from postoffice.protocol.sieve_run import (
+    FileInto,
+    Keep,
+    Redirect,
+    Reject,
+    RunLimits,
+    SieveCheckError,
+    SieveMessage,
+    SieveResult,
+    SieveRuntimeError,
+    Vacation,
+    check_script,
+    run_script,
+)
+
+MESSAGE = SieveMessage(
+    headers=(
+        ("From", "Alice <alice+lists@example.org>"),
+        ("To", "bob@example.com, carol@example.net"),
+        ("Subject", "Weekly Report: sales"),
+        ("X-Spam-Score", "12.5"),
+        ("Received", "a"),
+        ("Received", "b"),
+    ),
+    size=2048,
+    envelope_from="alice+lists@example.org",
+    envelope_to="bob+work@example.com",
+    body_text="Hello Bob,\r\nthe numbers are in.\r\n",
+    spam_score=12.5,
+    mailbox_exists=lambda name: name == "Archive",
+)
+
+
+def run(
+    script: str, message: SieveMessage = MESSAGE, limits: RunLimits | None = None
+) -> SieveResult:
+    return run_script(parse_script(script.encode()), message, limits)
+
+
+def test_empty_script_keeps() -> None:
+    assert run("").actions == (Keep(),)
+
+
+def test_fileinto_cancels_implicit_keep_but_copy_does_not() -> None:
+    req = 'require ["fileinto", "copy"];\n'
+    assert run(req + 'fileinto "Work";').actions == (FileInto("Work"),)
+    assert run(req + 'fileinto :copy "Work";').actions == (FileInto("Work"), Keep())
+
+
+def test_discard_and_stop() -> None:
+    result = run("discard; stop; keep;")
+    assert result.actions == ()
+    assert result.discarded
+
+
+@pytest.mark.parametrize(
+    ("test", "expected"),
+    [
+        ('header :is "subject" "weekly report: sales"', True),
+        ('header :is :comparator "i;octet" "subject" "weekly report: sales"', False),
+        ('header :contains "Subject" "REPORT"', True),
+        ('header :matches "subject" "Weekly*: ?ales"', True),
+        ('header :matches "subject" "Weekly"', False),
+        ('address :domain "to" "example.net"', True),
+        ('address :localpart "from" "alice+lists"', True),
+        ('address :all :is "from" "alice+lists@example.org"', True),
+        ('address :user "from" "alice"', True),
+        ('address :detail "from" "lists"', True),
+        ('envelope :detail "to" "work"', True),
+        ('envelope :domain "from" "example.org"', True),
+        ('exists ["From", "Subject"]', True),
+        ('exists ["From", "X-None"]', False),
+        ("size :over 1K", True),
+        ("size :under 1K", False),
+        ("allof (true, not false)", True),
+        ("anyof (false, not true)", False),
+        ('header :count "ge" :comparator "i;ascii-numeric" "received" "2"', True),
+        ('header :value "gt" :comparator "i;ascii-numeric" "x-spam-score" "10"', True),
+        ('body :contains "numbers"', True),
+        ('spamtest :value "ge" :comparator "i;ascii-numeric" "8"', True),
+        ('mailboxexists "Archive"', True),
+        ('mailboxexists "Nope"', False),
+    ],
+)
+def test_tests(test: str, expected: bool) -> None:
+    script = (
+        'require ["envelope", "subaddress", "relational", "comparator-i;ascii-numeric",'
+        ' "body", "spamtest", "mailbox", "fileinto"];\n'
+        f'if {test} {{ fileinto "Hit"; }}'
+    )
+    assert (run(script).actions == (FileInto("Hit"),)) is expected
+
+
+def test_if_elsif_else_takes_one_branch() -> None:
+    script = (
+        'require "fileinto";\n'
+        'if false { fileinto "A"; } elsif true { fileinto "B"; } else { fileinto "C"; }\n'
+        'if false { fileinto "D"; } else { fileinto "E"; }'
+    )
+    assert run(script).actions == (FileInto("B"), FileInto("E"))
+
+
+def test_flags_and_variables() -> None:
+    script = (
+        'require ["imap4flags", "fileinto", "variables"];\n'
+        'addflag "\\\\Seen";\n'
+        'if header :matches "subject" "Weekly *: *" { set :upper "kind" "${2}"; }\n'
+        'fileinto :flags "\\\\Flagged" "Reports/${kind}";\n'
+        "keep;"
+    )
+    assert run(script).actions == (
+        FileInto("Reports/SALES", ("\\Flagged",)),
+        Keep(("\\Seen",)),
+    )
+
+
+def test_redirect_reject_vacation() -> None:
+    assert run('redirect "x@example.net";').actions == (Redirect("x@example.net"),)
+    assert run('require "reject"; reject "no";').actions == (Reject("no", False),)
+    (vac, keep) = run(
+        'require "vacation";\nvacation :days 3 :subject "Away" :addresses ["b@x"] "Gone";'
+    ).actions
+    assert isinstance(vac, Vacation)
+    assert (vac.days, vac.subject, vac.addresses, vac.reason) == (3, "Away", ("b@x",), "Gone")
+    assert keep == Keep()
+
+
+def test_redirects_per_message_are_bounded() -> None:
+    script = 'redirect "a@x"; redirect "b@x"; redirect "c@x";'
+    with pytest.raises(SieveRuntimeError, match="too many redirects"):
+        run(script, limits=RunLimits(max_redirects=2))
+
+
+def test_actions_are_bounded() -> None:
+    script = 'require ["fileinto", "copy"];' + 'fileinto :copy "x";' * 40
+    with pytest.raises(SieveRuntimeError, match="too many actions"):
+        run(script)
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ('fileinto "x";', "needs require 'fileinto'"),
+        ('require "nosuch";', "unsupported extension"),
+        ('keep; require "fileinto";', "require must come first"),
+        ("frobnicate;", "unknown command"),
+        ("if bogus { keep; }", "unknown test"),
+        ("else { keep; }", "else without if"),
+        ("keep { }", "block misplaced"),
+        ('if header :count "gt" "a" "1" { keep; }', "relational"),
+    ],
+)
+def test_check_refuses(script: str, reason: str) -> None:
+    with pytest.raises(SieveCheckError, match=reason):
+        check_script(parse_script(script.encode()))
