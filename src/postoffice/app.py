@@ -32,6 +32,7 @@ from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound, QueueHandoff
 from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
+from postoffice.delivery.sieve import SieveDelivery
 from postoffice.delivery.tls_policy import TlsPolicies
 from postoffice.delivery.tls_reports import TlsReportSender
 from postoffice.dns.resolver import DnsResolver, Resolver
@@ -59,6 +60,7 @@ from postoffice.storage.folder_watch import FolderWatcher
 from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.quota import QuotaTracker
+from postoffice.storage.sieve_scripts import SieveScripts
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 from postoffice.workers import (
     HELD_SIGNALS,
@@ -135,6 +137,17 @@ def build_services(
         store = QueueStore(settings.queue_dir, executor)
         store.ensure_dirs()
         services.outbound = QueueHandoff(store)
+    # Users' Sieve scripts run after each INBOX delivery (delivery/sieve.py);
+    # replies and redirects go through this process's queue (or hand-off).
+    services.maildirs.after_delivery = SieveDelivery(
+        SieveScripts(settings.sieve_dir),
+        settings.mail_dir,
+        executor,
+        services.outbound,
+        hostname=settings.hostname,
+        srs=services.srs,
+        is_local_domain=services.is_local_domain,
+    )
     services.space = FreeSpaceGuard(
         (settings.data_dir, settings.mail_dir, settings.queue_dir),
         settings.limits.min_free_space,

@@ -278,6 +278,11 @@ class Settings:
     def accounts_db(self) -> Path:
         return self.data_dir / "accounts.sqlite3"
 
+    @property
+    def sieve_dir(self) -> Path:
+        """Users' Sieve scripts (storage/sieve_scripts.py)."""
+        return self.data_dir / "sieve"
+
 
 def _system_hostname(default: Settings) -> str:
     """The machine's FQDN when the file names none; the default if it is not usable."""
