@@ -248,6 +248,7 @@ class Server:
         from postoffice.net import web
         from postoffice.net.http import BUSY_REPLY, HttpSession
         from postoffice.net.imap_session import ImapSession
+        from postoffice.net.managesieve_session import ManageSieveSession
         from postoffice.net.pop3_session import Pop3Session
         from postoffice.net.smtp_session import SmtpMode, SmtpSession
 
@@ -291,6 +292,12 @@ class Server:
         self._listener("imap", listen.imap, lambda c: ImapSession(s, c).run(), imap_busy)
         self._listener(
             "imaps", listen.imaps, lambda c: ImapSession(s, c).run(), imap_busy, implicit_tls=True
+        )
+        self._listener(
+            "managesieve",
+            listen.managesieve,
+            lambda c: ManageSieveSession(s, c).run(),
+            b'BYE (TRYLATER) "Too many connections, try again later"\r\n',
         )
         # Client autoconfiguration over HTTPS, with the mail certificate; port 80
         # redirects to it (net/web.py).

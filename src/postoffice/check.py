@@ -195,6 +195,7 @@ _LISTENERS = (
     "pop3s",
     "imap",
     "imaps",
+    "managesieve",
     "metrics",
     "http",
     "https",
