@@ -60,7 +60,7 @@ def sieve_connect(
                 "--authmech",
                 "PLAIN",
                 *args,
-            ],  # fmt: skip
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -90,6 +90,8 @@ def test_sieve_connect_uploads_activates_and_delivery_runs_it(
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout == '"rules" ACTIVE\n'
     assert server.cli("sieve", "list", ALICE).stdout == "rules  (active)\n"
+    # sieve-connect upgraded with STARTTLS before it sent the password.
+    assert f"managesieve session client=127.0.0.1 user={ALICE} tls=yes" in server.log()
 
     bad = tmp_path / "bad.sieve"
     bad.write_text('require "fileinto";\nfileinto "x"\n')

@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Callable
 from typing import TypeVar
 
-from postoffice import metrics
+from postoffice import logfmt, metrics
 from postoffice.mail.address import Address
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown
 from postoffice.policy.auth import LoginThrottled
@@ -71,6 +71,12 @@ class ManageSieveSession:
         except ShuttingDown:
             self.conn.write(response("BYE", "Server shutting down", "TRYLATER"))
         finally:
+            log.info(
+                "managesieve session client=%s user=%s tls=%s",
+                self.client_ip,
+                logfmt.field(str(self.user) if self.user else "-"),
+                "yes" if self.conn.tls else "no",
+            )
             await self.conn.close()
 
     async def _serve(self) -> None:
