@@ -169,3 +169,17 @@ def test_no_vacation_loop_between_two_local_users(net: Net) -> None:
     assert len(files_with(erin, b"frank is away.")) == 1
     assert files_with(net.srv.maildir("frank@example.test"), b"erin is away.") == []
     assert len(files_with(net.srv.maildir("frank@example.test"), b"sieve-loop-1")) == 1
+
+
+def test_a_failing_script_delivers_to_inbox_and_logs_why(net: Net) -> None:
+    # Five redirects: past the bound of four per message (RunLimits.max_redirects).
+    net.put(
+        "bob@example.test",
+        "".join(f'redirect "r{i}@remote.test";\n' for i in range(5)),
+        name="greedy",
+    )
+    send(net, SOMEONE, ["bob@example.test"], "sieve-runtime-error-1")
+    assert len(files_with(net.srv.maildir("bob@example.test"), b"sieve-runtime-error-1")) == 1
+    assert "script error, delivered to INBOX: too many redirects" in net.srv.log()
+    time.sleep(2)
+    assert arrived(net.remote, b"sieve-runtime-error-1") == []
