@@ -64,6 +64,7 @@ log = logging.getLogger("postoffice.sieve")
 
 # What a script may read of a message: headers whole, the body up to this.
 BODY_LIMIT = 256 * 1024
+ROOT_RECHECK = 1.0  # seconds between looks for data_dir/sieve while it is absent
 _SYSTEM_FLAGS = {"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"}
 _SPAMD_SCORE = re.compile(r"\[\s*(-?[0-9.]+)\s*/")
 
@@ -319,10 +320,12 @@ class SieveDelivery:
         self._is_local_domain = is_local_domain
         self._limits = limits or RunLimits()
         self._clock = clock
+        self._root_seen = False
+        self._next_look = 0.0
 
     async def __call__(self, mailboxes: tuple[Address, ...], paths: list[Path]) -> list[Path]:
-        if not self.scripts.root.is_dir():
-            return paths  # nobody has a script: one stat, no thread trip
+        if not self._any_scripts():
+            return paths  # nobody has a script: the delivery is as it was
         out = list(paths)
         for index, (mailbox, path) in enumerate(zip(mailboxes, paths, strict=True)):
             try:
@@ -333,6 +336,18 @@ class SieveDelivery:
             if placed is not None:
                 out[index] = placed
         return out
+
+    def _any_scripts(self) -> bool:
+        """Whether data_dir/sieve exists, looked at most once a second while it
+        does not (a script put with the CLI counts from the next second)."""
+        if self._root_seen:
+            return True
+        now = time.monotonic()
+        if now < self._next_look:
+            return False
+        self._next_look = now + ROOT_RECHECK
+        self._root_seen = self.scripts.root.is_dir()
+        return self._root_seen
 
     async def _one(self, mailbox: Address, path: Path) -> Path | None:
         loop = asyncio.get_running_loop()
