@@ -144,6 +144,7 @@ def _load(path: Path, mailbox: Address, maildir: Path) -> _Loaded:
         envelope_to=str(mailbox),
         body_text=body,
         spam_score=spam_score(headers),
+        now=time.time(),
         mailbox_exists=exists,
     )
     return _Loaded(view, raw, sender, parsed)

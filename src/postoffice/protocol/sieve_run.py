@@ -15,7 +15,8 @@ if/elsif/else order.  A script that passes may still fail while running
 Extensions: fileinto, envelope, imap4flags, body (:text), variables (set,
 match variables), copy, mailbox (:create; mailboxexists through a callable),
 subaddress, relational, comparator-i;ascii-numeric, spamtest, reject,
-ereject, vacation (the action only: dedupe is the caller's).  Sieve has no
+ereject, vacation (the action only: dedupe is the caller's), date and
+currentdate (RFC 5260; without :zone, UTC is the local zone).  Sieve has no
 loops, so a run is bounded by the script's size, plus ``max_actions``.
 """
 
@@ -24,7 +25,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from email.utils import getaddresses
+from datetime import UTC, datetime, timedelta, timezone
+from email.utils import getaddresses, parsedate_to_datetime
 
 from postoffice.protocol.sieve_parse import Argument, Command, Tag, Test
 
@@ -32,7 +34,7 @@ EXTENSIONS = frozenset(
     {
         "fileinto", "envelope", "imap4flags", "body", "variables", "copy", "mailbox",
         "subaddress", "relational", "comparator-i;ascii-numeric", "spamtest", "reject",
-        "ereject", "vacation", "encoded-character",
+        "ereject", "vacation", "encoded-character", "date",
     }
 )  # fmt: skip
 
@@ -48,7 +50,7 @@ _TESTS: dict[str, str | None] = {
     "address": None, "header": None, "exists": None, "size": None, "allof": None,
     "anyof": None, "not": None, "true": None, "false": None, "envelope": "envelope",
     "body": "body", "hasflag": "imap4flags", "mailboxexists": "mailbox",
-    "spamtest": "spamtest", "string": "variables",
+    "spamtest": "spamtest", "string": "variables", "date": "date", "currentdate": "date",
 }  # fmt: skip
 _RELATIONS = {"gt", "ge", "lt", "le", "eq", "ne"}
 _VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.]*|[0-9]+)\}")
@@ -68,6 +70,7 @@ class SieveMessage:
     envelope_to: str
     body_text: str = ""
     spam_score: float | None = None
+    now: float = 0.0  # seconds since the epoch, for currentdate (RFC 5260 §5)
     mailbox_exists: Callable[[str], bool] = field(default=lambda _name: False)
 
     def header_values(self, name: str) -> list[str]:
@@ -404,6 +407,8 @@ class _Runner:
             return self.matches(m, list(self.flags), self.strings(m.positional[-1]))
         if name == "mailboxexists":
             return all(self.message.mailbox_exists(n) for n in self.strings(m.positional[0]))
+        if name in ("date", "currentdate"):
+            return self.date_test(name, t.arguments)
         if name == "spamtest":
             # RFC 5235: 0 = not tested, 1..10 scaled; we map rspamd's score
             # (>= 15 is "reject" by default) onto 1..10 as Dovecot's
@@ -412,6 +417,40 @@ class _Runner:
             level = "0" if score is None else str(max(1, min(10, 1 + int(score * 9 / 15))))
             return self.matches(m, [level], self.strings(m.positional[0]))
         raise SieveRuntimeError(f"unknown test {name!r}")
+
+    def date_test(self, name: str, arguments: Sequence[Argument]) -> bool:
+        # RFC 5260 §4-5: a date part of a header's date, or of now, in :zone.
+        m = _split_arguments(arguments, {"zone"})
+        zone = m.other.get("zone")
+        tz: timezone | None = UTC
+        if isinstance(zone, tuple) and zone:
+            tz = _zone(zone[0])
+        elif "originalzone" in m.other:
+            tz = None
+        if name == "currentdate":
+            if len(m.positional) != 2:
+                raise SieveRuntimeError("currentdate needs a date part and a key list")
+            when = datetime.fromtimestamp(self.message.now, tz or UTC)
+            part_arg, keys_arg = m.positional
+        else:
+            if len(m.positional) != 3:
+                raise SieveRuntimeError("date needs a header, a date part and a key list")
+            header = self.strings(m.positional[0])[0]
+            values = self.message.header_values(header)
+            if not values:
+                return False
+            try:
+                when = parsedate_to_datetime(values[0])
+            except (TypeError, ValueError, IndexError):
+                return False
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            if tz is not None:
+                when = when.astimezone(tz)
+            part_arg, keys_arg = m.positional[1], m.positional[2]
+        part = self.strings(part_arg)[0].lower()
+        value = _date_part(when, part)
+        return self.matches(m, [value], self.strings(keys_arg))
 
     def add(self, action: Action) -> None:
         if len(self.actions) >= self.limits.max_actions:
@@ -515,6 +554,40 @@ class _Runner:
             handle=one("handle") or reason,
             mime="mime" in m.other,
         )
+
+
+def _zone(text: str) -> timezone:
+    found = re.fullmatch(r"([+-])([0-9]{2})([0-9]{2})", text.strip())
+    if not found:
+        raise SieveRuntimeError(f"bad :zone {text!r}")
+    minutes = int(found.group(2)) * 60 + int(found.group(3))
+    return timezone(timedelta(minutes=-minutes if found.group(1) == "-" else minutes))
+
+
+def _date_part(when: datetime, part: str) -> str:
+    offset = when.utcoffset() or timedelta(0)
+    sign = "-" if offset < timedelta(0) else "+"
+    minutes = abs(int(offset.total_seconds())) // 60
+    zone = f"{sign}{minutes // 60:02d}{minutes % 60:02d}"
+    parts = {
+        "year": f"{when.year:04d}",
+        "month": f"{when.month:02d}",
+        "day": f"{when.day:02d}",
+        "date": when.strftime("%Y-%m-%d"),
+        # Modified Julian Day (RFC 5260 §4.2): days since 1858-11-17.
+        "julian": str((when.date() - datetime(1858, 11, 17).date()).days),
+        "hour": f"{when.hour:02d}",
+        "minute": f"{when.minute:02d}",
+        "second": f"{when.second:02d}",
+        "time": when.strftime("%H:%M:%S"),
+        "iso8601": when.strftime("%Y-%m-%dT%H:%M:%S") + zone[:3] + ":" + zone[3:],
+        "std11": when.strftime("%a, %d %b %Y %H:%M:%S ") + zone,
+        "zone": zone,
+        "weekday": str((when.weekday() + 1) % 7),  # 0 is Sunday
+    }
+    if part not in parts:
+        raise SieveRuntimeError(f"unknown date part {part!r}")
+    return parts[part]
 
 
 def _modify(mod: str, value: str) -> str:

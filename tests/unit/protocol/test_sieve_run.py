@@ -28,12 +28,14 @@ MESSAGE = SieveMessage(
         ("X-Spam-Score", "12.5"),
         ("Received", "a"),
         ("Received", "b"),
+        ("Date", "Sat, 02 Mar 2024 23:30:00 -0100"),
     ),
     size=2048,
     envelope_from="alice+lists@example.org",
     envelope_to="bob+work@example.com",
     body_text="Hello Bob,\r\nthe numbers are in.\r\n",
     spam_score=12.5,
+    now=1_700_000_000.0,  # 2023-11-14T22:13:20Z, a Tuesday
     mailbox_exists=lambda name: name == "Archive",
 )
 
@@ -87,12 +89,22 @@ def test_discard_and_stop() -> None:
         ('spamtest :value "ge" :comparator "i;ascii-numeric" "8"', True),
         ('mailboxexists "Archive"', True),
         ('mailboxexists "Nope"', False),
+        ('date :is "date" "date" "2024-03-03"', True),
+        ('date :zone "-0100" :is "date" "time" "23:30:00"', True),
+        ('date :originalzone :is "date" "zone" "-0100"', True),
+        ('date :is "date" "weekday" "0"', True),
+        ('date :value "le" "date" "year" "2025"', True),
+        ('date :value "ge" "date" "year" "2025"', False),
+        ('date :is "x-none" "year" "2024"', False),
+        ('currentdate :is "iso8601" "2023-11-14T22:13:20+00:00"', True),
+        ('currentdate :zone "+0200" :is "weekday" "3"', True),
+        ('currentdate :value "lt" :comparator "i;ascii-numeric" "julian" "60263"', True),
     ],
 )
 def test_tests(test: str, expected: bool) -> None:
     script = (
         'require ["envelope", "subaddress", "relational", "comparator-i;ascii-numeric",'
-        ' "body", "spamtest", "mailbox", "fileinto"];\n'
+        ' "body", "spamtest", "mailbox", "fileinto", "date"];\n'
         f'if {test} {{ fileinto "Hit"; }}'
     )
     assert (run(script).actions == (FileInto("Hit"),)) is expected
