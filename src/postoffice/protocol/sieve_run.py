@@ -169,6 +169,7 @@ def _check_block(commands: Sequence[Command], required: set[str], top: bool) -> 
             raise SieveCheckError(f"{cmd.name} block misplaced", cmd.line, cmd.column)
         if cmd.name in ("if", "elsif") and len(cmd.tests) != 1:
             raise SieveCheckError(f"{cmd.name} needs one test", cmd.line, cmd.column)
+        _check_arity(cmd.name, cmd.arguments, len(cmd.tests), cmd.line, cmd.column)
         for test in cmd.tests:
             _check_test(test, required)
         if cmd.block is not None:
@@ -187,8 +188,44 @@ def _check_test(test: Test, required: set[str]) -> None:
             raise SieveCheckError(":count/:value need 'relational'", test.line, test.column)
         if tag.name in ("user", "detail") and "subaddress" not in required:
             raise SieveCheckError(f":{tag.name} needs 'subaddress'", test.line, test.column)
+    _check_arity(test.name, test.arguments, len(test.tests), test.line, test.column)
     for sub in test.tests:
         _check_test(sub, required)
+
+
+# name -> (positional arguments at least, at most; nested tests at least, at most)
+_ARITY: dict[str, tuple[int, int, int, int]] = {
+    "require": (1, 1, 0, 0), "if": (0, 0, 1, 1), "elsif": (0, 0, 1, 1), "else": (0, 0, 0, 0),
+    "stop": (0, 0, 0, 0), "keep": (0, 0, 0, 0), "discard": (0, 0, 0, 0),
+    "fileinto": (1, 1, 0, 0), "redirect": (1, 1, 0, 0), "reject": (1, 1, 0, 0),
+    "ereject": (1, 1, 0, 0), "vacation": (1, 1, 0, 0), "setflag": (1, 2, 0, 0),
+    "addflag": (1, 2, 0, 0), "removeflag": (1, 2, 0, 0), "set": (2, 2, 0, 0),
+    "address": (2, 2, 0, 0), "header": (2, 2, 0, 0), "envelope": (2, 2, 0, 0),
+    "string": (2, 2, 0, 0), "exists": (1, 1, 0, 0), "size": (1, 1, 0, 0),
+    "body": (1, 1, 0, 0), "hasflag": (1, 2, 0, 0), "mailboxexists": (1, 1, 0, 0),
+    "spamtest": (1, 1, 0, 0), "date": (3, 3, 0, 0), "currentdate": (2, 2, 0, 0),
+    "not": (0, 0, 1, 1), "allof": (0, 0, 1, 64), "anyof": (0, 0, 1, 64),
+    "true": (0, 0, 0, 0), "false": (0, 0, 0, 0),
+}  # fmt: skip
+_TAKES_VALUE = {"flags", "days", "subject", "from", "addresses", "handle", "zone"}
+
+
+def _check_arity(
+    name: str, arguments: Sequence[Argument], tests: int, line: int, column: int
+) -> None:
+    try:
+        m = _split_arguments(arguments, _TAKES_VALUE)
+    except SieveRuntimeError as exc:
+        raise SieveCheckError(str(exc), line, column) from None
+    low, high, tests_low, tests_high = _ARITY[name]
+    if not low <= len(m.positional) <= high:
+        raise SieveCheckError(f"{name}: wrong number of arguments", line, column)
+    if not tests_low <= tests <= tests_high:
+        raise SieveCheckError(f"{name}: wrong number of tests", line, column)
+    if name == "size" and not isinstance(m.positional[0], int):
+        raise SieveCheckError("size takes a number", line, column)
+    if name != "size" and any(isinstance(p, int) for p in m.positional):
+        raise SieveCheckError(f"{name}: a number where a string belongs", line, column)
 
 
 # ---- matching ---------------------------------------------------------------
@@ -610,7 +647,11 @@ def run_script(
     """Run a checked script (``check_script``) against ``message``."""
     required = check_script(commands)
     runner = _Runner(message, required, limits or RunLimits())
-    runner.block(commands)
+    try:
+        runner.block(commands)
+    except (IndexError, TypeError, ValueError, re.error) as exc:
+        # A shape check_script let through: still only the script's failure.
+        raise SieveRuntimeError(f"script failed: {exc}") from exc
     actions = list(runner.actions)
     # RFC 5228 §2.10.2: keep unless an action cancelled it.
     if not runner.cancel_keep:

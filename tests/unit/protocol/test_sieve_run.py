@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from postoffice.protocol.sieve_parse import parse_script
+from postoffice.protocol.sieve_parse import SieveSyntaxError, parse_script
 from postoffice.protocol.sieve_run import (
     FileInto,
     Keep,
@@ -172,3 +174,43 @@ def test_actions_are_bounded() -> None:
 def test_check_refuses(script: str, reason: str) -> None:
     with pytest.raises(SieveCheckError, match=reason):
         check_script(parse_script(script.encode()))
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ('require "fileinto"; fileinto;', "fileinto: wrong number of arguments"),
+        ("redirect 5;", "a number where a string belongs"),
+        ('if size :over "big" { keep; }', "size takes a number"),
+        ("if not (true, false) { keep; }", "not: wrong number of tests"),
+        ("if allof () { keep; }", "expected a test name"),
+        ('require "relational"; if header :count "x" "a" { keep; }', "relation"),
+    ],
+)
+def test_check_refuses_wrong_shapes(script: str, reason: str) -> None:
+    with pytest.raises((SieveCheckError, SieveSyntaxError), match=reason):
+        check_script(parse_script(script.encode()))
+
+
+_WORDS = [
+    "require", '"fileinto"', '["variables", "relational", "imap4flags", "date"]', "if", "elsif",
+    "else", "{", "}", ";", "(", ")", ",", "header", "address", "size", "exists", "not", "allof",
+    "anyof", "true", "false", ":is", ":contains", ":matches", ":count", ":value", '"gt"',
+    ":comparator", '"i;ascii-numeric"', ":over", "1K", '"subject"', '"*x?"', '"${1}"',
+    "keep", "discard", "stop", "fileinto", "redirect", '"a@b"', "set", "addflag", "hasflag",
+    "date", "currentdate", '"year"', ":zone", '"+0100"', ":domain", "string", "[", "]",
+]  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_WORDS), max_size=40))
+def test_fuzz_checked_scripts_fail_only_as_script_errors(words: list[str]) -> None:
+    try:
+        commands = parse_script(" ".join(words).encode())
+        check_script(commands)
+    except (SieveSyntaxError, SieveCheckError):
+        return
+    try:
+        run_script(commands, MESSAGE)
+    except SieveRuntimeError:
+        pass
