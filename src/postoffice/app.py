@@ -139,7 +139,7 @@ def build_services(
         services.outbound = QueueHandoff(store)
     # Users' Sieve scripts run after each INBOX delivery (delivery/sieve.py);
     # replies and redirects go through this process's queue (or hand-off).
-    services.maildirs.after_delivery = SieveDelivery(
+    sieve = services.maildirs.after_delivery = SieveDelivery(
         SieveScripts(settings.sieve_dir),
         settings.mail_dir,
         executor,
@@ -148,6 +148,7 @@ def build_services(
         srs=services.srs,
         is_local_domain=services.is_local_domain,
     )
+    services.sieve_ereject = sieve.ereject
     services.space = FreeSpaceGuard(
         (settings.data_dir, settings.mail_dir, settings.queue_dir),
         settings.limits.min_free_space,

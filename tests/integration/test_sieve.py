@@ -183,3 +183,23 @@ def test_a_failing_script_delivers_to_inbox_and_logs_why(net: Net) -> None:
     assert "script error, delivered to INBOX: too many redirects" in net.srv.log()
     time.sleep(2)
     assert arrived(net.remote, b"sieve-runtime-error-1") == []
+
+
+def test_ereject_refuses_at_smtp_time_for_one_recipient_else_bounces(net: Net) -> None:
+    net.put(
+        "erin@example.test",
+        'require "ereject";\nif header :contains "subject" "spam-word" { ereject "No spam here"; }\n',
+        name="reject",
+    )
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        send(net, SOMEONE, ["erin@example.test"], "sieve-ereject-1 spam-word")
+    assert info.value.smtp_code == 550
+    assert b"No spam here" in info.value.smtp_error
+    assert files_with(net.srv.maildir("erin@example.test"), b"sieve-ereject-1") == []
+    # Two recipients: accepted for both; erin's script bounces its copy.
+    send(net, SOMEONE, ["erin@example.test", "bob@example.test"], "sieve-ereject-2 spam-word")
+    assert files_with(net.srv.maildir("erin@example.test"), b"sieve-ereject-2") == []
+    assert len(files_with(net.srv.maildir("bob@example.test"), b"sieve-ereject-2")) == 1
+    assert wait_for(lambda: len(arrived(net.origin, b"Rejected: sieve-ereject-2")) == 1)
+    (notice,) = arrived(net.origin, b"Rejected: sieve-ereject-2")
+    assert notice.sender == "<>" and b"No spam here" in notice.data

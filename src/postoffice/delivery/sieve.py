@@ -55,6 +55,7 @@ from postoffice.protocol.sieve_run import (
 )
 from postoffice.storage import folder_names
 from postoffice.storage.folders import Folders
+from postoffice.storage.maildir import mailbox_path
 from postoffice.storage.maildir_flags import INFO, keyword_letters, system_letters
 from postoffice.storage.safeio import fsync_dir
 from postoffice.storage.sieve_scripts import SieveScripts
@@ -107,7 +108,10 @@ def spam_score(headers: Sequence[tuple[str, str]]) -> float | None:
 
 
 def _load(path: Path, mailbox: Address, maildir: Path) -> _Loaded:
-    data = path.read_bytes()
+    return _view(path.read_bytes(), mailbox, maildir)
+
+
+def _view(data: bytes, mailbox: Address, maildir: Path) -> _Loaded:
     sender: Address | None = None
     raw = data
     if data.startswith(b"Return-Path:"):
@@ -337,6 +341,31 @@ class SieveDelivery:
             if placed is not None:
                 out[index] = placed
         return out
+
+    async def ereject(self, mailbox: Address, content: bytes) -> str | None:
+        """RFC 5429 §2.1: the reason to refuse at SMTP time when the one
+        recipient's script rejects ``content`` (the message as it would be
+        stored); None to accept.  The script runs again after delivery when
+        it does not reject; running it is free of side effects."""
+        if not self._any_scripts():
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+            script = await loop.run_in_executor(self._executor, self.scripts.active_script, mailbox)
+            if script is None:
+                return None
+            maildir = mailbox_path(self._mail_dir, mailbox)
+            loaded = _view(content, mailbox, maildir)
+            result = run_script(compile_script(script), loaded.view, self._limits)
+        except Exception as exc:  # judged again after delivery, which logs it
+            log.debug("sieve: mailbox %s: no SMTP-time verdict: %s", mailbox, exc)
+            return None
+        for action in result.actions:
+            if isinstance(action, Reject):
+                return action.reason.strip().replace("\r", " ").replace("\n", " ")[:200] or (
+                    "Rejected by the recipient's filter"
+                )
+        return None
 
     def _any_scripts(self) -> bool:
         """Whether data_dir/sieve exists, looked at most once a second while it
