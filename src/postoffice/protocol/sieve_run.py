@@ -34,7 +34,7 @@ EXTENSIONS = frozenset(
     {
         "fileinto", "envelope", "imap4flags", "body", "variables", "copy", "mailbox",
         "subaddress", "relational", "comparator-i;ascii-numeric", "spamtest", "reject",
-        "ereject", "vacation", "encoded-character", "date",
+        "ereject", "vacation", "date",
     }
 )  # fmt: skip
 
