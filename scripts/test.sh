@@ -25,6 +25,8 @@ CAPABILITIES=(
   "command -v offlineimap|offlineimap3"
   "command -v getmail|getmail6"
   "command -v mpop|mpop"
+  # tests/interop/test_managesieve.py: a real ManageSieve client.
+  "command -v sieve-connect|sieve-connect"
   "command -v msmtp|msmtp"
   "command -v gnutls-cli|gnutls-bin"
   "command -v openssl|openssl"

@@ -33,6 +33,7 @@ from postoffice.delivery.outbound import Outbound, QueueHandoff
 from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.delivery.report_sending import run_daily
+from postoffice.delivery.sieve import SieveDelivery
 from postoffice.delivery.tls_policy import TlsPolicies
 from postoffice.delivery.tls_reports import TlsReportSender
 from postoffice.dns.resolver import DnsResolver, Resolver
@@ -63,6 +64,7 @@ from postoffice.storage.folder_watch import FolderWatcher
 from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.quota import QuotaTracker
+from postoffice.storage.sieve_scripts import SieveScripts
 from postoffice.storage.sqlite_accounts import SqliteAccountStore
 from postoffice.workers import (
     HELD_SIGNALS,
@@ -139,6 +141,18 @@ def build_services(
         store = QueueStore(settings.queue_dir, executor)
         store.ensure_dirs()
         services.outbound = QueueHandoff(store)
+    # Users' Sieve scripts run after each INBOX delivery (delivery/sieve.py);
+    # replies and redirects go through this process's queue (or hand-off).
+    sieve = services.maildirs.after_delivery = SieveDelivery(
+        SieveScripts(settings.sieve_dir),
+        settings.mail_dir,
+        executor,
+        services.outbound,
+        hostname=settings.hostname,
+        srs=services.srs,
+        is_local_domain=services.is_local_domain,
+    )
+    services.sieve_ereject = sieve.ereject
     services.space = FreeSpaceGuard(
         (settings.data_dir, settings.mail_dir, settings.queue_dir),
         settings.limits.min_free_space,
@@ -249,6 +263,7 @@ class Server:
         from postoffice.net import web
         from postoffice.net.http import BUSY_REPLY, HttpSession
         from postoffice.net.imap_session import ImapSession
+        from postoffice.net.managesieve_session import ManageSieveSession
         from postoffice.net.pop3_session import Pop3Session
         from postoffice.net.smtp_session import SmtpMode, SmtpSession
 
@@ -292,6 +307,12 @@ class Server:
         self._listener("imap", listen.imap, lambda c: ImapSession(s, c).run(), imap_busy)
         self._listener(
             "imaps", listen.imaps, lambda c: ImapSession(s, c).run(), imap_busy, implicit_tls=True
+        )
+        self._listener(
+            "managesieve",
+            listen.managesieve,
+            lambda c: ManageSieveSession(s, c).run(),
+            b'BYE (TRYLATER) "Too many connections, try again later"\r\n',
         )
         # Client autoconfiguration over HTTPS, with the mail certificate; port 80
         # redirects to it (net/web.py).

@@ -196,6 +196,7 @@ _LISTENERS = (
     "pop3s",
     "imap",
     "imaps",
+    "managesieve",
     "metrics",
     "http",
     "https",

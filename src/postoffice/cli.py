@@ -742,6 +742,10 @@ def _add_queue_parser(subparsers: Subparsers) -> None:
     queue_cli.add_queue_parser(subparsers)
 
 
+def _add_sieve_parser(subparsers: Subparsers) -> None:
+    importlib.import_module("postoffice.delivery.sieve_cli").add_sieve_parser(subparsers)
+
+
 def _add_dmarc_parser(subparsers: Subparsers) -> None:
     dmarc_reports = importlib.import_module("postoffice.delivery.dmarc_reports")
     dmarc_reports.add_dmarc_parser(subparsers)
@@ -943,6 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_domain_parser,
         _add_alias_parser,
         _add_queue_parser,
+        _add_sieve_parser,
         _add_dmarc_parser,
         _add_cert_parser,
         _add_tlsrpt_parser,
@@ -1012,6 +1017,7 @@ _BEFORE_BECOMING_OWNER = (
     "postoffice.check",
     "postoffice.doctor",
     "postoffice.delivery.queue_cli",
+    "postoffice.delivery.sieve_cli",
     "postoffice.delivery.dmarc_reports",
     "postoffice.net.cert_status",
     "postoffice.delivery.tls_reports",

@@ -713,6 +713,7 @@ _GREETINGS = {
     "pop3s": (b"+OK", True),
     "imap": (b"* OK", False),
     "imaps": (b"* OK", True),
+    "managesieve": (b'"IMPLEMENTATION"', False),  # RFC 5804 §1.7: capabilities first
 }
 
 

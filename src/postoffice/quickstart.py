@@ -29,7 +29,11 @@ PRODUCTION_PORTS: dict[str, int] = {
     "https": 443,
 }
 # [listen] metrics keeps its loopback default: it asks for no login.
-assert set(PRODUCTION_PORTS) == set(ListenSettings.__dataclass_fields__) - {"metrics"}
+# ManageSieve stays off until asked for ([listen] managesieve = ["0.0.0.0:4190"]).
+assert set(PRODUCTION_PORTS) == set(ListenSettings.__dataclass_fields__) - {
+    "metrics",
+    "managesieve",
+}
 
 
 def _quoted(text: str) -> str:

@@ -7,7 +7,7 @@ sessions never build services themselves and no module keeps global state.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -76,6 +76,9 @@ class Services:
     srs: Srs | None = None
     # The free-space reserve ([limits] min_free_space): MAIL FROM asks ``low()``.
     space: FreeSpaceGuard | None = None
+    # Users' Sieve ereject/reject at SMTP time for a message with one local
+    # recipient (delivery/sieve.py SieveDelivery.ereject): the reason, or None.
+    sieve_ereject: Callable[[Address, bytes], Awaitable[str | None]] | None = None
     # Mailbox quotas ([limits] mailbox_quota, `user quota`): RCPT and DATA ask it.
     quota: QuotaTracker | None = None
     # Memory for messages held whole for the inbound checks, shared by all

@@ -62,6 +62,8 @@ class ListenSettings:
     pop3s: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2995),)  # implicit TLS (995)
     imap: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2143),)  # STARTTLS (143)
     imaps: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2993),)  # implicit TLS (993)
+    # ManageSieve (RFC 5804, 4190): users edit their Sieve scripts; [] (off) unless set.
+    managesieve: tuple[ListenAddress, ...] = ()
     # Prometheus text format at GET /metrics (net/metrics_http.py); [] turns it off.
     metrics: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2900),)
     # Plain HTTP (80): redirects every request to https (net/web.py); [] turns it off.
@@ -320,6 +322,11 @@ class Settings:
     @property
     def accounts_db(self) -> Path:
         return self.data_dir / "accounts.sqlite3"
+
+    @property
+    def sieve_dir(self) -> Path:
+        """Users' Sieve scripts (storage/sieve_scripts.py)."""
+        return self.data_dir / "sieve"
 
 
 def _system_hostname(default: Settings) -> str:

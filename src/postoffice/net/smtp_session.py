@@ -729,6 +729,8 @@ class SmtpSession:
             reply = await self._filter_message(tx, tx.spool)
         if reply is None:
             reply = await self._over_quota(tx)
+        if reply is None:
+            reply = await self._sieve_reject(tx)
         commit_seconds = None
         if reply is None:
             # Shielded: a shutdown that cancels this session mid-commit must not
@@ -810,6 +812,18 @@ class SmtpSession:
             return [m for m in mailboxes if quota.full(m, self.s.maildirs.path_for(m), incoming)]
         except AddressError:
             return []  # not a mailbox path: _data_start answers that
+
+    async def _sieve_reject(self, tx: Transaction) -> Reply | None:
+        """RFC 5429 §2.1: the one local recipient's Sieve reject/ereject
+        refuses the message here (delivery/sieve.py); with more recipients
+        it is delivered and the script bounces it for its own."""
+        check, env = self.s.sieve_ereject, tx.envelope
+        if check is None or tx.local is None or len(env.mailboxes) != 1 or env.remote:
+            return None
+        if not tx.local.in_memory:
+            return None  # large: judged after delivery (a bounce)
+        reason = await check(next(iter(env.mailboxes)), tx.local.buffered())
+        return None if reason is None else Reply(550, reason, "5.7.1")
 
     async def _over_quota(self, tx: Transaction) -> Reply | None:
         """After the data, if this message would take a mailbox past its quota

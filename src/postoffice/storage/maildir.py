@@ -44,6 +44,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 from postoffice.mail.address import Address, AddressError, mailbox_local_part, normalise_domain
 from postoffice.storage import quota
@@ -162,6 +163,14 @@ class _Published:
 FSYNC_THREADS = 16
 
 
+class AfterDelivery(Protocol):
+    """Runs once a message is durably in its mailboxes' INBOXes (Sieve,
+    delivery/sieve.py): may move each file on and returns where each is now.
+    It is given the mailboxes' addresses and the stored files in that order."""
+
+    async def __call__(self, mailboxes: tuple[Address, ...], paths: list[Path]) -> list[Path]: ...
+
+
 class MaildirStore:
     """Delivers messages into Maildirs under ``mail_dir`` with group commit.
 
@@ -201,6 +210,9 @@ class MaildirStore:
         self._behind: WriteBehind | None = None
         # Mailbox path -> (until when, why): see UNAVAILABLE_SECONDS.  Event loop only.
         self._unavailable: dict[Path, tuple[float, str]] = {}
+        # Set by the composition root when users may have Sieve scripts;
+        # None keeps commit exactly as it was.
+        self.after_delivery: AfterDelivery | None = None
 
     def unavailable(self, mailbox: Address) -> str | None:
         """Why deliveries to ``mailbox`` are failing just now, or None."""
@@ -242,7 +254,10 @@ class MaildirStore:
 
     def writer(self, mailboxes: Sequence[Address]) -> DeliveryWriter:
         """A writer for one message to ``mailboxes`` (at least one, all local)."""
-        return self.writer_to(self.path_for(m) for m in mailboxes)
+        unique = tuple(dict.fromkeys(mailboxes))
+        writer = self.writer_to(self.path_for(m) for m in unique)
+        writer.addresses = unique
+        return writer
 
     def writer_to(self, maildirs: Iterable[Path], *, folders: bool = False) -> DeliveryWriter:
         """A writer into these Maildirs: mailboxes' roots, or with ``folders``
@@ -406,6 +421,9 @@ class DeliveryWriter:
         self.size = 0
         self.crlf_size = 0
         self.journaled = True  # small: through the journal (MaildirStore.writer_to)
+        # The mailboxes' addresses when made by ``MaildirStore.writer`` (the
+        # INBOX deliveries after_delivery runs for); empty for folders.
+        self.addresses: tuple[Address, ...] = ()
         # The spill being written: one at a time, in order, while DATA goes on.
         self._flushing: asyncio.Future[None] | None = None
         self._closed = False
@@ -491,7 +509,7 @@ class DeliveryWriter:
         self._closed = True
         try:
             await self._flushed()
-            return await self._store._commit(self)
+            paths = await self._store._commit(self)
         except DeliveryError as exc:
             self._store.note_failure(self.mailboxes, exc)
             raise
@@ -499,6 +517,11 @@ class DeliveryWriter:
             error = _delivery_error(exc)
             self._store.note_failure(self.mailboxes, error)
             raise error from exc
+        after = self._store.after_delivery
+        if after is not None and self.addresses and len(paths) == len(self.addresses):
+            # Stored: whatever after_delivery does, the message is not lost.
+            paths = await after(self.addresses, paths)
+        return paths
 
     async def discard(self) -> None:
         """Abandon the message (rejected, or the client went away)."""

@@ -1,0 +1,85 @@
+"""Sieve's delivery step and script store, on real files: filing, flags, names, spam scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from postoffice.delivery.sieve import _apply_storage, compile_script, spam_score
+from postoffice.mail.address import Address
+from postoffice.protocol.sieve_parse import SieveSyntaxError
+from postoffice.protocol.sieve_run import FileInto, Keep, SieveResult
+from postoffice.storage.maildir import ensure_maildir
+from postoffice.storage.sieve_scripts import ScriptError, SieveScripts, check_name
+
+ALICE = Address("alice", "example.test")
+
+
+def stored(tmp_path: Path) -> tuple[Path, Path]:
+    maildir = tmp_path / "example.test" / "alice"
+    ensure_maildir(maildir)
+    path = maildir / "new" / "1.M1P1.host,S=5,W=5"
+    path.write_bytes(b"Subject: x\n\nhi\n")
+    return maildir, path
+
+
+def test_fileinto_with_flags_and_keep(tmp_path: Path) -> None:
+    maildir, path = stored(tmp_path)
+    result = SieveResult((FileInto("Work", ("\\Seen", "$Label1"), create=True), Keep()), False)
+    placed = _apply_storage(path, maildir, result)
+    assert placed == maildir / "new" / path.name  # the keep took the INBOX file itself
+    (filed,) = (maildir / ".Work" / "cur").iterdir()
+    assert filed.name == path.name + ":2,Sa"  # \\Seen and the first keyword letter
+    assert "$Label1" in (maildir / ".Work" / "dovecot-keywords").read_text()
+
+
+def test_fileinto_missing_folder_without_create_fails(tmp_path: Path) -> None:
+    maildir, path = stored(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        _apply_storage(path, maildir, SieveResult((FileInto("Nope"),), False))
+    assert path.exists()
+
+
+def test_discard_removes_the_inbox_copy(tmp_path: Path) -> None:
+    maildir, path = stored(tmp_path)
+    assert _apply_storage(path, maildir, SieveResult((), True)) is None
+    assert not path.exists()
+
+
+def test_spam_score_reads_rspamd_and_spamassassin_headers() -> None:
+    assert spam_score([("X-Spamd-Result", "default: False [3.40 / 15.00]; FOO(1)")]) == 3.4
+    assert spam_score([("X-Spam-Score", " 7.5 ")]) == 7.5
+    assert spam_score([("X-Spam-Score", "junk")]) is None
+    assert spam_score([]) is None
+
+
+def test_script_store(tmp_path: Path) -> None:
+    scripts = SieveScripts(tmp_path / "sieve", max_bytes=100)
+    assert scripts.active_script(ALICE) is None
+    scripts.put(ALICE, "one", b"keep;")
+    scripts.put(ALICE, "two", b"discard;")
+    scripts.activate(ALICE, "two")
+    assert [(i.name, i.active) for i in scripts.list(ALICE)] == [("one", False), ("two", True)]
+    assert scripts.active_script(ALICE) == b"discard;"
+    with pytest.raises(ScriptError, match="active script cannot be deleted"):
+        scripts.delete(ALICE, "two")
+    scripts.rename(ALICE, "two", "three")
+    assert scripts.active_name(ALICE) == "three"
+    scripts.activate(ALICE, None)
+    assert scripts.active_script(ALICE) is None
+    with pytest.raises(ScriptError, match="larger than 100"):
+        scripts.put(ALICE, "big", b"#" * 101)
+    assert (tmp_path / "sieve" / "example.test" / "alice" / "one.sieve").read_bytes() == b"keep;"
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "a\\b", "tab\there", "x" * 129])
+def test_unsafe_script_names_are_refused(name: str) -> None:
+    with pytest.raises(ScriptError):
+        check_name(name)
+
+
+def test_compile_script_refuses_with_position() -> None:
+    with pytest.raises(SieveSyntaxError) as info:
+        compile_script(b"keep;\nif true {")
+    assert (info.value.line, info.value.column) == (2, 10)
