@@ -410,7 +410,13 @@ def test_each_new_connection_is_recorded_for_tls_reports(
         "127.0.0.2",
         1,
     )
-    assert failure.sending_ip == "127.0.0.1" and "not a TLS record" in failure.reason
+    # The garbage arrives with the 220 (plaintext buffered after it: refused,
+    # RFC 3207 §5) or after it (OpenSSL names it, e.g. "wrong version number"):
+    # timing decides which; either way it is this one failed session.
+    assert failure.sending_ip == "127.0.0.1"
+    assert "not a TLS record" in failure.reason or failure.reason.startswith(
+        "TLS handshake failed: [SSL: "
+    ), failure.reason
     ((plain,),) = [found["implicit.test"]]
     assert (plain.successes, plain.failures) == (0, 1)
     assert plain.details[0][0].result_type == "starttls-not-supported"
