@@ -401,8 +401,11 @@ def milter_workload(ctx: Context) -> None:
         assert rspamd.proc is not None
         rspamd_pid = rspamd.proc.pid
         print(f"rspamd pid {rspamd_pid}, milter {rspamd.milter_address}", flush=True)
-        with open(po.config, "a") as fh:
-            fh.write(f'\n[filters]\nmilters = ["{rspamd.milter_address}"]\n')
+        # No metrics listener: the main postoffice holds the default port.
+        config = po.config.read_text().replace(
+            "submissions = []\n", "submissions = []\nmetrics = []\n", 1
+        )
+        po.config.write_text(config + f'\n[filters]\nmilters = ["{rspamd.milter_address}"]\n')
         po.add_user(bl.USER)
         po.start()
         print(f"postoffice (milter) pid {po.pid}, smtp {po.ports['smtp']}", flush=True)
@@ -436,7 +439,7 @@ def milter_workload(ctx: Context) -> None:
                     timeout=200,
                     check=False,
                 )
-                anchor.empty_load()
+                bl.empty_maildir(anchor.maildir)  # maildir-empty.sh: /tmp/anchor/ only
                 time.sleep(0.5)
 
             pf_side = Side("postfix", lambda: anchor.postfix_pid, pf_pre)
@@ -453,9 +456,9 @@ def milter_workload(ctx: Context) -> None:
                 timeout=200,
                 check=False,
             )
-            anchor.empty_load()
+            bl.empty_maildir(anchor.maildir)
             set_anchor_milter(anchor.root, "")
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+    except (RuntimeError, OSError, subprocess.SubprocessError, SystemExit) as exc:
         row.checks.append(f"FAILED: {exc}")
         if not any(r is row for r in ctx.rows):
             ctx.rows.append(row)
