@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """postoffice beside Postfix + Dovecot: every hot-path workload, one table.
 
-    python bench/run.py [--runs 3] [--only smtp,relay,pop3,login,idle,imap] [--quick]
+    python bench/run.py [--runs 3] [--only smtp,relay,pop3,login,idle,imap,milter] [--quick]
                         [--rows 'imap-10k-mbsync-*,imap-idle-latency-*']
                         [--anchor auto|up|no] [--bench-dir ../shared/bench]
                         [--json results.jsonl] [--against SRC]
@@ -28,6 +28,14 @@ What it does:
    smtp-1x10k     smtp-source, 1 session x 2000 x 10 KiB        (ack msg/s)
    smtp-20x10k    smtp-source, 20 sessions x 10000 x 10 KiB     (ack msg/s)
    smtp-4x1m      smtp-source, 4 sessions x 200 x 1 MiB         (ack msg/s)
+   smtp-rspamd-20x10k  smtp-source, 20 sessions x 5000 x 10 KiB (ack msg/s)
+                  with rspamd as milter on both sides (one rspamd, offline
+                  config of tests/support/rspamd.py): postoffice with
+                  [filters] milters, the anchor a third Postfix instance
+                  (/tmp/anchor-milter) with smtpd_milters and
+                  milter_default_action = tempfail; every stored message
+                  must carry rspamd's X-Rspamd-Queue-Id; rspamd's CPU is
+                  reported per side in the notes
    relay-20x10k   submission (STARTTLS+AUTH) -> smtp-sink, 20 x 2000 x 10 KiB
                   (bench/relay_bench.py; msg/s until the sink has them all)
    pop3-10k-*     RETR all of 10000 x 10 KiB, plain and POP3S (pop3-load.py)
@@ -84,6 +92,7 @@ Loopback only; every process started here is stopped by its PID.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
@@ -102,7 +111,7 @@ import benchlib as bl
 import idle_conns
 
 REPO = Path(__file__).resolve().parent.parent
-GROUPS = ("smtp", "relay", "pop3", "login", "idle", "imap")
+GROUPS = ("smtp", "relay", "pop3", "login", "idle", "imap", "milter")
 
 
 @dataclass
@@ -325,6 +334,153 @@ def smtp_workloads(ctx: Context) -> None:
     if have_anchor and anchor is not None:
         anchor.drain()
         anchor.empty_load()
+
+
+# --- SMTP ingest through rspamd (milter) ------------------------------------------------------
+MILTER_ANCHOR_ENV = {
+    "ANCHOR_ROOT": "/tmp/anchor-milter",
+    "ANCHOR_SMTP_PORT": "13025",
+    "ANCHOR_SUBMISSION_PORT": "13587",
+    "ANCHOR_POP3_PORT": "13110",
+    "ANCHOR_POP3S_PORT": "13995",
+}
+MILTER_ANCHOR = Path(MILTER_ANCHOR_ENV["ANCHOR_ROOT"])
+RSPAMD_HEADER = b"x-rspamd-queue-id:"
+
+
+def milter_anchor(bench: Path) -> bl.Anchor:
+    env = MILTER_ANCHOR_ENV
+    return bl.Anchor(
+        bench,
+        root=MILTER_ANCHOR,
+        smtp_port=int(env["ANCHOR_SMTP_PORT"]),
+        pop3_port=int(env["ANCHOR_POP3_PORT"]),
+        pop3s_port=int(env["ANCHOR_POP3S_PORT"]),
+    )
+
+
+def set_anchor_milter(root: Path, milter: str) -> None:
+    """Point the Postfix instance under ``root`` at ``milter`` ("" for none)."""
+    etc = str(root / "postfix" / "etc")
+    settings = [f"smtpd_milters = {milter}", "milter_default_action = tempfail"]
+    subprocess.run(["postconf", "-c", etc, "-e", *settings], check=True, timeout=60)
+    subprocess.run(["postfix", "-c", etc, "reload"], check=True, timeout=60, capture_output=True)
+
+
+def count_rspamd_headers(maildir: Path) -> int:
+    """Stored messages whose header block carries rspamd's queue id field
+    (its milter_headers), i.e. that went through rspamd."""
+    seen = 0
+    for path in bl.maildir_files(maildir):
+        with open(path, "rb") as fh:
+            head = fh.read(16384)
+        for line in head.splitlines():
+            if not line.strip():  # end of the header block
+                break
+            if line.lower().startswith(RSPAMD_HEADER):
+                seen += 1
+                break
+    return seen
+
+
+def milter_workload(ctx: Context) -> None:
+    """smtp-20x10k with rspamd as the milter of both servers (one rspamd)."""
+    if not ctx.wants("smtp-rspamd-20x10k"):
+        return
+    sys.path.insert(0, str(REPO))
+    from tests.support.rspamd import Rspamd
+
+    row = Row("smtp-rspamd-20x10k", "msg/s", "≥ 1.0")
+    sessions, messages, size = 20, ctx.scale(5000), 10240
+    rspamd_root = Path(tempfile.mkdtemp(prefix="rspamd-bench-"))
+    rspamd = Rspamd(rspamd_root)
+    po = bl.Postoffice(smarthost_port=bl.free_port())
+    anchor = milter_anchor(ctx.bench)
+    rspamd_cpu: dict[str, list[float]] = {"postoffice": [], "postfix": []}
+    other: tuple[Side, Run] | None = None
+    try:
+        rspamd.start()
+        assert rspamd.proc is not None
+        rspamd_pid = rspamd.proc.pid
+        print(f"rspamd pid {rspamd_pid}, milter {rspamd.milter_address}", flush=True)
+        # No metrics listener: the main postoffice holds the default port.
+        config = po.config.read_text().replace(
+            "submissions = []\n", "submissions = []\nmetrics = []\n", 1
+        )
+        po.config.write_text(config + f'\n[filters]\nmilters = ["{rspamd.milter_address}"]\n')
+        po.add_user(bl.USER)
+        po.start()
+        print(f"postoffice (milter) pid {po.pid}, smtp {po.ports['smtp']}", flush=True)
+
+        def through_rspamd(label: str, port: int, maildir: Path) -> Callable[[], tuple[float, str]]:
+            load = smtp_load(ctx, port, maildir, sessions, messages, size)
+
+            def run() -> tuple[float, str]:
+                cpu0 = bl.tree_cpu(rspamd_pid)
+                value, check = load()
+                cpu = bl.tree_cpu(rspamd_pid) - cpu0
+                rspamd_cpu[label].append(cpu)
+                marked = count_rspamd_headers(maildir)
+                if marked != messages:
+                    raise RuntimeError(f"{marked}/{messages} stored with {RSPAMD_HEADER!r}")
+                return value, f"{check}, {marked} with X-Rspamd-Queue-Id, rspamd cpu {cpu:.1f}s"
+
+            return run
+
+        def po_pre() -> None:
+            bl.empty_maildir(po.maildir)
+            bl.sync()
+
+        po_side = Side("postoffice", lambda: po.pid, po_pre)
+        if anchor.smtp_up() and anchor.postfix_pid is not None:
+            set_anchor_milter(anchor.root, rspamd.milter_address)
+
+            def pf_pre() -> None:
+                subprocess.run(
+                    [str(ctx.bench / "pf-drain.sh"), str(anchor.root)],
+                    capture_output=True,
+                    timeout=200,
+                    check=False,
+                )
+                bl.empty_maildir(anchor.maildir)  # maildir-empty.sh: /tmp/anchor/ only
+                time.sleep(0.5)
+
+            pf_side = Side("postfix", lambda: anchor.postfix_pid, pf_pre)
+            other = (pf_side, through_rspamd("postfix", anchor.smtp_port, anchor.maildir))
+        else:
+            row.notes.append(f"no Postfix instance at {anchor.root}: postoffice alone")
+        alternate(
+            ctx, row, (po_side, through_rspamd("postoffice", po.ports["smtp"], po.maildir)), other
+        )
+        if other is not None:
+            subprocess.run(
+                [str(ctx.bench / "pf-drain.sh"), str(anchor.root)],
+                capture_output=True,
+                timeout=200,
+                check=False,
+            )
+            bl.empty_maildir(anchor.maildir)
+    except (RuntimeError, OSError, subprocess.SubprocessError, SystemExit) as exc:
+        row.checks.append(f"FAILED: {exc}")
+        if not any(r is row for r in ctx.rows):
+            ctx.rows.append(row)
+    finally:
+        if other is not None:  # the instance may outlive this run: no milter left set
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                set_anchor_milter(anchor.root, "")
+        po.stop()
+        po.remove()
+        rspamd.stop()
+        shutil.rmtree(rspamd_root, ignore_errors=True)
+    cpus = " / ".join(f"{_num(v, '{:.1f}')}" for v in rspamd_cpu.values())
+    row.notes.append(
+        f"rspamd CPU s/run (not in the CPU column) po / anchor: {cpus}; one rspamd proxy"
+        " worker (self_scan), offline config of tests/support/rspamd.py, shared by both"
+    )
+    row.notes.append(
+        f"{sessions} sessions x {messages} x {size // 1024} KiB; anchor: Postfix at"
+        f" {anchor.root} with smtpd_milters, milter_default_action = tempfail"
+    )
 
 
 # --- relay ------------------------------------------------------------------------------------
@@ -938,7 +1094,11 @@ RELAY_ANCHOR_ENV = {
 
 
 def ensure_anchor(
-    bench: Path, mode: str, relay_wanted: bool, started: list[dict[str, str]]
+    bench: Path,
+    mode: str,
+    relay_wanted: bool,
+    milter_wanted: bool,
+    started: list[dict[str, str]],
 ) -> tuple[bl.Anchor | None, bl.RelayAnchor | None]:
     """The anchor stacks to measure against; ``started`` gets the environment
     of each one this run had to start (it stops those again at the end)."""
@@ -948,6 +1108,10 @@ def ensure_anchor(
     if mode == "up" and not (anchor.smtp_up() and anchor.pop3_up() and anchor.imap_up()):
         subprocess.run([str(bench / "anchor-stack.sh"), "up"], check=True, timeout=1800)
         started.append({})
+    if mode == "up" and milter_wanted and not milter_anchor(bench).smtp_up():
+        env = {**os.environ, **MILTER_ANCHOR_ENV}
+        subprocess.run([str(bench / "anchor-stack.sh"), "up"], check=True, timeout=1800, env=env)
+        started.append(MILTER_ANCHOR_ENV)
     relay = bl.RelayAnchor.discover(Path("/tmp/anchor-relay"))
     if mode == "up" and relay_wanted and (relay is None or relay.postfix_pid is None):
         env = {**os.environ, **RELAY_ANCHOR_ENV}
@@ -1036,7 +1200,9 @@ def main() -> int:
     if args.against is not None:
         anchor, relay = bl.PostofficeAnchor.from_tree(args.against, bl.free_port()), None
     else:
-        anchor, relay = ensure_anchor(bench, args.anchor, "relay" in groups, anchors_started)
+        anchor, relay = ensure_anchor(
+            bench, args.anchor, "relay" in groups, "milter" in groups, anchors_started
+        )
     sink_port = relay.sink_port if relay is not None else bl.free_port()
     # The server inherits it: 10,000 connections or IDLE sessions, and room.
     idle_conns.raise_fd_limit(32_000)
@@ -1066,6 +1232,7 @@ def main() -> int:
                 "login": login_workload,
                 "idle": idle_workloads,
                 "imap": imap_workloads,
+                "milter": milter_workload,
             }[group](ctx)
     finally:
         servers = [po] + ([anchor.server] if isinstance(anchor, bl.PostofficeAnchor) else [])
