@@ -323,6 +323,11 @@ def test_fetchmail_imap_idle_and_reconnect_after_kill(
         assert wait_for(lambda: bool(idling.search(log.read_text()))), log.read_text()
         append(server, "INBOX", "two")  # arrives while fetchmail idles
         assert wait_for(lambda: fetched(out) == ["one", "two"], timeout=10), log.read_text()
+        # fetchmail marks "two" \Seen only after handing it on; a kill before
+        # that STORE's OK makes it fetch "two" again (at least once, its rule):
+        # wait until it idles again, its flag stored.
+        idle_again = re.compile(r"IMAP< \+ idling")
+        assert wait_for(lambda: len(idle_again.findall(log.read_text())) >= 2), log.read_text()
 
         # kill -9 under the idling client: it polls again (after its 20 s) and
         # fetches what came meanwhile, and nothing twice.
