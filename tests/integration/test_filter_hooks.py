@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.dns import auth_dns
 from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
@@ -331,3 +332,44 @@ def test_junk_folder_off_keeps_spam_in_inbox(tmp_path: Path) -> None:
         assert count(srv, CAROL, ".Junk") == 0
     finally:
         srv.stop()
+
+
+def test_client_name_is_forward_confirmed_reverse_dns(tmp_path: Path) -> None:
+    # 127.0.0.7's PTR name leads back to it; 127.0.0.8's PTR name claims a
+    # name whose address is elsewhere (anyone can write a reverse zone), and
+    # 127.0.0.9 has no PTR: both are "unknown" to the filters.
+    dns = auth_dns(
+        tmp_path,
+        hosts={"good.client.test": ["127.0.0.7"], "liar.client.test": ["192.0.2.1"]},
+        ptr={
+            "7.0.0.127.in-addr.arpa": "good.client.test",
+            "8.0.0.127.in-addr.arpa": "liar.client.test",
+        },
+    ).start()
+    relay = {"smarthost": f"127.0.0.1:{free_port()}", "dns_servers": [dns.server]}
+    srv = PostofficeServer(
+        tmp_path / "srv",
+        sections={
+            "filters": {"hooks": ["verdict_hook:ClientName"]},
+            "relay": relay,
+            "checks": {"exempt_networks": ["::1/128"]},
+        },
+    )
+    srv.add_user(ALICE, "pw-" + ALICE)
+    srv.start(env=ENV)
+    try:
+        for source, name in (
+            ("127.0.0.7", "good.client.test"),
+            ("127.0.0.8", "unknown"),
+            ("127.0.0.9", "unknown"),
+        ):
+            with smtplib.SMTP(
+                "127.0.0.1", srv.ports["smtp"], source_address=(source, 0), timeout=30
+            ) as c:
+                c.sendmail("x@sender.test", [ALICE], message(subject=source))
+            stored = latest(srv, ALICE)
+            assert stored["Subject"] == source
+            assert stored["X-Client-Name"] == name, source
+    finally:
+        srv.stop()
+        dns.stop()
