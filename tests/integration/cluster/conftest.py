@@ -1,0 +1,48 @@
+"""Fixtures for the [cluster] tests: one PostgreSQL per test session, a fresh
+database per test (tests/support/postgres.py).
+
+Without Debian's postgresql (or the psycopg driver) these tests skip outside
+CI and fail in CI, as the other tests needing an external program do."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.postgres import PostgresServer, postgres_bindir
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is not installed (scripts/test.sh installs it)")
+    pytest.skip(f"{what} is not installed")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    bindir = postgres_bindir()
+    if bindir is None:
+        _missing("PostgreSQL (initdb)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _missing("psycopg (the [cluster] extra)")
+    assert bindir is not None
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """The URL of a new, empty database, dropped after the test."""
+    name = postgres.create_database()
+    try:
+        yield postgres.url(name)
+    finally:
+        postgres.drop_database(name)
