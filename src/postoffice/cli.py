@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from postoffice import __version__
+from postoffice.cluster.stores import open_accounts
 from postoffice.config.settings import (
     DEFAULT_CONFIG_NAME,
     ConfigError,
@@ -63,8 +64,7 @@ from postoffice.mail.address import (
     parse_mailbox,
     split_plus,
 )
-from postoffice.storage.accounts import AccountError
-from postoffice.storage.sqlite_accounts import SqliteAccountStore
+from postoffice.storage.accounts import AccountError, AccountStore
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 Subparsers = Any  # argparse's _SubParsersAction is private; typing it buys nothing
@@ -122,10 +122,16 @@ def _leaf(
 
 
 # --- accounts helpers -----------------------------------------------------------------
-def _store(settings: Settings) -> SqliteAccountStore:
-    """The account store in the existing data dir (``main`` checked it is there)."""
+def _store(settings: Settings) -> AccountStore:
+    """The account store: in the existing data dir (``main`` checked it is
+    there), or the [cluster] database."""
     settings.mail_dir.mkdir(exist_ok=True, mode=0o700)
-    return SqliteAccountStore(settings.accounts_db, config_domains=settings.domains)
+    return open_accounts(settings, follow=False)
+
+
+def _has_accounts(settings: Settings) -> bool:
+    """Whether there is a store to read (a read creates no SQLite file)."""
+    return settings.cluster.enabled or settings.accounts_db.exists()
 
 
 def _ask(prompt: str) -> str:
@@ -267,7 +273,7 @@ def _user_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _user_list(args: argparse.Namespace, settings: Settings) -> int:
-    if not settings.accounts_db.exists():
+    if not _has_accounts(settings):
         return 0  # nothing stored yet; a read creates nothing
     with closing(_store(settings)) as store:
         for user in store.list_users():
@@ -422,7 +428,7 @@ def _domain_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 def _domain_list(args: argparse.Namespace, settings: Settings) -> int:
     stored: list[str] = []
-    if settings.accounts_db.exists():
+    if _has_accounts(settings):
         with closing(_store(settings)) as store:
             stored = store.list_domains()
     # Domains that come with the config: from its file, or the built-in default.
@@ -496,7 +502,7 @@ def _alias_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _alias_list(args: argparse.Namespace, settings: Settings) -> int:
-    if not settings.accounts_db.exists():
+    if not _has_accounts(settings):
         return 0
     with closing(_store(settings)) as store:
         for alias, targets in store.list_aliases().items():
@@ -779,7 +785,7 @@ def _dkim_generate(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     domain = keys[0].domain
     local = set(settings.domains)
-    if settings.accounts_db.exists():
+    if _has_accounts(settings):
         with closing(_store(settings)) as store:
             local |= set(store.list_domains())
     if not any(d == domain or d.endswith(f".{domain}") for d in local):
@@ -867,7 +873,7 @@ def _doctor(args: argparse.Namespace, settings: Settings) -> int:
         domains = [normalise_domain(args.domain.strip())]
     else:
         stored: list[str] = []
-        if settings.accounts_db.exists():
+        if _has_accounts(settings):
             with closing(_store(settings)) as store:
                 stored = store.list_domains()
         domains = sorted(set(settings.domains) | set(stored))
