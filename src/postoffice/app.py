@@ -160,6 +160,10 @@ def build_services(
     )
     services.space.refresh_blocking()
     services.quota = QuotaTracker(settings.limits.mailbox_quota, accounts.quota, executor)
+    if settings.cluster.enabled:
+        from postoffice.cluster.pop3_lock import ClusterMaildropLocks
+
+        services.pop3_locks = ClusterMaildropLocks(settings.cluster.database)
     # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail.
     # Its DMARC verdicts are recorded for aggregate reports (policy/dmarc_store.py).
     services.inbound_checks = InboundChecks(
@@ -883,3 +887,5 @@ def _run_loop(services: Services, main: Coroutine[Any, Any, int]) -> int:
         services.authenticator.close()
         services.maildirs.close()
         services.accounts.close()
+        if services.pop3_locks is not None:
+            services.pop3_locks.close()

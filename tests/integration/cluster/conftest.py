@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.support.postgres import PostgresServer, postgres_bindir
+from tests.support.server import PostofficeServer
 
 
 def _missing(what: str) -> None:
@@ -46,3 +48,24 @@ def pg_url(postgres: PostgresServer) -> Iterator[str]:
         yield postgres.url(name)
     finally:
         postgres.drop_database(name)
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path, pg_url: str) -> Iterator[tuple[PostofficeServer, PostofficeServer]]:
+    sections = {
+        "cluster": {"database": pg_url},
+        # Plain USER/PASS from loopback; a login polled before the account
+        # reached the node must not slow the next one down.
+        "auth": {"allow_plaintext_loopback": True, "throttle_after": 1000},
+    }
+    nodes = (
+        PostofficeServer(tmp_path / "node1", sections=sections),
+        PostofficeServer(tmp_path / "node2", sections=sections),
+    )
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()

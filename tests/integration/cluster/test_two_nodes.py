@@ -4,66 +4,12 @@ default is untouched by any of it."""
 
 from __future__ import annotations
 
-import poplib
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.support.cluster import ALICE, ALICE_PW, PROPAGATION, first_success, pop3_login
 from tests.support.server import PostofficeServer
-
-ALICE, ALICE_PW = "alice@example.test", "alice-password-1"
-PROPAGATION = 1.0  # issue 17: a change on one node is in force on all within 1 s
-
-
-@pytest.fixture
-def two_nodes(tmp_path: Path, pg_url: str) -> Iterator[tuple[PostofficeServer, PostofficeServer]]:
-    sections = {
-        "cluster": {"database": pg_url},
-        # Plain USER/PASS from loopback; a login polled before the account
-        # reached the node must not slow the next one down.
-        "auth": {"allow_plaintext_loopback": True, "throttle_after": 1000},
-    }
-    nodes = (
-        PostofficeServer(tmp_path / "node1", sections=sections),
-        PostofficeServer(tmp_path / "node2", sections=sections),
-    )
-    try:
-        for node in nodes:
-            node.start()
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-
-
-def pop3_login(node: PostofficeServer, user: str, password: str) -> bool:
-    client = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=15)
-    try:
-        client.user(user)
-        client.pass_(password)
-        return True
-    except poplib.error_proto:
-        return False
-    finally:
-        client.quit() if client.sock else None
-
-
-def first_success(attempt: Callable[[], bool], seconds: float) -> float | None:
-    """Seconds from now until an attempt that started then succeeded; None if
-    none did within ``seconds``.  Bounded: at most 50 attempts."""
-    start = time.monotonic()
-    for _ in range(50):
-        began = time.monotonic() - start
-        if began > seconds:
-            return None
-        if attempt():
-            return began
-        time.sleep(0.05)
-    return None
 
 
 def test_a_user_added_on_node_1_logs_in_on_node_2_within_a_second(
