@@ -33,6 +33,7 @@ from tests.support.ports import free_port
 SUPERUSER = "postoffice"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+_ENV = {**os.environ, "LC_ALL": "C.UTF-8", "TZ": "UTC"}
 
 
 def postgres_bindir() -> Path | None:
@@ -84,9 +85,8 @@ class PostgresServer:
 
     def start(self) -> None:
         if self._user is not None:
-            # setpriv keeps our environment; initdb wants a HOME it may use.
+            # initdb, run as that user, makes the data directory in here.
             os.chown(self.root, self._user.pw_uid, self._user.pw_gid)
-        env = {**os.environ, "LC_ALL": "C.UTF-8", "TZ": "UTC"}
         subprocess.run(
             [
                 *self._prefix(),
@@ -101,10 +101,13 @@ class PostgresServer:
             ],
             check=True,
             capture_output=True,
-            env=env,
+            env=_ENV,
             timeout=120,
             cwd=self.root,
         )
+        self._run()
+
+    def _run(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -127,7 +130,7 @@ class PostgresServer:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=_ENV,
                 cwd=self.root,
             )
         self._wait_ready()
@@ -171,8 +174,9 @@ class PostgresServer:
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT: sessions ended, a clean checkpoint) of the PID we started."""
+    def halt(self) -> None:
+        """Fast shutdown (SIGINT: sessions ended, a clean checkpoint) of the
+        PID we started; the cluster stays on disk for ``resume``."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -181,4 +185,11 @@ class PostgresServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+    def resume(self) -> None:
+        """Start the halted cluster again, on the same port."""
+        self._run()
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.root, ignore_errors=True)

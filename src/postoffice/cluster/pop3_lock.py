@@ -86,11 +86,18 @@ class ClusterMaildropLocks:
 
         key = lock_key(account)
         with self._mutex:
-            try:
-                conn = self._connection()
-                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-            except (ClusterError, psycopg.Error) as exc:
-                raise OSError(errno.EAGAIN, f"[cluster] POP3 lock: {describe(exc)}") from None
+            # Twice: a connection that stood idle while PostgreSQL restarted
+            # shows it is dead only when used; then a new one is made.
+            for attempt in (1, 2):
+                try:
+                    conn = self._connection()
+                    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                    break
+                except (ClusterError, psycopg.Error) as exc:
+                    if attempt == 2 or isinstance(exc, ClusterError):
+                        raise OSError(
+                            errno.EAGAIN, f"[cluster] POP3 lock: {describe(exc)}"
+                        ) from None
             generation = self._generation
         if not row or not row[0]:
             raise MailboxBusy(account)
