@@ -50,17 +50,15 @@ def pg_url(postgres: PostgresServer) -> Iterator[str]:
         postgres.drop_database(name)
 
 
-@pytest.fixture
-def two_nodes(tmp_path: Path, pg_url: str) -> Iterator[tuple[PostofficeServer, PostofficeServer]]:
+def _nodes(root: Path, pg_url: str, count: int) -> Iterator[tuple[PostofficeServer, ...]]:
     sections = {
         "cluster": {"database": pg_url},
         # Plain USER/PASS from loopback; a login polled before the account
         # reached the node must not slow the next one down.
         "auth": {"allow_plaintext_loopback": True, "throttle_after": 1000},
     }
-    nodes = (
-        PostofficeServer(tmp_path / "node1", sections=sections),
-        PostofficeServer(tmp_path / "node2", sections=sections),
+    nodes = tuple(
+        PostofficeServer(root / f"node{i}", sections=sections) for i in range(1, count + 1)
     )
     try:
         for node in nodes:
@@ -69,3 +67,14 @@ def two_nodes(tmp_path: Path, pg_url: str) -> Iterator[tuple[PostofficeServer, P
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path, pg_url: str) -> Iterator[tuple[PostofficeServer, ...]]:
+    """Two postoffice nodes (own data dirs and ports) on one database."""
+    yield from _nodes(tmp_path, pg_url, 2)
+
+
+@pytest.fixture
+def three_nodes(tmp_path: Path, pg_url: str) -> Iterator[tuple[PostofficeServer, ...]]:
+    yield from _nodes(tmp_path, pg_url, 3)

@@ -16,7 +16,7 @@ RECOVERY = 15.0  # seconds: the listener's reconnect backoff is at most 10 s
 
 
 def test_nodes_ride_out_a_postgresql_restart(
-    two_nodes: tuple[PostofficeServer, PostofficeServer], postgres: PostgresServer
+    two_nodes: tuple[PostofficeServer, ...], postgres: PostgresServer
 ) -> None:
     node1, node2 = two_nodes
     node1.add_user(ALICE, ALICE_PW)

@@ -33,7 +33,7 @@ def refused_in_use(node: PostofficeServer) -> None:
 
 
 def test_a_session_on_one_node_locks_the_maildrop_on_the_other(
-    two_nodes: tuple[PostofficeServer, PostofficeServer],
+    two_nodes: tuple[PostofficeServer, ...],
 ) -> None:
     node1, node2 = two_nodes
     node1.add_user(ALICE, ALICE_PW)
@@ -54,7 +54,7 @@ def test_a_session_on_one_node_locks_the_maildrop_on_the_other(
 
 
 def test_a_killed_node_leaves_nothing_locked(
-    two_nodes: tuple[PostofficeServer, PostofficeServer],
+    two_nodes: tuple[PostofficeServer, ...],
 ) -> None:
     node1, node2 = two_nodes
     node1.add_user(ALICE, ALICE_PW)
@@ -67,7 +67,7 @@ def test_a_killed_node_leaves_nothing_locked(
 
 
 def test_update_changes_nothing_once_the_lock_is_lost(
-    two_nodes: tuple[PostofficeServer, PostofficeServer], pg_url: str
+    two_nodes: tuple[PostofficeServer, ...], pg_url: str
 ) -> None:
     node1, _node2 = two_nodes
     node1.add_user(ALICE, ALICE_PW)

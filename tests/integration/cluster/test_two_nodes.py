@@ -13,7 +13,7 @@ from tests.support.server import PostofficeServer
 
 
 def test_a_user_added_on_node_1_logs_in_on_node_2_within_a_second(
-    two_nodes: tuple[PostofficeServer, PostofficeServer],
+    two_nodes: tuple[PostofficeServer, ...],
 ) -> None:
     node1, node2 = two_nodes
     assert not pop3_login(node2, ALICE, ALICE_PW)
@@ -27,8 +27,18 @@ def test_a_user_added_on_node_1_logs_in_on_node_2_within_a_second(
     assert not (node2.data_dir / "accounts.sqlite3").exists()
 
 
+def test_an_account_added_on_node_3_logs_in_on_nodes_1_and_2_within_a_second(
+    three_nodes: tuple[PostofficeServer, ...],
+) -> None:
+    node1, node2, node3 = three_nodes
+    node3.add_user(ALICE, ALICE_PW)
+    for node in (node1, node2):
+        took = first_success(lambda n=node: pop3_login(n, ALICE, ALICE_PW), PROPAGATION)
+        assert took is not None, f"{node.root.name} did not accept the account within 1 s"
+
+
 def test_a_password_change_on_node_2_reaches_node_1(
-    two_nodes: tuple[PostofficeServer, PostofficeServer],
+    two_nodes: tuple[PostofficeServer, ...],
 ) -> None:
     node1, node2 = two_nodes
     node1.add_user(ALICE, ALICE_PW)
@@ -42,7 +52,7 @@ def test_a_password_change_on_node_2_reaches_node_1(
 
 
 def test_check_reports_the_cluster_accounts(
-    two_nodes: tuple[PostofficeServer, PostofficeServer],
+    two_nodes: tuple[PostofficeServer, ...],
 ) -> None:
     node1, _node2 = two_nodes
     node1.add_user(ALICE, ALICE_PW)
