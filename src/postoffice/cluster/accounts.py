@@ -147,6 +147,8 @@ class PostgresAccountStore(SqliteAccountStore):
         self._follow = follow
         self._stale = not follow  # the embedded store's quota() reads it
         self._stop = threading.Event()
+        # Set once the listener LISTENs and has read the tables (tests wait for it).
+        self.listening = threading.Event()
         self._thread: threading.Thread | None = None
         self._pg: Connection | None = None  # writes (and the CLI's reads)
         try:
@@ -239,6 +241,7 @@ class PostgresAccountStore(SqliteAccountStore):
                 with connect(self.url, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._reload(conn)  # what changed while nobody listened
+                    self.listening.set()
                     if lost:
                         log.warning("[cluster] database reachable again; accounts reloaded")
                     lost, delay = False, RECONNECT_MIN

@@ -91,8 +91,8 @@ def describe(exc: BaseException) -> str:
 
 
 def migrate(conn: Connection, component: str, steps: Sequence[str]) -> int:
-    """Bring ``component`` to version ``len(steps)``: step i takes it from
-    version i to i + 1 (several statements, ";"-separated).  Returns the version."""
+    """Bring ``component`` to version ``len(steps)``: step i (one or more SQL
+    statements) takes it from version i to i + 1.  Returns the version."""
     import psycopg
 
     latest = len(steps)
@@ -110,9 +110,9 @@ def migrate(conn: Connection, component: str, steps: Sequence[str]) -> int:
                     f" postoffice knows up to {latest} (was it written by a newer release?)"
                 )
             for step in steps[version:]:
-                for statement in step.split(";"):
-                    if statement.strip():
-                        conn.execute(statement.encode())
+                # Without parameters psycopg sends a step as one simple query:
+                # several statements, comments with ";" in them included.
+                conn.execute(step.encode())
             conn.execute(
                 "INSERT INTO postoffice_schema (component, version) VALUES (%s, %s)"
                 " ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",

@@ -77,6 +77,7 @@ def nodes(pg_url: str) -> Iterator[Callable[[], PostgresAccountStore]]:
 
     def node() -> PostgresAccountStore:
         opened.append(PostgresAccountStore(pg_url, ["example.test"], follow=True))
+        assert opened[-1].listening.wait(10)
         return opened[-1]
 
     try:
