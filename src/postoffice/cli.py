@@ -548,6 +548,54 @@ def _add_alias_parser(subparsers: Subparsers) -> None:
     _leaf(aliases, "list", "list aliases as 'alias -> targets'", _alias_list)
 
 
+# --- cluster ---------------------------------------------------------------------------
+def _cluster_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.cluster.move import migrate_accounts
+
+    url = _cluster_url(settings)
+    if not settings.accounts_db.exists():
+        raise AccountError(f"no embedded accounts database {settings.accounts_db} to migrate")
+    for table in migrate_accounts(settings.accounts_db, url):
+        print(table.line())
+    print(_NOT_MOVED)
+    return 0
+
+
+def _cluster_export(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.cluster.move import export_accounts
+
+    for table in export_accounts(_cluster_url(settings), settings.accounts_db):
+        print(table.line())
+    print(_NOT_MOVED)
+    return 0
+
+
+_NOT_MOVED = "accounts moved; mailboxes and the queue are not moved yet (docs/cluster.md)"
+
+
+def _cluster_url(settings: Settings) -> str:
+    if not settings.cluster.enabled:
+        raise AccountError("the config sets no [cluster] database (docs/cluster.md)")
+    return settings.cluster.database
+
+
+def _add_cluster_parser(subparsers: Subparsers) -> None:
+    cluster = _group(
+        subparsers,
+        "cluster",
+        "move data between the embedded data dir and the [cluster] database",
+        "Both directions copy, in one transaction, what the receiving side lacks,\n"
+        "and refuse (copying nothing) when an entry differs there; run again after\n"
+        "an interruption.  Each table is verified by count and SHA-256.  Today:\n"
+        "accounts (domains, users with password hashes and quotas, aliases).\n\n"
+        "examples:\n"
+        "  postoffice cluster migrate   # data_dir/accounts.sqlite3 -> [cluster] database\n"
+        "  postoffice cluster export    # [cluster] database -> data_dir/accounts.sqlite3\n",
+    )
+    _leaf(cluster, "migrate", "copy the embedded accounts into the database", _cluster_migrate)
+    _leaf(cluster, "export", "copy the database's accounts into the data dir", _cluster_export)
+
+
 # --- serve, check, queue --------------------------------------------------------------
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from postoffice.app import serve  # the whole server: only loaded when it runs
@@ -962,6 +1010,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_check_parser,
         _add_reload_parser,
         _add_doctor_parser,
+        _add_cluster_parser,
     ):
         add(subparsers)
     return parser
