@@ -11,7 +11,7 @@ its reading in the executor itself.
   process (two ``open`` calls) exclude each other like two processes do, and
   the kernel drops the lock when its holder dies: a crash never locks the
   owner out.  Several nodes ([cluster], docs/cluster.md) add a lock the
-  others honour (``SharedLock``, taken after the flock, in the same
+  others honour (``MaildropLocks``, taken after the flock, in the same
   blocking call); UPDATE first checks it is still held.
 * **Snapshot**: the messages in ``new/`` and ``cur/`` at login, in delivery
   order; mail that arrives later is not part of the session (RFC 1939 §5
@@ -94,6 +94,8 @@ class HeldLock(Protocol):
 
 
 class MaildropLocks(Protocol):
+    """Where ``HeldLock``s come from: one per process, shared by its sessions."""
+
     def acquire(self, account: str) -> HeldLock:
         """Blocking.  MailboxBusy when another node's session holds it;
         OSError when it cannot be asked."""
