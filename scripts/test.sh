@@ -56,6 +56,11 @@ CAPABILITIES=(
   "command -v unshare|util-linux"
   # tests/integration/test_acme.py: pebble, the ACME test CA, issues and renews.
   "command -v pebble|pebble"
+  # tests/integration/cluster: a real PostgreSQL (initdb, postgres) the tests
+  # start in a temporary directory ([cluster] database); setpriv runs it as
+  # the postgres user when the tests run as root.
+  "ls /usr/lib/postgresql/*/bin/initdb|postgresql"
+  "command -v setpriv|util-linux"
 )
 missing=()
 for entry in "${CAPABILITIES[@]}"; do
