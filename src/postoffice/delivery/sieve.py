@@ -26,16 +26,19 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from email import message_from_bytes, policy
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from email.utils import formatdate, getaddresses, make_msgid
 from pathlib import Path
 from typing import Protocol
 
+from postoffice.delivery.content import header_section
+from postoffice.delivery.dsn import DsnContext, DsnRecipient, build_dsn, summary_headers
 from postoffice.mail.address import Address, AddressError, parse_address
 from postoffice.policy.srs import Srs, forwarding_sender
 from postoffice.protocol.sieve_parse import Command, SieveLimits, SieveSyntaxError, parse_script
@@ -55,7 +58,7 @@ from postoffice.protocol.sieve_run import (
 )
 from postoffice.storage import folder_names
 from postoffice.storage.folders import Folders
-from postoffice.storage.maildir import mailbox_path
+from postoffice.storage.maildir import DeliveryFacts, DeliveryWriter, Prepared, mailbox_path
 from postoffice.storage.maildir_flags import INFO, keyword_letters, system_letters
 from postoffice.storage.safeio import fsync_dir
 from postoffice.storage.sieve_scripts import SieveScripts
@@ -63,9 +66,15 @@ from postoffice.storage.sink import MessageSink
 
 log = logging.getLogger("postoffice.sieve")
 
-# What a script may read of a message: headers whole, the body up to this.
+# What a script may read of a message: the header, and of the body this
+# much (raw, and decoded text in all); a stored file is read no further,
+# so a script costs at most this much parsing, in the executor.
 BODY_LIMIT = 256 * 1024
+HEADER_LIMIT = 128 * 1024
+MAX_PARTS = 64  # MIME parts body :content looks at (RFC 5173 §5.2)
+MAX_DEPTH = 8  # of nested multiparts
 ROOT_RECHECK = 1.0  # seconds between looks for data_dir/sieve while it is absent
+COPY_CHUNK = 64 * 1024  # a redirect of a large message is streamed from its file
 _SYSTEM_FLAGS = {"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"}
 _SPAMD_SCORE = re.compile(r"\[\s*(-?[0-9.]+)\s*/")
 
@@ -83,10 +92,13 @@ class OutboundQueue(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class _Loaded:
-    """One stored message as a script sees it, plus what replies need."""
+    """One message as a script sees it, plus what replies and redirects need."""
 
     view: SieveMessage
-    raw: bytes  # the stored file without our Return-Path line
+    head: bytes  # the message (without our Return-Path line), at most what was parsed
+    whole: bytes | None  # the whole message when it was held in memory
+    path: Path | None  # else the stored file, the message from ``offset`` on
+    offset: int
     sender: Address | None
     parsed: EmailMessage
 
@@ -107,31 +119,95 @@ def spam_score(headers: Sequence[tuple[str, str]]) -> float | None:
     return None
 
 
-def _load(path: Path, mailbox: Address, maildir: Path) -> _Loaded:
-    return _view(path.read_bytes(), mailbox, maildir)
+def _read_stored(path: Path) -> tuple[bytes, int]:
+    """Blocking: the start of a stored file (as much as a script may see) and its size."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return f.read(HEADER_LIMIT + BODY_LIMIT + 1024), size
 
 
-def _view(data: bytes, mailbox: Address, maildir: Path) -> _Loaded:
+def _strip_prefix(data: bytes, mailbox: Address) -> tuple[Address | None, int]:
+    """The envelope sender our Return-Path names, and where the message
+    proper starts (after it and the session's own Delivered-To)."""
     sender: Address | None = None
-    raw = data
+    offset = 0
     if data.startswith(b"Return-Path:"):
-        line, _, raw = data.partition(b"\n")
+        line = data[: data.find(b"\n") + 1 or len(data)]
+        offset = len(line)
         text = line.split(b":", 1)[1].strip().strip(b"<>").decode("utf-8", "replace")
         with contextlib.suppress(AddressError):
             sender = parse_address(text, utf8=True) if text else None
     # The SMTP session's own Delivered-To (one mailbox): not the message's, so
     # a redirect's loop check (which looks for this mailbox) does not see it.
     ours = f"Delivered-To: {mailbox}\n".encode()
-    if raw.startswith(ours):
-        raw = raw[len(ours) :]
-    parsed = message_from_bytes(raw, policy=policy.default)
+    if data.startswith(ours, offset):
+        offset += len(ours)
+    return sender, offset
+
+
+def _decoded(part: Message) -> str:
+    """A leaf part's content, transfer encoding undone, text in its charset."""
+    payload = part.get_payload(decode=True)
+    data = payload if isinstance(payload, bytes) else b""
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        return data.decode(charset, "replace")
+    except LookupError:  # an unknown charset name
+        return data.decode("utf-8", "replace")
+
+
+def _body_parts(message: Message) -> tuple[tuple[str, str], ...]:
+    """RFC 5173 §5.2: each MIME part's type and what :content tests of it
+    (a leaf's decoded content, a multipart's prologue and epilogue, a
+    message/rfc822's header), breadth first, bounded in count, depth and text."""
+    out: list[tuple[str, str]] = []
+    budget = BODY_LIMIT
+    pending: list[tuple[Message, int]] = [(message, 0)]
+    while pending and len(out) < MAX_PARTS and budget > 0:
+        part, depth = pending.pop(0)
+        ctype = part.get_content_type().lower()
+        payload = part.get_payload()
+        if part.is_multipart() and isinstance(payload, list):
+            text = (part.preamble or "") + (part.epilogue or "")
+            if depth < MAX_DEPTH:
+                pending.extend((p, depth + 1) for p in payload if isinstance(p, Message))
+            if ctype == "message/rfc822":
+                nested = payload[0] if payload and isinstance(payload[0], Message) else None
+                text = "".join(f"{k}: {v}\n" for k, v in nested.items()) if nested else ""
+        else:
+            text = _decoded(part)
+        text = text[:budget]
+        budget -= len(text)
+        out.append((ctype, text))
+    return tuple(out)
+
+
+def _view(
+    data: bytes,
+    mailbox: Address,
+    original: Address,
+    maildir: Path,
+    *,
+    size: int | None = None,
+    path: Path | None = None,
+    wants_body: bool = True,
+) -> _Loaded:
+    """Blocking (it parses): ``data`` is the stored content, whole (held in
+    memory) or its start (``path``'s first bytes, the file ``size`` long)."""
+    sender, offset = _strip_prefix(data, mailbox)
+    whole = data[offset:] if path is None else None
+    head = data[offset : offset + HEADER_LIMIT + BODY_LIMIT]
+    parsed = message_from_bytes(head, policy=policy.default)
     assert isinstance(parsed, EmailMessage)
     headers = tuple((k, str(v)) for k, v in parsed.items())
-    body = ""
-    with contextlib.suppress(Exception):  # a broken MIME part: no body text
-        part = parsed.get_body(("plain", "html"))
-        if part is not None:
-            body = str(part.get_content())[:BODY_LIMIT]
+    raw_body, text = "", ""
+    parts: tuple[tuple[str, str], ...] = ()
+    if wants_body:
+        end = head.find(b"\n\n")
+        raw_body = head[end + 2 :][:BODY_LIMIT].decode("utf-8", "replace") if end >= 0 else ""
+        with contextlib.suppress(Exception):  # a broken MIME structure: no parts
+            parts = _body_parts(parsed)
+        text = "\n".join(t for ctype, t in parts if ctype.startswith("text/"))
     folders = Folders(maildir)
 
     def exists(name: str) -> bool:
@@ -143,15 +219,17 @@ def _view(data: bytes, mailbox: Address, maildir: Path) -> _Loaded:
 
     view = SieveMessage(
         headers=headers,
-        size=len(raw),
+        size=(len(data) if size is None else size) - offset,
         envelope_from=str(sender) if sender else "",
-        envelope_to=str(mailbox),
-        body_text=body,
+        envelope_to=str(original),
+        body_text=text,
+        body_raw=raw_body,
+        body_parts=parts,
         spam_score=spam_score(headers),
         now=time.time(),
         mailbox_exists=exists,
     )
-    return _Loaded(view, raw, sender, parsed)
+    return _Loaded(view, head, whole, path, offset, sender, parsed)
 
 
 def _letters(folder: Path, flags: Sequence[str]) -> str:
@@ -203,12 +281,16 @@ def _folder_path(maildir: Path, name: str, create: bool) -> Path:
     return folders.create(folder)
 
 
-def _apply_storage(path: Path, maildir: Path, result: SieveResult) -> Path | None:
-    """Blocking: file the INBOX copy as the actions say; its final place or None."""
+def _apply_storage(
+    path: Path, maildir: Path, result: SieveResult, keep_dir: Path | None = None
+) -> Path | None:
+    """Blocking: file the stored copy (in INBOX, or ``keep_dir``: the folder
+    the filters chose, where a keep leaves it) as the actions say; its final
+    place or None."""
     placements: list[tuple[Path, tuple[str, ...]]] = []
     for action in result.actions:
         if isinstance(action, Keep):
-            placements.append((maildir, action.flags))
+            placements.append((keep_dir or maildir, action.flags))
         elif isinstance(action, FileInto):
             placements.append((_folder_path(maildir, action.mailbox, action.create), action.flags))
     if not placements:
@@ -247,7 +329,9 @@ class _Vacations:
 _LIST_HEADERS = ("list-id", "list-post", "list-unsubscribe", "list-help", "list-owner")
 
 
-def _auto_reply_allowed(loaded: _Loaded, mailbox: Address, aliases: Sequence[str]) -> bool:
+def _auto_reply_allowed(
+    loaded: _Loaded, mailbox: Address, original: Address, aliases: Sequence[str]
+) -> bool:
     """RFC 5230 §4.5 and RFC 3834 §2: who must never get an automatic reply."""
     sender = loaded.sender
     if sender is None:
@@ -269,7 +353,7 @@ def _auto_reply_allowed(loaded: _Loaded, mailbox: Address, aliases: Sequence[str
     if str(sender).lower() == str(mailbox).lower():
         return False
     # §4.5: only when the user is named in To/Cc/Bcc (or :addresses).
-    mine = {str(mailbox).lower(), *(a.lower() for a in aliases)}
+    mine = {str(mailbox).lower(), str(original).lower(), *(a.lower() for a in aliases)}
     named = getaddresses(
         [
             str(v)
@@ -300,8 +384,54 @@ def _vacation_reply(action: Vacation, loaded: _Loaded, mailbox: Address, hostnam
     return reply.as_bytes()
 
 
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    """One mailbox's script run: what it saw and what it asked for."""
+
+    mailbox: Address
+    original: Address
+    loaded: _Loaded
+    result: SieveResult | None  # None: the script failed, the message stays
+
+    @property
+    def moves(self) -> bool:
+        """The stored file will not simply stay where it was put."""
+        if self.result is None:
+            return False
+        stored = [a for a in self.result.actions if isinstance(a, Keep | FileInto)]
+        return stored != [Keep()]
+
+
+@dataclass(frozen=True, slots=True)
+class SievePlan:
+    """``AfterDelivery.prepare``'s answer: each mailbox's decision (None: no script)."""
+
+    decisions: tuple[_Decision | None, ...]
+
+    @property
+    def moves(self) -> bool:
+        return any(d is not None and d.moves for d in self.decisions)
+
+    def reject_reason(self) -> str | None:
+        """The first reject's reason, one line, for an SMTP reply."""
+        for decision in self.decisions:
+            for action in (
+                () if decision is None or decision.result is None else decision.result.actions
+            ):
+                if isinstance(action, Reject):
+                    reason = action.reason.strip().replace("\r", " ").replace("\n", " ")[:200]
+                    return reason or "Rejected by the recipient's filter"
+        return None
+
+
 class SieveDelivery:
-    """``MaildirStore.after_delivery``: runs each mailbox's active script."""
+    """``MaildirStore.after_delivery``: runs each mailbox's active script.
+
+    A small message is judged from its content before it is stored
+    (``prepare``), a large one from its stored file; either way the script
+    runs once, in the executor (parsing, MIME decoding and matching are
+    bounded by HEADER_LIMIT, BODY_LIMIT and MAX_PARTS, and never block the
+    event loop), and its actions are applied to the stored file."""
 
     def __init__(
         self,
@@ -328,44 +458,46 @@ class SieveDelivery:
         self._root_seen = False
         self._next_look = 0.0
 
-    async def __call__(self, mailboxes: tuple[Address, ...], paths: list[Path]) -> list[Path]:
+    async def prepare(self, facts: DeliveryFacts, content: bytes) -> Prepared | None:
         if not self._any_scripts():
-            return paths  # nobody has a script: the delivery is as it was
+            return None  # nobody has a script: the delivery is as it was
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._decide_all, facts, content, None)
+
+    async def __call__(
+        self, facts: DeliveryFacts, paths: list[Path], prepared: Prepared | None
+    ) -> list[Path]:
+        if prepared is None:
+            if not self._any_scripts():
+                return paths
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(
+                self._executor, self._decide_all, facts, None, paths
+            )
+        assert isinstance(prepared, SievePlan)
         out = list(paths)
-        for index, (mailbox, path) in enumerate(zip(mailboxes, paths, strict=True)):
+        for index, (decision, path) in enumerate(zip(prepared.decisions, paths, strict=True)):
+            if decision is None or decision.result is None:
+                continue
             try:
-                placed = await self._one(mailbox, path)
+                placed = await self._apply(decision, decision.result, path, facts.keep_folder)
             except Exception:  # never lose or refuse a stored message over a script
-                log.exception("sieve: mailbox %s: delivered to INBOX", mailbox)
+                log.exception("sieve: mailbox %s: left in %s", decision.mailbox, facts.keep_folder)
                 continue
             if placed is not None:
                 out[index] = placed
         return out
 
-    async def ereject(self, mailbox: Address, content: bytes) -> str | None:
+    async def ereject(self, writer: DeliveryWriter) -> str | None:
         """RFC 5429 §2.1: the reason to refuse at SMTP time when the one
-        recipient's script rejects ``content`` (the message as it would be
-        stored); None to accept.  The script runs again after delivery when
-        it does not reject; running it is free of side effects."""
-        if not self._any_scripts():
+        recipient's script rejects the message ``writer`` holds in memory;
+        None to accept.  The decision stays on the writer: its commit
+        applies it, so the script runs once."""
+        if writer.facts is None or not writer.in_memory:
             return None
-        try:
-            loop = asyncio.get_running_loop()
-            script = await loop.run_in_executor(self._executor, self.scripts.active_script, mailbox)
-            if script is None:
-                return None
-            maildir = mailbox_path(self._mail_dir, mailbox)
-            loaded = _view(content, mailbox, maildir)
-            result = run_script(compile_script(script), loaded.view, self._limits)
-        except Exception as exc:  # judged again after delivery, which logs it
-            log.debug("sieve: mailbox %s: no SMTP-time verdict: %s", mailbox, exc)
-            return None
-        for action in result.actions:
-            if isinstance(action, Reject):
-                return action.reason.strip().replace("\r", " ").replace("\n", " ")[:200] or (
-                    "Rejected by the recipient's filter"
-                )
-        return None
+        plan = await self.prepare(writer.facts, writer.buffered())
+        writer.prepared = plan
+        return plan.reject_reason() if isinstance(plan, SievePlan) else None
 
     def _any_scripts(self) -> bool:
         """Whether data_dir/sieve exists, looked at most once a second while it
@@ -379,31 +511,89 @@ class SieveDelivery:
         self._root_seen = self.scripts.root.is_dir()
         return self._root_seen
 
-    async def _one(self, mailbox: Address, path: Path) -> Path | None:
-        loop = asyncio.get_running_loop()
-        script = await loop.run_in_executor(self._executor, self.scripts.active_script, mailbox)
+    # --- in the executor ---------------------------------------------------------------
+    def _decide_all(
+        self, facts: DeliveryFacts, content: bytes | None, paths: list[Path] | None
+    ) -> SievePlan:
+        decisions: list[_Decision | None] = []
+        for index, (mailbox, original) in enumerate(
+            zip(facts.mailboxes, facts.originals, strict=True)
+        ):
+            path = paths[index] if paths is not None else None
+            try:
+                decisions.append(self._decide(mailbox, original, facts.keep_folder, content, path))
+            except Exception:  # an unreadable file, a parser bug: the message stays
+                log.exception("sieve: mailbox %s: left in %s", mailbox, facts.keep_folder)
+                decisions.append(None)
+        return SievePlan(tuple(decisions))
+
+    def _decide(
+        self,
+        mailbox: Address,
+        original: Address,
+        keep_folder: str,
+        content: bytes | None,
+        path: Path | None,
+    ) -> _Decision | None:
+        script = self.scripts.active_script(mailbox)
         if script is None:
             return None
-        maildir = path.parent.parent
-        loaded = await loop.run_in_executor(self._executor, _load, path, mailbox, maildir)
+        maildir = mailbox_path(self._mail_dir, mailbox)
         try:
-            result = run_script(compile_script(script), loaded.view, self._limits)
-        except (SieveSyntaxError, SieveCheckError, SieveRuntimeError) as exc:
-            log.error("sieve: mailbox %s: script error, delivered to INBOX: %s", mailbox, exc)
-            return None
+            commands = parse_script(script)
+            required = check_script(commands)
+        except (SieveSyntaxError, SieveCheckError) as exc:
+            commands, required = None, frozenset()
+            error: Exception | None = exc
+        else:
+            error = None
+        if content is not None:
+            loaded = _view(content, mailbox, original, maildir, wants_body="body" in required)
+        else:
+            assert path is not None
+            data, size = _read_stored(path)
+            loaded = _view(
+                data, mailbox, original, maildir, size=size, path=path,
+                wants_body="body" in required,
+            )  # fmt: skip
+        result = None
+        if commands is not None:
+            try:
+                result = run_script(commands, loaded.view, self._limits)
+            except SieveRuntimeError as exc:
+                error = exc
+        if error is not None:
+            log.error(
+                "sieve: mailbox %s: script error, delivered to %s: %s", mailbox, keep_folder, error
+            )
+        return _Decision(mailbox, original, loaded, result)
+
+    # --- applying a decision -----------------------------------------------------------
+    async def _apply(
+        self, decision: _Decision, result: SieveResult, path: Path, keep_folder: str
+    ) -> Path | None:
+        mailbox, loaded = decision.mailbox, decision.loaded
+        # Mail the filters judged spam gets no automatic answer: its sender
+        # is most likely forged (backscatter).
+        replies = keep_folder != "Junk"
         for action in result.actions:
             if isinstance(action, Redirect):
                 await self._redirect(action, loaded, mailbox)
-            elif isinstance(action, Vacation):
-                await self._vacation(action, loaded, mailbox)
-            elif isinstance(action, Reject):
-                await self._reject(action, loaded, mailbox)
+            elif isinstance(action, Vacation) and replies:
+                await self._vacation(action, loaded, mailbox, decision.original)
+            elif isinstance(action, Reject) and replies:
+                await self._reject(action, loaded, mailbox, decision.original)
+        maildir = mailbox_path(self._mail_dir, mailbox)
+        keep_dir = path.parent.parent
+        loop = asyncio.get_running_loop()
         try:
             placed = await loop.run_in_executor(
-                self._executor, _apply_storage, path, maildir, result
+                self._executor, _apply_storage, path, maildir, result, keep_dir
             )
         except (OSError, folder_names.FolderNameError) as exc:
-            log.error("sieve: mailbox %s: cannot file message, kept in INBOX: %s", mailbox, exc)
+            log.error(
+                "sieve: mailbox %s: cannot file message, kept in %s: %s", mailbox, keep_folder, exc
+            )
             return None
         log.info(
             "sieve: mailbox %s: %s",
@@ -412,12 +602,28 @@ class SieveDelivery:
         )
         return placed
 
-    async def _send(self, sender: Address | None, to: Address, data: bytes) -> None:
+    async def _send(
+        self, sender: Address | None, to: Address, data: bytes, loaded: _Loaded | None = None
+    ) -> None:
+        """Queue ``data`` to ``to``; with ``loaded``, followed by that message
+        (streamed from its file when it was not held in memory)."""
         if self.queue is None:
             raise RuntimeError("no outbound queue")
         writer = self.queue.writer(sender, [to])
+        loop = asyncio.get_running_loop()
         try:
             await writer.write(data)
+            if loaded is not None and loaded.whole is not None:
+                await writer.write(loaded.whole)
+            elif loaded is not None:
+                assert loaded.path is not None
+                f = await loop.run_in_executor(self._executor, open, loaded.path, "rb")
+                try:
+                    await loop.run_in_executor(self._executor, f.seek, loaded.offset)
+                    while chunk := await loop.run_in_executor(self._executor, f.read, COPY_CHUNK):
+                        await writer.write(chunk)
+                finally:
+                    await loop.run_in_executor(self._executor, f.close)
             await writer.commit()
         except BaseException:
             await writer.discard()
@@ -434,10 +640,12 @@ class SieveDelivery:
         if str(mailbox).lower() in delivered:  # it went through this redirect before
             log.warning("sieve: mailbox %s: redirect loop, not redirected", mailbox)
             return
-        await self._send(sender, target, head + loaded.raw)
+        await self._send(sender, target, head, loaded)
 
-    async def _vacation(self, action: Vacation, loaded: _Loaded, mailbox: Address) -> None:
-        if not _auto_reply_allowed(loaded, mailbox, action.addresses):
+    async def _vacation(
+        self, action: Vacation, loaded: _Loaded, mailbox: Address, original: Address
+    ) -> None:
+        if not _auto_reply_allowed(loaded, mailbox, original, action.addresses):
             return
         assert loaded.sender is not None
         loop = asyncio.get_running_loop()
@@ -451,26 +659,39 @@ class SieveDelivery:
         # RFC 5230 §5.1 / RFC 3834 §3.3: sent from the null sender.
         await self._send(None, loaded.sender, data)
 
-    async def _reject(self, action: Reject, loaded: _Loaded, mailbox: Address) -> None:
-        # Already accepted: RFC 5429 §2.1 asks for a bounce to the sender.
-        if not _auto_reply_allowed_for_bounce(loaded):
+    async def _reject(
+        self, action: Reject, loaded: _Loaded, mailbox: Address, original: Address
+    ) -> None:
+        """RFC 5429 §2.1.2: already accepted, so the refusal goes back as a
+        DSN (delivery/dsn.py: multipart/report, Action: failed, 5.7.1, from
+        the null sender, auto-replied) to the envelope sender; never to the
+        null sender nor in answer to automatic mail (RFC 3834 §2)."""
+        sender = loaded.sender
+        if sender is None or not _bounce_allowed(loaded):
             return
-        assert loaded.sender is not None
-        note = EmailMessage(policy=policy.SMTP.clone(linesep="\n"))
-        note["From"] = f"MAILER-DAEMON@{self._hostname}"
-        note["To"] = str(loaded.sender)
-        note["Subject"] = "Rejected: " + str(loaded.parsed.get("Subject", "")).strip()
-        note["Date"] = formatdate(localtime=False)
-        note["Message-ID"] = make_msgid(domain=self._hostname)
-        note["Auto-Submitted"] = "auto-replied (rejected)"
-        note.set_content(
-            f"Your message to {mailbox} was rejected by the recipient's filter:\n\n"
-            f"{action.reason}\n"
+        now = self._clock()
+        reason = action.reason.strip() or "Rejected by the recipient's filter"
+        context = DsnContext(
+            reporting_mta=self._hostname,
+            queue_id=secrets.token_hex(6),
+            sender=sender,
+            arrival=now,
+            # The sender may be forged: quote only what identifies the message.
+            original_headers=summary_headers(header_section(loaded.head)),
         )
-        await self._send(None, loaded.sender, note.as_bytes())
+        recipient = DsnRecipient(
+            address=mailbox,
+            status="5.7.1",  # RFC 5429 §2.1.2: delivery not authorized, message refused
+            diagnostic=f"rejected by the recipient's Sieve filter: {reason}",
+            smtp_reply=False,
+            remote="",
+            last_attempt=now,
+            original_recipient="" if original == mailbox else f"rfc822; {original}",
+        )
+        await self._send(None, sender, build_dsn(context, [recipient], now=now))
 
 
-def _auto_reply_allowed_for_bounce(loaded: _Loaded) -> bool:
-    if loaded.sender is None:
+def _bounce_allowed(loaded: _Loaded) -> bool:
+    if loaded.sender is None or loaded.sender.local.lower() == "mailer-daemon":
         return False
     return str(loaded.parsed.get("Auto-Submitted", "no")).strip().lower() == "no"
