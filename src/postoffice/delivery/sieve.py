@@ -57,7 +57,7 @@ from postoffice.protocol.sieve_run import (
     run_script,
 )
 from postoffice.storage import folder_names
-from postoffice.storage.folders import Folders
+from postoffice.storage.folders import FolderError, Folders
 from postoffice.storage.maildir import DeliveryFacts, DeliveryWriter, Prepared, mailbox_path
 from postoffice.storage.maildir_flags import INFO, keyword_letters, system_letters
 from postoffice.storage.safeio import fsync_dir
@@ -278,7 +278,12 @@ def _folder_path(maildir: Path, name: str, create: bool) -> Path:
         # RFC 5228 §4.1 lets a server refuse a missing mailbox; RFC 5490's
         # :create is how a script asks for one.
         raise FileNotFoundError(f"no folder {name!r} (use fileinto :create)")
-    return folders.create(folder)
+    try:
+        return folders.create(folder)
+    except FolderError:
+        if not folders.exists(folder):  # not made meanwhile by another delivery
+            raise
+        return folders.path(folder)
 
 
 def _apply_storage(
@@ -590,7 +595,7 @@ class SieveDelivery:
             placed = await loop.run_in_executor(
                 self._executor, _apply_storage, path, maildir, result, keep_dir
             )
-        except (OSError, folder_names.FolderNameError) as exc:
+        except (OSError, FolderError, folder_names.FolderNameError) as exc:
             log.error(
                 "sieve: mailbox %s: cannot file message, kept in %s: %s", mailbox, keep_folder, exc
             )
