@@ -1,15 +1,22 @@
-"""Users' Sieve scripts at local delivery: the step after a message is in INBOX.
+"""Users' Sieve scripts at local delivery: deciding, then filing the stored copy.
 
-``MaildirStore.after_delivery`` calls ``SieveDelivery`` once a message is
-durably stored in its recipients' INBOXes, from both paths that store there
-(the SMTP session and the queue's local courier).  For each mailbox with an
-active script it runs the script (protocol/sieve_run.py) on the stored file
-and applies the result: fileinto links the file into the Maildir++ folder
-(with imap4flags as the ``:2,`` letters), a cancelled keep unlinks the
-INBOX copy, redirect and vacation go out through the outbound queue
-(redirect with SRS, as aliases forward).  Working on the stored file means
-the fast path is untouched and nothing is lost: whatever fails, the message
-stays in INBOX and the reason is logged (RFC 5228 §2.10.6).
+``MaildirStore.after_delivery`` is a ``SieveDelivery``, for both paths that
+store in mailboxes (the SMTP session and the queue's local courier).  A
+message held in memory is judged before it is stored (``prepare``), so the
+script runs once and the store knows whether the file will stay where it
+is put: one that moves (fileinto, discard, reject) skips the delivery
+journal, whose crash recovery would otherwise bring back a copy in INBOX
+new/.  A large message is judged from its stored file.  Either way the
+script (protocol/sieve_run.py) runs in the executor on a bounded view of
+the message (HEADER_LIMIT, BODY_LIMIT, MAX_PARTS), and its result is
+applied to the stored file: fileinto links it into the Maildir++ folder
+(imap4flags as the ``:2,`` letters), a cancelled keep unlinks it, redirect
+and vacation go out through the outbound queue (redirect with SRS, as
+aliases forward), a reject after the SMTP transaction is a DSN
+(delivery/dsn.py).  Whatever fails, the message stays where it was stored
+and the reason is logged (RFC 5228 §2.10.6).  Messages the filters filed in
+Junk run the script too (its keep leaves them there) but get no automatic
+reply.
 
 Vacation (RFC 5230) keeps its de-duplication on disk per user, in the
 user's script directory (``.vacation/``), and never answers the null
