@@ -221,6 +221,9 @@ def _check_arity(
         m = _split_arguments(arguments, _TAKES_VALUE)
     except SieveRuntimeError as exc:
         raise SieveCheckError(str(exc), line, column) from None
+    for tag, given in m.other.items():
+        if tag in _TAKES_VALUE and not isinstance(given, tuple | int):
+            raise SieveCheckError(f":{tag} needs a value", line, column)
     low, high, tests_low, tests_high = _ARITY[name]
     if not low <= len(m.positional) <= high:
         raise SieveCheckError(f"{name}: wrong number of arguments", line, column)

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from postoffice.delivery.sieve import _apply_storage, compile_script, spam_score
+from postoffice.delivery.sieve import (
+    BODY_LIMIT,
+    MAX_PARTS,
+    _apply_storage,
+    _view,
+    compile_script,
+    spam_score,
+)
 from postoffice.mail.address import Address
 from postoffice.protocol.sieve_parse import SieveSyntaxError
 from postoffice.protocol.sieve_run import FileInto, Keep, SieveResult
@@ -83,3 +90,38 @@ def test_compile_script_refuses_with_position() -> None:
     with pytest.raises(SieveSyntaxError) as info:
         compile_script(b"keep;\nif true {")
     assert (info.value.line, info.value.column) == (2, 10)
+
+
+def mime(parts: str, boundary: str = "b") -> bytes:
+    return (
+        f'Return-Path: <a@example.org>\nSubject: m\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="{boundary}"\n\n'
+        f"prologue\n{parts}--{boundary}--\nepilogue\n"
+    ).encode()
+
+
+def test_view_decodes_parts_and_bounds_them(tmp_path: Path) -> None:
+    part = "--b\nContent-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: base64\n\nPGI+aGk8L2I+\n"
+    nested = (
+        "--b\nContent-Type: message/rfc822\n\nSubject: inner\nFrom: x@example.org\n\ninner body\n"
+    )
+    loaded = _view(mime(part + nested), ALICE, ALICE, tmp_path)
+    parts = dict(loaded.view.body_parts)
+    assert parts["text/html"] == "<b>hi</b>"
+    assert "prologue" in parts["multipart/mixed"] and "epilogue" in parts["multipart/mixed"]
+    assert "Subject: inner" in parts["message/rfc822"]
+    assert "<b>hi</b>" in loaded.view.body_text
+    assert "PGI+aGk8L2I+" in loaded.view.body_raw and loaded.view.envelope_from == "a@example.org"
+    many = "".join(f"--b\nContent-Type: text/plain\n\npart {i}\n" for i in range(500))
+    assert len(_view(mime(many), ALICE, ALICE, tmp_path).view.body_parts) == MAX_PARTS
+    big = "--b\nContent-Type: text/plain\n\n" + ("z" * 1000 + "\n") * 600
+    view = _view(mime(big), ALICE, ALICE, tmp_path).view
+    assert len(view.body_raw) == BODY_LIMIT
+    assert sum(len(t) for _c, t in view.body_parts) <= BODY_LIMIT
+    # Not asked for: nothing decoded.
+    assert _view(mime(part), ALICE, ALICE, tmp_path, wants_body=False).view.body_parts == ()
+
+
+def test_envelope_to_is_the_original_recipient(tmp_path: Path) -> None:
+    original = Address("alice+lists", "example.test")
+    view = _view(b"Subject: x\n\nhi\n", ALICE, original, tmp_path).view
+    assert view.envelope_to == "alice+lists@example.test"
