@@ -8,7 +8,7 @@ is put: one that moves (fileinto, discard, reject) skips the delivery
 journal, whose crash recovery would otherwise bring back a copy in INBOX
 new/.  A large message is judged from its stored file.  Either way the
 script (protocol/sieve_run.py) runs in the executor on a bounded view of
-the message (HEADER_LIMIT, BODY_LIMIT, MAX_PARTS), and its result is
+the message (delivery/sieve_view.py), and its result is
 applied to the stored file: fileinto links it into the Maildir++ folder
 (imap4flags as the ``:2,`` letters), a cancelled keep unlinks it, redirect
 and vacation go out through the outbound queue (redirect with SRS, as
@@ -32,21 +32,26 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from email import message_from_bytes, policy
-from email.message import EmailMessage, Message
+from email import policy
+from email.message import EmailMessage
 from email.utils import formatdate, getaddresses, make_msgid
 from pathlib import Path
 from typing import Protocol
 
 from postoffice.delivery.content import header_section
 from postoffice.delivery.dsn import DsnContext, DsnRecipient, build_dsn, summary_headers
-from postoffice.mail.address import Address, AddressError, parse_address
+from postoffice.delivery.sieve_view import (
+    LoadedMessage,
+    load_view,
+    parse_folder,
+    read_stored,
+)
+from postoffice.mail.address import Address, parse_address
 from postoffice.policy.srs import Srs, forwarding_sender
 from postoffice.protocol.sieve_parse import Command, SieveLimits, SieveSyntaxError, parse_script
 from postoffice.protocol.sieve_run import (
@@ -56,7 +61,6 @@ from postoffice.protocol.sieve_run import (
     Reject,
     RunLimits,
     SieveCheckError,
-    SieveMessage,
     SieveResult,
     SieveRuntimeError,
     Vacation,
@@ -73,17 +77,9 @@ from postoffice.storage.sink import MessageSink
 
 log = logging.getLogger("postoffice.sieve")
 
-# What a script may read of a message: the header, and of the body this
-# much (raw, and decoded text in all); a stored file is read no further,
-# so a script costs at most this much parsing, in the executor.
-BODY_LIMIT = 256 * 1024
-HEADER_LIMIT = 128 * 1024
-MAX_PARTS = 64  # MIME parts body :content looks at (RFC 5173 §5.2)
-MAX_DEPTH = 8  # of nested multiparts
 ROOT_RECHECK = 1.0  # seconds between looks for data_dir/sieve while it is absent
 COPY_CHUNK = 64 * 1024  # a redirect of a large message is streamed from its file
 _SYSTEM_FLAGS = {"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"}
-_SPAMD_SCORE = re.compile(r"\[\s*(-?[0-9.]+)\s*/")
 
 
 def compile_script(data: bytes, limits: SieveLimits | None = None) -> tuple[Command, ...]:
@@ -95,148 +91,6 @@ def compile_script(data: bytes, limits: SieveLimits | None = None) -> tuple[Comm
 
 class OutboundQueue(Protocol):
     def writer(self, sender: Address | None, recipients: Sequence[Address]) -> MessageSink[str]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class _Loaded:
-    """One message as a script sees it, plus what replies and redirects need."""
-
-    view: SieveMessage
-    head: bytes  # the message (without our Return-Path line), at most what was parsed
-    whole: bytes | None  # the whole message when it was held in memory
-    path: Path | None  # else the stored file, the message from ``offset`` on
-    offset: int
-    sender: Address | None
-    parsed: EmailMessage
-
-
-def spam_score(headers: Sequence[tuple[str, str]]) -> float | None:
-    """rspamd's score: X-Spamd-Result "default: False [3.40 / 15.00]", or X-Spam-Score."""
-    for name, value in headers:
-        lowered = name.lower()
-        try:
-            if lowered == "x-spamd-result":
-                found = _SPAMD_SCORE.search(value)
-                if found:
-                    return float(found.group(1))
-            elif lowered == "x-spam-score":
-                return float(value.strip().split()[0])
-        except (ValueError, IndexError):
-            continue
-    return None
-
-
-def _read_stored(path: Path) -> tuple[bytes, int]:
-    """Blocking: the start of a stored file (as much as a script may see) and its size."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return f.read(HEADER_LIMIT + BODY_LIMIT + 1024), size
-
-
-def _strip_prefix(data: bytes, mailbox: Address) -> tuple[Address | None, int]:
-    """The envelope sender our Return-Path names, and where the message
-    proper starts (after it and the session's own Delivered-To)."""
-    sender: Address | None = None
-    offset = 0
-    if data.startswith(b"Return-Path:"):
-        line = data[: data.find(b"\n") + 1 or len(data)]
-        offset = len(line)
-        text = line.split(b":", 1)[1].strip().strip(b"<>").decode("utf-8", "replace")
-        with contextlib.suppress(AddressError):
-            sender = parse_address(text, utf8=True) if text else None
-    # The SMTP session's own Delivered-To (one mailbox): not the message's, so
-    # a redirect's loop check (which looks for this mailbox) does not see it.
-    ours = f"Delivered-To: {mailbox}\n".encode()
-    if data.startswith(ours, offset):
-        offset += len(ours)
-    return sender, offset
-
-
-def _decoded(part: Message) -> str:
-    """A leaf part's content, transfer encoding undone, text in its charset."""
-    payload = part.get_payload(decode=True)
-    data = payload if isinstance(payload, bytes) else b""
-    charset = part.get_content_charset() or "utf-8"
-    try:
-        return data.decode(charset, "replace")
-    except LookupError:  # an unknown charset name
-        return data.decode("utf-8", "replace")
-
-
-def _body_parts(message: Message) -> tuple[tuple[str, str], ...]:
-    """RFC 5173 §5.2: each MIME part's type and what :content tests of it
-    (a leaf's decoded content, a multipart's prologue and epilogue, a
-    message/rfc822's header), breadth first, bounded in count, depth and text."""
-    out: list[tuple[str, str]] = []
-    budget = BODY_LIMIT
-    pending: list[tuple[Message, int]] = [(message, 0)]
-    while pending and len(out) < MAX_PARTS and budget > 0:
-        part, depth = pending.pop(0)
-        ctype = part.get_content_type().lower()
-        payload = part.get_payload()
-        if part.is_multipart() and isinstance(payload, list):
-            text = (part.preamble or "") + (part.epilogue or "")
-            if depth < MAX_DEPTH:
-                pending.extend((p, depth + 1) for p in payload if isinstance(p, Message))
-            if ctype == "message/rfc822":
-                nested = payload[0] if payload and isinstance(payload[0], Message) else None
-                text = "".join(f"{k}: {v}\n" for k, v in nested.items()) if nested else ""
-        else:
-            text = _decoded(part)
-        text = text[:budget]
-        budget -= len(text)
-        out.append((ctype, text))
-    return tuple(out)
-
-
-def _view(
-    data: bytes,
-    mailbox: Address,
-    original: Address,
-    maildir: Path,
-    *,
-    size: int | None = None,
-    path: Path | None = None,
-    wants_body: bool = True,
-) -> _Loaded:
-    """Blocking (it parses): ``data`` is the stored content, whole (held in
-    memory) or its start (``path``'s first bytes, the file ``size`` long)."""
-    sender, offset = _strip_prefix(data, mailbox)
-    whole = data[offset:] if path is None else None
-    head = data[offset : offset + HEADER_LIMIT + BODY_LIMIT]
-    parsed = message_from_bytes(head, policy=policy.default)
-    assert isinstance(parsed, EmailMessage)
-    headers = tuple((k, str(v)) for k, v in parsed.items())
-    raw_body, text = "", ""
-    parts: tuple[tuple[str, str], ...] = ()
-    if wants_body:
-        end = head.find(b"\n\n")
-        raw_body = head[end + 2 :][:BODY_LIMIT].decode("utf-8", "replace") if end >= 0 else ""
-        with contextlib.suppress(Exception):  # a broken MIME structure: no parts
-            parts = _body_parts(parsed)
-        text = "\n".join(t for ctype, t in parts if ctype.startswith("text/"))
-    folders = Folders(maildir)
-
-    def exists(name: str) -> bool:
-        try:
-            folder = parse_folder(name)
-        except folder_names.FolderNameError:
-            return False
-        return folder.is_inbox or folders.exists(folder)
-
-    view = SieveMessage(
-        headers=headers,
-        size=(len(data) if size is None else size) - offset,
-        envelope_from=str(sender) if sender else "",
-        envelope_to=str(original),
-        body_text=text,
-        body_raw=raw_body,
-        body_parts=parts,
-        spam_score=spam_score(headers),
-        now=time.time(),
-        mailbox_exists=exists,
-    )
-    return _Loaded(view, head, whole, path, offset, sender, parsed)
 
 
 def _letters(folder: Path, flags: Sequence[str]) -> str:
@@ -261,17 +115,6 @@ def _place(path: Path, folder: Path, flags: Sequence[str], move: bool) -> Path:
         os.link(path, target)
     fsync_dir(target.parent)
     return target
-
-
-def parse_folder(name: str) -> folder_names.FolderName:
-    """A fileinto name as IMAP names it (our "." separator); "/" is taken
-    too, the separator scripts written for other servers use."""
-    try:
-        return folder_names.parse(name)
-    except folder_names.FolderNameError:
-        if "/" not in name:
-            raise
-        return folder_names.parse(name, "/")
 
 
 def _folder_path(maildir: Path, name: str, create: bool) -> Path:
@@ -342,7 +185,7 @@ _LIST_HEADERS = ("list-id", "list-post", "list-unsubscribe", "list-help", "list-
 
 
 def _auto_reply_allowed(
-    loaded: _Loaded, mailbox: Address, original: Address, aliases: Sequence[str]
+    loaded: LoadedMessage, mailbox: Address, original: Address, aliases: Sequence[str]
 ) -> bool:
     """RFC 5230 §4.5 and RFC 3834 §2: who must never get an automatic reply."""
     sender = loaded.sender
@@ -376,7 +219,9 @@ def _auto_reply_allowed(
     return any(addr.lower() in mine for _name, addr in named)
 
 
-def _vacation_reply(action: Vacation, loaded: _Loaded, mailbox: Address, hostname: str) -> bytes:
+def _vacation_reply(
+    action: Vacation, loaded: LoadedMessage, mailbox: Address, hostname: str
+) -> bytes:
     original = loaded.parsed
     reply = EmailMessage(policy=policy.SMTP.clone(linesep="\n"))
     from_address = action.from_address or str(mailbox)
@@ -402,7 +247,7 @@ class _Decision:
 
     mailbox: Address
     original: Address
-    loaded: _Loaded
+    loaded: LoadedMessage
     result: SieveResult | None  # None: the script failed, the message stays
 
     @property
@@ -442,8 +287,8 @@ class SieveDelivery:
     A small message is judged from its content before it is stored
     (``prepare``), a large one from its stored file; either way the script
     runs once, in the executor (parsing, MIME decoding and matching are
-    bounded by HEADER_LIMIT, BODY_LIMIT and MAX_PARTS, and never block the
-    event loop), and its actions are applied to the stored file."""
+    bounded, delivery/sieve_view.py, and never block the event loop), and
+    its actions are applied to the stored file."""
 
     def __init__(
         self,
@@ -560,11 +405,11 @@ class SieveDelivery:
         else:
             error = None
         if content is not None:
-            loaded = _view(content, mailbox, original, maildir, wants_body="body" in required)
+            loaded = load_view(content, mailbox, original, maildir, wants_body="body" in required)
         else:
             assert path is not None
-            data, size = _read_stored(path)
-            loaded = _view(
+            data, size = read_stored(path)
+            loaded = load_view(
                 data, mailbox, original, maildir, size=size, path=path,
                 wants_body="body" in required,
             )  # fmt: skip
@@ -615,7 +460,7 @@ class SieveDelivery:
         return placed
 
     async def _send(
-        self, sender: Address | None, to: Address, data: bytes, loaded: _Loaded | None = None
+        self, sender: Address | None, to: Address, data: bytes, loaded: LoadedMessage | None = None
     ) -> None:
         """Queue ``data`` to ``to``; with ``loaded``, followed by that message
         (streamed from its file when it was not held in memory)."""
@@ -641,7 +486,7 @@ class SieveDelivery:
             await writer.discard()
             raise
 
-    async def _redirect(self, action: Redirect, loaded: _Loaded, mailbox: Address) -> None:
+    async def _redirect(self, action: Redirect, loaded: LoadedMessage, mailbox: Address) -> None:
         target = parse_address(action.address.strip().strip("<>"), utf8=True)
         if str(target).lower() == str(mailbox).lower():
             return  # to oneself: the keep (or fileinto) already has it
@@ -655,7 +500,7 @@ class SieveDelivery:
         await self._send(sender, target, head, loaded)
 
     async def _vacation(
-        self, action: Vacation, loaded: _Loaded, mailbox: Address, original: Address
+        self, action: Vacation, loaded: LoadedMessage, mailbox: Address, original: Address
     ) -> None:
         if not _auto_reply_allowed(loaded, mailbox, original, action.addresses):
             return
@@ -672,7 +517,7 @@ class SieveDelivery:
         await self._send(None, loaded.sender, data)
 
     async def _reject(
-        self, action: Reject, loaded: _Loaded, mailbox: Address, original: Address
+        self, action: Reject, loaded: LoadedMessage, mailbox: Address, original: Address
     ) -> None:
         """RFC 5429 §2.1.2: already accepted, so the refusal goes back as a
         DSN (delivery/dsn.py: multipart/report, Action: failed, 5.7.1, from
@@ -703,7 +548,7 @@ class SieveDelivery:
         await self._send(None, sender, build_dsn(context, [recipient], now=now))
 
 
-def _bounce_allowed(loaded: _Loaded) -> bool:
+def _bounce_allowed(loaded: LoadedMessage) -> bool:
     if loaded.sender is None or loaded.sender.local.lower() == "mailer-daemon":
         return False
     return str(loaded.parsed.get("Auto-Submitted", "no")).strip().lower() == "no"

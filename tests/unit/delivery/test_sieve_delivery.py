@@ -6,14 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from postoffice.delivery.sieve import (
-    BODY_LIMIT,
-    MAX_PARTS,
-    _apply_storage,
-    _view,
-    compile_script,
-    spam_score,
-)
+from postoffice.delivery.sieve import _apply_storage, compile_script
+from postoffice.delivery.sieve_view import BODY_LIMIT, MAX_PARTS, load_view, spam_score
 from postoffice.mail.address import Address
 from postoffice.protocol.sieve_parse import SieveSyntaxError
 from postoffice.protocol.sieve_run import FileInto, Keep, SieveResult
@@ -104,7 +98,7 @@ def test_view_decodes_parts_and_bounds_them(tmp_path: Path) -> None:
     nested = (
         "--b\nContent-Type: message/rfc822\n\nSubject: inner\nFrom: x@example.org\n\ninner body\n"
     )
-    loaded = _view(mime(part + nested), ALICE, ALICE, tmp_path)
+    loaded = load_view(mime(part + nested), ALICE, ALICE, tmp_path)
     parts = dict(loaded.view.body_parts)
     assert parts["text/html"] == "<b>hi</b>"
     assert "prologue" in parts["multipart/mixed"] and "epilogue" in parts["multipart/mixed"]
@@ -112,16 +106,16 @@ def test_view_decodes_parts_and_bounds_them(tmp_path: Path) -> None:
     assert "<b>hi</b>" in loaded.view.body_text
     assert "PGI+aGk8L2I+" in loaded.view.body_raw and loaded.view.envelope_from == "a@example.org"
     many = "".join(f"--b\nContent-Type: text/plain\n\npart {i}\n" for i in range(500))
-    assert len(_view(mime(many), ALICE, ALICE, tmp_path).view.body_parts) == MAX_PARTS
+    assert len(load_view(mime(many), ALICE, ALICE, tmp_path).view.body_parts) == MAX_PARTS
     big = "--b\nContent-Type: text/plain\n\n" + ("z" * 1000 + "\n") * 600
-    view = _view(mime(big), ALICE, ALICE, tmp_path).view
+    view = load_view(mime(big), ALICE, ALICE, tmp_path).view
     assert len(view.body_raw) == BODY_LIMIT
     assert sum(len(t) for _c, t in view.body_parts) <= BODY_LIMIT
     # Not asked for: nothing decoded.
-    assert _view(mime(part), ALICE, ALICE, tmp_path, wants_body=False).view.body_parts == ()
+    assert load_view(mime(part), ALICE, ALICE, tmp_path, wants_body=False).view.body_parts == ()
 
 
 def test_envelope_to_is_the_original_recipient(tmp_path: Path) -> None:
     original = Address("alice+lists", "example.test")
-    view = _view(b"Subject: x\n\nhi\n", ALICE, original, tmp_path).view
+    view = load_view(b"Subject: x\n\nhi\n", ALICE, original, tmp_path).view
     assert view.envelope_to == "alice+lists@example.test"
