@@ -315,9 +315,11 @@ class SieveDelivery:
         self._root_seen = False
         self._next_look = 0.0
 
-    async def prepare(self, facts: DeliveryFacts, content: bytes) -> Prepared | None:
-        if not self._any_scripts():
+    async def prepare(self, writer: DeliveryWriter) -> Prepared | None:
+        facts = writer.facts
+        if facts is None or not writer.in_memory or not self._any_scripts():
             return None  # nobody has a script: the delivery is as it was
+        content = writer.buffered()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._decide_all, facts, content, None)
 
@@ -350,10 +352,7 @@ class SieveDelivery:
         recipient's script rejects the message ``writer`` holds in memory;
         None to accept.  The decision stays on the writer: its commit
         applies it, so the script runs once."""
-        if writer.facts is None or not writer.in_memory:
-            return None
-        plan = await self.prepare(writer.facts, writer.buffered())
-        writer.prepared = plan
+        plan = writer.prepared = await self.prepare(writer)
         return plan.reject_reason() if isinstance(plan, SievePlan) else None
 
     def _any_scripts(self) -> bool:

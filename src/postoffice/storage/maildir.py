@@ -191,13 +191,15 @@ class AfterDelivery(Protocol):
     """Runs once a message is durably in its mailboxes (Sieve,
     delivery/sieve.py): may move each file on and returns where each is now.
 
-    ``prepare`` sees a small message's content before it is stored, so the
+    ``prepare`` sees a small message's writer before it is stored, so the
     decision is made once and the store knows whether the file will stay
     where it is put; ``__call__`` gets the stored files (one per mailbox, in
     ``facts.mailboxes`` order) and that decision, or None (a large message:
     it decides from the files)."""
 
-    async def prepare(self, facts: DeliveryFacts, content: bytes) -> Prepared | None: ...
+    async def prepare(self, writer: DeliveryWriter) -> Prepared | None:
+        """Called for a writer with ``facts`` whose content is held in memory."""
+        ...
 
     async def __call__(
         self, facts: DeliveryFacts, paths: list[Path], prepared: Prepared | None
@@ -565,7 +567,7 @@ class DeliveryWriter:
         after, facts = self._store.after_delivery, self.facts
         if after is not None and facts is not None:
             if self.prepared is None and self.in_memory:
-                self.prepared = await after.prepare(facts, self.buffered())
+                self.prepared = await after.prepare(self)
             if self.prepared is not None and self.prepared.moves:
                 # Filed elsewhere, discarded or rejected: one fsync'd store,
                 # then one atomic rename or unlink.  A journal record would
