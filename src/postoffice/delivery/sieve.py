@@ -47,9 +47,10 @@ from postoffice.delivery.content import header_section
 from postoffice.delivery.dsn import DsnContext, DsnRecipient, build_dsn, summary_headers
 from postoffice.delivery.sieve_view import (
     LoadedMessage,
-    load_view,
+    load_message,
     parse_folder,
     read_stored,
+    sieve_message,
 )
 from postoffice.mail.address import Address, parse_address
 from postoffice.policy.srs import Srs, forwarding_sender
@@ -371,58 +372,70 @@ class SieveDelivery:
     def _decide_all(
         self, facts: DeliveryFacts, content: bytes | None, paths: list[Path] | None
     ) -> SievePlan:
-        decisions: list[_Decision | None] = []
-        for index, (mailbox, original) in enumerate(
-            zip(facts.mailboxes, facts.originals, strict=True)
-        ):
-            path = paths[index] if paths is not None else None
+        """Each mailbox's script, on the message parsed once for all of them."""
+        scripts: list[tuple[tuple[Command, ...] | None, frozenset[str]] | None] = []
+        for mailbox in facts.mailboxes:
             try:
-                decisions.append(self._decide(mailbox, original, facts.keep_folder, content, path))
-            except Exception:  # an unreadable file, a parser bug: the message stays
+                scripts.append(self._compiled(mailbox, facts.keep_folder))
+            except Exception:  # an unreadable script: the message stays
                 log.exception("sieve: mailbox %s: left in %s", mailbox, facts.keep_folder)
+                scripts.append(None)
+        first = next((i for i, s in enumerate(scripts) if s is not None), None)
+        if first is None:
+            return SievePlan((None,) * len(facts.mailboxes))
+        ours = facts.mailboxes[0] if len(facts.mailboxes) == 1 else None
+        wants_body = any(s is not None and "body" in s[1] for s in scripts)
+        try:
+            if content is not None:
+                loaded = load_message(content, ours, wants_body=wants_body)
+            else:
+                assert paths is not None
+                data, size = read_stored(paths[first])
+                loaded = load_message(
+                    data, ours, size=size, path=paths[first], wants_body=wants_body
+                )
+        except Exception:  # an unreadable file, a parser bug: the message stays
+            log.exception(
+                "sieve: %s: left in %s", ",".join(map(str, facts.mailboxes)), facts.keep_folder
+            )
+            return SievePlan((None,) * len(facts.mailboxes))
+        decisions: list[_Decision | None] = []
+        for mailbox, original, script in zip(
+            facts.mailboxes, facts.originals, scripts, strict=True
+        ):
+            if script is None:
                 decisions.append(None)
+                continue
+            commands, _required = script
+            result = None
+            if commands is not None:
+                view = sieve_message(loaded, original, mailbox_path(self._mail_dir, mailbox))
+                try:
+                    result = run_script(commands, view, self._limits)
+                except SieveRuntimeError as exc:
+                    log.error(
+                        "sieve: mailbox %s: script error, delivered to %s: %s",
+                        mailbox, facts.keep_folder, exc,
+                    )  # fmt: skip
+            decisions.append(_Decision(mailbox, original, loaded, result))
         return SievePlan(tuple(decisions))
 
-    def _decide(
-        self,
-        mailbox: Address,
-        original: Address,
-        keep_folder: str,
-        content: bytes | None,
-        path: Path | None,
-    ) -> _Decision | None:
+    def _compiled(
+        self, mailbox: Address, keep_folder: str
+    ) -> tuple[tuple[Command, ...] | None, frozenset[str]] | None:
+        """The mailbox's active script checked (None: no script; no commands:
+        it does not compile, which is logged, and the message stays)."""
         script = self.scripts.active_script(mailbox)
         if script is None:
             return None
-        maildir = mailbox_path(self._mail_dir, mailbox)
         try:
             commands = parse_script(script)
-            required = check_script(commands)
+            return commands, check_script(commands)
         except (SieveSyntaxError, SieveCheckError) as exc:
-            commands, required = None, frozenset()
-            error: Exception | None = exc
-        else:
-            error = None
-        if content is not None:
-            loaded = load_view(content, mailbox, original, maildir, wants_body="body" in required)
-        else:
-            assert path is not None
-            data, size = read_stored(path)
-            loaded = load_view(
-                data, mailbox, original, maildir, size=size, path=path,
-                wants_body="body" in required,
-            )  # fmt: skip
-        result = None
-        if commands is not None:
-            try:
-                result = run_script(commands, loaded.view, self._limits)
-            except SieveRuntimeError as exc:
-                error = exc
-        if error is not None:
             log.error(
-                "sieve: mailbox %s: script error, delivered to %s: %s", mailbox, keep_folder, error
+                "sieve: mailbox %s: script error, delivered to %s: %s", mailbox, keep_folder, exc
             )
-        return _Decision(mailbox, original, loaded, result)
+            return None, frozenset()
 
     # --- applying a decision -----------------------------------------------------------
     async def _apply(
@@ -469,8 +482,8 @@ class SieveDelivery:
         loop = asyncio.get_running_loop()
         try:
             await writer.write(data)
-            if loaded is not None and loaded.whole is not None:
-                await writer.write(loaded.whole)
+            if loaded is not None and loaded.content is not None:
+                await writer.write(loaded.content[loaded.offset :])
             elif loaded is not None:
                 assert loaded.path is not None
                 f = await loop.run_in_executor(self._executor, open, loaded.path, "rb")

@@ -37,11 +37,16 @@ _SPAMD_SCORE = re.compile(r"\[\s*(-?[0-9.]+)\s*/")
 
 @dataclass(frozen=True, slots=True)
 class LoadedMessage:
-    """One message as a script sees it, plus what replies and redirects need."""
+    """One delivered message as scripts see it, parsed once for all its
+    mailboxes, plus what replies and redirects need."""
 
-    view: SieveMessage
+    headers: tuple[tuple[str, str], ...]
+    size: int  # of the message, our Return-Path line not counted
+    body_text: str
+    body_raw: str
+    body_parts: tuple[tuple[str, str], ...]
     head: bytes  # the message (without our Return-Path line), at most what was parsed
-    whole: bytes | None  # the whole message when it was held in memory
+    content: bytes | None  # the stored content from ``offset`` on is the message, when in memory
     path: Path | None  # else the stored file, the message from ``offset`` on
     offset: int
     sender: Address | None
@@ -71,7 +76,7 @@ def read_stored(path: Path) -> tuple[bytes, int]:
         return f.read(HEADER_LIMIT + BODY_LIMIT + 1024), size
 
 
-def _strip_prefix(data: bytes, mailbox: Address) -> tuple[Address | None, int]:
+def _strip_prefix(data: bytes, ours: Address | None) -> tuple[Address | None, int]:
     """The envelope sender our Return-Path names, and where the message
     proper starts (after it and the session's own Delivered-To)."""
     sender: Address | None = None
@@ -84,9 +89,9 @@ def _strip_prefix(data: bytes, mailbox: Address) -> tuple[Address | None, int]:
             sender = parse_address(text, utf8=True) if text else None
     # The SMTP session's own Delivered-To (one mailbox): not the message's, so
     # a redirect's loop check (which looks for this mailbox) does not see it.
-    ours = f"Delivered-To: {mailbox}\n".encode()
-    if data.startswith(ours, offset):
-        offset += len(ours)
+    line = f"Delivered-To: {ours}\n".encode()
+    if ours is not None and data.startswith(line, offset):
+        offset += len(line)
     return sender, offset
 
 
@@ -127,20 +132,18 @@ def _body_parts(message: Message) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def load_view(
+def load_message(
     data: bytes,
-    mailbox: Address,
-    original: Address,
-    maildir: Path,
+    ours: Address | None,
     *,
     size: int | None = None,
     path: Path | None = None,
     wants_body: bool = True,
 ) -> LoadedMessage:
     """Blocking (it parses): ``data`` is the stored content, whole (held in
-    memory) or its start (``path``'s first bytes, the file ``size`` long)."""
-    sender, offset = _strip_prefix(data, mailbox)
-    whole = data[offset:] if path is None else None
+    memory) or its start (``path``'s first bytes, the file ``size`` long);
+    ``ours``: the one mailbox whose Delivered-To the SMTP session put on top."""
+    sender, offset = _strip_prefix(data, ours)
     head = data[offset : offset + HEADER_LIMIT + BODY_LIMIT]
     parsed = message_from_bytes(head, policy=policy.default)
     assert isinstance(parsed, EmailMessage)
@@ -153,6 +156,23 @@ def load_view(
         with contextlib.suppress(Exception):  # a broken MIME structure: no parts
             parts = _body_parts(parsed)
         text = "\n".join(t for ctype, t in parts if ctype.startswith("text/"))
+    return LoadedMessage(
+        headers=headers,
+        size=(len(data) if size is None else size) - offset,
+        body_text=text,
+        body_raw=raw_body,
+        body_parts=parts,
+        head=head,
+        content=data if path is None else None,
+        path=path,
+        offset=offset,
+        sender=sender,
+        parsed=parsed,
+    )
+
+
+def sieve_message(loaded: LoadedMessage, original: Address, maildir: Path) -> SieveMessage:
+    """What one mailbox's script sees: ``original`` is its RCPT TO address."""
     folders = Folders(maildir)
 
     def exists(name: str) -> bool:
@@ -162,19 +182,18 @@ def load_view(
             return False
         return folder.is_inbox or folders.exists(folder)
 
-    view = SieveMessage(
-        headers=headers,
-        size=(len(data) if size is None else size) - offset,
-        envelope_from=str(sender) if sender else "",
+    return SieveMessage(
+        headers=loaded.headers,
+        size=loaded.size,
+        envelope_from=str(loaded.sender) if loaded.sender else "",
         envelope_to=str(original),
-        body_text=text,
-        body_raw=raw_body,
-        body_parts=parts,
-        spam_score=spam_score(headers),
+        body_text=loaded.body_text,
+        body_raw=loaded.body_raw,
+        body_parts=loaded.body_parts,
+        spam_score=spam_score(loaded.headers),
         now=time.time(),
         mailbox_exists=exists,
     )
-    return LoadedMessage(view, head, whole, path, offset, sender, parsed)
 
 
 def parse_folder(name: str) -> folder_names.FolderName:

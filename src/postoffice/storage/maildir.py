@@ -567,7 +567,10 @@ class DeliveryWriter:
         after, facts = self._store.after_delivery, self.facts
         if after is not None and facts is not None:
             if self.prepared is None and self.in_memory:
-                self.prepared = await after.prepare(self)
+                try:
+                    self.prepared = await after.prepare(self)
+                except Exception:  # never refuse a message over it: decided after the store
+                    log.exception("deciding before the store failed")
             if self.prepared is not None and self.prepared.moves:
                 # Filed elsewhere, discarded or rejected: one fsync'd store,
                 # then one atomic rename or unlink.  A journal record would

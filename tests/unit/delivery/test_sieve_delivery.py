@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from postoffice.delivery.sieve import _apply_storage, compile_script
-from postoffice.delivery.sieve_view import BODY_LIMIT, MAX_PARTS, load_view, spam_score
+from postoffice.delivery.sieve import SieveDelivery, _apply_storage, compile_script
+from postoffice.delivery.sieve_view import (
+    BODY_LIMIT,
+    MAX_PARTS,
+    load_message,
+    sieve_message,
+    spam_score,
+)
 from postoffice.mail.address import Address
 from postoffice.protocol.sieve_parse import SieveSyntaxError
 from postoffice.protocol.sieve_run import FileInto, Keep, SieveResult
-from postoffice.storage.maildir import ensure_maildir
+from postoffice.storage.maildir import DeliveryFacts, ensure_maildir
 from postoffice.storage.sieve_scripts import ScriptError, SieveScripts, check_name
 
 ALICE = Address("alice", "example.test")
@@ -98,24 +105,48 @@ def test_view_decodes_parts_and_bounds_them(tmp_path: Path) -> None:
     nested = (
         "--b\nContent-Type: message/rfc822\n\nSubject: inner\nFrom: x@example.org\n\ninner body\n"
     )
-    loaded = load_view(mime(part + nested), ALICE, ALICE, tmp_path)
-    parts = dict(loaded.view.body_parts)
+    loaded = load_message(mime(part + nested), None)
+    parts = dict(loaded.body_parts)
     assert parts["text/html"] == "<b>hi</b>"
     assert "prologue" in parts["multipart/mixed"] and "epilogue" in parts["multipart/mixed"]
     assert "Subject: inner" in parts["message/rfc822"]
-    assert "<b>hi</b>" in loaded.view.body_text
-    assert "PGI+aGk8L2I+" in loaded.view.body_raw and loaded.view.envelope_from == "a@example.org"
+    assert "<b>hi</b>" in loaded.body_text
+    assert "PGI+aGk8L2I+" in loaded.body_raw and str(loaded.sender) == "a@example.org"
     many = "".join(f"--b\nContent-Type: text/plain\n\npart {i}\n" for i in range(500))
-    assert len(load_view(mime(many), ALICE, ALICE, tmp_path).view.body_parts) == MAX_PARTS
+    assert len(load_message(mime(many), None).body_parts) == MAX_PARTS
     big = "--b\nContent-Type: text/plain\n\n" + ("z" * 1000 + "\n") * 600
-    view = load_view(mime(big), ALICE, ALICE, tmp_path).view
-    assert len(view.body_raw) == BODY_LIMIT
-    assert sum(len(t) for _c, t in view.body_parts) <= BODY_LIMIT
+    loaded = load_message(mime(big), None)
+    assert len(loaded.body_raw) == BODY_LIMIT
+    assert sum(len(t) for _c, t in loaded.body_parts) <= BODY_LIMIT
     # Not asked for: nothing decoded.
-    assert load_view(mime(part), ALICE, ALICE, tmp_path, wants_body=False).view.body_parts == ()
+    assert load_message(mime(part), None, wants_body=False).body_parts == ()
 
 
 def test_envelope_to_is_the_original_recipient(tmp_path: Path) -> None:
     original = Address("alice+lists", "example.test")
-    view = load_view(b"Subject: x\n\nhi\n", ALICE, original, tmp_path).view
-    assert view.envelope_to == "alice+lists@example.test"
+    loaded = load_message(
+        b"Return-Path: <>\nDelivered-To: alice@example.test\nSubject: x\n\nhi\n", ALICE
+    )
+    assert loaded.headers == (("Subject", "x"),)  # our own lines are not the message's
+    view = sieve_message(loaded, original, tmp_path)
+    assert view.envelope_to == "alice+lists@example.test" and view.envelope_from == ""
+
+
+def test_one_parse_serves_every_mailbox_of_a_delivery(tmp_path: Path) -> None:
+    scripts = SieveScripts(tmp_path / "sieve")
+    script = b'require ["envelope", "fileinto"];\nif envelope :is "to" "team@example.test" { fileinto "T"; }\n'
+    mailboxes = tuple(Address(n, "example.test") for n in ("a", "b", "c"))
+    for mailbox in mailboxes[:2]:  # c has no script
+        scripts.put(mailbox, "s", script)
+        scripts.activate(mailbox, "s")
+    with ThreadPoolExecutor(1) as executor:
+        sieve = SieveDelivery(scripts, tmp_path / "mail", executor, None, hostname="h.test")
+        team = Address("team", "example.test")
+        facts = DeliveryFacts(mailboxes, (team, mailboxes[1], team))
+        plan = sieve._decide_all(facts, b"Return-Path: <x@y.test>\nSubject: s\n\nhi\n", None)
+    first, second, third = plan.decisions
+    assert first is not None and second is not None and third is None
+    assert first.loaded is second.loaded  # parsed once, not once per mailbox
+    assert first.result is not None and first.result.actions == (FileInto("T"),)
+    assert second.result is not None and second.result.actions == (Keep(),)
+    assert plan.moves and plan.reject_reason() is None
