@@ -277,7 +277,9 @@ class SievePlan:
                 () if decision is None or decision.result is None else decision.result.actions
             ):
                 if isinstance(action, Reject):
-                    reason = action.reason.strip().replace("\r", " ").replace("\n", " ")[:200]
+                    # An SMTP reply line: printable ASCII only (RFC 5321 §4.2).
+                    text = " ".join(action.reason.split())[:200]
+                    reason = "".join(c if " " <= c <= "~" else "?" for c in text)
                     return reason or "Rejected by the recipient's filter"
         return None
 

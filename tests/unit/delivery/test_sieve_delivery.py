@@ -150,3 +150,16 @@ def test_one_parse_serves_every_mailbox_of_a_delivery(tmp_path: Path) -> None:
     assert first.result is not None and first.result.actions == (FileInto("T"),)
     assert second.result is not None and second.result.actions == (Keep(),)
     assert plan.moves and plan.reject_reason() is None
+
+
+def test_reject_reason_is_one_printable_ascii_line(tmp_path: Path) -> None:
+    scripts = SieveScripts(tmp_path / "sieve")
+    scripts.put(
+        ALICE, "r", 'require "reject";\nreject "Nein,\r\n  danke \u2013 später";\n'.encode()
+    )
+    scripts.activate(ALICE, "r")
+    with ThreadPoolExecutor(1) as executor:
+        sieve = SieveDelivery(scripts, tmp_path / "mail", executor, None, hostname="h.test")
+        plan = sieve._decide_all(DeliveryFacts((ALICE,), (ALICE,)), b"Subject: s\n\nhi\n", None)
+    assert plan.reject_reason() == "Nein, danke ? sp?ter"
+    assert plan.moves  # the copy is not kept: the store skips the journal
