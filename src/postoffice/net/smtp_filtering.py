@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from postoffice import logfmt, maillog
-from postoffice.dns.client_name import verified_client_name
 from postoffice.filters.apply import (
     HEADER_READ,
     ModificationError,
@@ -54,6 +53,7 @@ from postoffice.filters.verdicts import (
 from postoffice.mail.address import Address, AddressError, parse_address
 from postoffice.net.connection import Connection
 from postoffice.net.smtp_envelope import IncomingEnvelope, Transaction, new_queue_id
+from postoffice.policy.client_name import verified_client_name
 from postoffice.protocol.dsn_params import NO_RECIPIENT_DSN
 from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import MailFrom, RcptTo, SmtpServerCore
@@ -119,7 +119,7 @@ class SessionFilters:
         self.discard: Discard | None = None  # for the message under way
         self.quarantine: Quarantine | None = None
         self.queue_id = ""
-        self.client_name = ""  # verified at connect (dns/client_name.py); "" unknown
+        self.client_name = ""  # verified at connect (policy/client_name.py); "" unknown
         self._pending: set[asyncio.Task[None]] = set()
 
     def facts(self) -> SessionFacts:
