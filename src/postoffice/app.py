@@ -108,10 +108,19 @@ def build_services(
         cert, key = cert_and_key(settings)
         tls = server_context(cert, key)
     hash_workers = settings.auth.hash_workers or default_hash_workers()
+    closers: list[Callable[[], None]] = []
+    feed = None
+    if settings.cluster.enabled:
+        # Failed logins counted on every node (cluster/throttle_feed.py).
+        from postoffice.cluster.throttle_feed import SharedFailures
+
+        feed = SharedFailures(settings.cluster.database)
+        feed.start()
+        closers.append(feed.close)
     authenticator = Authenticator(
         accounts.password_hash,
         PasswordHasher(),
-        LoginThrottle(ThrottleLimits.from_settings(settings.auth)),
+        LoginThrottle(ThrottleLimits.from_settings(settings.auth), feed=feed),
         HashingPool(hash_workers, max_waiting=HASH_WAITING_PER_WORKER * hash_workers),
     )
     services = Services(
@@ -128,6 +137,7 @@ def build_services(
         executor=executor,
         folder_watcher=FolderWatcher(executor),
         srs=Srs(load_secrets(settings.data_dir)),
+        cluster_closers=closers,
     )
     # One resolver for every lookup of this process, on [relay] dns_servers:
     # outbound routing, and SPF/DKIM/DMARC on the smtp listener.
@@ -889,3 +899,5 @@ def _run_loop(services: Services, main: Coroutine[Any, Any, int]) -> int:
         services.accounts.close()
         if services.pop3_locks is not None:
             services.pop3_locks.close()
+        for close in services.cluster_closers:
+            close()

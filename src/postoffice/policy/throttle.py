@@ -52,6 +52,13 @@ Why this shape (issues 11 and 19):
   (stale ones go first, then the oldest); an empty bucket is the same as no
   entry, so forgetting one loses nothing.  Entries are made only by judged
   attempts, which the global budget limits in the first place.
+* **Several nodes** (``[cluster]``, issue 17) share failures through an
+  injected ``FailureFeed`` (cluster/throttle_feed.py): each judged failure is
+  handed to it, and the other nodes' failures it received are booked into
+  the pair and the three budgets before the next attempt is judged, so
+  failures spread over nodes count as on one.  The feed does its network
+  work in a thread of its own: nothing here waits for it, and a success
+  (the common case) tells it nothing.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from postoffice import logfmt
 from postoffice.config.settings import AuthSettings
@@ -72,6 +79,18 @@ MAX_ENTRIES = 100_000  # per table (pairs, each budget, known-good pairs)
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+class FailureFeed(Protocol):
+    """Judged failures shared with other nodes; both calls must not block."""
+
+    def publish(self, client: str, account: str) -> None:
+        """A failure judged here (``client`` as ``client_key`` made it)."""
+
+    def received(self) -> list[tuple[str, str, float]]:
+        """Other nodes' failures since the last call: (client, account, when),
+        ``when`` on the throttle's clock."""
+        return []
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,9 +219,11 @@ class LoginThrottle:
         self,
         limits: ThrottleLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        feed: FailureFeed | None = None,
     ) -> None:
         self.limits = lim = limits or ThrottleLimits()
         self._clock = clock
+        self._feed = feed
         self._pairs: dict[tuple[str, str], _Pair] = {}
         self._known_good: dict[tuple[str, str], float] = {}
         self._account = _Budget("account", lim.account_failures, lim.window, lim.max_entries)
@@ -211,6 +232,9 @@ class LoginThrottle:
 
     # --- deciding ----------------------------------------------------------------
     def admit(self, client_ip: str, account: str, tag: bytes = b"") -> Admission:
+        if self._feed is not None:
+            for client_, account_, when in self._feed.received():
+                self.remote_failure(client_, account_, when)
         now = self._clock()
         client = client_key(client_ip)
         pair_key = (client, account)
@@ -301,6 +325,27 @@ class LoginThrottle:
             pair.failures += 1
             pair.last = now
             pair.tag = admission.tag
+        if self._feed is not None:
+            self._feed.publish(*admission.pair_key)
+
+    def remote_failure(self, client: str, account: str, when: float) -> None:
+        """A failure another node judged at ``when``: booked as if judged here,
+        but without the wrong password's tag (it stays on that node)."""
+        for budget, key in self._gates(client, account):
+            budget.book(key, when)
+        pair_key = (client, account)
+        pair = self._live_pair(pair_key, when)
+        if pair is None:
+            _make_room(
+                self._pairs,
+                self.limits.max_entries,
+                lambda p: not p.pending and (not p.failures or when - p.last > self.limits.window),
+            )
+            pair = self._pairs[pair_key] = _Pair()
+        pair.failures += 1
+        pair.last = max(pair.last, when)
+        # That node held its answer this long; the pair's next turn, here too.
+        pair.free_at = max(pair.free_at, when + self._delay(pair.failures))
 
     def abandoned(self, admission: Admission) -> None:
         """Given up before the password was checked (the client left, the

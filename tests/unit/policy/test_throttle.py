@@ -292,3 +292,66 @@ def test_throttling_is_logged_once_per_key_when_it_starts(
     assert len(lines) == 2, lines
     assert "client=192.0.2.1 user=alice@example.test" in lines[0]
     assert "account budget spent user=alice@example.test" in lines[1]
+
+
+# --- several nodes (a FailureFeed joining two throttles) ----------------------------------
+class Wire:
+    """Two nodes' feeds joined in memory, as cluster/throttle_feed.py joins them."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.boxes: list[list[tuple[str, str, float]]] = [[], []]
+        self.published = 0
+
+    def feed(self, node: int) -> Any:
+        wire = self
+
+        class Feed:
+            def publish(self, client: str, account: str) -> None:
+                wire.published += 1
+                wire.boxes[1 - node].append((client, account, wire.clock()))
+
+            def received(self) -> list[tuple[str, str, float]]:
+                got, wire.boxes[node] = wire.boxes[node], []
+                return got
+
+        return Feed()
+
+
+def two_nodes(**limits: Any) -> tuple[LoginThrottle, LoginThrottle, Wire]:
+    clock = Clock()
+    wire = Wire(clock)
+    lim = ThrottleLimits(**limits)
+    return (
+        LoginThrottle(lim, clock=clock, feed=wire.feed(0)),
+        LoginThrottle(lim, clock=clock, feed=wire.feed(1)),
+        wire,
+    )
+
+
+def test_failures_spread_over_two_nodes_spend_one_budget() -> None:
+    a, b, _wire = two_nodes(free_failures=1000, account_failures=6, window=3600.0, max_delay=5.0)
+    for _ in range(3):
+        fail(a, "192.0.2.1", ALICE)
+        fail(b, "192.0.2.2", ALICE)
+    assert a.admit("192.0.2.3", ALICE).refused_by == "account"
+    assert b.admit("192.0.2.3", ALICE).refused_by == "account"
+
+
+def test_the_pair_penalty_follows_the_client_to_the_other_node() -> None:
+    a, b, _wire = two_nodes(free_failures=3, max_delay=8.0)
+    for _ in range(3):
+        fail(a, "192.0.2.1", ALICE)
+    # The 4th wrong password on node b is slowed as it would be on node a.
+    assert b.admit("192.0.2.1", ALICE).fail_delay == 1.0
+
+
+def test_successes_publish_nothing() -> None:
+    a, _b, wire = two_nodes()
+    for _ in range(5):
+        succeed(a, "192.0.2.1", ALICE)
+    abandoned = a.admit("192.0.2.1", BOB)
+    a.abandoned(abandoned)
+    assert wire.published == 0
+    fail(a, "192.0.2.1", BOB)
+    assert wire.published == 1

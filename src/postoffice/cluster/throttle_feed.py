@@ -1,0 +1,177 @@
+"""Failed logins shared between nodes: the login throttle's ``FailureFeed`` on
+PostgreSQL NOTIFY.
+
+The throttle (policy/throttle.py) is asked on every login and must stay off
+the network, so its state is replicated rather than centralised: every
+node keeps its own ``LoginThrottle``, and each judged failure is sent to
+the others with ``NOTIFY postoffice_throttle``; each node books the failures
+it hears into its own pair and budgets.  Thirty wrong passwords spread over
+two nodes are then throttled as thirty on one.
+
+Nothing here runs on the event loop: ``publish`` appends to a deque and
+``received`` empties one (both non-blocking, bounded); a thread of its own
+holds one connection that LISTENs, sends what was published (several
+failures per notification) and receives.  Its own notifications come back
+to it and are told apart by the sending backend's pid.  Only failures are
+sent: a success, by far the common case, writes nothing.
+
+While the database is away failures stay on the node that judged them
+(what was published meanwhile is kept up to ``MAX_QUEUED`` and sent on
+reconnecting; what other nodes sent meanwhile is lost).  The budgets are
+backstops with windows of minutes: briefly counting on one node only is
+the embedded behaviour, not a hole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from postoffice.cluster.db import ClusterError, connect, describe
+
+if TYPE_CHECKING:
+    from postoffice.cluster.db import Connection
+
+log = logging.getLogger("postoffice.cluster.throttle")
+
+CHANNEL = "postoffice_throttle"
+POLL_SECONDS = 0.05  # how long a published failure may wait to be sent
+MAX_QUEUED = 10_000  # each way; beyond it the oldest are dropped
+MAX_PAYLOAD = 7000  # bytes per NOTIFY (PostgreSQL's limit is 8000)
+MAX_FIELD = 512  # a client key or account name longer than this is not sent
+RECONNECT_MIN = 0.5
+RECONNECT_MAX = 10.0
+
+
+def encode(failures: list[tuple[str, str]]) -> list[str]:
+    """Payloads of at most ``MAX_PAYLOAD`` bytes: JSON lists of [client, account]."""
+    payloads: list[str] = []
+    batch: list[list[str]] = []
+    size = 2
+    for client, account in failures:
+        if len(client) > MAX_FIELD or len(account) > MAX_FIELD:
+            continue
+        item = [client, account]
+        length = len(json.dumps(item)) + 1
+        if batch and size + length > MAX_PAYLOAD:
+            payloads.append(json.dumps(batch))
+            batch, size = [], 2
+        batch.append(item)
+        size += length
+    if batch:
+        payloads.append(json.dumps(batch))
+    return payloads
+
+
+def decode(payload: str) -> list[tuple[str, str]]:
+    """The failures in a payload; malformed entries (another release?) skipped."""
+    try:
+        items = json.loads(payload)
+    except ValueError:
+        return []
+    if not isinstance(items, list):
+        return []
+    return [
+        (item[0], item[1])
+        for item in items
+        if isinstance(item, list)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], str)
+    ]
+
+
+class SharedFailures:
+    """``FailureFeed`` (policy/throttle.py) through PostgreSQL; ``clock`` must
+    be the throttle's."""
+
+    def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self._url = url
+        self._clock = clock
+        self._outbox: deque[tuple[str, str]] = deque(maxlen=MAX_QUEUED)
+        self._inbox: deque[tuple[str, str, float]] = deque(maxlen=MAX_QUEUED)
+        self._stop = threading.Event()
+        # Set while the thread LISTENs (tests wait for it).
+        self.listening = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="postoffice-throttle-feed", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # --- the throttle's side (event loop): deque operations only -------------------------
+    def publish(self, client: str, account: str) -> None:
+        self._outbox.append((client, account))
+
+    def received(self) -> list[tuple[str, str, float]]:
+        got: list[tuple[str, str, float]] = []
+        while self._inbox:  # popleft is atomic; the thread only appends
+            try:
+                got.append(self._inbox.popleft())
+            except IndexError:
+                break
+        return got
+
+    # --- the thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        import psycopg
+
+        delay = RECONNECT_MIN
+        lost = False
+        while not self._stop.is_set():
+            try:
+                with connect(self._url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening.set()
+                    if lost:
+                        log.warning("[cluster] database reachable again; sharing failed logins")
+                    lost, delay = False, RECONNECT_MIN
+                    self._exchange(conn, conn.info.backend_pid)
+            except (ClusterError, psycopg.Error) as exc:
+                self.listening.clear()
+                if self._stop.is_set():
+                    break
+                if not lost:
+                    log.error(
+                        "lost the [cluster] database (%s); failed logins counted on this"
+                        " node only until it is back",
+                        describe(exc),
+                    )
+                lost = True
+            self._stop.wait(delay)
+            delay = min(delay * 2, RECONNECT_MAX)
+
+    def _exchange(self, conn: Connection, own_pid: int) -> None:
+        import psycopg
+
+        while not self._stop.is_set():
+            if self._outbox:
+                failures = []
+                while self._outbox:
+                    try:
+                        failures.append(self._outbox.popleft())
+                    except IndexError:
+                        break
+                try:
+                    for payload in encode(failures):
+                        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                except psycopg.Error:
+                    self._outbox.extendleft(reversed(failures))  # sent on reconnecting
+                    raise
+            for notify in conn.notifies(timeout=POLL_SECONDS):
+                if notify.pid == own_pid:
+                    continue
+                when = self._clock()
+                for client, account in decode(notify.payload):
+                    self._inbox.append((client, account, when))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(POLL_SECONDS * 4 + 2)
