@@ -824,10 +824,11 @@ def _print_dkim_records(keys: Sequence[Any]) -> None:
 
 
 def _dkim_generate(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.policy.dkim_keys import DkimKeyError, generate
+    from postoffice.cluster.stores import generate_dkim_keys
+    from postoffice.policy.dkim_keys import DkimKeyError
 
     try:
-        keys = generate(settings.data_dir, args.domain, rotate=args.rotate)
+        keys = generate_dkim_keys(settings, args.domain, rotate=args.rotate)
     except DkimKeyError as exc:
         print(f"postoffice: {exc}", file=sys.stderr)
         return 1
@@ -844,7 +845,8 @@ def _dkim_generate(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
     selectors = ", ".join(f"{k.selector} ({k.algorithm})" for k in keys)
-    print(f"made DKIM keys for {domain}: {selectors}, in {keys[0].path.parent}")
+    where = keys[0].path.parent if keys[0].path else "the [cluster] database"
+    print(f"made DKIM keys for {domain}: {selectors}, in {where}")
     print("Publish these TXT records (zone-file lines):")
     _print_dkim_records(keys)
     print(
@@ -855,10 +857,11 @@ def _dkim_generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _dkim_show(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.policy.dkim_keys import DkimKeyError, load_keys
+    from postoffice.cluster.stores import load_dkim_keys
+    from postoffice.policy.dkim_keys import DkimKeyError
 
     try:
-        keys = load_keys(settings.data_dir, args.domain)
+        keys = load_dkim_keys(settings, args.domain)
         if not keys:
             raise DkimKeyError(
                 f"{args.domain} has no DKIM keys; make them with:"
@@ -877,7 +880,8 @@ def _add_dkim_parser(subparsers: Subparsers) -> None:
         "dkim",
         "manage DKIM signing keys (mail submitted for a domain is signed with its keys)",
         "Each domain gets an RSA 2048 key and an Ed25519 key (RFC 8463), each with\n"
-        "its own selector, stored under data_dir/dkim/<domain>/.\n\n"
+        "its own selector, stored under data_dir/dkim/<domain>/ (with [cluster]\n"
+        "database: in the database, and every node signs with them).\n\n"
         "examples:\n"
         "  postoffice dkim generate example.org\n"
         "  postoffice dkim show example.org\n",

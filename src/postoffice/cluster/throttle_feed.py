@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from postoffice.cluster.db import ClusterError, connect, describe
+from postoffice.cluster.listen import Listener
 
 if TYPE_CHECKING:
     from postoffice.cluster.db import Connection
@@ -44,8 +43,8 @@ POLL_SECONDS = 0.05  # how long a published failure may wait to be sent
 MAX_QUEUED = 10_000  # each way; beyond it the oldest are dropped
 MAX_PAYLOAD = 7000  # bytes per NOTIFY (PostgreSQL's limit is 8000)
 MAX_FIELD = 512  # a client key or account name longer than this is not sent
-RECONNECT_MIN = 0.5
-RECONNECT_MAX = 10.0
+
+T = TypeVar("T")
 
 
 def encode(failures: list[tuple[str, str]]) -> list[str]:
@@ -91,73 +90,37 @@ class SharedFailures:
     be the throttle's."""
 
     def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
-        self._url = url
         self._clock = clock
         self._outbox: deque[tuple[str, str]] = deque(maxlen=MAX_QUEUED)
         self._inbox: deque[tuple[str, str, float]] = deque(maxlen=MAX_QUEUED)
-        self._stop = threading.Event()
-        # Set while the thread LISTENs (tests wait for it).
-        self.listening = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="postoffice-throttle-feed", daemon=True
+        self._listener = Listener(
+            url,
+            CHANNEL,
+            self._exchange,
+            log=log,
+            what="failed logins are counted on this node only until it is back",
+            name="postoffice-throttle-feed",
         )
+        self.listening = self._listener.listening
 
     def start(self) -> None:
-        self._thread.start()
+        self._listener.start()
 
     # --- the throttle's side (event loop): deque operations only -------------------------
     def publish(self, client: str, account: str) -> None:
         self._outbox.append((client, account))
 
     def received(self) -> list[tuple[str, str, float]]:
-        got: list[tuple[str, str, float]] = []
-        while self._inbox:  # popleft is atomic; the thread only appends
-            try:
-                got.append(self._inbox.popleft())
-            except IndexError:
-                break
-        return got
+        return _drain(self._inbox)
 
     # --- the thread ----------------------------------------------------------------------
-    def _run(self) -> None:
+    def _exchange(self, conn: Connection) -> None:
         import psycopg
 
-        delay = RECONNECT_MIN
-        lost = False
-        while not self._stop.is_set():
-            try:
-                with connect(self._url, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    self.listening.set()
-                    if lost:
-                        log.warning("[cluster] database reachable again; sharing failed logins")
-                    lost, delay = False, RECONNECT_MIN
-                    self._exchange(conn, conn.info.backend_pid)
-            except (ClusterError, psycopg.Error) as exc:
-                self.listening.clear()
-                if self._stop.is_set():
-                    break
-                if not lost:
-                    log.error(
-                        "lost the [cluster] database (%s); failed logins counted on this"
-                        " node only until it is back",
-                        describe(exc),
-                    )
-                lost = True
-            self._stop.wait(delay)
-            delay = min(delay * 2, RECONNECT_MAX)
-
-    def _exchange(self, conn: Connection, own_pid: int) -> None:
-        import psycopg
-
-        while not self._stop.is_set():
-            if self._outbox:
-                failures = []
-                while self._outbox:
-                    try:
-                        failures.append(self._outbox.popleft())
-                    except IndexError:
-                        break
+        own_pid = conn.info.backend_pid  # our own notifications come back: skipped
+        while not self._listener.stopping.is_set():
+            failures = _drain(self._outbox)
+            if failures:
                 try:
                     for payload in encode(failures):
                         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
@@ -172,6 +135,16 @@ class SharedFailures:
                     self._inbox.append((client, account, when))
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(POLL_SECONDS * 4 + 2)
+        self._listener.close()
+
+
+def _drain(box: deque[T]) -> list[T]:
+    """Everything in ``box`` now; safe against the other thread appending
+    (deque appends and pops are atomic)."""
+    got: list[T] = []
+    while box:
+        try:
+            got.append(box.popleft())
+        except IndexError:
+            break
+    return got
