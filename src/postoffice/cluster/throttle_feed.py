@@ -56,15 +56,19 @@ def encode(failures: list[tuple[str, str]]) -> list[str]:
         if len(client) > MAX_FIELD or len(account) > MAX_FIELD:
             continue
         item = [client, account]
-        length = len(json.dumps(item)) + 1
+        length = len(_json(item)) + 1  # and its comma: exact, as _json writes ASCII
         if batch and size + length > MAX_PAYLOAD:
-            payloads.append(json.dumps(batch))
+            payloads.append(_json(batch))
             batch, size = [], 2
         batch.append(item)
         size += length
     if batch:
-        payloads.append(json.dumps(batch))
+        payloads.append(_json(batch))
     return payloads
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def decode(payload: str) -> list[tuple[str, str]]:
