@@ -1,4 +1,4 @@
-"""Failed logins shared between nodes: the login throttle's ``FailureFeed`` on
+"""Failed logins shared between nodes: the login throttle's ``ThrottleFeed`` on
 PostgreSQL NOTIFY.
 
 The throttle (policy/throttle.py) is asked on every login and must stay off
@@ -6,14 +6,16 @@ the network, so its state is replicated rather than centralised: every
 node keeps its own ``LoginThrottle``, and each judged failure is sent to
 the others with ``NOTIFY postoffice_throttle``; each node books the failures
 it hears into its own pair and budgets.  Thirty wrong passwords spread over
-two nodes are then throttled as thirty on one.
+two nodes are then throttled as thirty on one.  A pair that becomes
+known-good is sent too, so the owner's address stays exempt from the
+(shared, hence spent everywhere) budgets on whichever node it reaches.
 
 Nothing here runs on the event loop: ``publish`` appends to a deque and
 ``received`` empties one (both non-blocking, bounded); a thread of its own
 holds one connection that LISTENs, sends what was published (several
 failures per notification) and receives.  Its own notifications come back
-to it and are told apart by the sending backend's pid.  Only failures are
-sent: a success, by far the common case, writes nothing.
+to it and are told apart by the sending backend's pid.  A success of a pair
+known-good already, by far the common case, sends nothing.
 
 While the database is away failures stay on the node that judged them
 (what was published meanwhile is kept up to ``MAX_QUEUED`` and sent on
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from postoffice.cluster.listen import Listener
+from postoffice.policy.throttle import FAILED, KNOWN_GOOD
 
 if TYPE_CHECKING:
     from postoffice.cluster.db import Connection
@@ -47,15 +50,16 @@ MAX_FIELD = 512  # a client key or account name longer than this is not sent
 T = TypeVar("T")
 
 
-def encode(failures: list[tuple[str, str]]) -> list[str]:
-    """Payloads of at most ``MAX_PAYLOAD`` bytes: JSON lists of [client, account]."""
+def encode(events: list[tuple[str, str, str]]) -> list[str]:
+    """Payloads of at most ``MAX_PAYLOAD`` bytes: JSON lists of [event, client,
+    account]."""
     payloads: list[str] = []
     batch: list[list[str]] = []
     size = 2
-    for client, account in failures:
+    for event, client, account in events:
         if len(client) > MAX_FIELD or len(account) > MAX_FIELD:
             continue
-        item = [client, account]
+        item = [event, client, account]
         length = len(_json(item)) + 1  # and its comma: exact, as _json writes ASCII
         if batch and size + length > MAX_PAYLOAD:
             payloads.append(_json(batch))
@@ -71,8 +75,9 @@ def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def decode(payload: str) -> list[tuple[str, str]]:
-    """The failures in a payload; malformed entries (another release?) skipped."""
+def decode(payload: str) -> list[tuple[str, str, str]]:
+    """The events in a payload; malformed or unknown ones (another release?)
+    skipped."""
     try:
         items = json.loads(payload)
     except ValueError:
@@ -80,23 +85,24 @@ def decode(payload: str) -> list[tuple[str, str]]:
     if not isinstance(items, list):
         return []
     return [
-        (item[0], item[1])
+        (item[0], item[1], item[2])
         for item in items
         if isinstance(item, list)
-        and len(item) == 2
-        and isinstance(item[0], str)
+        and len(item) == 3
+        and item[0] in (FAILED, KNOWN_GOOD)
         and isinstance(item[1], str)
+        and isinstance(item[2], str)
     ]
 
 
 class SharedFailures:
-    """``FailureFeed`` (policy/throttle.py) through PostgreSQL; ``clock`` must
+    """``ThrottleFeed`` (policy/throttle.py) through PostgreSQL; ``clock`` must
     be the throttle's."""
 
     def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._outbox: deque[tuple[str, str]] = deque(maxlen=MAX_QUEUED)
-        self._inbox: deque[tuple[str, str, float]] = deque(maxlen=MAX_QUEUED)
+        self._outbox: deque[tuple[str, str, str]] = deque(maxlen=MAX_QUEUED)
+        self._inbox: deque[tuple[str, str, str, float]] = deque(maxlen=MAX_QUEUED)
         self._listener = Listener(
             url,
             CHANNEL,
@@ -111,10 +117,10 @@ class SharedFailures:
         self._listener.start()
 
     # --- the throttle's side (event loop): deque operations only -------------------------
-    def publish(self, client: str, account: str) -> None:
-        self._outbox.append((client, account))
+    def publish(self, event: str, client: str, account: str) -> None:
+        self._outbox.append((event, client, account))
 
-    def received(self) -> list[tuple[str, str, float]]:
+    def received(self) -> list[tuple[str, str, str, float]]:
         return _drain(self._inbox)
 
     # --- the thread ----------------------------------------------------------------------
@@ -123,20 +129,20 @@ class SharedFailures:
 
         own_pid = conn.info.backend_pid  # our own notifications come back: skipped
         while not self._listener.stopping.is_set():
-            failures = _drain(self._outbox)
-            if failures:
+            events = _drain(self._outbox)
+            if events:
                 try:
-                    for payload in encode(failures):
+                    for payload in encode(events):
                         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
                 except psycopg.Error:
-                    self._outbox.extendleft(reversed(failures))  # sent on reconnecting
+                    self._outbox.extendleft(reversed(events))  # sent on reconnecting
                     raise
             for notify in conn.notifies(timeout=POLL_SECONDS):
                 if notify.pid == own_pid:
                     continue
                 when = self._clock()
-                for client, account in decode(notify.payload):
-                    self._inbox.append((client, account, when))
+                for event, client, account in decode(notify.payload):
+                    self._inbox.append((event, client, account, when))
 
     def close(self) -> None:
         self._listener.close()

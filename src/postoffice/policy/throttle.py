@@ -52,13 +52,14 @@ Why this shape (issues 11 and 19):
   (stale ones go first, then the oldest); an empty bucket is the same as no
   entry, so forgetting one loses nothing.  Entries are made only by judged
   attempts, which the global budget limits in the first place.
-* **Several nodes** (``[cluster]``, issue 17) share failures through an
-  injected ``FailureFeed`` (cluster/throttle_feed.py): each judged failure is
-  handed to it, and the other nodes' failures it received are booked into
-  the pair and the three budgets before the next attempt is judged, so
-  failures spread over nodes count as on one.  The feed does its network
-  work in a thread of its own: nothing here waits for it, and a success
-  (the common case) tells it nothing.
+* **Several nodes** (``[cluster]``, issue 17) share what they learn through
+  an injected ``ThrottleFeed`` (cluster/throttle_feed.py): each judged
+  failure is handed to it, and so is a pair that becomes known-good (or whose
+  mark is half-way to expiring); what the other nodes sent is booked before
+  the next attempt is judged.  So failures spread over nodes count as on one,
+  and the owner's address stays exempt on the node it moves to.  The feed
+  does its network work in a thread of its own: nothing here waits for it,
+  and the common success (a pair known-good already) tells it nothing.
 """
 
 from __future__ import annotations
@@ -81,15 +82,19 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
-class FailureFeed(Protocol):
-    """Judged failures shared with other nodes; both calls must not block."""
+FAILED, KNOWN_GOOD = "f", "g"  # what a ThrottleFeed event says of a pair
 
-    def publish(self, client: str, account: str) -> None:
-        """A failure judged here (``client`` as ``client_key`` made it)."""
 
-    def received(self) -> list[tuple[str, str, float]]:
-        """Other nodes' failures since the last call: (client, account, when),
-        ``when`` on the throttle's clock."""
+class ThrottleFeed(Protocol):
+    """Throttle events shared with other nodes; neither call may block."""
+
+    def publish(self, event: str, client: str, account: str) -> None:
+        """``FAILED`` or ``KNOWN_GOOD``, judged here (``client`` as ``client_key``
+        made it)."""
+
+    def received(self) -> list[tuple[str, str, str, float]]:
+        """Other nodes' events since the last call: (event, client, account,
+        when), ``when`` on the throttle's clock."""
         return []
 
 
@@ -219,7 +224,7 @@ class LoginThrottle:
         self,
         limits: ThrottleLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
-        feed: FailureFeed | None = None,
+        feed: ThrottleFeed | None = None,
     ) -> None:
         self.limits = lim = limits or ThrottleLimits()
         self._clock = clock
@@ -233,8 +238,7 @@ class LoginThrottle:
     # --- deciding ----------------------------------------------------------------
     def admit(self, client_ip: str, account: str, tag: bytes = b"") -> Admission:
         if self._feed is not None:
-            for client_, account_, when in self._feed.received():
-                self.remote_failure(client_, account_, when)
+            self._absorb(self._feed)
         now = self._clock()
         client = client_key(client_ip)
         pair_key = (client, account)
@@ -305,7 +309,11 @@ class LoginThrottle:
             if not pair.pending and self._pairs.get(admission.pair_key) is pair:
                 del self._pairs[admission.pair_key]
         if self.limits.known_good_for > 0 and admission.pair_key[1]:
-            self._known_good.pop(admission.pair_key, None)
+            before = self._known_good.pop(admission.pair_key, None)
+            if self._feed is not None and (
+                before is None or now - before > self.limits.known_good_for / 2
+            ):
+                self._feed.publish(KNOWN_GOOD, *admission.pair_key)
             _make_room(
                 self._known_good,
                 self.limits.max_entries,
@@ -326,7 +334,27 @@ class LoginThrottle:
             pair.last = now
             pair.tag = admission.tag
         if self._feed is not None:
-            self._feed.publish(*admission.pair_key)
+            self._feed.publish(FAILED, *admission.pair_key)
+
+    def _absorb(self, feed: ThrottleFeed) -> None:
+        for event, client, account, when in feed.received():
+            if event == FAILED:
+                self.remote_failure(client, account, when)
+            elif event == KNOWN_GOOD and account and self.limits.known_good_for > 0:
+                self.remote_known_good(client, account, when)
+
+    def remote_known_good(self, client: str, account: str, when: float) -> None:
+        """Another node let this pair in at ``when``: exempt here too."""
+        pair_key = (client, account)
+        if self._known_good.get(pair_key, when) > when:
+            return  # a later success here already
+        self._known_good.pop(pair_key, None)
+        _make_room(
+            self._known_good,
+            self.limits.max_entries,
+            lambda t: when - t > self.limits.known_good_for,
+        )
+        self._known_good[pair_key] = when
 
     def remote_failure(self, client: str, account: str, when: float) -> None:
         """A failure another node judged at ``when``: booked as if judged here,

@@ -300,18 +300,18 @@ class Wire:
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self.boxes: list[list[tuple[str, str, float]]] = [[], []]
-        self.published = 0
+        self.boxes: list[list[tuple[str, str, str, float]]] = [[], []]
+        self.published: list[str] = []
 
     def feed(self, node: int) -> Any:
         wire = self
 
         class Feed:
-            def publish(self, client: str, account: str) -> None:
-                wire.published += 1
-                wire.boxes[1 - node].append((client, account, wire.clock()))
+            def publish(self, event: str, client: str, account: str) -> None:
+                wire.published.append(event)
+                wire.boxes[1 - node].append((event, client, account, wire.clock()))
 
-            def received(self) -> list[tuple[str, str, float]]:
+            def received(self) -> list[tuple[str, str, str, float]]:
                 got, wire.boxes[node] = wire.boxes[node], []
                 return got
 
@@ -346,12 +346,25 @@ def test_the_pair_penalty_follows_the_client_to_the_other_node() -> None:
     assert b.admit("192.0.2.1", ALICE).fail_delay == 1.0
 
 
-def test_successes_publish_nothing() -> None:
-    a, _b, wire = two_nodes()
+def test_a_known_good_pair_is_sent_once_and_its_successes_not_at_all() -> None:
+    a, _b, wire = two_nodes(known_good_for=100.0)
     for _ in range(5):
         succeed(a, "192.0.2.1", ALICE)
     abandoned = a.admit("192.0.2.1", BOB)
     a.abandoned(abandoned)
-    assert wire.published == 0
+    assert wire.published == ["g"]  # the first success only
     fail(a, "192.0.2.1", BOB)
-    assert wire.published == 1
+    assert wire.published == ["g", "f"]
+    wire.clock.now += 51  # half-way to expiring: refreshed on the others
+    succeed(a, "192.0.2.1", ALICE)
+    assert wire.published == ["g", "f", "g"]
+
+
+def test_the_owner_known_good_on_one_node_is_exempt_on_the_other() -> None:
+    a, b, _wire = two_nodes(free_failures=1000, account_failures=4, window=3600.0, max_delay=5.0)
+    succeed(a, "192.0.2.1", ALICE)  # the owner's address, on node a
+    for i in range(4):
+        fail(a if i % 2 else b, f"198.51.100.{i}", ALICE)  # an attack, spread
+    assert b.admit("198.51.100.9", ALICE).refused_by == "account"
+    owner = b.admit("192.0.2.1", ALICE)
+    assert owner.refused_by is None and owner.known_good
