@@ -550,6 +550,7 @@ def _add_alias_parser(subparsers: Subparsers) -> None:
 
 # --- cluster ---------------------------------------------------------------------------
 def _cluster_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.cluster.dkim_move import migrate_dkim
     from postoffice.cluster.move import migrate_accounts
 
     url = _cluster_url(settings)
@@ -557,20 +558,36 @@ def _cluster_migrate(args: argparse.Namespace, settings: Settings) -> int:
         raise AccountError(f"no embedded accounts database {settings.accounts_db} to migrate")
     for table in migrate_accounts(settings.accounts_db, url):
         print(table.line())
+    print(_dkim_moved(lambda: migrate_dkim(settings.data_dir, url)))
     print(_NOT_MOVED)
     return 0
 
 
 def _cluster_export(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.cluster.dkim_move import export_dkim
     from postoffice.cluster.move import export_accounts
 
-    for table in export_accounts(_cluster_url(settings), settings.accounts_db):
+    url = _cluster_url(settings)
+    for table in export_accounts(url, settings.accounts_db):
         print(table.line())
+    print(_dkim_moved(lambda: export_dkim(url, settings.data_dir)))
     print(_NOT_MOVED)
     return 0
 
 
-_NOT_MOVED = "accounts moved; mailboxes and the queue are not moved yet (docs/cluster.md)"
+def _dkim_moved(move: Callable[[], Any]) -> str:
+    """The DKIM keys' copy line; AccountError (the command's refusal) if it failed."""
+    from postoffice.policy.dkim_keys import DkimKeyError
+
+    try:
+        return str(move().line())
+    except DkimKeyError as exc:
+        raise AccountError(f"accounts moved, DKIM keys not: {exc}") from None
+
+
+_NOT_MOVED = (
+    "accounts and DKIM keys moved; mailboxes and the queue are not moved yet (docs/cluster.md)"
+)
 
 
 def _cluster_url(settings: Settings) -> str:
@@ -587,7 +604,8 @@ def _add_cluster_parser(subparsers: Subparsers) -> None:
         "Both directions copy, in one transaction, what the receiving side lacks,\n"
         "and refuse (copying nothing) when an entry differs there; run again after\n"
         "an interruption.  Each table is verified by count and SHA-256.  Today:\n"
-        "accounts (domains, users with password hashes and quotas, aliases).\n\n"
+        "accounts (domains, users with password hashes and quotas, aliases) and\n"
+        "DKIM keys (data_dir/dkim/).\n\n"
         "examples:\n"
         "  postoffice cluster migrate   # data_dir/accounts.sqlite3 -> [cluster] database\n"
         "  postoffice cluster export    # [cluster] database -> data_dir/accounts.sqlite3\n",

@@ -71,7 +71,7 @@ MIGRATIONS = (
 )
 
 
-def _open(url: str) -> Connection:
+def open_db(url: str) -> Connection:
     conn = connect(url, autocommit=True)
     try:
         migrate(conn, "dkim", MIGRATIONS)
@@ -101,7 +101,7 @@ def generate(
     when = now or datetime.datetime.now(datetime.UTC)
     pems = {algorithm: private_pem(algorithm) for algorithm in ALGORITHMS}  # before the lock
     try:
-        with _open(url) as conn, conn.transaction():
+        with open_db(url) as conn, conn.transaction():
             # Serialised across nodes: two CLIs cannot both find no keys.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (DKIM_WRITE_LOCK,))
             rows = conn.execute(
@@ -139,7 +139,7 @@ def load_keys(url: str, domain: str) -> list[DkimKey]:
 
     name = key_domain(domain)
     try:
-        with _open(url) as conn:
+        with open_db(url) as conn:
             rows = conn.execute(
                 "SELECT domain, selector, algorithm, private_pem FROM dkim_keys"
                 " WHERE domain = %s AND active",
@@ -163,7 +163,7 @@ class ClusterKeyStore:
         self._broken: dict[str, str] = {}  # domain -> why its keys cannot be used
         self._version = -1
         try:
-            with _open(url) as conn:
+            with open_db(url) as conn:
                 self._reload(conn)
         except ClusterError as exc:
             raise DkimKeyError(str(exc)) from None

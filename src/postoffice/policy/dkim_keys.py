@@ -210,6 +210,62 @@ def _write_index(
     fsync_dir(directory)
 
 
+# --- every key, for `cluster migrate` / `export` (cluster/dkim_move.py) ------------------------
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    selector: str
+    algorithm: str
+    pem: bytes
+    active: bool
+
+
+def all_keys(data_dir: Path) -> dict[str, list[StoredKey]]:
+    """Every domain's keys, active or not, by selector.  A domain directory
+    without ``keys.json`` (a copy cut short) counts as no keys."""
+    found: dict[str, list[StoredKey]] = {}
+    root = dkim_dir(data_dir)
+    if not root.is_dir():
+        return found
+    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+        domain = directory.name
+        if not (directory / KEYS_FILE).exists():
+            continue
+        active = {k.selector for k in load_keys(data_dir, domain)}
+        keys = []
+        for path in sorted(directory.glob("*.pem")):
+            pem = path.read_bytes()
+            key = DkimKey(domain, path.stem, RSA, None, pem)
+            private = _load_private(key)
+            algorithm = RSA if isinstance(private, rsa.RSAPrivateKey) else ED25519
+            keys.append(StoredKey(path.stem, algorithm, pem, path.stem in active))
+        found[domain] = keys
+    return found
+
+
+def store_keys(data_dir: Path, domain: str, keys: list[StoredKey], when: datetime.datetime) -> None:
+    """Write ``domain``'s keys (the PEM files, then ``keys.json`` naming the
+    active ones); a file there already must hold the same key."""
+    name = key_domain(domain)
+    directory = domain_dir(data_dir, name)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _private_dir(dkim_dir(data_dir))
+    _private_dir(directory)
+    for key in keys:
+        if "/" in key.selector or key.selector.startswith("."):
+            raise DkimKeyError(f"{name}: bad selector {key.selector!r}")
+        path = directory / f"{key.selector}.pem"
+        if path.exists():
+            if path.read_bytes() != key.pem:
+                raise DkimKeyError(f"{path} exists with another key")
+            continue
+        _write_new(path, key.pem)
+    fsync_dir(directory)
+    active = [DkimKey(name, k.selector, k.algorithm, directory / f"{k.selector}.pem") for k in keys]
+    active = [k for k, stored in zip(active, keys, strict=True) if stored.active]
+    active.sort(key=lambda k: ALGORITHMS.index(k.algorithm))
+    _write_index(directory, name, active, [], when)
+
+
 # --- reading keys ------------------------------------------------------------------------------
 def load_keys(data_dir: Path, domain: str) -> list[DkimKey]:
     """The active keys of ``domain`` ([] when it has none); DkimKeyError when
