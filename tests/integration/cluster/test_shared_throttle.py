@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.cluster import ALICE, ALICE_PW
+from tests.support.helpers import wait_for
+from tests.support.postgres import PostgresServer
 from tests.support.server import PostofficeServer
 
 BUDGET = 6  # [auth] throttle_account_failures
+RECOVERY = 15.0  # seconds: the feed's reconnect backoff is at most 10 s
+BACK = "postoffice.cluster.throttle: [cluster] database reachable again"
 
 
 @pytest.fixture
@@ -96,3 +100,24 @@ def test_under_the_budget_logins_go_on(
     time.sleep(0.5)
     assert pop3(node1, ALICE_PW) == "+OK"
     assert imap(node2, ALICE_PW) == "OK"
+
+
+def test_failures_judged_while_postgresql_is_away_are_shared_when_it_is_back(
+    nodes: tuple[PostofficeServer, PostofficeServer], postgres: PostgresServer
+) -> None:
+    node1, node2 = nodes
+    node1.add_user(ALICE, ALICE_PW)
+    postgres.halt()
+    try:
+        # IMAP logins need no database: judged (and counted) on node 1 alone.
+        for i in range(BUDGET // 2):
+            assert imap(node1, f"wrong-{i}") == "[AUTHENTICATIONFAILED]"
+    finally:
+        postgres.resume()
+    assert wait_for(lambda: BACK in node1.log() and BACK in node2.log(), RECOVERY), node1.log()
+    for i in range(BUDGET // 2):
+        assert imap(node2, f"wrong-2-{i}") == "[AUTHENTICATIONFAILED]"
+    time.sleep(0.5)
+    assert imap(node2, ALICE_PW) == "[UNAVAILABLE]"
+    assert imap(node1, ALICE_PW) == "[UNAVAILABLE]"
+    assert "postoffice.cluster.throttle: lost the [cluster] database" in node1.log()
