@@ -19,7 +19,8 @@ known-good already, by far the common case, sends nothing.
 
 While the database is away failures stay on the node that judged them
 (what was published meanwhile is kept up to ``MAX_QUEUED`` and sent on
-reconnecting; what other nodes sent meanwhile is lost).  The budgets are
+reconnecting, to the nodes listening again by then: NOTIFY is not stored
+for a listener that comes later; what other nodes sent meanwhile is lost).  The budgets are
 backstops with windows of minutes: briefly counting on one node only is
 the embedded behaviour, not a hole.
 """
