@@ -49,7 +49,7 @@ from postoffice.storage.accounts import AccountError, Resolution
 
 log = logging.getLogger("postoffice.accounts")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 10_000
 MAX_ALIAS_DEPTH = 10
 
@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS domains (
 CREATE TABLE IF NOT EXISTS users (
     address TEXT PRIMARY KEY NOT NULL,      -- "local@domain", account form
     password_hash TEXT NOT NULL,
-    quota INTEGER                           -- bytes, 0 for none, NULL for [limits] mailbox_quota
+    quota INTEGER,                          -- bytes, 0 for none, NULL for [limits] mailbox_quota
+    admin INTEGER NOT NULL DEFAULT 0        -- 1: may use the admin web pages (`user admin`)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT NOT NULL,                    -- "local@domain", or "@domain" (catch-all)
@@ -75,6 +76,8 @@ CREATE TABLE IF NOT EXISTS aliases (
 _MIGRATIONS = (
     # 1 -> 2: per-mailbox quotas (``postoffice user quota``).
     "ALTER TABLE users ADD COLUMN quota INTEGER",
+    # 2 -> 3: the admin flag (``postoffice user admin``, the web pages).
+    "ALTER TABLE users ADD COLUMN admin INTEGER NOT NULL DEFAULT 0",
 )
 
 
@@ -86,6 +89,7 @@ class _Snapshot:
     users: dict[str, str] = field(default_factory=dict)  # "local@domain" -> hash
     quotas: dict[str, int] = field(default_factory=dict)  # users with their own quota
     aliases: dict[str, tuple[Address, ...]] = field(default_factory=dict)
+    admins: frozenset[str] = frozenset()  # users flagged admin
 
 
 @dataclass
@@ -316,7 +320,8 @@ class SqliteAccountStore:
             "SELECT alias, target FROM aliases ORDER BY alias, position"
         ):
             grouped.setdefault(alias, []).append(_split_stored(target))
-        return _Snapshot(domains, users, quotas, {k: tuple(v) for k, v in grouped.items()})
+        admins = frozenset(row[0] for row in conn.execute("SELECT address FROM users WHERE admin"))
+        return _Snapshot(domains, users, quotas, {k: tuple(v) for k, v in grouped.items()}, admins)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[tuple[sqlite3.Connection, _Snapshot]]:
@@ -505,6 +510,23 @@ class SqliteAccountStore:
             return None
         snap = self._snapshot if not self._stale else self._current()
         return snap.quotas.get(_key(local, address.domain.lower()))
+
+    # --- the admin flag (web pages) ----------------------------------------------------
+    def set_admin(self, address: Address, admin: bool) -> None:
+        """Flag user ``address`` as an admin of the web pages, or clear the flag."""
+        account = _account(address)
+        key = _key(account.local, account.domain)
+        with self._write() as (conn, snap):
+            if key not in snap.users:
+                raise AccountError(f"no such user: {key}")
+            conn.execute("UPDATE users SET admin = ? WHERE address = ?", (int(admin), key))
+
+    def is_admin(self, address: Address) -> bool:
+        try:
+            local = mailbox_local_part(address.local)
+        except AddressError:
+            return False
+        return _key(local, address.domain.lower()) in self._current().admins
 
     # --- aliases ---------------------------------------------------------------------
     def add_alias(self, alias: str, targets: Sequence[Address]) -> None:

@@ -625,11 +625,40 @@ def test_a_version_1_database_is_migrated(db: Path) -> None:
         assert store.quota(alice) is None
         store.set_quota(alice, 4096)
         assert store.quota(alice) == 4096
+        assert not store.is_admin(alice)  # 2 -> 3: nobody is an admin until flagged
+        store.set_admin(alice, True)
+        assert store.is_admin(alice)
     finally:
         store.close()
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     finally:
         conn.close()
     SqliteAccountStore(db).close()  # opening a migrated database changes nothing
+
+
+def test_the_admin_flag_is_set_cleared_and_seen_by_another_connection(db: Path) -> None:
+    writer = SqliteAccountStore(db, config_domains=["example.test"])
+    reader = SqliteAccountStore(db, config_domains=["example.test"])
+    try:
+        alice, bob = A("alice", "example.test"), A("bob", "example.test")
+        writer.add_user(alice, "h1")
+        writer.add_user(bob, "h2")
+        assert not reader.is_admin(alice)
+        writer.set_admin(alice, True)
+        reader._stale = True  # the next read checks data_version at once
+        assert reader.is_admin(alice) and not reader.is_admin(bob)
+        assert writer.is_admin(A("Alice", "EXAMPLE.test"))  # account form, as logins are
+        writer.set_admin(alice, False)
+        assert not writer.is_admin(alice)
+        with pytest.raises(AccountError, match="no such user"):
+            writer.set_admin(A("carol", "example.test"), True)
+        # Removed and added again: a new user, not an admin.
+        writer.set_admin(alice, True)
+        writer.remove_user(alice)
+        writer.add_user(alice, "h3")
+        assert not writer.is_admin(alice)
+    finally:
+        writer.close()
+        reader.close()
