@@ -260,6 +260,11 @@ class Authenticator:
             await asyncio.sleep(admission.fail_delay)
         return None
 
+    async def hash_password(self, password: str) -> str:
+        """A new password's hash (the web pages' password change), made in the
+        hashing pool like a check: it costs as much, and must not stall the loop."""
+        return await self._pool.run(self._hasher.hash, password)
+
     def close(self) -> None:
         self._pool.shutdown()
 
