@@ -83,7 +83,7 @@ class WebApp:
         status: int = 200,
         headers: tuple[tuple[str, str], ...] = (),
     ) -> Response:
-        body = self.renderer.page(template, values)
+        body = self.renderer.page(template, {"notice": "", "error": "", **values})
         return Response(status, body, HTML, (*security.SECURITY_HEADERS, *headers))
 
     def page(self, template: str, page: Page, status: int = 200, **values: Any) -> Response:
