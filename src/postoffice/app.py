@@ -317,6 +317,10 @@ class Server:
         # Client autoconfiguration over HTTPS, with the mail certificate; port 80
         # redirects to it (net/web.py).
         https, http = web.https_routes(s), web.http_routes(s)
+        if listen.https:
+            from postoffice.web.routes import add_routes as add_web_pages  # Jinja2: only if served
+
+            add_web_pages(https, s)
         self._listener(
             "https",
             listen.https,

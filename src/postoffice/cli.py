@@ -145,7 +145,7 @@ def _ask(prompt: str) -> str:
 
 
 def _read_password(args: argparse.Namespace, prompt: str, owner: Address) -> str:
-    from postoffice.account_changes import check_password
+    from postoffice.policy.account_changes import check_password
 
     if args.password_stdin:
         text = sys.stdin.read()
@@ -172,7 +172,7 @@ def _hash(password: str) -> str:
 
 # --- user -----------------------------------------------------------------------------
 def _user_add(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.account_changes import check_new_user
+    from postoffice.policy.account_changes import check_new_user
     from postoffice.storage.maildir import ensure_maildir
 
     address = parse_mailbox(args.address)
@@ -207,7 +207,7 @@ def _user_passwd(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _user_remove(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.account_changes import remove_user
+    from postoffice.policy.account_changes import remove_user
 
     address = parse_mailbox(args.address)
     with closing(_store(settings)) as store:
@@ -434,7 +434,7 @@ def _add_domain_parser(subparsers: Subparsers) -> None:
 
 # --- alias ----------------------------------------------------------------------------
 def _alias_add(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.account_changes import add_alias, parse_targets
+    from postoffice.policy.account_changes import add_alias, parse_targets
 
     targets = parse_targets(args.targets)
     with closing(_store(settings)) as store:

@@ -1,7 +1,8 @@
 """The route tables of [listen] https and [listen] http, in one place.
 
 https: client autoconfiguration (net/autoconfig.py), our MTA-STS policy
-(net/mta_sts.py); the admin and account pages (web/).
+(net/mta_sts.py); the composition root adds the admin and account pages
+(web/, which sees more than net/ may).
 
 http (port 80) only redirects to https, keeping the path and query, the way
 a web server set up for a mail host usually is: nothing is served in
@@ -31,9 +32,6 @@ def https_routes(services: Services) -> Routes:
     routes = Routes()
     autoconfig.add_routes(routes, services)
     mta_sts.add_routes(routes, services)
-    from postoffice.web.app import add_routes as add_web_pages  # Jinja2: only where served
-
-    add_web_pages(routes, services)
     return routes
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from postoffice.account_changes import check_password
 from postoffice.delivery.sieve import compile_script
 from postoffice.mail.address import Address
 from postoffice.net.http import Response, Routes
+from postoffice.policy.account_changes import check_password
 from postoffice.policy.auth import LoginThrottled
 from postoffice.protocol.sieve_parse import SieveSyntaxError
 from postoffice.protocol.sieve_run import SieveCheckError

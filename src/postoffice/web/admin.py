@@ -1,6 +1,6 @@
 """/admin: the pages for users flagged admin (``postoffice user admin``).
 
-Every change goes through the code the CLI runs (account_changes.py, the
+Every change goes through the code the CLI runs (policy/account_changes.py, the
 account store, the queue store), in the I/O pool, and is refused with the
 same words.  Reached only through ``WebApp.guarded(..., admin=True)``: a
 session of a user flagged admin, from ``[web] admin_networks``.
@@ -23,12 +23,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from postoffice import account_changes
 from postoffice.delivery.queue.records import PENDING, QUEUE_ID, QueueEntry
 from postoffice.delivery.queue.store import Removal
 from postoffice.delivery.queue_cli import queue_store
 from postoffice.mail.address import Address, AddressError, normalise_domain, parse_mailbox
 from postoffice.net.http import Response, Routes
+from postoffice.policy import account_changes
 from postoffice.storage.accounts import AccountError
 from postoffice.storage.maildir import ensure_maildir
 from postoffice.trace import Record, log_files, parse_line, read_lines, select

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from postoffice import logfmt
-from postoffice.net.http import Request, Response, Routes
+from postoffice.net.http import Request, Response
 from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.clients import client_address, in_networks
 from postoffice.services import Services
@@ -242,18 +242,3 @@ def same_origin(request: Request) -> bool:
         return True
     host = request.header(b"host")
     return host is not None and origin.strip().lower() == b"https://" + host.strip().lower()
-
-
-def add_routes(routes: Routes, services: Services) -> WebApp:
-    """The web pages, on the https listener's table."""
-    from postoffice.web import account, admin
-
-    web = WebApp(services)
-    routes.add("/", web.home)
-    routes.add("/login", web.login, ("GET", "POST"), max_body=security.MAX_LOGIN_BODY)
-    routes.add("/logout", web.guarded(web.logout), ("POST",), max_body=security.MAX_LOGIN_BODY)
-    for path in web.static:
-        routes.add(path, web.static_file)
-    account.add_routes(routes, web)
-    admin.add_routes(routes, web)
-    return web

@@ -173,7 +173,8 @@ def parse_cookies(headers: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
             pairs += 1
             if pairs > MAX_COOKIE_PAIRS:
                 return found
-            key, sep, val = part.strip().partition("=")
+            key, sep, val = part.partition("=")
+            key = key.strip()
             if sep and key and key not in found:
                 found[key] = val.strip()
     return found
