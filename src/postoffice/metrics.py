@@ -348,6 +348,34 @@ def exposition(queue: tuple[int, float | None] | None, now: float) -> bytes:
     return generate_latest(registry)
 
 
+TRAFFIC = ("received", "delivered", "deferred", "bounced")
+
+
+def traffic_totals() -> dict[str, float]:
+    """Messages accepted after DATA, and outbound recipients delivered,
+    deferred and bounced, since the server started, summed over its
+    processes (the web dashboard's plots).  Blocking: reads the files."""
+    totals = dict.fromkeys(TRAFFIC, 0.0)
+    directory = os.environ.get(MULTIPROC_ENV)
+    if _m is None or not directory:
+        return totals
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry, path=directory)
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name == f"{NAMESPACE}_smtp_messages_total":
+                if sample.labels.get("result") == "accepted":
+                    totals["received"] += sample.value
+            elif sample.name == f"{NAMESPACE}_delivery_attempts_total":
+                result = sample.labels.get("result", "")
+                if result in totals:
+                    totals[result] += sample.value
+    return totals
+
+
 class _QueueCollector:
     """The outbound queue's size and oldest message's age, as read at scrape time."""
 

@@ -509,3 +509,27 @@ def test_admin_networks_close_the_admin_pages_to_other_clients(tmp_path: Path) -
         assert browser(server).get("/admin").status == 403  # not even the login's state shown
     finally:
         server.stop()
+
+
+def test_the_dashboard_plots_the_traffic_the_test_sent(srv: PostofficeServer) -> None:
+    b = logged_in(srv, ALICE, ALICE_PW)
+
+    def received_this_hour() -> int:
+        page = b.get("/admin")
+        assert page.status == 200
+        assert '<svg width="480"' in page.body and 'data-series="received"' in page.body
+        return int(re.findall(r"received: (\d+)</title>", page.body)[-1])
+
+    before = received_this_hour()
+    for n in range(2):
+        client = submission(srv, BOB, BOB_PW)
+        try:
+            assert client.cmd("MAIL FROM:<bob@example.test>")[0] == 250
+            assert client.cmd("RCPT TO:<alice@example.test>")[0] == 250
+            assert client.cmd("DATA")[0] == 354
+            client.send(f"Subject: plot {n}\r\nFrom: bob@example.test\r\n\r\nx\r\n.\r\n".encode())
+            assert client.reply()[0] == 250
+        finally:
+            client.close()
+    # Views within a second reuse the last sample: wait for the next one.
+    assert wait_for(lambda: received_this_hour() == before + 2, timeout=10, step=0.5)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from postoffice import metrics
 from postoffice.delivery.queue.records import PENDING, QUEUE_ID, QueueEntry
 from postoffice.delivery.queue.store import Removal
 from postoffice.delivery.queue_cli import queue_store
@@ -33,6 +34,7 @@ from postoffice.storage.accounts import AccountError
 from postoffice.storage.maildir import ensure_maildir
 from postoffice.trace import Record, log_files, parse_line, read_lines, select
 from postoffice.web.app import Page, WebApp
+from postoffice.web.dashboard import BAR_WIDTH, PLOT_HEIGHT, PLOT_WIDTH, plot
 
 MAX_LISTED = 500  # rows of one table on a page (users, aliases, queue entries)
 MAX_TRACE_RECORDS = 1000
@@ -128,7 +130,18 @@ class AdminPages:
 
     async def _dashboard(self) -> dict[str, object]:
         _rows, count, oldest = await self.web.blocking(self._queue)
-        return {"queue_count": count, "queue_oldest": int(oldest)}
+        history = self.web.history
+        await history.take()
+        plots = [plot(name, history.hourly(name)) for name in metrics.TRAFFIC]
+        plots.append(plot("queue", history.queue_hourly()))
+        return {
+            "queue_count": count,
+            "queue_oldest": int(oldest),
+            "plots": plots,
+            "plot_width": PLOT_WIDTH,
+            "plot_height": PLOT_HEIGHT,
+            "bar_width": BAR_WIDTH,
+        }
 
     def _queue(self) -> tuple[list[QueueRow], int, float]:
         return _queue_rows(queue_store(self.settings).entries_blocking())

@@ -35,6 +35,7 @@ from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.clients import client_address, in_networks
 from postoffice.services import Services
 from postoffice.web import security
+from postoffice.web.dashboard import history_for
 from postoffice.web.render import Renderer, StaticFile, static_files
 from postoffice.web.security import (
     LOGIN_COOKIE,
@@ -73,6 +74,10 @@ class WebApp:
         self.login_tokens = LoginTokens()
         self.renderer = Renderer()
         self.static: dict[str, StaticFile] = static_files()
+        from postoffice.delivery.outbound import Outbound
+
+        stats = services.outbound.stats if isinstance(services.outbound, Outbound) else None
+        self.history = history_for(services.executor, stats)
 
     # --- answers -----------------------------------------------------------------------
     def html(
