@@ -123,7 +123,7 @@ def test_login_sets_a_strict_session_cookie_and_security_headers(srv: Postoffice
     assert "script-src" not in csp and "unsafe-inline" not in csp  # no script at all
     assert form.headers["x-frame-options"] == "DENY"
     assert form.headers["x-content-type-options"] == "nosniff"
-    assert form.headers["referrer-policy"] == "no-referrer"
+    assert form.headers["referrer-policy"] == "same-origin"
     assert "<script" not in form.body and "style=" not in form.body
     answer = b.post("/login", {"csrf": form.csrf, "username": BOB, "password": BOB_PW})
     assert answer.status == 303 and answer.headers["location"] == "/account"

@@ -153,26 +153,28 @@ class WebApp:
     def check_post(self, request: Request, csrf: str, page: Page | None) -> Response | None:
         """None when a POST may go on (``page.form`` filled in); else the refusal."""
         if not same_origin(request):
-            log.warning(
-                "web refused client=%s path=%s: foreign Origin",
-                request.peer,
-                logfmt.field(request.path),
-            )
+            self._refused(request, "foreign Origin")
             return self.refuse(403, "this form was sent from another site")
         try:
             form = security.parse_form(request.header(b"content-type"), request.body)
         except FormError:
             return self.refuse(400, "that was not a form")
         if not security.tokens_match(csrf, form.get("csrf")):
-            log.warning(
-                "web refused client=%s path=%s: bad CSRF token",
-                request.peer,
-                logfmt.field(request.path),
-            )
+            self._refused(request, "bad CSRF token")
             return self.refuse(403, "this form has expired or was not sent from this site")
         if page is not None:
             page.form = form
         return None
+
+    @staticmethod
+    def _refused(request: Request, why: str) -> None:
+        log.warning(
+            "web refused client=%s path=%s origin=%s: %s",
+            request.peer,
+            logfmt.field(request.path),
+            logfmt.field((request.header(b"origin") or b"-").decode("latin-1")[:200]),
+            why,
+        )
 
     # --- login and logout --------------------------------------------------------------
     async def login_form(self, request: Request, *, error: str = "", status: int = 200) -> Response:
@@ -190,6 +192,7 @@ class WebApp:
         if request.method in ("GET", "HEAD"):
             return await self.login_form(request)
         if not same_origin(request):
+            self._refused(request, "foreign Origin")
             return self.refuse(403, "this form was sent from another site")
         try:
             form = security.parse_form(request.header(b"content-type"), request.body)
@@ -197,6 +200,7 @@ class WebApp:
             return self.refuse(400, "that was not a form")
         cookies = security.parse_cookies(request.headers)
         if not self.login_tokens.check(cookies.get(LOGIN_COOKIE), form.get("csrf")):
+            self._refused(request, "bad CSRF token")
             return self.refuse(403, "this form has expired or was not sent from this site")
         name, password = form.get("username", ""), form.get("password", "")
         try:
