@@ -533,3 +533,10 @@ def test_the_dashboard_plots_the_traffic_the_test_sent(srv: PostofficeServer) ->
             client.close()
     # Views within a second reuse the last sample: wait for the next one.
     assert wait_for(lambda: received_this_hour() == before + 2, timeout=10, step=0.5)
+
+
+def test_user_admin_refuses_an_unknown_user(srv: PostofficeServer) -> None:
+    done = srv.cli("user", "admin", "nobody@example.test", check=False)
+    assert done.returncode == 1 and "no such user: nobody@example.test" in done.stderr
+    listed = srv.cli("user", "admin", BOB, "--off")
+    assert "is no longer an admin" in listed.stdout

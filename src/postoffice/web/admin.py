@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postoffice import metrics
+from postoffice.config.settings import Settings
 from postoffice.delivery.queue.records import PENDING, QUEUE_ID, QueueEntry
 from postoffice.delivery.queue.store import Removal
 from postoffice.delivery.queue_cli import queue_store
@@ -92,8 +93,11 @@ def _queue_rows(entries: Iterator[tuple[QueueEntry, int]]) -> tuple[list[QueueRo
 class AdminPages:
     def __init__(self, web: WebApp) -> None:
         self.web = web
-        self.settings = web.services.settings
         self.accounts = web.services.accounts
+
+    @property
+    def settings(self) -> Settings:
+        return self.web.services.settings  # a reload replaces it
 
     # --- accounts ------------------------------------------------------------------
     def _accounts(self, query: str) -> dict[str, object]:
