@@ -13,6 +13,7 @@ pages show (an alias target, a HELO name in a trace) rendered escaped.
 from __future__ import annotations
 
 import base64
+import html
 import poplib
 import re
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.dns import auth_dns
 from tests.support.helpers import (
     ALICE,
     ALICE_PW,
@@ -43,13 +45,23 @@ DAVE, DAVE_PW = "dave@example.test", "dave-password-4"
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostofficeServer]:
     root = tmp_path_factory.mktemp("web")
     https = free_port(("127.0.0.1",))
+    # The DNS health page's zone: an MX and the host's address, nothing else.
+    dns = auth_dns(
+        root,
+        mx=[("example.test", "mail.example.test", 10)],
+        hosts={"mail.example.test": ["127.0.0.1"]},
+    ).start()
     server = PostofficeServer(
         root,
         sections={
             "listen": {"https": [f"127.0.0.1:{https}"]},
             "log": {"file": str(root / "mail.log")},
             # Remote mail waits in the queue: the smarthost never answers.
-            "relay": {"smarthost": f"127.0.0.1:{free_port()}", "retry_schedule": [3600]},
+            "relay": {
+                "smarthost": f"127.0.0.1:{free_port()}",
+                "retry_schedule": [3600],
+                "dns_servers": [dns.server],
+            },
             # carol's account budget is 3 failures; the address budget is off
             # so that the other tests' wrong passwords do not add up.
             "auth": {
@@ -69,6 +81,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostofficeServer]:
         yield server
     finally:
         server.stop()
+        dns.stop()
 
 
 def browser(srv: PostofficeServer) -> Browser:
@@ -540,3 +553,22 @@ def test_user_admin_refuses_an_unknown_user(srv: PostofficeServer) -> None:
     assert done.returncode == 1 and "no such user: nobody@example.test" in done.stderr
     listed = srv.cli("user", "admin", BOB, "--off")
     assert "is no longer an admin" in listed.stdout
+
+
+def test_the_dns_health_page_says_what_the_doctor_says(srv: PostofficeServer) -> None:
+    b = logged_in(srv, ALICE, ALICE_PW)
+    listing = b.get("/admin/dns")
+    assert listing.status == 200 and "/admin/dns?domain=example.test" in listing.body
+    page = b.get("/admin/dns?domain=example.test")
+    assert page.status == 200, page.body
+    found = re.findall(r'<tr class="status-(\w+)"><td>\w+</td><td><code>([^<]*)</code>', page.body)
+    statuses = {html.unescape(record): status for status, record in found}
+    assert statuses["example.test. IN MX 10 mail.example.test."] == "ok", statuses
+    assert statuses['example.test. IN TXT "v=spf1 mx -all"'] == "missing"
+    assert "problem(s)" in page.body
+    records = html.unescape(page.body.split('<pre class="records">')[1].split("</pre>")[0])
+    assert "example.test. IN MX 10 mail.example.test." in records
+    assert "_dmarc.example.test." in records
+    hostile = b.get("/admin/dns?domain=%3Cscript%3Eevil.test")
+    assert hostile.status == 404 and "<script>" not in hostile.body
+    assert b.get("/admin/dns?domain=elsewhere.test").status == 404

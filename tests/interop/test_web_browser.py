@@ -168,6 +168,12 @@ def test_an_admin_manages_accounts_reads_the_dashboard_and_traces_a_message(
         )
         visit.check("trace")
         assert "someone@remote.example" in page.locator(".timeline").inner_text()
+        page.get_by_role("link", name="DNS health").click()
+        page.get_by_role("link", name="browser.example").click()
+        page.wait_for_url("**/admin/dns?domain=browser.example")
+        visit.check("dns")
+        records = page.locator("pre.records").inner_text()
+        assert "browser.example. IN MX 10 mail.example.test." in records
     finally:
         visit.close()
 

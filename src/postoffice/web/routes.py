@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from postoffice.net.http import Routes
 from postoffice.services import Services
-from postoffice.web import account, admin, security
+from postoffice.web import account, admin, dns_health, security
 from postoffice.web.app import WebApp
 
 
@@ -18,4 +18,5 @@ def add_routes(routes: Routes, services: Services) -> WebApp:
         routes.add(path, web.static_file)
     account.add_routes(routes, web)
     admin.add_routes(routes, web)
+    dns_health.add_routes(routes, web)
     return web
