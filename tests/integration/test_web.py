@@ -520,6 +520,13 @@ def test_admin_networks_close_the_admin_pages_to_other_clients(tmp_path: Path) -
         closed = b.get("/admin")
         assert closed.status == 403 and "not open to your network" in closed.body
         assert browser(server).get("/admin").status == 403  # not even the login's state shown
+        # A reload opens them (the list is read at each request).
+        text = server.config.read_text().replace(
+            'admin_networks = ["192.0.2.0/24"]', "admin_networks = []"
+        )
+        server.config.write_text(text)
+        server.cli("reload")
+        assert wait_for(lambda: b.get("/admin").status == 200, timeout=10)
     finally:
         server.stop()
 
