@@ -579,3 +579,12 @@ def test_the_dns_health_page_says_what_the_doctor_says(srv: PostofficeServer) ->
     hostile = b.get("/admin/dns?domain=%3Cscript%3Eevil.test")
     assert hostile.status == 404 and "<script>" not in hostile.body
     assert b.get("/admin/dns?domain=elsewhere.test").status == 404
+
+
+def test_recent_logins_show_every_protocol_with_the_address(srv: PostofficeServer) -> None:
+    assert pop3_login(srv, DAVE, DAVE_PW)
+    page = logged_in(srv, DAVE, DAVE_PW).get("/account")
+    logins = page.body.split('id="logins-h"')[1].split("</table>")[0]
+    assert "<td>web</td><td>127.0.0.1</td>" in logins
+    assert "<td>pop3</td><td>127.0.0.1</td>" in logins
+    assert logins.index("<td>web</td>") < logins.index("<td>pop3</td>")  # newest first

@@ -28,6 +28,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from postoffice import logfmt, metrics
 from postoffice.mail.address import Address, AddressError, parse_mailbox
+from postoffice.policy.recent_logins import RecentLogins
 from postoffice.policy.throttle import LoginThrottle
 
 try:
@@ -199,6 +200,8 @@ class Authenticator:
         self._throttle = throttle
         self._pool = pool
         self._tag_key = os.urandom(32)  # never leaves this process
+        # Each account's last logins, for its owner's /account page.
+        self.recent = RecentLogins()
 
     async def login(
         self, name: str, password: str, client_ip: str, protocol: str
@@ -250,6 +253,7 @@ class Authenticator:
             raise
         if ok and address is not None:
             self._throttle.succeeded(admission)
+            self.recent.record(account, protocol, client_ip)
             log.info("auth ok %s", who)
             metrics.auth(protocol, "success")
             return address

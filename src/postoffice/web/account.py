@@ -5,6 +5,8 @@
   (account_changes.check_password), hashed in the hashing pool; every other
   session of the account ends, and this browser gets a new session id;
 - quota usage (storage/quota.py, as ``user quota`` reports it);
+- the account's recent logins, by every protocol, with the client's address
+  (policy/recent_logins.py);
 - a vacation reply, written as a Sieve script named "vacation";
 - the active Sieve script, edited as text; stored only if it compiles
   (delivery/sieve.py compile_script, as ``sieve put`` and ManageSieve do),
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 from postoffice.delivery.sieve import compile_script
@@ -58,6 +61,10 @@ def vacation_script(days: int, subject: str, reason: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
+
+
 class AccountPages:
     def __init__(self, web: WebApp) -> None:
         self.web = web
@@ -82,6 +89,10 @@ class AccountPages:
         usage = await self.web.blocking(self._usage, account)
         active, script = await self.web.blocking(self._sieve, account)
         values.setdefault("script", script)
+        logins = [
+            (_when(login.time), login.protocol, login.client)
+            for login in self.web.services.authenticator.recent.of(str(account))
+        ]
         return self.web.page(
             "account.html",
             page,
@@ -89,6 +100,7 @@ class AccountPages:
             usage=usage,
             active_script=active or "",
             vacation_on=active == VACATION_SCRIPT,
+            logins=logins,
             **values,
         )
 
