@@ -588,3 +588,17 @@ def test_recent_logins_show_every_protocol_with_the_address(srv: PostofficeServe
     assert "<td>web</td><td>127.0.0.1</td>" in logins
     assert "<td>pop3</td><td>127.0.0.1</td>" in logins
     assert logins.index("<td>web</td>") < logins.index("<td>pop3</td>")  # newest first
+
+
+@pytest.mark.abuse
+def test_a_password_changed_by_the_cli_or_a_removed_user_ends_the_session(
+    srv: PostofficeServer,
+) -> None:
+    srv.add_user("hank@example.test", "hank-password-10")
+    b = logged_in(srv, "hank@example.test", "hank-password-10")
+    assert b.get("/account").status == 200
+    srv.cli("user", "passwd", "hank@example.test", "--password-stdin", input="hank-password-11\n")
+    assert wait_for(lambda: b.get("/account").status == 303, timeout=10)  # to the login
+    b = logged_in(srv, "hank@example.test", "hank-password-11")
+    srv.cli("user", "remove", "hank@example.test")
+    assert wait_for(lambda: b.get("/account").status == 303, timeout=10)

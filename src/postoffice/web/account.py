@@ -31,6 +31,7 @@ from postoffice.storage.quota import format_size, usage_blocking
 from postoffice.storage.sieve_scripts import ScriptError, SieveScripts
 from postoffice.web import security
 from postoffice.web.app import MAX_FORM_BODY, Page, WebApp
+from postoffice.web.security import credential_of
 
 VACATION_SCRIPT = "vacation"
 DEFAULT_SCRIPT = "default"
@@ -133,7 +134,7 @@ class AccountPages:
             return await self.show(page, 400, error=str(exc))
         # Sessions that knew the old password end; this one goes on under a new id.
         self.web.sessions.drop_account(account)
-        session_id, session = self.web.sessions.create(account)
+        session_id, session = self.web.sessions.create(account, credential_of(hashed))
         page.session = session
         response = await self.show(page, notice="Your password was changed.")
         cookie = security.set_cookie(security.SESSION_COOKIE, session_id)

@@ -24,6 +24,7 @@ not checked.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from postoffice.web.security import (
     LoginTokens,
     SessionTable,
     WebSession,
+    credential_of,
 )
 
 log = logging.getLogger("postoffice.web")
@@ -133,7 +135,11 @@ class WebApp:
             if admin and not self.admin_network_ok(request):
                 return self.refuse(403, "the admin pages are not open to your network")
             cookies = security.parse_cookies(request.headers)
-            session = self.sessions.get(cookies.get(SESSION_COOKIE))
+            session_id = cookies.get(SESSION_COOKIE)
+            session = self.sessions.get(session_id)
+            if session is not None and not self.still_valid(session):
+                self.sessions.drop(session_id)
+                session = None
             if session is None:
                 if request.method in ("GET", "HEAD"):
                     return self.redirect("/login")
@@ -149,6 +155,11 @@ class WebApp:
             return await handler(page)
 
         return serve
+
+    def still_valid(self, session: WebSession) -> bool:
+        """The account still exists with the password the session logged in with."""
+        stored = self.services.accounts.password_hash(session.account)
+        return stored is not None and hmac.compare_digest(credential_of(stored), session.credential)
 
     def check_post(self, request: Request, csrf: str, page: Page | None) -> Response | None:
         """None when a POST may go on (``page.form`` filled in); else the refusal."""
@@ -214,7 +225,8 @@ class WebApp:
         # Whatever session id the browser had (or was given by someone
         # else) ends here: the login gets a new one.
         self.sessions.drop(cookies.get(SESSION_COOKIE))
-        session_id, _session = self.sessions.create(account)
+        credential = credential_of(self.services.accounts.password_hash(account))
+        session_id, _session = self.sessions.create(account, credential)
         log.info("web login client=%s user=%s", request.peer, logfmt.field(str(account)))
         where = "/admin" if self.services.accounts.is_admin(account) else "/account"
         return self.redirect(

@@ -66,6 +66,17 @@ class WebSession:
     csrf: str
     created: float
     seen: float
+    # A digest of the account's password hash at login: a session ends when
+    # it no longer matches (the password was changed, by the CLI too, or the
+    # user removed), checked at every request.
+    credential: bytes = b""
+
+
+def credential_of(password_hash: str | None) -> bytes:
+    """What a session remembers of the account's stored hash (never the hash)."""
+    if password_hash is None:
+        return b""
+    return hashlib.sha256(password_hash.encode("utf-8", "replace")).digest()
 
 
 def _digest(session_id: str) -> bytes:
@@ -90,11 +101,11 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._table)
 
-    def create(self, account: Address) -> tuple[str, WebSession]:
+    def create(self, account: Address, credential: bytes = b"") -> tuple[str, WebSession]:
         """A new session with a new random id (the cookie's value)."""
         now = self._clock()
         session_id = secrets.token_urlsafe(32)
-        session = WebSession(account, secrets.token_urlsafe(32), now, now)
+        session = WebSession(account, secrets.token_urlsafe(32), now, now, credential)
         self._table[_digest(session_id)] = session
         while len(self._table) > self._max:
             self._table.popitem(last=False)
