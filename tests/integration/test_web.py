@@ -602,3 +602,45 @@ def test_a_password_changed_by_the_cli_or_a_removed_user_ends_the_session(
     b = logged_in(srv, "hank@example.test", "hank-password-11")
     srv.cli("user", "remove", "hank@example.test")
     assert wait_for(lambda: b.get("/account").status == 303, timeout=10)
+
+
+def send_to(srv: PostofficeServer, recipient: str, subject: str) -> None:
+    client = submission(srv, ALICE, ALICE_PW)
+    try:
+        assert client.cmd("MAIL FROM:<alice@example.test>")[0] == 250
+        assert client.cmd(f"RCPT TO:<{recipient}>")[0] == 250
+        assert client.cmd("DATA")[0] == 354
+        client.send(
+            f"Subject: {subject}\r\nFrom: alice@example.test\r\nTo: {recipient}\r\n"
+            f"Message-ID: <{subject}@example.test>\r\n\r\nhi\r\n.\r\n".encode()
+        )
+        assert client.reply()[0] == 250
+    finally:
+        client.close()
+
+
+def test_forwarding_and_a_vacation_reply_live_in_one_script(srv: PostofficeServer) -> None:
+    srv.add_user("ivy@example.test", "ivy-password-12")
+    b = logged_in(srv, "ivy@example.test", "ivy-password-12")
+    for bad, why in (("ivy@example.test", "forwarded to itself"), ("not an address", "")):
+        refused = b.form_post("/account", "/account/forwarding", {"forward": bad, "keep": "on"})
+        assert refused.status == 400 and why in refused.body
+    done = b.form_post("/account", "/account/forwarding", {"forward": BOB, "keep": "on"})
+    assert done.status == 200 and f"Mail is forwarded to {BOB}" in done.body
+    vacation = {"enabled": "on", "days": "5", "subject": "Gone", "reason": "Gone fishing."}
+    assert b.form_post("/account", "/account/vacation", vacation).status == 200
+    page = b.get("/account")
+    assert f'value="{BOB}"' in page.body and 'value="Gone"' in page.body  # read back
+    bob_before, ivy_before = len(srv.messages(BOB)), len(srv.messages("ivy@example.test"))
+    alice_before = len(srv.messages(ALICE))
+    send_to(srv, "ivy@example.test", "forwarded-1")
+    assert wait_for(lambda: len(srv.messages(BOB)) > bob_before)
+    assert wait_for(lambda: len(srv.messages("ivy@example.test")) > ivy_before)  # kept
+    assert wait_for(lambda: len(srv.messages(ALICE)) > alice_before)  # the vacation reply
+    assert b"Gone fishing." in srv.messages(ALICE)[-1].read_bytes()
+    # Forwarding off leaves the vacation reply on; both off: no active script.
+    b.form_post("/account", "/account/forwarding", {"forward": ""})
+    page = b.get("/account")
+    assert "Mail is not forwarded" in page.body and "It is <strong>on</strong>" in page.body
+    b.form_post("/account", "/account/vacation", {})
+    assert not (srv.data_dir / "sieve" / "example.test" / "ivy" / ".active").exists()

@@ -198,7 +198,7 @@ def test_a_user_changes_the_password_and_sets_a_vacation_reply(
         page.get_by_label("Subject").fill("Out of office")
         page.get_by_label("Message").fill("Away until Monday.")
         page.get_by_role("button", name="Save vacation reply").click()
-        assert "saved and active" in page.get_by_role("status").inner_text()
+        assert "vacation reply is on" in page.get_by_role("status").inner_text()
         visit.check("account-vacation")
     finally:
         visit.close()

@@ -7,7 +7,8 @@
 - quota usage (storage/quota.py, as ``user quota`` reports it);
 - the account's recent logins, by every protocol, with the client's address
   (policy/recent_logins.py);
-- a vacation reply, written as a Sieve script named "vacation";
+- forwarding and a vacation reply, written as the page's own Sieve script
+  (web/rules.py), made the active one;
 - the active Sieve script, edited as text; stored only if it compiles
   (delivery/sieve.py compile_script, as ``sieve put`` and ManageSieve do),
   else the error's line and column are shown and nothing changes.
@@ -15,11 +16,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass
 
 from postoffice.delivery.sieve import compile_script
-from postoffice.mail.address import Address
+from postoffice.mail.address import Address, AddressError, parse_address
 from postoffice.net.http import Response, Routes
 from postoffice.policy.account_changes import check_password
 from postoffice.policy.auth import LoginThrottled
@@ -29,14 +31,12 @@ from postoffice.storage.accounts import AccountError
 from postoffice.storage.maildir import mailbox_path
 from postoffice.storage.quota import format_size, usage_blocking
 from postoffice.storage.sieve_scripts import ScriptError, SieveScripts
+from postoffice.web import rules as rules_module
 from postoffice.web import security
 from postoffice.web.app import MAX_FORM_BODY, Page, WebApp
 from postoffice.web.security import credential_of
 
-VACATION_SCRIPT = "vacation"
 DEFAULT_SCRIPT = "default"
-MAX_VACATION_DAYS = 90  # sieve_run caps :days there too
-MAX_VACATION_TEXT = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,21 +45,6 @@ class Usage:
     limit: str
     percent: int  # 0..100; 0 without a quota
     messages: int
-
-
-def sieve_string(text: str) -> str:
-    """``text`` as a Sieve quoted string (RFC 5228 §2.4.2: backslash and
-    double quote escaped; CRLF kept as the line breaks of a reply)."""
-    body = text.replace("\r\n", "\n").replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + body.replace("\n", "\r\n") + '"'
-
-
-def vacation_script(days: int, subject: str, reason: str) -> bytes:
-    lines = ['require ["vacation"];', f"vacation :days {days}"]
-    if subject:
-        lines[-1] += f" :subject {sieve_string(subject)}"
-    lines[-1] += f" {sieve_string(reason)};"
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
 def _when(ts: float) -> str:
@@ -90,6 +75,8 @@ class AccountPages:
         usage = await self.web.blocking(self._usage, account)
         active, script = await self.web.blocking(self._sieve, account)
         values.setdefault("script", script)
+        ours = active == rules_module.SCRIPT_NAME
+        rules = rules_module.read(script.encode("utf-8")) if ours else rules_module.AccountRules()
         logins = [
             (_when(login.time), login.protocol, login.client)
             for login in self.web.services.authenticator.recent.of(str(account))
@@ -100,7 +87,8 @@ class AccountPages:
             status,
             usage=usage,
             active_script=active or "",
-            vacation_on=active == VACATION_SCRIPT,
+            rules=rules,
+            rules_active=active == rules_module.SCRIPT_NAME,
             logins=logins,
             **values,
         )
@@ -142,42 +130,80 @@ class AccountPages:
             response.status, response.body, response.content_type, (*response.headers, cookie)
         )
 
+    async def _current_rules(self, account: Address) -> rules_module.AccountRules:
+        active, script = await self.web.blocking(self._sieve, account)
+        if active != rules_module.SCRIPT_NAME:
+            return rules_module.AccountRules()
+        return rules_module.read(script.encode("utf-8"))
+
     async def vacation(self, page: Page) -> Response:
         account = page.session.account
         form = page.form
+        current = await self._current_rules(account)
         if form.get("enabled") != "on":
-            await self.web.blocking(self._vacation_off, account)
-            return await self.show(page, notice="The vacation reply is off.")
+            changed = dataclasses.replace(current, vacation=False)
+            return await self._save_rules(page, changed, "The vacation reply is off.")
         subject, reason = form.get("subject", "").strip(), form.get("reason", "")
         try:
             days = int(form.get("days", "7"))
         except ValueError:
             days = 0
-        if not 1 <= days <= MAX_VACATION_DAYS:
-            return await self.show(page, 400, error=f"Days must be 1 to {MAX_VACATION_DAYS}.")
-        if not reason.strip() or len(reason) > MAX_VACATION_TEXT or len(subject) > 200:
+        if not 1 <= days <= rules_module.MAX_DAYS:
+            return await self.show(page, 400, error=f"Days must be 1 to {rules_module.MAX_DAYS}.")
+        if not reason.strip() or len(reason) > rules_module.MAX_REASON:
             return await self.show(
                 page,
                 400,
-                error=f"The reply needs a text of at most {MAX_VACATION_TEXT} characters.",
+                error=f"The reply needs a text of at most {rules_module.MAX_REASON} characters.",
             )
-        if any(c in subject for c in "\r\n"):
-            return await self.show(page, 400, error="The subject is one line.")
-        return await self._store(page, VACATION_SCRIPT, vacation_script(days, subject, reason))
+        if len(subject) > rules_module.MAX_SUBJECT or any(c in subject for c in "\r\n"):
+            return await self.show(page, 400, error="The subject is one line, 200 at most.")
+        changed = dataclasses.replace(
+            current, vacation=True, days=days, subject=subject, reason=reason
+        )
+        return await self._save_rules(page, changed, "The vacation reply is on.")
 
-    def _vacation_off(self, account: Address) -> None:
-        if self.scripts.active_name(account) == VACATION_SCRIPT:
+    async def forwarding(self, page: Page) -> Response:
+        account = page.session.account
+        form = page.form
+        current = await self._current_rules(account)
+        text = form.get("forward", "").strip()
+        forward = ""
+        if text:
+            try:
+                target = parse_address(text, utf8=True)
+            except AddressError as exc:
+                return await self.show(page, 400, error=f"{text}: {exc}")
+            if str(target).lower() == str(account).lower():
+                return await self.show(page, 400, error="Mail cannot be forwarded to itself.")
+            forward = str(target)
+        changed = dataclasses.replace(current, forward=forward, keep_copy=form.get("keep") == "on")
+        done = f"Mail is forwarded to {forward}." if forward else "Mail is not forwarded."
+        return await self._save_rules(page, changed, done)
+
+    async def _save_rules(
+        self, page: Page, rules: rules_module.AccountRules, done: str
+    ) -> Response:
+        account = page.session.account
+        if rules.empty:
+            await self.web.blocking(self._rules_off, account)
+            return await self.show(page, notice=done)
+        data = rules_module.script(rules)
+        return await self._store(page, rules_module.SCRIPT_NAME, data, done)
+
+    def _rules_off(self, account: Address) -> None:
+        if self.scripts.active_name(account) == rules_module.SCRIPT_NAME:
             self.scripts.activate(account, None)
 
     async def sieve(self, page: Page) -> Response:
         text = page.form.get("script", "")
         account = page.session.account
         name = await self.web.blocking(self.scripts.active_name, account)
-        if name in (None, VACATION_SCRIPT):
+        if name in (None, rules_module.SCRIPT_NAME):
             name = DEFAULT_SCRIPT
         return await self._store(page, name, text.replace("\r\n", "\n").encode("utf-8"))
 
-    async def _store(self, page: Page, name: str, data: bytes) -> Response:
+    async def _store(self, page: Page, name: str, data: bytes, done: str = "") -> Response:
         account = page.session.account
         try:
             compile_script(data)
@@ -192,7 +218,7 @@ class AccountPages:
             await self.web.blocking(self._put, account, name, data)
         except ScriptError as exc:
             return await self.show(page, 400, error=str(exc))
-        return await self.show(page, notice=f"Script {name!r} saved and active.")
+        return await self.show(page, notice=done or f"Script {name!r} saved and active.")
 
     def _put(self, account: Address, name: str, data: bytes) -> None:
         self.scripts.put(account, name, data)
@@ -206,3 +232,4 @@ def add_routes(routes: Routes, web: WebApp) -> None:
     routes.add("/account/password", web.guarded(pages.password), ("POST",), max_body=small)
     routes.add("/account/vacation", web.guarded(pages.vacation), ("POST",), max_body=MAX_FORM_BODY)
     routes.add("/account/sieve", web.guarded(pages.sieve), ("POST",), max_body=MAX_FORM_BODY)
+    routes.add("/account/forwarding", web.guarded(pages.forwarding), ("POST",), max_body=small)
