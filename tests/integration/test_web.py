@@ -644,3 +644,39 @@ def test_forwarding_and_a_vacation_reply_live_in_one_script(srv: PostofficeServe
     assert "Mail is not forwarded" in page.body and "It is <strong>on</strong>" in page.body
     b.form_post("/account", "/account/vacation", {})
     assert not (srv.data_dir / "sieve" / "example.test" / "ivy" / ".active").exists()
+
+
+def test_dkim_keys_are_made_and_rotated_from_the_dns_page(srv: PostofficeServer) -> None:
+    b = logged_in(srv, ALICE, ALICE_PW)
+    page = b.get("/admin/dns?domain=example.test")
+    assert "has no DKIM keys" in page.body
+    made = b.form_post(
+        "/admin/dns?domain=example.test",
+        "/admin/dns/dkim",
+        {"domain": "example.test", "action": "generate"},
+    )
+    assert made.status == 200 and "made DKIM keys for example.test" in made.body
+    shown = srv.cli("dkim", "show", "example.test").stdout  # what the CLI sees
+    first = re.findall(r"^(\S+)\._domainkey\.example\.test\.", shown, re.M)
+    assert first and all(f"{s}._domainkey.example.test." in html.unescape(made.body) for s in first)
+    again = b.form_post(
+        "/admin/dns?domain=example.test",
+        "/admin/dns/dkim",
+        {"domain": "example.test", "action": "generate"},
+    )
+    assert again.status == 400 and "has DKIM keys already" in again.body
+    rotated = b.form_post(
+        "/admin/dns?domain=example.test",
+        "/admin/dns/dkim",
+        {"domain": "example.test", "action": "rotate"},
+    )
+    assert rotated.status == 200
+    now = re.findall(
+        r"^(\S+)\._domainkey\.example\.test\.", srv.cli("dkim", "show", "example.test").stdout, re.M
+    )
+    assert now and set(now).isdisjoint(first)
+    elsewhere = b.form_post(
+        "/admin/dns", "/admin/dns/dkim", {"domain": "elsewhere.test", "action": "generate"}
+    )
+    assert elsewhere.status == 404
+    assert not (srv.data_dir / "dkim" / "elsewhere.test").exists()
