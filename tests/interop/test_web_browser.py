@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.dns import auth_dns
 from tests.support.helpers import ALICE, ALICE_PW, BOB, BOB_PW, submission, wait_for
 from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
@@ -31,12 +32,22 @@ pytestmark = pytest.mark.interop
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostofficeServer]:
     root = tmp_path_factory.mktemp("browser")
     https = free_port(("127.0.0.1",))
+    # Every lookup (the DNS health page's) goes to this test's own DNS server.
+    dns = auth_dns(
+        root,
+        mx=[("browser.example", "mail.example.test", 10)],
+        hosts={"mail.example.test": ["127.0.0.1"]},
+    ).start()
     server = PostofficeServer(
         root,
         sections={
             "listen": {"https": [f"127.0.0.1:{https}"]},
             "log": {"file": str(root / "mail.log")},
-            "relay": {"smarthost": f"127.0.0.1:{free_port()}", "retry_schedule": [3600]},
+            "relay": {
+                "smarthost": f"127.0.0.1:{free_port()}",
+                "retry_schedule": [3600],
+                "dns_servers": [dns.server],
+            },
         },
     )
     server.ports["https"] = https
@@ -48,6 +59,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostofficeServer]:
         yield server
     finally:
         server.stop()
+        dns.stop()
 
 
 @pytest.fixture
@@ -174,6 +186,8 @@ def test_an_admin_manages_accounts_reads_the_dashboard_and_traces_a_message(
         visit.check("dns")
         records = page.locator("pre.records").inner_text()
         assert "browser.example. IN MX 10 mail.example.test." in records
+        mx = page.locator("tr", has_text="browser.example. IN MX 10 mail.example.test.")
+        assert mx.locator("td").first.inner_text() == "ok"  # found in the test's DNS
     finally:
         visit.close()
 
