@@ -285,7 +285,9 @@ def greets(port: int, prefix: bytes, tls: bool = False) -> bool:
 
 
 # --- postoffice under test -------------------------------------------------------------------
-LISTENERS = ("smtp", "submission", "pop3", "pop3s", "imap", "imaps")
+# metrics too, on its own port: the default config serves it (what users
+# get), and two postoffices (--against, the milter row) must not clash on 2900.
+LISTENERS = ("smtp", "submission", "pop3", "pop3s", "imap", "imaps", "metrics")
 
 
 @dataclass

@@ -403,10 +403,7 @@ def milter_workload(ctx: Context) -> None:
         assert rspamd.proc is not None
         rspamd_pid = rspamd.proc.pid
         print(f"rspamd pid {rspamd_pid}, milter {rspamd.milter_address}", flush=True)
-        # No metrics listener: the main postoffice holds the default port.
-        config = po.config.read_text().replace(
-            "submissions = []\n", "submissions = []\nmetrics = []\n", 1
-        )
+        config = po.config.read_text()
         po.config.write_text(config + f'\n[filters]\nmilters = ["{rspamd.milter_address}"]\n')
         po.add_user(bl.USER)
         po.start()

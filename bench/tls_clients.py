@@ -53,7 +53,8 @@ from benchlib import free_port, port_open
 from idle_conns import raise_fd_limit
 
 USER, PASSWORD = "alice@example.test", "tls-clients-pass-1"
-LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s")
+# metrics on a port of its own: beside another postoffice, not both on 2900.
+LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "metrics")
 MAX_RUNS = 1000  # per client: the loops stay bounded whatever is asked
 MAX_RAW = 2000
 

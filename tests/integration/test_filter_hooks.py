@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.dns import auth_dns
+from tests.support.peers import Dnsmasq
 from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
 from tests.support.smtp import RawSmtp
@@ -331,3 +333,102 @@ def test_junk_folder_off_keeps_spam_in_inbox(tmp_path: Path) -> None:
         assert count(srv, CAROL, ".Junk") == 0
     finally:
         srv.stop()
+
+
+def checked_server(root: Path) -> tuple[PostofficeServer, Dnsmasq]:
+    """Hooks on, and the inbound checks (SPF/DKIM/DMARC) judging 127.0.0.0/8
+    clients, with a DNS server on loopback: the filtered path with the held
+    message of the checks."""
+    dns = auth_dns(
+        root,
+        hosts={"good.client.test": ["127.0.0.7"], "liar.client.test": ["192.0.2.1"]},
+        ptr={
+            "7.0.0.127.in-addr.arpa": "good.client.test",
+            "8.0.0.127.in-addr.arpa": "liar.client.test",
+        },
+        txt={
+            "quarantine.test": "v=spf1 -all",
+            "_dmarc.quarantine.test": "v=DMARC1; p=quarantine",
+            "reject.test": "v=spf1 -all",
+            "_dmarc.reject.test": "v=DMARC1; p=reject",
+        },
+    ).start()
+    relay = {"smarthost": f"127.0.0.1:{free_port()}", "dns_servers": [dns.server]}
+    srv = PostofficeServer(
+        root / "srv",
+        sections={
+            "filters": {"hooks": ["verdict_hook:ClientName"]},
+            "relay": relay,
+            "checks": {"exempt_networks": ["::1/128"]},
+        },
+    )
+    srv.add_user(ALICE, "pw-" + ALICE)
+    try:
+        srv.start(env=ENV)
+    except BaseException:
+        dns.stop()
+        raise
+    return srv, dns
+
+
+def send_from(srv: PostofficeServer, source: str, sender: str, msg: bytes) -> int:
+    """The reply code to the end of DATA, sent from ``source``."""
+    with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], source_address=(source, 0), timeout=30) as c:
+        try:
+            c.sendmail(sender, [ALICE], msg)
+        except smtplib.SMTPDataError as exc:
+            return exc.smtp_code
+    return 250
+
+
+def test_client_name_is_forward_confirmed_reverse_dns(tmp_path: Path) -> None:
+    # 127.0.0.7's PTR name leads back to it; 127.0.0.8's PTR name claims a
+    # name whose address is elsewhere (anyone can write a reverse zone), and
+    # 127.0.0.9 has no PTR: both are "unknown" to the filters.
+    srv, dns = checked_server(tmp_path)
+    try:
+        for source, name in (
+            ("127.0.0.7", "good.client.test"),
+            ("127.0.0.8", "unknown"),
+            ("127.0.0.9", "unknown"),
+        ):
+            assert send_from(srv, source, "x@sender.test", message(subject=source)) == 250
+            stored = latest(srv, ALICE)
+            assert stored["Subject"] == source
+            assert stored["X-Client-Name"] == name, source
+    finally:
+        srv.stop()
+        dns.stop()
+
+
+def test_inbound_checks_hold_the_message_on_the_filtered_path(tmp_path: Path) -> None:
+    # With filters and the checks both on: the Authentication-Results header
+    # and the filter's header are both in the one stored copy; DMARC
+    # p=quarantine files it in Junk, p=reject refuses it before any filter
+    # verdict is stored.
+    srv, dns = checked_server(tmp_path)
+    try:
+        msg = message(subject="from quarantine.test").replace(
+            b"From: ", b"From: q@quarantine.test\r\nX-Old-From: ", 1
+        )
+        assert send_from(srv, "127.0.0.7", "q@quarantine.test", msg) == 250
+        stored = latest(srv, ALICE, ".Junk")
+        assert stored["Subject"] == "from quarantine.test"
+        assert "dmarc=fail" in stored["Authentication-Results"]
+        assert stored["X-Postoffice-Quarantine"]
+        assert stored["X-Client-Name"] == "good.client.test"
+        assert count(srv, ALICE) == 0, "nothing in INBOX"
+
+        msg = message(subject="from reject.test").replace(
+            b"From: ", b"From: r@reject.test\r\nX-Old-From: ", 1
+        )
+        assert send_from(srv, "127.0.0.7", "r@reject.test", msg) == 550
+        assert count(srv, ALICE) == 0 and count(srv, ALICE, ".Junk") == 1
+
+        assert send_from(srv, "127.0.0.7", "x@sender.test", message(subject="plain")) == 250
+        stored = latest(srv, ALICE)
+        assert stored["Subject"] == "plain"
+        assert "spf=none" in stored["Authentication-Results"]
+    finally:
+        srv.stop()
+        dns.stop()

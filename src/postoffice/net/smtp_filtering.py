@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from postoffice import logfmt, maillog
+from postoffice.dns.client_name import verified_client_name
 from postoffice.filters.apply import (
     HEADER_READ,
     ModificationError,
@@ -117,6 +118,7 @@ class SessionFilters:
         self.discard: Discard | None = None  # for the message under way
         self.quarantine: Quarantine | None = None
         self.queue_id = ""
+        self.client_name = ""  # verified at connect (dns/client_name.py); "" unknown
         self._pending: set[asyncio.Task[None]] = set()
 
     def facts(self) -> SessionFacts:
@@ -126,7 +128,7 @@ class SessionFilters:
         return SessionFacts(
             client_address=s.client_ip,
             client_port=conn.peer[1],
-            client_name="",
+            client_name=self.client_name,
             hostname=s.s.settings.hostname,
             listener=s.mode_name,
             helo=s.helo,
@@ -147,6 +149,12 @@ class SessionFilters:
     # --- stages before the data ------------------------------------------------------
     async def connect(self) -> Reply | None:
         """The greeting's verdict: a reply to send instead of 220 (then close)."""
+        s = self.session.s
+        checks = s.inbound_checks
+        # Milters expect the client's name ({client_name}, rspamd's RDNS rules);
+        # exempt clients are never looked up (SPEC [checks] exempt_networks).
+        if s.resolver is not None and checks is not None and checks.applies(self.session.client_ip):
+            self.client_name = await verified_client_name(s.resolver, self.session.client_ip)
         self.filters = await self.chain.open(self.facts())
         result = await self.filters.connect(self.facts())
         self._remember(result.verdict, sticky=True)

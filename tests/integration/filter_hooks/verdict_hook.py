@@ -108,3 +108,10 @@ class CrashEverywhere:
 
     async def message(self, facts: Any, message: Any) -> Any:
         raise ValueError("boom in message")
+
+
+class ClientName:
+    """Shows the hooks' ``facts.client_name`` in the stored message."""
+
+    async def message(self, facts: Any, message: Any) -> Any:
+        return AddHeader("X-Client-Name", facts.client_name or "unknown")
