@@ -58,6 +58,11 @@ CAPABILITIES=(
   "command -v pebble|pebble"
   # tests/interop/test_web_browser.py: the web pages in a real browser (Playwright drives it).
   "command -v chromium|chromium"
+  # tests/integration/cluster: a real PostgreSQL (initdb, postgres) the tests
+  # start in a temporary directory ([cluster] database); setpriv runs it as
+  # the postgres user when the tests run as root.
+  "ls /usr/lib/postgresql/*/bin/initdb|postgresql"
+  "command -v setpriv|util-linux"
 )
 missing=()
 for entry in "${CAPABILITIES[@]}"; do

@@ -25,6 +25,7 @@ from typing import Any
 from postoffice import logfmt, metrics, reload, runas
 from postoffice.check import first_unbindable
 from postoffice.childproc import die_with_parent
+from postoffice.cluster.stores import open_accounts
 from postoffice.config.settings import ListenAddress, ListenSettings, Settings, load_settings
 from postoffice.datadir import LOCK_NAME, DataDirBusy, Owner, ServeLock
 from postoffice.delivery.dmarc_reports import ReportSender
@@ -65,7 +66,6 @@ from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.quota import QuotaTracker
 from postoffice.storage.sieve_scripts import SieveScripts
-from postoffice.storage.sqlite_accounts import SqliteAccountStore
 from postoffice.workers import (
     HELD_SIGNALS,
     RETIRE,
@@ -103,7 +103,7 @@ def build_services(
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.mail_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="postoffice-io")
-    accounts = SqliteAccountStore(settings.accounts_db, config_domains=settings.domains)
+    accounts = open_accounts(settings, follow=True)
     if tls is None:  # else loaded as root already ([run])
         cert, key = cert_and_key(settings)
         tls = server_context(cert, key)
@@ -160,6 +160,10 @@ def build_services(
     )
     services.space.refresh_blocking()
     services.quota = QuotaTracker(settings.limits.mailbox_quota, accounts.quota, executor)
+    if settings.cluster.enabled:
+        from postoffice.cluster.pop3_lock import ClusterMaildropLocks
+
+        services.pop3_locks = ClusterMaildropLocks(settings.cluster.database)
     # SPF/DKIM/DMARC on the smtp listener and DKIM signing of submitted mail.
     # Its DMARC verdicts are recorded for aggregate reports (policy/dmarc_store.py).
     services.inbound_checks = InboundChecks(
@@ -890,3 +894,5 @@ def _run_loop(services: Services, main: Coroutine[Any, Any, int]) -> int:
         services.authenticator.close()
         services.maildirs.close()
         services.accounts.close()
+        if services.pop3_locks is not None:
+            services.pop3_locks.close()

@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from postoffice.cluster.stores import open_accounts
 from postoffice.config.settings import ListenAddress, Settings
 from postoffice.datadir import Owner, running_servers, serving_pid, user_name
 from postoffice.filters.build import filter_problems
@@ -40,7 +41,6 @@ from postoffice.net.tls import CERT_NAME, KEY_NAME, server_context
 from postoffice.runas import RunAsError, as_user, identity, tls_refusal
 from postoffice.storage.accounts import AccountError
 from postoffice.storage.maildir import SUBDIRS
-from postoffice.storage.sqlite_accounts import SqliteAccountStore
 
 _NO_DOMAINS = "warning: no local domains: no mail is delivered here (postoffice domain add NAME)"
 
@@ -159,20 +159,24 @@ def _check_tls(settings: Settings, configured: bool) -> tuple[list[str], list[st
 
 
 def _check_accounts(settings: Settings) -> tuple[list[str], list[str]]:
-    db = settings.accounts_db
-    if not db.exists():
-        notes = [f"accounts database {db} is created on first use"]
-        if not settings.domains:
-            notes.append(_NO_DOMAINS)
-        return [], notes
+    if settings.cluster.enabled:
+        where = "accounts in the [cluster] database"  # not the URL: it may hold a password
+    else:
+        db = settings.accounts_db
+        if not db.exists():
+            notes = [f"accounts database {db} is created on first use"]
+            if not settings.domains:
+                notes.append(_NO_DOMAINS)
+            return [], notes
+        where = f"accounts database {db}"
     try:
-        store = SqliteAccountStore(db, config_domains=settings.domains)
+        store = open_accounts(settings, follow=False)
     except AccountError as exc:
         return [str(exc)], []
     try:
         domains = sorted(set(settings.domains) | set(store.list_domains()))
         users = store.list_users()
-        notes = [f"accounts database {db}: {len(users)} user(s), {len(domains)} local domain(s)"]
+        notes = [f"{where}: {len(users)} user(s), {len(domains)} local domain(s)"]
         if not domains:
             notes.append(_NO_DOMAINS)
         for domain in domains:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from postoffice import __version__
+from postoffice.cluster.stores import open_accounts
 from postoffice.config.settings import (
     DEFAULT_CONFIG_NAME,
     ConfigError,
@@ -61,8 +62,7 @@ from postoffice.mail.address import (
     normalise_domain,
     parse_mailbox,
 )
-from postoffice.storage.accounts import AccountError
-from postoffice.storage.sqlite_accounts import SqliteAccountStore
+from postoffice.storage.accounts import AccountError, AccountStore
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 Subparsers = Any  # argparse's _SubParsersAction is private; typing it buys nothing
@@ -120,10 +120,16 @@ def _leaf(
 
 
 # --- accounts helpers -----------------------------------------------------------------
-def _store(settings: Settings) -> SqliteAccountStore:
-    """The account store in the existing data dir (``main`` checked it is there)."""
+def _store(settings: Settings) -> AccountStore:
+    """The account store: in the existing data dir (``main`` checked it is
+    there), or the [cluster] database."""
     settings.mail_dir.mkdir(exist_ok=True, mode=0o700)
-    return SqliteAccountStore(settings.accounts_db, config_domains=settings.domains)
+    return open_accounts(settings, follow=False)
+
+
+def _has_accounts(settings: Settings) -> bool:
+    """Whether there is a store to read (a read creates no SQLite file)."""
+    return settings.cluster.enabled or settings.accounts_db.exists()
 
 
 def _ask(prompt: str) -> str:
@@ -218,7 +224,7 @@ def _user_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _user_list(args: argparse.Namespace, settings: Settings) -> int:
-    if not settings.accounts_db.exists():
+    if not _has_accounts(settings):
         return 0  # nothing stored yet; a read creates nothing
     with closing(_store(settings)) as store:
         for user in store.list_users():
@@ -396,7 +402,7 @@ def _domain_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 def _domain_list(args: argparse.Namespace, settings: Settings) -> int:
     stored: list[str] = []
-    if settings.accounts_db.exists():
+    if _has_accounts(settings):
         with closing(_store(settings)) as store:
             stored = store.list_domains()
     # Domains that come with the config: from its file, or the built-in default.
@@ -453,7 +459,7 @@ def _alias_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _alias_list(args: argparse.Namespace, settings: Settings) -> int:
-    if not settings.accounts_db.exists():
+    if not _has_accounts(settings):
         return 0
     with closing(_store(settings)) as store:
         for alias, targets in store.list_aliases().items():
@@ -497,6 +503,54 @@ def _add_alias_parser(subparsers: Subparsers) -> None:
     )
     remove.add_argument("alias", metavar="ALIAS", help="local@domain or @domain")
     _leaf(aliases, "list", "list aliases as 'alias -> targets'", _alias_list)
+
+
+# --- cluster ---------------------------------------------------------------------------
+def _cluster_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.cluster.move import migrate_accounts
+
+    url = _cluster_url(settings)
+    if not settings.accounts_db.exists():
+        raise AccountError(f"no embedded accounts database {settings.accounts_db} to migrate")
+    for table in migrate_accounts(settings.accounts_db, url):
+        print(table.line())
+    print(_NOT_MOVED)
+    return 0
+
+
+def _cluster_export(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.cluster.move import export_accounts
+
+    for table in export_accounts(_cluster_url(settings), settings.accounts_db):
+        print(table.line())
+    print(_NOT_MOVED)
+    return 0
+
+
+_NOT_MOVED = "accounts moved; mailboxes and the queue are not moved yet (docs/cluster.md)"
+
+
+def _cluster_url(settings: Settings) -> str:
+    if not settings.cluster.enabled:
+        raise AccountError("the config sets no [cluster] database (docs/cluster.md)")
+    return settings.cluster.database
+
+
+def _add_cluster_parser(subparsers: Subparsers) -> None:
+    cluster = _group(
+        subparsers,
+        "cluster",
+        "move data between the embedded data dir and the [cluster] database",
+        "Both directions copy, in one transaction, what the receiving side lacks,\n"
+        "and refuse (copying nothing) when an entry differs there; run again after\n"
+        "an interruption.  Each table is verified by count and SHA-256.  Today:\n"
+        "accounts (domains, users with password hashes and quotas, aliases).\n\n"
+        "examples:\n"
+        "  postoffice cluster migrate   # data_dir/accounts.sqlite3 -> [cluster] database\n"
+        "  postoffice cluster export    # [cluster] database -> data_dir/accounts.sqlite3\n",
+    )
+    _leaf(cluster, "migrate", "copy the embedded accounts into the database", _cluster_migrate)
+    _leaf(cluster, "export", "copy the database's accounts into the data dir", _cluster_export)
 
 
 # --- serve, check, queue --------------------------------------------------------------
@@ -736,7 +790,7 @@ def _dkim_generate(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     domain = keys[0].domain
     local = set(settings.domains)
-    if settings.accounts_db.exists():
+    if _has_accounts(settings):
         with closing(_store(settings)) as store:
             local |= set(store.list_domains())
     if not any(d == domain or d.endswith(f".{domain}") for d in local):
@@ -824,7 +878,7 @@ def _doctor(args: argparse.Namespace, settings: Settings) -> int:
         domains = [normalise_domain(args.domain.strip())]
     else:
         stored: list[str] = []
-        if settings.accounts_db.exists():
+        if _has_accounts(settings):
             with closing(_store(settings)) as store:
                 stored = store.list_domains()
         domains = sorted(set(settings.domains) | set(stored))
@@ -913,6 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_check_parser,
         _add_reload_parser,
         _add_doctor_parser,
+        _add_cluster_parser,
     ):
         add(subparsers)
     return parser

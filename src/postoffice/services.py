@@ -27,6 +27,7 @@ from postoffice.storage.accounts import AccountStore
 from postoffice.storage.folder_watch import FolderWatcher
 from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore
+from postoffice.storage.pop3_mailbox import MaildropLocks
 from postoffice.storage.quota import QuotaTracker
 from postoffice.storage.sink import HeadedSink
 
@@ -81,6 +82,9 @@ class Services:
     sieve_ereject: Callable[[Address, bytes], Awaitable[str | None]] | None = None
     # Mailbox quotas ([limits] mailbox_quota, `user quota`): RCPT and DATA ask it.
     quota: QuotaTracker | None = None
+    # [cluster]: POP3 maildrop locks the other nodes honour (cluster/pop3_lock.py);
+    # None: the Maildir's flock alone.
+    pop3_locks: MaildropLocks | None = None
     # Memory for messages held whole for the inbound checks, shared by all
     # SMTP sessions of the process (policy/memory_budget.py).
     held_messages: MemoryBudget = field(default_factory=lambda: MemoryBudget(MAX_HELD_BYTES))

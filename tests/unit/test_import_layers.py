@@ -53,6 +53,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     # the chain and the Python hooks; adapters that speak to the network (the
     # milter client) live in net/, which imports filters.
     "filters": frozenset({"mail", "logfmt", "maillog", "metrics", "config", "protocol", "storage"}),
+    # [cluster] (docs/cluster.md): stores on PostgreSQL behind storage/'s
+    # interfaces; only the composition root and the tools pick them.
+    "cluster": frozenset({"mail", "logfmt", "metrics", "config", "storage"}),
     "services": frozenset(
         {"mail", "logfmt", "maillog", "config", "protocol", "storage", "dns", "policy", "filters"}
     ),

@@ -297,6 +297,22 @@ class FilterSettings:
         return bool(self.milters or self.hooks)
 
 
+CLUSTER_SCHEMES = ("postgresql://", "postgres://")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    # Several nodes on one PostgreSQL (docs/cluster.md): a libpq connection
+    # URI, "postgresql://user@host:5432/postoffice" (a password is best kept
+    # in ~/.pgpass or $PGPASSFILE, not here).  "": the embedded SQLite store.
+    # Needs the [cluster] extra: pip install 'postoffice[cluster]'.
+    database: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.database)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     hostname: str = "localhost"  # banner, EHLO name, Received headers
@@ -315,6 +331,7 @@ class Settings:
     mta_sts: MtaStsSettings = field(default_factory=MtaStsSettings)
     filters: FilterSettings = field(default_factory=FilterSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @property
     def mail_dir(self) -> Path:
@@ -525,6 +542,7 @@ class _Loader:
             mta_sts=self.mta_sts(top.get("mta_sts", {})),
             filters=self.filters(top.get("filters", {})),
             web=self.web(top.get("web", {})),
+            cluster=self.cluster(top.get("cluster", {})),
         )
 
     def typed(self, value: Any, kind: type, key: str) -> Any:
@@ -808,6 +826,15 @@ class _Loader:
             junk_folder=base.junk_folder,
             rspamd_controller=url,
         )
+
+    def cluster(self, raw: Any) -> ClusterSettings:
+        cluster = self.numbers(raw, "cluster", ClusterSettings)
+        url = cluster.database.strip()
+        if url and not url.startswith(CLUSTER_SCHEMES):
+            raise self.fail("cluster.database", 'must be a "postgresql://..." URL, or ""')
+        if any(c.isspace() or not c.isprintable() for c in url):
+            raise self.fail("cluster.database", "must not contain spaces or control characters")
+        return ClusterSettings(database=url)
 
     def milter(self, value: Any, key: str, default_action: str) -> MilterSettings:
         if isinstance(value, str):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 from collections.abc import Callable
@@ -329,7 +330,9 @@ class Pop3Session:
             return
         try:
             path = mailbox_path(self.s.settings.mail_dir, user)
-            self.mailbox = await self._blocking(Pop3Mailbox.open, path, wire_size)
+            locks = self.s.pop3_locks
+            shared = functools.partial(locks.acquire, str(user)) if locks is not None else None
+            self.mailbox = await self._blocking(Pop3Mailbox.open, path, wire_size, shared)
             self.ahead = ReadAhead(self.mailbox, self.s.executor, retr_wire_form)
         except MailboxBusy:
             # RFC 2449 §8.1.1: another session has the maildrop; try later.

@@ -10,7 +10,9 @@ its reading in the executor itself.
   flock locks belong to the open file description, so two sessions in one
   process (two ``open`` calls) exclude each other like two processes do, and
   the kernel drops the lock when its holder dies: a crash never locks the
-  owner out.
+  owner out.  Several nodes ([cluster], docs/cluster.md) add a lock the
+  others honour (``MaildropLocks``, taken after the flock, in the same
+  blocking call); UPDATE first checks it is still held.
 * **Snapshot**: the messages in ``new/`` and ``cur/`` at login, in delivery
   order; mail that arrives later is not part of the session (RFC 1939 §5
   numbers messages for the session's life).
@@ -47,7 +49,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from postoffice.storage import quota
 from postoffice.storage.maildir import ensure_maildir, name_sizes
@@ -77,6 +79,29 @@ WireForm = Callable[[bytes, int], bytes | None]
 
 class MailboxBusy(Exception):
     """Another POP3 session holds this maildrop (RFC 2449 §8.1.1 [IN-USE])."""
+
+
+class HeldLock(Protocol):
+    """A maildrop lock other nodes honour (cluster/pop3_lock.py)."""
+
+    def verify(self) -> bool:
+        """Still held?  Blocking (asks the lock's keeper)."""
+        ...
+
+    def release(self) -> None:
+        """Never blocks (the event loop calls it); idempotent."""
+        ...
+
+
+class MaildropLocks(Protocol):
+    """Where ``HeldLock``s come from: one per process, shared by its sessions."""
+
+    def acquire(self, account: str) -> HeldLock:
+        """Blocking.  MailboxBusy when another node's session holds it;
+        OSError when it cannot be asked."""
+        ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -135,21 +160,39 @@ class MailboxLock:
 class Pop3Mailbox:
     """A locked maildrop with the snapshot taken at login."""
 
-    def __init__(self, path: Path, messages: list[Pop3Message], lock: MailboxLock) -> None:
+    def __init__(
+        self,
+        path: Path,
+        messages: list[Pop3Message],
+        lock: MailboxLock,
+        shared: HeldLock | None = None,
+    ) -> None:
         self.path = path
         self._root = os.fspath(path)
         self.messages = messages
         self._lock = lock
+        self._shared = shared
 
     @classmethod
-    def open(cls, path: Path, measure: WireSize) -> Pop3Mailbox:
+    def open(
+        cls,
+        path: Path,
+        measure: WireSize,
+        shared: Callable[[], HeldLock] | None = None,
+    ) -> Pop3Mailbox:
         """Create the Maildir if needed, lock it (MailboxBusy) and list it;
-        ``measure`` sizes a message whose name does not say (see ``scan``)."""
+        ``measure`` sizes a message whose name does not say (see ``scan``);
+        ``shared`` takes the other nodes' lock too (after the flock: a
+        second session on this node is refused without asking them)."""
         ensure_maildir(path)
         lock = MailboxLock.acquire(path)
+        held: HeldLock | None = None
         try:
-            return cls(path, scan(path, measure), lock)
+            held = shared() if shared is not None else None
+            return cls(path, scan(path, measure), lock, held)
         except BaseException:
+            if held is not None:
+                held.release()
             lock.release()
             raise
 
@@ -158,6 +201,9 @@ class Pop3Mailbox:
         return self._lock.held
 
     def close(self) -> None:
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.release()
         self._lock.release()
 
     # --- the session's view --------------------------------------------------
@@ -260,6 +306,9 @@ class Pop3Mailbox:
     # --- the end of a session --------------------------------------------------
     def update(self) -> UpdateResult:
         """RFC 1939 §6 UPDATE: remove deleted messages, mark retrieved ones seen."""
+        if self._shared is not None and not self._shared.verify():
+            # Another node may have the maildrop now: change nothing.
+            raise OSError(errno.EAGAIN, "the maildrop's cluster lock was lost")
         deleted = failed = freed = 0
         for msg in self.messages:
             if not msg.deleted:

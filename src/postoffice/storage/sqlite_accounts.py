@@ -320,7 +320,9 @@ class SqliteAccountStore:
             "SELECT alias, target FROM aliases ORDER BY alias, position"
         ):
             grouped.setdefault(alias, []).append(_split_stored(target))
-        admins = frozenset(row[0] for row in conn.execute("SELECT address FROM users WHERE admin"))
+        admins = frozenset(
+            row[0] for row in conn.execute("SELECT address FROM users WHERE admin <> 0")
+        )
         return _Snapshot(domains, users, quotas, {k: tuple(v) for k, v in grouped.items()}, admins)
 
     @contextlib.contextmanager

@@ -391,3 +391,28 @@ def test_web_admin_networks(tmp_path: Path) -> None:
     assert err.key == "web.admin_networks[0]"
     assert refused(tmp_path, "[web]\nadmin_network = []\n").key == "web.admin_network"
     assert refused(tmp_path, '[web]\nadmin_networks = "10.0.0.0/8"\n').key == "web.admin_networks"
+
+
+def test_cluster_section(tmp_path: Path) -> None:
+    assert load(tmp_path, "").cluster.database == ""
+    assert not load(tmp_path, "").cluster.enabled
+    url = "postgresql://po@127.0.0.1:5432/postoffice"
+    settings = load(tmp_path, f'[cluster]\ndatabase = "{url}"\n')
+    assert settings.cluster.database == url
+    assert settings.cluster.enabled
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ('[cluster]\ndatabase = "mysql://x/y"\n', "cluster.database", "postgresql://"),
+        ('[cluster]\ndatabase = "/var/lib/db"\n', "cluster.database", "postgresql://"),
+        ('[cluster]\ndatabase = "postgresql://a b/c"\n', "cluster.database", "spaces"),
+        ("[cluster]\ndatabase = 5\n", "cluster.database", "must be a string"),
+        ('[cluster]\nblobs = "s3://x"\n', "cluster.blobs", "unknown key"),
+    ],
+)
+def test_cluster_refusals(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    err = refused(tmp_path, text)
+    assert err.key == key
+    assert reason in err.reason

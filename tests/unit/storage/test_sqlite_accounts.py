@@ -564,6 +564,24 @@ def test_refused_write_changes_nothing(db: Path) -> None:
 # --- quotas ---------------------------------------------------------------------------
 
 
+def test_admin_flag_per_user(store: SqliteAccountStore) -> None:
+    alice, bob = A("alice", "example.test"), A("bob", "example.test")
+    store.add_user(alice, HASH)
+    store.add_user(bob, HASH)
+    assert not store.is_admin(alice)
+    store.set_admin(alice, True)
+    assert store.is_admin(alice) and store.is_admin(A("Alice", "EXAMPLE.test"))
+    assert not store.is_admin(bob) and not store.is_admin(A("carol", "example.test"))
+    with pytest.raises(AccountError, match="no such user"):
+        store.set_admin(A("carol", "example.test"), True)
+    store.set_admin(alice, False)
+    assert not store.is_admin(alice)
+    store.set_admin(bob, True)
+    store.remove_user(bob)
+    store.add_user(bob, HASH)
+    assert not store.is_admin(bob)  # a new user, not the admin that went
+
+
 def test_quota_per_user(store: SqliteAccountStore) -> None:
     alice = A("alice", "example.test")
     store.add_user(alice, HASH)

@@ -1,0 +1,1 @@
+"""Several postoffice nodes on one PostgreSQL ([cluster] database; docs/cluster.md)."""
