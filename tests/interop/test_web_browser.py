@@ -153,8 +153,8 @@ def test_an_admin_manages_accounts_reads_the_dashboard_and_traces_a_message(
         visit.login(ALICE, ALICE_PW)
         page.wait_for_url("**/admin")
         visit.check("admin")
-        # The dashboard: five plots, one with the message received.
-        assert page.locator("svg[data-series]").count() == 5
+        # The dashboard: six plots, one with the message received.
+        assert page.locator("svg[data-series]").count() == 6
         received = page.locator('svg[data-series="received"] title').all_text_contents()
         assert any(t.endswith("received: 1") for t in received), received
         page.get_by_label("New domain").fill("browser.example")

@@ -138,6 +138,7 @@ class AdminPages:
         await history.take()
         plots = [plot(name, history.hourly(name)) for name in metrics.TRAFFIC]
         plots.append(plot("queue", history.queue_hourly()))
+        plots.append(plot("queue age (minutes)", history.queue_age_hourly()))
         return {
             "queue_count": count,
             "queue_oldest": int(oldest),

@@ -37,6 +37,7 @@ COLOURS = {
     "deferred": "#b36b00",
     "bounced": "#b00020",
     "queue": "#5a3d8a",
+    "queue age (minutes)": "#3d5a8a",
 }
 
 
@@ -112,12 +113,19 @@ class TrafficHistory:
 
     def queue_hourly(self) -> list[tuple[int, int]]:
         """(hour start, the largest queue size sampled in it)."""
+        return self._largest(lambda s: s.queue_size)
+
+    def queue_age_hourly(self) -> list[tuple[int, int]]:
+        """(hour start, the oldest queued message's largest age in it, in minutes)."""
+        return self._largest(lambda s: round(s.queue_age / 60))
+
+    def _largest(self, value: Callable[[Sample], int]) -> list[tuple[int, int]]:
         current = int(self._clock() // 3600) * 3600
         result = []
         for i in range(HOURS - 1, -1, -1):
             start = current - 3600 * i
-            sizes = [s.queue_size for s in self.samples if start <= s.time < start + 3600]
-            result.append((start, max(sizes, default=0)))
+            values = [value(s) for s in self.samples if start <= s.time < start + 3600]
+            result.append((start, max(values, default=0)))
         return result
 
     async def take(self) -> None:

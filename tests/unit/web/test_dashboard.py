@@ -20,7 +20,7 @@ def totals(received: float) -> dict[str, float]:
 def test_hourly_counts_are_differences_of_the_last_samples() -> None:
     clock = Clock()
     queue = [3]
-    history = TrafficHistory(lambda: totals(0), lambda: (queue[0], clock.now - 60), None, clock)
+    history = TrafficHistory(lambda: totals(0), lambda: (queue[0], clock.now - 600), None, clock)
     history.sample(totals(5))  # 5 since the server started, in this hour
     clock.now += 1800
     history.sample(totals(7))
@@ -32,6 +32,7 @@ def test_hourly_counts_are_differences_of_the_last_samples() -> None:
     assert [v for _h, v in hourly[-2:]] == [7, 3]
     assert all(v == 0 for _h, v in hourly[:-2])
     assert [v for _h, v in history.queue_hourly()[-2:]] == [3, 9]
+    assert [v for _h, v in history.queue_age_hourly()[-2:]] == [10, 10]  # minutes
     clock.now += 3600 * (HOURS + 1)  # a day later, nothing sampled since
     assert all(v == 0 for _h, v in history.hourly("received"))
 
