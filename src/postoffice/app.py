@@ -113,6 +113,7 @@ def build_services(
         PasswordHasher(),
         LoginThrottle(ThrottleLimits.from_settings(settings.auth)),
         HashingPool(hash_workers, max_waiting=HASH_WAITING_PER_WORKER * hash_workers),
+        lambda address: [p.digest for p in accounts.app_passwords(address)],
     )
     services = Services(
         settings=settings,

@@ -680,3 +680,42 @@ def test_dkim_keys_are_made_and_rotated_from_the_dns_page(srv: PostofficeServer)
     )
     assert elsewhere.status == 404
     assert not (srv.data_dir / "dkim" / "elsewhere.test").exists()
+
+
+def smtp_auth_works(srv: PostofficeServer, user: str, password: str) -> bool:
+    client = raw(srv, "submission")
+    try:
+        assert client.cmd("STARTTLS")[0] == 220
+        client.starttls()
+        assert client.cmd("EHLO client.test")[0] == 250
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        return client.cmd(f"AUTH PLAIN {token}")[0] == 235
+    finally:
+        client.close()
+
+
+def test_an_app_password_logs_a_client_in_until_it_is_revoked(srv: PostofficeServer) -> None:
+    user, password = "jill@example.test", "jill-password-13"
+    srv.add_user(user, password)
+    b = logged_in(srv, user, password)
+    made = b.form_post(
+        "/account", "/account/app-passwords", {"action": "add", "label": "<b>phone</b>"}
+    )
+    assert made.status == 200, made.body
+    secret = re.search(r'<code class="secret">([a-z2-9-]{19})</code>', made.body).group(1)  # type: ignore[union-attr]
+    assert "&lt;b&gt;phone&lt;/b&gt;" in made.body and "<b>phone</b>" not in made.body
+    assert secret not in b.get("/account").body  # shown once
+    assert pop3_login(srv, user, secret)
+    assert pop3_login(srv, user, secret.replace("-", "").upper())  # as typed on a phone
+    assert smtp_auth_works(srv, user, secret)
+    assert pop3_login(srv, user, password)  # the account password still works
+    assert not pop3_login(srv, BOB, secret)  # it is jill's, nobody else's
+    (password_id,) = re.findall(r'name="id" value="([0-9a-f]+)"', b.get("/account").body)
+    revoked = b.form_post(
+        "/account", "/account/app-passwords", {"action": "remove", "id": password_id}
+    )
+    assert revoked.status == 200 and "revoked" in revoked.body
+    assert not pop3_login(srv, user, secret)
+    assert pop3_login(srv, user, password)
+    other = b.form_post("/account", "/account/app-passwords", {"action": "remove", "id": "0" * 16})
+    assert other.status == 400

@@ -50,7 +50,12 @@ from postoffice.cluster.db import (
 )
 from postoffice.mail.address import Address
 from postoffice.storage.accounts import AccountError
-from postoffice.storage.sqlite_accounts import SqliteAccountStore, _Snapshot, _split_stored
+from postoffice.storage.sqlite_accounts import (
+    SqliteAccountStore,
+    _Snapshot,
+    _split_stored,
+    read_app_passwords,
+)
 
 if TYPE_CHECKING:
     from postoffice.cluster.db import Connection
@@ -90,6 +95,17 @@ MIGRATIONS = (
     # the embedded store's schema 3 has it: an integer, so the write methods'
     # SQL ("admin = ?" with 0 or 1, "WHERE admin <> 0") is the same on both.
     "ALTER TABLE users ADD COLUMN admin integer NOT NULL DEFAULT 0",
+    # Version 3: app passwords, as the embedded store's schema 4.
+    """
+    CREATE TABLE app_passwords (
+        address text NOT NULL,
+        id text NOT NULL,
+        label text NOT NULL,
+        digest text NOT NULL,              -- SHA-256 (hex) of the normalised password
+        created double precision NOT NULL,
+        PRIMARY KEY (address, id)
+    )
+    """,
 )
 
 
@@ -133,7 +149,7 @@ def _read_snapshot(conn: Connection) -> tuple[int, _Snapshot]:
         str(row[0]) for row in conn.execute("SELECT address FROM users WHERE admin <> 0")
     )
     aliases = {k: tuple(v) for k, v in grouped.items()}
-    return version, _Snapshot(domains, users, quotas, aliases, admins)
+    return version, _Snapshot(domains, users, quotas, aliases, admins, read_app_passwords(conn))
 
 
 class PostgresAccountStore(SqliteAccountStore):

@@ -19,7 +19,7 @@ import hmac
 import logging
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from postoffice import logfmt, metrics
 from postoffice.mail.address import Address, AddressError, parse_mailbox
+from postoffice.policy import app_passwords
 from postoffice.policy.recent_logins import RecentLogins
 from postoffice.policy.throttle import LoginThrottle
 
@@ -194,8 +195,12 @@ class Authenticator:
         hasher: PasswordHasher,
         throttle: LoginThrottle,
         pool: HashingPool,
+        lookup_app_digests: Callable[[Address], Collection[str]] | None = None,
     ) -> None:
         self._lookup_hash = lookup_hash
+        # The user's app passwords' digests (policy/app_passwords.py): any
+        # of them logs in too, checked in microseconds, before the argon2 run.
+        self._lookup_app_digests = lookup_app_digests
         self._hasher = hasher
         self._throttle = throttle
         self._pool = pool
@@ -237,7 +242,7 @@ class Authenticator:
             if admission.wait:
                 await asyncio.sleep(admission.wait)
             checking = True
-            ok = await self._pool.run(
+            ok = self._app_password(address, stored, password) or await self._pool.run(
                 self._hasher.verify, stored, password, priority=admission.known_good
             )
         except HashQueueFull:
@@ -263,6 +268,15 @@ class Authenticator:
         if admission.fail_delay:
             await asyncio.sleep(admission.fail_delay)
         return None
+
+    def _app_password(self, address: Address | None, stored: str | None, password: str) -> bool:
+        """``password`` is one of the (existing) user's app passwords."""
+        if address is None or stored is None or self._lookup_app_digests is None:
+            return False
+        wanted = app_passwords.digest(password)
+        if wanted is None:
+            return False
+        return any(hmac.compare_digest(wanted, d) for d in self._lookup_app_digests(address))
 
     async def hash_password(self, password: str) -> str:
         """A new password's hash (the web pages' password change), made in the

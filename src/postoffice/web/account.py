@@ -5,6 +5,8 @@
   (account_changes.check_password), hashed in the hashing pool; every other
   session of the account ends, and this browser gets a new session id;
 - quota usage (storage/quota.py, as ``user quota`` reports it);
+- app passwords, one per mail client, made and revoked here
+  (policy/app_passwords.py);
 - the account's recent logins, by every protocol, with the client's address
   (policy/recent_logins.py);
 - forwarding and a vacation reply, written as the page's own Sieve script
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from postoffice.delivery.sieve import compile_script
 from postoffice.mail.address import Address, AddressError, parse_address
 from postoffice.net.http import Response, Routes
+from postoffice.policy import app_passwords
 from postoffice.policy.account_changes import check_password
 from postoffice.policy.auth import LoginThrottled
 from postoffice.protocol.sieve_parse import SieveSyntaxError
@@ -81,6 +84,10 @@ class AccountPages:
             (_when(login.time), login.protocol, login.client)
             for login in self.web.services.authenticator.recent.of(str(account))
         ]
+        apps = [
+            (p.id, p.label, _when(p.created))
+            for p in self.web.services.accounts.app_passwords(account)
+        ]
         return self.web.page(
             "account.html",
             page,
@@ -90,6 +97,7 @@ class AccountPages:
             rules=rules,
             rules_active=active == rules_module.SCRIPT_NAME,
             logins=logins,
+            apps=apps,
             **values,
         )
 
@@ -128,6 +136,29 @@ class AccountPages:
         cookie = security.set_cookie(security.SESSION_COOKIE, session_id)
         return Response(
             response.status, response.body, response.content_type, (*response.headers, cookie)
+        )
+
+    async def app_password(self, page: Page) -> Response:
+        """Make an app password (shown once, in this answer only) or revoke one."""
+        account = page.session.account
+        accounts = self.web.services.accounts
+        form = page.form
+        try:
+            if form.get("action") == "remove":
+                await self.web.blocking(accounts.remove_app_password, account, form.get("id", ""))
+                return await self.show(page, notice="The app password was revoked.")
+            label = form.get("label", "")
+            secret = app_passwords.generate()
+            digest = app_passwords.digest(secret)
+            assert digest is not None  # a generated one always is one
+            await self.web.blocking(accounts.add_app_password, account, label, digest)
+        except AccountError as exc:
+            return await self.show(page, 400, error=str(exc))
+        return await self.show(
+            page,
+            notice=f"Your new app password for {label.strip()}: {secret}\n"
+            "Type it into that mail client now: it is not shown again.",
+            new_app_password=secret,
         )
 
     async def _current_rules(self, account: Address) -> rules_module.AccountRules:
@@ -232,4 +263,5 @@ def add_routes(routes: Routes, web: WebApp) -> None:
     routes.add("/account/password", web.guarded(pages.password), ("POST",), max_body=small)
     routes.add("/account/vacation", web.guarded(pages.vacation), ("POST",), max_body=MAX_FORM_BODY)
     routes.add("/account/sieve", web.guarded(pages.sieve), ("POST",), max_body=MAX_FORM_BODY)
+    routes.add("/account/app-passwords", web.guarded(pages.app_password), ("POST",), max_body=small)
     routes.add("/account/forwarding", web.guarded(pages.forwarding), ("POST",), max_body=small)

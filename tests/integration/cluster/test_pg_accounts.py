@@ -32,6 +32,7 @@ from tests.unit.storage.test_sqlite_accounts import (  # noqa: F401
     test_alias_names_are_account_names,
     test_alias_targets_keep_order_and_drop_duplicates,
     test_aliases,
+    test_app_passwords_per_user,
     test_catch_all_is_per_domain,
     test_domains,
     test_is_an_account_store,

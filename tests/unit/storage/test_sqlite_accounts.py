@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from postoffice.mail.address import Address, parse_mailbox
-from postoffice.storage.accounts import AccountError, AccountStore, Resolution
+from postoffice.storage.accounts import MAX_APP_PASSWORDS, AccountError, AccountStore, Resolution
 from postoffice.storage.sqlite_accounts import MAX_ALIAS_DEPTH, SCHEMA_VERSION, SqliteAccountStore
 
 A = Address
@@ -564,6 +564,38 @@ def test_refused_write_changes_nothing(db: Path) -> None:
 # --- quotas ---------------------------------------------------------------------------
 
 
+def test_app_passwords_per_user(store: SqliteAccountStore) -> None:
+    alice, bob = A("alice", "example.test"), A("bob", "example.test")
+    store.add_user(alice, HASH)
+    store.add_user(bob, HASH)
+    assert store.app_passwords(alice) == []
+    phone = store.add_app_password(alice, " phone ", "d1" * 32)
+    laptop = store.add_app_password(A("Alice", "EXAMPLE.test"), "laptop", "d2" * 32)
+    listed = store.app_passwords(alice)
+    assert [(p.id, p.label, p.digest) for p in listed] == [
+        (phone, "phone", "d1" * 32),
+        (laptop, "laptop", "d2" * 32),
+    ]
+    assert store.app_passwords(bob) == []
+    with pytest.raises(AccountError, match="no such app password"):
+        store.remove_app_password(bob, phone)  # only its owner revokes it
+    store.remove_app_password(alice, phone)
+    assert [p.id for p in store.app_passwords(alice)] == [laptop]
+    for label in ("", "x" * 65, "tab\there"):
+        with pytest.raises(AccountError, match="needs a name"):
+            store.add_app_password(alice, label, "d3" * 32)
+    with pytest.raises(AccountError, match="no such user"):
+        store.add_app_password(A("carol", "example.test"), "phone", "d4" * 32)
+    for n in range(MAX_APP_PASSWORDS - 1):
+        store.add_app_password(bob, f"client {n}", f"{n:064x}")
+    store.add_app_password(bob, "the last", "e" * 64)
+    with pytest.raises(AccountError, match="at most"):
+        store.add_app_password(bob, "one more", "f" * 64)
+    store.remove_user(alice)
+    store.add_user(alice, HASH)
+    assert store.app_passwords(alice) == []  # they went with the user
+
+
 def test_admin_flag_per_user(store: SqliteAccountStore) -> None:
     alice, bob = A("alice", "example.test"), A("bob", "example.test")
     store.add_user(alice, HASH)
@@ -650,7 +682,7 @@ def test_a_version_1_database_is_migrated(db: Path) -> None:
         store.close()
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     finally:
         conn.close()
     SqliteAccountStore(db).close()  # opening a migrated database changes nothing
