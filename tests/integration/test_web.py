@@ -710,6 +710,11 @@ def test_an_app_password_logs_a_client_in_until_it_is_revoked(srv: PostofficeSer
     assert smtp_auth_works(srv, user, secret)
     assert pop3_login(srv, user, password)  # the account password still works
     assert not pop3_login(srv, BOB, secret)  # it is jill's, nobody else's
+    # Not for the web pages: a stolen phone's password cannot take the account.
+    assert browser(srv).login(user, secret).status == 403
+    change = {"current": secret, "new": "stolen-password-14", "again": "stolen-password-14"}
+    assert b.form_post("/account", "/account/password", change).status == 403
+    assert pop3_login(srv, user, password)
     (password_id,) = re.findall(r'name="id" value="([0-9a-f]+)"', b.get("/account").body)
     revoked = b.form_post(
         "/account", "/account/app-passwords", {"action": "remove", "id": password_id}

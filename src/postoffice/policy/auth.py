@@ -47,6 +47,9 @@ T = TypeVar("T")
 # libsodium verifies (it supports p=1 only).
 DEFAULT_TIME_COST, DEFAULT_MEMORY_KIB, DEFAULT_LANES = 3, 65536, 1
 
+# The web pages' logins (web/): the account password only, no app password.
+WEB_PROTOCOL = "web"
+
 # A hash of a random password: verified against when the user does not exist,
 # so that "no such user" costs as long as "wrong password" (no user probing).
 _DUMMY_PASSWORD = "postoffice-no-such-user"
@@ -242,7 +245,7 @@ class Authenticator:
             if admission.wait:
                 await asyncio.sleep(admission.wait)
             checking = True
-            ok = self._app_password(address, stored, password) or await self._pool.run(
+            ok = self._app_password(address, stored, password, protocol) or await self._pool.run(
                 self._hasher.verify, stored, password, priority=admission.known_good
             )
         except HashQueueFull:
@@ -269,8 +272,15 @@ class Authenticator:
             await asyncio.sleep(admission.fail_delay)
         return None
 
-    def _app_password(self, address: Address | None, stored: str | None, password: str) -> bool:
-        """``password`` is one of the (existing) user's app passwords."""
+    def _app_password(
+        self, address: Address | None, stored: str | None, password: str, protocol: str
+    ) -> bool:
+        """``password`` is one of the (existing) user's app passwords, and
+        ``protocol`` one that takes them: the mail protocols, never the web
+        pages, where an app password would let a stolen phone change the
+        account's password or make itself more app passwords."""
+        if protocol == WEB_PROTOCOL:
+            return False
         if address is None or stored is None or self._lookup_app_digests is None:
             return False
         wanted = app_passwords.digest(password)

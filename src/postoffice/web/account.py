@@ -27,7 +27,7 @@ from postoffice.mail.address import Address, AddressError, parse_address
 from postoffice.net.http import Response, Routes
 from postoffice.policy import app_passwords
 from postoffice.policy.account_changes import check_password
-from postoffice.policy.auth import LoginThrottled
+from postoffice.policy.auth import WEB_PROTOCOL, LoginThrottled
 from postoffice.protocol.sieve_parse import SieveSyntaxError
 from postoffice.protocol.sieve_run import SieveCheckError
 from postoffice.storage.accounts import AccountError
@@ -111,7 +111,7 @@ class AccountPages:
         services = self.web.services
         try:
             ok = await services.authenticator.authenticate(
-                account, current, page.request.peer, "web"
+                account, current, page.request.peer, WEB_PROTOCOL
             )
         except LoginThrottled:
             return await self.show(page, 429, error="Too many failed attempts: try later.")

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from postoffice import logfmt
 from postoffice.net.http import Request, Response
-from postoffice.policy.auth import LoginThrottled
+from postoffice.policy.auth import WEB_PROTOCOL, LoginThrottled
 from postoffice.policy.clients import client_address, in_networks
 from postoffice.services import Services
 from postoffice.web import security
@@ -215,7 +215,9 @@ class WebApp:
             return self.refuse(403, "this form has expired or was not sent from this site")
         name, password = form.get("username", ""), form.get("password", "")
         try:
-            account = await self.services.authenticator.login(name, password, request.peer, "web")
+            account = await self.services.authenticator.login(
+                name, password, request.peer, WEB_PROTOCOL
+            )
         except LoginThrottled:
             return await self.login_form(
                 request, error="Too many failed logins: try again later.", status=429
