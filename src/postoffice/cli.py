@@ -233,7 +233,7 @@ def _user_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _user_quota(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.storage.quota import format_size, parse_size
+    from postoffice.policy.account_changes import set_quota
 
     address = parse_mailbox(args.address)
     with closing(_store(settings)) as store:
@@ -242,14 +242,8 @@ def _user_quota(args: argparse.Namespace, settings: Settings) -> int:
         if args.size is None:
             own = store.quota(address)
         else:
-            word = args.size.strip().lower()
-            try:
-                own = None if word == "default" else 0 if word == "none" else parse_size(word)
-            except ValueError as exc:
-                raise AccountError(str(exc)) from None
-            store.set_quota(address, own)
-            shown = "the default" if own is None else "none" if own == 0 else format_size(own)
-            print(f"set the quota of {address}: {shown}")
+            own, done = set_quota(store, address, args.size)
+            print(done)
     print(_quota_report(settings, address, own))
     return 0
 

@@ -35,7 +35,7 @@ from tests.support.helpers import (
 )
 from tests.support.ports import free_port
 from tests.support.server import PostofficeServer
-from tests.support.web import LOGIN, SESSION, Browser
+from tests.support.web import LOGIN, SESSION, Answer, Browser
 
 CAROL, CAROL_PW = "carol@example.test", "carol-password-3"
 DAVE, DAVE_PW = "dave@example.test", "dave-password-4"
@@ -724,3 +724,25 @@ def test_an_app_password_logs_a_client_in_until_it_is_revoked(srv: PostofficeSer
     assert pop3_login(srv, user, password)
     other = b.form_post("/account", "/account/app-passwords", {"action": "remove", "id": "0" * 16})
     assert other.status == 400
+
+
+def test_an_admin_sets_a_quota_as_user_quota_does(srv: PostofficeServer) -> None:
+    b = logged_in(srv, ALICE, ALICE_PW)
+
+    def set_quota(size: str) -> Answer:
+        return b.form_post(
+            "/admin",
+            "/admin/accounts",
+            {"what": "user", "action": "quota", "address": DAVE, "size": size},
+        )
+
+    done = set_quota("2G")
+    assert done.status == 200 and f"set the quota of {DAVE}: 2 GiB" in done.body
+    assert "quota 2147483648 bytes" in srv.cli("user", "quota", DAVE).stdout
+    assert 'value="2147483648"' in done.body  # the form shows what it takes back
+    bad = set_quota("lots")
+    assert bad.status == 400 and "is not a size" in bad.body
+    assert set_quota("none").status == 200
+    assert "no quota (its own)" in srv.cli("user", "quota", DAVE).stdout
+    assert set_quota("default").status == 200
+    assert "the default" in srv.cli("user", "quota", DAVE).stdout

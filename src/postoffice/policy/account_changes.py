@@ -134,3 +134,21 @@ def add_alias(store: AccountStore, alias: str, targets: list[Address]) -> list[s
     else:
         outcome = f"its copy of mail to {alias} is dropped (and logged) until it does"
     return [f"{what}; {outcome}" for what in missing]
+
+
+def set_quota(store: AccountStore, address: Address, size: str) -> tuple[int | None, str]:
+    """``postoffice user quota ADDRESS SIZE``: bytes, or with K/M/G/T; "none"
+    (or 0): no quota; "default": [limits] mailbox_quota.  The quota set
+    (None: the default) and what was done, in words."""
+    from postoffice.storage.quota import format_size, parse_size
+
+    if store.password_hash(address) is None:
+        raise AccountError(f"no such user: {address}")
+    word = size.strip().lower()
+    try:
+        own = None if word == "default" else 0 if word == "none" else parse_size(word)
+    except ValueError as exc:
+        raise AccountError(str(exc)) from None
+    store.set_quota(address, own)
+    shown = "the default" if own is None else "none" if own == 0 else format_size(own)
+    return own, f"set the quota of {address}: {shown}"

@@ -46,7 +46,8 @@ MAX_SEARCH = 200
 class UserRow:
     address: str
     admin: bool
-    quota: str
+    quota: str  # as `user quota` shows it: "default", "none", "10 MiB"
+    quota_value: str  # as the form takes it back: "default", "none", bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +106,7 @@ class AdminPages:
         store = self.accounts
         domains = sorted(set(store.list_domains()) | set(self.settings.domains))
         users = [
-            UserRow(str(u), store.is_admin(u), self._quota(u))
+            UserRow(str(u), store.is_admin(u), *self._quota(u))
             for u in store.list_users()
             if q in str(u).lower()
         ]
@@ -124,13 +125,14 @@ class AdminPages:
             "aliases_total": len(aliases),
         }
 
-    def _quota(self, user: Address) -> str:
+    def _quota(self, user: Address) -> tuple[str, str]:
         from postoffice.storage.quota import format_size
 
         own = self.accounts.quota(user)
-        if own is None:
-            return "default"
-        return "none" if own == 0 else format_size(own)
+        if own is None or own == 0:
+            word = "default" if own is None else "none"
+            return word, word
+        return format_size(own), str(own)
 
     async def _dashboard(self) -> dict[str, object]:
         _rows, count, oldest = await self.web.blocking(self._queue)
@@ -198,6 +200,8 @@ class AdminPages:
                 return account_changes.remove_user(
                     self.settings, store, address, force=form.get("force") == "on"
                 )
+            if action == "quota":
+                return [account_changes.set_quota(store, address, form.get("size", ""))[1]]
         elif what == "alias":
             alias = form.get("alias", "").strip()
             if action == "add":
