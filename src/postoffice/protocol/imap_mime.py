@@ -74,6 +74,9 @@ class Part:
     children: list[Part] = field(default_factory=list)  # multipart only
     message: Part | None = None  # message/rfc822: the encapsulated message
     multipart: bool = False
+    # Lines of the body (imap_fetch counts them once for BODY and
+    # BODYSTRUCTURE both); -1: not counted yet.
+    lines: int = -1
 
     def key(self) -> tuple[str, str]:
         return self.type.decode("latin-1").lower(), self.subtype.decode("latin-1").lower()
