@@ -112,8 +112,10 @@ def parse_fields(block: bytes) -> list[Field]:
         while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
             parts.append(lines[i])
             i += 1
-        raw = b"\r\n".join(parts)
-        value = _FOLD.sub(b"", raw[m.end() :].lstrip(b" \t"))
+        raw = b"\r\n".join(parts) if len(parts) > 1 else line
+        value = raw[m.end() :].lstrip(b" \t")
+        if b"\n" in value:  # folded: most fields are not, and need no regex
+            value = _FOLD.sub(b"", value)
         fields.append(Field(m.group(1).decode("ascii").upper(), raw + b"\r\n", value))
     return fields
 

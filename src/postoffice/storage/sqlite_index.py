@@ -201,6 +201,19 @@ def _record(row: tuple[int, str, str, str, int, int, int]) -> MessageRecord:
     return MessageRecord(uid, stem, info, frozenset(flags.split()), modseq, internaldate, size)
 
 
+def _records(rows: Iterable[tuple[int, str, str, str, int, int, int]]) -> list[MessageRecord]:
+    """``_record`` of each row; rows share a few flag texts, so each is
+    split once (a first FETCH of 100,000 messages loads them all)."""
+    sets: dict[str, frozenset[str]] = {}
+    out: list[MessageRecord] = []
+    for uid, stem, info, flags, modseq, internaldate, size in rows:
+        found = sets.get(flags)
+        if found is None:
+            found = sets[flags] = frozenset(flags.split())
+        out.append(MessageRecord(uid, stem, info, found, modseq, internaldate, size))
+    return out
+
+
 # A ``messages`` row as inserted: folder, then _COLUMNS.
 _Row = tuple[int, int, str, str, str, int, int, int]
 
@@ -682,7 +695,7 @@ class SqliteImapIndex:
             " ORDER BY uid",
             (f.id, min(wanted), max(wanted)),
         )
-        return [_record(row) for row in rows if row[0] in wanted]
+        return _records(row for row in rows if row[0] in wanted)
 
     # --- APPEND, COPY, MOVE ---------------------------------------------------------
     def append(self, folder: str, messages: Sequence[NewMessage]) -> tuple[int, ...]:
@@ -827,7 +840,7 @@ class SqliteImapIndex:
                 " ORDER BY uid",
                 (f.id, first, last),
             ).fetchall()
-        return [_record(row) for row in rows]
+        return _records(rows)
 
     def uids(self, folder: str, first: int = 1, last: int = MAX_UID) -> list[int]:
         with self._read() as conn:
@@ -845,7 +858,7 @@ class SqliteImapIndex:
                 f"SELECT {_COLUMNS} FROM messages WHERE folder = ? AND modseq > ? ORDER BY uid",
                 (f.id, modseq),
             ).fetchall()
-        return [_record(row) for row in rows]
+        return _records(rows)
 
     def vanished_since(self, folder: str, modseq: int) -> list[int]:
         with self._read() as conn:
