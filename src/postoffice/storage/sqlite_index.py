@@ -39,9 +39,14 @@ Speed (measured on this project's 2-core test machine; ``bench/run.py
   partial index of its unseen messages for a rev1 SELECT's OK [UNSEEN].
 * A changed folder is read as (stem, info) pairs compared as sets in C:
   0.1 s for 100,000 with nothing new.  The first sync of 100,000 files
-  takes about 1 s: sizes come from ",S=" in the names (no stat), dates
-  are read when first asked (``ImapMailbox.with_dates``), UIDs are given
-  in one transaction.
+  (a cold SELECT) takes about 0.6 s of CPU (Dovecot builds its index in
+  about 0.3 s): sizes come from ",S=" in the names (no stat), dates are
+  read when first asked (``ImapMailbox.with_dates``), names are listed
+  with listdir and sorted by one int key (``maildir.arrival_order``),
+  rows go to SQLite as tuples (``SyncResult.added`` makes records only
+  when read), UIDs are given in one transaction, and ``messages_stem`` is
+  built after the rows, not row by row (``_bulk_insert``).  Most of what
+  is left is SQLite's insert and Python's loop over the names.
 * The ``structure`` table keeps each message's ENVELOPE, BODYSTRUCTURE and
   BODY in wire form and its RFC822.SIZE, written by the first FETCH that
   computes them, so later FETCHes of them read no file.  Cache and date
