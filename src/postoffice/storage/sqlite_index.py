@@ -236,6 +236,17 @@ class _Records(Sequence[MessageRecord]):
     def __len__(self) -> int:
         return len(self._rows)
 
+    def __eq__(self, other: object) -> bool:
+        # As the tuple it stands for (SyncResult compares its fields).
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]  # a list-like: unhashable
+
+    def __repr__(self) -> str:
+        return f"_Records({list(self)!r})"
+
     @overload
     def __getitem__(self, i: int) -> MessageRecord: ...
 

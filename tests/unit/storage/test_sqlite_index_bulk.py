@@ -137,3 +137,10 @@ names_st = st.lists(
 @given(names_st)
 def test_arrival_order_is_the_arrival_key_order(names: list[str]) -> None:
     assert arrival_order(names) == sorted(names, key=arrival_key)
+
+
+def test_added_compares_as_the_tuple_it_stands_for(index: SqliteImapIndex) -> None:
+    result = index.sync("INBOX", ListedFiles([stem(1), stem(2)]))
+    assert result.added == tuple(result.added) and result.added != ()
+    assert [r.uid for r in result.added] == [1, 2]
+    assert index.sync("INBOX", ListedFiles([stem(1), stem(2)])).added == ()
