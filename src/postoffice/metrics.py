@@ -59,7 +59,7 @@ LISTENERS = frozenset(
 TLS_VERSIONS = frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
 DNS_TYPES = frozenset({"MX", "A", "AAAA", "TXT", "PTR", "SOA", "CNAME", "SRV", "TLSA"})
 DNS_FAILURES = frozenset({"nxdomain", "servfail", "timeout", "error"})
-AUTH_PROTOCOLS = frozenset({"smtp", "pop3", "imap", "web"})
+AUTH_PROTOCOLS = frozenset({"smtp", "pop3", "imap", "managesieve", "web"})
 AUTH_RESULTS = frozenset({"success", "failure", "throttled"})
 DELIVERY_RESULTS = frozenset({"delivered", "deferred", "bounced"})
 DESTINATIONS = frozenset({"local", "remote", "smarthost"})
@@ -73,12 +73,18 @@ IMAP_COMMANDS = frozenset(
     | {"STATUS", "APPEND", "IDLE", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE"}
     | {"COPY", "ID", "GETQUOTAROOT", "GETQUOTA", "COMPRESS"}
 )
+MANAGESIEVE_COMMANDS = frozenset(
+    {"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "AUTHENTICATE", "UNAUTHENTICATE"}
+    | {"LISTSCRIPTS", "GETSCRIPT", "PUTSCRIPT", "CHECKSCRIPT", "SETACTIVE", "DELETESCRIPT"}
+    | {"RENAMESCRIPT", "HAVESPACE"}
+)
 # Event class names (protocol/imap_events.py) that are not the command's name.
 _IMAP_EVENT_NAMES = {"LISTMAILBOXES": "LIST"}
 # Events that are no command of their own (a SASL response line, a literal's
 # continuation, IDLE's DONE): not counted.  A bad command counts as "other".
 _NOT_COMMANDS = frozenset({"AUTHRESPONSE", "LITERALEXPECTED", "IDLEDONE"})
-FETCH_PROTOCOLS = SESSION_PROTOCOLS = frozenset({"pop3", "imap"})
+FETCH_PROTOCOLS = frozenset({"pop3", "imap"})
+SESSION_PROTOCOLS = frozenset({"pop3", "imap", "managesieve"})
 # SMTP reply codes a server sends to refuse (RFC 5321 §4.2.3; 454, 530, 534,
 # 535, 538: RFC 4954 AUTH; 521, 556: RFC 7504 null MX) and 250 for "accepted".
 SMTP_CODES = frozenset(
@@ -185,9 +191,14 @@ class _Metrics:
             "Logins by protocol and result (throttled: refused unchecked).",
             ("protocol", "result"),
         )
-        self.sessions = counter("sessions", "POP3 and IMAP sessions, by protocol.", ("protocol",))
+        self.sessions = counter(
+            "sessions", "POP3, IMAP and ManageSieve sessions, by protocol.", ("protocol",)
+        )
         self.pop3_commands = counter("pop3_commands", "POP3 commands.", ("command",))
         self.imap_commands = counter("imap_commands", "IMAP commands.", ("command",))
+        self.managesieve_commands = counter(
+            "managesieve_commands", "ManageSieve commands.", ("command",)
+        )
         self.fetch_seconds = histogram(
             "fetch_seconds", "POP3 RETR and IMAP FETCH latency.", ("protocol",), FETCH_BUCKETS
         )
@@ -315,6 +326,13 @@ def imap_command(event: object) -> None:
     name = type(event).__name__.upper()
     if _m is not None and name not in _NOT_COMMANDS:
         _m.imap_commands.labels(_one_of(_IMAP_EVENT_NAMES.get(name, name), IMAP_COMMANDS)).inc()
+
+
+def managesieve_command(name: str) -> None:
+    """A ManageSieve command by name (protocol/managesieve.py upper-cases it);
+    a SASL response line is none, an unknown or bad one counts as "other"."""
+    if _m is not None and name:
+        _m.managesieve_commands.labels(_one_of(name, MANAGESIEVE_COMMANDS)).inc()
 
 
 def fetched(protocol: str, seconds: float) -> None:

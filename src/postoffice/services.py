@@ -26,7 +26,7 @@ from postoffice.protocol.dsn_params import MessageDsn, RecipientDsn
 from postoffice.storage.accounts import AccountStore
 from postoffice.storage.folder_watch import FolderWatcher
 from postoffice.storage.free_space import FreeSpaceGuard
-from postoffice.storage.maildir import MaildirStore
+from postoffice.storage.maildir import DeliveryWriter, MaildirStore
 from postoffice.storage.pop3_mailbox import MaildropLocks
 from postoffice.storage.quota import QuotaTracker
 from postoffice.storage.sink import HeadedSink
@@ -78,8 +78,9 @@ class Services:
     # The free-space reserve ([limits] min_free_space): MAIL FROM asks ``low()``.
     space: FreeSpaceGuard | None = None
     # Users' Sieve ereject/reject at SMTP time for a message with one local
-    # recipient (delivery/sieve.py SieveDelivery.ereject): the reason, or None.
-    sieve_ereject: Callable[[Address, bytes], Awaitable[str | None]] | None = None
+    # recipient, held in memory (delivery/sieve.py SieveDelivery.ereject): the
+    # reason, or None; the decision stays on the writer for its commit.
+    sieve_ereject: Callable[[DeliveryWriter], Awaitable[str | None]] | None = None
     # Mailbox quotas ([limits] mailbox_quota, `user quota`): RCPT and DATA ask it.
     quota: QuotaTracker | None = None
     # [cluster]: POP3 maildrop locks the other nodes honour (cluster/pop3_lock.py);

@@ -5,11 +5,17 @@ then real SMTP deliveries show fileinto (into an IMAP folder, flags in the
 ``:2,`` part), redirect (out through the queue with an SRS sender), vacation
 (one reply per sender within :days, from the null sender, auto-replied) and
 no vacation loop between two local users who both have vacation on.  A
-broken or failing script delivers to INBOX.
+broken or failing script delivers to INBOX.  A reject after the SMTP
+transaction goes back as a DSN (RFC 5429 §2.1.2), never to the null sender
+nor to automatic mail; ``envelope`` sees the RCPT TO address as given
+(subaddress, alias); ``body`` tests :raw, :content and :text, within
+BODY_LIMIT.
 """
 
 from __future__ import annotations
 
+import email
+import email.message
 import smtplib
 import time
 from collections.abc import Iterator
@@ -62,8 +68,9 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
             }
         },
     )
-    for user in ("bob", "carol", "dave", "erin", "frank"):
+    for user in ("bob", "carol", "dave", "erin", "frank", "gina", "hank"):
         srv.add_user(f"{user}@example.test", f"{user}-password-2")
+    srv.cli("alias", "add", "team@example.test", "gina@example.test")
     srv.start()
     try:
         yield Net(srv, remote, origin, root)
@@ -200,6 +207,150 @@ def test_ereject_refuses_at_smtp_time_for_one_recipient_else_bounces(net: Net) -
     send(net, SOMEONE, ["erin@example.test", "bob@example.test"], "sieve-ereject-2 spam-word")
     assert files_with(net.srv.maildir("erin@example.test"), b"sieve-ereject-2") == []
     assert len(files_with(net.srv.maildir("bob@example.test"), b"sieve-ereject-2")) == 1
-    assert wait_for(lambda: len(arrived(net.origin, b"Rejected: sieve-ereject-2")) == 1)
-    (notice,) = arrived(net.origin, b"Rejected: sieve-ereject-2")
-    assert notice.sender == "<>" and b"No spam here" in notice.data
+    assert wait_for(lambda: len(arrived(net.origin, b"sieve-ereject-2")) == 1), net.srv.log()
+    (notice,) = arrived(net.origin, b"sieve-ereject-2")
+    assert notice.sender == "<>" and notice.recipients == [f"<{SOMEONE}>"]
+    assert_reject_dsn(notice.data, "erin@example.test", "No spam here")
+    assert b"hi\r\n" not in notice.data.split(b"\r\n\r\n", 1)[1]  # headers only, no content
+
+
+def assert_reject_dsn(data: bytes, mailbox: str, reason: str) -> None:
+    """RFC 5429 §2.1.2 by way of RFC 3464: a multipart/report whose
+    delivery-status says the mailbox failed with 5.7.1, the reason readable."""
+    dsn = email.message_from_bytes(data)
+    assert dsn["Auto-Submitted"] == "auto-replied"
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    parts: dict[str, email.message.Message] = {}
+    for part in dsn.walk():  # the first of each type (delivery-status blocks parse as text/plain)
+        parts.setdefault(part.get_content_type(), part)
+    assert reason in str(parts["text/plain"].get_payload(decode=True), "utf-8")
+    status = parts["message/delivery-status"].as_string()
+    assert f"Final-Recipient: rfc822; {mailbox}" in status
+    assert "Action: failed" in status and "Status: 5.7.1" in status
+    assert "Subject: " in parts["text/rfc822-headers"].as_string()
+
+
+def test_reject_never_bounces_to_the_null_sender_or_automatic_mail(net: Net) -> None:
+    net.put(
+        "hank@example.test",
+        'require "reject";\nif header :contains "subject" "nope" { reject "Not wanted"; }\n',
+        name="reject",
+    )
+    two = ["hank@example.test", "bob@example.test"]
+    send(net, "", two, "sieve-reject-null nope")
+    send(net, SOMEONE, two, "sieve-reject-auto nope", "Auto-Submitted: auto-generated\r\n")
+    send(net, SOMEONE, two, "sieve-reject-plain nope")
+    assert wait_for(lambda: len(arrived(net.origin, b"sieve-reject-plain")) == 1), net.srv.log()
+    (notice,) = arrived(net.origin, b"sieve-reject-plain")
+    assert_reject_dsn(notice.data, "hank@example.test", "Not wanted")
+    hank = net.srv.maildir("hank@example.test")
+    for subject in (b"sieve-reject-null", b"sieve-reject-auto", b"sieve-reject-plain"):
+        assert files_with(hank, subject) == []  # rejected: no copy kept
+        assert len(files_with(net.srv.maildir("bob@example.test"), subject)) == 1
+    time.sleep(2)
+    assert arrived(net.origin, b"sieve-reject-null") == []
+    assert arrived(net.origin, b"sieve-reject-auto") == []
+    net.srv.cli("sieve", "activate", "hank@example.test", "--none")
+
+
+def test_reject_of_a_large_message_bounces_after_delivery(net: Net) -> None:
+    # Past the in-memory bound (storage/maildir.py SPILL_THRESHOLD): judged
+    # from the stored file after the 250, even with one recipient.
+    net.put(
+        "erin@example.test",
+        'require "ereject";\nif header :contains "subject" "spam-word" { ereject "Too spammy"; }\n',
+        name="reject",
+    )
+    big = "\r\n".join(["y" * 76] * 6000)  # about 460 KiB
+    message = (
+        f"From: {SOMEONE}\r\nSubject: sieve-ereject-huge spam-word\r\n\r\n{big}\r\n"
+    ).encode()
+    with smtplib.SMTP("127.0.0.1", net.srv.ports["smtp"], timeout=30) as client:
+        client.sendmail(SOMEONE, ["erin@example.test"], message)
+    assert wait_for(lambda: len(arrived(net.origin, b"sieve-ereject-huge")) == 1), net.srv.log()
+    (notice,) = arrived(net.origin, b"sieve-ereject-huge")
+    assert_reject_dsn(notice.data, "erin@example.test", "Too spammy")
+    assert len(notice.data) < 16 * 1024  # the headers came back, not the content
+    assert files_with(net.srv.maildir("erin@example.test"), b"sieve-ereject-huge") == []
+
+
+def test_envelope_sees_the_rcpt_to_address_as_given(net: Net) -> None:
+    net.put(
+        "gina@example.test",
+        'require ["envelope", "subaddress", "fileinto", "mailbox"];\n'
+        'if envelope :detail "to" "lists" { fileinto :create "Lists"; }\n'
+        'elsif envelope :localpart :is "to" "team" { fileinto :create "Team"; }\n'
+        'elsif envelope :user "to" "gina" { fileinto :create "Direct"; }\n',
+    )
+    send(net, SOMEONE, ["gina+lists@example.test"], "sieve-env-detail")
+    send(net, SOMEONE, ["team@example.test"], "sieve-env-alias")
+    send(net, SOMEONE, ["gina@example.test"], "sieve-env-plain")
+    send(net, SOMEONE, ["bob@example.test", "gina+lists@example.test"], "sieve-env-two")
+    gina = net.srv.maildir("gina@example.test")
+    assert len(files_with(gina / ".Lists", b"sieve-env-detail")) == 1, net.srv.log()
+    assert len(files_with(gina / ".Team", b"sieve-env-alias")) == 1
+    assert len(files_with(gina / ".Direct", b"sieve-env-plain")) == 1
+    assert len(files_with(gina / ".Lists", b"sieve-env-two")) == 1
+    assert files_with(gina, b"sieve-env-") == []  # none left in INBOX
+
+
+def send_mime(net: Net, rcpt: str, subject: str, parts: list[tuple[str, str, str]]) -> None:
+    """A multipart/alternative message; each part (type, transfer encoding, encoded text)."""
+    body = "".join(
+        f"--b1\r\nContent-Type: {ctype}; charset=utf-8\r\n"
+        f"Content-Transfer-Encoding: {cte}\r\n\r\n{text}\r\n"
+        for ctype, cte, text in parts
+    )
+    message = (
+        f"From: {SOMEONE}\r\nTo: {rcpt}\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/alternative; boundary="b1"\r\n\r\n'
+        f"prologue\r\n{body}--b1--\r\n"
+    )
+    with smtplib.SMTP("127.0.0.1", net.srv.ports["smtp"], timeout=30) as client:
+        client.sendmail(SOMEONE, [rcpt], message.encode())
+
+
+def test_body_raw_content_and_text(net: Net) -> None:
+    net.put(
+        "hank@example.test",
+        'require ["body", "fileinto", "mailbox"];\n'
+        'if body :content "text/html" :contains "secret-html" { fileinto :create "Html"; }\n'
+        'elsif body :raw :contains "plain=2Dmarker" { fileinto :create "Raw"; }\n'
+        'elsif body :text :contains "plain-marker" { fileinto :create "Text"; }\n'
+        'elsif body :content "multipart" :contains "prologue" { fileinto :create "Multi"; }\n',
+    )
+    hank = net.srv.maildir("hank@example.test")
+    # base64 of "<p>secret-html</p>": only :content decodes it.
+    send_mime(net, "hank@example.test", "sieve-body-html",
+              [("text/plain", "7bit", "hello"), ("text/html", "base64", "PHA+c2VjcmV0LWh0bWw8L3A+")])  # fmt: skip
+    # Quoted-printable "plain-marker": :raw sees it encoded.
+    send_mime(net, "hank@example.test", "sieve-body-raw", [("text/plain", "quoted-printable", "plain=2Dmarker")])  # fmt: skip
+    # base64 of "plain-marker": only the decoded :text has it.
+    send_mime(net, "hank@example.test", "sieve-body-text", [("text/plain", "base64", "cGxhaW4tbWFya2Vy")])  # fmt: skip
+    # "secret-html" in a text/plain part is not text/html's; the prologue is multipart's.
+    send_mime(net, "hank@example.test", "sieve-body-multi", [("text/plain", "7bit", "secret-html")])  # fmt: skip
+    assert len(files_with(hank / ".Html", b"sieve-body-html")) == 1, net.srv.log()
+    assert len(files_with(hank / ".Raw", b"sieve-body-raw")) == 1
+    assert len(files_with(hank / ".Text", b"sieve-body-text")) == 1
+    assert len(files_with(hank / ".Multi", b"sieve-body-multi")) == 1
+    net.srv.cli("sieve", "activate", "hank@example.test", "--none")
+
+
+def test_body_reads_no_further_than_its_bound(net: Net) -> None:
+    net.put(
+        "hank@example.test",
+        'require ["body", "fileinto", "mailbox"];\n'
+        'if body :raw :contains "far-marker" { fileinto :create "Far"; }\n',
+        name="far",
+    )
+    filler = "\r\n".join(["z" * 76] * 5000)  # about 390 KiB, past BODY_LIMIT (256 KiB)
+    for subject, body in (("sieve-far-early", f"far-marker\r\n{filler}"),
+                          ("sieve-far-late", f"{filler}\r\nfar-marker")):  # fmt: skip
+        message = f"From: {SOMEONE}\r\nSubject: {subject}\r\n\r\n{body}\r\n".encode()
+        with smtplib.SMTP("127.0.0.1", net.srv.ports["smtp"], timeout=30) as client:
+            client.sendmail(SOMEONE, ["hank@example.test"], message)
+    hank = net.srv.maildir("hank@example.test")
+    assert len(files_with(hank / ".Far", b"sieve-far-early")) == 1, net.srv.log()
+    assert len(files_with(hank, b"sieve-far-late")) == 1  # not seen: kept in INBOX
+    net.srv.cli("sieve", "activate", "hank@example.test", "--none")

@@ -38,6 +38,7 @@ class LocalCourier:
     ) -> list[RecipientResult]:
         results: dict[Address, RecipientResult] = {}
         mailboxes: dict[Address, None] = {}
+        originals: dict[Address, Address] = {}  # each mailbox's recipient (an alias): Sieve's
         to_store: list[Address] = []
         for rcpt in recipients:
             resolution = self._accounts.resolve(rcpt)
@@ -53,6 +54,8 @@ class LocalCourier:
                 )
             else:
                 mailboxes.update(dict.fromkeys(resolution.mailboxes))
+                for mailbox in resolution.mailboxes:
+                    originals.setdefault(mailbox, rcpt)
                 to_store.append(rcpt)
                 results[rcpt] = RecipientResult(
                     rcpt,
@@ -62,18 +65,22 @@ class LocalCourier:
                     forwards=resolution.forwards,
                 )
         if mailboxes:
-            failure = await self._store(sender, list(mailboxes), message)
+            failure = await self._store(sender, list(mailboxes), originals, message)
             if failure is not None:
                 for rcpt in to_store:
                     results[rcpt] = RecipientResult(rcpt, Outcome.DEFERRED, *failure)
         return [results[r] for r in recipients]
 
     async def _store(
-        self, sender: Address | None, mailboxes: list[Address], message: MessageSource
+        self,
+        sender: Address | None,
+        mailboxes: list[Address],
+        originals: dict[Address, Address],
+        message: MessageSource,
     ) -> tuple[str, str] | None:
         """Store one copy in every mailbox; (text, status) if that failed."""
         try:
-            writer: MessageSink[list[Path]] = self._maildirs.writer(mailboxes)
+            writer: MessageSink[list[Path]] = self._maildirs.writer(mailboxes, originals)
         except (AddressError, ValueError) as exc:
             return f"bad mailbox: {exc}", "4.3.0"
         try:

@@ -88,8 +88,10 @@ class ManageSieveSession:
                 self.core.receive_data(data)
                 continue
             if isinstance(event, BadCommand):
+                metrics.managesieve_command("other")
                 self._no(event.reason, event.code)
                 continue
+            metrics.managesieve_command(event.name)
             await self._dispatch(event)
             await self.conn.drain()
 
@@ -120,6 +122,7 @@ class ManageSieveSession:
             lines.append(b'"STARTTLS"\r\n')
         if self.user is not None:
             lines.append(b'"OWNER" ' + quote(str(self.user)) + b"\r\n")
+        lines.append(b'"UNAUTHENTICATE"\r\n')  # RFC 5804 §2.14.1
         self.conn.write(b"".join(lines))
 
     async def _blocking(self, func: Callable[..., T], *args: object) -> T:
@@ -144,6 +147,8 @@ class ManageSieveSession:
             await self._starttls()
         elif name == "AUTHENTICATE":
             await self._authenticate(args)
+        elif name == "UNAUTHENTICATE":
+            self._unauthenticate()
         elif self.user is None:
             self._no("Authenticate first")
         else:
@@ -185,6 +190,16 @@ class ManageSieveSession:
         self._sasl = exchange
         initial = str(args[1]) if len(args) > 1 else None
         await self._sasl_reply(exchange.initial(initial if initial else None))
+
+    def _unauthenticate(self) -> None:
+        """RFC 5804 §2.14.1: back to the non-authenticated state, TLS kept
+        (no SASL security layer is ever negotiated here, so none to drop)."""
+        if self.user is None:
+            self._no("Not authenticated")
+            return
+        log.info("managesieve client=%s user=%s unauthenticated", self.client_ip, self.user)
+        self.user = None
+        self.conn.write(response("OK", "Unauthenticate completed"))
 
     async def _sasl_reply(self, outcome: sasl.Outcome) -> None:
         if isinstance(outcome, sasl.Challenge):

@@ -31,6 +31,8 @@ class IncomingEnvelope:
     mailboxes: dict[Address, None] = field(default_factory=dict)  # ordered set
     remote: dict[Address, None] = field(default_factory=dict)  # via the outbound queue
     recipients: list[Address] = field(default_factory=list)  # as given, for the log
+    # Each mailbox's RCPT TO (alice+lists@, an alias), the first naming it: Sieve's envelope.
+    originals: dict[Address, Address] = field(default_factory=dict)
     forwarded_by: str = ""  # the domain of the first alias forwarding off-site (SRS)
     srs_bounce: bool = False  # the recipient is one of our SRS addresses (alone, capped)
     declared_size: int = 0  # MAIL FROM's SIZE= (RFC 1870), 0 if none

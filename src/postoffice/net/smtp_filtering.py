@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from postoffice import logfmt, maillog
-from postoffice.dns.client_name import verified_client_name
 from postoffice.filters.apply import (
     HEADER_READ,
     ModificationError,
@@ -54,12 +53,14 @@ from postoffice.filters.verdicts import (
 from postoffice.mail.address import Address, AddressError, parse_address
 from postoffice.net.connection import Connection
 from postoffice.net.smtp_envelope import IncomingEnvelope, Transaction, new_queue_id
+from postoffice.policy.client_name import verified_client_name
 from postoffice.protocol.dsn_params import NO_RECIPIENT_DSN
 from postoffice.protocol.smtp_reply import Reply
 from postoffice.protocol.smtp_server import MailFrom, RcptTo, SmtpServerCore
 from postoffice.services import Services
 from postoffice.storage import folder_names
 from postoffice.storage.folders import FolderError, Folders, junk_folder_blocking
+from postoffice.storage.maildir import delivery_facts
 from postoffice.storage.sink import MessageSink
 
 
@@ -118,7 +119,7 @@ class SessionFilters:
         self.discard: Discard | None = None  # for the message under way
         self.quarantine: Quarantine | None = None
         self.queue_id = ""
-        self.client_name = ""  # verified at connect (dns/client_name.py); "" unknown
+        self.client_name = ""  # verified at connect (policy/client_name.py); "" unknown
         self._pending: set[asyncio.Task[None]] = set()
 
     def facts(self) -> SessionFacts:
@@ -335,7 +336,7 @@ class SessionFilters:
         if env.mailboxes:
             maildirs = s.s.maildirs
             if folder == "INBOX":
-                tx.local = maildirs.writer(list(env.mailboxes))
+                tx.local = maildirs.writer(list(env.mailboxes), env.originals)
             else:
                 paths = [maildirs.path_for(m) for m in env.mailboxes]
                 loop = asyncio.get_running_loop()
@@ -348,9 +349,12 @@ class SessionFilters:
                     log.error(
                         "filter id=%s: folder %r unusable, INBOX: %s", tx.queue_id, folder, exc
                     )
-                    tx.local = maildirs.writer(list(env.mailboxes))
+                    tx.local = maildirs.writer(list(env.mailboxes), env.originals)
                 else:
-                    tx.local = maildirs.writer_to(targets, folders=True)
+                    # The users' Sieve scripts still run (docs/filters.md): an
+                    # explicit fileinto wins, their keep leaves it in ``folder``.
+                    facts = delivery_facts(list(env.mailboxes), env.originals, folder)
+                    tx.local = maildirs.writer_to(targets, folders=True, facts=facts)
         if env.remote:
             if s.s.outbound is None:
                 return Reply(451, "Outbound delivery is not available", "4.3.0")

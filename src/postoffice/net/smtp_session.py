@@ -61,6 +61,7 @@ from postoffice.protocol.smtp_server import (
 from postoffice.services import Services
 from postoffice.storage.errors import DeliveryError, StorageFault, fault_of
 from postoffice.storage.folders import junk_folder_blocking
+from postoffice.storage.maildir import delivery_facts
 from postoffice.storage.sink import HeadedSink, MessageSink
 
 log = logging.getLogger("postoffice.smtp")
@@ -558,6 +559,7 @@ class SmtpSession:
                         env.remote[m] = None
                     else:
                         env.mailboxes[m] = None
+                        env.originals.setdefault(m, rcpt)
                 for r in (*remote, *mailboxes) if event.dsn.given else ():
                     env.rcpt_dsn.setdefault(r, event.dsn)  # the first RCPT naming it decides
                 for r in remote:
@@ -577,7 +579,11 @@ class SmtpSession:
                 # Writers are opened once the filters have had their say.
                 local, outbound, spool = None, None, filtering.spool()
             else:
-                local = self.s.maildirs.writer(list(env.mailboxes)) if env.mailboxes else None
+                local = (
+                    self.s.maildirs.writer(list(env.mailboxes), env.originals)
+                    if env.mailboxes
+                    else None
+                )
                 outbound = self._outbound_writer(env, queue_id) if env.remote else None
         except (AddressError, ValueError) as exc:
             log.error("smtp cannot start delivery id=%s: %s", queue_id, exc)
@@ -822,7 +828,7 @@ class SmtpSession:
             return None
         if not tx.local.in_memory:
             return None  # large: judged after delivery (a bounce)
-        reason = await check(next(iter(env.mailboxes)), tx.local.buffered())
+        reason = await check(tx.local)
         return None if reason is None else Reply(550, reason, "5.7.1")
 
     async def _over_quota(self, tx: Transaction) -> Reply | None:
@@ -897,7 +903,10 @@ class SmtpSession:
             folder = "INBOX"
         else:
             await tx.local.discard()
-            tx.local = maildirs.writer_to(junk, folders=True)
+            # The users' Sieve scripts still run; their keep leaves it in Junk.
+            mailboxes = list(tx.envelope.mailboxes)
+            facts = delivery_facts(mailboxes, tx.envelope.originals, "Junk")
+            tx.local = maildirs.writer_to(junk, folders=True, facts=facts)
             folder = "Junk"
         tx.extra_headers += f"X-Postoffice-Quarantine: {reason} (RFC 7489 6.3)\n".encode()
         maillog.quarantined(tx.queue_id, reason=reason, folder=folder)

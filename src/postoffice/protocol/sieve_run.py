@@ -12,7 +12,7 @@ if/elsif/else order.  A script that passes may still fail while running
 (a bad regex-free glob cannot, but too many actions can); that raises
 ``SieveRuntimeError`` and the caller keeps the message in INBOX (§2.10.6).
 
-Extensions: fileinto, envelope, imap4flags, body (:text), variables (set,
+Extensions: fileinto, envelope, imap4flags, body (:text, :raw, :content), variables (set,
 match variables), copy, mailbox (:create; mailboxexists through a callable),
 subaddress, relational, comparator-i;ascii-numeric, spamtest, reject,
 ereject, vacation (the action only: dedupe is the caller's), date and
@@ -68,7 +68,11 @@ class SieveMessage:
     size: int
     envelope_from: str
     envelope_to: str
-    body_text: str = ""
+    body_text: str = ""  # RFC 5173 :text, the text/* parts decoded
+    body_raw: str = ""  # :raw, the body as it came
+    # :content, each MIME part's type and tested text (§5.2: a leaf's decoded
+    # content, a multipart's prologue and epilogue, a message/rfc822's header).
+    body_parts: tuple[tuple[str, str], ...] = ()
     spam_score: float | None = None
     now: float = 0.0  # seconds since the epoch, for currentdate (RFC 5260 §5)
     mailbox_exists: Callable[[str], bool] = field(default=lambda _name: False)
@@ -207,7 +211,7 @@ _ARITY: dict[str, tuple[int, int, int, int]] = {
     "not": (0, 0, 1, 1), "allof": (0, 0, 1, 64), "anyof": (0, 0, 1, 64),
     "true": (0, 0, 0, 0), "false": (0, 0, 0, 0),
 }  # fmt: skip
-_TAKES_VALUE = {"flags", "days", "subject", "from", "addresses", "handle", "zone"}
+_TAKES_VALUE = {"flags", "days", "subject", "from", "addresses", "handle", "zone", "content"}
 
 
 def _check_arity(
@@ -217,6 +221,9 @@ def _check_arity(
         m = _split_arguments(arguments, _TAKES_VALUE)
     except SieveRuntimeError as exc:
         raise SieveCheckError(str(exc), line, column) from None
+    for tag, given in m.other.items():
+        if tag in _TAKES_VALUE and not isinstance(given, tuple | int):
+            raise SieveCheckError(f":{tag} needs a value", line, column)
     low, high, tests_low, tests_high = _ARITY[name]
     if not low <= len(m.positional) <= high:
         raise SieveCheckError(f"{name}: wrong number of arguments", line, column)
@@ -436,7 +443,7 @@ class _Runner:
             ]
             return self.matches(m, found, keys)
         if name == "body":
-            return self.matches(m, [self.message.body_text], self.strings(m.positional[0]))
+            return self.body_test(t.arguments)
         if name == "string":
             sources = self.strings(m.positional[0])
             return self.matches(m, sources, self.strings(m.positional[1]))
@@ -454,6 +461,28 @@ class _Runner:
             level = "0" if score is None else str(max(1, min(10, 1 + int(score * 9 / 15))))
             return self.matches(m, [level], self.strings(m.positional[0]))
         raise SieveRuntimeError(f"unknown test {name!r}")
+
+    def body_test(self, arguments: Sequence[Argument]) -> bool:
+        # RFC 5173 §5: :raw, :content "type" or (the default) :text.
+        m = _split_arguments(arguments, {"content"})
+        if len(m.positional) != 1:
+            raise SieveRuntimeError("body needs a key list")
+        keys = self.strings(m.positional[0])
+        if "raw" in m.other:
+            values = [self.message.body_raw]
+        elif "content" in m.other:
+            given = m.other["content"]
+            if not isinstance(given, tuple):
+                raise SieveRuntimeError(":content needs a string list")
+            types = [self.expand(t) for t in given]
+            values = [
+                text
+                for ctype, text in self.message.body_parts
+                if any(_content_matches(ctype, t) for t in types)
+            ]
+        else:
+            values = [self.message.body_text]
+        return self.matches(m, values, keys)
 
     def date_test(self, name: str, arguments: Sequence[Argument]) -> bool:
         # RFC 5260 §4-5: a date part of a header's date, or of now, in :zone.
@@ -591,6 +620,19 @@ class _Runner:
             handle=one("handle") or reason,
             mime="mime" in m.other,
         )
+
+
+def _content_matches(ctype: str, wanted: str) -> bool:
+    """RFC 5173 §5.2: "" is every type, "type" any of its subtypes,
+    "type/subtype" that one; a leading, trailing or second slash none."""
+    wanted = wanted.lower()
+    if wanted.startswith("/") or wanted.endswith("/") or wanted.count("/") > 1:
+        return False
+    if not wanted:
+        return True
+    if "/" in wanted:
+        return ctype == wanted
+    return ctype.partition("/")[0] == wanted
 
 
 def _zone(text: str) -> timezone:

@@ -214,3 +214,47 @@ def test_fuzz_checked_scripts_fail_only_as_script_errors(words: list[str]) -> No
         return
     with contextlib.suppress(SieveRuntimeError):
         run_script(commands, MESSAGE)
+
+
+BODIES = SieveMessage(
+    headers=(("Subject", "parts"),),
+    size=100,
+    envelope_from="a@example.org",
+    envelope_to="b@example.org",
+    body_text="decoded text",
+    body_raw="ZGVjb2RlZCB0ZXh0 <b>raw</b>",
+    body_parts=(
+        ("multipart/mixed", "the prologue"),
+        ("text/plain", "decoded text"),
+        ("text/html", "<b>html part</b>"),
+        ("application/pdf", "%PDF binary"),
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("test", "expected"),
+    [
+        ('body :raw :contains "ZGVjb2RlZCB0ZXh0"', True),
+        ('body :raw :contains "decoded text"', False),
+        ('body :text :contains "decoded text"', True),
+        ('body :contains "decoded text"', True),  # :text is the default (RFC 5173 §5)
+        ('body :content "text/html" :contains "html part"', True),
+        ('body :content "text/plain" :contains "html part"', False),
+        ('body :content "text" :contains "html part"', True),  # any subtype
+        ('body :content "" :contains "%PDF"', True),  # every part
+        ('body :content ["image", "application/pdf"] :contains "%PDF"', True),
+        ('body :content "multipart" :contains "prologue"', True),
+        ('body :content "text/" :contains "html"', False),  # RFC 5173 §5.2: matches nothing
+        ('body :content "text/html/x" :contains "html"', False),
+        ('body :content "TEXT/HTML" :matches "*html*"', True),
+    ],
+)
+def test_body_transforms(test: str, expected: bool) -> None:
+    result = run(f'require ["body", "fileinto"];\nif {test} {{ fileinto "Hit"; }}\n', BODIES)
+    assert (result.actions[0] == FileInto("Hit")) is expected
+
+
+def test_body_content_needs_its_type_list() -> None:
+    with pytest.raises(SieveCheckError):
+        check_script(parse_script(b'require "body";\nif body :content :contains "x" { stop; }\n'))
