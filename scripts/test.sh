@@ -56,6 +56,8 @@ CAPABILITIES=(
   "command -v unshare|util-linux"
   # tests/integration/test_acme.py: pebble, the ACME test CA, issues and renews.
   "command -v pebble|pebble"
+  # tests/interop/test_web_browser.py: the web pages in a real browser (Playwright drives it).
+  "command -v chromium|chromium"
   # tests/integration/cluster: a real PostgreSQL (initdb, postgres) the tests
   # start in a temporary directory ([cluster] database); setpriv runs it as
   # the postgres user when the tests run as root.

@@ -121,6 +121,7 @@ def build_services(
         PasswordHasher(),
         LoginThrottle(ThrottleLimits.from_settings(settings.auth), feed=feed),
         HashingPool(hash_workers, max_waiting=HASH_WAITING_PER_WORKER * hash_workers),
+        lambda address: [p.digest for p in accounts.app_passwords(address)],
     )
     services = Services(
         settings=settings,
@@ -332,6 +333,11 @@ class Server:
         # Client autoconfiguration over HTTPS, with the mail certificate; port 80
         # redirects to it (net/web.py).
         https, http = web.https_routes(s), web.http_routes(s)
+        pages = None
+        if listen.https:
+            from postoffice.web.routes import add_routes as add_web_pages  # Jinja2: only if served
+
+            pages = add_web_pages(https, s)
         self._listener(
             "https",
             listen.https,
@@ -349,6 +355,8 @@ class Server:
             "metrics", listen.metrics, lambda c: HttpSession(c, scrape, "metrics").run(), BUSY_REPLY
         )
         await self._start_listeners()
+        if pages is not None:  # the dashboard's samples of the traffic counters
+            self.background.append(asyncio.get_running_loop().create_task(pages.history.run()))
         if isinstance(s.outbound, Outbound):  # the delivering process's queue
             self.background.append(asyncio.get_running_loop().create_task(s.outbound.run()))
             if s.resolver is not None:  # DMARC and TLS reports, daily after the UTC day boundary

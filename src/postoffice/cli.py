@@ -60,9 +60,7 @@ from postoffice.mail.address import (
     Address,
     AddressError,
     normalise_domain,
-    parse_address,
     parse_mailbox,
-    split_plus,
 )
 from postoffice.storage.accounts import AccountError, AccountStore
 
@@ -153,7 +151,7 @@ def _ask(prompt: str) -> str:
 
 
 def _read_password(args: argparse.Namespace, prompt: str, owner: Address) -> str:
-    from postoffice.policy.passwords import weakness
+    from postoffice.policy.account_changes import check_password
 
     if args.password_stdin:
         text = sys.stdin.read()
@@ -164,18 +162,12 @@ def _read_password(args: argparse.Namespace, prompt: str, owner: Address) -> str
         password = _ask(prompt)
         if password and _ask(f"{prompt} (again)") != password:
             raise AccountError("the passwords do not match")
-    if not password:
-        raise AccountError("refusing an empty password")
-    # POP3 PASS and SMTP AUTH are line-based: such a password could never log in.
-    if any(c in password for c in "\r\n\x00"):
-        raise AccountError("a password cannot contain line breaks or NUL")
-    why = weakness(password, owner)
-    if why and not args.allow_weak:
-        raise AccountError(
-            f"refusing a weak password: {why}; choose another, of 8 characters or more"
-            " (--allow-weak takes it anyway, for tests)"
-        )
-    return password
+    try:
+        return check_password(password, owner, allow_weak=args.allow_weak)
+    except AccountError as exc:
+        if str(exc).startswith("refusing a weak password"):
+            raise AccountError(f"{exc} (--allow-weak takes it anyway, for tests)") from None
+        raise
 
 
 def _hash(password: str) -> str:
@@ -186,30 +178,13 @@ def _hash(password: str) -> str:
 
 # --- user -----------------------------------------------------------------------------
 def _user_add(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.storage.maildir import ensure_maildir, mailbox_path
-    from postoffice.storage.retired import messages_in
+    from postoffice.policy.account_changes import check_new_user
+    from postoffice.storage.maildir import ensure_maildir
 
     address = parse_mailbox(args.address)
-    maildir = mailbox_path(settings.mail_dir, address)
     with closing(_store(settings)) as store:
         # Refuse before asking for a password; add_user checks again atomically.
-        if not store.is_local_domain(address.domain):
-            raise AccountError(
-                f"{address.domain} is not a local domain; add it with:"
-                f" postoffice domain add {address.domain}"
-            )
-        if store.password_hash(address) is not None:
-            raise AccountError(f"user {address} exists already")
-        if str(address) in store.list_aliases():
-            raise AccountError(f"{address} is an alias; remove the alias first")
-        left = messages_in(maildir)
-        if left and not args.reuse_maildir:
-            # An earlier mailbox of that name (kept by an older `user remove`, or
-            # copied in): never hand someone's mail to a new user silently.
-            raise AccountError(
-                f"{maildir} holds {left} message(s) of an earlier mailbox; move it away"
-                " first, or give them to the new user with --reuse-maildir"
-            )
+        maildir = check_new_user(settings, store, address, reuse_maildir=args.reuse_maildir)
         password = _read_password(args, f"Password for {address}", address)
         store.add_user(address, _hash(password))
     try:
@@ -238,37 +213,13 @@ def _user_passwd(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _user_remove(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.storage import retired
-    from postoffice.storage.maildir import mailbox_path
+    from postoffice.policy.account_changes import remove_user
 
     address = parse_mailbox(args.address)
-    maildir = mailbox_path(settings.mail_dir, address)
     with closing(_store(settings)) as store:
-        if store.password_hash(address) is None:
-            raise AccountError(f"no such user: {address}")
-        pointing = store.aliases_to(address)
-        if pointing and not args.force:
-            names = ", ".join(pointing)
-            raise AccountError(
-                f"{address} is a target of the alias(es) {names}: their mail for it would be"
-                " dropped.  Change them first, or pass --force to take it out of them too"
-                " (an alias left without targets is removed)"
-            )
-        changed = store.remove_user(address, from_aliases=args.force)
-    print(f"removed user {address}")
-    for alias, left in changed.items():
-        if left:
-            print(f"  removed it from alias {alias} (left: {', '.join(str(t) for t in left)})")
-        else:
-            print(f"  removed alias {alias} (it had no other target)")
-    if not maildir.exists():
-        return 0
-    if args.delete_mail:
-        retired.delete(maildir)
-        print(f"deleted its Maildir {maildir}")
-    else:
-        moved = retired.move_aside(settings.data_dir, maildir)
-        print(f"moved its Maildir to {moved} (delete it when it is no longer needed)")
+        done = remove_user(settings, store, address, force=args.force, delete_mail=args.delete_mail)
+    for line in done:
+        print(line)
     return 0
 
 
@@ -282,7 +233,7 @@ def _user_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _user_quota(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.storage.quota import format_size, parse_size
+    from postoffice.policy.account_changes import set_quota
 
     address = parse_mailbox(args.address)
     with closing(_store(settings)) as store:
@@ -291,15 +242,20 @@ def _user_quota(args: argparse.Namespace, settings: Settings) -> int:
         if args.size is None:
             own = store.quota(address)
         else:
-            word = args.size.strip().lower()
-            try:
-                own = None if word == "default" else 0 if word == "none" else parse_size(word)
-            except ValueError as exc:
-                raise AccountError(str(exc)) from None
-            store.set_quota(address, own)
-            shown = "the default" if own is None else "none" if own == 0 else format_size(own)
-            print(f"set the quota of {address}: {shown}")
+            own, done = set_quota(store, address, args.size)
+            print(done)
     print(_quota_report(settings, address, own))
+    return 0
+
+
+def _user_admin(args: argparse.Namespace, settings: Settings) -> int:
+    address = parse_mailbox(args.address)
+    with closing(_store(settings)) as store:
+        store.set_admin(address, not args.off)  # refuses an unknown user
+    if args.off:
+        print(f"{address} is no longer an admin")
+    else:
+        print(f"{address} is an admin: it may use the admin web pages (/admin)")
     return 0
 
 
@@ -406,6 +362,18 @@ def _add_user_parser(subparsers: Subparsers) -> None:
     quota.add_argument(
         "size", metavar="SIZE", nargs="?", help="the new quota (absent: show usage and quota)"
     )
+    admin = _leaf(
+        users,
+        "admin",
+        "let a user use the admin web pages (docs/web.md), or with --off no longer",
+        _user_admin,
+        "A session already logged in loses the admin pages at its next request.\n\n"
+        "examples:\n"
+        "  postoffice user admin alice@example.test\n"
+        "  postoffice user admin alice@example.test --off\n",
+    )
+    admin.add_argument("address", metavar="ADDRESS", help="the user's address")
+    admin.add_argument("--off", action="store_true", help="take the admin flag away")
 
 
 # --- domain ---------------------------------------------------------------------------
@@ -466,30 +434,13 @@ def _add_domain_parser(subparsers: Subparsers) -> None:
 
 # --- alias ----------------------------------------------------------------------------
 def _alias_add(args: argparse.Namespace, settings: Settings) -> int:
-    targets = [parse_address(t.strip(), utf8=True) for t in args.targets]
+    from postoffice.policy.account_changes import add_alias, parse_targets
+
+    targets = parse_targets(args.targets)
     with closing(_store(settings)) as store:
-        store.add_alias(args.alias, targets)  # refuses loops (a -> b -> a)
-        # A local target that is nobody gets nothing at delivery: say now what
-        # becomes of the mail (storage/sqlite_accounts.py _expand, policy/relay.py).
-        aliases = store.list_aliases()
-        missing: list[str] = []
-        for target in targets:
-            found = store.resolve(target)
-            if found is None or found.exists:
-                continue
-            domain = target.domain.lower()
-            names = {f"{n.lower()}@{domain}" for n in (target.local, split_plus(target.local))}
-            if names & set(aliases):
-                missing.append(f"alias {target} delivers to nobody yet")
-            else:
-                missing.append(f"{target} is not a user or alias (yet)")
-        if missing and len(missing) == len(targets):
-            # Nothing to deliver to: RCPT refuses the alias, the sender is told.
-            outcome = f"mail to {args.alias} is refused (550 5.1.1 User unknown) until it does"
-        else:
-            outcome = f"its copy of mail to {args.alias} is dropped (and logged) until it does"
-        for what in missing:
-            print(f"postoffice: warning: {what}; {outcome}", file=sys.stderr)
+        warnings = add_alias(store, args.alias, targets)
+    for warning in warnings:
+        print(f"postoffice: warning: {warning}", file=sys.stderr)
     print(f"added alias {args.alias} -> {', '.join(str(t) for t in targets)}")
     return 0
 

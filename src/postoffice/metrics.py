@@ -59,7 +59,7 @@ LISTENERS = frozenset(
 TLS_VERSIONS = frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
 DNS_TYPES = frozenset({"MX", "A", "AAAA", "TXT", "PTR", "SOA", "CNAME", "SRV", "TLSA"})
 DNS_FAILURES = frozenset({"nxdomain", "servfail", "timeout", "error"})
-AUTH_PROTOCOLS = frozenset({"smtp", "pop3", "imap", "managesieve"})
+AUTH_PROTOCOLS = frozenset({"smtp", "pop3", "imap", "managesieve", "web"})
 AUTH_RESULTS = frozenset({"success", "failure", "throttled"})
 DELIVERY_RESULTS = frozenset({"delivered", "deferred", "bounced"})
 DESTINATIONS = frozenset({"local", "remote", "smarthost"})
@@ -364,6 +364,34 @@ def exposition(queue: tuple[int, float | None] | None, now: float) -> bytes:
     if queue is not None:
         registry.register(_QueueCollector(queue, now))
     return generate_latest(registry)
+
+
+TRAFFIC = ("received", "delivered", "deferred", "bounced")
+
+
+def traffic_totals() -> dict[str, float]:
+    """Messages accepted after DATA, and outbound recipients delivered,
+    deferred and bounced, since the server started, summed over its
+    processes (the web dashboard's plots).  Blocking: reads the files."""
+    totals = dict.fromkeys(TRAFFIC, 0.0)
+    directory = os.environ.get(MULTIPROC_ENV)
+    if _m is None or not directory:
+        return totals
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry, path=directory)
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name == f"{NAMESPACE}_smtp_messages_total":
+                if sample.labels.get("result") == "accepted":
+                    totals["received"] += sample.value
+            elif sample.name == f"{NAMESPACE}_delivery_attempts_total":
+                result = sample.labels.get("result", "")
+                if result in totals:
+                    totals[result] += sample.value
+    return totals
 
 
 class _QueueCollector:

@@ -92,7 +92,9 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 # The composition root and the tools: they may import anything; only they
 # import each other.  ``datadir`` (the serve lock, the data dir's owner) and
-# ``logsetup`` (the process's log handlers) serve only them.
+# ``logsetup`` (the process's log handlers) serve only them.  ``web`` (the
+# admin and account pages) is a front end like ``cli``: it shows what the
+# accounts, the queue and ``trace`` hold; the composition root adds its routes.
 TOP = frozenset(
     {
         "__init__",
@@ -108,6 +110,7 @@ TOP = frozenset(
         "runas",
         "quickstart",
         "trace",
+        "web",
     }
 )
 

@@ -50,7 +50,12 @@ from postoffice.cluster.db import (
 )
 from postoffice.mail.address import Address
 from postoffice.storage.accounts import AccountError
-from postoffice.storage.sqlite_accounts import SqliteAccountStore, _Snapshot, _split_stored
+from postoffice.storage.sqlite_accounts import (
+    SqliteAccountStore,
+    _Snapshot,
+    _split_stored,
+    read_app_passwords,
+)
 
 if TYPE_CHECKING:
     from postoffice.cluster.db import Connection
@@ -85,6 +90,21 @@ MIGRATIONS = (
         n bigint NOT NULL
     );
     INSERT INTO accounts_version (n) VALUES (0)
+    """,
+    # Version 2: the admin flag (`postoffice user admin`, the web pages), as
+    # the embedded store's schema 3 has it: an integer, so the write methods'
+    # SQL ("admin = ?" with 0 or 1, "WHERE admin <> 0") is the same on both.
+    "ALTER TABLE users ADD COLUMN admin integer NOT NULL DEFAULT 0",
+    # Version 3: app passwords, as the embedded store's schema 4.
+    """
+    CREATE TABLE app_passwords (
+        address text NOT NULL,
+        id text NOT NULL,
+        label text NOT NULL,
+        digest text NOT NULL,              -- SHA-256 (hex) of the normalised password
+        created double precision NOT NULL,
+        PRIMARY KEY (address, id)
+    )
     """,
 )
 
@@ -125,7 +145,11 @@ def _read_snapshot(conn: Connection) -> tuple[int, _Snapshot]:
     grouped: dict[str, list[Address]] = {}
     for alias, target in conn.execute("SELECT alias, target FROM aliases ORDER BY alias, position"):
         grouped.setdefault(alias, []).append(_split_stored(target))
-    return version, _Snapshot(domains, users, quotas, {k: tuple(v) for k, v in grouped.items()})
+    admins = frozenset(
+        str(row[0]) for row in conn.execute("SELECT address FROM users WHERE admin <> 0")
+    )
+    aliases = {k: tuple(v) for k, v in grouped.items()}
+    return version, _Snapshot(domains, users, quotas, aliases, admins, read_app_passwords(conn))
 
 
 class PostgresAccountStore(SqliteAccountStore):

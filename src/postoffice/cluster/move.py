@@ -2,7 +2,7 @@
 SQLite file and the [cluster] database, both ways, verified.
 
 What moves today are the accounts: domains added with the CLI, users with
-their password hashes and quotas, aliases with their targets in order.
+their password hashes, quotas, admin flags and app passwords, aliases with their targets in order.
 (Mailboxes and the queue follow when they move to the database: see
 docs/cluster.md.)  The tables are copied as they are, not re-checked
 through the stores' rules: both stores share those rules, and a copy must
@@ -47,8 +47,10 @@ Row = tuple[Any, ...]
 # is one entry, whatever its number of rows.
 TABLES: dict[str, tuple[tuple[str, ...], int]] = {
     "domains": (("name",), 1),
-    "users": (("address", "password_hash", "quota"), 1),
+    "users": (("address", "password_hash", "quota", "admin"), 1),
     "aliases": (("alias", "position", "target"), 1),
+    # A user's app passwords are compared as a whole, as an alias's targets.
+    "app_passwords": (("address", "id", "label", "digest", "created"), 1),
 }
 MAX_NAMED = 5  # differing entries named in the refusal
 

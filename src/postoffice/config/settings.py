@@ -247,6 +247,14 @@ class MtaStsSettings:
     max_age: int = 604800  # seconds senders may cache the policy (a week)
 
 
+@dataclass(frozen=True, slots=True)
+class WebSettings:
+    # The admin and account pages on [listen] https (docs/web.md).  Admin
+    # pages (/admin) answer only clients in these networks; empty: any
+    # client (a login as a user flagged admin is needed all the same).
+    admin_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
 FILTER_ACTIONS = ("tempfail", "accept", "reject")
 
 
@@ -322,6 +330,7 @@ class Settings:
     run: RunSettings = field(default_factory=RunSettings)
     mta_sts: MtaStsSettings = field(default_factory=MtaStsSettings)
     filters: FilterSettings = field(default_factory=FilterSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @property
@@ -532,6 +541,7 @@ class _Loader:
             run=self.run(top.get("run", {})),
             mta_sts=self.mta_sts(top.get("mta_sts", {})),
             filters=self.filters(top.get("filters", {})),
+            web=self.web(top.get("web", {})),
             cluster=self.cluster(top.get("cluster", {})),
         )
 
@@ -723,15 +733,29 @@ class _Loader:
         base = self.numbers(simple, "checks", CheckSettings)
         if "exempt_networks" not in table:
             return base
-        items = self.typed(table["exempt_networks"], list, "checks.exempt_networks")
+        networks = self.networks(table["exempt_networks"], "checks.exempt_networks")
+        return CheckSettings(exempt_networks=networks, dmarc_reject=base.dmarc_reject)
+
+    def networks(
+        self, raw: Any, key: str
+    ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        items = self.typed(raw, list, key)
         networks = []
         for i, v in enumerate(items):
-            key = f"checks.exempt_networks[{i}]"
+            where = f"{key}[{i}]"
             try:
-                networks.append(ipaddress.ip_network(self.typed(v, str, key), strict=False))
+                networks.append(ipaddress.ip_network(self.typed(v, str, where), strict=False))
             except ValueError as exc:
-                raise self.fail(key, str(exc)) from None
-        return CheckSettings(exempt_networks=tuple(networks), dmarc_reject=base.dmarc_reject)
+                raise self.fail(where, str(exc)) from None
+        return tuple(networks)
+
+    def web(self, raw: Any) -> WebSettings:
+        table = self.table(raw, "web", WebSettings)
+        if "admin_networks" not in table:
+            return WebSettings()
+        return WebSettings(
+            admin_networks=self.networks(table["admin_networks"], "web.admin_networks")
+        )
 
     def run(self, raw: Any) -> RunSettings:
         run = self.numbers(raw, "run", RunSettings)

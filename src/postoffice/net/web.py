@@ -1,7 +1,8 @@
 """The route tables of [listen] https and [listen] http, in one place.
 
 https: client autoconfiguration (net/autoconfig.py), our MTA-STS policy
-(net/mta_sts.py); the admin pages add their routes here.
+(net/mta_sts.py); the composition root adds the admin and account pages
+(web/, which sees more than net/ may).
 
 http (port 80) only redirects to https, keeping the path and query, the way
 a web server set up for a mail host usually is: nothing is served in

@@ -19,7 +19,7 @@ import hmac
 import logging
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -28,6 +28,8 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from postoffice import logfmt, metrics
 from postoffice.mail.address import Address, AddressError, parse_mailbox
+from postoffice.policy import app_passwords
+from postoffice.policy.recent_logins import RecentLogins
 from postoffice.policy.throttle import LoginThrottle
 
 try:
@@ -44,6 +46,9 @@ T = TypeVar("T")
 # same memory and time cost as argon2-cffi's default (p=4 there), and a form
 # libsodium verifies (it supports p=1 only).
 DEFAULT_TIME_COST, DEFAULT_MEMORY_KIB, DEFAULT_LANES = 3, 65536, 1
+
+# The web pages' logins (web/): the account password only, no app password.
+WEB_PROTOCOL = "web"
 
 # A hash of a random password: verified against when the user does not exist,
 # so that "no such user" costs as long as "wrong password" (no user probing).
@@ -193,12 +198,18 @@ class Authenticator:
         hasher: PasswordHasher,
         throttle: LoginThrottle,
         pool: HashingPool,
+        lookup_app_digests: Callable[[Address], Collection[str]] | None = None,
     ) -> None:
         self._lookup_hash = lookup_hash
+        # The user's app passwords' digests (policy/app_passwords.py): any
+        # of them logs in too, checked in microseconds, before the argon2 run.
+        self._lookup_app_digests = lookup_app_digests
         self._hasher = hasher
         self._throttle = throttle
         self._pool = pool
         self._tag_key = os.urandom(32)  # never leaves this process
+        # Each account's last logins, for its owner's /account page.
+        self.recent = RecentLogins()
 
     async def login(
         self, name: str, password: str, client_ip: str, protocol: str
@@ -234,7 +245,7 @@ class Authenticator:
             if admission.wait:
                 await asyncio.sleep(admission.wait)
             checking = True
-            ok = await self._pool.run(
+            ok = self._app_password(address, stored, password, protocol) or await self._pool.run(
                 self._hasher.verify, stored, password, priority=admission.known_good
             )
         except HashQueueFull:
@@ -250,6 +261,7 @@ class Authenticator:
             raise
         if ok and address is not None:
             self._throttle.succeeded(admission)
+            self.recent.record(account, protocol, client_ip)
             log.info("auth ok %s", who)
             metrics.auth(protocol, "success")
             return address
@@ -259,6 +271,27 @@ class Authenticator:
         if admission.fail_delay:
             await asyncio.sleep(admission.fail_delay)
         return None
+
+    def _app_password(
+        self, address: Address | None, stored: str | None, password: str, protocol: str
+    ) -> bool:
+        """``password`` is one of the (existing) user's app passwords, and
+        ``protocol`` one that takes them: the mail protocols, never the web
+        pages, where an app password would let a stolen phone change the
+        account's password or make itself more app passwords."""
+        if protocol == WEB_PROTOCOL:
+            return False
+        if address is None or stored is None or self._lookup_app_digests is None:
+            return False
+        wanted = app_passwords.digest(password)
+        if wanted is None:
+            return False
+        return any(hmac.compare_digest(wanted, d) for d in self._lookup_app_digests(address))
+
+    async def hash_password(self, password: str) -> str:
+        """A new password's hash (the web pages' password change), made in the
+        hashing pool like a check: it costs as much, and must not stall the loop."""
+        return await self._pool.run(self._hasher.hash, password)
 
     def close(self) -> None:
         self._pool.shutdown()

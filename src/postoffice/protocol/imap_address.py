@@ -33,6 +33,11 @@ _TOKEN = re.compile(
     re.VERBOSE | re.DOTALL,
 )
 _QUOTED_PAIR = re.compile(rb"\\(.)", re.DOTALL)
+# A field that is one bare addr-spec of dot-separated atoms (``To:
+# a.b@example.org``), the commonest value: answered without the tokenizer,
+# with what it would give.  The atom is _TOKEN's.
+_ATOMS = rb'[^\s"(),.:;<>@\[]+(?:\.[^\s"(),.:;<>@\[]+)*'
+_BARE_ADDRESS = re.compile(rb"\s*(" + _ATOMS + rb")@(" + _ATOMS + rb")\s*")
 _PARENS = re.compile(rb"\\.|[()]", re.DOTALL)
 
 Addr = tuple[bytes | None, bytes | None, bytes | None, bytes | None]
@@ -113,6 +118,14 @@ def address_list(value: bytes | None) -> list[Addr] | None:
     None when the field is absent or holds none."""
     if value is None:
         return None
+    bare = _BARE_ADDRESS.fullmatch(value)
+    if bare is not None:
+        return [(None, None, bare[1], bare[2])]
+    return _parsed(value)
+
+
+def _parsed(value: bytes) -> list[Addr] | None:
+    """``address_list`` by the tokenizer: any value."""
     tokens = _tokens(value)
     out: list[Addr] = []
     words: list[_Token] = []

@@ -93,7 +93,9 @@ def _params(params: list[tuple[bytes, bytes]]) -> Value:
 def _lines(data: bytes, part: Part) -> int:
     """Lines of a body: its line ends (a last line without one is not
     counted, as Dovecot counts)."""
-    return data.count(b"\n", part.body_start, part.end)
+    if part.lines < 0:
+        part.lines = data.count(b"\n", part.body_start, part.end)
+    return part.lines
 
 
 def _extension(part: Part) -> tuple[Value, ...]:

@@ -74,6 +74,9 @@ class Part:
     children: list[Part] = field(default_factory=list)  # multipart only
     message: Part | None = None  # message/rfc822: the encapsulated message
     multipart: bool = False
+    # Lines of the body (imap_fetch counts them once for BODY and
+    # BODYSTRUCTURE both); -1: not counted yet.
+    lines: int = -1
 
     def key(self) -> tuple[str, str]:
         return self.type.decode("latin-1").lower(), self.subtype.decode("latin-1").lower()
@@ -109,8 +112,10 @@ def parse_fields(block: bytes) -> list[Field]:
         while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
             parts.append(lines[i])
             i += 1
-        raw = b"\r\n".join(parts)
-        value = _FOLD.sub(b"", raw[m.end() :].lstrip(b" \t"))
+        raw = b"\r\n".join(parts) if len(parts) > 1 else line
+        value = raw[m.end() :].lstrip(b" \t")
+        if b"\n" in value:  # folded: most fields are not, and need no regex
+            value = _FOLD.sub(b"", value)
         fields.append(Field(m.group(1).decode("ascii").upper(), raw + b"\r\n", value))
     return fields
 

@@ -84,7 +84,7 @@ def encode_value(value: Value, *, utf8: bool) -> bytes:
     if isinstance(value, str):
         return encode_string(value, utf8=utf8)
     if isinstance(value, tuple | list):
-        return b"(" + b" ".join([encode_value(v, utf8=utf8) for v in value]) + b")"
+        return _encode_list(value, utf8)
     if value is None:
         return b"NIL"
     if isinstance(value, bool):
@@ -105,6 +105,27 @@ def encode_value(value: Value, *, utf8: bool) -> bytes:
     if isinstance(value, bytes):
         return b"{%d}\r\n" % len(value) + value
     return b"(" + b" ".join([encode_value(v, utf8=utf8) for v in value]) + b")"
+
+
+def _encode_list(values: Sequence[Value], utf8: bool) -> bytes:
+    # NIL and plain ASCII strings, most members of an ENVELOPE or a
+    # BODYSTRUCTURE, inline: a first FETCH of 10,000 messages encodes
+    # half a million values, and a call each was a third of its CPU.
+    out: list[bytes] = []
+    append = out.append
+    for v in values:
+        if v is None:
+            append(b"NIL")
+        elif type(v) is str:
+            if v.isascii() and len(v) <= MAX_QUOTED and _UNQUOTABLE.search(v) is None:
+                append(b'"%s"' % v.encode("ascii"))
+            else:
+                append(encode_string(v, utf8=utf8))
+        elif type(v) is tuple:
+            append(_encode_list(v, utf8))
+        else:
+            append(encode_value(v, utf8=utf8))
+    return b"(" + b" ".join(out) + b")"
 
 
 _UNQUOTABLE = re.compile(r'[\r\n\0\\"]')

@@ -35,6 +35,21 @@ class Resolution:
         return bool(self.mailboxes or self.forwards)
 
 
+@dataclass(frozen=True, slots=True)
+class AppPassword:
+    """A password for one mail client, made by the server and shown once;
+    kept only as the SHA-256 (hex) of its normalised form (web/app_passwords.py)."""
+
+    id: str
+    label: str
+    digest: str
+    created: float  # time.time()
+
+
+MAX_APP_PASSWORDS = 20  # per user
+MAX_APP_LABEL = 64  # characters
+
+
 class AccountStore(Protocol):
     """Domains, users and aliases.  Every method is cheap and safe to call often:
     changes made by another process (the CLI) are seen on the next call."""
@@ -68,6 +83,20 @@ class AccountStore(Protocol):
     # A mailbox's own quota in bytes (0: none); None: ``[limits] mailbox_quota``.
     def set_quota(self, address: Address, quota: int | None) -> None: ...
     def quota(self, address: Address) -> int | None: ...
+
+    # The admin flag (``postoffice user admin``): who may use the admin web
+    # pages (web/).  A user removed and added again starts without it.
+    def set_admin(self, address: Address, admin: bool) -> None: ...
+    def is_admin(self, address: Address) -> bool: ...
+
+    # App passwords: any of a user's logs it in to the mail protocols; each
+    # is revoked on its own, and all go with the user.
+    def add_app_password(self, address: Address, label: str, digest: str) -> str:
+        """Returns the new password's id; AccountError past MAX_APP_PASSWORDS."""
+        ...
+
+    def remove_app_password(self, address: Address, password_id: str) -> None: ...
+    def app_passwords(self, address: Address) -> list[AppPassword]: ...
 
     # Aliases: ``alias`` is "local@domain" (account-safe local part) or
     # "@domain" (catch-all).  Targets may be local or remote addresses; an

@@ -199,7 +199,9 @@ class SyncResult:
     """What ``sync`` found changed on disk: the untagged responses to send."""
 
     folder: FolderState
-    added: tuple[MessageRecord, ...] = ()  # new UIDs, ascending
+    # New UIDs, ascending.  A Sequence, not a tuple: an implementation may
+    # build the records only when read (a first sync of 100,000 files).
+    added: Sequence[MessageRecord] = ()
     expunged: tuple[int, ...] = ()  # UIDs, ascending
     flags_changed: tuple[MessageRecord, ...] = ()  # by another Maildir tool
 

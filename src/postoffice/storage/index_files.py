@@ -28,20 +28,24 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from postoffice.storage.imap_index import FileFacts
 from postoffice.storage.maildir_flags import info_flags, stem_of
 
 TRUSTED_AFTER = 2.0  # seconds: see the module docstring
-_NAMED_SIZE = re.compile(r",S=(\d+)")
+_DIGITS = re.compile(r"\d+")
 
 
 def _named_size(name: str) -> int | None:
-    # The info after ":2," is letters only: a ",S=" is the stem's.
-    match = _NAMED_SIZE.search(name) if ",S=" in name else None
-    return int(match.group(1)) if match else None
+    # The info after ":2," is letters only: a ",S=" is the stem's.  find and
+    # a match at its end, not a search: called for each file of a first sync.
+    at = name.find(",S=")
+    if at < 0:
+        return None
+    match = _DIGITS.match(name, at + 3)
+    return int(match[0]) if match else None
 
 
 class MaildirFolderFiles:
@@ -52,16 +56,18 @@ class MaildirFolderFiles:
         self._root = os.fspath(path)
         self._keywords = dict(keywords or {})  # letter -> keyword (read_keywords)
 
-    def _list(self) -> Iterator[str]:
+    def _list(self) -> list[str]:
+        names: list[str] = []
         for sub in ("new", "cur"):
-            with contextlib.suppress(FileNotFoundError), os.scandir(f"{self._root}/{sub}") as it:
-                for entry in it:
-                    # Names starting with "." are temporary or hidden (Maildir spec).
-                    if not entry.name.startswith("."):
-                        yield entry.name
+            with contextlib.suppress(FileNotFoundError):
+                # listdir, not scandir: only the names are wanted, and
+                # listdir makes no DirEntry per file.  Names starting with
+                # "." are temporary or hidden (Maildir spec).
+                names += [n for n in os.listdir(f"{self._root}/{sub}") if n[0] != "."]
+        return names
 
     def names(self) -> list[str]:
-        return list(self._list())
+        return self._list()
 
     def facts(self, name: str) -> FileFacts | None:
         # The size in the name (Maildir++ ",S=", which our delivery, Dovecot

@@ -30,12 +30,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from postoffice.mail.address import (
     Address,
@@ -45,11 +47,17 @@ from postoffice.mail.address import (
     parse_mailbox,
     split_plus,
 )
-from postoffice.storage.accounts import AccountError, Resolution
+from postoffice.storage.accounts import (
+    MAX_APP_LABEL,
+    MAX_APP_PASSWORDS,
+    AccountError,
+    AppPassword,
+    Resolution,
+)
 
 log = logging.getLogger("postoffice.accounts")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 10_000
 MAX_ALIAS_DEPTH = 10
 
@@ -60,7 +68,16 @@ CREATE TABLE IF NOT EXISTS domains (
 CREATE TABLE IF NOT EXISTS users (
     address TEXT PRIMARY KEY NOT NULL,      -- "local@domain", account form
     password_hash TEXT NOT NULL,
-    quota INTEGER                           -- bytes, 0 for none, NULL for [limits] mailbox_quota
+    quota INTEGER,                          -- bytes, 0 for none, NULL for [limits] mailbox_quota
+    admin INTEGER NOT NULL DEFAULT 0        -- 1: may use the admin web pages (`user admin`)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS app_passwords (
+    address TEXT NOT NULL,                  -- the user, "local@domain"
+    id TEXT NOT NULL,                       -- random, names it for revoking
+    label TEXT NOT NULL,                    -- what the user called it ("phone")
+    digest TEXT NOT NULL,                   -- SHA-256 (hex) of the normalised password
+    created REAL NOT NULL,                  -- time.time()
+    PRIMARY KEY (address, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT NOT NULL,                    -- "local@domain", or "@domain" (catch-all)
@@ -75,6 +92,11 @@ CREATE TABLE IF NOT EXISTS aliases (
 _MIGRATIONS = (
     # 1 -> 2: per-mailbox quotas (``postoffice user quota``).
     "ALTER TABLE users ADD COLUMN quota INTEGER",
+    # 2 -> 3: the admin flag (``postoffice user admin``, the web pages).
+    "ALTER TABLE users ADD COLUMN admin INTEGER NOT NULL DEFAULT 0",
+    # 3 -> 4: app passwords (the web pages' /account).
+    "CREATE TABLE app_passwords (address TEXT NOT NULL, id TEXT NOT NULL, label TEXT NOT NULL,"
+    " digest TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (address, id)) WITHOUT ROWID",
 )
 
 
@@ -86,6 +108,8 @@ class _Snapshot:
     users: dict[str, str] = field(default_factory=dict)  # "local@domain" -> hash
     quotas: dict[str, int] = field(default_factory=dict)  # users with their own quota
     aliases: dict[str, tuple[Address, ...]] = field(default_factory=dict)
+    admins: frozenset[str] = frozenset()  # users flagged admin
+    app_passwords: dict[str, tuple[AppPassword, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +122,18 @@ class _Expansion:
 
     def result(self) -> Resolution:
         return Resolution(tuple(self.mailboxes), tuple(self.forwards))
+
+
+def read_app_passwords(conn: Any) -> dict[str, tuple[AppPassword, ...]]:
+    """Every user's app passwords (oldest first), from either store's connection."""
+    found: dict[str, list[AppPassword]] = {}
+    for address, password_id, label, digest, created in conn.execute(
+        "SELECT address, id, label, digest, created FROM app_passwords ORDER BY created, id"
+    ):
+        found.setdefault(address, []).append(
+            AppPassword(str(password_id), str(label), str(digest), float(created))
+        )
+    return {k: tuple(v) for k, v in found.items()}
 
 
 def _key(local: str, domain: str) -> str:
@@ -316,7 +352,11 @@ class SqliteAccountStore:
             "SELECT alias, target FROM aliases ORDER BY alias, position"
         ):
             grouped.setdefault(alias, []).append(_split_stored(target))
-        return _Snapshot(domains, users, quotas, {k: tuple(v) for k, v in grouped.items()})
+        admins = frozenset(
+            row[0] for row in conn.execute("SELECT address FROM users WHERE admin <> 0")
+        )
+        aliases = {k: tuple(v) for k, v in grouped.items()}
+        return _Snapshot(domains, users, quotas, aliases, admins, read_app_passwords(conn))
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[tuple[sqlite3.Connection, _Snapshot]]:
@@ -443,6 +483,7 @@ class SqliteAccountStore:
                 )
                 changed[alias] = left
             conn.execute("DELETE FROM users WHERE address = ?", (key,))
+            conn.execute("DELETE FROM app_passwords WHERE address = ?", (key,))
         return changed
 
     def aliases_to(self, address: Address) -> dict[str, tuple[Address, ...]]:
@@ -505,6 +546,60 @@ class SqliteAccountStore:
             return None
         snap = self._snapshot if not self._stale else self._current()
         return snap.quotas.get(_key(local, address.domain.lower()))
+
+    # --- the admin flag (web pages) ----------------------------------------------------
+    def set_admin(self, address: Address, admin: bool) -> None:
+        """Flag user ``address`` as an admin of the web pages, or clear the flag."""
+        account = _account(address)
+        key = _key(account.local, account.domain)
+        with self._write() as (conn, snap):
+            if key not in snap.users:
+                raise AccountError(f"no such user: {key}")
+            conn.execute("UPDATE users SET admin = ? WHERE address = ?", (int(admin), key))
+
+    def is_admin(self, address: Address) -> bool:
+        try:
+            local = mailbox_local_part(address.local)
+        except AddressError:
+            return False
+        return _key(local, address.domain.lower()) in self._current().admins
+
+    # --- app passwords ------------------------------------------------------------------
+    def add_app_password(self, address: Address, label: str, digest: str) -> str:
+        account = _account(address)
+        key = _key(account.local, account.domain)
+        label = label.strip()
+        if not label or len(label) > MAX_APP_LABEL or not label.isprintable():
+            raise AccountError(f"an app password needs a name of 1 to {MAX_APP_LABEL} characters")
+        password_id = secrets.token_hex(8)
+        with self._write() as (conn, snap):
+            if key not in snap.users:
+                raise AccountError(f"no such user: {key}")
+            if len(snap.app_passwords.get(key, ())) >= MAX_APP_PASSWORDS:
+                raise AccountError(f"at most {MAX_APP_PASSWORDS} app passwords per user")
+            conn.execute(
+                "INSERT INTO app_passwords (address, id, label, digest, created)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (key, password_id, label, digest, time.time()),
+            )
+        return password_id
+
+    def remove_app_password(self, address: Address, password_id: str) -> None:
+        account = _account(address)
+        key = _key(account.local, account.domain)
+        with self._write() as (conn, snap):
+            if not any(p.id == password_id for p in snap.app_passwords.get(key, ())):
+                raise AccountError("no such app password")
+            conn.execute(
+                "DELETE FROM app_passwords WHERE address = ? AND id = ?", (key, password_id)
+            )
+
+    def app_passwords(self, address: Address) -> list[AppPassword]:
+        try:
+            local = mailbox_local_part(address.local)
+        except AddressError:
+            return []
+        return list(self._current().app_passwords.get(_key(local, address.domain.lower()), ()))
 
     # --- aliases ---------------------------------------------------------------------
     def add_alias(self, alias: str, targets: Sequence[Address]) -> None:

@@ -19,7 +19,7 @@ def everything(store: SqliteAccountStore) -> tuple[object, ...]:
     users = store.list_users()
     return (
         store.list_domains(),
-        [(u, store.password_hash(u), store.quota(u)) for u in users],
+        [(u, store.password_hash(u), store.quota(u), store.is_admin(u)) for u in users],
         store.list_aliases(),
     )
 
@@ -35,6 +35,7 @@ def test_migrate_and_export_round_trip(tmp_path: Path, pg_url: str) -> None:
     embedded.add_user(ALICE, ALICE_PW)
     embedded.add_user(BOB, "bob-password-2")
     embedded.cli("user", "quota", ALICE, "5M")
+    embedded.cli("user", "admin", ALICE)  # the admin flag moves too
     # Twelve targets: their order survives (position 10 sorts after 9).
     remote = [f"r{i}@remote.test" for i in range(12)]
     embedded.cli("alias", "add", "team@example.test", ALICE, *remote)

@@ -380,6 +380,19 @@ def test_mta_sts_section(tmp_path: Path) -> None:
     assert refused(tmp_path, "[mta_sts]\nid = 1\n").key == "mta_sts.id"
 
 
+def test_web_admin_networks(tmp_path: Path) -> None:
+    assert load(tmp_path, "").web.admin_networks == ()
+    settings = load(tmp_path, '[web]\nadmin_networks = ["192.0.2.7/24", "2001:db8::/48"]\n')
+    assert settings.web.admin_networks == (
+        ipaddress.ip_network("192.0.2.0/24"),
+        ipaddress.ip_network("2001:db8::/48"),
+    )
+    err = refused(tmp_path, '[web]\nadmin_networks = ["not-a-net"]\n')
+    assert err.key == "web.admin_networks[0]"
+    assert refused(tmp_path, "[web]\nadmin_network = []\n").key == "web.admin_network"
+    assert refused(tmp_path, '[web]\nadmin_networks = "10.0.0.0/8"\n').key == "web.admin_networks"
+
+
 def test_cluster_section(tmp_path: Path) -> None:
     assert load(tmp_path, "").cluster.database == ""
     assert not load(tmp_path, "").cluster.enabled

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from postoffice.mail.address import Address, parse_mailbox
-from postoffice.storage.accounts import AccountError, AccountStore, Resolution
+from postoffice.storage.accounts import MAX_APP_PASSWORDS, AccountError, AccountStore, Resolution
 from postoffice.storage.sqlite_accounts import MAX_ALIAS_DEPTH, SCHEMA_VERSION, SqliteAccountStore
 
 A = Address
@@ -564,6 +564,56 @@ def test_refused_write_changes_nothing(db: Path) -> None:
 # --- quotas ---------------------------------------------------------------------------
 
 
+def test_app_passwords_per_user(store: SqliteAccountStore) -> None:
+    alice, bob = A("alice", "example.test"), A("bob", "example.test")
+    store.add_user(alice, HASH)
+    store.add_user(bob, HASH)
+    assert store.app_passwords(alice) == []
+    phone = store.add_app_password(alice, " phone ", "d1" * 32)
+    laptop = store.add_app_password(A("Alice", "EXAMPLE.test"), "laptop", "d2" * 32)
+    listed = store.app_passwords(alice)
+    assert [(p.id, p.label, p.digest) for p in listed] == [
+        (phone, "phone", "d1" * 32),
+        (laptop, "laptop", "d2" * 32),
+    ]
+    assert store.app_passwords(bob) == []
+    with pytest.raises(AccountError, match="no such app password"):
+        store.remove_app_password(bob, phone)  # only its owner revokes it
+    store.remove_app_password(alice, phone)
+    assert [p.id for p in store.app_passwords(alice)] == [laptop]
+    for label in ("", "x" * 65, "tab\there"):
+        with pytest.raises(AccountError, match="needs a name"):
+            store.add_app_password(alice, label, "d3" * 32)
+    with pytest.raises(AccountError, match="no such user"):
+        store.add_app_password(A("carol", "example.test"), "phone", "d4" * 32)
+    for n in range(MAX_APP_PASSWORDS - 1):
+        store.add_app_password(bob, f"client {n}", f"{n:064x}")
+    store.add_app_password(bob, "the last", "e" * 64)
+    with pytest.raises(AccountError, match="at most"):
+        store.add_app_password(bob, "one more", "f" * 64)
+    store.remove_user(alice)
+    store.add_user(alice, HASH)
+    assert store.app_passwords(alice) == []  # they went with the user
+
+
+def test_admin_flag_per_user(store: SqliteAccountStore) -> None:
+    alice, bob = A("alice", "example.test"), A("bob", "example.test")
+    store.add_user(alice, HASH)
+    store.add_user(bob, HASH)
+    assert not store.is_admin(alice)
+    store.set_admin(alice, True)
+    assert store.is_admin(alice) and store.is_admin(A("Alice", "EXAMPLE.test"))
+    assert not store.is_admin(bob) and not store.is_admin(A("carol", "example.test"))
+    with pytest.raises(AccountError, match="no such user"):
+        store.set_admin(A("carol", "example.test"), True)
+    store.set_admin(alice, False)
+    assert not store.is_admin(alice)
+    store.set_admin(bob, True)
+    store.remove_user(bob)
+    store.add_user(bob, HASH)
+    assert not store.is_admin(bob)  # a new user, not the admin that went
+
+
 def test_quota_per_user(store: SqliteAccountStore) -> None:
     alice = A("alice", "example.test")
     store.add_user(alice, HASH)
@@ -625,11 +675,40 @@ def test_a_version_1_database_is_migrated(db: Path) -> None:
         assert store.quota(alice) is None
         store.set_quota(alice, 4096)
         assert store.quota(alice) == 4096
+        assert not store.is_admin(alice)  # 2 -> 3: nobody is an admin until flagged
+        store.set_admin(alice, True)
+        assert store.is_admin(alice)
     finally:
         store.close()
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     finally:
         conn.close()
     SqliteAccountStore(db).close()  # opening a migrated database changes nothing
+
+
+def test_the_admin_flag_is_set_cleared_and_seen_by_another_connection(db: Path) -> None:
+    writer = SqliteAccountStore(db, config_domains=["example.test"])
+    reader = SqliteAccountStore(db, config_domains=["example.test"])
+    try:
+        alice, bob = A("alice", "example.test"), A("bob", "example.test")
+        writer.add_user(alice, "h1")
+        writer.add_user(bob, "h2")
+        assert not reader.is_admin(alice)
+        writer.set_admin(alice, True)
+        reader._stale = True  # the next read checks data_version at once
+        assert reader.is_admin(alice) and not reader.is_admin(bob)
+        assert writer.is_admin(A("Alice", "EXAMPLE.test"))  # account form, as logins are
+        writer.set_admin(alice, False)
+        assert not writer.is_admin(alice)
+        with pytest.raises(AccountError, match="no such user"):
+            writer.set_admin(A("carol", "example.test"), True)
+        # Removed and added again: a new user, not an admin.
+        writer.set_admin(alice, True)
+        writer.remove_user(alice)
+        writer.add_user(alice, "h3")
+        assert not writer.is_admin(alice)
+    finally:
+        writer.close()
+        reader.close()

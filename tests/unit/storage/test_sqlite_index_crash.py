@@ -91,3 +91,64 @@ def test_kill_9_during_syncs_never_reuses_a_uid(tmp_path: Path) -> None:
         assert check == "ok"
     finally:
         index.close()
+
+
+BULK_CHILD = """
+import sys
+from pathlib import Path
+from postoffice.storage.sqlite_index import BULK_ROWS, SqliteImapIndex
+from tests.unit.storage.index_support import ListedFiles, stem
+
+index = SqliteImapIndex.for_maildir(Path(sys.argv[1]))
+files = ListedFiles([stem(n) for n in range(BULK_ROWS + 100)])
+while True:
+    # Each sync of "B" is a first one into an empty table: the bulk path,
+    # which drops and rebuilds messages_stem inside its transaction.
+    result = index.sync("B", files)
+    sys.stdout.write(f"{result.folder.uidvalidity}\\n")
+    sys.stdout.flush()
+    index.delete_folder("B")
+"""
+
+
+def test_kill_9_during_bulk_syncs_keeps_index_and_uids(tmp_path: Path) -> None:
+    from postoffice.storage.sqlite_index import BULK_ROWS
+    from tests.unit.storage.index_support import ListedFiles, stem
+
+    maildir = tmp_path / "maildir"
+    maildir.mkdir()
+    root = str(Path(__file__).resolve().parents[3])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *sys.path])}
+    rng = random.Random(7)
+    told: set[int] = set()
+    names = [stem(n) for n in range(BULK_ROWS + 100)]
+    for _round in range(6):
+        child = subprocess.Popen(
+            [sys.executable, "-c", BULK_CHILD, str(maildir)], stdout=subprocess.PIPE, env=env
+        )
+        time.sleep(0.4 + rng.random() * 0.6)
+        os.kill(child.pid, signal.SIGKILL)
+        out, _err = child.communicate()
+        told |= {int(line) for line in out.decode().split("\n")[:-1]}
+        index = SqliteImapIndex.for_maildir(maildir)
+        try:
+            conn = index._conn
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'messages_stem'"
+            ).fetchone() == (1,)
+            state = index.folder("B")
+            if state is not None and state.uidvalidity in told:
+                # A sync that returned: its UIDs are all there, as given.
+                got = [(r.uid, r.stem) for r in index.messages("B")]
+                assert got == [(n + 1, s) for n, s in enumerate(names)]
+            elif state is not None:  # killed before it returned: all or nothing
+                assert state.messages in (0, len(names))
+        finally:
+            index.close()
+    assert told  # the children really did bulk syncs
+    index = SqliteImapIndex.for_maildir(maildir)
+    try:
+        assert index.sync("C", ListedFiles(names)).folder.messages == len(names)
+    finally:
+        index.close()
