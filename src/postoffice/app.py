@@ -25,7 +25,7 @@ from typing import Any
 from postoffice import logfmt, metrics, reload, runas
 from postoffice.check import first_unbindable
 from postoffice.childproc import die_with_parent
-from postoffice.cluster.stores import open_accounts
+from postoffice.cluster.stores import open_accounts, open_signing_keys
 from postoffice.config.settings import ListenAddress, ListenSettings, Settings, load_settings
 from postoffice.datadir import LOCK_NAME, DataDirBusy, Owner, ServeLock
 from postoffice.delivery.dmarc_reports import ReportSender
@@ -53,7 +53,6 @@ from postoffice.policy.auth import (
     PasswordHasher,
     default_hash_workers,
 )
-from postoffice.policy.dkim_keys import KeyStore
 from postoffice.policy.dkim_sign import DkimSigner
 from postoffice.policy.dmarc_store import ReportRecorder
 from postoffice.policy.mailauth import InboundChecks
@@ -108,10 +107,19 @@ def build_services(
         cert, key = cert_and_key(settings)
         tls = server_context(cert, key)
     hash_workers = settings.auth.hash_workers or default_hash_workers()
+    closers: list[Callable[[], None]] = []
+    feed = None
+    if settings.cluster.enabled:
+        # Failed logins counted on every node (cluster/throttle_feed.py).
+        from postoffice.cluster.throttle_feed import SharedFailures
+
+        feed = SharedFailures(settings.cluster.database)
+        feed.start()
+        closers.append(feed.close)
     authenticator = Authenticator(
         accounts.password_hash,
         PasswordHasher(),
-        LoginThrottle(ThrottleLimits.from_settings(settings.auth)),
+        LoginThrottle(ThrottleLimits.from_settings(settings.auth), feed=feed),
         HashingPool(hash_workers, max_waiting=HASH_WAITING_PER_WORKER * hash_workers),
         lambda address: [p.digest for p in accounts.app_passwords(address)],
     )
@@ -129,13 +137,16 @@ def build_services(
         executor=executor,
         folder_watcher=FolderWatcher(executor),
         srs=Srs(load_secrets(settings.data_dir)),
+        closers=closers,
     )
     # One resolver for every lookup of this process, on [relay] dns_servers:
     # outbound routing, and SPF/DKIM/DMARC on the smtp listener.
     resolver = DnsResolver(settings.relay.dns_servers)
     # Before the queue: it signs the DSNs it makes, and its remote courier
     # signs again after an 8-bit conversion.
-    services.dkim_signer = DkimSigner(KeyStore(settings.data_dir))
+    signing_keys = open_signing_keys(settings, follow=True)
+    services.closers.append(signing_keys.close)
+    services.dkim_signer = DkimSigner(signing_keys)
     if process == 0:
         services.outbound = _build_outbound(services, resolver)
     else:
@@ -897,3 +908,5 @@ def _run_loop(services: Services, main: Coroutine[Any, Any, int]) -> int:
         services.accounts.close()
         if services.pop3_locks is not None:
             services.pop3_locks.close()
+        for close in services.closers:
+            close()

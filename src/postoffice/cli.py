@@ -501,6 +501,7 @@ def _add_alias_parser(subparsers: Subparsers) -> None:
 
 # --- cluster ---------------------------------------------------------------------------
 def _cluster_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.cluster.dkim_move import migrate_dkim
     from postoffice.cluster.move import migrate_accounts
 
     url = _cluster_url(settings)
@@ -508,20 +509,36 @@ def _cluster_migrate(args: argparse.Namespace, settings: Settings) -> int:
         raise AccountError(f"no embedded accounts database {settings.accounts_db} to migrate")
     for table in migrate_accounts(settings.accounts_db, url):
         print(table.line())
+    print(_dkim_moved(lambda: migrate_dkim(settings.data_dir, url)))
     print(_NOT_MOVED)
     return 0
 
 
 def _cluster_export(args: argparse.Namespace, settings: Settings) -> int:
+    from postoffice.cluster.dkim_move import export_dkim
     from postoffice.cluster.move import export_accounts
 
-    for table in export_accounts(_cluster_url(settings), settings.accounts_db):
+    url = _cluster_url(settings)
+    for table in export_accounts(url, settings.accounts_db):
         print(table.line())
+    print(_dkim_moved(lambda: export_dkim(url, settings.data_dir)))
     print(_NOT_MOVED)
     return 0
 
 
-_NOT_MOVED = "accounts moved; mailboxes and the queue are not moved yet (docs/cluster.md)"
+def _dkim_moved(move: Callable[[], Any]) -> str:
+    """The DKIM keys' copy line; AccountError (the command's refusal) if it failed."""
+    from postoffice.policy.dkim_keys import DkimKeyError
+
+    try:
+        return str(move().line())
+    except DkimKeyError as exc:
+        raise AccountError(f"accounts moved, DKIM keys not: {exc}") from None
+
+
+_NOT_MOVED = (
+    "accounts and DKIM keys moved; mailboxes and the queue are not moved yet (docs/cluster.md)"
+)
 
 
 def _cluster_url(settings: Settings) -> str:
@@ -538,7 +555,8 @@ def _add_cluster_parser(subparsers: Subparsers) -> None:
         "Both directions copy, in one transaction, what the receiving side lacks,\n"
         "and refuse (copying nothing) when an entry differs there; run again after\n"
         "an interruption.  Each table is verified by count and SHA-256.  Today:\n"
-        "accounts (domains, users with password hashes and quotas, aliases).\n\n"
+        "accounts (domains, users with password hashes and quotas, aliases) and\n"
+        "DKIM keys (data_dir/dkim/).\n\n"
         "examples:\n"
         "  postoffice cluster migrate   # data_dir/accounts.sqlite3 -> [cluster] database\n"
         "  postoffice cluster export    # [cluster] database -> data_dir/accounts.sqlite3\n",
@@ -775,10 +793,11 @@ def _print_dkim_records(keys: Sequence[Any]) -> None:
 
 
 def _dkim_generate(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.policy.dkim_keys import DkimKeyError, generate
+    from postoffice.cluster.stores import generate_dkim_keys
+    from postoffice.policy.dkim_keys import DkimKeyError
 
     try:
-        keys = generate(settings.data_dir, args.domain, rotate=args.rotate)
+        keys = generate_dkim_keys(settings, args.domain, rotate=args.rotate)
     except DkimKeyError as exc:
         print(f"postoffice: {exc}", file=sys.stderr)
         return 1
@@ -795,7 +814,8 @@ def _dkim_generate(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
     selectors = ", ".join(f"{k.selector} ({k.algorithm})" for k in keys)
-    print(f"made DKIM keys for {domain}: {selectors}, in {keys[0].path.parent}")
+    where = keys[0].path.parent if keys[0].path else "the [cluster] database"
+    print(f"made DKIM keys for {domain}: {selectors}, in {where}")
     print("Publish these TXT records (zone-file lines):")
     _print_dkim_records(keys)
     print(
@@ -806,10 +826,11 @@ def _dkim_generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _dkim_show(args: argparse.Namespace, settings: Settings) -> int:
-    from postoffice.policy.dkim_keys import DkimKeyError, load_keys
+    from postoffice.cluster.stores import load_dkim_keys
+    from postoffice.policy.dkim_keys import DkimKeyError
 
     try:
-        keys = load_keys(settings.data_dir, args.domain)
+        keys = load_dkim_keys(settings, args.domain)
         if not keys:
             raise DkimKeyError(
                 f"{args.domain} has no DKIM keys; make them with:"
@@ -828,7 +849,8 @@ def _add_dkim_parser(subparsers: Subparsers) -> None:
         "dkim",
         "manage DKIM signing keys (mail submitted for a domain is signed with its keys)",
         "Each domain gets an RSA 2048 key and an Ed25519 key (RFC 8463), each with\n"
-        "its own selector, stored under data_dir/dkim/<domain>/.\n\n"
+        "its own selector, stored under data_dir/dkim/<domain>/ (with [cluster]\n"
+        "database: in the database, and every node signs with them).\n\n"
         "examples:\n"
         "  postoffice dkim generate example.org\n"
         "  postoffice dkim show example.org\n",

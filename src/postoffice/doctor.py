@@ -47,6 +47,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from postoffice.cluster.stores import load_dkim_keys
 from postoffice.config.client_endpoints import all_services, endpoints
 from postoffice.config.settings import ListenAddress, ListenSettings, MtaStsSettings, Settings
 from postoffice.dns.mx import MxRecord
@@ -54,7 +55,7 @@ from postoffice.dns.resolver import DnsError, DnsResolver, Resolver
 from postoffice.net import mta_sts
 from postoffice.net.tls import served_certificate
 from postoffice.policy import dmarc, spf
-from postoffice.policy.dkim_keys import DkimKey, DkimKeyError, load_keys, txt_record, zone_txt
+from postoffice.policy.dkim_keys import DkimKey, DkimKeyError, txt_record, zone_txt
 
 LOOKUP_LIFETIME = 10.0  # seconds per DNS question
 PROBE_LIFETIME = 5.0  # seconds the first question may take before DNS counts as down
@@ -509,7 +510,7 @@ class Doctor:
 
     async def _dkim(self, domain: str) -> list[Finding]:
         try:
-            keys = load_keys(self.settings.data_dir, domain)
+            keys = load_dkim_keys(self.settings, domain)
         except DkimKeyError as exc:
             return [Finding(WRONG, f"DKIM keys of {domain}", str(exc))]
         if not keys:
@@ -544,7 +545,7 @@ class Doctor:
         if "p" in published and not published["p"]:
             return Finding(WRONG, line, "the published key is revoked (empty p=)")
         return Finding(
-            WRONG, line, f"{key.dns_name} has a different key than {key.path} (an old one?)"
+            WRONG, line, f"{key.dns_name} has a different key than {key.where} (an old one?)"
         )
 
     async def _dmarc(self, domain: str) -> Finding:

@@ -86,6 +86,9 @@ class Services:
     # [cluster]: POP3 maildrop locks the other nodes honour (cluster/pop3_lock.py);
     # None: the Maildir's flock alone.
     pop3_locks: MaildropLocks | None = None
+    # What else may hold a thread or a database connection ([cluster]: the
+    # shared login throttle's feed, the DKIM key listener), closed at shutdown.
+    closers: list[Callable[[], None]] = field(default_factory=list)
     # Memory for messages held whole for the inbound checks, shared by all
     # SMTP sessions of the process (policy/memory_budget.py).
     held_messages: MemoryBudget = field(default_factory=lambda: MemoryBudget(MAX_HELD_BYTES))

@@ -53,9 +53,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     # the chain and the Python hooks; adapters that speak to the network (the
     # milter client) live in net/, which imports filters.
     "filters": frozenset({"mail", "logfmt", "maillog", "metrics", "config", "protocol", "storage"}),
-    # [cluster] (docs/cluster.md): stores on PostgreSQL behind storage/'s
-    # interfaces; only the composition root and the tools pick them.
-    "cluster": frozenset({"mail", "logfmt", "metrics", "config", "storage"}),
+    # [cluster] (docs/cluster.md): stores on PostgreSQL behind storage/'s and
+    # policy/'s interfaces (the throttle's FailureFeed, DKIM's SigningKeys);
+    # the composition root, the tools and delivery's report CLI pick them.
+    "cluster": frozenset({"mail", "logfmt", "metrics", "config", "storage", "policy"}),
     "services": frozenset(
         {"mail", "logfmt", "maillog", "config", "protocol", "storage", "dns", "policy", "filters"}
     ),
@@ -85,6 +86,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "dns",
             "policy",
             "net",
+            "cluster",
         }
     ),
 }

@@ -37,6 +37,7 @@ class ClusterError(Exception):
 # then one per store.  Fixed numbers, so every node and the CLI agree.
 MIGRATE_LOCK = 0x706F_0001
 ACCOUNTS_WRITE_LOCK = 0x706F_0002
+DKIM_WRITE_LOCK = 0x706F_0010  # clear of the numbers other stores may take next
 
 CONNECT_TIMEOUT = 10  # seconds; libpq's connect_timeout
 

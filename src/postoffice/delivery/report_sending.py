@@ -208,9 +208,9 @@ def report_cli(
 ) -> int:
     """``postoffice <kind> report [--now]``: one pass, queued for the running
     server (or the next start) through ``QueueHandoff``; 1 if any report waits."""
+    from postoffice.cluster.stores import open_signing_keys
     from postoffice.delivery.queue.store import QueueStore
     from postoffice.dns.resolver import DnsResolver
-    from postoffice.policy.dkim_keys import KeyStore
 
     store = QueueStore(settings.queue_dir, ThreadPoolExecutor(max_workers=1))
     store.ensure_dirs()
@@ -218,7 +218,7 @@ def report_cli(
         settings,
         DnsResolver(settings.relay.dns_servers),
         QueueHandoff(store),
-        DkimSigner(KeyStore(settings.data_dir)),
+        DkimSigner(open_signing_keys(settings, follow=False)),
     )
     done = asyncio.run(sender.run_once(time.time(), today_too=args.now))
     for item in done:

@@ -17,6 +17,11 @@ should stay published a few days after a rotation).
 ``KeyStore`` is the server's view: it re-reads a domain's keys whenever
 ``keys.json`` changes (one ``stat`` per message), so a key made while the
 server runs is used from the next message on.
+
+With ``[cluster] database`` the same keys (made by the same code here) live
+in PostgreSQL instead, so every node signs with them: cluster/dkim_keys.py,
+chosen by cluster/stores.py.  Such a key carries its PEM (``DkimKey.pem``)
+rather than a file name.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import datetime
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -53,11 +60,17 @@ class DkimKey:
     domain: str
     selector: str
     algorithm: str  # RSA or ED25519
-    path: Path  # the private key (PEM)
+    path: Path | None  # the private key (PEM) in a file, or
+    pem: bytes | None = None  # the PEM itself ([cluster]: read from the database)
 
     @property
     def dns_name(self) -> str:
         return f"{self.selector}._domainkey.{self.domain}"
+
+    @property
+    def where(self) -> str:
+        """Where the private key is, for messages."""
+        return str(self.path) if self.path is not None else f"[cluster] database: {self.dns_name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +81,29 @@ class SigningKey:
     private: bytes  # RSA: PKCS#1 PEM; Ed25519: the base64 32-byte seed (dkimpy's forms)
 
 
+class SigningKeys(Protocol):
+    """What the signer asks: ``KeyStore`` here, or the [cluster] one."""
+
+    def keys_for(self, domain: str) -> list[SigningKey]:
+        """The domain's signing keys ([] when it has none); DkimKeyError when
+        they exist but cannot be used.  Called from worker threads."""
+        ...
+
+    def close(self) -> None:
+        """Stop following changes (a listener thread), if it does."""
+        ...
+
+
 def dkim_dir(data_dir: Path) -> Path:
     return data_dir / "dkim"
 
 
 def domain_dir(data_dir: Path, domain: str) -> Path:
-    return dkim_dir(data_dir) / _domain(domain)
+    return dkim_dir(data_dir) / key_domain(domain)
 
 
-def _domain(domain: str) -> str:
+def key_domain(domain: str) -> str:
+    """The domain as keys are filed under it; DkimKeyError if it is none."""
     try:
         name = normalise_domain(domain.strip())
     except AddressError as exc:
@@ -87,7 +114,8 @@ def _domain(domain: str) -> str:
 
 
 # --- making keys ---------------------------------------------------------------------------
-def _private_pem(algorithm: str) -> bytes:
+def private_pem(algorithm: str) -> bytes:
+    """A new private key of ``algorithm``, PEM."""
     if algorithm == RSA:
         return rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS).private_bytes(
             serialization.Encoding.PEM,
@@ -115,10 +143,16 @@ def _private_dir(path: Path) -> None:
 
 
 def _selector(directory: Path, algorithm: str, now: datetime.datetime) -> str:
+    return new_selector(lambda name: (directory / f"{name}.pem").exists(), algorithm, now)
+
+
+def new_selector(taken: Callable[[str], bool], algorithm: str, now: datetime.datetime) -> str:
+    """``<yyyymm>r`` / ``<yyyymm>e``, with a counter when ``taken``: never a
+    name used before (its old key may still be cached in DNS)."""
     base = f"{now:%Y%m}{_SUFFIX[algorithm]}"
     for n in range(1, 1000):
         name = base if n == 1 else f"{base}{n}"
-        if not (directory / f"{name}.pem").exists():
+        if not taken(name):
             return name
     raise DkimKeyError(f"no free selector name left for {base}")
 
@@ -128,15 +162,11 @@ def generate(
 ) -> list[DkimKey]:
     """Make an RSA and an Ed25519 key for ``domain`` and make them the active
     ones.  Refuse when the domain has keys already, unless ``rotate``."""
-    name = _domain(domain)
+    name = key_domain(domain)
     directory = domain_dir(data_dir, name)
     existing = load_keys(data_dir, name)
     if existing and not rotate:
-        selectors = ", ".join(k.selector for k in existing)
-        raise DkimKeyError(
-            f"{name} has DKIM keys already (selectors {selectors}); show them with"
-            f" `postoffice dkim show {name}`, or make new ones with --rotate"
-        )
+        raise has_keys_already(name, [k.selector for k in existing])
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _private_dir(dkim_dir(data_dir))
     _private_dir(directory)
@@ -145,11 +175,18 @@ def generate(
     for algorithm in ALGORITHMS:
         selector = _selector(directory, algorithm, when)
         path = directory / f"{selector}.pem"
-        _write_new(path, _private_pem(algorithm))
+        _write_new(path, private_pem(algorithm))
         keys.append(DkimKey(name, selector, algorithm, path))
     fsync_dir(directory)
     _write_index(directory, name, keys, existing, when)
     return keys
+
+
+def has_keys_already(domain: str, selectors: list[str]) -> DkimKeyError:
+    return DkimKeyError(
+        f"{domain} has DKIM keys already (selectors {', '.join(selectors)}); show them with"
+        f" `postoffice dkim show {domain}`, or make new ones with --rotate"
+    )
 
 
 def _write_index(
@@ -173,11 +210,67 @@ def _write_index(
     fsync_dir(directory)
 
 
+# --- every key, for `cluster migrate` / `export` (cluster/dkim_move.py) ------------------------
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    selector: str
+    algorithm: str
+    pem: bytes
+    active: bool
+
+
+def all_keys(data_dir: Path) -> dict[str, list[StoredKey]]:
+    """Every domain's keys, active or not, by selector.  A domain directory
+    without ``keys.json`` (a copy cut short) counts as no keys."""
+    found: dict[str, list[StoredKey]] = {}
+    root = dkim_dir(data_dir)
+    if not root.is_dir():
+        return found
+    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+        domain = directory.name
+        if not (directory / KEYS_FILE).exists():
+            continue
+        active = {k.selector for k in load_keys(data_dir, domain)}
+        keys = []
+        for path in sorted(directory.glob("*.pem")):
+            pem = path.read_bytes()
+            key = DkimKey(domain, path.stem, RSA, None, pem)
+            private = _load_private(key)
+            algorithm = RSA if isinstance(private, rsa.RSAPrivateKey) else ED25519
+            keys.append(StoredKey(path.stem, algorithm, pem, path.stem in active))
+        found[domain] = keys
+    return found
+
+
+def store_keys(data_dir: Path, domain: str, keys: list[StoredKey], when: datetime.datetime) -> None:
+    """Write ``domain``'s keys (the PEM files, then ``keys.json`` naming the
+    active ones); a file there already must hold the same key."""
+    name = key_domain(domain)
+    directory = domain_dir(data_dir, name)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _private_dir(dkim_dir(data_dir))
+    _private_dir(directory)
+    for key in keys:
+        if "/" in key.selector or key.selector.startswith("."):
+            raise DkimKeyError(f"{name}: bad selector {key.selector!r}")
+        path = directory / f"{key.selector}.pem"
+        if path.exists():
+            if path.read_bytes() != key.pem:
+                raise DkimKeyError(f"{path} exists with another key")
+            continue
+        _write_new(path, key.pem)
+    fsync_dir(directory)
+    active = [DkimKey(name, k.selector, k.algorithm, directory / f"{k.selector}.pem") for k in keys]
+    active = [k for k, stored in zip(active, keys, strict=True) if stored.active]
+    active.sort(key=lambda k: ALGORITHMS.index(k.algorithm))
+    _write_index(directory, name, active, [], when)
+
+
 # --- reading keys ------------------------------------------------------------------------------
 def load_keys(data_dir: Path, domain: str) -> list[DkimKey]:
     """The active keys of ``domain`` ([] when it has none); DkimKeyError when
     ``keys.json`` is unreadable or names a selector without its key file."""
-    name = _domain(domain)
+    name = key_domain(domain)
     directory = domain_dir(data_dir, name)
     try:
         raw = json.loads((directory / KEYS_FILE).read_bytes())
@@ -197,19 +290,23 @@ def load_keys(data_dir: Path, domain: str) -> list[DkimKey]:
     return keys
 
 
-def _load_private(path: Path) -> object:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DkimKeyError(f"{path}: {exc.strerror or exc}") from None
+def _load_private(key: DkimKey) -> object:
+    if key.pem is not None:
+        data = key.pem
+    else:
+        assert key.path is not None
+        try:
+            data = key.path.read_bytes()
+        except OSError as exc:
+            raise DkimKeyError(f"{key.path}: {exc.strerror or exc}") from None
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise DkimKeyError(f"{path}: not a usable private key: {exc}") from None
+        raise DkimKeyError(f"{key.where}: not a usable private key: {exc}") from None
 
 
 def signing_key(key: DkimKey) -> SigningKey:
-    private = _load_private(key.path)
+    private = _load_private(key)
     if key.algorithm == RSA and isinstance(private, rsa.RSAPrivateKey):
         pem = private.private_bytes(
             serialization.Encoding.PEM,
@@ -224,13 +321,13 @@ def signing_key(key: DkimKey) -> SigningKey:
             serialization.NoEncryption(),
         )
         return SigningKey(key, base64.b64encode(seed))
-    raise DkimKeyError(f"{key.path}: not an {key.algorithm} key")
+    raise DkimKeyError(f"{key.where}: not an {key.algorithm} key")
 
 
 def public_key_data(key: DkimKey) -> str:
     """The p= value: base64 of the DER SubjectPublicKeyInfo for RSA (RFC 6376
     §3.6.1), of the raw 32-byte public key for Ed25519 (RFC 8463 §4.2)."""
-    private = _load_private(key.path)
+    private = _load_private(key)
     if isinstance(private, rsa.RSAPrivateKey):
         der = private.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -241,7 +338,7 @@ def public_key_data(key: DkimKey) -> str:
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         return base64.b64encode(raw).decode("ascii")
-    raise DkimKeyError(f"{key.path}: not an RSA or Ed25519 key")
+    raise DkimKeyError(f"{key.where}: not an RSA or Ed25519 key")
 
 
 def txt_record(key: DkimKey) -> str:
@@ -273,7 +370,7 @@ class KeyStore:
     def keys_for(self, domain: str) -> list[SigningKey]:
         """The domain's signing keys ([] when it has none); DkimKeyError when
         they exist but cannot be used."""
-        name = _domain(domain)
+        name = key_domain(domain)
         index = domain_dir(self._data_dir, name) / KEYS_FILE
         try:
             st = index.stat()
@@ -292,3 +389,6 @@ class KeyStore:
         with self._lock:
             self._cache[name] = (stamp, keys)
         return keys
+
+    def close(self) -> None:
+        """Nothing to stop: changes are seen by ``stat`` when asked."""

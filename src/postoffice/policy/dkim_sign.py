@@ -27,7 +27,7 @@ import logging
 import dkim
 
 from postoffice.mail.headers import header_block
-from postoffice.policy.dkim_keys import RSA, DkimKeyError, KeyStore, SigningKey
+from postoffice.policy.dkim_keys import RSA, DkimKeyError, SigningKey, SigningKeys
 from postoffice.policy.dmarc import authors, organizational_domain
 from postoffice.storage.sink import HeadedSink
 
@@ -46,7 +46,7 @@ def _candidates(domain: str) -> list[str]:
 
 
 class DkimSigner:
-    def __init__(self, keys: KeyStore) -> None:
+    def __init__(self, keys: SigningKeys) -> None:
         self._keys = keys
         self._logger = logging.getLogger("postoffice.dkim.dkimpy")
 

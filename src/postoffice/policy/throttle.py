@@ -52,6 +52,14 @@ Why this shape (issues 11 and 19):
   (stale ones go first, then the oldest); an empty bucket is the same as no
   entry, so forgetting one loses nothing.  Entries are made only by judged
   attempts, which the global budget limits in the first place.
+* **Several nodes** (``[cluster]``, issue 17) share what they learn through
+  an injected ``ThrottleFeed`` (cluster/throttle_feed.py): each judged
+  failure is handed to it, and so is a pair that becomes known-good (or whose
+  mark is half-way to expiring); what the other nodes sent is booked before
+  the next attempt is judged.  So failures spread over nodes count as on one,
+  and the owner's address stays exempt on the node it moves to.  The feed
+  does its network work in a thread of its own: nothing here waits for it,
+  and the common success (a pair known-good already) tells it nothing.
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from postoffice import logfmt
 from postoffice.config.settings import AuthSettings
@@ -72,6 +80,22 @@ MAX_ENTRIES = 100_000  # per table (pairs, each budget, known-good pairs)
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+FAILED, KNOWN_GOOD = "f", "g"  # what a ThrottleFeed event says of a pair
+
+
+class ThrottleFeed(Protocol):
+    """Throttle events shared with other nodes; neither call may block."""
+
+    def publish(self, event: str, client: str, account: str) -> None:
+        """``FAILED`` or ``KNOWN_GOOD``, judged here (``client`` as ``client_key``
+        made it)."""
+
+    def received(self) -> list[tuple[str, str, str, float]]:
+        """Other nodes' events since the last call: (event, client, account,
+        when), ``when`` on the throttle's clock."""
+        return []
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,9 +224,11 @@ class LoginThrottle:
         self,
         limits: ThrottleLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        feed: ThrottleFeed | None = None,
     ) -> None:
         self.limits = lim = limits or ThrottleLimits()
         self._clock = clock
+        self._feed = feed
         self._pairs: dict[tuple[str, str], _Pair] = {}
         self._known_good: dict[tuple[str, str], float] = {}
         self._account = _Budget("account", lim.account_failures, lim.window, lim.max_entries)
@@ -211,6 +237,8 @@ class LoginThrottle:
 
     # --- deciding ----------------------------------------------------------------
     def admit(self, client_ip: str, account: str, tag: bytes = b"") -> Admission:
+        if self._feed is not None:
+            self._absorb(self._feed)
         now = self._clock()
         client = client_key(client_ip)
         pair_key = (client, account)
@@ -281,7 +309,11 @@ class LoginThrottle:
             if not pair.pending and self._pairs.get(admission.pair_key) is pair:
                 del self._pairs[admission.pair_key]
         if self.limits.known_good_for > 0 and admission.pair_key[1]:
-            self._known_good.pop(admission.pair_key, None)
+            before = self._known_good.pop(admission.pair_key, None)
+            if self._feed is not None and (
+                before is None or now - before > self.limits.known_good_for / 2
+            ):
+                self._feed.publish(KNOWN_GOOD, *admission.pair_key)
             _make_room(
                 self._known_good,
                 self.limits.max_entries,
@@ -301,6 +333,47 @@ class LoginThrottle:
             pair.failures += 1
             pair.last = now
             pair.tag = admission.tag
+        if self._feed is not None:
+            self._feed.publish(FAILED, *admission.pair_key)
+
+    def _absorb(self, feed: ThrottleFeed) -> None:
+        for event, client, account, when in feed.received():
+            if event == FAILED:
+                self.remote_failure(client, account, when)
+            elif event == KNOWN_GOOD and account and self.limits.known_good_for > 0:
+                self.remote_known_good(client, account, when)
+
+    def remote_known_good(self, client: str, account: str, when: float) -> None:
+        """Another node let this pair in at ``when``: exempt here too."""
+        pair_key = (client, account)
+        if self._known_good.get(pair_key, when) > when:
+            return  # a later success here already
+        self._known_good.pop(pair_key, None)
+        _make_room(
+            self._known_good,
+            self.limits.max_entries,
+            lambda t: when - t > self.limits.known_good_for,
+        )
+        self._known_good[pair_key] = when
+
+    def remote_failure(self, client: str, account: str, when: float) -> None:
+        """A failure another node judged at ``when``: booked as if judged here,
+        but without the wrong password's tag (it stays on that node)."""
+        for budget, key in self._gates(client, account):
+            budget.book(key, when)
+        pair_key = (client, account)
+        pair = self._live_pair(pair_key, when)
+        if pair is None:
+            _make_room(
+                self._pairs,
+                self.limits.max_entries,
+                lambda p: not p.pending and (not p.failures or when - p.last > self.limits.window),
+            )
+            pair = self._pairs[pair_key] = _Pair()
+        pair.failures += 1
+        pair.last = max(pair.last, when)
+        # That node held its answer this long; the pair's next turn, here too.
+        pair.free_at = max(pair.free_at, when + self._delay(pair.failures))
 
     def abandoned(self, admission: Admission) -> None:
         """Given up before the password was checked (the client left, the

@@ -1,8 +1,10 @@
 """/admin/dns: what ``postoffice doctor`` says of a domain, with the records to copy.
 
-DKIM keys are made and rotated here too, by ``policy/dkim_keys.generate``
-as ``postoffice dkim generate [--rotate]`` does (the running server signs
-with them from the next message on); the page then shows the new records.
+DKIM keys are made and rotated here too, where the config keeps them
+(cluster/stores.py: data_dir/dkim/, or the [cluster] database) as
+``postoffice dkim generate [--rotate]`` does (the running server, and with
+[cluster] every node, signs with them from the next message on); the page
+then shows the new records.
 
 The same checks as the CLI (doctor.diagnose: every record looked up through
 ``[relay] dns_servers``, the certificate, the listeners), run on the event
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from postoffice.cluster.stores import generate_dkim_keys, load_dkim_keys
 from postoffice.dns.resolver import DnsResolver
 from postoffice.doctor import (
     LOOKUP_LIFETIME,
@@ -26,7 +29,7 @@ from postoffice.doctor import (
 )
 from postoffice.mail.address import AddressError, normalise_domain
 from postoffice.net.http import Response, Routes
-from postoffice.policy.dkim_keys import DkimKeyError, generate, load_keys
+from postoffice.policy.dkim_keys import DkimKeyError
 from postoffice.web.app import Page, WebApp
 
 MAX_SECONDS = 90.0  # the whole check; a dead DNS server costs one probe (doctor.py)
@@ -61,7 +64,7 @@ class DnsPages:
         settings = self.web.services.settings
         try:
             keys = await self.web.blocking(
-                lambda: generate(settings.data_dir, wanted, rotate=rotate)
+                lambda: generate_dkim_keys(settings, wanted, rotate=rotate)
             )
         except DkimKeyError as exc:
             return await self._show(page, wanted, status=400, error=str(exc))
@@ -111,7 +114,7 @@ class DnsPages:
         )
         sections = await diagnose(settings, resolver, [domain], certificate)
         try:
-            keys = await self.web.blocking(load_keys, settings.data_dir, domain)
+            keys = await self.web.blocking(load_dkim_keys, settings, domain)
         except DkimKeyError:
             keys = []
         records = records_to_publish(

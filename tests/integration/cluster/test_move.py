@@ -105,3 +105,45 @@ def test_the_commands_need_a_cluster_database(tmp_path: Path) -> None:
         result = embedded.cli("cluster", command, check=False)
         assert result.returncode != 0
         assert "no [cluster] database" in result.stderr
+
+
+def test_dkim_keys_move_both_ways_with_rotations_and_refusals(tmp_path: Path, pg_url: str) -> None:
+    from postoffice.cluster.dkim_keys import load_keys
+    from postoffice.policy.dkim_keys import all_keys, txt_record
+    from postoffice.policy.dkim_keys import load_keys as load_file_keys
+
+    embedded = PostofficeServer(tmp_path / "embedded")
+    embedded.add_user(ALICE, ALICE_PW)
+    embedded.cli("dkim", "generate", "example.test")
+    embedded.cli("dkim", "generate", "--rotate", "example.test")  # old selectors kept, inactive
+    before = all_keys(embedded.data_dir)
+    shown = embedded.cli("dkim", "show", "example.test").stdout
+
+    with_cluster(embedded, pg_url)
+    out = embedded.cli("cluster", "migrate").stdout
+    assert "dkim_keys: 1 in the source, 1 copied, 0 there already; verified" in out
+    # The cluster CLI shows the same active keys (the same records to publish).
+    assert embedded.cli("dkim", "show", "example.test").stdout == shown
+    again = embedded.cli("cluster", "migrate").stdout
+    assert "dkim_keys: 1 in the source, 0 copied, 1 there already" in again
+    # A rotation in the database only: the copy back refuses the domain, whole.
+    embedded.cli("dkim", "generate", "--rotate", "example.test")
+    refused = embedded.cli("cluster", "migrate", check=False)
+    assert refused.returncode != 0
+    assert "example.test differ(s) on the receiving side" in refused.stderr
+
+    fresh = PostofficeServer(tmp_path / "fresh")
+    with_cluster(fresh, pg_url)
+    out = fresh.cli("cluster", "export").stdout
+    assert "dkim_keys: 1 in the source, 1 copied" in out
+    back = all_keys(fresh.data_dir)
+    assert len(back["example.test"]) == 6  # three rotations' worth, two active
+    assert {k.selector for k in back["example.test"]} >= {
+        k.selector for k in before["example.test"]
+    }
+    assert sum(k.active for k in back["example.test"]) == 2
+    # The exported data dir's active keys are the database's.
+    exported = [txt_record(k) for k in load_file_keys(fresh.data_dir, "example.test")]
+    assert exported == [txt_record(k) for k in load_keys(pg_url, "example.test")]
+    for path in (fresh.data_dir / "dkim" / "example.test").glob("*.pem"):
+        assert path.stat().st_mode & 0o077 == 0

@@ -292,3 +292,79 @@ def test_throttling_is_logged_once_per_key_when_it_starts(
     assert len(lines) == 2, lines
     assert "client=192.0.2.1 user=alice@example.test" in lines[0]
     assert "account budget spent user=alice@example.test" in lines[1]
+
+
+# --- several nodes (a FailureFeed joining two throttles) ----------------------------------
+class Wire:
+    """Two nodes' feeds joined in memory, as cluster/throttle_feed.py joins them."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.boxes: list[list[tuple[str, str, str, float]]] = [[], []]
+        self.published: list[str] = []
+
+    def feed(self, node: int) -> Any:
+        wire = self
+
+        class Feed:
+            def publish(self, event: str, client: str, account: str) -> None:
+                wire.published.append(event)
+                wire.boxes[1 - node].append((event, client, account, wire.clock()))
+
+            def received(self) -> list[tuple[str, str, str, float]]:
+                got, wire.boxes[node] = wire.boxes[node], []
+                return got
+
+        return Feed()
+
+
+def two_nodes(**limits: Any) -> tuple[LoginThrottle, LoginThrottle, Wire]:
+    clock = Clock()
+    wire = Wire(clock)
+    lim = ThrottleLimits(**limits)
+    return (
+        LoginThrottle(lim, clock=clock, feed=wire.feed(0)),
+        LoginThrottle(lim, clock=clock, feed=wire.feed(1)),
+        wire,
+    )
+
+
+def test_failures_spread_over_two_nodes_spend_one_budget() -> None:
+    a, b, _wire = two_nodes(free_failures=1000, account_failures=6, window=3600.0, max_delay=5.0)
+    for _ in range(3):
+        fail(a, "192.0.2.1", ALICE)
+        fail(b, "192.0.2.2", ALICE)
+    assert a.admit("192.0.2.3", ALICE).refused_by == "account"
+    assert b.admit("192.0.2.3", ALICE).refused_by == "account"
+
+
+def test_the_pair_penalty_follows_the_client_to_the_other_node() -> None:
+    a, b, _wire = two_nodes(free_failures=3, max_delay=8.0)
+    for _ in range(3):
+        fail(a, "192.0.2.1", ALICE)
+    # The 4th wrong password on node b is slowed as it would be on node a.
+    assert b.admit("192.0.2.1", ALICE).fail_delay == 1.0
+
+
+def test_a_known_good_pair_is_sent_once_and_its_successes_not_at_all() -> None:
+    a, _b, wire = two_nodes(known_good_for=100.0)
+    for _ in range(5):
+        succeed(a, "192.0.2.1", ALICE)
+    abandoned = a.admit("192.0.2.1", BOB)
+    a.abandoned(abandoned)
+    assert wire.published == ["g"]  # the first success only
+    fail(a, "192.0.2.1", BOB)
+    assert wire.published == ["g", "f"]
+    wire.clock.now += 51  # half-way to expiring: refreshed on the others
+    succeed(a, "192.0.2.1", ALICE)
+    assert wire.published == ["g", "f", "g"]
+
+
+def test_the_owner_known_good_on_one_node_is_exempt_on_the_other() -> None:
+    a, b, _wire = two_nodes(free_failures=1000, account_failures=4, window=3600.0, max_delay=5.0)
+    succeed(a, "192.0.2.1", ALICE)  # the owner's address, on node a
+    for i in range(4):
+        fail(a if i % 2 else b, f"198.51.100.{i}", ALICE)  # an attack, spread
+    assert b.admit("198.51.100.9", ALICE).refused_by == "account"
+    owner = b.admit("192.0.2.1", ALICE)
+    assert owner.refused_by is None and owner.known_good
