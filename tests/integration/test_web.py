@@ -566,6 +566,15 @@ def test_the_dns_health_page_says_what_the_doctor_says(srv: PostofficeServer) ->
     b = logged_in(srv, ALICE, ALICE_PW)
     listing = b.get("/admin/dns")
     assert listing.status == 200 and "/admin/dns?domain=example.test" in listing.body
+    # The certificate's status, as `postoffice cert status` prints it.
+    cert = listing.body.split('id="cert-h"')[1].split("</section>")[0]
+    printed = srv.cli("cert", "status").stdout
+    names = re.search(r"names\s+(.*)", printed)
+    issuer = re.search(r"issuer\s+(.*)", printed)
+    assert names is not None and issuer is not None, printed
+    assert f"<dd>{html.escape(names[1].strip())}</dd>" in cert, cert
+    assert f"<dd>{html.escape(issuer[1].strip())}</dd>" in cert, cert
+    assert "<dt>Next renewal</dt><dd>by hand (no [acme] in the config)</dd>" in cert
     page = b.get("/admin/dns?domain=example.test")
     assert page.status == 200, page.body
     found = re.findall(r'<tr class="status-(\w+)"><td>\w+</td><td><code>([^<]*)</code>', page.body)

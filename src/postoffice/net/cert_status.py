@@ -83,28 +83,54 @@ def write_renewal(settings: Settings, state: dict[str, str]) -> None:
     atomic_write(directory / RENEWAL, json.dumps(state, indent=1).encode(), 0o644)
 
 
-def cert_status(args: argparse.Namespace, settings: Settings) -> int:
-    what, path = served_certificate(settings)
+@dataclass(frozen=True, slots=True)
+class CertificateStatus:
+    """What ``cert status`` and the admin page's DNS health show."""
+
+    path: Path
+    kind: str  # served_certificate's word: "acme", "configured", "self-signed"...
+    info: CertificateInfo | None
+    problem: str  # why ``info`` is None; "" otherwise
+    acme_pending: str  # names ACME has issued nothing for yet; "" when none or no [acme]
+    next_renewal: str  # when, and by what rule; "by hand" without [acme]
+    last_error: str  # the last failed renewal's reason; ""
+
+
+def certificate_status(settings: Settings) -> CertificateStatus:
+    """The served certificate and its renewal plan (blocking: reads files)."""
+    kind, path = served_certificate(settings)
     plan = read_renewal(settings) if settings.acme.directory else {}
-    print(f"certificate   {path} ({what})")
     try:
-        info = certificate_info(path.read_bytes())
+        info: CertificateInfo | None = certificate_info(path.read_bytes())
+        problem = ""
     except (OSError, ValueError) as exc:
-        print(f"  not readable: {exc}")
-        info = None
-    if info is not None:
+        info, problem = None, str(exc)
+    if settings.acme.directory:
+        pending = ", ".join(certificate_names(settings)) if kind != "acme" else ""
+        when = plan.get("next_renewal", "at the server's next start")
+        next_renewal = when + (f" ({plan['by']})" if "by" in plan else "")
+    else:
+        pending, next_renewal = "", "by hand (no [acme] in the config)"
+    return CertificateStatus(
+        path, kind, info, problem, pending, next_renewal, plan.get("last_error", "")
+    )
+
+
+def cert_status(args: argparse.Namespace, settings: Settings) -> int:
+    status = certificate_status(settings)
+    print(f"certificate   {status.path} ({status.kind})")
+    info = status.info
+    if info is None:
+        print(f"  not readable: {status.problem}")
+    else:
         print(f"  names       {', '.join(info.names)}")
         print(f"  issuer      {info.issuer}")
         print(f"  not after   {info.not_after.isoformat(timespec='seconds')}")
-    if settings.acme.directory:
-        if what != "acme":
-            print(f"  acme        none issued yet for {', '.join(certificate_names(settings))}")
-        when = plan.get("next_renewal", "at the server's next start")
-        print(f"  next renewal {when}" + (f" ({plan['by']})" if "by" in plan else ""))
-        if "last_error" in plan:
-            print(f"  last error  {plan['last_error']}")
-    else:
-        print("  next renewal by hand (no [acme] in the config)")
+    if status.acme_pending:
+        print(f"  acme        none issued yet for {status.acme_pending}")
+    print(f"  next renewal {status.next_renewal}")
+    if status.last_error:
+        print(f"  last error  {status.last_error}")
     return 0 if info is not None else 1
 
 

@@ -28,6 +28,7 @@ from postoffice.doctor import (
     records_to_publish,
 )
 from postoffice.mail.address import AddressError, normalise_domain
+from postoffice.net.cert_status import certificate_status
 from postoffice.net.http import Response, Routes
 from postoffice.policy.dkim_keys import DkimKeyError
 from postoffice.web.app import Page, WebApp
@@ -74,8 +75,14 @@ class DnsPages:
 
     async def _show(self, page: Page, wanted: str, status: int = 200, **values: object) -> Response:
         domains = await self.web.blocking(self._domains)
+        # The certificate the listeners serve, and its renewal (what `cert status` says).
+        values["certificate"] = await self.web.blocking(
+            certificate_status, self.web.services.settings
+        )
         if not wanted:
-            return self.web.page("dns.html", page, domains=domains, domain="", checked=None)
+            return self.web.page(
+                "dns.html", page, status, domains=domains, domain="", checked=None, **values
+            )
         try:
             domain = normalise_domain(wanted)
         except AddressError:
@@ -88,7 +95,7 @@ class DnsPages:
                 domains=domains,
                 domain="",
                 checked=None,
-                error="not a local domain",
+                **{**values, "error": "not a local domain"},
             )
         try:
             checked = await asyncio.wait_for(self._check(domain), MAX_SECONDS)
@@ -100,7 +107,7 @@ class DnsPages:
                 domains=domains,
                 domain=domain,
                 checked=None,
-                error=f"the checks took over {MAX_SECONDS:.0f} seconds; try the CLI",
+                **{**values, "error": f"the checks took over {MAX_SECONDS:.0f} s; try the CLI"},
             )
         return self.web.page(
             "dns.html", page, status, domains=domains, domain=domain, checked=checked, **values
