@@ -228,7 +228,7 @@ class ImapSession(MailboxCommands):
     async def _flush(self) -> None:
         out = self._out
         if out:
-            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+            self.conn.writelines(out)
             self._out = []
             self._out_size = 0
         transport = self.conn.transport

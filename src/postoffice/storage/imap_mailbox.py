@@ -398,12 +398,14 @@ class ImapMailbox:
 
 def _read_file(path: str, expected: int, dir_fd: int | None = None) -> bytes:
     """The file's bytes; ``expected`` (the size the index holds) lets one
-    read() get them all: a regular file reads short only at its end."""
+    read() get them all: a regular file reads short only at its end, so
+    asking one octet more tells whether there is more."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        want = expected + 65536
+        want = expected + 1
         chunks = [os.read(fd, want)]
         while len(chunks[-1]) == want:  # larger than the index said: read on
+            want = 65536
             chunks.append(os.read(fd, want))
         return b"".join(chunks) if len(chunks) > 1 else chunks[0]
     finally:
