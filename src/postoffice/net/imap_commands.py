@@ -16,7 +16,6 @@ user's folders, so MOVE between them never changes the usage.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import re
 import time
@@ -513,57 +512,32 @@ class MailboxCommands:
         utf8 = self.core.utf8
         recent = self.recent
         whole = items.retrieves(fetch)
-        batches = list(_batches(targets, reads))
-        # One batch is read ahead (in the executor) while the one before it
-        # is framed and written: the client never waits for the disk
-        # between batches, and memory holds two batches at most.
-        ahead = self._load_ahead(box, folder, fetch, batches[0], structural) if batches else None
-        try:
-            for number, batch in enumerate(batches):
-                loaded = _NOTHING_LOADED if ahead is None else await ahead
-                ahead = None
-                if number + 1 < len(batches):
-                    ahead = self._load_ahead(box, folder, fetch, batches[number + 1], structural)
-                bodies, structures = loaded.bodies, loaded.structures
-                send = self._send
-                for record in batch:
-                    message = bodies.get(record.uid)
-                    if record.uid in bodies and message is None:
-                        continue  # expunged by someone else: reported at the next NOOP
-                    held = bool(recent) and record.uid in recent
-                    for chunk in items.fetch_response(
-                        self.seq_of(record.uid),
-                        fetch,
-                        record,
-                        message,
-                        structures.get(record.uid),
-                        utf8=utf8,
-                        recent=held,
-                    ):
-                        send(chunk)
-                if whole:  # the mail log: which messages were downloaded (maillog.py)
-                    sent = [r.stem for r in batch if bodies.get(r.uid) is not None]
-                    maillog.retrieved("imap", user=self.user, client=self.client_ip, files=sent)
-                await self._flush()
-        finally:
-            if ahead is not None:
-                _forget(ahead)
+        for batch in _batches(targets, reads):
+            loaded = _NOTHING_LOADED
+            if structural or any(items.needs_body(fetch, r) for r in batch):
+                loaded = await self._blocking(_load, box, folder, fetch, batch, structural)
+            bodies, structures = loaded.bodies, loaded.structures
+            send = self._send
+            for record in batch:
+                message = bodies.get(record.uid)
+                if record.uid in bodies and message is None:
+                    continue  # expunged by someone else: reported at the next NOOP
+                held = bool(recent) and record.uid in recent
+                for chunk in items.fetch_response(
+                    self.seq_of(record.uid),
+                    fetch,
+                    record,
+                    message,
+                    structures.get(record.uid),
+                    utf8=utf8,
+                    recent=held,
+                ):
+                    send(chunk)
+            if whole:  # the mail log: which messages were downloaded (maillog.py)
+                sent = [r.stem for r in batch if bodies.get(r.uid) is not None]
+                maillog.retrieved("imap", user=self.user, client=self.client_ip, files=sent)
+            await self._flush()
         self._ok("FETCH completed")
-
-    def _load_ahead(
-        self,
-        box: ImapMailbox,
-        folder: FolderName,
-        fetch: tuple[ev.FetchItem, ...],
-        batch: Sequence[MessageRecord],
-        structural: bool,
-    ) -> asyncio.Future[_Loaded] | None:
-        """``_load`` of ``batch`` started in the executor now (not at the
-        next await); None when the index alone answers it."""
-        if not structural and not any(items.needs_body(fetch, r) for r in batch):
-            return None
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self.s.executor, _load, box, folder, fetch, batch, structural)
 
     async def _dated(self, box: ImapMailbox, records: list[MessageRecord]) -> list[MessageRecord]:
         """``records`` with their INTERNALDATEs read (the first sync of a
@@ -835,14 +809,6 @@ class _Loaded:
 _NOTHING_LOADED = _Loaded({}, {})
 
 
-def _forget(future: asyncio.Future[Any]) -> None:
-    """Drop a read-ahead the FETCH no longer needs (the client went away):
-    cancelled if it can be, else its outcome taken so no error is left
-    unretrieved."""
-    if not future.cancel() and not future.cancelled():
-        future.exception()
-
-
 def _load(
     box: ImapMailbox,
     folder: FolderName,
@@ -870,7 +836,10 @@ def _load(
             except MessageGone:
                 bodies[record.uid] = None
                 continue
-            if structural and cached is None:
+            if not structural:  # read because an item needs the body
+                bodies[record.uid] = message
+                continue
+            if cached is None:
                 structure = items.structure_of(record.uid, message)
                 structures[record.uid] = structure
                 built.append(structure)

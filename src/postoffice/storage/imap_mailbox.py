@@ -215,8 +215,10 @@ class ImapMailbox:
                 else:
                     fd, filename = dirs.get("new"), record.stem
                 if fd is not None:
-                    with contextlib.suppress(FileNotFoundError):
+                    try:  # not contextlib.suppress: this runs once per message fetched
                         return _read_file(filename, record.size, dir_fd=fd)
+                    except FileNotFoundError:
+                        pass
                 return self.read(name, record)  # renamed since: looked for by stem
 
             yield read
