@@ -28,7 +28,7 @@ import ctypes.util
 # mallopt(3) parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-TRIM_THRESHOLD = 32 * 1024 * 1024
+TRIM_THRESHOLD = 16 * 1024 * 1024
 MMAP_THRESHOLD = 8 * 1024 * 1024
 
 
