@@ -13,6 +13,7 @@ from __future__ import annotations
 import imaplib
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 
@@ -118,3 +119,53 @@ def test_two_literals_in_one_response(srv: PostofficeServer, transport: str) -> 
         count += 1
     assert count == 40
     client.logout()
+
+
+def _pipelined(srv: PostofficeServer, commands: list[bytes]) -> bytes:
+    """Send ``commands`` (tagged t0, t1, ...) in one write after LOGIN and
+    SELECT, as mbsync pipelines them; everything up to the last tagged OK."""
+    sock = socket.create_connection(("127.0.0.1", srv.ports["imap"]), timeout=30)
+    try:
+        script = [b'l LOGIN "%s" "%s"' % (ALICE.encode(), ALICE_PW.encode()), b"s SELECT INBOX"]
+        script += [b"t%d %s" % (n, c) for n, c in enumerate(commands)]
+        sock.sendall(b"".join(line + b"\r\n" for line in script))
+        last = b"\r\nt%d " % (len(commands) - 1)
+        data = b""
+        deadline = time.monotonic() + 30
+        while last not in data or not data.endswith(b"\r\n"):
+            assert time.monotonic() < deadline, data[-300:]
+            chunk = sock.recv(1 << 20)
+            assert chunk, data[-300:]
+            data += chunk
+        return data
+    finally:
+        sock.close()
+
+
+def _bodies(data: bytes) -> dict[int, bytes]:
+    """UID -> BODY[] of every FETCH response in ``data``."""
+    found: dict[int, bytes] = {}
+    for match in re.finditer(rb"\* \d+ FETCH \(BODY\[\] \{(\d+)\}\r\n", data):
+        start = match.end()
+        end = start + int(match.group(1))
+        uid = re.match(rb" UID (\d+)\)\r\n", data[end : end + 20])
+        assert uid is not None, data[end : end + 20]
+        found[int(uid.group(1))] = data[start:end]
+    return found
+
+
+def test_one_message_per_command_in_order_and_not(srv: PostofficeServer) -> None:
+    # In order (read ahead after the second), then backwards, then in order
+    # again with other commands between (each drops what was read ahead).
+    uids = [*range(1, 80), *range(120, 100, -1), 200, 201, 202, 203]
+    commands = [b"UID FETCH %d (BODY.PEEK[])" % u for u in uids]
+    commands[-2:-2] = [b"NOOP"]
+    commands[-4:-4] = [b"UID FETCH 199 (FLAGS)"]
+    data = _pipelined(srv, commands)
+    assert data.count(b" OK ") >= len(commands) + 2, data[-300:]
+    bodies = _bodies(data)
+    assert sorted(bodies) == sorted(uids), data[:600]
+    # UIDs follow the files' order (named by delivery time, then number).
+    order = sorted(os.listdir(srv.maildir(ALICE) / "new"), key=lambda n: n.split(".")[1])
+    for uid, body in bodies.items():
+        assert body == _wire((srv.maildir(ALICE) / "new" / order[uid - 1]).read_bytes()), uid
