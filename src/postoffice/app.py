@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postoffice import logfmt, metrics, reload, runas
+from postoffice import logfmt, malloc_tuning, metrics, reload, runas
 from postoffice.check import first_unbindable
 from postoffice.childproc import die_with_parent
 from postoffice.cluster.stores import open_accounts, open_signing_keys
@@ -837,6 +837,7 @@ def serve(settings: Settings) -> int:
                 logs.fatal(f"{runas.tls_refusal(settings)}: {exc}")
                 return 1
         log.info("%s", who.note)
+        malloc_tuning.tune()  # message bodies reuse freed memory (malloc_tuning.py)
         services = build_services(settings, tls=tls)
         return _run_loop(services, _run(services, logs, prebound))
     finally:

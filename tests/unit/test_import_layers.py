@@ -91,10 +91,11 @@ ALLOWED: dict[str, frozenset[str]] = {
     ),
 }
 # The composition root and the tools: they may import anything; only they
-# import each other.  ``datadir`` (the serve lock, the data dir's owner) and
-# ``logsetup`` (the process's log handlers) serve only them.  ``web`` (the
-# admin and account pages) is a front end like ``cli``: it shows what the
-# accounts, the queue and ``trace`` hold; the composition root adds its routes.
+# import each other.  ``datadir`` (the serve lock, the data dir's owner),
+# ``logsetup`` (the process's log handlers) and ``malloc_tuning`` (the
+# process's allocator) serve only them.  ``web`` (the admin and account
+# pages) is a front end like ``cli``: it shows what the accounts, the queue
+# and ``trace`` hold; the composition root adds its routes.
 TOP = frozenset(
     {
         "__init__",
@@ -106,6 +107,7 @@ TOP = frozenset(
         "check",
         "datadir",
         "logsetup",
+        "malloc_tuning",
         "reload",
         "runas",
         "quickstart",

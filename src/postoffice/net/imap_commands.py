@@ -28,6 +28,7 @@ from postoffice import maillog
 from postoffice.filters.learn import MAX_LEARN_PER_COMMAND, learn_kind
 from postoffice.mail.address import Address
 from postoffice.net import imap_fetch_items as items
+from postoffice.net.imap_readahead import ReadAhead
 from postoffice.protocol import imap_events as ev
 from postoffice.protocol.imap import ImapServerCore
 from postoffice.protocol.imap_events import SequenceSet
@@ -110,6 +111,7 @@ class MailboxCommands:
     unloaded: FolderState | None  # SELECT's state until the view is read
     ghosts: set[int]
     recent: RecentUids
+    read_ahead: ReadAhead
     s: Services
     user: Address | None
     client_ip: str
@@ -179,6 +181,7 @@ class MailboxCommands:
         self.unloaded = None
         self.ghosts = set()
         self.recent = RecentUids()
+        self.read_ahead.clear()
 
     @property
     def rev1(self) -> bool:
@@ -239,6 +242,8 @@ class MailboxCommands:
 
     # --- dispatch --------------------------------------------------------------------------
     async def mailbox_command(self, box: ImapMailbox, event: ev.Event) -> None:
+        if not isinstance(event, ev.Fetch):
+            self.read_ahead.clear()  # held only while a client fetches one by one
         if isinstance(event, _NEEDS_VIEW):
             await self.load_view(box)
         match event:
@@ -512,33 +517,54 @@ class MailboxCommands:
         utf8 = self.core.utf8
         recent = self.recent
         whole = items.retrieves(fetch)
+        one = reads and not structural and len(targets) == 1  # mbsync's way: see _load_one
         for batch in _batches(targets, reads):
-            loaded = _Loaded({}, {})
-            if structural or any(items.needs_body(fetch, r) for r in batch):
+            loaded = _NOTHING_LOADED
+            if one:
+                loaded = await self._load_one(box, folder, fetch, batch[0])
+            elif structural or any(items.needs_body(fetch, r) for r in batch):
                 loaded = await self._blocking(_load, box, folder, fetch, batch, structural)
             bodies, structures = loaded.bodies, loaded.structures
+            send = self._send
             for record in batch:
                 message = bodies.get(record.uid)
                 if record.uid in bodies and message is None:
                     continue  # expunged by someone else: reported at the next NOOP
-                structure = structures.get(record.uid)
-                seq = self.seq_of(record.uid)
-                self._send(
-                    items.fetch_response(
-                        seq,
-                        fetch,
-                        record,
-                        message,
-                        structure,
-                        utf8=utf8,
-                        recent=bool(recent) and record.uid in recent,
-                    )
-                )
+                held = bool(recent) and record.uid in recent
+                for chunk in items.fetch_response(
+                    self.seq_of(record.uid),
+                    fetch,
+                    record,
+                    message,
+                    structures.get(record.uid),
+                    utf8=utf8,
+                    recent=held,
+                ):
+                    send(chunk)
             if whole:  # the mail log: which messages were downloaded (maillog.py)
                 sent = [r.stem for r in batch if bodies.get(r.uid) is not None]
                 maillog.retrieved("imap", user=self.user, client=self.client_ip, files=sent)
             await self._flush()
         self._ok("FETCH completed")
+
+    async def _load_one(
+        self,
+        box: ImapMailbox,
+        folder: FolderName,
+        fetch: tuple[ev.FetchItem, ...],
+        record: MessageRecord,
+    ) -> _Loaded:
+        """The one message a FETCH needs the text of, through the session's
+        read-ahead (net/imap_readahead.py): held already, or read in one
+        executor hop with the messages a client going through the folder in
+        order asks for next."""
+        held = self.read_ahead.take(record.uid, self.uids)
+        if held is not None:
+            return _Loaded({record.uid: held}, {})
+        along = self.read_ahead.plan(record.uid, self.uids, self.records, self.ghosts)
+        loaded = await self._blocking(_load, box, folder, fetch, [record, *along], False)
+        self.read_ahead.keep({r.uid: loaded.bodies.get(r.uid) for r in along})
+        return loaded
 
     async def _dated(self, box: ImapMailbox, records: list[MessageRecord]) -> list[MessageRecord]:
         """``records`` with their INTERNALDATEs read (the first sync of a
@@ -807,6 +833,9 @@ class _Loaded:
     structures: dict[int, Structure]
 
 
+_NOTHING_LOADED = _Loaded({}, {})
+
+
 def _load(
     box: ImapMailbox,
     folder: FolderName,
@@ -834,7 +863,10 @@ def _load(
             except MessageGone:
                 bodies[record.uid] = None
                 continue
-            if structural and cached is None:
+            if not structural:  # read because an item needs the body
+                bodies[record.uid] = message
+                continue
+            if cached is None:
                 structure = items.structure_of(record.uid, message)
                 structures[record.uid] = structure
                 built.append(structure)

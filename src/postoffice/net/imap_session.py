@@ -43,6 +43,7 @@ from postoffice.mail.address import Address, AddressError
 from postoffice.net.compress import InflateError
 from postoffice.net.connection import Connection, ConnectionClosed, ShuttingDown, WriteTimeout
 from postoffice.net.imap_commands import MailboxCommands, recent_since
+from postoffice.net.imap_readahead import ReadAhead
 from postoffice.policy.auth import LoginThrottled
 from postoffice.policy.clients import may_send_password
 from postoffice.protocol import imap_events as ev
@@ -104,6 +105,7 @@ class ImapSession(MailboxCommands):
         self.unloaded: FolderState | None = None
         self.ghosts: set[int] = set()
         self.recent = RecentUids()  # rev1 only: this session's \Recent messages
+        self.read_ahead = ReadAhead()  # whole messages a one-by-one FETCHer asks next
         self._watch: FolderWatch | None = None  # the selected folder's, for IDLE
         self._watch_path: Path | None = None
 
@@ -228,7 +230,7 @@ class ImapSession(MailboxCommands):
     async def _flush(self) -> None:
         out = self._out
         if out:
-            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+            self.conn.writelines(out)
             self._out = []
             self._out_size = 0
         transport = self.conn.transport

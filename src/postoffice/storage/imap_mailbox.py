@@ -215,8 +215,10 @@ class ImapMailbox:
                 else:
                     fd, filename = dirs.get("new"), record.stem
                 if fd is not None:
-                    with contextlib.suppress(FileNotFoundError):
+                    try:  # not contextlib.suppress: this runs once per message fetched
                         return _read_file(filename, record.size, dir_fd=fd)
+                    except FileNotFoundError:
+                        pass
                 return self.read(name, record)  # renamed since: looked for by stem
 
             yield read
@@ -398,12 +400,14 @@ class ImapMailbox:
 
 def _read_file(path: str, expected: int, dir_fd: int | None = None) -> bytes:
     """The file's bytes; ``expected`` (the size the index holds) lets one
-    read() get them all: a regular file reads short only at its end."""
+    read() get them all: a regular file reads short only at its end, so
+    asking one octet more tells whether there is more."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        want = expected + 65536
+        want = expected + 1
         chunks = [os.read(fd, want)]
         while len(chunks[-1]) == want:  # larger than the index said: read on
+            want = 65536
             chunks.append(os.read(fd, want))
         return b"".join(chunks) if len(chunks) > 1 else chunks[0]
     finally:
