@@ -414,6 +414,11 @@ class ImapSession(MailboxCommands):
 
     async def _idle(self) -> None:
         self._send(self.core.continuation("idling"))
+        # The "+" goes out alone, before any change is reported: clients such
+        # as getmail read the continuation through a buffered reader and then
+        # select() on the socket, so an EXISTS in the same read would sit in
+        # their buffer unseen until the IDLE times out.
+        await self._flush()
         if self._watch is None and self._watch_path is not None:
             # Taken before the look below: a change after it wakes us.
             self._watch = self.s.folder_watcher.watch(self._watch_path)
