@@ -85,6 +85,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "dns",
             "policy",
             "net",
+            "cluster",  # the [cluster] queue (delivery/queue/pg_store.py)
         }
     ),
 }

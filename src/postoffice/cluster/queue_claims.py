@@ -47,6 +47,27 @@ MIGRATIONS = (
     );
     CREATE INDEX queue_claims_due ON queue_claims (due)
     """,
+    # The messages themselves (delivery/queue/pg_store.py): the envelope and
+    # the recipients' states as the file queue writes them (records.py), the
+    # message in chunks written while it arrives.
+    """
+    CREATE SEQUENCE queue_body_ids;
+    CREATE TABLE queue_bodies (
+        body bigint NOT NULL,           -- a message's number (queue_body_ids)
+        seq integer NOT NULL,           -- chunk order, from 0
+        data bytea NOT NULL,
+        written timestamptz NOT NULL DEFAULT now(),  -- uncommitted ones are swept
+        PRIMARY KEY (body, seq)
+    );
+    CREATE TABLE queue_messages (
+        queue_id text PRIMARY KEY,
+        envelope bytea NOT NULL,        -- StoredEnvelope.header_line()
+        state bytea,                    -- QueueEntry.state_json(); NULL: as it arrived
+        body bigint NOT NULL,           -- its chunks in queue_bodies
+        size bigint NOT NULL            -- octets of the message (LF form)
+    );
+    CREATE INDEX queue_messages_body ON queue_messages (body)
+    """,
 )
 
 MAX_BATCH = 1000  # rows one claim may take

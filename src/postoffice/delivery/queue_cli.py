@@ -37,12 +37,50 @@ def _when(ts: float) -> str:
 def queue_list(args: argparse.Namespace, settings: Settings) -> int:
     count = 0
     out = sys.stdout
+    if settings.cluster.enabled:
+        return _cluster_list(settings)
     for entry, size in queue_store(settings).entries_blocking():
         count += 1
         for line in entry_lines(entry, size):
             print(line, file=out)
     print(f"{count} message(s) in the queue", file=out)
     return 0
+
+
+def _cluster_list(settings: Settings) -> int:
+    """The queue every [cluster] node shares, with the node working on each
+    message right now (its claim's lease has not ended)."""
+    # Imported here: the embedded default never loads the driver.
+    from postoffice.cluster.db import ClusterError
+    from postoffice.delivery.queue.pg_store import PgQueueStore
+    from postoffice.delivery.queue.records import QueueError
+
+    try:
+        store = PgQueueStore(settings.cluster.database, "cli", ThreadPoolExecutor(max_workers=1))
+        try:
+            holders = store.holders_blocking()
+            listed = list(store.entries_blocking())
+        finally:
+            store.close()
+    except (ClusterError, QueueError) as exc:
+        print(f"postoffice: {exc}", file=sys.stderr)
+        return 1
+    for entry, size in listed:
+        lines = entry_lines(entry, size)
+        holder = holders.get(entry.queue_id)
+        if holder is not None:
+            lines[0] += f"  (being delivered by {holder})"
+        for line in lines:
+            print(line)
+    print(f"{len(listed)} message(s) in the [cluster] queue")
+    return 0
+
+
+def _not_in_cluster(settings: Settings, command: str) -> bool:
+    if settings.cluster.enabled:
+        print(f"postoffice: queue {command} does not work with [cluster] yet", file=sys.stderr)
+        return True
+    return False
 
 
 def entry_lines(entry: QueueEntry, size: int) -> list[str]:
@@ -63,6 +101,8 @@ def entry_lines(entry: QueueEntry, size: int) -> list[str]:
 
 
 def queue_flush(args: argparse.Namespace, settings: Settings) -> int:
+    if _not_in_cluster(settings, "flush"):
+        return 1
     store = queue_store(settings)
     store.ensure_dirs()
     request = store.requests.request_flush_blocking()
@@ -78,6 +118,8 @@ def queue_flush(args: argparse.Namespace, settings: Settings) -> int:
 
 def queue_remove(args: argparse.Namespace, settings: Settings) -> int:
     queue_id: str = args.queue_id
+    if _not_in_cluster(settings, "remove"):
+        return 1
     if not QUEUE_ID.fullmatch(queue_id):
         print(f"postoffice: {queue_id!r} is not a queue id", file=sys.stderr)
         return 1
