@@ -44,7 +44,12 @@ from postoffice.cluster.queue_claims import MAX_BATCH, Claim
 from postoffice.config.settings import Settings
 from postoffice.delivery.local import LocalCourier
 from postoffice.delivery.outbound import Outbound, _NewMessage
-from postoffice.delivery.queue.pg_store import ClaimLost, PgQueueStore, PgQueueWriter
+from postoffice.delivery.queue.pg_store import (
+    ClaimLost,
+    PgClaimedMessage,
+    PgQueueStore,
+    PgQueueWriter,
+)
 from postoffice.delivery.queue.records import QueueEntry, QueueError
 from postoffice.delivery.queue.store import QueueStore
 from postoffice.delivery.remote import RemoteCourier
@@ -83,7 +88,8 @@ class ClusterOutbound(Outbound):
         )
         self.queue = queue
         self._lease = settings.cluster.queue_lease
-        self._claims: dict[str, Claim] = {}
+        self._claims: dict[str, Claim] = {}  # the live claim of each message worked on
+        self._works: dict[str, PgClaimedMessage] = {}
         self._lost: set[str] = set()
         self._db_down = False
 
@@ -169,7 +175,15 @@ class ClusterOutbound(Outbound):
 
     def _start(self, claim: Claim) -> None:
         queue_id = claim.queue_id
-        if queue_id in self._active:  # cannot be: our claim is live; never twice
+        if queue_id in self._active:
+            # Our own round's lease ended unrenewed (the database was slow or
+            # away) and we claimed the message again: the round goes on under
+            # the new token, which the old one no longer matches.  Never
+            # start a second round of one message.
+            self._claims[queue_id] = claim
+            work = self._works.get(queue_id)
+            if work is not None:
+                work.claim = claim
             return
         self._claims[queue_id] = claim
         task = asyncio.get_running_loop().create_task(self._work(claim))
@@ -183,10 +197,13 @@ class ClusterOutbound(Outbound):
             with contextlib.suppress(Exception):
                 await self.queue.run_blocking(self.queue.claims.retry, claim, 0.0)
 
-    async def _renew(self, claim: Claim, work: asyncio.Task[None]) -> None:
+    async def _renew(self, queue_id: str, work: asyncio.Task[None]) -> None:
         period = self._lease / 3
         for _ in itertools.count():  # until the round ends (it cancels this)
             await asyncio.sleep(period)
+            claim = self._claims.get(queue_id)
+            if claim is None:
+                return
             try:
                 held = await self.queue.run_blocking(self.queue.claims.renew, claim, self._lease)
             except ClusterError as exc:
@@ -204,9 +221,12 @@ class ClusterOutbound(Outbound):
             log.warning("%s: taken over from node %s (its lease ended)", queue_id, claim.previous)
         current = asyncio.current_task()
         assert current is not None
-        renewer = asyncio.get_running_loop().create_task(self._renew(claim, current))
+        renewer = asyncio.get_running_loop().create_task(self._renew(queue_id, current))
         try:
             work = await self.queue.claim(claim)
+            if work is not None:
+                work.claim = self._claims.get(queue_id, claim)  # renewed meanwhile: the same
+                self._works[queue_id] = work
             if work is None:
                 maillog.removed(queue_id)
                 self._claims.pop(queue_id, None)
@@ -230,9 +250,11 @@ class ClusterOutbound(Outbound):
                 log.exception("%s: unexpected error, will retry", queue_id)
             delay = retry_delay(1, self._relay.retry_schedule)
             with contextlib.suppress(Exception):
-                await self.queue.run_blocking(self.queue.claims.retry, claim, delay)
+                current_claim = self._claims.get(queue_id, claim)
+                await self.queue.run_blocking(self.queue.claims.retry, current_claim, delay)
             self._claims.pop(queue_id, None)
         finally:
+            self._works.pop(queue_id, None)
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer

@@ -1,0 +1,142 @@
+"""The outbound queue shared by [cluster] nodes (docs/cluster.md, "The
+outbound queue"): mail accepted on one node is delivered by another after
+the first is killed -9, never twice within a lease, and ``queue list`` on
+any node shows the shared queue.
+
+Real parts: PostgreSQL (tests/support/postgres.py), postoffice nodes as
+processes, and a scripted MTA on loopback as every node's smarthost.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster import ALICE, ALICE_PW
+from tests.support.helpers import wait_for
+from tests.support.peers import ScriptedMta
+from tests.support.ports import free_port
+from tests.support.server import PostofficeServer
+
+LEASE = 4.0  # seconds: [cluster] queue_lease for these nodes
+REMOTE = "bob@remote.test"
+
+
+@pytest.fixture
+def peer() -> Iterator[ScriptedMta]:
+    mta = ScriptedMta("127.0.0.1", free_port()).start()
+    yield mta
+    mta.stop()
+
+
+def make_nodes(
+    tmp_path: Path, pg_url: str, peer: ScriptedMta, count: int
+) -> list[PostofficeServer]:
+    sections = {
+        "cluster": {"database": pg_url, "queue_lease": LEASE},
+        "relay": {
+            "smarthost": f"127.0.0.1:{peer.port}",
+            "retry_schedule": [1],
+            "connect_timeout": 5,
+        },
+    }
+    return [PostofficeServer(tmp_path / f"node{i}", sections=sections) for i in range(1, count + 1)]
+
+
+def submit(node: PostofficeServer, subject: str) -> None:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=15) as client:
+        client.starttls(context=ctx)
+        client.login(ALICE, ALICE_PW)
+        msg = f"From: <{ALICE}>\r\nTo: <{REMOTE}>\r\nSubject: {subject}\r\n\r\nHello.\r\n"
+        client.sendmail(ALICE, [REMOTE], msg.encode())
+
+
+def mail_froms(peer: ScriptedMta) -> int:
+    return sum(1 for c in peer.commands if c.upper().startswith("MAIL FROM"))
+
+
+def delivered_lines(node: PostofficeServer) -> list[str]:
+    return [line for line in node.log().splitlines() if re.search(r"\bresult=delivered\b", line)]
+
+
+def test_a_node_killed_mid_delivery_leaves_the_message_to_another_after_the_lease(
+    tmp_path: Path, pg_url: str, peer: ScriptedMta
+) -> None:
+    node1, node2 = make_nodes(tmp_path, pg_url, peer, 2)
+    try:
+        node1.start()
+        node1.add_user(ALICE, ALICE_PW)
+        # The smarthost takes the message but does not answer its end: node 1
+        # is stuck mid-delivery, holding its claim (and renewing it).
+        peer.data_delay = 60.0
+        submit(node1, "failover")
+        assert wait_for(lambda: mail_froms(peer) == 1, 10), node1.log()
+        node2.start()
+        listed = node2.cli("queue", "list").stdout
+        assert REMOTE in listed and "1 message(s) in the [cluster] queue" in listed
+        assert "being delivered by" in listed
+        # Two leases and more: node 1 renews its claim, node 2 must not touch
+        # the message (without renewal node 2 would have sent it by now).
+        time.sleep(LEASE * 2.5)
+        assert mail_froms(peer) == 1, "a second node sent while the first held the lease"
+        assert peer.received == []
+
+        peer.data_delay = 0.0
+        node1.kill()
+        killed = time.monotonic()
+        assert wait_for(lambda: len(peer.received) == 1, LEASE + 10), node2.log()
+        took = time.monotonic() - killed
+        assert took < LEASE + 5, f"took {took:.1f} s after the kill"
+        assert "taken over from node" in node2.log()
+        assert len(delivered_lines(node2)) == 1
+        assert peer.received[0].recipients == [f"<{REMOTE}>"]
+        assert b"Subject: failover" in peer.received[0].data
+        # Finished: gone from the shared queue, and not sent again.
+        assert wait_for(
+            lambda: "0 message(s) in the [cluster] queue" in node2.cli("queue", "list").stdout, 10
+        )
+        time.sleep(1.5)
+        assert len(peer.received) == 1
+        assert mail_froms(peer) == 2
+        # The node's own data dir holds no queue.
+        assert not (node1.data_dir / "queue").exists()
+    finally:
+        for node in (node1, node2):
+            node.stop()
+
+
+def test_mail_accepted_while_the_smarthost_is_down_is_delivered_by_another_node(
+    tmp_path: Path, pg_url: str, peer: ScriptedMta
+) -> None:
+    port = peer.port
+    peer.stop()  # down at first: node 1 tries, fails, puts it back for later
+    node1, node2 = make_nodes(tmp_path, pg_url, peer, 2)
+    try:
+        node1.start()
+        node1.add_user(ALICE, ALICE_PW)
+        submit(node1, "deferred")
+        assert wait_for(lambda: "result=deferred" in node1.log(), 10), node1.log()
+        node1.kill()
+        up = ScriptedMta("127.0.0.1", port).start()
+        try:
+            node2.start()
+            assert wait_for(lambda: len(up.received) == 1, 15), node2.log()
+            assert len(delivered_lines(node2)) == 1
+            listed = node2.cli("queue", "list").stdout
+            assert wait_for(lambda: "0 message(s)" in node2.cli("queue", "list").stdout, 10), listed
+            time.sleep(1.5)
+            assert len(up.received) == 1
+        finally:
+            up.stop()
+    finally:
+        for node in (node1, node2):
+            node.stop()
