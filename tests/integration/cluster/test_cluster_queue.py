@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.support.cluster import ALICE, ALICE_PW
@@ -49,14 +50,14 @@ def make_nodes(
     return [PostofficeServer(tmp_path / f"node{i}", sections=sections) for i in range(1, count + 1)]
 
 
-def submit(node: PostofficeServer, subject: str) -> None:
+def submit(node: PostofficeServer, subject: str, body: str = "Hello.\r\n") -> None:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=15) as client:
         client.starttls(context=ctx)
         client.login(ALICE, ALICE_PW)
-        msg = f"From: <{ALICE}>\r\nTo: <{REMOTE}>\r\nSubject: {subject}\r\n\r\nHello.\r\n"
+        msg = f"From: <{ALICE}>\r\nTo: <{REMOTE}>\r\nSubject: {subject}\r\n\r\n{body}"
         client.sendmail(ALICE, [REMOTE], msg.encode())
 
 
@@ -123,13 +124,20 @@ def test_mail_accepted_while_the_smarthost_is_down_is_delivered_by_another_node(
     try:
         node1.start()
         node1.add_user(ALICE, ALICE_PW)
-        submit(node1, "deferred")
+        # Large: it is stored as several chunks, streamed in and out.
+        lines = [f"line {i:06d} " + "x" * 60 for i in range(5000)]
+        submit(node1, "deferred", "\r\n".join(lines) + "\r\n")
         assert wait_for(lambda: "result=deferred" in node1.log(), 10), node1.log()
         node1.kill()
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute("SELECT count(*), sum(length(data)) FROM queue_bodies").fetchone()
+        assert row is not None and row[0] > 4 and row[1] > 5000 * 70
         up = ScriptedMta("127.0.0.1", port).start()
         try:
             node2.start()
             assert wait_for(lambda: len(up.received) == 1, 15), node2.log()
+            data = up.received[0].data
+            assert data.endswith(("\r\n".join(lines) + "\r\n").encode()), "body changed"
             assert len(delivered_lines(node2)) == 1
             listed = node2.cli("queue", "list").stdout
             assert wait_for(lambda: "0 message(s)" in node2.cli("queue", "list").stdout, 10), listed

@@ -177,11 +177,15 @@ class PgQueueStore:
         transaction.  A message under the same id (a DSN made again after a
         crash: its id is derived) is replaced, as the file queue's rename does."""
         with self._pool.transaction() as conn:
-            if last or seq == 0:
-                conn.execute(
-                    b"INSERT INTO queue_bodies (body, seq, data) VALUES (%s, %s, %s)",
-                    (body, seq, last),
-                )
+            # A whole message handed over at once (a DKIM-signed one) is cut
+            # into chunks too: readers fetch one chunk at a time.
+            pieces = [last[i : i + SPILL_THRESHOLD] for i in range(0, len(last), SPILL_THRESHOLD)]
+            if pieces or seq == 0:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        b"INSERT INTO queue_bodies (body, seq, data) VALUES (%s, %s, %s)",
+                        [(body, seq + i, piece) for i, piece in enumerate(pieces or [b""])],
+                    )
             old = conn.execute(
                 b"SELECT body FROM queue_messages WHERE queue_id = %s FOR UPDATE",
                 (envelope.queue_id,),
