@@ -1,7 +1,9 @@
 """Which node works on which queued message: claims with a lease, in PostgreSQL.
 
-The first piece of the cluster queue (docs/cluster.md, "The outbound
-queue"); the delivery code does not use it yet.  Each queued message has a
+The scheduling half of the cluster queue (docs/cluster.md, "The outbound
+queue"); delivery/cluster_outbound.py drives it, delivery/queue/pg_store.py
+keeps the messages (its tables are this component's second migration, so
+the "queue" schema has one version).  Each queued message has a
 row keyed by its queue id with the time of its next attempt.  A node takes
 due rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` (nodes asking at the
 same moment get different rows and never wait for each other) and marks
