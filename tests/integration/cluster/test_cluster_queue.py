@@ -116,11 +116,11 @@ def test_a_node_killed_mid_delivery_leaves_the_message_to_another_after_the_leas
 
 
 def test_mail_accepted_while_the_smarthost_is_down_is_delivered_by_another_node(
-    tmp_path: Path, pg_url: str, peer: ScriptedMta
+    tmp_path: Path, pg_url: str
 ) -> None:
-    port = peer.port
-    peer.stop()  # down at first: node 1 tries, fails, puts it back for later
-    node1, node2 = make_nodes(tmp_path, pg_url, peer, 2)
+    port = free_port()
+    down = ScriptedMta("127.0.0.1", port)  # not started: down at first
+    node1, node2 = make_nodes(tmp_path, pg_url, down, 2)
     try:
         node1.start()
         node1.add_user(ALICE, ALICE_PW)

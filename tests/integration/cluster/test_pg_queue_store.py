@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from postoffice.delivery.queue.pg_store import ClaimLost, PgClaimedMessage, PgQueueStore
-from postoffice.delivery.queue.records import RecipientState
+from postoffice.delivery.queue.records import QueueError, RecipientState
 from postoffice.delivery.queue.store import Released
 from postoffice.delivery.queue.writer import SPILL_THRESHOLD
 from postoffice.mail.address import Address
@@ -63,7 +63,14 @@ def test_a_large_message_is_stored_in_chunks_and_read_back_whole(
         assert work is not None
         assert [r.address for r in work.entry.recipients] == [BOB]
         assert (await work.read_head(9)) == b"Subject: "
-        return await read_all(work)
+        whole = await read_all(work)
+        # A chunk gone (cannot happen short of damage): an error, never a
+        # shorter message sent.
+        with psycopg.connect(pg_url) as conn:
+            conn.execute("DELETE FROM queue_bodies WHERE seq = 1")
+        with pytest.raises(QueueError, match="expected"):
+            await read_all(work)
+        return whole
 
     try:
         assert asyncio.run(main()) == content

@@ -206,8 +206,15 @@ class PgQueueStore:
             )
 
     def drop_body_blocking(self, body: int) -> None:
+        """The chunks of a message that was not committed.  A commit whose
+        answer was lost (the connection broke) may have happened all the
+        same: a body a message row refers to is kept."""
         with self._pool.transaction() as conn:
-            conn.execute(b"DELETE FROM queue_bodies WHERE body = %s", (body,))
+            conn.execute(
+                b"DELETE FROM queue_bodies WHERE body = %s"
+                b" AND NOT EXISTS (SELECT 1 FROM queue_messages WHERE body = %s)",
+                (body, body),
+            )
 
     def sweep_blocking(self) -> int:
         """Bodies of messages never committed, older than ORPHAN_AGE: gone."""
@@ -311,8 +318,8 @@ class PgQueueStore:
         if loaded is None:
             await self.run_blocking(self.claims.done, claim)
             return None
-        entry, body, _size = loaded
-        return PgClaimedMessage(self, claim, entry, body)
+        entry, body, size = loaded
+        return PgClaimedMessage(self, claim, entry, body, size)
 
 
 def _entry(envelope: bytes, state: Any, queue_id: str) -> QueueEntry:
@@ -428,11 +435,13 @@ class PgQueuedMessage:
         self,
         store: PgQueueStore,
         body: int,
+        size: int,
         traits: MessageTraits,
         entry: QueueEntry,
     ) -> None:
         self._store = store
         self._body = body
+        self._size = size
         self._traits = traits
         self.dsn = entry.envelope.dsn
         self._rcpt_dsn = {r.address: r.dsn for r in entry.recipients if r.dsn.given}
@@ -445,47 +454,59 @@ class PgQueuedMessage:
         return self._rcpt_dsn.get(address, RecipientDsn())
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
-        async for chunk in _body_chunks(self._store, self._body):
+        async for chunk in _body_chunks(self._store, self._body, self._size):
             yield chunk
 
 
-async def _body_chunks(store: PgQueueStore, body: int) -> AsyncGenerator[bytes, None]:
+async def _body_chunks(
+    store: PgQueueStore, body: int, size: int, limit: int | None = None
+) -> AsyncGenerator[bytes, None]:
+    """The chunks of a body of ``size`` octets; QueueError (rather than a
+    short message sent) if they do not add up to it.  ``limit``: stop once
+    that many octets are read."""
+    read = 0
     # Bounded by the body's chunk count: each pass reads one more.
     for seq in range(1 << 31):
+        if limit is not None and read >= limit:
+            return
         chunk = await store.run_blocking(store.chunk_blocking, body, seq)
         if chunk is None:
-            return
+            break
+        read += len(chunk)
         if chunk:
             yield chunk
+    if read != size:
+        raise QueueError(f"queued message body {body}: {read} octets stored, {size} expected")
 
 
 class PgClaimedMessage:
     """A queued message this node holds a claim on (the ``ClaimedWork`` the
     delivery round uses: outbound.py)."""
 
-    def __init__(self, store: PgQueueStore, claim: Claim, entry: QueueEntry, body: int) -> None:
+    def __init__(
+        self, store: PgQueueStore, claim: Claim, entry: QueueEntry, body: int, size: int
+    ) -> None:
         self.claim = claim
         self.entry = entry
         self._store = store
         self._body = body
+        self._size = size
 
     async def traits(self) -> MessageTraits:
         if self.entry.traits is None:
             scanner = TraitScanner()
-            async for chunk in _body_chunks(self._store, self._body):
+            async for chunk in _body_chunks(self._store, self._body, self._size):
                 scanner.feed(chunk)
             self.entry.traits = scanner.traits()
         return self.entry.traits
 
     def message(self, traits: MessageTraits) -> PgQueuedMessage:
-        return PgQueuedMessage(self._store, self._body, traits, self.entry)
+        return PgQueuedMessage(self._store, self._body, self._size, traits, self.entry)
 
     async def read_head(self, limit: int) -> bytes:
         head = bytearray()
-        async for chunk in _body_chunks(self._store, self._body):
+        async for chunk in _body_chunks(self._store, self._body, self._size, limit):
             head += chunk[: limit - len(head)]
-            if len(head) >= limit:
-                break
         return bytes(head)
 
     async def save(self) -> None:
