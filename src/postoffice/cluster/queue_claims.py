@@ -66,8 +66,11 @@ MIGRATIONS = (
         envelope bytea NOT NULL,        -- StoredEnvelope.header_line()
         state bytea,                    -- QueueEntry.state_json(); NULL: as it arrived
         body bigint NOT NULL,           -- its chunks in queue_bodies
-        size bigint NOT NULL            -- octets of the message (LF form)
+        size bigint NOT NULL,           -- octets of the message (LF form)
+        removal boolean NOT NULL DEFAULT false  -- `queue remove` asked during an attempt
     );
+    ALTER TABLE queue_claims
+        ADD COLUMN flush boolean NOT NULL DEFAULT false;  -- `queue flush`: retry all now
     CREATE INDEX queue_messages_body ON queue_messages (body)
     """,
 )
@@ -80,6 +83,7 @@ class Claim:
     queue_id: str
     token: int
     previous: str | None  # the node whose expired claim this one took over, if any
+    flush: bool = False  # `queue flush` asked since: every waiting recipient is due now
 
 
 class QueueClaims:
@@ -128,18 +132,21 @@ class QueueClaims:
             raise ValueError(f"limit 1-{MAX_BATCH} and a positive lease, not {limit}, {lease}")
         rows = self._run(
             b"WITH picked AS ("
-            b"  SELECT queue_id, claimed_by FROM queue_claims"
+            b"  SELECT queue_id, claimed_by, flush FROM queue_claims"
             b"  WHERE due <= now() AND (lease_until IS NULL OR lease_until < now())"
             b"  ORDER BY due LIMIT %s FOR UPDATE SKIP LOCKED"
             b") UPDATE queue_claims q"
             b" SET claimed_by = %s, lease_until = now() + make_interval(secs => %s),"
-            b"     token = q.token + 1"
+            b"     token = q.token + 1, flush = false"
             b" FROM picked WHERE q.queue_id = picked.queue_id"
-            b" RETURNING q.queue_id, q.token, picked.claimed_by, q.due",
+            b" RETURNING q.queue_id, q.token, picked.claimed_by, q.due, picked.flush",
             (limit, self.node, lease),
         )
         rows.sort(key=lambda r: (r[3], r[0]))  # RETURNING keeps no order: oldest due first
-        return [Claim(str(r[0]), int(r[1]), None if r[2] is None else str(r[2])) for r in rows]
+        return [
+            Claim(str(r[0]), int(r[1]), None if r[2] is None else str(r[2]), bool(r[4]))
+            for r in rows
+        ]
 
     def renew(self, claim: Claim, lease: float) -> bool:
         """Extend the claim to ``lease`` seconds from now; False: it was lost."""

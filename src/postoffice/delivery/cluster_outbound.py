@@ -50,8 +50,8 @@ from postoffice.delivery.queue.pg_store import (
     PgQueueStore,
     PgQueueWriter,
 )
-from postoffice.delivery.queue.records import QueueEntry, QueueError
-from postoffice.delivery.queue.store import QueueStore
+from postoffice.delivery.queue.records import QueueEntry, QueueError, RecipientState
+from postoffice.delivery.queue.store import QueueStore, Released
 from postoffice.delivery.remote import RemoteCourier
 from postoffice.delivery.retry import retry_delay
 from postoffice.mail.address import Address
@@ -224,17 +224,23 @@ class ClusterOutbound(Outbound):
         renewer = asyncio.get_running_loop().create_task(self._renew(queue_id, current))
         try:
             work = await self.queue.claim(claim)
-            if work is not None:
-                work.claim = self._claims.get(queue_id, claim)  # renewed meanwhile: the same
-                self._works[queue_id] = work
             if work is None:
                 maillog.removed(queue_id)
                 self._claims.pop(queue_id, None)
                 return
+            work.claim = self._claims.get(queue_id, claim)  # claimed again meanwhile: that one
+            self._works[queue_id] = work
+            if claim.flush:  # `queue flush`: every waiting recipient is due now
+                now = self._clock()
+                for r in work.entry.recipients:
+                    if r.state is RecipientState.DEFERRED:
+                        r.next_try = now
             await self._round(work)
             await self._send_owed_dsns(work)
-            await work.release(self._clock)
+            released = await work.release(self._clock)
             self._claims.pop(queue_id, None)
+            if released is Released.REMOVED:
+                maillog.removed(queue_id)
         except ClaimLost as exc:
             self._claims.pop(queue_id, None)
             log.warning("%s; left to that node", exc)

@@ -4,7 +4,9 @@ Each works whether or not ``serve`` runs: ``list`` only reads the files
 (written atomically, so always consistent); ``flush`` leaves a request the
 running server picks up within a second (or the next start does);
 ``remove`` takes the message's lock, so it never races a delivery attempt —
-if one is running, the removal happens as soon as the attempt ends.
+if one is running, the removal happens as soon as the attempt ends.  With
+``[cluster] database`` the three act on the queue in PostgreSQL, shared by
+every node, in the same way (delivery/queue/pg_store.py).
 
 Handlers follow cli.py's contract: ``fn(args, settings) -> int``.
 """
@@ -15,12 +17,18 @@ import argparse
 import datetime
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from postoffice.config.settings import Settings
 from postoffice.delivery.queue.records import PENDING, QUEUE_ID, QueueEntry, RecipientState
 from postoffice.delivery.queue.store import QueueStore, Removal
+
+if TYPE_CHECKING:
+    from postoffice.delivery.queue.pg_store import PgQueueStore
+
+_T = TypeVar("_T")
 
 FLUSH_WAIT = 3.0  # seconds `queue flush` waits to see a running server take the request
 
@@ -47,9 +55,9 @@ def queue_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _cluster_list(settings: Settings) -> int:
-    """The queue every [cluster] node shares, with the node working on each
-    message right now (its claim's lease has not ended)."""
+def _in_cluster(settings: Settings, action: Callable[[PgQueueStore], _T]) -> _T | None:
+    """``action`` on the [cluster] queue; None (said on stderr) if the
+    database cannot be used."""
     # Imported here: the embedded default never loads the driver.
     from postoffice.cluster.db import ClusterError
     from postoffice.delivery.queue.pg_store import PgQueueStore
@@ -58,13 +66,21 @@ def _cluster_list(settings: Settings) -> int:
     try:
         store = PgQueueStore(settings.cluster.database, "cli", ThreadPoolExecutor(max_workers=1))
         try:
-            holders = store.holders_blocking()
-            listed = list(store.entries_blocking())
+            return action(store)
         finally:
             store.close()
     except (ClusterError, QueueError) as exc:
         print(f"postoffice: {exc}", file=sys.stderr)
+        return None
+
+
+def _cluster_list(settings: Settings) -> int:
+    """The queue every [cluster] node shares, with the node working on each
+    message right now (its claim's lease has not ended)."""
+    found = _in_cluster(settings, lambda q: (q.holders_blocking(), list(q.entries_blocking())))
+    if found is None:
         return 1
+    holders, listed = found
     for entry, size in listed:
         lines = entry_lines(entry, size)
         holder = holders.get(entry.queue_id)
@@ -74,13 +90,6 @@ def _cluster_list(settings: Settings) -> int:
             print(line)
     print(f"{len(listed)} message(s) in the [cluster] queue")
     return 0
-
-
-def _not_in_cluster(settings: Settings, command: str) -> bool:
-    if settings.cluster.enabled:
-        print(f"postoffice: queue {command} does not work with [cluster] yet", file=sys.stderr)
-        return True
-    return False
 
 
 def entry_lines(entry: QueueEntry, size: int) -> list[str]:
@@ -101,8 +110,12 @@ def entry_lines(entry: QueueEntry, size: int) -> list[str]:
 
 
 def queue_flush(args: argparse.Namespace, settings: Settings) -> int:
-    if _not_in_cluster(settings, "flush"):
-        return 1
+    if settings.cluster.enabled:
+        count = _in_cluster(settings, lambda q: q.flush_blocking())
+        if count is None:
+            return 1
+        print(f"flush requested; {count} message(s) due now on every node")
+        return 0
     store = queue_store(settings)
     store.ensure_dirs()
     request = store.requests.request_flush_blocking()
@@ -118,12 +131,16 @@ def queue_flush(args: argparse.Namespace, settings: Settings) -> int:
 
 def queue_remove(args: argparse.Namespace, settings: Settings) -> int:
     queue_id: str = args.queue_id
-    if _not_in_cluster(settings, "remove"):
-        return 1
     if not QUEUE_ID.fullmatch(queue_id):
         print(f"postoffice: {queue_id!r} is not a queue id", file=sys.stderr)
         return 1
-    result = queue_store(settings).remove_blocking(queue_id)
+    if settings.cluster.enabled:
+        removal = _in_cluster(settings, lambda q: q.remove_blocking(queue_id))
+        if removal is None:
+            return 1
+        result = removal
+    else:
+        result = queue_store(settings).remove_blocking(queue_id)
     if result is Removal.MISSING:
         print(f"postoffice: no message {queue_id} in the queue", file=sys.stderr)
         return 1

@@ -9,16 +9,20 @@ processes, and a scripted MTA on loopback as every node's smarthost.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import smtplib
 import ssl
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from postoffice.delivery.queue.pg_store import PgQueueStore
+from postoffice.mail.address import Address
 from tests.support.cluster import ALICE, ALICE_PW
 from tests.support.helpers import wait_for
 from tests.support.peers import ScriptedMta
@@ -37,13 +41,13 @@ def peer() -> Iterator[ScriptedMta]:
 
 
 def make_nodes(
-    tmp_path: Path, pg_url: str, peer: ScriptedMta, count: int
+    tmp_path: Path, pg_url: str, peer: ScriptedMta, count: int, retry: float = 1
 ) -> list[PostofficeServer]:
     sections = {
         "cluster": {"database": pg_url, "queue_lease": LEASE},
         "relay": {
             "smarthost": f"127.0.0.1:{peer.port}",
-            "retry_schedule": [1],
+            "retry_schedule": [retry],
             "connect_timeout": 5,
         },
     }
@@ -148,3 +152,53 @@ def test_mail_accepted_while_the_smarthost_is_down_is_delivered_by_another_node(
     finally:
         for node in (node1, node2):
             node.stop()
+
+
+def test_queue_commands_act_on_the_shared_queue(tmp_path: Path, pg_url: str) -> None:
+    """`queue list|flush|remove` with [cluster]: the database's queue, from
+    any node's config, whether or not a node runs."""
+    node = make_nodes(tmp_path, pg_url, ScriptedMta("127.0.0.1", free_port()), 1)[0]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        store = PgQueueStore(pg_url, "elsewhere", pool)
+        try:
+
+            async def queue() -> str:
+                writer = store.writer(
+                    Address("alice", "example.test"), [Address("bob", "remote.test")]
+                )
+                await writer.write(b"Subject: shared\n\nhello\n")
+                return await writer.commit()
+
+            queue_id = asyncio.run(queue())
+        finally:
+            store.close()
+    listed = node.cli("queue", "list").stdout
+    assert queue_id in listed and "queued    <bob@remote.test>" in listed
+    assert "1 message(s) in the [cluster] queue" in listed
+    assert "1 message(s) due now" in node.cli("queue", "flush").stdout
+    assert node.cli("queue", "remove", queue_id).stdout.strip() == f"{queue_id}: removed"
+    gone = node.cli("queue", "remove", queue_id, check=False)
+    assert gone.returncode == 1 and "no message" in gone.stderr
+    assert "0 message(s) in the [cluster] queue" in node.cli("queue", "list").stdout
+    assert not (node.data_dir / "queue").exists()
+
+
+def test_queue_flush_retries_a_deferred_message_now(tmp_path: Path, pg_url: str) -> None:
+    port = free_port()
+    down = ScriptedMta("127.0.0.1", port)  # not started: down at first
+    [node] = make_nodes(tmp_path, pg_url, down, 1, retry=3600)
+    try:
+        node.start()
+        node.add_user(ALICE, ALICE_PW)
+        submit(node, "flushed")
+        assert wait_for(lambda: "result=deferred" in node.log(), 10), node.log()
+        up = ScriptedMta("127.0.0.1", port).start()
+        try:
+            time.sleep(2.5)  # the retry schedule says an hour: nothing happens
+            assert up.received == []
+            node.cli("queue", "flush")
+            assert wait_for(lambda: len(up.received) == 1, 10), node.log()
+        finally:
+            up.stop()
+    finally:
+        node.stop()

@@ -15,7 +15,7 @@ import pytest
 
 from postoffice.delivery.queue.pg_store import ClaimLost, PgClaimedMessage, PgQueueStore
 from postoffice.delivery.queue.records import QueueError, RecipientState
-from postoffice.delivery.queue.store import Released
+from postoffice.delivery.queue.store import Released, Removal
 from postoffice.delivery.queue.writer import SPILL_THRESHOLD
 from postoffice.mail.address import Address
 
@@ -133,3 +133,67 @@ def test_a_node_that_lost_its_claim_writes_nothing(
     finally:
         a.close()
         b.close()
+
+
+def queue_one(store: PgQueueStore, subject: str) -> str:
+    async def main() -> str:
+        writer = store.writer(SENDER, [BOB])
+        await writer.write(f"Subject: {subject}\n\nhello\n".encode())
+        return await writer.commit()
+
+    return asyncio.run(main())
+
+
+def test_queue_remove_waits_for_the_attempt_that_holds_the_message(
+    pg_url: str, executor: ThreadPoolExecutor
+) -> None:
+    store = PgQueueStore(pg_url, "node-a", executor)
+    try:
+        idle = queue_one(store, "idle")
+        held = queue_one(store, "held")
+        assert store.remove_blocking(idle) is Removal.REMOVED
+        assert store.remove_blocking(idle) is Removal.MISSING
+        [claim] = store.claims.claim(10, 60)
+        assert claim.queue_id == held
+
+        async def attempt() -> Released:
+            work = await store.claim(claim)
+            assert work is not None
+            # Asked while the attempt runs: it goes on, the message goes after.
+            assert store.remove_blocking(held) is Removal.REQUESTED
+            assert count(pg_url, "queue_messages") == 1
+            work.entry.recipients[0].state = RecipientState.DEFERRED
+            return await work.release(time.time)
+
+        assert asyncio.run(attempt()) is Released.REMOVED
+        for table in ("queue_messages", "queue_bodies", "queue_claims"):
+            assert count(pg_url, table) == 0, table
+    finally:
+        store.close()
+
+
+def test_queue_flush_makes_a_deferred_message_due_now(
+    pg_url: str, executor: ThreadPoolExecutor
+) -> None:
+    store = PgQueueStore(pg_url, "node-a", executor)
+    try:
+        queue_one(store, "later")
+        [claim] = store.claims.claim(10, 60)
+
+        async def defer() -> Released:
+            work = await store.claim(claim)
+            assert work is not None
+            r = work.entry.recipients[0]
+            r.state, r.next_try = RecipientState.DEFERRED, time.time() + 3600
+            return await work.release(time.time)
+
+        assert asyncio.run(defer()) is Released.KEPT
+        assert store.claims.claim(10, 60) == []  # due in an hour
+        assert store.flush_blocking() == 1
+        [again] = store.claims.claim(10, 60)
+        assert again.flush
+        assert store.claims.retry(again, 0)
+        [third] = store.claims.claim(10, 60)
+        assert not third.flush  # told once
+    finally:
+        store.close()

@@ -48,7 +48,7 @@ from postoffice.delivery.queue.records import (
     StoredEnvelope,
     new_queue_id,
 )
-from postoffice.delivery.queue.store import Released
+from postoffice.delivery.queue.store import Released, Removal
 from postoffice.delivery.queue.writer import SPILL_THRESHOLD, OnCommit
 from postoffice.mail.address import Address
 from postoffice.mail.folding import LineFolder
@@ -227,16 +227,18 @@ class PgQueueStore:
             return int(cur.rowcount)
 
     # --- reading -------------------------------------------------------------------
-    def load_blocking(self, queue_id: str) -> tuple[QueueEntry, int, int] | None:
-        """(the entry, its body number, its size), or None if it is gone."""
+    def load_blocking(self, queue_id: str) -> tuple[QueueEntry, int, int, bool] | None:
+        """(the entry, its body number, its size, whether `queue remove` asked
+        for it), or None if it is gone."""
         with self._pool.transaction() as conn:
             row = conn.execute(
-                b"SELECT envelope, state, body, size FROM queue_messages WHERE queue_id = %s",
+                b"SELECT envelope, state, body, size, removal FROM queue_messages"
+                b" WHERE queue_id = %s",
                 (queue_id,),
             ).fetchone()
         if row is None:
             return None
-        return _entry(bytes(row[0]), row[1], queue_id), int(row[2]), int(row[3])
+        return _entry(bytes(row[0]), row[1], queue_id), int(row[2]), int(row[3]), bool(row[4])
 
     def chunk_blocking(self, body: int, seq: int) -> bytes | None:
         """Chunk ``seq`` of a body; None past its end."""
@@ -289,37 +291,81 @@ class PgQueueStore:
 
     def release_blocking(self, claim: Claim, state: bytes | None, delay: float) -> Released:
         """End the claim: the new ``state`` and the next attempt ``delay``
-        seconds from now, or (``state`` None) the message gone for good."""
+        seconds from now (now, if `queue flush` asked meanwhile), or
+        (``state`` None) the message gone for good.  A removal `queue remove`
+        asked for meanwhile wins."""
         with self._pool.transaction() as conn:
             self._hold(conn, claim)
-            if state is None:
-                row = conn.execute(
-                    b"DELETE FROM queue_messages WHERE queue_id = %s RETURNING body",
-                    (claim.queue_id,),
-                ).fetchone()
-                if row is not None:
-                    conn.execute(b"DELETE FROM queue_bodies WHERE body = %s", (row[0],))
-                conn.execute(b"DELETE FROM queue_claims WHERE queue_id = %s", (claim.queue_id,))
-                return Released.FINISHED
+            row = conn.execute(
+                b"SELECT removal FROM queue_messages WHERE queue_id = %s", (claim.queue_id,)
+            ).fetchone()
+            removed = row is None or bool(row[0])
+            if removed or state is None:
+                _delete(conn, claim.queue_id)
+                return Released.REMOVED if removed else Released.FINISHED
             conn.execute(
                 b"UPDATE queue_messages SET state = %s WHERE queue_id = %s",
                 (state, claim.queue_id),
             )
             conn.execute(
-                b"UPDATE queue_claims SET due = now() + make_interval(secs => %s),"
-                b" claimed_by = NULL, lease_until = NULL WHERE queue_id = %s",
+                b"UPDATE queue_claims SET claimed_by = NULL, lease_until = NULL,"
+                b" due = CASE WHEN flush THEN now() ELSE now() + make_interval(secs => %s) END"
+                b" WHERE queue_id = %s",
                 (max(delay, 0.0), claim.queue_id),
             )
             return Released.KEPT
 
+    # --- administration (CLI, on any node) ------------------------------------------
+    def remove_blocking(self, queue_id: str) -> Removal:
+        """``queue remove``: at once, or when the attempt holding it ends."""
+        with self._pool.transaction() as conn:
+            claim = conn.execute(
+                b"SELECT claimed_by IS NOT NULL AND lease_until >= now() FROM queue_claims"
+                b" WHERE queue_id = %s FOR UPDATE",
+                (queue_id,),
+            ).fetchone()
+            found = conn.execute(
+                b"SELECT 1 FROM queue_messages WHERE queue_id = %s FOR UPDATE", (queue_id,)
+            ).fetchone()
+            if found is None:
+                return Removal.MISSING
+            if claim is not None and claim[0]:
+                conn.execute(
+                    b"UPDATE queue_messages SET removal = true WHERE queue_id = %s", (queue_id,)
+                )
+                return Removal.REQUESTED
+            _delete(conn, queue_id)
+            return Removal.REMOVED
+
+    def flush_blocking(self) -> int:
+        """``queue flush``: every message due now, each waiting recipient
+        with it (the node that claims it next is told); the count."""
+        with self._pool.transaction() as conn:
+            cur = conn.execute(b"UPDATE queue_claims SET flush = true, due = LEAST(due, now())")
+            return int(cur.rowcount)
+
     async def claim(self, claim: Claim) -> PgClaimedMessage | None:
-        """Load a claimed message; None (its claim dropped) if it is gone."""
+        """Load a claimed message; None (its claim dropped) if it is gone or
+        `queue remove` asked for it (then it goes now)."""
         loaded = await self.run_blocking(self.load_blocking, claim.queue_id)
         if loaded is None:
             await self.run_blocking(self.claims.done, claim)
             return None
-        entry, body, size = loaded
+        entry, body, size, removal = loaded
+        if removal:
+            await self.run_blocking(self.release_blocking, claim, None, 0.0)
+            return None
         return PgClaimedMessage(self, claim, entry, body, size)
+
+
+def _delete(conn: Connection, queue_id: str) -> None:
+    """A message, its body and its claim row, in the caller's transaction."""
+    row = conn.execute(
+        b"DELETE FROM queue_messages WHERE queue_id = %s RETURNING body", (queue_id,)
+    ).fetchone()
+    if row is not None:
+        conn.execute(b"DELETE FROM queue_bodies WHERE body = %s", (row[0],))
+    conn.execute(b"DELETE FROM queue_claims WHERE queue_id = %s", (queue_id,))
 
 
 def _entry(envelope: bytes, state: Any, queue_id: str) -> QueueEntry:
