@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postoffice import logfmt, malloc_tuning, metrics, reload, runas
 from postoffice.check import first_unbindable
@@ -59,12 +59,16 @@ from postoffice.policy.mailauth import InboundChecks
 from postoffice.policy.srs import Srs, load_secrets
 from postoffice.policy.throttle import LoginThrottle, ThrottleLimits
 from postoffice.policy.tls_rpt_store import TlsReportRecorder
-from postoffice.services import Services
+from postoffice.services import OutboundQueue, Services
 from postoffice.storage.folder_watch import FolderWatcher
 from postoffice.storage.free_space import FreeSpaceGuard
 from postoffice.storage.maildir import MaildirStore, clean_stale_tmp
 from postoffice.storage.quota import QuotaTracker
 from postoffice.storage.sieve_scripts import SieveScripts
+
+if TYPE_CHECKING:
+    from postoffice.delivery.queue.pg_store import PgQueueStore
+
 from postoffice.workers import (
     HELD_SIGNALS,
     RETIRE,
@@ -149,6 +153,8 @@ def build_services(
     services.dkim_signer = DkimSigner(signing_keys)
     if process == 0:
         services.outbound = _build_outbound(services, resolver)
+    elif settings.cluster.enabled:
+        services.outbound = _cluster_handoff(settings, executor)
     else:
         store = QueueStore(settings.queue_dir, executor)
         store.ensure_dirs()
@@ -200,7 +206,8 @@ def _build_outbound(services: Services, resolver: Resolver) -> Outbound:
     through ``resolver`` (blocking)."""
     settings = services.settings
     store = QueueStore(settings.queue_dir, services.executor)
-    store.ensure_dirs()
+    if not settings.cluster.enabled:  # a [cluster] node's queue is in the database
+        store.ensure_dirs()
     # Outbound TLS policy: MTA-STS (cached under data_dir/mta-sts), [relay] tls;
     # each connection's TLS outcome recorded for TLS reports (policy/tls_rpt_store.py).
     policies = TlsPolicies(settings.relay, settings.data_dir, resolver)
@@ -213,7 +220,29 @@ def _build_outbound(services: Services, resolver: Resolver) -> Outbound:
         tls_reports=TlsReportRecorder(settings.data_dir),
     )
     local = LocalCourier(services.accounts, services.maildirs, services.is_local_domain)
+    if settings.cluster.enabled:
+        # Imported here: the embedded default never loads the driver.
+        from postoffice.delivery.cluster_outbound import ClusterOutbound, node_name
+
+        queue = _pg_queue(settings, services.executor, node_name())
+        return ClusterOutbound(
+            settings, queue, store, remote, local, srs=services.srs, signer=services.dkim_signer
+        )
     return Outbound(settings, store, remote, local, srs=services.srs, signer=services.dkim_signer)
+
+
+def _pg_queue(settings: Settings, executor: ThreadPoolExecutor, node: str) -> PgQueueStore:
+    """The [cluster] queue (ClusterError without the database, like the
+    accounts: a node cannot start without it)."""
+    from postoffice.delivery.queue.pg_store import PgQueueStore
+
+    return PgQueueStore(settings.cluster.database, node, executor)
+
+
+def _cluster_handoff(settings: Settings, executor: ThreadPoolExecutor) -> OutboundQueue:
+    from postoffice.delivery.cluster_outbound import ClusterHandoff, node_name
+
+    return ClusterHandoff(_pg_queue(settings, executor, node_name()))
 
 
 @dataclass

@@ -48,7 +48,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "relay.max_deliveries",
     "relay.max_per_destination",
     "filters",  # hooks are imported and milters connected once, at start
-    "cluster",  # the account store is opened once, at start
+    "cluster",  # the account store and the queue (its lease) are opened once, at start
     # [auth] but allow_plaintext_loopback, which each session reads as it logs in.
     *(
         f"auth.{f.name}"

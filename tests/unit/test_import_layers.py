@@ -86,7 +86,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "dns",
             "policy",
             "net",
-            "cluster",
+            "cluster",  # the [cluster] queue (delivery/queue/pg_store.py)
         }
     ),
 }

@@ -1,7 +1,9 @@
 """Which node works on which queued message: claims with a lease, in PostgreSQL.
 
-The first piece of the cluster queue (docs/cluster.md, "The outbound
-queue"); the delivery code does not use it yet.  Each queued message has a
+The scheduling half of the cluster queue (docs/cluster.md, "The outbound
+queue"); delivery/cluster_outbound.py drives it, delivery/queue/pg_store.py
+keeps the messages (its tables are this component's second migration, so
+the "queue" schema has one version).  Each queued message has a
 row keyed by its queue id with the time of its next attempt.  A node takes
 due rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` (nodes asking at the
 same moment get different rows and never wait for each other) and marks
@@ -47,6 +49,30 @@ MIGRATIONS = (
     );
     CREATE INDEX queue_claims_due ON queue_claims (due)
     """,
+    # The messages themselves (delivery/queue/pg_store.py): the envelope and
+    # the recipients' states as the file queue writes them (records.py), the
+    # message in chunks written while it arrives.
+    """
+    CREATE SEQUENCE queue_body_ids;
+    CREATE TABLE queue_bodies (
+        body bigint NOT NULL,           -- a message's number (queue_body_ids)
+        seq integer NOT NULL,           -- chunk order, from 0
+        data bytea NOT NULL,
+        written timestamptz NOT NULL DEFAULT now(),  -- uncommitted ones are swept
+        PRIMARY KEY (body, seq)
+    );
+    CREATE TABLE queue_messages (
+        queue_id text PRIMARY KEY,
+        envelope bytea NOT NULL,        -- StoredEnvelope.header_line()
+        state bytea,                    -- QueueEntry.state_json(); NULL: as it arrived
+        body bigint NOT NULL,           -- its chunks in queue_bodies
+        size bigint NOT NULL,           -- octets of the message (LF form)
+        removal boolean NOT NULL DEFAULT false  -- `queue remove` asked during an attempt
+    );
+    ALTER TABLE queue_claims
+        ADD COLUMN flush boolean NOT NULL DEFAULT false;  -- `queue flush`: retry all now
+    CREATE INDEX queue_messages_body ON queue_messages (body)
+    """,
 )
 
 MAX_BATCH = 1000  # rows one claim may take
@@ -57,6 +83,7 @@ class Claim:
     queue_id: str
     token: int
     previous: str | None  # the node whose expired claim this one took over, if any
+    flush: bool = False  # `queue flush` asked since: every waiting recipient is due now
 
 
 class QueueClaims:
@@ -105,18 +132,21 @@ class QueueClaims:
             raise ValueError(f"limit 1-{MAX_BATCH} and a positive lease, not {limit}, {lease}")
         rows = self._run(
             b"WITH picked AS ("
-            b"  SELECT queue_id, claimed_by FROM queue_claims"
+            b"  SELECT queue_id, claimed_by, flush FROM queue_claims"
             b"  WHERE due <= now() AND (lease_until IS NULL OR lease_until < now())"
             b"  ORDER BY due LIMIT %s FOR UPDATE SKIP LOCKED"
             b") UPDATE queue_claims q"
             b" SET claimed_by = %s, lease_until = now() + make_interval(secs => %s),"
-            b"     token = q.token + 1"
+            b"     token = q.token + 1, flush = false"
             b" FROM picked WHERE q.queue_id = picked.queue_id"
-            b" RETURNING q.queue_id, q.token, picked.claimed_by, q.due",
+            b" RETURNING q.queue_id, q.token, picked.claimed_by, q.due, picked.flush",
             (limit, self.node, lease),
         )
         rows.sort(key=lambda r: (r[3], r[0]))  # RETURNING keeps no order: oldest due first
-        return [Claim(str(r[0]), int(r[1]), None if r[2] is None else str(r[2])) for r in rows]
+        return [
+            Claim(str(r[0]), int(r[1]), None if r[2] is None else str(r[2]), bool(r[4]))
+            for r in rows
+        ]
 
     def renew(self, claim: Claim, lease: float) -> bool:
         """Extend the claim to ``lease`` seconds from now; False: it was lost."""

@@ -307,6 +307,11 @@ class ClusterSettings:
     # in ~/.pgpass or $PGPASSFILE, not here).  "": the embedded SQLite store.
     # Needs the [cluster] extra: pip install 'postoffice[cluster]'.
     database: str = ""
+    # Seconds a node's claim on a queued message lasts unless renewed (it is,
+    # every third of it, while the delivery runs): a node that dies leaves
+    # its messages to the others after this.  Keep it well above the SMTP
+    # timeouts (docs/cluster.md, "The outbound queue").
+    queue_lease: float = 900.0
 
     @property
     def enabled(self) -> bool:
@@ -834,7 +839,9 @@ class _Loader:
             raise self.fail("cluster.database", 'must be a "postgresql://..." URL, or ""')
         if any(c.isspace() or not c.isprintable() for c in url):
             raise self.fail("cluster.database", "must not contain spaces or control characters")
-        return ClusterSettings(database=url)
+        if not math.isfinite(cluster.queue_lease) or cluster.queue_lease < 1:
+            raise self.fail("cluster.queue_lease", "must be a number of seconds, at least 1")
+        return ClusterSettings(database=url, queue_lease=cluster.queue_lease)
 
     def milter(self, value: Any, key: str, default_action: str) -> MilterSettings:
         if isinstance(value, str):

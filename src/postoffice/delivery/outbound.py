@@ -29,10 +29,11 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from postoffice import logfmt, maillog, metrics
 from postoffice.config.settings import Settings
-from postoffice.delivery.content import MAX_HEADER_COPY, header_section
+from postoffice.delivery.content import MAX_HEADER_COPY, MessageTraits, header_section
 from postoffice.delivery.courier import MessageSource, Outcome, RecipientResult
 from postoffice.delivery.dsn import (
     DELAYED,
@@ -77,6 +78,34 @@ _RESULT_NAMES = {
     Outcome.DEFERRED: "deferred",
     Outcome.FAILED: "bounced",
 }
+
+
+class ClaimedWork(Protocol):
+    """A queued message the delivery round works on: the file queue's
+    ``ClaimedMessage`` (store.py), or a claim in PostgreSQL
+    (queue/pg_store.py's ``PgClaimedMessage``)."""
+
+    entry: QueueEntry
+
+    async def traits(self) -> MessageTraits: ...
+
+    def message(self, traits: MessageTraits) -> MessageSource: ...
+
+    async def read_head(self, limit: int) -> bytes: ...
+
+    async def save(self) -> None: ...
+
+
+class _NewMessage(Protocol):
+    """A DSN on its way into the queue (the writers' common part)."""
+
+    async def write(self, data: bytes, newlines: int = -1) -> None: ...
+
+    async def commit(self) -> str: ...
+
+    async def commit_with_head(self, content: bytes, head: Callable[[bytes], bytes]) -> str: ...
+
+    async def discard(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +345,7 @@ class Outbound:
         if due is not None:
             self._schedule(queue_id, due)
 
-    async def _round(self, claim: ClaimedMessage) -> None:
+    async def _round(self, claim: ClaimedWork) -> None:
         entry = claim.entry
         now = self._clock()
         if now - entry.envelope.created >= self._relay.give_up_after:
@@ -454,7 +483,7 @@ class Outbound:
         )
 
     # --- after the round: the DSNs it owes ---------------------------------------------
-    async def _send_owed_dsns(self, claim: ClaimedMessage) -> None:
+    async def _send_owed_dsns(self, claim: ClaimedWork) -> None:
         """Queue a failure DSN for recipients that failed, a delay warning when
         one is due, and success notices, each as the recipients' NOTIFY asks
         (RFC 3461 §4.1); mark them done.  The caller then persists."""
@@ -492,7 +521,7 @@ class Outbound:
                 r.notice = NOTICE_SENT
 
     async def _send_dsn(
-        self, claim: ClaimedMessage, recipients: list[Recipient], now: float, action: str, tag: str
+        self, claim: ClaimedWork, recipients: list[Recipient], now: float, action: str, tag: str
     ) -> None:
         """Queue one notice of ``action`` under the derived id ``<id>-<tag>``."""
         delayed = action == DELAYED
@@ -531,9 +560,7 @@ class Outbound:
         retry_until = entry.envelope.created + self._relay.give_up_after if delayed else None
         data = build_dsn(ctx, report, now=now, action=action, retry_until=retry_until)
         # A derived queue id: re-making this DSN after a crash replaces it.
-        writer = self.store.writer(
-            None, [sender], queue_id=f"{entry.queue_id}-{tag}", on_commit=self._accepted
-        )
+        writer = self._dsn_writer(sender, f"{entry.queue_id}-{tag}")
         try:
             if self._signer is None:
                 await writer.write(data)
@@ -544,6 +571,9 @@ class Outbound:
             await writer.discard()
             raise
         maillog.bounced(entry.queue_id, sender=sender, kind=action, notice=dsn_id)
+
+    def _dsn_writer(self, recipient: Address, queue_id: str) -> _NewMessage:
+        return self.store.writer(None, [recipient], queue_id=queue_id, on_commit=self._accepted)
 
     def _bounce_address(self, entry: QueueEntry, sender: Address) -> tuple[Address | None, bool]:
         """Where a DSN for ``entry`` goes, and whether the message was

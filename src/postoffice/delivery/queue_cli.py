@@ -4,7 +4,9 @@ Each works whether or not ``serve`` runs: ``list`` only reads the files
 (written atomically, so always consistent); ``flush`` leaves a request the
 running server picks up within a second (or the next start does);
 ``remove`` takes the message's lock, so it never races a delivery attempt —
-if one is running, the removal happens as soon as the attempt ends.
+if one is running, the removal happens as soon as the attempt ends.  With
+``[cluster] database`` the three act on the queue in PostgreSQL, shared by
+every node, in the same way (delivery/queue/pg_store.py).
 
 Handlers follow cli.py's contract: ``fn(args, settings) -> int``.
 """
@@ -15,12 +17,18 @@ import argparse
 import datetime
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from postoffice.config.settings import Settings
 from postoffice.delivery.queue.records import PENDING, QUEUE_ID, QueueEntry, RecipientState
 from postoffice.delivery.queue.store import QueueStore, Removal
+
+if TYPE_CHECKING:
+    from postoffice.delivery.queue.pg_store import PgQueueStore
+
+_T = TypeVar("_T")
 
 FLUSH_WAIT = 3.0  # seconds `queue flush` waits to see a running server take the request
 
@@ -37,11 +45,50 @@ def _when(ts: float) -> str:
 def queue_list(args: argparse.Namespace, settings: Settings) -> int:
     count = 0
     out = sys.stdout
+    if settings.cluster.enabled:
+        return _cluster_list(settings)
     for entry, size in queue_store(settings).entries_blocking():
         count += 1
         for line in entry_lines(entry, size):
             print(line, file=out)
     print(f"{count} message(s) in the queue", file=out)
+    return 0
+
+
+def _in_cluster(settings: Settings, action: Callable[[PgQueueStore], _T]) -> _T | None:
+    """``action`` on the [cluster] queue; None (said on stderr) if the
+    database cannot be used."""
+    # Imported here: the embedded default never loads the driver.
+    from postoffice.cluster.db import ClusterError
+    from postoffice.delivery.queue.pg_store import PgQueueStore
+    from postoffice.delivery.queue.records import QueueError
+
+    try:
+        store = PgQueueStore(settings.cluster.database, "cli", ThreadPoolExecutor(max_workers=1))
+        try:
+            return action(store)
+        finally:
+            store.close()
+    except (ClusterError, QueueError) as exc:
+        print(f"postoffice: {exc}", file=sys.stderr)
+        return None
+
+
+def _cluster_list(settings: Settings) -> int:
+    """The queue every [cluster] node shares, with the node working on each
+    message right now (its claim's lease has not ended)."""
+    found = _in_cluster(settings, lambda q: (q.holders_blocking(), list(q.entries_blocking())))
+    if found is None:
+        return 1
+    holders, listed = found
+    for entry, size in listed:
+        lines = entry_lines(entry, size)
+        holder = holders.get(entry.queue_id)
+        if holder is not None:
+            lines[0] += f"  (being delivered by {holder})"
+        for line in lines:
+            print(line)
+    print(f"{len(listed)} message(s) in the [cluster] queue")
     return 0
 
 
@@ -63,6 +110,12 @@ def entry_lines(entry: QueueEntry, size: int) -> list[str]:
 
 
 def queue_flush(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.cluster.enabled:
+        count = _in_cluster(settings, lambda q: q.flush_blocking())
+        if count is None:
+            return 1
+        print(f"flush requested; {count} message(s) due now on every node")
+        return 0
     store = queue_store(settings)
     store.ensure_dirs()
     request = store.requests.request_flush_blocking()
@@ -81,7 +134,13 @@ def queue_remove(args: argparse.Namespace, settings: Settings) -> int:
     if not QUEUE_ID.fullmatch(queue_id):
         print(f"postoffice: {queue_id!r} is not a queue id", file=sys.stderr)
         return 1
-    result = queue_store(settings).remove_blocking(queue_id)
+    if settings.cluster.enabled:
+        removal = _in_cluster(settings, lambda q: q.remove_blocking(queue_id))
+        if removal is None:
+            return 1
+        result = removal
+    else:
+        result = queue_store(settings).remove_blocking(queue_id)
     if result is Removal.MISSING:
         print(f"postoffice: no message {queue_id} in the queue", file=sys.stderr)
         return 1

@@ -400,6 +400,8 @@ def test_cluster_section(tmp_path: Path) -> None:
     settings = load(tmp_path, f'[cluster]\ndatabase = "{url}"\n')
     assert settings.cluster.database == url
     assert settings.cluster.enabled
+    assert settings.cluster.queue_lease == 900.0
+    assert load(tmp_path, "[cluster]\nqueue_lease = 60\n").cluster.queue_lease == 60.0
 
 
 @pytest.mark.parametrize(
@@ -410,6 +412,10 @@ def test_cluster_section(tmp_path: Path) -> None:
         ('[cluster]\ndatabase = "postgresql://a b/c"\n', "cluster.database", "spaces"),
         ("[cluster]\ndatabase = 5\n", "cluster.database", "must be a string"),
         ('[cluster]\nblobs = "s3://x"\n', "cluster.blobs", "unknown key"),
+        ("[cluster]\nqueue_lease = 0.5\n", "cluster.queue_lease", "at least 1"),
+        ("[cluster]\nqueue_lease = -3\n", "cluster.queue_lease", "negative"),
+        ("[cluster]\nqueue_lease = inf\n", "cluster.queue_lease", "at least 1"),
+        ('[cluster]\nqueue_lease = "15m"\n', "cluster.queue_lease", "must be a number"),
     ],
 )
 def test_cluster_refusals(tmp_path: Path, text: str, key: str, reason: str) -> None:
