@@ -380,7 +380,11 @@ def test_the_queue_and_a_trace_with_markup_in_the_helo_name(srv: PostofficeServe
         assert client.cmd("MAIL FROM:<bob@example.test>")[0] == 250
         assert client.cmd("RCPT TO:<someone@remote.example>")[0] == 250
         assert client.cmd("DATA")[0] == 354
-        client.send(b"Subject: <b>hi</b>\r\nFrom: bob@example.test\r\n\r\nqueued\r\n.\r\n")
+        client.send(
+            b"Subject: =?utf-8?q?=3Cscript=3Ealert(2)=3C/script=3E_caf=C3=A9?=\r\n"
+            b'From: "<img src=x onerror=alert(3)>" <bob@example.test>\r\n'
+            b"\r\nqueued\r\n.\r\n"
+        )
         assert client.reply()[0] == 250
     finally:
         client.close()
@@ -392,6 +396,12 @@ def test_the_queue_and_a_trace_with_markup_in_the_helo_name(srv: PostofficeServe
     trace = b.get(f"/admin/trace?id={queue_id}")
     assert trace.status == 200
     assert hostile not in trace.body and "&lt;img-src=x-onerror=alert(1)&gt;" in trace.body
+    # Inspecting the queued message: its Subject (RFC 2047 decoded) and the
+    # From display name are shown, as text.
+    queued = trace.body.split('id="queued-h"')[1].split("</section>")[0]
+    assert "<script>" not in queued and "<img src" not in queued
+    assert "&lt;script&gt;alert(2)&lt;/script&gt; café" in queued, queued
+    assert "&lt;img src=x onerror=alert(3)&gt;" in queued, queued
     flushed = b.form_post("/admin/queue", "/admin/queue/change", {"action": "flush"})
     assert flushed.status == 200 and "flush requested" in flushed.body
     removed = b.form_post(

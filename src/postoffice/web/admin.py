@@ -17,6 +17,8 @@ session of a user flagged admin, from ``[web] admin_networks``.
 from __future__ import annotations
 
 import datetime
+import email.parser
+import email.policy
 import itertools
 import time
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from postoffice import metrics
 from postoffice.config.settings import Settings
-from postoffice.delivery.queue.records import PENDING, QUEUE_ID, QueueEntry
+from postoffice.delivery.queue.records import PENDING, QUEUE_ID, QueueEntry, QueueError
 from postoffice.delivery.queue.store import Removal
 from postoffice.delivery.queue_cli import queue_store
 from postoffice.mail.address import Address, AddressError, normalise_domain, parse_mailbox
@@ -40,6 +42,9 @@ from postoffice.web.dashboard import BAR_WIDTH, PLOT_HEIGHT, PLOT_WIDTH, plot
 MAX_LISTED = 500  # rows of one table on a page (users, aliases, queue entries)
 MAX_TRACE_RECORDS = 1000
 MAX_SEARCH = 200
+HEAD_READ = 64 * 1024  # octets of a queued message read for its header fields
+SHOWN_FIELDS = ("From", "To", "Subject", "Date", "Message-ID")
+MAX_FIELD_SHOWN = 300  # characters of one decoded field value
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +266,39 @@ class AdminPages:
             error = "[log] file is not set: the trace reads the mail log from a file"
         elif wanted:
             rows = await self.web.blocking(self._trace, path, wanted)
-        return self.web.page("trace.html", page, wanted=wanted, rows=rows, error=error)
+        queued: list[tuple[str, str]] = []
+        if QUEUE_ID.fullmatch(wanted) and not self.settings.cluster.enabled:
+            queued = await self.web.blocking(self._queued_fields, wanted)
+        return self.web.page(
+            "trace.html", page, wanted=wanted, rows=rows, error=error, queued=queued
+        )
+
+    def _queued_fields(self, queue_id: str) -> list[tuple[str, str]]:
+        """The header fields an admin inspecting a queued message wants (From,
+        To, Subject...), RFC 2047 decoded; [] when it is not in the queue.
+        Sender-controlled text: the template escapes it."""
+        store = queue_store(self.settings)
+        try:
+            entry = store.load_blocking(queue_id)
+            if entry is None:
+                return []
+            with store.open_message_blocking(entry) as fh:
+                head = fh.read(HEAD_READ)
+        except (OSError, QueueError):
+            return []
+        end = min((i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0), default=-1)
+        if end >= 0:
+            head = head[:end]
+        message = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(head)
+        fields: list[tuple[str, str]] = []
+        for name in SHOWN_FIELDS:
+            try:
+                value = message[name]
+            except Exception:  # a malformed field: email's parser may raise anything
+                value = None
+            if value is not None:
+                fields.append((name, str(value)[:MAX_FIELD_SHOWN]))
+        return fields
 
     def _trace(self, path: Path, wanted: str) -> list[TraceRow]:
         files = log_files(path)
